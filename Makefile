@@ -1,0 +1,45 @@
+# Two entry points for a fresh machine: `make demo` (engine build + image, CPU) and `make test`.
+PYTHON ?= python
+MODEL ?= infinity-tiny
+RESOLUTION ?=
+BACKEND ?= onnxruntime
+ATTENTION ?= sparvar
+WEIGHTS ?=
+VAE ?=
+PROMPT ?= a photo of a cat
+OUT ?= out/$(MODEL).png
+STAMP := .install.stamp
+
+WEIGHT_ARGS = $(if $(WEIGHTS),--weights $(WEIGHTS) --vae $(VAE),--random-weights)
+RES_ARGS = $(if $(RESOLUTION),--resolution $(RESOLUTION),)
+ENGINE_DIR ?= engines/$(MODEL)-$(ATTENTION)-$(BACKEND)
+
+.PHONY: install test demo engine generate bench docs clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m pip install -q torch==2.13.0 || $(PYTHON) -c "import torch"
+	$(PYTHON) -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(PYTHON) -m pytest -q
+
+engine: $(STAMP)
+	$(PYTHON) -m sparvar.cli engine build --model $(MODEL) $(WEIGHT_ARGS) $(RES_ARGS) --attention $(ATTENTION) --backend $(BACKEND) --engine-dir $(ENGINE_DIR)
+
+generate: $(STAMP)
+	$(PYTHON) -m sparvar.cli generate --engine $(ENGINE_DIR) --prompt "$(PROMPT)" --out $(OUT)
+
+# The README's main command: build the embedded default engine, then generate an image through it.
+demo: engine generate
+
+bench: $(STAMP)
+	$(PYTHON) -m sparvar.cli bench e2e
+
+docs: $(STAMP)
+	$(PYTHON) tools/plot_masks.py
+
+clean:
+	rm -rf engines/*/ out/ $(STAMP)

@@ -1,0 +1,1 @@
+"""sparvar: fast VAR inference with SparVAR sparse attention."""

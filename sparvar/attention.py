@@ -1,0 +1,40 @@
+"""All self-attention of the model goes through `self_attention`.
+
+q is already L2-normalised and multiplied by the learned per-head scale, so the softmax scale is 1.
+Shapes: q (B, H, Lq, D); k, v (B, H, Lk, D) = the whole KV cache visible to this scale (earlier scales
+and the scale itself, unmasked). B is 2x the image batch when CFG is on (cond rows first).
+
+A `plan` (see sparvar/sparse.py) decides per (layer, scale) whether attention is dense, CSLA or CS4A;
+`plan=None` means dense everywhere.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+DENSE_BACKENDS = ("reference", "sdpa")
+
+
+def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Plain softmax(q k^T) v in fp32 with an optional boolean keep-mask broadcastable to (B, H, Lq, Lk)."""
+    scores = q.float() @ k.float().transpose(-1, -2)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return (scores.softmax(dim=-1) @ v.float()).to(q.dtype)
+
+
+def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = "sdpa") -> torch.Tensor:
+    if backend == "sdpa":
+        return F.scaled_dot_product_attention(q, k, v, scale=1.0)
+    if backend == "reference":
+        return reference_attention(q, k, v)
+    raise ValueError(f"unknown dense attention backend {backend!r}; expected one of {DENSE_BACKENDS}")
+
+
+def self_attention(q, k, v, *, layer: int, scale: int, plan=None, backend: str = "sdpa") -> torch.Tensor:
+    """Attention of scale `scale`'s queries in layer `layer` over the visible KV cache."""
+    if plan is not None:
+        out = plan.attend(q, k, v, layer=layer, scale=scale)
+        if out is not None:  # None: the plan keeps this (layer, scale) dense
+            return out
+    return dense_attention(q, k, v, backend)

@@ -1,0 +1,130 @@
+"""Strict loading of official Infinity checkpoints (.pth / .safetensors).
+
+The official files store block b at `block_chunks.{b // P}.module.{b % P}.` (P blocks per chunk); our model
+stores it at `blocks.{b}.`. That renumbering is the only conversion: every other name is the official one.
+Unlike the official loader (non-strict, silently trims/pads `cfg_uncond`), any missing, unexpected or wrongly
+shaped key is an error that lists them.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+
+import torch
+
+from .config import InfinityConfig
+from .model import Infinity, build_model
+
+_OFFICIAL_BLOCK = re.compile(r"^block_chunks\.(\d+)\.module\.(\d+)\.(.*)$")
+_OURS_BLOCK = re.compile(r"^blocks\.(\d+)\.(.*)$")
+# Containers the official training code wraps state dicts in (trainer checkpoints, slim exports).
+_WRAPPER_KEYS = ("gpt_fsdp", "gpt_ema_fsdp", "state_dict", "model")
+
+
+class CheckpointError(ValueError):
+    pass
+
+
+def to_official_name(name: str, cfg: InfinityConfig) -> str:
+    m = _OURS_BLOCK.match(name)
+    if not m:
+        return name
+    b, rest = int(m.group(1)), m.group(2)
+    P = cfg.blocks_per_chunk
+    return f"block_chunks.{b // P}.module.{b % P}.{rest}"
+
+
+def from_official_name(name: str, cfg: InfinityConfig) -> str:
+    m = _OFFICIAL_BLOCK.match(name)
+    if not m:
+        return name
+    chunk, idx, rest = int(m.group(1)), int(m.group(2)), m.group(3)
+    if idx >= cfg.blocks_per_chunk:  # a chunk size from another model: renumbering would silently scramble blocks
+        raise CheckpointError(f"{name}: block index {idx} within a chunk, but {cfg.name} has {cfg.blocks_per_chunk} blocks per chunk")
+    return f"blocks.{chunk * cfg.blocks_per_chunk + idx}.{rest}"
+
+
+def official_key_shapes(cfg: InfinityConfig) -> dict[str, tuple[int, ...]]:
+    """Official checkpoint key -> shape, derived from a meta-device model (allocates no weights)."""
+    model = build_model(cfg, init="meta")
+    return {to_official_name(k, cfg): tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def read_state_dict(path: str) -> dict[str, torch.Tensor]:
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint not found: {path}")
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        return load_file(path)
+    if path.endswith((".pth", ".pt", ".bin")):
+        sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        for key in _WRAPPER_KEYS:
+            if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
+                sd = sd[key]
+                break
+        if not isinstance(sd, dict):
+            raise CheckpointError(f"{path}: expected a state dict, found {type(sd).__name__}")
+        return sd
+    raise CheckpointError(f"{path}: unknown checkpoint format (expected .pth, .pt, .bin or .safetensors)")
+
+
+def check_state_dict(sd: dict[str, torch.Tensor], cfg: InfinityConfig) -> None:
+    """Raise a CheckpointError that lists every missing, unexpected and wrongly shaped official key."""
+    expected = official_key_shapes(cfg)
+    missing = sorted(set(expected) - set(sd))
+    unexpected = sorted(set(sd) - set(expected))
+    mis_shaped = sorted(
+        f"{k}: checkpoint {tuple(sd[k].shape)} != expected {expected[k]}"
+        for k in set(expected) & set(sd)
+        if tuple(sd[k].shape) != expected[k]
+    )
+    if missing or unexpected or mis_shaped:
+        parts = [f"checkpoint does not match {cfg.name} ({len(expected)} keys expected, {len(sd)} found)"]
+        for title, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", mis_shaped)):
+            if items:
+                shown = items[:20] + ([f"... and {len(items) - 20} more"] if len(items) > 20 else [])
+                parts.append(f"{title} ({len(items)}):\n  " + "\n  ".join(shown))
+        raise CheckpointError("\n".join(parts))
+
+
+def load_checkpoint(model: Infinity, path: str) -> None:
+    """Load an official checkpoint into `model` strictly (names, count and shapes must all match)."""
+    sd = read_state_dict(path)
+    check_state_dict(sd, model.cfg)
+    ours = {from_official_name(k, model.cfg): v for k, v in sd.items()}
+    model.load_state_dict(ours, strict=True)
+
+
+def load_model(cfg: InfinityConfig, path: str, device="cpu", dtype=torch.float32) -> Infinity:
+    from .model import cast_model
+
+    with torch.device("meta"):
+        model = Infinity(cfg)
+    sd = read_state_dict(path)
+    check_state_dict(sd, cfg)
+    model.load_state_dict({from_official_name(k, cfg): v.to(device) for k, v in sd.items()}, strict=True, assign=True)
+    return cast_model(model, dtype)
+
+
+def save_official(model: Infinity, path: str) -> None:
+    """Write `model` under the official key names (what official checkpoints look like); atomic."""
+    sd = {to_official_name(k, model.cfg): v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    tmp = f"{path}.tmp-{os.getpid()}"
+    if path.endswith(".safetensors"):
+        from safetensors.torch import save_file
+
+        save_file(sd, tmp)
+    else:
+        torch.save(sd, tmp)
+    os.replace(tmp, path)
+
+
+def file_digest(path: str, chunk: int = 1 << 22) -> str:
+    """sha256 of a file (used in engine cache keys)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()

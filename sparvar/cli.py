@@ -1,0 +1,175 @@
+"""`sparvar` command line: generate, engine build/info/verify, bench.
+
+Every argument is checked before any heavy work starts; a bad one exits with a message naming it.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+
+
+class UsageError(Exception):
+    pass
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default="infinity-tiny", help="model name (infinity-2b, infinity-8b, infinity-tiny)")
+    g.add_argument("--weights", help="official transformer checkpoint (.pth or .safetensors)")
+    g.add_argument("--vae", help="official tokenizer checkpoint (.pth or .safetensors)")
+    g.add_argument("--random-weights", action="store_true", help="random transformer and tokenizer (smoke and speed runs)")
+    g.add_argument("--resolution", type=int, help="256, 512, 768 or 1024 (default: the model's)")
+    g.add_argument("--aspect", default="1:1", help="aspect ratio H:W of an official template (default 1:1)")
+    g.add_argument("--device", default="cpu", help="cpu or cuda")
+    g.add_argument("--dtype", choices=sorted(DTYPES), help="fp32 (default on cpu) or bf16 (default on cuda)")
+    g.add_argument("--attention", choices=("dense", "sparvar"), default="dense", help="dense or SparVAR sparse attention")
+    g.add_argument("--skip-last", type=int, default=0, help="skip the transformer on the last N scales")
+
+
+def _add_sampling_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("sampling")
+    g.add_argument("--prompt", action="append", help="text prompt (repeat for a batch)")
+    g.add_argument("--t5", help="local directory of the flan-t5-xl encoder")
+    g.add_argument("--text-embeddings", help="precomputed text features (.safetensors/.pt with 'features', 'lengths')")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--cfg", type=float, default=4.0)
+    g.add_argument("--tau", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--top-p", type=float, default=0.97)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sparvar", description="Fast VAR inference with SparVAR sparse attention")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="generate images (eager torch, or through a built engine with --engine)")
+    _add_model_args(gen)
+    _add_sampling_args(gen)
+    gen.add_argument("--engine", help="engine directory built by `sparvar engine build` (model options come from it)")
+    gen.add_argument("--out", default="image.png", help="output PNG (a batch writes NAME-<i>.png)")
+
+    eng = sub.add_parser("engine", help="build and inspect engines")
+    esub = eng.add_subparsers(dest="engine_command", required=True)
+    build = esub.add_parser("build", help="export -> optimize -> build, skipping unchanged stages")
+    _add_model_args(build)
+    build.add_argument("--backend", default="onnxruntime", help="onnxruntime, tensorrt, tensorrt-rtx or torch-cuda")
+    build.add_argument("--engine-dir", help="output directory (default engines/<model>-<resolution>-<attention>-<backend>)")
+    build.add_argument("--force", action="store_true", help="rebuild every stage")
+    for name in ("info", "verify"):
+        e = esub.add_parser(name, help=f"{name} an engine directory")
+        e.add_argument("engine_dir")
+
+    bench = sub.add_parser("bench", help="benchmarks")
+    bsub = bench.add_subparsers(dest="bench_command", required=True)
+    e2e = bsub.add_parser("e2e", help="end-to-end latency, dense vs SparVAR")
+    e2e.add_argument("--model", action="append", help="model(s) to bench (default infinity-2b and infinity-8b)")
+    e2e.add_argument("--resolution", type=int, default=1024)
+    e2e.add_argument("--warmup", type=int, default=3)
+    e2e.add_argument("--runs", type=int, default=20)
+    e2e.add_argument("--out", default="bench/results/e2e_h100.json")
+    return parser
+
+
+def resolve_device_dtype(device: str, dtype: str | None):
+    import torch
+
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise UsageError(f"--device must be cpu or cuda, got {device!r}")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"--device {device}: no CUDA GPU is available on this machine")
+    dtype = dtype or ("bf16" if device.startswith("cuda") else "fp32")
+    return torch.device(device), getattr(torch, DTYPES[dtype])
+
+
+def check_model_args(args) -> None:
+    from .config import get_config
+    from .schedule import get_schedule
+
+    try:
+        cfg = get_config(args.model)
+        args.resolution = args.resolution or cfg.default_resolution
+        get_schedule(args.resolution, args.aspect)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    if args.random_weights and (args.weights or args.vae):
+        raise UsageError("--random-weights cannot be combined with --weights/--vae")
+    if not args.random_weights and not (args.weights and args.vae):
+        raise UsageError("give both --weights and --vae (official checkpoints), or --random-weights")
+    if args.skip_last < 0:
+        raise UsageError(f"--skip-last must be >= 0, got {args.skip_last}")
+
+
+def cmd_generate(args) -> int:
+    import torch
+
+    from .pipeline import Pipeline, save_images
+
+    if args.engine:
+        from .runtime import load_engine_pipeline
+
+        pipe = load_engine_pipeline(args.engine)
+    else:
+        check_model_args(args)
+        device, dtype = resolve_device_dtype(args.device, args.dtype)
+        pipe = Pipeline.from_args(args, device, dtype)
+    prompts = args.prompt or ["a photo of a cat"]
+    features, lengths = pipe.text_features(prompts, t5=args.t5, embeddings=args.text_embeddings,
+                                           allow_hashed=pipe.random_weights)
+    from .generate import Sampling
+
+    try:
+        sampling = Sampling(cfg=args.cfg, tau=args.tau, top_k=args.top_k, top_p=args.top_p)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    t0 = time.perf_counter()
+    last = [t0]
+
+    def progress(scale, total):
+        now = time.perf_counter()
+        h, w = pipe.schedule.grids[scale]
+        print(f"  scale {scale + 1:2d}/{total} {h:3d}x{w:<3d} {1000 * (now - last[0]):8.1f} ms", file=sys.stderr)
+        last[0] = now
+
+    with torch.no_grad():
+        result = pipe.generate(features, lengths, sampling=sampling, seed=args.seed, progress=progress)
+    paths = save_images(result.image, args.out)
+    print(f"wrote {', '.join(paths)} in {time.perf_counter() - t0:.2f} s", file=sys.stderr)
+    return 0
+
+
+def cmd_engine(args) -> int:
+    from . import runtime
+
+    if args.engine_command == "build":
+        check_model_args(args)
+        runtime.build_engine_from_args(args)
+    elif args.engine_command == "info":
+        runtime.print_engine_info(args.engine_dir)
+    else:
+        runtime.verify_engine(args.engine_dir)
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from bench.e2e import main as e2e_main  # benchmarks live in bench/, run from the repo root
+
+    return e2e_main(args)
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return {"generate": cmd_generate, "engine": cmd_engine, "bench": cmd_bench}[args.command](args)
+    except UsageError as e:
+        print(f"sparvar: error: {e}", file=sys.stderr)
+        return 2
+    except (ValueError, FileNotFoundError) as e:  # bad checkpoint, engine or input file: say what is wrong
+        print(f"sparvar: error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,89 @@
+"""One frozen config per model size. A size is data: build any model with `get_config(name)`."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class VAEConfig:
+    """The BSQ tokenizer (decoder side) that turns summed codes into pixels."""
+
+    name: str
+    codebook_dim: int  # bits per latent position (32 for d32; 14 for the 8B's d56 = 2x2 patchify of 14 bits)
+    patch_size: int  # pixel stride of one latent position (16, or 8 with the 2x2 patchify)
+    ch: int = 160  # base channel count of the decoder
+    ch_mult: tuple[int, ...] = (1, 2, 4, 4, 4)
+    num_res_blocks: int = 2
+    spatial_patchify: bool = False  # 2x2 latent positions form one transformer token
+
+    @property
+    def token_bits(self) -> int:
+        """Bits predicted per transformer token."""
+        return self.codebook_dim * (4 if self.spatial_patchify else 1)
+
+
+@dataclass(frozen=True)
+class InfinityConfig:
+    name: str
+    depth: int
+    width: int
+    heads: int
+    mlp_dim: int
+    vae: VAEConfig
+    text_dim: int = 2048  # flan-t5-xl hidden size
+    text_maxlen: int = 512
+    blocks_per_chunk: int = 4  # official checkpoints store block b at block_chunks.{b // P}.module.{b % P}
+    num_level_embeddings: int = 15
+    norm_eps: float = 1e-6
+    default_resolution: int = 1024
+    sos_head_dim: int | None = None  # None: the official rule (128, or 64 past width 4096)
+
+    @property
+    def head_dim(self) -> int:
+        return self.width // self.heads
+
+    @property
+    def bits(self) -> int:
+        return self.vae.token_bits
+
+    @property
+    def num_logits(self) -> int:
+        return 2 * self.bits
+
+    @property
+    def sos_heads(self) -> int:
+        """Heads of the attentive text pool (`text_proj_for_sos`): text_dim // its head dim."""
+        head_dim = self.sos_head_dim or (64 if self.width > 4096 else 128)
+        return self.text_dim // head_dim
+
+    def __post_init__(self):
+        if self.width % self.heads:
+            raise ValueError(f"{self.name}: width {self.width} not divisible by heads {self.heads}")
+        if self.head_dim % 4:
+            raise ValueError(f"{self.name}: head dim {self.head_dim} must be a multiple of 4 for 2D RoPE")
+        if self.depth % self.blocks_per_chunk:
+            raise ValueError(f"{self.name}: depth {self.depth} not divisible by blocks_per_chunk {self.blocks_per_chunk}")
+
+
+VAE_D32 = VAEConfig(name="infinity_vae_d32reg", codebook_dim=32, patch_size=16)
+VAE_D56 = VAEConfig(name="infinity_vae_d56_f8_14_patchify", codebook_dim=14, patch_size=8,
+                    ch_mult=(1, 2, 4, 4), spatial_patchify=True)
+VAE_TINY = VAEConfig(name="tiny_vae_d16", codebook_dim=16, patch_size=16, ch=16, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=1)
+
+CONFIGS: dict[str, InfinityConfig] = {
+    c.name: c
+    for c in (
+        InfinityConfig("infinity-2b", depth=32, width=2048, heads=16, mlp_dim=8192, vae=VAE_D32, blocks_per_chunk=4),
+        InfinityConfig("infinity-8b", depth=40, width=3584, heads=28, mlp_dim=14336, vae=VAE_D56, blocks_per_chunk=5),
+        # Same architecture, small enough to run every scale on a CPU in seconds.
+        InfinityConfig("infinity-tiny", depth=4, width=128, heads=2, mlp_dim=512, vae=VAE_TINY, text_dim=64,
+                       text_maxlen=32, blocks_per_chunk=2, default_resolution=256, sos_head_dim=32),
+    )
+}
+
+
+def get_config(name: str) -> InfinityConfig:
+    try:
+        return CONFIGS[name]
+    except KeyError:
+        raise ValueError(f"unknown model {name!r}; known models: {', '.join(CONFIGS)}") from None

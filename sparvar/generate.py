@@ -1,0 +1,135 @@
+"""The generation loop: scale by scale, sample bits, accumulate codes, feed the next scale.
+
+The loop is the same whatever runs the transformer step (eager torch, an ONNX Runtime engine, a CUDA-graph
+engine): a *runner* exposes `begin(features, lengths)` and `step(scale, codes) -> logits`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .model import Infinity, rope_tables
+from .schedule import Schedule
+
+
+@dataclass(frozen=True)
+class Sampling:
+    cfg: float = 4.0  # classifier-free guidance on the logits: cfg*cond + (1-cfg)*uncond
+    tau: float = 1.0  # temperature
+    top_k: int = 0  # per bit there are only two choices: 1 = greedy, 0 or 2 = no top-k
+    top_p: float = 0.97  # keeps a bit value only if its probability exceeds 1 - top_p
+
+    def __post_init__(self):
+        if self.tau <= 0:
+            raise ValueError(f"tau must be > 0, got {self.tau}")
+        if self.top_k not in (0, 1, 2):
+            raise ValueError(f"top_k must be 0, 1 or 2 for bitwise sampling, got {self.top_k}")
+        if not 0.0 <= self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in [0, 1], got {self.top_p}")
+
+    @property
+    def guided(self) -> bool:
+        return self.cfg != 1.0
+
+
+def sample_bits(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator) -> torch.Tensor:
+    """logits (B, n, 2*bits), adjacent (l0, l1) per bit -> bits (B, n, bits) in {0, 1} (float).
+
+    Equals the official sampler (softmax over the 2 values, top-k/top-p, multinomial) in distribution:
+    p = sigmoid(l1 - l0); with top-p a value whose probability is <= 1 - top_p is removed.
+    """
+    pair = logits.float().unflatten(-1, (-1, 2)) / sampling.tau
+    p1 = torch.sigmoid(pair[..., 1] - pair[..., 0])
+    if sampling.top_k == 1:
+        return (p1 > 0.5).float()
+    if sampling.top_p > 0:
+        cut = 1.0 - sampling.top_p
+        p1 = torch.where(p1 <= cut, 0.0, torch.where(1.0 - p1 <= cut, 1.0, p1))
+    u = torch.rand(p1.shape, generator=generator, device=p1.device)
+    return (u < p1).float()
+
+
+def tokens_to_latent(codes: torch.Tensor, h: int, w: int, patchify: bool) -> torch.Tensor:
+    """(B, h*w, C_tok) token codes -> (B, C, H, W) latent; with patchify one token is 2x2 positions."""
+    x = codes.transpose(1, 2).unflatten(-1, (h, w))
+    return F.pixel_shuffle(x, 2) if patchify else x
+
+
+def latent_to_tokens(latent: torch.Tensor, patchify: bool) -> torch.Tensor:
+    x = F.pixel_unshuffle(latent, 2) if patchify else latent
+    return x.flatten(2).transpose(1, 2)
+
+
+def resample(latent: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Official inference resampling: trilinear on a (B, C, 1, h, w) view, for both up- and downsampling."""
+    return F.interpolate(latent.unsqueeze(2), size=(1, *size), mode="trilinear").squeeze(2)
+
+
+@dataclass
+class Generation:
+    image: torch.Tensor  # (B, 3, H, W) in [0, 1]
+    bits: list[torch.Tensor]  # per scale (B, n, bits)
+    summed_codes: torch.Tensor  # (B, C, H, W) latent the decoder saw
+
+
+def generate(runner, decoder, schedule: Schedule, features: torch.Tensor, lengths: torch.Tensor,
+             sampling: Sampling = Sampling(), seed: int = 0, skip_last: int = 0, progress=None) -> Generation:
+    """Generate one image per prompt row.
+
+    runner: begin(features, lengths, guided) / step(scale, codes) -> logits (2B or B, n, 2*bits)
+    decoder: .codebook_dim, .patchify, bits_to_codes(bits) -> codes, decode(latent) -> image in [-1, 1]
+    skip_last: run the transformer on all but the last N scales and decode the upsampled running sum.
+    """
+    if not 0 <= skip_last < schedule.num_scales:
+        raise ValueError(f"skip_last must be in [0, {schedule.num_scales - 1}] for a {schedule.num_scales}-scale schedule, got {skip_last}")
+    B = features.shape[0]
+    patch = 2 if decoder.patchify else 1
+    final = (schedule.final_grid[0] * patch, schedule.final_grid[1] * patch)
+    runner.begin(features, lengths, sampling.guided)
+    generator = torch.Generator(device=runner.device).manual_seed(seed)
+    summed = None
+    codes = None  # the input of the next scale; scale 0 starts from the text's <sos> token
+    all_bits = []
+    run_scales = schedule.num_scales - skip_last
+    for scale in range(run_scales):
+        h, w = schedule.grids[scale]
+        logits = runner.step(scale, codes)
+        if sampling.guided:
+            cond, uncond = logits[:B], logits[B:]
+            logits = sampling.cfg * cond + (1 - sampling.cfg) * uncond
+        bits = sample_bits(logits, sampling, generator)
+        all_bits.append(bits)
+        latent = tokens_to_latent(decoder.bits_to_codes(bits), h, w, decoder.patchify)
+        up = resample(latent, final)
+        summed = up if summed is None else summed + up
+        if scale + 1 < run_scales:
+            nh, nw = schedule.grids[scale + 1]
+            codes = latent_to_tokens(resample(summed, (nh * patch, nw * patch)), decoder.patchify)
+        if progress is not None:
+            progress(scale, run_scales)
+    image = decoder.decode(summed).add(1).div(2).clamp(0, 1)
+    return Generation(image=image, bits=all_bits, summed_codes=summed)
+
+
+class TorchRunner:
+    """Runs the eager torch model; the reference every engine is compared against."""
+
+    def __init__(self, model: Infinity, schedule: Schedule, plan=None, backend: str = "sdpa"):
+        self.model, self.schedule, self.plan, self.backend = model, schedule, plan, backend
+        self.device = model.pos_start.device
+        self.ropes = [r.to(self.device) for r in rope_tables(schedule, model.cfg.head_dim)]
+
+    @torch.no_grad()
+    def begin(self, features, lengths, guided: bool):
+        self.text = self.model.encode_text(features.to(self.device), lengths.to(self.device), guided)
+        self.cache = self.model.new_cache(self.text.batch, self.schedule)
+        if self.plan is not None:
+            self.plan.reset()
+
+    @torch.no_grad()
+    def step(self, scale: int, codes):
+        self.cache.offset = self.schedule.offsets[scale]
+        tokens = self.model.scale_input(scale, codes, self.text)
+        return self.model.step(tokens, scale, self.text, self.cache, self.ropes[scale], self.plan, self.backend)

@@ -1,0 +1,365 @@
+"""The Infinity transformer (bitwise next-scale prediction), as plain torch.
+
+Module and parameter names follow the official checkpoint (`sa.mat_qkv`, `ca.mat_kv`, `ada_gss`, ...) so that
+conversion is only the block renumbering done in sparvar/checkpoint.py. Generation runs scale by scale:
+
+    text = model.encode_text(features, lengths, cfg=True)    # once per prompt batch: pooled cond, AdaLN, CA K/V
+    cache = model.new_cache(batch, schedule)                 # preallocated K/V for the whole schedule
+    logits = model.step(tokens, scale, text, cache, rope)    # one scale: (2B, h*w, C) -> (2B, h*w, 2*bits)
+
+The KV cache is preallocated and written in place; `step` has static shapes per scale, so it can be
+captured in a CUDA graph or exported to ONNX one scale at a time.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .attention import self_attention
+from .config import InfinityConfig
+from .schedule import Schedule
+
+MAX_SCALE_MUL = math.log(100.0)  # official clamp of the learned attention temperature
+
+
+# ----------------------------------------------------------------------------------------------- RoPE
+def rope_angles(head_dim: int, rows: torch.Tensor, cols: torch.Tensor, base: float = 10000.0) -> torch.Tensor:
+    """Angles (n, head_dim/2) of the 2D RoPE: the first head_dim/4 pairs rotate by row, the rest by column."""
+    half = head_dim // 2
+    inv_freq = 1.0 / (base ** (torch.arange(0, half, 2, dtype=torch.float64) / half))  # (head_dim/4,)
+    return torch.cat([rows.double()[:, None] * inv_freq, cols.double()[:, None] * inv_freq], dim=-1)
+
+
+def rope_tables(schedule: Schedule, head_dim: int) -> list[torch.Tensor]:
+    """Per scale a (2, n, head_dim/2) fp32 tensor of (cos, sin); positions sit on the 1M final grid."""
+    tables = []
+    for scale in range(schedule.num_scales):
+        rows, cols = schedule.rope_positions(scale)
+        angles = rope_angles(head_dim, torch.tensor(rows), torch.tensor(cols))
+        tables.append(torch.stack([angles.cos(), angles.sin()]).float())
+    return tables
+
+
+def apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+    """Rotate adjacent pairs (x[2i], x[2i+1]) of x (B, H, n, D) by the angles of rope (2, n, D/2), in fp32."""
+    cos, sin = rope[0], rope[1]
+    x2 = x.float().unflatten(-1, (-1, 2))  # (B, H, n, D/2, 2)
+    x0, x1 = x2[..., 0], x2[..., 1]
+    return torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1).flatten(-2).to(x.dtype)
+
+
+# ----------------------------------------------------------------------------------------------- KV cache
+class KVCache:
+    """K/V of every layer for one generation, preallocated to the schedule's total length and written in place."""
+
+    def __init__(self, depth: int, batch: int, heads: int, total_tokens: int, head_dim: int, dtype, device):
+        shape = (depth, batch, heads, total_tokens, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.offset = 0  # tokens before the scale being run
+
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store this scale's k, v (B, H, n, D) after the earlier scales; return the visible cache views."""
+        end = self.offset + k.shape[2]
+        self.k[layer, :, :, self.offset:end] = k
+        self.v[layer, :, :, self.offset:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
+class ConcatKV:
+    """KV for a traced/exported step: past K/V are inputs, the scale's new K/V are outputs, no in-place writes."""
+
+    def __init__(self, past_k: list[torch.Tensor], past_v: list[torch.Tensor]):
+        self.past_k, self.past_v = past_k, past_v
+        self.new_k: list[torch.Tensor] = []
+        self.new_v: list[torch.Tensor] = []
+
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.new_k.append(k)
+        self.new_v.append(v)
+        return torch.cat([self.past_k[layer], k], dim=2), torch.cat([self.past_v[layer], v], dim=2)
+
+
+# ----------------------------------------------------------------------------------------------- layers
+def layer_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """LayerNorm without affine parameters, computed in fp32 (official `ln_wo_grad`)."""
+    return F.layer_norm(x.float(), (x.shape[-1],), eps=eps)
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.heads, self.head_dim = heads, width // heads
+        self.mat_qkv = nn.Linear(width, 3 * width, bias=False)
+        self.q_bias = nn.Parameter(torch.zeros(width))
+        self.v_bias = nn.Parameter(torch.zeros(width))
+        self.register_buffer("zero_k_bias", torch.zeros(width))
+        self.scale_mul_1H11 = nn.Parameter(torch.full((1, heads, 1, 1), 4.0).log())
+        self.proj = nn.Linear(width, width)
+
+    def forward(self, x, rope, kv, layer: int, scale: int, plan=None, backend: str = "sdpa"):
+        B, n, C = x.shape
+        bias = torch.cat([self.q_bias, self.zero_k_bias, self.v_bias])
+        qkv = F.linear(x, self.mat_qkv.weight, bias).view(B, n, 3, self.heads, self.head_dim)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, n, D)
+        # cosine attention: unit q, k; the learned per-head temperature replaces 1/sqrt(D) (softmax scale 1)
+        scale_mul = self.scale_mul_1H11.clamp_max(MAX_SCALE_MUL).exp()
+        q = apply_rope(F.normalize(q.float(), dim=-1).mul(scale_mul), rope).to(x.dtype)
+        k = apply_rope(F.normalize(k.float(), dim=-1), rope).to(x.dtype)
+        k_all, v_all = kv.append(layer, k, v)
+        out = self_attention(q, k_all, v_all, layer=layer, scale=scale, plan=plan, backend=backend)
+        return self.proj(out.transpose(1, 2).reshape(B, n, C))
+
+
+class CrossAttention(nn.Module):
+    """Queries attend to projected text tokens. With `pool=True` one learned query per head (attentive pooling)."""
+
+    def __init__(self, width: int, kv_dim: int, heads: int, pool: bool = False):
+        super().__init__()
+        self.heads, self.head_dim = heads, width // heads
+        if pool:
+            self.mat_q = nn.Parameter(torch.zeros(1, heads, self.head_dim))
+        else:
+            self.mat_q = nn.Linear(width, width)
+        self.mat_kv = nn.Linear(kv_dim, 2 * width, bias=False)
+        self.v_bias = nn.Parameter(torch.zeros(width))
+        self.register_buffer("zero_k_bias", torch.zeros(width))
+        self.proj = nn.Linear(width, width)
+
+    def text_kv(self, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """text (B, L, kv_dim) -> K, V (B, H, L, D); computed once per prompt, reused by every scale."""
+        B, L, _ = text.shape
+        kv = F.linear(text, self.mat_kv.weight, torch.cat([self.zero_k_bias, self.v_bias]))
+        k, v = kv.view(B, L, 2, self.heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        return k, v
+
+    def forward(self, x, k, v, key_mask):
+        """x (B, n, C) (ignored when pooling), k/v (B, H, L, D), key_mask (B, 1, 1, L) bool: True = real token."""
+        if isinstance(self.mat_q, nn.Parameter):
+            B, n = k.shape[0], 1
+            q = self.mat_q.to(k.dtype).unsqueeze(2).expand(B, -1, -1, -1)  # (B, H, 1, D)
+        else:
+            B, n, _ = x.shape
+            q = self.mat_q(x).view(B, n, self.heads, self.head_dim).transpose(1, 2)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask)
+        return self.proj(out.transpose(1, 2).reshape(B, n, -1))
+
+
+class FFN(nn.Module):
+    def __init__(self, width: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(width, hidden)
+        self.fc2 = nn.Linear(hidden, width)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: InfinityConfig):
+        super().__init__()
+        C = cfg.width
+        self.eps = cfg.norm_eps
+        self.ada_gss = nn.Parameter(torch.zeros(1, 1, 6, C))  # per-block offset to the shared AdaLN output
+        self.sa = SelfAttention(C, cfg.heads)
+        self.ca = CrossAttention(C, C, cfg.heads)
+        self.ca_norm = nn.LayerNorm(C, eps=cfg.norm_eps)
+        self.ffn = FFN(C, cfg.mlp_dim)
+
+    def forward(self, x, ada, text_k, text_v, text_mask, rope, kv, layer, scale, plan=None, backend="sdpa"):
+        # official chunk order of the 6 AdaLN vectors; each (B, 1, C) in fp32
+        gamma1, gamma2, scale1, scale2, shift1, shift2 = (self.ada_gss + ada).unbind(2)
+        dtype = x.dtype
+        h = (layer_norm(x, self.eps) * (scale1 + 1) + shift1).to(dtype)
+        x = x + (self.sa(h, rope, kv, layer, scale, plan, backend) * gamma1).to(dtype)
+        x = x + self.ca(self.ca_norm(x), text_k, text_v, text_mask)
+        h = (layer_norm(x, self.eps) * (scale2 + 1) + shift2).to(dtype)
+        return x + (self.ffn(h) * gamma2).to(dtype)
+
+
+@dataclass
+class TextCondition:
+    """Everything a generation needs from the prompt(s); batch rows are [cond..., uncond...] with CFG."""
+
+    cond: torch.Tensor  # (B, C) pooled text condition, fp32
+    ada: torch.Tensor  # (B, 1, 6, C) shared AdaLN output, fp32
+    sos: torch.Tensor  # (B, 1, C) first-scale input token (before the level embedding)
+    key_mask: torch.Tensor  # (B, 1, 1, L) bool, True where the text token is real
+    k: list[torch.Tensor]  # per layer (B, H, L, D) cross-attention keys
+    v: list[torch.Tensor]  # per layer (B, H, L, D) cross-attention values
+
+    @property
+    def batch(self) -> int:
+        return self.cond.shape[0]
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight.float()).to(x.dtype)
+
+
+class TextAttentivePool(nn.Module):
+    def __init__(self, cfg: InfinityConfig):
+        super().__init__()
+        self.ca = CrossAttention(cfg.width, cfg.text_dim, cfg.sos_heads, pool=True)
+
+    def forward(self, text, key_mask):
+        k, v = self.ca.text_kv(text)
+        return self.ca(None, k, v, key_mask).squeeze(1)
+
+
+class AdaLNBeforeHead(nn.Module):
+    def __init__(self, width: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(width, 2 * width))
+
+    def forward(self, x, cond):
+        scale, shift = self.ada_lin(cond).view(-1, 1, 2, x.shape[-1]).unbind(2)
+        return layer_norm(x, self.eps) * (scale + 1) + shift
+
+
+class Infinity(nn.Module):
+    def __init__(self, cfg: InfinityConfig):
+        super().__init__()
+        self.cfg = cfg
+        C = cfg.width
+        self.cfg_uncond = nn.Parameter(torch.zeros(cfg.text_maxlen, cfg.text_dim))  # learned "empty prompt"
+        self.pos_start = nn.Parameter(torch.zeros(1, 1, C))
+        self.text_norm = RMSNorm(cfg.text_dim, cfg.norm_eps)
+        self.text_proj_for_sos = TextAttentivePool(cfg)
+        self.text_proj_for_ca = nn.Sequential(nn.Linear(cfg.text_dim, C), nn.GELU(approximate="tanh"), nn.Linear(C, C))
+        self.lvl_embed = nn.Embedding(cfg.num_level_embeddings, C)
+        self.word_embed = nn.Linear(cfg.bits, C)
+        self.shared_ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(C, 6 * C))
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
+        self.head_nm = AdaLNBeforeHead(C, cfg.norm_eps)
+        self.head = nn.Linear(C, cfg.num_logits)
+
+    # ------------------------------------------------------------------------------------------- text
+    def encode_text(self, features: torch.Tensor, lengths: torch.Tensor, cfg_guidance: bool = True) -> TextCondition:
+        """features (B, L, text_dim) zero-padded encoder output, lengths (B,) real token counts.
+
+        With CFG the unconditional rows use the learned `cfg_uncond[:len]` with each prompt's own length.
+        """
+        B, L, _ = features.shape
+        if L > self.cfg.text_maxlen:
+            raise ValueError(f"text has {L} tokens; {self.cfg.name} accepts at most {self.cfg.text_maxlen}")
+        features = features.to(self.cfg_uncond.dtype)
+        positions = torch.arange(L, device=features.device)
+        real = positions[None, :] < lengths.to(features.device)[:, None]  # (B, L)
+        features = features * real[..., None]
+        if cfg_guidance:
+            uncond = self.cfg_uncond[:L].unsqueeze(0).expand(B, -1, -1) * real[..., None]
+            features = torch.cat([features, uncond])
+            real = torch.cat([real, real])
+        key_mask = real[:, None, None, :]
+        text = self.text_norm(features)
+        cond = self.text_proj_for_sos(text, key_mask)
+        ada = self.shared_ada_lin(cond).view(-1, 1, 6, self.cfg.width).float()
+        cond = cond.float()
+        text_ca = self.text_proj_for_ca(text)
+        ks, vs = zip(*(blk.ca.text_kv(text_ca) for blk in self.blocks))
+        sos = (cond.unsqueeze(1) + self.pos_start.float()).to(self.pos_start.dtype)
+        return TextCondition(cond=cond, ada=ada, sos=sos, key_mask=key_mask, k=list(ks), v=list(vs))
+
+    # ------------------------------------------------------------------------------------------- steps
+    def new_cache(self, batch: int, schedule: Schedule) -> KVCache:
+        p = self.pos_start
+        return KVCache(self.cfg.depth, batch, self.cfg.heads, schedule.total_tokens, self.cfg.head_dim, p.dtype, p.device)
+
+    def scale_input(self, scale: int, codes: torch.Tensor | None, text: TextCondition) -> torch.Tensor:
+        """Input tokens of a scale: <sos> for scale 0, else the embedded codes (B, n, bits), shared by the CFG rows."""
+        if scale == 0:
+            return text.sos
+        x = self.word_embed(codes.to(self.word_embed.weight.dtype))
+        return x.repeat(text.batch // x.shape[0], 1, 1)
+
+    def step(self, tokens, scale: int, text: TextCondition, kv, rope, plan=None, backend: str = "sdpa") -> torch.Tensor:
+        """Run every block on one scale's tokens (B, n, C); returns fp32 logits (B, n, 2*bits).
+
+        `kv` is a KVCache (in-place, offset = tokens before this scale) or a ConcatKV (export).
+        """
+        x = tokens + self.lvl_embed.weight[scale].to(tokens.dtype)
+        for layer, block in enumerate(self.blocks):
+            x = block(x, text.ada, text.k[layer], text.v[layer], text.key_mask, rope, kv, layer, scale, plan, backend)
+        return self.head(self.head_nm(x.float(), text.cond))
+
+    def forward_all_scales(self, inputs: list[torch.Tensor], text: TextCondition, schedule: Schedule) -> list[torch.Tensor]:
+        """Teacher-forced pass over all scales at once with a block-causal scale mask (no cache); for tests.
+
+        inputs[k] (B, n_k, C) are the step inputs of each scale. Returns per-scale logits.
+        """
+        x = torch.cat([t + self.lvl_embed.weight[k].to(t.dtype) for k, t in enumerate(inputs)], dim=1)
+        lengths = [t.shape[1] for t in inputs]
+        scale_of = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths)).to(x.device)
+        visible = scale_of[:, None] >= scale_of[None, :]  # a scale sees every earlier scale and itself
+        rope = torch.cat(rope_tables(schedule, self.cfg.head_dim)[: len(lengths)], dim=1).to(x.device)
+        plan = _MaskPlan(visible)
+        kv = ConcatKV([x.new_zeros(x.shape[0], self.cfg.heads, 0, self.cfg.head_dim)] * self.cfg.depth,
+                      [x.new_zeros(x.shape[0], self.cfg.heads, 0, self.cfg.head_dim)] * self.cfg.depth)
+        for layer, block in enumerate(self.blocks):
+            x = block(x, text.ada, text.k[layer], text.v[layer], text.key_mask, rope, kv, layer, 0, plan)
+        logits = self.head(self.head_nm(x.float(), text.cond))
+        return list(logits.split(lengths, dim=1))
+
+
+class _MaskPlan:
+    """Attention under a fixed boolean mask: lets the full-sequence test pass reuse the blocks unchanged."""
+
+    def __init__(self, mask):
+        self.mask = mask
+
+    def attend(self, q, k, v, layer, scale):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask, scale=1.0)
+
+
+def build_model(cfg: InfinityConfig, device="cpu", dtype=torch.float32, init: str = "random", seed: int = 0) -> Infinity:
+    """Build a model; `init='random'` gives a deterministic, sensibly scaled random init, 'meta' allocates nothing."""
+    if init == "meta":
+        with torch.device("meta"):
+            return Infinity(cfg)
+    if init != "random":
+        raise ValueError(f"unknown init {init!r}; expected 'random' or 'meta'")
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = Infinity(cfg)
+    init_random_(model)
+    return cast_model(model, dtype)
+
+
+def cast_model(model: Infinity, dtype) -> Infinity:
+    """Cast to the run dtype; the output head stays fp32 (as official: logits decide the sampled bits)."""
+    model.to(dtype)
+    model.head_nm.float()
+    model.head.float()
+    return model.eval()
+
+
+@torch.no_grad()
+def init_random_(model: Infinity) -> None:
+    """Random weights that keep activations in a realistic range (the official init's scales)."""
+    C = model.cfg.width
+    std = math.sqrt(1 / C / 3)
+    for name, p in model.named_parameters():
+        if name.endswith("scale_mul_1H11"):
+            p.fill_(math.log(4.0))
+        elif name.endswith("norm.weight") or name == "text_norm.weight":
+            p.fill_(1.0)
+        elif name.endswith("ada_gss"):
+            p.normal_(0, 1 / C**0.5)
+        elif p.ndim == 1:
+            p.zero_()
+        else:
+            p.normal_(0, std)
+    model.cfg_uncond.normal_(0, 1.2 / model.cfg.text_dim**0.5)

@@ -1,0 +1,112 @@
+"""A ready-to-run text-to-image pipeline: config + schedule + transformer runner + tokenizer decoder + text."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .config import InfinityConfig, get_config
+from .generate import Generation, Sampling, TorchRunner, generate
+from .schedule import Schedule, get_schedule
+
+
+class Decoder:
+    """What the generation loop needs from the tokenizer: bits -> codes, summed latent -> image."""
+
+    def __init__(self, vae_module, cfg: InfinityConfig):
+        from . import vae as vae_lib
+
+        self.module = vae_module
+        self.codebook_dim = cfg.vae.codebook_dim
+        self.patchify = cfg.vae.spatial_patchify
+        self._bits_to_codes = vae_lib.bits_to_codes
+
+    def bits_to_codes(self, bits: torch.Tensor) -> torch.Tensor:
+        return self._bits_to_codes(bits, self.codebook_dim)
+
+    def decode(self, latent: torch.Tensor) -> torch.Tensor:
+        p = next(self.module.parameters())
+        return self.module.decode(latent.to(p.dtype)).float()
+
+
+def build_decoder(cfg: InfinityConfig, vae_path: str | None, device, dtype) -> Decoder:
+    from . import vae as vae_lib
+
+    if vae_path is None:
+        module = vae_lib.build_vae(cfg.vae, seed=0)
+    else:
+        module = vae_lib.load_vae(vae_path, cfg.vae)
+    return Decoder(module.to(device=device, dtype=dtype).eval(), cfg)
+
+
+def make_plan(cfg: InfinityConfig, schedule: Schedule, attention: str, backend: str = "reference"):
+    """None for dense attention, else the SparVAR plan of the model's default policy."""
+    if attention == "dense":
+        return None
+    if attention != "sparvar":
+        raise ValueError(f"unknown attention {attention!r}; expected 'dense' or 'sparvar'")
+    from .sparse import SparVARPlan, default_policy
+
+    return SparVARPlan(default_policy(cfg.name, schedule), schedule, cfg.depth, backend=backend)
+
+
+class Pipeline:
+    def __init__(self, cfg: InfinityConfig, schedule: Schedule, runner, decoder: Decoder, random_weights: bool, skip_last: int = 0):
+        self.cfg, self.schedule, self.runner, self.decoder = cfg, schedule, runner, decoder
+        self.random_weights, self.skip_last = random_weights, skip_last
+
+    @classmethod
+    def from_args(cls, args, device, dtype) -> "Pipeline":
+        return cls.create(args.model, resolution=args.resolution, aspect=args.aspect, weights=args.weights, vae=args.vae,
+                          device=device, dtype=dtype, attention=args.attention, skip_last=args.skip_last)
+
+    @classmethod
+    def create(cls, model: str, resolution: int | None = None, aspect: str = "1:1", weights: str | None = None,
+               vae: str | None = None, device="cpu", dtype=torch.float32, attention: str = "dense", skip_last: int = 0,
+               seed: int = 0) -> "Pipeline":
+        from .checkpoint import load_model
+        from .model import build_model
+
+        cfg = get_config(model)
+        schedule = get_schedule(resolution or cfg.default_resolution, aspect)
+        if (weights is None) != (vae is None):
+            raise ValueError("give both transformer weights and tokenizer weights, or neither (random weights)")
+        net = build_model(cfg, device=device, dtype=dtype, seed=seed) if weights is None else load_model(cfg, weights, device, dtype)
+        runner = TorchRunner(net, schedule, make_plan(cfg, schedule, attention), backend="sdpa")
+        return cls(cfg, schedule, runner, build_decoder(cfg, vae, device, dtype), weights is None, skip_last)
+
+    def text_features(self, prompts: list[str], t5: str | None = None, embeddings: str | None = None,
+                      allow_hashed: bool = False):
+        from .text import T5TextEncoder, hashed_embeddings, load_embeddings
+
+        if t5 and embeddings:
+            raise ValueError("give --t5 or --text-embeddings, not both")
+        if embeddings:
+            return load_embeddings(embeddings, self.cfg.text_dim)
+        if t5:
+            encoder = T5TextEncoder(t5, device=self.runner.device)
+            if encoder.dim != self.cfg.text_dim:
+                raise ValueError(f"T5 encoder at {t5} has width {encoder.dim}; {self.cfg.name} needs {self.cfg.text_dim}")
+            return encoder(prompts)
+        if not allow_hashed:
+            raise ValueError(f"{self.cfg.name} with real weights needs a text encoder: give --t5 DIR or --text-embeddings FILE")
+        return hashed_embeddings(prompts, self.cfg.text_dim, self.cfg.text_maxlen)
+
+    def generate(self, features, lengths, sampling: Sampling = Sampling(), seed: int = 0, progress=None) -> Generation:
+        return generate(self.runner, self.decoder, self.schedule, features, lengths, sampling, seed, self.skip_last, progress)
+
+
+def save_images(images: torch.Tensor, out: str) -> list[str]:
+    """(B, 3, H, W) in [0, 1] -> PNG file(s), each written to a temp name and renamed."""
+    from PIL import Image
+
+    arr = images.mul(255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    root, ext = os.path.splitext(out)
+    ext = ext or ".png"
+    paths = [f"{root}{ext}"] if len(arr) == 1 else [f"{root}-{i}{ext}" for i in range(len(arr))]
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    for a, path in zip(arr, paths):
+        tmp = f"{path}.tmp-{os.getpid()}{ext}"
+        Image.fromarray(a).save(tmp)
+        os.replace(tmp, path)
+    return paths

@@ -1,0 +1,80 @@
+"""Text conditioning: prompt -> (features (B, L, text_dim), lengths (B,)).
+
+Three sources, chosen explicitly by the caller (never a silent fallback):
+- `T5TextEncoder`: flan-t5-xl (or any T5 encoder) from a local path through `transformers`; as official,
+  prompts are padded to 512 tokens, encoded with the attention mask, then trimmed to the real length.
+- `load_embeddings`: precomputed features from a .safetensors/.pt file (`features` (B, L, C), `lengths` (B,)).
+- `hashed_embeddings`: a deterministic pseudo-embedding of the prompt's words, for random-weight and tiny models
+  (which were never trained on a text encoder), so that a demo needs no multi-GB download.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+
+import torch
+
+T5_MAX_TOKENS = 512
+
+
+class T5TextEncoder:
+    def __init__(self, path: str, device="cpu", dtype=torch.float16):
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"T5 encoder directory not found: {path} (expected a local flan-t5-xl checkout)")
+        from transformers import AutoTokenizer, T5EncoderModel
+
+        self.tokenizer = AutoTokenizer.from_pretrained(path, legacy=True)
+        # fp16 as official; CPU matmuls have no fp16 kernels on every build, so use fp32 there
+        dtype = dtype if torch.device(device).type == "cuda" else torch.float32
+        self.model = T5EncoderModel.from_pretrained(path, torch_dtype=dtype).to(device).eval()
+        self.device = device
+
+    @property
+    def dim(self) -> int:
+        return self.model.config.d_model
+
+    @torch.no_grad()
+    def __call__(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        tokens = self.tokenizer(prompts, max_length=T5_MAX_TOKENS, padding="max_length", truncation=True, return_tensors="pt")
+        ids, mask = tokens.input_ids.to(self.device), tokens.attention_mask.to(self.device)
+        features = self.model(input_ids=ids, attention_mask=mask).last_hidden_state.float()
+        lengths = mask.sum(dim=-1)
+        return features[:, : int(lengths.max())], lengths
+
+
+def load_embeddings(path: str, text_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"text embedding file not found: {path}")
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        data = load_file(path)
+    else:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    if "features" not in data:
+        raise ValueError(f"{path}: missing tensor 'features' (B, L, {text_dim}); found {sorted(data)}")
+    features = data["features"].float()
+    if features.ndim == 2:
+        features = features[None]
+    if features.ndim != 3 or features.shape[-1] != text_dim:
+        raise ValueError(f"{path}: 'features' has shape {tuple(features.shape)}, expected (B, L, {text_dim})")
+    lengths = data.get("lengths", torch.full((features.shape[0],), features.shape[1]))
+    return features, lengths.long()
+
+
+def hashed_embeddings(prompts: list[str], text_dim: int, max_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One fixed random vector per word (seeded by the word's hash), so equal prompts give equal features."""
+    rows, lengths = [], []
+    for prompt in prompts:
+        words = prompt.lower().split()[:max_tokens] or ["<empty>"]
+        vecs = []
+        for word in words:
+            seed = int.from_bytes(hashlib.sha256(word.encode()).digest()[:8], "little")
+            vecs.append(torch.randn(text_dim, generator=torch.Generator().manual_seed(seed)) * 0.2)
+        rows.append(torch.stack(vecs))
+        lengths.append(len(vecs))
+    L = max(lengths)
+    features = torch.zeros(len(prompts), L, text_dim)
+    for i, r in enumerate(rows):
+        features[i, : len(r)] = r
+    return features, torch.tensor(lengths)

@@ -1,0 +1,85 @@
+import pytest
+import torch
+
+from sparvar.checkpoint import CheckpointError, check_state_dict, load_checkpoint, load_model, official_key_shapes, save_official
+from sparvar.config import get_config
+from sparvar.model import build_model
+
+TINY = get_config("infinity-tiny")
+
+# Independent of our module tree: the official per-block and top-level names (INFINITY.md, official infinity.py).
+BLOCK_KEYS = {
+    "ada_gss", "sa.scale_mul_1H11", "sa.q_bias", "sa.v_bias", "sa.zero_k_bias", "sa.mat_qkv.weight", "sa.proj.weight",
+    "sa.proj.bias", "ca.mat_q.weight", "ca.mat_q.bias", "ca.mat_kv.weight", "ca.v_bias", "ca.zero_k_bias",
+    "ca.proj.weight", "ca.proj.bias", "ffn.fc1.weight", "ffn.fc1.bias", "ffn.fc2.weight", "ffn.fc2.bias",
+    "ca_norm.weight", "ca_norm.bias",
+}
+TOP_KEYS = {
+    "cfg_uncond", "pos_start", "text_norm.weight", "text_proj_for_sos.ca.mat_q", "text_proj_for_sos.ca.mat_kv.weight",
+    "text_proj_for_sos.ca.v_bias", "text_proj_for_sos.ca.zero_k_bias", "text_proj_for_sos.ca.proj.weight",
+    "text_proj_for_sos.ca.proj.bias", "text_proj_for_ca.0.weight", "text_proj_for_ca.0.bias", "text_proj_for_ca.2.weight",
+    "text_proj_for_ca.2.bias", "lvl_embed.weight", "word_embed.weight", "word_embed.bias", "shared_ada_lin.1.weight",
+    "shared_ada_lin.1.bias", "head_nm.ada_lin.1.weight", "head_nm.ada_lin.1.bias", "head.weight", "head.bias",
+}
+
+
+def expected_official_keys(depth, per_chunk):
+    keys = set(TOP_KEYS)
+    for b in range(depth):
+        keys |= {f"block_chunks.{b // per_chunk}.module.{b % per_chunk}.{k}" for k in BLOCK_KEYS}
+    return keys
+
+
+@pytest.mark.parametrize("name,count,depth,per_chunk", [("infinity-2b", 694, 32, 4), ("infinity-8b", 862, 40, 5)])
+def test_official_key_names_and_count(name, count, depth, per_chunk):
+    shapes = official_key_shapes(get_config(name))  # meta device: no 8B allocation
+    assert len(shapes) == count
+    assert set(shapes) == expected_official_keys(depth, per_chunk)
+
+
+def test_official_shapes_2b():
+    s = official_key_shapes(get_config("infinity-2b"))
+    assert s["cfg_uncond"] == (512, 2048)
+    assert s["block_chunks.7.module.3.sa.mat_qkv.weight"] == (6144, 2048)
+    assert s["block_chunks.0.module.0.sa.scale_mul_1H11"] == (1, 16, 1, 1)
+    assert s["text_proj_for_sos.ca.mat_q"] == (1, 16, 128)
+    assert s["head.weight"] == (64, 2048) and s["word_embed.weight"] == (2048, 32)
+    assert s["lvl_embed.weight"] == (15, 2048) and s["block_chunks.0.module.0.ffn.fc1.weight"] == (8192, 2048)
+    s8 = official_key_shapes(get_config("infinity-8b"))
+    assert s8["head.weight"] == (112, 3584) and s8["text_proj_for_sos.ca.mat_q"] == (1, 16, 224)
+    assert s8["block_chunks.7.module.4.ca.mat_kv.weight"] == (7168, 3584)
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+def test_roundtrip_through_official_names(tmp_path, suffix):
+    model = build_model(TINY, seed=3)
+    path = str(tmp_path / f"ckpt{suffix}")
+    save_official(model, path)
+    other = build_model(TINY, seed=4)
+    load_checkpoint(other, path)
+    for (k, a), (_, b) in zip(model.state_dict().items(), other.state_dict().items()):
+        assert torch.equal(a, b), k
+    loaded = load_model(TINY, path)
+    assert torch.equal(loaded.blocks[3].ffn.fc2.weight, model.blocks[3].ffn.fc2.weight)
+
+
+def test_strict_errors_list_missing_unexpected_and_misshaped(tmp_path):
+    sd = {k: torch.zeros(v) for k, v in official_key_shapes(TINY).items()}
+    del sd["block_chunks.1.module.0.ffn.fc1.weight"]
+    sd["block_chunks.0.module.0.sa.extra"] = torch.zeros(1)
+    sd["cfg_uncond"] = torch.zeros(30, TINY.text_dim)  # the official loader would silently pad this
+    with pytest.raises(CheckpointError) as e:
+        check_state_dict(sd, TINY)
+    msg = str(e.value)
+    assert "missing (1)" in msg and "block_chunks.1.module.0.ffn.fc1.weight" in msg
+    assert "unexpected (1)" in msg and "block_chunks.0.module.0.sa.extra" in msg
+    assert "wrong shape (1)" in msg and "cfg_uncond: checkpoint (30, 64) != expected (32, 64)" in msg
+
+
+def test_checkpoint_of_another_model_is_refused(tmp_path):
+    path = str(tmp_path / "tiny.safetensors")
+    save_official(build_model(TINY), path)
+    with pytest.raises(CheckpointError, match="does not match infinity-2b"):
+        load_model(get_config("infinity-2b"), path)
+    with pytest.raises(CheckpointError, match="not found"):
+        load_model(TINY, str(tmp_path / "nope.pth"))

@@ -1,0 +1,147 @@
+import math
+
+import pytest
+import torch
+
+from sparvar.config import CONFIGS, get_config
+from sparvar.generate import Sampling, TorchRunner, sample_bits
+from sparvar.model import KVCache, apply_rope, build_model, rope_angles, rope_tables
+from sparvar.schedule import ASPECT_TEMPLATES, get_schedule, parse_aspect
+
+TINY = get_config("infinity-tiny")
+
+
+def test_schedules_match_spec():
+    s = get_schedule(1024)
+    assert [h for h, _ in s.grids] == [1, 2, 4, 6, 8, 12, 16, 20, 24, 32, 40, 48, 64]
+    assert s.total_tokens == 10521
+    assert list(s.offsets[:-1]) == [0, 1, 5, 21, 57, 121, 265, 521, 921, 1497, 2521, 4121, 6425]
+    assert get_schedule(512).total_tokens == 2521 and get_schedule(256).total_tokens == 521
+    assert len(ASPECT_TEMPLATES) == 15
+    assert get_schedule(1024, "9:16").grids[-1] == (48, 84)  # snaps to the 0.571 template (official 7:4 transposed)
+    assert get_schedule(1024, "16:9").grids[-1] == (84, 48)
+    assert parse_aspect("4:3") == 1.333 and parse_aspect(1.0) == 1.0
+
+
+def test_bad_resolution_and_aspect_name_the_supported_ones():
+    with pytest.raises(ValueError, match=r"supported: \[256, 512, 768, 1024\]"):
+        get_schedule(300)
+    with pytest.raises(ValueError, match="supported h/w ratios"):
+        get_schedule(1024, "7:3")
+    with pytest.raises(ValueError, match="unknown model 'infinity-3b'"):
+        get_config("infinity-3b")
+
+
+def test_rope_positions_come_from_the_1024_grid():
+    s = get_schedule(256)
+    rows, cols = s.rope_positions(6)  # 16x16 scale -> rows 0, 4, ..., 60 of the 64x64 grid
+    assert sorted(set(rows)) == list(range(0, 64, 4)) and sorted(set(cols)) == list(range(0, 64, 4))
+    rows, _ = get_schedule(1024).rope_positions(3)  # 6x6: round-half-even of i * 64/6
+    assert sorted(set(rows)) == [round(i * 64 / 6) for i in range(6)] == [0, 11, 21, 32, 43, 53]
+
+
+def test_rope_matches_direct_formula():
+    D = 128
+    rows, cols = torch.tensor([0, 5, 63]), torch.tensor([7, 0, 40])
+    ang = rope_angles(D, rows, cols)
+    for t in range(3):
+        for pair in (0, 31, 32, 63):
+            k = pair if pair < 32 else pair - 32
+            pos = (rows if pair < 32 else cols)[t].item()
+            assert ang[t, pair].item() == pytest.approx(pos * 10000 ** (-2 * k / 64), rel=1e-12)
+    x = torch.randn(1, 1, 3, D, dtype=torch.float64)
+    rope = torch.stack([ang.cos(), ang.sin()]).float()
+    y = apply_rope(x.float(), rope)
+    # pair (2i, 2i+1) rotated by angle i: check one pair by hand, and that the norm is preserved
+    a = ang[1, 40].item()
+    x0, x1 = x[0, 0, 1, 80].item(), x[0, 0, 1, 81].item()
+    assert y[0, 0, 1, 80].item() == pytest.approx(x0 * math.cos(a) - x1 * math.sin(a), abs=1e-5)
+    assert y[0, 0, 1, 81].item() == pytest.approx(x0 * math.sin(a) + x1 * math.cos(a), abs=1e-5)
+    assert torch.allclose(y.norm(dim=-1), x.float().norm(dim=-1), atol=1e-5)
+
+
+def _teacher_inputs(model, schedule, text, B, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    inputs = [text.sos]
+    for k in range(1, schedule.num_scales):
+        codes = torch.randn(B, schedule.lengths[k], model.cfg.bits, generator=g)
+        inputs.append(model.scale_input(k, codes, text))
+    return inputs
+
+
+@torch.no_grad()
+def test_cached_steps_equal_one_block_causal_forward():
+    """Pins the KV cache, RoPE offsets per scale and the level embedding together."""
+    model = build_model(TINY, seed=1)
+    schedule = get_schedule(256)
+    text = model.encode_text(torch.randn(2, 6, TINY.text_dim), torch.tensor([6, 3]), cfg_guidance=True)
+    inputs = _teacher_inputs(model, schedule, text, 2)
+    cache = model.new_cache(text.batch, schedule)
+    ropes = rope_tables(schedule, TINY.head_dim)
+    stepped = []
+    for k in range(schedule.num_scales):
+        cache.offset = schedule.offsets[k]
+        stepped.append(model.step(inputs[k], k, text, cache, ropes[k]))
+    full = model.forward_all_scales(inputs, text, schedule)
+    for k, (a, b) in enumerate(zip(stepped, full)):
+        assert a.shape == (4, schedule.lengths[k], TINY.num_logits)
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4, msg=f"scale {k}")
+    # and the scale index matters: a wrong level embedding changes the logits
+    cache.offset = schedule.offsets[3]
+    wrong = model.step(inputs[3], 4, text, cache, ropes[3])
+    assert (wrong - stepped[3]).abs().max() > 1e-3
+
+
+@torch.no_grad()
+def test_kv_cache_is_preallocated_and_written_in_place():
+    model = build_model(TINY)
+    schedule = get_schedule(256)
+    cache = model.new_cache(2, schedule)
+    ptr = cache.k.data_ptr()
+    assert cache.k.shape == (TINY.depth, 2, TINY.heads, schedule.total_tokens, TINY.head_dim)
+    runner = TorchRunner(model, schedule)
+    runner.begin(torch.randn(1, 4, TINY.text_dim), torch.tensor([4]), guided=True)
+    runner.cache = cache
+    runner.step(0, None)
+    assert cache.k.data_ptr() == ptr and cache.k[:, :, :, 0].abs().sum() > 0 and cache.k[:, :, :, 1:].abs().sum() == 0
+
+
+@torch.no_grad()
+def test_cfg_rows_use_learned_uncond_with_prompt_length():
+    model = build_model(TINY)
+    feats = torch.randn(1, 5, TINY.text_dim)
+    t = model.encode_text(feats, torch.tensor([3]), cfg_guidance=True)
+    assert t.batch == 2 and t.key_mask[:, 0, 0].tolist() == [[True] * 3 + [False] * 2] * 2
+    # padding positions must not influence anything
+    feats2 = feats.clone()
+    feats2[:, 3:] = 100.0
+    t2 = model.encode_text(feats2, torch.tensor([3]), cfg_guidance=True)
+    torch.testing.assert_close(t.cond, t2.cond)
+    # the uncond row equals encoding cfg_uncond[:3] as a prompt
+    t3 = model.encode_text(model.cfg_uncond[:3][None], torch.tensor([3]), cfg_guidance=False)
+    torch.testing.assert_close(t.cond[1:], t3.cond, atol=1e-5, rtol=1e-5)
+
+
+def test_bit_sampling_thresholds_and_determinism():
+    logits = torch.zeros(1, 1, 8)
+    # bit 0: p1 = 0.02 -> always 0; bit 1: p1 = 0.98 -> always 1; bits 2,3: p1 = 0.5
+    for b, p in ((0, 0.02), (1, 0.98)):
+        logits[0, 0, 2 * b + 1] = math.log(p / (1 - p))
+    s = Sampling(top_p=0.97)
+    draws = torch.stack([sample_bits(logits, s, torch.Generator().manual_seed(i)) for i in range(200)])
+    assert draws[..., 0].sum() == 0 and draws[..., 1].sum() == 200
+    assert 60 < draws[..., 2].sum() < 140
+    a = sample_bits(logits, s, torch.Generator().manual_seed(3))
+    b = sample_bits(logits, s, torch.Generator().manual_seed(3))
+    assert torch.equal(a, b)
+    greedy = sample_bits(logits, Sampling(top_k=1), torch.Generator())
+    assert greedy[0, 0, :2].tolist() == [0.0, 1.0]
+    with pytest.raises(ValueError, match="top_k"):
+        Sampling(top_k=5)
+
+
+def test_param_counts_from_meta():
+    assert sum(p.numel() for p in build_model(get_config("infinity-2b"), init="meta").parameters()) == 2_204_564_032
+    n8 = sum(p.numel() for p in build_model(get_config("infinity-8b"), init="meta").parameters())
+    assert 8.2e9 < n8 < 8.5e9
+    assert set(CONFIGS) >= {"infinity-2b", "infinity-8b", "infinity-tiny"}
