@@ -1,0 +1,188 @@
+"""CSLA: cross-scale local sparse attention, a static mask built from the schedule geometry alone.
+
+For a query at (y, x) on scale q (grid Hq x Wq) and a key scale j (grid Hj x Wj):
+  - key scales j < sinks are kept whole (attention sinks);
+  - otherwise the key scale has a window side w_j: -1 drops the scale, an odd w > 0 keeps the w x w
+    window centred at (round(y*Hj/Hq), round(x*Wj/Wq)) (round half to even, as Python's round),
+    clipped at the grid borders. The centre is the formula's value, not clamped: when Hj/Hq < 1/2 the
+    last query rows can get a centre one past the border, and the clipped window then loses a row.
+
+`window_sides` is aligned to the END, i.e. to the query's own scale: window_sides[-1] is the own scale,
+window_sides[-2] the scale before it, and so on; key scales before the tuple starts are dropped (unless
+they are sinks). The paper's sides at query scale 12, (-1, -1, -1, 1, 1, 3, 5, 7) for key scales 5..12,
+then mean "own scale 7x7, previous 5x5, then 3x3, 1, 1, then nothing" at every query scale.
+
+Tokens are in raster order per scale, scales concatenated (the KV cache order). The block layout
+OR-reduces the token mask over (block_m queries x block_n keys) tiles; see `BlockLayout`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+
+from sparvar.attention import reference_attention
+from sparvar.schedule import Schedule
+
+GRANULARITIES = ("block", "token")
+
+
+def check_window_sides(window_sides: tuple[int, ...]) -> None:
+    for side in window_sides:
+        if not isinstance(side, int) or isinstance(side, bool) or not (side == -1 or (side > 0 and side % 2 == 1)):
+            raise ValueError(f"CSLA window side {side!r} must be -1 (drop the scale) or a positive odd int; got sides {window_sides}")
+
+
+def _axis_window(n_query: int, n_key: int, side: int) -> torch.Tensor:
+    """(n_query, n_key) bool: along one axis, which key positions lie in each query position's window."""
+    centre = torch.round(torch.arange(n_query, dtype=torch.float64) * n_key / n_query)  # (y*Hj)/Hq exactly as Python
+    dist = (centre[:, None] - torch.arange(n_key, dtype=torch.float64)[None, :]).abs()
+    return dist <= side // 2
+
+
+def csla_token_mask(schedule: Schedule, scale: int, sinks: int, window_sides: tuple[int, ...]) -> torch.Tensor:
+    """(Lq, Lk) bool keep-mask of scale `scale`'s queries over the whole visible KV cache, token-exact."""
+    if not 0 <= scale < schedule.num_scales:
+        raise ValueError(f"scale {scale} outside the schedule's {schedule.num_scales} scales")
+    if sinks < 0:
+        raise ValueError(f"CSLA sinks must be >= 0, got {sinks}")
+    check_window_sides(window_sides)
+    hq, wq = schedule.grids[scale]
+    parts = []
+    for j in range(scale + 1):
+        hj, wj = schedule.grids[j]
+        distance = scale - j  # 0 = own scale
+        side = window_sides[-1 - distance] if distance < len(window_sides) else -1
+        if j < sinks:
+            part = torch.ones(hq * wq, hj * wj, dtype=torch.bool)
+        elif side == -1:
+            part = torch.zeros(hq * wq, hj * wj, dtype=torch.bool)
+        else:
+            rows, cols = _axis_window(hq, hj, side), _axis_window(wq, wj, side)  # (hq, hj), (wq, wj)
+            # token (y, x) keeps key (r, c) iff rows[y, r] and cols[x, c]; raster order on both sides
+            part = (rows[:, None, :, None] & cols[None, :, None, :]).reshape(hq * wq, hj * wj)
+        parts.append(part)
+    return torch.cat(parts, dim=1)
+
+
+@dataclass(frozen=True, eq=False)
+class BlockLayout:
+    """Block-sparse attention layout shared by the reference, the Triton kernels and the plugins.
+
+    FlexAttention-style, one layout for every batch row and head:
+      kv_num_blocks (num_q_blocks,) int32: active key blocks of each query block;
+      kv_indices (num_q_blocks, max_kv_blocks) int32: their key-block indices, ascending; entries past
+        kv_num_blocks[i] are padding that REPEATS the row's last valid index (so a kernel that reads
+        them loads an in-bounds block; it must still stop at kv_num_blocks). max_kv_blocks is the
+        largest kv_num_blocks, not the number of key blocks.
+    Query block i covers queries [i*block_m, min((i+1)*block_m, q_len)), key block n covers keys
+    [n*block_n, min((n+1)*block_n, kv_len)); the last of each may be partial.
+
+    granularity 'block' (the paper's semantics): every key of an active block is attended, so kernels
+    need no element mask. granularity 'token': only the keys of `token_mask` (q_len, kv_len) are
+    attended; the block lists then say which blocks hold any such key.
+    """
+
+    q_len: int
+    kv_len: int
+    block_m: int
+    block_n: int
+    kv_num_blocks: torch.Tensor
+    kv_indices: torch.Tensor
+    token_density: float  # fraction of (query, key) pairs in the token-exact mask
+    token_mask: torch.Tensor | None = None  # only for granularity 'token'
+
+    @property
+    def granularity(self) -> str:
+        return "block" if self.token_mask is None else "token"
+
+    @property
+    def num_q_blocks(self) -> int:
+        return -(-self.q_len // self.block_m)
+
+    @property
+    def num_kv_blocks(self) -> int:
+        return -(-self.kv_len // self.block_n)
+
+    @property
+    def density(self) -> float:
+        """Fraction of (query block, key block) tiles a kernel computes."""
+        return int(self.kv_num_blocks.sum()) / (self.num_q_blocks * self.num_kv_blocks)
+
+    def block_mask(self) -> torch.Tensor:
+        """(num_q_blocks, num_kv_blocks) bool of active tiles."""
+        nq, nk = self.num_q_blocks, self.num_kv_blocks
+        valid = torch.arange(self.kv_indices.shape[1], device=self.kv_indices.device)[None, :] < self.kv_num_blocks[:, None]
+        out = torch.zeros(nq, nk, dtype=torch.bool, device=self.kv_indices.device)
+        rows = torch.arange(nq, device=self.kv_indices.device)[:, None].expand_as(self.kv_indices)
+        out[rows[valid], self.kv_indices[valid].long()] = True
+        return out
+
+    def to_dense(self) -> torch.Tensor:
+        """(q_len, kv_len) bool of the (query, key) pairs that are attended."""
+        if self.token_mask is not None:
+            return self.token_mask
+        blocks = self.block_mask()
+        return blocks.repeat_interleave(self.block_m, 0).repeat_interleave(self.block_n, 1)[: self.q_len, : self.kv_len]
+
+    def to(self, device: torch.device | str) -> BlockLayout:
+        token_mask = None if self.token_mask is None else self.token_mask.to(device)
+        return BlockLayout(self.q_len, self.kv_len, self.block_m, self.block_n, self.kv_num_blocks.to(device),
+                           self.kv_indices.to(device), self.token_density, token_mask)
+
+    def __repr__(self) -> str:
+        return (f"BlockLayout(q_len={self.q_len}, kv_len={self.kv_len}, block={self.block_m}x{self.block_n}, "
+                f"granularity={self.granularity}, tiles={int(self.kv_num_blocks.sum())}/{self.num_q_blocks * self.num_kv_blocks}, "
+                f"density={self.density:.2%}, token_density={self.token_density:.2%})")
+
+
+def block_layout_from_mask(mask: torch.Tensor, block_m: int, block_n: int, granularity: str = "block") -> BlockLayout:
+    """OR-reduce a (q_len, kv_len) bool token mask to tiles of block_m queries x block_n keys."""
+    if mask.dtype != torch.bool or mask.dim() != 2:
+        raise TypeError(f"mask must be a 2-D bool tensor, got {mask.dtype} with shape {tuple(mask.shape)}")
+    if block_m <= 0 or block_n <= 0:
+        raise ValueError(f"block shape must be positive, got {block_m}x{block_n}")
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"unknown CSLA granularity {granularity!r}; expected one of {GRANULARITIES}")
+    empty = ~mask.any(dim=1)
+    if empty.any():
+        raise ValueError(f"{int(empty.sum())} query rows attend to no key (first: {int(empty.nonzero()[0])}); "
+                         "give them sinks or a window on their own scale")
+    q_len, kv_len = mask.shape
+    nq, nk = -(-q_len // block_m), -(-kv_len // block_n)
+    padded = torch.zeros(nq * block_m, nk * block_n, dtype=torch.bool)
+    padded[:q_len, :kv_len] = mask
+    blocks = padded.view(nq, block_m, nk, block_n).any(dim=3).any(dim=1)  # (nq, nk)
+    kv_num_blocks = blocks.sum(dim=1).to(torch.int32)
+    width = int(kv_num_blocks.max())
+    # stable sort of "inactive" puts active block indices first, in ascending order
+    order = torch.sort((~blocks).to(torch.int8), dim=1, stable=True).indices[:, :width]
+    last_valid = order.gather(1, (kv_num_blocks.long() - 1)[:, None])
+    slot = torch.arange(width)[None, :]
+    kv_indices = torch.where(slot < kv_num_blocks[:, None], order, last_valid).to(torch.int32).contiguous()
+    token_density = mask.sum().item() / mask.numel()
+    return BlockLayout(q_len, kv_len, block_m, block_n, kv_num_blocks.contiguous(), kv_indices, token_density,
+                       mask.clone() if granularity == "token" else None)
+
+
+@lru_cache(maxsize=64)
+def csla_layout(schedule: Schedule, scale: int, sinks: int, window_sides: tuple[int, ...],
+                block_m: int, block_n: int, granularity: str = "block") -> BlockLayout:
+    """The CSLA layout of one query scale, cached per (schedule, scale, policy params, block shape).
+
+    The returned tensors are shared between callers: do not modify them in place.
+    """
+    mask = csla_token_mask(schedule, scale, sinks, tuple(window_sides))
+    return block_layout_from_mask(mask, block_m, block_n, granularity)
+
+
+def csla_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BlockLayout) -> torch.Tensor:
+    """softmax(q k^T) v restricted to the layout's attended pairs, in fp32 (plain masked attention).
+
+    q (B, H, q_len, D); k, v (B, H, kv_len, D); returns (B, H, q_len, D) in q's dtype.
+    """
+    if q.shape[-2] != layout.q_len or k.shape[-2] != layout.kv_len or v.shape[-2] != layout.kv_len:
+        raise ValueError(f"CSLA layout is for {layout.q_len} queries x {layout.kv_len} keys; got q {tuple(q.shape)}, "
+                         f"k {tuple(k.shape)}, v {tuple(v.shape)}")
+    return reference_attention(q, k, v, mask=layout.to_dense().to(q.device))

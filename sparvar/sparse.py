@@ -1,0 +1,243 @@
+"""SparVAR: which attention each (layer, scale) runs, and the plan object the model calls.
+
+`SparVARPolicy` is the one config per model (frozen, tied to a schedule's scale count);
+`default_policy(model_name, schedule)` builds it. `SparVARPlan` turns a policy into precomputed CSLA
+layouts and CS4A geometry, keeps the per-layer CS4A state of one generation and dispatches
+`attend(q, k, v, layer=, scale=)` to pure functions (`SparseOps`), so a kernel backend only swaps those.
+
+Rule that scales the paper's 1024^2 policy to other schedules: sparse attention runs on the last
+`sparse_last` scales of the schedule (3: scales 10, 11, 12 at 1024^2, 7, 8, 9 at 512^2, 4, 5, 6 at 256^2);
+the CS4A decision is the first of them; band sides apply to the scales after it in order; CSLA window
+sides are aligned to the query's own scale (see sparvar/csla.py). Sinks stay absolute (the first scales).
+At 256^2 the 2B/8B values leave little to skip (KV is tiny next to 112-key tiles and 5 sink scales), which
+is correct but not faster; use the values to reproduce the paper at 1024^2.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, NamedTuple
+
+import torch
+
+from sparvar.config import get_config
+from sparvar.cs4a import (CS4AGeometry, cs4a_attention_ref, cs4a_decide_ref, cs4a_geometry, cs4a_topk, num_groups,
+                          upsample_cache)
+from sparvar.csla import GRANULARITIES, BlockLayout, check_window_sides, csla_attention_ref, csla_layout
+from sparvar.schedule import Schedule
+
+KINDS = ("dense", "cs4a_decide", "cs4a", "csla")
+
+
+@dataclass(frozen=True)
+class SparVARPolicy:
+    """Per (layer, scale): dense below `decision_scale`; from it on, CS4A in layers < cs4a_layers, CSLA in the rest."""
+
+    num_layers: int
+    num_scales: int
+    decision_scale: int  # first sparse scale; CS4A selects its keys here
+    cs4a_layers: int  # layer split: layers < cs4a_layers run CS4A, the others CSLA
+    # CSLA (static mask)
+    csla_sinks: int = 5  # the first `csla_sinks` scales are kept whole
+    csla_window_sides: tuple[int, ...] = (-1, -1, -1, 1, 1, 3, 5, 7)  # aligned to the query's own scale (last entry)
+    csla_block: tuple[int, int] = (128, 128)  # (queries, keys) per tile; FlexAttention's default, as the paper ran
+    csla_granularity: str = "block"
+    # CS4A (dynamic selection)
+    cs4a_group_size: int = 192
+    cs4a_topk_ratio: float = 0.2
+    cs4a_multiple: int = 112  # top-k and band lengths are multiples of this (the kernel's K/V tile)
+    cs4a_band_sides: tuple[int, ...] = (7, 9)  # one per scale after the decision scale
+    cs4a_use_cache: bool = True  # False = the "CS4A without residual cache" ablation
+    # Scale skipping is done by the generation loop: it does not run the transformer on the last skip_last scales.
+    skip_last: int = 0
+
+    def __post_init__(self):
+        if self.num_layers <= 0 or self.num_scales <= 0:
+            raise ValueError(f"num_layers and num_scales must be positive, got {self.num_layers} and {self.num_scales}")
+        if not 0 <= self.decision_scale < self.num_scales:
+            raise ValueError(f"decision_scale {self.decision_scale} outside [0, {self.num_scales})")
+        if not 0 <= self.cs4a_layers <= self.num_layers:
+            raise ValueError(f"cs4a_layers {self.cs4a_layers} outside [0, {self.num_layers}]")
+        if self.csla_sinks < 0:
+            raise ValueError(f"csla_sinks must be >= 0, got {self.csla_sinks}")
+        check_window_sides(self.csla_window_sides)
+        if len(self.csla_block) != 2 or min(self.csla_block) <= 0:
+            raise ValueError(f"csla_block must be two positive ints (queries, keys), got {self.csla_block}")
+        if self.csla_granularity not in GRANULARITIES:
+            raise ValueError(f"unknown csla_granularity {self.csla_granularity!r}; expected one of {GRANULARITIES}")
+        if self.cs4a_group_size <= 0 or self.cs4a_multiple <= 0:
+            raise ValueError(f"cs4a_group_size and cs4a_multiple must be positive, got {self.cs4a_group_size}, {self.cs4a_multiple}")
+        if not 0.0 < self.cs4a_topk_ratio <= 1.0:
+            raise ValueError(f"cs4a_topk_ratio must be in (0, 1], got {self.cs4a_topk_ratio}")
+        later = self.num_scales - self.decision_scale - 1
+        if len(self.cs4a_band_sides) != later:
+            raise ValueError(f"cs4a_band_sides {self.cs4a_band_sides} needs one side per scale after the decision "
+                             f"scale {self.decision_scale} ({later} of them)")
+        if any(s <= 0 or s % 2 == 0 for s in self.cs4a_band_sides):
+            raise ValueError(f"cs4a_band_sides must be positive odd ints, got {self.cs4a_band_sides}")
+        if not 0 <= self.skip_last < self.num_scales:
+            raise ValueError(f"skip_last {self.skip_last} outside [0, {self.num_scales})")
+
+    @property
+    def sparse_scales(self) -> range:
+        return range(self.decision_scale, self.num_scales)
+
+    def kind(self, layer: int, scale: int) -> str:
+        """'dense', 'cs4a_decide', 'cs4a' or 'csla'."""
+        if not 0 <= layer < self.num_layers:
+            raise ValueError(f"layer {layer} outside [0, {self.num_layers})")
+        if not 0 <= scale < self.num_scales:
+            raise ValueError(f"scale {scale} outside [0, {self.num_scales})")
+        if scale < self.decision_scale:
+            return "dense"
+        if layer >= self.cs4a_layers:
+            return "csla"
+        return "cs4a_decide" if scale == self.decision_scale else "cs4a"
+
+    def topk(self, schedule: Schedule) -> int:
+        return cs4a_topk(schedule.kv_len(self.decision_scale), self.cs4a_topk_ratio, self.cs4a_multiple)
+
+    def csla_layout(self, schedule: Schedule, scale: int) -> BlockLayout:
+        return csla_layout(schedule, scale, self.csla_sinks, self.csla_window_sides, *self.csla_block, self.csla_granularity)
+
+    def cs4a_geometry(self, schedule: Schedule, scale: int) -> CS4AGeometry:
+        return cs4a_geometry(schedule, self.decision_scale, scale, self.cs4a_group_size, self.cs4a_band_sides,
+                             self.cs4a_multiple, self.topk(schedule))
+
+
+# Per model, relative to the schedule end: sparse_last = how many final scales are sparse; the rest are
+# SparVARPolicy fields. 2B/8B are the paper's values. Tiny (4 layers; 256^2 grids 1,2,4,6,8,12,16; KV 121 at
+# its decision scale 4) gets the same structure shrunk so each path runs and stays sparse: 2 CS4A + 2 CSLA
+# layers, groups of 16 queries and 16-key multiples (top-32 of 121 keys; bands 48 and 80 keys; key sets
+# 80/265 and 160/521), 3 sink scales (21 tokens), windows (1, 3, 5) on the own scale and the two before it,
+# and 16x16 tiles (block density 88% / 64% / 38% at scales 4 / 5 / 6; token density 39% / 19% / 10%).
+POLICY_PRESETS: dict[str, dict] = {
+    "infinity-2b": dict(sparse_last=3, cs4a_layers=11),
+    "infinity-8b": dict(sparse_last=3, cs4a_layers=11),
+    "infinity-tiny": dict(sparse_last=3, cs4a_layers=2, csla_sinks=3, csla_window_sides=(1, 3, 5), csla_block=(16, 16),
+                          cs4a_group_size=16, cs4a_multiple=16, cs4a_band_sides=(3, 5)),
+}
+
+
+def default_policy(model_name: str, schedule: Schedule, **overrides) -> SparVARPolicy:
+    """The model's policy scaled to `schedule`; keyword overrides replace single fields (e.g. skip_last=2)."""
+    config = get_config(model_name)
+    if model_name not in POLICY_PRESETS:
+        raise ValueError(f"no SparVAR policy for {model_name!r}; presets exist for {', '.join(POLICY_PRESETS)}")
+    preset = dict(POLICY_PRESETS[model_name])
+    sparse_last = preset.pop("sparse_last")
+    if schedule.num_scales <= sparse_last:
+        raise ValueError(f"schedule has {schedule.num_scales} scales; {model_name}'s policy needs more than {sparse_last}")
+    decision = schedule.num_scales - sparse_last
+    band_sides = preset.pop("cs4a_band_sides", SparVARPolicy.cs4a_band_sides)
+    fields = dict(num_layers=config.depth, num_scales=schedule.num_scales, decision_scale=decision,
+                  cs4a_band_sides=tuple(band_sides[: sparse_last - 1]), **preset)
+    fields.update(overrides)
+    return SparVARPolicy(**fields)
+
+
+class SparseOps(NamedTuple):
+    """The three pure functions a backend provides (same signatures as the *_ref functions)."""
+
+    csla: Callable  # (q, k, v, layout) -> out
+    cs4a_decide: Callable  # (q, k, v, group_size, topk) -> (out, selected, o_cache)
+    cs4a: Callable  # (q, k, v, key_idx, group_size, o_cache_or_None) -> out
+
+
+def get_sparse_ops(backend: str) -> SparseOps:
+    if backend == "reference":
+        return SparseOps(csla_attention_ref, cs4a_decide_ref, cs4a_attention_ref)
+    raise ValueError(f"unknown SparVAR backend {backend!r}; available: 'reference'")
+
+
+class SparVARPlan:
+    """Dispatches each (layer, scale) per the policy and holds the CS4A state of one generation.
+
+    Call `reset()` before each new generation; `attend` returns None where the policy says dense.
+    """
+
+    def __init__(self, policy: SparVARPolicy, schedule: Schedule, num_layers: int, backend: str = "reference"):
+        if policy.num_layers != num_layers:
+            raise ValueError(f"policy is for {policy.num_layers} layers, the model has {num_layers}")
+        if policy.num_scales != schedule.num_scales:
+            raise ValueError(f"policy is for {policy.num_scales} scales, the schedule has {schedule.num_scales}")
+        self.policy, self.schedule, self.num_layers, self.backend = policy, schedule, num_layers, backend
+        self.ops = get_sparse_ops(backend)
+        uses_csla = policy.cs4a_layers < num_layers
+        uses_cs4a = policy.cs4a_layers > 0
+        self.csla_layouts = {s: policy.csla_layout(schedule, s) for s in policy.sparse_scales} if uses_csla else {}
+        self.topk = policy.topk(schedule)
+        self.cs4a_geometries = ({s: policy.cs4a_geometry(schedule, s) for s in policy.sparse_scales[1:]}
+                                if uses_cs4a else {})
+        self._on_device: dict[tuple[str, int, torch.device], BlockLayout | CS4AGeometry] = {}
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the CS4A selections and caches of the previous generation."""
+        self._selected: dict[int, torch.Tensor] = {}  # layer -> (B, H, G_S, topk) int32
+        self._o_cache: dict[int, torch.Tensor] = {}  # layer -> (B, H, L_S, D)
+
+    def load_state(self, layer: int, selected: torch.Tensor, o_cache: torch.Tensor) -> None:
+        """Set a layer's CS4A decision state from outside (an exported step graph receives it as inputs)."""
+        self._selected[layer], self._o_cache[layer] = selected, o_cache
+
+    def state(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """A layer's CS4A decision state (selected key positions, residual cache) after its decision scale ran."""
+        if layer not in self._selected:
+            raise RuntimeError(f"layer {layer} has no CS4A state: its decision scale {self.policy.decision_scale} has not run")
+        return self._selected[layer], self._o_cache[layer]
+
+    def _device_copy(self, what: str, scale: int, device: torch.device):
+        """The CSLA layout or CS4A geometry of `scale` on `device`, copied once."""
+        key = (what, scale, device)
+        if key not in self._on_device:
+            source = self.csla_layouts if what == "csla" else self.cs4a_geometries
+            self._on_device[key] = source[scale].to(device)
+        return self._on_device[key]
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, layer: int, scale: int) -> torch.Tensor | None:
+        kind = self.policy.kind(layer, scale)
+        if kind == "dense":
+            return None
+        q_len, kv_len = self.schedule.lengths[scale], self.schedule.kv_len(scale)
+        if q.dim() != 4 or q.shape[2] != q_len or k.shape[:3] != (*q.shape[:2], kv_len) or v.shape != k.shape:
+            raise ValueError(f"scale {scale} expects q (B, H, {q_len}, D), k/v (B, H, {kv_len}, D); got q {tuple(q.shape)}, "
+                             f"k {tuple(k.shape)}, v {tuple(v.shape)}")
+        if kind == "csla":
+            return self.ops.csla(q, k, v, self._device_copy("csla", scale, q.device))
+        group_size = self.policy.cs4a_group_size
+        if kind == "cs4a_decide":
+            out, selected, o_cache = self.ops.cs4a_decide(q, k, v, group_size, self.topk)
+            self._selected[layer] = selected
+            self._o_cache[layer] = o_cache
+            return out
+        if layer not in self._selected:
+            raise RuntimeError(f"layer {layer} reached CS4A scale {scale} before its decision scale "
+                               f"{self.policy.decision_scale} ran; call reset() and run the scales in order")
+        selected = self._selected[layer]
+        if selected.shape[0] != q.shape[0]:
+            raise RuntimeError(f"batch size changed within a generation ({selected.shape[0]} -> {q.shape[0]}); call reset()")
+        key_idx = self._device_copy("cs4a", scale, q.device).key_indices(selected)
+        o_cache = None
+        if self.policy.cs4a_use_cache:
+            decision_grid = self.schedule.grids[self.policy.decision_scale]
+            o_cache = upsample_cache(self._o_cache[layer], decision_grid, self.schedule.grids[scale])
+        return self.ops.cs4a(q, k, v, key_idx, group_size, o_cache)
+
+    def describe(self) -> str:
+        """One line per sparse scale: layouts' densities and CS4A key counts (for logs)."""
+        lines = [f"SparVAR plan ({self.backend}): dense below scale {self.policy.decision_scale}, "
+                 f"CS4A in layers < {self.policy.cs4a_layers}, CSLA in layers >= {self.policy.cs4a_layers}"]
+        for s in self.policy.sparse_scales:
+            parts = [f"scale {s} {self.schedule.grids[s]}"]
+            if s in self.csla_layouts:
+                parts.append(f"CSLA {self.csla_layouts[s]!r}")
+            if self.policy.cs4a_layers > 0:
+                kv = self.schedule.kv_len(s)
+                if s == self.policy.decision_scale:
+                    groups = num_groups(self.schedule.lengths[s], self.policy.cs4a_group_size)
+                    parts.append(f"CS4A decide: dense, top-{self.topk} of {kv} keys per group ({groups} groups)")
+                else:
+                    g = self.cs4a_geometries[s]
+                    parts.append(f"CS4A: {g.key_count} of {kv} keys ({g.key_count / kv:.1%}) per group ({g.num_groups} groups)")
+            lines.append("  " + "; ".join(parts))
+        return "\n".join(lines)

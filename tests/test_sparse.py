@@ -1,0 +1,145 @@
+"""SparVAR policy and plan: dispatch, per-layer CS4A state, defaults per model (CPU)."""
+import dataclasses
+
+import pytest
+import torch
+
+from sparvar.attention import reference_attention, self_attention
+from sparvar.config import get_config
+from sparvar.cs4a import cs4a_attention_ref, upsample_cache
+from sparvar.csla import csla_attention_ref
+from sparvar.schedule import get_schedule
+from sparvar.sparse import KINDS, SparVARPlan, default_policy, get_sparse_ops
+
+
+def qkv_for(schedule, scale, b=2, h=2, d=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    lq, lk = schedule.lengths[scale], schedule.kv_len(scale)
+    return tuple(torch.randn(b, h, n, d, generator=g) for n in (lq, lk, lk))
+
+
+@pytest.mark.parametrize("model", ["infinity-2b", "infinity-8b"])
+def test_paper_policy_at_1024(model):
+    s = get_schedule(1024)
+    p = default_policy(model, s)
+    assert p.num_layers == get_config(model).depth and p.decision_scale == 10 and p.cs4a_layers == 11
+    assert list(p.sparse_scales) == [10, 11, 12]
+    assert p.topk(s) == 784 and p.cs4a_band_sides == (7, 9) and p.skip_last == 0
+    assert [p.kind(0, sc) for sc in (9, 10, 11, 12)] == ["dense", "cs4a_decide", "cs4a", "cs4a"]
+    assert [p.kind(10, sc) for sc in (9, 10, 11, 12)] == ["dense", "cs4a_decide", "cs4a", "cs4a"]
+    assert [p.kind(11, sc) for sc in (9, 10, 11, 12)] == ["dense", "csla", "csla", "csla"]
+    assert p.csla_layout(s, 12).density == pytest.approx(0.164, abs=1e-3)
+    assert p.cs4a_geometry(s, 12).key_count == 2128
+
+
+def test_policy_is_relative_to_schedule_end():
+    for res, decision in ((512, 7), (256, 4), (768, 9)):
+        s = get_schedule(res)
+        p = default_policy("infinity-2b", s)
+        assert p.decision_scale == decision and list(p.sparse_scales) == list(range(decision, s.num_scales))
+        assert p.kind(0, decision - 1) == "dense" and p.kind(0, s.num_scales - 1) == "cs4a"
+
+
+def test_policy_overrides_and_validation():
+    s = get_schedule(1024)
+    p = default_policy("infinity-2b", s, skip_last=2, cs4a_use_cache=False, csla_block=(128, 64))
+    assert p.skip_last == 2 and not p.cs4a_use_cache
+    assert p.csla_layout(s, 12).density == pytest.approx(0.135, abs=1e-3)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        p.skip_last = 1
+    with pytest.raises(ValueError, match="band_sides"):
+        dataclasses.replace(p, cs4a_band_sides=(7,))
+    with pytest.raises(ValueError, match="granularity"):
+        dataclasses.replace(p, csla_granularity="tile")
+    with pytest.raises(ValueError, match="layer 32"):
+        p.kind(32, 12)
+    with pytest.raises(ValueError, match="unknown model"):
+        default_policy("infinity-20b", s)
+    with pytest.raises(ValueError, match="backend"):
+        get_sparse_ops("cuda-magic")
+    with pytest.raises(ValueError, match="layers"):
+        SparVARPlan(p, s, num_layers=40)
+
+
+def test_tiny_policy_runs_every_layer_and_scale():
+    s = get_schedule(256)
+    cfg = get_config("infinity-tiny")
+    p = default_policy("infinity-tiny", s)
+    plan = SparVARPlan(p, s, cfg.depth)
+    seen = set()
+    for scale in range(s.num_scales):
+        for layer in range(cfg.depth):
+            q, k, v = qkv_for(s, scale, h=cfg.heads, d=cfg.head_dim, seed=scale * 10 + layer)
+            kind = p.kind(layer, scale)
+            seen.add(kind)
+            out = plan.attend(q, k, v, layer=layer, scale=scale)
+            if kind == "dense":
+                assert out is None
+                continue
+            assert out.shape == q.shape and torch.isfinite(out).all()
+            if kind in ("csla", "cs4a"):  # genuinely sparse: differs from dense attention
+                assert not torch.allclose(out, reference_attention(q, k, v), atol=1e-3)
+            else:
+                torch.testing.assert_close(out, reference_attention(q, k, v))
+    assert seen == set(KINDS)
+    for scale in p.sparse_scales:
+        assert plan.csla_layouts[scale].density < 0.9
+        if scale > p.decision_scale:
+            assert plan.cs4a_geometries[scale].key_count < 0.35 * s.kv_len(scale)
+
+
+def test_plan_cs4a_uses_selection_bands_and_cache():
+    s = get_schedule(256)
+    p = default_policy("infinity-tiny", s)
+    results = {}
+    for use_cache in (True, False):
+        plan = SparVARPlan(dataclasses.replace(p, cs4a_use_cache=use_cache), s, p.num_layers)
+        q4, k4, v4 = qkv_for(s, 4, seed=1)
+        plan.attend(q4, k4, v4, layer=0, scale=4)
+        q5, k5, v5 = qkv_for(s, 5, seed=2)
+        results[use_cache] = plan.attend(q5, k5, v5, layer=0, scale=5)
+    # the same result from the pure functions, called by hand
+    _, selected, o_cache = get_sparse_ops("reference").cs4a_decide(q4, k4, v4, 16, p.topk(s))
+    key_idx = p.cs4a_geometry(s, 5).key_indices(selected)
+    up = upsample_cache(o_cache, s.grids[4], s.grids[5])
+    torch.testing.assert_close(results[True], cs4a_attention_ref(q5, k5, v5, key_idx, 16, up))
+    torch.testing.assert_close(results[False], cs4a_attention_ref(q5, k5, v5, key_idx, 16))
+    assert not torch.allclose(results[True], results[False], atol=1e-4)
+
+
+def test_plan_state_and_errors():
+    s = get_schedule(256)
+    p = default_policy("infinity-tiny", s)
+    plan = SparVARPlan(p, s, p.num_layers)
+    q5, k5, v5 = qkv_for(s, 5)
+    with pytest.raises(RuntimeError, match="decision scale"):
+        plan.attend(q5, k5, v5, layer=0, scale=5)
+    plan.attend(*qkv_for(s, 4), layer=0, scale=4)
+    assert plan.attend(q5, k5, v5, layer=0, scale=5) is not None
+    with pytest.raises(RuntimeError, match="batch size"):
+        plan.attend(*qkv_for(s, 5, b=4), layer=0, scale=5)
+    plan.reset()
+    with pytest.raises(RuntimeError, match="decision scale"):
+        plan.attend(q5, k5, v5, layer=0, scale=5)
+    with pytest.raises(ValueError, match="scale 6 expects"):
+        plan.attend(q5, k5, v5, layer=3, scale=6)
+
+
+def test_self_attention_dispatch():
+    s = get_schedule(256)
+    p = default_policy("infinity-tiny", s)
+    plan = SparVARPlan(p, s, p.num_layers)
+    q, k, v = qkv_for(s, 6)
+    dense = self_attention(q, k, v, layer=3, scale=6, plan=None, backend="reference")
+    torch.testing.assert_close(dense, reference_attention(q, k, v))
+    sparse = self_attention(q, k, v, layer=3, scale=6, plan=plan, backend="reference")
+    torch.testing.assert_close(sparse, csla_attention_ref(q, k, v, p.csla_layout(s, 6)))
+    q3, k3, v3 = qkv_for(s, 3)
+    torch.testing.assert_close(self_attention(q3, k3, v3, layer=3, scale=3, plan=plan, backend="reference"),
+                               reference_attention(q3, k3, v3))
+
+
+def test_plan_describe_mentions_counts():
+    s = get_schedule(1024)
+    text = SparVARPlan(default_policy("infinity-2b", s), s, 32).describe()
+    assert "2128 of 10521 keys" in text and "density=16.38%" in text

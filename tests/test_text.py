@@ -1,0 +1,57 @@
+import pytest
+import torch
+
+from sparvar.config import get_config
+from sparvar.text import T5TextEncoder, hashed_embeddings, load_embeddings
+
+TINY = get_config("infinity-tiny")
+
+
+@pytest.fixture(scope="module")
+def tiny_t5_dir(tmp_path_factory):
+    """A randomly initialised T5 encoder + word-level tokenizer saved like a real checkpoint directory."""
+    transformers = pytest.importorskip("transformers")
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    path = tmp_path_factory.mktemp("t5")
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{w: i + 3 for i, w in enumerate("a photo of cat dog red car".split())}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+    fast.save_pretrained(path)
+    cfg = transformers.T5Config(vocab_size=len(vocab), d_model=TINY.text_dim, d_kv=16, d_ff=128, num_layers=2, num_heads=4)
+    torch.manual_seed(0)
+    transformers.T5EncoderModel(cfg).save_pretrained(path)
+    return str(path)
+
+
+def test_t5_encoder_pads_to_512_then_trims(tiny_t5_dir):
+    enc = T5TextEncoder(tiny_t5_dir)
+    feats, lens = enc(["a photo of a cat", "red car"])
+    assert lens.tolist() == [5, 2]
+    assert feats.shape == (2, 5, TINY.text_dim) and feats.dtype == torch.float32
+    # the real tokens do not depend on how much padding follows them
+    alone, _ = enc(["red car"])
+    torch.testing.assert_close(alone[0, :2], feats[1, :2], atol=1e-5, rtol=1e-5)
+
+
+def test_missing_t5_dir_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="T5 encoder directory not found"):
+        T5TextEncoder(str(tmp_path / "flan-t5-xl"))
+
+
+def test_embedding_file_roundtrip_and_errors(tmp_path):
+    from safetensors.torch import save_file
+
+    path = str(tmp_path / "emb.safetensors")
+    save_file({"features": torch.randn(1, 4, TINY.text_dim), "lengths": torch.tensor([3])}, path)
+    feats, lens = load_embeddings(path, TINY.text_dim)
+    assert feats.shape == (1, 4, TINY.text_dim) and lens.tolist() == [3]
+    with pytest.raises(ValueError, match=r"expected \(B, L, 2048\)"):
+        load_embeddings(path, 2048)
+
+
+def test_hashed_embeddings_are_deterministic_per_word():
+    a, la = hashed_embeddings(["a red car", "cat"], 64, 32)
+    b, _ = hashed_embeddings(["a red car"], 64, 32)
+    assert la.tolist() == [3, 1] and torch.equal(a[0], b[0]) and not torch.equal(a[0, 0], a[0, 1])
