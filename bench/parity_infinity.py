@@ -26,7 +26,8 @@ sys.path.insert(0, ROOT)
 
 from bench.common import write_result  # noqa: E402
 from sparvar.config import InfinityConfig, get_config  # noqa: E402
-from sparvar.generate import TorchRunner, latent_to_tokens, resample, tokens_to_latent  # noqa: E402
+from sparvar.generate import TorchRunner, resample  # noqa: E402
+from sparvar.vae import latent_to_tokens, tokens_to_latent  # noqa: E402
 from sparvar.model import build_model  # noqa: E402
 from sparvar.checkpoint import to_official_name  # noqa: E402
 from sparvar.schedule import get_schedule  # noqa: E402

@@ -12,7 +12,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-DENSE_BACKENDS = ("reference", "sdpa")
+# "sdpa" lets PyTorch pick; the others pin one SDPA kernel (for benchmarks: FlashAttention-2, cuDNN, ...)
+SDPA_KERNELS = ("flash", "cudnn", "efficient", "math")
+DENSE_BACKENDS = ("reference", "sdpa", *SDPA_KERNELS)
 
 
 def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -28,6 +30,13 @@ def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: 
         return F.scaled_dot_product_attention(q, k, v, scale=1.0)
     if backend == "reference":
         return reference_attention(q, k, v)
+    if backend in SDPA_KERNELS:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        kernel = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
+                  "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}[backend]
+        with sdpa_kernel(kernel):
+            return F.scaled_dot_product_attention(q, k, v, scale=1.0)
     raise ValueError(f"unknown dense attention backend {backend!r}; expected one of {DENSE_BACKENDS}")
 
 

@@ -17,7 +17,7 @@ class UsageError(Exception):
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
-    g.add_argument("--model", default="infinity-tiny", help="model name (infinity-2b, infinity-8b, infinity-tiny)")
+    g.add_argument("--model", help="model name: infinity-2b, infinity-8b, infinity-tiny (default)")
     g.add_argument("--weights", help="official transformer checkpoint (.pth or .safetensors)")
     g.add_argument("--vae", help="official tokenizer checkpoint (.pth or .safetensors)")
     g.add_argument("--random-weights", action="store_true", help="random transformer and tokenizer (smoke and speed runs)")
@@ -88,6 +88,7 @@ def check_model_args(args) -> None:
     from .config import get_config
     from .schedule import get_schedule
 
+    args.model = args.model or "infinity-tiny"
     try:
         cfg = get_config(args.model)
         args.resolution = args.resolution or cfg.default_resolution
@@ -110,7 +111,9 @@ def cmd_generate(args) -> int:
     if args.engine:
         from .runtime import load_engine_pipeline
 
-        pipe = load_engine_pipeline(args.engine)
+        if args.weights or args.vae or args.random_weights:
+            raise UsageError("--engine runs the weights the engine was built with; drop --weights/--vae/--random-weights")
+        pipe = load_engine_pipeline(args.engine, skip_last=args.skip_last, model=args.model, resolution=args.resolution)
     else:
         check_model_args(args)
         device, dtype = resolve_device_dtype(args.device, args.dtype)

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from .model import Infinity, rope_tables
 from .schedule import Schedule
+from .vae import latent_to_tokens, tokens_to_latent
 
 
 @dataclass(frozen=True)
@@ -49,17 +50,6 @@ def sample_bits(logits: torch.Tensor, sampling: Sampling, generator: torch.Gener
         p1 = torch.where(p1 <= cut, 0.0, torch.where(1.0 - p1 <= cut, 1.0, p1))
     u = torch.rand(p1.shape, generator=generator, device=p1.device)
     return (u < p1).float()
-
-
-def tokens_to_latent(codes: torch.Tensor, h: int, w: int, patchify: bool) -> torch.Tensor:
-    """(B, h*w, C_tok) token codes -> (B, C, H, W) latent; with patchify one token is 2x2 positions."""
-    x = codes.transpose(1, 2).unflatten(-1, (h, w))
-    return F.pixel_shuffle(x, 2) if patchify else x
-
-
-def latent_to_tokens(latent: torch.Tensor, patchify: bool) -> torch.Tensor:
-    x = F.pixel_unshuffle(latent, 2) if patchify else latent
-    return x.flatten(2).transpose(1, 2)
 
 
 def resample(latent: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

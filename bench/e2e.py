@@ -1,0 +1,164 @@
+"""End-to-end latency on one GPU: Infinity 2B/8B at 1024², batch 1 with CFG, dense vs SparVAR, side by side.
+
+Protocol (the paper's): warm-up runs, then the median of timed runs; every run covers text conditioning
+(the T5 encoder itself excluded), all scales, CFG, sampling and the VAE decode. Random weights (the images are
+noise, the work is the same). Every row runs the same `sparvar.generate.generate` loop — only the runner differs.
+
+    PYTHONPATH=. python bench/e2e.py --model infinity-2b --out bench/results/e2e_h100.json
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import sys
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from bench.common import summarize, write_result  # noqa: E402
+
+FLOP_FLOOR_MS = {"infinity-2b": 146, "infinity-8b": 485}  # INFINITY.md: dense FLOPs at ~790 TFLOP/s
+
+
+def time_generation(pipe, features, lengths, warmup: int, runs: int) -> tuple[dict, list]:
+    from sparvar.generate import Sampling
+
+    sampling = Sampling(cfg=4.0, tau=1.0, top_p=0.97)
+    per_scale_runs = []
+
+    def once(record=False):
+        marks = []
+        progress = (lambda s, t: marks.append(_event())) if record else None
+        start = _event()
+        pipe.generate(features, lengths, sampling=sampling, seed=0, progress=progress)
+        end = _event()
+        torch.cuda.synchronize()
+        if record:
+            edges = [start] + marks
+            per_scale_runs.append([a.elapsed_time(b) for a, b in zip(edges[:-1], edges[1:])])
+        return start.elapsed_time(end)
+
+    for _ in range(warmup):
+        once()
+    times = [once(record=True) for _ in range(runs)]
+    per_scale = [sorted(col)[len(col) // 2] for col in zip(*per_scale_runs)]
+    return summarize(times), per_scale
+
+
+def _event():
+    e = torch.cuda.Event(enable_timing=True)
+    e.record()
+    return e
+
+
+def rows_for(model_name: str):
+    """(row name, attention, runner kind, sdpa backend, skip_last)"""
+    return [
+        ("dense eager, SDPA FlashAttention-2", "dense", "eager", "flash", 0),
+        ("dense eager, SDPA cuDNN", "dense", "eager", "cudnn", 0),
+        ("dense engine (CUDA graphs, cuDNN)", "dense", "graphs", "cudnn", 0),
+        ("SparVAR engine (CUDA graphs, Triton kernels)", "sparvar", "graphs", "cudnn", 0),
+        ("SparVAR engine + skip last 2", "sparvar", "graphs", "cudnn", 2),
+        ("dense engine + skip last 2", "dense", "graphs", "cudnn", 2),
+    ]
+
+
+def bench_model(model_name: str, resolution: int, warmup: int, runs: int, rows=None) -> dict:
+    from sparvar.config import get_config
+    from sparvar.cuda_engine import CudaGraphRunner
+    from sparvar.generate import TorchRunner
+    from sparvar.model import build_model
+    from sparvar.pipeline import Pipeline, build_decoder, make_plan
+    from sparvar.schedule import get_schedule
+    from sparvar.text import hashed_embeddings
+
+    cfg = get_config(model_name)
+    schedule = get_schedule(resolution)
+    device = torch.device("cuda")
+    torch.cuda.reset_peak_memory_stats()
+    model = build_model(cfg, device=device, dtype=torch.bfloat16, seed=0)
+    decoder = build_decoder(cfg, None, device, torch.bfloat16)
+    features, lengths = hashed_embeddings(["a photo of a red fox sitting in the snow, highly detailed"], cfg.text_dim, cfg.text_maxlen)
+    results = []
+    for name, attention, kind, backend, skip in rows or rows_for(model_name):
+        plan = make_plan(cfg, schedule, attention, backend="triton")
+        if kind == "eager":
+            runner = TorchRunner(model, schedule, plan, backend=backend)
+        else:
+            runner = CudaGraphRunner(model, schedule, plan, backend=backend)
+        pipe = Pipeline(cfg, schedule, runner, decoder, random_weights=True, skip_last=skip)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        timing, per_scale = time_generation(pipe, features, lengths, warmup, runs)
+        row = {"row": name, "attention": attention, "runner": kind, "sdpa_backend": backend, "skip_last": skip,
+               **timing, "per_scale_ms": per_scale, "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30,
+               "bench_seconds": time.perf_counter() - t0}
+        print(f"{model_name:12s} {name:48s} {timing['median_ms']:8.1f} ms  (peak {row['peak_memory_gib']:.1f} GiB)", flush=True)
+        results.append(row)
+        del runner, pipe, plan
+        gc.collect()
+        torch.cuda.empty_cache()
+    base = {r["row"]: r["median_ms"] for r in results}
+    fa2 = base.get("dense eager, SDPA FlashAttention-2")
+    dense_engine = base.get("dense engine (CUDA graphs, cuDNN)")
+    for r in results:
+        if fa2:
+            r["speedup_vs_dense_eager_fa2"] = fa2 / r["median_ms"]
+        if dense_engine:
+            r["speedup_vs_dense_engine"] = dense_engine / r["median_ms"]
+        r["x_flop_floor"] = r["median_ms"] / FLOP_FLOOR_MS.get(model_name, float("nan"))
+    del model, decoder
+    gc.collect()
+    torch.cuda.empty_cache()
+    return {"model": model_name, "resolution": resolution, "batch": 1, "cfg": True, "dtype": "bf16",
+            "schedule": [list(g) for g in schedule.grids], "flop_floor_ms": FLOP_FLOOR_MS.get(model_name), "rows": results}
+
+
+def plot(result: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(result["models"]), figsize=(7 * len(result["models"]), 4), squeeze=False)
+    for ax, m in zip(axes[0], result["models"]):
+        names = [r["row"] for r in m["rows"]]
+        ax.barh(names, [r["median_ms"] for r in m["rows"]])
+        ax.axvline(m["flop_floor_ms"] or 0, color="k", linestyle="--", label="dense FLOP floor")
+        ax.set_title(f"{m['model']} {m['resolution']}² (H100, bf16, CFG, batch 1)")
+        ax.set_xlabel("ms per image (median)")
+        ax.invert_yaxis()
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(args=None) -> int:
+    if args is None or not hasattr(args, "runs"):
+        ap = argparse.ArgumentParser()
+        ap.add_argument("--model", action="append")
+        ap.add_argument("--resolution", type=int, default=1024)
+        ap.add_argument("--warmup", type=int, default=3)
+        ap.add_argument("--runs", type=int, default=20)
+        ap.add_argument("--out", default="bench/results/e2e_h100.json")
+        args = ap.parse_args(args)
+    if not torch.cuda.is_available():
+        print("bench e2e needs a CUDA GPU; none is available on this machine", file=sys.stderr)
+        return 2
+    models = args.model or ["infinity-2b", "infinity-8b"]
+    out = {"benchmark": "end-to-end latency per image", "protocol": f"{args.warmup} warm-up + median of {args.runs} timed runs; "
+           "text conditioning, all scales, CFG, sampling and VAE decode included; T5 encoder excluded; random weights",
+           "models": [bench_model(m, args.resolution, args.warmup, args.runs) for m in models]}
+    path = write_result(args.out, out)
+    plot(out, os.path.splitext(path)[0] + ".png")
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

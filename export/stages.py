@@ -1,0 +1,259 @@
+"""The stages of `sparvar engine build`: export -> optimize -> build.
+
+Each stage writes only into `<engine>/<stage>/` and returns a small info dict for the manifest.
+`stage_key_inputs` lists everything a stage's output depends on; sparvar/engine.py hashes it into the key.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import inspect
+import json
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+from export.step import TEXT_LEN, DecodeUnit, StepUnit, TextUnit, decode_io, text_io
+
+WEIGHTS_FILE = "weights.bin"  # one external-data file shared by every graph of the engine
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+EXPORT_CODE_VERSION = 1  # bump when the exported graphs change for the same inputs
+
+
+@dataclass
+class StageContext:
+    spec: object  # sparvar.engine.EngineSpec
+    out_dir: str
+    versions: dict
+    log: object = print
+    info: dict = field(default_factory=dict)
+
+    @property
+    def cfg(self):
+        from sparvar.config import get_config
+
+        return get_config(self.spec.model)
+
+    @property
+    def schedule(self):
+        from sparvar.schedule import get_schedule
+
+        return get_schedule(self.spec.resolution, self.spec.aspect)
+
+    def policy(self):
+        if self.spec.attention != "sparvar":
+            return None
+        from sparvar.sparse import default_policy
+
+        return default_policy(self.spec.model, self.schedule)
+
+
+def weights_identity(spec) -> dict:
+    """Digests of the weight files (or the random seed): an engine is rebuilt when its weights change."""
+    from sparvar.checkpoint import file_digest
+
+    if spec.weights is None:
+        return {"weights": f"random:{spec.seed}"}
+    return {"weights": file_digest(spec.weights), "vae": file_digest(spec.vae)}
+
+
+def stage_key_inputs(stage: str, ctx: StageContext) -> dict:
+    spec = ctx.spec
+    if stage == "export":
+        policy = ctx.policy()
+        return {"config": dataclasses.asdict(ctx.cfg), "grids": ctx.schedule.grids, "rope_grid": ctx.schedule.rope_grid,
+                "policy": dataclasses.asdict(policy) if policy else None, "dtype": spec.dtype, "batch": spec.batch,
+                "opset": spec.opset, "code": EXPORT_CODE_VERSION, "backend_family": _graph_flavour(spec.backend),
+                **weights_identity(spec), "torch": ctx.versions.get("torch"), "onnx": ctx.versions.get("onnx"),
+                "onnxscript": ctx.versions.get("onnxscript")}
+    if stage == "optimize":
+        return {"onnx": ctx.versions.get("onnx"), "onnxscript": ctx.versions.get("onnxscript")}
+    if stage == "build":
+        return {"backend": spec.backend, **{k: v for k, v in ctx.versions.items()
+                                              if k in ("onnxruntime", "tensorrt", "tensorrt-rtx-cu13-bindings", "triton", "torch")}}
+    raise ValueError(f"unknown stage {stage!r}")
+
+
+def _graph_flavour(backend: str) -> str:
+    # TensorRT-family engines take the custom SparVAR nodes without their reference bodies (plugins replace them)
+    return "plugin" if backend in ("tensorrt", "tensorrt-rtx") else "reference"
+
+
+def run_stage(stage: str, ctx: StageContext) -> dict:
+    return {"export": run_export, "optimize": run_optimize, "build": run_build}[stage](ctx)
+
+
+def describe(ctx: StageContext) -> dict:
+    policy = ctx.policy()
+    return {"model_config": dataclasses.asdict(ctx.cfg), "schedule": [list(g) for g in ctx.schedule.grids],
+            "policy": dataclasses.asdict(policy) if policy else None, "units": ctx.info.get("units", {})}
+
+
+# ------------------------------------------------------------------------------------------------ export
+def _load_model_and_decoder(ctx: StageContext):
+    from sparvar.checkpoint import load_model
+    from sparvar.model import build_model
+    from sparvar.pipeline import build_decoder
+
+    spec, cfg = ctx.spec, ctx.cfg
+    dtype = DTYPES[spec.dtype]
+    model = (build_model(cfg, dtype=dtype, seed=spec.seed) if spec.weights is None
+             else load_model(cfg, spec.weights, "cpu", dtype))
+    decoder = build_decoder(cfg, spec.vae, "cpu", torch.float32)
+    return model, decoder
+
+
+def _export_unit(module, inputs, outputs, sample_args, path: str, opset: int, custom_translation_table=None):
+    text_len = torch.export.Dim("text_len", min=1, max=1 << 12)
+    dynamic = tuple({i: text_len for i, d in enumerate(s.shape) if d == TEXT_LEN} or None for s in inputs)
+    if any(p.kind == p.VAR_POSITIONAL for p in inspect.signature(module.forward).parameters.values()):
+        dynamic = (dynamic,)  # forward(*args): torch.export sees one tuple argument
+    with torch.no_grad():
+        program = torch.onnx.export(
+            module, tuple(sample_args), dynamo=True, input_names=[s.name for s in inputs],
+            output_names=[s.name for s in outputs], dynamic_shapes=dynamic, opset_version=opset,
+            custom_translation_table=custom_translation_table, verbose=False)
+    program.save(path, external_data=True)
+
+
+def _sample(spec_list, named: dict, text_len: int):
+    """Sample arguments in I/O order: known values by name, the rest zeros of the right shape and dtype."""
+    out = []
+    for s in spec_list:
+        if s.name in named:
+            out.append(named[s.name])
+        else:
+            out.append(torch.zeros(s.concrete(text_len), dtype=getattr(torch, s.dtype)))
+    return out
+
+
+def run_export(ctx: StageContext) -> dict:
+    from export.weights import SharedWeights
+
+    spec, cfg, schedule = ctx.spec, ctx.cfg, ctx.schedule
+    out = os.path.join(ctx.out_dir, "export")
+    os.makedirs(out, exist_ok=True)
+    model, decoder = _load_model_and_decoder(ctx)
+    dtype = DTYPES[spec.dtype]
+    plan, table = None, None
+    if spec.attention == "sparvar":
+        from export.custom_ops import export_plan, translation_table
+
+        plan = export_plan(ctx.policy(), schedule, cfg.depth, flavour=_graph_flavour(spec.backend))
+        table = translation_table(_graph_flavour(spec.backend))
+    shared = SharedWeights(os.path.join(out, WEIGHTS_FILE))
+    units = {}
+    tmp = os.path.join(out, ".tmp")
+
+    def export_and_share(name, module, inputs, outputs, args):
+        os.makedirs(tmp, exist_ok=True)
+        tmp_path = os.path.join(tmp, f"{name}.onnx")
+        _export_unit(module, inputs, outputs, args, tmp_path, spec.opset, table)
+        shared.absorb(tmp_path, os.path.join(out, f"{name}.onnx"))
+        for f in os.listdir(tmp):
+            os.remove(os.path.join(tmp, f))
+        units[name] = {"file": f"export/{name}.onnx", "inputs": [s.as_dict() for s in inputs],
+                       "outputs": [s.as_dict() for s in outputs]}
+        ctx.log(f"[engine]   exported {name}")
+
+    text_len = 4
+    t_in, t_out = text_io(cfg, spec.batch, dtype)
+    text_args = [torch.randn(spec.batch, text_len, cfg.text_dim), torch.full((spec.batch,), text_len)]
+    export_and_share("text", TextUnit(model), t_in, t_out, text_args)
+    with torch.no_grad():
+        named = dict(zip((s.name for s in t_out), TextUnit(model)(*text_args)))
+    for scale in range(schedule.num_scales):
+        unit = StepUnit(model, schedule, scale, spec.batch, plan)
+        export_and_share(f"step_{scale:02d}", unit, unit.inputs, unit.outputs, _sample(unit.inputs, named, text_len))
+    d_in, d_out = decode_io(cfg, schedule, spec.batch)
+    export_and_share("decode", DecodeUnit(decoder), d_in, d_out, _sample(d_in, {}, text_len))
+    shared.close()
+    os.rmdir(tmp)
+    return {"units": units, "shared_weights": shared.summary()}
+
+
+# ------------------------------------------------------------------------------------------------ optimize
+def run_optimize(ctx: StageContext) -> dict:
+    """Check every graph (onnx.checker with external data, shape inference) and record node counts."""
+    import shutil
+
+    import onnx
+
+    src, dst = os.path.join(ctx.out_dir, "export"), os.path.join(ctx.out_dir, "optimize")
+    os.makedirs(dst, exist_ok=True)
+    counts = {}
+    for name, unit in ctx.info["units"].items():
+        path = os.path.join(ctx.out_dir, unit["file"])
+        onnx.checker.check_model(path, full_check=False)
+        graph = onnx.load(path, load_external_data=False)
+        inferred = onnx.shape_inference.infer_shapes(graph, data_prop=True)
+        ops: dict[str, int] = {}
+        for node in inferred.graph.node:
+            key = node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}::{node.op_type}"
+            ops[key] = ops.get(key, 0) + 1
+        onnx.save(inferred, os.path.join(dst, f"{name}.onnx"))
+        counts[name] = {"nodes": len(inferred.graph.node), "ops": ops}
+        ctx.log(f"[engine]   {name}: {len(inferred.graph.node)} nodes, custom: "
+                f"{ {k: v for k, v in ops.items() if '::' in k} or 'none'}")
+    # graphs reference the shared weights by a path relative to themselves: a hard link keeps one copy on disk
+    try:
+        os.link(os.path.join(src, WEIGHTS_FILE), os.path.join(dst, WEIGHTS_FILE))
+    except OSError:
+        shutil.copyfile(os.path.join(src, WEIGHTS_FILE), os.path.join(dst, WEIGHTS_FILE))
+    units = {n: {**u, "file": f"optimize/{n}.onnx"} for n, u in ctx.info["units"].items()}
+    return {"units": units, "node_counts": counts}
+
+
+# ------------------------------------------------------------------------------------------------ build
+def run_build(ctx: StageContext) -> dict:
+    backend = ctx.spec.backend
+    out = os.path.join(ctx.out_dir, "build")
+    os.makedirs(out, exist_ok=True)
+    if backend == "onnxruntime":
+        return _build_onnxruntime(ctx, out)
+    if backend == "tensorrt-rtx":
+        from export.trt_rtx import build_engine_dir
+
+        return build_engine_dir(ctx, out)
+    if backend == "tensorrt":
+        from plugins.tensorrt_build import build_engine_dir
+
+        return build_engine_dir(ctx, out)
+    if backend == "torch-cuda":
+        return _build_torch_cuda(ctx, out)
+    raise ValueError(f"unknown backend {backend!r}")
+
+
+def _build_onnxruntime(ctx: StageContext, out: str) -> dict:
+    """Load every graph into an ONNX Runtime session (proves it runs here) and record the session settings."""
+    import onnxruntime as ort
+
+    settings = {"providers": ["CPUExecutionProvider"], "graph_optimization_level": "ORT_ENABLE_ALL"}
+    for name, unit in ctx.info["units"].items():
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        ort.InferenceSession(os.path.join(ctx.out_dir, unit["file"]), opts, providers=settings["providers"])
+    with open(os.path.join(out, "onnxruntime.json"), "w") as f:
+        json.dump(settings, f, indent=2)
+    return {"onnxruntime": settings}
+
+
+def _build_torch_cuda(ctx: StageContext, out: str) -> dict:
+    """The GPU engine: precomputed sparse layouts and geometry, stored so the runtime does no mask work."""
+    policy = ctx.policy()
+    payload = {}
+    if policy is not None:
+        schedule = ctx.schedule
+        for s in policy.sparse_scales:
+            lay = policy.csla_layout(schedule, s)
+            payload[f"csla.{s}.kv_num_blocks"] = lay.kv_num_blocks
+            payload[f"csla.{s}.kv_indices"] = lay.kv_indices
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in payload.items()} or {"empty": torch.zeros(0)}, os.path.join(out, "layouts.safetensors"))
+    return {"torch_cuda": {"layouts": sorted(payload)}}
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()

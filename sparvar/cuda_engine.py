@@ -1,0 +1,117 @@
+"""The torch-cuda engine: bf16 weights on one GPU, a preallocated KV cache, one CUDA graph per scale step.
+
+Small scales are pure launch overhead when run eagerly (hundreds of kernel launches for a few thousand tokens),
+so every scale's transformer step is captured once and replayed. Graphs need fixed addresses and shapes:
+- the text condition lives in static buffers, the text padded to a length bucket (one graph set per bucket);
+- the KV cache is preallocated for the whole schedule and written in place;
+- each scale reads its input codes from a static buffer and writes logits to a static output;
+- CS4A state (selections, residual caches) is produced and consumed inside the graphs, at fixed addresses.
+Sampling, CFG and code accumulation (a handful of small kernels per scale) run eagerly in the shared loop.
+"""
+from __future__ import annotations
+
+import torch
+
+from .model import Infinity, TextCondition, rope_tables
+from .schedule import Schedule
+
+TEXT_BUCKET = 64  # text lengths are padded up to a multiple of this (masked), so few graph sets are needed
+
+
+class _Graphs:
+    """The captured graphs and static buffers for one text-length bucket."""
+
+    def __init__(self, text: TextCondition, cache, codes: list, logits: list, graphs: list):
+        self.text, self.cache, self.codes, self.logits, self.graphs = text, cache, codes, logits, graphs
+
+
+class CudaGraphRunner:
+    def __init__(self, model: Infinity, schedule: Schedule, plan=None, use_graphs: bool = True, backend: str = "cudnn"):
+        if not torch.cuda.is_available():
+            raise RuntimeError("the torch-cuda engine needs a CUDA GPU; none is available")
+        self.model, self.schedule, self.plan, self.use_graphs, self.backend = model, schedule, plan, use_graphs, backend
+        self.device = model.pos_start.device
+        if self.device.type != "cuda":
+            raise ValueError(f"model must be on a CUDA device, found {self.device}")
+        self.ropes = [r.to(self.device) for r in rope_tables(schedule, model.cfg.head_dim)]
+        self.pool = torch.cuda.graph_pool_handle()
+        self.sets: dict[tuple[int, int], _Graphs] = {}
+        self.current: _Graphs | None = None
+
+    @torch.no_grad()
+    def begin(self, features, lengths, guided: bool):
+        L = features.shape[1]
+        bucket = -(-L // TEXT_BUCKET) * TEXT_BUCKET
+        padded = torch.zeros(features.shape[0], bucket, features.shape[2], dtype=features.dtype, device=self.device)
+        padded[:, :L] = features.to(self.device)
+        text = self.model.encode_text(padded, lengths.to(self.device), guided)
+        key = (features.shape[0], guided, bucket)
+        if key not in self.sets:
+            self.sets[key] = self._capture(text, features.shape[0])
+        g = self.current = self.sets[key]
+        for dst, src in zip(_text_tensors(g.text), _text_tensors(text)):
+            dst.copy_(src)
+
+    def _capture(self, text: TextCondition, B: int) -> _Graphs:
+        model, schedule = self.model, self.schedule
+        cache = model.new_cache(text.batch, schedule)
+        codes = [None] + [torch.zeros(B, n, model.cfg.bits, device=self.device) for n in schedule.lengths[1:]]
+        if self.plan is not None:
+            self.plan.reset()
+
+        def run(scale):
+            cache.offset = schedule.offsets[scale]
+            tokens = model.scale_input(scale, codes[scale], text)
+            return model.step(tokens, scale, text, cache, self.ropes[scale], self.plan, self.backend)
+
+        if not self.use_graphs:
+            return _Graphs(text, cache, codes, [run], [])
+        # warm up on a side stream (allocator, cuBLAS/cuDNN handles, Triton autotuning), then capture in order
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for scale in range(schedule.num_scales):
+                run(scale)
+        torch.cuda.current_stream().wait_stream(stream)
+        graphs, logits = [], []
+        for scale in range(schedule.num_scales):
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool):
+                logits.append(run(scale))
+            graphs.append(graph)
+        return _Graphs(text, cache, codes, logits, graphs)
+
+    @torch.no_grad()
+    def step(self, scale: int, codes):
+        g = self.current
+        if not g.graphs:  # eager mode keeps the same buffers (for debugging the captured path)
+            if codes is not None:
+                g.codes[scale].copy_(codes)
+            return g.logits[0](scale)
+        if codes is not None:
+            g.codes[scale].copy_(codes)
+        g.graphs[scale].replay()
+        return g.logits[scale]
+
+
+def _text_tensors(t: TextCondition) -> list[torch.Tensor]:
+    return [t.cond, t.ada, t.sos, t.key_mask, *t.k, *t.v]
+
+
+def load_cuda_engine(engine_dir: str, manifest: dict):
+    """Runner + decoder of a torch-cuda engine directory (weights: the spec's checkpoint, or its random seed)."""
+    from .pipeline import build_decoder, make_plan
+    from .checkpoint import load_model
+    from .config import get_config
+    from .model import build_model
+    from .schedule import get_schedule
+
+    spec = manifest["spec"]
+    cfg = get_config(spec["model"])
+    schedule = get_schedule(spec["resolution"], spec["aspect"])
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[spec["dtype"]]
+    device = torch.device("cuda")
+    model = (build_model(cfg, device=device, dtype=dtype, seed=spec["seed"]) if spec["weights"] is None
+             else load_model(cfg, spec["weights"], device, dtype))
+    plan = make_plan(cfg, schedule, spec["attention"], backend="triton")
+    return CudaGraphRunner(model, schedule, plan), build_decoder(cfg, spec["vae"], device, dtype)

@@ -1,0 +1,219 @@
+"""Engine directories: build them stage by stage (export -> optimize -> build), describe and verify them.
+
+An engine directory holds `manifest.json` and one sub-directory per stage. Every stage has a cache key: a hash
+of everything its output depends on (model config, schedule, policy, weights digest, dtype, opset, tool
+versions, the key of the stage before it). `build_engine` skips a stage whose recorded key matches and redoes it
+otherwise. A build happens in a temporary sibling directory that replaces the engine only once complete, so an
+interrupted build never leaves a half engine behind.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+BACKENDS = ("onnxruntime", "tensorrt-rtx", "tensorrt", "torch-cuda")
+STAGES = ("export", "optimize", "build")
+
+
+class EngineError(ValueError):
+    """An engine directory that cannot be used as asked; the message says what to rebuild."""
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    """What a user asks to build. Everything here is part of the cache keys."""
+
+    model: str
+    resolution: int
+    aspect: str = "1:1"
+    attention: str = "dense"  # dense | sparvar
+    backend: str = "onnxruntime"
+    dtype: str = "fp32"
+    weights: str | None = None  # official checkpoint, or None for seeded random weights
+    vae: str | None = None
+    seed: int = 0  # random-weight seed
+    batch: int = 1  # images per call (CFG doubles the transformer batch)
+    opset: int = 18
+
+    def __post_init__(self):
+        if self.backend not in BACKENDS:
+            raise ValueError(f"unknown backend {self.backend!r}; expected one of {', '.join(BACKENDS)}")
+        if self.attention not in ("dense", "sparvar"):
+            raise ValueError(f"unknown attention {self.attention!r}; expected 'dense' or 'sparvar'")
+        if (self.weights is None) != (self.vae is None):
+            raise ValueError("give both transformer weights and tokenizer weights, or neither (random weights)")
+
+    def default_dir(self, root: str = "engines") -> str:
+        return os.path.join(root, f"{self.model}-{self.resolution}-{self.attention}-{self.backend}")
+
+
+def digest_json(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+def file_sha256(path: str) -> str:
+    from .checkpoint import file_digest
+
+    return file_digest(path)
+
+
+def tool_versions() -> dict:
+    import importlib.metadata as md
+
+    out = {"sparvar_engine_format": FORMAT_VERSION, "python": sys.version.split()[0]}
+    for pkg in ("torch", "onnx", "onnxscript", "onnxruntime", "tensorrt", "tensorrt-rtx-cu13-bindings", "triton"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+@dataclass
+class StageRecord:
+    key: str
+    files: dict[str, str] = field(default_factory=dict)  # relative path -> sha256
+    info: dict = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def _hash_dir_files(root: str, sub: str) -> dict[str, str]:
+    out = {}
+    base = os.path.join(root, sub)
+    for dirpath, _, names in os.walk(base):
+        for name in sorted(names):
+            path = os.path.join(dirpath, name)
+            out[os.path.relpath(path, root)] = file_sha256(path)
+    return out
+
+
+def read_manifest(engine_dir: str) -> dict:
+    path = os.path.join(engine_dir, MANIFEST)
+    if not os.path.isdir(engine_dir):
+        raise EngineError(f"engine directory not found: {engine_dir} (build it with `make engine` / `sparvar engine build`)")
+    if not os.path.isfile(path):
+        raise EngineError(f"{engine_dir} is not a sparvar engine: no {MANIFEST} (rebuild it with `sparvar engine build`)")
+    try:
+        with open(path) as f:
+            manifest = json.load(f)
+    except json.JSONDecodeError as e:
+        raise EngineError(f"{path} is corrupt ({e}); rebuild the engine") from None
+    fmt = manifest.get("format_version")
+    if not isinstance(fmt, int):
+        raise EngineError(f"{path} has no format_version: not a sparvar engine manifest; rebuild the engine")
+    if fmt > FORMAT_VERSION:
+        raise EngineError(f"{engine_dir} was built by a newer sparvar (engine format {fmt}, this sparvar reads up to "
+                          f"{FORMAT_VERSION}); upgrade sparvar or rebuild the engine")
+    if fmt < FORMAT_VERSION:
+        raise EngineError(f"{engine_dir} uses the old engine format {fmt} (current {FORMAT_VERSION}); rebuild it")
+    return manifest
+
+
+def verify_files(engine_dir: str, manifest: dict) -> None:
+    """Every file the stages recorded must exist with the recorded sha256."""
+    for stage in STAGES:
+        for rel, digest in manifest["stages"][stage]["files"].items():
+            path = os.path.join(engine_dir, rel)
+            if not os.path.isfile(path):
+                raise EngineError(f"{engine_dir}: file {rel} of stage '{stage}' is missing; rebuild the engine")
+            if file_sha256(path) != digest:
+                raise EngineError(f"{engine_dir}: file {rel} of stage '{stage}' is corrupt (sha256 mismatch); rebuild the engine")
+
+
+def check_compatible(manifest: dict, engine_dir: str, **expected) -> None:
+    """Refuse an engine built for another model/resolution/attention/backend than the caller expects."""
+    for key, want in expected.items():
+        if want is None:
+            continue
+        have = manifest["spec"].get(key)
+        if have != want:
+            raise EngineError(f"{engine_dir} was built for {key}={have!r}, not {want!r}; build an engine with "
+                              f"{key}={want!r} (sparvar engine build ... --{key.replace('_', '-')} {want})")
+
+
+def build_engine(spec: EngineSpec, engine_dir: str, force: bool = False, log=print) -> dict:
+    """Run export -> optimize -> build into engine_dir, skipping stages whose key is unchanged."""
+    from export import stages  # the stage implementations (ONNX export, graph optimisation, backend builds)
+
+    versions = tool_versions()
+    old = None
+    if os.path.isdir(engine_dir) and not force:
+        try:
+            old = read_manifest(engine_dir)
+            verify_files(engine_dir, old)
+        except EngineError as e:
+            log(f"[engine] existing {engine_dir} unusable ({e}); rebuilding every stage")
+            old = None
+    parent = os.path.dirname(os.path.abspath(engine_dir))
+    os.makedirs(parent, exist_ok=True)
+    tmp = os.path.join(parent, f".tmp-{os.path.basename(engine_dir)}-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    try:
+        context = stages.StageContext(spec=spec, out_dir=tmp, versions=versions, log=log)
+        records: dict[str, StageRecord] = {}
+        prev_key = ""
+        for stage in STAGES:
+            key = digest_json({"stage": stage, "prev": prev_key, **stages.stage_key_inputs(stage, context)})
+            if old is not None and old["stages"].get(stage, {}).get("key") == key:
+                for rel in old["stages"][stage]["files"]:
+                    os.makedirs(os.path.dirname(os.path.join(tmp, rel)), exist_ok=True)
+                    shutil.copy2(os.path.join(engine_dir, rel), os.path.join(tmp, rel))
+                rec = old["stages"][stage]
+                records[stage] = StageRecord(key=key, files=rec["files"], info=rec.get("info", {}), seconds=0.0)
+                context.info.update(rec.get("info", {}))
+                log(f"[engine] {stage:8s} unchanged (key {key}), skipped")
+            else:
+                t0 = time.perf_counter()
+                log(f"[engine] {stage:8s} running ...")
+                info = stages.run_stage(stage, context)
+                context.info.update(info)
+                records[stage] = StageRecord(key=key, files=_hash_dir_files(tmp, stage), info=info,
+                                             seconds=time.perf_counter() - t0)
+                log(f"[engine] {stage:8s} done in {records[stage].seconds:.1f} s (key {key})")
+            prev_key = key
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "spec": dataclasses.asdict(spec),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "versions": versions,
+            **stages.describe(context),
+            "stages": {s: dataclasses.asdict(r) for s, r in records.items()},
+        }
+        with open(os.path.join(tmp, MANIFEST), "w") as f:
+            json.dump(manifest, f, indent=2, default=str)
+        # swap in atomically: the old engine stays intact until the new one is complete
+        if os.path.isdir(engine_dir):
+            trash = os.path.join(parent, f".old-{os.path.basename(engine_dir)}-{os.getpid()}")
+            os.replace(engine_dir, trash)
+            os.replace(tmp, engine_dir)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(tmp, engine_dir)
+        return manifest
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def engine_info(engine_dir: str) -> str:
+    m = read_manifest(engine_dir)
+    s = m["spec"]
+    lines = [f"engine {engine_dir}", f"  model {s['model']}  resolution {s['resolution']} ({s['aspect']})  "
+             f"attention {s['attention']}  backend {s['backend']}  dtype {s['dtype']}",
+             f"  weights {s['weights'] or 'random (seed %d)' % s['seed']}", f"  built {m['created']} with "
+             + ", ".join(f"{k} {v}" for k, v in m["versions"].items())]
+    if "schedule" in m:
+        lines.append(f"  schedule {' '.join(f'{h}x{w}' for h, w in m['schedule'])}")
+    for stage in STAGES:
+        rec = m["stages"][stage]
+        size = sum(os.path.getsize(os.path.join(engine_dir, rel)) for rel in rec["files"] if os.path.exists(os.path.join(engine_dir, rel)))
+        lines.append(f"  stage {stage:8s} key {rec['key']}  {len(rec['files'])} files, {size / 2**20:.1f} MiB, {rec['seconds']:.1f} s")
+    return "\n".join(lines)

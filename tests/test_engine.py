@@ -1,0 +1,173 @@
+"""The onnxruntime engine end to end on infinity-tiny: build stages, cache keys, bad engines, parity with torch."""
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from sparvar.engine import EngineError, EngineSpec, build_engine, read_manifest, verify_files
+from sparvar.generate import Sampling
+from sparvar.pipeline import Pipeline
+from sparvar.runtime import load_engine_pipeline
+from sparvar.text import hashed_embeddings
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+SPECS = {
+    "dense": EngineSpec(model="infinity-tiny", resolution=256, attention="dense"),
+    "sparvar": EngineSpec(model="infinity-tiny", resolution=256, attention="sparvar"),
+}
+QUIET = lambda *a, **k: None  # noqa: E731
+
+
+@pytest.fixture(scope="module")
+def engines(tmp_path_factory):
+    root = tmp_path_factory.mktemp("engines")
+    out = {}
+    for name, spec in SPECS.items():
+        path = str(root / name)
+        build_engine(spec, path, log=QUIET)
+        out[name] = path
+    return out
+
+
+def _features():
+    return hashed_embeddings(["a red car"], 64, 32)
+
+
+@pytest.mark.parametrize("attention", ["dense", "sparvar"])
+def test_engine_generation_equals_torch_path(engines, attention):
+    """Same seed -> bit-identical tokens at every scale, and the same image (fp32)."""
+    features, lengths = _features()
+    sampling = Sampling(cfg=3.0)
+    engine = load_engine_pipeline(engines[attention])
+    torch_pipe = Pipeline.create("infinity-tiny", resolution=256, attention=attention)
+    a = engine.generate(features, lengths, sampling, seed=7)
+    b = torch_pipe.generate(features, lengths, sampling, seed=7)
+    for k, (x, y) in enumerate(zip(a.bits, b.bits)):
+        assert torch.equal(x, y), f"scale {k}: tokens differ"
+    torch.testing.assert_close(a.image, b.image, atol=1e-4, rtol=0)
+
+
+def test_engine_step_logits_match_torch(engines):
+    """Per-scale onnxruntime vs torch logits, teacher forced with the same codes."""
+    from sparvar.generate import TorchRunner
+    from sparvar.model import build_model
+    from sparvar.schedule import get_schedule
+    from sparvar.runtime import OrtRunner
+
+    schedule = get_schedule(256)
+    features, lengths = _features()
+    manifest = read_manifest(engines["sparvar"])
+    ort_runner = OrtRunner(engines["sparvar"], manifest)
+    from sparvar.pipeline import make_plan
+    from sparvar.config import get_config
+
+    model = build_model(get_config("infinity-tiny"))
+    torch_runner = TorchRunner(model, schedule, make_plan(model.cfg, schedule, "sparvar"))
+    ort_runner.begin(features, lengths, True)
+    torch_runner.begin(features, lengths, True)
+    g = torch.Generator().manual_seed(0)
+    codes = None
+    worst = 0.0
+    for k in range(schedule.num_scales):
+        a, b = ort_runner.step(k, codes), torch_runner.step(k, codes)
+        worst = max(worst, (a - b).abs().max().item())
+        if k + 1 < schedule.num_scales:
+            codes = torch.randn(1, schedule.lengths[k + 1], model.cfg.bits, generator=g) * 0.25
+    assert worst < 1e-4, worst
+
+
+def test_unchanged_stages_are_skipped_and_changed_rebuilt(tmp_path):
+    path = str(tmp_path / "e")
+    logs = []
+    spec = SPECS["dense"]
+    m1 = build_engine(spec, path, log=logs.append)
+    assert not any("skipped" in line for line in logs)
+    logs.clear()
+    m2 = build_engine(spec, path, log=logs.append)
+    assert sum("skipped" in line for line in logs) == 3
+    assert all(m1["stages"][s]["key"] == m2["stages"][s]["key"] for s in m1["stages"])
+    assert m1["stages"]["export"]["files"] == m2["stages"]["export"]["files"]
+    logs.clear()
+    other_seed = EngineSpec(model="infinity-tiny", resolution=256, seed=1)
+    m3 = build_engine(other_seed, path, log=logs.append)
+    assert not any("skipped" in line for line in logs), "new weights must redo every stage"
+    assert m3["stages"]["export"]["key"] != m2["stages"]["export"]["key"]
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".tmp")], "no temporary directory left behind"
+
+
+def test_corrupt_missing_foreign_and_newer_engines_are_refused(engines, tmp_path):
+    path = str(tmp_path / "copy")
+    shutil.copytree(engines["dense"], path)
+    # wrong model / resolution / attention
+    with pytest.raises(EngineError, match="built for model='infinity-tiny', not 'infinity-2b'"):
+        load_engine_pipeline(path, model="infinity-2b")
+    with pytest.raises(EngineError, match="attention='dense', not 'sparvar'"):
+        load_engine_pipeline(path, attention="sparvar")
+    # a corrupt graph
+    manifest = read_manifest(path)
+    rel = next(iter(manifest["stages"]["optimize"]["files"]))
+    with open(os.path.join(path, rel), "ab") as f:
+        f.write(b"x")
+    with pytest.raises(EngineError, match="corrupt"):
+        verify_files(path, manifest)
+    # a missing file
+    os.remove(os.path.join(path, rel))
+    with pytest.raises(EngineError, match="missing"):
+        load_engine_pipeline(path)
+    # a manifest from a newer sparvar
+    manifest["format_version"] = 99
+    with open(os.path.join(path, "manifest.json"), "w") as f:
+        json.dump(manifest, f)
+    with pytest.raises(EngineError, match="newer sparvar"):
+        read_manifest(path)
+    # not an engine at all
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(EngineError, match="not a sparvar engine"):
+        read_manifest(str(empty))
+
+
+def test_interrupted_build_leaves_old_engine_intact(engines, tmp_path, monkeypatch):
+    path = str(tmp_path / "e")
+    shutil.copytree(engines["dense"], path)
+    before = read_manifest(path)
+    import export.stages as stages
+
+    def boom(ctx):
+        raise KeyboardInterrupt("killed")
+
+    monkeypatch.setattr(stages, "run_build", boom)
+    monkeypatch.setitem(stages.__dict__, "run_stage", lambda stage, ctx: boom(ctx))
+    with pytest.raises(KeyboardInterrupt):
+        build_engine(EngineSpec(model="infinity-tiny", resolution=256, seed=5), path, log=QUIET)
+    assert read_manifest(path) == before
+    verify_files(path, before)
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".tmp")]
+
+
+def test_weights_are_stored_once(engines):
+    manifest = read_manifest(engines["dense"])
+    shared = manifest["stages"]["export"]["info"]["shared_weights"]
+    n_params = sum(p.numel() for p in __import__("sparvar.model", fromlist=["x"]).build_model(
+        __import__("sparvar.config", fromlist=["x"]).get_config("infinity-tiny")).parameters())
+    # 7 step graphs + text + decode all reference one file no bigger than ~one copy of the weights (+ vae + rope)
+    assert shared["deduplicated"] > 6 * 30
+    assert shared["bytes"] < 2.0 * 4 * n_params + 64 * 2**20
+
+
+def test_graphs_carry_sparvar_nodes_with_reference_bodies(engines):
+    import onnx
+
+    manifest = read_manifest(engines["sparvar"])
+    counts = manifest["stages"]["optimize"]["info"]["node_counts"]
+    last = counts["step_06"]["ops"]
+    assert any(k.startswith("sparvar::CSLA") for k in last), last
+    assert any(k.startswith("sparvar::CS4A") for k in last), last
+    decide = counts["step_04"]["ops"]
+    assert any("Decide" in k for k in decide), decide
+    graph = onnx.load(os.path.join(engines["sparvar"], "optimize", "step_06.onnx"), load_external_data=False)
+    assert {f.name for f in graph.functions} >= {"CSLAAttention", "CS4AAttention"}
+    assert not any(k.startswith("sparvar::") for k in counts["step_03"]["ops"]), "scales before the decision stay dense"
