@@ -6,7 +6,10 @@ Each stage writes only into `<engine>/<stage>/` and returns a small info dict fo
 from __future__ import annotations
 
 import dataclasses
+import contextlib
 import hashlib
+import io
+import warnings
 import inspect
 import json
 import os
@@ -104,17 +107,34 @@ def _load_model_and_decoder(ctx: StageContext):
     return model, decoder
 
 
-def _export_unit(module, inputs, outputs, sample_args, path: str, opset: int, custom_translation_table=None):
+def _export_unit(module, inputs, outputs, sample_args, path: str, opset: int, flavour: str | None = None):
+    """torch.onnx (dynamo) export of one unit; with SparVAR (`flavour` set) its attention becomes sparvar nodes."""
     text_len = torch.export.Dim("text_len", min=1, max=1 << 12)
     dynamic = tuple({i: text_len for i, d in enumerate(s.shape) if d == TEXT_LEN} or None for s in inputs)
     if any(p.kind == p.VAR_POSITIONAL for p in inspect.signature(module.forward).parameters.values()):
         dynamic = (dynamic,)  # forward(*args): torch.export sees one tuple argument
-    with torch.no_grad():
+    # the exporter narrates every pass on stdout and warns about internals: keep the build log to our stages
+    with torch.no_grad(), warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
         program = torch.onnx.export(
             module, tuple(sample_args), dynamo=True, input_names=[s.name for s in inputs],
             output_names=[s.name for s in outputs], dynamic_shapes=dynamic, opset_version=opset,
-            custom_translation_table=custom_translation_table, verbose=False)
+            custom_translation_table=translation_table(flavour) if flavour else None, verbose=False)
+    if flavour:
+        finalize_export(program, flavour)  # the 'reference' flavour carries the reference math as local functions
     program.save(path, external_data=True)
+
+
+def translation_table(flavour):
+    from export.custom_ops import translation_table as table
+
+    return table(flavour)
+
+
+def finalize_export(program, flavour):
+    from export.custom_ops import finalize_export as finalize
+
+    return finalize(program, flavour)
 
 
 def _sample(spec_list, named: dict, text_len: int):
@@ -136,12 +156,12 @@ def run_export(ctx: StageContext) -> dict:
     os.makedirs(out, exist_ok=True)
     model, decoder = _load_model_and_decoder(ctx)
     dtype = DTYPES[spec.dtype]
-    plan, table = None, None
+    plan, flavour = None, None
     if spec.attention == "sparvar":
-        from export.custom_ops import export_plan, translation_table
+        from export.custom_ops import export_plan
 
-        plan = export_plan(ctx.policy(), schedule, cfg.depth, flavour=_graph_flavour(spec.backend))
-        table = translation_table(_graph_flavour(spec.backend))
+        flavour = _graph_flavour(spec.backend)
+        plan = export_plan(ctx.policy(), schedule, cfg.depth, flavour=flavour)
     shared = SharedWeights(os.path.join(out, WEIGHTS_FILE))
     units = {}
     tmp = os.path.join(out, ".tmp")
@@ -149,7 +169,7 @@ def run_export(ctx: StageContext) -> dict:
     def export_and_share(name, module, inputs, outputs, args):
         os.makedirs(tmp, exist_ok=True)
         tmp_path = os.path.join(tmp, f"{name}.onnx")
-        _export_unit(module, inputs, outputs, args, tmp_path, spec.opset, table)
+        _export_unit(module, inputs, outputs, args, tmp_path, spec.opset, flavour)
         shared.absorb(tmp_path, os.path.join(out, f"{name}.onnx"))
         for f in os.listdir(tmp):
             os.remove(os.path.join(tmp, f))
