@@ -13,7 +13,6 @@ each scale's inputs are identical and the per-scale logit difference measures th
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 import types

@@ -107,9 +107,10 @@ def _load_model_and_decoder(ctx: StageContext):
     return model, decoder
 
 
-def _export_unit(module, inputs, outputs, sample_args, path: str, opset: int, flavour: str | None = None):
+def _export_unit(module, inputs, outputs, sample_args, path: str, opset: int, flavour: str | None = None,
+                 max_text_len: int = 512):
     """torch.onnx (dynamo) export of one unit; with SparVAR (`flavour` set) its attention becomes sparvar nodes."""
-    text_len = torch.export.Dim("text_len", min=1, max=1 << 12)
+    text_len = torch.export.Dim("text_len", min=1, max=max_text_len)
     dynamic = tuple({i: text_len for i, d in enumerate(s.shape) if d == TEXT_LEN} or None for s in inputs)
     if any(p.kind == p.VAR_POSITIONAL for p in inspect.signature(module.forward).parameters.values()):
         dynamic = (dynamic,)  # forward(*args): torch.export sees one tuple argument
@@ -169,7 +170,7 @@ def run_export(ctx: StageContext) -> dict:
     def export_and_share(name, module, inputs, outputs, args):
         os.makedirs(tmp, exist_ok=True)
         tmp_path = os.path.join(tmp, f"{name}.onnx")
-        _export_unit(module, inputs, outputs, args, tmp_path, spec.opset, flavour)
+        _export_unit(module, inputs, outputs, args, tmp_path, spec.opset, flavour, cfg.text_maxlen)
         shared.absorb(tmp_path, os.path.join(out, f"{name}.onnx"))
         for f in os.listdir(tmp):
             os.remove(os.path.join(tmp, f))
@@ -237,7 +238,7 @@ def run_build(ctx: StageContext) -> dict:
 
         return build_engine_dir(ctx, out)
     if backend == "tensorrt":
-        from plugins.tensorrt_build import build_engine_dir
+        from export.tensorrt import build_engine_dir
 
         return build_engine_dir(ctx, out)
     if backend == "torch-cuda":

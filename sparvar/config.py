@@ -11,7 +11,7 @@ class VAEConfig:
     name: str
     codebook_dim: int  # bits per latent position (32 for d32; 14 for the 8B's d56 = 2x2 patchify of 14 bits)
     patch_size: int  # pixel stride of one latent position (16, or 8 with the 2x2 patchify)
-    ch: int = 160  # base channel count of the decoder
+    ch: int = 128  # base channel count of the decoder (official vae_model: base_ch=128)
     ch_mult: tuple[int, ...] = (1, 2, 4, 4, 4)
     num_res_blocks: int = 2
     spatial_patchify: bool = False  # 2x2 latent positions form one transformer token
@@ -68,7 +68,8 @@ class InfinityConfig:
 VAE_D32 = VAEConfig(name="infinity_vae_d32reg", codebook_dim=32, patch_size=16)
 VAE_D56 = VAEConfig(name="infinity_vae_d56_f8_14_patchify", codebook_dim=14, patch_size=8,
                     ch_mult=(1, 2, 4, 4), spatial_patchify=True)
-VAE_TINY = VAEConfig(name="tiny_vae_d16", codebook_dim=16, patch_size=16, ch=16, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=1)
+# ch=32: the official GroupNorm needs channel counts divisible by 32 (or 24), so 16 cannot build.
+VAE_TINY = VAEConfig(name="tiny_vae_d16", codebook_dim=16, patch_size=16, ch=32, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=1)
 
 CONFIGS: dict[str, InfinityConfig] = {
     c.name: c

@@ -5,7 +5,7 @@ import torch
 
 from sparvar.config import CONFIGS, get_config
 from sparvar.generate import Sampling, TorchRunner, sample_bits
-from sparvar.model import KVCache, apply_rope, build_model, rope_angles, rope_tables
+from sparvar.model import apply_rope, build_model, rope_angles, rope_tables
 from sparvar.schedule import ASPECT_TEMPLATES, get_schedule, parse_aspect
 
 TINY = get_config("infinity-tiny")

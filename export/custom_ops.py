@@ -1,0 +1,367 @@
+"""SparVAR attention as custom ONNX nodes: torch custom ops, their ONNX translation, and reference function bodies.
+
+Pipeline (torch.onnx dynamo exporter):
+  1. The model's plan calls the torch custom ops below (`export_plan` / `sparse_ops`), so torch.export keeps each
+     sparse attention as one call: torch.ops.sparvar.csla_attention / cs4a_attention / cs4a_decide.
+  2. `translation_table()` maps each to ONE node in domain `sparvar` (op types in plugins/: CSLAAttention,
+     CS4AAttention, CS4AAttentionCached, CS4ADecide) with the parameters as int attributes plus a
+     `plugin_namespace` attribute, which is what TensorRT's ONNX parser needs to find the plugin.
+  3. `attach_reference_functions(model)` adds an ONNX model-local function per op type (same domain and name) whose
+     body is the reference math, so onnxruntime and onnx.reference run the graph. TensorRT gets the graph without
+     them (`strip_reference_functions`): TensorRT's parser inlines a local function when no plugin is registered,
+     and a silent inline would hide a missing plugin.
+Step 3 is separate because torch.onnx inlines every function it emits when it converts the opset version.
+
+The torch ops run the one reference implementation (sparvar.sparse.get_sparse_ops("reference"), through the op's
+`run` in plugins/); node signatures, attributes, shapes and checks come from the op specs in plugins/.
+
+    program = torch.onnx.export(module, args, dynamo=True, custom_translation_table=translation_table(), ...)
+    finalize_export(program, flavour="reference")      # or "plugin" for TensorRT-family engines
+    program.save(path)
+"""
+from __future__ import annotations
+
+import onnx
+import onnxscript
+import torch
+from onnxscript import opset18 as op
+
+from plugins import SPECS
+from plugins import cs4a as cs4a_plugin
+from plugins import cs4a_decide as decide_plugin
+from plugins import csla as csla_plugin
+from plugins.spec import FLOAT, NAMESPACE, IntDims, OpSpec
+
+DOMAIN_VERSION = 1
+FLAVOURS = ("reference", "plugin")  # reference: nodes + local-function bodies; plugin: nodes only (TensorRT)
+MIN_OPSET = 18  # the function bodies are written against opset 18 and valid unchanged up to the newest opset
+_FLOAT_TYPES = ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"]
+
+
+# ------------------------------------------------------------------------------------------------ torch custom ops
+def _reference_ops():
+    from sparvar.sparse import get_sparse_ops
+
+    return get_sparse_ops("reference")
+
+
+def _fake_outputs(spec: OpSpec, inputs: list[torch.Tensor], attrs: dict) -> list[torch.Tensor]:
+    shapes = spec.output_dims([list(t.shape) for t in inputs], attrs, IntDims())
+    dtypes = spec.output_dtypes([str(t.dtype).removeprefix("torch.") for t in inputs])
+    return [inputs[0].new_empty(shape, dtype=getattr(torch, dtype)) for shape, dtype in zip(shapes, dtypes)]
+
+
+def _checked(spec: OpSpec, inputs: list[torch.Tensor], attrs: dict) -> dict:
+    attrs = spec.parse_attrs(attrs)
+    spec.check([tuple(t.shape) for t in inputs], attrs)
+    spec.check_dtypes([str(t.dtype).removeprefix("torch.") for t in inputs])
+    return attrs
+
+
+@torch.library.custom_op("sparvar::csla_attention", mutates_args=())
+def csla_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_num_blocks: torch.Tensor,
+                   kv_indices: torch.Tensor, block_m: int, block_n: int) -> torch.Tensor:
+    inputs = [q, k, v, kv_num_blocks, kv_indices]
+    return csla_plugin.run(inputs, _checked(csla_plugin.SPEC, inputs, dict(block_m=block_m, block_n=block_n)), _reference_ops())[0]
+
+
+@csla_attention.register_fake
+def _(q, k, v, kv_num_blocks, kv_indices, block_m, block_n):
+    return _fake_outputs(csla_plugin.SPEC, [q, k, v, kv_num_blocks, kv_indices], dict(block_m=block_m, block_n=block_n))[0]
+
+
+@torch.library.custom_op("sparvar::cs4a_attention", mutates_args=())
+def cs4a_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_idx: torch.Tensor,
+                   o_cache: torch.Tensor | None, group_size: int) -> torch.Tensor:
+    spec = cs4a_plugin.SPEC if o_cache is None else cs4a_plugin.SPEC_CACHED
+    inputs = [q, k, v, key_idx] + ([] if o_cache is None else [o_cache])
+    return cs4a_plugin.run(inputs, _checked(spec, inputs, dict(group_size=group_size)), _reference_ops())[0]
+
+
+@cs4a_attention.register_fake
+def _(q, k, v, key_idx, o_cache, group_size):
+    return _fake_outputs(cs4a_plugin.SPEC, [q, k, v, key_idx], dict(group_size=group_size))[0]
+
+
+@torch.library.custom_op("sparvar::cs4a_decide", mutates_args=())
+def cs4a_decide(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group_size: int,
+                topk: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    inputs = [q, k, v]
+    out, selected, o_cache = decide_plugin.run(inputs, _checked(decide_plugin.SPEC, inputs, dict(group_size=group_size, topk=topk)),
+                                             _reference_ops())
+    return out, selected, o_cache
+
+
+@cs4a_decide.register_fake
+def _(q, k, v, group_size, topk):
+    return tuple(_fake_outputs(decide_plugin.SPEC, [q, k, v], dict(group_size=group_size, topk=topk)))
+
+
+assert all(hasattr(torch.ops.sparvar, spec.torch_name) for spec in SPECS.values()), "every op spec needs its torch op"
+
+
+def sparse_ops():
+    """A sparvar.sparse.SparseOps whose functions call the torch custom ops (what torch.export must see)."""
+    from sparvar.sparse import SparseOps
+
+    def csla_op(q, k, v, layout):
+        if layout.granularity != "block":
+            raise ValueError("only block-granular CSLA layouts export to CSLAAttention nodes (the plugins have no token mask); "
+                             f"got granularity {layout.granularity!r}")
+        return torch.ops.sparvar.csla_attention(q, k, v, layout.kv_num_blocks, layout.kv_indices, layout.block_m, layout.block_n)
+
+    def cs4a_decide_op(q, k, v, group_size, topk):
+        return torch.ops.sparvar.cs4a_decide(q, k, v, group_size, topk)
+
+    def cs4a_op(q, k, v, key_idx, group_size, o_cache=None):
+        return torch.ops.sparvar.cs4a_attention(q, k, v, key_idx, o_cache, group_size)
+
+    return SparseOps(csla_op, cs4a_decide_op, cs4a_op)
+
+
+def export_plan(policy, schedule, num_layers: int, flavour: str = "reference"):
+    """A SparVARPlan (None for a dense engine) whose sparse attention exports as sparvar custom nodes."""
+    check_flavour(flavour)
+    if policy is None:
+        return None
+    from sparvar.sparse import SparVARPlan
+
+    plan = SparVARPlan(policy, schedule, num_layers, backend="reference")
+    plan.ops = sparse_ops()  # same signatures as the reference ops; only the call torch.export records changes
+    return plan
+
+
+# ------------------------------------------------------------------------------------------------ ONNX nodes
+SPARVAR = onnxscript.values.Opset(NAMESPACE, DOMAIN_VERSION)
+
+
+def _schema(spec: OpSpec) -> onnx.defs.OpSchema:
+    """An OpSchema for the node (not registered with onnx): lets onnxscript's tracer emit a schema-less custom op."""
+    param = onnx.defs.OpSchema.FormalParameter
+    kind_type = lambda kind: "T" if kind == FLOAT else "tensor(int32)"  # noqa: E731
+    attr = onnx.defs.OpSchema.Attribute
+    return onnx.defs.OpSchema(
+        spec.name, NAMESPACE, DOMAIN_VERSION, doc=spec.doc,
+        inputs=[param(p.name, kind_type(p.kind)) for p in spec.inputs],
+        outputs=[param(p.name, kind_type(p.kind)) for p in spec.outputs],
+        type_constraints=[("T", _FLOAT_TYPES, "q, k, v and float outputs share one float type")],
+        attributes=[attr(a, onnx.defs.OpSchema.AttrType.INT, "") for a in spec.attributes]
+        + [attr("plugin_namespace", onnx.defs.OpSchema.AttrType.STRING, "TensorRT plugin namespace")])
+
+
+_NODES = {name: onnxscript.values.Op(SPARVAR, name, _schema(spec)) for name, spec in SPECS.items()}
+
+
+def _csla_onnx(q, k, v, kv_num_blocks, kv_indices, block_m: int, block_n: int):
+    return _NODES[csla_plugin.SPEC.name](q, k, v, kv_num_blocks, kv_indices, block_m=block_m, block_n=block_n,
+                                  plugin_namespace=NAMESPACE)
+
+
+def _cs4a_onnx(q, k, v, key_idx, o_cache=None, group_size: int = 0):
+    if o_cache is None:
+        return _NODES[cs4a_plugin.SPEC.name](q, k, v, key_idx, group_size=group_size, plugin_namespace=NAMESPACE)
+    return _NODES[cs4a_plugin.SPEC_CACHED.name](q, k, v, key_idx, o_cache, group_size=group_size, plugin_namespace=NAMESPACE)
+
+
+def _cs4a_decide_onnx(q, k, v, group_size: int, topk: int):
+    return _NODES[decide_plugin.SPEC.name](q, k, v, group_size=group_size, topk=topk, plugin_namespace=NAMESPACE)
+
+
+def check_flavour(flavour: str) -> None:
+    if flavour not in FLAVOURS:
+        raise ValueError(f"unknown graph flavour {flavour!r}; expected one of {FLAVOURS}")
+
+
+def translation_table(flavour: str = "reference") -> dict:
+    """custom_translation_table for torch.onnx.export; the nodes are the same for both flavours."""
+    check_flavour(flavour)
+    return {torch.ops.sparvar.csla_attention.default: _csla_onnx,
+            torch.ops.sparvar.cs4a_attention.default: _cs4a_onnx,
+            torch.ops.sparvar.cs4a_decide.default: _cs4a_decide_onnx}
+
+
+# ------------------------------------------------------------------------------------------------ reference bodies
+# The ONNX rendering of sparvar.attention.reference_attention (masked), sparvar.cs4a.cs4a_attention_ref and
+# cs4a_decide_ref: fp32 math, results cast back to q's type. Shapes in comments; L = Lq, K = Lk unless noted.
+NEG_INF = float("-inf")
+
+
+@onnxscript.script(SPARVAR, default_opset=op)
+def CSLAAttention(q, k, v, kv_num_blocks, kv_indices, block_m: int, block_n: int, plugin_namespace: str):
+    zero = op.Constant(value_int=0)
+    one = op.Constant(value_int=1)
+    bm = op.Constant(value_int=block_m)
+    bn = op.Constant(value_int=block_n)
+    q_len = op.Squeeze(op.Shape(q, start=2, end=3))
+    kv_len = op.Squeeze(op.Shape(k, start=2, end=3))
+    width = op.Squeeze(op.Shape(kv_indices, start=1, end=2))
+    num_kv_blocks = op.Div(op.Sub(op.Add(kv_len, bn), one), bn)
+    # active[i, n]: key block n is one of the first kv_num_blocks[i] entries of row i
+    valid = op.Less(op.Unsqueeze(op.Range(zero, width, one), [0]), op.Unsqueeze(op.Cast(kv_num_blocks, to=7), [1]))  # (nq, W)
+    hit = op.Equal(op.Unsqueeze(op.Cast(kv_indices, to=7), [2]), op.Range(zero, num_kv_blocks, one))  # (nq, W, nk)
+    hit = op.And(hit, op.Unsqueeze(valid, [2]))
+    active = op.ReduceMax(op.Cast(hit, to=6), [1], keepdims=0)  # (nq, nk) int32
+    query_block = op.Div(op.Range(zero, q_len, one), bm)  # (Lq,)
+    key_block = op.Div(op.Range(zero, kv_len, one), bn)  # (Lk,)
+    keep = op.Cast(op.Gather(op.Gather(active, query_block, axis=0), key_block, axis=1), to=9)  # (Lq, Lk) bool
+    scores = op.MatMul(op.Cast(q, to=1), op.Transpose(op.Cast(k, to=1), perm=[0, 1, 3, 2]))  # (B, H, Lq, Lk)
+    scores = op.Where(keep, scores, op.Constant(value_float=NEG_INF))
+    out = op.MatMul(op.Softmax(scores, axis=-1), op.Cast(v, to=1))  # (B, H, Lq, D)
+    return op.CastLike(out, q)
+
+
+@onnxscript.script(SPARVAR, default_opset=op)
+def CS4AGatheredAttention(q, k, v, key_idx, group_size: int):
+    """(B, H, Lq, D) fp32: query group g attends to keys key_idx[:, :, g, :] (helper of the CS4A bodies)."""
+    shape = op.Shape(q)  # [B, H, Lq, D]
+    batch_heads = op.Slice(shape, [0], [2])
+    q_len = op.Slice(shape, [2], [3])
+    head_dim = op.Slice(shape, [3], [4])
+    gs = op.Reshape(op.Constant(value_int=group_size), [1])
+    groups = op.Slice(op.Shape(key_idx), [2], [3])
+    idx = op.Unsqueeze(op.Cast(key_idx, to=7), [4])  # (B, H, G, Kg, 1)
+    k_sel = op.GatherND(op.Cast(k, to=1), idx, batch_dims=2)  # (B, H, G, Kg, D)
+    v_sel = op.GatherND(op.Cast(v, to=1), idx, batch_dims=2)
+    padded = op.Mul(groups, gs)
+    pads = op.Concat([0, 0, 0, 0, 0, 0], op.Sub(padded, q_len), [0], axis=0)  # pad the query axis at its end
+    qg = op.Pad(op.Cast(q, to=1), pads)  # (B, H, G*gs, D)
+    qg = op.Reshape(qg, op.Concat(batch_heads, groups, gs, head_dim, axis=0))  # (B, H, G, gs, D)
+    probs = op.Softmax(op.MatMul(qg, op.Transpose(k_sel, perm=[0, 1, 2, 4, 3])), axis=-1)  # (B, H, G, gs, Kg)
+    out = op.Reshape(op.MatMul(probs, v_sel), op.Concat(batch_heads, padded, head_dim, axis=0))  # (B, H, G*gs, D)
+    return op.Slice(out, [0], q_len, [2])
+
+
+@onnxscript.script(SPARVAR, default_opset=op)
+def CS4AAttention(q, k, v, key_idx, group_size: int, plugin_namespace: str):
+    out = CS4AGatheredAttention(q, k, v, key_idx, group_size=group_size)
+    return op.CastLike(out, q)
+
+
+@onnxscript.script(SPARVAR, default_opset=op)
+def CS4AAttentionCached(q, k, v, key_idx, o_cache, group_size: int, plugin_namespace: str):
+    out = CS4AGatheredAttention(q, k, v, key_idx, group_size=group_size)
+    return op.CastLike(op.Add(out, op.Cast(o_cache, to=1)), q)
+
+
+@onnxscript.script(SPARVAR, default_opset=op)
+def CS4ADecide(q, k, v, group_size: int, topk: int, plugin_namespace: str):
+    shape = op.Shape(q)  # [B, H, Lq, D]
+    batch_heads = op.Slice(shape, [0], [2])
+    q_len = op.Slice(shape, [2], [3])
+    kv_len = op.Shape(k, start=2, end=3)
+    gs = op.Reshape(op.Constant(value_int=group_size), [1])
+    k_top = op.Reshape(op.Constant(value_int=topk), [1])
+    groups = op.Div(op.Sub(op.Add(q_len, gs), [1]), gs)
+    probs = op.Softmax(op.MatMul(op.Cast(q, to=1), op.Transpose(op.Cast(k, to=1), perm=[0, 1, 3, 2])), axis=-1)  # (B, H, Lq, Lk)
+    dense = op.MatMul(probs, op.Cast(v, to=1))  # (B, H, Lq, D)
+    pads = op.Concat([0, 0, 0, 0, 0, 0], op.Sub(op.Mul(groups, gs), q_len), [0], axis=0)  # padded queries add zeros
+    grouped = op.Reshape(op.Pad(probs, pads), op.Concat(batch_heads, groups, gs, kv_len, axis=0))  # (B, H, G, gs, Lk)
+    column_sums = op.ReduceSum(grouped, [3], keepdims=0)  # (B, H, G, Lk)
+    _, top = op.TopK(column_sums, k_top, axis=-1, largest=1, sorted=1)  # (B, H, G, topk) int64
+    ascending, _ = op.TopK(top, k_top, axis=-1, largest=0, sorted=1)
+    selected = op.Cast(ascending, to=6)
+    o_cache = op.Sub(dense, CS4AGatheredAttention(q, k, v, selected, group_size=group_size))
+    return op.CastLike(dense, q), selected, op.CastLike(o_cache, q)
+
+
+_BODIES = {"CSLAAttention": CSLAAttention, "CS4AAttention": CS4AAttention, "CS4AAttentionCached": CS4AAttentionCached,
+           "CS4ADecide": CS4ADecide}
+_HELPERS = {"CS4AAttention": ["CS4AGatheredAttention"], "CS4AAttentionCached": ["CS4AGatheredAttention"],
+            "CS4ADecide": ["CS4AGatheredAttention"]}
+_ALL_FUNCTIONS = {**_BODIES, "CS4AGatheredAttention": CS4AGatheredAttention}
+assert set(_BODIES) == set(SPECS), "every op spec needs a reference body"
+
+
+def reference_functions(op_types, opset: int) -> list[onnx.FunctionProto]:
+    """FunctionProtos (bodies + helpers they call) for the given sparvar op types, importing default opset `opset`."""
+    if opset < MIN_OPSET:
+        raise ValueError(f"the sparvar reference functions need ONNX opset >= {MIN_OPSET}, the model imports {opset}")
+    unknown = sorted(set(op_types) - set(_BODIES))
+    if unknown:
+        raise ValueError(f"no reference function for sparvar op type(s) {unknown}; known: {sorted(_BODIES)}")
+    names = []  # helpers before their callers: onnx.reference resolves functions in order
+    for name in sorted(set(op_types)):
+        for n in _HELPERS.get(name, []) + [name]:
+            if n not in names:
+                names.append(n)
+    protos = []
+    for name in names:
+        proto = _ALL_FUNCTIONS[name].to_function_proto()
+        for imp in proto.opset_import:
+            if imp.domain in ("", "ai.onnx"):
+                imp.version = opset
+        protos.append(proto)
+    return protos
+
+
+def _default_opset(model: onnx.ModelProto) -> int:
+    versions = [imp.version for imp in model.opset_import if imp.domain in ("", "ai.onnx")]
+    if not versions:
+        raise ValueError("model imports no default ONNX opset")
+    return versions[0]
+
+
+def _custom_op_types(graph: onnx.GraphProto) -> set[str]:
+    """sparvar op types used anywhere in the graph, subgraphs included."""
+    found = set()
+    for node in graph.node:
+        if node.domain == NAMESPACE:
+            found.add(node.op_type)
+        for a in node.attribute:
+            for g in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
+                found |= _custom_op_types(g)
+    return found
+
+
+def custom_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
+    """The sparvar nodes of the main graph, in order."""
+    return [n for n in model.graph.node if n.domain == NAMESPACE]
+
+
+def attach_reference_functions(model):
+    """Add the reference bodies of the sparvar op types the model uses (onnx.ModelProto or onnx_ir.Model, in place)."""
+    if isinstance(model, onnx.ModelProto):
+        used = _custom_op_types(model.graph)
+        present = {f.name for f in model.functions if f.domain == NAMESPACE}
+        for proto in reference_functions(used, _default_opset(model)):
+            if proto.name not in present:
+                model.functions.append(proto)
+        if used and not any(imp.domain == NAMESPACE for imp in model.opset_import):
+            model.opset_import.append(onnx.helper.make_opsetid(NAMESPACE, DOMAIN_VERSION))
+        return model
+    import onnx_ir as ir
+
+    used = {node.op_type for node in ir.traversal.RecursiveGraphIterator(model.graph) if node.domain == NAMESPACE}
+    for proto in reference_functions(used, model.opset_imports.get("", MIN_OPSET)):
+        function = ir.serde.deserialize_function(proto)
+        model.functions.setdefault(function.identifier(), function)
+    if used:
+        model.opset_imports.setdefault(NAMESPACE, DOMAIN_VERSION)
+    return model
+
+
+def strip_reference_functions(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy without the sparvar local functions, so TensorRT must map every sparvar node to its plugin."""
+    stripped = onnx.ModelProto()
+    stripped.CopyFrom(model)
+    del stripped.functions[:]
+    stripped.functions.extend(f for f in model.functions if f.domain != NAMESPACE)
+    return stripped
+
+
+def finalize_export(program, flavour: str):
+    """After torch.onnx.export: attach the reference bodies for the 'reference' flavour (ONNXProgram, in place)."""
+    check_flavour(flavour)
+    if flavour == "reference":
+        attach_reference_functions(program.model)
+    return program
+
+
+def export_model(module: torch.nn.Module, args: tuple, *, flavour: str = "reference", opset: int = MIN_OPSET,
+                 input_names=None, output_names=None, dynamic_shapes=None) -> onnx.ModelProto:
+    """torch.onnx.export (dynamo) with the sparvar nodes, finalized for `flavour`; returns the ModelProto."""
+    with torch.no_grad():
+        program = torch.onnx.export(module, args, dynamo=True, custom_translation_table=translation_table(flavour),
+                                    opset_version=opset, input_names=input_names, output_names=output_names,
+                                    dynamic_shapes=dynamic_shapes, verbose=False)
+    return finalize_export(program, flavour).model_proto

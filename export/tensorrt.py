@@ -1,0 +1,131 @@
+"""TensorRT (>= 10.6) engines with the sparvar plugins: build on the GPU that will run them, inspect, run.
+
+TensorRT is not installable in this project's environments (its PyPI wheels download from a vendor index that
+cannot be reached), so nothing here has run yet; every path is written against the documented API and tested by
+tests/test_tensorrt.py where TensorRT exists.
+
+Plugin APIs (one per process; both under the `sparvar` namespace):
+  "qdp" (default): tensorrt.plugin definitions from plugins/<op>.py - JIT impl, or AOT PTX with aot=True;
+  "v3":            the IPluginV3 classes of plugins/pluginv3.py (also what TensorRT-RTX uses).
+"""
+from __future__ import annotations
+
+import os
+
+import onnx
+
+from export.custom_ops import custom_nodes
+from export.trt_build import (DYNAMIC_RANGE, BuildReport, add_dynamic_profile, builder_plugin_nodes, check_inspected,
+                              inspect_engine, layer_type_counts, make_logger, parse_onnx, plugin_layers, text_range)
+
+PLUGIN_APIS = ("qdp", "v3")
+
+
+def load_tensorrt():
+    try:
+        import tensorrt as trt
+    except ImportError as e:
+        raise ImportError("TensorRT not installed (`import tensorrt` failed)") from e
+    return trt
+
+
+def register(plugin_api: str):
+    """Register the sparvar plugins with TensorRT's registry through `plugin_api`; returns the plugin classes to
+    expect in layers (None for QDP, whose classes belong to tensorrt.plugin)."""
+    trt = load_tensorrt()
+    if plugin_api == "qdp":
+        from plugins.qdp import register_qdp_plugins
+
+        register_qdp_plugins()
+        return None
+    if plugin_api == "v3":
+        from plugins.pluginv3 import plugin_classes, register_plugins
+
+        register_plugins(trt)
+        return [plugin_classes(trt)[0]]
+    raise ValueError(f"unknown plugin API {plugin_api!r}; expected one of {PLUGIN_APIS}")
+
+
+def mark_aot(model: onnx.ModelProto, aot: bool) -> onnx.ModelProto:
+    """Set the QDP `aot` attribute on every sparvar node (the ONNX parser then asks for the AOT implementation)."""
+    for node in custom_nodes(model):
+        kept = [a for a in node.attribute if a.name != "aot"]
+        del node.attribute[:]
+        node.attribute.extend(kept + ([onnx.helper.make_attribute("aot", 1)] if aot else []))
+    return model
+
+
+def build_engine(model: onnx.ModelProto | str, *, plugin_api: str = "qdp", aot: bool = False,
+                 inspect: bool = True, dynamic_range=DYNAMIC_RANGE) -> BuildReport:
+    """Parse, check plugin layers, build (strongly typed: dtypes come from the graph), inspect the engine."""
+    trt = load_tensorrt()
+    if aot and plugin_api != "qdp":
+        raise ValueError("aot=True needs plugin_api='qdp' (AOT kernels are a tensorrt.plugin feature)")
+    classes = register(plugin_api)
+    path = model if isinstance(model, str) else None
+    if path is not None:
+        model = onnx.load(path, load_external_data=False)
+    model = mark_aot(model, aot) if plugin_api == "qdp" else model
+    logger = make_logger(trt)
+    builder = trt.Builder(logger)
+    flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+    network, parser, ready = parse_onnx(trt, builder, model, logger, network_flags=flags, path=path)
+    layers = plugin_layers(trt, network, ready, plugin_classes=classes)
+    config = builder.create_builder_config()
+    config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
+    add_dynamic_profile(builder, network, config, dynamic_range)
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise RuntimeError("TensorRT failed to build the engine:\n  " + "\n  ".join(logger.errors()))
+    report = BuildReport(bytes(serialized), layers, builder_plugin_nodes(logger), layer_type_counts(trt, network))
+    if inspect:
+        report.inspector = inspect_engine(trt, report.engine, logger)
+        check_inspected(report.inspector, list(layers))
+    return report
+
+
+def run_engine(engine_bytes: bytes, feeds: dict, plugin_api: str = "qdp") -> dict:
+    """Run a built engine once on CUDA torch tensors `feeds` (name -> tensor); returns name -> output tensor."""
+    import torch
+
+    trt = load_tensorrt()
+    register(plugin_api)  # deserialization looks the plugin creators up
+    logger = make_logger(trt)
+    engine = trt.Runtime(logger).deserialize_cuda_engine(engine_bytes)
+    if engine is None:
+        raise RuntimeError("cannot deserialize the engine: " + "; ".join(logger.errors()))
+    context = engine.create_execution_context()
+    outputs = {}
+    for i in range(engine.num_io_tensors):
+        name = engine.get_tensor_name(i)
+        if engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT:
+            if name not in feeds:
+                raise ValueError(f"missing engine input {name!r}")
+            tensor = feeds[name].contiguous()
+            context.set_input_shape(name, tuple(tensor.shape))
+            context.set_tensor_address(name, tensor.data_ptr())
+    for i in range(engine.num_io_tensors):
+        name = engine.get_tensor_name(i)
+        if engine.get_tensor_mode(name) == trt.TensorIOMode.OUTPUT:
+            dtype = {trt.float32: torch.float32, trt.float16: torch.float16, trt.bfloat16: torch.bfloat16,
+                     trt.int32: torch.int32, trt.int64: torch.int64}[engine.get_tensor_dtype(name)]
+            outputs[name] = torch.empty(tuple(context.get_tensor_shape(name)), dtype=dtype, device="cuda")
+            context.set_tensor_address(name, outputs[name].data_ptr())
+    stream = torch.cuda.current_stream()
+    if not context.execute_async_v3(stream.cuda_stream):
+        raise RuntimeError("TensorRT execution failed: " + "; ".join(logger.errors()))
+    stream.synchronize()
+    return outputs
+
+
+def build_engine_dir(ctx, out: str) -> dict:
+    """The `build` stage for backend tensorrt: one engine per exported unit, for the GPU of this machine."""
+    dynamic_range = text_range(ctx.cfg.text_maxlen)
+    units = {}
+    for name, unit in ctx.info["units"].items():
+        report = build_engine(os.path.join(ctx.out_dir, unit["file"]), dynamic_range=dynamic_range)
+        engine_file = f"{name}.engine"
+        with open(os.path.join(out, engine_file), "wb") as f:
+            f.write(report.engine)
+        units[name] = {"engine": f"build/{engine_file}", **report.summary()}
+    return {"tensorrt": {"plugin_api": "qdp", "units": units}}

@@ -1,0 +1,115 @@
+"""TensorRT-RTX engines with the sparvar plugins, built on any machine (no GPU needed) for chosen GPU generations.
+
+TensorRT-RTX (PyPI tensorrt-rtx-cu13-libs / -bindings, import name tensorrt_rtx_bindings) shares TensorRT's
+network API, ONNX parser and IPluginV3 Python plugin interfaces, and compiles for a list of compute capabilities
+without a device. Its runtime supports SM 8.0, 8.6, 8.9 and 12.x (not the H100's 9.0), so here engines are built
+and checked, never run; the plugins' enqueue (plugins/pluginv3.py) is what a supported GPU would execute.
+
+    report = build_engine(onnx_model, compute_capabilities=("SM80", "SM89"))
+    report.engine          # serialized engine bytes
+    report.plugin_layers   # every sparvar node -> its plugin layer (checked, see export/trt_build.py)
+
+Facts found while writing this (TensorRT-RTX 1.7.1.116):
+  - Its ONNX parser prefers a registered plugin over a model-local function of the same name, but inlines the
+    function when no plugin is registered - so the reference bodies are stripped before parsing (a missing
+    plugin must be an error, not a silent fallback).
+  - When it imports a plugin node it dlopen()s "libtensorrt_rtx.so", which the wheel ships only as
+    "libtensorrt_rtx.so.1"; without the unversioned name the parse calls std::terminate. `load_trt_rtx` adds the
+    link next to the library (the parser's RPATH is $ORIGIN).
+  - The Python bindings have no INetworkDefinition.add_plugin_v3: plugins enter networks through the parser.
+  - Without a GPU the runtime cannot deserialize an engine, so the engine inspector is unavailable here; the
+    builder's verbose graph listing and the engine bytes are checked instead.
+"""
+from __future__ import annotations
+
+import os
+
+import onnx
+
+from export.trt_build import (DYNAMIC_RANGE, BuildReport, add_dynamic_profile, builder_plugin_nodes, check_build,
+                              check_inspected, inspect_engine, layer_type_counts, make_logger, parse_onnx,
+                              plugin_layers, text_range)
+from plugins.spec import NAMESPACE
+
+COMPUTE_CAPABILITIES = ("SM80", "SM89")  # A100/RTX 30xx and RTX 40xx/L40; the H100 (9.0) is not a TensorRT-RTX target
+
+
+def load_trt_rtx():
+    """Import tensorrt_rtx_bindings, making sure its ONNX parser can load the runtime library by its plain name."""
+    try:
+        import tensorrt_rtx_bindings as trt
+        import tensorrt_rtx_libs
+    except ImportError as e:
+        raise ImportError("TensorRT-RTX is not installed: pip install tensorrt-rtx-cu13-libs==1.7.1.116 "
+                          "tensorrt-rtx-cu13-bindings==1.7.1.116") from e
+    libs = os.path.dirname(tensorrt_rtx_libs.__file__)
+    link = os.path.join(libs, "libtensorrt_rtx.so")
+    if os.path.exists(os.path.join(libs, "libtensorrt_rtx.so.1")) and not os.path.exists(link):
+        try:
+            os.symlink("libtensorrt_rtx.so.1", link)
+        except OSError as e:
+            raise RuntimeError(f"TensorRT-RTX's ONNX parser needs {link}; create it with "
+                               f"`ln -s libtensorrt_rtx.so.1 {link}` ({e})") from e
+    return trt
+
+
+def _compute_capability(trt, name: str):
+    members = trt.ComputeCapability.__members__
+    if name not in members or name in ("NONE", "CURRENT"):
+        raise ValueError(f"unknown compute capability {name!r}; TensorRT-RTX targets "
+                         f"{[m for m in members if m.startswith('SM')]}")
+    return members[name]
+
+
+def build_engine(model: onnx.ModelProto | str, *, compute_capabilities=COMPUTE_CAPABILITIES,
+                 dynamic_range=DYNAMIC_RANGE, inspect: bool = False, verbose: bool = False) -> BuildReport:
+    """Parse `model` (a ModelProto or a path; external data is read next to the path), attach the sparvar plugins,
+    build one engine for all `compute_capabilities`, and check that every sparvar node is one of our plugin layers.
+
+    inspect=True also deserializes the engine and checks the engine inspector's layer list (needs a GPU that
+    TensorRT-RTX supports; raises RuntimeError elsewhere).
+    """
+    from plugins import pluginv3
+
+    trt = load_trt_rtx()
+    pluginv3.register_plugins(trt)
+    first_error = len(pluginv3.ERRORS)
+    path = model if isinstance(model, str) else None
+    if path is not None:
+        model = onnx.load(path, load_external_data=False)
+    logger = make_logger(trt, echo_severity=trt.ILogger.Severity.VERBOSE if verbose else None)
+    builder = trt.Builder(logger)
+    network, parser, ready = parse_onnx(trt, builder, model, logger, path=path)
+    layers = plugin_layers(trt, network, ready, plugin_classes=[pluginv3.plugin_classes(trt)[0]])
+
+    config = builder.create_builder_config()
+    config.num_compute_capabilities = len(compute_capabilities)
+    for i, cc in enumerate(compute_capabilities):
+        config.set_compute_capability(_compute_capability(trt, cc), i)
+    config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
+    add_dynamic_profile(builder, network, config, dynamic_range)
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise RuntimeError("TensorRT-RTX failed to build the engine:\n  "
+                           + "\n  ".join(pluginv3.ERRORS[first_error:] + logger.errors()))
+    report = BuildReport(bytes(serialized), layers, builder_plugin_nodes(logger), layer_type_counts(trt, network))
+    check_build(report, sorted({info["op_type"] for info in layers.values()}) + ([NAMESPACE] if layers else []))
+    if inspect:
+        report.inspector = inspect_engine(trt, report.engine, logger)
+        check_inspected(report.inspector, list(layers))
+    return report
+
+
+def build_engine_dir(ctx, out: str) -> dict:
+    """The `build` stage for backend tensorrt-rtx: one engine per exported unit, for COMPUTE_CAPABILITIES."""
+    dynamic_range = text_range(ctx.cfg.text_maxlen)
+    units = {}
+    for name, unit in ctx.info["units"].items():
+        report = build_engine(os.path.join(ctx.out_dir, unit["file"]), dynamic_range=dynamic_range)
+        engine_file = f"{name}.engine"
+        with open(os.path.join(out, engine_file), "wb") as f:
+            f.write(report.engine)
+        units[name] = {"engine": f"build/{engine_file}", **report.summary()}
+        ctx.log(f"[engine]   {name}: {len(report.engine) / 2**20:.1f} MiB, {len(report.plugin_layers)} sparvar plugin layers")
+    return {"tensorrt_rtx": {"compute_capabilities": list(COMPUTE_CAPABILITIES), "dynamic_range": list(dynamic_range),
+                             "units": units}}

@@ -1,0 +1,120 @@
+"""TensorRT quickly-deployable Python plugins (QDP, `tensorrt.plugin`, TensorRT >= 10.6; aot_impl >= 10.9).
+
+The per-op definitions (register / autotune / impl / aot_impl) live in plugins/csla.py, cs4a.py, cs4a_decide.py;
+they call the helpers here, which read the op specs - the same rules the IPluginV3 classes use.
+
+    trtp = register_qdp_plugins()          # imports tensorrt.plugin (raises ImportError without TensorRT)
+
+ONNX nodes select the AOT implementation with an int attribute `aot=1` (export/tensorrt.py sets it); otherwise
+the JIT `impl` runs the op's torch-level implementation on zero-copy views, on TensorRT's stream.
+"""
+from __future__ import annotations
+
+from plugins.spec import FLOAT, OpSpec, available_tactics, dtype_name, run_on_stream, torch_view
+
+_QDP_TYPES = {"float32": "FP32", "float16": "FP16", "bfloat16": "BF16", "int32": "INT32"}
+_REGISTERED: list = []
+
+
+def load_trtp():
+    """tensorrt.plugin, or ImportError naming what is missing."""
+    try:
+        import tensorrt
+    except ImportError as e:
+        raise ImportError("TensorRT not installed (`import tensorrt` failed); QDP plugins need TensorRT >= 10.6") from e
+    try:
+        import tensorrt.plugin as trtp
+    except ImportError as e:
+        raise ImportError(f"TensorRT {tensorrt.__version__} has no tensorrt.plugin (QDP needs >= 10.6)") from e
+    return trtp
+
+
+def has_aot(trtp) -> bool:
+    """tensorrt.plugin has the AOT API (KernelLaunchParams, aot_impl): TensorRT >= 10.9."""
+    return hasattr(trtp, "KernelLaunchParams")
+
+
+def register_qdp_plugins():
+    """Register every sparvar op as a QDP (idempotent); returns tensorrt.plugin."""
+    trtp = load_trtp()
+    if not _REGISTERED:
+        from plugins import cs4a, cs4a_decide, csla
+
+        for module in (csla, cs4a, cs4a_decide):
+            module.register_qdp(trtp)
+        _REGISTERED.append(True)
+    return trtp
+
+
+class QdpDims:
+    """Shape-rule algebra over tensorrt.plugin shape expressions."""
+
+    def __init__(self, trtp):
+        self.trtp = trtp
+
+    def const(self, value: int) -> int:
+        return int(value)  # from_shape_expr takes ints as constant dims
+
+    def cdiv(self, dim, divisor: int):
+        return -(-dim // divisor) if isinstance(dim, int) else self.trtp.cdiv(dim, int(divisor))
+
+
+def _trt_dtype(name: str):
+    import tensorrt as trt
+
+    return {"float32": trt.float32, "float16": trt.float16, "bfloat16": trt.bfloat16, "int32": trt.int32}[name]
+
+
+def output_descs(trtp, spec: OpSpec, inputs: list, attrs: dict) -> list:
+    """`register`: output TensorDescs from the input TensorDescs, by the op's shape and dtype rules."""
+    attrs = spec.parse_attrs(attrs)
+    dims = [[inp.shape_expr[i] for i in range(inp.ndim)] for inp in inputs]
+    dtypes = spec.output_dtypes([dtype_name(inp.dtype) for inp in inputs])
+    shapes = spec.output_dims(dims, attrs, QdpDims(trtp))
+    return [trtp.from_shape_expr(tuple(shape), dtype=_trt_dtype(dt)) for shape, dt in zip(shapes, dtypes)]
+
+
+def type_string(spec: OpSpec) -> str:
+    """AutoTuneCombination types: all float I/O share one of FP32|FP16|BF16 ('|' = dependent), int32 I/O are INT32."""
+    floats = "|".join(_QDP_TYPES[d] for d in ("float32", "float16", "bfloat16"))
+    kinds = spec.input_kinds() + spec.output_kinds()
+    return ", ".join(floats if kind == FLOAT else "INT32" for kind in kinds)
+
+
+def autotune_combinations(trtp, spec: OpSpec) -> list:
+    """`autotune`: the dtype combinations (LINEAR only) and the available tactics (plugins.spec.Tactic)."""
+    return [trtp.AutoTuneCombination(type_string(spec), "LINEAR", [int(t) for t in available_tactics()])]
+
+
+def run_jit(spec: OpSpec, run, inputs: list, outputs: list, attrs: dict, tactic: int, stream: int) -> None:
+    """`impl`: zero-copy torch views of TensorRT's buffers, then the op's torch-level implementation on the stream."""
+    attrs = spec.parse_attrs(attrs)
+    ins = [torch_view(t.data_ptr, tuple(t.shape), dtype_name(t.dtype)) for t in inputs]
+    outs = [torch_view(t.data_ptr, tuple(t.shape), dtype_name(t.dtype)) for t in outputs]
+    spec.check([tuple(t.shape) for t in ins], attrs)
+    run_on_stream(spec, run, ins, outs, attrs, tactic or int(available_tactics()[0]), stream)
+
+
+def aot_launch(trtp, spec: OpSpec, inputs: list, outputs: list, attrs: dict, target=None):
+    """`aot_impl`: (kernel name, PTX, launch params, int32 scalar args) for the op's Triton kernel.
+
+    There is one AOT kernel per op, whatever tactic TensorRT asks for (the reference tactic has no PTX form).
+    """
+    from plugins import aot
+
+    attrs = spec.parse_attrs(attrs)
+    io_dtypes = [dtype_name(t.dtype) for t in list(inputs) + list(outputs)]
+    head_dim = inputs[0].shape_expr[3]
+    if not head_dim.is_constant:
+        raise ValueError(f"{spec.name}: the AOT kernel needs a static head dim")
+    kernel = aot.kernel_for(spec, io_dtypes[0], head_dim.constant_value(), attrs)
+    compiled = aot.compile_aot(spec, kernel, io_dtypes, target)
+    sizes = {port.name: [t.shape_expr[i] for i in range(t.ndim)]
+             for port, t in zip(spec.inputs + spec.outputs, list(inputs) + list(outputs))}
+    dims = QdpDims(trtp)
+    params = trtp.KernelLaunchParams()
+    params.grid_x, params.grid_y, params.grid_z = kernel.grid(sizes, dims)
+    params.block_x = compiled.threads
+    params.shared_mem = compiled.shared_mem
+    extra = trtp.SymIntExprs.from_tuple([trtp.SymInt32(v) for v in kernel.scalars(sizes, dims)])
+    return compiled.name, compiled.ptx, params, extra

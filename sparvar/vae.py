@@ -1,0 +1,363 @@
+"""Infinity's BSQ tokenizer, decode side: sampled bits -> codes -> summed latent -> pixels in [-1, 1].
+
+Architecture and parameter names follow the official `AutoEncoder.decoder` (flux-style conv decoder, 2D,
+no attention, nearest-neighbour upsampling); our state dict keys are exactly the official `decoder.*` keys,
+so an official tokenizer checkpoint loads by name. Only the decoder is built: the transformer predicts bits,
+and the official BSQ quantizer has no parameters on the decode path (its projections are identities because
+its input width equals its codebook width; its only state is the `lfq.mask` bit-weight buffer).
+
+Latent layout: (B, codebook_dim, H, W) at the final grid, H = image_height / patch_size. With the 8B's
+spatial patchify, one transformer token is a 2x2 block of 14-bit latent positions (56 bits per token).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .checkpoint import CheckpointError, read_state_dict
+from .config import VAEConfig
+
+# Official tokenizer state dicts hold the whole AutoEncoder. These prefixes are the parts decode does not
+# use: the encoder, and the BSQ quantizer's `lfq.mask` buffer, stored twice because the official model
+# registers the same quantizer under two attribute names (`quantizer` and `quantize`).
+IGNORED_PREFIXES = ("encoder.", "quantizer.", "quantize.")
+_DECODER_PREFIX = "decoder."
+
+
+def norm_groups(channels: int) -> int:
+    """GroupNorm group count of the official `Normalize`: 32 groups, else 24, else unsupported."""
+    if channels % 32 == 0:
+        return 32
+    if channels % 24 == 0:
+        return 24
+    raise ValueError(f"tokenizer GroupNorm needs a channel count divisible by 32 or 24, got {channels}")
+
+
+def check_vae_config(cfg: VAEConfig) -> None:
+    """Reject a VAEConfig the official decoder cannot build, with a message naming the field."""
+    if not isinstance(cfg, VAEConfig):
+        raise TypeError(f"expected a VAEConfig, got {type(cfg).__name__}")
+    if cfg.codebook_dim <= 0:
+        raise ValueError(f"{cfg.name}: codebook_dim must be positive, got {cfg.codebook_dim}")
+    if cfg.num_res_blocks <= 0:
+        raise ValueError(f"{cfg.name}: num_res_blocks must be positive, got {cfg.num_res_blocks}")
+    if not cfg.ch_mult or any(m <= 0 for m in cfg.ch_mult):
+        raise ValueError(f"{cfg.name}: ch_mult must be non-empty and positive, got {cfg.ch_mult}")
+    if cfg.patch_size <= 0 or cfg.patch_size & (cfg.patch_size - 1):
+        raise ValueError(f"{cfg.name}: patch_size must be a power of two, got {cfg.patch_size}")
+    ups = cfg.patch_size.bit_length() - 1
+    if ups > len(cfg.ch_mult) - 1:
+        raise ValueError(f"{cfg.name}: patch_size {cfg.patch_size} needs {ups} upsamplings but ch_mult "
+                         f"{cfg.ch_mult} has only {len(cfg.ch_mult) - 1} levels above the first")
+    for m in (1, *cfg.ch_mult):
+        try:
+            norm_groups(cfg.ch * m)
+        except ValueError as e:
+            raise ValueError(f"{cfg.name}: ch={cfg.ch} x {m}: {e}") from None
+
+
+# --- building blocks. The official code wraps every nn.Conv2d / nn.GroupNorm in a small module, so
+# checkpoint keys read `<name>.conv.weight` / `<name>.norm.weight`; the wrappers below keep those names.
+
+
+class Conv(nn.Module):
+    def __init__(self, c_in: int, c_out: int, kernel_size: int):
+        super().__init__()
+        self.conv = nn.Conv2d(c_in, c_out, kernel_size, padding=kernel_size // 2)
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+def split_group_norm(x: torch.Tensor, norm: nn.GroupNorm) -> torch.Tensor:
+    """F.group_norm computed with torch's generic reductions, statistics in fp32.
+
+    Why: the native CUDA GroupNorm runs one thread block per (batch, group) row, 32 blocks at batch 1, and
+    took over half of a 1024x1024 decode on an H100; generic reductions split each row across the GPU.
+    """
+    B, C = x.shape[:2]
+    G = norm.num_groups
+    xg = x.unflatten(1, (G, C // G))  # (B, G, C/G, H, W)
+    dims = (2, 3, 4)
+    if x.dtype == torch.float32:
+        var, mean = torch.var_mean(xg, dim=dims, correction=0)  # (B, G) each
+    else:
+        # fp32 accumulation without an fp32 copy of x. E[x^2] - E[x]^2 loses less than rounding x to
+        # 8 or 11 mantissa bits already did.
+        mean = xg.mean(dim=dims, dtype=torch.float32)
+        n = (C // G) * x.shape[2] * x.shape[3]
+        var = (torch.linalg.vector_norm(xg, dim=dims, dtype=torch.float32).square() / n - mean.square()).clamp_min(0)
+    scale = norm.weight.float().view(G, C // G) * torch.rsqrt(var + norm.eps)[..., None]  # (B, G, C/G)
+    shift = norm.bias.float().view(G, C // G) - mean[..., None] * scale
+    # One fused pass computing in fp32 (scale, shift stay fp32: rounded to x's dtype they would cost
+    # accuracy in proportion to |mean| / std), written in x's dtype and memory format.
+    out = torch.empty_like(x)
+    return torch.addcmul(shift.reshape(B, C, 1, 1), x, scale.reshape(B, C, 1, 1), out=out)
+
+
+class Norm(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.norm = nn.GroupNorm(norm_groups(channels), channels, eps=1e-6)
+
+    def forward(self, x):
+        # The native op stays where it is fast or where a graph wants one GroupNorm node: CPU,
+        # torch.compile (Inductor splits the reduction itself) and ONNX export.
+        if x.is_cuda and not torch.compiler.is_compiling() and not torch.onnx.is_in_onnx_export():
+            return split_group_norm(x, self.norm)
+        return self.norm(x)
+
+
+class ResnetBlock(nn.Module):
+    def __init__(self, c_in: int, c_out: int):
+        super().__init__()
+        self.norm1 = Norm(c_in)
+        self.conv1 = Conv(c_in, c_out, 3)
+        self.norm2 = Norm(c_out)
+        self.conv2 = Conv(c_out, c_out, 3)
+        if c_in != c_out:
+            self.nin_shortcut = Conv(c_in, c_out, 1)
+
+    def forward(self, x):
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(F.silu(self.norm2(h)))
+        if hasattr(self, "nin_shortcut"):
+            x = self.nin_shortcut(x)
+        return x + h
+
+
+class Upsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = Conv(channels, channels, 3)
+
+    def forward(self, x):
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class UpLevel(nn.Module):
+    """One resolution level: `num_res_blocks + 1` resnet blocks, then (for levels 1..log2 patch) a 2x upsample."""
+
+    def __init__(self, c_in: int, c_out: int, num_blocks: int, upsample: bool):
+        super().__init__()
+        self.block = nn.ModuleList(ResnetBlock(c_in if i == 0 else c_out, c_out) for i in range(num_blocks))
+        if upsample:
+            self.upsample = Upsample(c_out)
+
+    def forward(self, x):
+        for blk in self.block:
+            x = blk(x)
+        return self.upsample(x) if hasattr(self, "upsample") else x
+
+
+class Mid(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.block_1 = ResnetBlock(channels, channels)
+        self.block_2 = ResnetBlock(channels, channels)
+
+    def forward(self, x):
+        return self.block_2(self.block_1(x))
+
+
+class ConvDecoder(nn.Module):
+    """The official `Decoder` with cnn_type '2d', no attention, no pixel-shuffle upsampling."""
+
+    def __init__(self, cfg: VAEConfig):
+        super().__init__()
+        check_vae_config(cfg)
+        ch, mult, levels = cfg.ch, cfg.ch_mult, len(cfg.ch_mult)
+        ups = cfg.patch_size.bit_length() - 1
+        top = ch * mult[-1]
+        self.conv_in = Conv(cfg.codebook_dim, top, 3)
+        self.mid = Mid(top)
+        # up[i] is level i; they run from the coarsest (levels - 1) down to 0, so level i reads level i+1's output.
+        self.up = nn.ModuleList(
+            UpLevel(ch * mult[i + 1] if i + 1 < levels else top, ch * mult[i], cfg.num_res_blocks + 1,
+                    upsample=1 <= i <= ups)
+            for i in range(levels)
+        )
+        self.norm_out = Norm(ch * mult[0])
+        self.conv_out = Conv(ch * mult[0], 3, 3)
+
+    def forward(self, z):
+        h = self.mid(self.conv_in(z))  # (B, ch*mult[-1], H, W)
+        for level in reversed(self.up):
+            h = level(h)  # doubles H, W at levels 1..log2(patch)
+        return self.conv_out(F.silu(self.norm_out(h)))  # (B, 3, H*patch, W*patch)
+
+
+class BSQDecoder(nn.Module):
+    """Decode side of the official BSQ tokenizer. State dict keys are the official `decoder.*` keys."""
+
+    def __init__(self, cfg: VAEConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.decoder = ConvDecoder(cfg)
+
+    def decode(self, latent: torch.Tensor) -> torch.Tensor:
+        """(B, codebook_dim, H, W) summed codes -> (B, 3, H*patch, W*patch) image in [-1, 1].
+
+        The latent's dtype must be the weights' dtype (cast it: summed codes are usually fp32).
+        """
+        if not isinstance(latent, torch.Tensor):
+            raise TypeError(f"latent must be a torch.Tensor, got {type(latent).__name__}")
+        if latent.ndim != 4 or latent.shape[1] != self.cfg.codebook_dim:
+            raise ValueError(f"{self.cfg.name}: latent must be (B, {self.cfg.codebook_dim}, H, W), got {tuple(latent.shape)}")
+        weight_dtype = self.decoder.conv_in.conv.weight.dtype
+        if latent.dtype != weight_dtype:
+            raise TypeError(f"latent dtype {latent.dtype} != decoder weight dtype {weight_dtype}; cast the latent first")
+        latent = latent.contiguous(memory_format=torch.channels_last)  # why: see build_vae
+        return self.decoder(latent).clamp(-1.0, 1.0).contiguous()  # (B, 3, H*patch, W*patch), plain NCHW
+
+    forward = decode
+
+
+# --- codes and token layout
+
+
+def bits_to_codes(bits: torch.Tensor, codebook_dim: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Bits {0, 1} -> BSQ codes {-1/sqrt(d), +1/sqrt(d)}, d = codebook_dim (the official `BSQ.bits_to_codes`).
+
+    Elementwise, so it works on (B, n, 4*d) patchified tokens as well as on (..., d). The official
+    `indices_to_codes` then L2-normalises each d-vector, which is the identity for exact bits (norm 1).
+    """
+    if not isinstance(bits, torch.Tensor):
+        raise TypeError(f"bits must be a torch.Tensor, got {type(bits).__name__}")
+    if not isinstance(codebook_dim, int) or codebook_dim <= 0:
+        raise ValueError(f"codebook_dim must be a positive int, got {codebook_dim!r}")
+    if bits.ndim == 0 or bits.shape[-1] % codebook_dim:
+        raise ValueError(f"bits' last dim must be a multiple of codebook_dim {codebook_dim}, got shape {tuple(bits.shape)}")
+    if dtype is None:
+        dtype = bits.dtype if bits.is_floating_point() else torch.float32
+    scale = 1.0 / math.sqrt(codebook_dim)
+    return bits.to(dtype) * (2.0 * scale) - scale
+
+
+def tokens_to_latent(tokens: torch.Tensor, h: int, w: int, patchify: bool) -> torch.Tensor:
+    """(B, h*w, C) tokens -> latent (B, C, h, w); with patchify (B, h*w, 4d) -> (B, d, 2h, 2w).
+
+    Official unpatchify: token channel c*4 + 2*a + b goes to latent[c, 2i+a, 2j+b] (pixel_shuffle order).
+    """
+    B, L, C = tokens.shape
+    if L != h * w:
+        raise ValueError(f"tokens have {L} positions, grid {h}x{w} needs {h * w}")
+    if patchify and C % 4:
+        raise ValueError(f"patchified tokens need a channel count divisible by 4, got {C}")
+    x = tokens.transpose(1, 2).reshape(B, C, h, w)  # (B, C, h, w)
+    return F.pixel_shuffle(x, 2) if patchify else x  # (B, C/4, 2h, 2w) with patchify
+
+
+def latent_to_tokens(latent: torch.Tensor, patchify: bool) -> torch.Tensor:
+    """Inverse of `tokens_to_latent`: (B, d, 2h, 2w) -> (B, h*w, 4d) with patchify, else (B, C, h, w) -> (B, h*w, C)."""
+    if latent.ndim != 4:
+        raise ValueError(f"latent must be (B, C, H, W), got {tuple(latent.shape)}")
+    if patchify and (latent.shape[-2] % 2 or latent.shape[-1] % 2):
+        raise ValueError(f"patchify needs an even latent grid, got {tuple(latent.shape[-2:])}")
+    x = F.pixel_unshuffle(latent, 2) if patchify else latent  # (B, 4d, h, w) with patchify
+    return x.flatten(2).transpose(1, 2)  # (B, h*w, C)
+
+
+# --- construction and strict loading
+
+
+def decoder_key_shapes(cfg: VAEConfig) -> dict[str, tuple[int, ...]]:
+    """Official decoder key -> shape for `cfg`, read from a meta-device build (allocates no weights)."""
+    with torch.device("meta"):
+        model = BSQDecoder(cfg)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def build_vae(cfg: VAEConfig, seed: int = 0, device="cpu", dtype: torch.dtype = torch.float32) -> BSQDecoder:
+    """Random-weight decoder (PyTorch default init, seeded, global RNG untouched), in eval mode.
+
+    Conv weights are channels_last (kept by later .to(device/dtype) calls): cuDNN then runs every conv
+    without the NCHW<->NHWC transposes it otherwise adds around each one (~10% of a GPU decode).
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = BSQDecoder(cfg)
+    return model.to(device=device, dtype=dtype, memory_format=torch.channels_last).eval().requires_grad_(False)
+
+
+def _canonical_name(key: str, expected: dict) -> str:
+    """Map a flat name (`conv_in.weight`, `norm1.bias`) to its wrapped official name; the official
+    loader accepts both spellings, so we do too. Unknown names come back unchanged."""
+    if key in expected:
+        return key
+    stem, _, leaf = key.rpartition(".")
+    for wrapper in ("conv", "norm"):
+        wrapped = f"{stem}.{wrapper}.{leaf}"
+        if wrapped in expected:
+            return wrapped
+    return key
+
+
+def select_decoder_state(sd: dict, cfg: VAEConfig) -> dict[str, torch.Tensor]:
+    """Strictly pick the decoder weights out of a full official tokenizer state dict.
+
+    Keys under IGNORED_PREFIXES are dropped by name; every other key must be an expected decoder key
+    (wrapped or flat spelling) with the expected shape, and every expected key must be present.
+    Raises CheckpointError listing every missing, unexpected, duplicated and wrongly shaped key.
+    """
+    expected = decoder_key_shapes(cfg)
+    ours: dict[str, torch.Tensor] = {}
+    seen: set[str] = set()  # expected names some key spelled, even if its value was bad
+    unexpected, duplicated, mis_shaped, not_tensor = [], [], [], []
+    for key, value in sd.items():
+        if not isinstance(key, str):
+            unexpected.append(repr(key))
+            continue
+        if key.startswith(IGNORED_PREFIXES):
+            continue
+        name = _canonical_name(key, expected)
+        if name not in expected:
+            unexpected.append(key)
+            continue
+        if name in seen:
+            duplicated.append(f"{key} (another key already gave {name})")
+            continue
+        seen.add(name)
+        if not isinstance(value, torch.Tensor):
+            not_tensor.append(f"{key}: {type(value).__name__}")
+        elif tuple(value.shape) != expected[name]:
+            mis_shaped.append(f"{key}: checkpoint {tuple(value.shape)} != expected {expected[name]}")
+        else:
+            ours[name] = value
+    missing = [k for k in expected if k not in seen]
+    problems = [("missing", missing), ("unexpected", unexpected), ("duplicated", duplicated),
+                ("wrong shape", mis_shaped), ("not a tensor", not_tensor)]
+    if any(items for _, items in problems):
+        parts = [f"tokenizer checkpoint does not match {cfg.name} (codebook_dim {cfg.codebook_dim}, ch {cfg.ch}, "
+                 f"ch_mult {cfg.ch_mult}; {len(expected)} decoder keys expected; ignored prefixes {IGNORED_PREFIXES})"]
+        for title, items in problems:
+            if items:
+                items = sorted(items)
+                shown = items[:20] + ([f"... and {len(items) - 20} more"] if len(items) > 20 else [])
+                parts.append(f"{title} ({len(items)}):\n  " + "\n  ".join(shown))
+        raise CheckpointError("\n".join(parts))
+    return ours
+
+
+def read_tokenizer_state_dict(path: str) -> dict:
+    """The AutoEncoder state dict of a tokenizer file. Official .pth files wrap it as {'vae': state_dict, ...}
+    (the official loader reads that entry); a flat state dict (.safetensors, or a bare .pth) is used as is."""
+    sd = read_state_dict(path)
+    if isinstance(sd.get("vae"), dict):
+        sd = sd["vae"]
+    elif not any(isinstance(k, str) and k.startswith(_DECODER_PREFIX) for k in sd):
+        raise CheckpointError(f"{path}: no 'vae' entry and no '{_DECODER_PREFIX}*' keys; top-level keys: "
+                              f"{sorted(map(str, sd))[:20]}")
+    return sd
+
+
+def load_vae(path: str, cfg: VAEConfig, device="cpu", dtype: torch.dtype = torch.float32) -> BSQDecoder:
+    """Load an official tokenizer (.pth or .safetensors) strictly into a BSQDecoder, in eval mode."""
+    decoder_sd = select_decoder_state(read_tokenizer_state_dict(path), cfg)
+    with torch.device("meta"):
+        model = BSQDecoder(cfg)
+    model.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in decoder_sd.items()}, strict=True, assign=True)
+    return model.to(memory_format=torch.channels_last).eval().requires_grad_(False)  # why: see build_vae

@@ -1,0 +1,147 @@
+"""TensorRT (QDP and IPluginV3) engines with the sparvar plugins, the plugins' device runtime, and AOT compilation.
+
+TensorRT tests skip with "TensorRT not installed" where it is missing (everywhere in this project so far); the
+device-runtime test needs a CUDA GPU; the AOT compile test needs Triton (no GPU: it compiles PTX for SM80).
+"""
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from export.custom_ops import export_model
+from plugins import RUNS, SPECS, cs4a
+from plugins.spec import Tactic, available_tactics, run_on_stream, sparse_ops, torch_view
+from tests.test_custom_ops import OneOp, _inputs
+
+
+@pytest.fixture
+def tensorrt():
+    return pytest.importorskip("tensorrt", reason="TensorRT not installed")
+
+
+def _requires_gpu():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU; none is available on this machine")
+
+
+def _as_tuple(x):
+    return x if isinstance(x, tuple) else (x,)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("op", sorted(SPECS))
+def test_qdp_jit_engine_matches_the_reference(tensorrt, op):
+    from export.tensorrt import build_engine, run_engine
+
+    _requires_gpu()
+    tensors = _inputs()
+    module = OneOp(op).eval()
+    model = export_model(module, tensors, flavour="plugin")
+    report = build_engine(model, plugin_api="qdp")
+    assert [info["op_type"] for info in report.plugin_layers.values()] == [op]
+    assert report.inspector is not None
+    names = [i.name for i in model.graph.input]
+    feeds = dict(zip(("q", "k", "v", "key_idx", "o_cache"), (t.cuda() for t in tensors)))
+    got = run_engine(report.engine, {n: feeds[n] for n in names}, plugin_api="qdp")
+    for out, want in zip((got[o.name] for o in model.graph.output), _as_tuple(module(*tensors))):
+        torch.testing.assert_close(out.cpu(), want, rtol=0, atol=1e-5)
+
+
+@pytest.mark.gpu
+def test_qdp_aot_engine_matches_the_reference(tensorrt):
+    from export.tensorrt import build_engine, run_engine
+
+    _requires_gpu()
+    kernels = pytest.importorskip("sparvar.kernels")
+    if not hasattr(kernels, "aot_kernel"):
+        pytest.skip("sparvar.kernels provides no aot_kernel(): no AOT kernel to put in an engine")
+    tensors = _inputs()
+    module = OneOp("CSLAAttention").eval()
+    model = export_model(module, tensors, flavour="plugin")
+    report = build_engine(model, plugin_api="qdp", aot=True)
+    got = run_engine(report.engine, {"q": tensors[0].cuda(), "k": tensors[1].cuda(), "v": tensors[2].cuda()})
+    torch.testing.assert_close(got[model.graph.output[0].name].cpu(), module(*tensors), rtol=0, atol=1e-5)
+
+
+@pytest.mark.gpu
+def test_ipluginv3_engine_matches_the_reference(tensorrt):
+    _requires_gpu()
+    # one plugin API per process (QDP and IPluginV3 register the same names), so this runs in its own interpreter
+    code = (
+        "import torch\n"
+        "from export.custom_ops import export_model\n"
+        "from export.tensorrt import build_engine, run_engine\n"
+        "from tests.test_custom_ops import OneOp, _inputs\n"
+        "t = _inputs(); m = OneOp('CS4ADecide').eval(); model = export_model(m, t, flavour='plugin')\n"
+        "r = build_engine(model, plugin_api='v3')\n"
+        "got = run_engine(r.engine, {'q': t[0].cuda(), 'k': t[1].cuda(), 'v': t[2].cuda()}, plugin_api='v3')\n"
+        "for o, w in zip(model.graph.output, m(*t)): torch.testing.assert_close(got[o.name].cpu(), w, rtol=0, atol=1e-5)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tactic", list(Tactic))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_device_views_run_each_op_on_an_external_stream(dtype, tactic):
+    """What enqueue/impl do with TensorRT's raw pointers: zero-copy views, the op on the given stream, copy-out."""
+    _requires_gpu()
+    if tactic not in available_tactics():
+        pytest.skip(f"tactic {tactic.name} is not available here (sparvar.sparse has no 'triton' backend yet)")
+    q, k, v, key_idx, o_cache = (t.cuda() for t in _inputs(dtype))
+    by_name = {"q": q, "k": k, "v": v, "key_idx": key_idx, "o_cache": o_cache}
+    stream = torch.cuda.Stream()
+    for name in ("CS4AAttentionCached", "CS4ADecide"):
+        spec = SPECS[name]
+        inputs = [by_name[p.name] for p in spec.inputs]
+        attrs = {"group_size": 8, "topk": 12} if name == "CS4ADecide" else {"group_size": 8}
+        want = RUNS[name](inputs, attrs, sparse_ops(Tactic.REFERENCE))
+        views = [torch_view(t.data_ptr(), tuple(t.shape), str(t.dtype).removeprefix("torch.")) for t in inputs]
+        assert all(a.data_ptr() == b.data_ptr() and a.dtype == b.dtype for a, b in zip(views, inputs))
+        outputs = [torch.full_like(w, -7) for w in want]
+        out_views = [torch_view(t.data_ptr(), tuple(t.shape), str(t.dtype).removeprefix("torch.")) for t in outputs]
+        run_on_stream(spec, RUNS[name], views, out_views, attrs, int(tactic), stream.cuda_stream)
+        stream.synchronize()
+        for got, ref in zip(outputs, want):
+            if tactic == Tactic.REFERENCE:
+                torch.testing.assert_close(got, ref, rtol=0, atol=0)
+            elif got.is_floating_point():  # a kernel's accumulation order differs from the reference's
+                torch.testing.assert_close(got.float(), ref.float(), rtol=2e-2, atol=2e-2)
+            else:  # selections: top-k ties may order differently only if scores tie; random inputs do not
+                torch.testing.assert_close(got, ref, rtol=0, atol=0)
+
+
+def test_aot_compile_checks_the_triton_abi_for_sm80():
+    triton = pytest.importorskip("triton", reason="Triton not installed")
+    import triton.language as tl
+    from triton.backends.compiler import GPUTarget
+
+    from plugins.aot import AotKernel, compile_aot, signature
+    from plugins.spec import IntDims
+
+    @triton.jit
+    def scale_q(q, k, v, key_idx, n, out, BLOCK: tl.constexpr):  # TensorRT order: inputs, scalars, outputs
+        i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        tl.store(out + i, tl.load(q + i, mask=i < n) * 2, mask=i < n)
+
+    spec = cs4a.SPEC
+    kernel = AotKernel(scale_q, ("n",), {"BLOCK": 128}, num_warps=4, num_stages=1,
+                       grid=lambda s, d: (d.cdiv(s["q"][0] * s["q"][1] * s["q"][2] * s["q"][3], 128), 1, 1),
+                       scalars=lambda s, d: [s["q"][0] * s["q"][1] * s["q"][2] * s["q"][3]])
+    dtypes = ["float16", "float16", "float16", "int32", "float16"]
+    assert signature(spec, kernel, dtypes) == {"q": "*fp16", "k": "*fp16", "v": "*fp16", "key_idx": "*i32", "n": "i32",
+                                               "out": "*fp16", "BLOCK": "constexpr"}
+    compiled = compile_aot(spec, kernel, dtypes, target=GPUTarget("cuda", 80, 32))
+    assert compiled.name == "scale_q" and compiled.threads == 128
+    assert ".target sm_80" in compiled.ptx and f".entry {compiled.name}" in compiled.ptx
+    sizes = {"q": [2, 2, 20, 8]}
+    assert kernel.grid(sizes, IntDims()) == (5, 1, 1) and kernel.scalars(sizes, IntDims()) == [640]
+
+    @triton.jit
+    def wrong_order(q, k, v, n, key_idx, out, BLOCK: tl.constexpr):
+        pass
+
+    with pytest.raises(ValueError, match="scalars"):
+        signature(spec, AotKernel(wrong_order, ("n",), {"BLOCK": 128}), dtypes)

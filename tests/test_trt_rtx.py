@@ -1,0 +1,140 @@
+"""TensorRT-RTX: graphs with sparvar nodes parse, map every node to our IPluginV3 plugin and build for SM80/SM89
+on this CPU-only machine. (Engines cannot run here: no GPU, and TensorRT-RTX does not run on the H100.)"""
+import onnx
+import onnx.helper as oh
+import pytest
+import torch
+
+from export.custom_ops import export_model
+from plugins import SPECS
+from plugins.spec import NAMESPACE
+
+trt = pytest.importorskip("tensorrt_rtx_bindings", reason="TensorRT-RTX not installed (pip install "
+                          "tensorrt-rtx-cu13-libs==1.7.1.116 tensorrt-rtx-cu13-bindings==1.7.1.116)")
+
+from export.trt_build import make_logger, parse_onnx, plugin_layers  # noqa: E402
+from export.trt_rtx import build_engine, load_trt_rtx  # noqa: E402
+from tests.test_custom_ops import EXPECTED_ATTRS, OneOp, _inputs  # noqa: E402
+
+
+class WithDenseAround(torch.nn.Module):
+    """A sparse op between ordinary layers, as in a transformer block."""
+
+    def __init__(self, op):
+        super().__init__()
+        self.inner = OneOp(op)
+
+    def forward(self, q, k, v, key_idx, o_cache):
+        out = self.inner(q * 0.5, k, v, key_idx, o_cache)
+        return tuple(o + 1 if o.is_floating_point() else o for o in out) if isinstance(out, tuple) else out.softmax(-1)
+
+
+def _sparvar_nodes(model):
+    return [n for n in model.graph.node if n.domain == NAMESPACE]
+
+
+@pytest.mark.parametrize("op", sorted(SPECS))
+def test_every_op_builds_as_our_plugin_for_sm80(op):
+    model = export_model(WithDenseAround(op).eval(), _inputs(), flavour="plugin")
+    report = build_engine(model, compute_capabilities=("SM80",))
+    (name,) = [n.name for n in _sparvar_nodes(model)]
+    assert list(report.plugin_layers) == [name]
+    assert report.plugin_layers[name]["op_type"] == op
+    assert report.plugin_layers[name]["attributes"] == EXPECTED_ATTRS[op]
+    assert report.plugin_layers[name]["outputs"] == len(SPECS[op].outputs)
+    assert name in report.builder_plugin_nodes  # the builder's own graph listing
+    assert report.layer_types["PLUGIN_V3"] == 1 and len(report.layer_types) > 1  # the dense ops stay TensorRT layers
+    assert op.encode() in report.engine and len(report.engine) > 1000
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_graph_builds_for_sm80_and_sm89(dtype):
+    model = export_model(OneOp("CSLAAttention").eval(), _inputs(dtype), flavour="plugin")
+    report = build_engine(model, compute_capabilities=("SM80", "SM89"))
+    assert [info["op_type"] for info in report.plugin_layers.values()] == ["CSLAAttention"]
+
+
+def test_reference_functions_are_stripped_so_the_plugin_is_taken():
+    model = export_model(OneOp("CS4AAttentionCached").eval(), _inputs(), flavour="reference")
+    assert {f.name for f in model.functions} >= {"CS4AAttentionCached"}
+    report = build_engine(model, compute_capabilities=("SM80",))
+    assert [info["op_type"] for info in report.plugin_layers.values()] == ["CS4AAttentionCached"]
+
+
+def test_an_inlined_function_is_caught_and_a_missing_plugin_is_an_error():
+    model = export_model(OneOp("CSLAAttention").eval(), _inputs(), flavour="reference")
+    node = _sparvar_nodes(model)[0]
+    node.op_type = "CSLAAttentionUnknown"  # no plugin of this name is registered; give it the body anyway
+    body = next(f for f in model.functions if f.name == "CSLAAttention")
+    body.name = "CSLAAttentionUnknown"
+    trt_rtx = load_trt_rtx()
+    logger = make_logger(trt_rtx)
+    builder = trt_rtx.Builder(logger)
+    # parsed as is, TensorRT-RTX inlines the local function: the check must refuse that network
+    network = builder.create_network(0)
+    parser = trt_rtx.OnnxParser(network, logger)
+    assert parser.parse(model.SerializeToString())
+    with pytest.raises(AssertionError, match="did not become one plugin layer"):
+        plugin_layers(trt_rtx, network, model)
+    # our parse strips the bodies first, so the same graph fails loudly instead
+    with pytest.raises(RuntimeError, match="Plugin not found"):
+        parse_onnx(trt_rtx, builder, model, logger)
+
+
+def test_invalid_node_reports_the_plugin_check():
+    q = oh.make_tensor_value_info("q", onnx.TensorProto.FLOAT, [1, 2, 20, 8])
+    k = oh.make_tensor_value_info("k", onnx.TensorProto.FLOAT, [1, 2, 45, 8])
+    v = oh.make_tensor_value_info("v", onnx.TensorProto.FLOAT, [1, 2, 45, 8])
+    out = oh.make_tensor_value_info("out", onnx.TensorProto.FLOAT, None)
+    num = oh.make_tensor("num", onnx.TensorProto.INT32, [2], [1, 1])  # 20 queries in blocks of 8 need 3 entries
+    idx = oh.make_tensor("idx", onnx.TensorProto.INT32, [2, 1], [0, 0])
+    node = oh.make_node("CSLAAttention", ["q", "k", "v", "num", "idx"], ["out"], domain=NAMESPACE, name="bad",
+                        block_m=8, block_n=16, plugin_namespace=NAMESPACE)
+    model = oh.make_model(oh.make_graph([node], "g", [q, k, v], [out], initializer=[num, idx]),
+                          opset_imports=[oh.make_opsetid("", 18), oh.make_opsetid(NAMESPACE, 1)])
+    with pytest.raises(RuntimeError, match="kv_num_blocks .* one entry per query block"):
+        build_engine(model, compute_capabilities=("SM80",))
+
+
+def test_unknown_compute_capability_is_rejected():
+    model = export_model(OneOp("CS4AAttention").eval(), _inputs(), flavour="plugin")
+    with pytest.raises(ValueError, match="unknown compute capability 'SM90'"):
+        build_engine(model, compute_capabilities=("SM90",))
+
+
+def test_tiny_model_last_scale_step_builds_with_all_sparse_layers_as_plugins():
+    """A whole exported scale step (infinity-tiny, last scale: 2 CS4A + 2 CSLA layers) through TensorRT-RTX."""
+    from export.custom_ops import export_plan, translation_table
+    from export.step import StepUnit
+    from sparvar.config import get_config
+    from sparvar.model import build_model
+    from sparvar.schedule import get_schedule
+    from sparvar.sparse import default_policy
+
+    cfg, schedule = get_config("infinity-tiny"), get_schedule(256)
+    policy = default_policy("infinity-tiny", schedule)
+    model = build_model(cfg, dtype=torch.float32, seed=0).eval()
+    scale = schedule.num_scales - 1
+    unit = StepUnit(model, schedule, scale, 1, export_plan(policy, schedule, cfg.depth, flavour="plugin"))
+    g = torch.Generator().manual_seed(0)
+    args = []
+    for s in unit.inputs:
+        shape = s.concrete(4)
+        if s.name.startswith("cs4a_selected"):  # a valid selection: ascending distinct positions of the decision KV
+            kv = schedule.kv_len(policy.decision_scale)
+            rows = [torch.randperm(kv, generator=g)[: shape[-1]].sort().values for _ in range(shape[0] * shape[1] * shape[2])]
+            args.append(torch.stack(rows).view(shape).to(torch.int32))
+        elif s.dtype == "bool":
+            args.append(torch.ones(shape, dtype=torch.bool))
+        else:
+            args.append(torch.randn(shape, generator=g).to(getattr(torch, s.dtype)))
+    with torch.no_grad():
+        program = torch.onnx.export(unit, tuple(args), dynamo=True, input_names=[s.name for s in unit.inputs],
+                                     output_names=[s.name for s in unit.outputs], opset_version=18,
+                                     custom_translation_table=translation_table("plugin"), verbose=False)
+    report = build_engine(program.model_proto, compute_capabilities=("SM80",))
+    kinds = sorted(info["op_type"] for info in report.plugin_layers.values())
+    expected = sorted("CS4AAttentionCached" if policy.kind(layer, scale) == "cs4a" else "CSLAAttention"
+                      for layer in range(cfg.depth))
+    assert kinds == expected and set(kinds) == {"CS4AAttentionCached", "CSLAAttention"}
+    assert sorted(report.builder_plugin_nodes) == sorted(report.plugin_layers)
