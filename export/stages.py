@@ -107,7 +107,7 @@ def _load_model_and_decoder(ctx: StageContext):
     return model, decoder
 
 
-def _export_unit(module, inputs, outputs, sample_args, path: str, opset: int, flavour: str | None = None,
+def _export_unit(module, inputs, outputs, sample_args, shared, path: str, opset: int, flavour: str | None = None,
                  max_text_len: int = 512):
     """torch.onnx (dynamo) export of one unit; with SparVAR (`flavour` set) its attention becomes sparvar nodes."""
     text_len = torch.export.Dim("text_len", min=1, max=max_text_len)
@@ -123,7 +123,7 @@ def _export_unit(module, inputs, outputs, sample_args, path: str, opset: int, fl
             custom_translation_table=translation_table(flavour) if flavour else None, verbose=False)
     if flavour:
         finalize_export(program, flavour)  # the 'reference' flavour carries the reference math as local functions
-    program.save(path, external_data=True)
+    shared.add_model(program.model, path)
 
 
 def translation_table(flavour):
@@ -165,15 +165,10 @@ def run_export(ctx: StageContext) -> dict:
         plan = export_plan(ctx.policy(), schedule, cfg.depth, flavour=flavour)
     shared = SharedWeights(os.path.join(out, WEIGHTS_FILE))
     units = {}
-    tmp = os.path.join(out, ".tmp")
 
     def export_and_share(name, module, inputs, outputs, args):
-        os.makedirs(tmp, exist_ok=True)
-        tmp_path = os.path.join(tmp, f"{name}.onnx")
-        _export_unit(module, inputs, outputs, args, tmp_path, spec.opset, flavour, cfg.text_maxlen)
-        shared.absorb(tmp_path, os.path.join(out, f"{name}.onnx"))
-        for f in os.listdir(tmp):
-            os.remove(os.path.join(tmp, f))
+        _export_unit(module, inputs, outputs, args, shared, os.path.join(out, f"{name}.onnx"), spec.opset, flavour,
+                     cfg.text_maxlen)
         units[name] = {"file": f"export/{name}.onnx", "inputs": [s.as_dict() for s in inputs],
                        "outputs": [s.as_dict() for s in outputs]}
         ctx.log(f"[engine]   exported {name}")
@@ -190,7 +185,6 @@ def run_export(ctx: StageContext) -> dict:
     d_in, d_out = decode_io(cfg, schedule, spec.batch)
     export_and_share("decode", DecodeUnit(decoder), d_in, d_out, _sample(d_in, {}, text_len))
     shared.close()
-    os.rmdir(tmp)
     return {"units": units, "shared_weights": shared.summary()}
 
 

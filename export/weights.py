@@ -1,16 +1,13 @@
 """One external-data file for all graphs of an engine: each weight is stored once, whatever the scale count.
 
-The exporter writes every graph with its own external data. `SharedWeights.absorb` moves a graph's external
-tensors into the engine's shared file — deduplicated by content, so the 13 scale graphs of a 2B engine hold one
-copy of its 4 GB of weights, not 13 — and rewrites the graph to point there.
+`SharedWeights.add_model` moves an exported graph's initializers into the engine's shared file — deduplicated by
+content, so the 13 scale graphs of a 2B engine hold one copy of its 4 GB of weights, not 13 — and saves the graph
+pointing there. Nothing else is written per graph, so exporting a large model costs one weight write in total.
 """
 from __future__ import annotations
 
 import hashlib
 import os
-
-import onnx
-from onnx.external_data_helper import ExternalDataInfo, uses_external_data
 
 ALIGN = 64  # byte alignment of each tensor in the shared file (lets runtimes map weights directly)
 
@@ -37,26 +34,28 @@ class SharedWeights:
         self.index[digest] = (offset, len(data))
         return self.index[digest]
 
-    def absorb(self, src_model: str, dst_model: str) -> None:
-        """Move src_model's external tensors into the shared file; write the rewritten graph to dst_model."""
-        model = onnx.load(src_model, load_external_data=False)
-        base = os.path.dirname(src_model)
-        location = os.path.relpath(self.path, os.path.dirname(dst_model))
-        for tensor in _all_tensors(model):
-            if not uses_external_data(tensor):
+    def add_model(self, model, dst_model: str, inline_below: int = 1024) -> None:
+        """Move an exported model's initializers (onnx_ir) into the shared file; save the graph to dst_model.
+
+        Tensors go straight from memory into the shared file (no per-graph external-data file is written);
+        an identical tensor already stored is referenced instead of written again.
+        """
+        import onnx_ir as ir
+
+        base = os.path.dirname(os.path.abspath(dst_model))
+        location = os.path.relpath(os.path.abspath(self.path), base)
+        self.file.flush()
+        for value in model.graph.initializers.values():
+            tensor = value.const_value
+            if tensor is None or tensor.nbytes < inline_below:
                 continue
-            info = ExternalDataInfo(tensor)
-            with open(os.path.join(base, info.location), "rb") as f:
-                f.seek(info.offset or 0)
-                data = f.read(info.length) if info.length else f.read()
-            offset, length = self._store(data)
+            offset, length = self._store(tensor.tobytes())
             self.tensors += 1
-            del tensor.external_data[:]
-            for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
-                entry = tensor.external_data.add()
-                entry.key, entry.value = key, value
+            value.const_value = ir.ExternalTensor(location, offset, length, tensor.dtype, shape=tensor.shape,
+                                                  name=value.name, base_dir=base)
+        self.file.flush()
         tmp = f"{dst_model}.tmp-{os.getpid()}"
-        onnx.save(model, tmp)
+        ir.save(model, tmp)
         os.replace(tmp, dst_model)
 
     def close(self) -> None:
@@ -66,10 +65,3 @@ class SharedWeights:
         return {"file": os.path.basename(self.path), "bytes": os.path.getsize(self.path), "unique_tensors": len(self.index),
                 "references": self.tensors, "deduplicated": self.reused}
 
-
-def _all_tensors(model: onnx.ModelProto):
-    yield from model.graph.initializer
-    for node in model.graph.node:
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.TENSOR:
-                yield attr.t

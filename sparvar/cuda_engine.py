@@ -27,21 +27,20 @@ class _Graphs:
 
 class CudaGraphRunner:
     def __init__(self, model: Infinity, schedule: Schedule, plan=None, use_graphs: bool = True, backend: str = "cudnn"):
-        if not torch.cuda.is_available():
-            raise RuntimeError("the torch-cuda engine needs a CUDA GPU; none is available")
         self.model, self.schedule, self.plan, self.use_graphs, self.backend = model, schedule, plan, use_graphs, backend
         self.device = model.pos_start.device
-        if self.device.type != "cuda":
-            raise ValueError(f"model must be on a CUDA device, found {self.device}")
+        if use_graphs and (not torch.cuda.is_available() or self.device.type != "cuda"):
+            raise RuntimeError(f"CUDA graphs need the model on a CUDA GPU (model is on {self.device}, "
+                               f"CUDA available: {torch.cuda.is_available()})")
         self.ropes = [r.to(self.device) for r in rope_tables(schedule, model.cfg.head_dim)]
-        self.pool = torch.cuda.graph_pool_handle()
+        self.pool = torch.cuda.graph_pool_handle() if use_graphs else None
         self.sets: dict[tuple[int, int], _Graphs] = {}
         self.current: _Graphs | None = None
 
     @torch.no_grad()
     def begin(self, features, lengths, guided: bool):
         L = features.shape[1]
-        bucket = -(-L // TEXT_BUCKET) * TEXT_BUCKET
+        bucket = min(-(-L // TEXT_BUCKET) * TEXT_BUCKET, self.model.cfg.text_maxlen)
         padded = torch.zeros(features.shape[0], bucket, features.shape[2], dtype=features.dtype, device=self.device)
         padded[:, :L] = features.to(self.device)
         text = self.model.encode_text(padded, lengths.to(self.device), guided)

@@ -325,17 +325,20 @@ class _MaskPlan:
 
 
 def build_model(cfg: InfinityConfig, device="cpu", dtype=torch.float32, init: str = "random", seed: int = 0) -> Infinity:
-    """Build a model; `init='random'` gives a deterministic, sensibly scaled random init, 'meta' allocates nothing."""
+    """Build a model; `init='random'` gives a deterministic, sensibly scaled random init, 'meta' allocates nothing.
+
+    Random weights are allocated directly in `dtype` (a 2B model never exists in fp32 as a whole) and drawn in
+    fp32 one tensor at a time, so the same seed gives the same weights (up to rounding) in every dtype.
+    """
+    with torch.device("meta"):
+        model = Infinity(cfg)
     if init == "meta":
-        with torch.device("meta"):
-            return Infinity(cfg)
+        return model
     if init != "random":
         raise ValueError(f"unknown init {init!r}; expected 'random' or 'meta'")
-    torch.manual_seed(seed)
-    with torch.device(device):
-        model = Infinity(cfg)
-    init_random_(model)
-    return cast_model(model, dtype)
+    model = cast_model(model, dtype).to_empty(device=device)
+    init_random_(model, torch.Generator(device=device).manual_seed(seed))
+    return model
 
 
 def cast_model(model: Infinity, dtype) -> Infinity:
@@ -347,19 +350,26 @@ def cast_model(model: Infinity, dtype) -> Infinity:
 
 
 @torch.no_grad()
-def init_random_(model: Infinity) -> None:
+def init_random_(model: Infinity, generator: torch.Generator) -> None:
     """Random weights that keep activations in a realistic range (the official init's scales)."""
     C = model.cfg.width
     std = math.sqrt(1 / C / 3)
+
+    def normal_(p, s):
+        p.copy_(torch.empty(p.shape, dtype=torch.float32, device=p.device).normal_(0, s, generator=generator))
+
     for name, p in model.named_parameters():
         if name.endswith("scale_mul_1H11"):
             p.fill_(math.log(4.0))
         elif name.endswith("norm.weight") or name == "text_norm.weight":
             p.fill_(1.0)
         elif name.endswith("ada_gss"):
-            p.normal_(0, 1 / C**0.5)
+            normal_(p, 1 / C**0.5)
+        elif name == "cfg_uncond":
+            normal_(p, 1.2 / model.cfg.text_dim**0.5)
         elif p.ndim == 1:
             p.zero_()
         else:
-            p.normal_(0, std)
-    model.cfg_uncond.normal_(0, 1.2 / model.cfg.text_dim**0.5)
+            normal_(p, std)
+    for _, b in model.named_buffers():  # the zero k-biases: to_empty left them uninitialised
+        b.zero_()

@@ -110,11 +110,18 @@ class SparVARPolicy:
 # layers, groups of 16 queries and 16-key multiples (top-32 of 121 keys; bands 48 and 80 keys; key sets
 # 80/265 and 160/521), 3 sink scales (21 tokens), windows (1, 3, 5) on the own scale and the two before it,
 # and 16x16 tiles (block density 88% / 64% / 38% at scales 4 / 5 / 6; token density 39% / 19% / 10%).
+# CIFAR (6 layers; grids ..., 20, 24, 32 at 64x64; sparse scales 8, 9, 10) keeps the paper's sinks (scales 0-4,
+# 66 tokens) and window sides (token density 14.8% / 9.3% / 5.7%), with 32x32 tiles, one 32-token row of the
+# last scale (block density 50% / 39% / 26%); CS4A: 2 of 6 layers (paper 11 of 32), 48-query groups give the
+# paper's 9 / 12 / 22 groups, top-192 of 930 keys, bands 5 and 7 in 32-key multiples (key sets 352 / 1,506 =
+# 23% and 608 / 2,530 = 24%, paper 21% / 20%).
 POLICY_PRESETS: dict[str, dict] = {
     "infinity-2b": dict(sparse_last=3, cs4a_layers=11),
     "infinity-8b": dict(sparse_last=3, cs4a_layers=11),
     "infinity-tiny": dict(sparse_last=3, cs4a_layers=2, csla_sinks=3, csla_window_sides=(1, 3, 5), csla_block=(16, 16),
                           cs4a_group_size=16, cs4a_multiple=16, cs4a_band_sides=(3, 5)),
+    "infinity-cifar": dict(sparse_last=3, cs4a_layers=2, csla_block=(32, 32), cs4a_group_size=48, cs4a_multiple=32,
+                           cs4a_band_sides=(5, 7)),
 }
 
 
@@ -146,7 +153,13 @@ class SparseOps(NamedTuple):
 def get_sparse_ops(backend: str) -> SparseOps:
     if backend == "reference":
         return SparseOps(csla_attention_ref, cs4a_decide_ref, cs4a_attention_ref)
-    raise ValueError(f"unknown SparVAR backend {backend!r}; available: 'reference'")
+    if backend == "triton":
+        from sparvar import kernels
+
+        if not kernels.HAS_TRITON:
+            raise RuntimeError("SparVAR backend 'triton' needs the triton package (and a CUDA GPU to run)")
+        return kernels.sparse_ops()
+    raise ValueError(f"unknown SparVAR backend {backend!r}; available: 'reference', 'triton'")
 
 
 class SparVARPlan:
