@@ -94,7 +94,15 @@ def bench_model(model_name: str, resolution: int, warmup: int, runs: int, rows=N
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
-        timing, per_scale = time_generation(pipe, features, lengths, warmup, runs)
+        try:
+            timing, per_scale = time_generation(pipe, features, lengths, warmup, runs)
+        except Exception as e:  # one broken row must not lose the others: record it
+            print(f"{model_name:12s} {name:48s} FAILED: {type(e).__name__}: {e}", flush=True)
+            results.append({"row": name, "error": f"{type(e).__name__}: {e}"})
+            del runner, pipe, plan
+            gc.collect()
+            torch.cuda.empty_cache()
+            continue
         row = {"row": name, "attention": attention, "runner": kind, "sdpa_backend": backend, "skip_last": skip,
                **timing, "per_scale_ms": per_scale, "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30,
                "bench_seconds": time.perf_counter() - t0}
@@ -103,10 +111,12 @@ def bench_model(model_name: str, resolution: int, warmup: int, runs: int, rows=N
         del runner, pipe, plan
         gc.collect()
         torch.cuda.empty_cache()
-    base = {r["row"]: r["median_ms"] for r in results}
+    base = {r["row"]: r["median_ms"] for r in results if "median_ms" in r}
     fa2 = base.get("dense eager, SDPA FlashAttention-2")
     dense_engine = base.get("dense engine (CUDA graphs, cuDNN)")
     for r in results:
+        if "median_ms" not in r:
+            continue
         if fa2:
             r["speedup_vs_dense_eager_fa2"] = fa2 / r["median_ms"]
         if dense_engine:
@@ -127,8 +137,8 @@ def plot(result: dict, path: str) -> None:
 
     fig, axes = plt.subplots(1, len(result["models"]), figsize=(7 * len(result["models"]), 4), squeeze=False)
     for ax, m in zip(axes[0], result["models"]):
-        names = [r["row"] for r in m["rows"]]
-        ax.barh(names, [r["median_ms"] for r in m["rows"]])
+        rows = [r for r in m["rows"] if "median_ms" in r]
+        ax.barh([r["row"] for r in rows], [r["median_ms"] for r in rows])
         ax.axvline(m["flop_floor_ms"] or 0, color="k", linestyle="--", label="dense FLOP floor")
         ax.set_title(f"{m['model']} {m['resolution']}² (H100, bf16, CFG, batch 1)")
         ax.set_xlabel("ms per image (median)")
@@ -153,8 +163,10 @@ def main(args=None) -> int:
     models = args.model or ["infinity-2b", "infinity-8b"]
     out = {"benchmark": "end-to-end latency per image", "protocol": f"{args.warmup} warm-up + median of {args.runs} timed runs; "
            "text conditioning, all scales, CFG, sampling and VAE decode included; T5 encoder excluded; random weights",
-           "models": [bench_model(m, args.resolution, args.warmup, args.runs) for m in models]}
-    path = write_result(args.out, out)
+           "models": []}
+    for m in models:  # written after each model, so a later failure keeps the earlier results
+        out["models"].append(bench_model(m, args.resolution, args.warmup, args.runs))
+        path = write_result(args.out, out)
     plot(out, os.path.splitext(path)[0] + ".png")
     print(f"wrote {path}")
     return 0

@@ -1,0 +1,32 @@
+"""Triton kernels for SparVAR attention on CUDA GPUs (forward only; bf16/fp16; head dim 64 or 128).
+
+    csla_attention(q, k, v, layout)                        block-granular CSLA over a sparvar.csla.BlockLayout
+    cs4a_attention(q, k, v, key_idx, group_size, o_cache)  CS4A grouped gather attention (+ residual cache)
+    cs4a_decide(q, k, v, group_size, topk)                 dense + per-group top-k selection + residual cache
+
+Each goes through a torch custom op (sparvar::triton_csla_attention, sparvar::triton_cs4a_attention,
+sparvar::triton_cs4a_decide, with fake kernels) so torch.compile and torch.export keep it as one call. The
+names carry a `triton_` prefix because export/custom_ops.py already defines sparvar::csla_attention etc. as the
+reference ops of the ONNX path. `sparse_ops()` returns them as a sparvar.sparse.SparseOps backend.
+The module imports without triton (CPU installs); the kernels then raise a RuntimeError naming it.
+"""
+from sparvar.kernels.cs4a import (cs4a_attention, cs4a_attention_raw, cs4a_column_sums, cs4a_decide, cs4a_decide_raw,
+                                  reference_column_sums, reference_cs4a_attention, reference_cs4a_decide)
+from sparvar.kernels.csla import (HAS_TRITON, csla_attention, csla_attention_blocks, dense_attention,
+                                  query_block_order, reference_csla_attention)
+
+__all__ = [
+    "HAS_TRITON", "csla_attention", "csla_attention_blocks", "dense_attention", "query_block_order",
+    "reference_csla_attention", "cs4a_attention", "cs4a_attention_raw", "cs4a_column_sums", "cs4a_decide",
+    "cs4a_decide_raw", "reference_column_sums", "reference_cs4a_attention", "reference_cs4a_decide", "sparse_ops",
+]
+
+
+def sparse_ops():
+    """The kernels with sparvar.sparse.SparseOps' signatures (softmax scale 1, as the model uses)."""
+    from sparvar.sparse import SparseOps
+
+    def cs4a(q, k, v, key_idx, group_size, o_cache=None):
+        return cs4a_attention(q, k, v, key_idx, group_size, o_cache)
+
+    return SparseOps(csla_attention, cs4a_decide, cs4a)

@@ -1,0 +1,427 @@
+"""CS4A kernels in Triton: grouped gather attention (later scales) and the decision pass (decision scale).
+
+cs4a_attention: queries come in raster groups of `group_size`; group g attends to the keys at the absolute KV
+positions key_idx[b, h, g, :] (gathered straight from the KV cache: no K/V copies), followed, when band_start is
+given, by the contiguous own-scale band [band_start[g], band_start[g] + band_len). One program computes BLOCK_M
+queries of one group (BLOCK_M = the largest of 128/64/32/16 dividing group_size: 64 for the paper's 192, so the
+three programs of a group are launched next to each other and share its K/V rows through L2). Only the last key
+tile can be partial, so the loop runs unmasked full tiles and masks that one tile. The output can fuse
+`sign * attention + extra` (extra = the upsampled residual cache at later scales, or the dense output with sign -1
+when the decision builds O_cache).
+
+cs4a_decide (decision scale): pass 1 = dense flash attention (fp32 output) that also stores each row's logsumexp;
+pass 2 = per (key tile, group, batch*head) the column sums over the group's queries of exp(s - lse), i.e. of the softmax
+probabilities (no atomics: each program owns its key tile); then torch.topk per group, sorted ascending, and the
+residual O_cache = O_dense - attention over the selection (cs4a kernel with sign -1, extra = O_dense).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from sparvar.kernels.csla import (HAS_TRITON, LOG2E, autotuning, check_device, check_index, check_qkv,
+                                  dense_attention, interpreting, require_triton)
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    from sparvar.kernels.csla import online_softmax_step
+
+
+def query_tile(group_size: int) -> int:
+    """Queries per program: the largest of 128, 64, 32, 16 that divides group_size (tiles never straddle groups)."""
+    for tile in (128, 64, 32, 16):
+        if group_size % tile == 0:
+            return tile
+    raise ValueError(f"CS4A group_size must be a positive multiple of 16 (query tiles never straddle groups), got {group_size}")
+
+
+# ------------------------------------------------------------------------------------------------ kernels
+if HAS_TRITON:
+
+    @triton.jit
+    def _cs4a_fwd_kernel(
+        Q, K, V, Out, KeyIdx, BandStart, Extra,
+        stride_qb, stride_qh, stride_qm,
+        stride_kb, stride_kh, stride_kn,
+        stride_vb, stride_vh, stride_vn,
+        stride_ob, stride_oh, stride_om,
+        stride_ib, stride_ih, stride_ig,
+        stride_eb, stride_eh, stride_em,
+        H, q_len, num_gathered, band_len, group_size, qk_scale,
+        HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        HAS_BAND: tl.constexpr, HAS_EXTRA: tl.constexpr, NEGATE: tl.constexpr,
+    ):
+        pid_m = tl.program_id(0)
+        pid_bh = tl.program_id(1)
+        b = pid_bh // H
+        h = pid_bh % H
+        g = (pid_m * BLOCK_M) // group_size
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, HEAD_DIM)
+        row_ok = offs_m < q_len
+        q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
+                    mask=row_ok[:, None], other=0.0)
+        k_base = K + b * stride_kb + h * stride_kh + offs_d[None, :]
+        v_base = V + b * stride_vb + h * stride_vh + offs_d[None, :]
+        idx_base = KeyIdx + b * stride_ib + h * stride_ih + g * stride_ig
+        if HAS_BAND:
+            band_start = tl.load(BandStart + g)
+            num_keys = num_gathered + band_len
+        else:
+            band_start = 0
+            num_keys = num_gathered
+
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+
+        num_full = num_keys // BLOCK_N
+        for t in range(0, num_full):
+            pos = t * BLOCK_N + offs_n
+            if HAS_BAND:
+                gathered = pos < num_gathered
+                keys = tl.load(idx_base + pos, mask=gathered, other=0)
+                keys = tl.where(gathered, keys, band_start + pos - num_gathered)
+            else:
+                keys = tl.load(idx_base + pos)
+            k = tl.load(k_base + keys[:, None] * stride_kn)
+            v = tl.load(v_base + keys[:, None] * stride_vn)
+            acc, l_i, m_i = online_softmax_step(acc, l_i, m_i, q, k, v, qk_scale, pos < num_keys, False)
+
+        if num_full * BLOCK_N < num_keys:  # the partial last tile; masked columns read key 0 (in bounds) and get -inf
+            pos = num_full * BLOCK_N + offs_n
+            valid = pos < num_keys
+            gathered = pos < num_gathered
+            keys = tl.load(idx_base + pos, mask=gathered, other=0)
+            if HAS_BAND:
+                keys = tl.where(gathered, keys, band_start + pos - num_gathered)
+            keys = tl.where(valid, keys, 0)
+            k = tl.load(k_base + keys[:, None] * stride_kn)
+            v = tl.load(v_base + keys[:, None] * stride_vn)
+            acc, l_i, m_i = online_softmax_step(acc, l_i, m_i, q, k, v, qk_scale, valid, True)
+
+        out = acc / l_i[:, None]
+        if NEGATE:
+            out = -out
+        if HAS_EXTRA:
+            extra = tl.load(Extra + b * stride_eb + h * stride_eh + offs_m[:, None] * stride_em + offs_d[None, :],
+                            mask=row_ok[:, None], other=0.0)
+            out = out + extra.to(tl.float32)
+        tl.store(Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :],
+                 out.to(Out.dtype.element_ty), mask=row_ok[:, None])
+
+    @triton.jit
+    def _column_sums_kernel(
+        Q, K, Lse, ColSums,
+        stride_qb, stride_qh, stride_qm,
+        stride_kb, stride_kh, stride_kn,
+        H, q_len, kv_len, group_size, num_groups, qk_scale,
+        HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    ):
+        pid_n = tl.program_id(0)
+        g = tl.program_id(1)
+        pid_bh = tl.program_id(2)
+        b = pid_bh // H
+        h = pid_bh % H
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, HEAD_DIM)
+        key_ok = offs_n < kv_len
+        k = tl.load(K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :],
+                    mask=key_ok[:, None], other=0.0)
+        cols = tl.zeros([BLOCK_N], dtype=tl.float32)
+        first = g * group_size
+        end = tl.minimum(first + group_size, q_len)
+        for m0 in range(first, end, BLOCK_M):
+            offs_m = m0 + tl.arange(0, BLOCK_M)
+            row_ok = offs_m < end
+            q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
+                        mask=row_ok[:, None], other=0.0)
+            # rows outside the group get lse = +inf, hence probability 0
+            lse = tl.load(Lse + pid_bh * q_len + offs_m, mask=row_ok, other=float("inf"))
+            # scores transposed (keys x queries) so the column sum is a row reduction inside each warp
+            s = tl.dot(k, tl.trans(q))
+            p = tl.math.exp2(s * qk_scale - lse[None, :] * 1.4426950408889634)
+            cols += tl.sum(p, 1)
+        tl.store(ColSums + (pid_bh * num_groups + g) * kv_len + offs_n, cols, mask=key_ok)
+
+    def _prune_cs4a(configs, named_args, **kwargs):
+        block_m = kwargs["BLOCK_M"]
+        kept = [c for c in configs if not (block_m < 64 and c.num_warps > 4)
+                and not (block_m < 64 and c.kwargs["BLOCK_N"] > 64)]
+        return kept or configs[:1]
+
+    _CS4A_CONFIGS = [triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=s)
+                     for n, w, s in ((64, 4, 3), (64, 4, 4), (64, 4, 2), (32, 4, 3), (128, 4, 3), (128, 8, 3), (64, 8, 3))]
+    _cs4a_fwd_tuned = triton.autotune(configs=_CS4A_CONFIGS,
+                                      key=["HEAD_DIM", "BLOCK_M", "num_gathered", "band_len", "HAS_BAND", "HAS_EXTRA"],
+                                      prune_configs_by={"early_config_prune": _prune_cs4a})(_cs4a_fwd_kernel)
+    _COLSUM_CONFIGS = [triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=s)
+                       for n, w, s in ((128, 4, 2), (128, 8, 2), (64, 4, 2), (256, 8, 2))]
+    _column_sums_tuned = triton.autotune(configs=_COLSUM_CONFIGS, key=["HEAD_DIM", "BLOCK_M", "kv_len", "group_size"],
+                                         prune_configs_by={"early_config_prune": _prune_cs4a})(_column_sums_kernel)
+
+
+def tuned_config(kernel: str) -> str | None:
+    """The config the autotuner picked last for 'cs4a' or 'column_sums' (for benchmark reports)."""
+    if not HAS_TRITON:
+        return None
+    fn = {"cs4a": "_cs4a_fwd_tuned", "column_sums": "_column_sums_tuned"}.get(kernel)
+    best = getattr(globals().get(fn), "best_config", None)
+    return None if best is None else str(best)
+
+
+# ------------------------------------------------------------------------------------------------ checks
+def _check_group(name: str, q_len: int, group_size) -> int:
+    if not isinstance(group_size, int) or isinstance(group_size, bool) or group_size <= 0:
+        raise ValueError(f"{name}: group_size must be a positive int, got {group_size!r}")
+    query_tile(group_size)
+    return -(-q_len // group_size)
+
+
+def check_cs4a_inputs(name: str, q, k, v, key_idx, group_size, o_cache=None, band_start=None, band_len: int = 0) -> None:
+    check_qkv(name, q, k, v)
+    b, h, q_len, _ = q.shape
+    groups = _check_group(name, q_len, group_size)
+    check_index(name, "key_idx", key_idx, 4)
+    if tuple(key_idx.shape[:3]) != (b, h, groups):
+        raise ValueError(f"{name}: key_idx {tuple(key_idx.shape)} must be (B, H, G, K) = ({b}, {h}, {groups}, K): "
+                         f"ceil({q_len} / group_size={group_size}) groups")
+    if not isinstance(band_len, int) or isinstance(band_len, bool) or band_len < 0:
+        raise ValueError(f"{name}: band_len must be an int >= 0, got {band_len!r}")
+    if band_start is None:
+        if band_len:
+            raise ValueError(f"{name}: band_len={band_len} given without band_start")
+    else:
+        check_index(name, "band_start", band_start, 1)
+        if band_start.shape[0] != groups:
+            raise ValueError(f"{name}: band_start {tuple(band_start.shape)} must have one start per group ({groups})")
+        if band_len <= 0:
+            raise ValueError(f"{name}: band_start given, so band_len must be positive, got {band_len}")
+    num_keys = key_idx.shape[3] + band_len
+    if num_keys == 0:
+        raise ValueError(f"{name}: each group needs at least one key; key_idx has none and there is no band")
+    if num_keys > k.shape[2]:
+        raise ValueError(f"{name}: {num_keys} keys per group but the KV cache holds only {k.shape[2]}")
+    if o_cache is not None:
+        if not isinstance(o_cache, torch.Tensor):
+            raise TypeError(f"{name}: o_cache must be a torch.Tensor or None, got {type(o_cache).__name__}")
+        if o_cache.shape != q.shape:
+            raise ValueError(f"{name}: o_cache {tuple(o_cache.shape)} must have q's shape {tuple(q.shape)} "
+                             "(upsample it to this scale first)")
+        if o_cache.dtype not in (q.dtype, torch.float32):
+            raise TypeError(f"{name}: o_cache must be {q.dtype} or float32, got {o_cache.dtype}")
+        if o_cache.stride(3) != 1:
+            raise ValueError(f"{name}: o_cache must be contiguous in the head dim, got strides {o_cache.stride()}")
+    check_device(name, q, k=k, v=v, key_idx=key_idx, band_start=band_start, o_cache=o_cache)
+
+
+def check_key_values(key_idx: torch.Tensor, kv_len: int, band_start: torch.Tensor | None = None, band_len: int = 0) -> None:
+    """Value checks needing a device sync (positions inside the KV cache); for tests and debugging."""
+    if key_idx.numel() and (int(key_idx.min()) < 0 or int(key_idx.max()) >= kv_len):
+        raise ValueError(f"key_idx holds positions outside [0, {kv_len}): [{int(key_idx.min())}, {int(key_idx.max())}]")
+    if band_start is not None and (int(band_start.min()) < 0 or int(band_start.max()) + band_len > kv_len):
+        raise ValueError(f"bands [band_start, band_start + {band_len}) leave the KV cache of {kv_len} keys")
+
+
+# ------------------------------------------------------------------------------------------------ launches
+def _launch_cs4a(q, k, v, key_idx, group_size, extra, negate, band_start, band_len, scale):
+    require_triton("cs4a_attention")
+    b, h, q_len, d = q.shape
+    out = torch.empty((b, h, q_len, d), dtype=q.dtype, device=q.device)
+    block_m = query_tile(group_size)
+    e = out if extra is None else extra
+    args = (q, k, v, out, key_idx, out if band_start is None else band_start, e,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
+            key_idx.stride(0), key_idx.stride(1), key_idx.stride(2), e.stride(0), e.stride(1), e.stride(2),
+            h, q_len, key_idx.shape[3], band_len, group_size, float(scale) * LOG2E)
+    meta = dict(HEAD_DIM=d, BLOCK_M=block_m, HAS_BAND=band_start is not None, HAS_EXTRA=extra is not None,
+                NEGATE=negate)
+    grid = (-(-q_len // block_m), b * h)
+    if interpreting():
+        _cs4a_fwd_kernel[grid](*args, **meta, BLOCK_N=32, num_warps=4, num_stages=2)
+    elif autotuning():
+        with torch.cuda.device(q.device):
+            _cs4a_fwd_tuned[grid](*args, **meta)
+    else:
+        with torch.cuda.device(q.device):
+            _cs4a_fwd_kernel[grid](*args, **meta, BLOCK_N=64, num_warps=8 if block_m >= 128 else 4, num_stages=3)
+    return out
+
+
+def cs4a_attention_raw(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_idx: torch.Tensor, group_size: int = 192,
+                       o_cache: torch.Tensor | None = None, *, band_start: torch.Tensor | None = None, band_len: int = 0,
+                       scale: float = 1.0) -> torch.Tensor:
+    """Grouped gather attention (+ o_cache), launched directly (cs4a_attention goes through the custom op).
+
+    q (B, H, Lq, D); k, v (B, H, Lk, D); key_idx (B, H, ceil(Lq / group_size), K) int32 absolute KV positions,
+    unique within a group; band_start None or (G,) int32 starts of a contiguous band of band_len keys appended
+    to each group's set; o_cache None or (B, H, Lq, D) (already at this scale) added to the output.
+    """
+    check_cs4a_inputs("cs4a_attention", q, k, v, key_idx, group_size, o_cache, band_start, band_len)
+    if not math.isfinite(scale) or scale <= 0:
+        raise ValueError(f"cs4a_attention: scale must be a positive finite float, got {scale}")
+    return _launch_cs4a(q, k, v, key_idx, group_size, o_cache, False, band_start, band_len, scale)
+
+
+def cs4a_column_sums(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, group_size: int, *,
+                     scale: float = 1.0) -> torch.Tensor:
+    """(B, H, G, Lk) fp32: per query group, the sums over its queries of softmax(q k^T * scale) (rows' lse given)."""
+    name = "cs4a_column_sums"
+    check_qkv(name, q, k, k)
+    b, h, q_len, d = q.shape
+    groups = _check_group(name, q_len, group_size)
+    if not isinstance(lse, torch.Tensor) or lse.dtype != torch.float32 or tuple(lse.shape) != (b, h, q_len):
+        raise ValueError(f"{name}: lse must be a float32 ({b}, {h}, {q_len}) tensor, got "
+                         f"{getattr(lse, 'dtype', type(lse).__name__)} {tuple(getattr(lse, 'shape', ()))}")
+    if not lse.is_contiguous():
+        raise ValueError(f"{name}: lse must be contiguous")
+    check_device(name, q, k=k, lse=lse)
+    require_triton(name)
+    kv_len = k.shape[2]
+    sums = torch.empty((b, h, groups, kv_len), dtype=torch.float32, device=q.device)
+    block_m = min(64, query_tile(group_size))
+    args = (q, k, lse, sums, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            h, q_len, kv_len, group_size, groups, float(scale) * LOG2E)
+    grid = lambda meta: (triton.cdiv(kv_len, meta["BLOCK_N"]), groups, b * h)  # noqa: E731
+    if interpreting():
+        _column_sums_kernel[grid({"BLOCK_N": 32})](*args, HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=32, num_warps=4, num_stages=2)
+    elif autotuning():
+        with torch.cuda.device(q.device):
+            _column_sums_tuned[grid](*args, HEAD_DIM=d, BLOCK_M=block_m)
+    else:
+        with torch.cuda.device(q.device):
+            _column_sums_kernel[grid({"BLOCK_N": 128})](*args, HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=128, num_warps=4,
+                                                       num_stages=2)
+    return sums
+
+
+def cs4a_decide_raw(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group_size: int = 192, topk: int = 784, *,
+                    scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Decision scale: (out = dense attention, selected (B, H, G, topk) int32 ascending, o_cache = out - sparse)."""
+    name = "cs4a_decide"
+    check_qkv(name, q, k, v)
+    groups = _check_group(name, q.shape[2], group_size)
+    if not isinstance(topk, int) or isinstance(topk, bool) or not 0 < topk <= k.shape[2]:
+        raise ValueError(f"{name}: topk must be an int in [1, {k.shape[2]}] (the KV length), got {topk!r}")
+    if not math.isfinite(scale) or scale <= 0:
+        raise ValueError(f"{name}: scale must be a positive finite float, got {scale}")
+    check_device(name, q, k=k, v=v)
+    # fp32 dense output: O_cache = O_dense - O_sparse is a small difference of O(1) values, so O_dense is not
+    # rounded to bf16 before the subtraction (only the two results are)
+    dense, lse = dense_attention(q, k, v, scale=scale, return_lse=True, out_dtype=torch.float32)
+    sums = cs4a_column_sums(q, k, lse, group_size, scale=scale)
+    selected = sums.topk(topk, dim=-1, sorted=False).indices.sort(dim=-1).values.to(torch.int32)
+    assert selected.shape[2] == groups
+    o_cache = _launch_cs4a(q, k, v, selected, group_size, dense, True, None, 0, scale)
+    return dense.to(q.dtype), selected, o_cache
+
+
+# ------------------------------------------------------------------------------------------------ custom ops
+def cs4a_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_idx: torch.Tensor, group_size: int = 192,
+                   o_cache: torch.Tensor | None = None, *, band_start: torch.Tensor | None = None, band_len: int = 0,
+                   scale: float = 1.0) -> torch.Tensor:
+    """cs4a_attention_raw through the sparvar::triton_cs4a_attention op (same arguments)."""
+    return torch.ops.sparvar.triton_cs4a_attention(q, k, v, key_idx, o_cache, band_start, group_size, band_len, scale)
+
+
+def cs4a_decide(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group_size: int = 192, topk: int = 784, *,
+                scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """cs4a_decide_raw through the sparvar::triton_cs4a_decide op."""
+    return torch.ops.sparvar.triton_cs4a_decide(q, k, v, group_size, topk, scale)
+
+
+@torch.library.custom_op("sparvar::triton_cs4a_attention", mutates_args=())
+def _cs4a_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_idx: torch.Tensor, o_cache: torch.Tensor | None,
+             band_start: torch.Tensor | None, group_size: int, band_len: int, scale: float) -> torch.Tensor:
+    return cs4a_attention_raw(q, k, v, key_idx, group_size, o_cache, band_start=band_start, band_len=band_len, scale=scale)
+
+
+@_cs4a_op.register_fake
+def _(q, k, v, key_idx, o_cache, band_start, group_size, band_len, scale):
+    return q.new_empty(q.shape)
+
+
+@torch.library.custom_op("sparvar::triton_cs4a_decide", mutates_args=())
+def _cs4a_decide_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group_size: int, topk: int,
+                    scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return cs4a_decide_raw(q, k, v, group_size, topk, scale=scale)
+
+
+@_cs4a_decide_op.register_fake
+def _(q, k, v, group_size, topk, scale):
+    b, h, q_len, _ = q.shape
+    groups = -(-q_len // group_size)
+    return (q.new_empty(q.shape),
+            q.new_empty((b, h, groups, topk), dtype=torch.int32),
+            q.new_empty(q.shape))
+
+
+# ------------------------------------------------------------------------------------------------ references
+def band_indices(band_start: torch.Tensor, band_len: int, batch: int, heads: int) -> torch.Tensor:
+    """(B, H, G, band_len) int32 absolute positions of each group's band."""
+    from sparvar.cs4a import Band
+
+    band = Band(band_start, band_len).indices()
+    return band.expand(batch, heads, *band.shape)
+
+
+def reference_cs4a_attention(q, k, v, key_idx, group_size: int = 192, o_cache=None, *, band_start=None,
+                             band_len: int = 0, scale: float = 1.0) -> torch.Tensor:
+    """Plain-torch fp32 result of cs4a_attention (sparvar.cs4a.cs4a_attention_ref with the band appended)."""
+    from sparvar.cs4a import cs4a_attention_ref
+
+    if band_start is not None:
+        key_idx = torch.cat([key_idx, band_indices(band_start, band_len, *q.shape[:2]).to(key_idx.device)], dim=-1)
+    return cs4a_attention_ref(q.float() * scale, k, v, key_idx, group_size, o_cache).to(q.dtype)
+
+
+def reference_cs4a_decide(q, k, v, group_size: int = 192, topk: int = 784, scale: float = 1.0):
+    """Plain-torch fp32 result of cs4a_decide (sparvar.cs4a.cs4a_decide_ref)."""
+    from sparvar.cs4a import cs4a_decide_ref
+
+    out, selected, o_cache = cs4a_decide_ref(q.float() * scale, k, v, group_size, topk)
+    return out.to(q.dtype), selected, o_cache.to(q.dtype)
+
+
+def reference_column_sums(q, k, group_size: int, scale: float = 1.0) -> torch.Tensor:
+    """(B, H, G, Lk) fp32 column sums of the softmax probabilities per query group, in plain torch."""
+    b, h, q_len, _ = q.shape
+    groups = -(-q_len // group_size)
+    probs = (q.float() * scale @ k.float().transpose(-1, -2)).softmax(dim=-1)  # (B, H, Lq, Lk)
+    group_of_row = torch.arange(q_len, device=q.device) // group_size
+    sums = probs.new_zeros(b, h, groups, k.shape[2])
+    return sums.index_add_(2, group_of_row, probs)
+
+
+# ------------------------------------------------------------------------------------------------ benchmark entry
+def benchmark(batch: int = 2, heads: int = 16, head_dim: int = 128, dtype: torch.dtype = torch.bfloat16) -> dict:
+    """Time cs4a_attention at 1024^2 scale 12 (2,128 keys per group) against SDPA cuDNN (one quick comparison)."""
+    from triton.testing import do_bench
+
+    from sparvar.attention import dense_attention as sdpa_dense
+    from sparvar.schedule import get_schedule
+    from sparvar.sparse import default_policy
+
+    schedule = get_schedule(1024)
+    policy = default_policy("infinity-2b", schedule)
+    scale = schedule.num_scales - 1
+    geometry = policy.cs4a_geometry(schedule, scale).to("cuda")
+    q_len, kv_len = schedule.lengths[scale], schedule.kv_len(scale)
+    decision_kv = schedule.kv_len(policy.decision_scale)
+    selected = torch.rand(batch, heads, geometry.num_decision_groups, decision_kv, device="cuda").topk(
+        geometry.topk, dim=-1).indices.sort(dim=-1).values.to(torch.int32)
+    key_idx = geometry.key_indices(selected)
+    q = torch.randn(batch, heads, q_len, head_dim, device="cuda", dtype=dtype) * head_dim**-0.5
+    k, v = (torch.randn(batch, heads, kv_len, head_dim, device="cuda", dtype=dtype) for _ in range(2))
+    ms = do_bench(lambda: cs4a_attention(q, k, v, key_idx, policy.cs4a_group_size), return_mode="median")
+    ms_cudnn = do_bench(lambda: sdpa_dense(q, k, v, "cudnn"), return_mode="median")
+    return dict(keys_per_group=key_idx.shape[-1], cs4a_ms=ms, cudnn_ms=ms_cudnn, speedup=ms_cudnn / ms)
+
+
+if __name__ == "__main__":
+    print(benchmark())

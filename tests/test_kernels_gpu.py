@@ -1,0 +1,250 @@
+"""The Triton kernels against the fp32 references on a CUDA GPU (skipped without one; see conftest.py).
+
+Fresh random inputs per test, odd lengths (partial last query/key blocks and groups), strided inputs (q as a
+transposed (B, L, H, D) projection, K/V as views into a longer preallocated cache), bf16 and fp16.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.gpu
+
+kernels = pytest.importorskip("sparvar.kernels")
+if not kernels.HAS_TRITON:
+    pytest.skip("triton is not installed", allow_module_level=True)
+
+from sparvar.attention import reference_attention  # noqa: E402
+from sparvar.csla import block_layout_from_mask  # noqa: E402
+from sparvar.kernels.csla import check_layout_values  # noqa: E402
+from sparvar.kernels.cs4a import check_key_values  # noqa: E402
+
+DEV = "cuda"
+TOL = {torch.bfloat16: 2e-2, torch.float16: 4e-3}
+
+
+def projected_q(b, h, length, d, dtype):
+    """q as the model makes it: a (B, L, H, D) projection seen as (B, H, L, D) (non-contiguous)."""
+    return (torch.randn(b, length, h, d, device=DEV, dtype=dtype) * d**-0.5).transpose(1, 2)
+
+
+def cache_view(b, h, length, d, dtype, spare=37):
+    """K or V as a view of the first `length` rows of a longer preallocated cache filled with NaN beyond them."""
+    buf = torch.full((b, h, length + spare, d), float("nan"), device=DEV, dtype=dtype)
+    buf[:, :, :length] = torch.randn(b, h, length, d, device=DEV, dtype=dtype)
+    return buf[:, :, :length]
+
+
+def random_layout(q_len, kv_len, block_m, block_n, density=0.3, with_last=None):
+    nq, nk = -(-q_len // block_m), -(-kv_len // block_n)
+    blocks = torch.rand(nq, nk) < density
+    blocks[torch.arange(nq), torch.randint(0, nk, (nq,))] = True
+    if with_last is not None:
+        blocks[:, -1] = with_last
+        blocks[0, -1] = True  # at least one row ends with the partial block
+        blocks[:, 0] = True
+    mask = blocks.repeat_interleave(block_m, 0).repeat_interleave(block_n, 1)[:q_len, :kv_len]
+    return block_layout_from_mask(mask, block_m, block_n).to(DEV)
+
+
+def assert_close(out, ref, dtype, what):
+    assert not torch.isnan(out).any(), f"{what}: NaN in output"
+    err = (out.float() - ref.float()).abs().max().item()
+    assert err <= TOL[dtype], f"{what}: max abs error {err:.3g} > {TOL[dtype]}"
+
+
+# ------------------------------------------------------------------------------------------------ CSLA
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("block", [(128, 64), (128, 128), (64, 64)])
+def test_csla_matches_reference(dtype, block):
+    b, h, d, q_len, kv_len = 2, 3, 128, 300, 1000  # partial last query block and key block
+    q = projected_q(b, h, q_len, d, dtype)
+    k, v = cache_view(b, h, kv_len, d, dtype), cache_view(b, h, kv_len, d, dtype)
+    layout = random_layout(q_len, kv_len, *block)
+    check_layout_values(layout.kv_num_blocks, layout.kv_indices, kv_len, block[1])
+    out = kernels.csla_attention(q, k, v, layout)
+    assert out.shape == q.shape and out.dtype == dtype and out.is_contiguous()
+    assert_close(out, reference_attention(q, k, v, mask=layout.to_dense()), dtype, f"csla {block}")
+
+
+@pytest.mark.parametrize("block,d", [((128, 64), 64), ((16, 16), 64), ((32, 32), 128)])
+def test_csla_other_tiles_and_head_dims(block, d):
+    dtype = torch.bfloat16
+    q_len, kv_len = 100, 333
+    q = projected_q(1, 2, q_len, d, dtype)
+    k, v = cache_view(1, 2, kv_len, d, dtype), cache_view(1, 2, kv_len, d, dtype)
+    layout = random_layout(q_len, kv_len, *block)
+    order = kernels.query_block_order(layout.kv_num_blocks)
+    out = kernels.csla_attention_blocks(q, k, v, layout.kv_num_blocks, layout.kv_indices, *block, q_order=order, scale=0.8)
+    ref = kernels.reference_csla_attention(q, k, v, layout.kv_num_blocks, layout.kv_indices, *block, scale=0.8)
+    assert_close(out, ref, dtype, f"csla {block} d{d}")
+
+
+@pytest.mark.parametrize("with_last", [True, False])
+def test_csla_even_and_partial_last_key_block(with_last):
+    """Rows that end on the partial last key block and rows that do not, plus an exact multiple of the tile."""
+    dtype = torch.bfloat16
+    for kv_len in (1000, 1024):
+        q = projected_q(1, 2, 256, 128, dtype)
+        k, v = cache_view(1, 2, kv_len, 128, dtype), cache_view(1, 2, kv_len, 128, dtype)
+        layout = random_layout(256, kv_len, 128, 64, with_last=with_last)
+        out = kernels.csla_attention(q, k, v, layout)
+        assert_close(out, reference_attention(q, k, v, mask=layout.to_dense()), dtype, f"csla kv_len {kv_len}")
+
+
+def test_csla_paper_layout_at_1024():
+    from sparvar.schedule import get_schedule
+    from sparvar.sparse import default_policy
+
+    schedule = get_schedule(1024)
+    policy = default_policy("infinity-2b", schedule)
+    dtype = torch.bfloat16
+    layout = policy.csla_layout(schedule, 12)  # 128x128 blocks, 16.4% of tiles
+    layout = layout.to(DEV)
+    q = projected_q(1, 2, layout.q_len, 128, dtype)
+    k, v = cache_view(1, 2, layout.kv_len, 128, dtype), cache_view(1, 2, layout.kv_len, 128, dtype)
+    out = kernels.csla_attention(q, k, v, layout)
+    assert_close(out, reference_attention(q, k, v, mask=layout.to_dense()), dtype, "csla paper layout")
+
+
+def test_dense_attention_and_lse():
+    dtype = torch.bfloat16
+    q = projected_q(2, 2, 333, 128, dtype)
+    k, v = cache_view(2, 2, 777, 128, dtype), cache_view(2, 2, 777, 128, dtype)
+    out, lse = kernels.dense_attention(q, k, v, return_lse=True)
+    assert_close(out, reference_attention(q, k, v), dtype, "dense")
+    ref_lse = torch.logsumexp(q.float() @ k.float().transpose(-1, -2), dim=-1)
+    assert (lse - ref_lse).abs().max().item() < 1e-3
+
+
+# ------------------------------------------------------------------------------------------------ CS4A
+def random_key_idx(b, h, groups, count, below, device=DEV):
+    """(B, H, G, count) int32 ascending unique positions in [0, below)."""
+    return torch.rand(b, h, groups, below, device=device).topk(count, dim=-1).indices.sort(dim=-1).values.to(torch.int32)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("band,cache", [(False, False), (True, False), (True, True)])
+def test_cs4a_matches_reference(dtype, band, cache):
+    b, h, d, gs, q_len, kv_len = 2, 2, 128, 192, 500, 3000  # 3 groups, the last one partial
+    groups = -(-q_len // gs)
+    q = projected_q(b, h, q_len, d, dtype)
+    k, v = cache_view(b, h, kv_len, d, dtype), cache_view(b, h, kv_len, d, dtype)
+    key_idx = random_key_idx(b, h, groups, 224, 2000)
+    band_start = torch.randint(2000, kv_len - 112, (groups,), device=DEV, dtype=torch.int32) if band else None
+    band_len = 112 if band else 0  # 336 keys: the last 64-key tile is partial
+    # a residual is a small correction; large values would only test bf16 rounding of the sum (1 ulp = 0.03 at 4)
+    o_cache = 0.1 * torch.randn(b, h, q_len, d, device=DEV, dtype=dtype) if cache else None
+    check_key_values(key_idx, kv_len, band_start, band_len)
+    out = kernels.cs4a_attention(q, k, v, key_idx, gs, o_cache, band_start=band_start, band_len=band_len)
+    ref = kernels.reference_cs4a_attention(q, k, v, key_idx, gs, o_cache, band_start=band_start, band_len=band_len)
+    assert out.shape == q.shape and out.dtype == dtype
+    assert_close(out, ref, dtype, f"cs4a band={band} cache={cache}")
+
+
+def test_cs4a_tiny_model_groups_and_head_dim_64():
+    dtype = torch.bfloat16
+    b, h, d, gs, q_len, kv_len = 2, 2, 64, 16, 100, 265
+    groups = -(-q_len // gs)
+    q = projected_q(b, h, q_len, d, dtype)
+    k, v = cache_view(b, h, kv_len, d, dtype), cache_view(b, h, kv_len, d, dtype)
+    key_idx = random_key_idx(b, h, groups, 40, kv_len)
+    o_cache = 0.1 * torch.randn(b, h, q_len, d, device=DEV, dtype=torch.float32)
+    out = kernels.cs4a_attention(q, k, v, key_idx, gs, o_cache)
+    assert_close(out, kernels.reference_cs4a_attention(q, k, v, key_idx, gs, o_cache), dtype, "cs4a gs16 d64")
+
+
+def test_cs4a_paper_geometry_at_1024():
+    from sparvar.schedule import get_schedule
+    from sparvar.sparse import default_policy
+
+    schedule = get_schedule(1024)
+    policy = default_policy("infinity-2b", schedule)
+    dtype = torch.bfloat16
+    geometry = policy.cs4a_geometry(schedule, 11).to(DEV)
+    selected = random_key_idx(1, 2, geometry.num_decision_groups, geometry.topk, schedule.kv_len(10))
+    key_idx = geometry.key_indices(selected)  # (1, 2, 12, 1344)
+    q = projected_q(1, 2, schedule.lengths[11], 128, dtype)
+    k, v = cache_view(1, 2, schedule.kv_len(11), 128, dtype), cache_view(1, 2, schedule.kv_len(11), 128, dtype)
+    out = kernels.cs4a_attention(q, k, v, key_idx, policy.cs4a_group_size)
+    assert_close(out, kernels.reference_cs4a_attention(q, k, v, key_idx, policy.cs4a_group_size), dtype, "cs4a paper")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cs4a_decide(dtype):
+    b, h, d, gs, q_len, kv_len, topk = 2, 2, 128, 192, 400, 1500, 224
+    q = projected_q(b, h, q_len, d, dtype) * 4  # peaked rows: column sums far from uniform
+    k, v = cache_view(b, h, kv_len, d, dtype), cache_view(b, h, kv_len, d, dtype)
+    out, selected, o_cache = kernels.cs4a_decide(q, k, v, gs, topk)
+    assert selected.dtype == torch.int32 and selected.shape == (b, h, 3, topk)
+    assert bool((selected[..., 1:] > selected[..., :-1]).all()), "selection must be strictly ascending"
+    assert_close(out, reference_attention(q, k, v), dtype, "decide dense out")
+    ref_sums = kernels.reference_column_sums(q, k, gs)
+    _, lse = kernels.dense_attention(q, k, v, return_lse=True)
+    sums = kernels.cs4a_column_sums(q, k, lse, gs)
+    assert (sums - ref_sums).abs().max().item() <= 1e-2 * ref_sums.max().item()
+    # every selected key is (up to rounding) among the top-k of the exact column sums
+    kth = ref_sums.topk(topk, dim=-1).values[..., -1:]
+    chosen = ref_sums.gather(-1, selected.long())
+    assert bool((chosen >= kth - 1e-2 * ref_sums.max()).all())
+    ref_cache = reference_attention(q, k, v).float() - kernels.reference_cs4a_attention(q, k, v, selected, gs).float()
+    assert_close(o_cache, ref_cache, dtype, "decide o_cache")
+
+
+# ------------------------------------------------------------------------------------------------ ops, plan, errors
+def test_custom_ops_opcheck():
+    dtype = torch.bfloat16
+    q = torch.randn(1, 2, 100, 64, device=DEV, dtype=dtype)
+    k, v = torch.randn(1, 2, 200, 64, device=DEV, dtype=dtype), torch.randn(1, 2, 200, 64, device=DEV, dtype=dtype)
+    layout = random_layout(100, 200, 32, 32)
+    order = kernels.query_block_order(layout.kv_num_blocks)
+    torch.library.opcheck(torch.ops.sparvar.triton_csla_attention.default,
+                          (q, k, v, layout.kv_num_blocks, layout.kv_indices, order, 32, 32, 1.0))
+    key_idx = random_key_idx(1, 2, 7, 48, 150)
+    band = torch.randint(150, 180, (7,), device=DEV, dtype=torch.int32)
+    torch.library.opcheck(torch.ops.sparvar.triton_cs4a_attention.default, (q, k, v, key_idx, q.clone(), band, 16, 20, 1.0))
+    torch.library.opcheck(torch.ops.sparvar.triton_cs4a_decide.default, (q, k, v, 16, 48, 1.0))
+
+
+def test_sparse_ops_drive_the_tiny_plan():
+    """The kernels as a SparseOps backend of SparVARPlan give the reference backend's outputs at every sparse scale."""
+    from sparvar.schedule import get_schedule
+    from sparvar.sparse import SparVARPlan, default_policy
+
+    schedule = get_schedule(256)
+    policy = default_policy("infinity-tiny", schedule)
+    ref_plan = SparVARPlan(policy, schedule, policy.num_layers)
+    plan = SparVARPlan(policy, schedule, policy.num_layers)
+    plan.ops = kernels.sparse_ops()
+    dtype = torch.bfloat16
+    for scale in policy.sparse_scales:
+        q_len, kv_len = schedule.lengths[scale], schedule.kv_len(scale)
+        for layer in range(policy.num_layers):
+            q = projected_q(2, 2, q_len, 64, dtype)
+            k, v = cache_view(2, 2, kv_len, 64, dtype), cache_view(2, 2, kv_len, 64, dtype)
+            if policy.kind(layer, scale) == "cs4a_decide":
+                out = plan.attend(q, k, v, layer=layer, scale=scale)
+                ref_plan.load_state(layer, *[t.clone() for t in plan.state(layer)])
+                assert_close(out, reference_attention(q, k, v), dtype, f"tiny decide layer {layer}")
+                continue
+            out = plan.attend(q, k, v, layer=layer, scale=scale)
+            ref = ref_plan.attend(q, k, v, layer=layer, scale=scale)
+            assert_close(out, ref, dtype, f"tiny {policy.kind(layer, scale)} layer {layer} scale {scale}")
+
+
+def test_gpu_validation_errors():
+    dtype = torch.bfloat16
+    q = torch.randn(1, 2, 100, 128, device=DEV, dtype=dtype)
+    k = v = torch.randn(1, 2, 200, 128, device=DEV, dtype=dtype)
+    layout = random_layout(100, 200, 64, 64)
+    with pytest.raises(TypeError, match="int32"):
+        kernels.csla_attention_blocks(q, k, v, layout.kv_num_blocks.long(), layout.kv_indices, 64, 64)
+    with pytest.raises(ValueError, match="device"):
+        kernels.csla_attention_blocks(q, k, v, layout.kv_num_blocks.cpu(), layout.kv_indices, 64, 64)
+    with pytest.raises(ValueError, match="head dim"):
+        kernels.csla_attention_blocks(q, k.transpose(-1, -2).contiguous().transpose(-1, -2), v, layout.kv_num_blocks,
+                                      layout.kv_indices, 64, 64)
+    with pytest.raises(ValueError, match="kv_num_blocks"):
+        check_layout_values(torch.zeros_like(layout.kv_num_blocks), layout.kv_indices, 200, 64)
+    with pytest.raises(ValueError, match="outside"):
+        check_key_values(torch.full((1, 2, 1, 4), 500, device=DEV, dtype=torch.int32), 200)
