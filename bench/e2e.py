@@ -55,6 +55,27 @@ def _event():
     return e
 
 
+def cudnn_acceptance(cfg, schedule) -> dict:
+    """Which scales' self-attention cuDNN SDPA takes, with the model's exact strides (KV cache views)."""
+    import warnings
+
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    H, D, out = cfg.heads, cfg.head_dim, {}
+    cache = torch.zeros(2, H, schedule.total_tokens, D, device="cuda", dtype=torch.bfloat16)
+    for s, n in enumerate(schedule.lengths):
+        qkv = torch.zeros(2, n, 3, H, D, device="cuda", dtype=torch.bfloat16).permute(2, 0, 3, 1, 4)
+        k = cache[:, :, : schedule.kv_len(s)]
+        try:
+            with sdpa_kernel(SDPBackend.CUDNN_ATTENTION), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                torch.nn.functional.scaled_dot_product_attention(qkv[0], k, k, scale=1.0)
+            out[s] = True
+        except RuntimeError:
+            out[s] = False
+    return out
+
+
 def rows_for(model_name: str):
     """(row name, attention, runner kind, sdpa backend, skip_last)"""
     return [
@@ -126,6 +147,7 @@ def bench_model(model_name: str, resolution: int, warmup: int, runs: int, rows=N
     gc.collect()
     torch.cuda.empty_cache()
     return {"model": model_name, "resolution": resolution, "batch": 1, "cfg": True, "dtype": "bf16",
+            "cudnn_takes_scale": cudnn_acceptance(cfg, schedule),
             "schedule": [list(g) for g in schedule.grids], "flop_floor_ms": FLOP_FLOOR_MS.get(model_name), "rows": results}
 
 

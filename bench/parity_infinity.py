@@ -132,7 +132,7 @@ def official_model(cfg: InfinityConfig, device, official_module):
 
     kwargs = dict(depth=cfg.depth, embed_dim=cfg.width, num_heads=cfg.heads, mlp_ratio=cfg.mlp_dim / cfg.width,
                   block_chunks=cfg.depth // cfg.blocks_per_chunk)
-    with torch.no_grad():
+    with torch.no_grad():  # built on the CPU: its init draws cfg_uncond from a CPU generator
         model = OfficialInfinity(
             vae_local=VAEStub(cfg.vae.codebook_dim), text_channels=cfg.text_dim, text_maxlen=cfg.text_maxlen,
             shared_aln=True, raw_scale_schedule=None, checkpointing="full-block", customized_flash_attn=False,

@@ -12,7 +12,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-# "sdpa" lets PyTorch pick; the others pin one SDPA kernel (for benchmarks: FlashAttention-2, cuDNN, ...)
+# "sdpa" lets PyTorch pick; the others pin SDPA kernels (for benchmarks). "flash", "efficient" and "math" are one
+# kernel each. "cudnn" prefers cuDNN and takes FlashAttention-2 for the shapes cuDNN declines (it has no kernel for a
+# single query token, i.e. the first scale); bench/e2e.py records which scales cuDNN took.
 SDPA_KERNELS = ("flash", "cudnn", "efficient", "math")
 DENSE_BACKENDS = ("reference", "sdpa", *SDPA_KERNELS)
 
@@ -33,9 +35,9 @@ def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: 
     if backend in SDPA_KERNELS:
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
-        kernel = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
-                  "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}[backend]
-        with sdpa_kernel(kernel):
+        kernels = {"flash": [SDPBackend.FLASH_ATTENTION], "cudnn": [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION],
+                   "efficient": [SDPBackend.EFFICIENT_ATTENTION], "math": [SDPBackend.MATH]}[backend]
+        with sdpa_kernel(kernels, set_priority=True):
             return F.scaled_dot_product_attention(q, k, v, scale=1.0)
     raise ValueError(f"unknown dense attention backend {backend!r}; expected one of {DENSE_BACKENDS}")
 

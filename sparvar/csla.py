@@ -18,7 +18,7 @@ OR-reduces the token mask over (block_m queries x block_n keys) tiles; see `Bloc
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cached_property, lru_cache
 
 import torch
 
@@ -120,7 +120,12 @@ class BlockLayout:
         return out
 
     def to_dense(self) -> torch.Tensor:
-        """(q_len, kv_len) bool of the (query, key) pairs that are attended."""
+        """(q_len, kv_len) bool of the (query, key) pairs that are attended (built once per layout)."""
+        return self._dense
+
+    @cached_property
+    def _dense(self) -> torch.Tensor:
+        # cached: building it syncs with the device (boolean indexing), which a CUDA-graph capture cannot do
         if self.token_mask is not None:
             return self.token_mask
         blocks = self.block_mask()
