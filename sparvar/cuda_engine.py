@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from .model import Infinity, TextCondition, rope_tables
+from .model import EAGER, Infinity, TextCondition, compiled_pointwise, rope_tables
 from .schedule import Schedule
 
 TEXT_BUCKET = 64  # text lengths are padded up to a multiple of this (masked), so few graph sets are needed
@@ -26,13 +26,17 @@ class _Graphs:
 
 
 class CudaGraphRunner:
-    def __init__(self, model: Infinity, schedule: Schedule, plan=None, use_graphs: bool = True, backend: str = "cudnn"):
+    def __init__(self, model: Infinity, schedule: Schedule, plan=None, use_graphs: bool = True, backend: str = "cudnn",
+                 fuse_pointwise: bool = True):
         self.model, self.schedule, self.plan, self.use_graphs, self.backend = model, schedule, plan, use_graphs, backend
         self.device = model.pos_start.device
         if use_graphs and (not torch.cuda.is_available() or self.device.type != "cuda"):
             raise RuntimeError(f"CUDA graphs need the model on a CUDA GPU (model is on {self.device}, "
                                f"CUDA available: {torch.cuda.is_available()})")
         self.ropes = [r.to(self.device) for r in rope_tables(schedule, model.cfg.head_dim)]
+        # without fusion the element-wise glue is ~60 kernels per block: at small scales their count, at large scales
+        # their memory traffic, costs more than the GEMMs (bench/results/profile_h100_unfused.json)
+        self.pointwise = compiled_pointwise() if fuse_pointwise else EAGER
         self.pool = torch.cuda.graph_pool_handle() if use_graphs else None
         self.sets: dict[tuple[int, int], _Graphs] = {}
         self.current: _Graphs | None = None
@@ -61,7 +65,7 @@ class CudaGraphRunner:
         def run(scale):
             cache.offset = schedule.offsets[scale]
             tokens = model.scale_input(scale, codes[scale], text)
-            return model.step(tokens, scale, text, cache, self.ropes[scale], self.plan, self.backend)
+            return model.step(tokens, scale, text, cache, self.ropes[scale], self.plan, self.backend, self.pointwise)
 
         if not self.use_graphs:
             return _Graphs(text, cache, codes, [run], [])

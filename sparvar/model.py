@@ -90,6 +90,43 @@ def layer_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
     return F.layer_norm(x.float(), (x.shape[-1],), eps=eps)
 
 
+def modulate(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, eps: float) -> torch.Tensor:
+    """AdaLN: LayerNorm(x) * (1 + scale) + shift, in fp32, back in x's dtype."""
+    return (layer_norm(x, eps) * (scale + 1) + shift).to(x.dtype)
+
+
+def gated_residual(x: torch.Tensor, y: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
+    return x + (y * gamma).to(x.dtype)
+
+
+def cosine_qk(q: torch.Tensor, k: torch.Tensor, scale_mul: torch.Tensor, rope: torch.Tensor):
+    """Cosine attention inputs: unit q (times the learned per-head temperature) and unit k, both rotated by RoPE.
+
+    The temperature replaces 1/sqrt(D), so attention runs with softmax scale 1.
+    """
+    q_out = apply_rope(F.normalize(q.float(), dim=-1).mul(scale_mul), rope).to(q.dtype)
+    k_out = apply_rope(F.normalize(k.float(), dim=-1), rope).to(k.dtype)
+    return q_out, k_out
+
+
+@dataclass(frozen=True)
+class Pointwise:
+    """The element-wise glue between the GEMMs and attention. Eager by default; GPU engines swap in
+    torch.compile'd versions of the same functions (fused into a few kernels each, see `compiled_pointwise`)."""
+
+    modulate: object = modulate
+    gated_residual: object = gated_residual
+    cosine_qk: object = cosine_qk
+
+
+EAGER = Pointwise()
+
+
+def compiled_pointwise() -> Pointwise:
+    """The same functions through torch.compile (dynamic shapes: one compile serves every scale)."""
+    return Pointwise(*(torch.compile(f, dynamic=True) for f in (modulate, gated_residual, cosine_qk)))
+
+
 class SelfAttention(nn.Module):
     def __init__(self, width: int, heads: int):
         super().__init__()
@@ -101,15 +138,12 @@ class SelfAttention(nn.Module):
         self.scale_mul_1H11 = nn.Parameter(torch.full((1, heads, 1, 1), 4.0).log())
         self.proj = nn.Linear(width, width)
 
-    def forward(self, x, rope, kv, layer: int, scale: int, plan=None, backend: str = "sdpa"):
+    def forward(self, x, rope, kv, layer: int, scale: int, plan=None, backend: str = "sdpa", pw: Pointwise = EAGER):
         B, n, C = x.shape
         bias = torch.cat([self.q_bias, self.zero_k_bias, self.v_bias])
         qkv = F.linear(x, self.mat_qkv.weight, bias).view(B, n, 3, self.heads, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, n, D)
-        # cosine attention: unit q, k; the learned per-head temperature replaces 1/sqrt(D) (softmax scale 1)
-        scale_mul = self.scale_mul_1H11.clamp_max(MAX_SCALE_MUL).exp()
-        q = apply_rope(F.normalize(q.float(), dim=-1).mul(scale_mul), rope).to(x.dtype)
-        k = apply_rope(F.normalize(k.float(), dim=-1), rope).to(x.dtype)
+        q, k = pw.cosine_qk(q, k, self.scale_mul_1H11.clamp_max(MAX_SCALE_MUL).exp(), rope)
         k_all, v_all = kv.append(layer, k, v)
         out = self_attention(q, k_all, v_all, layer=layer, scale=scale, plan=plan, backend=backend)
         return self.proj(out.transpose(1, 2).reshape(B, n, C))
@@ -170,15 +204,15 @@ class Block(nn.Module):
         self.ca_norm = nn.LayerNorm(C, eps=cfg.norm_eps)
         self.ffn = FFN(C, cfg.mlp_dim)
 
-    def forward(self, x, ada, text_k, text_v, text_mask, rope, kv, layer, scale, plan=None, backend="sdpa"):
+    def forward(self, x, ada, text_k, text_v, text_mask, rope, kv, layer, scale, plan=None, backend="sdpa",
+                pw: Pointwise = EAGER):
         # official chunk order of the 6 AdaLN vectors; each (B, 1, C) in fp32
         gamma1, gamma2, scale1, scale2, shift1, shift2 = (self.ada_gss + ada).unbind(2)
-        dtype = x.dtype
-        h = (layer_norm(x, self.eps) * (scale1 + 1) + shift1).to(dtype)
-        x = x + (self.sa(h, rope, kv, layer, scale, plan, backend) * gamma1).to(dtype)
+        h = pw.modulate(x, scale1, shift1, self.eps)
+        x = pw.gated_residual(x, self.sa(h, rope, kv, layer, scale, plan, backend, pw), gamma1)
         x = x + self.ca(self.ca_norm(x), text_k, text_v, text_mask)
-        h = (layer_norm(x, self.eps) * (scale2 + 1) + shift2).to(dtype)
-        return x + (self.ffn(h) * gamma2).to(dtype)
+        h = pw.modulate(x, scale2, shift2, self.eps)
+        return pw.gated_residual(x, self.ffn(h), gamma2)
 
 
 @dataclass
@@ -285,14 +319,17 @@ class Infinity(nn.Module):
         x = self.word_embed(codes.to(self.word_embed.weight.dtype))
         return x.repeat(text.batch // x.shape[0], 1, 1)
 
-    def step(self, tokens, scale: int, text: TextCondition, kv, rope, plan=None, backend: str = "sdpa") -> torch.Tensor:
+    def step(self, tokens, scale: int, text: TextCondition, kv, rope, plan=None, backend: str = "sdpa",
+             pointwise: Pointwise = EAGER) -> torch.Tensor:
         """Run every block on one scale's tokens (B, n, C); returns fp32 logits (B, n, 2*bits).
 
-        `kv` is a KVCache (in-place, offset = tokens before this scale) or a ConcatKV (export).
+        `kv` is a KVCache (in-place, offset = tokens before this scale) or a ConcatKV (export); `pointwise` the
+        element-wise functions (eager, or compiled by a GPU engine).
         """
         x = tokens + self.lvl_embed.weight[scale].to(tokens.dtype)
         for layer, block in enumerate(self.blocks):
-            x = block(x, text.ada, text.k[layer], text.v[layer], text.key_mask, rope, kv, layer, scale, plan, backend)
+            x = block(x, text.ada, text.k[layer], text.v[layer], text.key_mask, rope, kv, layer, scale, plan, backend,
+                      pointwise)
         return self.head(self.head_nm(x.float(), text.cond))
 
     def forward_all_scales(self, inputs: list[torch.Tensor], text: TextCondition, schedule: Schedule) -> list[torch.Tensor]:

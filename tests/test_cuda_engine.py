@@ -13,18 +13,19 @@ from sparvar.text import hashed_embeddings
 CFG = get_config("infinity-tiny")
 
 
-def _pair(attention, device="cpu", use_graphs=False, dtype=torch.float32):
+def _pair(attention, device="cpu", use_graphs=False, dtype=torch.float32, fuse=False):
     schedule = get_schedule(256)
     model = build_model(CFG, device=device, dtype=dtype)
     plan_a = make_plan(CFG, schedule, attention, backend="reference")
     plan_b = make_plan(CFG, schedule, attention, backend="reference")
     return (TorchRunner(model, schedule, plan_a, backend="sdpa"),
-            CudaGraphRunner(model, schedule, plan_b, use_graphs=use_graphs, backend="sdpa"), schedule)
+            CudaGraphRunner(model, schedule, plan_b, use_graphs=use_graphs, backend="sdpa", fuse_pointwise=fuse), schedule)
 
 
-@pytest.mark.parametrize("attention", ["dense", "sparvar"])
-def test_static_buffer_runner_equals_eager_runner_across_prompts(attention):
-    eager, static, schedule = _pair(attention)
+@pytest.mark.parametrize("attention,fuse", [("dense", False), ("sparvar", False), ("sparvar", True)])
+def test_static_buffer_runner_equals_eager_runner_across_prompts(attention, fuse):
+    """Static buffers (and, with fuse, the torch.compile'd element-wise functions) give the eager path's tokens."""
+    eager, static, schedule = _pair(attention, fuse=fuse)
     decoder = build_decoder(CFG, None, "cpu", torch.float32)
     # two prompts of different lengths in the same text bucket reuse the same buffers
     for prompt, seed in (("a red car", 1), ("a small dog on the grass", 2)):
@@ -44,7 +45,7 @@ def test_graphs_need_a_gpu_model():
 @pytest.mark.gpu
 @pytest.mark.parametrize("attention", ["dense", "sparvar"])
 def test_captured_graphs_equal_eager_on_gpu(attention):
-    eager, graphs, schedule = _pair(attention, device="cuda", use_graphs=True)
+    eager, graphs, schedule = _pair(attention, device="cuda", use_graphs=True, fuse=True)
     decoder = build_decoder(CFG, None, "cuda", torch.float32)
     f, l = hashed_embeddings(["a red car"], CFG.text_dim, CFG.text_maxlen)
     for seed in (1, 2):  # the second generation replays the graphs captured by the first
