@@ -1,12 +1,19 @@
 # Two entry points for a fresh machine: `make demo` (engine build + image, CPU) and `make test`.
 PYTHON ?= python
-MODEL ?= infinity-tiny
+# The embedded default: our CIFAR-10 model (weights/, 15 MB; 64x64 images, the prompt is a CIFAR class name).
+MODEL ?= infinity-cifar
 RESOLUTION ?=
 BACKEND ?= onnxruntime
 ATTENTION ?= sparvar
+ifeq ($(MODEL),infinity-cifar)
+WEIGHTS ?= weights/infinity-cifar.safetensors
+VAE ?= weights/infinity-cifar-tokenizer.safetensors
+PROMPT ?= airplane
+else
 WEIGHTS ?=
 VAE ?=
 PROMPT ?= a photo of a cat
+endif
 OUT ?= out/$(MODEL).png
 STAMP := .install.stamp
 

@@ -42,7 +42,7 @@ class StageContext:
     def schedule(self):
         from sparvar.schedule import get_schedule
 
-        return get_schedule(self.spec.resolution, self.spec.aspect)
+        return get_schedule(self.spec.resolution, self.spec.aspect, model=self.spec.model)
 
     def policy(self):
         if self.spec.attention != "sparvar":

@@ -92,7 +92,7 @@ def check_model_args(args) -> None:
     try:
         cfg = get_config(args.model)
         args.resolution = args.resolution or cfg.default_resolution
-        get_schedule(args.resolution, args.aspect)
+        get_schedule(args.resolution, args.aspect, model=args.model)
     except ValueError as e:
         raise UsageError(str(e)) from None
     if args.random_weights and (args.weights or args.vae):

@@ -37,6 +37,7 @@ class InfinityConfig:
     norm_eps: float = 1e-6
     default_resolution: int = 1024
     sos_head_dim: int | None = None  # None: the official rule (128, or 64 past width 4096)
+    text_encoder: str = "t5"  # "t5" (flan-t5-xl, official) or "hashed" (sparvar.text.hashed_embeddings: our own models)
 
     @property
     def head_dim(self) -> int:
@@ -61,6 +62,8 @@ class InfinityConfig:
             raise ValueError(f"{self.name}: width {self.width} not divisible by heads {self.heads}")
         if self.head_dim % 4:
             raise ValueError(f"{self.name}: head dim {self.head_dim} must be a multiple of 4 for 2D RoPE")
+        if self.text_encoder not in ("t5", "hashed"):
+            raise ValueError(f"{self.name}: text_encoder must be 't5' or 'hashed', got {self.text_encoder!r}")
         if self.depth % self.blocks_per_chunk:
             raise ValueError(f"{self.name}: depth {self.depth} not divisible by blocks_per_chunk {self.blocks_per_chunk}")
 
@@ -70,6 +73,8 @@ VAE_D56 = VAEConfig(name="infinity_vae_d56_f8_14_patchify", codebook_dim=14, pat
                     ch_mult=(1, 2, 4, 4), spatial_patchify=True)
 # ch=32: the official GroupNorm needs channel counts divisible by 32 (or 24), so 16 cannot build.
 VAE_TINY = VAEConfig(name="tiny_vae_d16", codebook_dim=16, patch_size=16, ch=32, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=1)
+# Our own tokenizer (sparvar/train): 64x64 images (CIFAR-10 upsampled 2x), stride 2 -> a 32x32 latent of 16 bits.
+VAE_CIFAR = VAEConfig(name="infinity_cifar_vae_d16", codebook_dim=16, patch_size=2, ch=32, ch_mult=(1, 2), num_res_blocks=2)
 
 CONFIGS: dict[str, InfinityConfig] = {
     c.name: c
@@ -79,6 +84,10 @@ CONFIGS: dict[str, InfinityConfig] = {
         # Same architecture, small enough to run every scale on a CPU in seconds.
         InfinityConfig("infinity-tiny", depth=4, width=128, heads=2, mlp_dim=512, vae=VAE_TINY, text_dim=64,
                        text_maxlen=32, blocks_per_chunk=2, default_resolution=256, sos_head_dim=32),
+        # Trained by sparvar/train on CIFAR-10 (weights/): 64x64 images, 11 scales up to a 32x32 token grid
+        # (sparvar/schedule.py MODEL_SCHEDULES); the prompt is the class name through `text.hashed_embeddings`.
+        InfinityConfig("infinity-cifar", depth=6, width=256, heads=4, mlp_dim=1024, vae=VAE_CIFAR, text_dim=64,
+                       text_maxlen=8, blocks_per_chunk=3, default_resolution=64, sos_head_dim=16, text_encoder="hashed"),
     )
 }
 

@@ -111,7 +111,7 @@ def load_cuda_engine(engine_dir: str, manifest: dict):
 
     spec = manifest["spec"]
     cfg = get_config(spec["model"])
-    schedule = get_schedule(spec["resolution"], spec["aspect"])
+    schedule = get_schedule(spec["resolution"], spec["aspect"], model=spec["model"])
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[spec["dtype"]]
     device = torch.device("cuda")
     model = (build_model(cfg, device=device, dtype=dtype, seed=spec["seed"]) if spec["weights"] is None

@@ -68,7 +68,7 @@ class Pipeline:
         from .model import build_model
 
         cfg = get_config(model)
-        schedule = get_schedule(resolution or cfg.default_resolution, aspect)
+        schedule = get_schedule(resolution or cfg.default_resolution, aspect, model=model)
         if (weights is None) != (vae is None):
             raise ValueError("give both transformer weights and tokenizer weights, or neither (random weights)")
         net = build_model(cfg, device=device, dtype=dtype, seed=seed) if weights is None else load_model(cfg, weights, device, dtype)
@@ -83,6 +83,10 @@ class Pipeline:
             raise ValueError("give --t5 or --text-embeddings, not both")
         if embeddings:
             return load_embeddings(embeddings, self.cfg.text_dim)
+        if self.cfg.text_encoder == "hashed":  # the model was trained on these embeddings: they are its text encoder
+            if t5:
+                raise ValueError(f"{self.cfg.name} was trained on hashed word embeddings, not T5: drop --t5")
+            return hashed_embeddings(prompts, self.cfg.text_dim, self.cfg.text_maxlen)
         if t5:
             encoder = T5TextEncoder(t5, device=self.runner.device)
             if encoder.dim != self.cfg.text_dim:

@@ -103,7 +103,7 @@ def load_engine_pipeline(engine_dir: str, skip_last: int = 0, **expected):
     check_compatible(manifest, engine_dir, **expected)
     spec = manifest["spec"]
     cfg = get_config(spec["model"])
-    schedule = get_schedule(spec["resolution"], spec["aspect"])
+    schedule = get_schedule(spec["resolution"], spec["aspect"], model=spec["model"])
     if [list(g) for g in schedule.grids] != manifest["schedule"]:
         raise EngineError(f"{engine_dir}: its schedule differs from this sparvar's {spec['resolution']} schedule; rebuild it")
     backend = spec["backend"]

@@ -3,6 +3,9 @@
 The official Infinity release defines, per aspect ratio, one 13-scale list of (h, w) grids; the
 256/512/768/1024-pixel schedules are its first 7/10/12/13 entries. RoPE positions always come from
 the last (1M-pixel) grid of the aspect's list, so every schedule is a prefix of the same geometry.
+
+Models we trained ourselves on another geometry (`MODEL_SCHEDULES`, e.g. infinity-cifar: 64x64 pixels,
+2 pixels per token) carry their own grids; `get_schedule(resolution, aspect, model=name)` picks them.
 """
 from __future__ import annotations
 
@@ -67,6 +70,7 @@ class Schedule:
 
     grids: tuple[tuple[int, int], ...]  # (h, w) per scale, in generation order
     rope_grid: tuple[int, int]  # the 1M-pixel final grid that RoPE positions live on
+    pixels_per_token: int = PIXELS_PER_TOKEN  # pixel edge of one token (a model-specific schedule may differ)
 
     @property
     def num_scales(self) -> int:
@@ -96,7 +100,7 @@ class Schedule:
     def image_size(self) -> tuple[int, int]:
         """(height, width) in pixels."""
         h, w = self.final_grid
-        return h * PIXELS_PER_TOKEN, w * PIXELS_PER_TOKEN
+        return h * self.pixels_per_token, w * self.pixels_per_token
 
     def kv_len(self, scale: int) -> int:
         """Keys visible to the queries of `scale`: every earlier scale and itself."""
@@ -111,8 +115,39 @@ class Schedule:
         return [r for r in rows for _ in cols], [c for _ in rows for c in cols]
 
 
-def get_schedule(resolution: int, aspect: str | float = "1:1") -> Schedule:
-    """The schedule for a resolution class (256, 512, 768, 1024) and an official aspect template."""
+@dataclass(frozen=True)
+class ModelSchedule:
+    """The square schedule of a model trained on its own geometry; a resolution class takes a prefix of it."""
+
+    grids: tuple[tuple[int, int], ...]  # the full schedule; RoPE positions live on its last grid
+    pixels_per_token: int
+    resolutions: tuple[tuple[int, int], ...]  # (pixel edge, number of scales)
+
+    def schedule(self, model: str, resolution: int, aspect: str | float) -> Schedule:
+        if parse_aspect(aspect) != 1.0:
+            raise ValueError(f"{model} was trained on square images only; got aspect {aspect!r}")
+        num_scales = dict(self.resolutions).get(resolution)
+        if num_scales is None:
+            raise ValueError(f"unsupported resolution {resolution!r} for {model}; supported: {sorted(dict(self.resolutions))}")
+        return Schedule(self.grids[:num_scales], rope_grid=self.grids[-1], pixels_per_token=self.pixels_per_token)
+
+
+# Model name -> its own schedule. Models not listed use the official templates.
+MODEL_SCHEDULES: dict[str, ModelSchedule] = {
+    # 64x64 images, stride-2 tokenizer: 11 scales up to 32x32 tokens (2,530 tokens; 1,024 in the last scale)
+    "infinity-cifar": ModelSchedule(
+        grids=((1, 1), (2, 2), (3, 3), (4, 4), (6, 6), (8, 8), (12, 12), (16, 16), (20, 20), (24, 24), (32, 32)),
+        pixels_per_token=2, resolutions=((64, 11),)),
+}
+
+
+def get_schedule(resolution: int, aspect: str | float = "1:1", model: str | None = None) -> Schedule:
+    """The schedule for a resolution class (256, 512, 768, 1024) and an official aspect template.
+
+    `model` names a model: one listed in MODEL_SCHEDULES gets its own grids, any other the official ones.
+    """
+    if model in MODEL_SCHEDULES:
+        return MODEL_SCHEDULES[model].schedule(model, resolution, aspect)
     if resolution not in RESOLUTION_NUM_SCALES:
         raise ValueError(f"unsupported resolution {resolution!r}; supported: {sorted(RESOLUTION_NUM_SCALES)}")
     ratio = parse_aspect(aspect)

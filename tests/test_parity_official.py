@@ -11,8 +11,21 @@ pytestmark = pytest.mark.skipif(not os.path.isdir(os.path.join(ROOT, ".official"
                                 reason="official Infinity code not fetched (run tools/fetch_official.sh)")
 
 
-def test_logits_match_official_code(monkeypatch):
-    monkeypatch.setattr(torch, "compile", torch.compile)  # the harness stubs torch.compile for the official code
+@pytest.fixture
+def isolated_imports(monkeypatch):
+    """The harness stubs timm/flash_attn and torch.compile for the official code: undo all of it afterwards
+    (a stub flash_attn left in sys.modules would break transformers in later tests)."""
+    import sys
+
+    monkeypatch.setattr(torch, "compile", torch.compile)
+    before = set(sys.modules)
+    yield
+    for name in set(sys.modules) - before:
+        if name.split(".")[0] in ("timm", "flash_attn", "pytz", "infinity"):
+            del sys.modules[name]
+
+
+def test_logits_match_official_code(monkeypatch, isolated_imports):
     from bench import parity_infinity
     from sparvar.config import CONFIGS, get_config
 

@@ -1,0 +1,314 @@
+"""Fidelity of SparVAR against dense attention, the paper's protocol, on our trained infinity-cifar model.
+
+For every (prompt, seed) pair, each variant generates with the same sampling random stream as the dense
+run; its image is compared with the dense image of the same pair (PSNR and SSIM on [0, 1] pixels, rounded to
+8 bits as saved images are). Variants: dense, SparVAR (the model's default policy), dense with the last two
+scales skipped, SparVAR + skip 2, and the paper's ablation (CS4A without / with residual cache in every layer,
+then + CSLA = SparVAR; CSLA alone as a diagnostic). For the sparse variants, every sparse (layer, scale) also
+records the relative error of its attention output against dense attention on the same q, k, v.
+
+Pairs are batched by seed: one generation runs every prompt of the list with one seed (each row draws its own
+random numbers from the seeded stream), so a pair is (prompt, seed) within that fixed prompt list.
+
+    python -m bench.fidelity --seeds 10 --out bench/results/fidelity.json --grid bench/results/fidelity.png
+
+The results in bench/results/ were generated on an H100 (`--device cuda --raw-out raw.npz`, 19 s for all 7
+variants x 100 pairs; on one CPU core an image takes 1-4 s); `--from-raw raw.npz` re-scores a saved run
+without generating.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections import defaultdict
+
+import numpy as np
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from sparvar.attention import reference_attention  # noqa: E402
+from sparvar.checkpoint import file_digest, load_model  # noqa: E402
+from sparvar.config import get_config  # noqa: E402
+from sparvar.generate import Sampling, TorchRunner, generate  # noqa: E402
+from sparvar.pipeline import build_decoder  # noqa: E402
+from sparvar.schedule import get_schedule  # noqa: E402
+from sparvar.sparse import SparVARPlan, default_policy  # noqa: E402
+from sparvar.text import hashed_embeddings  # noqa: E402
+from sparvar.train.data import CIFAR10_CLASSES  # noqa: E402
+
+MODEL = "infinity-cifar"
+WEIGHTS = os.path.join(ROOT, "weights", f"{MODEL}.safetensors")
+TOKENIZER = os.path.join(ROOT, "weights", f"{MODEL}-tokenizer.safetensors")
+TARGETS = {"psnr_db": 29.5, "ssim": 0.92}  # the paper's SparVAR fidelity (Infinity-8B, 1024^2)
+PSNR_CAP_DB = 100.0  # an image identical to the dense one counts as 100 dB in the mean (identical ones are also counted)
+
+# name -> (policy overrides, or None for dense attention; skip_last). Overrides are for default_policy(MODEL, ...).
+VARIANTS: dict[str, tuple[dict | None, int]] = {
+    "dense": (None, 0),
+    "sparvar": ({}, 0),
+    "skip2": (None, 2),
+    "sparvar_skip2": ({}, 2),
+    "cs4a_nocache": ({"cs4a_layers": "all", "cs4a_use_cache": False}, 0),
+    "cs4a_cache": ({"cs4a_layers": "all"}, 0),
+    "csla_only": ({"cs4a_layers": 0}, 0),
+}
+MAIN_VARIANTS = ("dense", "sparvar", "skip2", "sparvar_skip2")
+
+
+class AttentionErrorProbe:
+    """Wraps a SparVARPlan: where it runs sparse attention, also runs dense attention on the same q, k, v and
+    records ||sparse - dense|| / ||dense|| per batch row, keyed by (layer, scale)."""
+
+    def __init__(self, plan: SparVARPlan):
+        self.plan = plan
+        self.errors: dict[tuple[int, int], list[float]] = defaultdict(list)
+
+    def reset(self) -> None:
+        self.plan.reset()
+
+    def attend(self, q, k, v, *, layer: int, scale: int):
+        out = self.plan.attend(q, k, v, layer=layer, scale=scale)
+        if out is not None:
+            ref = reference_attention(q.float(), k.float(), v.float())
+            err = (out.float() - ref).flatten(1).norm(dim=1) / ref.flatten(1).norm(dim=1).clamp_min(1e-12)
+            self.errors[(layer, scale)].extend(err.tolist())
+        return out
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """(B, 3, H, W) in [0, 1] -> (B, H, W, 3) uint8, as a saved PNG holds it."""
+    return images.mul(255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def psnr_db(a: np.ndarray, b: np.ndarray) -> float:
+    """PSNR of two uint8 images on [0, 1] pixels; inf when identical."""
+    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2) / 255.0**2
+    return float("inf") if mse == 0 else float(10 * np.log10(1.0 / mse))
+
+
+def ssim(a: np.ndarray, b: np.ndarray) -> float:
+    from skimage.metrics import structural_similarity  # dev extra: pip install -e '.[dev]'
+
+    return float(structural_similarity(a, b, channel_axis=2, data_range=255))
+
+
+def summarize_pairs(psnrs: list[float], ssims: list[float] | None, mses: list[float]) -> dict:
+    finite = np.array([min(p, PSNR_CAP_DB) for p in psnrs])
+    out = {"psnr_db_mean": round(float(finite.mean()), 3), "psnr_db_median": round(float(np.median(finite)), 3),
+           "psnr_db_pooled": round(float(10 * np.log10(1.0 / max(np.mean(mses), 1e-20))), 3),
+           "identical_images": int(sum(np.isinf(psnrs))), "pairs": len(psnrs)}
+    if ssims is not None:
+        out["ssim_mean"] = round(float(np.mean(ssims)), 4)
+    return out
+
+
+def load(device: str, weights: str = WEIGHTS, tokenizer: str = TOKENIZER):
+    cfg = get_config(MODEL)
+    model = load_model(cfg, weights, device=device)
+    decoder = build_decoder(cfg, tokenizer, device, torch.float32)
+    return cfg, model, decoder
+
+
+def make_plan(cfg, schedule, overrides: dict | None):
+    if overrides is None:
+        return None
+    overrides = {k: (cfg.depth if v == "all" else v) for k, v in overrides.items()}
+    policy = default_policy(cfg.name, schedule, **overrides)
+    return AttentionErrorProbe(SparVARPlan(policy, schedule, cfg.depth))
+
+
+def generate_variants(model, decoder, cfg, prompts: list[str], seeds: list[int], variants: list[str],
+                      sampling: Sampling = Sampling(), progress=None) -> dict:
+    """Generate every variant for every (prompt, seed). Returns the raw material of the scores:
+    {'images': {variant: (pairs, H, W, 3) uint8, seed-major}, 'bit_mismatch': {variant: per scale},
+     'attention_errors': {variant: {(layer, scale): [per row]}}, 'seconds_per_image': {variant: s}}."""
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown or "dense" not in variants:
+        raise ValueError(f"variants must include 'dense' and come from {list(VARIANTS)}; unknown: {unknown}")
+    schedule = get_schedule(cfg.default_resolution, model=cfg.name)
+    features, lengths = hashed_embeddings(prompts, cfg.text_dim, cfg.text_maxlen)
+    images: dict[str, list[np.ndarray]] = {v: [] for v in variants}
+    bits: dict[str, list[list[torch.Tensor]]] = {v: [] for v in variants}
+    probes = {name: make_plan(cfg, schedule, VARIANTS[name][0]) for name in variants}
+    seconds: dict[str, float] = defaultdict(float)
+    for seed in seeds:
+        for name in variants:
+            runner = TorchRunner(model, schedule, plan=probes[name])
+            t0 = time.perf_counter()
+            gen = generate(runner, decoder, schedule, features, lengths, sampling, seed=seed, skip_last=VARIANTS[name][1])
+            images[name].append(to_uint8(gen.image))  # to_uint8 synchronises, so the time is the whole generation
+            seconds[name] += time.perf_counter() - t0
+            bits[name].append([b.cpu() for b in gen.bits])
+            if progress:
+                progress(f"seed {seed} {name}: {time.perf_counter() - t0:.2f} s")
+    pairs = len(seeds) * len(prompts)
+    return {"images": {k: np.concatenate(v) for k, v in images.items()},
+            "bit_mismatch": {k: _bit_mismatch(bits["dense"], bits[k]) for k in variants if k != "dense"},
+            "attention_errors": {k: dict(p.errors) for k, p in probes.items() if p is not None},
+            "seconds_per_image": {k: round(v / pairs, 4) for k, v in seconds.items()}}
+
+
+def score(raw: dict, depth: int, with_ssim: bool = True) -> dict:
+    """Per variant: PSNR/SSIM against dense, bit mismatch per scale, attention error per layer."""
+    results = {}
+    ref = raw["images"]["dense"]
+    for name, img in raw["images"].items():
+        row = {"policy_overrides": VARIANTS[name][0], "skip_last": VARIANTS[name][1],
+               "seconds_per_image": raw["seconds_per_image"][name]}
+        if name != "dense":
+            psnrs = [psnr_db(a, b) for a, b in zip(ref, img)]
+            mses = [float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2) / 255.0**2) for a, b in zip(ref, img)]
+            ssims = [ssim(a, b) for a, b in zip(ref, img)] if with_ssim else None
+            row.update(summarize_pairs(psnrs, ssims, mses))
+            row["bit_mismatch_per_scale"] = raw["bit_mismatch"][name]
+        if name in raw["attention_errors"]:
+            row["attention_rel_error"] = _attention_errors(raw["attention_errors"][name], depth)
+        results[name] = row
+    return results
+
+
+def run_fidelity(model, decoder, cfg, prompts, seeds, variants, sampling: Sampling = Sampling(), with_ssim: bool = True,
+                 progress=None) -> tuple[dict, dict]:
+    """generate_variants + score; returns (results per variant, raw)."""
+    raw = generate_variants(model, decoder, cfg, prompts, seeds, variants, sampling, progress)
+    return score(raw, cfg.depth, with_ssim), raw
+
+
+def save_raw(raw: dict, meta: dict, path: str) -> str:
+    """Images as uint8 arrays plus everything else as one JSON string, in one .npz (written atomically)."""
+    rest = {"meta": meta, "bit_mismatch": raw["bit_mismatch"], "seconds_per_image": raw["seconds_per_image"],
+            "attention_errors": {k: [[layer, scale, v] for (layer, scale), v in errs.items()]
+                                 for k, errs in raw["attention_errors"].items()}}
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}.npz"
+    np.savez_compressed(tmp, json=np.array(json.dumps(rest)), **{f"images_{k}": v for k, v in raw["images"].items()})
+    os.replace(tmp, path)
+    return path
+
+
+def load_raw(path: str) -> tuple[dict, dict]:
+    with np.load(path) as f:
+        rest = json.loads(str(f["json"]))
+        images = {k[len("images_"):]: f[k] for k in f.files if k.startswith("images_")}
+    errors = {k: {(layer, scale): v for layer, scale, v in rows} for k, rows in rest["attention_errors"].items()}
+    raw = {"images": images, "bit_mismatch": rest["bit_mismatch"], "seconds_per_image": rest["seconds_per_image"],
+           "attention_errors": errors}
+    return raw, rest["meta"]
+
+
+def _bit_mismatch(dense: list[list[torch.Tensor]], other: list[list[torch.Tensor]]) -> list[float]:
+    """Fraction of sampled bits that differ from the dense run, per scale the variant ran."""
+    out = []
+    for scale in range(len(other[0])):
+        diff = sum(float((a[scale] != b[scale]).float().sum()) for a, b in zip(dense, other))
+        total = sum(a[scale].numel() for a in dense)
+        out.append(round(diff / total, 6))
+    return out
+
+
+def _attention_errors(errors: dict[tuple[int, int], list[float]], depth: int) -> dict:
+    per_layer_scale = {f"layer{layer}_scale{scale}": round(float(np.mean(v)), 5) for (layer, scale), v in sorted(errors.items())}
+    per_layer = []
+    for layer in range(depth):
+        values = [x for (l, _), v in errors.items() if l == layer for x in v]
+        per_layer.append(round(float(np.mean(values)), 5) if values else None)
+    return {"per_layer": per_layer, "per_layer_scale": per_layer_scale,
+            "note": "mean over batch rows (cond and uncond) of ||sparse - dense|| / ||dense|| on the same q, k, v"}
+
+
+def save_grid(images: dict[str, np.ndarray], rows: tuple[str, ...], columns: int, path: str, zoom: int = 2) -> str:
+    """One row per variant (first `columns` pairs), 2 px gaps, nearest-neighbour zoom; PNG written atomically."""
+    from PIL import Image
+
+    n = min(columns, len(images[rows[0]]))
+    h, w = images[rows[0]].shape[1:3]
+    gap = 2
+    canvas = np.full((len(rows) * (h + gap) + gap, n * (w + gap) + gap, 3), 255, dtype=np.uint8)
+    for r, name in enumerate(rows):
+        for c in range(n):
+            y, x = gap + r * (h + gap), gap + c * (w + gap)
+            canvas[y:y + h, x:x + w] = images[name][c]
+    image = Image.fromarray(canvas).resize((canvas.shape[1] * zoom, canvas.shape[0] * zoom), Image.NEAREST)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}.png"
+    image.save(tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def main(argv=None) -> int:
+    from bench.common import environment, write_result
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--weights", default=WEIGHTS)
+    p.add_argument("--tokenizer", default=TOKENIZER)
+    p.add_argument("--seeds", type=int, default=10, help="seeds 0..N-1; pairs = seeds x prompts")
+    p.add_argument("--prompts", nargs="*", default=list(CIFAR10_CLASSES))
+    p.add_argument("--variants", nargs="*", default=list(VARIANTS))
+    p.add_argument("--cfg", type=float, default=Sampling.cfg)
+    p.add_argument("--tau", type=float, default=Sampling.tau)
+    p.add_argument("--top-p", type=float, default=Sampling.top_p)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--raw-out", default=None, help="also save the generated images and raw measurements (.npz)")
+    p.add_argument("--from-raw", default=None, help="score a saved .npz instead of generating (e.g. made on a GPU)")
+    p.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "fidelity.json"))
+    p.add_argument("--grid", default=os.path.join(ROOT, "bench", "results", "fidelity.png"))
+    p.add_argument("--grid-columns", type=int, default=10)
+    args = p.parse_args(argv)
+    if args.seeds <= 0 or not args.prompts:
+        raise ValueError("need at least one seed and one prompt")
+    cfg = get_config(MODEL)
+    schedule = get_schedule(cfg.default_resolution, model=cfg.name)
+    t0 = time.perf_counter()
+    if args.from_raw:
+        raw, meta = load_raw(args.from_raw)
+    else:
+        _, model, decoder = load(args.device, args.weights, args.tokenizer)
+        sampling = Sampling(cfg=args.cfg, tau=args.tau, top_p=args.top_p)
+        raw = generate_variants(model, decoder, cfg, args.prompts, list(range(args.seeds)), args.variants, sampling,
+                                progress=lambda m: print(f"[{time.perf_counter() - t0:7.1f}s] {m}", flush=True))
+        meta = {"weights": {os.path.relpath(path, ROOT): file_digest(path) for path in (args.weights, args.tokenizer)},
+                "sampling": {"cfg": sampling.cfg, "tau": sampling.tau, "top_p": sampling.top_p, "top_k": sampling.top_k},
+                "prompts": args.prompts, "seeds": list(range(args.seeds)), "generated_on": environment(),
+                "generation_seconds": round(time.perf_counter() - t0, 1)}
+        if args.raw_out:
+            save_raw(raw, meta, args.raw_out)
+    results = score(raw, cfg.depth)
+    policy = default_policy(cfg.name, schedule)
+    sparvar = results.get("sparvar", {})
+    met = {"psnr": sparvar.get("psnr_db_mean", 0) >= TARGETS["psnr_db"], "ssim": sparvar.get("ssim_mean", 0) >= TARGETS["ssim"]}
+    if "skip2" in results and sparvar:
+        met["skip2_clearly_lower"] = results["skip2"]["psnr_db_mean"] + 3.0 < sparvar["psnr_db_mean"]
+    result = {
+        "model": cfg.name, **meta, "pairs": len(meta["prompts"]) * len(meta["seeds"]),
+        "schedule": [list(g) for g in schedule.grids],
+        "policy": {"fields": dict(policy.__dict__), "plan": SparVARPlan(policy, schedule, cfg.depth).describe().splitlines()},
+        "metric_notes": f"PSNR/SSIM of uint8 images against the dense image of the same (prompt, seed); psnr_db_mean caps "
+                        f"identical images at {PSNR_CAP_DB} dB (their count is identical_images); psnr_db_pooled = "
+                        f"10 log10(1 / mean MSE) over all pairs; skip2_clearly_lower = skip2 at least 3 dB below SparVAR",
+        "targets": TARGETS, "targets_met": met,
+        "variants": results,
+    }
+    write_result(args.out, result)
+    rows = tuple(v for v in ("dense", "sparvar", "skip2") if v in raw["images"])
+    save_grid(raw["images"], rows, args.grid_columns, args.grid)
+    print(f"{'variant':<14} {'PSNR mean':>9} {'median':>7} {'pooled':>7} {'SSIM':>6} {'same':>5}  attention rel. error per layer")
+    for name, row in results.items():
+        if name == "dense":
+            continue
+        err = row.get("attention_rel_error", {}).get("per_layer")
+        err = " ".join("-" if e is None else f"{e:.3f}" for e in err) if err else ""
+        print(f"{name:<14} {row['psnr_db_mean']:>9.2f} {row['psnr_db_median']:>7.2f} {row['psnr_db_pooled']:>7.2f} "
+              f"{row.get('ssim_mean', float('nan')):>6.3f} {row['identical_images']:>5}  {err}")
+    print(f"targets {TARGETS}: {met}; wrote {args.out} and {args.grid}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
