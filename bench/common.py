@@ -12,6 +12,8 @@ import torch
 
 
 def git_commit() -> str:
+    if os.environ.get("SPARVAR_COMMIT"):  # the GPU machine gets the work tree without .git: the caller says which
+        return os.environ["SPARVAR_COMMIT"]
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True).stdout.strip()
