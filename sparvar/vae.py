@@ -104,9 +104,11 @@ class Norm(nn.Module):
         self.norm = nn.GroupNorm(norm_groups(channels), channels, eps=1e-6)
 
     def forward(self, x):
-        # The native op stays where it is fast or where a graph wants one GroupNorm node: CPU,
-        # torch.compile (Inductor splits the reduction itself) and ONNX export.
-        if x.is_cuda and not torch.compiler.is_compiling() and not torch.onnx.is_in_onnx_export():
+        # The native op stays where it is fast, where a graph wants one GroupNorm node, or where autograd is
+        # needed (the fast path writes through out=): CPU, torch.compile (Inductor splits the reduction
+        # itself), ONNX export and training.
+        fast = x.is_cuda and not (torch.is_grad_enabled() and (x.requires_grad or self.norm.weight.requires_grad))
+        if fast and not torch.compiler.is_compiling() and not torch.onnx.is_in_onnx_export():
             return split_group_norm(x, self.norm)
         return self.norm(x)
 

@@ -90,18 +90,6 @@ def multiscale_bsq(z: torch.Tensor, grids: tuple[tuple[int, int], ...]) -> tuple
     return summed, bits
 
 
-def use_native_group_norm(module: nn.Module) -> nn.Module:
-    """Route every `vae.Norm` to the native GroupNorm op.
-
-    Why: `vae.Norm`'s fast CUDA path writes through `out=`, which has no autograd; training needs the native op.
-    Instance-level, so the parameters and state dict keys are untouched.
-    """
-    for m in module.modules():
-        if isinstance(m, Norm):
-            m.forward = m.norm.forward
-    return module
-
-
 class Tokenizer(nn.Module):
     """Encoder + multi-scale BSQ + decoder; state dict keys `encoder.*` and `decoder.*` (the official decoder keys)."""
 
@@ -112,7 +100,6 @@ class Tokenizer(nn.Module):
         self.cfg, self.grids = cfg, tuple(tuple(g) for g in grids)
         self.encoder = Encoder(cfg)
         self.decoder = ConvDecoder(cfg)
-        use_native_group_norm(self)
 
     @property
     def image_size(self) -> tuple[int, int]:
