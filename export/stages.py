@@ -155,6 +155,8 @@ def run_export(ctx: StageContext) -> dict:
     spec, cfg, schedule = ctx.spec, ctx.cfg, ctx.schedule
     out = os.path.join(ctx.out_dir, "export")
     os.makedirs(out, exist_ok=True)
+    if spec.backend == "torch-cuda":  # runs the torch model itself: no graphs to export
+        return {"units": {}}
     model, decoder = _load_model_and_decoder(ctx)
     dtype = DTYPES[spec.dtype]
     plan, flavour = None, None
@@ -211,6 +213,8 @@ def run_optimize(ctx: StageContext) -> dict:
         counts[name] = {"nodes": len(inferred.graph.node), "ops": ops}
         ctx.log(f"[engine]   {name}: {len(inferred.graph.node)} nodes, custom: "
                 f"{ {k: v for k, v in ops.items() if '::' in k} or 'none'}")
+    if not ctx.info["units"]:
+        return {"units": {}, "node_counts": {}}
     # graphs reference the shared weights by a path relative to themselves: a hard link keeps one copy on disk
     try:
         os.link(os.path.join(src, WEIGHTS_FILE), os.path.join(dst, WEIGHTS_FILE))

@@ -109,6 +109,10 @@ def load_cuda_engine(engine_dir: str, manifest: dict):
     from .model import build_model
     from .schedule import get_schedule
 
+    from .engine import EngineError
+
+    if not torch.cuda.is_available():
+        raise EngineError(f"{engine_dir} is a torch-cuda engine and needs a CUDA GPU; none is available on this machine")
     spec = manifest["spec"]
     cfg = get_config(spec["model"])
     schedule = get_schedule(spec["resolution"], spec["aspect"], model=spec["model"])

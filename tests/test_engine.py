@@ -170,3 +170,15 @@ def test_graphs_carry_sparvar_nodes_with_reference_bodies(engines):
     graph = onnx.load(os.path.join(engines["sparvar"], "optimize", "step_06.onnx"), load_external_data=False)
     assert {f.name for f in graph.functions} >= {"CSLAAttention", "CS4AAttentionCached"}
     assert not any(k.startswith("sparvar::") for k in counts["step_03"]["ops"]), "scales before the decision stay dense"
+
+
+def test_torch_cuda_engine_builds_without_graphs_and_needs_a_gpu_to_run(tmp_path):
+    path = str(tmp_path / "cuda")
+    manifest = build_engine(EngineSpec(model="infinity-tiny", resolution=256, attention="sparvar", backend="torch-cuda",
+                                       dtype="bf16"), path, log=QUIET)
+    assert manifest["stages"]["export"]["info"]["units"] == {}
+    layouts = manifest["stages"]["build"]["info"]["torch_cuda"]["layouts"]
+    assert "csla.6.kv_indices" in layouts  # CSLA layouts precomputed for every sparse scale
+    if not torch.cuda.is_available():
+        with pytest.raises(EngineError, match="torch-cuda engine and needs a CUDA GPU"):
+            load_engine_pipeline(path)
