@@ -7,6 +7,10 @@ tests/test_tensorrt.py where TensorRT exists.
 Plugin APIs (one per process; both under the `sparvar` namespace):
   "qdp" (default): tensorrt.plugin definitions from plugins/<op>.py - JIT impl, or AOT PTX with aot=True;
   "v3":            the IPluginV3 classes of plugins/pluginv3.py (also what TensorRT-RTX uses).
+
+Engine directories hold weight-stripped plans (STRIP_PLAN + REFIT_IDENTICAL, export/trt_build.py): `load_engine`
+refits each unit from the directory's one shared weights file. One timing cache (build/timing.cache) is shared
+by the builds of all units, so layers the units have in common are timed once.
 """
 from __future__ import annotations
 
@@ -16,7 +20,8 @@ import onnx
 
 from export.custom_ops import custom_nodes
 from export.trt_build import (DYNAMIC_RANGE, BuildReport, add_dynamic_profile, builder_plugin_nodes, check_inspected,
-                              inspect_engine, layer_type_counts, make_logger, parse_onnx, plugin_layers, text_range)
+                              deserialize, engine_unit, inspect_engine, layer_type_counts, make_logger, parse_onnx,
+                              plugin_layers, set_weights_mode, text_range, weights_record)
 
 PLUGIN_APIS = ("qdp", "v3")
 
@@ -55,9 +60,13 @@ def mark_aot(model: onnx.ModelProto, aot: bool) -> onnx.ModelProto:
     return model
 
 
-def build_engine(model: onnx.ModelProto | str, *, plugin_api: str = "qdp", aot: bool = False,
-                 inspect: bool = True, dynamic_range=DYNAMIC_RANGE) -> BuildReport:
-    """Parse, check plugin layers, build (strongly typed: dtypes come from the graph), inspect the engine."""
+def build_engine(model: onnx.ModelProto | str, *, plugin_api: str = "qdp", aot: bool = False, weights: str = "strip",
+                 inspect: bool = True, dynamic_range=DYNAMIC_RANGE, timing_cache: str | None = None) -> BuildReport:
+    """Parse, check plugin layers, build (strongly typed: dtypes come from the graph), inspect the engine.
+
+    weights: "strip" (the plan holds no weights: refit before running, `run_engine(refit_from=...)`) or "embed".
+    timing_cache: a file to read the timing cache from (if it exists) and write it back to, extended by this build.
+    """
     trt = load_tensorrt()
     if aot and plugin_api != "qdp":
         raise ValueError("aot=True needs plugin_api='qdp' (AOT kernels are a tensorrt.plugin feature)")
@@ -73,35 +82,58 @@ def build_engine(model: onnx.ModelProto | str, *, plugin_api: str = "qdp", aot: 
     layers = plugin_layers(trt, network, ready, plugin_classes=classes)
     config = builder.create_builder_config()
     config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
+    set_weights_mode(trt, config, weights)
+    cache = None
+    if timing_cache is not None:
+        known = b""
+        if os.path.exists(timing_cache):
+            with open(timing_cache, "rb") as f:
+                known = f.read()
+        cache = config.create_timing_cache(known)
+        if not config.set_timing_cache(cache, False):  # False: a cache from another device/version is an error
+            raise RuntimeError(f"TensorRT refused the timing cache {timing_cache}: " + "; ".join(logger.errors()))
     add_dynamic_profile(builder, network, config, dynamic_range)
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise RuntimeError("TensorRT failed to build the engine:\n  " + "\n  ".join(logger.errors()))
-    report = BuildReport(bytes(serialized), layers, builder_plugin_nodes(logger), layer_type_counts(trt, network))
+    if cache is not None:
+        tmp = f"{timing_cache}.tmp-{os.getpid()}"
+        with open(tmp, "wb") as f:
+            f.write(bytes(cache.serialize()))
+        os.replace(tmp, timing_cache)
+    report = BuildReport(bytes(serialized), layers, builder_plugin_nodes(logger), layer_type_counts(trt, network),
+                         weights=weights)
     if inspect:
         report.inspector = inspect_engine(trt, report.engine, logger)
         check_inspected(report.inspector, list(layers))
     return report
 
 
-def run_engine(engine_bytes: bytes, feeds: dict, plugin_api: str = "qdp") -> dict:
-    """Run a built engine once on CUDA torch tensors `feeds` (name -> tensor); returns name -> output tensor."""
-    import torch
+def run_engine(engine_bytes: bytes, feeds: dict, plugin_api: str = "qdp", refit_from: str | None = None) -> dict:
+    """Run a built engine once on CUDA torch tensors `feeds` (name -> tensor); returns name -> output tensor.
 
+    refit_from: the ONNX file (external data beside it) a weight-stripped engine takes its weights from.
+    """
     trt = load_tensorrt()
     register(plugin_api)  # deserialization looks the plugin creators up
     logger = make_logger(trt)
-    engine = trt.Runtime(logger).deserialize_cuda_engine(engine_bytes)
-    if engine is None:
-        raise RuntimeError("cannot deserialize the engine: " + "; ".join(logger.errors()))
+    return run_loaded(deserialize(trt, engine_bytes, logger, refit_from=refit_from), feeds, logger)
+
+
+def run_loaded(engine, feeds: dict, logger=None) -> dict:
+    """Run a deserialized (and, if stripped, refit) engine once on CUDA torch tensors `feeds`."""
+    import torch
+
+    trt = load_tensorrt()
     context = engine.create_execution_context()
-    outputs = {}
+    outputs, kept = {}, []  # kept: contiguous copies of the inputs stay alive until the engine has run
     for i in range(engine.num_io_tensors):
         name = engine.get_tensor_name(i)
         if engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT:
             if name not in feeds:
                 raise ValueError(f"missing engine input {name!r}")
             tensor = feeds[name].contiguous()
+            kept.append(tensor)
             context.set_input_shape(name, tuple(tensor.shape))
             context.set_tensor_address(name, tensor.data_ptr())
     for i in range(engine.num_io_tensors):
@@ -113,19 +145,39 @@ def run_engine(engine_bytes: bytes, feeds: dict, plugin_api: str = "qdp") -> dic
             context.set_tensor_address(name, outputs[name].data_ptr())
     stream = torch.cuda.current_stream()
     if not context.execute_async_v3(stream.cuda_stream):
-        raise RuntimeError("TensorRT execution failed: " + "; ".join(logger.errors()))
+        raise RuntimeError("TensorRT execution failed: " + "; ".join(logger.errors() if logger else []))
     stream.synchronize()
     return outputs
 
 
 def build_engine_dir(ctx, out: str) -> dict:
-    """The `build` stage for backend tensorrt: one engine per exported unit, for the GPU of this machine."""
+    """The `build` stage for backend tensorrt: one weight-stripped engine per exported unit, for this machine's GPU,
+    all refit at load from the directory's shared weights; one timing cache across the units (build/timing.cache)."""
     dynamic_range = text_range(ctx.cfg.text_maxlen)
+    cache = os.path.join(out, "timing.cache")
     units = {}
     for name, unit in ctx.info["units"].items():
-        report = build_engine(os.path.join(ctx.out_dir, unit["file"]), dynamic_range=dynamic_range)
+        onnx_path = os.path.join(ctx.out_dir, unit["file"])
+        report = build_engine(onnx_path, dynamic_range=dynamic_range, weights="strip", timing_cache=cache)
         engine_file = f"{name}.engine"
         with open(os.path.join(out, engine_file), "wb") as f:
             f.write(report.engine)
-        units[name] = {"engine": f"build/{engine_file}", **report.summary()}
-    return {"tensorrt": {"plugin_api": "qdp", "units": units}}
+        units[name] = {"engine": f"build/{engine_file}", **weights_record(onnx_path, ctx.out_dir, "strip"),
+                       **report.summary()}
+        ctx.log(f"[engine]   {name}: {len(report.engine) / 2**20:.1f} MiB, {len(report.plugin_layers)} sparvar plugin "
+                f"layers, weights {units[name]['weights']}")
+    return {"tensorrt": {"plugin_api": "qdp", "weights": "strip", "timing_cache": "build/timing.cache", "units": units}}
+
+
+def load_engine(engine_dir: str, unit: str, plugin_api: str = "qdp"):
+    """The ICudaEngine of one unit of a tensorrt engine directory, its weights refit from the directory's shared
+    weights file (the plans are stripped). `plugin_api` must be the one the directory was built with."""
+    paths = engine_unit(engine_dir, unit, "tensorrt")
+    built_with = paths["info"]["plugin_api"]
+    if plugin_api != built_with:
+        raise ValueError(f"{engine_dir} was built with plugin API {built_with!r}, not {plugin_api!r}")
+    trt = load_tensorrt()
+    register(plugin_api)  # deserialization looks the plugin creators up
+    with open(paths["engine"], "rb") as f:
+        plan = f.read()
+    return deserialize(trt, plan, make_logger(trt), refit_from=paths["refit_onnx"])

@@ -9,10 +9,17 @@ What is checked, in order, for every sparvar custom node of the ONNX graph:
   3. after building: the builder's own graph listing (its verbose log) shows the layer as a plugin, and the
      serialized engine names the plugin - `BuildReport`;
   4. where a runtime can deserialize the engine (a GPU it supports): the engine inspector's layer list, in JSON.
+
+Weights. Every unit of an engine directory (text, step_00..step_NN, decode) reads the same deduplicated weights
+file (export/weights.py); a plan that embedded them would copy them once per unit (13 x 4 GB for the 2B model).
+`weights="strip"` builds with STRIP_PLAN + REFIT_IDENTICAL: the plan holds no refittable weights, the builder
+still optimises as if they were the constants it saw, and `deserialize` refits them at load time from the same
+ONNX graph (hence the same shared weights file) the engine was built from - identical weights by construction.
 """
 from __future__ import annotations
 
 import json
+import os
 import re
 from dataclasses import dataclass, field
 
@@ -22,6 +29,7 @@ from export.custom_ops import custom_nodes, strip_reference_functions
 from plugins.spec import NAMESPACE
 
 DYNAMIC_RANGE = (1, 128, 512)  # min/opt/max for every dynamic axis (the text length) of an engine's profile
+WEIGHT_MODES = ("strip", "embed")  # strip: weights refit at load from the shared file; embed: a copy in each plan
 
 
 def text_range(text_maxlen: int) -> tuple[int, int, int]:
@@ -66,12 +74,17 @@ def name_custom_nodes(model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
+def ready_for_trt(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The graph TensorRT sees (build and refit alike): no sparvar reference functions, every sparvar node named."""
+    return name_custom_nodes(strip_reference_functions(model))
+
+
 def parse_onnx(trt, builder, model: onnx.ModelProto, logger, network_flags: int = 0, path: str | None = None):
     """(network, parser, TensorRT-ready model): parse `model` without its sparvar reference functions.
 
     path: the file `model` was loaded from, so the parser finds its external data next to it.
     """
-    ready = name_custom_nodes(strip_reference_functions(model))
+    ready = ready_for_trt(model)
     leftover = [f.name for f in ready.functions if f.domain == NAMESPACE]
     if leftover:
         raise AssertionError(f"sparvar local functions {leftover} survived stripping; TensorRT could inline them")
@@ -131,6 +144,7 @@ class BuildReport:
     builder_plugin_nodes: list[str]  # layer names the builder listed as PLUGIN_V3 (its verbose graph listing)
     layer_types: dict = field(default_factory=dict)  # network layer type -> count
     inspector: dict | None = None  # engine inspector JSON where a runtime could deserialize the engine
+    weights: str = "embed"  # one of WEIGHT_MODES: "strip" plans must be refit (`deserialize`) before they run
 
     def summary(self) -> dict:
         return {"engine_bytes": len(self.engine), "plugin_layers": self.plugin_layers,
@@ -173,6 +187,88 @@ def add_dynamic_profile(builder, network, config, dynamic_range=DYNAMIC_RANGE) -
 
 
 
+def set_weights_mode(trt, config, weights: str) -> None:
+    """Configure the builder for WEIGHT_MODES `weights` (see the module docstring)."""
+    if weights not in WEIGHT_MODES:
+        raise ValueError(f"unknown weights mode {weights!r}; expected one of {WEIGHT_MODES}")
+    if weights == "strip":
+        config.set_flag(trt.BuilderFlag.STRIP_PLAN)
+        config.set_flag(trt.BuilderFlag.REFIT_IDENTICAL)
+
+
+def external_data_files(model: onnx.ModelProto) -> list[str]:
+    """The external-data files the graph's initializers live in, relative to the graph's folder."""
+    from onnx.external_data_helper import uses_external_data
+
+    files = set()
+    for init in model.graph.initializer:
+        if uses_external_data(init):
+            files.update(e.value for e in init.external_data if e.key == "location")
+    return sorted(files)
+
+
+def weights_record(onnx_path: str, root: str, weights: str) -> dict:
+    """The manifest entry saying where a unit's weights are: in its plan, or refit from `root`-relative files."""
+    if weights == "embed":
+        return {"weights": "embedded"}
+    model = onnx.load(onnx_path, load_external_data=False)
+    graph_dir = os.path.dirname(onnx_path)
+    sources = [os.path.relpath(os.path.normpath(os.path.join(graph_dir, f)), root) for f in external_data_files(model)]
+    graph = os.path.relpath(onnx_path, root)
+    return {"weights": f"stripped, refit from {', '.join(sources) or graph}", "refit_onnx": graph}
+
+
+def refit(trt, engine, onnx_path: str, logger) -> None:
+    """Give a weight-stripped `engine` its weights from the ONNX graph at `onnx_path` (and its external data)."""
+    model = ready_for_trt(onnx.load(onnx_path, load_external_data=False))  # the graph exactly as the builder parsed it
+    refitter = trt.Refitter(engine, logger)
+    parser_refitter = trt.OnnxParserRefitter(refitter, logger)
+    if not parser_refitter.refit_from_bytes(model.SerializeToString(), onnx_path):
+        errors = [str(parser_refitter.get_error(i)) for i in range(parser_refitter.num_errors)]
+        raise RuntimeError(f"cannot refit the engine from {onnx_path}:\n  " + "\n  ".join(errors + logger.errors()))
+    missing = [name or "<unnamed>" for name in refitter.get_missing_weights()]
+    if missing:
+        raise RuntimeError(f"{onnx_path} does not supply the engine's weights {missing[:10]}"
+                           f"{f' (and {len(missing) - 10} more)' if len(missing) > 10 else ''}; rebuild the engine")
+    if not refitter.refit_cuda_engine():
+        raise RuntimeError(f"refitting the engine from {onnx_path} failed: " + "; ".join(logger.errors()[-3:]))
+
+
+def deserialize(trt, engine_bytes: bytes, logger, refit_from: str | None = None):
+    """An ICudaEngine from `engine_bytes`; a weight-stripped plan is refit from the ONNX graph at `refit_from`."""
+    runtime = trt.Runtime(logger)
+    engine = runtime.deserialize_cuda_engine(engine_bytes)
+    if engine is None:
+        raise RuntimeError(f"{trt.__name__} cannot deserialize the engine here: " + "; ".join(logger.errors()[-3:]))
+    if refit_from is not None:
+        refit(trt, engine, refit_from, logger)
+    return engine
+
+
+def engine_unit(engine_dir: str, unit: str, backend: str) -> dict:
+    """A unit's build record in an engine directory built for `backend` (its manifest key), with absolute paths:
+    {"engine": plan file, "refit_onnx": graph to refit from or None, "record": the unit's manifest entry,
+    "info": the backend's build info}."""
+    from sparvar.engine import EngineError, read_manifest
+
+    manifest = read_manifest(engine_dir)
+    info = manifest["stages"]["build"]["info"]
+    key = backend.replace("-", "_")
+    if key not in info:
+        raise EngineError(f"{engine_dir} holds no {backend} engines (it was built for backend "
+                          f"{manifest['spec']['backend']!r}); build one with --backend {backend}")
+    units = info[key]["units"]
+    if unit not in units:
+        raise ValueError(f"unknown unit {unit!r}; {engine_dir} has units {sorted(units)}")
+    record = units[unit]
+    refit_onnx = record.get("refit_onnx")
+    if record["weights"] != "embedded" and refit_onnx is None:
+        raise EngineError(f"{engine_dir}: unit {unit} has stripped weights but no graph to refit them from; rebuild it")
+    return {"engine": os.path.join(engine_dir, record["engine"]),
+            "refit_onnx": os.path.join(engine_dir, refit_onnx) if refit_onnx else None, "record": record,
+            "info": info[key]}
+
+
 def layer_type_counts(trt, network) -> dict[str, int]:
     counts: dict[str, int] = {}
     for i in range(network.num_layers):
@@ -182,11 +278,9 @@ def layer_type_counts(trt, network) -> dict[str, int]:
 
 
 def inspect_engine(trt, engine_bytes: bytes, logger) -> dict:
-    """Layer information (JSON) from the engine inspector; needs a runtime that can deserialize here (a GPU)."""
-    runtime = trt.Runtime(logger)
-    engine = runtime.deserialize_cuda_engine(engine_bytes)
-    if engine is None:
-        raise RuntimeError("this runtime cannot deserialize the engine here: " + "; ".join(logger.errors()[-3:]))
+    """Layer information (JSON) from the engine inspector; needs a runtime that can deserialize here (a GPU).
+    A weight-stripped plan is inspected as it is: the layer list needs no weights."""
+    engine = deserialize(trt, engine_bytes, logger)
     inspector = engine.create_engine_inspector()
     return json.loads(inspector.get_engine_information(trt.LayerInformationFormat.JSON))
 

@@ -19,16 +19,24 @@ Facts found while writing this (TensorRT-RTX 1.7.1.116):
   - The Python bindings have no INetworkDefinition.add_plugin_v3: plugins enter networks through the parser.
   - Without a GPU the runtime cannot deserialize an engine, so the engine inspector is unavailable here; the
     builder's verbose graph listing and the engine bytes are checked instead.
+  - A weight-stripped plan (STRIP_PLAN + REFIT_IDENTICAL; export/trt_build.py) needs the CUDA driver at build
+    time: any refittable build (REFIT, REFIT_IDENTICAL, STRIP_PLAN, or marked weights with REFIT_INDIVIDUAL) fails
+    without libcuda.so.1, in Myelin's graph_jit.cpp (CHECK(status == CUDA_SUCCESS)); plain builds take a "legacy
+    CPU-only mode". So a CPU-only machine can build only plans that embed their weights; `build_engine_dir` does
+    that there and records it in the manifest (`weights: embedded` and the reason).
+  - Timing caches are no-ops in TensorRT-RTX since 1.2 (its bindings warn so), and reusing one ITimingCache for a
+    second builder crashed 1.7.1 (SIGSEGV): the RTX builds keep no timing cache.
 """
 from __future__ import annotations
 
+import ctypes
 import os
 
 import onnx
 
-from export.trt_build import (DYNAMIC_RANGE, BuildReport, add_dynamic_profile, builder_plugin_nodes, check_build,
-                              check_inspected, inspect_engine, layer_type_counts, make_logger, parse_onnx,
-                              plugin_layers, text_range)
+from export.trt_build import (DYNAMIC_RANGE, WEIGHT_MODES, BuildReport, add_dynamic_profile, builder_plugin_nodes,
+                              check_build, check_inspected, deserialize, engine_unit, inspect_engine, layer_type_counts,
+                              make_logger, parse_onnx, plugin_layers, set_weights_mode, text_range, weights_record)
 from plugins.spec import NAMESPACE
 
 COMPUTE_CAPABILITIES = ("SM80", "SM89")  # A100/RTX 30xx and RTX 40xx/L40; the H100 (9.0) is not a TensorRT-RTX target
@@ -53,6 +61,18 @@ def load_trt_rtx():
     return trt
 
 
+def cannot_strip_weights() -> str | None:
+    """Why this machine cannot build weight-stripped TensorRT-RTX plans (no working CUDA driver), or None if it can."""
+    try:
+        driver = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return "no CUDA driver (libcuda.so.1) on this machine"
+    status = driver.cuInit(0)
+    if status != 0:
+        return f"the CUDA driver does not initialise here (cuInit returned {status})"
+    return None
+
+
 def _compute_capability(trt, name: str):
     members = trt.ComputeCapability.__members__
     if name not in members or name in ("NONE", "CURRENT"):
@@ -62,15 +82,25 @@ def _compute_capability(trt, name: str):
 
 
 def build_engine(model: onnx.ModelProto | str, *, compute_capabilities=COMPUTE_CAPABILITIES,
-                 dynamic_range=DYNAMIC_RANGE, inspect: bool = False, verbose: bool = False) -> BuildReport:
+                 dynamic_range=DYNAMIC_RANGE, weights: str | None = None, inspect: bool = False,
+                 verbose: bool = False) -> BuildReport:
     """Parse `model` (a ModelProto or a path; external data is read next to the path), attach the sparvar plugins,
     build one engine for all `compute_capabilities`, and check that every sparvar node is one of our plugin layers.
 
+    weights: "strip" (the plan holds no weights; refit at load, see `load_engine`), "embed", or None: "strip" where
+    this machine can build stripped plans (`cannot_strip_weights`), else "embed"; `report.weights` says which.
     inspect=True also deserializes the engine and checks the engine inspector's layer list (needs a GPU that
     TensorRT-RTX supports; raises RuntimeError elsewhere).
     """
     from plugins import pluginv3
 
+    if weights is None:
+        weights = "embed" if cannot_strip_weights() else "strip"
+    if weights not in WEIGHT_MODES:
+        raise ValueError(f"unknown weights mode {weights!r}; expected one of {WEIGHT_MODES} or None")
+    if weights == "strip" and (reason := cannot_strip_weights()):
+        raise RuntimeError(f"TensorRT-RTX builds a weight-stripped plan only with a working CUDA driver ({reason}); "
+                           "build with weights='embed' here, or on a machine with an NVIDIA driver")
     trt = load_trt_rtx()
     pluginv3.register_plugins(trt)
     first_error = len(pluginv3.ERRORS)
@@ -87,12 +117,14 @@ def build_engine(model: onnx.ModelProto | str, *, compute_capabilities=COMPUTE_C
     for i, cc in enumerate(compute_capabilities):
         config.set_compute_capability(_compute_capability(trt, cc), i)
     config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
+    set_weights_mode(trt, config, weights)
     add_dynamic_profile(builder, network, config, dynamic_range)
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise RuntimeError("TensorRT-RTX failed to build the engine:\n  "
                            + "\n  ".join(pluginv3.ERRORS[first_error:] + logger.errors()))
-    report = BuildReport(bytes(serialized), layers, builder_plugin_nodes(logger), layer_type_counts(trt, network))
+    report = BuildReport(bytes(serialized), layers, builder_plugin_nodes(logger), layer_type_counts(trt, network),
+                         weights=weights)
     check_build(report, sorted({info["op_type"] for info in layers.values()}) + ([NAMESPACE] if layers else []))
     if inspect:
         report.inspector = inspect_engine(trt, report.engine, logger)
@@ -101,15 +133,41 @@ def build_engine(model: onnx.ModelProto | str, *, compute_capabilities=COMPUTE_C
 
 
 def build_engine_dir(ctx, out: str) -> dict:
-    """The `build` stage for backend tensorrt-rtx: one engine per exported unit, for COMPUTE_CAPABILITIES."""
+    """The `build` stage for backend tensorrt-rtx: one engine per exported unit, for COMPUTE_CAPABILITIES.
+
+    Weight-stripped plans (all units refit from the one shared weights file at load) where this machine can build
+    them; elsewhere each plan embeds its weights, and the manifest says so and why.
+    """
     dynamic_range = text_range(ctx.cfg.text_maxlen)
+    reason = cannot_strip_weights()
+    weights = "embed" if reason else "strip"
+    if reason:
+        reason = f"TensorRT-RTX needs a CUDA driver to build weight-stripped plans: {reason}"
+        ctx.log(f"[engine]   weights embedded in every plan ({reason})")
     units = {}
     for name, unit in ctx.info["units"].items():
-        report = build_engine(os.path.join(ctx.out_dir, unit["file"]), dynamic_range=dynamic_range)
+        onnx_path = os.path.join(ctx.out_dir, unit["file"])
+        report = build_engine(onnx_path, dynamic_range=dynamic_range, weights=weights)
         engine_file = f"{name}.engine"
         with open(os.path.join(out, engine_file), "wb") as f:
             f.write(report.engine)
-        units[name] = {"engine": f"build/{engine_file}", **report.summary()}
-        ctx.log(f"[engine]   {name}: {len(report.engine) / 2**20:.1f} MiB, {len(report.plugin_layers)} sparvar plugin layers")
+        units[name] = {"engine": f"build/{engine_file}", **weights_record(onnx_path, ctx.out_dir, weights),
+                       **report.summary()}
+        ctx.log(f"[engine]   {name}: {len(report.engine) / 2**20:.1f} MiB, {len(report.plugin_layers)} sparvar plugin "
+                f"layers, weights {units[name]['weights']}")
     return {"tensorrt_rtx": {"compute_capabilities": list(COMPUTE_CAPABILITIES), "dynamic_range": list(dynamic_range),
-                             "units": units}}
+                             "weights": weights, "weights_note": reason,
+                             "timing_cache": "none (timing caches are no-ops in TensorRT-RTX >= 1.2)", "units": units}}
+
+
+def load_engine(engine_dir: str, unit: str):
+    """The ICudaEngine of one unit of a tensorrt-rtx engine directory, weights refit from the directory's shared
+    weights where the plan was stripped. Needs a GPU that TensorRT-RTX runs on (SM 8.0, 8.6, 8.9, 12.x)."""
+    from plugins import pluginv3
+
+    paths = engine_unit(engine_dir, unit, "tensorrt-rtx")
+    trt = load_trt_rtx()
+    pluginv3.register_plugins(trt)  # Python plugins are not serialized: deserialization looks the creators up
+    with open(paths["engine"], "rb") as f:
+        plan = f.read()
+    return deserialize(trt, plan, make_logger(trt), refit_from=paths["refit_onnx"])

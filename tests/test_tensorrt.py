@@ -3,9 +3,13 @@
 TensorRT tests skip with "TensorRT not installed" where it is missing (everywhere in this project so far); the
 device-runtime test needs a CUDA GPU; the AOT compile test needs Triton (no GPU: it compiles PTX for SM80).
 """
+import os
 import subprocess
 import sys
 
+import numpy as np
+import onnx
+import onnx.helper as oh
 import pytest
 import torch
 
@@ -29,6 +33,31 @@ def _as_tuple(x):
     return x if isinstance(x, tuple) else (x,)
 
 
+def weighty_graph(folder, rows: int = 512, hidden: int = 1024) -> tuple[str, int, tuple]:
+    """x @ W1 -> relu -> @ W2, its 2*rows*hidden float32 weights (4 MiB by default) in one external-data file beside
+    the graph, as in an engine directory. Returns (graph path, weight bytes, (W1, W2))."""
+    g = np.random.default_rng(0)
+    w1 = (g.standard_normal((rows, hidden)) / np.sqrt(rows)).astype(np.float32)
+    w2 = (g.standard_normal((hidden, rows)) / np.sqrt(hidden)).astype(np.float32)
+    x = oh.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [4, rows])
+    y = oh.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [4, rows])
+    nodes = [oh.make_node("MatMul", ["x", "W1"], ["h"], name="fc1"), oh.make_node("Relu", ["h"], ["r"], name="relu"),
+             oh.make_node("MatMul", ["r", "W2"], ["y"], name="fc2")]
+    graph = oh.make_graph(nodes, "weighty", [x], [y], initializer=[onnx.numpy_helper.from_array(w1, "W1"),
+                                                                  onnx.numpy_helper.from_array(w2, "W2")])
+    model = oh.make_model(graph, opset_imports=[oh.make_opsetid("", 18)])
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, "weighty.onnx")
+    onnx.save(model, path, save_as_external_data=True, all_tensors_to_one_file=True, location="weights.bin",
+              size_threshold=1024)
+    return path, w1.nbytes + w2.nbytes, (w1, w2)
+
+
+def test_weighty_graph_keeps_its_weights_outside_the_graph(tmp_path):
+    path, nbytes, _ = weighty_graph(str(tmp_path))
+    assert os.path.getsize(tmp_path / "weights.bin") == nbytes and os.path.getsize(path) < 4096
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("op", sorted(SPECS))
 def test_qdp_jit_engine_matches_the_reference(tensorrt, op):
@@ -38,7 +67,7 @@ def test_qdp_jit_engine_matches_the_reference(tensorrt, op):
     tensors = _inputs()
     module = OneOp(op).eval()
     model = export_model(module, tensors, flavour="plugin")
-    report = build_engine(model, plugin_api="qdp")
+    report = build_engine(model, plugin_api="qdp", weights="embed")
     assert [info["op_type"] for info in report.plugin_layers.values()] == [op]
     assert report.inspector is not None
     names = [i.name for i in model.graph.input]
@@ -59,7 +88,7 @@ def test_qdp_aot_engine_matches_the_reference(tensorrt):
     tensors = _inputs()
     module = OneOp("CSLAAttention").eval()
     model = export_model(module, tensors, flavour="plugin")
-    report = build_engine(model, plugin_api="qdp", aot=True)
+    report = build_engine(model, plugin_api="qdp", aot=True, weights="embed")
     got = run_engine(report.engine, {"q": tensors[0].cuda(), "k": tensors[1].cuda(), "v": tensors[2].cuda()})
     torch.testing.assert_close(got[model.graph.output[0].name].cpu(), module(*tensors), rtol=0, atol=1e-5)
 
@@ -74,12 +103,47 @@ def test_ipluginv3_engine_matches_the_reference(tensorrt):
         "from export.tensorrt import build_engine, run_engine\n"
         "from tests.test_custom_ops import OneOp, _inputs\n"
         "t = _inputs(); m = OneOp('CS4ADecide').eval(); model = export_model(m, t, flavour='plugin')\n"
-        "r = build_engine(model, plugin_api='v3')\n"
+        "r = build_engine(model, plugin_api='v3', weights='embed')\n"
         "got = run_engine(r.engine, {'q': t[0].cuda(), 'k': t[1].cuda(), 'v': t[2].cuda()}, plugin_api='v3')\n"
         "for o, w in zip(model.graph.output, m(*t)): torch.testing.assert_close(got[o.name].cpu(), w, rtol=0, atol=1e-5)\n"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.gpu
+def test_stripped_engine_is_small_and_refits_from_the_shared_weights(tensorrt, tmp_path):
+    from export.tensorrt import build_engine, run_engine
+
+    _requires_gpu()
+    path, nbytes, (w1, w2) = weighty_graph(str(tmp_path))
+    cache = str(tmp_path / "timing.cache")
+    stripped = build_engine(path, weights="strip", timing_cache=cache)
+    embedded = build_engine(path, weights="embed", timing_cache=cache)
+    assert stripped.weights == "strip" and len(stripped.engine) < 0.25 * nbytes
+    assert len(embedded.engine) >= nbytes  # the copy a per-scale engine would carry
+    assert os.path.getsize(cache) > 0
+    x = torch.randn(4, w1.shape[0])
+    want = torch.relu(x @ torch.from_numpy(w1)) @ torch.from_numpy(w2)
+    got = run_engine(stripped.engine, {"x": x.cuda()}, refit_from=path)["y"].cpu()
+    torch.testing.assert_close(got, want, rtol=1e-2, atol=1e-2)  # TF32 matmuls allowed
+
+
+@pytest.mark.gpu
+def test_engine_dir_units_are_stripped_share_one_timing_cache_and_load(tensorrt, tmp_path):
+    from export.tensorrt import load_engine
+    from sparvar.engine import EngineSpec, build_engine as build_engine_dir
+
+    _requires_gpu()
+    path = str(tmp_path / "tiny")
+    manifest = build_engine_dir(EngineSpec(model="infinity-tiny", resolution=256, attention="sparvar",
+                                           backend="tensorrt"), path, log=lambda *a, **k: None)
+    info = manifest["stages"]["build"]["info"]["tensorrt"]
+    assert os.path.getsize(os.path.join(path, "build", "timing.cache")) > 0
+    for name, unit in info["units"].items():
+        assert unit["weights"] == "stripped, refit from optimize/weights.bin"
+        engine = load_engine(path, name)
+        assert engine.num_io_tensors == len(manifest["units"][name]["inputs"]) + len(manifest["units"][name]["outputs"])
 
 
 @pytest.mark.gpu

@@ -1,5 +1,8 @@
 """TensorRT-RTX: graphs with sparvar nodes parse, map every node to our IPluginV3 plugin and build for SM80/SM89
-on this CPU-only machine. (Engines cannot run here: no GPU, and TensorRT-RTX does not run on the H100.)"""
+on this CPU-only machine; so does a whole tiny engine directory. (Engines cannot run here: no GPU, and TensorRT-RTX
+does not run on the H100.)"""
+import os
+
 import onnx
 import onnx.helper as oh
 import pytest
@@ -12,9 +15,12 @@ from plugins.spec import NAMESPACE
 trt = pytest.importorskip("tensorrt_rtx_bindings", reason="TensorRT-RTX not installed (pip install "
                           "tensorrt-rtx-cu13-libs==1.7.1.116 tensorrt-rtx-cu13-bindings==1.7.1.116)")
 
-from export.trt_build import make_logger, parse_onnx, plugin_layers  # noqa: E402
-from export.trt_rtx import build_engine, load_trt_rtx  # noqa: E402
+from export.trt_build import make_logger, parse_onnx, plugin_layers, ready_for_trt, weights_record  # noqa: E402
+from export.trt_rtx import build_engine, cannot_strip_weights, load_engine, load_trt_rtx  # noqa: E402
 from tests.test_custom_ops import EXPECTED_ATTRS, OneOp, _inputs  # noqa: E402
+from tests.test_tensorrt import weighty_graph  # noqa: E402
+
+QUIET = lambda *a, **k: None  # noqa: E731
 
 
 class WithDenseAround(torch.nn.Module):
@@ -138,3 +144,140 @@ def test_tiny_model_last_scale_step_builds_with_all_sparse_layers_as_plugins():
                       for layer in range(cfg.depth))
     assert kinds == expected and set(kinds) == {"CS4AAttentionCached", "CSLAAttention"}
     assert sorted(report.builder_plugin_nodes) == sorted(report.plugin_layers)
+
+
+# ------------------------------------------------------------------------------------------------ weights
+def _needs_driver():
+    reason = cannot_strip_weights()
+    if reason:
+        pytest.skip(f"TensorRT-RTX builds weight-stripped plans only with a CUDA driver: {reason}")
+
+
+def _needs_no_driver():
+    if cannot_strip_weights() is None:
+        pytest.skip("a CUDA driver is present here: TensorRT-RTX builds weight-stripped plans")
+
+
+def test_stripped_plan_holds_no_weights(tmp_path):
+    _needs_driver()
+    path, nbytes, _ = weighty_graph(str(tmp_path))
+    stripped = build_engine(path, compute_capabilities=("SM80",), weights="strip")
+    embedded = build_engine(path, compute_capabilities=("SM80",), weights="embed")
+    assert stripped.weights == "strip" and len(stripped.engine) < 0.25 * nbytes
+    assert len(embedded.engine) >= nbytes
+
+
+def test_without_a_cuda_driver_tensorrt_rtx_cannot_build_a_stripped_plan(tmp_path):
+    """The fact `cannot_strip_weights` relies on: if a later TensorRT-RTX builds stripped plans on a CPU-only
+    machine, this fails, and the engine builder should strip everywhere."""
+    _needs_no_driver()
+    path, _, _ = weighty_graph(str(tmp_path))
+    trt_rtx = load_trt_rtx()
+    logger = make_logger(trt_rtx, echo_severity=trt_rtx.ILogger.Severity.INTERNAL_ERROR)
+    builder = trt_rtx.Builder(logger)
+    network = builder.create_network(0)
+    parser = trt_rtx.OnnxParser(network, logger)
+    assert parser.parse_from_file(path)
+    config = builder.create_builder_config()
+    config.num_compute_capabilities = 1
+    config.set_compute_capability(trt_rtx.ComputeCapability.SM80, 0)
+    config.set_flag(trt_rtx.BuilderFlag.STRIP_PLAN)
+    config.set_flag(trt_rtx.BuilderFlag.REFIT_IDENTICAL)
+    assert builder.build_serialized_network(network, config) is None
+    assert any("CUDA_SUCCESS" in e for e in logger.errors()), logger.errors()
+
+
+def test_without_a_cuda_driver_strip_is_refused_and_the_default_embeds(tmp_path):
+    _needs_no_driver()
+    path, nbytes, _ = weighty_graph(str(tmp_path))
+    with pytest.raises(RuntimeError, match="weight-stripped plan only with a working CUDA driver"):
+        build_engine(path, compute_capabilities=("SM80",), weights="strip")
+    report = build_engine(path, compute_capabilities=("SM80",))
+    assert report.weights == "embed"
+    assert len(report.engine) >= nbytes  # each embedded plan carries a full copy: what stripping avoids
+
+
+def test_weights_record_names_the_shared_file_to_refit_from(tmp_path):
+    path, _, _ = weighty_graph(str(tmp_path / "optimize"))
+    assert weights_record(path, str(tmp_path), "strip") == {"weights": "stripped, refit from optimize/weights.bin",
+                                                           "refit_onnx": "optimize/weighty.onnx"}
+    assert weights_record(path, str(tmp_path), "embed") == {"weights": "embedded"}
+    with pytest.raises(ValueError, match="unknown weights mode 'copy'"):
+        build_engine(path, compute_capabilities=("SM80",), weights="copy")
+
+
+# ------------------------------------------------------------------------------------------------ engine directory
+@pytest.fixture(scope="module")
+def tiny_engine(tmp_path_factory):
+    """infinity-tiny at 256 with SparVAR attention through `sparvar engine build --backend tensorrt-rtx`."""
+    from sparvar.engine import EngineSpec
+    from sparvar.engine import build_engine as build_engine_dir
+
+    path = str(tmp_path_factory.mktemp("trt_rtx") / "tiny-sparvar")
+    spec = EngineSpec(model="infinity-tiny", resolution=256, attention="sparvar", backend="tensorrt-rtx")
+    return path, build_engine_dir(spec, path, log=QUIET)
+
+
+def test_engine_dir_maps_every_sparvar_node_of_every_unit_to_our_plugin(tiny_engine):
+    path, manifest = tiny_engine
+    build = manifest["stages"]["build"]["info"]["tensorrt_rtx"]
+    counts = manifest["stages"]["optimize"]["info"]["node_counts"]
+    assert set(build["units"]) == set(manifest["units"]) and len(build["units"]) == len(manifest["schedule"]) + 2
+    per_unit = {}
+    for name, unit in manifest["units"].items():
+        graph = onnx.load(os.path.join(path, unit["file"]), load_external_data=False)
+        assert not [f.name for f in graph.functions if f.domain == NAMESPACE]  # no reference body to fall back to
+        nodes = _sparvar_nodes(ready_for_trt(graph))
+        from_optimize = sum(n for op, n in counts[name]["ops"].items() if op.startswith(f"{NAMESPACE}::"))
+        assert len(nodes) == from_optimize
+        record = build["units"][name]
+        assert sorted(record["plugin_layers"]) == sorted(n.name for n in nodes)
+        assert all(record["plugin_layers"][n.name]["op_type"] == n.op_type for n in nodes)
+        assert sorted(record["builder_plugin_nodes"]) == sorted(record["plugin_layers"])
+        assert record["layer_types"].get("PLUGIN_V3", 0) == len(nodes)
+        per_unit[name] = len(nodes)
+    assert per_unit["text"] == 0 and per_unit["decode"] == 0
+    steps = [n for name, n in per_unit.items() if name.startswith("step_")]
+    assert sum(steps) > 0 and steps[-1] > 0  # the sparse scales are at the end of the schedule
+    ops = {info["op_type"] for u in build["units"].values() for info in u["plugin_layers"].values()}
+    assert {"CSLAAttention", "CS4AAttentionCached"} <= ops
+
+
+def test_engine_dir_records_where_the_weights_of_every_unit_are(tiny_engine):
+    path, manifest = tiny_engine
+    build = manifest["stages"]["build"]["info"]["tensorrt_rtx"]
+    shared = manifest["stages"]["export"]["info"]["shared_weights"]
+    reason = cannot_strip_weights()
+    for name, record in build["units"].items():
+        assert os.path.getsize(os.path.join(path, record["engine"])) == record["engine_bytes"]
+        if reason is None:
+            assert record["weights"] == "stripped, refit from optimize/weights.bin"
+            assert record["refit_onnx"] == manifest["units"][name]["file"]
+        else:
+            assert record["weights"] == "embedded"
+    assert os.path.getsize(os.path.join(path, "optimize", "weights.bin")) == shared["bytes"]
+    if reason is None:
+        assert build["weights"] == "strip" and build["weights_note"] is None
+    else:
+        assert build["weights"] == "embed" and reason in build["weights_note"]
+
+
+def test_load_engine_names_bad_units_and_needs_a_gpu_tensorrt_rtx_runs_on(tiny_engine):
+    path, _ = tiny_engine
+    with pytest.raises(ValueError, match="unknown unit 'step_99'; .* has units"):
+        load_engine(path, "step_99")
+    _needs_no_driver()
+    with pytest.raises(RuntimeError, match="cannot deserialize the engine here"):
+        load_engine(path, "step_00")
+
+
+@pytest.mark.gpu
+def test_load_engine_refits_and_exposes_the_unit_io(tiny_engine):
+    major, minor = torch.cuda.get_device_capability()
+    if (major, minor) not in ((8, 0), (8, 6), (8, 9)) and major != 12:
+        pytest.skip(f"TensorRT-RTX does not run on compute capability {major}.{minor}")
+    path, manifest = tiny_engine
+    for name, unit in manifest["units"].items():
+        engine = load_engine(path, name)
+        names = {engine.get_tensor_name(i) for i in range(engine.num_io_tensors)}
+        assert names == {s["name"] for s in unit["inputs"] + unit["outputs"]}
