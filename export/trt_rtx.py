@@ -19,11 +19,14 @@ Facts found while writing this (TensorRT-RTX 1.7.1.116):
   - The Python bindings have no INetworkDefinition.add_plugin_v3: plugins enter networks through the parser.
   - Without a GPU the runtime cannot deserialize an engine, so the engine inspector is unavailable here; the
     builder's verbose graph listing and the engine bytes are checked instead.
-  - A weight-stripped plan (STRIP_PLAN + REFIT_IDENTICAL; export/trt_build.py) needs the CUDA driver at build
-    time: any refittable build (REFIT, REFIT_IDENTICAL, STRIP_PLAN, or marked weights with REFIT_INDIVIDUAL) fails
-    without libcuda.so.1, in Myelin's graph_jit.cpp (CHECK(status == CUDA_SUCCESS)); plain builds take a "legacy
-    CPU-only mode". So a CPU-only machine can build only plans that embed their weights; `build_engine_dir` does
-    that there and records it in the manifest (`weights: embedded` and the reason).
+  - A weight-stripped plan (STRIP_PLAN + REFIT_IDENTICAL; export/trt_build.py) can only be built on a GPU that
+    TensorRT-RTX runs on, for that one GPU: any refittable build (REFIT, REFIT_IDENTICAL, STRIP_PLAN, or marked
+    weights with REFIT_INDIVIDUAL) JIT-compiles and loads kernels through the CUDA driver. Seen on 1.7.1.116:
+    without libcuda.so.1 it fails in Myelin's graph_jit.cpp (CHECK(status == CUDA_SUCCESS)); on an H100 (driver
+    580) it fails for SM80 with "CUDA error 222 loading a module", and for SM80+SM89 with
+    CHECK(sm_vers_.size() == 1). Plain builds take a "legacy CPU-only mode" and work anywhere. So elsewhere
+    `build_engine_dir` builds plans that embed their weights and records that in the manifest (`weights:
+    embedded` and the reason).
   - Timing caches are no-ops in TensorRT-RTX since 1.2 (its bindings warn so), and reusing one ITimingCache for a
     second builder crashed 1.7.1 (SIGSEGV): the RTX builds keep no timing cache.
 """
@@ -61,15 +64,38 @@ def load_trt_rtx():
     return trt
 
 
-def cannot_strip_weights() -> str | None:
-    """Why this machine cannot build weight-stripped TensorRT-RTX plans (no working CUDA driver), or None if it can."""
+RUNTIME_CAPABILITIES = {(8, 0): "SM80", (8, 6): "SM86", (8, 9): "SM89", (12, 0): "SM120", (12, 1): "SM121"}
+
+
+def local_compute_capability() -> tuple[str | None, str]:
+    """(this machine's GPU as a TensorRT-RTX target name, "") if TensorRT-RTX runs on it, else (None, why not)."""
     try:
         driver = ctypes.CDLL("libcuda.so.1")
     except OSError:
-        return "no CUDA driver (libcuda.so.1) on this machine"
+        return None, "no CUDA driver (libcuda.so.1) on this machine"
     status = driver.cuInit(0)
     if status != 0:
-        return f"the CUDA driver does not initialise here (cuInit returned {status})"
+        return None, f"the CUDA driver does not initialise here (cuInit returned {status})"
+    device, major, minor = ctypes.c_int(), ctypes.c_int(), ctypes.c_int()
+    if driver.cuDeviceGet(ctypes.byref(device), 0) != 0:
+        return None, "no CUDA device on this machine"
+    driver.cuDeviceGetAttribute(ctypes.byref(major), 75, device)  # CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR
+    driver.cuDeviceGetAttribute(ctypes.byref(minor), 76, device)  # ..._MINOR
+    name = RUNTIME_CAPABILITIES.get((major.value, minor.value))
+    if name is None:
+        return None, (f"its GPU (compute capability {major.value}.{minor.value}) is not one TensorRT-RTX runs on "
+                      f"({', '.join(f'{a}.{b}' for a, b in RUNTIME_CAPABILITIES)})")
+    return name, ""
+
+
+def cannot_strip_weights(compute_capabilities=None) -> str | None:
+    """Why this machine cannot build a weight-stripped TensorRT-RTX plan for `compute_capabilities` (None: for its
+    own GPU), or None if it can: that needs a GPU TensorRT-RTX runs on, and the plan targets exactly that GPU."""
+    local, why = local_compute_capability()
+    if local is None:
+        return why
+    if compute_capabilities is not None and tuple(compute_capabilities) != (local,):
+        return f"a stripped plan targets exactly this machine's GPU ({local}), not {list(compute_capabilities)}"
     return None
 
 
@@ -88,19 +114,20 @@ def build_engine(model: onnx.ModelProto | str, *, compute_capabilities=COMPUTE_C
     build one engine for all `compute_capabilities`, and check that every sparvar node is one of our plugin layers.
 
     weights: "strip" (the plan holds no weights; refit at load, see `load_engine`), "embed", or None: "strip" where
-    this machine can build stripped plans (`cannot_strip_weights`), else "embed"; `report.weights` says which.
+    this machine can build a stripped plan for `compute_capabilities` (`cannot_strip_weights`), else "embed";
+    `report.weights` says which.
     inspect=True also deserializes the engine and checks the engine inspector's layer list (needs a GPU that
     TensorRT-RTX supports; raises RuntimeError elsewhere).
     """
     from plugins import pluginv3
 
     if weights is None:
-        weights = "embed" if cannot_strip_weights() else "strip"
+        weights = "embed" if cannot_strip_weights(compute_capabilities) else "strip"
     if weights not in WEIGHT_MODES:
         raise ValueError(f"unknown weights mode {weights!r}; expected one of {WEIGHT_MODES} or None")
-    if weights == "strip" and (reason := cannot_strip_weights()):
-        raise RuntimeError(f"TensorRT-RTX builds a weight-stripped plan only with a working CUDA driver ({reason}); "
-                           "build with weights='embed' here, or on a machine with an NVIDIA driver")
+    if weights == "strip" and (reason := cannot_strip_weights(compute_capabilities)):
+        raise RuntimeError(f"TensorRT-RTX builds a weight-stripped plan only on a GPU it runs on, for that GPU alone "
+                           f"({reason}); build with weights='embed' here")
     trt = load_trt_rtx()
     pluginv3.register_plugins(trt)
     first_error = len(pluginv3.ERRORS)
@@ -133,21 +160,22 @@ def build_engine(model: onnx.ModelProto | str, *, compute_capabilities=COMPUTE_C
 
 
 def build_engine_dir(ctx, out: str) -> dict:
-    """The `build` stage for backend tensorrt-rtx: one engine per exported unit, for COMPUTE_CAPABILITIES.
+    """The `build` stage for backend tensorrt-rtx: one engine per exported unit.
 
-    Weight-stripped plans (all units refit from the one shared weights file at load) where this machine can build
-    them; elsewhere each plan embeds its weights, and the manifest says so and why.
+    On a GPU TensorRT-RTX runs on: weight-stripped plans for that GPU, every unit refit at load from the one shared
+    weights file. Elsewhere (this project's CPU machines, the H100): plans for COMPUTE_CAPABILITIES that embed their
+    weights; the manifest says so and why.
     """
     dynamic_range = text_range(ctx.cfg.text_maxlen)
-    reason = cannot_strip_weights()
-    weights = "embed" if reason else "strip"
+    local, reason = local_compute_capability()
+    weights, targets = ("strip", (local,)) if local else ("embed", COMPUTE_CAPABILITIES)
     if reason:
-        reason = f"TensorRT-RTX needs a CUDA driver to build weight-stripped plans: {reason}"
+        reason = f"TensorRT-RTX builds weight-stripped plans only on a GPU it runs on: {reason}"
         ctx.log(f"[engine]   weights embedded in every plan ({reason})")
     units = {}
     for name, unit in ctx.info["units"].items():
         onnx_path = os.path.join(ctx.out_dir, unit["file"])
-        report = build_engine(onnx_path, dynamic_range=dynamic_range, weights=weights)
+        report = build_engine(onnx_path, compute_capabilities=targets, dynamic_range=dynamic_range, weights=weights)
         engine_file = f"{name}.engine"
         with open(os.path.join(out, engine_file), "wb") as f:
             f.write(report.engine)
@@ -155,8 +183,8 @@ def build_engine_dir(ctx, out: str) -> dict:
                        **report.summary()}
         ctx.log(f"[engine]   {name}: {len(report.engine) / 2**20:.1f} MiB, {len(report.plugin_layers)} sparvar plugin "
                 f"layers, weights {units[name]['weights']}")
-    return {"tensorrt_rtx": {"compute_capabilities": list(COMPUTE_CAPABILITIES), "dynamic_range": list(dynamic_range),
-                             "weights": weights, "weights_note": reason,
+    return {"tensorrt_rtx": {"compute_capabilities": list(targets), "dynamic_range": list(dynamic_range),
+                             "weights": weights, "weights_note": reason or None,
                              "timing_cache": "none (timing caches are no-ops in TensorRT-RTX >= 1.2)", "units": units}}
 
 

@@ -1,6 +1,7 @@
 """TensorRT-RTX: graphs with sparvar nodes parse, map every node to our IPluginV3 plugin and build for SM80/SM89
 on this CPU-only machine; so does a whole tiny engine directory. (Engines cannot run here: no GPU, and TensorRT-RTX
 does not run on the H100.)"""
+import ctypes
 import os
 
 import onnx
@@ -16,7 +17,7 @@ trt = pytest.importorskip("tensorrt_rtx_bindings", reason="TensorRT-RTX not inst
                           "tensorrt-rtx-cu13-libs==1.7.1.116 tensorrt-rtx-cu13-bindings==1.7.1.116)")
 
 from export.trt_build import make_logger, parse_onnx, plugin_layers, ready_for_trt, weights_record  # noqa: E402
-from export.trt_rtx import build_engine, cannot_strip_weights, load_engine, load_trt_rtx  # noqa: E402
+from export.trt_rtx import build_engine, load_engine, load_trt_rtx, local_compute_capability  # noqa: E402
 from tests.test_custom_ops import EXPECTED_ATTRS, OneOp, _inputs  # noqa: E402
 from tests.test_tensorrt import weighty_graph  # noqa: E402
 
@@ -147,30 +148,43 @@ def test_tiny_model_last_scale_step_builds_with_all_sparse_layers_as_plugins():
 
 
 # ------------------------------------------------------------------------------------------------ weights
-def _needs_driver():
-    reason = cannot_strip_weights()
-    if reason:
-        pytest.skip(f"TensorRT-RTX builds weight-stripped plans only with a CUDA driver: {reason}")
+def _needs_strippable_gpu() -> str:
+    local, why = local_compute_capability()
+    if local is None:
+        pytest.skip(f"TensorRT-RTX builds weight-stripped plans only on a GPU it runs on: {why}")
+    return local
 
 
-def _needs_no_driver():
-    if cannot_strip_weights() is None:
-        pytest.skip("a CUDA driver is present here: TensorRT-RTX builds weight-stripped plans")
+def _needs_no_strippable_gpu():
+    if local_compute_capability()[0] is not None:
+        pytest.skip("this machine's GPU is one TensorRT-RTX runs on: it builds weight-stripped plans")
 
 
 def test_stripped_plan_holds_no_weights(tmp_path):
-    _needs_driver()
+    local = _needs_strippable_gpu()
     path, nbytes, _ = weighty_graph(str(tmp_path))
-    stripped = build_engine(path, compute_capabilities=("SM80",), weights="strip")
-    embedded = build_engine(path, compute_capabilities=("SM80",), weights="embed")
+    stripped = build_engine(path, compute_capabilities=(local,), weights="strip")
+    embedded = build_engine(path, compute_capabilities=(local,), weights="embed")
     assert stripped.weights == "strip" and len(stripped.engine) < 0.25 * nbytes
     assert len(embedded.engine) >= nbytes
+
+
+def test_a_stripped_plan_targets_exactly_the_local_gpu(tmp_path):
+    local = _needs_strippable_gpu()
+    other = "SM80" if local != "SM80" else "SM89"
+    path, _, _ = weighty_graph(str(tmp_path))
+    with pytest.raises(RuntimeError, match="targets exactly this machine's GPU"):
+        build_engine(path, compute_capabilities=(local, other), weights="strip")
 
 
 def test_without_a_cuda_driver_tensorrt_rtx_cannot_build_a_stripped_plan(tmp_path):
     """The fact `cannot_strip_weights` relies on: if a later TensorRT-RTX builds stripped plans on a CPU-only
     machine, this fails, and the engine builder should strip everywhere."""
-    _needs_no_driver()
+    try:
+        ctypes.CDLL("libcuda.so.1")
+        pytest.skip("a CUDA driver is present on this machine")
+    except OSError:
+        pass
     path, _, _ = weighty_graph(str(tmp_path))
     trt_rtx = load_trt_rtx()
     logger = make_logger(trt_rtx, echo_severity=trt_rtx.ILogger.Severity.INTERNAL_ERROR)
@@ -187,10 +201,10 @@ def test_without_a_cuda_driver_tensorrt_rtx_cannot_build_a_stripped_plan(tmp_pat
     assert any("CUDA_SUCCESS" in e for e in logger.errors()), logger.errors()
 
 
-def test_without_a_cuda_driver_strip_is_refused_and_the_default_embeds(tmp_path):
-    _needs_no_driver()
+def test_without_a_gpu_tensorrt_rtx_runs_on_strip_is_refused_and_the_default_embeds(tmp_path):
+    _needs_no_strippable_gpu()
     path, nbytes, _ = weighty_graph(str(tmp_path))
-    with pytest.raises(RuntimeError, match="weight-stripped plan only with a working CUDA driver"):
+    with pytest.raises(RuntimeError, match="weight-stripped plan only on a GPU it runs on"):
         build_engine(path, compute_capabilities=("SM80",), weights="strip")
     report = build_engine(path, compute_capabilities=("SM80",))
     assert report.weights == "embed"
@@ -247,26 +261,27 @@ def test_engine_dir_records_where_the_weights_of_every_unit_are(tiny_engine):
     path, manifest = tiny_engine
     build = manifest["stages"]["build"]["info"]["tensorrt_rtx"]
     shared = manifest["stages"]["export"]["info"]["shared_weights"]
-    reason = cannot_strip_weights()
+    local, reason = local_compute_capability()
     for name, record in build["units"].items():
         assert os.path.getsize(os.path.join(path, record["engine"])) == record["engine_bytes"]
-        if reason is None:
+        if local:
             assert record["weights"] == "stripped, refit from optimize/weights.bin"
             assert record["refit_onnx"] == manifest["units"][name]["file"]
         else:
             assert record["weights"] == "embedded"
     assert os.path.getsize(os.path.join(path, "optimize", "weights.bin")) == shared["bytes"]
-    if reason is None:
-        assert build["weights"] == "strip" and build["weights_note"] is None
+    if local:
+        assert build["weights"] == "strip" and build["weights_note"] is None and build["compute_capabilities"] == [local]
     else:
         assert build["weights"] == "embed" and reason in build["weights_note"]
+        assert build["compute_capabilities"] == ["SM80", "SM89"]
 
 
 def test_load_engine_names_bad_units_and_needs_a_gpu_tensorrt_rtx_runs_on(tiny_engine):
     path, _ = tiny_engine
     with pytest.raises(ValueError, match="unknown unit 'step_99'; .* has units"):
         load_engine(path, "step_99")
-    _needs_no_driver()
+    _needs_no_strippable_gpu()
     with pytest.raises(RuntimeError, match="cannot deserialize the engine here"):
         load_engine(path, "step_00")
 
