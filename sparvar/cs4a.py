@@ -2,9 +2,12 @@
 
 Decision scale S: dense attention, plus for every (batch row, head, group of `group_size` raster-ordered
 queries) the column sums of the softmax probabilities over the group's queries. The top-k keys of each
-group form its selection (token level, sinks not forced); the residual cache
+group form its selection (token level); the residual cache
     O_cache = O_dense - softmax(Q K_sel^T) V_sel            (each query with its own group's selection)
 keeps what the selection misses.
+
+Sinks: the first `sink_len` KV positions (0 for Infinity: nothing forced; HART's 300-slot text prefix plus its
+first scales) are in every key set and never compete in the top-k: K_sel = [sinks | top-k of the rest].
 
 Later scales: queries are split into groups of `group_size` again (the last one may be partial).
 Group g of a scale with G groups takes the key set of group src(g) = round((g + 0.5) / G * G_prev - 0.5)
@@ -106,6 +109,7 @@ class CS4AGeometry:
     selected_group: torch.Tensor  # (G,) int32
     band_starts: tuple[torch.Tensor, ...]  # each (G,) int32, absolute
     band_lengths: tuple[int, ...]
+    sink_len: int = 0  # KV positions [0, sink_len) lead every key set
 
     @property
     def num_groups(self) -> int:
@@ -113,30 +117,43 @@ class CS4AGeometry:
 
     @property
     def key_count(self) -> int:
-        return self.topk + sum(self.band_lengths)
+        return self.sink_len + self.topk + sum(self.band_lengths)
 
     def to(self, device: torch.device | str) -> CS4AGeometry:
         return CS4AGeometry(self.scale, self.decision_scale, self.group_size, self.num_decision_groups, self.topk,
                             self.selected_group.to(device), tuple(b.to(device) for b in self.band_starts),
-                            self.band_lengths)
+                            self.band_lengths, self.sink_len)
 
     def key_indices(self, selected: torch.Tensor) -> torch.Tensor:
-        """(B, H, G, K) int32 ascending absolute key positions from the decision selection (B, H, G_S, topk)."""
+        """(B, H, G, K) int32 ascending absolute key positions from the decision selection (B, H, G_S, topk):
+        [sinks | selection | bands]."""
         if selected.dim() != 4 or selected.shape[2:] != (self.num_decision_groups, self.topk):
             raise ValueError(f"selection must be (B, H, {self.num_decision_groups}, {self.topk}), got {tuple(selected.shape)}")
         b, h = selected.shape[:2]
         groups = self.selected_group.to(selected.device).long()  # no-op once the geometry is on that device
-        parts = [selected[:, :, groups]]
+        parts = [with_sinks(selected[:, :, groups], self.sink_len)]
         for start, length in zip(self.band_starts, self.band_lengths):
             band = Band(start.to(selected.device), length).indices()
             parts.append(band.expand(b, h, *band.shape))
         return torch.cat(parts, dim=-1).to(torch.int32)
 
 
+def with_sinks(selected: torch.Tensor, sink_len: int) -> torch.Tensor:
+    """(..., K) int32 selection -> (..., sink_len + K): the sink positions 0..sink_len-1 in front (still ascending,
+    since a selection never holds a sink)."""
+    if sink_len == 0:
+        return selected
+    sinks = torch.arange(sink_len, dtype=selected.dtype, device=selected.device)
+    return torch.cat([sinks.expand(*selected.shape[:-1], sink_len), selected], dim=-1)
+
+
 @lru_cache(maxsize=64)
 def cs4a_geometry(schedule: Schedule, decision_scale: int, scale: int, group_size: int,
-                  band_sides: tuple[int, ...], multiple: int, topk: int) -> CS4AGeometry:
+                  band_sides: tuple[int, ...], multiple: int, topk: int, sink_len: int = 0) -> CS4AGeometry:
     """Geometry of a later scale; band_sides[i] is the band side at scale decision_scale + 1 + i."""
+    if not 0 <= sink_len + topk <= schedule.kv_len(decision_scale):
+        raise ValueError(f"CS4A sinks ({sink_len}) + top-k ({topk}) exceed the decision scale's "
+                         f"{schedule.kv_len(decision_scale)} keys")
     if not 0 <= decision_scale < scale < schedule.num_scales:
         raise ValueError(f"CS4A needs decision_scale < scale < {schedule.num_scales}, got {decision_scale} and {scale}")
     if len(band_sides) < scale - decision_scale:
@@ -153,7 +170,8 @@ def cs4a_geometry(schedule: Schedule, decision_scale: int, scale: int, group_siz
         bands.append(cs4a_band(schedule, s, group_size, band_sides[s - decision_scale - 1], multiple))
         prev_groups = groups
     return CS4AGeometry(scale, decision_scale, group_size, num_groups(schedule.lengths[decision_scale], group_size),
-                        topk, selected_group.to(torch.int32), tuple(b.start for b in bands), tuple(b.length for b in bands))
+                        topk, selected_group.to(torch.int32), tuple(b.start for b in bands), tuple(b.length for b in bands),
+                        sink_len)
 
 
 def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -206,23 +224,24 @@ def cs4a_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_id
 
 
 def cs4a_decide_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group_size: int,
-                    topk: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                    topk: int, sink_len: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Dense attention at the decision scale, the per-group top-k selection and the residual cache.
 
     Returns out (B, H, Lq, D) = dense attention in q's dtype; selected (B, H, G, topk) int32 ascending
-    absolute key positions with the largest probability column sums over the group's queries;
-    o_cache (B, H, Lq, D) in q's dtype = dense - attention over the selection.
+    absolute key positions with the largest probability column sums over the group's queries, among the
+    non-sink keys [sink_len, Lk); o_cache (B, H, Lq, D) in q's dtype = dense - attention over [sinks | selection].
     """
     _check_qkv(q, k, v)
-    if not 0 < topk <= k.shape[-2]:
-        raise ValueError(f"topk must be in [1, {k.shape[-2]}] (the KV length), got {topk}")
+    if sink_len < 0 or not 0 < topk <= k.shape[-2] - sink_len:
+        raise ValueError(f"topk must be in [1, {k.shape[-2] - max(sink_len, 0)}] (the KV length {k.shape[-2]} minus "
+                         f"{sink_len} sinks), got {topk}")
     if group_size <= 0:
         raise ValueError(f"group size must be positive, got {group_size}")
     probs = (q.float() @ k.float().transpose(-1, -2)).softmax(dim=-1)  # (B, H, Lq, Lk)
     dense = probs @ v.float()
-    column_sums = _grouped(probs, group_size).sum(dim=3)  # (B, H, G, Lk); padded queries add zeros
-    selected = column_sums.topk(topk, dim=-1).indices.sort(dim=-1).values.to(torch.int32)
-    o_cache = dense - _gathered_attention_fp32(q, k, v, selected, group_size)
+    column_sums = _grouped(probs[..., sink_len:], group_size).sum(dim=3)  # (B, H, G, Lk - sinks); padded queries add 0
+    selected = (column_sums.topk(topk, dim=-1).indices.sort(dim=-1).values + sink_len).to(torch.int32)
+    o_cache = dense - _gathered_attention_fp32(q, k, v, with_sinks(selected, sink_len), group_size)
     return dense.to(q.dtype), selected, o_cache.to(q.dtype)
 
 

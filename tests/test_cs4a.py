@@ -110,6 +110,33 @@ def test_decide_selection_and_exact_cache():
     torch.testing.assert_close(cs4a_attention_ref(q, k, v, selected, gs, o_cache), dense, atol=1e-5, rtol=1e-5)
 
 
+def test_sinks_lead_every_key_set_and_never_compete():
+    """HART's text prefix: the first sink_len keys are always attended and never take a top-k slot."""
+    lq, lk, gs, topk, sinks = 40, 90, 16, 24, 30
+    q, k, v = qkv(lq, lk, seed=5)
+    k[:, :, :sinks] *= 3.0  # make the sinks the strongest columns: a plain top-k would pick them
+    _, plain, _ = cs4a_decide_ref(q, k, v, gs, topk)
+    assert (plain < sinks).any()
+    out, selected, o_cache = cs4a_decide_ref(q, k, v, gs, topk, sink_len=sinks)
+    assert (selected >= sinks).all() and (selected[..., 1:] > selected[..., :-1]).all()
+    probs = (q @ k.transpose(-1, -2)).softmax(-1)
+    colsum = probs[:, :, :gs, sinks:].sum(2)  # group 0, non-sink columns
+    assert torch.equal(selected[:, :, 0].long() - sinks, colsum.topk(topk, -1).indices.sort(-1).values)
+    key_set = torch.cat([torch.arange(sinks, dtype=torch.int32).expand(2, 2, 3, sinks), selected], -1)
+    sparse = reference_attention(q, k, v, mask=group_mask(key_set, lq, lk, gs))
+    torch.testing.assert_close(o_cache, out - sparse, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="sinks"):
+        cs4a_decide_ref(q, k, v, gs, lk - sinks + 1, sink_len=sinks)
+    # later scales: the geometry puts the sinks in front of the inherited selection and the bands
+    s = get_schedule(256)
+    geo = cs4a_geometry(s, 4, 5, 16, (3,), 16, 32, sink_len=21)
+    sel = torch.arange(21, 21 + 32, dtype=torch.int32).expand(1, 1, geo.num_decision_groups, 32)
+    key_idx = geo.key_indices(sel)
+    assert geo.key_count == key_idx.shape[-1] == 21 + 32 + geo.band_lengths[0]
+    assert torch.equal(key_idx[0, 0, :, :21], torch.arange(21, dtype=torch.int32).expand(geo.num_groups, 21))
+    assert (key_idx[..., 1:] > key_idx[..., :-1]).all()
+
+
 def test_gathered_attention_equals_group_masked_attention():
     lq, lk, gs = 50, 70, 16
     q, k, v = qkv(lq, lk, seed=3)
