@@ -54,10 +54,14 @@ def csla_token_mask(schedule: Schedule, scale: int, sinks: int, window_sides: tu
         hj, wj = schedule.grids[j]
         distance = scale - j  # 0 = own scale
         side = window_sides[-1 - distance] if distance < len(window_sides) else -1
+        # KV slots of scale j: its grid, or a text prefix for scale 0 of a prefix model (HART), which only a sink keeps
         if j < sinks:
-            part = torch.ones(hq * wq, hj * wj, dtype=torch.bool)
+            part = torch.ones(hq * wq, schedule.lengths[j], dtype=torch.bool)
         elif side == -1:
-            part = torch.zeros(hq * wq, hj * wj, dtype=torch.bool)
+            part = torch.zeros(hq * wq, schedule.lengths[j], dtype=torch.bool)
+        elif schedule.lengths[j] != hj * wj:
+            raise ValueError(f"scale {j} holds a {schedule.lengths[j]}-slot prefix, not its {hj}x{wj} grid: "
+                             "CSLA must keep it as a sink (sinks >= 1) or drop it")
         else:
             rows, cols = _axis_window(hq, hj, side), _axis_window(wq, wj, side)  # (hq, hj), (wq, wj)
             # token (y, x) keeps key (r, c) iff rows[y, r] and cols[x, c]; raster order on both sides
