@@ -73,8 +73,14 @@ def stage_key_inputs(stage: str, ctx: StageContext) -> dict:
     if stage == "optimize":
         return {"onnx": ctx.versions.get("onnx"), "onnxscript": ctx.versions.get("onnxscript")}
     if stage == "build":
-        return {"backend": spec.backend, **{k: v for k, v in ctx.versions.items()
-                                              if k in ("onnxruntime", "tensorrt", "tensorrt-rtx-cu13-bindings", "triton", "torch")}}
+        key = {"backend": spec.backend, **{k: v for k, v in ctx.versions.items()
+                                             if k in ("onnxruntime", "tensorrt", "tensorrt-rtx-cu13-bindings", "triton", "torch")}}
+        if spec.backend == "tensorrt-rtx":  # stripped for the local GPU or embedded for all targets: a different plan
+            from export.trt_rtx import weights_plan
+
+            weights, targets, _ = weights_plan()
+            key["trt_rtx_plan"] = {"weights": weights, "compute_capabilities": list(targets)}
+        return key
     raise ValueError(f"unknown stage {stage!r}")
 
 

@@ -159,6 +159,16 @@ def build_engine(model: onnx.ModelProto | str, *, compute_capabilities=COMPUTE_C
     return report
 
 
+def weights_plan() -> tuple[str, tuple[str, ...], str]:
+    """(weights mode, target compute capabilities, why not stripped or "") of a build on this machine: stripped
+    plans for the local GPU where TensorRT-RTX runs on it, else plans for COMPUTE_CAPABILITIES with their weights.
+    Part of the build stage's cache key: the same ONNX builds different plans on different machines."""
+    local, reason = local_compute_capability()
+    if local:
+        return "strip", (local,), ""
+    return "embed", COMPUTE_CAPABILITIES, f"TensorRT-RTX builds weight-stripped plans only on a GPU it runs on: {reason}"
+
+
 def build_engine_dir(ctx, out: str) -> dict:
     """The `build` stage for backend tensorrt-rtx: one engine per exported unit.
 
@@ -167,10 +177,8 @@ def build_engine_dir(ctx, out: str) -> dict:
     weights; the manifest says so and why.
     """
     dynamic_range = text_range(ctx.cfg.text_maxlen)
-    local, reason = local_compute_capability()
-    weights, targets = ("strip", (local,)) if local else ("embed", COMPUTE_CAPABILITIES)
+    weights, targets, reason = weights_plan()
     if reason:
-        reason = f"TensorRT-RTX builds weight-stripped plans only on a GPU it runs on: {reason}"
         ctx.log(f"[engine]   weights embedded in every plan ({reason})")
     units = {}
     for name, unit in ctx.info["units"].items():

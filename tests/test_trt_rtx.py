@@ -296,3 +296,19 @@ def test_load_engine_refits_and_exposes_the_unit_io(tiny_engine):
         engine = load_engine(path, name)
         names = {engine.get_tensor_name(i) for i in range(engine.num_io_tensors)}
         assert names == {s["name"] for s in unit["inputs"] + unit["outputs"]}
+
+
+def test_build_stage_key_changes_with_the_weights_plan(monkeypatch):
+    """The same ONNX builds a stripped plan for the local GPU on one machine and embedded plans elsewhere: the build
+    stage's cache key must tell them apart, or an engine dir copied between machines would skip a needed rebuild."""
+    import export.trt_rtx as trt_rtx
+    from export import stages
+
+    ctx = type("Ctx", (), {"spec": type("Spec", (), {"backend": "tensorrt-rtx"})(), "versions": {"torch": "x"}})()
+    monkeypatch.setattr(trt_rtx, "local_compute_capability", lambda: (None, "no CUDA driver"))
+    embedded = stages.stage_key_inputs("build", ctx)
+    assert embedded["trt_rtx_plan"] == {"weights": "embed", "compute_capabilities": ["SM80", "SM89"]}
+    monkeypatch.setattr(trt_rtx, "local_compute_capability", lambda: ("SM89", ""))
+    stripped = stages.stage_key_inputs("build", ctx)
+    assert stripped["trt_rtx_plan"] == {"weights": "strip", "compute_capabilities": ["SM89"]}
+    assert stripped != embedded
