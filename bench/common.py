@@ -44,6 +44,22 @@ def environment() -> dict:
     return env
 
 
+def device_tag() -> str:
+    """Short name of this machine's accelerator for result file names: 'h100', 'h200', ... or 'cpu'."""
+    if not torch.cuda.is_available():
+        return "cpu"
+    name = torch.cuda.get_device_name().lower()
+    for tag in ("h200", "h100", "a100", "l40s", "l4"):
+        if tag in name:
+            return tag
+    return name.replace("nvidia", "").strip().replace(" ", "-")
+
+
+def result_path(name: str) -> str:
+    """bench/results/<name>_<device tag>.json: results of different machines never overwrite each other."""
+    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"{name}_{device_tag()}.json")
+
+
 def cuda_time_ms(fn, warmup: int = 5, runs: int = 50) -> dict:
     """Median (and spread) of `runs` timings of fn() with CUDA events; warm-up runs excluded."""
     for _ in range(warmup):

@@ -4,7 +4,7 @@ Protocol (the paper's): warm-up runs, then the median of timed runs; every run c
 (the T5 encoder itself excluded), all scales, CFG, sampling and the VAE decode. Random weights (the images are
 noise, the work is the same). Every row runs the same `sparvar.generate.generate` loop — only the runner differs.
 
-    PYTHONPATH=. python bench/e2e.py --model infinity-2b --out bench/results/e2e_h100.json
+    PYTHONPATH=. python bench/e2e.py --model infinity-2b   # writes bench/results/e2e_<device>.json
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from bench.common import summarize, write_result  # noqa: E402
+from bench.common import result_path, summarize, write_result  # noqa: E402
 
 FLOP_FLOOR_MS = {"infinity-2b": 146, "infinity-8b": 485}  # INFINITY.md: dense FLOPs at ~790 TFLOP/s
 
@@ -162,7 +162,7 @@ def plot(result: dict, path: str) -> None:
         rows = [r for r in m["rows"] if "median_ms" in r]
         ax.barh([r["row"] for r in rows], [r["median_ms"] for r in rows])
         ax.axvline(m["flop_floor_ms"] or 0, color="k", linestyle="--", label="dense FLOP floor")
-        ax.set_title(f"{m['model']} {m['resolution']}² (H100, bf16, CFG, batch 1)")
+        ax.set_title(f"{m['model']} {m['resolution']}² ({torch.cuda.get_device_name()}, bf16, CFG, batch 1)")
         ax.set_xlabel("ms per image (median)")
         ax.invert_yaxis()
         ax.legend()
@@ -177,12 +177,13 @@ def main(args=None) -> int:
         ap.add_argument("--resolution", type=int, default=1024)
         ap.add_argument("--warmup", type=int, default=3)
         ap.add_argument("--runs", type=int, default=20)
-        ap.add_argument("--out", default="bench/results/e2e_h100.json")
+        ap.add_argument("--out", default=None, help="default: bench/results/e2e_<device>.json")
         args = ap.parse_args(args)
     if not torch.cuda.is_available():
         print("bench e2e needs a CUDA GPU; none is available on this machine", file=sys.stderr)
         return 2
     models = args.model or ["infinity-2b", "infinity-8b"]
+    args.out = args.out or result_path("e2e")
     out = {"benchmark": "end-to-end latency per image", "protocol": f"{args.warmup} warm-up + median of {args.runs} timed runs; "
            "text conditioning, all scales, CFG, sampling and VAE decode included; T5 encoder excluded; random weights",
            "models": []}

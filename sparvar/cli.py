@@ -69,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     e2e.add_argument("--resolution", type=int, default=1024)
     e2e.add_argument("--warmup", type=int, default=3)
     e2e.add_argument("--runs", type=int, default=20)
-    e2e.add_argument("--out", default="bench/results/e2e_h100.json")
+    e2e.add_argument("--out", default=None, help="default: bench/results/e2e_<device>.json")
     return parser
 
 

@@ -1,21 +1,32 @@
 #!/usr/bin/env bash
-# Device calls (repo root on the GPU machine; carry .official for parity):
-#   bash tools/gpu_bench.sh "$OUT" parity   # GPU engine checks + parity with the official code
-#   bash tools/gpu_bench.sh "$OUT" e2e      # end-to-end latency, 2B and 8B
-#   bash tools/gpu_bench.sh "$OUT" profile  # kernel time per scale and category
+# Device calls (repo root on the GPU machine; carry .official for parity). Results are named by device (h100, h200):
+#   bash tools/gpu_bench.sh "$OUT" parity    # GPU engine checks + parity with the official code
+#   bash tools/gpu_bench.sh "$OUT" e2e       # end-to-end latency, 2B and 8B
+#   bash tools/gpu_bench.sh "$OUT" profile   # kernel time per scale and category
+#   bash tools/gpu_bench.sh "$OUT" generate  # `make engine`/`sparvar generate --engine` with a torch-cuda engine
+#   bash tools/gpu_bench.sh "$OUT" kernels   # GPU kernel tests + attention benchmark
 set -uo pipefail
 OUT=${1:-bench/results}
 export PYTHONPATH=$PWD
 nvidia-smi -L
+TAG=$(python -c "from bench.common import device_tag; print(device_tag())")
 for what in "${@:2}"; do
   case "$what" in
     parity)
       python -m pytest -q tests/test_cuda_engine.py 2>&1 | tail -4
       python bench/parity_infinity.py --out "$OUT/parity_infinity.json" 2>&1 | grep -v Warning | tail -34 ;;
     e2e)
-      python bench/e2e.py --model infinity-2b --model infinity-8b --warmup 3 --runs 20 --out "$OUT/e2e_h100.json" 2>&1 \
+      python bench/e2e.py --model infinity-2b --model infinity-8b --warmup 3 --runs 20 --out "$OUT/e2e_$TAG.json" 2>&1 \
         | grep -v Warning | tail -20 ;;
     profile)
-      python bench/profile_step.py --model infinity-2b --out "$OUT/profile_h100.json" 2>&1 | grep -v Warning | tail -12 ;;
+      python bench/profile_step.py --model infinity-2b --out "$OUT/profile_$TAG.json" 2>&1 | grep -v Warning | tail -12 ;;
+    generate)
+      python -m sparvar.cli engine build --model infinity-2b --random-weights --attention sparvar --backend torch-cuda \
+        --engine-dir /tmp/engine-2b 2>&1 | tail -6
+      /usr/bin/time -f "generate: %e s wall, %M KiB peak RSS" python -m sparvar.cli generate --engine /tmp/engine-2b \
+        --prompt "a photo of a cat" --out "$OUT/generate_2b_random_$TAG.png" 2>&1 | tail -6 ;;
+    kernels)
+      python -m pytest -q tests/test_kernels_gpu.py 2>&1 | tail -6
+      python bench/attention.py --out "$OUT/attention_$TAG.json" 2>&1 | grep -v Warning | tail -40 ;;
   esac
 done
