@@ -72,7 +72,12 @@ def read_state_dict(path: str) -> dict[str, torch.Tensor]:
 
 def check_state_dict(sd: dict[str, torch.Tensor], cfg: InfinityConfig) -> None:
     """Raise a CheckpointError that lists every missing, unexpected and wrongly shaped official key."""
-    expected = official_key_shapes(cfg)
+    check_keys(sd, official_key_shapes(cfg), cfg.name)
+
+
+def check_keys(sd: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]], model_name: str) -> None:
+    """The strict comparison every loader shares: one CheckpointError listing all missing, unexpected and
+    wrongly shaped keys of `sd` against `expected` (key -> shape)."""
     missing = sorted(set(expected) - set(sd))
     unexpected = sorted(set(sd) - set(expected))
     mis_shaped = sorted(
@@ -81,7 +86,7 @@ def check_state_dict(sd: dict[str, torch.Tensor], cfg: InfinityConfig) -> None:
         if tuple(sd[k].shape) != expected[k]
     )
     if missing or unexpected or mis_shaped:
-        parts = [f"checkpoint does not match {cfg.name} ({len(expected)} keys expected, {len(sd)} found)"]
+        parts = [f"checkpoint does not match {model_name} ({len(expected)} keys expected, {len(sd)} found)"]
         for title, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", mis_shaped)):
             if items:
                 shown = items[:20] + ([f"... and {len(items) - 20} more"] if len(items) > 20 else [])

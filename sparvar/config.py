@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .hart.config import HART_CONFIGS, HartConfig
+
 
 @dataclass(frozen=True)
 class VAEConfig:
@@ -92,8 +94,10 @@ CONFIGS: dict[str, InfinityConfig] = {
 }
 
 
-def get_config(name: str) -> InfinityConfig:
+def get_config(name: str) -> InfinityConfig | HartConfig:
+    """Any model size by name: Infinity sizes (CONFIGS) and HART sizes (sparvar.hart.config.HART_CONFIGS)."""
+    known = {**CONFIGS, **HART_CONFIGS}
     try:
-        return CONFIGS[name]
+        return known[name]
     except KeyError:
-        raise ValueError(f"unknown model {name!r}; known models: {', '.join(CONFIGS)}") from None
+        raise ValueError(f"unknown model {name!r}; known models: {', '.join(known)}") from None

@@ -366,7 +366,12 @@ def build_model(cfg: InfinityConfig, device="cpu", dtype=torch.float32, init: st
 
     Random weights are allocated directly in `dtype` (a 2B model never exists in fp32 as a whole) and drawn in
     fp32 one tensor at a time, so the same seed gives the same weights (up to rounding) in every dtype.
+    A HART config (cfg.family == "hart") builds sparvar.hart.model.HART the same way.
     """
+    if getattr(cfg, "family", "infinity") == "hart":
+        from .hart.model import build_model as build_hart
+
+        return build_hart(cfg, device=device, dtype=dtype, init=init, seed=seed)
     with torch.device("meta"):
         model = Infinity(cfg)
     if init == "meta":

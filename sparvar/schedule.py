@@ -12,6 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import cached_property
 
+from .hart.config import HART_CONFIGS, HartConfig
+
 # Aspect ratio (h / w) -> the 13 grids of the 1M-pixel schedule (official dynamic_resolution.py).
 _RATIO_TO_GRIDS: dict[float, tuple[tuple[int, int], ...]] = {
     1.000: ((1, 1), (2, 2), (4, 4), (6, 6), (8, 8), (12, 12), (16, 16), (20, 20), (24, 24), (32, 32), (40, 40), (48, 48), (64, 64)),
@@ -71,6 +73,9 @@ class Schedule:
     grids: tuple[tuple[int, int], ...]  # (h, w) per scale, in generation order
     rope_grid: tuple[int, int]  # the 1M-pixel final grid that RoPE positions live on
     pixels_per_token: int = PIXELS_PER_TOKEN  # pixel edge of one token (a model-specific schedule may differ)
+    # HART: scale 0's KV slots are a text prefix of this length instead of its 1x1 grid (the 1x1 token is
+    # predicted from the last prefix slot and never enters the KV). None: scale 0 is its grid, as in Infinity.
+    prefix_len: int | None = None
 
     @property
     def num_scales(self) -> int:
@@ -78,7 +83,11 @@ class Schedule:
 
     @cached_property
     def lengths(self) -> tuple[int, ...]:
-        return tuple(h * w for h, w in self.grids)
+        """Tokens each scale's step runs (and adds to the KV): its grid, or the text prefix for scale 0."""
+        lengths = [h * w for h, w in self.grids]
+        if self.prefix_len is not None:
+            lengths[0] = self.prefix_len
+        return tuple(lengths)
 
     @cached_property
     def offsets(self) -> tuple[int, ...]:
@@ -108,6 +117,8 @@ class Schedule:
 
     def rope_positions(self, scale: int) -> tuple[list[int], list[int]]:
         """Row and column of each raster token of `scale` on the rope grid: round-half-even(i * H* / h)."""
+        if self.prefix_len is not None:  # HART positions are fractional and follow each prompt's text length
+            raise ValueError("a HART schedule has no fixed rope positions; use sparvar.hart.model.rope_tables")
         h, w = self.grids[scale]
         H, W = self.rope_grid
         rows = [round(i * (H / h)) for i in range(h)]  # same float order as the official code; round-half-even
@@ -144,8 +155,11 @@ MODEL_SCHEDULES: dict[str, ModelSchedule] = {
 def get_schedule(resolution: int, aspect: str | float = "1:1", model: str | None = None) -> Schedule:
     """The schedule for a resolution class (256, 512, 768, 1024) and an official aspect template.
 
-    `model` names a model: one listed in MODEL_SCHEDULES gets its own grids, any other the official ones.
+    `model` names a model: one listed in MODEL_SCHEDULES gets its own grids, a HART model its config's
+    patch_nums (hart_schedule), any other the official Infinity ones.
     """
+    if model in HART_CONFIGS:
+        return hart_schedule(HART_CONFIGS[model], resolution, aspect)
     if model in MODEL_SCHEDULES:
         return MODEL_SCHEDULES[model].schedule(model, resolution, aspect)
     if resolution not in RESOLUTION_NUM_SCALES:
@@ -153,3 +167,18 @@ def get_schedule(resolution: int, aspect: str | float = "1:1", model: str | None
     ratio = parse_aspect(aspect)
     template = ASPECT_TEMPLATES[ratio]
     return Schedule(grids=template[: RESOLUTION_NUM_SCALES[resolution]], rope_grid=template[-1])
+
+
+def hart_schedule(cfg: HartConfig, resolution: int | None = None, aspect: str | float = "1:1") -> Schedule:
+    """A HART model's square schedule: its patch_nums grids at its one resolution, scale 0 = the text prefix.
+
+    RoPE positions live on the last grid (official: coordinates * patch_nums[-1] / pn), and the KV holds
+    text_len + sum(pn^2) - 1 tokens (9750 for hart-0.7b).
+    """
+    resolution = cfg.default_resolution if resolution is None else resolution
+    if resolution != cfg.default_resolution:
+        raise ValueError(f"unsupported resolution {resolution!r} for {cfg.name}; supported: [{cfg.default_resolution}]")
+    if parse_aspect(aspect) != 1.0:
+        raise ValueError(f"{cfg.name} generates square images only; got aspect {aspect!r}")
+    grids = tuple((pn, pn) for pn in cfg.patch_nums)
+    return Schedule(grids, rope_grid=grids[-1], pixels_per_token=cfg.vq.stride, prefix_len=cfg.text_len)
