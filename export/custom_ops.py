@@ -85,16 +85,16 @@ def _(q, k, v, key_idx, o_cache, group_size):
 
 @torch.library.custom_op("sparvar::cs4a_decide", mutates_args=())
 def cs4a_decide(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group_size: int,
-                topk: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                topk: int, sink_len: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     inputs = [q, k, v]
-    out, selected, o_cache = decide_plugin.run(inputs, _checked(decide_plugin.SPEC, inputs, dict(group_size=group_size, topk=topk)),
-                                             _reference_ops())
+    attrs = dict(group_size=group_size, topk=topk, sink_len=sink_len)
+    out, selected, o_cache = decide_plugin.run(inputs, _checked(decide_plugin.SPEC, inputs, attrs), _reference_ops())
     return out, selected, o_cache
 
 
 @cs4a_decide.register_fake
-def _(q, k, v, group_size, topk):
-    return tuple(_fake_outputs(decide_plugin.SPEC, [q, k, v], dict(group_size=group_size, topk=topk)))
+def _(q, k, v, group_size, topk, sink_len):
+    return tuple(_fake_outputs(decide_plugin.SPEC, [q, k, v], dict(group_size=group_size, topk=topk, sink_len=sink_len)))
 
 
 assert all(hasattr(torch.ops.sparvar, spec.torch_name) for spec in SPECS.values()), "every op spec needs its torch op"
@@ -110,8 +110,8 @@ def sparse_ops():
                              f"got granularity {layout.granularity!r}")
         return torch.ops.sparvar.csla_attention(q, k, v, layout.kv_num_blocks, layout.kv_indices, layout.block_m, layout.block_n)
 
-    def cs4a_decide_op(q, k, v, group_size, topk):
-        return torch.ops.sparvar.cs4a_decide(q, k, v, group_size, topk)
+    def cs4a_decide_op(q, k, v, group_size, topk, sink_len=0):
+        return torch.ops.sparvar.cs4a_decide(q, k, v, group_size, topk, sink_len)
 
     def cs4a_op(q, k, v, key_idx, group_size, o_cache=None):
         return torch.ops.sparvar.cs4a_attention(q, k, v, key_idx, o_cache, group_size)
@@ -163,8 +163,9 @@ def _cs4a_onnx(q, k, v, key_idx, o_cache=None, group_size: int = 0):
     return _NODES[cs4a_plugin.SPEC_CACHED.name](q, k, v, key_idx, o_cache, group_size=group_size, plugin_namespace=NAMESPACE)
 
 
-def _cs4a_decide_onnx(q, k, v, group_size: int, topk: int):
-    return _NODES[decide_plugin.SPEC.name](q, k, v, group_size=group_size, topk=topk, plugin_namespace=NAMESPACE)
+def _cs4a_decide_onnx(q, k, v, group_size: int, topk: int, sink_len: int):
+    return _NODES[decide_plugin.SPEC.name](q, k, v, group_size=group_size, topk=topk, sink_len=sink_len,
+                                           plugin_namespace=NAMESPACE)
 
 
 def check_flavour(flavour: str) -> None:
@@ -244,23 +245,27 @@ def CS4AAttentionCached(q, k, v, key_idx, o_cache, group_size: int, plugin_names
 
 
 @onnxscript.script(SPARVAR, default_opset=op)
-def CS4ADecide(q, k, v, group_size: int, topk: int, plugin_namespace: str):
+def CS4ADecide(q, k, v, group_size: int, topk: int, sink_len: int, plugin_namespace: str):
     shape = op.Shape(q)  # [B, H, Lq, D]
     batch_heads = op.Slice(shape, [0], [2])
     q_len = op.Slice(shape, [2], [3])
     kv_len = op.Shape(k, start=2, end=3)
     gs = op.Reshape(op.Constant(value_int=group_size), [1])
     k_top = op.Reshape(op.Constant(value_int=topk), [1])
+    sinks = op.Reshape(op.Constant(value_int=sink_len), [1])
     groups = op.Div(op.Sub(op.Add(q_len, gs), [1]), gs)
     probs = op.Softmax(op.MatMul(op.Cast(q, to=1), op.Transpose(op.Cast(k, to=1), perm=[0, 1, 3, 2])), axis=-1)  # (B, H, Lq, Lk)
     dense = op.MatMul(probs, op.Cast(v, to=1))  # (B, H, Lq, D)
     pads = op.Concat([0, 0, 0, 0, 0, 0], op.Sub(op.Mul(groups, gs), q_len), [0], axis=0)  # padded queries add zeros
     grouped = op.Reshape(op.Pad(probs, pads), op.Concat(batch_heads, groups, gs, kv_len, axis=0))  # (B, H, G, gs, Lk)
-    column_sums = op.ReduceSum(grouped, [3], keepdims=0)  # (B, H, G, Lk)
-    _, top = op.TopK(column_sums, k_top, axis=-1, largest=1, sorted=1)  # (B, H, G, topk) int64
-    ascending, _ = op.TopK(top, k_top, axis=-1, largest=0, sorted=1)
+    column_sums = op.Slice(op.ReduceSum(grouped, [3], keepdims=0), sinks, kv_len, [3])  # (B, H, G, Lk - sinks)
+    _, top = op.TopK(column_sums, k_top, axis=-1, largest=1, sorted=1)  # (B, H, G, topk) int64, from the sinks on
+    ascending, _ = op.TopK(op.Add(top, sinks), k_top, axis=-1, largest=0, sorted=1)
     selected = op.Cast(ascending, to=6)
-    o_cache = op.Sub(dense, CS4AGatheredAttention(q, k, v, selected, group_size=group_size))
+    sink_range = op.Range(op.Constant(value_int=0), op.Constant(value_int=sink_len), op.Constant(value_int=1))
+    sink_idx = op.Expand(sink_range, op.Concat(batch_heads, groups, sinks, axis=0))  # (B, H, G, sinks): 0..sinks-1
+    key_set = op.Cast(op.Concat(sink_idx, ascending, axis=-1), to=6)
+    o_cache = op.Sub(dense, CS4AGatheredAttention(q, k, v, key_set, group_size=group_size))
     return op.CastLike(dense, q), selected, op.CastLike(o_cache, q)
 
 

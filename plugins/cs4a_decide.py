@@ -1,11 +1,11 @@
 """sparvar::CS4ADecide - the CS4A decision scale: dense attention + per-group top-k key selection + residual.
 
-Node: out, selected, o_cache = CS4ADecide(q, k, v), attributes group_size, topk (ints).
+Node: out, selected, o_cache = CS4ADecide(q, k, v), attributes group_size, topk, sink_len (ints; sink_len >= 0).
   q (B, H, Lq, D); k, v (B, H, Lk, D).
   out (B, H, Lq, D): dense attention;
   selected (B, H, ceil(Lq / group_size), topk) int32: per query group, the keys with the largest column sums of the
-    softmax probabilities over the group's queries, ascending absolute positions;
-  o_cache (B, H, Lq, D): out - attention of each query over its group's selection (what the selection misses).
+    softmax probabilities over the group's queries among keys [sink_len, Lk), ascending absolute positions;
+  o_cache (B, H, Lq, D): out - attention of each query over [sinks | its group's selection] (what that misses).
 See sparvar/cs4a.py (cs4a_decide_ref) for the reference semantics.
 
 QDP section (TensorRT >= 10.6, `register_qdp`). No `from __future__ import annotations` (tensorrt.plugin reads them).
@@ -25,8 +25,8 @@ def _outputs(dims, attrs, alg):
 def _check(shapes, attrs):
     q, k, v = shapes
     spec.check_qkv(SPEC.name, q, k, v)
-    if k[2] >= 0 and attrs["topk"] > k[2]:
-        raise ValueError(f"{SPEC.name}: topk={attrs['topk']} exceeds the {k[2]} keys")
+    if k[2] >= 0 and attrs["topk"] + attrs["sink_len"] > k[2]:
+        raise ValueError(f"{SPEC.name}: topk={attrs['topk']} + sink_len={attrs['sink_len']} exceeds the {k[2]} keys")
 
 
 SPEC = OpSpec(
@@ -34,7 +34,8 @@ SPEC = OpSpec(
     torch_name="cs4a_decide",
     inputs=(Port("q", FLOAT, 4), Port("k", FLOAT, 4), Port("v", FLOAT, 4)),
     outputs=(Port("out", FLOAT, 4), Port("selected", INT32, 4), Port("o_cache", FLOAT, 4)),
-    attributes=("group_size", "topk"),
+    attributes=("group_size", "topk", "sink_len"),
+    zero_ok=("sink_len",),
     output_rule=_outputs,
     check_rule=_check,
     doc=__doc__,
@@ -44,7 +45,7 @@ SPEC = OpSpec(
 def run(inputs, attrs, ops):
     """Torch-level implementation on `ops` (a sparvar.sparse.SparseOps): returns (out, selected, o_cache)."""
     q, k, v = inputs
-    return tuple(ops.cs4a_decide(q, k, v, attrs["group_size"], attrs["topk"]))
+    return tuple(ops.cs4a_decide(q, k, v, attrs["group_size"], attrs["topk"], sink_len=attrs["sink_len"]))
 
 
 # ------------------------------------------------------------------------------------------------ QDP
@@ -53,20 +54,20 @@ def register_qdp(trtp):
     from plugins import qdp
 
     @trtp.register(SPEC.plugin_id)
-    def decide_desc(q: trtp.TensorDesc, k: trtp.TensorDesc, v: trtp.TensorDesc, group_size: int, topk: int
-                    ) -> Tuple[trtp.TensorDesc, trtp.TensorDesc, trtp.TensorDesc]:
-        return tuple(qdp.output_descs(trtp, SPEC, [q, k, v], dict(group_size=group_size, topk=topk)))
+    def decide_desc(q: trtp.TensorDesc, k: trtp.TensorDesc, v: trtp.TensorDesc, group_size: int, topk: int,
+                    sink_len: int) -> Tuple[trtp.TensorDesc, trtp.TensorDesc, trtp.TensorDesc]:
+        return tuple(qdp.output_descs(trtp, SPEC, [q, k, v], dict(group_size=group_size, topk=topk, sink_len=sink_len)))
 
     @trtp.autotune(SPEC.plugin_id)
-    def decide_autotune(q, k, v, group_size: int, topk: int, outputs) -> List[trtp.AutoTuneCombination]:
+    def decide_autotune(q, k, v, group_size: int, topk: int, sink_len: int, outputs) -> List[trtp.AutoTuneCombination]:
         return qdp.autotune_combinations(trtp, SPEC)
 
     @trtp.impl(SPEC.plugin_id)
-    def decide_impl(q, k, v, group_size: int, topk: int, outputs, stream: int, tactic: int) -> None:
-        qdp.run_jit(SPEC, run, [q, k, v], outputs, dict(group_size=group_size, topk=topk), tactic, stream)
+    def decide_impl(q, k, v, group_size: int, topk: int, sink_len: int, outputs, stream: int, tactic: int) -> None:
+        qdp.run_jit(SPEC, run, [q, k, v], outputs, dict(group_size=group_size, topk=topk, sink_len=sink_len), tactic, stream)
 
     if qdp.has_aot(trtp):  # aot_impl needs TensorRT >= 10.9
         @trtp.aot_impl(SPEC.plugin_id)
-        def decide_aot_impl(q, k, v, group_size: int, topk: int, outputs, tactic: int
+        def decide_aot_impl(q, k, v, group_size: int, topk: int, sink_len: int, outputs, tactic: int
                             ) -> Tuple[Union[str, bytes], Union[str, bytes], trtp.KernelLaunchParams, trtp.SymExprs]:
-            return qdp.aot_launch(trtp, SPEC, [q, k, v], outputs, dict(group_size=group_size, topk=topk))
+            return qdp.aot_launch(trtp, SPEC, [q, k, v], outputs, dict(group_size=group_size, topk=topk, sink_len=sink_len))

@@ -60,10 +60,11 @@ class OpSpec:
     torch_name: str  # the torch.library op: torch.ops.sparvar.<torch_name>
     inputs: tuple[Port, ...]  # in node input order
     outputs: tuple[Port, ...]
-    attributes: tuple[str, ...]  # all positive ints, node attributes == plugin fields
+    attributes: tuple[str, ...]  # ints (positive unless in zero_ok), node attributes == plugin fields
     output_rule: Callable  # (input dims: list[list[dim]], attrs: dict, Dims) -> list[list[dim]]
     check_rule: Callable  # (input shapes: list[tuple[int, ...]] with -1 = unknown, attrs: dict) -> None, raises ValueError
     doc: str = ""
+    zero_ok: tuple[str, ...] = ()  # attributes that may also be 0 (the others must be positive)
 
     @property
     def plugin_id(self) -> str:
@@ -92,8 +93,9 @@ class OpSpec:
                 value = value.reshape(-1)[0]
             if isinstance(value, bool) or int(value) != value:
                 raise TypeError(f"{self.name}: attribute {name} must be an int, got {value!r}")
-            if int(value) <= 0:
-                raise ValueError(f"{self.name}: attribute {name} must be positive, got {int(value)}")
+            if int(value) < 0 or (int(value) == 0 and name not in self.zero_ok):
+                raise ValueError(f"{self.name}: attribute {name} must be {'>= 0' if name in self.zero_ok else 'positive'}, "
+                                 f"got {int(value)}")
             out[name] = int(value)
         return out
 

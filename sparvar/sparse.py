@@ -47,6 +47,7 @@ class SparVARPolicy:
     cs4a_multiple: int = 112  # top-k and band lengths are multiples of this (the kernel's K/V tile)
     cs4a_band_sides: tuple[int, ...] = (7, 9)  # one per scale after the decision scale
     cs4a_use_cache: bool = True  # False = the "CS4A without residual cache" ablation
+    cs4a_sinks: int = 0  # the first scales' keys (HART: the text prefix + 2^2..5^2) lead every key set, never top-k
     # Scale skipping is done by the generation loop: it does not run the transformer on the last skip_last scales.
     skip_last: int = 0
 
@@ -74,6 +75,8 @@ class SparVARPolicy:
                              f"scale {self.decision_scale} ({later} of them)")
         if any(s <= 0 or s % 2 == 0 for s in self.cs4a_band_sides):
             raise ValueError(f"cs4a_band_sides must be positive odd ints, got {self.cs4a_band_sides}")
+        if not 0 <= self.cs4a_sinks <= self.decision_scale:
+            raise ValueError(f"cs4a_sinks {self.cs4a_sinks} must be in [0, decision_scale={self.decision_scale}]")
         if not 0 <= self.skip_last < self.num_scales:
             raise ValueError(f"skip_last {self.skip_last} outside [0, {self.num_scales})")
 
@@ -93,15 +96,21 @@ class SparVARPolicy:
             return "csla"
         return "cs4a_decide" if scale == self.decision_scale else "cs4a"
 
+    def sink_len(self, schedule: Schedule) -> int:
+        """KV positions every CS4A key set starts with (the cs4a_sinks scales)."""
+        return schedule.offsets[self.cs4a_sinks]
+
     def topk(self, schedule: Schedule) -> int:
-        return cs4a_topk(schedule.kv_len(self.decision_scale), self.cs4a_topk_ratio, self.cs4a_multiple)
+        """Selected keys per group: a ratio of the decision scale's non-sink keys."""
+        return cs4a_topk(schedule.kv_len(self.decision_scale) - self.sink_len(schedule), self.cs4a_topk_ratio,
+                         self.cs4a_multiple)
 
     def csla_layout(self, schedule: Schedule, scale: int) -> BlockLayout:
         return csla_layout(schedule, scale, self.csla_sinks, self.csla_window_sides, *self.csla_block, self.csla_granularity)
 
     def cs4a_geometry(self, schedule: Schedule, scale: int) -> CS4AGeometry:
         return cs4a_geometry(schedule, self.decision_scale, scale, self.cs4a_group_size, self.cs4a_band_sides,
-                             self.cs4a_multiple, self.topk(schedule))
+                             self.cs4a_multiple, self.topk(schedule), self.sink_len(schedule))
 
 
 # Per model, relative to the schedule end: sparse_last = how many final scales are sparse; the rest are
@@ -124,6 +133,15 @@ POLICY_PRESETS: dict[str, dict] = {
                           cs4a_group_size=16, cs4a_multiple=16, cs4a_band_sides=(3, 5)),
     "infinity-cifar": dict(sparse_last=3, cs4a_layers=2, csla_block=(32, 32), cs4a_group_size=48, cs4a_multiple=32,
                            cs4a_band_sides=(5, 7)),
+    # HART (KV = [300 text slots | 2^2 | ... | 64^2], no 1x1): after the SparVAR authors' HART prototype (HART.md 5):
+    # sinks = text + scales 1-4 (354 keys) for CSLA and CS4A alike (never in CS4A's top-k); windows 7/5/3 on the own
+    # and two previous scales, 1 on the three before; CS4A decides at 27^2 (scale 10, KV 2,054), so scales 10-13 are
+    # sparse (the prototype: CSLA from 11; at 27^2 CSLA saves little either way); 8 of 24 layers CS4A (2B: 11 of 32).
+    "hart-0.7b": dict(sparse_last=4, cs4a_layers=8, csla_sinks=5, csla_window_sides=(1, 1, 1, 3, 5, 7),
+                      csla_block=(64, 64), cs4a_sinks=5, cs4a_band_sides=(5, 7, 9)),
+    # hart-tiny (2 layers; grids 1,2,3,4,6,8,12,16; 16 text slots): sparse scales 5-7, sinks = text + 2^2 + 3^2 (29 keys)
+    "hart-tiny": dict(sparse_last=3, cs4a_layers=1, csla_sinks=3, csla_window_sides=(1, 3, 5), csla_block=(16, 16),
+                      cs4a_group_size=16, cs4a_multiple=16, cs4a_band_sides=(3, 5), cs4a_sinks=3),
 }
 
 
@@ -148,7 +166,7 @@ class SparseOps(NamedTuple):
     """The three pure functions a backend provides (same signatures as the *_ref functions)."""
 
     csla: Callable  # (q, k, v, layout) -> out
-    cs4a_decide: Callable  # (q, k, v, group_size, topk) -> (out, selected, o_cache)
+    cs4a_decide: Callable  # (q, k, v, group_size, topk, sink_len=0) -> (out, selected, o_cache)
     cs4a: Callable  # (q, k, v, key_idx, group_size, o_cache_or_None) -> out
 
 
@@ -181,6 +199,7 @@ class SparVARPlan:
         uses_cs4a = policy.cs4a_layers > 0
         self.csla_layouts = {s: policy.csla_layout(schedule, s) for s in policy.sparse_scales} if uses_csla else {}
         self.topk = policy.topk(schedule)
+        self.sink_len = policy.sink_len(schedule)
         self.cs4a_geometries = ({s: policy.cs4a_geometry(schedule, s) for s in policy.sparse_scales[1:]}
                                 if uses_cs4a else {})
         self._on_device: dict[tuple[str, int, torch.device], BlockLayout | CS4AGeometry] = {}
@@ -221,7 +240,7 @@ class SparVARPlan:
             return self.ops.csla(q, k, v, self._device_copy("csla", scale, q.device))
         group_size = self.policy.cs4a_group_size
         if kind == "cs4a_decide":
-            out, selected, o_cache = self.ops.cs4a_decide(q, k, v, group_size, self.topk)
+            out, selected, o_cache = self.ops.cs4a_decide(q, k, v, group_size, self.topk, sink_len=self.sink_len)
             self._selected[layer] = selected
             self._o_cache[layer] = o_cache
             return out
@@ -250,7 +269,8 @@ class SparVARPlan:
                 kv = self.schedule.kv_len(s)
                 if s == self.policy.decision_scale:
                     groups = num_groups(self.schedule.lengths[s], self.policy.cs4a_group_size)
-                    parts.append(f"CS4A decide: dense, top-{self.topk} of {kv} keys per group ({groups} groups)")
+                    sinks = f"{self.sink_len} sink keys + " if self.sink_len else ""
+                    parts.append(f"CS4A decide: dense, {sinks}top-{self.topk} of {kv} keys per group ({groups} groups)")
                 else:
                     g = self.cs4a_geometries[s]
                     parts.append(f"CS4A: {g.key_count} of {kv} keys ({g.key_count / kv:.1%}) per group ({g.num_groups} groups)")

@@ -38,9 +38,9 @@ def _layout():
 class OneOp(torch.nn.Module):
     """A tiny graph around one sparse op, as the model's plan calls it (through SparseOps)."""
 
-    def __init__(self, op: str):
+    def __init__(self, op: str, sink_len: int = 0):
         super().__init__()
-        self.op, self.layout = op, _layout()
+        self.op, self.layout, self.sink_len = op, _layout(), sink_len
 
     def forward(self, q, k, v, key_idx, o_cache):
         ops = sparse_ops()
@@ -50,7 +50,7 @@ class OneOp(torch.nn.Module):
             return ops.cs4a(q, k, v, key_idx, GROUP, None)
         if self.op == "CS4AAttentionCached":
             return ops.cs4a(q, k, v, key_idx, GROUP, o_cache)
-        return ops.cs4a_decide(q, k, v, GROUP, TOPK)
+        return ops.cs4a_decide(q, k, v, GROUP, TOPK, sink_len=self.sink_len)
 
 
 EXPECTED_OUTPUTS = {
@@ -60,7 +60,7 @@ EXPECTED_OUTPUTS = {
     "CS4ADecide": [(B, H, LQ, D), (B, H, 3, TOPK), (B, H, LQ, D)],
 }
 EXPECTED_ATTRS = {"CSLAAttention": {"block_m": 8, "block_n": 16}, "CS4AAttention": {"group_size": GROUP},
-                  "CS4AAttentionCached": {"group_size": GROUP}, "CS4ADecide": {"group_size": GROUP, "topk": TOPK}}
+                  "CS4AAttentionCached": {"group_size": GROUP}, "CS4ADecide": {"group_size": GROUP, "topk": TOPK, "sink_len": 0}}
 
 
 def _feeds(names, tensors):
@@ -95,6 +95,23 @@ def test_export_runs_in_onnxruntime_and_reference(op, opset):
     feeds = _feeds([i.name for i in session.get_inputs()], tensors)
     for got, ref in zip(session.run(None, feeds), want):
         assert got.dtype == ref.numpy().dtype
+        np.testing.assert_allclose(got, ref.numpy(), rtol=0, atol=1e-5)
+    for got, ref in zip(ReferenceEvaluator(model).run(None, feeds), want):
+        np.testing.assert_allclose(got, ref.numpy(), rtol=0, atol=1e-5)
+
+
+def test_decide_with_sinks_exports_and_matches_the_reference():
+    """HART's CS4A: the first sink_len keys lead every key set and never enter the top-k, in the ONNX body too."""
+    tensors = _inputs(seed=3)
+    module = OneOp("CS4ADecide", sink_len=7).eval()
+    model = export_model(module, tensors)
+    node = next(n for n in model.graph.node if n.domain == NAMESPACE)
+    assert {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}["sink_len"] == 7
+    want = module(*tensors)
+    assert (want[1] >= 7).all()
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    feeds = _feeds([i.name for i in session.get_inputs()], tensors)
+    for got, ref in zip(session.run(None, feeds), want):
         np.testing.assert_allclose(got, ref.numpy(), rtol=0, atol=1e-5)
     for got, ref in zip(ReferenceEvaluator(model).run(None, feeds), want):
         np.testing.assert_allclose(got, ref.numpy(), rtol=0, atol=1e-5)
@@ -138,9 +155,13 @@ def test_bad_inputs_raise_clear_errors():
     with pytest.raises(TypeError, match="must be int32"):
         torch.ops.sparvar.cs4a_attention(q, k, v, key_idx.long(), None, GROUP)
     with pytest.raises(ValueError, match="must be positive"):
-        torch.ops.sparvar.cs4a_decide(q, k, v, 0, TOPK)
+        torch.ops.sparvar.cs4a_decide(q, k, v, 0, TOPK, 0)
     with pytest.raises(ValueError, match="exceeds"):
-        torch.ops.sparvar.cs4a_decide(q, k, v, GROUP, LK + 1)
+        torch.ops.sparvar.cs4a_decide(q, k, v, GROUP, LK + 1, 0)
+    with pytest.raises(ValueError, match="exceeds"):
+        torch.ops.sparvar.cs4a_decide(q, k, v, GROUP, TOPK, LK - TOPK + 1)
+    with pytest.raises(ValueError, match=">= 0"):
+        torch.ops.sparvar.cs4a_decide(q, k, v, GROUP, TOPK, -1)
     token_layout = block_layout_from_mask(layout.to_dense(), 8, 16, granularity="token")
     with pytest.raises(ValueError, match="block-granular"):
         sparse_ops().csla(q, k, v, token_layout)
