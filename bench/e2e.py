@@ -21,13 +21,12 @@ sys.path.insert(0, ROOT)
 
 from bench.common import result_path, summarize, write_result  # noqa: E402
 
-FLOP_FLOOR_MS = {"infinity-2b": 146, "infinity-8b": 485}  # INFINITY.md: dense FLOPs at ~790 TFLOP/s
+# dense FLOPs at ~790 TFLOP/s: INFINITY.md; HART.md (transformer ~44 TF + diffusion MLP ~4.8 TF, VAE excluded)
+FLOP_FLOOR_MS = {"infinity-2b": 146, "infinity-8b": 485, "hart-0.7b": 62}
+PROMPT = "a photo of a red fox sitting in the snow, highly detailed"
 
 
-def time_generation(pipe, features, lengths, warmup: int, runs: int) -> tuple[dict, list]:
-    from sparvar.generate import Sampling
-
-    sampling = Sampling(cfg=4.0, tau=1.0, top_p=0.97)
+def time_generation(pipe, features, lengths, warmup: int, runs: int, sampling) -> tuple[dict, list]:
     per_scale_runs = []
 
     def once(record=False):
@@ -88,35 +87,58 @@ def rows_for(model_name: str):
     ]
 
 
-def bench_model(model_name: str, resolution: int, warmup: int, runs: int, rows=None) -> dict:
-    from sparvar.config import get_config
-    from sparvar.cuda_engine import CudaGraphRunner
-    from sparvar.generate import TorchRunner
+def family_parts(cfg, schedule, device):
+    """(model, decoder, text features, text lengths/mask, sampling, make_runner, make_pipeline) of a model family;
+    the rows then run the same timing code for Infinity and HART."""
     from sparvar.model import build_model
-    from sparvar.pipeline import Pipeline, build_decoder, make_plan
-    from sparvar.schedule import get_schedule
+
+    model = build_model(cfg, device=device, dtype=torch.bfloat16, seed=0)
+    if getattr(cfg, "family", "infinity") == "hart":
+        from sparvar.hart.cuda_engine import HartCudaGraphRunner
+        from sparvar.hart.generate import HartPipeline, HartTorchRunner
+        from sparvar.hart.sampling import HartSampling
+        from sparvar.hart.text import hashed_hart_embeddings
+        from sparvar.hart.tokenizer import build_hart_vq
+
+        decoder = build_hart_vq(cfg.vq, device=device)  # fp32, as HartPipeline (f_hat accumulates over scales)
+        features, mask = hashed_hart_embeddings([PROMPT], cfg)
+        runners = {"eager": HartTorchRunner, "graphs": HartCudaGraphRunner}
+        return (model, decoder, features, mask, HartSampling(),
+                lambda kind, plan, backend: runners[kind](model, schedule, plan, backend=backend),
+                lambda runner, skip: HartPipeline(cfg, schedule, runner, decoder, random_weights=True, skip_last=skip))
+    from sparvar.cuda_engine import CudaGraphRunner
+    from sparvar.generate import Sampling, TorchRunner
+    from sparvar.pipeline import Pipeline, build_decoder
     from sparvar.text import hashed_embeddings
 
+    decoder = build_decoder(cfg, None, device, torch.bfloat16)
+    features, lengths = hashed_embeddings([PROMPT], cfg.text_dim, cfg.text_maxlen)
+    runners = {"eager": TorchRunner, "graphs": CudaGraphRunner}
+    return (model, decoder, features, lengths, Sampling(cfg=4.0, tau=1.0, top_p=0.97),
+            lambda kind, plan, backend: runners[kind](model, schedule, plan, backend=backend),
+            lambda runner, skip: Pipeline(cfg, schedule, runner, decoder, random_weights=True, skip_last=skip))
+
+
+def bench_model(model_name: str, resolution: int, warmup: int, runs: int, rows=None) -> dict:
+    from sparvar.config import get_config
+    from sparvar.pipeline import make_plan
+    from sparvar.schedule import get_schedule
+
     cfg = get_config(model_name)
-    schedule = get_schedule(resolution)
+    schedule = get_schedule(resolution, model=model_name)
     device = torch.device("cuda")
     torch.cuda.reset_peak_memory_stats()
-    model = build_model(cfg, device=device, dtype=torch.bfloat16, seed=0)
-    decoder = build_decoder(cfg, None, device, torch.bfloat16)
-    features, lengths = hashed_embeddings(["a photo of a red fox sitting in the snow, highly detailed"], cfg.text_dim, cfg.text_maxlen)
+    model, decoder, features, lengths, sampling, make_runner, make_pipeline = family_parts(cfg, schedule, device)
     results = []
     for name, attention, kind, backend, skip in rows or rows_for(model_name):
         plan = make_plan(cfg, schedule, attention, backend="triton")
-        if kind == "eager":
-            runner = TorchRunner(model, schedule, plan, backend=backend)
-        else:
-            runner = CudaGraphRunner(model, schedule, plan, backend=backend)
-        pipe = Pipeline(cfg, schedule, runner, decoder, random_weights=True, skip_last=skip)
+        runner = make_runner(kind, plan, backend)
+        pipe = make_pipeline(runner, skip)
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
         try:
-            timing, per_scale = time_generation(pipe, features, lengths, warmup, runs)
+            timing, per_scale = time_generation(pipe, features, lengths, warmup, runs, sampling)
         except Exception as e:  # one broken row must not lose the others: record it
             print(f"{model_name:12s} {name:48s} FAILED: {type(e).__name__}: {e}", flush=True)
             results.append({"row": name, "error": f"{type(e).__name__}: {e}"})
@@ -143,7 +165,7 @@ def bench_model(model_name: str, resolution: int, warmup: int, runs: int, rows=N
         if dense_engine:
             r["speedup_vs_dense_engine"] = dense_engine / r["median_ms"]
         r["x_flop_floor"] = r["median_ms"] / FLOP_FLOOR_MS.get(model_name, float("nan"))
-    del model, decoder
+    del model, decoder, make_runner, make_pipeline
     gc.collect()
     torch.cuda.empty_cache()
     return {"model": model_name, "resolution": resolution, "batch": 1, "cfg": True, "dtype": "bf16",

@@ -17,9 +17,9 @@ class UsageError(Exception):
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
-    g.add_argument("--model", help="model name: infinity-2b, infinity-8b, infinity-tiny (default)")
-    g.add_argument("--weights", help="official transformer checkpoint (.pth or .safetensors)")
-    g.add_argument("--vae", help="official tokenizer checkpoint (.pth or .safetensors)")
+    g.add_argument("--model", help="model name: infinity-2b, infinity-8b, infinity-tiny (default), hart-0.7b, hart-tiny")
+    g.add_argument("--weights", help="official transformer checkpoint (.pth or .safetensors; HART: its llm/ folder or a file)")
+    g.add_argument("--vae", help="official tokenizer checkpoint (.pth or .safetensors; HART: the tokenizer file)")
     g.add_argument("--random-weights", action="store_true", help="random transformer and tokenizer (smoke and speed runs)")
     g.add_argument("--resolution", type=int, help="256, 512, 768 or 1024 (default: the model's)")
     g.add_argument("--aspect", default="1:1", help="aspect ratio H:W of an official template (default 1:1)")
@@ -32,13 +32,15 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("sampling")
     g.add_argument("--prompt", action="append", help="text prompt (repeat for a batch)")
-    g.add_argument("--t5", help="local directory of the flan-t5-xl encoder")
+    g.add_argument("--t5", help="local directory of the flan-t5-xl encoder (Infinity)")
+    g.add_argument("--qwen", help="local directory of the Qwen2-VL-1.5B-Instruct text model (HART)")
     g.add_argument("--text-embeddings", help="precomputed text features (.safetensors/.pt with 'features', 'lengths')")
     g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--cfg", type=float, default=4.0)
-    g.add_argument("--tau", type=float, default=1.0)
-    g.add_argument("--top-k", type=int, default=0)
-    g.add_argument("--top-p", type=float, default=0.97)
+    # None keeps the model family's default (sparvar.generate.Sampling, sparvar.hart.sampling.HartSampling)
+    g.add_argument("--cfg", type=float, help="classifier-free guidance (default: Infinity 4.0, HART 4.5)")
+    g.add_argument("--tau", type=float, help="temperature (Infinity only; default 1.0)")
+    g.add_argument("--top-k", type=int, help="top-k of the bitwise sampler (Infinity only; default 0)")
+    g.add_argument("--top-p", type=float, help="top-p (default: Infinity 0.97, HART 0 = off)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -106,7 +108,14 @@ def check_model_args(args) -> None:
 def cmd_generate(args) -> int:
     import torch
 
-    from .pipeline import Pipeline, save_images
+    from .config import get_config
+    from .pipeline import Pipeline, check_text_sources, save_images
+
+    def check_text_args(cfg):
+        try:
+            check_text_sources(cfg, t5=args.t5, qwen=args.qwen, embeddings=args.text_embeddings)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
 
     if args.engine:
         from .runtime import load_engine_pipeline
@@ -114,19 +123,19 @@ def cmd_generate(args) -> int:
         if args.weights or args.vae or args.random_weights:
             raise UsageError("--engine runs the weights the engine was built with; drop --weights/--vae/--random-weights")
         pipe = load_engine_pipeline(args.engine, skip_last=args.skip_last, model=args.model, resolution=args.resolution)
+        check_text_args(pipe.cfg)
     else:
         check_model_args(args)
+        check_text_args(get_config(args.model))
         device, dtype = resolve_device_dtype(args.device, args.dtype)
         pipe = Pipeline.from_args(args, device, dtype)
-    prompts = args.prompt or ["a photo of a cat"]
-    features, lengths = pipe.text_features(prompts, t5=args.t5, embeddings=args.text_embeddings,
-                                           allow_hashed=pipe.random_weights)
-    from .generate import Sampling
-
-    try:
-        sampling = Sampling(cfg=args.cfg, tau=args.tau, top_k=args.top_k, top_p=args.top_p)
+    try:  # Infinity's Sampling or HART's HartSampling; unset options keep the family's defaults
+        sampling = pipe.sampling(cfg=args.cfg, tau=args.tau, top_k=args.top_k, top_p=args.top_p)
     except ValueError as e:
         raise UsageError(str(e)) from None
+    prompts = args.prompt or ["a photo of a cat"]
+    features, lengths = pipe.text_features(prompts, t5=args.t5, embeddings=args.text_embeddings,
+                                           allow_hashed=pipe.random_weights, qwen=args.qwen)
     t0 = time.perf_counter()
     last = [t0]
 

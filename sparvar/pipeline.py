@@ -68,6 +68,10 @@ class Pipeline:
         from .model import build_model
 
         cfg = get_config(model)
+        if getattr(cfg, "family", "infinity") == "hart":
+            from .hart.generate import HartPipeline
+
+            return HartPipeline.create(model, resolution, aspect, weights, vae, device, dtype, attention, skip_last, seed)
         schedule = get_schedule(resolution or cfg.default_resolution, aspect, model=model)
         if (weights is None) != (vae is None):
             raise ValueError("give both transformer weights and tokenizer weights, or neither (random weights)")
@@ -76,16 +80,13 @@ class Pipeline:
         return cls(cfg, schedule, runner, build_decoder(cfg, vae, device, dtype), weights is None, skip_last)
 
     def text_features(self, prompts: list[str], t5: str | None = None, embeddings: str | None = None,
-                      allow_hashed: bool = False):
+                      allow_hashed: bool = False, qwen: str | None = None):
         from .text import T5TextEncoder, hashed_embeddings, load_embeddings
 
-        if t5 and embeddings:
-            raise ValueError("give --t5 or --text-embeddings, not both")
+        check_text_sources(self.cfg, t5=t5, qwen=qwen, embeddings=embeddings)
         if embeddings:
             return load_embeddings(embeddings, self.cfg.text_dim)
         if self.cfg.text_encoder == "hashed":  # the model was trained on these embeddings: they are its text encoder
-            if t5:
-                raise ValueError(f"{self.cfg.name} was trained on hashed word embeddings, not T5: drop --t5")
             return hashed_embeddings(prompts, self.cfg.text_dim, self.cfg.text_maxlen)
         if t5:
             encoder = T5TextEncoder(t5, device=self.runner.device)
@@ -96,8 +97,29 @@ class Pipeline:
             raise ValueError(f"{self.cfg.name} with real weights needs a text encoder: give --t5 DIR or --text-embeddings FILE")
         return hashed_embeddings(prompts, self.cfg.text_dim, self.cfg.text_maxlen)
 
+    def sampling(self, cfg: float | None = None, tau: float | None = None, top_k: int | None = None,
+                 top_p: float | None = None) -> Sampling:
+        """Sampling from command-line options (None keeps the default)."""
+        options = {"cfg": cfg, "tau": tau, "top_k": top_k, "top_p": top_p}
+        return Sampling(**{k: v for k, v in options.items() if v is not None})
+
     def generate(self, features, lengths, sampling: Sampling = Sampling(), seed: int = 0, progress=None) -> Generation:
         return generate(self.runner, self.decoder, self.schedule, features, lengths, sampling, seed, self.skip_last, progress)
+
+
+def check_text_sources(cfg, t5: str | None = None, qwen: str | None = None, embeddings: str | None = None) -> None:
+    """Refuse text options that do not fit the model (Infinity: T5; HART: Qwen2; both: precomputed embeddings;
+    a model trained on hashed embeddings: no encoder), naming the option. Cheap: the CLI calls it before any work."""
+    given = [name for name, value in (("--t5", t5), ("--qwen", qwen), ("--text-embeddings", embeddings)) if value]
+    if len(given) > 1:
+        raise ValueError(f"give one text source, not {' and '.join(given)}")
+    if cfg.text_encoder == "hashed" and (t5 or qwen):
+        raise ValueError(f"{cfg.name} was trained on hashed word embeddings, not a text encoder: drop {given[0]}")
+    hart = getattr(cfg, "family", "infinity") == "hart"
+    if t5 and hart:
+        raise ValueError(f"--t5 is Infinity's text encoder; {cfg.name} takes --qwen DIR (a local Qwen2) or --text-embeddings FILE")
+    if qwen and not hart:
+        raise ValueError(f"--qwen is HART's text encoder; {cfg.name} takes --t5 DIR or --text-embeddings FILE")
 
 
 def save_images(images: torch.Tensor, out: str) -> list[str]:

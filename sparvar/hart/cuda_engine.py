@@ -1,0 +1,111 @@
+"""HART's torch-cuda runner: the HartRunner protocol (sparvar/hart/generate.py) with one CUDA graph per scale.
+
+The same recipe as Infinity's sparvar/cuda_engine.py: bf16 weights on one GPU, the KV cache preallocated for the
+whole schedule, every scale step captured once and replayed, element-wise glue (RoPE + softmax scale, SwiGLU)
+fused by torch.compile, SparVAR kernels and layouts inside the graphs. What differs is the text: HART's prompt is a
+fixed `text_len`-slot prefix, so there is one graph set per (batch, guided) and no length bucket, and the RoPE
+tables depend on each row's text positions, so they live in static buffers refilled by `begin`.
+The diffusion head (8 small MLP steps on the last scale's tokens) runs eagerly after the graphs.
+"""
+from __future__ import annotations
+
+import torch
+
+from .generate import HartTorchRunner
+from .model import HART, Pointwise, TextCondition, rope_qk, rope_tables, swiglu
+
+
+def compiled_pointwise() -> Pointwise:
+    """HART's element-wise functions through torch.compile (dynamic shapes: one compile serves every scale)."""
+    return Pointwise(*(torch.compile(f, dynamic=True) for f in (rope_qk, swiglu)))
+
+
+class _Graphs:
+    """Static inputs/outputs and the captured graphs for one (batch, guided)."""
+
+    def __init__(self, text, ropes, cache, inputs, logits, hidden, graphs):
+        self.text, self.ropes, self.cache, self.inputs = text, ropes, cache, inputs
+        self.logits, self.hidden, self.graphs = logits, hidden, graphs
+
+
+class HartCudaGraphRunner:
+    def __init__(self, model: HART, schedule, plan=None, backend: str = "cudnn", fuse_pointwise: bool = True):
+        if not torch.cuda.is_available() or model.word_embed.weight.device.type != "cuda":
+            raise RuntimeError(f"CUDA graphs need the model on a CUDA GPU (model is on {model.word_embed.weight.device}, "
+                               f"CUDA available: {torch.cuda.is_available()})")
+        self.eager = HartTorchRunner(model, schedule)  # same schedule checks; its diffusion step is ours too
+        self.model, self.schedule, self.plan, self.backend = model, schedule, plan, backend
+        self.cfg = model.cfg
+        self.device = model.word_embed.weight.device
+        self.pointwise = compiled_pointwise() if fuse_pointwise else Pointwise()
+        self.pool = torch.cuda.graph_pool_handle()
+        self.sets: dict[tuple[int, bool], _Graphs] = {}
+        self.current: _Graphs | None = None
+        self.last_scale = -1
+
+    @torch.no_grad()
+    def begin(self, features, mask, guided: bool):
+        text = self.model.encode_text(features.to(self.device), mask.to(self.device), guided)
+        ropes = rope_tables(self.schedule, self.cfg.head_dim, text.positions)
+        key = (features.shape[0], guided)
+        if key not in self.sets:
+            self.sets[key] = self._capture(text, ropes, features.shape[0])
+        g = self.current = self.sets[key]
+        g.text.prefix.copy_(text.prefix)
+        g.text.cond.copy_(text.cond)
+        for dst, src in zip(g.ropes, ropes):
+            dst.copy_(src)
+        self.last_scale = -1
+
+    def _capture(self, text: TextCondition, ropes: list, B: int) -> _Graphs:
+        model, schedule = self.model, self.schedule
+        ropes = [r.clone() for r in ropes]
+        cache = model.new_cache(text.batch, schedule)
+        inputs = [None] + [torch.zeros(B, n, self.cfg.latent_dim, device=self.device) for n in schedule.lengths[1:]]
+        if self.plan is not None:
+            self.plan.reset()
+
+        def run(scale):
+            cache.offset = schedule.offsets[scale]
+            tokens = model.scale_input(scale, inputs[scale], text)
+            return model.step(tokens, scale, text, cache, ropes[scale], self.plan, self.backend, self.pointwise,
+                              return_hidden=True)
+
+        # warm up on a side stream (allocator, cuDNN handles, Triton autotuning, torch.compile), then capture in order
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for scale in range(schedule.num_scales):
+                run(scale)
+        torch.cuda.current_stream().wait_stream(stream)
+        graphs, logits, hidden = [], [], []
+        for scale in range(schedule.num_scales):
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool):
+                out, h = run(scale)
+            graphs.append(graph), logits.append(out), hidden.append(h)
+        return _Graphs(text, ropes, cache, inputs, logits, hidden, graphs)
+
+    @torch.no_grad()
+    def step(self, scale: int, inputs):
+        if scale != self.last_scale + 1:
+            raise ValueError(f"scales run in order from 0 after begin: expected scale {self.last_scale + 1}, got {scale}")
+        if (scale == 0) != (inputs is None):
+            raise ValueError(f"scale {scale}: inputs must be None exactly at scale 0 (the text prefix is its input)")
+        g = self.current
+        if inputs is not None:
+            g.inputs[scale].copy_(inputs)
+        g.graphs[scale].replay()
+        self.last_scale = scale
+        return g.logits[scale]
+
+    @torch.no_grad()
+    def diffusion_condition(self, codes):
+        last = self.schedule.num_scales - 1
+        if self.last_scale != last:
+            raise ValueError(f"diffusion_condition needs the last scale's hidden states (scale {last}); the last step "
+                             f"run was scale {self.last_scale}")
+        return self.model.diffusion_condition(self.current.hidden[last], codes)
+
+    def denoise_step(self, x, k: int, cond, cfg_scale: float, noise):
+        return self.eager.denoise_step(x, k, cond, cfg_scale, noise)  # small MLP steps: eager is fine
