@@ -55,7 +55,12 @@ class StageContext:
 def weights_identity(spec) -> dict:
     """Digests of the weight files (or the random seed): an engine is rebuilt when its weights change."""
     from sparvar.checkpoint import file_digest
+    from sparvar.config import get_config
 
+    if getattr(get_config(spec.model), "family", "infinity") == "hart":
+        from export.hart_step import hart_weights_identity
+
+        return hart_weights_identity(spec)
     if spec.weights is None:
         return {"weights": f"random:{spec.seed}"}
     return {"weights": file_digest(spec.weights), "vae": file_digest(spec.vae)}
@@ -107,6 +112,10 @@ def _load_model_and_decoder(ctx: StageContext):
 
     spec, cfg = ctx.spec, ctx.cfg
     dtype = DTYPES[spec.dtype]
+    if getattr(cfg, "family", "infinity") == "hart":
+        from export.hart_step import load_hart_model_and_vq
+
+        return load_hart_model_and_vq(spec, cfg, dtype)
     model = (build_model(cfg, dtype=dtype, seed=spec.seed) if spec.weights is None
              else load_model(cfg, spec.weights, "cpu", dtype))
     decoder = build_decoder(cfg, spec.vae, "cpu", torch.float32)
@@ -176,11 +185,17 @@ def run_export(ctx: StageContext) -> dict:
 
     def export_and_share(name, module, inputs, outputs, args):
         _export_unit(module, inputs, outputs, args, shared, os.path.join(out, f"{name}.onnx"), spec.opset, flavour,
-                     cfg.text_maxlen)
+                     getattr(cfg, "text_maxlen", 512))
         units[name] = {"file": f"export/{name}.onnx", "inputs": [s.as_dict() for s in inputs],
                        "outputs": [s.as_dict() for s in outputs]}
         ctx.log(f"[engine]   exported {name}")
 
+    if getattr(cfg, "family", "infinity") == "hart":  # static shapes, its own units (export/hart_step.py)
+        from export.hart_step import export_hart_units
+
+        extra = export_hart_units(model, decoder, schedule, spec.batch, export_and_share, out, plan)
+        shared.close()
+        return {"units": units, "shared_weights": shared.summary(), **extra}
     text_len = 4
     t_in, t_out = text_io(cfg, spec.batch, dtype)
     text_args = [torch.randn(spec.batch, text_len, cfg.text_dim), torch.full((spec.batch,), text_len)]

@@ -50,6 +50,12 @@ class EngineSpec:
             raise ValueError(f"unknown attention {self.attention!r}; expected 'dense' or 'sparvar'")
         if (self.weights is None) != (self.vae is None):
             raise ValueError("give both transformer weights and tokenizer weights, or neither (random weights)")
+        from .config import get_config
+
+        if getattr(get_config(self.model), "family", "infinity") == "hart":
+            if self.backend != "onnxruntime":
+                raise ValueError(f"{self.model}: HART engines build for the onnxruntime backend only so far, "
+                                 f"not {self.backend!r}")
 
     def default_dir(self, root: str = "engines") -> str:
         return os.path.join(root, f"{self.model}-{self.resolution}-{self.attention}-{self.backend}")

@@ -107,6 +107,10 @@ def load_engine_pipeline(engine_dir: str, skip_last: int = 0, **expected):
     if [list(g) for g in schedule.grids] != manifest["schedule"]:
         raise EngineError(f"{engine_dir}: its schedule differs from this sparvar's {spec['resolution']} schedule; rebuild it")
     backend = spec["backend"]
+    if getattr(cfg, "family", "infinity") == "hart":  # its own runner protocol and loop (sparvar/hart/runtime.py)
+        from .hart.runtime import load_hart_engine_pipeline
+
+        return load_hart_engine_pipeline(engine_dir, manifest, cfg, schedule, skip_last)
     if backend == "onnxruntime":
         runner, decoder = OrtRunner(engine_dir, manifest), OrtDecoder(engine_dir, manifest, cfg)
     elif backend == "torch-cuda":
@@ -120,7 +124,7 @@ def load_engine_pipeline(engine_dir: str, skip_last: int = 0, **expected):
 
 
 def spec_from_args(args) -> EngineSpec:
-    dtype = args.dtype or ("fp32" if args.model == "infinity-tiny" else "fp16")
+    dtype = args.dtype or ("fp32" if args.model in ("infinity-tiny", "hart-tiny") else "fp16")
     return EngineSpec(model=args.model, resolution=args.resolution, aspect=args.aspect, attention=args.attention,
                       backend=args.backend, dtype=dtype, weights=args.weights, vae=args.vae)
 
