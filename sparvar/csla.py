@@ -96,6 +96,12 @@ class BlockLayout:
     kv_indices: torch.Tensor
     token_density: float  # fraction of (query, key) pairs in the token-exact mask
     token_mask: torch.Tensor | None = None  # only for granularity 'token'
+    # granularity 'token' only, for kernels that mask just the tiles that need it: partial_index
+    # (num_q_blocks, max_kv_blocks) int32 per kv_indices slot, -1 when every (query, key) pair of the tile is
+    # attended (computed unmasked), else the tile's row in partial_masks (num_partial, block_m, block_n) bool
+    # (the tile's slice of token_mask, False past q_len / kv_len); padding slots hold -1
+    partial_index: torch.Tensor | None = None
+    partial_masks: torch.Tensor | None = None
 
     @property
     def granularity(self) -> str:
@@ -136,9 +142,10 @@ class BlockLayout:
         return blocks.repeat_interleave(self.block_m, 0).repeat_interleave(self.block_n, 1)[: self.q_len, : self.kv_len]
 
     def to(self, device: torch.device | str) -> BlockLayout:
-        token_mask = None if self.token_mask is None else self.token_mask.to(device)
+        token_mask, partial_index, partial_masks = (None if t is None else t.to(device)
+                                                    for t in (self.token_mask, self.partial_index, self.partial_masks))
         return BlockLayout(self.q_len, self.kv_len, self.block_m, self.block_n, self.kv_num_blocks.to(device),
-                           self.kv_indices.to(device), self.token_density, token_mask)
+                           self.kv_indices.to(device), self.token_density, token_mask, partial_index, partial_masks)
 
     def __repr__(self) -> str:
         return (f"BlockLayout(q_len={self.q_len}, kv_len={self.kv_len}, block={self.block_m}x{self.block_n}, "
@@ -171,8 +178,15 @@ def block_layout_from_mask(mask: torch.Tensor, block_m: int, block_n: int, granu
     slot = torch.arange(width)[None, :]
     kv_indices = torch.where(slot < kv_num_blocks[:, None], order, last_valid).to(torch.int32).contiguous()
     token_density = mask.sum().item() / mask.numel()
+    if granularity == "block":
+        return BlockLayout(q_len, kv_len, block_m, block_n, kv_num_blocks.contiguous(), kv_indices, token_density)
+    tiles = padded.view(nq, block_m, nk, block_n).transpose(1, 2)  # (nq, nk, block_m, block_n)
+    partial = blocks & ~tiles.all(dim=3).all(dim=2)  # active tiles with at least one pair left out
+    tile_row = torch.full((nq, nk), -1, dtype=torch.int32)
+    tile_row[partial] = torch.arange(int(partial.sum()), dtype=torch.int32)
+    partial_index = torch.where(slot < kv_num_blocks[:, None], tile_row.gather(1, kv_indices.long()), -1)
     return BlockLayout(q_len, kv_len, block_m, block_n, kv_num_blocks.contiguous(), kv_indices, token_density,
-                       mask.clone() if granularity == "token" else None)
+                       mask.clone(), partial_index.to(torch.int32).contiguous(), tiles[partial].contiguous())
 
 
 @lru_cache(maxsize=64)

@@ -63,17 +63,73 @@ def test_csla_wrapper_rejects_bad_inputs():
 
 
 def test_csla_layout_object_checks():
+    import dataclasses
+
     from sparvar.csla import csla_layout
     from sparvar.schedule import get_schedule
 
     schedule = get_schedule(256)
     token = csla_layout(schedule, 6, 3, (1, 3, 5), 16, 16, "token")
     q, k, v = qkv(q_len=token.q_len, kv_len=token.kv_len)
-    with pytest.raises(ValueError, match="block-granular"):
+    with pytest.raises(ValueError, match="CUDA device"):  # token layouts are accepted (and run on the GPU)
         kernels.csla_attention(q, k, v, token)
+    with pytest.raises(ValueError, match="partial_index"):
+        kernels.csla_attention(q, k, v, dataclasses.replace(token, partial_index=None))
+    with pytest.raises(ValueError, match="granularity"):
+        kernels.csla_attention(q, k, v, token.token_mask)
     block = csla_layout(schedule, 6, 3, (1, 3, 5), 16, 16)
     with pytest.raises(ValueError, match="layout is for"):
         kernels.csla_attention(q[:, :, :-1], k, v, block)
+    nb, idx = token.kv_num_blocks, token.kv_indices
+    num_full, tiles, tile_index = kernels.token_tiles(nb, idx, token.partial_index)
+    call = kernels.csla_attention_blocks
+    with pytest.raises(TypeError, match="partial_masks must be a bool"):
+        call(q, k, v, nb, tiles, 16, 16, num_full=num_full, tile_index=tile_index, partial_masks=token.partial_masks.int())
+    with pytest.raises(ValueError, match=r"\(num_partial, 16, 16\)"):
+        call(q, k, v, nb, tiles, 16, 16, num_full=num_full, tile_index=tile_index, partial_masks=token.partial_masks[:, :8])
+    with pytest.raises(ValueError, match="must match"):
+        call(q, k, v, nb, tiles, 16, 16, num_full=num_full[:-1], tile_index=tile_index, partial_masks=token.partial_masks)
+
+
+def tile_of(mask, i, n, bm, bn):
+    """Tile (query block i, key block n) of a token mask, zero-padded past its ends."""
+    tile = torch.zeros(bm, bn, dtype=torch.bool)
+    part = mask[i * bm:(i + 1) * bm, n * bn:(n + 1) * bn]
+    tile[:part.shape[0], :part.shape[1]] = part
+    return tile
+
+
+@pytest.mark.parametrize("bm,bn", [(16, 16), (32, 16)])
+def test_token_layout_stores_only_partial_tiles(bm, bn):
+    """Full tiles are marked -1 and stored nowhere; each partial tile's stored mask is its slice of the token mask;
+    token_tiles puts each row's full tiles first and keeps the (tile, mask) pairs together."""
+    from sparvar.csla import csla_layout
+    from sparvar.schedule import get_schedule
+
+    layout = csla_layout(get_schedule(256), 6, 3, (1, 3, 5), bm, bn, "token")
+    mask, idx, index = layout.token_mask, layout.kv_indices, layout.partial_index
+    full_tiles = 0
+    for i in range(layout.num_q_blocks):
+        count = int(layout.kv_num_blocks[i])
+        assert bool((index[i, count:] == -1).all())
+        for slot in range(count):
+            tile = tile_of(mask, i, int(idx[i, slot]), bm, bn)
+            assert tile.any()
+            if int(index[i, slot]) < 0:
+                full_tiles += 1
+                assert bool(tile.all())
+            else:
+                assert not bool(tile.all()) and torch.equal(layout.partial_masks[int(index[i, slot])], tile)
+    assert 0 < full_tiles and layout.partial_masks.shape[0] == int((index >= 0).sum())  # both kinds occur, none stored twice
+    num_full, tiles, tile_index = kernels.token_tiles(layout.kv_num_blocks, idx, index)
+    for i in range(layout.num_q_blocks):
+        count, nf = int(layout.kv_num_blocks[i]), int(num_full[i])
+        assert bool((tile_index[i, :nf] == -1).all()) and bool((tile_index[i, nf:count] >= 0).all())
+        assert sorted(tiles[i, :count].tolist()) == idx[i, :count].tolist()
+        pairs = {(int(a), int(b)) for a, b in zip(idx[i, :count], index[i, :count])}
+        assert pairs == {(int(a), int(b)) for a, b in zip(tiles[i, :count], tile_index[i, :count])}
+    moved = layout.to("cpu")
+    assert torch.equal(moved.partial_index, index) and torch.equal(moved.partial_masks, layout.partial_masks)
 
 
 def test_cs4a_wrappers_reject_bad_inputs():
@@ -98,8 +154,18 @@ def test_cs4a_wrappers_reject_bad_inputs():
         call(q, k, v, key_idx, 16)
     with pytest.raises(ValueError, match="topk must be"):
         kernels.cs4a_decide_raw(q, k, v, 16, 71)
+    with pytest.raises(ValueError, match="minus 10 sinks"):
+        kernels.cs4a_decide_raw(q, k, v, 16, 61, 10)
+    with pytest.raises(ValueError, match="sink_len must be"):
+        kernels.cs4a_decide_raw(q, k, v, 16, 8, -1)
     with pytest.raises(ValueError, match="lse must be"):
         kernels.cs4a_column_sums(q, k, torch.zeros(1, 2, 39), 32)
+    with pytest.raises(ValueError, match="topk must be"):
+        kernels.select_topk(torch.rand(2, 10), 11)
+    with pytest.raises(ValueError, match=r"positions \[4, 10\)"):
+        kernels.select_topk(torch.rand(2, 10), 7, 4)
+    with pytest.raises(ValueError, match="float32"):
+        kernels.select_topk(torch.rand(2, 10).double(), 3)
     assert query_tile(192) == 64 and query_tile(16) == 16 and query_tile(256) == 128
 
 
@@ -177,6 +243,42 @@ def test_reference_column_sums():
     assert torch.equal(selected.long(), sums.topk(5, dim=-1).indices.sort(dim=-1).values)
 
 
+# ------------------------------------------------------------------------------------------------ AOT
+def test_aot_kernel_rejects_what_it_cannot_run():
+    pytest.importorskip("triton")
+    with pytest.raises(NotImplementedError, match="CS4AAttention"):
+        kernels.aot_kernel("CS4AAttention", dtype="bfloat16", head_dim=128, attrs={})
+    with pytest.raises(ValueError, match="float32"):
+        kernels.aot_kernel("CSLAAttention", dtype="float32", head_dim=128, attrs=dict(block_m=64, block_n=64))
+    with pytest.raises(ValueError, match="head dim 96"):
+        kernels.aot_kernel("CSLAAttention", dtype="float16", head_dim=96, attrs=dict(block_m=64, block_n=64))
+    with pytest.raises(ValueError, match="block_m, block_n"):
+        kernels.aot_kernel("CSLAAttention", dtype="float16", head_dim=64, attrs=dict(block_m=64, block_n=48))
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_aot_csla_compiles_to_sm90_ptx_without_a_gpu(head_dim):
+    """Triton compiles the CSLA AOT entry for Hopper on this CPU machine, in TensorRT's argument order."""
+    pytest.importorskip("triton")
+    from triton.backends.compiler import GPUTarget
+
+    from plugins import csla
+    from plugins.aot import compile_aot, signature
+    from plugins.spec import IntDims
+
+    kernel = kernels.aot_kernel("CSLAAttention", dtype="bfloat16", head_dim=head_dim, attrs=dict(block_m=64, block_n=64))
+    dtypes = ["bfloat16"] * 3 + ["int32"] * 2 + ["bfloat16"]
+    assert list(signature(csla.SPEC, kernel, dtypes).values()) == (
+        ["*bf16"] * 3 + ["*i32"] * 2 + ["i32"] * 4 + ["*bf16"] + ["constexpr"] * 3)
+    compiled = compile_aot(csla.SPEC, kernel, dtypes, target=GPUTarget("cuda", 90, 32))
+    assert ".target sm_90" in compiled.ptx and f".entry {compiled.name}" in compiled.ptx
+    assert "wgmma" in compiled.ptx  # Hopper's warpgroup MMA, not a generic fallback
+    assert compiled.threads == 32 * kernel.num_warps
+    sizes = {"q": [2, 16, 4096, head_dim], "k": [2, 16, 10521, head_dim], "kv_indices": [64, 30]}
+    assert kernel.grid(sizes, IntDims()) == (64, 32, 1)
+    assert kernel.scalars(sizes, IntDims()) == [16, 4096, 10521, 30]
+
+
 # ------------------------------------------------------------------------------------------------ fake kernels
 def test_fake_kernels_give_output_shapes():
     from torch._subclasses.fake_tensor import FakeTensorMode
@@ -187,10 +289,13 @@ def test_fake_kernels_give_output_shapes():
         nb, idx = torch.empty(3, dtype=torch.int32), torch.empty(3, 4, dtype=torch.int32)
         out = torch.ops.sparvar.triton_csla_attention(q, k, v, nb, idx, None, 16, 16, 1.0)
         assert out.shape == q.shape and out.dtype == BF16
+        masks = torch.empty(5, 16, 16, dtype=torch.bool)
+        out = torch.ops.sparvar.triton_csla_attention_token(q, k, v, nb, idx, nb, idx, masks, None, 16, 16, 1.0)
+        assert out.shape == q.shape and out.dtype == BF16
         key_idx = torch.empty(2, 3, 3, 8, dtype=torch.int32)
         out = torch.ops.sparvar.triton_cs4a_attention(q, k, v, key_idx, None, None, 16, 0, 1.0)
         assert out.shape == q.shape
-        out, selected, cache = torch.ops.sparvar.triton_cs4a_decide(q, k, v, 16, 20, 1.0)
+        out, selected, cache = torch.ops.sparvar.triton_cs4a_decide(q, k, v, 16, 20, 0, 1.0)
         assert out.shape == q.shape and cache.shape == q.shape
         assert selected.shape == (2, 3, 3, 20) and selected.dtype == torch.int32
 
@@ -208,7 +313,7 @@ INTERPRETER_SCRIPT = textwrap.dedent('''
     interp._patch_lang_tensor = _patched
 
     from sparvar.attention import reference_attention
-    from sparvar.csla import block_layout_from_mask
+    from sparvar.csla import block_layout_from_mask, csla_attention_ref
     import sparvar.kernels as K
 
     torch.manual_seed(0)
@@ -228,11 +333,43 @@ INTERPRETER_SCRIPT = textwrap.dedent('''
         lay = block_layout_from_mask(blocks.repeat_interleave(bm, 0).repeat_interleave(bn, 1)[:lq, :lk], bm, bn)
         order = K.query_block_order(lay.kv_num_blocks)
         out = K.csla_attention_blocks(q, k, v, lay.kv_num_blocks, lay.kv_indices, bm, bn, q_order=order)
-        err(out, reference_attention(q, k, v, mask=lay.to_dense()))
+        ref = reference_attention(q, k, v, mask=lay.to_dense())
+        err(out, ref)
+        # the TensorRT AOT entry (contiguous tensors, strides from the shapes) on the same layout
+        from sparvar.kernels.aot import _csla_aot_kernel
+        qc, kc, vc, aot_out = q.contiguous(), k.contiguous(), v.contiguous(), torch.empty_like(q)
+        _csla_aot_kernel[(nq, 2)](qc, kc, vc, lay.kv_num_blocks, lay.kv_indices, 2, lq, lk, lay.kv_indices.shape[1],
+                                  aot_out, HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn)
+        err(aot_out, ref)
         out, lse = K.dense_attention(q, k, v, block_m=bm, block_n=bn, return_lse=True)
         err(out, reference_attention(q, k, v))
         err(lse, torch.logsumexp(q.float() @ k.float().transpose(-1, -2), -1))
-    for gs, lq, lk, d, nkeys, band in [(32, 70, 200, 64, 40, 0), (16, 40, 150, 64, 24, 20)]:
+    # token-exact CSLA: full tiles (first key block), partial tiles, and a query block whose tiles are all partial
+    for bm, bn, lq, lk, d in [(16, 32, 70, 100, 64), (32, 16, 80, 90, 128)]:
+        q = torch.randn(1, 2, lq, d, dtype=dt) * d ** -0.5
+        k, v = (torch.randn(1, 2, lk, d, dtype=dt) for _ in range(2))
+        mask = torch.rand(lq, lk) < 0.15
+        mask[:, :bn] = True
+        mask[bm:2 * bm] = torch.rand(min(bm, lq - bm), lk) < 0.1
+        mask[bm:2 * bm, 0] = True
+        lay = block_layout_from_mask(mask, bm, bn, "token")
+        assert (lay.partial_index[0] == -1).any() and (lay.partial_index[1, :int(lay.kv_num_blocks[1])] >= 0).all()
+        out = K.csla_attention(q, k, v, lay)
+        err(out, csla_attention_ref(q.float(), k.float(), v.float(), lay))
+        # block-granular on the same tiles differs: the token mask is really applied
+        assert (out.float() - reference_attention(q, k, v, mask=lay.block_mask().repeat_interleave(bm, 0)
+                .repeat_interleave(bn, 1)[:lq, :lk]).float()).abs().max() > 0.05
+    sums = torch.rand(2, 3, 300)
+    sums[0, 0] *= 0.5
+    sums[0, 0, 100:160] = 0.9  # 60 ties at the threshold for the top 50: the lowest positions are taken
+    sums[0, 1] = 0.0  # all equal (a row of zeros)
+    selected = K.select_topk(sums, 50)
+    assert torch.equal(selected[1].long(), sums[1].topk(50, -1).indices.sort(-1).values), "select_topk differs"
+    tail = K.select_topk(sums, 50, 33)  # candidates [33, 300) only
+    assert torch.equal(tail[1].long(), 33 + sums[1, :, 33:].topk(50, -1).indices.sort(-1).values)
+    assert torch.equal(selected[0, 0].long(), torch.arange(100, 150)), "ties must take the lowest positions"
+    assert torch.equal(selected[0, 1].long(), torch.arange(50))
+    for gs, lq, lk, d, nkeys, band in [(32, 70, 200, 64, 40, 0), (16, 40, 150, 128, 24, 20)]:
         q = torch.randn(2, 2, lq, d, dtype=dt) * d ** -0.5
         k, v = torch.randn(2, 2, lk, d, dtype=dt), torch.randn(2, 2, lk, d, dtype=dt)
         groups = -(-lq // gs)
@@ -241,11 +378,19 @@ INTERPRETER_SCRIPT = textwrap.dedent('''
         o_cache = torch.randn(2, 2, lq, d, dtype=dt)
         out = K.cs4a_attention_raw(q, k, v, key_idx, gs, o_cache, band_start=band_start, band_len=band)
         err(out, K.reference_cs4a_attention(q, k, v, key_idx, gs, o_cache, band_start=band_start, band_len=band))
+        _, lse = K.dense_attention(q, k, v, return_lse=True)
+        err(K.cs4a_column_sums(q, k, lse, gs), K.reference_column_sums(q, k, gs))  # the last group is partial
         out, selected, cache = K.cs4a_decide_raw(q, k, v, gs, 24)
         ref_out, ref_selected, _ = K.reference_cs4a_decide(q, k, v, gs, 24)
         err(out, ref_out)
         assert torch.equal(selected, ref_selected), "selection differs from the reference"
         err(cache, ref_out.float() - K.reference_cs4a_attention(q, k, v, selected, gs).float())
+        # sinks (HART's text prefix): never selected, always in the residual's key set
+        out, selected, cache = K.cs4a_decide_raw(q, k, v, gs, 24, 7)
+        ref_out, ref_selected, ref_cache = K.reference_cs4a_decide(q, k, v, gs, 24, 7)
+        assert torch.equal(selected, ref_selected) and int(selected.min()) >= 7, "selection with sinks differs"
+        err(out, ref_out)
+        err(cache, ref_cache)
     print("WORST", worst)
 ''')
 

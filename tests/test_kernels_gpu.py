@@ -54,10 +54,11 @@ def assert_close(out, ref, dtype, what):
 
 
 # ------------------------------------------------------------------------------------------------ CSLA
+@pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("block", [(128, 64), (128, 128), (64, 64)])
-def test_csla_matches_reference(dtype, block):
-    b, h, d, q_len, kv_len = 2, 3, 128, 300, 1000  # partial last query block and key block
+def test_csla_matches_reference(dtype, block, d):
+    b, h, q_len, kv_len = 2, 3, 300, 1000  # partial last query block and key block
     q = projected_q(b, h, q_len, d, dtype)
     k, v = cache_view(b, h, kv_len, d, dtype), cache_view(b, h, kv_len, d, dtype)
     layout = random_layout(q_len, kv_len, *block)
@@ -107,6 +108,64 @@ def test_csla_paper_layout_at_1024():
     assert_close(out, reference_attention(q, k, v, mask=layout.to_dense()), dtype, "csla paper layout")
 
 
+def token_layout(q_len, kv_len, block_m, block_n):
+    """A token mask with full tiles (the first key blocks, like sinks), partial tiles, a query block whose tiles are all
+    partial, and the partial last query/key blocks."""
+    mask = torch.rand(q_len, kv_len) < 0.05
+    mask[:, :2 * block_n] = True
+    mask[block_m:2 * block_m] = torch.rand(block_m, kv_len) < 0.03
+    mask[block_m:2 * block_m, 0] = True
+    mask[:, -3:] |= torch.rand(q_len, 3) < 0.5
+    return block_layout_from_mask(mask, block_m, block_n, "token").to(DEV)
+
+
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("block", [(128, 64), (64, 64), (128, 128)])
+def test_csla_token_exact_matches_reference(dtype, block, d):
+    from sparvar.csla import csla_attention_ref
+
+    b, h, q_len, kv_len = 2, 3, 300, 1000
+    q = projected_q(b, h, q_len, d, dtype)
+    k, v = cache_view(b, h, kv_len, d, dtype), cache_view(b, h, kv_len, d, dtype)
+    layout = token_layout(q_len, kv_len, *block)
+    assert bool((layout.partial_index == -1).any()) and layout.partial_masks.shape[0] > 0
+    out = kernels.csla_attention(q, k, v, layout)
+    assert out.shape == q.shape and out.dtype == dtype
+    assert_close(out, csla_attention_ref(q, k, v, layout), dtype, f"csla token {block} d{d}")
+
+
+def test_csla_token_paper_layout_at_1024():
+    from sparvar.schedule import get_schedule
+    from sparvar.sparse import default_policy
+
+    schedule = get_schedule(1024)
+    policy = default_policy("infinity-2b", schedule, csla_granularity="token")
+    dtype = torch.bfloat16
+    layout = policy.csla_layout(schedule, 12).to(DEV)  # 64x64 tiles, 1.9% of pairs
+    q = projected_q(1, 2, layout.q_len, 64, dtype)
+    k, v = cache_view(1, 2, layout.kv_len, 64, dtype), cache_view(1, 2, layout.kv_len, 64, dtype)
+    out = kernels.csla_attention(q, k, v, layout)
+    assert_close(out, reference_attention(q, k, v, mask=layout.to_dense()), dtype, "csla token paper layout")
+
+
+@pytest.mark.parametrize("d", [64, 128])
+def test_csla_aot_entry_matches_reference(d):
+    """The TensorRT AOT entry, launched here through Triton with TensorRT's arguments (contiguous tensors)."""
+    from sparvar.kernels.aot import _csla_aot_kernel
+
+    dtype, b, h, q_len, kv_len, block = torch.float16, 2, 3, 300, 1000, (64, 64)
+    q = torch.randn(b, h, q_len, d, device=DEV, dtype=dtype) * d**-0.5
+    k, v = (torch.randn(b, h, kv_len, d, device=DEV, dtype=dtype) for _ in range(2))
+    layout = random_layout(q_len, kv_len, *block)
+    kernel = kernels.aot_kernel("CSLAAttention", dtype="float16", head_dim=d, attrs=dict(block_m=64, block_n=64))
+    out = torch.empty_like(q)
+    _csla_aot_kernel[(layout.num_q_blocks, b * h)](q, k, v, layout.kv_num_blocks, layout.kv_indices, h, q_len, kv_len,
+                                                   layout.kv_indices.shape[1], out, **kernel.constexprs,
+                                                   num_warps=kernel.num_warps, num_stages=kernel.num_stages)
+    assert_close(out, reference_attention(q, k, v, mask=layout.to_dense()), dtype, f"csla aot d{d}")
+
+
 def test_dense_attention_and_lse():
     dtype = torch.bfloat16
     q = projected_q(2, 2, 333, 128, dtype)
@@ -123,10 +182,11 @@ def random_key_idx(b, h, groups, count, below, device=DEV):
     return torch.rand(b, h, groups, below, device=device).topk(count, dim=-1).indices.sort(dim=-1).values.to(torch.int32)
 
 
+@pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("band,cache", [(False, False), (True, False), (True, True)])
-def test_cs4a_matches_reference(dtype, band, cache):
-    b, h, d, gs, q_len, kv_len = 2, 2, 128, 192, 500, 3000  # 3 groups, the last one partial
+def test_cs4a_matches_reference(dtype, band, cache, d):
+    b, h, gs, q_len, kv_len = 2, 2, 192, 500, 3000  # 3 groups, the last one partial
     groups = -(-q_len // gs)
     q = projected_q(b, h, q_len, d, dtype)
     k, v = cache_view(b, h, kv_len, d, dtype), cache_view(b, h, kv_len, d, dtype)
@@ -170,9 +230,10 @@ def test_cs4a_paper_geometry_at_1024():
     assert_close(out, kernels.reference_cs4a_attention(q, k, v, key_idx, policy.cs4a_group_size), dtype, "cs4a paper")
 
 
+@pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_cs4a_decide(dtype):
-    b, h, d, gs, q_len, kv_len, topk = 2, 2, 128, 192, 400, 1500, 224
+def test_cs4a_decide(dtype, d):
+    b, h, gs, q_len, kv_len, topk = 2, 2, 192, 400, 1500, 224
     q = projected_q(b, h, q_len, d, dtype) * 4  # peaked rows: column sums far from uniform
     k, v = cache_view(b, h, kv_len, d, dtype), cache_view(b, h, kv_len, d, dtype)
     out, selected, o_cache = kernels.cs4a_decide(q, k, v, gs, topk)
@@ -180,15 +241,49 @@ def test_cs4a_decide(dtype):
     assert bool((selected[..., 1:] > selected[..., :-1]).all()), "selection must be strictly ascending"
     assert_close(out, reference_attention(q, k, v), dtype, "decide dense out")
     ref_sums = kernels.reference_column_sums(q, k, gs)
-    _, lse = kernels.dense_attention(q, k, v, return_lse=True)
+    _, lse = kernels.dense_attention(q, k, v, return_lse=True, out_dtype=torch.float32)  # as the decision calls it
     sums = kernels.cs4a_column_sums(q, k, lse, gs)
     assert (sums - ref_sums).abs().max().item() <= 1e-2 * ref_sums.max().item()
     # every selected key is (up to rounding) among the top-k of the exact column sums
     kth = ref_sums.topk(topk, dim=-1).values[..., -1:]
     chosen = ref_sums.gather(-1, selected.long())
     assert bool((chosen >= kth - 1e-2 * ref_sums.max()).all())
-    ref_cache = reference_attention(q, k, v).float() - kernels.reference_cs4a_attention(q, k, v, selected, gs).float()
+    # fp32 references (no bf16 rounding of the two terms before the difference, as the kernel does)
+    q32, k32, v32 = q.float(), k.float(), v.float()
+    ref_cache = reference_attention(q32, k32, v32) - kernels.reference_cs4a_attention(q32, k32, v32, selected, gs)
     assert_close(o_cache, ref_cache, dtype, "decide o_cache")
+    # the selection is exactly the top-k of the kernel's own column sums
+    assert torch.equal(selected.long(), sums.topk(topk, dim=-1).indices.sort(dim=-1).values)
+
+
+def test_select_topk_equals_torch_topk():
+    sums = torch.rand(2, 16, 9, 4121, device=DEV)  # the decision's shape at 1024^2 (distinct values)
+    selected = kernels.select_topk(sums, 784)
+    assert torch.equal(selected.long(), sums.topk(784, dim=-1).indices.sort(dim=-1).values)
+    sums[0, 0, 0] = 0.0
+    sums[0, 0, 0, 100:900] = 0.5  # 800 ties for 784 places: the lowest positions
+    assert torch.equal(kernels.select_topk(sums, 784)[0, 0, 0].long(), torch.arange(100, 884, device=DEV))
+    tail = kernels.select_topk(sums, 784, 300)  # HART-style sinks: positions [300, n) compete
+    assert torch.equal(tail[1].long(), 300 + sums[1, ..., 300:].topk(784, dim=-1).indices.sort(dim=-1).values)
+
+
+def test_cs4a_decide_with_sinks_matches_reference():
+    """HART: the first sink_len keys are never selected and always in the residual's key set."""
+    dtype, b, h, d, gs, q_len, kv_len, topk, sinks = torch.float16, 1, 2, 64, 192, 400, 1500, 224, 300
+    q = projected_q(b, h, q_len, d, dtype) * 4
+    k, v = cache_view(b, h, kv_len, d, dtype), cache_view(b, h, kv_len, d, dtype)
+    out, selected, o_cache = kernels.cs4a_decide(q, k, v, gs, topk, sinks)
+    assert int(selected.min()) >= sinks and bool((selected[..., 1:] > selected[..., :-1]).all())
+    ref_out, ref_selected, ref_cache = kernels.reference_cs4a_decide(q.float(), k.float(), v.float(), gs, topk, sinks)
+    assert_close(out, ref_out, dtype, "decide with sinks: out")
+    # rounding may swap near-ties; the residual is checked against the kernel's own selection
+    def as_mask(sel):
+        return torch.zeros(*sel.shape[:-1], kv_len, device=DEV).scatter_(-1, sel.long(), 1.0)
+
+    assert (as_mask(selected) * as_mask(ref_selected)).sum() >= 0.98 * selected.numel()
+    from sparvar.cs4a import with_sinks
+    ref_cache = ref_out - kernels.reference_cs4a_attention(q.float(), k.float(), v.float(), with_sinks(selected, sinks), gs)
+    assert_close(o_cache, ref_cache, dtype, "decide with sinks: o_cache")
 
 
 # ------------------------------------------------------------------------------------------------ ops, plan, errors
@@ -203,16 +298,23 @@ def test_custom_ops_opcheck():
     key_idx = random_key_idx(1, 2, 7, 48, 150)
     band = torch.randint(150, 180, (7,), device=DEV, dtype=torch.int32)
     torch.library.opcheck(torch.ops.sparvar.triton_cs4a_attention.default, (q, k, v, key_idx, q.clone(), band, 16, 20, 1.0))
-    torch.library.opcheck(torch.ops.sparvar.triton_cs4a_decide.default, (q, k, v, 16, 48, 1.0))
+    torch.library.opcheck(torch.ops.sparvar.triton_cs4a_decide.default, (q, k, v, 16, 48, 0, 1.0))
+    torch.library.opcheck(torch.ops.sparvar.triton_cs4a_decide.default, (q, k, v, 16, 48, 30, 1.0))
+    token = token_layout(100, 200, 32, 32)
+    num_full, tiles, tile_index = kernels.token_tiles(token.kv_num_blocks, token.kv_indices, token.partial_index)
+    torch.library.opcheck(torch.ops.sparvar.triton_csla_attention_token.default,
+                          (q, k, v, token.kv_num_blocks, tiles, num_full, tile_index, token.partial_masks, order, 32, 32,
+                           1.0))
 
 
-def test_sparse_ops_drive_the_tiny_plan():
+@pytest.mark.parametrize("granularity", ["block", "token"])
+def test_sparse_ops_drive_the_tiny_plan(granularity):
     """The kernels as a SparseOps backend of SparVARPlan give the reference backend's outputs at every sparse scale."""
     from sparvar.schedule import get_schedule
     from sparvar.sparse import SparVARPlan, default_policy
 
     schedule = get_schedule(256)
-    policy = default_policy("infinity-tiny", schedule)
+    policy = default_policy("infinity-tiny", schedule, csla_granularity=granularity)
     ref_plan = SparVARPlan(policy, schedule, policy.num_layers)
     plan = SparVARPlan(policy, schedule, policy.num_layers)
     plan.ops = kernels.sparse_ops()

@@ -1,24 +1,28 @@
 """Triton kernels for SparVAR attention on CUDA GPUs (forward only; bf16/fp16; head dim 64 or 128).
 
-    csla_attention(q, k, v, layout)                        block-granular CSLA over a sparvar.csla.BlockLayout
+    csla_attention(q, k, v, layout)                        CSLA over a sparvar.csla.BlockLayout (block or token)
     cs4a_attention(q, k, v, key_idx, group_size, o_cache)  CS4A grouped gather attention (+ residual cache)
-    cs4a_decide(q, k, v, group_size, topk)                 dense + per-group top-k selection + residual cache
+    cs4a_decide(q, k, v, group_size, topk, sink_len=0)     dense + per-group top-k selection + residual cache
+    aot_kernel(op, dtype=, head_dim=, attrs=)              TensorRT AOT entry (plugins.aot.AotKernel), CSLA only
+    select_topk(sums, topk, first=0)                       ascending top-k positions per row (the decision's pick)
 
-Each goes through a torch custom op (sparvar::triton_csla_attention, sparvar::triton_cs4a_attention,
+Each goes through a torch custom op (sparvar::triton_csla_attention[_token], sparvar::triton_cs4a_attention,
 sparvar::triton_cs4a_decide, with fake kernels) so torch.compile and torch.export keep it as one call. The
 names carry a `triton_` prefix because export/custom_ops.py already defines sparvar::csla_attention etc. as the
 reference ops of the ONNX path. `sparse_ops()` returns them as a sparvar.sparse.SparseOps backend.
 The module imports without triton (CPU installs); the kernels then raise a RuntimeError naming it.
 """
+from sparvar.kernels.aot import aot_kernel
 from sparvar.kernels.cs4a import (cs4a_attention, cs4a_attention_raw, cs4a_column_sums, cs4a_decide, cs4a_decide_raw,
-                                  reference_column_sums, reference_cs4a_attention, reference_cs4a_decide)
+                                  reference_column_sums, reference_cs4a_attention, reference_cs4a_decide, select_topk)
 from sparvar.kernels.csla import (HAS_TRITON, csla_attention, csla_attention_blocks, dense_attention,
-                                  query_block_order, reference_csla_attention)
+                                  query_block_order, reference_csla_attention, token_tiles)
 
 __all__ = [
-    "HAS_TRITON", "csla_attention", "csla_attention_blocks", "dense_attention", "query_block_order",
-    "reference_csla_attention", "cs4a_attention", "cs4a_attention_raw", "cs4a_column_sums", "cs4a_decide",
-    "cs4a_decide_raw", "reference_column_sums", "reference_cs4a_attention", "reference_cs4a_decide", "sparse_ops",
+    "HAS_TRITON", "aot_kernel", "csla_attention", "csla_attention_blocks", "dense_attention", "query_block_order",
+    "reference_csla_attention", "token_tiles", "cs4a_attention", "cs4a_attention_raw", "cs4a_column_sums", "cs4a_decide",
+    "cs4a_decide_raw", "reference_column_sums", "reference_cs4a_attention", "reference_cs4a_decide", "select_topk",
+    "sparse_ops",
 ]
 
 

@@ -10,9 +10,10 @@ tile can be partial, so the loop runs unmasked full tiles and masks that one til
 when the decision builds O_cache).
 
 cs4a_decide (decision scale): pass 1 = dense flash attention (fp32 output) that also stores each row's logsumexp;
-pass 2 = per (key tile, group, batch*head) the column sums over the group's queries of exp(s - lse), i.e. of the softmax
-probabilities (no atomics: each program owns its key tile); then torch.topk per group, sorted ascending, and the
-residual O_cache = O_dense - attention over the selection (cs4a kernel with sign -1, extra = O_dense).
+pass 2 = per (key tile, batch*head) the column sums over each group's queries of exp(s - lse), i.e. of the softmax
+probabilities (no atomics: each program owns its key tile and walks all query tiles); then the top-k per group, ascending, in one kernel
+(select_topk: a bitwise threshold search, no sort), and the residual O_cache = O_dense - attention over the selection
+(cs4a kernel with sign -1, extra = O_dense; it also writes O_dense rounded to the input dtype, the decision's output).
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from sparvar.kernels.csla import online_softmax_step
+    from sparvar.kernels.csla import online_softmax_step, query_tile_prologue
 
 
 def query_tile(group_size: int) -> int:
@@ -43,7 +44,7 @@ if HAS_TRITON:
 
     @triton.jit
     def _cs4a_fwd_kernel(
-        Q, K, V, Out, KeyIdx, BandStart, Extra,
+        Q, K, V, Out, KeyIdx, BandStart, Extra, ExtraOut,
         stride_qb, stride_qh, stride_qm,
         stride_kb, stride_kh, stride_kn,
         stride_vb, stride_vh, stride_vn,
@@ -52,7 +53,7 @@ if HAS_TRITON:
         stride_eb, stride_eh, stride_em,
         H, q_len, num_gathered, band_len, group_size, qk_scale,
         HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        HAS_BAND: tl.constexpr, HAS_EXTRA: tl.constexpr, NEGATE: tl.constexpr,
+        HAS_BAND: tl.constexpr, HAS_EXTRA: tl.constexpr, NEGATE: tl.constexpr, STORE_EXTRA: tl.constexpr,
     ):
         pid_m = tl.program_id(0)
         pid_bh = tl.program_id(1)
@@ -61,12 +62,10 @@ if HAS_TRITON:
         g = (pid_m * BLOCK_M) // group_size
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = tl.arange(0, BLOCK_N)
+        q, k_base, v_base, row_ok, m_i, l_i, acc = query_tile_prologue(
+            Q, K, V, b, h, offs_m, q_len, stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_vb, stride_vh,
+            HEAD_DIM, BLOCK_M)
         offs_d = tl.arange(0, HEAD_DIM)
-        row_ok = offs_m < q_len
-        q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
-                    mask=row_ok[:, None], other=0.0)
-        k_base = K + b * stride_kb + h * stride_kh + offs_d[None, :]
-        v_base = V + b * stride_vb + h * stride_vh + offs_d[None, :]
         idx_base = KeyIdx + b * stride_ib + h * stride_ih + g * stride_ig
         if HAS_BAND:
             band_start = tl.load(BandStart + g)
@@ -74,10 +73,6 @@ if HAS_TRITON:
         else:
             band_start = 0
             num_keys = num_gathered
-
-        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-        acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
 
         num_full = num_keys // BLOCK_N
         for t in range(0, num_full):
@@ -102,7 +97,7 @@ if HAS_TRITON:
             keys = tl.where(valid, keys, 0)
             k = tl.load(k_base + keys[:, None] * stride_kn)
             v = tl.load(v_base + keys[:, None] * stride_vn)
-            acc, l_i, m_i = online_softmax_step(acc, l_i, m_i, q, k, v, qk_scale, valid, True)
+            acc, l_i, m_i = online_softmax_step(acc, l_i, m_i, q, k, v, qk_scale, valid[None, :], True)
 
         out = acc / l_i[:, None]
         if NEGATE:
@@ -111,6 +106,9 @@ if HAS_TRITON:
             extra = tl.load(Extra + b * stride_eb + h * stride_eh + offs_m[:, None] * stride_em + offs_d[None, :],
                             mask=row_ok[:, None], other=0.0)
             out = out + extra.to(tl.float32)
+            if STORE_EXTRA:  # the decision's dense output in the input dtype, saving a separate cast kernel
+                tl.store(ExtraOut + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :],
+                         extra.to(ExtraOut.dtype.element_ty), mask=row_ok[:, None])
         tl.store(Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :],
                  out.to(Out.dtype.element_ty), mask=row_ok[:, None])
 
@@ -122,9 +120,11 @@ if HAS_TRITON:
         H, q_len, kv_len, group_size, num_groups, qk_scale,
         HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     ):
+        # one program per (key tile, batch*head) walks every query tile in order (BLOCK_M divides group_size, so
+        # tiles never straddle groups) and writes a group's sums when its last tile is done: one long pipelined
+        # loop per program with its key tile loaded once, and no atomics (each program owns its keys)
         pid_n = tl.program_id(0)
-        g = tl.program_id(1)
-        pid_bh = tl.program_id(2)
+        pid_bh = tl.program_id(1)
         b = pid_bh // H
         h = pid_bh % H
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -132,21 +132,65 @@ if HAS_TRITON:
         key_ok = offs_n < kv_len
         k = tl.load(K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :],
                     mask=key_ok[:, None], other=0.0)
+        out = ColSums + pid_bh * num_groups * kv_len + offs_n
         cols = tl.zeros([BLOCK_N], dtype=tl.float32)
-        first = g * group_size
-        end = tl.minimum(first + group_size, q_len)
-        for m0 in range(first, end, BLOCK_M):
-            offs_m = m0 + tl.arange(0, BLOCK_M)
-            row_ok = offs_m < end
+        num_tiles = tl.cdiv(q_len, BLOCK_M)
+        tiles_per_group = group_size // BLOCK_M
+        for t in range(0, num_tiles):
+            offs_m = t * BLOCK_M + tl.arange(0, BLOCK_M)
+            row_ok = offs_m < q_len
             q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
                         mask=row_ok[:, None], other=0.0)
-            # rows outside the group get lse = +inf, hence probability 0
+            # rows past q_len get lse = +inf, hence probability 0
             lse = tl.load(Lse + pid_bh * q_len + offs_m, mask=row_ok, other=float("inf"))
             # scores transposed (keys x queries) so the column sum is a row reduction inside each warp
             s = tl.dot(k, tl.trans(q))
             p = tl.math.exp2(s * qk_scale - lse[None, :] * 1.4426950408889634)
             cols += tl.sum(p, 1)
-        tl.store(ColSums + (pid_bh * num_groups + g) * kv_len + offs_n, cols, mask=key_ok)
+            group_done = ((t + 1) % tiles_per_group == 0) | (t == num_tiles - 1)
+            tl.store(out + (t // tiles_per_group) * kv_len, cols, mask=key_ok & group_done)
+            cols = tl.where(group_done, 0.0, cols)
+
+    @triton.jit
+    def _select_topk_kernel(Sums, Selected, n, first, topk, BLOCK: tl.constexpr):
+        """One row of column sums (>= 0): the positions of its topk largest among [first, n), written ascending.
+
+        Non-negative floats order like their int32 bit patterns, so the k-th largest value t is found bit by bit
+        (31 counting passes over the row, which stays in L1/L2): the largest t with count(x >= t) >= topk. Then
+        one pass writes every x > t and, of the x == t, the lowest positions until topk are taken (a cumsum gives
+        each kept entry its output slot), so no sort is needed.
+        """
+        row = tl.program_id(0)
+        base = Sums + row.to(tl.int64) * n
+        out = Selected + row.to(tl.int64) * topk
+        n = n - first  # the candidates, as positions relative to `first`
+        base += first
+        thr = 0
+        for i in range(31):
+            cand = thr | (1 << (30 - i))
+            count = 0
+            for start in range(0, n, BLOCK):
+                offs = start + tl.arange(0, BLOCK)
+                bits = tl.load(base + offs, mask=offs < n, other=-1.0).to(tl.int32, bitcast=True)
+                count += tl.sum((bits >= cand).to(tl.int32), 0)
+            thr = tl.where(count >= topk, cand, thr)
+        above = 0
+        for start in range(0, n, BLOCK):
+            offs = start + tl.arange(0, BLOCK)
+            bits = tl.load(base + offs, mask=offs < n, other=-1.0).to(tl.int32, bitcast=True)
+            above += tl.sum((bits > thr).to(tl.int32), 0)
+        ties_needed = topk - above
+        written = 0
+        ties_seen = 0
+        for start in range(0, n, BLOCK):
+            offs = start + tl.arange(0, BLOCK)
+            bits = tl.load(base + offs, mask=offs < n, other=-1.0).to(tl.int32, bitcast=True)
+            tie = (bits == thr).to(tl.int32)
+            take = (bits > thr) | ((tie != 0) & (ties_seen + tl.cumsum(tie, 0) <= ties_needed))
+            take_i = take.to(tl.int32)
+            tl.store(out + written + tl.cumsum(take_i, 0) - 1, offs + first, mask=take)
+            written += tl.sum(take_i, 0)
+            ties_seen += tl.sum(tie, 0)
 
     def _prune_cs4a(configs, named_args, **kwargs):
         block_m = kwargs["BLOCK_M"]
@@ -155,13 +199,16 @@ if HAS_TRITON:
         return kept or configs[:1]
 
     _CS4A_CONFIGS = [triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=s)
-                     for n, w, s in ((64, 4, 3), (64, 4, 4), (64, 4, 2), (32, 4, 3), (128, 4, 3), (128, 8, 3), (64, 8, 3))]
+                     for n, w, s in ((64, 4, 3), (64, 4, 4), (64, 4, 5), (64, 4, 2), (32, 4, 3), (32, 4, 4), (128, 4, 3),
+                                     (128, 8, 3), (64, 8, 3))]
     _cs4a_fwd_tuned = triton.autotune(configs=_CS4A_CONFIGS,
-                                      key=["HEAD_DIM", "BLOCK_M", "num_gathered", "band_len", "HAS_BAND", "HAS_EXTRA"],
+                                      key=["HEAD_DIM", "BLOCK_M", "num_gathered", "band_len", "HAS_BAND", "HAS_EXTRA",
+                                           "STORE_EXTRA"],
                                       prune_configs_by={"early_config_prune": _prune_cs4a})(_cs4a_fwd_kernel)
     _COLSUM_CONFIGS = [triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=s)
-                       for n, w, s in ((128, 4, 2), (128, 8, 2), (64, 4, 2), (256, 8, 2))]
-    _column_sums_tuned = triton.autotune(configs=_COLSUM_CONFIGS, key=["HEAD_DIM", "BLOCK_M", "kv_len", "group_size"],
+                       for n, w, s in ((128, 4, 3), (128, 4, 2), (128, 8, 3), (64, 4, 3), (256, 8, 3))]
+    _column_sums_tuned = triton.autotune(configs=_COLSUM_CONFIGS,
+                                         key=["HEAD_DIM", "BLOCK_M", "q_len", "kv_len", "group_size"],
                                          prune_configs_by={"early_config_prune": _prune_cs4a})(_column_sums_kernel)
 
 
@@ -228,19 +275,21 @@ def check_key_values(key_idx: torch.Tensor, kv_len: int, band_start: torch.Tenso
 
 
 # ------------------------------------------------------------------------------------------------ launches
-def _launch_cs4a(q, k, v, key_idx, group_size, extra, negate, band_start, band_len, scale):
+def _launch_cs4a(q, k, v, key_idx, group_size, extra, negate, band_start, band_len, scale, extra_out=None):
+    """out = (-1 if negate else 1) * attention + extra; with extra_out (contiguous, q's shape) also extra_out = extra
+    in extra_out's dtype."""
     require_triton("cs4a_attention")
     b, h, q_len, d = q.shape
     out = torch.empty((b, h, q_len, d), dtype=q.dtype, device=q.device)
     block_m = query_tile(group_size)
     e = out if extra is None else extra
-    args = (q, k, v, out, key_idx, out if band_start is None else band_start, e,
+    args = (q, k, v, out, key_idx, out if band_start is None else band_start, e, out if extra_out is None else extra_out,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
             key_idx.stride(0), key_idx.stride(1), key_idx.stride(2), e.stride(0), e.stride(1), e.stride(2),
             h, q_len, key_idx.shape[3], band_len, group_size, float(scale) * LOG2E)
     meta = dict(HEAD_DIM=d, BLOCK_M=block_m, HAS_BAND=band_start is not None, HAS_EXTRA=extra is not None,
-                NEGATE=negate)
+                NEGATE=negate, STORE_EXTRA=extra_out is not None)
     grid = (-(-q_len // block_m), b * h)
     if interpreting():
         _cs4a_fwd_kernel[grid](*args, **meta, BLOCK_N=32, num_warps=4, num_stages=2)
@@ -287,7 +336,7 @@ def cs4a_column_sums(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, group_
     block_m = min(64, query_tile(group_size))
     args = (q, k, lse, sums, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             h, q_len, kv_len, group_size, groups, float(scale) * LOG2E)
-    grid = lambda meta: (triton.cdiv(kv_len, meta["BLOCK_N"]), groups, b * h)  # noqa: E731
+    grid = lambda meta: (triton.cdiv(kv_len, meta["BLOCK_N"]), b * h)  # noqa: E731
     if interpreting():
         _column_sums_kernel[grid({"BLOCK_N": 32})](*args, HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=32, num_warps=4, num_stages=2)
     elif autotuning():
@@ -296,18 +345,58 @@ def cs4a_column_sums(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, group_
     else:
         with torch.cuda.device(q.device):
             _column_sums_kernel[grid({"BLOCK_N": 128})](*args, HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=128, num_warps=4,
-                                                       num_stages=2)
+                                                       num_stages=3)
     return sums
 
 
-def cs4a_decide_raw(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group_size: int = 192, topk: int = 784, *,
-                    scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Decision scale: (out = dense attention, selected (B, H, G, topk) int32 ascending, o_cache = out - sparse)."""
+def select_topk(sums: torch.Tensor, topk: int, first: int = 0) -> torch.Tensor:
+    """(..., topk) int32 ascending positions of the topk largest entries among positions [first, n) of each row of
+    sums (..., n), float32 >= 0 (first = the sink count: sinks never compete).
+
+    first + torch.topk(sums[..., first:], topk).indices.sort() in one kernel; among equal values at the threshold
+    the lowest positions win.
+    """
+    name = "select_topk"
+    if not isinstance(sums, torch.Tensor) or sums.dtype != torch.float32 or sums.dim() < 1 or not sums.is_contiguous():
+        raise ValueError(f"{name}: sums must be a contiguous float32 tensor (..., n), got "
+                         f"{getattr(sums, 'dtype', type(sums).__name__)} {tuple(getattr(sums, 'shape', ()))}")
+    n = sums.shape[-1]
+    if not isinstance(first, int) or isinstance(first, bool) or not 0 <= first < n:
+        raise ValueError(f"{name}: first must be an int in [0, {n}), got {first!r}")
+    if not isinstance(topk, int) or isinstance(topk, bool) or not 0 < topk <= n - first:
+        raise ValueError(f"{name}: topk must be an int in [1, {n - first}] (positions [{first}, {n})), got {topk!r}")
+    check_device(name, sums)
+    require_triton(name)
+    selected = torch.empty((*sums.shape[:-1], topk), dtype=torch.int32, device=sums.device)
+    rows = sums.numel() // max(n, 1)
+    if rows == 0:
+        return selected
+    # 1,024-wide chunks, 4 warps: on the H200 at the decision's shape (288 rows of 4,121) 0.051 ms, against 0.064 ms
+    # with the whole row in one 8,192-wide block over 8 warps (bench/results/attention_h200.json ran the latter)
+    if interpreting():
+        _select_topk_kernel[(rows,)](sums, selected, n, first, topk, BLOCK=256)
+    else:
+        with torch.cuda.device(sums.device):
+            _select_topk_kernel[(rows,)](sums, selected, n, first, topk, BLOCK=1024, num_warps=4)
+    return selected
+
+
+def cs4a_decide_raw(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group_size: int = 192, topk: int = 784,
+                    sink_len: int = 0, *, scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Decision scale: (out = dense attention, selected (B, H, G, topk) int32 ascending, o_cache = out - sparse).
+
+    sink_len: KV positions [0, sink_len) are in every key set and never compete: the top-k is taken among
+    [sink_len, Lk) and the residual subtracts attention over [sinks | selected] (sparvar.cs4a.cs4a_decide_ref).
+    """
     name = "cs4a_decide"
     check_qkv(name, q, k, v)
     groups = _check_group(name, q.shape[2], group_size)
-    if not isinstance(topk, int) or isinstance(topk, bool) or not 0 < topk <= k.shape[2]:
-        raise ValueError(f"{name}: topk must be an int in [1, {k.shape[2]}] (the KV length), got {topk!r}")
+    kv_len = k.shape[2]
+    if not isinstance(sink_len, int) or isinstance(sink_len, bool) or not 0 <= sink_len < kv_len:
+        raise ValueError(f"{name}: sink_len must be an int in [0, {kv_len}) (the KV length), got {sink_len!r}")
+    if not isinstance(topk, int) or isinstance(topk, bool) or not 0 < topk <= kv_len - sink_len:
+        raise ValueError(f"{name}: topk must be an int in [1, {kv_len - sink_len}] (the KV length {kv_len} minus "
+                         f"{sink_len} sinks), got {topk!r}")
     if not math.isfinite(scale) or scale <= 0:
         raise ValueError(f"{name}: scale must be a positive finite float, got {scale}")
     check_device(name, q, k=k, v=v)
@@ -315,10 +404,13 @@ def cs4a_decide_raw(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group_siz
     # rounded to bf16 before the subtraction (only the two results are)
     dense, lse = dense_attention(q, k, v, scale=scale, return_lse=True, out_dtype=torch.float32)
     sums = cs4a_column_sums(q, k, lse, group_size, scale=scale)
-    selected = sums.topk(topk, dim=-1, sorted=False).indices.sort(dim=-1).values.to(torch.int32)
+    selected = select_topk(sums, topk, sink_len)
     assert selected.shape[2] == groups
-    o_cache = _launch_cs4a(q, k, v, selected, group_size, dense, True, None, 0, scale)
-    return dense.to(q.dtype), selected, o_cache
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # dense rounded to q's dtype by the residual kernel
+    # the sinks join each group's set as the kernel's contiguous band [0, sink_len): no concatenated index copy
+    band_start = torch.zeros(groups, dtype=torch.int32, device=q.device) if sink_len else None
+    o_cache = _launch_cs4a(q, k, v, selected, group_size, dense, True, band_start, sink_len, scale, extra_out=out)
+    return out, selected, o_cache
 
 
 # ------------------------------------------------------------------------------------------------ custom ops
@@ -329,10 +421,10 @@ def cs4a_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_idx: t
     return torch.ops.sparvar.triton_cs4a_attention(q, k, v, key_idx, o_cache, band_start, group_size, band_len, scale)
 
 
-def cs4a_decide(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group_size: int = 192, topk: int = 784, *,
-                scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def cs4a_decide(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group_size: int = 192, topk: int = 784,
+                sink_len: int = 0, *, scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """cs4a_decide_raw through the sparvar::triton_cs4a_decide op."""
-    return torch.ops.sparvar.triton_cs4a_decide(q, k, v, group_size, topk, scale)
+    return torch.ops.sparvar.triton_cs4a_decide(q, k, v, group_size, topk, sink_len, scale)
 
 
 @torch.library.custom_op("sparvar::triton_cs4a_attention", mutates_args=())
@@ -347,13 +439,13 @@ def _(q, k, v, key_idx, o_cache, band_start, group_size, band_len, scale):
 
 
 @torch.library.custom_op("sparvar::triton_cs4a_decide", mutates_args=())
-def _cs4a_decide_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group_size: int, topk: int,
+def _cs4a_decide_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group_size: int, topk: int, sink_len: int,
                     scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return cs4a_decide_raw(q, k, v, group_size, topk, scale=scale)
+    return cs4a_decide_raw(q, k, v, group_size, topk, sink_len, scale=scale)
 
 
 @_cs4a_decide_op.register_fake
-def _(q, k, v, group_size, topk, scale):
+def _(q, k, v, group_size, topk, sink_len, scale):
     b, h, q_len, _ = q.shape
     groups = -(-q_len // group_size)
     return (q.new_empty(q.shape),
@@ -380,11 +472,11 @@ def reference_cs4a_attention(q, k, v, key_idx, group_size: int = 192, o_cache=No
     return cs4a_attention_ref(q.float() * scale, k, v, key_idx, group_size, o_cache).to(q.dtype)
 
 
-def reference_cs4a_decide(q, k, v, group_size: int = 192, topk: int = 784, scale: float = 1.0):
+def reference_cs4a_decide(q, k, v, group_size: int = 192, topk: int = 784, sink_len: int = 0, scale: float = 1.0):
     """Plain-torch fp32 result of cs4a_decide (sparvar.cs4a.cs4a_decide_ref)."""
     from sparvar.cs4a import cs4a_decide_ref
 
-    out, selected, o_cache = cs4a_decide_ref(q.float() * scale, k, v, group_size, topk)
+    out, selected, o_cache = cs4a_decide_ref(q.float() * scale, k, v, group_size, topk, sink_len)
     return out.to(q.dtype), selected, o_cache.to(q.dtype)
 
 

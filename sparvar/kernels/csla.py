@@ -2,10 +2,14 @@
 
 One program computes one query block of BLOCK_M queries for one (batch row, head) with an online softmax
 over that block's active key blocks (the layout's `kv_num_blocks` / `kv_indices`, the same for every batch
-row and head; see sparvar.csla.BlockLayout). Semantics are block-granular: every key of an active block is
-attended. Only the last key block may be partial (kv_len not a multiple of BLOCK_N); it is the last entry
-of a row when present (indices ascend), so the loop runs the unmasked full blocks first and masks that one
-block alone. The kernel tile is the layout's block shape.
+row and head; see sparvar.csla.BlockLayout). Semantics are block-granular by default: every key of an active
+block is attended. Only the last key block may be partial (kv_len not a multiple of BLOCK_N); it is the last
+entry of a row when present (indices ascend), so the loop runs the unmasked full blocks first and masks that
+one block alone. The kernel tile is the layout's block shape.
+
+Token-exact (TOKEN, a layout of granularity 'token'): each query block's tiles come reordered (token_tiles),
+the tiles whose every (query, key) pair is in the mask first, computed with no mask, then the partial tiles,
+each through its (BLOCK_M, BLOCK_N) byte mask from the layout's compact store of partial tiles only.
 
 q (B, H, Lq, D), k and v (B, H, Lk, D) in bf16 or fp16, any strides with the head dim contiguous (the KV
 cache may be a view into a larger buffer); output (B, H, Lq, D) contiguous. Softmax scale defaults to 1:
@@ -137,18 +141,40 @@ def check_layout_values(kv_num_blocks: torch.Tensor, kv_indices: torch.Tensor, k
 if HAS_TRITON:
 
     @triton.jit
-    def online_softmax_step(acc, l_i, m_i, q, k, v, qk_scale, valid_n, MASK_N: tl.constexpr):
+    def query_tile_prologue(Q, K, V, b, h, offs_m, q_len, stride_qb, stride_qh, stride_qm, stride_kb, stride_kh,
+                            stride_vb, stride_vh, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
+        """Start of one query tile of (batch row b, head h), shared by the CSLA and CS4A kernels: the tile's q rows
+        (zeros past q_len), the (b, h) K and V base pointers over the head dim (add key * stride_kn to address
+        keys) and the empty online-softmax state (row max, row sum, accumulator)."""
+        offs_d = tl.arange(0, HEAD_DIM)
+        row_ok = offs_m < q_len
+        q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
+                    mask=row_ok[:, None], other=0.0)
+        k_base = K + b * stride_kb + h * stride_kh + offs_d[None, :]
+        v_base = V + b * stride_vb + h * stride_vh + offs_d[None, :]
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+        return q, k_base, v_base, row_ok, m_i, l_i, acc
+
+    @triton.jit
+    def online_softmax_step(acc, l_i, m_i, q, k, v, qk_scale, valid, MASK: tl.constexpr):
         """One key tile of the online softmax: scores in log2 units, m_i the running row max (log2 units).
 
-        k is (BLOCK_N, D) as loaded; invalid columns (MASK_N) get -inf scores. Every tile holds >= 1 valid key,
-        so m_i is finite after the first tile and exp2(-inf - m) = 0 for the masked columns.
+        k is (BLOCK_N, D) as loaded; with MASK, pairs where `valid` (broadcast to (BLOCK_M, BLOCK_N): a key-column
+        mask [None, :] or a token-exact tile mask) is False get -inf scores. A masked tile may leave a row with no
+        key yet (token-exact tiles): its running max stays -inf and the exponents use 0 instead, so that row's
+        p and alpha are exp2(-inf) = 0 rather than NaN.
         """
         qk = tl.dot(q, tl.trans(k))
-        if MASK_N:
-            qk = tl.where(valid_n[None, :], qk, float("-inf"))
+        if MASK:
+            qk = tl.where(valid, qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-        p = tl.math.exp2(qk * qk_scale - m_new[:, None])
-        alpha = tl.math.exp2(m_i - m_new)
+        m_exp = m_new
+        if MASK:
+            m_exp = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(qk * qk_scale - m_exp[:, None])
+        alpha = tl.math.exp2(m_i - m_exp)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
         acc = tl.dot(p.to(v.dtype), v, acc)
@@ -156,7 +182,7 @@ if HAS_TRITON:
 
     @triton.jit
     def _csla_fwd_kernel(
-        Q, K, V, Out, Lse, KVNumBlocks, KVIndices, QOrder,
+        Q, K, V, Out, Lse, KVNumBlocks, KVIndices, QOrder, NumFull, PartialIndex, PartialMasks,
         stride_qb, stride_qh, stride_qm,
         stride_kb, stride_kh, stride_kn,
         stride_vb, stride_vh, stride_vn,
@@ -165,6 +191,7 @@ if HAS_TRITON:
         H, q_len, kv_len, qk_scale,
         HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         DENSE: tl.constexpr, EVEN_N: tl.constexpr, USE_ORDER: tl.constexpr, STORE_LSE: tl.constexpr,
+        TOKEN: tl.constexpr,
     ):
         pid_m = tl.program_id(0)
         pid_bh = tl.program_id(1)
@@ -176,24 +203,20 @@ if HAS_TRITON:
             q_block = pid_m
         offs_m = q_block * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = tl.arange(0, BLOCK_N)
+        q, k_base, v_base, row_ok, m_i, l_i, acc = query_tile_prologue(
+            Q, K, V, b, h, offs_m, q_len, stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_vb, stride_vh,
+            HEAD_DIM, BLOCK_M)
         offs_d = tl.arange(0, HEAD_DIM)
-        row_ok = offs_m < q_len
-        q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
-                    mask=row_ok[:, None], other=0.0)
-        k_base = K + b * stride_kb + h * stride_kh + offs_d[None, :]
-        v_base = V + b * stride_vb + h * stride_vh + offs_d[None, :]
         idx_row = KVIndices + q_block * stride_idx
-
-        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-        acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
 
         if DENSE:
             num = tl.cdiv(kv_len, BLOCK_N)
         else:
             num = tl.load(KVNumBlocks + q_block)
         num_full = num
-        if not EVEN_N:  # the partial last key block, if this row has it, is its last entry
+        if TOKEN:  # token-exact: the row's full tiles come first (see token_tiles), then the masked ones
+            num_full = tl.load(NumFull + q_block)
+        elif not EVEN_N:  # the partial last key block, if this row has it, is its last entry
             if DENSE:
                 num_full = num - 1
             else:
@@ -210,7 +233,18 @@ if HAS_TRITON:
             v = tl.load(v_base + keys[:, None] * stride_vn)
             acc, l_i, m_i = online_softmax_step(acc, l_i, m_i, q, k, v, qk_scale, keys < kv_len, False)
 
-        if num_full < num:
+        if TOKEN:
+            # tiles with pairs left out: their (BLOCK_M, BLOCK_N) byte mask, False past q_len / kv_len
+            tile_offs = (offs_m - q_block * BLOCK_M)[:, None] * BLOCK_N + offs_n[None, :]
+            for i in range(num_full, num):
+                keys = tl.load(idx_row + i) * BLOCK_N + offs_n
+                key_ok = keys < kv_len
+                k = tl.load(k_base + keys[:, None] * stride_kn, mask=key_ok[:, None], other=0.0)
+                v = tl.load(v_base + keys[:, None] * stride_vn, mask=key_ok[:, None], other=0.0)
+                tile = tl.load(PartialIndex + q_block * stride_idx + i)
+                keep = tl.load(PartialMasks + tile * (BLOCK_M * BLOCK_N) + tile_offs) != 0
+                acc, l_i, m_i = online_softmax_step(acc, l_i, m_i, q, k, v, qk_scale, keep, True)
+        elif num_full < num:
             if DENSE:
                 start_n = num_full * BLOCK_N
             else:
@@ -219,7 +253,7 @@ if HAS_TRITON:
             key_ok = keys < kv_len
             k = tl.load(k_base + keys[:, None] * stride_kn, mask=key_ok[:, None], other=0.0)
             v = tl.load(v_base + keys[:, None] * stride_vn, mask=key_ok[:, None], other=0.0)
-            acc, l_i, m_i = online_softmax_step(acc, l_i, m_i, q, k, v, qk_scale, key_ok, True)
+            acc, l_i, m_i = online_softmax_step(acc, l_i, m_i, q, k, v, qk_scale, key_ok[None, :], True)
 
         out = acc / l_i[:, None]
         tl.store(Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :],
@@ -243,7 +277,15 @@ if HAS_TRITON:
 
     # Small set, pruned per tile: (warps, stages). Hopper likes 8 warps / 3-4 stages at 128-row tiles.
     _CSLA_CONFIGS = [triton.Config({}, num_warps=w, num_stages=s) for w, s in ((8, 3), (8, 4), (8, 2), (4, 3), (4, 2))]
-    _csla_fwd_tuned = triton.autotune(configs=_CSLA_CONFIGS, key=["HEAD_DIM", "BLOCK_M", "BLOCK_N", "DENSE", "EVEN_N"],
+    # Dense (the decision's pass): the tile is free, so it is tuned too; 64-row tiles fill the last wave better at
+    # short query lengths (1,600 queries = 12.5 tiles of 128 per (batch, head)).
+    _DENSE_CONFIGS = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
+                      for m, n, w, s in ((128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 3), (128, 128, 8, 2),
+                                         (64, 64, 4, 3), (64, 64, 4, 4), (64, 128, 4, 3))]
+    _dense_fwd_tuned = triton.autotune(configs=_DENSE_CONFIGS, key=["HEAD_DIM", "q_len", "kv_len", "STORE_LSE"])(
+        _csla_fwd_kernel)
+    _csla_fwd_tuned = triton.autotune(configs=_CSLA_CONFIGS,
+                                      key=["HEAD_DIM", "BLOCK_M", "BLOCK_N", "DENSE", "EVEN_N", "TOKEN"],
                                       prune_configs_by={"early_config_prune": _prune_by_tile})(_csla_fwd_kernel)
 
 
@@ -255,31 +297,41 @@ def default_launch_config(block_m: int, block_n: int) -> dict:
 
 
 def flash_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, kv_num_blocks: torch.Tensor | None = None,
-                  kv_indices: torch.Tensor | None = None, block_m: int = 128, block_n: int = 64, scale: float = 1.0,
-                  q_order: torch.Tensor | None = None, return_lse: bool = False, out_dtype: torch.dtype | None = None,
-                  name: str = "flash_forward"):
+                  kv_indices: torch.Tensor | None = None, block_m: int | None = 128, block_n: int | None = 64,
+                  scale: float = 1.0, q_order: torch.Tensor | None = None, token: tuple | None = None,
+                  return_lse: bool = False, out_dtype: torch.dtype | None = None, name: str = "flash_forward"):
     """Launch the flash kernel: dense when kv_num_blocks is None, block-sparse otherwise. Inputs already checked.
 
-    Returns out (B, H, Lq, D) in out_dtype (default q's), or (out, lse (B, H, Lq) fp32 natural-log logsumexp)
-    with return_lse.
+    token: None (block-granular) or (num_full, tile_index, partial_masks viewed as uint8), kv_indices then
+    being token_tiles' reordered tiles. Dense with block_m = block_n = None: the autotuner picks the tile on the
+    GPU (128x64 elsewhere). Returns out (B, H, Lq, D) in out_dtype (default q's), or (out, lse (B, H, Lq) fp32
+    natural-log logsumexp) with return_lse.
     """
     require_triton(name)
+    dense = kv_num_blocks is None
+    tune_tile = dense and block_m is None and block_n is None and autotuning()
+    if block_m is None or block_n is None:
+        block_m, block_n = 128, 64
     b, h, q_len, d = q.shape
     kv_len = k.shape[2]
-    dense = kv_num_blocks is None
     out = torch.empty((b, h, q_len, d), dtype=out_dtype or q.dtype, device=q.device)
     lse = torch.empty((b, h, q_len), dtype=torch.float32, device=q.device) if return_lse else out
     placeholder = out  # pointer args the constexpr flags make the kernel ignore
     args = (q, k, v, out, lse,
             placeholder if dense else kv_num_blocks, placeholder if dense else kv_indices,
-            placeholder if q_order is None else q_order,
+            placeholder if q_order is None else q_order, *(token or (placeholder,) * 3),
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
             0 if dense else kv_indices.stride(0), h, q_len, kv_len, float(scale) * LOG2E)
     meta = dict(HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, DENSE=dense, EVEN_N=kv_len % block_n == 0,
-                USE_ORDER=q_order is not None, STORE_LSE=return_lse)
+                USE_ORDER=q_order is not None, STORE_LSE=return_lse, TOKEN=token is not None)
     grid = (-(-q_len // block_m), b * h)
-    if interpreting():
+    if tune_tile:
+        del meta["BLOCK_M"], meta["BLOCK_N"]
+        meta["EVEN_N"] = kv_len % 128 == 0  # true for every tuned BLOCK_N (64 | 128); False only masks the last tile
+        with torch.cuda.device(q.device):
+            _dense_fwd_tuned[lambda m: (triton.cdiv(q_len, m["BLOCK_M"]), b * h)](*args, **meta)
+    elif interpreting():
         _csla_fwd_kernel[grid](*args, **meta, **default_launch_config(block_m, block_n))
     else:
         kernel = _csla_fwd_tuned if autotuning() else _csla_fwd_kernel
@@ -293,7 +345,7 @@ def tuned_config(kernel: str = "csla") -> str | None:
     """The config the autotuner picked last for a kernel (for benchmark reports)."""
     if not HAS_TRITON:
         return None
-    fn = {"csla": "_csla_fwd_tuned"}.get(kernel)
+    fn = {"csla": "_csla_fwd_tuned", "dense": "_dense_fwd_tuned"}.get(kernel)
     best = getattr(globals().get(fn), "best_config", None)
     return None if best is None else str(best)
 
@@ -305,40 +357,93 @@ def query_block_order(kv_num_blocks: torch.Tensor) -> torch.Tensor:
     return torch.sort(kv_num_blocks, descending=True, stable=True).indices.to(torch.int32)
 
 
+def token_tiles(kv_num_blocks: torch.Tensor, kv_indices: torch.Tensor,
+                partial_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A token layout's tiles in the kernel's order: (num_full (nq,), tiles (nq, W), tile_index (nq, W)), int32.
+
+    Per query block the full tiles (partial_index -1) come first, so the kernel runs them in one unmasked loop and
+    the partial ones in a masked loop after it (the online softmax does not depend on the order); tile_index is
+    partial_index in that order. Built on the layout's device without a host sync (stable sort, gathers).
+    """
+    name = "token_tiles"
+    check_index(name, "kv_num_blocks", kv_num_blocks, 1)
+    check_index(name, "kv_indices", kv_indices, 2)
+    check_index(name, "partial_index", partial_index, 2)
+    if partial_index.shape != kv_indices.shape:
+        raise ValueError(f"{name}: partial_index {tuple(partial_index.shape)} must have kv_indices' shape "
+                         f"{tuple(kv_indices.shape)}")
+    valid = torch.arange(kv_indices.shape[1], device=kv_indices.device)[None, :] < kv_num_blocks[:, None]
+    partial = partial_index >= 0
+    rank = torch.where(valid, partial.to(torch.int8), 2)  # full, partial, padding
+    order = torch.sort(rank, dim=1, stable=True).indices
+    num_full = (valid & ~partial).sum(dim=1).to(torch.int32)
+    return num_full, kv_indices.gather(1, order).contiguous(), partial_index.gather(1, order).contiguous()
+
+
+def check_token_tiles(name: str, kv_indices, num_full, tile_index, partial_masks, block_m: int, block_n: int) -> None:
+    check_index(name, "num_full", num_full, 1)
+    check_index(name, "tile_index", tile_index, 2)
+    if num_full.shape[0] != kv_indices.shape[0] or tile_index.shape != kv_indices.shape:
+        raise ValueError(f"{name}: num_full {tuple(num_full.shape)} and tile_index {tuple(tile_index.shape)} must match "
+                         f"kv_indices {tuple(kv_indices.shape)} (one count per query block, one entry per slot)")
+    if not isinstance(partial_masks, torch.Tensor) or partial_masks.dtype != torch.bool:
+        raise TypeError(f"{name}: partial_masks must be a bool tensor, got {getattr(partial_masks, 'dtype', type(partial_masks))}")
+    if partial_masks.dim() != 3 or tuple(partial_masks.shape[1:]) != (block_m, block_n) or not partial_masks.is_contiguous():
+        raise ValueError(f"{name}: partial_masks must be contiguous (num_partial, {block_m}, {block_n}), got shape "
+                         f"{tuple(partial_masks.shape)}")
+    if partial_masks.numel() > INT32_MAX:
+        raise ValueError(f"{name}: {partial_masks.shape[0]} partial tiles overflow int32 offsets")
+
+
 def csla_attention_blocks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_num_blocks: torch.Tensor,
                           kv_indices: torch.Tensor, block_m: int, block_n: int, *, scale: float = 1.0,
-                          q_order: torch.Tensor | None = None) -> torch.Tensor:
-    """Block-granular sparse attention over a FlexAttention-style layout shared by all batch rows and heads.
+                          q_order: torch.Tensor | None = None, num_full: torch.Tensor | None = None,
+                          tile_index: torch.Tensor | None = None,
+                          partial_masks: torch.Tensor | None = None) -> torch.Tensor:
+    """Sparse attention over a FlexAttention-style layout shared by all batch rows and heads.
 
     kv_num_blocks (ceil(Lq/block_m),) int32; kv_indices (ceil(Lq/block_m), W) int32, ascending per row;
     q_order optional (ceil(Lq/block_m),) int32 permutation of the query blocks (launch order only).
+    Block-granular by default (every key of an active block attended). Token-exact with num_full, tile_index
+    and partial_masks (sparvar.csla.BlockLayout's partial_masks; the other two and the reordered kv_indices from
+    token_tiles): each row's first num_full tiles are computed unmasked, the rest through their byte masks.
     """
     name = "csla_attention"
     check_qkv(name, q, k, v)
     check_block_layout(name, q.shape[2], k.shape[2], kv_num_blocks, kv_indices, block_m, block_n)
+    token = (num_full, tile_index, partial_masks)
+    if any(t is not None for t in token):
+        check_token_tiles(name, kv_indices, *token, block_m, block_n)
+        token = (num_full, tile_index, partial_masks.view(torch.uint8))
+    else:
+        token = None
     if q_order is not None:
         check_index(name, "q_order", q_order, 1)
         if q_order.shape != kv_num_blocks.shape:
             raise ValueError(f"{name}: q_order {tuple(q_order.shape)} must have kv_num_blocks' shape {tuple(kv_num_blocks.shape)}")
     if not math.isfinite(scale) or scale <= 0:
         raise ValueError(f"{name}: scale must be a positive finite float, got {scale}")
-    check_device(name, q, k=k, v=v, kv_num_blocks=kv_num_blocks, kv_indices=kv_indices, q_order=q_order)
+    check_device(name, q, k=k, v=v, kv_num_blocks=kv_num_blocks, kv_indices=kv_indices, q_order=q_order,
+                 num_full=num_full, tile_index=tile_index, partial_masks=partial_masks)
     return flash_forward(q, k, v, kv_num_blocks=kv_num_blocks, kv_indices=kv_indices, block_m=block_m,
-                         block_n=block_n, scale=scale, q_order=q_order, name=name)
+                         block_n=block_n, scale=scale, q_order=q_order, token=token, name=name)
 
 
-def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float = 1.0, block_m: int = 128,
-                    block_n: int = 64, return_lse: bool = False, out_dtype: torch.dtype | None = None):
+def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float = 1.0,
+                    block_m: int | None = None, block_n: int | None = None, return_lse: bool = False,
+                    out_dtype: torch.dtype | None = None):
     """Dense flash attention (the CS4A decision's first pass); with return_lse also the (B, H, Lq) fp32 logsumexp.
 
     out_dtype: q's dtype by default; float32 keeps the output unrounded (the decision subtracts from it).
+    block_m, block_n: the tile; None (both) lets the autotuner pick it on the GPU (128x64 without tuning).
     """
     name = "dense_attention"
     check_qkv(name, q, k, v)
     if out_dtype not in (None, q.dtype, torch.float32):
         raise TypeError(f"{name}: out_dtype must be None, {q.dtype} or torch.float32, got {out_dtype}")
-    if block_m not in TILE_SIZES or block_n not in TILE_SIZES:
-        raise ValueError(f"{name}: block_m and block_n must be in {TILE_SIZES}, got {block_m}, {block_n}")
+    if (block_m is None) != (block_n is None) or (block_m is not None and (block_m not in TILE_SIZES
+                                                                           or block_n not in TILE_SIZES)):
+        raise ValueError(f"{name}: block_m and block_n must both be None or both in {TILE_SIZES}, got {block_m}, {block_n}")
     if not math.isfinite(scale) or scale <= 0:
         raise ValueError(f"{name}: scale must be a positive finite float, got {scale}")
     check_device(name, q, k=k, v=v)
@@ -346,26 +451,39 @@ def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale:
                          out_dtype=out_dtype, name=name)
 
 
-# One order tensor per layout object (layouts are static per scale; recomputing would cost launches per call).
+# Per layout object, the launch order and (token layouts) the kernel-ordered tiles: layouts are static per scale,
+# so these are built once (recomputing them would cost launches per call).
 _ORDER_CACHE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 def csla_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout, *, scale: float = 1.0) -> torch.Tensor:
-    """CSLA over a sparvar.csla.BlockLayout (block granularity only), through the sparvar::triton_csla_attention op."""
-    if getattr(layout, "granularity", None) != "block":
-        raise ValueError("csla_attention: the Triton kernel implements block-granular layouts only "
-                         f"(every key of an active block attended); got granularity {getattr(layout, 'granularity', None)!r}")
+    """CSLA over a sparvar.csla.BlockLayout, through sparvar::triton_csla_attention (granularity 'block') or
+    sparvar::triton_csla_attention_token (granularity 'token': full tiles unmasked, partial tiles masked)."""
+    granularity = getattr(layout, "granularity", None)
+    if granularity not in ("block", "token"):
+        raise ValueError(f"csla_attention: layout must be a sparvar.csla.BlockLayout of granularity 'block' or 'token', "
+                         f"got {type(layout).__name__} with granularity {granularity!r}")
+    if granularity == "token" and (layout.partial_index is None or layout.partial_masks is None):
+        raise ValueError("csla_attention: token layout without partial_index / partial_masks; build it with "
+                         "sparvar.csla.block_layout_from_mask(mask, block_m, block_n, 'token')")
     if q.shape[2:3] != (layout.q_len,) or k.shape[2:3] != (layout.kv_len,):
         raise ValueError(f"csla_attention: layout is for {layout.q_len} queries x {layout.kv_len} keys; got q {tuple(q.shape)}, "
                          f"k {tuple(k.shape)}")
     kv_num_blocks, kv_indices = layout.kv_num_blocks, layout.kv_indices
     if kv_num_blocks.device != q.device:
         raise ValueError(f"csla_attention: layout is on {kv_num_blocks.device}, q on {q.device}; move it once with layout.to(device)")
-    order = _ORDER_CACHE.get(layout)
-    if order is None:
-        order = _ORDER_CACHE[layout] = query_block_order(kv_num_blocks)
-    return torch.ops.sparvar.triton_csla_attention(q, k, v, kv_num_blocks, kv_indices, order, layout.block_m,
-                                                   layout.block_n, scale)
+    cached = _ORDER_CACHE.get(layout)
+    if cached is None:
+        tiles = None if granularity == "block" else token_tiles(kv_num_blocks, kv_indices, layout.partial_index)
+        cached = _ORDER_CACHE[layout] = (query_block_order(kv_num_blocks), tiles)
+    order, tiles = cached
+    if tiles is None:
+        return torch.ops.sparvar.triton_csla_attention(q, k, v, kv_num_blocks, kv_indices, order, layout.block_m,
+                                                       layout.block_n, scale)
+    num_full, kv_tiles, tile_index = tiles
+    return torch.ops.sparvar.triton_csla_attention_token(q, k, v, kv_num_blocks, kv_tiles, num_full, tile_index,
+                                                         layout.partial_masks, order, layout.block_m, layout.block_n,
+                                                         scale)
 
 
 @torch.library.custom_op("sparvar::triton_csla_attention", mutates_args=())
@@ -376,6 +494,19 @@ def _csla_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_num_blocks: t
 
 @_csla_op.register_fake
 def _(q, k, v, kv_num_blocks, kv_indices, q_order, block_m, block_n, scale):
+    return q.new_empty(q.shape)
+
+
+@torch.library.custom_op("sparvar::triton_csla_attention_token", mutates_args=())
+def _csla_token_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_num_blocks: torch.Tensor,
+                   kv_tiles: torch.Tensor, num_full: torch.Tensor, tile_index: torch.Tensor, partial_masks: torch.Tensor,
+                   q_order: torch.Tensor | None, block_m: int, block_n: int, scale: float) -> torch.Tensor:
+    return csla_attention_blocks(q, k, v, kv_num_blocks, kv_tiles, block_m, block_n, scale=scale, q_order=q_order,
+                                 num_full=num_full, tile_index=tile_index, partial_masks=partial_masks)
+
+
+@_csla_token_op.register_fake
+def _(q, k, v, kv_num_blocks, kv_tiles, num_full, tile_index, partial_masks, q_order, block_m, block_n, scale):
     return q.new_empty(q.shape)
 
 

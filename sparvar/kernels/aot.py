@@ -1,0 +1,64 @@
+"""Ahead-of-time entries of the Triton kernels for TensorRT plugins (plugins/aot.py states the contract).
+
+    aot_kernel(op, *, dtype, head_dim, attrs) -> plugins.aot.AotKernel
+
+TensorRT launches an AOT kernel with (input pointers, int32 scalars, output pointers) over dense row-major
+tensors, so each entry here takes exactly that, derives the strides from the shapes and calls the same jitted
+kernel the torch path launches (no second copy of the attention). Only CSLAAttention has one so far: block
+granularity (the node carries kv_num_blocks / kv_indices only), softmax scale 1, bf16 or fp16.
+"""
+from __future__ import annotations
+
+from sparvar.kernels.csla import DTYPES, HAS_TRITON, HEAD_DIMS, TILE_SIZES, default_launch_config, require_triton
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    from sparvar.kernels.csla import _csla_fwd_kernel
+
+    @triton.jit
+    def _csla_aot_kernel(Q, K, V, KVNumBlocks, KVIndices, H, q_len, kv_len, num_slots, Out,
+                         HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        """CSLAAttention for TensorRT: inputs, scalars (heads, Lq, Lk, kv_indices width), output; contiguous tensors.
+
+        EVEN_N is False: whether Lk is a multiple of BLOCK_N is a runtime shape property here, and the masked last
+        tile is correct either way. Unused pointer slots (lse, launch order, token tiles) get Out.
+        """
+        q_head = q_len * HEAD_DIM
+        kv_head = kv_len * HEAD_DIM
+        _csla_fwd_kernel(Q, K, V, Out, Out, KVNumBlocks, KVIndices, Out, Out, Out, Out,
+                         H * q_head, q_head, HEAD_DIM,
+                         H * kv_head, kv_head, HEAD_DIM,
+                         H * kv_head, kv_head, HEAD_DIM,
+                         H * q_head, q_head, HEAD_DIM,
+                         num_slots, H, q_len, kv_len, 1.4426950408889634,  # softmax scale 1, in log2 units
+                         HEAD_DIM, BLOCK_M, BLOCK_N, False, False, False, False, False)
+
+
+_DTYPE_NAMES = {str(d).removeprefix("torch."): d for d in DTYPES}  # 'bfloat16', 'float16'
+
+
+def aot_kernel(op: str, *, dtype: str, head_dim: int, attrs: dict):
+    """The AOT kernel of ONNX op `op` for TensorRT (plugins.aot.AotKernel); ValueError for what it cannot run."""
+    from plugins.aot import AotKernel
+
+    require_triton("aot_kernel")
+    if op != "CSLAAttention":
+        raise NotImplementedError(f"aot_kernel: no AOT kernel for {op!r} yet (only CSLAAttention); build that node with "
+                                  "the JIT plugin (no `aot` attribute)")
+    if dtype not in _DTYPE_NAMES:
+        raise ValueError(f"aot_kernel: {op} runs in {sorted(_DTYPE_NAMES)}, got dtype {dtype!r}")
+    if head_dim not in HEAD_DIMS:
+        raise ValueError(f"aot_kernel: head dim {head_dim} is not supported; supported: {HEAD_DIMS}")
+    block_m, block_n = attrs.get("block_m"), attrs.get("block_n")
+    if block_m not in TILE_SIZES or block_n not in TILE_SIZES:
+        raise ValueError(f"aot_kernel: {op} attributes block_m, block_n must be in {TILE_SIZES} (the kernel tile is the "
+                         f"layout block), got {block_m}, {block_n}")
+    return AotKernel(
+        _csla_aot_kernel, ("H", "q_len", "kv_len", "num_slots"),
+        dict(HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n),
+        **default_launch_config(block_m, block_n),
+        grid=lambda s, d: (d.cdiv(s["q"][2], block_m), s["q"][0] * s["q"][1], d.const(1)),
+        scalars=lambda s, d: [s["q"][1], s["q"][2], s["k"][2], s["kv_indices"][1]],
+    )
