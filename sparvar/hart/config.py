@@ -115,7 +115,8 @@ HART_CONFIGS: dict[str, HartConfig] = {
                    diffusion=HartDiffusionConfig(),
                    patch_nums=(1, 2, 3, 4, 5, 7, 9, 12, 16, 21, 27, 36, 48, 64)),
         # Same architecture, CPU-sized: every path runs in seconds. Text: hashed embeddings (no Qwen2 is 64 wide).
-        HartConfig("hart-tiny", depth=2, width=128, heads=4, mlp_dim=256, vq=HART_VQ_TINY,
+        # 2 heads of 64: the head dim of hart-0.7b, so the Triton kernels (head dims 64, 128) run it on a GPU
+        HartConfig("hart-tiny", depth=2, width=128, heads=2, mlp_dim=256, vq=HART_VQ_TINY,
                    diffusion=HartDiffusionConfig(width=64, depth=2), patch_nums=(1, 2, 3, 4, 6, 8, 12, 16),
                    text_dim=64, text_len=16, default_resolution=256, text_encoder="hashed"),
     )

@@ -109,3 +109,21 @@ class HartCudaGraphRunner:
 
     def denoise_step(self, x, k: int, cond, cfg_scale: float, noise):
         return self.eager.denoise_step(x, k, cond, cfg_scale, noise)  # small MLP steps: eager is fine
+
+
+def load_hart_cuda_pipeline(engine_dir: str, manifest: dict, cfg, schedule, skip_last: int = 0):
+    """A HartPipeline running a torch-cuda HART engine directory: the spec's weights (or its random seed) on the GPU,
+    in the spec's dtype, behind the CUDA-graph runner with the Triton SparVAR kernels."""
+    from ..engine import EngineError
+    from ..pipeline import make_plan
+    from .generate import HartPipeline
+
+    if not torch.cuda.is_available():
+        raise EngineError(f"{engine_dir} is a torch-cuda engine and needs a CUDA GPU; none is available on this machine")
+    spec = manifest["spec"]
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[spec["dtype"]]
+    pipe = HartPipeline.create(spec["model"], spec["resolution"], spec["aspect"], spec["weights"], spec["vae"],
+                               device="cuda", dtype=dtype, attention="dense", skip_last=skip_last, seed=spec["seed"])
+    plan = make_plan(cfg, schedule, spec["attention"], backend="triton")
+    pipe.runner = HartCudaGraphRunner(pipe.runner.model, schedule, plan)
+    return pipe

@@ -188,6 +188,10 @@ def load_hart_engine_pipeline(engine_dir: str, manifest: dict, cfg: HartConfig, 
     from .generate import HartPipeline
 
     check_model_config(engine_dir, manifest, cfg)
+    if manifest["spec"]["backend"] == "torch-cuda":
+        from .cuda_engine import load_hart_cuda_pipeline
+
+        return load_hart_cuda_pipeline(engine_dir, manifest, cfg, schedule, skip_last)
     runner, tokenizer = load_hart_engine(engine_dir, manifest, cfg)
     return HartPipeline(cfg, schedule, runner, tokenizer, random_weights=manifest["spec"]["weights"] is None,
                         skip_last=skip_last)
