@@ -1,6 +1,8 @@
 """Attention kernels at the last scales of 1024^2 on one GPU, side by side in one process.
 
-Rows per model shape (B=2 for CFG, D=128, bf16; 2B: 16 heads, 8B: 28 heads):
+Rows per model shape (B=2 for CFG, bf16; 2B: 16 heads of 128, 8B: 28 of 128; HART-0.7b: 24 of 64, its scales shifted
+by one — decision 10, CS4A at 11-13, CSLA at 13 over a 9,750-key cache that starts with 354 sink keys).
+Infinity:
   scale 12 (4,096 queries x 10,521 keys): SDPA cuDNN, SDPA FlashAttention-2, our dense Triton kernel,
     compiled FlexAttention with the CSLA block mask (block-granular: all active blocks full) and our CSLA kernel
     with the same layout, at 128x128, 128x64 and 64x64 blocks, our token-exact CSLA (full tiles unmasked, partial
@@ -31,9 +33,10 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from bench.common import summarize, write_result  # noqa: E402
+from bench.common import device_tag, summarize, write_result  # noqa: E402
 
-MODELS = {"infinity-2b": 16, "infinity-8b": 28}  # heads (head dim 128 for both)
+# (heads, head dim) of each model's self-attention; HART's KV starts with its 300-slot text prefix (sinks)
+MODELS = {"infinity-2b": (16, 128), "infinity-8b": (28, 128), "hart-0.7b": (24, 64)}
 FLUSH_BYTES = 512 * 2**20
 
 
@@ -173,7 +176,7 @@ def run(models: list[str], runs: int, warmup: int, dtype: torch.dtype, partial_p
 
     from sparvar import kernels
     from sparvar.attention import dense_attention, reference_attention
-    from sparvar.cs4a import upsample_cache
+    from sparvar.cs4a import upsample_cache, with_sinks
     from sparvar.csla import csla_layout
     from sparvar.kernels import csla as csla_mod
     from sparvar.kernels import cs4a as cs4a_mod
@@ -186,14 +189,15 @@ def run(models: list[str], runs: int, warmup: int, dtype: torch.dtype, partial_p
         torch._dynamo.config.recompile_limit = 64
     flex = torch.compile(flex_attention, dynamic=False)
 
-    schedule = get_schedule(1024)
     bench = Bench(runs, warmup, partial_path)
     device = torch.device("cuda")
-    batch, head_dim = 2, 128
+    batch = 2
     summary = {}
     for model in models:
-        heads = MODELS[model]
+        heads, head_dim = MODELS[model]
+        schedule = get_schedule(1024, model=model)
         policy = default_policy(model, schedule)
+        sink_len = policy.sink_len(schedule)
         torch.manual_seed(0)
 
         def qkv(scale):
@@ -222,24 +226,25 @@ def run(models: list[str], runs: int, warmup: int, dtype: torch.dtype, partial_p
         gs = policy.cs4a_group_size
 
         def check_decide(q=q, k=k, v=v):
-            out, sel, cache = kernels.cs4a_decide(q[:1, :2], k[:1, :2], v[:1, :2], gs, topk)
+            out, sel, cache = kernels.cs4a_decide(q[:1, :2], k[:1, :2], v[:1, :2], gs, topk, sink_len)
             ref_out = reference_attention(q[:1, :2], k[:1, :2], v[:1, :2])
-            ref_cache = ref_out.float() - kernels.reference_cs4a_attention(q[:1, :2], k[:1, :2], v[:1, :2], sel, gs).float()
+            key_set = with_sinks(sel, sink_len)
+            ref_cache = ref_out.float() - kernels.reference_cs4a_attention(q[:1, :2], k[:1, :2], v[:1, :2], key_set, gs).float()
             return dict(max_abs_err=max_abs_err(out, ref_out), max_abs_err_cache=max_abs_err(cache, ref_cache))
 
         groups = -(-q.shape[2] // gs)
         decide_flops = (dense_flops(s10) * 3 // 2  # dense pass + column-sum pass (QK^T only)
                         + 4 * batch * heads * q.shape[2] * topk * head_dim)  # residual over the selection
-        bench.add(model, "CS4A decide (ours)", s10, lambda: kernels.cs4a_decide(q, k, v, gs, topk),
+        bench.add(model, "CS4A decide (ours)", s10, lambda: kernels.cs4a_decide(q, k, v, gs, topk, sink_len),
                   flops_dense=dense_flops(s10), flops_computed=decide_flops, check=check_decide, profile=True,
                   q_len=q.shape[2], kv_len=k.shape[2], topk=topk, groups=groups)
-        _, selected, o_cache10 = kernels.cs4a_decide(q, k, v, gs, topk)
+        _, selected, o_cache10 = kernels.cs4a_decide(q, k, v, gs, topk, sink_len)
         summary.setdefault(model, {})["decide_tuned"] = {k_: cs4a_mod.tuned_config(k_) for k_ in ("cs4a", "column_sums")}
         summary[model]["decide_tuned"]["dense"] = csla_mod.tuned_config("dense")
         del q, k, v
 
-        # --- scales 11 and 12: CS4A (and CSLA at 12)
-        for scale in (s10 + 1, s10 + 2):
+        # --- the later scales: CS4A (and CSLA at the last)
+        for scale in range(s10 + 1, schedule.num_scales):
             q, k, v = qkv(scale)
             dense_rows(scale, q, k, v)
             geometry = policy.cs4a_geometry(schedule, scale).to(device)
@@ -344,30 +349,33 @@ def ratios(rows: list[dict], key: str = "median_ms") -> dict:
     out = {}
     for model in sorted({r["model"] for r in rows}):
         m = {}
-        cudnn12, fa2_12 = ms(model, "SDPA cuDNN", 12), ms(model, "SDPA FlashAttention-2", 12)
+        last = max(r["scale"] for r in rows if r["model"] == model)  # 12 for Infinity at 1024^2, 13 for HART
+        decision = min(r["scale"] for r in rows if r["model"] == model)
+        cudnn12, fa2_12 = ms(model, "SDPA cuDNN", last), ms(model, "SDPA FlashAttention-2", last)
         for block in ("128x128", "128x64", "64x64"):
-            ours = ms(model, "CSLA (ours)", 12, block)
+            ours = ms(model, "CSLA (ours)", last, block)
             if ours is None:
                 continue
             m[f"csla_{block}_vs_cudnn"] = cudnn12 / ours if cudnn12 else None
             m[f"csla_{block}_vs_fa2"] = fa2_12 / ours if fa2_12 else None
-            flex = ms(model, "FlexAttention compiled (same blocks)", 12, block)
+            flex = ms(model, "FlexAttention compiled (same blocks)", last, block)
             if flex:
                 m[f"csla_{block}_vs_flex_same_blocks"] = flex / ours
-            token = ms(model, "CSLA token-exact (ours)", 12, block)
+            token = ms(model, "CSLA token-exact (ours)", last, block)
             if token:
                 m[f"csla_token_{block}_vs_cudnn"] = cudnn12 / token if cudnn12 else None
                 m[f"csla_token_{block}_vs_block_granular"] = ours / token
-        for scale in (11, 12):
+        for scale in range(decision + 1, last + 1):
             ours, cudnn = ms(model, "CS4A (ours, + O_cache fused)", scale), ms(model, "SDPA cuDNN", scale)
             if ours and cudnn:
                 m[f"cs4a_s{scale}_vs_cudnn"] = cudnn / ours
-        ours, cudnn = ms(model, "CS4A decide (ours)", 10), ms(model, "SDPA cuDNN", 10)
+        m["last_scale"] = last
+        ours, cudnn = ms(model, "CS4A decide (ours)", decision), ms(model, "SDPA cuDNN", decision)
         if ours and cudnn:
-            m["decide_s10_vs_cudnn"] = cudnn / ours
-        dense = ms(model, "dense Triton (ours)", 10)
+            m[f"decide_s{decision}_vs_cudnn"] = cudnn / ours
+        dense = ms(model, "dense Triton (ours)", decision)
         if ours and dense:
-            m["decide_s10_time_over_dense_triton"] = ours / dense  # target <= 1.7
+            m["decide_time_over_dense_triton"] = ours / dense  # target <= 1.7
         out[model] = m
     return out
 
@@ -389,8 +397,8 @@ def targets(rat: dict, rows: list[dict]) -> dict:
             "csla_faster_than_flex_128x128": (m.get("csla_128x128_vs_flex_same_blocks") or 0) > 1.0,
             "csla_faster_than_flex_128x64": (m.get("csla_128x64_vs_flex_same_blocks") or 0) > 1.0,
             "csla_best_vs_best_flex": flex_best,
-            "cs4a_s12_ge_3x_cudnn": (m.get("cs4a_s12_vs_cudnn") or 0) >= 3.0,
-            "decide_le_1.7x_dense_triton": (m.get("decide_s10_time_over_dense_triton") or 99) <= 1.7,
+            "cs4a_last_scale_ge_3x_cudnn": (m.get(f"cs4a_s{m['last_scale']}_vs_cudnn") or 0) >= 3.0,
+            "decide_le_1.7x_dense_triton": (m.get("decide_time_over_dense_triton") or 99) <= 1.7,
             "max_abs_err_le_2e-2": bool(errs) and max(errs) <= 2e-2,
         }
     return out
@@ -415,19 +423,10 @@ def chart(rows: list[dict], path: str) -> None:
         for i, val in enumerate(values):
             ax.text(val, i, f" {val:.3f}", va="center", fontsize=7)
         ax.set_xlabel("ms (median, lower is better)")
-        ax.set_title(f"{model}: B=2, H={MODELS[model]}, D=128, bf16")
+        ax.set_title(f"{model}: B=2, H={MODELS[model][0]}, D={MODELS[model][1]}, bf16")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-
-
-def device_tag() -> str:
-    """'h100', 'h200', 'a100', ...: the first word of the GPU's name that names a chip (else the name, slugged)."""
-    import re
-
-    name = torch.cuda.get_device_name()
-    chip = re.search(r"\b([A-Z]{1,2}\d{2,4}[A-Z]?)\b", name.upper().replace("NVIDIA", ""))
-    return chip.group(1).lower() if chip else re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
 
 
 def main(argv=None):
@@ -446,7 +445,8 @@ def main(argv=None):
     result = run(args.models, args.runs, args.warmup, getattr(torch, args.dtype), partial)
     rat = ratios(result["rows"])
     rat_graph = ratios(result["rows"], "graph_median_ms")
-    result = dict(protocol=dict(runs=args.runs, warmup=args.warmup, dtype=args.dtype, batch=2, head_dim=128,
+    result = dict(protocol=dict(runs=args.runs, warmup=args.warmup, dtype=args.dtype, batch=2,
+                                heads_head_dim={m: MODELS[m] for m in args.models},
                                 timing="CUDA events per call, median; 512 MB L2-evicting write before each call",
                                 dense_flops="4*B*H*Lq*Lk*D", softmax_scale=1.0),
                   **result, ratios=rat, ratios_cuda_graph=rat_graph, targets=targets(rat, result["rows"]),
