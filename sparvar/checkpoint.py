@@ -115,7 +115,12 @@ def load_model(cfg: InfinityConfig, path: str, device="cpu", dtype=torch.float32
 
 def save_official(model: Infinity, path: str) -> None:
     """Write `model` under the official key names (what official checkpoints look like); atomic."""
-    sd = {to_official_name(k, model.cfg): v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    write_state_dict({to_official_name(k, model.cfg): v.detach().contiguous().cpu() for k, v in model.state_dict().items()},
+                     path)
+
+
+def write_state_dict(sd: dict[str, torch.Tensor], path: str) -> None:
+    """Write a state dict as .safetensors (by extension) or torch.save, through a temp file and a rename."""
     tmp = f"{path}.tmp-{os.getpid()}"
     if path.endswith(".safetensors"):
         from safetensors.torch import save_file

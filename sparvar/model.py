@@ -368,23 +368,24 @@ def build_model(cfg: InfinityConfig, device="cpu", dtype=torch.float32, init: st
     fp32 one tensor at a time, so the same seed gives the same weights (up to rounding) in every dtype.
     A HART config (cfg.family == "hart") builds sparvar.hart.model.HART the same way.
     """
-    if getattr(cfg, "family", "infinity") == "hart":
-        from .hart.model import build_model as build_hart
+    model_class, init_fn = Infinity, init_random_
+    if getattr(cfg, "family", "infinity") == "hart":  # the second family: its own module and random init
+        from .hart.model import HART, init_random_ as init_hart_
 
-        return build_hart(cfg, device=device, dtype=dtype, init=init, seed=seed)
+        model_class, init_fn = HART, init_hart_
     with torch.device("meta"):
-        model = Infinity(cfg)
+        model = model_class(cfg)
     if init == "meta":
         return model
     if init != "random":
         raise ValueError(f"unknown init {init!r}; expected 'random' or 'meta'")
     model = cast_model(model, dtype).to_empty(device=device)
-    init_random_(model, torch.Generator(device=device).manual_seed(seed))
+    init_fn(model, torch.Generator(device=device).manual_seed(seed))
     return model
 
 
-def cast_model(model: Infinity, dtype) -> Infinity:
-    """Cast to the run dtype; the output head stays fp32 (as official: logits decide the sampled bits)."""
+def cast_model(model: nn.Module, dtype) -> nn.Module:
+    """Cast to the run dtype; the output head stays fp32 (as official: the logits decide what is sampled)."""
     model.to(dtype)
     model.head_nm.float()
     model.head.float()

@@ -15,7 +15,7 @@ import os
 
 import torch
 
-from ..checkpoint import CheckpointError, check_keys, read_state_dict
+from ..checkpoint import CheckpointError, check_keys, read_state_dict, write_state_dict
 from .config import HartConfig
 from .model import HART, build_model, cast_model
 
@@ -107,11 +107,4 @@ def save_official(model: HART, path: str, with_buffers: bool = True) -> None:
     sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     if with_buffers:
         sd.update(official_buffers(model.cfg))
-    tmp = f"{path}.tmp-{os.getpid()}"
-    if path.endswith(".safetensors"):
-        from safetensors.torch import save_file
-
-        save_file(sd, tmp)
-    else:
-        torch.save(sd, tmp)
-    os.replace(tmp, path)
+    write_state_dict(sd, path)

@@ -184,14 +184,21 @@ class HartTorchRunner:
 
     @torch.no_grad()
     def denoise_step(self, x, k: int, cond, cfg_scale: float, noise):
-        if cond.shape[0] == x.shape[0]:  # unguided: the conditional rows stand in for both halves, at scale 0
-            if cfg_scale != 0:
-                raise ValueError(f"unguided condition rows with cfg_scale {cfg_scale}: guidance needs [cond; uncond]")
-            cond = torch.cat([cond, cond])
-        if cond.shape[0] != 2 * x.shape[0]:
-            raise ValueError(f"cond has {cond.shape[0]} rows for {x.shape[0]} tokens: expected {x.shape[0]} "
-                             f"(unguided) or {2 * x.shape[0]} (guided)")
+        cond = paired_condition(x, cond, cfg_scale)
         return denoise_step(self.model.diffloss.net, x, k, cond, cfg_scale, noise, self.diffusion_schedule)
+
+
+def paired_condition(x: torch.Tensor, cond: torch.Tensor, cfg_scale: float) -> torch.Tensor:
+    """The diffusion net always runs [conditional; unconditional] rows: an unguided condition (one row per token of x,
+    guidance 0) stands in for both halves; a guided one must already have both."""
+    if cond.shape[0] == x.shape[0]:
+        if cfg_scale != 0:
+            raise ValueError(f"unguided condition rows with cfg_scale {cfg_scale}: guidance needs [cond; uncond]")
+        cond = torch.cat([cond, cond])
+    if cond.shape[0] != 2 * x.shape[0]:
+        raise ValueError(f"cond has {cond.shape[0]} rows for {x.shape[0]} tokens: expected {x.shape[0]} "
+                         f"(unguided) or {2 * x.shape[0]} (guided)")
+    return cond
 
 
 class HartPipeline:

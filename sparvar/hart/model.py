@@ -27,7 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..attention import self_attention
-from ..model import ConcatKV, KVCache, RMSNorm, _MaskPlan
+from ..model import ConcatKV, KVCache, RMSNorm, _MaskPlan, build_model, cast_model  # noqa: F401 (re-exported)
 from ..schedule import Schedule
 from .config import HartConfig
 from .diffusion import DiffLoss
@@ -336,27 +336,7 @@ class HART(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------- build
-def build_model(cfg: HartConfig, device="cpu", dtype=torch.float32, init: str = "random", seed: int = 0) -> HART:
-    """Build a HART; `init='random'` gives a deterministic, sensibly scaled random init, 'meta' allocates nothing."""
-    with torch.device("meta"):
-        model = HART(cfg)
-    if init == "meta":
-        return model
-    if init != "random":
-        raise ValueError(f"unknown init {init!r}; expected 'random' or 'meta'")
-    model = cast_model(model, dtype).to_empty(device=device)
-    init_random_(model, torch.Generator(device=device).manual_seed(seed))
-    return model
-
-
-def cast_model(model: HART, dtype) -> HART:
-    """Cast to the run dtype; the output head stays fp32 (the logits decide the sampled indices)."""
-    model.to(dtype)
-    model.head_nm.float()
-    model.head.float()
-    return model.eval()
-
-
+# build_model / cast_model are sparvar.model's (one for both families); this is HART's random init.
 @torch.no_grad()
 def init_random_(model: HART, generator: torch.Generator) -> None:
     """Random weights in the official init's spirit: trunc-normal-ish N(0, 1/(3 fan_in)) linears, residual

@@ -30,6 +30,7 @@ from ..engine import EngineError
 from ..runtime import OrtUnit
 from .config import HartConfig
 from .diffusion import respaced_schedule
+from .generate import paired_condition
 
 
 def _numpy(t: torch.Tensor, dtype: torch.dtype | None = torch.float32) -> np.ndarray:
@@ -106,13 +107,7 @@ class OrtHartRunner:
                      noise: torch.Tensor | None) -> torch.Tensor:
         if not 0 <= k < self.num_denoise_steps:
             raise ValueError(f"diffusion step {k} out of range [0, {self.num_denoise_steps})")
-        if cond.shape[0] == x.shape[0]:  # unguided: the conditional rows stand in for both halves, at scale 0
-            if cfg_scale != 0:
-                raise ValueError(f"unguided condition rows with cfg_scale {cfg_scale}: guidance needs [cond; uncond]")
-            cond = torch.cat([cond, cond])
-        if cond.shape[0] != 2 * x.shape[0]:
-            raise ValueError(f"cond has {cond.shape[0]} rows for {x.shape[0]} tokens: expected {x.shape[0]} "
-                             f"(unguided) or {2 * x.shape[0]} (guided)")
+        cond = paired_condition(x, cond, cfg_scale)
         if k > 0 and (noise is None or noise.shape != x.shape):
             raise ValueError(f"step {k} needs noise of shape {tuple(x.shape)}, got "
                              f"{None if noise is None else tuple(noise.shape)}")
