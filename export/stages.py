@@ -185,7 +185,7 @@ def run_export(ctx: StageContext) -> dict:
 
     def export_and_share(name, module, inputs, outputs, args):
         _export_unit(module, inputs, outputs, args, shared, os.path.join(out, f"{name}.onnx"), spec.opset, flavour,
-                     getattr(cfg, "text_maxlen", 512))
+                     cfg.text_maxlen)
         units[name] = {"file": f"export/{name}.onnx", "inputs": [s.as_dict() for s in inputs],
                        "outputs": [s.as_dict() for s in outputs]}
         ctx.log(f"[engine]   exported {name}")

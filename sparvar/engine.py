@@ -53,9 +53,9 @@ class EngineSpec:
         from .config import get_config
 
         if getattr(get_config(self.model), "family", "infinity") == "hart":
-            if self.backend not in ("onnxruntime", "torch-cuda"):
-                raise ValueError(f"{self.model}: HART engines build for the onnxruntime and torch-cuda backends only "
-                                 f"so far, not {self.backend!r}")
+            if self.backend == "tensorrt":
+                raise ValueError(f"{self.model}: HART engines build for the onnxruntime, torch-cuda and tensorrt-rtx "
+                                 f"backends so far, not {self.backend!r}")
 
     def default_dir(self, root: str = "engines") -> str:
         return os.path.join(root, f"{self.model}-{self.resolution}-{self.attention}-{self.backend}")

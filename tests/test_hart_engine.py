@@ -269,7 +269,7 @@ def test_foreign_stale_and_unsupported_engines_are_refused(engine, tmp_path):
         json.dump(manifest, f)
     with pytest.raises(EngineError, match="no 'denoise' graph"):
         load_engine_pipeline(path)
-    with pytest.raises(ValueError, match="onnxruntime and torch-cuda backends only"):
+    with pytest.raises(ValueError, match="onnxruntime, torch-cuda and tensorrt-rtx backends so far"):
         EngineSpec(model="hart-tiny", resolution=SPEC.resolution, backend="tensorrt", dtype="bf16")
 
 

@@ -257,6 +257,28 @@ def test_engine_dir_maps_every_sparvar_node_of_every_unit_to_our_plugin(tiny_eng
     assert {"CSLAAttention", "CS4AAttentionCached"} <= ops
 
 
+def test_hart_engine_dir_builds_with_every_sparvar_node_as_our_plugin(tmp_path):
+    """HART (static shapes, a text prefix in the KV): every unit parses and builds; the sparse scales' nodes, the
+    decision's sink_len attribute included, become our plugin layers."""
+    from sparvar.engine import EngineSpec
+    from sparvar.engine import build_engine as build_engine_dir
+
+    path = str(tmp_path / "hart-tiny")
+    manifest = build_engine_dir(EngineSpec(model="hart-tiny", resolution=256, attention="sparvar",
+                                           backend="tensorrt-rtx"), path, log=QUIET)
+    build = manifest["stages"]["build"]["info"]["tensorrt_rtx"]
+    assert set(build["units"]) == set(manifest["units"])
+    for name, unit in manifest["units"].items():
+        nodes = _sparvar_nodes(ready_for_trt(onnx.load(os.path.join(path, unit["file"]), load_external_data=False)))
+        record = build["units"][name]
+        assert sorted(record["plugin_layers"]) == sorted(n.name for n in nodes), name
+        assert record["layer_types"].get("PLUGIN_V3", 0) == len(nodes)
+        assert bool(nodes) == (name in ("step_05", "step_06", "step_07")), name  # sparse: the last 3 of 8 scales
+        for n in nodes:
+            if n.op_type == "CS4ADecide":  # the text prefix + 2^2 + 3^2 are CS4A sinks
+                assert {a.name: oh.get_attribute_value(a) for a in n.attribute}["sink_len"] == 29
+
+
 def test_engine_dir_records_where_the_weights_of_every_unit_are(tiny_engine):
     path, manifest = tiny_engine
     build = manifest["stages"]["build"]["info"]["tensorrt_rtx"]

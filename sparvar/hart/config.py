@@ -72,6 +72,11 @@ class HartConfig:
         return self.width // self.heads
 
     @property
+    def text_maxlen(self) -> int:
+        """Most text tokens a prompt may have (Infinity's name for it): every HART prompt fills the whole prefix."""
+        return self.text_len
+
+    @property
     def num_scales(self) -> int:
         return len(self.patch_nums)
 

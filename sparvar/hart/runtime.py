@@ -160,7 +160,8 @@ def load_hart_engine(engine_dir: str, manifest: dict, cfg: HartConfig) -> tuple[
     """The runner and tokenizer of a checked HART onnxruntime engine (sparvar.runtime.load_engine_pipeline checks
     the manifest, files and compatibility first)."""
     if manifest["spec"]["backend"] != "onnxruntime":
-        raise EngineError(f"{engine_dir} is a {manifest['spec']['backend']} engine; HART engines run on onnxruntime")
+        raise EngineError(f"{engine_dir} is a {manifest['spec']['backend']} engine; this runtime runs HART engines on "
+                          "onnxruntime and torch-cuda (TensorRT-RTX plans are built, not run, here)")
     if (manifest.get("model_config") or {}).get("family") != "hart":
         raise EngineError(f"{engine_dir} is not a HART engine (model {manifest['spec']['model']}); rebuild it")
     return OrtHartRunner(engine_dir, manifest, cfg), OrtHartTokenizer(engine_dir, manifest, cfg)
