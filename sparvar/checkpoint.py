@@ -85,13 +85,56 @@ def check_keys(sd: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]]
         for k in set(expected) & set(sd)
         if tuple(sd[k].shape) != expected[k]
     )
-    if missing or unexpected or mis_shaped:
-        parts = [f"checkpoint does not match {model_name} ({len(expected)} keys expected, {len(sd)} found)"]
-        for title, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", mis_shaped)):
-            if items:
-                shown = items[:20] + ([f"... and {len(items) - 20} more"] if len(items) > 20 else [])
-                parts.append(f"{title} ({len(items)}):\n  " + "\n  ".join(shown))
-        raise CheckpointError("\n".join(parts))
+    raise_key_problems(f"checkpoint does not match {model_name} ({len(expected)} keys expected, {len(sd)} found)",
+                       [("missing", missing), ("unexpected", unexpected), ("wrong shape", mis_shaped)])
+
+
+def raise_key_problems(header: str, problems: list[tuple[str, list[str]]]) -> None:
+    """One CheckpointError: `header`, then each non-empty (title, keys) list, sorted, at most 20 keys shown."""
+    if not any(items for _, items in problems):
+        return
+    parts = [header]
+    for title, items in problems:
+        if items:
+            items = sorted(items)
+            shown = items[:20] + ([f"... and {len(items) - 20} more"] if len(items) > 20 else [])
+            parts.append(f"{title} ({len(items)}):\n  " + "\n  ".join(shown))
+    raise CheckpointError("\n".join(parts))
+
+
+def select_state(sd: dict, expected: dict[str, tuple[int, ...]], name_of, header: str,
+                 missing_prefix: str = "") -> dict[str, torch.Tensor]:
+    """Strictly pick the `expected` (name -> shape) tensors out of a larger official state dict (tokenizers hold
+    encoder and discriminator weights we do not use).
+
+    name_of(key) gives the expected name a file key spells, None for a key dropped by the caller's (documented)
+    rule, or "" for a key that is out of place. One CheckpointError (after `header`) lists every missing,
+    unexpected, duplicated, wrongly shaped and non-tensor key; missing names are shown with `missing_prefix`.
+    """
+    ours: dict[str, torch.Tensor] = {}
+    seen: set[str] = set()  # expected names some key spelled, even if its value was bad
+    unexpected, duplicated, mis_shaped, not_tensor = [], [], [], []
+    for key, value in sd.items():
+        name = name_of(key) if isinstance(key, str) else ""
+        if name is None:
+            continue
+        if name not in expected:
+            unexpected.append(key if isinstance(key, str) else repr(key))
+            continue
+        if name in seen:
+            duplicated.append(f"{key} (another key already gave {name})")
+            continue
+        seen.add(name)
+        if not isinstance(value, torch.Tensor):
+            not_tensor.append(f"{key}: {type(value).__name__}")
+        elif tuple(value.shape) != expected[name]:
+            mis_shaped.append(f"{key}: checkpoint {tuple(value.shape)} != expected {expected[name]}")
+        else:
+            ours[name] = value
+    missing = [missing_prefix + k for k in expected if k not in seen]
+    raise_key_problems(header, [("missing", missing), ("unexpected", unexpected), ("duplicated", duplicated),
+                                ("wrong shape", mis_shaped), ("not a tensor", not_tensor)])
+    return ours
 
 
 def load_checkpoint(model: Infinity, path: str) -> None:

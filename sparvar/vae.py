@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoint import CheckpointError, read_state_dict
+from .checkpoint import CheckpointError, read_state_dict, select_state
 from .config import VAEConfig
 
 # Official tokenizer state dicts hold the whole AutoEncoder. These prefixes are the parts decode does not
@@ -306,42 +306,10 @@ def select_decoder_state(sd: dict, cfg: VAEConfig) -> dict[str, torch.Tensor]:
     Raises CheckpointError listing every missing, unexpected, duplicated and wrongly shaped key.
     """
     expected = decoder_key_shapes(cfg)
-    ours: dict[str, torch.Tensor] = {}
-    seen: set[str] = set()  # expected names some key spelled, even if its value was bad
-    unexpected, duplicated, mis_shaped, not_tensor = [], [], [], []
-    for key, value in sd.items():
-        if not isinstance(key, str):
-            unexpected.append(repr(key))
-            continue
-        if key.startswith(IGNORED_PREFIXES):
-            continue
-        name = _canonical_name(key, expected)
-        if name not in expected:
-            unexpected.append(key)
-            continue
-        if name in seen:
-            duplicated.append(f"{key} (another key already gave {name})")
-            continue
-        seen.add(name)
-        if not isinstance(value, torch.Tensor):
-            not_tensor.append(f"{key}: {type(value).__name__}")
-        elif tuple(value.shape) != expected[name]:
-            mis_shaped.append(f"{key}: checkpoint {tuple(value.shape)} != expected {expected[name]}")
-        else:
-            ours[name] = value
-    missing = [k for k in expected if k not in seen]
-    problems = [("missing", missing), ("unexpected", unexpected), ("duplicated", duplicated),
-                ("wrong shape", mis_shaped), ("not a tensor", not_tensor)]
-    if any(items for _, items in problems):
-        parts = [f"tokenizer checkpoint does not match {cfg.name} (codebook_dim {cfg.codebook_dim}, ch {cfg.ch}, "
-                 f"ch_mult {cfg.ch_mult}; {len(expected)} decoder keys expected; ignored prefixes {IGNORED_PREFIXES})"]
-        for title, items in problems:
-            if items:
-                items = sorted(items)
-                shown = items[:20] + ([f"... and {len(items) - 20} more"] if len(items) > 20 else [])
-                parts.append(f"{title} ({len(items)}):\n  " + "\n  ".join(shown))
-        raise CheckpointError("\n".join(parts))
-    return ours
+    header = (f"tokenizer checkpoint does not match {cfg.name} (codebook_dim {cfg.codebook_dim}, ch {cfg.ch}, "
+              f"ch_mult {cfg.ch_mult}; {len(expected)} decoder keys expected; ignored prefixes {IGNORED_PREFIXES})")
+    return select_state(sd, expected, lambda k: None if k.startswith(IGNORED_PREFIXES) else _canonical_name(k, expected),
+                        header)
 
 
 def read_tokenizer_state_dict(path: str) -> dict:

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..checkpoint import CheckpointError, read_state_dict
+from ..checkpoint import CheckpointError, read_state_dict, select_state
 from .config import HartVQConfig
 
 GROUPS = 32  # the official Normalize: GroupNorm(32 groups, eps 1e-6) everywhere
@@ -350,46 +350,20 @@ def select_decoder_state(sd: dict, cfg: HartVQConfig) -> dict[str, torch.Tensor]
     Raises CheckpointError listing every missing, unexpected, wrongly shaped and non-tensor key."""
     expected = decoder_key_shapes(cfg)
     wrapped = any(isinstance(k, str) and k.startswith(VAE_PREFIX) for k in sd)
-    ours: dict[str, torch.Tensor] = {}
-    seen: set[str] = set()  # expected names present in the file, even with a bad value
-    unexpected, mis_shaped, not_tensor = [], [], []
-    for key, value in sd.items():
-        if not isinstance(key, str):
-            unexpected.append(repr(key))
-            continue
+
+    def name_of(key: str) -> str | None:
         if wrapped:
             if key.startswith(DISC_PREFIX):
-                continue
+                return None
             if not key.startswith(VAE_PREFIX):
-                unexpected.append(key)
-                continue
-        name = key[len(VAE_PREFIX):] if wrapped else key
-        if name.startswith(IGNORED_PREFIXES) or name in IGNORED_KEYS:
-            continue
-        if name not in expected:
-            unexpected.append(key)
-            continue
-        seen.add(name)
-        if not isinstance(value, torch.Tensor):
-            not_tensor.append(f"{key}: {type(value).__name__}")
-        elif tuple(value.shape) != expected[name]:
-            mis_shaped.append(f"{key}: checkpoint {tuple(value.shape)} != expected {expected[name]}")
-        else:
-            ours[name] = value
-    missing = [(VAE_PREFIX if wrapped else "") + k for k in expected if k not in seen]
-    problems = [("missing", missing), ("unexpected", unexpected), ("wrong shape", mis_shaped),
-                ("not a tensor", not_tensor)]
-    if any(items for _, items in problems):
-        parts = [f"HART tokenizer checkpoint does not match {cfg.name} (vocab {cfg.vocab_size}, z_channels "
-                 f"{cfg.z_channels}, ch {cfg.ch}, ch_mult {cfg.ch_mult}; {len(expected)} decode keys expected; "
-                 f"dropped: '{DISC_PREFIX}*', {IGNORED_PREFIXES}, {IGNORED_KEYS})"]
-        for title, items in problems:
-            if items:
-                items = sorted(items)
-                shown = items[:20] + ([f"... and {len(items) - 20} more"] if len(items) > 20 else [])
-                parts.append(f"{title} ({len(items)}):\n  " + "\n  ".join(shown))
-        raise CheckpointError("\n".join(parts))
-    return ours
+                return ""  # a bare key in an HF-layout file: out of place
+            key = key[len(VAE_PREFIX):]
+        return None if key.startswith(IGNORED_PREFIXES) or key in IGNORED_KEYS else key
+
+    header = (f"HART tokenizer checkpoint does not match {cfg.name} (vocab {cfg.vocab_size}, z_channels "
+              f"{cfg.z_channels}, ch {cfg.ch}, ch_mult {cfg.ch_mult}; {len(expected)} decode keys expected; "
+              f"dropped: '{DISC_PREFIX}*', {IGNORED_PREFIXES}, {IGNORED_KEYS})")
+    return select_state(sd, expected, name_of, header, missing_prefix=VAE_PREFIX if wrapped else "")
 
 
 def build_hart_vq(cfg: HartVQConfig, seed: int = 0, device="cpu", dtype: torch.dtype = torch.float32) -> HartVQDecoder:
