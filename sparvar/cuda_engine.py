@@ -69,19 +69,7 @@ class CudaGraphRunner:
 
         if not self.use_graphs:
             return _Graphs(text, cache, codes, [run], [])
-        # warm up on a side stream (allocator, cuBLAS/cuDNN handles, Triton autotuning), then capture in order
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for scale in range(schedule.num_scales):
-                run(scale)
-        torch.cuda.current_stream().wait_stream(stream)
-        graphs, logits = [], []
-        for scale in range(schedule.num_scales):
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool):
-                logits.append(run(scale))
-            graphs.append(graph)
+        graphs, logits = capture_scales(run, schedule.num_scales, self.pool)
         return _Graphs(text, cache, codes, logits, graphs)
 
     @torch.no_grad()
@@ -95,6 +83,25 @@ class CudaGraphRunner:
             g.codes[scale].copy_(codes)
         g.graphs[scale].replay()
         return g.logits[scale]
+
+
+def capture_scales(run, num_scales: int, pool) -> tuple[list, list]:
+    """One CUDA graph per scale of `run(scale)` (which writes the KV cache in place), captured in scale order after a
+    warm-up pass on a side stream (allocator, cuBLAS/cuDNN handles, Triton autotuning, torch.compile).
+    Returns the graphs and each scale's outputs: static tensors that every replay overwrites."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for scale in range(num_scales):
+            run(scale)
+    torch.cuda.current_stream().wait_stream(stream)
+    graphs, outputs = [], []
+    for scale in range(num_scales):
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool):
+            outputs.append(run(scale))
+        graphs.append(graph)
+    return graphs, outputs
 
 
 def _text_tensors(t: TextCondition) -> list[torch.Tensor]:

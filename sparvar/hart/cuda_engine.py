@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from ..cuda_engine import capture_scales
 from .generate import HartTorchRunner
 from .model import HART, Pointwise, TextCondition, rope_qk, rope_tables, swiglu
 
@@ -71,19 +72,8 @@ class HartCudaGraphRunner:
             return model.step(tokens, scale, text, cache, ropes[scale], self.plan, self.backend, self.pointwise,
                               return_hidden=True)
 
-        # warm up on a side stream (allocator, cuDNN handles, Triton autotuning, torch.compile), then capture in order
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for scale in range(schedule.num_scales):
-                run(scale)
-        torch.cuda.current_stream().wait_stream(stream)
-        graphs, logits, hidden = [], [], []
-        for scale in range(schedule.num_scales):
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool):
-                out, h = run(scale)
-            graphs.append(graph), logits.append(out), hidden.append(h)
+        graphs, outputs = capture_scales(run, schedule.num_scales, self.pool)
+        logits, hidden = (list(x) for x in zip(*outputs))
         return _Graphs(text, ropes, cache, inputs, logits, hidden, graphs)
 
     @torch.no_grad()
