@@ -19,8 +19,25 @@ SDPA_KERNELS = ("flash", "cudnn", "efficient", "math")
 DENSE_BACKENDS = ("reference", "sdpa", *SDPA_KERNELS)
 
 
+REFERENCE_SCORE_BYTES = 256 << 20  # fp32 scores held at once; the rest of the heads wait their turn
+
+
 def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Plain softmax(q k^T) v in fp32 with an optional boolean keep-mask broadcastable to (B, H, Lq, Lk)."""
+    """Plain softmax(q k^T) v in fp32 with an optional boolean keep-mask broadcastable to (B, H, Lq, Lk).
+
+    A few heads at a time: a whole 1024^2 last scale at once would hold GBs of fp32 scores (HART-0.7b scale 13:
+    2 x 24 x 4,096 x 9,750 x 4 B = 7.7 GB, times the softmax's temporaries)."""
+    B, H, Lq, _ = q.shape
+    heads = max(1, REFERENCE_SCORE_BYTES // max(1, B * Lq * k.shape[-2] * 4))
+    if heads >= H:
+        return _reference_attention(q, k, v, mask)
+    per_head_mask = mask is not None and mask.dim() == 4 and mask.shape[1] == H
+    return torch.cat([_reference_attention(q[:, h:h + heads], k[:, h:h + heads], v[:, h:h + heads],
+                                           mask[:, h:h + heads] if per_head_mask else mask)
+                      for h in range(0, H, heads)], dim=1)
+
+
+def _reference_attention(q, k, v, mask):
     scores = q.float() @ k.float().transpose(-1, -2)
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))

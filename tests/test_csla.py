@@ -150,3 +150,17 @@ def test_bad_inputs_raise():
     q, k, v = random_qkv(s, 5)
     with pytest.raises(ValueError, match="layout is for"):
         csla_attention_ref(q, k, v, csla_layout(s, 6, 3, (1, 3, 5), 16, 16))
+
+
+def test_reference_attention_in_head_chunks_equals_all_at_once(monkeypatch):
+    """The reference computes a few heads at a time when the score matrix would be large: same result, any mask."""
+    import sparvar.attention as attention
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 5, n, 8, generator=g) for n in (7, 11, 11))
+    masks = [None, torch.rand(7, 11, generator=g) < 0.5, torch.rand(2, 5, 7, 11, generator=g) < 0.5,
+             torch.rand(2, 1, 1, 11, generator=g) < 0.5]
+    whole = [attention.reference_attention(q, k, v, m) for m in masks]
+    monkeypatch.setattr(attention, "REFERENCE_SCORE_BYTES", 2 * 7 * 11 * 4 * 2)  # two heads per chunk
+    for m, want in zip(masks, whole):  # a query row with no key is NaN in both paths alike
+        torch.testing.assert_close(attention.reference_attention(q, k, v, m), want, equal_nan=True)
