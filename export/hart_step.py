@@ -31,12 +31,11 @@ import os
 import torch
 import torch.nn as nn
 
-from export.step import TensorSpec, _dt, cs4a_state_io
+from export.step import TensorSpec, _dt, cs4a_step_io, kv_io, step_kv, step_kv_outputs
 from sparvar.hart.config import HartConfig
 from sparvar.hart.diffusion import p_mean_variance, respaced_schedule
 from sparvar.hart.model import HART, TextCondition, rope_tables
 from sparvar.hart.tokenizer import HartVQDecoder
-from sparvar.model import ConcatKV
 from sparvar.schedule import Schedule
 
 IOSpec = tuple[list[TensorSpec], list[TensorSpec]]
@@ -54,26 +53,15 @@ def hart_text_io(cfg: HartConfig, schedule: Schedule, batch: int, dtype: torch.d
 
 def hart_step_io(cfg: HartConfig, schedule: Schedule, scale: int, batch: int, dtype: torch.dtype,
                  policy=None) -> IOSpec:
-    B2, H, D, C = 2 * batch, cfg.heads, cfg.head_dim, cfg.width
-    n, past, dt = schedule.lengths[scale], schedule.offsets[scale], _dt(dtype)
+    B2, D, C = 2 * batch, cfg.head_dim, cfg.width
+    n, dt = schedule.lengths[scale], _dt(dtype)
     first = TensorSpec("prefix", (B2, n, C), dt) if scale == 0 else TensorSpec("codes", (batch, n, cfg.latent_dim), "float32")
     inputs = [first, TensorSpec("cond", (B2, C), "float32"), TensorSpec(f"rope.{scale}", (2, B2, n, D), "float32")]
-    if past:
-        for i in range(cfg.depth):
-            inputs += [TensorSpec(f"past_k.{i}", (B2, H, past, D), dt), TensorSpec(f"past_v.{i}", (B2, H, past, D), dt)]
     outputs = [TensorSpec("logits", (B2, 1 if scale == 0 else n, cfg.vocab_size), "float32")]
-    for i in range(cfg.depth):
-        outputs += [TensorSpec(f"new_k.{i}", (B2, H, n, D), dt), TensorSpec(f"new_v.{i}", (B2, H, n, D), dt)]
-    if scale == schedule.num_scales - 1:
-        outputs.append(TensorSpec("hidden", (B2, n, C), dt))
-    if policy is not None:  # SparVAR: the CS4A decision scale hands each CS4A layer's state to the later scales
-        for layer in range(cfg.depth):
-            kind = policy.kind(layer, scale)
-            if kind == "cs4a_decide":
-                outputs += cs4a_state_io(cfg, schedule, policy, batch, dtype, layer)
-            elif kind == "cs4a":
-                inputs += cs4a_state_io(cfg, schedule, policy, batch, dtype, layer)
-    return inputs, outputs
+    past_kv, new_kv = kv_io(cfg, schedule, scale, batch, dtype)
+    hidden = [TensorSpec("hidden", (B2, n, C), dt)] if scale == schedule.num_scales - 1 else []
+    state_in, state_out = cs4a_step_io(cfg, schedule, scale, batch, dtype, policy)
+    return inputs + past_kv + state_in, outputs + new_kv + hidden + state_out
 
 
 def hart_condition_io(cfg: HartConfig, schedule: Schedule, batch: int, dtype: torch.dtype) -> IOSpec:
@@ -140,26 +128,14 @@ class HartStepUnit(nn.Module):
         # positions only feed rope_tables, which this graph gets as an input: the step never reads them
         text = TextCondition(prefix=named.get("prefix"), cond=named["cond"], positions=None)
         if self.scale == 0:
-            prefix = named["prefix"]
-            empty = prefix.new_zeros(prefix.shape[0], cfg.heads, 0, cfg.head_dim)
-            kv = ConcatKV([empty] * cfg.depth, [empty] * cfg.depth)
-            tokens = prefix
+            tokens = named["prefix"]
         else:
-            kv = ConcatKV([named[f"past_k.{i}"] for i in range(cfg.depth)], [named[f"past_v.{i}"] for i in range(cfg.depth)])
             tokens = self.model.word_embed(named["codes"].to(self.model.word_embed.weight.dtype))
             tokens = tokens.repeat(named["cond"].shape[0] // tokens.shape[0], 1, 1)  # as HART.scale_input
-        if self.plan is not None:  # the decision scale's state arrives as inputs
-            self.plan.reset()
-            for i in range(cfg.depth):
-                if f"cs4a_selected.{i}" in named:
-                    self.plan.load_state(i, named[f"cs4a_selected.{i}"], named[f"cs4a_cache.{i}"])
+        kv = step_kv(named, cfg, self.scale, named.get("prefix"), self.plan)
         logits, hidden = self.model.step(tokens, self.scale, text, kv, named[f"rope.{self.scale}"], self.plan,
                                          return_hidden=True)
-        produced = {"logits": logits, "hidden": hidden}
-        for i in range(cfg.depth):
-            produced[f"new_k.{i}"], produced[f"new_v.{i}"] = kv.new_k[i], kv.new_v[i]
-            if self.plan is not None and self.plan.policy.kind(i, self.scale) == "cs4a_decide":
-                produced[f"cs4a_selected.{i}"], produced[f"cs4a_cache.{i}"] = self.plan.state(i)
+        produced = {"logits": logits, "hidden": hidden, **step_kv_outputs(kv, cfg, self.scale, self.plan)}
         return tuple(produced[s.name] for s in self.outputs)
 
 

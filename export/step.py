@@ -62,6 +62,54 @@ def cs4a_state_io(cfg, schedule, policy, batch, dtype, layer) -> list[TensorSpec
             TensorSpec(f"cs4a_cache.{layer}", (2 * batch, cfg.heads, schedule.lengths[S], cfg.head_dim), _dt(dtype))]
 
 
+def kv_io(cfg, schedule: Schedule, scale: int, batch: int, dtype: torch.dtype) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    """Past K/V inputs (none at scale 0) and this scale's new K/V outputs of a step graph (any model family)."""
+    B2, H, D, dt = 2 * batch, cfg.heads, cfg.head_dim, _dt(dtype)
+    n, past = schedule.lengths[scale], schedule.offsets[scale]
+    inputs = [TensorSpec(f"past_{kv}.{i}", (B2, H, past, D), dt) for i in range(cfg.depth) for kv in "kv"] if past else []
+    outputs = [TensorSpec(f"new_{kv}.{i}", (B2, H, n, D), dt) for i in range(cfg.depth) for kv in "kv"]
+    return inputs, outputs
+
+
+def cs4a_step_io(cfg, schedule: Schedule, scale: int, batch: int, dtype: torch.dtype,
+                 policy) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    """SparVAR: the CS4A decision scale outputs each CS4A layer's state, the later scales take it as inputs."""
+    inputs, outputs = [], []
+    for layer in range(cfg.depth) if policy is not None else ():
+        kind = policy.kind(layer, scale)
+        if kind == "cs4a_decide":
+            outputs += cs4a_state_io(cfg, schedule, policy, batch, dtype, layer)
+        elif kind == "cs4a":
+            inputs += cs4a_state_io(cfg, schedule, policy, batch, dtype, layer)
+    return inputs, outputs
+
+
+def step_kv(named: dict, cfg, scale: int, like: torch.Tensor, plan=None) -> ConcatKV:
+    """The ConcatKV of a step graph's forward from its named inputs (empty at scale 0), with the CS4A decision
+    state the inputs carry loaded into `plan`."""
+    if scale == 0:
+        empty = like.new_zeros(like.shape[0], cfg.heads, 0, cfg.head_dim)
+        kv = ConcatKV([empty] * cfg.depth, [empty] * cfg.depth)
+    else:
+        kv = ConcatKV([named[f"past_k.{i}"] for i in range(cfg.depth)], [named[f"past_v.{i}"] for i in range(cfg.depth)])
+    if plan is not None:
+        plan.reset()
+        for i in range(cfg.depth):
+            if f"cs4a_selected.{i}" in named:
+                plan.load_state(i, named[f"cs4a_selected.{i}"], named[f"cs4a_cache.{i}"])
+    return kv
+
+
+def step_kv_outputs(kv: ConcatKV, cfg, scale: int, plan=None) -> dict[str, torch.Tensor]:
+    """The new K/V (and, at the CS4A decision scale, each CS4A layer's state) a step graph outputs, by name."""
+    produced = {}
+    for i in range(cfg.depth):
+        produced[f"new_k.{i}"], produced[f"new_v.{i}"] = kv.new_k[i], kv.new_v[i]
+        if plan is not None and plan.policy.kind(i, scale) == "cs4a_decide":
+            produced[f"cs4a_selected.{i}"], produced[f"cs4a_cache.{i}"] = plan.state(i)
+    return produced
+
+
 def step_io(cfg: InfinityConfig, schedule: Schedule, scale: int, batch: int, dtype: torch.dtype,
             policy=None) -> tuple[list[TensorSpec], list[TensorSpec]]:
     B2, H, D, C = 2 * batch, cfg.heads, cfg.head_dim, cfg.width
@@ -72,20 +120,9 @@ def step_io(cfg: InfinityConfig, schedule: Schedule, scale: int, batch: int, dty
               TensorSpec("text_mask", (B2, 1, 1, TEXT_LEN), "bool")]
     for i in range(cfg.depth):
         inputs += [TensorSpec(f"text_k.{i}", (B2, H, TEXT_LEN, D), dt), TensorSpec(f"text_v.{i}", (B2, H, TEXT_LEN, D), dt)]
-    if past:
-        for i in range(cfg.depth):
-            inputs += [TensorSpec(f"past_k.{i}", (B2, H, past, D), dt), TensorSpec(f"past_v.{i}", (B2, H, past, D), dt)]
-    outputs = [TensorSpec("logits", (B2, n, cfg.num_logits), "float32")]
-    for i in range(cfg.depth):
-        outputs += [TensorSpec(f"new_k.{i}", (B2, H, n, D), dt), TensorSpec(f"new_v.{i}", (B2, H, n, D), dt)]
-    if policy is not None:
-        for layer in range(cfg.depth):
-            kind = policy.kind(layer, scale)
-            if kind == "cs4a_decide":
-                outputs += cs4a_state_io(cfg, schedule, policy, batch, dtype, layer)
-            elif kind == "cs4a":
-                inputs += cs4a_state_io(cfg, schedule, policy, batch, dtype, layer)
-    return inputs, outputs
+    past_kv, new_kv = kv_io(cfg, schedule, scale, batch, dtype)
+    state_in, state_out = cs4a_step_io(cfg, schedule, scale, batch, dtype, policy)
+    return inputs + past_kv + state_in, [TensorSpec("logits", (B2, n, cfg.num_logits), "float32")] + new_kv + state_out
 
 
 class TextUnit(nn.Module):
@@ -118,25 +155,10 @@ class StepUnit(nn.Module):
         text = TextCondition(cond=named["cond"], ada=named["ada"], sos=first, key_mask=named["text_mask"],
                              k=[named[f"text_k.{i}"] for i in range(cfg.depth)],
                              v=[named[f"text_v.{i}"] for i in range(cfg.depth)])
-        if self.scale == 0:
-            empty = first.new_zeros(first.shape[0], cfg.heads, 0, cfg.head_dim)
-            kv = ConcatKV([empty] * cfg.depth, [empty] * cfg.depth)
-        else:
-            kv = ConcatKV([named[f"past_k.{i}"] for i in range(cfg.depth)], [named[f"past_v.{i}"] for i in range(cfg.depth)])
-        if self.plan is not None:  # the decision scale's state arrives as inputs
-            self.plan.reset()
-            for i in range(cfg.depth):
-                if f"cs4a_selected.{i}" in named:
-                    self.plan.load_state(i, named[f"cs4a_selected.{i}"], named[f"cs4a_cache.{i}"])
+        kv = step_kv(named, cfg, self.scale, first, self.plan)
         tokens = self.model.scale_input(self.scale, None if self.scale == 0 else named["codes"], text)
         logits = self.model.step(tokens, self.scale, text, kv, self.rope, self.plan)
-        produced = {"logits": logits}
-        for i in range(cfg.depth):
-            produced[f"new_k.{i}"], produced[f"new_v.{i}"] = kv.new_k[i], kv.new_v[i]
-        if self.plan is not None:
-            for i in range(cfg.depth):
-                if self.plan.policy.kind(i, self.scale) == "cs4a_decide":
-                    produced[f"cs4a_selected.{i}"], produced[f"cs4a_cache.{i}"] = self.plan.state(i)
+        produced = {"logits": logits, **step_kv_outputs(kv, cfg, self.scale, self.plan)}
         return tuple(produced[s.name] for s in self.outputs)
 
 
