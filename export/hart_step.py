@@ -127,11 +127,7 @@ class HartStepUnit(nn.Module):
         named = dict(zip((s.name for s in self.inputs), args))
         # positions only feed rope_tables, which this graph gets as an input: the step never reads them
         text = TextCondition(prefix=named.get("prefix"), cond=named["cond"], positions=None)
-        if self.scale == 0:
-            tokens = named["prefix"]
-        else:
-            tokens = self.model.word_embed(named["codes"].to(self.model.word_embed.weight.dtype))
-            tokens = tokens.repeat(named["cond"].shape[0] // tokens.shape[0], 1, 1)  # as HART.scale_input
+        tokens = self.model.scale_input(self.scale, named.get("codes"), text)
         kv = step_kv(named, cfg, self.scale, named.get("prefix"), self.plan)
         logits, hidden = self.model.step(tokens, self.scale, text, kv, named[f"rope.{self.scale}"], self.plan,
                                          return_hidden=True)

@@ -217,7 +217,7 @@ class TextCondition:
 
     @property
     def batch(self) -> int:
-        return self.prefix.shape[0]
+        return self.cond.shape[0]  # cond, not prefix: a later scale's exported step graph gets no prefix
 
 
 class HART(nn.Module):
