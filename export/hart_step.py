@@ -163,13 +163,16 @@ class HartDenoiseUnit(nn.Module):
         self.inputs, self.outputs = hart_denoise_io(model.cfg, schedule, batch, model.word_embed.weight.dtype)
 
     def forward(self, x, diffusion_cond, noise, step, guidance):
-        # the schedule with tensor fields, indexable by the tensor step (all p_mean_variance reads)
-        tables = dataclasses.replace(self.sched, **{field: getattr(self, b) for field, b in self.tables.items()})
+        # the schedule's rows at the tensor step, as one-entry tables that p_mean_variance reads at 0: a gather
+        # (index_select), not `table[step]`, which torch.export before 2.13 turns into a data-dependent int
+        at = step.reshape(1)
+        tables = dataclasses.replace(self.sched, **{field: getattr(self, b).index_select(0, at)
+                                                    for field, b in self.tables.items()})
         N, C = x.shape
-        t = tables.timesteps[step].expand(2 * N)  # the net sees the original 0..T-1 timestep
+        t = tables.timesteps.expand(2 * N)  # the net sees the original 0..T-1 timestep
         out = self.net(torch.cat([x, x]).to(diffusion_cond.dtype), t, diffusion_cond).to(x.dtype)  # (2N, 2C)
         eps = guidance[0] * out[:N, :C] - guidance[1] * out[N:, :C]
-        mean, log_variance, _ = p_mean_variance(torch.cat([eps, out[:N, C:]], dim=-1), x, step, tables)
+        mean, log_variance, _ = p_mean_variance(torch.cat([eps, out[:N, C:]], dim=-1), x, 0, tables)
         return mean + torch.exp(0.5 * log_variance) * noise
 
 
