@@ -76,15 +76,22 @@ def cudnn_acceptance(cfg, schedule) -> dict:
 
 
 def rows_for(model_name: str):
-    """(row name, attention, runner kind, sdpa backend, skip_last)"""
-    return [
-        ("dense eager, SDPA FlashAttention-2", "dense", "eager", "flash", 0),
-        ("dense eager, SDPA cuDNN", "dense", "eager", "cudnn", 0),
-        ("dense engine (CUDA graphs, cuDNN)", "dense", "graphs", "cudnn", 0),
-        ("SparVAR engine (CUDA graphs, Triton kernels)", "sparvar", "graphs", "cudnn", 0),
-        ("SparVAR engine + skip last 2", "sparvar", "graphs", "cudnn", 2),
-        ("dense engine + skip last 2", "dense", "graphs", "cudnn", 2),
+    """(row name, attention, runner kind, sdpa backend, skip_last, fp8 linears)"""
+    rows = [
+        ("dense eager, SDPA FlashAttention-2", "dense", "eager", "flash", 0, False),
+        ("dense eager, SDPA cuDNN", "dense", "eager", "cudnn", 0, False),
+        ("dense engine (CUDA graphs, cuDNN)", "dense", "graphs", "cudnn", 0, False),
+        ("SparVAR engine (CUDA graphs, Triton kernels)", "sparvar", "graphs", "cudnn", 0, False),
+        ("SparVAR engine + skip last 2", "sparvar", "graphs", "cudnn", 2, False),
+        ("dense engine + skip last 2", "dense", "graphs", "cudnn", 2, False),
     ]
+    from sparvar.config import get_config
+
+    if getattr(get_config(model_name), "family", "infinity") == "infinity":  # opt-in precision: its own rows
+        rows += [("dense engine, FP8 linears", "dense", "graphs", "cudnn", 0, True),
+                 ("SparVAR engine, FP8 linears", "sparvar", "graphs", "cudnn", 0, True),
+                 ("SparVAR engine + skip last 2, FP8 linears", "sparvar", "graphs", "cudnn", 2, True)]
+    return rows
 
 
 def family_parts(cfg, schedule, device):
@@ -104,19 +111,26 @@ def family_parts(cfg, schedule, device):
         features, mask = hashed_hart_embeddings([PROMPT], cfg)
         runners = {"eager": HartTorchRunner, "graphs": HartCudaGraphRunner}
         return (model, decoder, features, mask, HartSampling(),
-                lambda kind, plan, backend: runners[kind](model, schedule, plan, backend=backend),
+                lambda kind, plan, backend, fp8: runners[kind](model, schedule, plan, backend=backend),
                 lambda runner, skip: HartPipeline(cfg, schedule, runner, decoder, random_weights=True, skip_last=skip))
-    from sparvar.cuda_engine import CudaGraphRunner
+    from sparvar.cuda_engine import CudaGraphRunner, GraphedDecoder
     from sparvar.generate import Sampling, TorchRunner
     from sparvar.pipeline import Pipeline, build_decoder
     from sparvar.text import hashed_embeddings
 
     decoder = build_decoder(cfg, None, device, torch.bfloat16)
+    graphed_decoder = GraphedDecoder(decoder)  # the engine rows decode as the torch-cuda engine does
     features, lengths = hashed_embeddings([PROMPT], cfg.text_dim, cfg.text_maxlen)
-    runners = {"eager": TorchRunner, "graphs": CudaGraphRunner}
-    return (model, decoder, features, lengths, Sampling(cfg=4.0, tau=1.0, top_p=0.97),
-            lambda kind, plan, backend: runners[kind](model, schedule, plan, backend=backend),
-            lambda runner, skip: Pipeline(cfg, schedule, runner, decoder, random_weights=True, skip_last=skip))
+    from sparvar.fp8 import DEFAULT_MIN_ROWS
+
+    def make_runner(kind, plan, backend, fp8):
+        if kind == "graphs":
+            return CudaGraphRunner(model, schedule, plan, backend=backend, fp8_min_rows=DEFAULT_MIN_ROWS if fp8 else None)
+        return TorchRunner(model, schedule, plan, backend=backend)
+
+    return (model, decoder, features, lengths, Sampling(cfg=4.0, tau=1.0, top_p=0.97), make_runner,
+            lambda runner, skip: Pipeline(cfg, schedule, runner, graphed_decoder if isinstance(runner, CudaGraphRunner)
+                                          else decoder, random_weights=True, skip_last=skip))
 
 
 def bench_model(model_name: str, resolution: int, warmup: int, runs: int, rows=None) -> dict:
@@ -130,9 +144,9 @@ def bench_model(model_name: str, resolution: int, warmup: int, runs: int, rows=N
     torch.cuda.reset_peak_memory_stats()
     model, decoder, features, lengths, sampling, make_runner, make_pipeline = family_parts(cfg, schedule, device)
     results = []
-    for name, attention, kind, backend, skip in rows or rows_for(model_name):
+    for name, attention, kind, backend, skip, fp8 in rows or rows_for(model_name):
         plan = make_plan(cfg, schedule, attention, backend="triton")
-        runner = make_runner(kind, plan, backend)
+        runner = make_runner(kind, plan, backend, fp8)
         pipe = make_pipeline(runner, skip)
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -146,7 +160,7 @@ def bench_model(model_name: str, resolution: int, warmup: int, runs: int, rows=N
             gc.collect()
             torch.cuda.empty_cache()
             continue
-        row = {"row": name, "attention": attention, "runner": kind, "sdpa_backend": backend, "skip_last": skip,
+        row = {"row": name, "attention": attention, "runner": kind, "sdpa_backend": backend, "skip_last": skip, "fp8": fp8,
                **timing, "per_scale_ms": per_scale, "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30,
                "bench_seconds": time.perf_counter() - t0}
         print(f"{model_name:12s} {name:48s} {timing['median_ms']:8.1f} ms  (peak {row['peak_memory_gib']:.1f} GiB)", flush=True)
@@ -157,6 +171,7 @@ def bench_model(model_name: str, resolution: int, warmup: int, runs: int, rows=N
     base = {r["row"]: r["median_ms"] for r in results if "median_ms" in r}
     fa2 = base.get("dense eager, SDPA FlashAttention-2")
     dense_engine = base.get("dense engine (CUDA graphs, cuDNN)")
+    dense_fp8 = base.get("dense engine, FP8 linears")
     for r in results:
         if "median_ms" not in r:
             continue
@@ -164,6 +179,8 @@ def bench_model(model_name: str, resolution: int, warmup: int, runs: int, rows=N
             r["speedup_vs_dense_eager_fa2"] = fa2 / r["median_ms"]
         if dense_engine:
             r["speedup_vs_dense_engine"] = dense_engine / r["median_ms"]
+        if r.get("fp8") and dense_fp8:  # SparVAR's own gain at the same precision
+            r["speedup_vs_dense_fp8_engine"] = dense_fp8 / r["median_ms"]
         r["x_flop_floor"] = r["median_ms"] / FLOP_FLOOR_MS.get(model_name, float("nan"))
     del model, decoder, make_runner, make_pipeline
     gc.collect()
@@ -200,6 +217,7 @@ def main(args=None) -> int:
         ap.add_argument("--warmup", type=int, default=3)
         ap.add_argument("--runs", type=int, default=20)
         ap.add_argument("--out", default=None, help="default: bench/results/e2e_<device>.json")
+        ap.add_argument("--rows", default=None, help="only the rows whose name contains one of these comma-separated words")
         args = ap.parse_args(args)
     if not torch.cuda.is_available():
         print("bench e2e needs a CUDA GPU; none is available on this machine", file=sys.stderr)
@@ -210,7 +228,10 @@ def main(args=None) -> int:
            "text conditioning, all scales, CFG, sampling and VAE decode included; T5 encoder excluded; random weights",
            "models": []}
     for m in models:  # written after each model, so a later failure keeps the earlier results
-        out["models"].append(bench_model(m, args.resolution, args.warmup, args.runs))
+        rows = None
+        if getattr(args, "rows", None):
+            rows = [r for r in rows_for(m) if any(w in r[0] for w in args.rows.split(","))]
+        out["models"].append(bench_model(m, args.resolution, args.warmup, args.runs, rows))
         path = write_result(args.out, out)
     plot(out, os.path.splitext(path)[0] + ".png")
     print(f"wrote {path}")

@@ -35,7 +35,9 @@ if ROOT not in sys.path:
 from sparvar.attention import reference_attention  # noqa: E402
 from sparvar.checkpoint import file_digest, load_model  # noqa: E402
 from sparvar.config import get_config  # noqa: E402
+from sparvar.fp8 import with_fp8_linears  # noqa: E402
 from sparvar.generate import Sampling, TorchRunner, generate  # noqa: E402
+from sparvar.model import EAGER  # noqa: E402
 from sparvar.pipeline import build_decoder  # noqa: E402
 from sparvar.schedule import get_schedule  # noqa: E402
 from sparvar.sparse import SparVARPlan, default_policy  # noqa: E402
@@ -59,6 +61,10 @@ VARIANTS: dict[str, tuple[dict | None, int]] = {
     "csla_only": ({"cs4a_layers": 0}, 0),
 }
 MAIN_VARIANTS = ("dense", "sparvar", "skip2", "sparvar_skip2")
+# FP8 linears (sparvar/fp8.py), dense and SparVAR attention. Every block linear of every scale in FP8 (min_rows 0):
+# stricter than the engine's default, which keeps steps under 2,048 rows in bf16 (here: all but the last scale).
+VARIANTS.update({"fp8": (None, 0), "sparvar_fp8": ({}, 0)})
+FP8_VARIANTS = ("fp8", "sparvar_fp8")
 
 
 class AttentionErrorProbe:
@@ -139,7 +145,8 @@ def generate_variants(model, decoder, cfg, prompts: list[str], seeds: list[int],
     seconds: dict[str, float] = defaultdict(float)
     for seed in seeds:
         for name in variants:
-            runner = TorchRunner(model, schedule, plan=probes[name])
+            ops = with_fp8_linears(EAGER, model, min_rows=0) if name in FP8_VARIANTS else EAGER
+            runner = TorchRunner(model, schedule, plan=probes[name], ops=ops)
             t0 = time.perf_counter()
             gen = generate(runner, decoder, schedule, features, lengths, sampling, seed=seed, skip_last=VARIANTS[name][1])
             images[name].append(to_uint8(gen.image))  # to_uint8 synchronises, so the time is the whole generation
@@ -250,7 +257,7 @@ def main(argv=None) -> int:
     p.add_argument("--tokenizer", default=TOKENIZER)
     p.add_argument("--seeds", type=int, default=10, help="seeds 0..N-1; pairs = seeds x prompts")
     p.add_argument("--prompts", nargs="*", default=list(CIFAR10_CLASSES))
-    p.add_argument("--variants", nargs="*", default=list(VARIANTS))
+    p.add_argument("--variants", nargs="*", default=[v for v in VARIANTS if v not in FP8_VARIANTS])
     p.add_argument("--cfg", type=float, default=Sampling.cfg)
     p.add_argument("--tau", type=float, default=Sampling.tau)
     p.add_argument("--top-p", type=float, default=Sampling.top_p)
@@ -296,7 +303,7 @@ def main(argv=None) -> int:
         "variants": results,
     }
     write_result(args.out, result)
-    rows = tuple(v for v in ("dense", "sparvar", "skip2") if v in raw["images"])
+    rows = tuple(v for v in ("dense", "sparvar", "skip2", "fp8", "sparvar_fp8") if v in raw["images"])
     save_grid(raw["images"], rows, args.grid_columns, args.grid)
     print(f"{'variant':<14} {'PSNR mean':>9} {'median':>7} {'pooled':>7} {'SSIM':>6} {'same':>5}  attention rel. error per layer")
     for name, row in results.items():

@@ -1,13 +1,18 @@
-"""Where the GPU time of one generation goes, per scale: attention kernels, GEMMs (linears), everything else.
+"""Where the GPU time of one generation goes, per scale: attention kernels, GEMMs (linears), everything else,
+and the kernels that cost most in each group of scales.
 
-Kernel times come from torch.profiler (CUPTI), so they are device time only (no launch overhead). One eager
-generation per attention mode after a warm-up; 2B or 8B random weights, 1024², CFG, bf16.
+Kernel times come from torch.profiler (CUPTI), so they are device time only (no launch gaps); each scale step and
+the VAE decode is profiled in its own session (sampling between steps is not counted). The engine's own
+configuration is profiled (`--runner engine`: the CUDA-graph runner's step functions, run without graph capture
+so that each kernel is seen) or the plain eager model (`--runner eager`). One generation per attention mode after
+a warm-up; random weights, 1024², CFG, bf16.
 
-    PYTHONPATH=. python bench/profile_step.py --model infinity-2b --out bench/results/profile_h100.json
+    PYTHONPATH=. python bench/profile_step.py --model infinity-2b   # writes bench/results/profile_<device>.json
 """
 from __future__ import annotations
 
 import argparse
+import collections
 import os
 import sys
 
@@ -16,10 +21,13 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from bench.common import write_result  # noqa: E402
+from bench.common import result_path, write_result  # noqa: E402
 
 ATTENTION_MARKERS = ("flash", "fmha", "cudnn", "attention", "attn", "csla", "cs4a", "softmax")
 GEMM_MARKERS = ("gemm", "xmma", "cutlass", "sm90", "matmul", "cublas", "nvjet")
+# scale groups whose kernels are listed: small scales are launch/bandwidth bound, the last three compute bound
+GROUPS = {"scales 0-5": range(0, 6), "scales 6-9": range(6, 10), "scale 10": [10], "scale 11": [11], "scale 12": [12]}
+TOP = 14
 
 
 def category(kernel_name: str) -> str:
@@ -31,10 +39,22 @@ def category(kernel_name: str) -> str:
     return "other"
 
 
-def profile(model_name: str, attention: str) -> dict:
-    from torch.profiler import ProfilerActivity, profile as torch_profile, record_function
+def kernel_times(prof) -> tuple[collections.Counter, collections.Counter]:
+    """Device time (ms) and launch count per kernel name of one profiler session; kernels launched outside any
+    torch op (Triton's own launcher) included."""
+    ms, count = collections.Counter(), collections.Counter()
+    for row in prof.key_averages():
+        if row.device_type == torch.autograd.DeviceType.CUDA:
+            ms[row.key] += row.self_device_time_total / 1000.0
+            count[row.key] += row.count
+    return ms, count
+
+
+def profile(model_name: str, attention: str, runner_kind: str) -> dict:
+    from torch.profiler import ProfilerActivity, profile as torch_profile
 
     from sparvar.config import get_config
+    from sparvar.cuda_engine import CudaGraphRunner
     from sparvar.generate import Sampling, TorchRunner, generate
     from sparvar.model import build_model
     from sparvar.pipeline import build_decoder, make_plan
@@ -44,60 +64,78 @@ def profile(model_name: str, attention: str) -> dict:
     cfg, schedule = get_config(model_name), get_schedule(1024)
     model = build_model(cfg, device="cuda", dtype=torch.bfloat16)
     decoder = build_decoder(cfg, None, "cuda", torch.bfloat16)
-    runner = TorchRunner(model, schedule, make_plan(cfg, schedule, attention, backend="triton"), backend="cudnn")
-    step = runner.step
+    plan = make_plan(cfg, schedule, attention, backend="triton")
+    if runner_kind == "engine":
+        runner = CudaGraphRunner(model, schedule, plan, use_graphs=False)
+    else:
+        runner = TorchRunner(model, schedule, plan, backend="cudnn")
+    step, decode = runner.step, decoder.decode
+    regions: dict[str, tuple] = {}
+    recording = [False]
 
-    def marked_step(scale, codes):
-        with record_function(f"scale_{scale:02d}"):
-            return step(scale, codes)
-
-    runner.step = marked_step
-    f, l = hashed_embeddings(["a red fox in the snow"], cfg.text_dim, cfg.text_maxlen)
-    generate(runner, decoder, schedule, f, l, Sampling(), seed=0)  # warm-up (Triton autotuning, cuDNN plans)
-    torch.cuda.synchronize()
-    with torch_profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
-        generate(runner, decoder, schedule, f, l, Sampling(), seed=0)
+    def profiled(name, fn, *args):
+        """Each region in its own profiler session, the GPU drained before and after: every kernel in the session
+        belongs to the region, whichever way it was launched."""
+        if not recording[0]:
+            return fn(*args)
         torch.cuda.synchronize()
-    # each scale's kernels: those launched by the CPU ops under its record_function range
-    per_scale = {s: {"attention": 0.0, "gemm": 0.0, "other": 0.0} for s in range(schedule.num_scales)}
+        with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+            out = fn(*args)
+            torch.cuda.synchronize()
+        regions[name] = kernel_times(prof)
+        return out
 
-    def add_kernels(op, into):
-        for k in op.kernels:
-            into[category(k.name)] += k.duration / 1000.0
-        for child in op.cpu_children:
-            add_kernels(child, into)
+    runner.step = lambda scale, codes: profiled(f"scale_{scale:02d}", step, scale, codes)
+    decoder.decode = lambda latent: profiled("vae_decode", decode, latent)
+    f, l = hashed_embeddings(["a red fox in the snow"], cfg.text_dim, cfg.text_maxlen)
+    for _ in range(2):  # warm-up (Triton autotuning, cuDNN plans, torch.compile)
+        generate(runner, decoder, schedule, f, l, Sampling(), seed=0)
+    recording[0] = True
+    generate(runner, decoder, schedule, f, l, Sampling(), seed=0)
 
-    for e in prof.events():
-        if e.name.startswith("scale_"):
-            add_kernels(e, per_scale[int(e.name.split("_")[1])])
-    outside = {"attention": 0.0, "gemm": 0.0, "other": 0.0}
-    all_kernels = {"attention": 0.0, "gemm": 0.0, "other": 0.0}
-    for e in prof.events():
-        for k in e.kernels:
-            all_kernels[category(k.name)] += k.duration / 1000.0
-    for key in outside:  # sampling, resampling, text conditioning and the VAE decode
-        outside[key] = all_kernels[key] - sum(v[key] for v in per_scale.values())
-    total = {k: sum(v[k] for v in per_scale.values()) + outside[k] for k in outside}
+    def split(counter):
+        out = {"attention": 0.0, "gemm": 0.0, "other": 0.0}
+        for name, ms in counter.items():
+            out[category(name)] += ms
+        return out
+
+    per_scale = {s: split(regions[f"scale_{s:02d}"][0]) for s in range(schedule.num_scales)}
+    groups = {}
+    for name, keys in [*((g, [f"scale_{s:02d}" for s in scales]) for g, scales in GROUPS.items()),
+                       ("vae decode", ["vae_decode"])]:
+        ms = sum((regions[k][0] for k in keys), collections.Counter())
+        n = sum((regions[k][1] for k in keys), collections.Counter())
+        groups[name] = {"kernel_ms": sum(ms.values()), "launches": sum(n.values()), "by_category": split(ms),
+                        "top": [{"kernel": k[:120], "ms": round(v, 3), "launches": n[k], "category": category(k)}
+                                for k, v in ms.most_common(TOP)]}
+    total = sum((r[0] for r in regions.values()), collections.Counter())
     del runner, model, decoder
     torch.cuda.empty_cache()
-    return {"attention": attention, "per_scale_ms": per_scale, "outside_steps_ms": outside, "total_kernel_ms": total}
+    return {"attention": attention, "runner": runner_kind, "per_scale_ms": per_scale,
+            "total_kernel_ms": split(total), "groups": groups}
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="infinity-2b")
-    ap.add_argument("--out", default="bench/results/profile_h100.json")
+    ap.add_argument("--runner", choices=("engine", "eager"), default="engine")
+    ap.add_argument("--out", default=None, help="default: bench/results/profile_<device>.json")
     args = ap.parse_args()
-    runs = [profile(args.model, a) for a in ("dense", "sparvar")]
+    runs = [profile(args.model, a, args.runner) for a in ("dense", "sparvar")]
     for r in runs:
         t = r["total_kernel_ms"]
-        print(f"{args.model} {r['attention']:8s} kernel time: attention {t['attention']:.1f} ms, GEMM {t['gemm']:.1f} ms, "
-              f"other {t['other']:.1f} ms")
-        for s in (9, 10, 11, 12):
+        print(f"{args.model} {r['runner']} {r['attention']:8s} kernel time: attention {t['attention']:.1f} ms, "
+              f"GEMM {t['gemm']:.1f} ms, other {t['other']:.1f} ms")
+        for s in range(len(r["per_scale_ms"])):
             p = r["per_scale_ms"][s]
-            print(f"   scale {s}: attention {p['attention']:.2f}  gemm {p['gemm']:.2f}  other {p['other']:.2f} ms")
-    write_result(args.out, {"benchmark": "GPU kernel time per scale and category (torch.profiler)", "model": args.model,
-                            "resolution": 1024, "dtype": "bf16", "runs": runs})
+            print(f"   scale {s:2d}: attention {p['attention']:6.2f}  gemm {p['gemm']:6.2f}  other {p['other']:6.2f} ms")
+        for g, d in r["groups"].items():
+            print(f"  {g}: {d['kernel_ms']:.2f} ms in {d['launches']} launches")
+            for k in d["top"][:10]:
+                print(f"     {k['ms']:8.3f} ms {k['launches']:5d}x  {k['kernel'][:90]}")
+    write_result(args.out or result_path("profile"), {
+        "benchmark": "GPU kernel time per scale and category (torch.profiler)", "model": args.model,
+        "resolution": 1024, "dtype": "bf16", "runs": runs})
 
 
 if __name__ == "__main__":

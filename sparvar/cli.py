@@ -60,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--backend", default="onnxruntime", help="onnxruntime, tensorrt, tensorrt-rtx or torch-cuda")
     build.add_argument("--engine-dir", help="output directory (default engines/<model>-<resolution>-<attention>-<backend>)")
     build.add_argument("--force", action="store_true", help="rebuild every stage")
+    build.add_argument("--fp8", action="store_true", help="FP8 block linears at the large scales (torch-cuda, Infinity; "
+                       "changes the numbers: see bench/results/fidelity_fp8.json)")
     for name in ("info", "verify"):
         e = esub.add_parser(name, help=f"{name} an engine directory")
         e.add_argument("engine_dir")

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from .model import EAGER, Infinity, TextCondition, compiled_pointwise, rope_tables
+from .model import EAGER, Infinity, TextCondition, rope_tables
 from .schedule import Schedule
 
 TEXT_BUCKET = 64  # text lengths are padded up to a multiple of this (masked), so few graph sets are needed
@@ -27,16 +27,26 @@ class _Graphs:
 
 class CudaGraphRunner:
     def __init__(self, model: Infinity, schedule: Schedule, plan=None, use_graphs: bool = True, backend: str = "cudnn",
-                 fuse_pointwise: bool = True):
+                 fuse_pointwise: bool = True, fp8_min_rows: int | None = None):
         self.model, self.schedule, self.plan, self.use_graphs, self.backend = model, schedule, plan, use_graphs, backend
         self.device = model.pos_start.device
         if use_graphs and (not torch.cuda.is_available() or self.device.type != "cuda"):
             raise RuntimeError(f"CUDA graphs need the model on a CUDA GPU (model is on {self.device}, "
                                f"CUDA available: {torch.cuda.is_available()})")
         self.ropes = [r.to(self.device) for r in rope_tables(schedule, model.cfg.head_dim)]
-        # without fusion the element-wise glue is ~60 kernels per block: at small scales their count, at large scales
-        # their memory traffic, costs more than the GEMMs (bench/results/profile_h100_unfused.json)
-        self.pointwise = compiled_pointwise() if fuse_pointwise else EAGER
+        # eager, the element-wise glue is ~60 kernels per block: at small scales their count, at large scales their
+        # memory traffic, costs more than the GEMMs (bench/results/profile_h100_unfused.json); torch.compile's
+        # dynamic-shape kernels still cost as much as the GEMMs (profile_h200.json). Five Triton kernels per block.
+        if fuse_pointwise:
+            from .kernels.pointwise import triton_block_ops
+
+            self.ops = triton_block_ops()
+        else:
+            self.ops = EAGER
+        if fp8_min_rows is not None:  # FP8 linears where a step has at least this many rows (sparvar/fp8.py)
+            from .fp8 import with_fp8_linears
+
+            self.ops = with_fp8_linears(self.ops, model, fp8_min_rows)
         self.pool = torch.cuda.graph_pool_handle() if use_graphs else None
         self.sets: dict[tuple[int, int], _Graphs] = {}
         self.current: _Graphs | None = None
@@ -65,7 +75,7 @@ class CudaGraphRunner:
         def run(scale):
             cache.offset = schedule.offsets[scale]
             tokens = model.scale_input(scale, codes[scale], text)
-            return model.step(tokens, scale, text, cache, self.ropes[scale], self.plan, self.backend, self.pointwise)
+            return model.step(tokens, scale, text, cache, self.ropes[scale], self.plan, self.backend, self.ops)
 
         if not self.use_graphs:
             return _Graphs(text, cache, codes, [run], [])
@@ -104,6 +114,31 @@ def capture_scales(run, num_scales: int, pool) -> tuple[list, list]:
     return graphs, outputs
 
 
+class GraphedDecoder:
+    """A tokenizer decoder (sparvar.pipeline.Decoder) whose decode is captured as one CUDA graph per latent shape:
+    a 1024² decode is ~750 kernels, and replaying them as a graph takes the launch gaps out (same numerics)."""
+
+    def __init__(self, decoder):
+        self.decoder, self.codebook_dim, self.patchify = decoder, decoder.codebook_dim, decoder.patchify
+        self.graphs: dict = {}
+
+    def bits_to_codes(self, bits):
+        return self.decoder.bits_to_codes(bits)
+
+    @torch.no_grad()
+    def decode(self, latent: torch.Tensor) -> torch.Tensor:
+        """The image of `latent`, in a static output buffer that the next decode of the same shape overwrites."""
+        key = (tuple(latent.shape), latent.dtype, latent.device)
+        if key not in self.graphs:
+            static_in = latent.clone()
+            graphs, outputs = capture_scales(lambda _: self.decoder.decode(static_in), 1, None)
+            self.graphs[key] = (static_in, graphs[0], outputs[0])
+        static_in, graph, out = self.graphs[key]
+        static_in.copy_(latent)
+        graph.replay()
+        return out
+
+
 def _text_tensors(t: TextCondition) -> list[torch.Tensor]:
     return [t.cond, t.ada, t.sos, t.key_mask, *t.k, *t.v]
 
@@ -128,4 +163,7 @@ def load_cuda_engine(engine_dir: str, manifest: dict):
     model = (build_model(cfg, device=device, dtype=dtype, seed=spec["seed"]) if spec["weights"] is None
              else load_model(cfg, spec["weights"], device, dtype))
     plan = make_plan(cfg, schedule, spec["attention"], backend="triton")
-    return CudaGraphRunner(model, schedule, plan), build_decoder(cfg, spec["vae"], device, dtype)
+    from .fp8 import DEFAULT_MIN_ROWS
+
+    fp8_min_rows = DEFAULT_MIN_ROWS if spec.get("fp8") else None  # manifests from before the option have no key
+    return CudaGraphRunner(model, schedule, plan, fp8_min_rows=fp8_min_rows), GraphedDecoder(build_decoder(cfg, spec["vae"], device, dtype))

@@ -42,6 +42,7 @@ class EngineSpec:
     seed: int = 0  # random-weight seed
     batch: int = 1  # images per call (CFG doubles the transformer batch)
     opset: int = 18
+    fp8: bool = False  # FP8 block linears at steps of >= sparvar.fp8.DEFAULT_MIN_ROWS rows (torch-cuda, Infinity)
 
     def __post_init__(self):
         if self.backend not in BACKENDS:
@@ -52,13 +53,18 @@ class EngineSpec:
             raise ValueError("give both transformer weights and tokenizer weights, or neither (random weights)")
         from .config import get_config
 
-        if getattr(get_config(self.model), "family", "infinity") == "hart":
+        family = getattr(get_config(self.model), "family", "infinity")
+        if self.fp8 and (self.backend != "torch-cuda" or family != "infinity"):
+            raise ValueError(f"FP8 linears are built for Infinity models on the torch-cuda backend only, not "
+                             f"{self.model} on {self.backend!r}")
+        if family == "hart":
             if self.backend == "tensorrt":
                 raise ValueError(f"{self.model}: HART engines build for the onnxruntime, torch-cuda and tensorrt-rtx "
                                  f"backends so far, not {self.backend!r}")
 
     def default_dir(self, root: str = "engines") -> str:
-        return os.path.join(root, f"{self.model}-{self.resolution}-{self.attention}-{self.backend}")
+        fp8 = "-fp8" if self.fp8 else ""
+        return os.path.join(root, f"{self.model}-{self.resolution}-{self.attention}{fp8}-{self.backend}")
 
 
 def digest_json(obj) -> str:
@@ -213,7 +219,8 @@ def engine_info(engine_dir: str) -> str:
     m = read_manifest(engine_dir)
     s = m["spec"]
     lines = [f"engine {engine_dir}", f"  model {s['model']}  resolution {s['resolution']} ({s['aspect']})  "
-             f"attention {s['attention']}  backend {s['backend']}  dtype {s['dtype']}",
+             f"attention {s['attention']}  backend {s['backend']}  dtype {s['dtype']}"
+             + ("  FP8 linears" if s.get("fp8") else ""),
              f"  weights {s['weights'] or 'random (seed %d)' % s['seed']}", f"  built {m['created']} with "
              + ", ".join(f"{k} {v}" for k, v in m["versions"].items())]
     if "schedule" in m:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .model import Infinity, rope_tables
+from .model import EAGER, BlockOps, Infinity, rope_tables
 from .schedule import Schedule
 from .vae import latent_to_tokens, tokens_to_latent
 
@@ -106,8 +106,8 @@ def generate(runner, decoder, schedule: Schedule, features: torch.Tensor, length
 class TorchRunner:
     """Runs the eager torch model; the reference every engine is compared against."""
 
-    def __init__(self, model: Infinity, schedule: Schedule, plan=None, backend: str = "sdpa"):
-        self.model, self.schedule, self.plan, self.backend = model, schedule, plan, backend
+    def __init__(self, model: Infinity, schedule: Schedule, plan=None, backend: str = "sdpa", ops: BlockOps = EAGER):
+        self.model, self.schedule, self.plan, self.backend, self.ops = model, schedule, plan, backend, ops
         self.device = model.pos_start.device
         self.ropes = [r.to(self.device) for r in rope_tables(schedule, model.cfg.head_dim)]
 
@@ -122,4 +122,4 @@ class TorchRunner:
     def step(self, scale: int, codes):
         self.cache.offset = self.schedule.offsets[scale]
         tokens = self.model.scale_input(scale, codes, self.text)
-        return self.model.step(tokens, scale, self.text, self.cache, self.ropes[scale], self.plan, self.backend)
+        return self.model.step(tokens, scale, self.text, self.cache, self.ropes[scale], self.plan, self.backend, self.ops)

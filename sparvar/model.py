@@ -99,6 +99,18 @@ def gated_residual(x: torch.Tensor, y: torch.Tensor, gamma: torch.Tensor) -> tor
     return x + (y * gamma).to(x.dtype)
 
 
+def residual_layer_norm(x, y, gamma, weight, bias, eps: float):
+    """x' = gated_residual(x, y, gamma) and the affine LayerNorm of x' (the cross-attention's input)."""
+    x = gated_residual(x, y, gamma)
+    return x, F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+
+
+def residual_modulate(x, y, scale, shift, eps: float):
+    """x' = x + y and the AdaLN-modulated x' (the FFN's input)."""
+    x = x + y
+    return x, modulate(x, scale, shift, eps)
+
+
 def cosine_qk(q: torch.Tensor, k: torch.Tensor, scale_mul: torch.Tensor, rope: torch.Tensor):
     """Cosine attention inputs: unit q (times the learned per-head temperature) and unit k, both rotated by RoPE.
 
@@ -109,22 +121,41 @@ def cosine_qk(q: torch.Tensor, k: torch.Tensor, scale_mul: torch.Tensor, rope: t
     return q_out, k_out
 
 
+def attention_inputs(qkv: torch.Tensor, heads: int, scale_mul: torch.Tensor, rope: torch.Tensor, kv, layer: int):
+    """The fused projection's output (B, n, 3C) -> q (B, H, n, D) and the visible K/V after appending this scale's.
+    scale_mul (H,) fp32 is the per-head temperature."""
+    B, n, C3 = qkv.shape
+    q, k, v = qkv.view(B, n, 3, heads, C3 // (3 * heads)).permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, n, D)
+    q, k = cosine_qk(q, k, scale_mul.view(1, heads, 1, 1), rope)
+    k_all, v_all = kv.append(layer, k, v)
+    return q, k_all, v_all
+
+
+def linear(layer: nn.Linear, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """layer(x), with `bias` in place of the layer's own when given (the fused qkv projection's q/0/v biases)."""
+    return F.linear(x, layer.weight, layer.bias if bias is None else bias)
+
+
+def linear_gelu(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    return F.gelu(linear(layer, x), approximate="tanh")
+
+
 @dataclass(frozen=True)
-class Pointwise:
-    """The element-wise glue between the GEMMs and attention. Eager by default; GPU engines swap in
-    torch.compile'd versions of the same functions (fused into a few kernels each, see `compiled_pointwise`)."""
+class BlockOps:
+    """The ops of a block that an engine swaps: the element-wise glue between the GEMMs and attention, and the
+    block's linears. Eager by default (these functions are the reference); the torch-cuda engine swaps in Triton
+    kernels computing the same (sparvar/kernels/pointwise.py) and, optionally, FP8 linears (sparvar/fp8.py)."""
 
     modulate: object = modulate
     gated_residual: object = gated_residual
-    cosine_qk: object = cosine_qk
+    residual_layer_norm: object = residual_layer_norm
+    residual_modulate: object = residual_modulate
+    attention_inputs: object = attention_inputs
+    linear: object = linear
+    linear_gelu: object = linear_gelu
 
 
-EAGER = Pointwise()
-
-
-def compiled_pointwise() -> Pointwise:
-    """The same functions through torch.compile (dynamic shapes: one compile serves every scale)."""
-    return Pointwise(*(torch.compile(f, dynamic=True) for f in (modulate, gated_residual, cosine_qk)))
+EAGER = BlockOps()
 
 
 class SelfAttention(nn.Module):
@@ -138,15 +169,13 @@ class SelfAttention(nn.Module):
         self.scale_mul_1H11 = nn.Parameter(torch.full((1, heads, 1, 1), 4.0).log())
         self.proj = nn.Linear(width, width)
 
-    def forward(self, x, rope, kv, layer: int, scale: int, plan=None, backend: str = "sdpa", pw: Pointwise = EAGER):
+    def forward(self, x, rope, kv, layer: int, scale: int, plan=None, backend: str = "sdpa", ops: BlockOps = EAGER):
         B, n, C = x.shape
-        bias = torch.cat([self.q_bias, self.zero_k_bias, self.v_bias])
-        qkv = F.linear(x, self.mat_qkv.weight, bias).view(B, n, 3, self.heads, self.head_dim)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, n, D)
-        q, k = pw.cosine_qk(q, k, self.scale_mul_1H11.clamp_max(MAX_SCALE_MUL).exp(), rope)
-        k_all, v_all = kv.append(layer, k, v)
+        qkv = ops.linear(self.mat_qkv, x, torch.cat([self.q_bias, self.zero_k_bias, self.v_bias]))
+        scale_mul = self.scale_mul_1H11.clamp_max(MAX_SCALE_MUL).exp().view(self.heads)
+        q, k_all, v_all = ops.attention_inputs(qkv, self.heads, scale_mul, rope, kv, layer)
         out = self_attention(q, k_all, v_all, layer=layer, scale=scale, plan=plan, backend=backend)
-        return self.proj(out.transpose(1, 2).reshape(B, n, C))
+        return ops.linear(self.proj, out.transpose(1, 2).reshape(B, n, C))
 
 
 class CrossAttention(nn.Module):
@@ -171,16 +200,16 @@ class CrossAttention(nn.Module):
         k, v = kv.view(B, L, 2, self.heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         return k, v
 
-    def forward(self, x, k, v, key_mask):
+    def forward(self, x, k, v, key_mask, ops: BlockOps = EAGER):
         """x (B, n, C) (ignored when pooling), k/v (B, H, L, D), key_mask (B, 1, 1, L) bool: True = real token."""
         if isinstance(self.mat_q, nn.Parameter):
             B, n = k.shape[0], 1
             q = self.mat_q.to(k.dtype).unsqueeze(2).expand(B, -1, -1, -1)  # (B, H, 1, D)
         else:
             B, n, _ = x.shape
-            q = self.mat_q(x).view(B, n, self.heads, self.head_dim).transpose(1, 2)
+            q = ops.linear(self.mat_q, x).view(B, n, self.heads, self.head_dim).transpose(1, 2)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask)
-        return self.proj(out.transpose(1, 2).reshape(B, n, -1))
+        return ops.linear(self.proj, out.transpose(1, 2).reshape(B, n, -1))
 
 
 class FFN(nn.Module):
@@ -189,8 +218,8 @@ class FFN(nn.Module):
         self.fc1 = nn.Linear(width, hidden)
         self.fc2 = nn.Linear(hidden, width)
 
-    def forward(self, x):
-        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+    def forward(self, x, ops: BlockOps = EAGER):
+        return ops.linear(self.fc2, ops.linear_gelu(self.fc1, x))
 
 
 class Block(nn.Module):
@@ -205,14 +234,14 @@ class Block(nn.Module):
         self.ffn = FFN(C, cfg.mlp_dim)
 
     def forward(self, x, ada, text_k, text_v, text_mask, rope, kv, layer, scale, plan=None, backend="sdpa",
-                pw: Pointwise = EAGER):
+                ops: BlockOps = EAGER):
         # official chunk order of the 6 AdaLN vectors; each (B, 1, C) in fp32
         gamma1, gamma2, scale1, scale2, shift1, shift2 = (self.ada_gss + ada).unbind(2)
-        h = pw.modulate(x, scale1, shift1, self.eps)
-        x = pw.gated_residual(x, self.sa(h, rope, kv, layer, scale, plan, backend, pw), gamma1)
-        x = x + self.ca(self.ca_norm(x), text_k, text_v, text_mask)
-        h = pw.modulate(x, scale2, shift2, self.eps)
-        return pw.gated_residual(x, self.ffn(h), gamma2)
+        h = ops.modulate(x, scale1, shift1, self.eps)
+        x, c = ops.residual_layer_norm(x, self.sa(h, rope, kv, layer, scale, plan, backend, ops), gamma1,
+                                       self.ca_norm.weight, self.ca_norm.bias, self.ca_norm.eps)
+        x, h = ops.residual_modulate(x, self.ca(c, text_k, text_v, text_mask, ops), scale2, shift2, self.eps)
+        return ops.gated_residual(x, self.ffn(h, ops), gamma2)
 
 
 @dataclass
@@ -320,16 +349,15 @@ class Infinity(nn.Module):
         return x.repeat(text.batch // x.shape[0], 1, 1)
 
     def step(self, tokens, scale: int, text: TextCondition, kv, rope, plan=None, backend: str = "sdpa",
-             pointwise: Pointwise = EAGER) -> torch.Tensor:
+             ops: BlockOps = EAGER) -> torch.Tensor:
         """Run every block on one scale's tokens (B, n, C); returns fp32 logits (B, n, 2*bits).
 
-        `kv` is a KVCache (in-place, offset = tokens before this scale) or a ConcatKV (export); `pointwise` the
-        element-wise functions (eager, or compiled by a GPU engine).
+        `kv` is a KVCache (in-place, offset = tokens before this scale) or a ConcatKV (export); `ops` the block's
+        element-wise functions and linears (eager, or a GPU engine's kernels).
         """
         x = tokens + self.lvl_embed.weight[scale].to(tokens.dtype)
         for layer, block in enumerate(self.blocks):
-            x = block(x, text.ada, text.k[layer], text.v[layer], text.key_mask, rope, kv, layer, scale, plan, backend,
-                      pointwise)
+            x = block(x, text.ada, text.k[layer], text.v[layer], text.key_mask, rope, kv, layer, scale, plan, backend, ops)
         return self.head(self.head_nm(x.float(), text.cond))
 
     def forward_all_scales(self, inputs: list[torch.Tensor], text: TextCondition, schedule: Schedule) -> list[torch.Tensor]:

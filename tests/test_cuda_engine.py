@@ -22,10 +22,10 @@ def _pair(attention, device="cpu", use_graphs=False, dtype=torch.float32, fuse=F
             CudaGraphRunner(model, schedule, plan_b, use_graphs=use_graphs, backend="sdpa", fuse_pointwise=fuse), schedule)
 
 
-@pytest.mark.parametrize("attention,fuse", [("dense", False), ("sparvar", False), ("sparvar", True)])
-def test_static_buffer_runner_equals_eager_runner_across_prompts(attention, fuse):
-    """Static buffers (and, with fuse, the torch.compile'd element-wise functions) give the eager path's tokens."""
-    eager, static, schedule = _pair(attention, fuse=fuse)
+@pytest.mark.parametrize("attention", ["dense", "sparvar"])
+def test_static_buffer_runner_equals_eager_runner_across_prompts(attention):
+    """Static buffers give the eager path's tokens (the fused Triton glue is checked on the GPU below)."""
+    eager, static, schedule = _pair(attention)
     decoder = build_decoder(CFG, None, "cpu", torch.float32)
     # two prompts of different lengths in the same text bucket reuse the same buffers
     for prompt, seed in (("a red car", 1), ("a small dog on the grass", 2)):

@@ -1,0 +1,52 @@
+"""Per-row FP8 quantisation of activations in one pass (reference: sparvar.fp8.quantize_rows_ref).
+
+Eager torch takes four passes (abs, amax, divide, cast) and as many launches; the FP8 linears quantise every
+input of a block's six GEMMs, so this is their overhead. One program per row: load, absolute maximum, scale,
+round to e4m3 (round to nearest, saturating), store the values and the row's fp32 scale.
+"""
+from __future__ import annotations
+
+import torch
+
+from sparvar.kernels.csla import HAS_TRITON, interpreting, require_triton
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+FP8_MAX = 448.0
+MIN_AMAX = 1e-12
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _quantize_rows_kernel(x_ptr, q_ptr, s_ptr, K, BLOCK_K: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.arange(0, BLOCK_K)
+        m = cols < K
+        x = tl.load(x_ptr + row * K + cols, mask=m, other=0.0).to(tl.float32)
+        scale = tl.maximum(tl.max(tl.abs(x), axis=0), MIN_AMAX) / FP8_MAX
+        q = tl.minimum(tl.maximum(x / scale, -FP8_MAX), FP8_MAX)
+        tl.store(q_ptr + row * K + cols, q.to(q_ptr.dtype.element_ty), mask=m)
+        tl.store(s_ptr + row, scale)
+
+
+def quantize_rows_triton(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (M, K) contiguous bf16/fp16/fp32 -> (FP8 e4m3 (M, K), fp32 scales (M, 1))."""
+    name = "quantize_rows"
+    require_triton(name)
+    if x.dim() != 2 or not x.is_contiguous():
+        raise ValueError(f"{name}: x must be a contiguous (M, K) matrix, got shape {tuple(x.shape)}, strides {x.stride()}")
+    if x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise TypeError(f"{name}: x must be bf16, fp16 or fp32, got {x.dtype}")
+    want = "cpu" if interpreting() else "cuda"
+    if x.device.type != want:
+        raise ValueError(f"{name}: x must be on {'the CPU (TRITON_INTERPRET=1)' if want == 'cpu' else 'a CUDA GPU'}, "
+                         f"got {x.device}")
+    M, K = x.shape
+    q = torch.empty((M, K), dtype=torch.float8_e4m3fn, device=x.device)
+    scale = torch.empty((M, 1), dtype=torch.float32, device=x.device)
+    if x.numel():
+        block = triton.next_power_of_2(K)
+        _quantize_rows_kernel[(M,)](x, q, scale, K, BLOCK_K=block, num_warps=min(16, max(4, block // 1024)))
+    return q, scale

@@ -1,0 +1,243 @@
+"""The element-wise glue of an Infinity block as Triton kernels: one pass over memory where eager torch (and
+torch.compile with dynamic shapes) made several.
+
+Their torch references are the model's own functions in sparvar/model.py (`modulate`, `gated_residual`,
+`residual_layer_norm`, `residual_modulate`, `attention_inputs`, `linear_gelu`); `triton_block_ops()` returns these
+kernels as a `sparvar.model.BlockOps`, which the torch-cuda engine runs inside its CUDA graphs.
+
+Why (bench/results/profile_h200.json, 2B, scale 12, per block): torch.compile's dynamic-shape kernels for the
+cosine q/k + RoPE took 0.47 ms and the LayerNorm + AdaLN modulation 0.11 ms, against 0.03 ms and 0.015 ms of
+memory traffic at the H200's bandwidth; the KV-cache append and the residual adds were more passes again.
+
+    residual_norm(x, y=None, gate=None, weight=, bias=, scale=, shift=)   x' = x + [gate *] y; out = norm(x')
+    qkv_rope(qkv, scale_mul, rope, k_out, v_out)                          cosine q/k + RoPE; k, v into the cache
+
+Rounding follows the references step by step (each bf16 rounding where eager torch rounds), so results differ
+from them only in the order of the fp32 reductions.
+"""
+from __future__ import annotations
+
+import torch
+
+from sparvar.kernels.csla import HAS_TRITON, interpreting, require_triton
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+DTYPES = (torch.bfloat16, torch.float16, torch.float32)  # fp32: the engine's checks against an fp32 model
+NORM_NONE, NORM_AFFINE, NORM_MODULATE = 0, 1, 2
+
+
+# ------------------------------------------------------------------------------------------------ kernels
+if HAS_TRITON:
+
+    @triton.jit
+    def _residual_norm_kernel(x_ptr, y_ptr, gate_ptr, x_out_ptr, out_ptr, w_ptr, b_ptr,
+                              rows_per_batch, C, gate_stride, w_stride, b_stride, eps,
+                              HAS_Y: tl.constexpr, GATED: tl.constexpr, NORM: tl.constexpr, BLOCK_C: tl.constexpr):
+        """One row of C channels: optional (gated) residual add, then optional LayerNorm (affine or AdaLN)."""
+        row = tl.program_id(0).to(tl.int64)
+        batch = row // rows_per_batch
+        cols = tl.arange(0, BLOCK_C)
+        m = cols < C
+        dtype = out_ptr.dtype.element_ty
+        x = tl.load(x_ptr + row * C + cols, mask=m, other=0.0).to(tl.float32)
+        if HAS_Y:
+            y = tl.load(y_ptr + row * C + cols, mask=m, other=0.0).to(tl.float32)
+            if GATED:  # x + (y * gate).to(dtype): the product is rounded before the add, as in eager torch
+                g = tl.load(gate_ptr + batch * gate_stride + cols, mask=m, other=0.0).to(tl.float32)
+                y = (y * g).to(dtype).to(tl.float32)
+            x = (x + y).to(dtype)
+            tl.store(x_out_ptr + row * C + cols, x, mask=m)
+            x = x.to(tl.float32)
+        if NORM != 0:
+            mean = tl.sum(x, axis=0) / C
+            diff = tl.where(m, x - mean, 0.0)
+            var = tl.sum(diff * diff, axis=0) / C
+            normed = diff * tl.rsqrt(var + eps)
+            if NORM == 1:  # nn.LayerNorm: weight, bias (C,)
+                w = tl.load(w_ptr + cols, mask=m, other=0.0).to(tl.float32)
+                b = tl.load(b_ptr + cols, mask=m, other=0.0).to(tl.float32)
+                out = normed * w + b
+            else:  # AdaLN modulation: scale, shift per batch row, fp32
+                s = tl.load(w_ptr + batch * w_stride + cols, mask=m, other=0.0)
+                b = tl.load(b_ptr + batch * b_stride + cols, mask=m, other=0.0)
+                out = normed * (s + 1.0) + b
+            tl.store(out_ptr + row * C + cols, out.to(dtype), mask=m)
+
+    @triton.jit
+    def _rope_pairs(x, cos, sin, BLOCK_T: tl.constexpr, D: tl.constexpr):
+        """Rotate adjacent pairs (x[2i], x[2i+1]) of each row by angle i: the model's `apply_rope`."""
+        even, odd = tl.split(tl.reshape(x, (BLOCK_T, D // 2, 2)))
+        return tl.reshape(tl.join(even * cos - odd * sin, even * sin + odd * cos), (BLOCK_T, D))
+
+    @triton.jit
+    def _qkv_rope_kernel(qkv_ptr, scale_ptr, rope_ptr, q_ptr, k_ptr, v_ptr, n, H,
+                         s_qkv_b, s_qkv_t, s_q_b, s_q_h, s_q_t, s_k_b, s_k_h, s_k_t, s_v_b, s_v_h, s_v_t,
+                         D: tl.constexpr, BLOCK_T: tl.constexpr):
+        """BLOCK_T tokens of one (batch row, head): unit q times the head's temperature and unit k, both rotated,
+        and v, from the fused projection's output (B, n, 3, H, D) to q and the KV cache."""
+        pid_t = tl.program_id(0)
+        b = tl.program_id(1) // H
+        h = tl.program_id(1) % H
+        t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+        tm = (t < n)[:, None]
+        d = tl.arange(0, D)[None, :]
+        half = tl.arange(0, D // 2)[None, :]
+        dtype = q_ptr.dtype.element_ty
+        src = qkv_ptr + b.to(tl.int64) * s_qkv_b + t[:, None].to(tl.int64) * s_qkv_t + h * D + d
+        cos = tl.load(rope_ptr + t[:, None] * (D // 2) + half, mask=tm, other=0.0)
+        sin = tl.load(rope_ptr + (n + t[:, None]) * (D // 2) + half, mask=tm, other=0.0)
+
+        q = tl.load(src, mask=tm, other=0.0).to(tl.float32)
+        q = q / tl.maximum(tl.sqrt(tl.sum(q * q, axis=1)), 1e-12)[:, None]  # F.normalize
+        q = _rope_pairs(q * tl.load(scale_ptr + h), cos, sin, BLOCK_T, D)
+        tl.store(q_ptr + b * s_q_b + h * s_q_h + t[:, None].to(tl.int64) * s_q_t + d, q.to(dtype), mask=tm)
+
+        k = tl.load(src + H * D, mask=tm, other=0.0).to(tl.float32)
+        k = _rope_pairs(k / tl.maximum(tl.sqrt(tl.sum(k * k, axis=1)), 1e-12)[:, None], cos, sin, BLOCK_T, D)
+        tl.store(k_ptr + b * s_k_b + h * s_k_h + t[:, None].to(tl.int64) * s_k_t + d, k.to(dtype), mask=tm)
+
+        v = tl.load(src + 2 * H * D, mask=tm, other=0.0)
+        tl.store(v_ptr + b * s_v_b + h * s_v_h + t[:, None].to(tl.int64) * s_v_t + d, v, mask=tm)
+
+
+# ------------------------------------------------------------------------------------------------ wrappers
+def _check_device(name: str, *tensors) -> None:
+    want = "cpu" if interpreting() else "cuda"
+    for t in tensors:
+        if t is not None and t.device.type != want:
+            raise ValueError(f"{name}: tensors must be on {'the CPU (TRITON_INTERPRET=1)' if want == 'cpu' else 'a CUDA GPU'}, "
+                             f"got {t.device}")
+
+
+def _per_batch(name: str, label: str, t: torch.Tensor, B: int, C: int) -> int:
+    """A (B, 1, C) / (B, C) per-batch-row vector with contiguous channels: its batch stride."""
+    if t.shape[-1] != C or t.numel() != B * C or t.stride(-1) != 1:
+        raise ValueError(f"{name}: {label} must hold one contiguous row of {C} channels per batch row ({B}), "
+                         f"got shape {tuple(t.shape)}, strides {t.stride()}")
+    if t.dtype != torch.float32:
+        raise TypeError(f"{name}: {label} must be float32 (the AdaLN output), got {t.dtype}")
+    return t.stride(0)
+
+
+def residual_norm(x: torch.Tensor, y: torch.Tensor | None = None, gate: torch.Tensor | None = None, *,
+                  weight: torch.Tensor | None = None, bias: torch.Tensor | None = None,
+                  scale: torch.Tensor | None = None, shift: torch.Tensor | None = None, eps: float = 1e-6):
+    """x (B, n, C) contiguous (bf16, fp16 or fp32). With y: x' = x + y (gate (B, 1, C) fp32: x + (y * gate)), else x' = x.
+    Norm: affine LayerNorm (weight, bias (C,)), AdaLN modulation (scale, shift (B, 1, C) fp32), or none.
+    Returns (x', normed) with either None when not computed (x' is None without y; normed None without a norm)."""
+    name = "residual_norm"
+    require_triton(name)
+    if x.dim() != 3 or not x.is_contiguous() or x.dtype not in DTYPES:
+        raise ValueError(f"{name}: x must be a contiguous (B, n, C) bf16/fp16/fp32 tensor, got {tuple(x.shape)} {x.dtype}")
+    B, n, C = x.shape
+    if y is not None and (y.shape != x.shape or y.dtype != x.dtype or not y.is_contiguous()):
+        raise ValueError(f"{name}: y must be contiguous like x {tuple(x.shape)} {x.dtype}, got {tuple(y.shape)} {y.dtype}")
+    if gate is not None and y is None:
+        raise ValueError(f"{name}: a gate needs y")
+    if (weight is None) != (bias is None) or (scale is None) != (shift is None) or (weight is not None and scale is not None):
+        raise ValueError(f"{name}: give weight and bias (LayerNorm), or scale and shift (AdaLN), or neither")
+    norm = NORM_AFFINE if weight is not None else NORM_MODULATE if scale is not None else NORM_NONE
+    if y is None and norm == NORM_NONE:
+        raise ValueError(f"{name}: nothing to compute (no y, no norm)")
+    gate_stride = _per_batch(name, "gate", gate, B, C) if gate is not None else 0
+    if norm == NORM_AFFINE:
+        for label, t in (("weight", weight), ("bias", bias)):
+            if t.shape != (C,) or not t.is_contiguous():
+                raise ValueError(f"{name}: {label} must be contiguous ({C},), got {tuple(t.shape)}")
+        w_stride = b_stride = 0
+    elif norm == NORM_MODULATE:
+        w_stride, b_stride = _per_batch(name, "scale", scale, B, C), _per_batch(name, "shift", shift, B, C)
+        weight, bias = scale, shift
+    else:
+        w_stride = b_stride = 0
+    _check_device(name, x, y, gate, weight, bias)
+    x_out = torch.empty_like(x) if y is not None else None
+    out = torch.empty_like(x) if norm != NORM_NONE else None
+    if x.numel():
+        block = triton.next_power_of_2(C)
+        dummy = x
+        _residual_norm_kernel[(B * n,)](
+            x, y if y is not None else dummy, gate if gate is not None else dummy, x_out if x_out is not None else dummy,
+            out if out is not None else dummy, weight if weight is not None else dummy,
+            bias if bias is not None else dummy, n, C, gate_stride, w_stride, b_stride, float(eps),
+            HAS_Y=y is not None, GATED=gate is not None, NORM=norm, BLOCK_C=block,
+            num_warps=4 if block <= 2048 else 8)
+    return x_out, out
+
+
+def qkv_rope(qkv: torch.Tensor, scale_mul: torch.Tensor, rope: torch.Tensor, k_out: torch.Tensor,
+             v_out: torch.Tensor) -> torch.Tensor:
+    """qkv (B, n, 3C) contiguous, the fused projection's output; scale_mul (H,) per-head temperature (any float dtype); rope
+    (2, n, D/2) fp32 (cos, sin). Writes unit k and v, rotated as the model does, into k_out / v_out (B, H, n, D)
+    (any strides with the head dim contiguous: the KV cache's slot for this scale) and returns q (B, H, n, D),
+    stored token-major (B, n, H, D) so that attention's output reshapes to (B, n, C) without a copy."""
+    name = "qkv_rope"
+    require_triton(name)
+    if qkv.dim() != 3 or not qkv.is_contiguous() or qkv.dtype not in DTYPES:
+        raise ValueError(f"{name}: qkv must be a contiguous (B, n, 3C) bf16/fp16/fp32 tensor, got {tuple(qkv.shape)} {qkv.dtype}")
+    if k_out.dim() != 4:
+        raise ValueError(f"{name}: k_out must be (B, H, n, D), got {tuple(k_out.shape)}")
+    B, n, C3 = qkv.shape
+    _, H, _, D = k_out.shape
+    if C3 != 3 * H * D or k_out.shape != (B, H, n, D) or v_out.shape != k_out.shape:
+        raise ValueError(f"{name}: qkv (B, n, 3*H*D) = {tuple(qkv.shape)} does not match k_out {tuple(k_out.shape)} / "
+                         f"v_out {tuple(v_out.shape)}")
+    if k_out.dtype != qkv.dtype or v_out.dtype != qkv.dtype or k_out.stride(3) != 1 or v_out.stride(3) != 1:
+        raise ValueError(f"{name}: k_out / v_out must be {qkv.dtype} with a contiguous head dim")
+    if D % 2 or D & (D - 1):
+        raise ValueError(f"{name}: head dim must be a power of two, got {D}")
+    if rope.shape != (2, n, D // 2) or rope.dtype != torch.float32 or not rope.is_contiguous():
+        raise ValueError(f"{name}: rope must be contiguous float32 (2, {n}, {D // 2}), got {tuple(rope.shape)} {rope.dtype}")
+    if scale_mul.numel() != H or not scale_mul.is_floating_point():
+        raise ValueError(f"{name}: scale_mul must hold {H} floating-point values, got {tuple(scale_mul.shape)} {scale_mul.dtype}")
+    scale_mul = scale_mul.reshape(H).float()  # exact: eager multiplies fp32 q by it (type promotion)
+    _check_device(name, qkv, scale_mul, rope, k_out, v_out)
+    q_store = torch.empty((B, n, H, D), dtype=qkv.dtype, device=qkv.device)
+    q = q_store.transpose(1, 2)
+    if qkv.numel():
+        block_t = 16 if interpreting() else max(16, min(4096 // D, triton.next_power_of_2(n)))  # 32 fp32 per thread
+        _qkv_rope_kernel[(triton.cdiv(n, block_t), B * H)](
+            qkv, scale_mul, rope, q, k_out, v_out, n, H, qkv.stride(0), qkv.stride(1),
+            q.stride(0), q.stride(1), q.stride(2), k_out.stride(0), k_out.stride(1), k_out.stride(2),
+            v_out.stride(0), v_out.stride(1), v_out.stride(2), D=D, BLOCK_T=block_t, num_warps=4)
+    return q
+
+
+def triton_block_ops():
+    """These kernels as the model's BlockOps (see sparvar.model): what the torch-cuda engine runs."""
+    from sparvar.model import BlockOps, KVCache
+
+    def modulate(x, scale, shift, eps):
+        return residual_norm(x, scale=scale, shift=shift, eps=eps)[1]
+
+    def gated_residual(x, y, gamma):
+        return residual_norm(x, y, gamma)[0]
+
+    def residual_layer_norm(x, y, gamma, weight, bias, eps):
+        return residual_norm(x, y, gamma, weight=weight, bias=bias, eps=eps)
+
+    def residual_modulate(x, y, scale, shift, eps):
+        return residual_norm(x, y, scale=scale, shift=shift, eps=eps)
+
+    def attention_inputs(qkv, heads, scale_mul, rope, kv, layer):
+        if not isinstance(kv, KVCache):
+            raise TypeError(f"the Triton attention inputs write into a preallocated KVCache, got {type(kv).__name__}")
+        B, n, _ = qkv.shape
+        end = kv.offset + n
+        k_all, v_all = kv.k[layer, :, :, :end], kv.v[layer, :, :, :end]
+        q = qkv_rope(qkv, scale_mul, rope, k_all[:, :, kv.offset:], v_all[:, :, kv.offset:])
+        return q, k_all, v_all
+
+    return BlockOps(modulate=modulate, gated_residual=gated_residual, residual_layer_norm=residual_layer_norm, residual_modulate=residual_modulate,
+                     attention_inputs=attention_inputs, linear_gelu=linear_gelu_epilogue)
+
+
+def linear_gelu_epilogue(layer, x: torch.Tensor) -> torch.Tensor:
+    """gelu_tanh(layer(x)) with the GELU in cuBLASLt's epilogue: the hidden activation is written once (the
+    separate GELU read and wrote all of it again). GELU is applied to the fp32 accumulator, before rounding."""
+    shape = x.shape
+    out = torch._addmm_activation(layer.bias, x.reshape(-1, shape[-1]), layer.weight.t(), use_gelu=True)
+    return out.view(*shape[:-1], layer.weight.shape[0])
