@@ -11,6 +11,7 @@ spatial patchify, one transformer token is a 2x2 block of 14-bit latent position
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -73,10 +74,12 @@ class Conv(nn.Module):
 
 
 def split_group_norm(x: torch.Tensor, norm: nn.GroupNorm) -> torch.Tensor:
-    """F.group_norm computed with torch's generic reductions, statistics in fp32.
+    """F.group_norm computed with torch's generic reductions, statistics in fp32: the torch reference of the
+    Triton GroupNorm (sparvar/kernels/group_norm.py), which tests compare against; no decode path runs it.
 
-    Why: the native CUDA GroupNorm runs one thread block per (batch, group) row, 32 blocks at batch 1, and
-    took over half of a 1024x1024 decode on an H100; generic reductions split each row across the GPU.
+    Why it exists: the native CUDA GroupNorm runs one thread block per (batch, group) row, 32 blocks at batch 1,
+    and took over half of a 1024x1024 decode on an H100; this split each row across the GPU, and the Triton
+    kernels that replaced it keep its numerics (fp32 statistics and scale/shift, one rounding at the end).
     """
     B, C = x.shape[:2]
     G = norm.num_groups
@@ -98,19 +101,43 @@ def split_group_norm(x: torch.Tensor, norm: nn.GroupNorm) -> torch.Tensor:
     return torch.addcmul(shift.reshape(B, C, 1, 1), x, scale.reshape(B, C, 1, 1), out=out)
 
 
+@functools.cache
+def _triton_group_norm():
+    """sparvar.kernels.group_norm.group_norm, or None without triton; imported on first CUDA use, so that CPU
+    users never import triton."""
+    from .kernels.group_norm import HAS_TRITON, group_norm
+
+    return group_norm if HAS_TRITON else None
+
+
+def _kernel_for(x: torch.Tensor, weight: torch.Tensor):
+    """The Triton GroupNorm where Norm runs it (CUDA inference in eager mode, triton installed), else None.
+
+    The native op stays where it is fast, where a graph wants one GroupNorm node, or where autograd is needed
+    (the kernels are forward only): CPU, torch.compile (Inductor splits the reduction itself), ONNX export and
+    training; also without triton, and for dtypes the kernels do not take (fp64).
+    """
+    if (not x.is_cuda or torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export()
+            or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+            or x.dtype not in (torch.bfloat16, torch.float16, torch.float32)):
+        return None
+    return _triton_group_norm()
+
+
 class Norm(nn.Module):
     def __init__(self, channels: int):
         super().__init__()
         self.norm = nn.GroupNorm(norm_groups(channels), channels, eps=1e-6)
 
-    def forward(self, x):
-        # The native op stays where it is fast, where a graph wants one GroupNorm node, or where autograd is
-        # needed (the fast path writes through out=): CPU, torch.compile (Inductor splits the reduction
-        # itself), ONNX export and training.
-        fast = x.is_cuda and not (torch.is_grad_enabled() and (x.requires_grad or self.norm.weight.requires_grad))
-        if fast and not torch.compiler.is_compiling() and not torch.onnx.is_in_onnx_export():
-            return split_group_norm(x, self.norm)
-        return self.norm(x)
+    def forward(self, x, silu: bool = False):
+        """GroupNorm of x, then SiLU when `silu`: the decoder's F.silu(norm(x)) as one call, which the Triton path
+        fuses (SiLU on the fp32 normalised value, then one rounding where eager rounds twice: closer to the fp32
+        result, and about one bf16 step from eager at most)."""
+        kernel = _kernel_for(x, self.norm.weight)
+        if kernel is not None:
+            return kernel(x, self.norm.weight, self.norm.bias, self.norm.num_groups, self.norm.eps, silu=silu)
+        x = self.norm(x)
+        return F.silu(x) if silu else x
 
 
 class ResnetBlock(nn.Module):
@@ -124,8 +151,8 @@ class ResnetBlock(nn.Module):
             self.nin_shortcut = Conv(c_in, c_out, 1)
 
     def forward(self, x):
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = self.conv2(F.silu(self.norm2(h)))
+        h = self.conv1(self.norm1(x, silu=True))
+        h = self.conv2(self.norm2(h, silu=True))
         if hasattr(self, "nin_shortcut"):
             x = self.nin_shortcut(x)
         return x + h
@@ -189,7 +216,7 @@ class ConvDecoder(nn.Module):
         h = self.mid(self.conv_in(z))  # (B, ch*mult[-1], H, W)
         for level in reversed(self.up):
             h = level(h)  # doubles H, W at levels 1..log2(patch)
-        return self.conv_out(F.silu(self.norm_out(h)))  # (B, 3, H*patch, W*patch)
+        return self.conv_out(self.norm_out(h, silu=True))  # (B, 3, H*patch, W*patch)
 
 
 class BSQDecoder(nn.Module):
