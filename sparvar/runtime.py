@@ -16,21 +16,127 @@ from .engine import EngineError, EngineSpec, build_engine, check_compatible, eng
 _NP = {"float32": np.float32, "float16": np.float16, "int32": np.int32, "int64": np.int64, "bool": np.bool_}
 
 
-class OrtUnit:
-    """One exported unit in an ONNX Runtime session, fed and read by I/O name."""
+_FLOAT16 = {10, 16}  # onnx TensorProto FLOAT16, BFLOAT16: the CPU kernels run them in fp32 (2x the bytes)
 
-    def __init__(self, engine_dir: str, unit: dict):
+
+class GraphInfo:
+    """What the runtime needs from one engine graph without loading its weights: its inputs and the external
+    weights it uses (checked against the files, so a missing or truncated weights.bin is a clear error)."""
+
+    def __init__(self, path: str):
+        import onnx
+
+        graph = onnx.load(path, load_external_data=False).graph
+        initializers = {t.name for t in graph.initializer}
+        self.path = path
+        self.inputs = {i.name for i in graph.input} - initializers  # the exporter drops unused inputs
+        base, needed, tensors, weight_bytes = os.path.dirname(path), {}, set(), 0
+        for t in graph.initializer:
+            if t.data_location != onnx.TensorProto.EXTERNAL:
+                continue
+            info = {e.key: e.value for e in t.external_data}
+            location = os.path.normpath(os.path.join(base, info["location"]))
+            offset, length = int(info.get("offset", 0)), int(info["length"])
+            needed[location] = max(needed.get(location, 0), offset + length)
+            if (location, offset, length) not in tensors:
+                tensors.add((location, offset, length))
+                weight_bytes += length * (2 if t.data_type in _FLOAT16 else 1)
+        for location, end in needed.items():
+            if not os.path.isfile(location):
+                raise EngineError(f"{path}: its weights file {location} is missing; rebuild the engine")
+            size = os.path.getsize(location)
+            if size < end:
+                raise EngineError(f"{path}: its weights file {location} has {size} bytes, the graph reads up to byte "
+                                  f"{end} (truncated or from another build); rebuild the engine")
+        # a session's own weight memory: onnxruntime converts fp16 weights to fp32 and pre-packs MatMul/Gemm weights,
+        # per session (3.6 GiB for a HART-0.7b step graph of 1.3 GiB of fp16 weights: 1.4x the fp32 bytes)
+        self.session_bytes = int(1.5 * weight_bytes) + (16 << 20)
+
+
+def _available_memory() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 8 << 30
+
+
+class SessionPool:
+    """The ONNX Runtime sessions of this process, opened when their graph first runs and closed least recently used
+    first when the memory they hold would pass `budget` bytes (default: half the memory available at the first use).
+
+    One session per graph cannot share weights with the others on the CPU execution provider: each converts its fp16
+    weights to fp32 and pre-packs its MatMul/Gemm weights into memory of its own, and the Python API has no shared
+    pre-packed weights container (disabling pre-packing changes the results' bits; handing every session the same
+    weights buffer with `add_external_initializers` saves nothing — measured, bench/results/engine_memory_cpu.json).
+    Opening all 13-33 graphs of an engine at once held (weights x graphs); the pool holds what fits. Graphs that run
+    once per image (the scale steps) cost their session creation once per image either way.
+    """
+
+    def __init__(self, budget: int | None = None):
+        self.budget = budget
+        self.sessions: dict = {}  # key -> (session, bytes), least recently used first
+        self.graphs: dict = {}  # key -> GraphInfo
+        self.opened = 0  # sessions created, for tests and diagnostics
+
+    @staticmethod
+    def _key(path: str):
+        st = os.stat(path)  # a rebuilt graph at the same path is another graph
+        return os.path.realpath(path), st.st_ino, st.st_mtime_ns, st.st_size
+
+    def graph(self, path: str) -> tuple:
+        if not os.path.isfile(path):
+            raise EngineError(f"engine graph {path} is missing; rebuild the engine")
+        key = self._key(path)
+        if key not in self.graphs:
+            self.graphs[key] = GraphInfo(path)
+        return key, self.graphs[key]
+
+    def held_bytes(self) -> int:
+        return sum(b for _, b in self.sessions.values())
+
+    def session(self, key):
         import onnxruntime as ort
 
-        path = os.path.join(engine_dir, unit["file"])
+        if key in self.sessions:
+            self.sessions[key] = self.sessions.pop(key)  # most recently used
+            return self.sessions[key][0]
+        if self.budget is None:
+            self.budget = _available_memory() // 2
+        info = self.graphs[key]
+        while self.sessions and self.held_bytes() + info.session_bytes > self.budget:
+            del self.sessions[next(iter(self.sessions))]  # close the least recently used
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.log_severity_level = 3
-        self.session = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+        # no arena: an idle session would keep its largest run's activations (GBs at a 1024² last scale) for good
+        opts.enable_cpu_mem_arena = False
+        session = ort.InferenceSession(info.path, opts, providers=["CPUExecutionProvider"])
+        self.sessions[key] = (session, info.session_bytes)
+        self.opened += 1
+        return session
+
+
+SESSIONS = SessionPool()  # the process's pool: every engine unit (Infinity and HART) runs through it
+
+
+class OrtUnit:
+    """One exported unit run by ONNX Runtime, fed and read by I/O name; its session comes from the pool."""
+
+    def __init__(self, engine_dir: str, unit: dict, pool: SessionPool | None = None):
+        self.pool = pool or SESSIONS
+        self.key, info = self.pool.graph(os.path.join(engine_dir, unit["file"]))
         self.inputs = [s["name"] for s in unit["inputs"]]
         self.outputs = [s["name"] for s in unit["outputs"]]
         self.dtypes = {s["name"]: s["dtype"] for s in unit["inputs"]}
-        self.graph_inputs = {i.name for i in self.session.get_inputs()}  # the exporter drops unused inputs
+        self.graph_inputs = info.inputs
+
+    @property
+    def session(self):
+        return self.pool.session(self.key)
 
     def __call__(self, values: dict) -> dict:
         feed = {}
@@ -126,7 +232,7 @@ def load_engine_pipeline(engine_dir: str, skip_last: int = 0, **expected):
 def spec_from_args(args) -> EngineSpec:
     dtype = args.dtype or ("fp32" if args.model in ("infinity-tiny", "hart-tiny") else "fp16")
     return EngineSpec(model=args.model, resolution=args.resolution, aspect=args.aspect, attention=args.attention,
-                      backend=args.backend, dtype=dtype, weights=args.weights, vae=args.vae)
+                      backend=args.backend, dtype=dtype, weights=args.weights, vae=args.vae, fp8=getattr(args, "fp8", False))
 
 
 def build_engine_from_args(args) -> dict:
