@@ -89,8 +89,7 @@ def rows_for(model_name: str):
 
     if getattr(get_config(model_name), "family", "infinity") == "infinity":  # opt-in precision: its own rows
         rows += [("dense engine, FP8 linears", "dense", "graphs", "cudnn", 0, True),
-                 ("SparVAR engine, FP8 linears", "sparvar", "graphs", "cudnn", 0, True),
-                 ("SparVAR engine + skip last 2, FP8 linears", "sparvar", "graphs", "cudnn", 2, True)]
+                 ("SparVAR engine, FP8 linears", "sparvar", "graphs", "cudnn", 0, True)]
     return rows
 
 
