@@ -18,6 +18,8 @@ FP8_MAX = 448.0
 MIN_AMAX = 1e-12
 
 if HAS_TRITON:
+    _FP8_MAX = tl.constexpr(FP8_MAX)  # a jit function reads module globals only as constexprs
+    _MIN_AMAX = tl.constexpr(MIN_AMAX)
 
     @triton.jit
     def _quantize_rows_kernel(x_ptr, q_ptr, s_ptr, K, BLOCK_K: tl.constexpr):
@@ -25,8 +27,8 @@ if HAS_TRITON:
         cols = tl.arange(0, BLOCK_K)
         m = cols < K
         x = tl.load(x_ptr + row * K + cols, mask=m, other=0.0).to(tl.float32)
-        scale = tl.maximum(tl.max(tl.abs(x), axis=0), MIN_AMAX) / FP8_MAX
-        q = tl.minimum(tl.maximum(x / scale, -FP8_MAX), FP8_MAX)
+        scale = tl.maximum(tl.max(tl.abs(x), axis=0), _MIN_AMAX) / _FP8_MAX
+        q = tl.minimum(tl.maximum(x / scale, -_FP8_MAX), _FP8_MAX)
         tl.store(q_ptr + row * K + cols, q.to(q_ptr.dtype.element_ty), mask=m)
         tl.store(s_ptr + row, scale)
 
