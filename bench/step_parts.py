@@ -30,16 +30,10 @@ FP8_MAX = torch.finfo(FP8).max
 
 def graph_time_ms(fn, runs: int = 30) -> dict:
     """Median time of fn captured in a CUDA graph (launch gaps removed, as in the engine)."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    return cuda_time_ms(g.replay, warmup=3, runs=runs)
+    from sparvar.cuda_engine import capture_scales
+
+    graphs, _ = capture_scales(lambda _: fn(), 1, None)
+    return cuda_time_ms(graphs[0].replay, warmup=3, runs=runs)
 
 
 def ceilings() -> dict:

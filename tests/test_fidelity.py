@@ -7,7 +7,7 @@ import torch
 
 from bench import fidelity
 from sparvar.schedule import get_schedule
-from sparvar.sparse import SparVARPlan, default_policy
+from sparvar.sparse import default_policy
 
 
 def test_cifar_policy_is_the_paper_policy_scaled_to_11_scales():

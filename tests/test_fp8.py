@@ -2,9 +2,6 @@
 GPU GEMM against the emulation."""
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -14,8 +11,8 @@ import torch.nn.functional as F
 from sparvar.config import get_config
 from sparvar.fp8 import FP8_MAX, MIN_AMAX, Fp8Linears, Fp8Weight, fp8_matmul, quantize_rows_ref, with_fp8_linears
 from sparvar.model import EAGER, build_model
+from triton_interpreter import run_interpreted
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CFG = get_config("infinity-tiny")
 
 
@@ -103,11 +100,7 @@ INTERPRETER_SCRIPT = textwrap.dedent('''
 
 
 def test_quantize_kernel_under_triton_interpreter():
-    pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, "-c", INTERPRETER_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert float(proc.stdout.split("WORST")[-1]) == 0, "quantised values differ from the reference"
+    assert float(run_interpreted(INTERPRETER_SCRIPT)) == 0, "quantised values differ from the reference"
 
 
 @pytest.mark.gpu
@@ -145,3 +138,14 @@ def test_fp8_engine_graphs_equal_its_eager_steps_on_gpu():
     a = generate(eager, decoder, schedule, f, l, Sampling(cfg=3.0), seed=3)
     b = generate(graphs, decoder, schedule, f, l, Sampling(cfg=3.0), seed=3)
     assert all(torch.equal(x, y) for x, y in zip(a.bits, b.bits))
+
+
+def test_fp8_engine_spec_is_torch_cuda_infinity_only():
+    from sparvar.engine import EngineSpec
+
+    spec = EngineSpec(model="infinity-2b", resolution=1024, attention="sparvar", backend="torch-cuda", dtype="bf16", fp8=True)
+    assert spec.default_dir().endswith("infinity-2b-1024-sparvar-fp8-torch-cuda")
+    with pytest.raises(ValueError, match="FP8 linears are built for Infinity models on the torch-cuda backend only"):
+        EngineSpec(model="infinity-2b", resolution=1024, backend="onnxruntime", fp8=True)
+    with pytest.raises(ValueError, match="FP8 linears are built for Infinity models on the torch-cuda backend only"):
+        EngineSpec(model="hart-0.7b", resolution=1024, backend="torch-cuda", fp8=True)

@@ -4,9 +4,6 @@ them under Triton's CPU interpreter, and on the GPU (bf16 within one bf16 step; 
 from __future__ import annotations
 
 import copy
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -15,8 +12,8 @@ import torch.nn.functional as F
 
 import sparvar.vae as V
 from sparvar.config import get_config
+from triton_interpreter import run_interpreted
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 triton = pytest.importorskip("triton")
 from sparvar.kernels.group_norm import group_norm  # noqa: E402
 
@@ -94,14 +91,6 @@ def test_norm_keeps_native_op_off_the_gpu_fast_path():
 INTERPRETER_SCRIPT = textwrap.dedent('''
     import torch
     import torch.nn.functional as F
-    import triton.runtime.interpreter as interp
-
-    # numpy >= 2.4 refuses int() of a 1-element array, which the interpreter does for loop bounds
-    _patch = interp._patch_lang_tensor
-    def _patched(tensor, scope):
-        _patch(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-    interp._patch_lang_tensor = _patched
 
     import sparvar.vae as V
     from sparvar.config import VAE_TINY
@@ -146,11 +135,7 @@ INTERPRETER_SCRIPT = textwrap.dedent('''
 
 
 def test_group_norm_under_triton_interpreter():
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, "-c", INTERPRETER_SCRIPT], env=env, capture_output=True, text=True,
-                          timeout=600, cwd=ROOT)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    fp32, fp16, decode = map(float, proc.stdout.split("WORST")[-1].split())
+    fp32, fp16, decode = map(float, run_interpreted(INTERPRETER_SCRIPT).split())
     assert fp32 < 1e-4, f"fp32 GroupNorm under the interpreter differs from F.group_norm by {fp32}"
     assert fp16 < 8e-3, f"fp16 GroupNorm under the interpreter differs from the fp32 truth by {fp16}"  # |y| < 8: 1 fp16 step
     assert decode < 1e-4, f"a tiny fp32 decode through the kernels differs from the native path by {decode}"

@@ -11,7 +11,7 @@ import torch
 from sparvar.config import get_config
 from sparvar.engine import EngineError, EngineSpec, build_engine, read_manifest
 from sparvar.hart.diffusion import denoise_step, respaced_schedule
-from sparvar.hart.generate import HartTorchRunner, generate_hart
+from sparvar.hart.generate import HartTorchRunner
 from sparvar.hart.model import build_model
 from sparvar.hart.sampling import HartSampling
 from sparvar.hart.text import hashed_hart_embeddings, lengths_to_mask

@@ -2,9 +2,6 @@
 installed) the kernels themselves under Triton's CPU interpreter on tiny fp16 inputs."""
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -14,8 +11,8 @@ import sparvar.kernels as kernels
 from sparvar.csla import block_layout_from_mask
 from sparvar.kernels.csla import check_layout_values
 from sparvar.kernels.cs4a import check_key_values, query_tile
+from triton_interpreter import run_interpreted
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BF16 = torch.bfloat16
 
 
@@ -303,14 +300,6 @@ def test_fake_kernels_give_output_shapes():
 # ------------------------------------------------------------------------------------------------ interpreter
 INTERPRETER_SCRIPT = textwrap.dedent('''
     import torch
-    import triton.runtime.interpreter as interp
-
-    # numpy >= 2.4 refuses int() of a 1-element array, which the interpreter does for loop bounds
-    _patch = interp._patch_lang_tensor
-    def _patched(tensor, scope):
-        _patch(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-    interp._patch_lang_tensor = _patched
 
     from sparvar.attention import reference_attention
     from sparvar.csla import block_layout_from_mask, csla_attention_ref
@@ -397,8 +386,5 @@ INTERPRETER_SCRIPT = textwrap.dedent('''
 
 def test_kernels_under_triton_interpreter():
     pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, "-c", INTERPRETER_SCRIPT], env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    worst = float(proc.stdout.split("WORST")[-1])
+    worst = float(run_interpreted(INTERPRETER_SCRIPT))
     assert worst < 5e-3, f"kernels under the interpreter differ from the references by {worst}"

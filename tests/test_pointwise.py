@@ -2,17 +2,14 @@
 the model's own functions: input checks on CPU, the kernels under Triton's CPU interpreter, and on the GPU."""
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
 
 import sparvar.model as M
+from triton_interpreter import run_interpreted
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 triton = pytest.importorskip("triton")
 from sparvar.kernels.pointwise import qkv_rope, residual_norm, triton_block_ops  # noqa: E402
 
@@ -110,11 +107,7 @@ INTERPRETER_SCRIPT = textwrap.dedent('''
 
 
 def test_pointwise_kernels_under_triton_interpreter():
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, "-c", INTERPRETER_SCRIPT], env=env, capture_output=True, text=True,
-                          timeout=600, cwd=ROOT)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    worst = float(proc.stdout.split("WORST")[-1])
+    worst = float(run_interpreted(INTERPRETER_SCRIPT))
     assert worst < 2e-5, f"pointwise kernels under the interpreter differ from the references by {worst}"
 
 
