@@ -120,11 +120,11 @@ def family_parts(cfg, schedule, device):
     decoder = build_decoder(cfg, None, device, torch.bfloat16)
     graphed_decoder = GraphedDecoder(decoder)  # the engine rows decode as the torch-cuda engine does
     features, lengths = hashed_embeddings([PROMPT], cfg.text_dim, cfg.text_maxlen)
-    from sparvar.fp8 import DEFAULT_MIN_ROWS
+    from sparvar.fp8 import DEFAULT_MIN_TOKENS
 
     def make_runner(kind, plan, backend, fp8):
         if kind == "graphs":
-            return CudaGraphRunner(model, schedule, plan, backend=backend, fp8_min_rows=DEFAULT_MIN_ROWS if fp8 else None)
+            return CudaGraphRunner(model, schedule, plan, backend=backend, fp8_min_tokens=DEFAULT_MIN_TOKENS if fp8 else None)
         return TorchRunner(model, schedule, plan, backend=backend)
 
     return (model, decoder, features, lengths, Sampling(cfg=4.0, tau=1.0, top_p=0.97), make_runner,

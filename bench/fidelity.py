@@ -62,16 +62,16 @@ VARIANTS: dict[str, tuple[dict | None, int]] = {
 }
 MAIN_VARIANTS = ("dense", "sparvar", "skip2", "sparvar_skip2")
 # FP8 linears (sparvar/fp8.py). "fp8" / "sparvar_fp8": FP8 at the last FP8_LAST_SCALES scales, as the torch-cuda
-# engine's default threshold (2,048 rows) gives for Infinity 2B/8B at 1024² (scales 9-12 of 13); "fp8_all": every
+# engine's default threshold (1,024 tokens) gives for Infinity 2B/8B at 1024² (scales 9-12 of 13); "fp8_all": every
 # scale, the worst case (an early scale's error changes which bits are sampled, and so the whole image).
 VARIANTS.update({"fp8": (None, 0), "sparvar_fp8": ({}, 0), "fp8_all": (None, 0)})
 FP8_VARIANTS = ("fp8", "sparvar_fp8", "fp8_all")
 FP8_LAST_SCALES = 4
 
 
-def fp8_min_rows(name: str, schedule) -> int:
-    """The FP8 row threshold of a variant: CFG doubles the rows of a scale."""
-    return 0 if name == "fp8_all" else 2 * schedule.lengths[-FP8_LAST_SCALES]
+def fp8_min_tokens(name: str, schedule) -> int:
+    """The FP8 threshold (tokens per image) of a variant."""
+    return 0 if name == "fp8_all" else schedule.lengths[-FP8_LAST_SCALES]
 
 
 class AttentionErrorProbe:
@@ -152,7 +152,7 @@ def generate_variants(model, decoder, cfg, prompts: list[str], seeds: list[int],
     seconds: dict[str, float] = defaultdict(float)
     for seed in seeds:
         for name in variants:
-            ops = with_fp8_linears(EAGER, model, fp8_min_rows(name, schedule)) if name in FP8_VARIANTS else EAGER
+            ops = with_fp8_linears(EAGER, model, fp8_min_tokens(name, schedule)) if name in FP8_VARIANTS else EAGER
             runner = TorchRunner(model, schedule, plan=probes[name], ops=ops)
             t0 = time.perf_counter()
             gen = generate(runner, decoder, schedule, features, lengths, sampling, seed=seed, skip_last=VARIANTS[name][1])

@@ -27,7 +27,7 @@ class _Graphs:
 
 class CudaGraphRunner:
     def __init__(self, model: Infinity, schedule: Schedule, plan=None, use_graphs: bool = True, backend: str = "cudnn",
-                 fuse_pointwise: bool = True, fp8_min_rows: int | None = None):
+                 fuse_pointwise: bool = True, fp8_min_tokens: int | None = None):
         self.model, self.schedule, self.plan, self.use_graphs, self.backend = model, schedule, plan, use_graphs, backend
         self.device = model.pos_start.device
         if use_graphs and (not torch.cuda.is_available() or self.device.type != "cuda"):
@@ -43,10 +43,10 @@ class CudaGraphRunner:
             self.ops = triton_block_ops()
         else:
             self.ops = EAGER
-        if fp8_min_rows is not None:  # FP8 linears where a step has at least this many rows (sparvar/fp8.py)
+        if fp8_min_tokens is not None:  # FP8 linears at scales of at least this many tokens (sparvar/fp8.py)
             from .fp8 import with_fp8_linears
 
-            self.ops = with_fp8_linears(self.ops, model, fp8_min_rows)
+            self.ops = with_fp8_linears(self.ops, model, fp8_min_tokens)
         self.pool = torch.cuda.graph_pool_handle() if use_graphs else None
         self.sets: dict[tuple[int, int], _Graphs] = {}
         self.current: _Graphs | None = None
@@ -163,7 +163,7 @@ def load_cuda_engine(engine_dir: str, manifest: dict):
     model = (build_model(cfg, device=device, dtype=dtype, seed=spec["seed"]) if spec["weights"] is None
              else load_model(cfg, spec["weights"], device, dtype))
     plan = make_plan(cfg, schedule, spec["attention"], backend="triton")
-    from .fp8 import DEFAULT_MIN_ROWS
+    from .fp8 import DEFAULT_MIN_TOKENS
 
-    fp8_min_rows = DEFAULT_MIN_ROWS if spec.get("fp8") else None  # manifests from before the option have no key
-    return CudaGraphRunner(model, schedule, plan, fp8_min_rows=fp8_min_rows), GraphedDecoder(build_decoder(cfg, spec["vae"], device, dtype))
+    fp8_min_tokens = DEFAULT_MIN_TOKENS if spec.get("fp8") else None  # manifests from before the option have no key
+    return CudaGraphRunner(model, schedule, plan, fp8_min_tokens=fp8_min_tokens), GraphedDecoder(build_decoder(cfg, spec["vae"], device, dtype))

@@ -42,7 +42,7 @@ class EngineSpec:
     seed: int = 0  # random-weight seed
     batch: int = 1  # images per call (CFG doubles the transformer batch)
     opset: int = 18
-    fp8: bool = False  # FP8 block linears at steps of >= sparvar.fp8.DEFAULT_MIN_ROWS rows (torch-cuda, Infinity)
+    fp8: bool = False  # FP8 block linears at scales of >= sparvar.fp8.DEFAULT_MIN_TOKENS tokens (torch-cuda, Infinity)
 
     def __post_init__(self):
         if self.backend not in BACKENDS:

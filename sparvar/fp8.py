@@ -2,9 +2,11 @@
 
 Weights are quantised once, one fp32 scale per output channel; activations per row, on the fly. The product is
 cuBLASLt's FP8 GEMM (`torch._scaled_mm`, fp32 accumulation, both scales and the bias applied in its epilogue).
-On the H200 it runs the 2B/8B block linears 1.5-1.7x faster than bf16 from 2,048 rows up, and no faster below
-(bench/results/step_parts_2b_h200.json); so only steps of at least `min_rows` rows (batch x tokens) use it, and
-the small scales, bound by kernel count, keep bf16.
+On the H200 it runs the 2B/8B block linears 1.5-1.7x faster than bf16 from 2,048 rows up, and no faster at 512
+rows or fewer (bench/results/step_parts_2b_h200.json); so only scales of at least `min_tokens` tokens per image use
+it (1,024: scales 9-12 at 1024², 2,048 rows and up with CFG), and the small scales, bound by kernel count, keep
+bf16. The threshold is per image, not per batch, so that which scales change does not depend on the batch size:
+an FP8 error at an early scale changes which bits are sampled and so the whole image (fidelity_fp8.json).
 
 This changes the model's numbers (each FP8 GEMM is ~2.6% off in relative norm on random data): fidelity is
 measured against the bf16 dense model by bench/fidelity.py (variants `fp8`, `sparvar_fp8`). On the CPU the same
@@ -22,7 +24,7 @@ import torch.nn.functional as F
 FP8 = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8).max)  # 448
 MIN_AMAX = 1e-12  # an all-zero row quantises to zeros with a tiny scale instead of dividing by zero
-DEFAULT_MIN_ROWS = 2048  # 2B/8B with CFG: scales 9-12 at 1024² (32², 40², 48², 64² tokens x 2)
+DEFAULT_MIN_TOKENS = 1024  # 2B/8B: scales 9-12 at 1024² (32², 40², 48², 64² tokens per image)
 
 
 def quantize_rows_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -63,13 +65,13 @@ def fp8_matmul(q: torch.Tensor, q_scale: torch.Tensor, w: Fp8Weight, bias: torch
 
 
 class Fp8Linears:
-    """The block linears of a model in FP8 at steps of at least `min_rows` rows; `linear` and `linear_gelu` have
-    the signatures of sparvar.model.BlockOps' and defer to `base` for other layers and smaller steps."""
+    """The block linears of a model in FP8 at scales of at least `min_tokens` tokens; `linear` and `linear_gelu`
+    have the signatures of sparvar.model.BlockOps' and defer to `base` for other layers and smaller scales."""
 
-    def __init__(self, model: nn.Module, min_rows: int, base):
-        if min_rows < 0:
-            raise ValueError(f"min_rows must be >= 0, got {min_rows}")
-        self.min_rows, self.base = min_rows, base
+    def __init__(self, model: nn.Module, min_tokens: int, base):
+        if min_tokens < 0:
+            raise ValueError(f"min_tokens must be >= 0, got {min_tokens}")
+        self.min_tokens, self.base = min_tokens, base
         self.weights: dict[nn.Module, Fp8Weight] = {}
         for block in model.blocks:
             for layer in (block.sa.mat_qkv, block.sa.proj, block.ca.mat_q, block.ca.proj, block.ffn.fc1, block.ffn.fc2):
@@ -79,7 +81,7 @@ class Fp8Linears:
 
     def _fp8(self, layer, x) -> Fp8Weight | None:
         w = self.weights.get(layer)
-        return w if w is not None and x.numel() // x.shape[-1] >= self.min_rows else None
+        return w if w is not None and x.shape[-2] >= self.min_tokens else None  # x (B, n, C): n tokens per image
 
     def linear(self, layer, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         w = self._fp8(layer, x)
@@ -95,7 +97,7 @@ class Fp8Linears:
         return F.gelu(self.linear(layer, x), approximate="tanh")  # cuBLASLt's FP8 GEMM has no GELU epilogue here
 
 
-def with_fp8_linears(ops, model: nn.Module, min_rows: int = DEFAULT_MIN_ROWS):
-    """`ops` (a sparvar.model.BlockOps) with the model's block linears in FP8 from `min_rows` rows."""
-    fp8 = Fp8Linears(model, min_rows, ops)
+def with_fp8_linears(ops, model: nn.Module, min_tokens: int = DEFAULT_MIN_TOKENS):
+    """`ops` (a sparvar.model.BlockOps) with the model's block linears in FP8 at scales of >= `min_tokens` tokens."""
+    fp8 = Fp8Linears(model, min_tokens, ops)
     return dataclasses.replace(ops, linear=fp8.linear, linear_gelu=fp8.linear_gelu)

@@ -29,13 +29,13 @@ def test_quantize_rows_maps_each_row_max_to_448_and_reconstructs():
     assert rel.min() > 1e-3  # it really is quantised
 
 
-def test_fp8_linears_only_from_min_rows_and_only_block_linears():
+def test_fp8_linears_only_from_min_tokens_and_only_block_linears():
     model = build_model(CFG)
     block = model.blocks[0]
     x = torch.randn(2, 10, CFG.width)
-    ops = with_fp8_linears(EAGER, model, min_rows=21)
-    assert torch.equal(ops.linear(block.sa.proj, x), EAGER.linear(block.sa.proj, x))  # 20 rows < 21: bf16 path
-    ops = with_fp8_linears(EAGER, model, min_rows=20)
+    ops = with_fp8_linears(EAGER, model, min_tokens=11)
+    assert torch.equal(ops.linear(block.sa.proj, x), EAGER.linear(block.sa.proj, x))  # 10 tokens < 11: bf16 path
+    ops = with_fp8_linears(EAGER, model, min_tokens=10)  # per image: the batch of 2 does not count
     out, ref = ops.linear(block.sa.proj, x), EAGER.linear(block.sa.proj, x)
     rel = (out - ref).norm() / ref.norm()
     assert 1e-3 < rel < 0.05
@@ -45,7 +45,7 @@ def test_fp8_linears_only_from_min_rows_and_only_block_linears():
     assert (out - ref).norm() / ref.norm() < 0.05
     g, gref = ops.linear_gelu(block.ffn.fc1, x), EAGER.linear_gelu(block.ffn.fc1, x)
     assert g.shape == gref.shape and (g - gref).norm() / gref.norm() < 0.05
-    with pytest.raises(ValueError, match="min_rows must be >= 0"):
+    with pytest.raises(ValueError, match="min_tokens must be >= 0"):
         Fp8Linears(model, -1, EAGER)
 
 
@@ -61,7 +61,7 @@ def test_fp8_matmul_emulation_is_the_product_of_the_dequantised_operands():
 
 
 def test_fp8_step_stays_close_to_the_model():
-    """A whole step with every block linear in FP8 (min_rows 0): logits within a few percent."""
+    """A whole step with every block linear in FP8 (min_tokens 0): logits within a few percent."""
     from sparvar.cuda_engine import CudaGraphRunner
     from sparvar.schedule import get_schedule
     from sparvar.text import hashed_embeddings
@@ -69,7 +69,7 @@ def test_fp8_step_stays_close_to_the_model():
     schedule = get_schedule(256)
     model = build_model(CFG)
     f, l = hashed_embeddings(["a red car"], CFG.text_dim, CFG.text_maxlen)
-    runners = [CudaGraphRunner(model, schedule, use_graphs=False, fuse_pointwise=False, fp8_min_rows=m) for m in (None, 0)]
+    runners = [CudaGraphRunner(model, schedule, use_graphs=False, fuse_pointwise=False, fp8_min_tokens=m) for m in (None, 0)]
     for r in runners:
         r.begin(f, l, True)
     codes = None
@@ -133,8 +133,8 @@ def test_fp8_engine_graphs_equal_its_eager_steps_on_gpu():
     model = build_model(CFG, device="cuda", dtype=torch.bfloat16)
     decoder = build_decoder(CFG, None, "cuda", torch.bfloat16)
     f, l = hashed_embeddings(["a red car"], CFG.text_dim, CFG.text_maxlen)
-    eager = CudaGraphRunner(model, schedule, use_graphs=False, fp8_min_rows=64)
-    graphs = CudaGraphRunner(model, schedule, fp8_min_rows=64)
+    eager = CudaGraphRunner(model, schedule, use_graphs=False, fp8_min_tokens=32)
+    graphs = CudaGraphRunner(model, schedule, fp8_min_tokens=32)
     a = generate(eager, decoder, schedule, f, l, Sampling(cfg=3.0), seed=3)
     b = generate(graphs, decoder, schedule, f, l, Sampling(cfg=3.0), seed=3)
     assert all(torch.equal(x, y) for x, y in zip(a.bits, b.bits))
