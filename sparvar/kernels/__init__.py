@@ -11,6 +11,10 @@ sparvar::triton_cs4a_decide, with fake kernels) so torch.compile and torch.expor
 names carry a `triton_` prefix because export/custom_ops.py already defines sparvar::csla_attention etc. as the
 reference ops of the ONNX path. `sparse_ops()` returns them as a sparvar.sparse.SparseOps backend.
 The module imports without triton (CPU installs); the kernels then raise a RuntimeError naming it.
+
+Beside the attention kernels, the torch-cuda engine's other Triton kernels, each next to its torch reference:
+pointwise.py (a block's element-wise glue, as sparvar.model.BlockOps), fp8.py (per-row FP8 quantisation for
+sparvar/fp8.py), group_norm.py (the tokenizer decoder's GroupNorm + SiLU).
 """
 from sparvar.kernels.aot import aot_kernel
 from sparvar.kernels.cs4a import (cs4a_attention, cs4a_attention_raw, cs4a_column_sums, cs4a_decide, cs4a_decide_raw,
