@@ -230,7 +230,10 @@ def load_engine_pipeline(engine_dir: str, skip_last: int = 0, **expected):
 
 
 def spec_from_args(args) -> EngineSpec:
-    dtype = args.dtype or ("fp32" if args.model in ("infinity-tiny", "hart-tiny") else "fp16")
+    # tiny models: fp32 (exact tests on CPU); torch-cuda: bf16, the models' training dtype and the one benchmarked;
+    # CPU / TensorRT graphs: fp16
+    default = "fp32" if args.model in ("infinity-tiny", "hart-tiny") else "bf16" if args.backend == "torch-cuda" else "fp16"
+    dtype = args.dtype or default
     return EngineSpec(model=args.model, resolution=args.resolution, aspect=args.aspect, attention=args.attention,
                       backend=args.backend, dtype=dtype, weights=args.weights, vae=args.vae, fp8=getattr(args, "fp8", False))
 

@@ -66,3 +66,17 @@ def test_cuda_without_gpu_is_a_clear_error(capsys):
 def test_missing_engine_dir_is_a_clear_error(capsys, tmp_path):
     code, err = _run(["generate", "--engine", str(tmp_path / "nope")], capsys)
     assert code == 1 and "engine directory not found" in err
+
+
+def test_engine_dtype_defaults_per_backend():
+    from sparvar.cli import build_parser
+    from sparvar.runtime import spec_from_args
+
+    def spec(*extra):
+        return spec_from_args(build_parser().parse_args(["engine", "build", "--random-weights", *extra]))
+
+    assert spec("--model", "infinity-2b", "--backend", "torch-cuda").dtype == "bf16"
+    assert spec("--model", "infinity-2b", "--backend", "onnxruntime").dtype == "fp16"
+    assert spec("--model", "infinity-tiny", "--backend", "torch-cuda").dtype == "fp32"
+    assert spec("--model", "infinity-2b", "--backend", "torch-cuda", "--dtype", "fp16").dtype == "fp16"
+    assert spec("--model", "infinity-2b", "--backend", "torch-cuda", "--fp8").fp8
