@@ -24,10 +24,6 @@ sys.path.insert(0, ROOT)
 
 from bench.common import cuda_time_ms, result_path, write_result  # noqa: E402
 
-FP8 = torch.float8_e4m3fn
-FP8_MAX = torch.finfo(FP8).max
-
-
 def graph_time_ms(fn, runs: int = 30) -> dict:
     """Median time of fn captured in a CUDA graph (launch gaps removed, as in the engine)."""
     from sparvar.cuda_engine import capture_scales
@@ -51,14 +47,9 @@ def mm_s(t: dict) -> float:
     return t["median_ms"] / 1000.0
 
 
-def quantize_rows(x: torch.Tensor):
-    """bf16 (M, K) -> fp8 (M, K), fp32 scales (M, 1): per-row absmax scaling."""
-    amax = x.abs().amax(dim=-1, keepdim=True).float().clamp_min(1e-12)
-    scale = amax / FP8_MAX
-    return (x.float() / scale).to(FP8), scale
-
-
 def linears(cfg, rows: list[int]) -> list[dict]:
+    from sparvar.fp8 import quantize_rows_ref  # eager torch: the quantisation cost before its Triton kernel
+
     C, Hm = cfg.width, cfg.mlp_dim
     shapes = {"qkv": (C, 3 * C), "proj": (C, C), "fc1": (C, Hm), "fc2": (Hm, C)}
     out = []
@@ -67,8 +58,8 @@ def linears(cfg, rows: list[int]) -> list[dict]:
             x = torch.randn(M, K, dtype=torch.bfloat16, device="cuda")
             w = torch.randn(N, K, dtype=torch.bfloat16, device="cuda") / K**0.5
             bias = torch.randn(N, dtype=torch.bfloat16, device="cuda")
-            wq, ws = quantize_rows(w)  # per output channel
-            xq, xs = quantize_rows(x)
+            wq, ws = quantize_rows_ref(w)  # per output channel
+            xq, xs = quantize_rows_ref(x)
             wq_t = wq.t()  # (K, N) column-major, as _scaled_mm wants its second operand
             ref = F.linear(x.float(), w.float(), bias.float())
             bf16 = graph_time_ms(lambda: F.linear(x, w, bias))
@@ -83,7 +74,7 @@ def linears(cfg, rows: list[int]) -> list[dict]:
                 continue
 
             def quant_and_mm():
-                q, s = quantize_rows(x)
+                q, s = quantize_rows_ref(x)
                 return torch._scaled_mm(q, wq_t, scale_a=s, scale_b=ws.t(), bias=bias, out_dtype=torch.bfloat16)
 
             fp8_q = graph_time_ms(quant_and_mm)

@@ -36,7 +36,7 @@ class CudaGraphRunner:
         self.ropes = [r.to(self.device) for r in rope_tables(schedule, model.cfg.head_dim)]
         # eager, the element-wise glue is ~60 kernels per block: at small scales their count, at large scales their
         # memory traffic, costs more than the GEMMs (bench/results/profile_h100_unfused.json); torch.compile's
-        # dynamic-shape kernels still cost as much as the GEMMs (profile_h200.json). Five Triton kernels per block.
+        # dynamic-shape kernels still cost as much as the GEMMs (profile_h200_compiled_glue.json). Five Triton kernels per block.
         if fuse_pointwise:
             from .kernels.pointwise import triton_block_ops
 

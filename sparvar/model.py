@@ -62,12 +62,19 @@ class KVCache:
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.offset = 0  # tokens before the scale being run
 
+    def slot(self, layer: int, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Views (B, H, ., D) of layer's K/V: this scale's n positions after the earlier scales (to be written), and
+        all positions visible once they are."""
+        end = self.offset + n
+        k_all, v_all = self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        return k_all[:, :, self.offset:], v_all[:, :, self.offset:], k_all, v_all
+
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store this scale's k, v (B, H, n, D) after the earlier scales; return the visible cache views."""
-        end = self.offset + k.shape[2]
-        self.k[layer, :, :, self.offset:end] = k
-        self.v[layer, :, :, self.offset:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        k_new, v_new, k_all, v_all = self.slot(layer, k.shape[2])
+        k_new.copy_(k)
+        v_new.copy_(v)
+        return k_all, v_all
 
 
 class ConcatKV:

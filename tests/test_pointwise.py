@@ -30,7 +30,7 @@ def inputs(B, n, C, H, dtype, device, offset=5):
 
 
 def compare_all(t, B, n, C, H, check):
-    """Every Pointwise entry of the kernels against the reference, through `check(name, out, ref)`."""
+    """Every element-wise BlockOps entry of the kernels against the reference, through `check(name, out, ref)`."""
     eps = 1e-6
     check("gated_residual", residual_norm(t["x"], t["y"], t["gate"])[0], M.gated_residual(t["x"], t["y"], t["gate"]))
     check("modulate", residual_norm(t["x"], scale=t["scale"], shift=t["shift"], eps=eps)[1],
@@ -71,7 +71,7 @@ def test_residual_norm_rejects_bad_inputs():
         residual_norm(x, x, torch.ones(2, 1, 8, dtype=torch.bfloat16))
     with pytest.raises(ValueError, match="one contiguous row of 8 channels per batch row"):
         residual_norm(x, x, torch.ones(3, 1, 8))
-    with pytest.raises(ValueError, match="a CUDA GPU"):
+    with pytest.raises(ValueError, match="must be on a CUDA device"):
         residual_norm(x, x, torch.ones(2, 1, 8))
 
 
@@ -85,7 +85,7 @@ def test_qkv_rope_rejects_bad_inputs():
         qkv_rope(qkv, torch.ones(2), torch.zeros(2, 4, 16), k, k)
     with pytest.raises(ValueError, match="scale_mul must hold 2 floating-point"):
         qkv_rope(qkv, torch.ones(3), rope, k, k)
-    with pytest.raises(ValueError, match="a CUDA GPU"):
+    with pytest.raises(ValueError, match="must be on a CUDA device"):
         qkv_rope(qkv, torch.ones(2), rope, k, k)
     with pytest.raises(TypeError, match="preallocated KVCache"):
         triton_block_ops().attention_inputs(qkv, 2, torch.ones(2), rope, M.ConcatKV([k], [k]), 0)

@@ -111,8 +111,8 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class Pointwise:
-    """The element-wise glue of a HART block (the role of sparvar.model.Pointwise): eager by default; a GPU engine
-    may pass torch.compile'd versions of the same functions."""
+    """The element-wise glue of a HART block (the role of sparvar.model.BlockOps, without the linears): eager by
+    default; a GPU engine may pass torch.compile'd versions of the same functions."""
 
     rope_qk: object = rope_qk
     swiglu: object = swiglu

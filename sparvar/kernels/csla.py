@@ -83,16 +83,17 @@ def check_qkv(name: str, q, k, v) -> None:
             raise ValueError(f"{name}: {label} spans more than 2**31 elements; int32 offsets would overflow")
 
 
-def check_device(name: str, ref: torch.Tensor, **others: torch.Tensor | None) -> None:
+def check_device(name: str, ref: torch.Tensor, *, hint: str = "use the reference_* functions on the CPU",
+                 **others: torch.Tensor | None) -> None:
+    """ref on the kernels' device (a CUDA GPU; the CPU under TRITON_INTERPRET=1), the others on ref's device."""
     if interpreting():
         if ref.device.type != "cpu":
             raise ValueError(f"{name}: under TRITON_INTERPRET=1 tensors must be on the CPU, got {ref.device}")
     elif ref.device.type != "cuda":
-        raise ValueError(f"{name}: tensors must be on a CUDA device, got {ref.device} "
-                         "(use the reference_* functions on the CPU)")
+        raise ValueError(f"{name}: tensors must be on a CUDA device, got {ref.device} ({hint})")
     for label, t in others.items():
         if t is not None and t.device != ref.device:
-            raise ValueError(f"{name}: {label} is on {t.device}, q on {ref.device}; all inputs must share a device")
+            raise ValueError(f"{name}: {label} is on {t.device}, the first input on {ref.device}; all inputs must share a device")
 
 
 def check_index(name: str, label: str, t, dims: int) -> None:

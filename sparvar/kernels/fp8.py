@@ -8,14 +8,12 @@ from __future__ import annotations
 
 import torch
 
-from sparvar.kernels.csla import HAS_TRITON, interpreting, require_triton
+from sparvar.fp8 import FP8, FP8_MAX, MIN_AMAX
+from sparvar.kernels.csla import HAS_TRITON, check_device, require_triton
 
 if HAS_TRITON:
     import triton
     import triton.language as tl
-
-FP8_MAX = 448.0
-MIN_AMAX = 1e-12
 
 if HAS_TRITON:
     _FP8_MAX = tl.constexpr(FP8_MAX)  # a jit function reads module globals only as constexprs
@@ -41,12 +39,9 @@ def quantize_rows_triton(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         raise ValueError(f"{name}: x must be a contiguous (M, K) matrix, got shape {tuple(x.shape)}, strides {x.stride()}")
     if x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
         raise TypeError(f"{name}: x must be bf16, fp16 or fp32, got {x.dtype}")
-    want = "cpu" if interpreting() else "cuda"
-    if x.device.type != want:
-        raise ValueError(f"{name}: x must be on {'the CPU (TRITON_INTERPRET=1)' if want == 'cpu' else 'a CUDA GPU'}, "
-                         f"got {x.device}")
+    check_device(name, x, hint="use sparvar.fp8.quantize_rows_ref elsewhere")
     M, K = x.shape
-    q = torch.empty((M, K), dtype=torch.float8_e4m3fn, device=x.device)
+    q = torch.empty((M, K), dtype=FP8, device=x.device)
     scale = torch.empty((M, 1), dtype=torch.float32, device=x.device)
     if x.numel():
         block = triton.next_power_of_2(K)

@@ -33,7 +33,7 @@ import math
 
 import torch
 
-from sparvar.kernels.csla import HAS_TRITON, INT32_MAX, interpreting, require_triton
+from sparvar.kernels.csla import HAS_TRITON, INT32_MAX, check_device, interpreting, require_triton
 
 if HAS_TRITON:
     import triton
@@ -176,13 +176,7 @@ def _check(name: str, x, weight, bias, num_groups, eps) -> bool:
         raise ValueError(f"{name}: {C} channels; at most {MAX_CHANNELS} are supported (a tile row holds all channels)")
     if B > 65535:
         raise ValueError(f"{name}: batch {B} exceeds the launch grid limit 65535")
-    want = "cpu" if interpreting() else "cuda"
-    if x.device.type != want:
-        raise ValueError(f"{name}: x must be on {'the CPU (TRITON_INTERPRET=1)' if want == 'cpu' else 'a CUDA GPU'}, "
-                         f"got {x.device} (use torch.nn.functional.group_norm elsewhere)")
-    for label, t in (("weight", weight), ("bias", bias)):
-        if t.device != x.device:
-            raise ValueError(f"{name}: {label} is on {t.device}, x on {x.device}; all inputs must share a device")
+    check_device(name, x, hint="use torch.nn.functional.group_norm elsewhere", weight=weight, bias=bias)
     return channels_last
 
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from sparvar.kernels.csla import HAS_TRITON, interpreting, require_triton
+from sparvar.kernels.csla import HAS_TRITON, check_device, interpreting, require_triton
 
 if HAS_TRITON:
     import triton
@@ -104,14 +104,6 @@ if HAS_TRITON:
 
 
 # ------------------------------------------------------------------------------------------------ wrappers
-def _check_device(name: str, *tensors) -> None:
-    want = "cpu" if interpreting() else "cuda"
-    for t in tensors:
-        if t is not None and t.device.type != want:
-            raise ValueError(f"{name}: tensors must be on {'the CPU (TRITON_INTERPRET=1)' if want == 'cpu' else 'a CUDA GPU'}, "
-                             f"got {t.device}")
-
-
 def _per_batch(name: str, label: str, t: torch.Tensor, B: int, C: int) -> int:
     """A (B, 1, C) / (B, C) per-batch-row vector with contiguous channels: its batch stride."""
     if t.shape[-1] != C or t.numel() != B * C or t.stride(-1) != 1:
@@ -153,7 +145,7 @@ def residual_norm(x: torch.Tensor, y: torch.Tensor | None = None, gate: torch.Te
         weight, bias = scale, shift
     else:
         w_stride = b_stride = 0
-    _check_device(name, x, y, gate, weight, bias)
+    check_device(name, x, hint="use sparvar.model's functions elsewhere", y=y, gate=gate, weight=weight, bias=bias)
     x_out = torch.empty_like(x) if y is not None else None
     out = torch.empty_like(x) if norm != NORM_NONE else None
     if x.numel():
@@ -194,7 +186,8 @@ def qkv_rope(qkv: torch.Tensor, scale_mul: torch.Tensor, rope: torch.Tensor, k_o
     if scale_mul.numel() != H or not scale_mul.is_floating_point():
         raise ValueError(f"{name}: scale_mul must hold {H} floating-point values, got {tuple(scale_mul.shape)} {scale_mul.dtype}")
     scale_mul = scale_mul.reshape(H).float()  # exact: eager multiplies fp32 q by it (type promotion)
-    _check_device(name, qkv, scale_mul, rope, k_out, v_out)
+    check_device(name, qkv, hint="use sparvar.model.attention_inputs elsewhere", scale_mul=scale_mul, rope=rope,
+                 k_out=k_out, v_out=v_out)
     q_store = torch.empty((B, n, H, D), dtype=qkv.dtype, device=qkv.device)
     q = q_store.transpose(1, 2)
     if qkv.numel():
@@ -225,14 +218,12 @@ def triton_block_ops():
     def attention_inputs(qkv, heads, scale_mul, rope, kv, layer):
         if not isinstance(kv, KVCache):
             raise TypeError(f"the Triton attention inputs write into a preallocated KVCache, got {type(kv).__name__}")
-        B, n, _ = qkv.shape
-        end = kv.offset + n
-        k_all, v_all = kv.k[layer, :, :, :end], kv.v[layer, :, :, :end]
-        q = qkv_rope(qkv, scale_mul, rope, k_all[:, :, kv.offset:], v_all[:, :, kv.offset:])
-        return q, k_all, v_all
+        k_new, v_new, k_all, v_all = kv.slot(layer, qkv.shape[1])
+        return qkv_rope(qkv, scale_mul, rope, k_new, v_new), k_all, v_all
 
-    return BlockOps(modulate=modulate, gated_residual=gated_residual, residual_layer_norm=residual_layer_norm, residual_modulate=residual_modulate,
-                     attention_inputs=attention_inputs, linear_gelu=linear_gelu_epilogue)
+    return BlockOps(modulate=modulate, gated_residual=gated_residual, residual_layer_norm=residual_layer_norm,
+                    residual_modulate=residual_modulate, attention_inputs=attention_inputs,
+                    linear_gelu=linear_gelu_epilogue)
 
 
 def linear_gelu_epilogue(layer, x: torch.Tensor) -> torch.Tensor:
