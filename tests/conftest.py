@@ -9,3 +9,11 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _seeded():
+    """Every test starts from the same random state, so a failure in CI reproduces here (tests draw random
+    inputs; an unseeded draw once failed CI and passed locally)."""
+    torch.manual_seed(0)
+    yield

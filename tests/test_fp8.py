@@ -84,17 +84,24 @@ INTERPRETER_SCRIPT = textwrap.dedent('''
     import torch
     from sparvar.fp8 import quantize_rows_ref
     from sparvar.kernels.fp8 import quantize_rows_triton
+    torch.manual_seed(0)
     worst = 0.0
-    for M, K in [(5, 96), (3, 1000)]:
+    for M, K in [(5, 96), (3, 1000), (64, 256)]:
         x = torch.randn(M, K) * 3
         q, s = quantize_rows_triton(x)
         rq, rs = quantize_rows_ref(x)
         assert torch.allclose(s, rs), "scales differ"
-        # Triton 3.6's interpreter drops the carry when fp32 -> e4m3 rounds up to the next power of two (124.3 ->
-        # 64, not 128); the GPU rounds correctly (checked on the GPU below). Only those elements may differ.
-        a, b = q.float(), rq.float()
+        a, b, exact = q.float(), rq.float(), x / rs
+        # Triton 3.6's interpreter casts fp32 -> e4m3 its own way: it drops the carry when rounding up to the next
+        # power of two (124.3 -> 64, not 128), breaks ties away from zero (272 -> 288, not 256) and flushes the
+        # smallest subnormal to zero. The GPU rounds as torch does (checked on the GPU below). So under the
+        # interpreter an element may be either e4m3 neighbour of the exact value, or half the reference when carried.
+        step = torch.where(exact.abs() < 2 ** -6, torch.full_like(exact, 2 ** -9),
+                           2 ** (torch.log2(exact.abs().clamp_min(2 ** -6)).floor() - 3))
+        neighbour = (a - exact).abs() <= step
         carry = (b.abs() == 2 ** torch.log2(b.abs().clamp_min(1e-30)).round()) & (a == b / 2)
-        worst = max(worst, ((a != b) & ~carry).float().sum().item())
+        assert ((a == b) | carry).float().mean() > 0.99, "most values must round exactly as the reference"
+        worst = max(worst, (~(neighbour | carry)).float().sum().item())
     print("WORST", worst)
 ''')
 
