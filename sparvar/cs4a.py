@@ -246,10 +246,15 @@ def cs4a_decide_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group_siz
 
 
 def upsample_cache(o_cache: torch.Tensor, src_grid: tuple[int, int], dst_grid: tuple[int, int]) -> torch.Tensor:
-    """(B, H, hs*ws, D) raster tokens -> (B, H, hd*wd, D): bilinear, align_corners=False, computed in fp32."""
+    """(B, H, hs*ws, D) raster tokens -> (B, H, hd*wd, D): bilinear, align_corners=False, weights and sums in fp32,
+    one rounding to o_cache's dtype at the end.
+
+    The raster tokens with D last are an NHWC image; interpolating it as one (channels-last) image needs no
+    transpose or dtype copies (the H200 measured 0.2 ms per layer at 2B scale 12 for the NCHW fp32 version with
+    its four copies, for a 17 MB output)."""
     b, h, length, d = o_cache.shape
     if length != src_grid[0] * src_grid[1]:
         raise ValueError(f"o_cache has {length} tokens, grid {src_grid} has {src_grid[0] * src_grid[1]}")
-    image = o_cache.float().transpose(-1, -2).reshape(b * h, d, *src_grid)  # (B*H, D, hs, ws)
+    image = o_cache.reshape(b * h, *src_grid, d).permute(0, 3, 1, 2)  # (B*H, D, hs, ws) view, channels-last strides
     image = F.interpolate(image, size=tuple(dst_grid), mode="bilinear", align_corners=False)
-    return image.reshape(b, h, d, -1).transpose(-1, -2).to(o_cache.dtype)  # (B, H, hd*wd, D)
+    return image.permute(0, 2, 3, 1).reshape(b, h, -1, d)  # channels-last output: a view, (B, H, hd*wd, D)

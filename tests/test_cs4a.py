@@ -175,6 +175,36 @@ def test_upsample_cache_keeps_raster_layout():
         upsample_cache(cache, (4, 4), dst)
 
 
+def bilinear_float64(cache: torch.Tensor, src, dst) -> torch.Tensor:
+    """align_corners=False bilinear written out (source coordinate (i + 0.5) * in / out - 0.5, clamped at 0; the
+    upper neighbour clamped at the border), in float64: an independent check of upsample_cache."""
+    b, h, _, d = cache.shape
+    image = cache.double().view(b, h, *src, d)
+
+    def taps(n_in, n_out):
+        pos = ((torch.arange(n_out, dtype=torch.float64) + 0.5) * (n_in / n_out) - 0.5).clamp_min(0)
+        lo = pos.floor().long().clamp_max(n_in - 1)
+        return lo, (lo + 1).clamp_max(n_in - 1), (pos - lo)
+
+    y0, y1, wy = taps(src[0], dst[0])
+    x0, x1, wx = taps(src[1], dst[1])
+    wy, wx = wy[:, None, None], wx[None, :, None]
+    top = image[:, :, y0][:, :, :, x0] * (1 - wx) + image[:, :, y0][:, :, :, x1] * wx
+    bottom = image[:, :, y1][:, :, :, x0] * (1 - wx) + image[:, :, y1][:, :, :, x1] * wx
+    return (top * (1 - wy) + bottom * wy).reshape(b, h, -1, d)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("src,dst", [((40, 40), (48, 48)), ((40, 40), (64, 64)), ((5, 4), (9, 7)), ((3, 3), (3, 3))])
+def test_upsample_cache_matches_the_bilinear_formula(dtype, src, dst):
+    cache = torch.randn(2, 3, src[0] * src[1], 16).to(dtype)
+    up = upsample_cache(cache, src, dst)
+    assert up.dtype == dtype and up.shape == (2, 3, dst[0] * dst[1], 16) and up.stride(-1) == 1
+    ref = bilinear_float64(cache, src, dst)
+    tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=2e-2, rtol=1e-2)  # fp32 coordinates; one bf16 rounding
+    torch.testing.assert_close(up.double(), ref, **tol)
+
+
 def test_bad_inputs_raise():
     q, k, v = qkv(40, 90)
     with pytest.raises(ValueError, match="topk"):
