@@ -84,6 +84,12 @@ def linears(cfg, rows: list[int]) -> list[dict]:
                    "fp8_fast_accum_ms": fast["median_ms"],
                    "fp8_with_quant_ms": fp8_q["median_ms"], "fp8_rel_err": err.item(),
                    "bf16_tflops": flop / bf16["median_ms"] / 1e9, "fp8_tflops": flop / fp8["median_ms"] / 1e9}
+            if name == "fc2":  # its input is the GELU of fc1's output: GELU then quantise, or both in one pass
+                from sparvar.kernels.fp8 import quantize_rows_triton
+
+                sep = graph_time_ms(lambda: quantize_rows_triton(F.gelu(x, approximate="tanh")))
+                fused = graph_time_ms(lambda: quantize_rows_triton(x, gelu=True))
+                row.update(gelu_then_quant_ms=sep["median_ms"], gelu_quant_fused_ms=fused["median_ms"])
             if name == "fc1":
                 two = graph_time_ms(lambda: F.gelu(F.linear(x, w, bias), approximate="tanh"))
                 fused = graph_time_ms(lambda: torch._addmm_activation(bias, x, w.t(), use_gelu=True))

@@ -27,21 +27,23 @@ MIN_AMAX = 1e-12  # an all-zero row quantises to zeros with a tiny scale instead
 DEFAULT_MIN_TOKENS = 1024  # 2B/8B: scales 9-12 at 1024² (32², 40², 48², 64² tokens per image)
 
 
-def quantize_rows_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_rows_ref(x: torch.Tensor, gelu: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """x (..., K) -> FP8 values (..., K) and fp32 scales (..., 1) with x ~ values * scales: each row's absolute
-    maximum maps to the largest FP8 value (448), rounding to nearest."""
+    maximum maps to the largest FP8 value (448), rounding to nearest. With gelu, of gelu_tanh(x) (in x's dtype)."""
+    if gelu:
+        x = F.gelu(x, approximate="tanh")
     amax = x.abs().amax(dim=-1, keepdim=True).float().clamp_min(MIN_AMAX)
     scale = amax / FP8_MAX
     return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
 
 
-def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_rows(x: torch.Tensor, gelu: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """quantize_rows_ref in one Triton pass on a GPU; the reference elsewhere."""
     if x.is_cuda:
         from .kernels.fp8 import quantize_rows_triton
 
-        return quantize_rows_triton(x)
-    return quantize_rows_ref(x)
+        return quantize_rows_triton(x, gelu=gelu)
+    return quantize_rows_ref(x, gelu=gelu)
 
 
 @dataclasses.dataclass
@@ -65,8 +67,8 @@ def fp8_matmul(q: torch.Tensor, q_scale: torch.Tensor, w: Fp8Weight, bias: torch
 
 
 class Fp8Linears:
-    """The block linears of a model in FP8 at scales of at least `min_tokens` tokens; `linear` and `linear_gelu`
-    have the signatures of sparvar.model.BlockOps' and defer to `base` for other layers and smaller scales."""
+    """The block linears of a model in FP8 at scales of at least `min_tokens` tokens; `linear` and `ffn` have the
+    signatures of sparvar.model.BlockOps' and defer to `base` for other layers and smaller scales."""
 
     def __init__(self, model: nn.Module, min_tokens: int, base):
         if min_tokens < 0:
@@ -91,13 +93,18 @@ class Fp8Linears:
         out = fp8_matmul(q, q_scale, w, layer.bias if bias is None else bias, x.dtype)
         return out.view(*x.shape[:-1], out.shape[-1])
 
-    def linear_gelu(self, layer, x: torch.Tensor) -> torch.Tensor:
-        if self._fp8(layer, x) is None:
-            return self.base.linear_gelu(layer, x)
-        return F.gelu(self.linear(layer, x), approximate="tanh")  # cuBLASLt's FP8 GEMM has no GELU epilogue here
+    def ffn(self, fc1, fc2, x: torch.Tensor) -> torch.Tensor:
+        w1, w2 = self._fp8(fc1, x), self._fp8(fc2, x)
+        if w1 is None or w2 is None:
+            return self.base.ffn(fc1, fc2, x)
+        hidden = fp8_matmul(*quantize_rows(x.reshape(-1, x.shape[-1])), w1, fc1.bias, x.dtype)
+        # cuBLASLt's FP8 GEMM has no GELU epilogue here; the GELU goes into fc2's input quantisation instead, which
+        # reads the hidden activation once (a separate GELU read and wrote all of it again, the largest tensor)
+        out = fp8_matmul(*quantize_rows(hidden, gelu=True), w2, fc2.bias, x.dtype)
+        return out.view(*x.shape[:-1], out.shape[-1])
 
 
 def with_fp8_linears(ops, model: nn.Module, min_tokens: int = DEFAULT_MIN_TOKENS):
     """`ops` (a sparvar.model.BlockOps) with the model's block linears in FP8 at scales of >= `min_tokens` tokens."""
     fp8 = Fp8Linears(model, min_tokens, ops)
-    return dataclasses.replace(ops, linear=fp8.linear, linear_gelu=fp8.linear_gelu)
+    return dataclasses.replace(ops, linear=fp8.linear, ffn=fp8.ffn)

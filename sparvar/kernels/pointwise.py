@@ -201,7 +201,7 @@ def qkv_rope(qkv: torch.Tensor, scale_mul: torch.Tensor, rope: torch.Tensor, k_o
 
 def triton_block_ops():
     """These kernels as the model's BlockOps (see sparvar.model): what the torch-cuda engine runs."""
-    from sparvar.model import BlockOps, KVCache
+    from sparvar.model import BlockOps, KVCache, linear
 
     def modulate(x, scale, shift, eps):
         return residual_norm(x, scale=scale, shift=shift, eps=eps)[1]
@@ -221,9 +221,11 @@ def triton_block_ops():
         k_new, v_new, k_all, v_all = kv.slot(layer, qkv.shape[1])
         return qkv_rope(qkv, scale_mul, rope, k_new, v_new), k_all, v_all
 
+    def ffn(fc1, fc2, x):
+        return linear(fc2, linear_gelu_epilogue(fc1, x))
+
     return BlockOps(modulate=modulate, gated_residual=gated_residual, residual_layer_norm=residual_layer_norm,
-                    residual_modulate=residual_modulate, attention_inputs=attention_inputs,
-                    linear_gelu=linear_gelu_epilogue)
+                    residual_modulate=residual_modulate, attention_inputs=attention_inputs, ffn=ffn)
 
 
 def linear_gelu_epilogue(layer, x: torch.Tensor) -> torch.Tensor:
