@@ -45,7 +45,8 @@ def text_io(cfg: InfinityConfig, batch: int, dtype: torch.dtype) -> tuple[list[T
     inputs = [TensorSpec("text_features", (batch, TEXT_LEN, cfg.text_dim), "float32"),
               TensorSpec("text_lengths", (batch,), "int64")]
     outputs = [TensorSpec("sos", (B2, 1, C), _dt(dtype)), TensorSpec("cond", (B2, C), "float32"),
-               TensorSpec("ada", (B2, 1, 6, C), "float32"), TensorSpec("text_mask", (B2, 1, 1, TEXT_LEN), "bool")]
+               TensorSpec("ada", (cfg.depth, B2, 1, 6, C), "float32"),
+               TensorSpec("text_bias", (B2, 1, 1, TEXT_LEN), _dt(dtype))]
     for i in range(cfg.depth):
         outputs += [TensorSpec(f"text_k.{i}", (B2, H, TEXT_LEN, D), _dt(dtype)),
                     TensorSpec(f"text_v.{i}", (B2, H, TEXT_LEN, D), _dt(dtype))]
@@ -116,8 +117,8 @@ def step_io(cfg: InfinityConfig, schedule: Schedule, scale: int, batch: int, dty
     n, past = schedule.lengths[scale], schedule.offsets[scale]
     dt = _dt(dtype)
     inputs = [TensorSpec("sos", (B2, 1, C), dt) if scale == 0 else TensorSpec("codes", (batch, n, cfg.bits), "float32"),
-              TensorSpec("cond", (B2, C), "float32"), TensorSpec("ada", (B2, 1, 6, C), "float32"),
-              TensorSpec("text_mask", (B2, 1, 1, TEXT_LEN), "bool")]
+              TensorSpec("cond", (B2, C), "float32"), TensorSpec("ada", (cfg.depth, B2, 1, 6, C), "float32"),
+              TensorSpec("text_bias", (B2, 1, 1, TEXT_LEN), dt)]
     for i in range(cfg.depth):
         inputs += [TensorSpec(f"text_k.{i}", (B2, H, TEXT_LEN, D), dt), TensorSpec(f"text_v.{i}", (B2, H, TEXT_LEN, D), dt)]
     past_kv, new_kv = kv_io(cfg, schedule, scale, batch, dtype)
@@ -132,7 +133,7 @@ class TextUnit(nn.Module):
 
     def forward(self, text_features, text_lengths):
         t = self.model.encode_text(text_features, text_lengths, cfg_guidance=True)
-        out = [t.sos, t.cond, t.ada, t.key_mask]
+        out = [t.sos, t.cond, t.ada, t.key_bias]
         for k, v in zip(t.k, t.v):
             out += [k, v]
         return tuple(out)
@@ -152,7 +153,7 @@ class StepUnit(nn.Module):
         cfg = self.model.cfg
         named = dict(zip((s.name for s in self.inputs), args))
         first = named.get("sos", named.get("codes"))
-        text = TextCondition(cond=named["cond"], ada=named["ada"], sos=first, key_mask=named["text_mask"],
+        text = TextCondition(cond=named["cond"], ada=named["ada"], sos=first, key_bias=named["text_bias"],
                              k=[named[f"text_k.{i}"] for i in range(cfg.depth)],
                              v=[named[f"text_v.{i}"] for i in range(cfg.depth)])
         kv = step_kv(named, cfg, self.scale, first, self.plan)

@@ -140,7 +140,7 @@ class GraphedDecoder:
 
 
 def _text_tensors(t: TextCondition) -> list[torch.Tensor]:
-    return [t.cond, t.ada, t.sos, t.key_mask, *t.k, *t.v]
+    return [t.cond, t.ada, t.sos, t.key_bias, *t.k, *t.v]
 
 
 def load_cuda_engine(engine_dir: str, manifest: dict):

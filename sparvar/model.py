@@ -212,15 +212,15 @@ class CrossAttention(nn.Module):
         k, v = kv.view(B, L, 2, self.heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         return k, v
 
-    def forward(self, x, k, v, key_mask, ops: BlockOps = EAGER):
-        """x (B, n, C) (ignored when pooling), k/v (B, H, L, D), key_mask (B, 1, 1, L) bool: True = real token."""
+    def forward(self, x, k, v, key_bias, ops: BlockOps = EAGER):
+        """x (B, n, C) (ignored when pooling), k/v (B, H, L, D), key_bias (B, 1, 1, L): 0 = real token, -inf = pad."""
         if isinstance(self.mat_q, nn.Parameter):
             B, n = k.shape[0], 1
             q = self.mat_q.to(k.dtype).unsqueeze(2).expand(B, -1, -1, -1)  # (B, H, 1, D)
         else:
             B, n, _ = x.shape
             q = ops.linear(self.mat_q, x).view(B, n, self.heads, self.head_dim).transpose(1, 2)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=key_bias)
         return ops.linear(self.proj, out.transpose(1, 2).reshape(B, n, -1))
 
 
@@ -245,25 +245,29 @@ class Block(nn.Module):
         self.ca_norm = nn.LayerNorm(C, eps=cfg.norm_eps)
         self.ffn = FFN(C, cfg.mlp_dim)
 
-    def forward(self, x, ada, text_k, text_v, text_mask, rope, kv, layer, scale, plan=None, backend="sdpa",
+    def forward(self, x, ada, text_k, text_v, text_bias, rope, kv, layer, scale, plan=None, backend="sdpa",
                 ops: BlockOps = EAGER):
+        """ada (B, 1, 6, C) fp32: this block's AdaLN vectors, the shared output plus `ada_gss` (Infinity.encode_text)."""
         # official chunk order of the 6 AdaLN vectors; each (B, 1, C) in fp32
-        gamma1, gamma2, scale1, scale2, shift1, shift2 = (self.ada_gss + ada).unbind(2)
+        gamma1, gamma2, scale1, scale2, shift1, shift2 = ada.unbind(2)
         h = ops.modulate(x, scale1, shift1, self.eps)
         x, c = ops.residual_layer_norm(x, self.sa(h, rope, kv, layer, scale, plan, backend, ops), gamma1,
                                        self.ca_norm.weight, self.ca_norm.bias, self.ca_norm.eps)
-        x, h = ops.residual_modulate(x, self.ca(c, text_k, text_v, text_mask, ops), scale2, shift2, self.eps)
+        x, h = ops.residual_modulate(x, self.ca(c, text_k, text_v, text_bias, ops), scale2, shift2, self.eps)
         return ops.gated_residual(x, self.ffn(h, ops), gamma2)
 
 
 @dataclass
 class TextCondition:
-    """Everything a generation needs from the prompt(s); batch rows are [cond..., uncond...] with CFG."""
+    """Everything a generation needs from the prompt(s); batch rows are [cond..., uncond...] with CFG.
+
+    What depends only on the prompt is computed here once, not in every block of every scale step: each block's
+    AdaLN vectors and the additive attention mask (the step graphs replay ~6 fewer tiny kernels per block)."""
 
     cond: torch.Tensor  # (B, C) pooled text condition, fp32
-    ada: torch.Tensor  # (B, 1, 6, C) shared AdaLN output, fp32
+    ada: torch.Tensor  # (depth, B, 1, 6, C) fp32: per block, the shared AdaLN output plus the block's ada_gss
     sos: torch.Tensor  # (B, 1, C) first-scale input token (before the level embedding)
-    key_mask: torch.Tensor  # (B, 1, 1, L) bool, True where the text token is real
+    key_bias: torch.Tensor  # (B, 1, 1, L) in the model's dtype: 0 where the text token is real, -inf at padding
     k: list[torch.Tensor]  # per layer (B, H, L, D) cross-attention keys
     v: list[torch.Tensor]  # per layer (B, H, L, D) cross-attention values
 
@@ -288,9 +292,9 @@ class TextAttentivePool(nn.Module):
         super().__init__()
         self.ca = CrossAttention(cfg.width, cfg.text_dim, cfg.sos_heads, pool=True)
 
-    def forward(self, text, key_mask):
+    def forward(self, text, key_bias):
         k, v = self.ca.text_kv(text)
-        return self.ca(None, k, v, key_mask).squeeze(1)
+        return self.ca(None, k, v, key_bias).squeeze(1)
 
 
 class AdaLNBeforeHead(nn.Module):
@@ -338,15 +342,18 @@ class Infinity(nn.Module):
             uncond = self.cfg_uncond[:L].unsqueeze(0).expand(B, -1, -1) * real[..., None]
             features = torch.cat([features, uncond])
             real = torch.cat([real, real])
-        key_mask = real[:, None, None, :]
+        # the additive form of the padding mask (what SDPA turns a bool mask into, in every call otherwise)
+        key_bias = torch.zeros(real.shape, dtype=features.dtype, device=features.device).masked_fill(~real, -math.inf)
+        key_bias = key_bias[:, None, None, :]
         text = self.text_norm(features)
-        cond = self.text_proj_for_sos(text, key_mask)
-        ada = self.shared_ada_lin(cond).view(-1, 1, 6, self.cfg.width).float()
+        cond = self.text_proj_for_sos(text, key_bias)
+        shared = self.shared_ada_lin(cond).view(-1, 1, 6, self.cfg.width).float()
+        ada = torch.stack([blk.ada_gss + shared for blk in self.blocks])  # (depth, B, 1, 6, C)
         cond = cond.float()
         text_ca = self.text_proj_for_ca(text)
         ks, vs = zip(*(blk.ca.text_kv(text_ca) for blk in self.blocks))
         sos = (cond.unsqueeze(1) + self.pos_start.float()).to(self.pos_start.dtype)
-        return TextCondition(cond=cond, ada=ada, sos=sos, key_mask=key_mask, k=list(ks), v=list(vs))
+        return TextCondition(cond=cond, ada=ada, sos=sos, key_bias=key_bias, k=list(ks), v=list(vs))
 
     # ------------------------------------------------------------------------------------------- steps
     def new_cache(self, batch: int, schedule: Schedule) -> KVCache:
@@ -369,7 +376,8 @@ class Infinity(nn.Module):
         """
         x = tokens + self.lvl_embed.weight[scale].to(tokens.dtype)
         for layer, block in enumerate(self.blocks):
-            x = block(x, text.ada, text.k[layer], text.v[layer], text.key_mask, rope, kv, layer, scale, plan, backend, ops)
+            x = block(x, text.ada[layer], text.k[layer], text.v[layer], text.key_bias, rope, kv, layer, scale, plan,
+                      backend, ops)
         return self.head(self.head_nm(x.float(), text.cond))
 
     def forward_all_scales(self, inputs: list[torch.Tensor], text: TextCondition, schedule: Schedule) -> list[torch.Tensor]:
@@ -386,7 +394,7 @@ class Infinity(nn.Module):
         kv = ConcatKV([x.new_zeros(x.shape[0], self.cfg.heads, 0, self.cfg.head_dim)] * self.cfg.depth,
                       [x.new_zeros(x.shape[0], self.cfg.heads, 0, self.cfg.head_dim)] * self.cfg.depth)
         for layer, block in enumerate(self.blocks):
-            x = block(x, text.ada, text.k[layer], text.v[layer], text.key_mask, rope, kv, layer, 0, plan)
+            x = block(x, text.ada[layer], text.k[layer], text.v[layer], text.key_bias, rope, kv, layer, 0, plan)
         logits = self.head(self.head_nm(x.float(), text.cond))
         return list(logits.split(lengths, dim=1))
 

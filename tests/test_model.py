@@ -111,7 +111,7 @@ def test_cfg_rows_use_learned_uncond_with_prompt_length():
     model = build_model(TINY)
     feats = torch.randn(1, 5, TINY.text_dim)
     t = model.encode_text(feats, torch.tensor([3]), cfg_guidance=True)
-    assert t.batch == 2 and t.key_mask[:, 0, 0].tolist() == [[True] * 3 + [False] * 2] * 2
+    assert t.batch == 2 and (t.key_bias[:, 0, 0] == 0).tolist() == [[True] * 3 + [False] * 2] * 2
     # padding positions must not influence anything
     feats2 = feats.clone()
     feats2[:, 3:] = 100.0
