@@ -5,6 +5,9 @@
 #   bash tools/gpu_bench.sh "$OUT" profile   # kernel time per scale and category
 #   bash tools/gpu_bench.sh "$OUT" generate  # `make engine`/`sparvar generate --engine` with a torch-cuda engine
 #   bash tools/gpu_bench.sh "$OUT" kernels   # GPU kernel tests + attention benchmark
+#   bash tools/gpu_bench.sh "$OUT" gputests  # every gpu-marked test
+#   bash tools/gpu_bench.sh "$OUT" parts     # step microbenchmarks (linears, FP8, GELU+quantise), 2B
+#   bash tools/gpu_bench.sh "$OUT" engines   # end-to-end, only the engine rows (bf16 and FP8 side by side)
 set -uo pipefail
 OUT=${1:-bench/results}
 export PYTHONPATH=$PWD
@@ -25,6 +28,13 @@ for what in "${@:2}"; do
         --engine-dir /tmp/engine-2b 2>&1 | tail -6
       /usr/bin/time -f "generate: %e s wall, %M KiB peak RSS" python -m sparvar.cli generate --engine /tmp/engine-2b \
         --prompt "a photo of a cat" --out "$OUT/generate_2b_random_$TAG.png" 2>&1 | tail -6 ;;
+    gputests)
+      python -m pytest -q -m gpu 2>&1 | tail -12 ;;
+    parts)
+      python bench/step_parts.py --model infinity-2b --out "$OUT/step_parts_2b_$TAG.json" 2>&1 | grep -v Warning | tail -30 ;;
+    engines)
+      python bench/e2e.py --model infinity-2b --model infinity-8b --warmup 3 --runs 20 --rows engine \
+        --out "$OUT/e2e_engines_$TAG.json" 2>&1 | grep -v Warning | tail -20 ;;
     kernels)
       python -m pytest -q tests/test_kernels_gpu.py 2>&1 | tail -6
       python bench/attention.py --out "$OUT/attention_$TAG.json" 2>&1 | grep -v Warning | tail -40 ;;
