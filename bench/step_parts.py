@@ -84,6 +84,16 @@ def linears(cfg, rows: list[int]) -> list[dict]:
                    "fp8_fast_accum_ms": fast["median_ms"],
                    "fp8_with_quant_ms": fp8_q["median_ms"], "fp8_rel_err": err.item(),
                    "bf16_tflops": flop / bf16["median_ms"] / 1e9, "fp8_tflops": flop / fp8["median_ms"] / 1e9}
+            if name == "qkv":  # its input is the AdaLN-modulated residual: norm then quantise, or both in one pass
+                from sparvar.kernels.fp8 import quantize_rows_triton
+                from sparvar.kernels.pointwise import residual_norm
+
+                xs = x.view(1, M, K)
+                ada = torch.randn(1, 1, 6, K, device="cuda") * 0.5
+                sep = graph_time_ms(lambda: quantize_rows_triton(
+                    residual_norm(xs, scale=ada[:, :, 2], shift=ada[:, :, 4])[1].view(M, K)))
+                fused = graph_time_ms(lambda: residual_norm(xs, scale=ada[:, :, 2], shift=ada[:, :, 4], quantize=True))
+                row.update(norm_then_quant_ms=sep["median_ms"], norm_quant_fused_ms=fused["median_ms"])
             if name == "fc2":  # its input is the GELU of fc1's output: GELU then quantise, or both in one pass
                 from sparvar.kernels.fp8 import quantize_rows_triton
 

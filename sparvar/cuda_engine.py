@@ -46,7 +46,12 @@ class CudaGraphRunner:
         if fp8_min_tokens is not None:  # FP8 linears at scales of at least this many tokens (sparvar/fp8.py)
             from .fp8 import with_fp8_linears
 
-            self.ops = with_fp8_linears(self.ops, model, fp8_min_tokens)
+            quantizing = None
+            if fuse_pointwise:  # the norms before the FP8 GEMMs write FP8 rows directly
+                from .kernels.pointwise import triton_quantizing_norms
+
+                quantizing = triton_quantizing_norms()
+            self.ops = with_fp8_linears(self.ops, model, fp8_min_tokens, quantizing)
         self.pool = torch.cuda.graph_pool_handle() if use_graphs else None
         self.sets: dict[tuple[int, int], _Graphs] = {}
         self.current: _Graphs | None = None

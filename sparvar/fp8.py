@@ -47,6 +47,21 @@ def quantize_rows(x: torch.Tensor, gelu: bool = False) -> tuple[torch.Tensor, to
 
 
 @dataclasses.dataclass
+class Fp8Rows:
+    """An activation already quantised for an FP8 GEMM: values (M, K) FP8 and scales (M, 1) fp32 of the rows of a
+    tensor of `shape` (..., K). A norm that feeds an FP8 linear produces it directly (one pass instead of the
+    norm's bf16 output and a second pass that quantises it)."""
+
+    values: torch.Tensor
+    scale: torch.Tensor
+    shape: torch.Size
+
+    @classmethod
+    def of(cls, x: torch.Tensor) -> "Fp8Rows":
+        return cls(*quantize_rows(x.reshape(-1, x.shape[-1])), x.shape)
+
+
+@dataclasses.dataclass
 class Fp8Weight:
     values: torch.Tensor  # (N, K) FP8
     scale: torch.Tensor  # (1, N) fp32, one per output channel
@@ -67,13 +82,19 @@ def fp8_matmul(q: torch.Tensor, q_scale: torch.Tensor, w: Fp8Weight, bias: torch
 
 
 class Fp8Linears:
-    """The block linears of a model in FP8 at scales of at least `min_tokens` tokens; `linear` and `ffn` have the
-    signatures of sparvar.model.BlockOps' and defer to `base` for other layers and smaller scales."""
+    """The block linears of a model in FP8 at scales of at least `min_tokens` tokens; `linear`, `ffn` and the three
+    norms have the signatures of sparvar.model.BlockOps' and defer to `base` for other layers and smaller scales.
 
-    def __init__(self, model: nn.Module, min_tokens: int, base):
+    At those scales the norms hand their outputs on quantised (Fp8Rows): each feeds only an FP8 linear (the norm
+    before attention feeds the qkv projection, the one before cross-attention its query projection, the one before
+    the FFN fc1). `quantizing` computes them in one pass (the Triton norms); by default the base norm's output is
+    quantised after it."""
+
+    def __init__(self, model: nn.Module, min_tokens: int, base, quantizing=None):
         if min_tokens < 0:
             raise ValueError(f"min_tokens must be >= 0, got {min_tokens}")
         self.min_tokens, self.base = min_tokens, base
+        self.quantizing = quantizing if quantizing is not None else _QuantizeAfter(base)
         self.weights: dict[nn.Module, Fp8Weight] = {}
         for block in model.blocks:
             for layer in (block.sa.mat_qkv, block.sa.proj, block.ca.mat_q, block.ca.proj, block.ffn.fc1, block.ffn.fc2):
@@ -81,30 +102,70 @@ class Fp8Linears:
                     raise ValueError(f"FP8 GEMMs need dimensions divisible by 16, got a {tuple(layer.weight.shape)} linear")
                 self.weights[layer] = Fp8Weight.of(layer.weight)
 
+    def _in_fp8(self, x) -> bool:
+        return x.shape[-2] >= self.min_tokens  # x (B, n, C): n tokens per image
+
     def _fp8(self, layer, x) -> Fp8Weight | None:
         w = self.weights.get(layer)
-        return w if w is not None and x.shape[-2] >= self.min_tokens else None  # x (B, n, C): n tokens per image
+        return w if w is not None and self._in_fp8(x) else None
 
-    def linear(self, layer, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    def _rows(self, x) -> tuple[torch.Tensor, torch.Tensor]:
+        return (x.values, x.scale) if isinstance(x, Fp8Rows) else quantize_rows(x.reshape(-1, x.shape[-1]))
+
+    def linear(self, layer, x, bias: torch.Tensor | None = None) -> torch.Tensor:
         w = self._fp8(layer, x)
         if w is None:
+            if isinstance(x, Fp8Rows):
+                raise TypeError(f"an FP8-quantised activation reached a bf16 linear {tuple(layer.weight.shape)}")
             return self.base.linear(layer, x, bias)
-        q, q_scale = quantize_rows(x.reshape(-1, x.shape[-1]))
-        out = fp8_matmul(q, q_scale, w, layer.bias if bias is None else bias, x.dtype)
+        out = fp8_matmul(*self._rows(x), w, layer.bias if bias is None else bias, layer.weight.dtype)
         return out.view(*x.shape[:-1], out.shape[-1])
 
-    def ffn(self, fc1, fc2, x: torch.Tensor) -> torch.Tensor:
+    def ffn(self, fc1, fc2, x) -> torch.Tensor:
         w1, w2 = self._fp8(fc1, x), self._fp8(fc2, x)
         if w1 is None or w2 is None:
             return self.base.ffn(fc1, fc2, x)
-        hidden = fp8_matmul(*quantize_rows(x.reshape(-1, x.shape[-1])), w1, fc1.bias, x.dtype)
+        dtype = fc1.weight.dtype
+        hidden = fp8_matmul(*self._rows(x), w1, fc1.bias, dtype)
         # cuBLASLt's FP8 GEMM has no GELU epilogue here; the GELU goes into fc2's input quantisation instead, which
         # reads the hidden activation once (a separate GELU read and wrote all of it again, the largest tensor)
-        out = fp8_matmul(*quantize_rows(hidden, gelu=True), w2, fc2.bias, x.dtype)
+        out = fp8_matmul(*quantize_rows(hidden, gelu=True), w2, fc2.bias, dtype)
         return out.view(*x.shape[:-1], out.shape[-1])
 
+    def modulate(self, x, scale, shift, eps):
+        ops = self.quantizing if self._in_fp8(x) else self.base
+        return ops.modulate(x, scale, shift, eps)
 
-def with_fp8_linears(ops, model: nn.Module, min_tokens: int = DEFAULT_MIN_TOKENS):
-    """`ops` (a sparvar.model.BlockOps) with the model's block linears in FP8 at scales of >= `min_tokens` tokens."""
-    fp8 = Fp8Linears(model, min_tokens, ops)
-    return dataclasses.replace(ops, linear=fp8.linear, ffn=fp8.ffn)
+    def residual_layer_norm(self, x, y, gamma, weight, bias, eps):
+        ops = self.quantizing if self._in_fp8(x) else self.base
+        return ops.residual_layer_norm(x, y, gamma, weight, bias, eps)
+
+    def residual_modulate(self, x, y, scale, shift, eps):
+        ops = self.quantizing if self._in_fp8(x) else self.base
+        return ops.residual_modulate(x, y, scale, shift, eps)
+
+
+class _QuantizeAfter:
+    """The base norms, their normalised outputs quantised afterwards (a second pass; the CPU's path)."""
+
+    def __init__(self, base):
+        self.base = base
+
+    def modulate(self, x, scale, shift, eps):
+        return Fp8Rows.of(self.base.modulate(x, scale, shift, eps))
+
+    def residual_layer_norm(self, x, y, gamma, weight, bias, eps):
+        x, normed = self.base.residual_layer_norm(x, y, gamma, weight, bias, eps)
+        return x, Fp8Rows.of(normed)
+
+    def residual_modulate(self, x, y, scale, shift, eps):
+        x, normed = self.base.residual_modulate(x, y, scale, shift, eps)
+        return x, Fp8Rows.of(normed)
+
+
+def with_fp8_linears(ops, model: nn.Module, min_tokens: int = DEFAULT_MIN_TOKENS, quantizing=None):
+    """`ops` (a sparvar.model.BlockOps) with the model's block linears in FP8 at scales of >= `min_tokens` tokens;
+    `quantizing`: norms that output Fp8Rows in one pass (sparvar.kernels.pointwise.triton_quantizing_norms)."""
+    fp8 = Fp8Linears(model, min_tokens, ops, quantizing)
+    return dataclasses.replace(ops, linear=fp8.linear, ffn=fp8.ffn, modulate=fp8.modulate,
+                               residual_layer_norm=fp8.residual_layer_norm, residual_modulate=fp8.residual_modulate)

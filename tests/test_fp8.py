@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from sparvar.config import get_config
-from sparvar.fp8 import FP8_MAX, MIN_AMAX, Fp8Linears, Fp8Weight, fp8_matmul, quantize_rows_ref, with_fp8_linears
+from sparvar.fp8 import FP8_MAX, MIN_AMAX, Fp8Linears, Fp8Rows, Fp8Weight, fp8_matmul, quantize_rows_ref, with_fp8_linears
 from sparvar.model import EAGER, build_model
 from triton_interpreter import run_interpreted
 
@@ -49,6 +49,37 @@ def test_fp8_linears_only_from_min_tokens_and_only_block_linears():
     assert torch.equal(ops.ffn(block.ffn.fc1, block.ffn.fc2, x), EAGER.ffn(block.ffn.fc1, block.ffn.fc2, x))
     with pytest.raises(ValueError, match="min_tokens must be >= 0"):
         Fp8Linears(model, -1, EAGER)
+
+
+def test_norms_hand_fp8_rows_to_the_fp8_linears_from_min_tokens():
+    """At FP8 scales each norm's output is already quantised (Fp8Rows) and the next linear takes it as is: the same
+    numbers as quantising the bf16 output inside the linear. Below the threshold everything stays bf16."""
+    model = build_model(CFG)
+    block = model.blocks[0]
+    B, n, C = 2, 10, CFG.width
+    x, y = torch.randn(B, n, C), torch.randn(B, n, C)
+    ada = torch.randn(B, 1, 6, C) * 0.3
+    gamma, scale, shift = ada[:, :, 0], ada[:, :, 2], ada[:, :, 4]
+    w, b = block.ca_norm.weight, block.ca_norm.bias
+    ops = with_fp8_linears(EAGER, model, min_tokens=n)
+    h = ops.modulate(x, scale, shift, 1e-6)
+    assert isinstance(h, Fp8Rows) and h.shape == (B, n, C) and h.values.shape == (B * n, C)
+    ref_h = EAGER.modulate(x, scale, shift, 1e-6)
+    assert torch.equal(ops.linear(block.sa.mat_qkv, h), ops.linear(block.sa.mat_qkv, ref_h))
+    x2, c = ops.residual_layer_norm(x, y, gamma, w, b, 1e-6)
+    rx2, rc = EAGER.residual_layer_norm(x, y, gamma, w, b, 1e-6)
+    assert torch.equal(x2, rx2) and isinstance(c, Fp8Rows)
+    assert torch.equal(ops.linear(block.ca.mat_q, c), ops.linear(block.ca.mat_q, rc))
+    x3, h3 = ops.residual_modulate(x, y, scale, shift, 1e-6)
+    rx3, rh3 = EAGER.residual_modulate(x, y, scale, shift, 1e-6)
+    assert torch.equal(x3, rx3) and isinstance(h3, Fp8Rows)
+    f = ops.ffn(block.ffn.fc1, block.ffn.fc2, h3)
+    assert torch.equal(f, ops.ffn(block.ffn.fc1, block.ffn.fc2, rh3))
+    assert 1e-3 < (f - EAGER.ffn(block.ffn.fc1, block.ffn.fc2, rh3)).norm() / f.norm() < 0.08
+    with pytest.raises(TypeError, match="reached a bf16 linear"):
+        ops.linear(model.head, h)
+    below = with_fp8_linears(EAGER, model, min_tokens=n + 1)
+    assert torch.equal(below.modulate(x, scale, shift, 1e-6), ref_h)
 
 
 def test_fp8_matmul_emulation_is_the_product_of_the_dequantised_operands():
@@ -113,6 +144,56 @@ INTERPRETER_SCRIPT = textwrap.dedent('''
 
 def test_quantize_kernel_under_triton_interpreter():
     assert float(run_interpreted(INTERPRETER_SCRIPT)) == 0, "quantised values differ from the reference"
+
+
+NORM_INTERPRETER_SCRIPT = textwrap.dedent('''
+    import torch
+    import sparvar.model as M
+    from sparvar.fp8 import Fp8Rows, quantize_rows_ref
+    from sparvar.kernels.pointwise import residual_norm
+    torch.manual_seed(0)
+    worst = 0.0
+    B, n, C = 2, 9, 192
+    x, y = torch.randn(B, n, C) * 2, torch.randn(B, n, C)
+    ada = torch.randn(B, 1, 6, C) * 0.5
+    gamma, scale, shift = ada[:, :, 0], ada[:, :, 2], ada[:, :, 4]
+    w, b = torch.randn(C) * 0.3 + 1, torch.randn(C) * 0.1
+    cases = [(residual_norm(x, scale=scale, shift=shift, quantize=True), (None, M.modulate(x, scale, shift, 1e-6))),
+             (residual_norm(x, y, gamma, weight=w, bias=b, quantize=True), M.residual_layer_norm(x, y, gamma, w, b, 1e-6)),
+             (residual_norm(x, y, scale=scale, shift=shift, quantize=True), M.residual_modulate(x, y, scale, shift, 1e-6))]
+    for (xo, rows), (rx, ref) in cases:
+        assert isinstance(rows, Fp8Rows) and rows.shape == x.shape
+        assert (xo is None) == (rx is None) and (xo is None or torch.allclose(xo, rx, atol=1e-6))
+        rq, rs = quantize_rows_ref(ref.reshape(-1, C))
+        assert torch.allclose(rows.scale, rs, rtol=1e-5), "row scales differ"
+        # the interpreter's own fp32 -> e4m3 rounding (see INTERPRETER_SCRIPT): either neighbour of the exact value
+        exact = ref.reshape(-1, C) / rs
+        a = rows.values.float()
+        step = torch.where(exact.abs() < 2 ** -6, torch.full_like(exact, 2 ** -9),
+                           2 ** (torch.log2(exact.abs().clamp_min(2 ** -6)).floor() - 3))
+        carry = (rq.float().abs() == 2 ** torch.log2(rq.float().abs().clamp_min(1e-30)).round()) & (a == rq.float() / 2)
+        assert ((a == rq.float()) | carry).float().mean() > 0.97
+        worst = max(worst, (~(((a - exact).abs() <= step * 1.01) | carry)).float().sum().item())
+    print("WORST", worst)
+''')
+
+
+def test_quantizing_norm_kernel_under_triton_interpreter():
+    assert float(run_interpreted(NORM_INTERPRETER_SCRIPT)) == 0, "FP8 norm outputs differ from the reference"
+
+
+@pytest.mark.gpu
+def test_quantizing_norms_match_the_reference_on_gpu():
+    from sparvar.kernels.pointwise import residual_norm
+
+    B, n, C = 2, 1024, 2048
+    x = torch.randn(B, n, C, device="cuda", dtype=torch.bfloat16) * 2
+    ada = torch.randn(B, 1, 6, C, device="cuda") * 0.5
+    rows = residual_norm(x, scale=ada[:, :, 2], shift=ada[:, :, 4], quantize=True)[1]
+    plain = residual_norm(x, scale=ada[:, :, 2], shift=ada[:, :, 4])[1]
+    rq, rs = quantize_rows_ref(plain.reshape(-1, C))  # the same rounded output, quantised by the reference
+    torch.testing.assert_close(rows.scale, rs, rtol=1e-6, atol=0)
+    assert (rows.values.float() == rq.float()).float().mean() > 0.999
 
 
 @pytest.mark.gpu

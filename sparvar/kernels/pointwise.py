@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import torch
 
+from sparvar.fp8 import FP8, FP8_MAX, MIN_AMAX, Fp8Rows
 from sparvar.kernels.csla import HAS_TRITON, check_device, interpreting, require_triton
 
 if HAS_TRITON:
@@ -31,17 +32,23 @@ NORM_NONE, NORM_AFFINE, NORM_MODULATE = 0, 1, 2
 
 # ------------------------------------------------------------------------------------------------ kernels
 if HAS_TRITON:
+    _FP8_MAX = tl.constexpr(FP8_MAX)  # a jit function reads module globals only as constexprs
+    _MIN_AMAX = tl.constexpr(MIN_AMAX)
 
     @triton.jit
-    def _residual_norm_kernel(x_ptr, y_ptr, gate_ptr, x_out_ptr, out_ptr, w_ptr, b_ptr,
+    def _residual_norm_kernel(x_ptr, y_ptr, gate_ptr, x_out_ptr, out_ptr, w_ptr, b_ptr, s_ptr,
                               rows_per_batch, C, gate_stride, w_stride, b_stride, eps,
-                              HAS_Y: tl.constexpr, GATED: tl.constexpr, NORM: tl.constexpr, BLOCK_C: tl.constexpr):
-        """One row of C channels: optional (gated) residual add, then optional LayerNorm (affine or AdaLN)."""
+                              HAS_Y: tl.constexpr, GATED: tl.constexpr, NORM: tl.constexpr, QUANT: tl.constexpr,
+                              BLOCK_C: tl.constexpr):
+        """One row of C channels: optional (gated) residual add, then optional LayerNorm (affine or AdaLN); with
+        QUANT the normalised row is stored quantised to FP8 (out_ptr) with its fp32 scale (s_ptr), as
+        sparvar.fp8.quantize_rows_ref would quantise the rounded output: the next GEMM's input, without the
+        bf16 write and re-read in between."""
         row = tl.program_id(0).to(tl.int64)
         batch = row // rows_per_batch
         cols = tl.arange(0, BLOCK_C)
         m = cols < C
-        dtype = out_ptr.dtype.element_ty
+        dtype = x_ptr.dtype.element_ty  # out_ptr may be FP8 (QUANT)
         x = tl.load(x_ptr + row * C + cols, mask=m, other=0.0).to(tl.float32)
         if HAS_Y:
             y = tl.load(y_ptr + row * C + cols, mask=m, other=0.0).to(tl.float32)
@@ -64,7 +71,14 @@ if HAS_TRITON:
                 s = tl.load(w_ptr + batch * w_stride + cols, mask=m, other=0.0)
                 b = tl.load(b_ptr + batch * b_stride + cols, mask=m, other=0.0)
                 out = normed * (s + 1.0) + b
-            tl.store(out_ptr + row * C + cols, out.to(dtype), mask=m)
+            if QUANT:
+                out = tl.where(m, out.to(dtype).to(tl.float32), 0.0)  # the reference quantises the rounded output
+                scale = tl.maximum(tl.max(tl.abs(out), axis=0), _MIN_AMAX) / _FP8_MAX
+                q = tl.minimum(tl.maximum(out / scale, -_FP8_MAX), _FP8_MAX)
+                tl.store(out_ptr + row * C + cols, q.to(out_ptr.dtype.element_ty), mask=m)
+                tl.store(s_ptr + row, scale)
+            else:
+                tl.store(out_ptr + row * C + cols, out.to(dtype), mask=m)
 
     @triton.jit
     def _rope_pairs(x, cos, sin, BLOCK_T: tl.constexpr, D: tl.constexpr):
@@ -116,10 +130,12 @@ def _per_batch(name: str, label: str, t: torch.Tensor, B: int, C: int) -> int:
 
 def residual_norm(x: torch.Tensor, y: torch.Tensor | None = None, gate: torch.Tensor | None = None, *,
                   weight: torch.Tensor | None = None, bias: torch.Tensor | None = None,
-                  scale: torch.Tensor | None = None, shift: torch.Tensor | None = None, eps: float = 1e-6):
+                  scale: torch.Tensor | None = None, shift: torch.Tensor | None = None, eps: float = 1e-6,
+                  quantize: bool = False):
     """x (B, n, C) contiguous (bf16, fp16 or fp32). With y: x' = x + y (gate (B, 1, C) fp32: x + (y * gate)), else x' = x.
     Norm: affine LayerNorm (weight, bias (C,)), AdaLN modulation (scale, shift (B, 1, C) fp32), or none.
-    Returns (x', normed) with either None when not computed (x' is None without y; normed None without a norm)."""
+    Returns (x', normed) with either None when not computed (x' is None without y; normed None without a norm);
+    with quantize, normed is sparvar.fp8.Fp8Rows: the normalised rows in FP8 with per-row scales."""
     name = "residual_norm"
     require_triton(name)
     if x.dim() != 3 or not x.is_contiguous() or x.dtype not in DTYPES:
@@ -134,6 +150,8 @@ def residual_norm(x: torch.Tensor, y: torch.Tensor | None = None, gate: torch.Te
     norm = NORM_AFFINE if weight is not None else NORM_MODULATE if scale is not None else NORM_NONE
     if y is None and norm == NORM_NONE:
         raise ValueError(f"{name}: nothing to compute (no y, no norm)")
+    if quantize and norm == NORM_NONE:
+        raise ValueError(f"{name}: quantize applies to the normalised output; give a norm")
     gate_stride = _per_batch(name, "gate", gate, B, C) if gate is not None else 0
     if norm == NORM_AFFINE:
         for label, t in (("weight", weight), ("bias", bias)):
@@ -147,16 +165,19 @@ def residual_norm(x: torch.Tensor, y: torch.Tensor | None = None, gate: torch.Te
         w_stride = b_stride = 0
     check_device(name, x, hint="use sparvar.model's functions elsewhere", y=y, gate=gate, weight=weight, bias=bias)
     x_out = torch.empty_like(x) if y is not None else None
-    out = torch.empty_like(x) if norm != NORM_NONE else None
+    out = torch.empty(x.shape, dtype=FP8 if quantize else x.dtype, device=x.device) if norm != NORM_NONE else None
+    row_scale = torch.empty((B * n, 1), dtype=torch.float32, device=x.device) if quantize else None
     if x.numel():
         block = triton.next_power_of_2(C)
         dummy = x
         _residual_norm_kernel[(B * n,)](
             x, y if y is not None else dummy, gate if gate is not None else dummy, x_out if x_out is not None else dummy,
             out if out is not None else dummy, weight if weight is not None else dummy,
-            bias if bias is not None else dummy, n, C, gate_stride, w_stride, b_stride, float(eps),
-            HAS_Y=y is not None, GATED=gate is not None, NORM=norm, BLOCK_C=block,
-            num_warps=4 if block <= 2048 else 8)
+            bias if bias is not None else dummy, row_scale if quantize else dummy, n, C, gate_stride, w_stride,
+            b_stride, float(eps), HAS_Y=y is not None, GATED=gate is not None, NORM=norm, QUANT=bool(quantize),
+            BLOCK_C=block, num_warps=4 if block <= 2048 else 8)
+    if quantize:
+        return x_out, Fp8Rows(out.view(B * n, C), row_scale, x.shape)
     return x_out, out
 
 
@@ -226,6 +247,23 @@ def triton_block_ops():
 
     return BlockOps(modulate=modulate, gated_residual=gated_residual, residual_layer_norm=residual_layer_norm,
                     residual_modulate=residual_modulate, attention_inputs=attention_inputs, ffn=ffn)
+
+
+def triton_quantizing_norms():
+    """The three norms of BlockOps with their outputs quantised to FP8 in the same pass (sparvar.fp8.Fp8Rows):
+    what the FP8 linears take when the next GEMM is theirs (sparvar.fp8.with_fp8_linears)."""
+    from sparvar.model import BlockOps
+
+    def modulate(x, scale, shift, eps):
+        return residual_norm(x, scale=scale, shift=shift, eps=eps, quantize=True)[1]
+
+    def residual_layer_norm(x, y, gamma, weight, bias, eps):
+        return residual_norm(x, y, gamma, weight=weight, bias=bias, eps=eps, quantize=True)
+
+    def residual_modulate(x, y, scale, shift, eps):
+        return residual_norm(x, y, scale=scale, shift=shift, eps=eps, quantize=True)
+
+    return BlockOps(modulate=modulate, residual_layer_norm=residual_layer_norm, residual_modulate=residual_modulate)
 
 
 def linear_gelu_epilogue(layer, x: torch.Tensor) -> torch.Tensor:
