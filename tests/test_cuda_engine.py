@@ -35,6 +35,8 @@ def test_static_buffer_runner_equals_eager_runner_across_prompts(attention):
         for x, y in zip(a.bits, b.bits):
             assert torch.equal(x, y)
     assert len(static.sets) == 1
+    with pytest.raises(ValueError, match="accepts at most"):
+        static.begin(torch.zeros(1, CFG.text_maxlen + 1, CFG.text_dim), torch.tensor([3]), True)
 
 
 def test_graphs_need_a_gpu_model():
@@ -47,8 +49,9 @@ def test_graphs_need_a_gpu_model():
 def test_captured_graphs_equal_eager_on_gpu(attention):
     eager, graphs, schedule = _pair(attention, device="cuda", use_graphs=True, fuse=True)
     decoder = build_decoder(CFG, None, "cuda", torch.float32)
-    f, l = hashed_embeddings(["a red car"], CFG.text_dim, CFG.text_maxlen)
-    for seed in (1, 2):  # the second generation replays the graphs captured by the first
+    # the second generation replays the graphs captured by the first, the text graph with another prompt
+    for prompt, seed in (("a red car", 1), ("a small dog on the grass", 2)):
+        f, l = hashed_embeddings([prompt], CFG.text_dim, CFG.text_maxlen)
         a = generate(eager, decoder, schedule, f, l, Sampling(cfg=3.0), seed=seed)
         b = generate(graphs, decoder, schedule, f, l, Sampling(cfg=3.0), seed=seed)
         agree = sum(torch.equal(x, y) for x, y in zip(a.bits, b.bits))
