@@ -12,9 +12,11 @@ Sampling, CFG and code accumulation (a handful of small kernels per scale) run e
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
-from .model import EAGER, Infinity, TextCondition, rope_tables
+from .model import EAGER, Infinity, TextCondition, frozen_weight_functions, rope_tables
 from .schedule import Schedule
 
 TEXT_BUCKET = 64  # text lengths are padded up to a multiple of this (masked), so few graph sets are needed
@@ -56,6 +58,7 @@ class CudaGraphRunner:
 
                 quantizing = triton_quantizing_norms()
             self.ops = with_fp8_linears(self.ops, model, fp8_min_tokens, quantizing)
+        self.ops = dataclasses.replace(self.ops, **frozen_weight_functions(model))  # an engine's weights are fixed
         self.pool = torch.cuda.graph_pool_handle() if use_graphs else None
         self.sets: dict[tuple[int, int], _Graphs] = {}
         self.current: _Graphs | None = None

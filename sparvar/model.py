@@ -147,6 +147,23 @@ def linear_gelu(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     return F.gelu(linear(layer, x), approximate="tanh")
 
 
+def qkv_bias(attn) -> torch.Tensor:
+    """A SelfAttention's fused projection bias: q_bias, zeros for k (official), v_bias."""
+    return torch.cat([attn.q_bias, attn.zero_k_bias, attn.v_bias])
+
+
+def temperature(attn) -> torch.Tensor:
+    """A SelfAttention's (H,) learned per-head attention temperature, clamped as official."""
+    return attn.scale_mul_1H11.clamp_max(MAX_SCALE_MUL).exp().view(attn.heads)
+
+
+def frozen_weight_functions(model) -> dict:
+    """`qkv_bias` and `temperature` as lookups of values computed once now: for an engine whose weights no longer
+    change. Recomputed in every step they are three small kernels per block per scale (cat, clamp, exp)."""
+    tables = {f: {blk.sa: f(blk.sa) for blk in model.blocks} for f in (qkv_bias, temperature)}
+    return {f.__name__: table.__getitem__ for f, table in tables.items()}
+
+
 def ffn(fc1: nn.Linear, fc2: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     """The block's MLP, fc2(gelu_tanh(fc1(x))): one op, so that an engine can fuse across the hidden activation."""
     return linear(fc2, linear_gelu(fc1, x))
@@ -165,6 +182,8 @@ class BlockOps:
     attention_inputs: object = attention_inputs
     linear: object = linear
     ffn: object = ffn
+    qkv_bias: object = qkv_bias  # functions of the weights only (see frozen_weight_functions)
+    temperature: object = temperature
 
 
 EAGER = BlockOps()
@@ -183,9 +202,8 @@ class SelfAttention(nn.Module):
 
     def forward(self, x, rope, kv, layer: int, scale: int, plan=None, backend: str = "sdpa", ops: BlockOps = EAGER):
         B, n, C = x.shape
-        qkv = ops.linear(self.mat_qkv, x, torch.cat([self.q_bias, self.zero_k_bias, self.v_bias]))
-        scale_mul = self.scale_mul_1H11.clamp_max(MAX_SCALE_MUL).exp().view(self.heads)
-        q, k_all, v_all = ops.attention_inputs(qkv, self.heads, scale_mul, rope, kv, layer)
+        qkv = ops.linear(self.mat_qkv, x, ops.qkv_bias(self))
+        q, k_all, v_all = ops.attention_inputs(qkv, self.heads, ops.temperature(self), rope, kv, layer)
         out = self_attention(q, k_all, v_all, layer=layer, scale=scale, plan=plan, backend=backend)
         return ops.linear(self.proj, out.transpose(1, 2).reshape(B, n, C))
 

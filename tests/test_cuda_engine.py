@@ -39,6 +39,37 @@ def test_static_buffer_runner_equals_eager_runner_across_prompts(attention):
         static.begin(torch.zeros(1, CFG.text_maxlen + 1, CFG.text_dim), torch.tensor([3]), True)
 
 
+def test_engine_steps_compute_no_weight_or_prompt_constants():
+    """What depends only on the weights (qkv bias, temperature) or the prompt (AdaLN vectors, text mask) is computed
+    once, not in every block of every scale step: the engine's step has none of those ops, and the same logits."""
+    from collections import Counter
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CountOps(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = Counter()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops[func.__name__.split(".")[0]] += 1
+            return func(*args, **(kwargs or {}))
+
+    eager, engine, schedule = _pair("dense")
+    f, l = hashed_embeddings(["a red car"], CFG.text_dim, CFG.text_maxlen)
+    counts, logits = [], []
+    for runner in (eager, engine):
+        runner.begin(f, l, True)
+        runner.step(0, None)
+        with CountOps() as c:
+            logits.append(runner.step(1, torch.zeros(1, schedule.lengths[1], CFG.bits)).clone())
+        counts.append(c.ops)
+    torch.testing.assert_close(logits[1], logits[0], atol=1e-5, rtol=1e-4)  # the engine pads the text to a bucket
+    for op in ("cat", "clamp_max", "exp", "where"):  # qkv bias, temperature (x2), bool-mask conversion
+        assert counts[1][op] == 0, f"the engine step recomputes a constant ({op})"
+    assert counts[0]["cat"] == counts[0]["exp"] == CFG.depth  # the eager reference does, once per block
+
+
 def test_graphs_need_a_gpu_model():
     with pytest.raises(RuntimeError, match="CUDA graphs need the model on a CUDA GPU"):
         _pair("dense", use_graphs=True)
