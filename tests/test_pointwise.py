@@ -41,6 +41,12 @@ def compare_all(t, B, n, C, H, check):
                             M.residual_modulate(t["x"], t["y"], t["scale"], t["shift"], eps), "modulate")):
         check(f"residual_{what}: x", out[0], ref[0])
         check(f"residual_{what}: normed", out[1], ref[1])
+    # HART's pre-norm blocks: RMSNorm with a weight, alone and after the residual add
+    check("rms_norm", residual_norm(t["x"], weight=t["weight"], eps=eps, rms=True)[1], M.rms_norm(t["x"], t["weight"], eps))
+    out = residual_norm(t["x"], t["y"], weight=t["weight"], eps=eps, rms=True)
+    ref_x = t["x"] + t["y"]
+    check("residual_rms: x", out[0], ref_x)
+    check("residual_rms: normed", out[1], M.rms_norm(ref_x, t["weight"], eps))
     D, off = C // H, t["offset"]
     caches = [M.KVCache(2, B, H, n + off + 3, D, t["x"].dtype, t["x"].device) for _ in range(2)]
     for c in caches:
@@ -67,6 +73,12 @@ def test_residual_norm_rejects_bad_inputs():
         residual_norm(x, torch.randn(2, 4, 9, dtype=torch.bfloat16))
     with pytest.raises(ValueError, match="weight and bias"):
         residual_norm(x, weight=torch.ones(8, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match="RMSNorm .* takes a weight only"):
+        residual_norm(x, weight=torch.ones(8), bias=torch.ones(8), rms=True)
+    with pytest.raises(ValueError, match="must be contiguous \\(8,\\)"):
+        residual_norm(x, weight=torch.ones(9), rms=True)
+    with pytest.raises(ValueError, match="quantize applies to the normalised output"):
+        residual_norm(x, x, quantize=True)
     with pytest.raises(TypeError, match="gate must be float32"):
         residual_norm(x, x, torch.ones(2, 1, 8, dtype=torch.bfloat16))
     with pytest.raises(ValueError, match="one contiguous row of 8 channels per batch row"):

@@ -1,8 +1,9 @@
 """HART's torch-cuda runner: the HartRunner protocol (sparvar/hart/generate.py) with one CUDA graph per scale.
 
 The same recipe as Infinity's sparvar/cuda_engine.py: bf16 weights on one GPU, the KV cache preallocated for the
-whole schedule, every scale step captured once and replayed, element-wise glue (RoPE + softmax scale, SwiGLU)
-fused by torch.compile, SparVAR kernels and layouts inside the graphs. What differs is the text: HART's prompt is a
+whole schedule, every scale step captured once and replayed, the RMSNorms (with the residual add before them) as
+the Triton kernels Infinity's engine uses, RoPE + softmax scale and SwiGLU fused by torch.compile, SparVAR kernels
+and layouts inside the graphs. What differs is the text: HART's prompt is a
 fixed `text_len`-slot prefix, so there is one graph set per (batch, guided) and no length bucket, and the RoPE
 tables depend on each row's text positions, so they live in static buffers refilled by `begin`.
 The diffusion head (8 small MLP steps on the last scale's tokens) runs eagerly after the graphs.
@@ -16,9 +17,20 @@ from .generate import HartTorchRunner
 from .model import HART, Pointwise, TextCondition, rope_qk, rope_tables, swiglu
 
 
-def compiled_pointwise() -> Pointwise:
-    """HART's element-wise functions through torch.compile (dynamic shapes: one compile serves every scale)."""
-    return Pointwise(*(torch.compile(f, dynamic=True) for f in (rope_qk, swiglu)))
+def fused_pointwise() -> Pointwise:
+    """HART's element-wise glue for the GPU: each norm (and the residual add before it) one Triton pass, as in
+    Infinity's engine (eagerly an RMSNorm is ~7 kernels); RoPE and SwiGLU through torch.compile (dynamic shapes:
+    one compile serves every scale)."""
+    from ..kernels.pointwise import residual_norm
+
+    def norm(x, weight, eps):
+        return residual_norm(x, weight=weight, eps=eps, rms=True)[1]
+
+    def residual_then_norm(x, y, weight, eps):
+        return residual_norm(x, y, weight=weight, eps=eps, rms=True)
+
+    return Pointwise(rope_qk=torch.compile(rope_qk, dynamic=True), swiglu=torch.compile(swiglu, dynamic=True),
+                     rms_norm=norm, residual_rms_norm=residual_then_norm)
 
 
 class _Graphs:
@@ -38,7 +50,7 @@ class HartCudaGraphRunner:
         self.model, self.schedule, self.plan, self.backend = model, schedule, plan, backend
         self.cfg = model.cfg
         self.device = model.word_embed.weight.device
-        self.pointwise = compiled_pointwise() if fuse_pointwise else Pointwise()
+        self.pointwise = fused_pointwise() if fuse_pointwise else Pointwise()
         self.pool = torch.cuda.graph_pool_handle()
         self.sets: dict[tuple[int, bool], _Graphs] = {}
         self.current: _Graphs | None = None

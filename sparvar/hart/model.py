@@ -27,7 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..attention import self_attention
-from ..model import ConcatKV, KVCache, RMSNorm, _MaskPlan, build_model, cast_model  # noqa: F401 (re-exported)
+from ..model import ConcatKV, KVCache, RMSNorm, _MaskPlan, build_model, cast_model, rms_norm  # noqa: F401 (re-exported)
 from ..schedule import Schedule
 from .config import HartConfig
 from .diffusion import DiffLoss
@@ -109,13 +109,22 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
+def residual_rms_norm(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, eps: float):
+    """x + y, and its RMSNorm (the pre-norm block's residual add, then the next branch's norm)."""
+    x = x + y
+    return x, rms_norm(x, weight, eps)
+
+
 @dataclass(frozen=True)
 class Pointwise:
     """The element-wise glue of a HART block (the role of sparvar.model.BlockOps, without the linears): eager by
-    default; a GPU engine may pass torch.compile'd versions of the same functions."""
+    default; a GPU engine passes kernels computing the same (the norms in Triton, sparvar/kernels/pointwise.py;
+    RoPE and SwiGLU through torch.compile)."""
 
     rope_qk: object = rope_qk
     swiglu: object = swiglu
+    rms_norm: object = rms_norm
+    residual_rms_norm: object = residual_rms_norm
 
 
 EAGER = Pointwise()
@@ -184,8 +193,10 @@ class Block(nn.Module):
 
     def forward(self, x, cond, rope, kv, layer, scale, plan=None, backend="sdpa", pw: Pointwise = EAGER):
         if not hasattr(self, "ada_lin"):
-            x = x + self.attn(self.ln_wo_grad(x), rope, kv, layer, scale, plan, backend, pw)
-            return x + self.ffn(self.ln_wo_grad(x), pw)
+            w, eps = self.ln_wo_grad.weight, self.ln_wo_grad.eps
+            x, h = pw.residual_rms_norm(x, self.attn(pw.rms_norm(x, w, eps), rope, kv, layer, scale, plan, backend, pw),
+                                        w, eps)
+            return x + self.ffn(h, pw)
         # official chunk order; each (B, 1, C)
         gamma1, gamma2, scale1, scale2, shift1, shift2 = self.ada_lin(cond).view(-1, 1, 6, x.shape[-1]).unbind(2)
         h = self.ln_wo_grad(x) * (scale1 + 1) + shift1

@@ -27,7 +27,7 @@ if HAS_TRITON:
     import triton.language as tl
 
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)  # fp32: the engine's checks against an fp32 model
-NORM_NONE, NORM_AFFINE, NORM_MODULATE = 0, 1, 2
+NORM_NONE, NORM_AFFINE, NORM_MODULATE, NORM_RMS = 0, 1, 2, 3
 
 
 # ------------------------------------------------------------------------------------------------ kernels
@@ -40,7 +40,8 @@ if HAS_TRITON:
                               rows_per_batch, C, gate_stride, w_stride, b_stride, eps,
                               HAS_Y: tl.constexpr, GATED: tl.constexpr, NORM: tl.constexpr, QUANT: tl.constexpr,
                               BLOCK_C: tl.constexpr):
-        """One row of C channels: optional (gated) residual add, then optional LayerNorm (affine or AdaLN); with
+        """One row of C channels: optional (gated) residual add, then optional LayerNorm (affine or AdaLN) or
+        RMSNorm (weight); with
         QUANT the normalised row is stored quantised to FP8 (out_ptr) with its fp32 scale (s_ptr), as
         sparvar.fp8.quantize_rows_ref would quantise the rounded output: the next GEMM's input, without the
         bf16 write and re-read in between."""
@@ -58,7 +59,10 @@ if HAS_TRITON:
             x = (x + y).to(dtype)
             tl.store(x_out_ptr + row * C + cols, x, mask=m)
             x = x.to(tl.float32)
-        if NORM != 0:
+        if NORM == 3:  # RMSNorm (sparvar.model.rms_norm): weight (C,)
+            w = tl.load(w_ptr + cols, mask=m, other=0.0).to(tl.float32)
+            out = x * tl.rsqrt(tl.sum(x * x, axis=0) / C + eps) * w
+        elif NORM != 0:
             mean = tl.sum(x, axis=0) / C
             diff = tl.where(m, x - mean, 0.0)
             var = tl.sum(diff * diff, axis=0) / C
@@ -71,6 +75,7 @@ if HAS_TRITON:
                 s = tl.load(w_ptr + batch * w_stride + cols, mask=m, other=0.0)
                 b = tl.load(b_ptr + batch * b_stride + cols, mask=m, other=0.0)
                 out = normed * (s + 1.0) + b
+        if NORM != 0:
             if QUANT:
                 out = tl.where(m, out.to(dtype).to(tl.float32), 0.0)  # the reference quantises the rounded output
                 scale = tl.maximum(tl.max(tl.abs(out), axis=0), _MIN_AMAX) / _FP8_MAX
@@ -131,9 +136,10 @@ def _per_batch(name: str, label: str, t: torch.Tensor, B: int, C: int) -> int:
 def residual_norm(x: torch.Tensor, y: torch.Tensor | None = None, gate: torch.Tensor | None = None, *,
                   weight: torch.Tensor | None = None, bias: torch.Tensor | None = None,
                   scale: torch.Tensor | None = None, shift: torch.Tensor | None = None, eps: float = 1e-6,
-                  quantize: bool = False):
+                  rms: bool = False, quantize: bool = False):
     """x (B, n, C) contiguous (bf16, fp16 or fp32). With y: x' = x + y (gate (B, 1, C) fp32: x + (y * gate)), else x' = x.
-    Norm: affine LayerNorm (weight, bias (C,)), AdaLN modulation (scale, shift (B, 1, C) fp32), or none.
+    Norm: affine LayerNorm (weight, bias (C,)), AdaLN modulation (scale, shift (B, 1, C) fp32), RMSNorm (rms=True,
+    weight (C,), no bias: sparvar.model.rms_norm), or none.
     Returns (x', normed) with either None when not computed (x' is None without y; normed None without a norm);
     with quantize, normed is sparvar.fp8.Fp8Rows: the normalised rows in FP8 with per-row scales."""
     name = "residual_norm"
@@ -145,16 +151,21 @@ def residual_norm(x: torch.Tensor, y: torch.Tensor | None = None, gate: torch.Te
         raise ValueError(f"{name}: y must be contiguous like x {tuple(x.shape)} {x.dtype}, got {tuple(y.shape)} {y.dtype}")
     if gate is not None and y is None:
         raise ValueError(f"{name}: a gate needs y")
-    if (weight is None) != (bias is None) or (scale is None) != (shift is None) or (weight is not None and scale is not None):
+    if rms:
+        if weight is None or bias is not None or scale is not None or shift is not None:
+            raise ValueError(f"{name}: RMSNorm (rms=True) takes a weight only")
+        norm = NORM_RMS
+    elif (weight is None) != (bias is None) or (scale is None) != (shift is None) or (weight is not None and scale is not None):
         raise ValueError(f"{name}: give weight and bias (LayerNorm), or scale and shift (AdaLN), or neither")
-    norm = NORM_AFFINE if weight is not None else NORM_MODULATE if scale is not None else NORM_NONE
+    else:
+        norm = NORM_AFFINE if weight is not None else NORM_MODULATE if scale is not None else NORM_NONE
     if y is None and norm == NORM_NONE:
         raise ValueError(f"{name}: nothing to compute (no y, no norm)")
     if quantize and norm == NORM_NONE:
         raise ValueError(f"{name}: quantize applies to the normalised output; give a norm")
     gate_stride = _per_batch(name, "gate", gate, B, C) if gate is not None else 0
-    if norm == NORM_AFFINE:
-        for label, t in (("weight", weight), ("bias", bias)):
+    if norm in (NORM_AFFINE, NORM_RMS):
+        for label, t in (("weight", weight), ("bias", bias))[: 2 if norm == NORM_AFFINE else 1]:
             if t.shape != (C,) or not t.is_contiguous():
                 raise ValueError(f"{name}: {label} must be contiguous ({C},), got {tuple(t.shape)}")
         w_stride = b_stride = 0
