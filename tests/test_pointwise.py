@@ -123,6 +123,93 @@ def test_pointwise_kernels_under_triton_interpreter():
     assert worst < 2e-5, f"pointwise kernels under the interpreter differ from the references by {worst}"
 
 
+# ------------------------------------------------------------------------------------------------ HART kernels
+def hart_inputs(B, n, H, D, dtype, device):
+    g = torch.Generator(device="cpu").manual_seed(B * 100 + n)
+    angles = torch.rand(B, n, D, generator=g) * 6
+    return dict(qkv=(torch.randn(B, n, 3 * H * D, generator=g) * 2).to(device, dtype),
+                rope=torch.stack([angles.cos(), angles.sin()]).to(device),
+                gate=(torch.randn(B, n, 4 * H, generator=g) * 3).to(device, dtype),
+                up=torch.randn(B, n, 4 * H, generator=g).to(device, dtype))
+
+
+def compare_hart(t, B, n, H, D, check, offset=3):
+    """HART's attention inputs and SwiGLU kernels against sparvar.hart.model's functions."""
+    from sparvar.hart import model as HM
+    from sparvar.kernels.pointwise import qkv_rope_half, swiglu
+
+    dtype, device = t["qkv"].dtype, t["qkv"].device
+    caches = [M.KVCache(1, B, H, n + offset + 2, D, dtype, device) for _ in range(2)]
+    for c in caches:
+        c.offset = offset
+    caches[0].k.normal_()  # earlier scales' entries must survive untouched
+    caches[0].v.normal_()
+    caches[1].k.copy_(caches[0].k)
+    caches[1].v.copy_(caches[0].v)
+    k_new, v_new, _, _ = caches[0].slot(0, n)
+    q = qkv_rope_half(t["qkv"], 0.03125, t["rope"], k_new, v_new)
+    rq, _, _ = HM.attention_inputs(t["qkv"], H, 0.03125, t["rope"], caches[1], 0)
+    check("hart q", q, rq)
+    check("hart k (cache)", caches[0].k, caches[1].k)
+    check("hart v (cache)", caches[0].v, caches[1].v)
+    check("swiglu", swiglu(t["gate"], t["up"]), HM.swiglu(t["gate"], t["up"]))
+
+
+def test_hart_kernels_reject_bad_inputs():
+    from sparvar.kernels.pointwise import qkv_rope_half, swiglu
+
+    t = hart_inputs(2, 5, 2, 16, torch.float32, "cpu")
+    k = torch.zeros(2, 2, 5, 16)
+    with pytest.raises(ValueError, match="rope must be contiguous float32 \\(2, 2, 5, 16\\)"):
+        qkv_rope_half(t["qkv"], 0.25, t["rope"][:, :, :4], k, k.clone())
+    with pytest.raises(ValueError, match="q_scale must be a positive Python float"):
+        qkv_rope_half(t["qkv"], torch.tensor(0.25), t["rope"], k, k.clone())
+    with pytest.raises(ValueError, match="does not match"):
+        qkv_rope_half(t["qkv"], 0.25, t["rope"], k[:, :1], k[:, :1].clone())
+    with pytest.raises(ValueError, match="must be on a CUDA device"):
+        qkv_rope_half(t["qkv"], 0.25, t["rope"], k, k.clone())
+    with pytest.raises(ValueError, match="one shape and float dtype"):
+        swiglu(t["gate"], t["up"][..., :3])
+    with pytest.raises(ValueError, match="must be on a CUDA device"):
+        swiglu(t["gate"], t["up"])
+
+
+HART_INTERPRETER_SCRIPT = textwrap.dedent('''
+    import torch
+    from test_pointwise import compare_hart, hart_inputs
+    worst = 0.0
+
+    def check(name, out, ref):
+        global worst
+        worst = max(worst, (out.float() - ref.float()).abs().max().item())
+    for B, n, H, D in [(2, 37, 3, 64), (1, 5, 2, 16)]:  # fp32 (the interpreter truncates casts to bf16)
+        compare_hart(hart_inputs(B, n, H, D, torch.float32, "cpu"), B, n, H, D, check)
+    print("WORST", worst)
+''')
+
+
+def test_hart_kernels_under_triton_interpreter():
+    worst = float(run_interpreted(HART_INTERPRETER_SCRIPT))
+    assert worst < 2e-5, f"HART kernels under the interpreter differ from the references by {worst}"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("B,n,H,D", [(2, 4096, 24, 64), (2, 300, 24, 64), (2, 1, 2, 64)])
+def test_hart_kernels_match_references_on_gpu(B, n, H, D):
+    """bf16 at hart-0.7b's shapes: v copies exactly; q, k and SwiGLU within one bf16 step (fp32 rounding order)."""
+
+    def check(name, out, ref):
+        if name == "hart v (cache)":
+            assert torch.equal(out, ref), name
+            return
+        diff = (out.float() - ref.float()).abs()
+        step = ref.float().abs().clamp_min(1e-2) * 2 ** -7
+        assert bool((diff <= step).all()), f"{name}: {int((diff > step).sum())} elements beyond one bf16 step"
+        assert (diff == 0).float().mean() > 0.95, f"{name}: only {(diff == 0).float().mean():.3f} exact"
+
+    compare_hart(hart_inputs(B, n, H, D, torch.bfloat16, "cuda"), B, n, H, D, check)
+
+
 # ------------------------------------------------------------------------------------------------ GPU
 @pytest.mark.gpu
 @pytest.mark.parametrize("B,n,C,H", [(2, 4096, 2048, 16), (2, 37, 3584, 28), (2, 1, 2048, 16), (4, 300, 128, 2)])

@@ -1,9 +1,9 @@
 """HART's torch-cuda runner: the HartRunner protocol (sparvar/hart/generate.py) with one CUDA graph per scale.
 
 The same recipe as Infinity's sparvar/cuda_engine.py: bf16 weights on one GPU, the KV cache preallocated for the
-whole schedule, every scale step captured once and replayed, the RMSNorms (with the residual add before them) as
-the Triton kernels Infinity's engine uses, RoPE + softmax scale and SwiGLU fused by torch.compile, SparVAR kernels
-and layouts inside the graphs. What differs is the text: HART's prompt is a
+whole schedule, every scale step captured once and replayed, the element-wise glue as Triton kernels (the RMSNorm
+kernel is Infinity's norm kernel; RoPE by halves writing into the KV cache; SwiGLU), SparVAR kernels and layouts
+inside the graphs. What differs is the text: HART's prompt is a
 fixed `text_len`-slot prefix, so there is one graph set per (batch, guided) and no length bucket, and the RoPE
 tables depend on each row's text positions, so they live in static buffers refilled by `begin`.
 The diffusion head (8 small MLP steps on the last scale's tokens) runs eagerly after the graphs.
@@ -14,14 +14,14 @@ import torch
 
 from ..cuda_engine import capture_scales
 from .generate import HartTorchRunner
-from .model import HART, Pointwise, TextCondition, rope_qk, rope_tables, swiglu
+from .model import HART, KVCache, Pointwise, TextCondition, rope_tables
 
 
 def fused_pointwise() -> Pointwise:
-    """HART's element-wise glue for the GPU: each norm (and the residual add before it) one Triton pass, as in
-    Infinity's engine (eagerly an RMSNorm is ~7 kernels); RoPE and SwiGLU through torch.compile (dynamic shapes:
-    one compile serves every scale)."""
-    from ..kernels.pointwise import residual_norm
+    """HART's element-wise glue for the GPU, as Triton kernels (sparvar/kernels/pointwise.py, shared with Infinity's
+    engine where the math is shared): each RMSNorm with the residual add before it one pass (eagerly ~7 kernels);
+    q/k RoPE + softmax scale reading the fused projection and writing k, v straight into the KV cache; SwiGLU."""
+    from ..kernels.pointwise import qkv_rope_half, residual_norm, swiglu
 
     def norm(x, weight, eps):
         return residual_norm(x, weight=weight, eps=eps, rms=True)[1]
@@ -29,8 +29,16 @@ def fused_pointwise() -> Pointwise:
     def residual_then_norm(x, y, weight, eps):
         return residual_norm(x, y, weight=weight, eps=eps, rms=True)
 
-    return Pointwise(rope_qk=torch.compile(rope_qk, dynamic=True), swiglu=torch.compile(swiglu, dynamic=True),
-                     rms_norm=norm, residual_rms_norm=residual_then_norm)
+    def attention_inputs(qkv, heads, q_scale, rope, kv, layer, unit_qk=False):
+        if unit_qk:  # no config of ours uses it; the kernel has no unit-q/k step
+            raise NotImplementedError("the HART GPU engine's attention-input kernel has no attn_l2_norm variant")
+        if not isinstance(kv, KVCache):
+            raise TypeError(f"the Triton attention inputs write into a preallocated KVCache, got {type(kv).__name__}")
+        k_new, v_new, k_all, v_all = kv.slot(layer, qkv.shape[1])
+        return qkv_rope_half(qkv, q_scale, rope, k_new, v_new), k_all, v_all
+
+    return Pointwise(attention_inputs=attention_inputs, swiglu=swiglu, rms_norm=norm,
+                     residual_rms_norm=residual_then_norm)
 
 
 class _Graphs:

@@ -105,6 +105,19 @@ def rope_qk(q: torch.Tensor, k: torch.Tensor, rope: torch.Tensor, q_scale: torch
     return (apply_rope(q, rope).float() * q_scale).to(q.dtype), apply_rope(k, rope)
 
 
+def attention_inputs(qkv: torch.Tensor, heads: int, q_scale: torch.Tensor | float, rope: torch.Tensor, kv, layer: int,
+                     unit_qk: bool = False):
+    """The fused projection's output (B, n, 3C) -> q (B, H, n, D) and the visible K/V after appending this scale's.
+    unit_qk (attn_l2_norm): unit q and k before RoPE, as official; q_scale is then the per-head temperature."""
+    B, n, C3 = qkv.shape
+    q, k, v = qkv.view(B, n, 3, heads, C3 // (3 * heads)).permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, n, D)
+    if unit_qk:
+        q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
+    q, k = rope_qk(q, k, rope, q_scale)
+    k_all, v_all = kv.append(layer, k, v)  # the cache holds post-RoPE keys, as official
+    return q, k_all, v_all
+
+
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
@@ -118,10 +131,9 @@ def residual_rms_norm(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, ep
 @dataclass(frozen=True)
 class Pointwise:
     """The element-wise glue of a HART block (the role of sparvar.model.BlockOps, without the linears): eager by
-    default; a GPU engine passes kernels computing the same (the norms in Triton, sparvar/kernels/pointwise.py;
-    RoPE and SwiGLU through torch.compile)."""
+    default; the GPU engine passes Triton kernels computing the same (sparvar/kernels/pointwise.py)."""
 
-    rope_qk: object = rope_qk
+    attention_inputs: object = attention_inputs
     swiglu: object = swiglu
     rms_norm: object = rms_norm
     residual_rms_norm: object = residual_rms_norm
@@ -150,14 +162,10 @@ class Attention(nn.Module):
     def forward(self, x, rope, kv, layer: int, scale: int, plan=None, backend: str = "sdpa", pw: Pointwise = EAGER):
         B, n, C = x.shape
         bias = torch.cat([self.q_bias, self.zero_k_bias, self.v_bias])
-        qkv = F.linear(x, self.qkv_proj.weight, bias).view(B, n, 3, self.heads, self.head_dim)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, n, D)
-        q_scale = self.softmax_scale
-        if hasattr(self, "scale_mul_1H11"):  # cosine attention: unit q, k (before RoPE, as official)
-            q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
-            q_scale = self.scale_mul_1H11.clamp_max(MAX_SCALE_MUL).exp()
-        q, k = pw.rope_qk(q, k, rope, q_scale)
-        k_all, v_all = kv.append(layer, k, v)  # the cache holds post-RoPE keys, as official
+        qkv = F.linear(x, self.qkv_proj.weight, bias)
+        unit_qk = hasattr(self, "scale_mul_1H11")  # cosine attention (attn_l2_norm): a learned temperature
+        q_scale = self.scale_mul_1H11.clamp_max(MAX_SCALE_MUL).exp() if unit_qk else self.softmax_scale
+        q, k_all, v_all = pw.attention_inputs(qkv, self.heads, q_scale, rope, kv, layer, unit_qk)
         out = self_attention(q, k_all, v_all, layer=layer, scale=scale, plan=plan, backend=backend)
         return self.proj(out.transpose(1, 2).reshape(B, n, C))
 

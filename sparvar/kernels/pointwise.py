@@ -10,7 +10,12 @@ cosine q/k + RoPE took 0.47 ms and the LayerNorm + AdaLN modulation 0.11 ms, aga
 memory traffic at the H200's bandwidth; the KV-cache append and the residual adds were more passes again.
 
     residual_norm(x, y=None, gate=None, weight=, bias=, scale=, shift=)   x' = x + [gate *] y; out = norm(x')
+        (LayerNorm, AdaLN modulation or RMSNorm; optionally FP8 rows with their scales for the next GEMM)
     qkv_rope(qkv, scale_mul, rope, k_out, v_out)                          cosine q/k + RoPE; k, v into the cache
+    qkv_rope_half(qkv, q_scale, rope, k_out, v_out)                       HART: RoPE by halves, per-row tables
+    swiglu(gate, up)                                                      HART's MLP activation
+
+HART's references are its own functions in sparvar/hart/model.py (`attention_inputs`, `swiglu`, `rms_norm`).
 
 Rounding follows the references step by step (each bf16 rounding where eager torch rounds), so results differ
 from them only in the order of the fp32 reductions.
@@ -121,6 +126,64 @@ if HAS_TRITON:
         v = tl.load(src + 2 * H * D, mask=tm, other=0.0)
         tl.store(v_ptr + b * s_v_b + h * s_v_h + t[:, None].to(tl.int64) * s_v_t + d, v, mask=tm)
 
+    @triton.jit
+    def _rope_halves(lo, hi, cos_ptr, sin_ptr, rows, half, tm, D: tl.constexpr):
+        """x * cos + rotate_half(x) * sin for x = [lo | hi] with full-width (cos, sin) rows: HART's `apply_rope`."""
+        cos_lo = tl.load(cos_ptr + rows + half, mask=tm, other=0.0)
+        cos_hi = tl.load(cos_ptr + rows + D // 2 + half, mask=tm, other=0.0)
+        sin_lo = tl.load(sin_ptr + rows + half, mask=tm, other=0.0)
+        sin_hi = tl.load(sin_ptr + rows + D // 2 + half, mask=tm, other=0.0)
+        return lo * cos_lo - hi * sin_lo, hi * cos_hi + lo * sin_hi
+
+    @triton.jit
+    def _qkv_rope_half_kernel(qkv_ptr, rope_ptr, q_ptr, k_ptr, v_ptr, q_scale, n, H, B,
+                              s_qkv_b, s_qkv_t, s_q_b, s_q_h, s_q_t, s_k_b, s_k_h, s_k_t, s_v_b, s_v_h, s_v_t,
+                              D: tl.constexpr, BLOCK_T: tl.constexpr):
+        """BLOCK_T tokens of one (batch row, head): q and k rotated by halves with this row's (cos, sin) tables, q
+        times the softmax scale (rounded after the rotation, as the reference), from the fused projection's output
+        (B, n, 3, H, D) to q and the KV cache."""
+        pid_t = tl.program_id(0)
+        b = tl.program_id(1) // H
+        h = tl.program_id(1) % H
+        t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+        tm = (t < n)[:, None]
+        half = tl.arange(0, D // 2)[None, :]
+        dtype = q_ptr.dtype.element_ty
+        src = qkv_ptr + b.to(tl.int64) * s_qkv_b + t[:, None].to(tl.int64) * s_qkv_t + h * D + half
+        rows = (b.to(tl.int64) * n + t[:, None]) * D  # rope (2, B, n, D): cos at [0, b, t], sin at [1, b, t]
+        sin_ptr = rope_ptr + B * n * D
+        q_dst = q_ptr + b * s_q_b + h * s_q_h + t[:, None].to(tl.int64) * s_q_t + half
+        k_dst = k_ptr + b * s_k_b + h * s_k_h + t[:, None].to(tl.int64) * s_k_t + half
+        v_dst = v_ptr + b * s_v_b + h * s_v_h + t[:, None].to(tl.int64) * s_v_t + half
+
+        lo, hi = _rope_halves(tl.load(src, mask=tm, other=0.0).to(tl.float32),
+                              tl.load(src + D // 2, mask=tm, other=0.0).to(tl.float32), rope_ptr, sin_ptr, rows, half,
+                              tm, D)
+        lo = (lo.to(dtype).to(tl.float32) * q_scale).to(dtype)
+        hi = (hi.to(dtype).to(tl.float32) * q_scale).to(dtype)
+        tl.store(q_dst, lo, mask=tm)
+        tl.store(q_dst + D // 2, hi, mask=tm)
+
+        lo, hi = _rope_halves(tl.load(src + H * D, mask=tm, other=0.0).to(tl.float32),
+                              tl.load(src + H * D + D // 2, mask=tm, other=0.0).to(tl.float32), rope_ptr, sin_ptr,
+                              rows, half, tm, D)
+        tl.store(k_dst, lo.to(dtype), mask=tm)
+        tl.store(k_dst + D // 2, hi.to(dtype), mask=tm)
+
+        tl.store(v_dst, tl.load(src + 2 * H * D, mask=tm, other=0.0), mask=tm)
+        tl.store(v_dst + D // 2, tl.load(src + 2 * H * D + D // 2, mask=tm, other=0.0), mask=tm)
+
+    @triton.jit
+    def _swiglu_kernel(gate_ptr, up_ptr, out_ptr, numel, BLOCK: tl.constexpr):
+        """silu(gate) * up, each rounded to the dtype where eager torch rounds (silu's output, then the product)."""
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        m = offs < numel
+        dtype = out_ptr.dtype.element_ty
+        g = tl.load(gate_ptr + offs, mask=m, other=0.0).to(tl.float32)
+        u = tl.load(up_ptr + offs, mask=m, other=0.0).to(tl.float32)
+        s = (g / (1.0 + tl.exp(-g))).to(dtype).to(tl.float32)
+        tl.store(out_ptr + offs, (s * u).to(dtype), mask=m)
+
 
 # ------------------------------------------------------------------------------------------------ wrappers
 def _per_batch(name: str, label: str, t: torch.Tensor, B: int, C: int) -> int:
@@ -229,6 +292,60 @@ def qkv_rope(qkv: torch.Tensor, scale_mul: torch.Tensor, rope: torch.Tensor, k_o
             q.stride(0), q.stride(1), q.stride(2), k_out.stride(0), k_out.stride(1), k_out.stride(2),
             v_out.stride(0), v_out.stride(1), v_out.stride(2), D=D, BLOCK_T=block_t, num_warps=4)
     return q
+
+
+def qkv_rope_half(qkv: torch.Tensor, q_scale: float, rope: torch.Tensor, k_out: torch.Tensor,
+                  v_out: torch.Tensor) -> torch.Tensor:
+    """HART's attention inputs (reference: sparvar.hart.model.attention_inputs without unit q/k). qkv (B, n, 3C)
+    contiguous, the fused projection's output; q_scale the softmax scale; rope (2, B, n, D) fp32 (cos, sin) per batch
+    row. Writes k (rotated) and v into k_out / v_out (B, H, n, D) (head dim contiguous: the KV cache's slot) and
+    returns q (B, H, n, D), rotated and scaled, stored token-major (B, n, H, D)."""
+    name = "qkv_rope_half"
+    require_triton(name)
+    if qkv.dim() != 3 or not qkv.is_contiguous() or qkv.dtype not in DTYPES:
+        raise ValueError(f"{name}: qkv must be a contiguous (B, n, 3C) bf16/fp16/fp32 tensor, got {tuple(qkv.shape)} {qkv.dtype}")
+    if k_out.dim() != 4:
+        raise ValueError(f"{name}: k_out must be (B, H, n, D), got {tuple(k_out.shape)}")
+    B, n, C3 = qkv.shape
+    _, H, _, D = k_out.shape
+    if C3 != 3 * H * D or k_out.shape != (B, H, n, D) or v_out.shape != k_out.shape:
+        raise ValueError(f"{name}: qkv (B, n, 3*H*D) = {tuple(qkv.shape)} does not match k_out {tuple(k_out.shape)} / "
+                         f"v_out {tuple(v_out.shape)}")
+    if k_out.dtype != qkv.dtype or v_out.dtype != qkv.dtype or k_out.stride(3) != 1 or v_out.stride(3) != 1:
+        raise ValueError(f"{name}: k_out / v_out must be {qkv.dtype} with a contiguous head dim")
+    if D % 2 or D & (D - 1):
+        raise ValueError(f"{name}: head dim must be a power of two, got {D}")
+    if rope.shape != (2, B, n, D) or rope.dtype != torch.float32 or not rope.is_contiguous():
+        raise ValueError(f"{name}: rope must be contiguous float32 (2, {B}, {n}, {D}), got {tuple(rope.shape)} {rope.dtype}")
+    if isinstance(q_scale, torch.Tensor) or not isinstance(q_scale, (int, float)) or not q_scale > 0:
+        raise ValueError(f"{name}: q_scale must be a positive Python float (the softmax scale), got {q_scale!r}")
+    check_device(name, qkv, hint="use sparvar.hart.model.attention_inputs elsewhere", rope=rope, k_out=k_out, v_out=v_out)
+    q_store = torch.empty((B, n, H, D), dtype=qkv.dtype, device=qkv.device)
+    q = q_store.transpose(1, 2)
+    if qkv.numel():
+        block_t = 16 if interpreting() else max(16, min(4096 // D, triton.next_power_of_2(n)))
+        _qkv_rope_half_kernel[(triton.cdiv(n, block_t), B * H)](
+            qkv, rope, q, k_out, v_out, float(q_scale), n, H, B, qkv.stride(0), qkv.stride(1),
+            q.stride(0), q.stride(1), q.stride(2), k_out.stride(0), k_out.stride(1), k_out.stride(2),
+            v_out.stride(0), v_out.stride(1), v_out.stride(2), D=D, BLOCK_T=block_t, num_warps=4)
+    return q
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up in one pass (reference: sparvar.hart.model.swiglu)."""
+    name = "swiglu"
+    require_triton(name)
+    if gate.shape != up.shape or gate.dtype != up.dtype or gate.dtype not in DTYPES:
+        raise ValueError(f"{name}: gate and up must have one shape and float dtype, got {tuple(gate.shape)} {gate.dtype} "
+                         f"and {tuple(up.shape)} {up.dtype}")
+    if not gate.is_contiguous() or not up.is_contiguous():
+        raise ValueError(f"{name}: gate and up must be contiguous")
+    check_device(name, gate, hint="use sparvar.hart.model.swiglu elsewhere", up=up)
+    out = torch.empty_like(gate)
+    if gate.numel():
+        block = 1024
+        _swiglu_kernel[(triton.cdiv(gate.numel(), block),)](gate, up, out, gate.numel(), BLOCK=block, num_warps=4)
+    return out
 
 
 def triton_block_ops():
