@@ -189,25 +189,35 @@ NEG_INF = float("-inf")
 
 @onnxscript.script(SPARVAR, default_opset=op)
 def CSLAAttention(q, k, v, kv_num_blocks, kv_indices, block_m: int, block_n: int, plugin_namespace: str):
+    # Each query block attends to the keys of its listed key blocks, gathered (W = kv_indices' width): scores are
+    # (B, H, Lq, W * block_n), not (B, H, Lq, Lk). A masked dense body held the whole score matrix three times:
+    # 23 GB at HART-0.7B's last scale, more than the 24 GiB CPU machine (bench/results/engine_memory_cpu.json).
+    shape = op.Shape(q)  # [B, H, Lq, D]
+    batch_heads = op.Slice(shape, [0], [2])
+    q_len = op.Slice(shape, [2], [3])
+    head_dim = op.Slice(shape, [3], [4])
+    kv_len = op.Shape(k, start=2, end=3)  # (1,)
+    query_blocks = op.Shape(kv_indices, start=0, end=1)  # (1,) = ceil(Lq / block_m)
+    width = op.Squeeze(op.Shape(kv_indices, start=1, end=2))
     zero = op.Constant(value_int=0)
     one = op.Constant(value_int=1)
-    bm = op.Constant(value_int=block_m)
     bn = op.Constant(value_int=block_n)
-    q_len = op.Squeeze(op.Shape(q, start=2, end=3))
-    kv_len = op.Squeeze(op.Shape(k, start=2, end=3))
-    width = op.Squeeze(op.Shape(kv_indices, start=1, end=2))
-    num_kv_blocks = op.Div(op.Sub(op.Add(kv_len, bn), one), bn)
-    # active[i, n]: key block n is one of the first kv_num_blocks[i] entries of row i
-    valid = op.Less(op.Unsqueeze(op.Range(zero, width, one), [0]), op.Unsqueeze(op.Cast(kv_num_blocks, to=7), [1]))  # (nq, W)
-    hit = op.Equal(op.Unsqueeze(op.Cast(kv_indices, to=7), [2]), op.Range(zero, num_kv_blocks, one))  # (nq, W, nk)
-    hit = op.And(hit, op.Unsqueeze(valid, [2]))
-    active = op.ReduceMax(op.Cast(hit, to=6), [1], keepdims=0)  # (nq, nk) int32
-    query_block = op.Div(op.Range(zero, q_len, one), bm)  # (Lq,)
-    key_block = op.Div(op.Range(zero, kv_len, one), bn)  # (Lk,)
-    keep = op.Cast(op.Gather(op.Gather(active, query_block, axis=0), key_block, axis=1), to=9)  # (Lq, Lk) bool
-    scores = op.MatMul(op.Cast(q, to=1), op.Transpose(op.Cast(k, to=1), perm=[0, 1, 3, 2]))  # (B, H, Lq, Lk)
-    scores = op.Where(keep, scores, op.Constant(value_float=NEG_INF))
-    out = op.MatMul(op.Softmax(scores, axis=-1), op.Cast(v, to=1))  # (B, H, Lq, D)
+    bm = op.Reshape(op.Constant(value_int=block_m), [1])
+    # key positions of each row's listed blocks (nq, W, bn); unlisted entries and positions past Lk are masked
+    keys = op.Add(op.Unsqueeze(op.Mul(op.Cast(kv_indices, to=7), bn), [2]), op.Range(zero, bn, one))
+    listed = op.Less(op.Unsqueeze(op.Range(zero, width, one), [0]), op.Unsqueeze(op.Cast(kv_num_blocks, to=7), [1]))
+    valid = op.And(op.Unsqueeze(listed, [2]), op.Less(keys, kv_len))  # (nq, W, bn)
+    keys = op.Reshape(op.Where(valid, keys, zero), op.Concat(query_blocks, [-1], axis=0))  # (nq, W*bn), in bounds
+    valid = op.Reshape(valid, op.Concat(query_blocks, [1], [-1], axis=0))  # (nq, 1, W*bn)
+    k_sel = op.Gather(op.Cast(k, to=1), keys, axis=2)  # (B, H, nq, W*bn, D)
+    v_sel = op.Gather(op.Cast(v, to=1), keys, axis=2)
+    padded = op.Mul(query_blocks, bm)
+    pads = op.Concat([0, 0, 0, 0, 0, 0], op.Sub(padded, q_len), [0], axis=0)  # pad the query axis at its end
+    qb = op.Reshape(op.Pad(op.Cast(q, to=1), pads), op.Concat(batch_heads, query_blocks, bm, head_dim, axis=0))
+    scores = op.MatMul(qb, op.Transpose(k_sel, perm=[0, 1, 2, 4, 3]))  # (B, H, nq, bm, W*bn)
+    scores = op.Where(valid, scores, op.Constant(value_float=NEG_INF))
+    out = op.MatMul(op.Softmax(scores, axis=-1), v_sel)  # (B, H, nq, bm, D)
+    out = op.Slice(op.Reshape(out, op.Concat(batch_heads, padded, head_dim, axis=0)), [0], q_len, [2])
     return op.CastLike(out, q)
 
 

@@ -100,6 +100,24 @@ def test_export_runs_in_onnxruntime_and_reference(op, opset):
         np.testing.assert_allclose(got, ref.numpy(), rtol=0, atol=1e-5)
 
 
+def test_csla_body_gathers_only_the_listed_blocks():
+    """Query blocks listing different numbers of key blocks (padded rows in kv_indices) and a partial last key block:
+    the gathered ONNX body equals the reference (dense scores under the block mask), in onnxruntime."""
+    mask = torch.zeros(LQ, LK, dtype=torch.bool)
+    mask[0:8, 0] = True  # query block 0: key block 0 only
+    mask[8:16, 40] = True  # query block 1: key blocks 0 and 2 (the partial one: keys 32..44)
+    mask[8:16, 3] = True
+    mask[16:, :] = True  # the last (partial) query block: every key block
+    module = OneOp("CSLAAttention").eval()
+    module.layout = block_layout_from_mask(mask, 8, 16)
+    assert module.layout.kv_num_blocks.tolist() == [1, 2, 3]
+    tensors = _inputs(seed=3)
+    model = export_model(module, tensors)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    got = session.run(None, _feeds([i.name for i in session.get_inputs()], tensors))[0]
+    np.testing.assert_allclose(got, module(*tensors).numpy(), rtol=0, atol=1e-5)
+
+
 def test_decide_with_sinks_exports_and_matches_the_reference():
     """HART's CS4A: the first sink_len keys lead every key set and never enter the top-k, in the ONNX body too."""
     tensors = _inputs(seed=3)
