@@ -97,8 +97,9 @@ if HAS_TRITON:
         return tl.reshape(tl.join(even * cos - odd * sin, even * sin + odd * cos), (BLOCK_T, D))
 
     @triton.jit
-    def _qkv_rope_kernel(qkv_ptr, scale_ptr, rope_ptr, q_ptr, k_ptr, v_ptr, n, H,
+    def _qkv_rope_kernel(qkv_ptr, q_ptr, k_ptr, v_ptr, n, H,
                          s_qkv_b, s_qkv_t, s_q_b, s_q_h, s_q_t, s_k_b, s_k_h, s_k_t, s_v_b, s_v_h, s_v_t,
+                         scale_ptr, rope_ptr,
                          D: tl.constexpr, BLOCK_T: tl.constexpr):
         """BLOCK_T tokens of one (batch row, head): unit q times the head's temperature and unit k, both rotated,
         and v, from the fused projection's output (B, n, 3, H, D) to q and the KV cache."""
@@ -136,8 +137,9 @@ if HAS_TRITON:
         return lo * cos_lo - hi * sin_lo, hi * cos_hi + lo * sin_hi
 
     @triton.jit
-    def _qkv_rope_half_kernel(qkv_ptr, rope_ptr, q_ptr, k_ptr, v_ptr, q_scale, n, H, B,
+    def _qkv_rope_half_kernel(qkv_ptr, q_ptr, k_ptr, v_ptr, n, H,
                               s_qkv_b, s_qkv_t, s_q_b, s_q_h, s_q_t, s_k_b, s_k_h, s_k_t, s_v_b, s_v_h, s_v_t,
+                              rope_ptr, q_scale, B,
                               D: tl.constexpr, BLOCK_T: tl.constexpr):
         """BLOCK_T tokens of one (batch row, head): q and k rotated by halves with this row's (cos, sin) tables, q
         times the softmax scale (rounded after the rotation, as the reference), from the fused projection's output
@@ -255,13 +257,9 @@ def residual_norm(x: torch.Tensor, y: torch.Tensor | None = None, gate: torch.Te
     return x_out, out
 
 
-def qkv_rope(qkv: torch.Tensor, scale_mul: torch.Tensor, rope: torch.Tensor, k_out: torch.Tensor,
-             v_out: torch.Tensor) -> torch.Tensor:
-    """qkv (B, n, 3C) contiguous, the fused projection's output; scale_mul (H,) per-head temperature (any float dtype); rope
-    (2, n, D/2) fp32 (cos, sin). Writes unit k and v, rotated as the model does, into k_out / v_out (B, H, n, D)
-    (any strides with the head dim contiguous: the KV cache's slot for this scale) and returns q (B, H, n, D),
-    stored token-major (B, n, H, D) so that attention's output reshapes to (B, n, C) without a copy."""
-    name = "qkv_rope"
+def _check_attention_inputs(name: str, qkv: torch.Tensor, k_out: torch.Tensor, v_out: torch.Tensor):
+    """Checks shared by the attention-input kernels: the fused projection's output (B, n, 3C) and the KV-cache
+    slots (B, H, n, D) it fills. Returns B, n, H, D."""
     require_triton(name)
     if qkv.dim() != 3 or not qkv.is_contiguous() or qkv.dtype not in DTYPES:
         raise ValueError(f"{name}: qkv must be a contiguous (B, n, 3C) bf16/fp16/fp32 tensor, got {tuple(qkv.shape)} {qkv.dtype}")
@@ -276,6 +274,32 @@ def qkv_rope(qkv: torch.Tensor, scale_mul: torch.Tensor, rope: torch.Tensor, k_o
         raise ValueError(f"{name}: k_out / v_out must be {qkv.dtype} with a contiguous head dim")
     if D % 2 or D & (D - 1):
         raise ValueError(f"{name}: head dim must be a power of two, got {D}")
+    return B, n, H, D
+
+
+def _launch_attention_inputs(kernel, qkv: torch.Tensor, k_out: torch.Tensor, v_out: torch.Tensor, *args) -> torch.Tensor:
+    """Run an attention-input kernel over (token tiles, B*H); `args` are its own trailing arguments. Returns q
+    (B, H, n, D) stored token-major (B, n, H, D), so that attention's output reshapes to (B, n, C) without a copy."""
+    B, n, _ = qkv.shape
+    _, H, _, D = k_out.shape
+    q = torch.empty((B, n, H, D), dtype=qkv.dtype, device=qkv.device).transpose(1, 2)
+    if qkv.numel():
+        block_t = 16 if interpreting() else max(16, min(4096 // D, triton.next_power_of_2(n)))  # 32 fp32 per thread
+        kernel[(triton.cdiv(n, block_t), B * H)](
+            qkv, q, k_out, v_out, n, H, qkv.stride(0), qkv.stride(1),
+            q.stride(0), q.stride(1), q.stride(2), k_out.stride(0), k_out.stride(1), k_out.stride(2),
+            v_out.stride(0), v_out.stride(1), v_out.stride(2), *args, D=D, BLOCK_T=block_t, num_warps=4)
+    return q
+
+
+def qkv_rope(qkv: torch.Tensor, scale_mul: torch.Tensor, rope: torch.Tensor, k_out: torch.Tensor,
+             v_out: torch.Tensor) -> torch.Tensor:
+    """qkv (B, n, 3C) contiguous, the fused projection's output; scale_mul (H,) per-head temperature (any float dtype); rope
+    (2, n, D/2) fp32 (cos, sin). Writes unit k and v, rotated as the model does, into k_out / v_out (B, H, n, D)
+    (any strides with the head dim contiguous: the KV cache's slot for this scale) and returns q (B, H, n, D),
+    stored token-major (B, n, H, D) so that attention's output reshapes to (B, n, C) without a copy."""
+    name = "qkv_rope"
+    B, n, H, D = _check_attention_inputs(name, qkv, k_out, v_out)
     if rope.shape != (2, n, D // 2) or rope.dtype != torch.float32 or not rope.is_contiguous():
         raise ValueError(f"{name}: rope must be contiguous float32 (2, {n}, {D // 2}), got {tuple(rope.shape)} {rope.dtype}")
     if scale_mul.numel() != H or not scale_mul.is_floating_point():
@@ -283,15 +307,7 @@ def qkv_rope(qkv: torch.Tensor, scale_mul: torch.Tensor, rope: torch.Tensor, k_o
     scale_mul = scale_mul.reshape(H).float()  # exact: eager multiplies fp32 q by it (type promotion)
     check_device(name, qkv, hint="use sparvar.model.attention_inputs elsewhere", scale_mul=scale_mul, rope=rope,
                  k_out=k_out, v_out=v_out)
-    q_store = torch.empty((B, n, H, D), dtype=qkv.dtype, device=qkv.device)
-    q = q_store.transpose(1, 2)
-    if qkv.numel():
-        block_t = 16 if interpreting() else max(16, min(4096 // D, triton.next_power_of_2(n)))  # 32 fp32 per thread
-        _qkv_rope_kernel[(triton.cdiv(n, block_t), B * H)](
-            qkv, scale_mul, rope, q, k_out, v_out, n, H, qkv.stride(0), qkv.stride(1),
-            q.stride(0), q.stride(1), q.stride(2), k_out.stride(0), k_out.stride(1), k_out.stride(2),
-            v_out.stride(0), v_out.stride(1), v_out.stride(2), D=D, BLOCK_T=block_t, num_warps=4)
-    return q
+    return _launch_attention_inputs(_qkv_rope_kernel, qkv, k_out, v_out, scale_mul, rope)
 
 
 def qkv_rope_half(qkv: torch.Tensor, q_scale: float, rope: torch.Tensor, k_out: torch.Tensor,
@@ -301,34 +317,13 @@ def qkv_rope_half(qkv: torch.Tensor, q_scale: float, rope: torch.Tensor, k_out: 
     row. Writes k (rotated) and v into k_out / v_out (B, H, n, D) (head dim contiguous: the KV cache's slot) and
     returns q (B, H, n, D), rotated and scaled, stored token-major (B, n, H, D)."""
     name = "qkv_rope_half"
-    require_triton(name)
-    if qkv.dim() != 3 or not qkv.is_contiguous() or qkv.dtype not in DTYPES:
-        raise ValueError(f"{name}: qkv must be a contiguous (B, n, 3C) bf16/fp16/fp32 tensor, got {tuple(qkv.shape)} {qkv.dtype}")
-    if k_out.dim() != 4:
-        raise ValueError(f"{name}: k_out must be (B, H, n, D), got {tuple(k_out.shape)}")
-    B, n, C3 = qkv.shape
-    _, H, _, D = k_out.shape
-    if C3 != 3 * H * D or k_out.shape != (B, H, n, D) or v_out.shape != k_out.shape:
-        raise ValueError(f"{name}: qkv (B, n, 3*H*D) = {tuple(qkv.shape)} does not match k_out {tuple(k_out.shape)} / "
-                         f"v_out {tuple(v_out.shape)}")
-    if k_out.dtype != qkv.dtype or v_out.dtype != qkv.dtype or k_out.stride(3) != 1 or v_out.stride(3) != 1:
-        raise ValueError(f"{name}: k_out / v_out must be {qkv.dtype} with a contiguous head dim")
-    if D % 2 or D & (D - 1):
-        raise ValueError(f"{name}: head dim must be a power of two, got {D}")
+    B, n, H, D = _check_attention_inputs(name, qkv, k_out, v_out)
     if rope.shape != (2, B, n, D) or rope.dtype != torch.float32 or not rope.is_contiguous():
         raise ValueError(f"{name}: rope must be contiguous float32 (2, {B}, {n}, {D}), got {tuple(rope.shape)} {rope.dtype}")
     if isinstance(q_scale, torch.Tensor) or not isinstance(q_scale, (int, float)) or not q_scale > 0:
         raise ValueError(f"{name}: q_scale must be a positive Python float (the softmax scale), got {q_scale!r}")
     check_device(name, qkv, hint="use sparvar.hart.model.attention_inputs elsewhere", rope=rope, k_out=k_out, v_out=v_out)
-    q_store = torch.empty((B, n, H, D), dtype=qkv.dtype, device=qkv.device)
-    q = q_store.transpose(1, 2)
-    if qkv.numel():
-        block_t = 16 if interpreting() else max(16, min(4096 // D, triton.next_power_of_2(n)))
-        _qkv_rope_half_kernel[(triton.cdiv(n, block_t), B * H)](
-            qkv, rope, q, k_out, v_out, float(q_scale), n, H, B, qkv.stride(0), qkv.stride(1),
-            q.stride(0), q.stride(1), q.stride(2), k_out.stride(0), k_out.stride(1), k_out.stride(2),
-            v_out.stride(0), v_out.stride(1), v_out.stride(2), D=D, BLOCK_T=block_t, num_warps=4)
-    return q
+    return _launch_attention_inputs(_qkv_rope_half_kernel, qkv, k_out, v_out, rope, float(q_scale), B)
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
