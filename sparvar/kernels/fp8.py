@@ -34,6 +34,15 @@ if HAS_TRITON:
         return 0.5 * x * (1.0 + tl.where(u < 0, -t, t))
 
     @triton.jit
+    def store_quantized_row(x, q_ptr, s_ptr, row, cols, m):
+        """Quantise one fp32 row x (masked columns 0) as quantize_rows_ref does: its absolute maximum maps to the
+        largest e4m3 value. Stores the FP8 values at q_ptr + row * len + cols and the fp32 scale at s_ptr + row."""
+        scale = tl.maximum(tl.max(tl.abs(x), axis=0), _MIN_AMAX) / _FP8_MAX
+        q = tl.minimum(tl.maximum(x / scale, -_FP8_MAX), _FP8_MAX)
+        tl.store(q_ptr + cols, q.to(q_ptr.dtype.element_ty), mask=m)
+        tl.store(s_ptr + row, scale)
+
+    @triton.jit
     def _quantize_rows_kernel(x_ptr, q_ptr, s_ptr, K, BLOCK_K: tl.constexpr, GELU: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK_K)
@@ -41,11 +50,7 @@ if HAS_TRITON:
         x = tl.load(x_ptr + row * K + cols, mask=m, other=0.0)
         if GELU:  # rounded to x's dtype, as F.gelu's output is before the reference quantises it
             x = _gelu_tanh(x.to(tl.float32)).to(x_ptr.dtype.element_ty)
-        x = x.to(tl.float32)
-        scale = tl.maximum(tl.max(tl.abs(x), axis=0), _MIN_AMAX) / _FP8_MAX
-        q = tl.minimum(tl.maximum(x / scale, -_FP8_MAX), _FP8_MAX)
-        tl.store(q_ptr + row * K + cols, q.to(q_ptr.dtype.element_ty), mask=m)
-        tl.store(s_ptr + row, scale)
+        store_quantized_row(x.to(tl.float32), q_ptr + row * K, s_ptr, row, cols, m)
 
 
 def quantize_rows_triton(x: torch.Tensor, gelu: bool = False) -> tuple[torch.Tensor, torch.Tensor]:

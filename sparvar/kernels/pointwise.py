@@ -24,12 +24,14 @@ from __future__ import annotations
 
 import torch
 
-from sparvar.fp8 import FP8, FP8_MAX, MIN_AMAX, Fp8Rows
+from sparvar.fp8 import FP8, Fp8Rows
 from sparvar.kernels.csla import HAS_TRITON, check_device, interpreting, require_triton
 
 if HAS_TRITON:
     import triton
     import triton.language as tl
+
+    from sparvar.kernels.fp8 import store_quantized_row
 
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)  # fp32: the engine's checks against an fp32 model
 NORM_NONE, NORM_AFFINE, NORM_MODULATE, NORM_RMS = 0, 1, 2, 3
@@ -37,8 +39,6 @@ NORM_NONE, NORM_AFFINE, NORM_MODULATE, NORM_RMS = 0, 1, 2, 3
 
 # ------------------------------------------------------------------------------------------------ kernels
 if HAS_TRITON:
-    _FP8_MAX = tl.constexpr(FP8_MAX)  # a jit function reads module globals only as constexprs
-    _MIN_AMAX = tl.constexpr(MIN_AMAX)
 
     @triton.jit
     def _residual_norm_kernel(x_ptr, y_ptr, gate_ptr, x_out_ptr, out_ptr, w_ptr, b_ptr, s_ptr,
@@ -83,10 +83,7 @@ if HAS_TRITON:
         if NORM != 0:
             if QUANT:
                 out = tl.where(m, out.to(dtype).to(tl.float32), 0.0)  # the reference quantises the rounded output
-                scale = tl.maximum(tl.max(tl.abs(out), axis=0), _MIN_AMAX) / _FP8_MAX
-                q = tl.minimum(tl.maximum(out / scale, -_FP8_MAX), _FP8_MAX)
-                tl.store(out_ptr + row * C + cols, q.to(out_ptr.dtype.element_ty), mask=m)
-                tl.store(s_ptr + row, scale)
+                store_quantized_row(out, out_ptr + row * C, s_ptr, row, cols, m)
             else:
                 tl.store(out_ptr + row * C + cols, out.to(dtype), mask=m)
 
