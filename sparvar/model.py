@@ -280,7 +280,7 @@ class TextCondition:
     """Everything a generation needs from the prompt(s); batch rows are [cond..., uncond...] with CFG.
 
     What depends only on the prompt is computed here once, not in every block of every scale step: each block's
-    AdaLN vectors and the additive attention mask (the step graphs replay ~6 fewer tiny kernels per block)."""
+    AdaLN vectors and the additive attention mask (the step graphs replay ~4 fewer tiny kernels per block)."""
 
     cond: torch.Tensor  # (B, C) pooled text condition, fp32
     ada: torch.Tensor  # (depth, B, 1, 6, C) fp32: per block, the shared AdaLN output plus the block's ada_gss
