@@ -82,6 +82,7 @@ def plugin_classes(trt) -> tuple[type, type]:
             self.timing_cache_id = ""
             self.metadata_string = f"{spec.plugin_id} {self.attrs}"
             self.tactic = 0  # TensorRT's "default tactic": the preferred available one (resolved at enqueue)
+            self.inputs_key = (None, None)  # q's dtype name and head dim, once configure_plugin has seen them
 
         @property
         def spec(self):
@@ -117,12 +118,13 @@ def plugin_classes(trt) -> tuple[type, type]:
         def configure_plugin(self, inputs, outputs):
             self.spec.check([tuple(i.desc.dims) for i in inputs], self.attrs)
             self.spec.check_dtypes([dtype_name(i.desc.type) for i in inputs])
+            self.inputs_key = (dtype_name(inputs[0].desc.type), inputs[0].desc.dims[-1])  # q: what the tactics need
 
         def get_workspace_size(self, inputs, outputs):
             return 0
 
         def get_valid_tactics(self):
-            return [int(t) for t in available_tactics()]
+            return [int(t) for t in available_tactics(*self.inputs_key)]
 
         # --- runtime
         def set_tactic(self, tactic):
@@ -136,7 +138,8 @@ def plugin_classes(trt) -> tuple[type, type]:
         def enqueue(self, input_desc, output_desc, inputs, outputs, workspace, stream):
             ins = [torch_view(ptr, tuple(d.dims), dtype_name(d.type)) for d, ptr in zip(input_desc, inputs)]
             outs = [torch_view(ptr, tuple(d.dims), dtype_name(d.type)) for d, ptr in zip(output_desc, outputs)]
-            tactic = self.tactic or int(available_tactics()[0])
+            q = input_desc[0]
+            tactic = self.tactic or int(available_tactics(dtype_name(q.type), q.dims[-1])[0])
             run_on_stream(self.spec, RUNS[self.op], ins, outs, self.attrs, tactic, stream)
             return 0
 

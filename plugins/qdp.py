@@ -74,16 +74,29 @@ def output_descs(trtp, spec: OpSpec, inputs: list, attrs: dict) -> list:
     return [trtp.from_shape_expr(tuple(shape), dtype=_trt_dtype(dt)) for shape, dt in zip(shapes, dtypes)]
 
 
-def type_string(spec: OpSpec) -> str:
-    """AutoTuneCombination types: all float I/O share one of FP32|FP16|BF16 ('|' = dependent), int32 I/O are INT32."""
-    floats = "|".join(_QDP_TYPES[d] for d in ("float32", "float16", "bfloat16"))
+def type_string(spec: OpSpec, float_dtypes=("float32", "float16", "bfloat16")) -> str:
+    """AutoTuneCombination types: all float I/O share one of float_dtypes ('|' = dependent), int32 I/O are INT32."""
+    floats = "|".join(_QDP_TYPES[d] for d in float_dtypes)
     kinds = spec.input_kinds() + spec.output_kinds()
     return ", ".join(floats if kind == FLOAT else "INT32" for kind in kinds)
 
 
-def autotune_combinations(trtp, spec: OpSpec) -> list:
-    """`autotune`: the dtype combinations (LINEAR only) and the available tactics (plugins.spec.Tactic)."""
-    return [trtp.AutoTuneCombination(type_string(spec), "LINEAR", [int(t) for t in available_tactics()])]
+def constant_dim(shape_expr) -> int | None:
+    """A ShapeExpr's value when it is a build-time constant, else None (dynamic, or a 'fake' expression)."""
+    try:
+        return shape_expr.constant_value() if shape_expr.is_constant else None
+    except RuntimeError:
+        return None
+
+
+def autotune_combinations(trtp, spec: OpSpec, q=None) -> list:
+    """`autotune`: the dtype combinations (LINEAR only), each with the tactics (plugins.spec.Tactic) that can run it:
+    fp32 only through the reference, fp16/bf16 also through Triton where q's head dim is one the kernels take."""
+    head_dim = constant_dim(q.shape_expr[-1]) if q is not None else None
+    return [trtp.AutoTuneCombination(type_string(spec, ("float32",)), "LINEAR",
+                                     [int(t) for t in available_tactics("float32", head_dim)]),
+            trtp.AutoTuneCombination(type_string(spec, ("float16", "bfloat16")), "LINEAR",
+                                     [int(t) for t in available_tactics("bfloat16", head_dim)])]
 
 
 def run_jit(spec: OpSpec, run, inputs: list, outputs: list, attrs: dict, tactic: int, stream: int) -> None:
@@ -92,7 +105,8 @@ def run_jit(spec: OpSpec, run, inputs: list, outputs: list, attrs: dict, tactic:
     ins = [torch_view(t.data_ptr, tuple(t.shape), dtype_name(t.dtype)) for t in inputs]
     outs = [torch_view(t.data_ptr, tuple(t.shape), dtype_name(t.dtype)) for t in outputs]
     spec.check([tuple(t.shape) for t in ins], attrs)
-    run_on_stream(spec, run, ins, outs, attrs, tactic or int(available_tactics()[0]), stream)
+    tactic = tactic or int(available_tactics(dtype_name(inputs[0].dtype), inputs[0].shape[-1])[0])
+    run_on_stream(spec, run, ins, outs, attrs, tactic, stream)
 
 
 def aot_launch(trtp, spec: OpSpec, inputs: list, outputs: list, attrs: dict, target=None):

@@ -185,12 +185,19 @@ def torch_view(ptr: int, shape: Sequence[int], dtype: str):
 
 
 # ------------------------------------------------------------------------------------------------ runtime
-def available_tactics() -> list[Tactic]:
-    """Tactics this process can run, preferred first: Triton when sparvar.sparse has a 'triton' backend, then the
-    reference. (TensorRT times the list where it can; a builder that cannot time, like TensorRT-RTX on a machine
+def available_tactics(dtype: str | None = None, head_dim: int | None = None) -> list[Tactic]:
+    """Tactics this process can run on inputs of `dtype` (a dtype name) whose q has head dim `head_dim`, preferred
+    first: Triton when sparvar.sparse has a 'triton' backend and its kernels take that dtype and head dim (bf16 or
+    fp16; sparvar.kernels.csla.HEAD_DIMS), then the reference, which takes everything. None (or a dynamic -1) means
+    not known yet. (TensorRT times the list where it can; a builder that cannot time, like TensorRT-RTX on a machine
     without a GPU, should get the preferred one first.)"""
+    from sparvar.kernels.csla import DTYPES, HEAD_DIMS
     from sparvar.sparse import get_sparse_ops
 
+    if dtype is not None and dtype not in {str(d).removeprefix("torch.") for d in DTYPES}:
+        return [Tactic.REFERENCE]  # e.g. an fp32 graph: the kernels are bf16/fp16 only
+    if head_dim is not None and head_dim >= 0 and head_dim not in HEAD_DIMS:
+        return [Tactic.REFERENCE]
     try:
         get_sparse_ops("triton")
     except (ValueError, ImportError):

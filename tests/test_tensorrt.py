@@ -16,7 +16,7 @@ import torch
 from export.custom_ops import export_model
 from plugins import RUNS, SPECS, cs4a
 from plugins.spec import Tactic, available_tactics, run_on_stream, sparse_ops, torch_view
-from tests.test_custom_ops import OneOp, _inputs
+from tests.test_custom_ops import D, OneOp, _inputs
 
 
 @pytest.fixture
@@ -152,9 +152,11 @@ def test_engine_dir_units_are_stripped_share_one_timing_cache_and_load(tensorrt,
 def test_device_views_run_each_op_on_an_external_stream(dtype, tactic):
     """What enqueue/impl do with TensorRT's raw pointers: zero-copy views, the op on the given stream, copy-out."""
     _requires_gpu()
-    if tactic not in available_tactics():
-        pytest.skip(f"tactic {tactic.name} is not available here (sparvar.sparse has no 'triton' backend yet)")
-    q, k, v, key_idx, o_cache = (t.cuda() for t in _inputs(dtype))
+    head_dim = 64 if tactic == Tactic.TRITON else D  # the kernels' smallest head dim; the reference takes any
+    dtype_name = str(dtype).removeprefix("torch.")
+    if tactic not in available_tactics(dtype_name, head_dim):
+        pytest.skip(f"tactic {tactic.name} is not offered for {dtype_name} inputs (the Triton kernels take bf16/fp16)")
+    q, k, v, key_idx, o_cache = (t.cuda() for t in _inputs(dtype, head_dim=head_dim))
     by_name = {"q": q, "k": k, "v": v, "key_idx": key_idx, "o_cache": o_cache}
     stream = torch.cuda.Stream()
     for name in ("CS4AAttentionCached", "CS4ADecide"):
@@ -175,6 +177,48 @@ def test_device_views_run_each_op_on_an_external_stream(dtype, tactic):
                 torch.testing.assert_close(got.float(), ref.float(), rtol=2e-2, atol=2e-2)
             else:  # selections: top-k ties may order differently only if scores tie; random inputs do not
                 torch.testing.assert_close(got, ref, rtol=0, atol=0)
+
+
+def test_triton_tactic_is_offered_only_for_inputs_the_kernels_take(monkeypatch):
+    """TensorRT times every tactic a plugin offers: offering Triton for an fp32 graph or an unsupported head dim
+    would fail the build, so those get the reference alone (as the GPU run of the test above showed)."""
+    import sparvar.sparse
+    from plugins import qdp
+
+    monkeypatch.setattr(sparvar.sparse, "get_sparse_ops", lambda backend: None)  # as where the Triton backend exists
+    both, reference = [Tactic.TRITON, Tactic.REFERENCE], [Tactic.REFERENCE]
+    assert available_tactics("bfloat16", 128) == both and available_tactics("float16", 64) == both
+    assert available_tactics() == both and available_tactics("bfloat16", -1) == both  # not known yet
+    assert available_tactics("float32", 128) == reference
+    assert available_tactics("bfloat16", 8) == reference
+
+    class Expr:
+        def __init__(self, value):
+            self.value = value
+
+        @property
+        def is_constant(self):
+            if self.value == "fake":
+                raise RuntimeError("fake ShapeExpr")
+            return self.value is not None
+
+        def constant_value(self):
+            return self.value
+
+    class Desc:
+        def __init__(self, head_dim):
+            self.shape_expr = [Expr(2), Expr(16), Expr(None), Expr(head_dim)]
+
+    class Trtp:
+        @staticmethod
+        def AutoTuneCombination(types, layout, tactics):
+            return types.split(", ")[0], layout, tactics
+
+    spec = SPECS["CSLAAttention"]
+    for head_dim, half in ((128, both), (8, reference), (None, both), ("fake", both)):
+        combos = qdp.autotune_combinations(Trtp, spec, Desc(head_dim))
+        assert combos == [("FP32", "LINEAR", [int(t) for t in reference]),
+                          ("FP16|BF16", "LINEAR", [int(t) for t in half])], head_dim
 
 
 def test_aot_compile_checks_the_triton_abi_for_sm80():
