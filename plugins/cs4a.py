@@ -70,7 +70,7 @@ def register_qdp(trtp):
 
     @trtp.autotune(SPEC.plugin_id)
     def cs4a_autotune(q, k, v, key_idx, group_size: int, outputs) -> List[trtp.AutoTuneCombination]:
-        return qdp.autotune_combinations(trtp, SPEC, q)
+        return qdp.autotune_combinations(trtp, SPEC, q, dict(group_size=group_size))
 
     @trtp.impl(SPEC.plugin_id)
     def cs4a_impl(q, k, v, key_idx, group_size: int, outputs, stream: int, tactic: int) -> None:
@@ -89,7 +89,7 @@ def register_qdp(trtp):
 
     @trtp.autotune(SPEC_CACHED.plugin_id)
     def cs4a_cached_autotune(q, k, v, key_idx, o_cache, group_size: int, outputs) -> List[trtp.AutoTuneCombination]:
-        return qdp.autotune_combinations(trtp, SPEC_CACHED, q)
+        return qdp.autotune_combinations(trtp, SPEC_CACHED, q, dict(group_size=group_size))
 
     @trtp.impl(SPEC_CACHED.plugin_id)
     def cs4a_cached_impl(q, k, v, key_idx, o_cache, group_size: int, outputs, stream: int, tactic: int) -> None:

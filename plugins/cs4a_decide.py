@@ -60,7 +60,7 @@ def register_qdp(trtp):
 
     @trtp.autotune(SPEC.plugin_id)
     def decide_autotune(q, k, v, group_size: int, topk: int, sink_len: int, outputs) -> List[trtp.AutoTuneCombination]:
-        return qdp.autotune_combinations(trtp, SPEC, q)
+        return qdp.autotune_combinations(trtp, SPEC, q, dict(group_size=group_size, topk=topk, sink_len=sink_len))
 
     @trtp.impl(SPEC.plugin_id)
     def decide_impl(q, k, v, group_size: int, topk: int, sink_len: int, outputs, stream: int, tactic: int) -> None:

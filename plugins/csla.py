@@ -72,7 +72,7 @@ def register_qdp(trtp):
     @trtp.autotune(SPEC.plugin_id)
     def csla_autotune(q, k, v, kv_num_blocks, kv_indices, block_m: int, block_n: int, outputs
                        ) -> List[trtp.AutoTuneCombination]:
-        return qdp.autotune_combinations(trtp, SPEC, q)
+        return qdp.autotune_combinations(trtp, SPEC, q, dict(block_m=block_m, block_n=block_n))
 
     @trtp.impl(SPEC.plugin_id)
     def csla_impl(q, k, v, kv_num_blocks, kv_indices, block_m: int, block_n: int, outputs, stream: int,

@@ -124,7 +124,7 @@ def plugin_classes(trt) -> tuple[type, type]:
             return 0
 
         def get_valid_tactics(self):
-            return [int(t) for t in available_tactics(*self.inputs_key)]
+            return [int(t) for t in available_tactics(*self.inputs_key, self.attrs)]
 
         # --- runtime
         def set_tactic(self, tactic):
@@ -139,7 +139,7 @@ def plugin_classes(trt) -> tuple[type, type]:
             ins = [torch_view(ptr, tuple(d.dims), dtype_name(d.type)) for d, ptr in zip(input_desc, inputs)]
             outs = [torch_view(ptr, tuple(d.dims), dtype_name(d.type)) for d, ptr in zip(output_desc, outputs)]
             q = input_desc[0]
-            tactic = self.tactic or int(available_tactics(dtype_name(q.type), q.dims[-1])[0])
+            tactic = self.tactic or int(available_tactics(dtype_name(q.type), q.dims[-1], self.attrs)[0])
             run_on_stream(self.spec, RUNS[self.op], ins, outs, self.attrs, tactic, stream)
             return 0
 

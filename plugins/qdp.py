@@ -89,14 +89,15 @@ def constant_dim(shape_expr) -> int | None:
         return None
 
 
-def autotune_combinations(trtp, spec: OpSpec, q=None) -> list:
+def autotune_combinations(trtp, spec: OpSpec, q=None, attrs: dict | None = None) -> list:
     """`autotune`: the dtype combinations (LINEAR only), each with the tactics (plugins.spec.Tactic) that can run it:
-    fp32 only through the reference, fp16/bf16 also through Triton where q's head dim is one the kernels take."""
+    fp32 only through the reference, fp16/bf16 also through Triton where the kernels take q's head dim and the
+    node's attributes."""
     head_dim = constant_dim(q.shape_expr[-1]) if q is not None else None
     return [trtp.AutoTuneCombination(type_string(spec, ("float32",)), "LINEAR",
-                                     [int(t) for t in available_tactics("float32", head_dim)]),
+                                     [int(t) for t in available_tactics("float32", head_dim, attrs)]),
             trtp.AutoTuneCombination(type_string(spec, ("float16", "bfloat16")), "LINEAR",
-                                     [int(t) for t in available_tactics("bfloat16", head_dim)])]
+                                     [int(t) for t in available_tactics("bfloat16", head_dim, attrs)])]
 
 
 def run_jit(spec: OpSpec, run, inputs: list, outputs: list, attrs: dict, tactic: int, stream: int) -> None:
@@ -105,7 +106,7 @@ def run_jit(spec: OpSpec, run, inputs: list, outputs: list, attrs: dict, tactic:
     ins = [torch_view(t.data_ptr, tuple(t.shape), dtype_name(t.dtype)) for t in inputs]
     outs = [torch_view(t.data_ptr, tuple(t.shape), dtype_name(t.dtype)) for t in outputs]
     spec.check([tuple(t.shape) for t in ins], attrs)
-    tactic = tactic or int(available_tactics(dtype_name(inputs[0].dtype), inputs[0].shape[-1])[0])
+    tactic = tactic or int(available_tactics(dtype_name(inputs[0].dtype), inputs[0].shape[-1], attrs)[0])
     run_on_stream(spec, run, ins, outs, attrs, tactic, stream)
 
 

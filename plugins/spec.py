@@ -185,19 +185,23 @@ def torch_view(ptr: int, shape: Sequence[int], dtype: str):
 
 
 # ------------------------------------------------------------------------------------------------ runtime
-def available_tactics(dtype: str | None = None, head_dim: int | None = None) -> list[Tactic]:
-    """Tactics this process can run on inputs of `dtype` (a dtype name) whose q has head dim `head_dim`, preferred
-    first: Triton when sparvar.sparse has a 'triton' backend and its kernels take that dtype and head dim (bf16 or
-    fp16; sparvar.kernels.csla.HEAD_DIMS), then the reference, which takes everything. None (or a dynamic -1) means
-    not known yet. (TensorRT times the list where it can; a builder that cannot time, like TensorRT-RTX on a machine
-    without a GPU, should get the preferred one first.)"""
-    from sparvar.kernels.csla import DTYPES, HEAD_DIMS
+def available_tactics(dtype: str | None = None, head_dim: int | None = None, attrs: dict | None = None) -> list[Tactic]:
+    """Tactics this process can run on inputs of `dtype` (a dtype name) whose q has head dim `head_dim`, for a node
+    with attributes `attrs`, preferred first: Triton when sparvar.sparse has a 'triton' backend and its kernels take
+    these inputs (bf16 or fp16, a head dim of sparvar.kernels.csla.HEAD_DIMS, CS4A groups of a multiple of 16
+    queries, CSLA tiles of TILE_SIZES), then the reference, which takes everything. None (or a dynamic -1) means not
+    known yet. (TensorRT times every tactic it is offered, and one that cannot run fails the build; a builder that
+    cannot time, like TensorRT-RTX on a machine without a GPU, takes the preferred one, first.)"""
+    from sparvar.kernels.csla import DTYPES, HEAD_DIMS, TILE_SIZES
     from sparvar.sparse import get_sparse_ops
 
+    attrs = attrs or {}
     if dtype is not None and dtype not in {str(d).removeprefix("torch.") for d in DTYPES}:
         return [Tactic.REFERENCE]  # e.g. an fp32 graph: the kernels are bf16/fp16 only
     if head_dim is not None and head_dim >= 0 and head_dim not in HEAD_DIMS:
         return [Tactic.REFERENCE]
+    if attrs.get("group_size", 16) % 16 or any(attrs.get(t, 16) not in TILE_SIZES for t in ("block_m", "block_n")):
+        return [Tactic.REFERENCE]  # query tiles of 16..128 never straddle a CS4A group; CSLA tiles are tl.dot tiles
     try:
         get_sparse_ops("triton")
     except (ValueError, ImportError):

@@ -163,11 +163,12 @@ def default_policy(model_name: str, schedule: Schedule, **overrides) -> SparVARP
 
 
 class SparseOps(NamedTuple):
-    """The three pure functions a backend provides (same signatures as the *_ref functions)."""
+    """The pure functions a backend provides (same signatures as the *_ref functions and upsample_cache)."""
 
     csla: Callable  # (q, k, v, layout) -> out
     cs4a_decide: Callable  # (q, k, v, group_size, topk, sink_len=0) -> (out, selected, o_cache)
     cs4a: Callable  # (q, k, v, key_idx, group_size, o_cache_or_None) -> out
+    upsample_cache: Callable = upsample_cache  # (o_cache, src_grid, dst_grid) -> o_cache at dst_grid
 
 
 def get_sparse_ops(backend: str) -> SparseOps:
@@ -254,7 +255,7 @@ class SparVARPlan:
         o_cache = None
         if self.policy.cs4a_use_cache:
             decision_grid = self.schedule.grids[self.policy.decision_scale]
-            o_cache = upsample_cache(self._o_cache[layer], decision_grid, self.schedule.grids[scale])
+            o_cache = self.ops.upsample_cache(self._o_cache[layer], decision_grid, self.schedule.grids[scale])
         return self.ops.cs4a(q, k, v, key_idx, group_size, o_cache)
 
     def describe(self) -> str:

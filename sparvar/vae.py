@@ -69,8 +69,10 @@ class Conv(nn.Module):
         super().__init__()
         self.conv = nn.Conv2d(c_in, c_out, kernel_size, padding=kernel_size // 2)
 
-    def forward(self, x):
-        return self.conv(x)
+    def forward(self, x, bias: bool = True):
+        """bias=False leaves the bias out: the caller folds it into the pass that reads the output next (cuDNN
+        convolutions in torch add a bias as a separate full pass over the output)."""
+        return F.conv2d(x, self.conv.weight, self.conv.bias if bias else None, padding=self.conv.padding)
 
 
 def split_group_norm(x: torch.Tensor, norm: nn.GroupNorm) -> torch.Tensor:
@@ -102,26 +104,54 @@ def split_group_norm(x: torch.Tensor, norm: nn.GroupNorm) -> torch.Tensor:
 
 
 @functools.cache
-def _triton_group_norm():
-    """sparvar.kernels.group_norm.group_norm, or None without triton; imported on first CUDA use, so that CPU
-    users never import triton."""
+def _triton_kernels():
+    """The decoder's Triton kernels (group_norm, residual_add, upsample_nearest_2x), or None without triton;
+    imported on first CUDA use, so that CPU users never import triton."""
+    from types import SimpleNamespace
+
+    from .kernels import decoder_glue
     from .kernels.group_norm import HAS_TRITON, group_norm
 
-    return group_norm if HAS_TRITON else None
+    if not HAS_TRITON:
+        return None
+    return SimpleNamespace(group_norm=group_norm, residual_add=decoder_glue.residual_add,
+                           upsample_nearest_2x=decoder_glue.upsample_nearest_2x)
 
 
-def _kernel_for(x: torch.Tensor, weight: torch.Tensor):
-    """The Triton GroupNorm where Norm runs it (CUDA inference in eager mode, triton installed), else None.
+def _fast_path(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether the decoder's Triton kernels run here: CUDA inference in eager mode, triton installed.
 
-    The native op stays where it is fast, where a graph wants one GroupNorm node, or where autograd is needed
+    The native ops stay where they are fast, where a graph wants one node per op, or where autograd is needed
     (the kernels are forward only): CPU, torch.compile (Inductor splits the reduction itself), ONNX export and
     training; also without triton, and for dtypes the kernels do not take (fp64).
     """
     if (not x.is_cuda or torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export()
             or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
             or x.dtype not in (torch.bfloat16, torch.float16, torch.float32)):
-        return None
-    return _triton_group_norm()
+        return False
+    return _triton_kernels() is not None
+
+
+def _kernel_for(x: torch.Tensor, weight: torch.Tensor):
+    """The Triton GroupNorm where Norm runs it (see _fast_path), else None."""
+    return _triton_kernels().group_norm if _fast_path(x, weight) else None
+
+
+def _residual_add(x: torch.Tensor, h: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """x + h + bias[c]: the residual sum with the convolutions' pending biases folded in (kernels/decoder_glue.py)."""
+    from .kernels.decoder_glue import residual_add_reference
+
+    if _fast_path(x, h) and h.stride() == x.stride():
+        return _triton_kernels().residual_add(x, h, bias)
+    return residual_add_reference(x, h, bias)
+
+
+def _upsample_nearest_2x(x: torch.Tensor) -> torch.Tensor:
+    from .kernels.decoder_glue import upsample_nearest_2x_reference
+
+    if _fast_path(x, x) and x.is_contiguous(memory_format=torch.channels_last):
+        return _triton_kernels().upsample_nearest_2x(x)
+    return upsample_nearest_2x_reference(x)
 
 
 class Norm(nn.Module):
@@ -129,13 +159,17 @@ class Norm(nn.Module):
         super().__init__()
         self.norm = nn.GroupNorm(norm_groups(channels), channels, eps=1e-6)
 
-    def forward(self, x, silu: bool = False):
-        """GroupNorm of x, then SiLU when `silu`: the decoder's F.silu(norm(x)) as one call, which the Triton path
-        fuses (SiLU on the fp32 normalised value, then one rounding where eager rounds twice: closer to the fp32
+    def forward(self, x, silu: bool = False, pre_bias: torch.Tensor | None = None):
+        """GroupNorm of x + pre_bias (per channel: a convolution's bias left pending), then SiLU when `silu`: the
+        decoder's F.silu(norm(conv(...))) as one call, which the Triton path fuses (the pre-bias added in fp32, SiLU
+        on the fp32 normalised value, one rounding where eager rounds up to three times: closer to the fp32
         result, and about one bf16 step from eager at most)."""
         kernel = _kernel_for(x, self.norm.weight)
         if kernel is not None:
-            return kernel(x, self.norm.weight, self.norm.bias, self.norm.num_groups, self.norm.eps, silu=silu)
+            return kernel(x, self.norm.weight, self.norm.bias, self.norm.num_groups, self.norm.eps, silu=silu,
+                          pre_bias=pre_bias)
+        if pre_bias is not None:
+            x = x + pre_bias.to(x.dtype).view(1, -1, 1, 1)
         x = self.norm(x)
         return F.silu(x) if silu else x
 
@@ -150,12 +184,23 @@ class ResnetBlock(nn.Module):
         if c_in != c_out:
             self.nin_shortcut = Conv(c_in, c_out, 1)
 
-    def forward(self, x):
-        h = self.conv1(self.norm1(x, silu=True))
-        h = self.conv2(self.norm2(h, silu=True))
+    def forward(self, x, x_bias: torch.Tensor | None = None):
+        """x + conv2(silu(norm2(conv1(silu(norm1(x)))))), x through nin_shortcut when the width changes.
+
+        No convolution here adds its own bias: conv1's goes into norm2, conv2's (and the shortcut's) into the
+        residual sum. `x_bias` is the previous convolution's bias, still to be added to x (see Upsample)."""
+        h = self.conv1(self.norm1(x, silu=True, pre_bias=x_bias), bias=False)
+        h = self.conv2(self.norm2(h, silu=True, pre_bias=self.conv1.conv.bias), bias=False)
+        bias = self.conv2.conv.bias.float()
         if hasattr(self, "nin_shortcut"):
-            x = self.nin_shortcut(x)
-        return x + h
+            shortcut = self.nin_shortcut.conv
+            bias = bias + shortcut.bias.float()
+            if x_bias is not None:  # a 1x1 convolution has no padding, so nin(x + b) = nin(x) + W b
+                bias = bias + shortcut.weight.flatten(1).float() @ x_bias.float()
+            x = self.nin_shortcut(x, bias=False)
+        elif x_bias is not None:
+            bias = bias + x_bias.float()
+        return _residual_add(x, h, bias)
 
 
 class Upsample(nn.Module):
@@ -164,7 +209,8 @@ class Upsample(nn.Module):
         self.conv = Conv(channels, channels, 3)
 
     def forward(self, x):
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        """(the upsampled convolution without its bias, that bias): the next block adds it in its first passes."""
+        return self.conv(_upsample_nearest_2x(x), bias=False), self.conv.conv.bias
 
 
 class UpLevel(nn.Module):
@@ -176,10 +222,11 @@ class UpLevel(nn.Module):
         if upsample:
             self.upsample = Upsample(c_out)
 
-    def forward(self, x):
-        for blk in self.block:
-            x = blk(x)
-        return self.upsample(x) if hasattr(self, "upsample") else x
+    def forward(self, x, x_bias=None):
+        """(output, its pending bias or None): the upsampling convolution's bias stays pending."""
+        for i, blk in enumerate(self.block):
+            x = blk(x, x_bias if i == 0 else None)
+        return self.upsample(x) if hasattr(self, "upsample") else (x, None)
 
 
 class Mid(nn.Module):
@@ -188,8 +235,8 @@ class Mid(nn.Module):
         self.block_1 = ResnetBlock(channels, channels)
         self.block_2 = ResnetBlock(channels, channels)
 
-    def forward(self, x):
-        return self.block_2(self.block_1(x))
+    def forward(self, x, x_bias=None):
+        return self.block_2(self.block_1(x, x_bias))
 
 
 class ConvDecoder(nn.Module):
@@ -213,10 +260,11 @@ class ConvDecoder(nn.Module):
         self.conv_out = Conv(ch * mult[0], 3, 3)
 
     def forward(self, z):
-        h = self.mid(self.conv_in(z))  # (B, ch*mult[-1], H, W)
+        h = self.mid(self.conv_in(z, bias=False), self.conv_in.conv.bias)  # (B, ch*mult[-1], H, W)
+        pending = None  # the bias of the last convolution, not yet added to h
         for level in reversed(self.up):
-            h = level(h)  # doubles H, W at levels 1..log2(patch)
-        return self.conv_out(self.norm_out(h, silu=True))  # (B, 3, H*patch, W*patch)
+            h, pending = level(h, pending)  # doubles H, W at levels 1..log2(patch)
+        return self.conv_out(self.norm_out(h, silu=True, pre_bias=pending))  # (B, 3, H*patch, W*patch)
 
 
 class BSQDecoder(nn.Module):

@@ -18,10 +18,10 @@ B, H, LQ, LK, D = 2, 2, 20, 45, 8
 GROUP, TOPK, KEYS = 8, 12, 10  # 3 query groups of 8 (the last one partial)
 
 
-def _inputs(dtype=torch.float32, seed=0, head_dim=D):
+def _inputs(dtype=torch.float32, seed=0, head_dim=D, group=GROUP):
     g = torch.Generator().manual_seed(seed)
     q, k, v = (torch.randn(B, H, n, head_dim, generator=g).to(dtype) for n in (LQ, LK, LK))
-    groups = -(-LQ // GROUP)
+    groups = -(-LQ // group)
     key_idx = torch.stack([torch.randperm(LK, generator=g)[:KEYS].sort().values for _ in range(B * H * groups)])
     key_idx = key_idx.view(B, H, groups, KEYS).to(torch.int32)
     o_cache = torch.randn(B, H, LQ, head_dim, generator=g).to(dtype)

@@ -117,18 +117,55 @@ INTERPRETER_SCRIPT = textwrap.dedent('''
                 assert torch.equal(out, group_norm(x, norm.weight, norm.bias, groups, norm.eps, silu=silu)), "not deterministic"
                 err("fp32" if dtype == torch.float32 else "fp16", out, truth(x, norm, silu))
 
-    # the decoder's use: every Norm through the kernels (forced on the CPU), each with its SiLU fused
-    calls = []
-    def kernel(x, weight, bias, groups, eps, silu=False):
-        calls.append(silu)
-        return group_norm(x, weight, bias, groups, eps, silu=silu)
+    # a pre-bias (a convolution's pending bias) is the same as adding it to x first
+    for (B, C, H, W), groups, cl in cases[:2] + cases[3:4]:
+        x, norm = norm_inputs(B, C, H, W, torch.float32, "cpu", groups=groups, channels_last=cl)
+        pre_bias = torch.randn(C, generator=torch.Generator().manual_seed(C)) * 3
+        out = group_norm(x, norm.weight, norm.bias, groups, norm.eps, silu=True, pre_bias=pre_bias)
+        err("fp32", out, truth(x + pre_bias.view(1, -1, 1, 1), norm, True))
+
+    # the decoder's other passes: the residual sum with a bias (NHWC and NCHW), the nearest 2x upsample
+    from types import SimpleNamespace
+    from sparvar.kernels import decoder_glue as G
+    for shape, cl in (((2, 48, 5, 7), True), ((2, 48, 5, 7), False), ((1, 3, 1, 9), True)):
+        g = torch.Generator().manual_seed(1)
+        x, h = (torch.randn(*shape, generator=g) for _ in range(2))
+        if cl:
+            x, h = (t.contiguous(memory_format=torch.channels_last) for t in (x, h))
+        bias = torch.randn(shape[1], generator=g)
+        out = G.residual_add(x, h, bias)
+        assert out.stride() == x.stride()
+        err("fp32", out, x + h + bias.view(1, -1, 1, 1))
+        if cl:
+            up = G.upsample_nearest_2x(x)
+            assert up.is_contiguous(memory_format=torch.channels_last)
+            assert torch.equal(up, F.interpolate(x, scale_factor=2.0, mode="nearest")), "upsample is a copy"
+
+    # the decoder's use: every Norm, residual sum and upsample through the kernels (forced on the CPU)
+    calls = {"norm": [], "add": 0, "up": 0}
+    def norm_kernel(x, weight, bias, groups, eps, silu=False, pre_bias=None):
+        calls["norm"].append((silu, pre_bias is not None))
+        return group_norm(x, weight, bias, groups, eps, silu=silu, pre_bias=pre_bias)
+    def add(x, h, bias):
+        calls["add"] += 1
+        return G.residual_add(x, h, bias)
+    def up(x):
+        calls["up"] += 1
+        return G.upsample_nearest_2x(x)
     vae = V.build_vae(VAE_TINY)
     latent = torch.randn(2, VAE_TINY.codebook_dim, 2, 3, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         ref = vae.decode(latent)
-        V._kernel_for = lambda x, weight: kernel
+        V._triton_kernels = lambda: SimpleNamespace(group_norm=norm_kernel, residual_add=add, upsample_nearest_2x=up)
+        V._fast_path = lambda x, weight: True
         out = vae.decode(latent)
-    assert len(calls) == sum(isinstance(m, V.Norm) for m in vae.modules()) and all(calls), calls
+    blocks = sum(isinstance(m, V.ResnetBlock) for m in vae.modules())
+    ups = sum(isinstance(m, V.Upsample) for m in vae.modules())
+    assert len(calls["norm"]) == sum(isinstance(m, V.Norm) for m in vae.modules()), calls
+    assert all(silu for silu, _ in calls["norm"]), calls
+    # norm2 of every block, and norm1 after conv_in and after each upsample, take a pending bias
+    assert sum(pending for _, pending in calls["norm"]) == blocks + 1 + ups, calls
+    assert calls["add"] == blocks and calls["up"] == ups, calls
     err("decode", out, ref)
     print("WORST", worst["fp32"], worst["fp16"], worst["decode"])
 ''')
@@ -205,3 +242,45 @@ def test_decode_through_kernels_matches_eager_path():
     diff = (fast - eager).abs()
     assert diff.mean().item() < 2 * err_eager + 1e-3 and diff.max().item() < 0.25, \
         f"kernel vs eager decode: mean {diff.mean().item():.3g}, max {diff.max().item():.3g}"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_decoder_glue_kernels_on_gpu(dtype):
+    """The residual sum with a bias is one fp32 sum rounded once, as in its reference (so bit-equal); the upsample
+    is a copy. Decoder-sized inputs: several programs per batch row, 256 channels."""
+    from sparvar.kernels.decoder_glue import (residual_add, residual_add_reference, upsample_nearest_2x,
+                                              upsample_nearest_2x_reference)
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for shape, cl in (((1, 256, 96, 80), True), ((2, 96, 33, 47), True), ((2, 96, 33, 47), False)):
+        x, h = (torch.randn(*shape, device="cuda", generator=g).to(dtype) for _ in range(2))
+        if cl:
+            x, h = (t.contiguous(memory_format=torch.channels_last) for t in (x, h))
+        bias = torch.randn(shape[1], device="cuda", generator=g)
+        out = residual_add(x, h, bias)
+        assert out.stride() == x.stride() and out.dtype == dtype
+        assert torch.equal(out, residual_add_reference(x, h, bias))
+        if cl:
+            assert torch.equal(upsample_nearest_2x(x), upsample_nearest_2x_reference(x))
+    with pytest.raises(ValueError, match="channels_last"):
+        upsample_nearest_2x(torch.randn(1, 8, 4, 4, device="cuda"))
+    with pytest.raises(ValueError, match="h must match"):
+        residual_add(x, h.contiguous(memory_format=torch.channels_last), bias)
+
+
+def test_decoder_glue_rejects_bad_inputs():
+    pytest.importorskip("triton", reason="Triton not installed")
+    from sparvar.kernels.decoder_glue import residual_add, upsample_nearest_2x
+
+    x = torch.randn(1, 8, 4, 4)
+    with pytest.raises(ValueError, match="h must match"):
+        residual_add(x, torch.randn(1, 8, 4, 5), torch.zeros(8))
+    with pytest.raises(ValueError, match="bias must be"):
+        residual_add(x, x, torch.zeros(7))
+    with pytest.raises(TypeError, match="bfloat16, float16 or float32"):
+        residual_add(x.double(), x.double(), torch.zeros(8))
+    with pytest.raises(ValueError, match="channels_last"):
+        upsample_nearest_2x(x)
+    with pytest.raises(ValueError, match="4-D"):
+        upsample_nearest_2x(x[0])

@@ -380,6 +380,31 @@ INTERPRETER_SCRIPT = textwrap.dedent('''
         assert torch.equal(selected, ref_selected) and int(selected.min()) >= 7, "selection with sinks differs"
         err(out, ref_out)
         err(cache, ref_cache)
+    # token-major q (the engine's layout): every output takes q's layout, so attention -> projection needs no copy,
+    # and the numbers are the contiguous run's
+    def token_major(t):
+        return t.transpose(1, 2).contiguous().transpose(1, 2)
+    gs, lq, lk, d = 16, 40, 150, 64
+    q = torch.randn(2, 2, lq, d, dtype=dt) * d ** -0.5
+    k, v = torch.randn(2, 2, lk, d, dtype=dt), torch.randn(2, 2, lk, d, dtype=dt)
+    key_idx = torch.rand(2, 2, -(-lq // gs), lk).topk(24, -1).indices.sort(-1).values.to(torch.int32)
+    o_cache = torch.randn(2, 2, lq, d, dtype=dt)
+    lay = block_layout_from_mask(torch.rand(lq, lk) < 0.5, 16, 16)
+    runs = [lambda q: K.csla_attention_blocks(q, k, v, lay.kv_num_blocks, lay.kv_indices, 16, 16),
+            lambda q: K.cs4a_attention_raw(q, k, v, key_idx, gs, o_cache),
+            lambda q: K.cs4a_decide_raw(q, k, v, gs, 24)[0], lambda q: K.cs4a_decide_raw(q, k, v, gs, 24)[2]]
+    for run in runs:
+        want, got = run(q), run(token_major(q))
+        assert got.stride() == token_major(q).stride(), got.stride()
+        assert torch.equal(got, want), "a token-major q changes the numbers"
+    # CS4A's residual cache upsample (any input strides, D contiguous) against the torch reference
+    from sparvar.cs4a import upsample_cache
+    for src, dst in [((5, 4), (9, 7)), ((3, 3), (3, 3)), ((4, 4), (6, 6))]:
+        cache = torch.randn(2, 3, src[0] * src[1], 64)
+        for c in (cache, token_major(cache)):
+            up = K.upsample_cache(c, src, dst)
+            assert up.is_contiguous() and up.shape == (2, 3, dst[0] * dst[1], 64)
+            err(up, upsample_cache(cache, src, dst))
     print("WORST", worst)
 ''')
 

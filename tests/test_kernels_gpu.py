@@ -350,3 +350,28 @@ def test_gpu_validation_errors():
         check_layout_values(torch.zeros_like(layout.kv_num_blocks), layout.kv_indices, 200, 64)
     with pytest.raises(ValueError, match="outside"):
         check_key_values(torch.full((1, 2, 1, 4), 500, device=DEV, dtype=torch.int32), 200)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_upsample_cache_kernel_matches_torch(dtype):
+    """CS4A's residual cache, decision grid -> later grids (2B's 40 -> 48 / 64, HART's 27 -> 36, odd grids), from the
+    decision's token-major O_cache: both compute fp32 weights and sums and round once (within one step)."""
+    from sparvar.cs4a import upsample_cache
+
+    for src, dst in (((40, 40), (48, 48)), ((40, 40), (64, 64)), ((27, 27), (36, 36)), ((5, 4), (9, 7))):
+        cache = projected_q(2, 16, src[0] * src[1], 128, dtype) * 30  # O(1) values, as O_dense - O_sparse
+        got = kernels.upsample_cache(cache, src, dst)
+        assert got.is_contiguous() and got.shape == (2, 16, dst[0] * dst[1], 128)
+        step = 2 ** -7 if dtype == torch.bfloat16 else 2 ** -10
+        torch.testing.assert_close(got.float(), upsample_cache(cache, src, dst).float(), rtol=step, atol=1e-4)
+
+
+def test_attention_outputs_follow_a_token_major_q():
+    """The projection after attention reads (B, L, H*D): a token-major q gives a token-major output (no copy)."""
+    q = projected_q(2, 4, 70, 64, torch.bfloat16)
+    k, v = cache_view(2, 4, 90, 64, torch.bfloat16), cache_view(2, 4, 90, 64, torch.bfloat16)
+    out = kernels.dense_attention(q, k, v)
+    assert out.stride() == q.stride()
+    torch.testing.assert_close(out.float(), reference_attention(q, k, v).float(), atol=2e-2, rtol=2e-2)
+    contiguous = kernels.dense_attention(q.contiguous(), k, v)
+    assert contiguous.is_contiguous() and torch.equal(contiguous, out)

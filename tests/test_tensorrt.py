@@ -16,7 +16,7 @@ import torch
 from export.custom_ops import export_model
 from plugins import RUNS, SPECS, cs4a
 from plugins.spec import Tactic, available_tactics, run_on_stream, sparse_ops, torch_view
-from tests.test_custom_ops import D, OneOp, _inputs
+from tests.test_custom_ops import D, GROUP, OneOp, _inputs
 
 
 @pytest.fixture
@@ -152,17 +152,18 @@ def test_engine_dir_units_are_stripped_share_one_timing_cache_and_load(tensorrt,
 def test_device_views_run_each_op_on_an_external_stream(dtype, tactic):
     """What enqueue/impl do with TensorRT's raw pointers: zero-copy views, the op on the given stream, copy-out."""
     _requires_gpu()
-    head_dim = 64 if tactic == Tactic.TRITON else D  # the kernels' smallest head dim; the reference takes any
+    # the Triton kernels' smallest head dim and CS4A group; the reference takes the small shapes of the ONNX tests
+    head_dim, group = (64, 16) if tactic == Tactic.TRITON else (D, GROUP)
     dtype_name = str(dtype).removeprefix("torch.")
-    if tactic not in available_tactics(dtype_name, head_dim):
+    if tactic not in available_tactics(dtype_name, head_dim, {"group_size": group}):
         pytest.skip(f"tactic {tactic.name} is not offered for {dtype_name} inputs (the Triton kernels take bf16/fp16)")
-    q, k, v, key_idx, o_cache = (t.cuda() for t in _inputs(dtype, head_dim=head_dim))
+    q, k, v, key_idx, o_cache = (t.cuda() for t in _inputs(dtype, head_dim=head_dim, group=group))
     by_name = {"q": q, "k": k, "v": v, "key_idx": key_idx, "o_cache": o_cache}
     stream = torch.cuda.Stream()
     for name in ("CS4AAttentionCached", "CS4ADecide"):
         spec = SPECS[name]
         inputs = [by_name[p.name] for p in spec.inputs]
-        attrs = {"group_size": 8, "topk": 12} if name == "CS4ADecide" else {"group_size": 8}
+        attrs = {"group_size": group, "topk": 12, "sink_len": 4} if name == "CS4ADecide" else {"group_size": group}
         want = RUNS[name](inputs, attrs, sparse_ops(Tactic.REFERENCE))
         views = [torch_view(t.data_ptr(), tuple(t.shape), str(t.dtype).removeprefix("torch.")) for t in inputs]
         assert all(a.data_ptr() == b.data_ptr() and a.dtype == b.dtype for a, b in zip(views, inputs))
@@ -191,6 +192,10 @@ def test_triton_tactic_is_offered_only_for_inputs_the_kernels_take(monkeypatch):
     assert available_tactics() == both and available_tactics("bfloat16", -1) == both  # not known yet
     assert available_tactics("float32", 128) == reference
     assert available_tactics("bfloat16", 8) == reference
+    assert available_tactics("bfloat16", 128, {"group_size": 192}) == both  # the 2B/8B policy's CS4A groups
+    assert available_tactics("bfloat16", 128, {"group_size": 8}) == reference
+    assert available_tactics("bfloat16", 128, {"block_m": 64, "block_n": 64}) == both
+    assert available_tactics("bfloat16", 128, {"block_m": 64, "block_n": 8}) == reference
 
     class Expr:
         def __init__(self, value):
@@ -216,7 +221,7 @@ def test_triton_tactic_is_offered_only_for_inputs_the_kernels_take(monkeypatch):
 
     spec = SPECS["CSLAAttention"]
     for head_dim, half in ((128, both), (8, reference), (None, both), ("fake", both)):
-        combos = qdp.autotune_combinations(Trtp, spec, Desc(head_dim))
+        combos = qdp.autotune_combinations(Trtp, spec, Desc(head_dim), {"block_m": 64, "block_n": 64})
         assert combos == [("FP32", "LINEAR", [int(t) for t in reference]),
                           ("FP16|BF16", "LINEAR", [int(t) for t in half])], head_dim
 

@@ -5,6 +5,7 @@
     cs4a_decide(q, k, v, group_size, topk, sink_len=0)     dense + per-group top-k selection + residual cache
     aot_kernel(op, dtype=, head_dim=, attrs=)              TensorRT AOT entry (plugins.aot.AotKernel), CSLA only
     select_topk(sums, topk, first=0)                       ascending top-k positions per row (the decision's pick)
+    upsample_cache(o_cache, src_grid, dst_grid)            CS4A's residual cache, bilinear to a later scale
 
 Each goes through a torch custom op (sparvar::triton_csla_attention[_token], sparvar::triton_cs4a_attention,
 sparvar::triton_cs4a_decide, with fake kernels) so torch.compile and torch.export keep it as one call. The
@@ -18,7 +19,8 @@ sparvar/fp8.py), group_norm.py (the tokenizer decoder's GroupNorm + SiLU).
 """
 from sparvar.kernels.aot import aot_kernel
 from sparvar.kernels.cs4a import (cs4a_attention, cs4a_attention_raw, cs4a_column_sums, cs4a_decide, cs4a_decide_raw,
-                                  reference_column_sums, reference_cs4a_attention, reference_cs4a_decide, select_topk)
+                                  reference_column_sums, reference_cs4a_attention, reference_cs4a_decide, select_topk,
+                                  upsample_cache)
 from sparvar.kernels.csla import (HAS_TRITON, csla_attention, csla_attention_blocks, dense_attention,
                                   query_block_order, reference_csla_attention, token_tiles)
 
@@ -26,7 +28,7 @@ __all__ = [
     "HAS_TRITON", "aot_kernel", "csla_attention", "csla_attention_blocks", "dense_attention", "query_block_order",
     "reference_csla_attention", "token_tiles", "cs4a_attention", "cs4a_attention_raw", "cs4a_column_sums", "cs4a_decide",
     "cs4a_decide_raw", "reference_column_sums", "reference_cs4a_attention", "reference_cs4a_decide", "select_topk",
-    "sparse_ops",
+    "sparse_ops", "upsample_cache",
 ]
 
 
@@ -37,4 +39,4 @@ def sparse_ops():
     def cs4a(q, k, v, key_idx, group_size, o_cache=None):
         return cs4a_attention(q, k, v, key_idx, group_size, o_cache)
 
-    return SparseOps(csla_attention, cs4a_decide, cs4a)
+    return SparseOps(csla_attention, cs4a_decide, cs4a, upsample_cache)

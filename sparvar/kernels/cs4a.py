@@ -17,12 +17,13 @@ probabilities (no atomics: each program owns its key tile and walks all query ti
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
 
-from sparvar.kernels.csla import (HAS_TRITON, LOG2E, autotuning, check_device, check_index, check_qkv,
-                                  dense_attention, interpreting, require_triton)
+from sparvar.kernels.csla import (HAS_TRITON, HEAD_DIMS, LOG2E, attention_output_like, autotuning, check_device,
+                                  check_index, check_qkv, dense_attention, interpreting, require_triton)
 
 if HAS_TRITON:
     import triton
@@ -274,13 +275,49 @@ def check_key_values(key_idx: torch.Tensor, kv_len: int, band_start: torch.Tenso
         raise ValueError(f"bands [band_start, band_start + {band_len}) leave the KV cache of {kv_len} keys")
 
 
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _upsample_cache_kernel(Src, Out, H, hs, ws, hd, wd, scale_h, scale_w,
+                               stride_sb, stride_sh, stride_sl, stride_ob, stride_oh, stride_ol,
+                               HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr):
+        """BLOCK_T raster tokens of the (hd, wd) grid for one (batch, head): bilinear (align_corners=False, as
+        torch's upsample_bilinear2d: source index max(scale * (dst + 0.5) - 0.5, 0), upper neighbour clamped),
+        weights and sums in fp32, one rounding."""
+        pid_bh = tl.program_id(1)
+        b = pid_bh // H
+        h = pid_bh % H
+        t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+        t_mask = (t < hd * wd)[:, None]
+        y = t // wd
+        x = t % wd
+        sy = tl.maximum((y.to(tl.float32) + 0.5) * scale_h - 0.5, 0.0)
+        sx = tl.maximum((x.to(tl.float32) + 0.5) * scale_w - 0.5, 0.0)
+        y0 = sy.to(tl.int32)  # floor: sy >= 0
+        x0 = sx.to(tl.int32)
+        ly = (sy - y0.to(tl.float32))[:, None]
+        lx = (sx - x0.to(tl.float32))[:, None]
+        y1 = tl.minimum(y0 + 1, hs - 1)
+        x1 = tl.minimum(x0 + 1, ws - 1)
+        d = tl.arange(0, HEAD_DIM)[None, :]
+        src = Src + b.to(tl.int64) * stride_sb + h * stride_sh + d
+        v00 = tl.load(src + (y0 * ws + x0)[:, None] * stride_sl, mask=t_mask, other=0.0).to(tl.float32)
+        v01 = tl.load(src + (y0 * ws + x1)[:, None] * stride_sl, mask=t_mask, other=0.0).to(tl.float32)
+        v10 = tl.load(src + (y1 * ws + x0)[:, None] * stride_sl, mask=t_mask, other=0.0).to(tl.float32)
+        v11 = tl.load(src + (y1 * ws + x1)[:, None] * stride_sl, mask=t_mask, other=0.0).to(tl.float32)
+        up = (1.0 - ly) * ((1.0 - lx) * v00 + lx * v01) + ly * ((1.0 - lx) * v10 + lx * v11)
+        out = Out + b.to(tl.int64) * stride_ob + h * stride_oh + t[:, None] * stride_ol + d
+        tl.store(out, up.to(Out.dtype.element_ty), mask=t_mask)
+
+
 # ------------------------------------------------------------------------------------------------ launches
 def _launch_cs4a(q, k, v, key_idx, group_size, extra, negate, band_start, band_len, scale, extra_out=None):
-    """out = (-1 if negate else 1) * attention + extra; with extra_out (contiguous, q's shape) also extra_out = extra
-    in extra_out's dtype."""
+    """out = (-1 if negate else 1) * attention + extra; with extra_out (from attention_output_like(q): the kernel
+    writes it with out's strides) also extra_out = extra in extra_out's dtype."""
     require_triton("cs4a_attention")
     b, h, q_len, d = q.shape
-    out = torch.empty((b, h, q_len, d), dtype=q.dtype, device=q.device)
+    out = attention_output_like(q)
     block_m = query_tile(group_size)
     e = out if extra is None else extra
     args = (q, k, v, out, key_idx, out if band_start is None else band_start, e, out if extra_out is None else extra_out,
@@ -406,11 +443,47 @@ def cs4a_decide_raw(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group_siz
     sums = cs4a_column_sums(q, k, lse, group_size, scale=scale)
     selected = select_topk(sums, topk, sink_len)
     assert selected.shape[2] == groups
-    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # dense rounded to q's dtype by the residual kernel
+    out = attention_output_like(q)  # dense rounded to q's dtype by the residual kernel
     # the sinks join each group's set as the kernel's contiguous band [0, sink_len): no concatenated index copy
     band_start = torch.zeros(groups, dtype=torch.int32, device=q.device) if sink_len else None
     o_cache = _launch_cs4a(q, k, v, selected, group_size, dense, True, band_start, sink_len, scale, extra_out=out)
     return out, selected, o_cache
+
+
+UPSAMPLE_TILE = 32  # tokens per upsample program (x HEAD_DIM channels)
+
+
+def upsample_cache(o_cache: torch.Tensor, src_grid: tuple[int, int], dst_grid: tuple[int, int]) -> torch.Tensor:
+    """sparvar.cs4a.upsample_cache (bilinear, align_corners=False, fp32 sums, one rounding) in one Triton pass:
+    (B, H, hs*ws, D) raster tokens, any strides with D contiguous -> contiguous (B, H, hd*wd, D).
+
+    Why: torch's channels-last upsample_bilinear2d took 90 / 158 us per CS4A layer at 2B scales 11 / 12 on the
+    H200 (profile_h200.json) for a 17 / 34 MB output, about 15x its memory floor."""
+    name = "upsample_cache"
+    require_triton(name)
+    if not isinstance(o_cache, torch.Tensor) or o_cache.dim() != 4:
+        raise ValueError(f"{name}: o_cache must be a 4-D (B, H, L, D) tensor, got "
+                         f"{tuple(o_cache.shape) if isinstance(o_cache, torch.Tensor) else type(o_cache).__name__}")
+    b, h, length, d = o_cache.shape
+    (hs, ws), (hd, wd) = (tuple(int(n) for n in g) for g in (src_grid, dst_grid))
+    if length != hs * ws:
+        raise ValueError(f"{name}: o_cache has {length} tokens, grid {(hs, ws)} has {hs * ws}")
+    if min(hs, ws, hd, wd) <= 0:
+        raise ValueError(f"{name}: grids must be positive, got {(hs, ws)} -> {(hd, wd)}")
+    if d not in HEAD_DIMS or o_cache.stride(3) != 1:
+        raise ValueError(f"{name}: head dim must be one of {HEAD_DIMS} and contiguous, got {d} with strides "
+                         f"{o_cache.stride()}")
+    if o_cache.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise TypeError(f"{name}: o_cache must be bfloat16, float16 or float32, got {o_cache.dtype}")
+    check_device(name, o_cache, hint="use sparvar.cs4a.upsample_cache elsewhere")
+    out = torch.empty((b, h, hd * wd, d), dtype=o_cache.dtype, device=o_cache.device)
+    grid = (triton.cdiv(hd * wd, UPSAMPLE_TILE), b * h)
+    with contextlib.nullcontext() if interpreting() else torch.cuda.device(o_cache.device):
+        _upsample_cache_kernel[grid](o_cache, out, h, hs, ws, hd, wd, hs / hd, ws / wd,
+                                     o_cache.stride(0), o_cache.stride(1), o_cache.stride(2),
+                                     out.stride(0), out.stride(1), out.stride(2),
+                                     HEAD_DIM=d, BLOCK_T=UPSAMPLE_TILE, num_warps=4)
+    return out
 
 
 # ------------------------------------------------------------------------------------------------ custom ops
@@ -435,7 +508,7 @@ def _cs4a_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_idx: torch.T
 
 @_cs4a_op.register_fake
 def _(q, k, v, key_idx, o_cache, band_start, group_size, band_len, scale):
-    return q.new_empty(q.shape)
+    return attention_output_like(q)
 
 
 @torch.library.custom_op("sparvar::triton_cs4a_decide", mutates_args=())
@@ -448,9 +521,9 @@ def _cs4a_decide_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group_siz
 def _(q, k, v, group_size, topk, sink_len, scale):
     b, h, q_len, _ = q.shape
     groups = -(-q_len // group_size)
-    return (q.new_empty(q.shape),
+    return (attention_output_like(q),
             q.new_empty((b, h, groups, topk), dtype=torch.int32),
-            q.new_empty(q.shape))
+            attention_output_like(q))
 
 
 # ------------------------------------------------------------------------------------------------ references

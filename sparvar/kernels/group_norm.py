@@ -59,9 +59,11 @@ if HAS_TRITON:
             return c * S + s
 
     @triton.jit
-    def _group_norm_stats_kernel(x_ptr, part_ptr, S, C, tiles_per_chunk, num_chunks, part_stride,
-                                 CHANNELS_LAST: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
-        """Per-channel fp32 sums of x and x² over spatial tiles [chunk * tiles_per_chunk, ...) of batch row b."""
+    def _group_norm_stats_kernel(x_ptr, pre_bias_ptr, part_ptr, S, C, tiles_per_chunk, num_chunks, part_stride,
+                                 CHANNELS_LAST: tl.constexpr, PRE_BIAS: tl.constexpr,
+                                 BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
+        """Per-channel fp32 sums of x (+ pre_bias) and its square over spatial tiles [chunk * tiles_per_chunk, ...)
+        of batch row b."""
         chunk = tl.program_id(0)
         b = tl.program_id(1)
         s_local = tl.arange(0, BLOCK_S)[:, None]
@@ -70,10 +72,15 @@ if HAS_TRITON:
         base = x_ptr + b.to(tl.int64) * S * C
         acc = tl.zeros((BLOCK_S, BLOCK_C), dtype=tl.float32)
         acc_sq = tl.zeros((BLOCK_S, BLOCK_C), dtype=tl.float32)
+        if PRE_BIAS:
+            pre_bias = tl.load(pre_bias_ptr + c, mask=c_mask, other=0.0).to(tl.float32)
         first = chunk * tiles_per_chunk
         for t in range(tiles_per_chunk):
             s = (first + t) * BLOCK_S + s_local
-            v = tl.load(base + _offsets(s, c, S, C, CHANNELS_LAST), mask=(s < S) & c_mask, other=0.0).to(tl.float32)
+            m = (s < S) & c_mask
+            v = tl.load(base + _offsets(s, c, S, C, CHANNELS_LAST), mask=m, other=0.0).to(tl.float32)
+            if PRE_BIAS:
+                v = tl.where(m, v + pre_bias, 0.0)
             acc += v
             acc_sq += v * v
         cols = tl.arange(0, BLOCK_C)
@@ -82,9 +89,11 @@ if HAS_TRITON:
         tl.store(out + part_stride, tl.sum(acc_sq, axis=0), mask=cols < C)
 
     @triton.jit
-    def _group_norm_finish_kernel(part_ptr, w_ptr, b_ptr, ss_ptr, num_chunks, C, Cg, part_stride, ss_stride, n, eps,
+    def _group_norm_finish_kernel(part_ptr, w_ptr, b_ptr, pre_bias_ptr, ss_ptr, num_chunks, C, Cg, part_stride,
+                                  ss_stride, n, eps, PRE_BIAS: tl.constexpr,
                                   BLOCK_K: tl.constexpr, BLOCK_CG: tl.constexpr):
-        """One (group, batch row): its partial sums in a fixed order -> mean, var -> fp32 scale, shift per channel."""
+        """One (group, batch row): its partial sums in a fixed order -> mean, var -> fp32 scale, shift per channel.
+        With a pre-bias p the apply pass computes (x + p) * scale + shift' as x * scale + (shift' + p * scale)."""
         g = tl.program_id(0)
         b = tl.program_id(1)
         k = tl.arange(0, BLOCK_K)[:, None]
@@ -106,6 +115,8 @@ if HAS_TRITON:
         cm = tl.arange(0, BLOCK_CG) < Cg
         scale = tl.load(w_ptr + cols, mask=cm, other=0.0).to(tl.float32) * rstd
         shift = tl.load(b_ptr + cols, mask=cm, other=0.0).to(tl.float32) - mean * scale
+        if PRE_BIAS:
+            shift += tl.load(pre_bias_ptr + cols, mask=cm, other=0.0).to(tl.float32) * scale
         tl.store(ss_ptr + b * C + cols, scale, mask=cm)
         tl.store(ss_ptr + ss_stride + b * C + cols, shift, mask=cm)
 
@@ -181,13 +192,21 @@ def _check(name: str, x, weight, bias, num_groups, eps) -> bool:
 
 
 def group_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, num_groups: int, eps: float = 1e-5,
-               silu: bool = False) -> torch.Tensor:
-    """F.group_norm(x, num_groups, weight, bias, eps), then SiLU when `silu`, computed as described in the module
-    docstring. x (B, C, H, W) bf16/fp16/fp32, channels_last or contiguous NCHW; weight, bias (C,) any float dtype.
-    Returns a new tensor of x's shape, dtype and memory format. Deterministic (no atomics); forward only."""
+               silu: bool = False, pre_bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.group_norm(x + pre_bias, num_groups, weight, bias, eps), then SiLU when `silu`, computed as described in the
+    module docstring. x (B, C, H, W) bf16/fp16/fp32, channels_last or contiguous NCHW; weight, bias (C,) any float
+    dtype; pre_bias None or (C,) per-channel values added to x in fp32 (the bias of the convolution that produced x,
+    which then needs no pass of its own). Returns a new tensor of x's shape, dtype and memory format.
+    Deterministic (no atomics); forward only."""
     name = "group_norm"
     require_triton(name)
     channels_last = _check(name, x, weight, bias, num_groups, eps)
+    if pre_bias is not None:
+        if not isinstance(pre_bias, torch.Tensor) or pre_bias.shape != (x.shape[1],) or not pre_bias.is_contiguous() \
+                or not pre_bias.is_floating_point():
+            raise ValueError(f"{name}: pre_bias must be None or a contiguous float ({x.shape[1]},) tensor, got "
+                             f"{tuple(pre_bias.shape) if isinstance(pre_bias, torch.Tensor) else type(pre_bias).__name__}")
+        check_device(name, x, pre_bias=pre_bias)
     B, C, H, W = x.shape
     S, G = H * W, num_groups
     block_c = triton.next_power_of_2(C)
@@ -199,12 +218,14 @@ def group_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, num_gr
     partials = torch.empty((2, B, chunks, C), dtype=torch.float32, device=x.device)
     scale_shift = torch.empty((2, B, C), dtype=torch.float32, device=x.device)
     out = torch.empty_like(x, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    has_pre_bias = pre_bias is not None
+    pre_bias = pre_bias if has_pre_bias else weight  # any pointer when PRE_BIAS is off: never read
     _group_norm_stats_kernel[(chunks, B)](
-        x, partials, S, C, tiles_per_chunk, chunks, B * chunks * C,
-        CHANNELS_LAST=channels_last, BLOCK_S=stats_s, BLOCK_C=block_c, num_warps=8)
+        x, pre_bias, partials, S, C, tiles_per_chunk, chunks, B * chunks * C,
+        CHANNELS_LAST=channels_last, PRE_BIAS=has_pre_bias, BLOCK_S=stats_s, BLOCK_C=block_c, num_warps=8)
     _group_norm_finish_kernel[(G, B)](
-        partials, weight, bias, scale_shift, chunks, C, C // G, B * chunks * C, B * C, float((C // G) * S), float(eps),
-        BLOCK_K=FINISH_BLOCK_K, BLOCK_CG=triton.next_power_of_2(C // G), num_warps=4)
+        partials, weight, bias, pre_bias, scale_shift, chunks, C, C // G, B * chunks * C, B * C, float((C // G) * S),
+        float(eps), PRE_BIAS=has_pre_bias, BLOCK_K=FINISH_BLOCK_K, BLOCK_CG=triton.next_power_of_2(C // G), num_warps=4)
     _group_norm_apply_kernel[(triton.cdiv(S, apply_s), B)](
         x, out, scale_shift, S, C, B * C,
         CHANNELS_LAST=channels_last, SILU=bool(silu), BLOCK_S=apply_s, BLOCK_C=block_c, num_warps=8)
