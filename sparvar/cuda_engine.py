@@ -58,7 +58,8 @@ class CudaGraphRunner:
 
                 quantizing = triton_quantizing_norms()
             self.ops = with_fp8_linears(self.ops, model, fp8_min_tokens, quantizing)
-        self.ops = dataclasses.replace(self.ops, **frozen_weight_functions(model))  # an engine's weights are fixed
+        # an engine's weights are fixed
+        self.ops = dataclasses.replace(self.ops, **frozen_weight_functions([blk.sa for blk in model.blocks]))
         self.pool = torch.cuda.graph_pool_handle() if use_graphs else None
         self.sets: dict[tuple[int, int], _Graphs] = {}
         self.current: _Graphs | None = None

@@ -157,10 +157,11 @@ def temperature(attn) -> torch.Tensor:
     return attn.scale_mul_1H11.clamp_max(MAX_SCALE_MUL).exp().view(attn.heads)
 
 
-def frozen_weight_functions(model) -> dict:
-    """`qkv_bias` and `temperature` as lookups of values computed once now: for an engine whose weights no longer
-    change. Recomputed in every step they are three small kernels per block per scale (cat, clamp, exp)."""
-    tables = {f: {blk.sa: f(blk.sa) for blk in model.blocks} for f in (qkv_bias, temperature)}
+def frozen_weight_functions(attentions, functions=(qkv_bias, temperature)) -> dict:
+    """Functions of an attention module's weights alone (`qkv_bias`, `temperature`) as lookups of values computed
+    once now, for each module of `attentions`: for an engine whose weights no longer change. Recomputed in every
+    step they are small kernels in every block of every scale (cat; clamp, exp)."""
+    tables = {f: {attn: f(attn) for attn in attentions} for f in functions}
     return {f.__name__: table.__getitem__ for f, table in tables.items()}
 
 

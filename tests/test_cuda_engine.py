@@ -1,6 +1,9 @@
 """The CUDA-graph runner's static-buffer logic, checked eagerly on CPU; the captured path runs on the GPU."""
+from collections import Counter
+
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from sparvar.config import get_config
 from sparvar.cuda_engine import CudaGraphRunner
@@ -11,6 +14,18 @@ from sparvar.schedule import get_schedule
 from sparvar.text import hashed_embeddings
 
 CFG = get_config("infinity-tiny")
+
+
+class CountOps(TorchDispatchMode):
+    """Counts the aten ops (by name, overloads together) that run inside the context."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[func.__name__.split(".")[0]] += 1
+        return func(*args, **(kwargs or {}))
 
 
 def _pair(attention, device="cpu", use_graphs=False, dtype=torch.float32, fuse=False):
@@ -42,19 +57,6 @@ def test_static_buffer_runner_equals_eager_runner_across_prompts(attention):
 def test_engine_steps_compute_no_weight_or_prompt_constants():
     """What depends only on the weights (qkv bias, temperature) or the prompt (AdaLN vectors, text mask) is computed
     once, not in every block of every scale step: the engine's step has none of those ops, and the same logits."""
-    from collections import Counter
-
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class CountOps(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.ops = Counter()
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.ops[func.__name__.split(".")[0]] += 1
-            return func(*args, **(kwargs or {}))
-
     eager, engine, schedule = _pair("dense")
     f, l = hashed_embeddings(["a red car"], CFG.text_dim, CFG.text_maxlen)
     counts, logits = [], []

@@ -182,6 +182,33 @@ def test_first_scale_logits_come_from_the_last_text_slot():
     assert kv.new_k[0].shape[2] == TINY.text_len  # the whole prefix enters the KV, no extra 1x1 slot
 
 
+def test_frozen_qkv_bias_gives_the_same_attention_without_its_cat():
+    """The GPU engine looks the qkv bias up (sparvar.model.frozen_weight_functions) instead of concatenating it in
+    every block of every step."""
+    from sparvar.hart.model import Pointwise
+    from sparvar.model import frozen_weight_functions, qkv_bias
+    from tests.test_cuda_engine import CountOps
+
+    model = build_model(TINY, seed=0)
+    with torch.no_grad():
+        for block in model.blocks:
+            block.attn.q_bias.normal_()
+            block.attn.v_bias.normal_()
+    frozen = Pointwise(**frozen_weight_functions([b.attn for b in model.blocks], (qkv_bias,)))
+    x = torch.randn(2, 9, TINY.width)
+    rope = rope_tables(get_schedule(256, model="hart-tiny"), TINY.head_dim, torch.arange(TINY.text_len).repeat(2, 1))[2]
+    empty = [x.new_zeros(2, TINY.heads, 0, TINY.head_dim)]
+    outs, cats = [], []
+    with torch.no_grad():
+        for pw in (Pointwise(), frozen):
+            attn = model.blocks[1].attn
+            with CountOps() as count:
+                outs.append(attn(x, rope, ConcatKV(empty, empty), 0, 2, pw=pw))
+            cats.append(count.ops["cat"])
+    assert torch.equal(outs[0], outs[1])
+    assert cats[0] - cats[1] == 1
+
+
 def test_attention_uses_the_official_softmax_scale():
     model = build_model(TINY, seed=0)
     attn = model.blocks[0].attn

@@ -10,9 +10,12 @@ The diffusion head (8 small MLP steps on the last scale's tokens) runs eagerly a
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from ..cuda_engine import capture_scales
+from ..model import frozen_weight_functions, qkv_bias
 from .generate import HartTorchRunner
 from .model import HART, KVCache, Pointwise, TextCondition, rope_tables
 
@@ -58,7 +61,10 @@ class HartCudaGraphRunner:
         self.model, self.schedule, self.plan, self.backend = model, schedule, plan, backend
         self.cfg = model.cfg
         self.device = model.word_embed.weight.device
-        self.pointwise = fused_pointwise() if fuse_pointwise else Pointwise()
+        pointwise = fused_pointwise() if fuse_pointwise else Pointwise()
+        # an engine's weights are fixed: the qkv bias (a cat per block per step) is computed once
+        self.pointwise = dataclasses.replace(pointwise, **frozen_weight_functions([b.attn for b in model.blocks],
+                                                                                (qkv_bias,)))
         self.pool = torch.cuda.graph_pool_handle()
         self.sets: dict[tuple[int, bool], _Graphs] = {}
         self.current: _Graphs | None = None

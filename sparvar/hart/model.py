@@ -27,7 +27,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..attention import self_attention
-from ..model import ConcatKV, KVCache, RMSNorm, _MaskPlan, build_model, cast_model, rms_norm  # noqa: F401 (re-exported)
+from ..model import (ConcatKV, KVCache, RMSNorm, _MaskPlan, build_model, cast_model, qkv_bias,  # noqa: F401 (re-exported)
+                     rms_norm)
 from ..schedule import Schedule
 from .config import HartConfig
 from .diffusion import DiffLoss
@@ -137,6 +138,7 @@ class Pointwise:
     swiglu: object = swiglu
     rms_norm: object = rms_norm
     residual_rms_norm: object = residual_rms_norm
+    qkv_bias: object = qkv_bias  # a function of the weights only (sparvar.model.frozen_weight_functions)
 
 
 EAGER = Pointwise()
@@ -161,8 +163,7 @@ class Attention(nn.Module):
 
     def forward(self, x, rope, kv, layer: int, scale: int, plan=None, backend: str = "sdpa", pw: Pointwise = EAGER):
         B, n, C = x.shape
-        bias = torch.cat([self.q_bias, self.zero_k_bias, self.v_bias])
-        qkv = F.linear(x, self.qkv_proj.weight, bias)
+        qkv = F.linear(x, self.qkv_proj.weight, pw.qkv_bias(self))
         unit_qk = hasattr(self, "scale_mul_1H11")  # cosine attention (attn_l2_norm): a learned temperature
         q_scale = self.scale_mul_1H11.clamp_max(MAX_SCALE_MUL).exp() if unit_qk else self.softmax_scale
         q, k_all, v_all = pw.attention_inputs(qkv, self.heads, q_scale, rope, kv, layer, unit_qk)
