@@ -22,15 +22,14 @@ import torch
 import torch.nn.functional as F
 
 from sparvar.kernels.csla import HAS_TRITON, check_device, interpreting, require_triton
+from sparvar.kernels.group_norm import check_image
 
 if HAS_TRITON:
     import triton
     import triton.language as tl
 
-DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 ADD_BLOCK = 4096  # elements per residual_add program
 UPSAMPLE_TILE = 8192  # output elements per upsample program (whole pixels: all channels of BLOCK_P positions)
-MAX_CHANNELS = 4096
 
 
 # ------------------------------------------------------------------------------------------------ references
@@ -73,25 +72,12 @@ if HAS_TRITON:
 
 
 # ------------------------------------------------------------------------------------------------ wrappers
-def _check_image(name: str, label: str, x) -> None:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name}: {label} must be a torch.Tensor, got {type(x).__name__}")
-    if x.dim() != 4:
-        raise ValueError(f"{name}: {label} must be 4-D (B, C, H, W), got shape {tuple(x.shape)}")
-    if x.dtype not in DTYPES:
-        raise TypeError(f"{name}: {label} must be bfloat16, float16 or float32, got {x.dtype}")
-    if x.numel() == 0:
-        raise ValueError(f"{name}: {label} is empty, shape {tuple(x.shape)}")
-    if x.shape[1] > MAX_CHANNELS:
-        raise ValueError(f"{name}: {x.shape[1]} channels; at most {MAX_CHANNELS} are supported")
-
-
 def residual_add(x: torch.Tensor, h: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """x + h + bias[c] (see residual_add_reference): x, h (B, C, H, W) of one dtype, shape and memory format
     (channels_last or contiguous NCHW); bias (C,) any float dtype. Returns a new tensor like x."""
     name = "residual_add"
     require_triton(name)
-    _check_image(name, "x", x)
+    check_image(name, "x", x)
     if not isinstance(h, torch.Tensor) or h.shape != x.shape or h.dtype != x.dtype or h.stride() != x.stride():
         raise ValueError(f"{name}: h must match x's shape, dtype and strides; got x {tuple(x.shape)} {x.dtype} "
                          f"{x.stride()}, h {getattr(h, 'shape', None)} {getattr(h, 'dtype', None)} "
@@ -116,7 +102,7 @@ def upsample_nearest_2x(x: torch.Tensor) -> torch.Tensor:
     """F.interpolate(x, scale_factor=2, mode='nearest') for a channels_last (B, C, H, W) x; channels_last out."""
     name = "upsample_nearest_2x"
     require_triton(name)
-    _check_image(name, "x", x)
+    check_image(name, "x", x)
     if not x.is_contiguous(memory_format=torch.channels_last):
         raise ValueError(f"{name}: x must be dense channels_last (NHWC), got strides {x.stride()}; "
                          "use upsample_nearest_2x_reference for other layouts")

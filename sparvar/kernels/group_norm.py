@@ -155,17 +155,26 @@ def _stats_chunks(S: int, block_s: int, B: int, device: torch.device) -> tuple[i
     return tiles_per_chunk, -(-n_tiles // tiles_per_chunk)
 
 
+def check_image(name: str, label: str, x) -> None:
+    """A decoder activation for a kernel: a non-empty 4-D (B, C, H, W) tensor of bf16, fp16 or fp32 with at most
+    MAX_CHANNELS channels (TypeError/ValueError naming the problem)."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name}: {label} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 4:
+        raise ValueError(f"{name}: {label} must be 4-D (B, C, H, W), got shape {tuple(x.shape)}")
+    if x.dtype not in DTYPES:
+        raise TypeError(f"{name}: {label} must be bfloat16, float16 or float32, got {x.dtype}")
+    if x.numel() == 0:
+        raise ValueError(f"{name}: empty input, {label} has shape {tuple(x.shape)}")
+    if x.shape[1] > MAX_CHANNELS:
+        raise ValueError(f"{name}: {x.shape[1]} channels; at most {MAX_CHANNELS} are supported (a tile row holds all "
+                         "channels)")
+
+
 def _check(name: str, x, weight, bias, num_groups, eps) -> bool:
     """Validate the inputs (TypeError/ValueError naming the problem); True when x is channels_last."""
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name}: x must be a torch.Tensor, got {type(x).__name__}")
-    if x.dim() != 4:
-        raise ValueError(f"{name}: x must be 4-D (B, C, H, W), got shape {tuple(x.shape)}")
-    if x.dtype not in DTYPES:
-        raise TypeError(f"{name}: x must be bfloat16, float16 or float32, got {x.dtype}")
+    check_image(name, "x", x)
     B, C, H, W = x.shape
-    if x.numel() == 0:
-        raise ValueError(f"{name}: empty input, x has shape {tuple(x.shape)}")
     if not isinstance(num_groups, int) or isinstance(num_groups, bool) or num_groups <= 0 or C % num_groups:
         raise ValueError(f"{name}: num_groups must be a positive int dividing the {C} channels, got {num_groups!r}")
     for label, t in (("weight", weight), ("bias", bias)):
@@ -183,8 +192,6 @@ def _check(name: str, x, weight, bias, num_groups, eps) -> bool:
                          f"shape {tuple(x.shape)} with strides {x.stride()}; call .contiguous(memory_format=...) first")
     if C * H * W > INT32_MAX:
         raise ValueError(f"{name}: one batch row holds {C * H * W} elements, over 2**31 - 1; int32 offsets would overflow")
-    if C > MAX_CHANNELS:
-        raise ValueError(f"{name}: {C} channels; at most {MAX_CHANNELS} are supported (a tile row holds all channels)")
     if B > 65535:
         raise ValueError(f"{name}: batch {B} exceeds the launch grid limit 65535")
     check_device(name, x, hint="use torch.nn.functional.group_norm elsewhere", weight=weight, bias=bias)
