@@ -8,6 +8,8 @@
 #   bash tools/gpu_bench.sh "$OUT" gputests  # every gpu-marked test
 #   bash tools/gpu_bench.sh "$OUT" parts     # step microbenchmarks (linears, FP8, GELU+quantise), 2B
 #   bash tools/gpu_bench.sh "$OUT" engines   # end-to-end, only the engine rows (bf16 and FP8 side by side)
+#   bash tools/gpu_bench.sh "$OUT" small     # small-scale kernel calls in CUDA graphs (attention, linears, cache upsample)
+#   bash tools/gpu_bench.sh "$OUT" hart      # end-to-end HART-0.7B engine rows
 set -uo pipefail
 OUT=${1:-bench/results}
 export PYTHONPATH=$PWD
@@ -35,6 +37,11 @@ for what in "${@:2}"; do
     engines)
       python bench/e2e.py --model infinity-2b --model infinity-8b --warmup 3 --runs 20 --rows engine \
         --out "$OUT/e2e_engines_$TAG.json" 2>&1 | grep -v Warning | tail -20 ;;
+    small)
+      python bench/small_scales.py --out "$OUT/small_scales_$TAG.json" 2>&1 | grep -v Warning | tail -60 ;;
+    hart)
+      python bench/e2e.py --model hart-0.7b --warmup 3 --runs 20 --rows engine \
+        --out "$OUT/e2e_hart_engines_$TAG.json" 2>&1 | grep -v Warning | tail -8 ;;
     kernels)
       python -m pytest -q tests/test_kernels_gpu.py 2>&1 | tail -6
       python bench/attention.py --out "$OUT/attention_$TAG.json" 2>&1 | grep -v Warning | tail -40 ;;

@@ -15,7 +15,8 @@ The module imports without triton (CPU installs); the kernels then raise a Runti
 
 Beside the attention kernels, the torch-cuda engine's other Triton kernels, each next to its torch reference:
 pointwise.py (a block's element-wise glue, as sparvar.model.BlockOps), fp8.py (per-row FP8 quantisation for
-sparvar/fp8.py), group_norm.py (the tokenizer decoder's GroupNorm + SiLU).
+sparvar/fp8.py), group_norm.py (the tokenizer decoder's GroupNorm + SiLU, with a pending conv bias) and
+decoder_glue.py (the decoder's residual sum with the conv biases, nearest 2x upsampling).
 """
 from sparvar.kernels.aot import aot_kernel
 from sparvar.kernels.cs4a import (cs4a_attention, cs4a_attention_raw, cs4a_column_sums, cs4a_decide, cs4a_decide_raw,
