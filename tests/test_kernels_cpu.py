@@ -310,8 +310,7 @@ INTERPRETER_SCRIPT = textwrap.dedent('''
     worst = 0.0
     def err(a, b):
         global worst
-        e = (a.float() - b.float()).abs().max().item()
-        worst = max(worst, e)
+        worst = max(worst, (a.float() - b.float()).abs().nan_to_num(nan=float("inf")).max().item())  # NaN: not lost
     for bm, bn, lq, lk, d in [(32, 32, 70, 100, 64), (16, 32, 40, 64, 64), (64, 32, 64, 130, 128)]:
         q = torch.randn(1, 2, lq, d, dtype=dt) * d ** -0.5
         k, v = (torch.randn(1, 2, lk + 5, d, dtype=dt)[:, :, :lk] for _ in range(2))
@@ -380,6 +379,15 @@ INTERPRETER_SCRIPT = textwrap.dedent('''
         assert torch.equal(selected, ref_selected) and int(selected.min()) >= 7, "selection with sinks differs"
         err(out, ref_out)
         err(cache, ref_cache)
+    # per-row key lengths (the engine's cross-attention over a padded text): 64 keys (a whole number of tiles), 37
+    # and 1; the keys past each row's length are NaN, so reading any of them would show
+    q = torch.randn(3, 2, 20, 64, dtype=dt) * 0.125
+    k, v = (torch.randn(3, 2, 64, 64, dtype=dt) for _ in range(2))
+    lens = torch.tensor([64, 37, 1], dtype=torch.int32)
+    real = (torch.arange(64)[None, :] < lens[:, None])[:, None, :, None]  # (B, 1, Lk, 1)
+    k, v = k.masked_fill(~real, float("nan")), v.masked_fill(~real, float("nan"))
+    out = K.dense_attention(q, k, v, block_m=16, block_n=32, kv_lens=lens)
+    err(out, reference_attention(q, k.nan_to_num(), v.nan_to_num(), mask=real.transpose(2, 3)))
     # token-major q (the engine's layout): every output takes q's layout, so attention -> projection needs no copy,
     # and the numbers are the contiguous run's
     def token_major(t):

@@ -23,17 +23,17 @@ if HAS_TRITON:
         """CSLAAttention for TensorRT: inputs, scalars (heads, Lq, Lk, kv_indices width), output; contiguous tensors.
 
         EVEN_N is False: whether Lk is a multiple of BLOCK_N is a runtime shape property here, and the masked last
-        tile is correct either way. Unused pointer slots (lse, launch order, token tiles) get Out.
+        tile is correct either way. Unused pointer slots (lse, launch order, token tiles, row lengths) get Out.
         """
         q_head = q_len * HEAD_DIM
         kv_head = kv_len * HEAD_DIM
-        _csla_fwd_kernel(Q, K, V, Out, Out, KVNumBlocks, KVIndices, Out, Out, Out, Out,
+        _csla_fwd_kernel(Q, K, V, Out, Out, KVNumBlocks, KVIndices, Out, Out, Out, Out, Out,
                          H * q_head, q_head, HEAD_DIM,
                          H * kv_head, kv_head, HEAD_DIM,
                          H * kv_head, kv_head, HEAD_DIM,
                          H * q_head, q_head, HEAD_DIM,
                          num_slots, H, q_len, kv_len, 1.4426950408889634,  # softmax scale 1, in log2 units
-                         HEAD_DIM, BLOCK_M, BLOCK_N, False, False, False, False, False)
+                         HEAD_DIM, BLOCK_M, BLOCK_N, False, False, False, False, False, False)
 
 
 _DTYPE_NAMES = {str(d).removeprefix("torch."): d for d in DTYPES}  # 'bfloat16', 'float16'

@@ -183,7 +183,7 @@ if HAS_TRITON:
 
     @triton.jit
     def _csla_fwd_kernel(
-        Q, K, V, Out, Lse, KVNumBlocks, KVIndices, QOrder, NumFull, PartialIndex, PartialMasks,
+        Q, K, V, Out, Lse, KVNumBlocks, KVIndices, QOrder, NumFull, PartialIndex, PartialMasks, KVLens,
         stride_qb, stride_qh, stride_qm,
         stride_kb, stride_kh, stride_kn,
         stride_vb, stride_vh, stride_vn,
@@ -192,12 +192,14 @@ if HAS_TRITON:
         H, q_len, kv_len, qk_scale,
         HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         DENSE: tl.constexpr, EVEN_N: tl.constexpr, USE_ORDER: tl.constexpr, STORE_LSE: tl.constexpr,
-        TOKEN: tl.constexpr,
+        TOKEN: tl.constexpr, ROW_LEN: tl.constexpr,
     ):
         pid_m = tl.program_id(0)
         pid_bh = tl.program_id(1)
         b = pid_bh // H
         h = pid_bh % H
+        if ROW_LEN:  # dense over each batch row's first KVLens[b] keys (padded text): the rest are never read
+            kv_len = tl.minimum(tl.load(KVLens + b), kv_len)
         if USE_ORDER:  # heaviest query blocks first: the last wave is the lightest
             q_block = tl.load(QOrder + pid_m)
         else:
@@ -312,13 +314,15 @@ def attention_output_like(q: torch.Tensor, dtype: torch.dtype | None = None) -> 
 def flash_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, kv_num_blocks: torch.Tensor | None = None,
                   kv_indices: torch.Tensor | None = None, block_m: int | None = 128, block_n: int | None = 64,
                   scale: float = 1.0, q_order: torch.Tensor | None = None, token: tuple | None = None,
-                  return_lse: bool = False, out_dtype: torch.dtype | None = None, name: str = "flash_forward"):
+                  return_lse: bool = False, out_dtype: torch.dtype | None = None, kv_lens: torch.Tensor | None = None,
+                  name: str = "flash_forward"):
     """Launch the flash kernel: dense when kv_num_blocks is None, block-sparse otherwise. Inputs already checked.
 
     token: None (block-granular) or (num_full, tile_index, partial_masks viewed as uint8), kv_indices then
     being token_tiles' reordered tiles. Dense with block_m = block_n = None: the autotuner picks the tile on the
-    GPU (128x64 elsewhere). Returns out (B, H, Lq, D) in out_dtype (default q's), or (out, lse (B, H, Lq) fp32
-    natural-log logsumexp) with return_lse.
+    GPU (128x64 elsewhere). kv_lens (dense only): (B,) int32, batch row b attends to its first kv_lens[b] keys.
+    Returns out (B, H, Lq, D) in out_dtype (default q's), or (out, lse (B, H, Lq) fp32 natural-log logsumexp) with
+    return_lse.
     """
     require_triton(name)
     dense = kv_num_blocks is None
@@ -333,15 +337,17 @@ def flash_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, kv_num_b
     args = (q, k, v, out, lse,
             placeholder if dense else kv_num_blocks, placeholder if dense else kv_indices,
             placeholder if q_order is None else q_order, *(token or (placeholder,) * 3),
+            placeholder if kv_lens is None else kv_lens,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
             0 if dense else kv_indices.stride(0), h, q_len, kv_len, float(scale) * LOG2E)
-    meta = dict(HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, DENSE=dense, EVEN_N=kv_len % block_n == 0,
-                USE_ORDER=q_order is not None, STORE_LSE=return_lse, TOKEN=token is not None)
+    row_len = kv_lens is not None  # each row's length is known on the device only: its last tile is always masked
+    meta = dict(HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, DENSE=dense, EVEN_N=kv_len % block_n == 0 and not row_len,
+                USE_ORDER=q_order is not None, STORE_LSE=return_lse, TOKEN=token is not None, ROW_LEN=row_len)
     grid = (-(-q_len // block_m), b * h)
     if tune_tile:
         del meta["BLOCK_M"], meta["BLOCK_N"]
-        meta["EVEN_N"] = kv_len % 128 == 0  # true for every tuned BLOCK_N (64 | 128); False only masks the last tile
+        meta["EVEN_N"] = kv_len % 128 == 0 and not row_len  # true for every tuned BLOCK_N (64 | 128); False masks the last tile
         with torch.cuda.device(q.device):
             _dense_fwd_tuned[lambda m: (triton.cdiv(q_len, m["BLOCK_M"]), b * h)](*args, **meta)
     elif interpreting():
@@ -444,11 +450,14 @@ def csla_attention_blocks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_
 
 def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float = 1.0,
                     block_m: int | None = None, block_n: int | None = None, return_lse: bool = False,
-                    out_dtype: torch.dtype | None = None):
-    """Dense flash attention (the CS4A decision's first pass); with return_lse also the (B, H, Lq) fp32 logsumexp.
+                    out_dtype: torch.dtype | None = None, kv_lens: torch.Tensor | None = None):
+    """Dense flash attention (the CS4A decision's first pass, the engine's smallest scales and its cross-attention);
+    with return_lse also the (B, H, Lq) fp32 logsumexp.
 
     out_dtype: q's dtype by default; float32 keeps the output unrounded (the decision subtracts from it).
     block_m, block_n: the tile; None (both) lets the autotuner pick it on the GPU (128x64 without tuning).
+    kv_lens: None, or (B,) int32 on q's device: batch row b attends to keys [0, kv_lens[b]) only (a padded text's
+    real tokens; values above Lk count as Lk, and a row of 0 gives NaN as an all-masked softmax does).
     """
     name = "dense_attention"
     check_qkv(name, q, k, v)
@@ -459,9 +468,14 @@ def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale:
         raise ValueError(f"{name}: block_m and block_n must both be None or both in {TILE_SIZES}, got {block_m}, {block_n}")
     if not math.isfinite(scale) or scale <= 0:
         raise ValueError(f"{name}: scale must be a positive finite float, got {scale}")
-    check_device(name, q, k=k, v=v)
+    if kv_lens is not None and (not isinstance(kv_lens, torch.Tensor) or kv_lens.dtype != torch.int32
+                                or kv_lens.shape != (q.shape[0],) or not kv_lens.is_contiguous()):
+        raise ValueError(f"{name}: kv_lens must be None or a contiguous int32 ({q.shape[0]},) tensor (one length per "
+                         f"batch row), got {kv_lens.dtype if isinstance(kv_lens, torch.Tensor) else type(kv_lens).__name__} "
+                         f"{tuple(kv_lens.shape) if isinstance(kv_lens, torch.Tensor) else ''}")
+    check_device(name, q, k=k, v=v, kv_lens=kv_lens)
     return flash_forward(q, k, v, block_m=block_m, block_n=block_n, scale=scale, return_lse=return_lse,
-                         out_dtype=out_dtype, name=name)
+                         out_dtype=out_dtype, kv_lens=kv_lens, name=name)
 
 
 # Per layout object, the launch order and (token layouts) the kernel-ordered tiles: layouts are static per scale,
