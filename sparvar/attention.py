@@ -14,9 +14,20 @@ import torch.nn.functional as F
 
 # "sdpa" lets PyTorch pick; the others pin SDPA kernels (for benchmarks). "flash", "efficient" and "math" are one
 # kernel each. "cudnn" prefers cuDNN and takes FlashAttention-2 for the shapes cuDNN declines (it has no kernel for a
-# single query token, i.e. the first scale); bench/e2e.py records which scales cuDNN took.
+# single query token, i.e. the first scale); bench/e2e.py records which scales cuDNN took. "engine" (the torch-cuda
+# engine's) is "cudnn" except for the smallest calls, which our dense Triton kernel runs (see ENGINE_SELF_MAX_Q).
 SDPA_KERNELS = ("flash", "cudnn", "efficient", "math")
-DENSE_BACKENDS = ("reference", "sdpa", *SDPA_KERNELS)
+DENSE_BACKENDS = ("reference", "sdpa", "engine", *SDPA_KERNELS)
+
+# Where cuDNN's fixed cost per call is most of the call, our dense Triton kernel is faster
+# (bench/results/small_scales_h200.json: Infinity-2B and 8B at 1024^2, per call inside a CUDA graph):
+# - self-attention of up to 144 query tokens per row (scales 0-5): 2.6-11.4 us, against cuDNN's 7.0-11.5 (FA2 5.5
+#   at the first scale, which cuDNN declines); from 256 tokens on cuDNN is faster;
+# - cross-attention over the 64-slot padded text for up to 1,024 query tokens (scales 0-9): 3.2-16.6 us, against
+#   cuDNN's 4.1-22.5 with the padding bias (the kernel reads each row's real text length instead).
+ENGINE_SELF_MAX_Q = 144
+ENGINE_CROSS_MAX_Q = 1024
+ENGINE_TILE = (64, 64)  # the tile measured there; fixed, as an autotuning pass cannot run inside a graph capture
 
 
 REFERENCE_SCORE_BYTES = 256 << 20  # fp32 scores held at once; the rest of the heads wait their turn
@@ -44,7 +55,19 @@ def _reference_attention(q, k, v, mask):
     return (scores.softmax(dim=-1) @ v.float()).to(q.dtype)
 
 
+def _engine_kernel_takes(q: torch.Tensor, max_q: int) -> bool:
+    from .kernels.csla import DTYPES, HAS_TRITON, HEAD_DIMS
+
+    return (HAS_TRITON and q.is_cuda and q.shape[2] <= max_q and q.dtype in DTYPES and q.shape[3] in HEAD_DIMS)
+
+
 def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = "sdpa") -> torch.Tensor:
+    if backend == "engine":
+        if _engine_kernel_takes(q, ENGINE_SELF_MAX_Q):
+            from .kernels.csla import dense_attention as triton_dense_attention
+
+            return triton_dense_attention(q, k, v, block_m=ENGINE_TILE[0], block_n=ENGINE_TILE[1])
+        backend = "cudnn"
     if backend == "sdpa":
         return F.scaled_dot_product_attention(q, k, v, scale=1.0)
     if backend == "reference":
@@ -57,6 +80,24 @@ def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: 
         with sdpa_kernel(kernels, set_priority=True):
             return F.scaled_dot_product_attention(q, k, v, scale=1.0)
     raise ValueError(f"unknown dense attention backend {backend!r}; expected one of {DENSE_BACKENDS}")
+
+
+def cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_bias: torch.Tensor,
+                    key_lens: torch.Tensor | None = None) -> torch.Tensor:
+    """Attention of q (B, H, Lq, D) over the text's k, v (B, H, L, D), padding masked by the additive key_bias
+    (B, 1, 1, L): 0 at real tokens, -inf at padding. key_lens (B,) int32 is the same mask as a count (the padding is
+    a suffix), for kernels that take lengths; unused here."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=key_bias)
+
+
+def engine_cross_attention(q, k, v, key_bias, key_lens=None) -> torch.Tensor:
+    """cross_attention for the torch-cuda engine: our dense kernel over each row's real text (key_lens) up to
+    ENGINE_CROSS_MAX_Q query tokens, cuDNN (through SDPA) above."""
+    if key_lens is not None and _engine_kernel_takes(q, ENGINE_CROSS_MAX_Q):
+        from .kernels.csla import dense_attention as triton_dense_attention
+
+        return triton_dense_attention(q, k, v, block_m=ENGINE_TILE[0], block_n=ENGINE_TILE[1], kv_lens=key_lens)
+    return cross_attention(q, k, v, key_bias)
 
 
 def self_attention(q, k, v, *, layer: int, scale: int, plan=None, backend: str = "sdpa") -> torch.Tensor:

@@ -32,7 +32,7 @@ class _Graphs:
 
 
 class CudaGraphRunner:
-    def __init__(self, model: Infinity, schedule: Schedule, plan=None, use_graphs: bool = True, backend: str = "cudnn",
+    def __init__(self, model: Infinity, schedule: Schedule, plan=None, use_graphs: bool = True, backend: str = "engine",
                  fuse_pointwise: bool = True, fp8_min_tokens: int | None = None):
         self.model, self.schedule, self.plan, self.use_graphs, self.backend = model, schedule, plan, use_graphs, backend
         self.device = model.pos_start.device
@@ -167,7 +167,7 @@ class GraphedDecoder:
 
 
 def _text_tensors(t: TextCondition) -> list[torch.Tensor]:
-    return [t.cond, t.ada, t.sos, t.key_bias, *t.k, *t.v]
+    return [t.cond, t.ada, t.sos, t.key_bias, *t.k, *t.v, t.key_lens]
 
 
 def load_cuda_engine(engine_dir: str, manifest: dict):

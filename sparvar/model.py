@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .attention import self_attention
+from .attention import cross_attention, self_attention
 from .config import InfinityConfig
 from .schedule import Schedule
 
@@ -185,6 +185,7 @@ class BlockOps:
     ffn: object = ffn
     qkv_bias: object = qkv_bias  # functions of the weights only (see frozen_weight_functions)
     temperature: object = temperature
+    cross_attention: object = cross_attention
 
 
 EAGER = BlockOps()
@@ -231,15 +232,16 @@ class CrossAttention(nn.Module):
         k, v = kv.view(B, L, 2, self.heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         return k, v
 
-    def forward(self, x, k, v, key_bias, ops: BlockOps = EAGER):
-        """x (B, n, C) (ignored when pooling), k/v (B, H, L, D), key_bias (B, 1, 1, L): 0 = real token, -inf = pad."""
+    def forward(self, x, k, v, key_bias, ops: BlockOps = EAGER, key_lens=None):
+        """x (B, n, C) (ignored when pooling), k/v (B, H, L, D), key_bias (B, 1, 1, L): 0 = real token, -inf = pad;
+        key_lens None or (B,) int32, the same mask as counts of real tokens."""
         if isinstance(self.mat_q, nn.Parameter):
             B, n = k.shape[0], 1
             q = self.mat_q.to(k.dtype).unsqueeze(2).expand(B, -1, -1, -1)  # (B, H, 1, D)
         else:
             B, n, _ = x.shape
             q = ops.linear(self.mat_q, x).view(B, n, self.heads, self.head_dim).transpose(1, 2)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=key_bias)
+        out = ops.cross_attention(q, k, v, key_bias, key_lens)
         return ops.linear(self.proj, out.transpose(1, 2).reshape(B, n, -1))
 
 
@@ -265,14 +267,14 @@ class Block(nn.Module):
         self.ffn = FFN(C, cfg.mlp_dim)
 
     def forward(self, x, ada, text_k, text_v, text_bias, rope, kv, layer, scale, plan=None, backend="sdpa",
-                ops: BlockOps = EAGER):
+                ops: BlockOps = EAGER, text_lens=None):
         """ada (B, 1, 6, C) fp32: this block's AdaLN vectors, the shared output plus `ada_gss` (Infinity.encode_text)."""
         # official chunk order of the 6 AdaLN vectors; each (B, 1, C) in fp32
         gamma1, gamma2, scale1, scale2, shift1, shift2 = ada.unbind(2)
         h = ops.modulate(x, scale1, shift1, self.eps)
         x, c = ops.residual_layer_norm(x, self.sa(h, rope, kv, layer, scale, plan, backend, ops), gamma1,
                                        self.ca_norm.weight, self.ca_norm.bias, self.ca_norm.eps)
-        x, h = ops.residual_modulate(x, self.ca(c, text_k, text_v, text_bias, ops), scale2, shift2, self.eps)
+        x, h = ops.residual_modulate(x, self.ca(c, text_k, text_v, text_bias, ops, text_lens), scale2, shift2, self.eps)
         return ops.gated_residual(x, self.ffn(h, ops), gamma2)
 
 
@@ -289,6 +291,7 @@ class TextCondition:
     key_bias: torch.Tensor  # (B, 1, 1, L) in the model's dtype: 0 where the text token is real, -inf at padding
     k: list[torch.Tensor]  # per layer (B, H, L, D) cross-attention keys
     v: list[torch.Tensor]  # per layer (B, H, L, D) cross-attention values
+    key_lens: torch.Tensor | None = None  # (B,) int32 real text tokens per row: key_bias as counts (padding is a suffix)
 
     @property
     def batch(self) -> int:
@@ -377,7 +380,8 @@ class Infinity(nn.Module):
         text_ca = self.text_proj_for_ca(text)
         ks, vs = zip(*(blk.ca.text_kv(text_ca) for blk in self.blocks))
         sos = (cond.unsqueeze(1) + self.pos_start.float()).to(self.pos_start.dtype)
-        return TextCondition(cond=cond, ada=ada, sos=sos, key_bias=key_bias, k=list(ks), v=list(vs))
+        return TextCondition(cond=cond, ada=ada, sos=sos, key_bias=key_bias, k=list(ks), v=list(vs),
+                             key_lens=real.sum(-1, dtype=torch.int32))
 
     # ------------------------------------------------------------------------------------------- steps
     def new_cache(self, batch: int, schedule: Schedule) -> KVCache:
@@ -401,7 +405,7 @@ class Infinity(nn.Module):
         x = tokens + self.lvl_embed.weight[scale].to(tokens.dtype)
         for layer, block in enumerate(self.blocks):
             x = block(x, text.ada[layer], text.k[layer], text.v[layer], text.key_bias, rope, kv, layer, scale, plan,
-                      backend, ops)
+                      backend, ops, text.key_lens)
         return self.head(self.head_nm(x.float(), text.cond))
 
     def forward_all_scales(self, inputs: list[torch.Tensor], text: TextCondition, schedule: Schedule) -> list[torch.Tensor]:

@@ -375,3 +375,25 @@ def test_attention_outputs_follow_a_token_major_q():
     torch.testing.assert_close(out.float(), reference_attention(q, k, v).float(), atol=2e-2, rtol=2e-2)
     contiguous = kernels.dense_attention(q.contiguous(), k, v)
     assert contiguous.is_contiguous() and torch.equal(contiguous, out)
+
+
+def test_engine_attention_for_the_smallest_calls_matches_sdpa():
+    """The torch-cuda engine's dense attention ("engine": our kernel up to ENGINE_SELF_MAX_Q queries, cuDNN above)
+    and its cross-attention (our kernel over each row's real text, up to ENGINE_CROSS_MAX_Q queries) against SDPA
+    with the padding bias; CFG rows with different text lengths, one of them a whole tile."""
+    import math
+
+    from sparvar.attention import ENGINE_CROSS_MAX_Q, cross_attention, dense_attention, engine_cross_attention
+
+    for q_len in (1, 36, 144, 576, ENGINE_CROSS_MAX_Q):
+        q = projected_q(4, 16, q_len, 128, torch.bfloat16)
+        k, v = cache_view(4, 16, 265, 128, torch.bfloat16), cache_view(4, 16, 265, 128, torch.bfloat16)
+        torch.testing.assert_close(dense_attention(q, k, v, "engine").float(),
+                                   reference_attention(q, k, v).float(), atol=2e-2, rtol=2e-2)
+        text_k, text_v = (torch.randn(4, 16, 64, 128, device=DEV, dtype=torch.bfloat16) for _ in range(2))
+        lens = torch.tensor([7, 64, 1, 30], device=DEV, dtype=torch.int32)
+        real = torch.arange(64, device=DEV)[None, :] < lens[:, None]
+        bias = torch.zeros(4, 64, device=DEV, dtype=torch.bfloat16).masked_fill(~real, -math.inf)[:, None, None, :]
+        got = engine_cross_attention(q, text_k, text_v, bias, lens)
+        assert not got.isnan().any()
+        torch.testing.assert_close(got.float(), cross_attention(q, text_k, text_v, bias).float(), atol=2e-2, rtol=2e-2)

@@ -112,6 +112,7 @@ def test_cfg_rows_use_learned_uncond_with_prompt_length():
     feats = torch.randn(1, 5, TINY.text_dim)
     t = model.encode_text(feats, torch.tensor([3]), cfg_guidance=True)
     assert t.batch == 2 and (t.key_bias[:, 0, 0] == 0).tolist() == [[True] * 3 + [False] * 2] * 2
+    assert t.key_lens.dtype == torch.int32 and t.key_lens.tolist() == [3, 3]  # the same mask, as counts
     # padding positions must not influence anything
     feats2 = feats.clone()
     feats2[:, 3:] = 100.0

@@ -342,6 +342,7 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 def triton_block_ops():
     """These kernels as the model's BlockOps (see sparvar.model): what the torch-cuda engine runs."""
+    from sparvar.attention import engine_cross_attention
     from sparvar.model import BlockOps, KVCache, linear
 
     def modulate(x, scale, shift, eps):
@@ -366,7 +367,8 @@ def triton_block_ops():
         return linear(fc2, linear_gelu_epilogue(fc1, x))
 
     return BlockOps(modulate=modulate, gated_residual=gated_residual, residual_layer_norm=residual_layer_norm,
-                    residual_modulate=residual_modulate, attention_inputs=attention_inputs, ffn=ffn)
+                    residual_modulate=residual_modulate, attention_inputs=attention_inputs, ffn=ffn,
+                    cross_attention=engine_cross_attention)
 
 
 def triton_quantizing_norms():
