@@ -70,9 +70,8 @@ class Conv(nn.Module):
         self.conv = nn.Conv2d(c_in, c_out, kernel_size, padding=kernel_size // 2)
 
     def forward(self, x, bias: bool = True):
-        """bias=False leaves the bias out: the caller folds it into the pass that reads the output next (cuDNN
-        convolutions in torch add a bias as a separate full pass over the output)."""
-        return F.conv2d(x, self.conv.weight, self.conv.bias if bias else None, padding=self.conv.padding)
+        """bias=False leaves the bias out (see conv_without_bias)."""
+        return self.conv(x) if bias else conv_without_bias(self.conv, x)
 
 
 def split_group_norm(x: torch.Tensor, norm: nn.GroupNorm) -> torch.Tensor:
@@ -154,24 +153,61 @@ def _upsample_nearest_2x(x: torch.Tensor) -> torch.Tensor:
     return upsample_nearest_2x_reference(x)
 
 
+# --- the decoder's passes as functions of plain nn modules, shared with HART's tokenizer (sparvar/hart/tokenizer.py),
+# whose official checkpoint names the same modules without the wrappers.
+
+
+def conv_without_bias(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """conv(x) without its bias: the caller folds the bias into the pass that reads the output next (torch's cuDNN
+    convolution adds a bias as a separate full pass over the output)."""
+    return F.conv2d(x, conv.weight, None, conv.stride, conv.padding)
+
+
+def norm_silu(norm: nn.GroupNorm, x: torch.Tensor, silu: bool = False, pre_bias: torch.Tensor | None = None):
+    """GroupNorm of x + pre_bias (per channel: a convolution's bias left pending), then SiLU when `silu`: the
+    decoder's F.silu(norm(conv(...))) as one call, which the Triton path fuses (the pre-bias added in fp32, SiLU on
+    the fp32 normalised value, one rounding where eager rounds up to three times: closer to the fp32 result, and
+    about one bf16 step from eager at most)."""
+    kernel = _kernel_for(x, norm.weight)
+    if kernel is not None:
+        return kernel(x, norm.weight, norm.bias, norm.num_groups, norm.eps, silu=silu, pre_bias=pre_bias)
+    if pre_bias is not None:
+        x = x + pre_bias.to(x.dtype).view(1, -1, 1, 1)
+    x = norm(x)
+    return F.silu(x) if silu else x
+
+
+def resnet_block(x: torch.Tensor, x_bias: torch.Tensor | None, norm1: nn.GroupNorm, conv1: nn.Conv2d,
+                 norm2: nn.GroupNorm, conv2: nn.Conv2d, shortcut: nn.Conv2d | None = None) -> torch.Tensor:
+    """x + conv2(silu(norm2(conv1(silu(norm1(x)))))), x through the 1x1 `shortcut` when the width changes.
+
+    No convolution here adds its own bias: conv1's goes into norm2, conv2's (and the shortcut's) into the residual
+    sum. `x_bias` is the previous convolution's bias, still to be added to x (see upsample_conv)."""
+    h = conv_without_bias(conv1, norm_silu(norm1, x, silu=True, pre_bias=x_bias))
+    h = conv_without_bias(conv2, norm_silu(norm2, h, silu=True, pre_bias=conv1.bias))
+    bias = conv2.bias.float()
+    if shortcut is not None:
+        bias = bias + shortcut.bias.float()
+        if x_bias is not None:  # a 1x1 convolution has no padding, so shortcut(x + b) = shortcut(x) + W b
+            bias = bias + shortcut.weight.flatten(1).float() @ x_bias.float()
+        x = conv_without_bias(shortcut, x)
+    elif x_bias is not None:
+        bias = bias + x_bias.float()
+    return _residual_add(x, h, bias)
+
+
+def upsample_conv(conv: nn.Conv2d, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """conv(nearest 2x upsample of x) without its bias, and that bias: the next block adds it in its first passes."""
+    return conv_without_bias(conv, _upsample_nearest_2x(x)), conv.bias
+
+
 class Norm(nn.Module):
     def __init__(self, channels: int):
         super().__init__()
         self.norm = nn.GroupNorm(norm_groups(channels), channels, eps=1e-6)
 
     def forward(self, x, silu: bool = False, pre_bias: torch.Tensor | None = None):
-        """GroupNorm of x + pre_bias (per channel: a convolution's bias left pending), then SiLU when `silu`: the
-        decoder's F.silu(norm(conv(...))) as one call, which the Triton path fuses (the pre-bias added in fp32, SiLU
-        on the fp32 normalised value, one rounding where eager rounds up to three times: closer to the fp32
-        result, and about one bf16 step from eager at most)."""
-        kernel = _kernel_for(x, self.norm.weight)
-        if kernel is not None:
-            return kernel(x, self.norm.weight, self.norm.bias, self.norm.num_groups, self.norm.eps, silu=silu,
-                          pre_bias=pre_bias)
-        if pre_bias is not None:
-            x = x + pre_bias.to(x.dtype).view(1, -1, 1, 1)
-        x = self.norm(x)
-        return F.silu(x) if silu else x
+        return norm_silu(self.norm, x, silu, pre_bias)
 
 
 class ResnetBlock(nn.Module):
@@ -185,22 +221,9 @@ class ResnetBlock(nn.Module):
             self.nin_shortcut = Conv(c_in, c_out, 1)
 
     def forward(self, x, x_bias: torch.Tensor | None = None):
-        """x + conv2(silu(norm2(conv1(silu(norm1(x)))))), x through nin_shortcut when the width changes.
-
-        No convolution here adds its own bias: conv1's goes into norm2, conv2's (and the shortcut's) into the
-        residual sum. `x_bias` is the previous convolution's bias, still to be added to x (see Upsample)."""
-        h = self.conv1(self.norm1(x, silu=True, pre_bias=x_bias), bias=False)
-        h = self.conv2(self.norm2(h, silu=True, pre_bias=self.conv1.conv.bias), bias=False)
-        bias = self.conv2.conv.bias.float()
-        if hasattr(self, "nin_shortcut"):
-            shortcut = self.nin_shortcut.conv
-            bias = bias + shortcut.bias.float()
-            if x_bias is not None:  # a 1x1 convolution has no padding, so nin(x + b) = nin(x) + W b
-                bias = bias + shortcut.weight.flatten(1).float() @ x_bias.float()
-            x = self.nin_shortcut(x, bias=False)
-        elif x_bias is not None:
-            bias = bias + x_bias.float()
-        return _residual_add(x, h, bias)
+        """See resnet_block; `x_bias` is the previous convolution's pending bias."""
+        shortcut = self.nin_shortcut.conv if hasattr(self, "nin_shortcut") else None
+        return resnet_block(x, x_bias, self.norm1.norm, self.conv1.conv, self.norm2.norm, self.conv2.conv, shortcut)
 
 
 class Upsample(nn.Module):
@@ -209,8 +232,7 @@ class Upsample(nn.Module):
         self.conv = Conv(channels, channels, 3)
 
     def forward(self, x):
-        """(the upsampled convolution without its bias, that bias): the next block adds it in its first passes."""
-        return self.conv(_upsample_nearest_2x(x), bias=False), self.conv.conv.bias
+        return upsample_conv(self.conv.conv, x)
 
 
 class UpLevel(nn.Module):

@@ -167,6 +167,22 @@ INTERPRETER_SCRIPT = textwrap.dedent('''
     assert sum(pending for _, pending in calls["norm"]) == blocks + 1 + ups, calls
     assert calls["add"] == blocks and calls["up"] == ups, calls
     err("decode", out, ref)
+
+    # HART's tokenizer decoder (official flat module names, attention blocks, NCHW: its upsampling stays torch's)
+    # through the same functions and kernels
+    from sparvar.hart.config import HART_VQ_TINY
+    from sparvar.hart.tokenizer import build_hart_vq
+    hart = build_hart_vq(HART_VQ_TINY, seed=1)
+    f_hat = torch.randn(1, HART_VQ_TINY.z_channels, 2, 3, generator=torch.Generator().manual_seed(1))
+    calls.update(norm=[], add=0, up=0)
+    with torch.no_grad():
+        V._fast_path = lambda x, weight: False
+        ref = hart.decode(f_hat)
+        V._fast_path = lambda x, weight: True
+        out = hart.decode(f_hat)
+    assert len(calls["norm"]) == sum(isinstance(m, torch.nn.GroupNorm) for m in hart.modules()), calls
+    assert calls["add"] == sum(type(m).__name__ == "ResnetBlock" for m in hart.modules()), calls
+    err("decode", out, ref)
     print("WORST", worst["fp32"], worst["fp16"], worst["decode"])
 ''')
 

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..checkpoint import CheckpointError, read_state_dict, select_state
+from ..vae import conv_without_bias, norm_silu, resnet_block, upsample_conv
 from .config import HartVQConfig
 
 GROUPS = 32  # the official Normalize: GroupNorm(32 groups, eps 1e-6) everywhere
@@ -199,10 +200,11 @@ class ResnetBlock(nn.Module):
         self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1)
         self.nin_shortcut = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()  # Identity: no keys
 
-    def forward(self, x):
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = self.conv2(F.silu(self.norm2(h)))
-        return self.nin_shortcut(x) + h
+    def forward(self, x, x_bias=None):
+        """sparvar.vae.resnet_block (conv biases folded into the next pass; `x_bias` the previous conv's pending
+        bias), on the official flat module names."""
+        shortcut = None if isinstance(self.nin_shortcut, nn.Identity) else self.nin_shortcut
+        return resnet_block(x, x_bias, self.norm1, self.conv1, self.norm2, self.conv2, shortcut)
 
 
 class AttnBlock(nn.Module):
@@ -216,7 +218,7 @@ class AttnBlock(nn.Module):
 
     def forward(self, x):
         B, C, H, W = x.shape
-        q, k, v = self.qkv(self.norm(x)).reshape(B, 3, C, H * W).transpose(2, 3).unbind(1)  # (B, HW, C) each
+        q, k, v = self.qkv(norm_silu(self.norm, x)).reshape(B, 3, C, H * W).transpose(2, 3).unbind(1)  # (B, HW, C) each
         h = F.scaled_dot_product_attention(q[:, None], k[:, None], v[:, None])[:, 0]  # (B, HW, C)
         return x + self.proj_out(h.transpose(1, 2).reshape(B, C, H, W))
 
@@ -227,7 +229,8 @@ class Upsample2x(nn.Module):
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x):
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        """(the upsampled convolution without its bias, that bias): see sparvar.vae.upsample_conv."""
+        return upsample_conv(self.conv, x)
 
 
 class UpLevel(nn.Module):
@@ -241,12 +244,13 @@ class UpLevel(nn.Module):
         if upsample:
             self.upsample = Upsample2x(c_out)
 
-    def forward(self, x):
+    def forward(self, x, x_bias=None):
+        """(output, its pending bias or None): the upsampling convolution's bias stays pending."""
         for i, blk in enumerate(self.block):
-            x = blk(x)
+            x = blk(x, x_bias if i == 0 else None)
             if len(self.attn):
                 x = self.attn[i](x)
-        return self.upsample(x) if hasattr(self, "upsample") else x
+        return self.upsample(x) if hasattr(self, "upsample") else (x, None)
 
 
 class Mid(nn.Module):
@@ -256,8 +260,8 @@ class Mid(nn.Module):
         self.attn_1 = AttnBlock(channels)
         self.block_2 = ResnetBlock(channels, channels)
 
-    def forward(self, x):
-        return self.block_2(self.attn_1(self.block_1(x)))
+    def forward(self, x, x_bias=None):
+        return self.block_2(self.attn_1(self.block_1(x, x_bias)))
 
 
 class Decoder(nn.Module):
@@ -277,10 +281,11 @@ class Decoder(nn.Module):
         self.conv_out = nn.Conv2d(ch * mult[0], 3, 3, padding=1)
 
     def forward(self, z):
-        h = self.mid(self.conv_in(z))  # (B, ch*mult[-1], h, w)
+        h = self.mid(conv_without_bias(self.conv_in, z), self.conv_in.bias)  # (B, ch*mult[-1], h, w)
+        pending = None  # the bias of the last convolution, not yet added to h
         for level in reversed(self.up):
-            h = level(h)  # doubles H, W at every level but 0
-        return self.conv_out(F.silu(self.norm_out(h)))  # (B, 3, h*stride, w*stride)
+            h, pending = level(h, pending)  # doubles H, W at every level but 0
+        return self.conv_out(norm_silu(self.norm_out, h, silu=True, pre_bias=pending))  # (B, 3, h*stride, w*stride)
 
 
 class HartVQDecoder(nn.Module):
