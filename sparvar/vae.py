@@ -69,9 +69,8 @@ class Conv(nn.Module):
         super().__init__()
         self.conv = nn.Conv2d(c_in, c_out, kernel_size, padding=kernel_size // 2)
 
-    def forward(self, x, bias: bool = True):
-        """bias=False leaves the bias out (see conv_without_bias)."""
-        return self.conv(x) if bias else conv_without_bias(self.conv, x)
+    def forward(self, x):
+        return self.conv(x)
 
 
 def split_group_norm(x: torch.Tensor, norm: nn.GroupNorm) -> torch.Tensor:
@@ -282,7 +281,7 @@ class ConvDecoder(nn.Module):
         self.conv_out = Conv(ch * mult[0], 3, 3)
 
     def forward(self, z):
-        h = self.mid(self.conv_in(z, bias=False), self.conv_in.conv.bias)  # (B, ch*mult[-1], H, W)
+        h = self.mid(conv_without_bias(self.conv_in.conv, z), self.conv_in.conv.bias)  # (B, ch*mult[-1], H, W)
         pending = None  # the bias of the last convolution, not yet added to h
         for level in reversed(self.up):
             h, pending = level(h, pending)  # doubles H, W at levels 1..log2(patch)

@@ -212,6 +212,38 @@ if HAS_TRITON:
                                          key=["HEAD_DIM", "BLOCK_M", "q_len", "kv_len", "group_size"],
                                          prune_configs_by={"early_config_prune": _prune_cs4a})(_column_sums_kernel)
 
+    @triton.jit
+    def _upsample_cache_kernel(Src, Out, H, hs, ws, hd, wd, scale_h, scale_w,
+                               stride_sb, stride_sh, stride_sl, stride_ob, stride_oh, stride_ol,
+                               HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr):
+        """BLOCK_T raster tokens of the (hd, wd) grid for one (batch, head): bilinear (align_corners=False, as
+        torch's upsample_bilinear2d: source index max(scale * (dst + 0.5) - 0.5, 0), upper neighbour clamped),
+        weights and sums in fp32, one rounding."""
+        pid_bh = tl.program_id(1)
+        b = pid_bh // H
+        h = pid_bh % H
+        t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+        t_mask = (t < hd * wd)[:, None]
+        y = t // wd
+        x = t % wd
+        sy = tl.maximum((y.to(tl.float32) + 0.5) * scale_h - 0.5, 0.0)
+        sx = tl.maximum((x.to(tl.float32) + 0.5) * scale_w - 0.5, 0.0)
+        y0 = sy.to(tl.int32)  # floor: sy >= 0
+        x0 = sx.to(tl.int32)
+        ly = (sy - y0.to(tl.float32))[:, None]
+        lx = (sx - x0.to(tl.float32))[:, None]
+        y1 = tl.minimum(y0 + 1, hs - 1)
+        x1 = tl.minimum(x0 + 1, ws - 1)
+        d = tl.arange(0, HEAD_DIM)[None, :]
+        src = Src + b.to(tl.int64) * stride_sb + h * stride_sh + d
+        v00 = tl.load(src + (y0 * ws + x0)[:, None] * stride_sl, mask=t_mask, other=0.0).to(tl.float32)
+        v01 = tl.load(src + (y0 * ws + x1)[:, None] * stride_sl, mask=t_mask, other=0.0).to(tl.float32)
+        v10 = tl.load(src + (y1 * ws + x0)[:, None] * stride_sl, mask=t_mask, other=0.0).to(tl.float32)
+        v11 = tl.load(src + (y1 * ws + x1)[:, None] * stride_sl, mask=t_mask, other=0.0).to(tl.float32)
+        up = (1.0 - ly) * ((1.0 - lx) * v00 + lx * v01) + ly * ((1.0 - lx) * v10 + lx * v11)
+        out = Out + b.to(tl.int64) * stride_ob + h * stride_oh + t[:, None] * stride_ol + d
+        tl.store(out, up.to(Out.dtype.element_ty), mask=t_mask)
+
 
 def tuned_config(kernel: str) -> str | None:
     """The config the autotuner picked last for 'cs4a' or 'column_sums' (for benchmark reports)."""
@@ -273,42 +305,6 @@ def check_key_values(key_idx: torch.Tensor, kv_len: int, band_start: torch.Tenso
         raise ValueError(f"key_idx holds positions outside [0, {kv_len}): [{int(key_idx.min())}, {int(key_idx.max())}]")
     if band_start is not None and (int(band_start.min()) < 0 or int(band_start.max()) + band_len > kv_len):
         raise ValueError(f"bands [band_start, band_start + {band_len}) leave the KV cache of {kv_len} keys")
-
-
-
-if HAS_TRITON:
-
-    @triton.jit
-    def _upsample_cache_kernel(Src, Out, H, hs, ws, hd, wd, scale_h, scale_w,
-                               stride_sb, stride_sh, stride_sl, stride_ob, stride_oh, stride_ol,
-                               HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr):
-        """BLOCK_T raster tokens of the (hd, wd) grid for one (batch, head): bilinear (align_corners=False, as
-        torch's upsample_bilinear2d: source index max(scale * (dst + 0.5) - 0.5, 0), upper neighbour clamped),
-        weights and sums in fp32, one rounding."""
-        pid_bh = tl.program_id(1)
-        b = pid_bh // H
-        h = pid_bh % H
-        t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
-        t_mask = (t < hd * wd)[:, None]
-        y = t // wd
-        x = t % wd
-        sy = tl.maximum((y.to(tl.float32) + 0.5) * scale_h - 0.5, 0.0)
-        sx = tl.maximum((x.to(tl.float32) + 0.5) * scale_w - 0.5, 0.0)
-        y0 = sy.to(tl.int32)  # floor: sy >= 0
-        x0 = sx.to(tl.int32)
-        ly = (sy - y0.to(tl.float32))[:, None]
-        lx = (sx - x0.to(tl.float32))[:, None]
-        y1 = tl.minimum(y0 + 1, hs - 1)
-        x1 = tl.minimum(x0 + 1, ws - 1)
-        d = tl.arange(0, HEAD_DIM)[None, :]
-        src = Src + b.to(tl.int64) * stride_sb + h * stride_sh + d
-        v00 = tl.load(src + (y0 * ws + x0)[:, None] * stride_sl, mask=t_mask, other=0.0).to(tl.float32)
-        v01 = tl.load(src + (y0 * ws + x1)[:, None] * stride_sl, mask=t_mask, other=0.0).to(tl.float32)
-        v10 = tl.load(src + (y1 * ws + x0)[:, None] * stride_sl, mask=t_mask, other=0.0).to(tl.float32)
-        v11 = tl.load(src + (y1 * ws + x1)[:, None] * stride_sl, mask=t_mask, other=0.0).to(tl.float32)
-        up = (1.0 - ly) * ((1.0 - lx) * v00 + lx * v01) + ly * ((1.0 - lx) * v10 + lx * v11)
-        out = Out + b.to(tl.int64) * stride_ob + h * stride_oh + t[:, None] * stride_ol + d
-        tl.store(out, up.to(Out.dtype.element_ty), mask=t_mask)
 
 
 # ------------------------------------------------------------------------------------------------ launches
