@@ -96,7 +96,9 @@ def engine_cross_attention(q, k, v, key_bias, key_lens=None) -> torch.Tensor:
     if key_lens is not None and _engine_kernel_takes(q, ENGINE_CROSS_MAX_Q):
         from .kernels.csla import dense_attention as triton_dense_attention
 
-        return triton_dense_attention(q, k, v, block_m=ENGINE_TILE[0], block_n=ENGINE_TILE[1], kv_lens=key_lens)
+        # cross-attention keeps SDPA's default softmax scale, 1/sqrt(D) (only self-attention's q carries its own)
+        return triton_dense_attention(q, k, v, scale=q.shape[-1] ** -0.5, block_m=ENGINE_TILE[0],
+                                      block_n=ENGINE_TILE[1], kv_lens=key_lens)
     return cross_attention(q, k, v, key_bias)
 
 

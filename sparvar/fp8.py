@@ -21,6 +21,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .model import block_linears
+
 FP8 = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8).max)  # 448
 MIN_AMAX = 1e-12  # an all-zero row quantises to zeros with a tiny scale instead of dividing by zero
@@ -97,7 +99,7 @@ class Fp8Linears:
         self.quantizing = quantizing if quantizing is not None else _QuantizeAfter(base)
         self.weights: dict[nn.Module, Fp8Weight] = {}
         for block in model.blocks:
-            for layer in (block.sa.mat_qkv, block.sa.proj, block.ca.mat_q, block.ca.proj, block.ffn.fc1, block.ffn.fc2):
+            for layer in block_linears(block):
                 if layer.weight.shape[1] % 16 or layer.weight.shape[0] % 16:
                     raise ValueError(f"FP8 GEMMs need dimensions divisible by 16, got a {tuple(layer.weight.shape)} linear")
                 self.weights[layer] = Fp8Weight.of(layer.weight)

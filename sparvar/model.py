@@ -165,6 +165,11 @@ def frozen_weight_functions(attentions, functions=(qkv_bias, temperature)) -> di
     return {f.__name__: table.__getitem__ for f, table in tables.items()}
 
 
+def block_linears(block) -> tuple[nn.Linear, ...]:
+    """An Infinity block's linears in the order a step runs them (what FP8 quantises, what the engine prefetches)."""
+    return block.sa.mat_qkv, block.sa.proj, block.ca.mat_q, block.ca.proj, block.ffn.fc1, block.ffn.fc2
+
+
 def ffn(fc1: nn.Linear, fc2: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     """The block's MLP, fc2(gelu_tanh(fc1(x))): one op, so that an engine can fuse across the hidden activation."""
     return linear(fc2, linear_gelu(fc1, x))
