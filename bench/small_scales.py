@@ -72,6 +72,15 @@ def triton_dense(q, k, v, bias=None):
     return dense_attention(q, k, v, block_m=64, block_n=64)
 
 
+def triton_dense_lens(lens):
+    """The engine's cross-attention kernel call (sparvar.attention.engine_cross_attention): each row's real text."""
+    def run(q, k, v, bias=None):
+        from sparvar.kernels.csla import dense_attention
+
+        return dense_attention(q, k, v, scale=q.shape[-1] ** -0.5, block_m=64, block_n=64, kv_lens=lens)
+    return run
+
+
 def attention_rows(model: str, scales, calls: int) -> list[dict]:
     m = MODELS[model]
     H, D, B = m["heads"], m["width"] // m["heads"], 2
@@ -84,14 +93,18 @@ def attention_rows(model: str, scales, calls: int) -> list[dict]:
                     for _ in range(4)]
             bias = torch.zeros(B, 1, 1, lk, device="cuda", dtype=torch.bfloat16)
             bias[1, ..., 1:] = float("-inf")  # the unconditional row: one real token
+            lens = torch.tensor([lk, 1], device="cuda", dtype=torch.int32)  # the same mask as the bias
             row = {"model": model, "scale": s, "kind": kind, "q_len": n, "kv_len": lk, "heads": H, "batch": B}
-            for name, fn in (("cudnn", sdpa("cudnn")), ("flash", sdpa("flash")), ("efficient", sdpa("efficient")),
-                             ("triton_dense", triton_dense)):
+            candidates = [("cudnn", sdpa("cudnn")), ("flash", sdpa("flash")), ("efficient", sdpa("efficient")),
+                          ("triton_dense", triton_dense)]
+            if kind == "cross":
+                candidates.append(("triton_dense_lens", triton_dense_lens(lens)))
+            for name, fn in candidates:
                 use_bias = kind == "cross" and name in ("cudnn", "efficient")
                 try:
                     row[f"{name}_us"] = graph_us(lambda i: (lambda t=sets[i % 4]: fn(*t, bias if use_bias else None)),
                                                  calls)
-                    if kind == "cross" and not use_bias:
+                    if kind == "cross" and name in ("flash", "triton_dense"):
                         row[f"{name}_note"] = "no bias (the padding mask): time only"
                 except Exception as e:  # a backend that declines the shape
                     row[f"{name}_us"] = None
