@@ -76,26 +76,21 @@ def cudnn_acceptance(cfg, schedule) -> dict:
 
 
 def rows_for(model_name: str):
-    """(row name, attention, runner kind, sdpa backend, skip_last, fp8 linears, weight prefetch)"""
+    """(row name, attention, runner kind, sdpa backend, skip_last, fp8 linears)"""
+    rows = [
+        ("dense eager, SDPA FlashAttention-2", "dense", "eager", "flash", 0, False),
+        ("dense eager, SDPA cuDNN", "dense", "eager", "cudnn", 0, False),
+        # the engines' dense attention: cuDNN, our Triton kernel for the smallest calls (sparvar.attention "engine")
+        ("dense engine (CUDA graphs, cuDNN)", "dense", "graphs", "engine", 0, False),
+        ("SparVAR engine (CUDA graphs, Triton kernels)", "sparvar", "graphs", "engine", 0, False),
+        ("SparVAR engine + skip last 2", "sparvar", "graphs", "engine", 2, False),
+        ("dense engine + skip last 2", "dense", "graphs", "engine", 2, False),
+    ]
     from sparvar.config import get_config
 
-    infinity = getattr(get_config(model_name), "family", "infinity") == "infinity"
-    prefetch = infinity  # the small scales' weight prefetch (sparvar.cuda_engine.WeightPrefetcher): Infinity's engine
-    rows = [
-        ("dense eager, SDPA FlashAttention-2", "dense", "eager", "flash", 0, False, False),
-        ("dense eager, SDPA cuDNN", "dense", "eager", "cudnn", 0, False, False),
-        # the engines' dense attention: cuDNN, our Triton kernel for the smallest calls (sparvar.attention "engine")
-        ("dense engine (CUDA graphs, cuDNN)", "dense", "graphs", "engine", 0, False, prefetch),
-        ("SparVAR engine (CUDA graphs, Triton kernels)", "sparvar", "graphs", "engine", 0, False, prefetch),
-        ("SparVAR engine + skip last 2", "sparvar", "graphs", "engine", 2, False, prefetch),
-        ("dense engine + skip last 2", "dense", "graphs", "engine", 2, False, prefetch),
-    ]
-    if infinity:
-        rows += [("dense engine, no weight prefetch", "dense", "graphs", "engine", 0, False, False),  # side by side
-                 ("SparVAR engine, no weight prefetch", "sparvar", "graphs", "engine", 0, False, False),
-                 # opt-in precision: its own rows
-                 ("dense engine, FP8 linears", "dense", "graphs", "engine", 0, True, True),
-                 ("SparVAR engine, FP8 linears", "sparvar", "graphs", "engine", 0, True, True)]
+    if getattr(get_config(model_name), "family", "infinity") == "infinity":  # opt-in precision: its own rows
+        rows += [("dense engine, FP8 linears", "dense", "graphs", "engine", 0, True),
+                 ("SparVAR engine, FP8 linears", "sparvar", "graphs", "engine", 0, True)]
     return rows
 
 
@@ -116,9 +111,9 @@ def family_parts(cfg, schedule, device):
         features, mask = hashed_hart_embeddings([PROMPT], cfg)
         runners = {"eager": HartTorchRunner, "graphs": HartCudaGraphRunner}
         return (model, decoder, features, mask, HartSampling(),
-                lambda kind, plan, backend, fp8, prefetch: runners[kind](model, schedule, plan, backend=backend),
+                lambda kind, plan, backend, fp8: runners[kind](model, schedule, plan, backend=backend),
                 lambda runner, skip: HartPipeline(cfg, schedule, runner, decoder, random_weights=True, skip_last=skip))
-    from sparvar.cuda_engine import PREFETCH_MAX_ROWS, CudaGraphRunner, GraphedDecoder
+    from sparvar.cuda_engine import CudaGraphRunner, GraphedDecoder
     from sparvar.generate import Sampling, TorchRunner
     from sparvar.pipeline import Pipeline, build_decoder
     from sparvar.text import hashed_embeddings
@@ -128,10 +123,9 @@ def family_parts(cfg, schedule, device):
     features, lengths = hashed_embeddings([PROMPT], cfg.text_dim, cfg.text_maxlen)
     from sparvar.fp8 import DEFAULT_MIN_TOKENS
 
-    def make_runner(kind, plan, backend, fp8, prefetch):
+    def make_runner(kind, plan, backend, fp8):
         if kind == "graphs":
-            return CudaGraphRunner(model, schedule, plan, backend=backend, fp8_min_tokens=DEFAULT_MIN_TOKENS if fp8 else None,
-                                   prefetch_max_rows=PREFETCH_MAX_ROWS if prefetch else None)
+            return CudaGraphRunner(model, schedule, plan, backend=backend, fp8_min_tokens=DEFAULT_MIN_TOKENS if fp8 else None)
         return TorchRunner(model, schedule, plan, backend=backend)
 
     return (model, decoder, features, lengths, Sampling(cfg=4.0, tau=1.0, top_p=0.97), make_runner,
@@ -150,9 +144,9 @@ def bench_model(model_name: str, resolution: int, warmup: int, runs: int, rows=N
     torch.cuda.reset_peak_memory_stats()
     model, decoder, features, lengths, sampling, make_runner, make_pipeline = family_parts(cfg, schedule, device)
     results = []
-    for name, attention, kind, backend, skip, fp8, prefetch in rows or rows_for(model_name):
+    for name, attention, kind, backend, skip, fp8 in rows or rows_for(model_name):
         plan = make_plan(cfg, schedule, attention, backend="triton")
-        runner = make_runner(kind, plan, backend, fp8, prefetch)
+        runner = make_runner(kind, plan, backend, fp8)
         pipe = make_pipeline(runner, skip)
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -167,7 +161,6 @@ def bench_model(model_name: str, resolution: int, warmup: int, runs: int, rows=N
             torch.cuda.empty_cache()
             continue
         row = {"row": name, "attention": attention, "runner": kind, "sdpa_backend": backend, "skip_last": skip, "fp8": fp8,
-               "weight_prefetch": prefetch,
                **timing, "per_scale_ms": per_scale, "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30,
                "bench_seconds": time.perf_counter() - t0}
         print(f"{model_name:12s} {name:48s} {timing['median_ms']:8.1f} ms  (peak {row['peak_memory_gib']:.1f} GiB)", flush=True)

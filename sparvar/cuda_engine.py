@@ -16,15 +16,10 @@ import dataclasses
 
 import torch
 
-from .model import EAGER, Infinity, TextCondition, block_linears, frozen_weight_functions, rope_tables
+from .model import EAGER, Infinity, TextCondition, frozen_weight_functions, rope_tables
 from .schedule import Schedule
 
 TEXT_BUCKET = 64  # text lengths are padded up to a multiple of this (masked), so few graph sets are needed
-# Weight prefetch (WeightPrefetcher): GEMMs of up to this many rows read mostly weights (2B qkv at 512 rows is
-# 13 GFLOP for 24 MB: compute-bound from a few hundred rows on), and weights of up to this many bytes fit in the
-# H200's 50 MB L2 beside the weights being read.
-PREFETCH_MAX_ROWS = 512
-PREFETCH_MAX_BYTES = 32 << 20
 
 
 class _Graphs:
@@ -38,8 +33,7 @@ class _Graphs:
 
 class CudaGraphRunner:
     def __init__(self, model: Infinity, schedule: Schedule, plan=None, use_graphs: bool = True, backend: str = "engine",
-                 fuse_pointwise: bool = True, fp8_min_tokens: int | None = None,
-                 prefetch_max_rows: int | None = PREFETCH_MAX_ROWS):
+                 fuse_pointwise: bool = True, fp8_min_tokens: int | None = None):
         self.model, self.schedule, self.plan, self.use_graphs, self.backend = model, schedule, plan, use_graphs, backend
         self.device = model.pos_start.device
         if use_graphs and (not torch.cuda.is_available() or self.device.type != "cuda"):
@@ -55,12 +49,6 @@ class CudaGraphRunner:
             self.ops = triton_block_ops()
         else:
             self.ops = EAGER
-        # small scales: the next linear's weights are loaded into L2 beside the chain of small kernels (None: off)
-        self.prefetcher = None
-        if prefetch_max_rows is not None:
-            self.prefetcher = WeightPrefetcher([layer for block in model.blocks for layer in block_linears(block)],
-                                               prefetch_max_rows)
-            self.ops = self.prefetcher.wrap(self.ops)
         if fp8_min_tokens is not None:  # FP8 linears at scales of at least this many tokens (sparvar/fp8.py)
             from .fp8 import with_fp8_linears
 
@@ -114,10 +102,7 @@ class CudaGraphRunner:
         def run(scale):
             cache.offset = schedule.offsets[scale]
             tokens = model.scale_input(scale, codes[scale], text)
-            logits = model.step(tokens, scale, text, cache, self.ropes[scale], self.plan, self.backend, self.ops)
-            if self.prefetcher is not None:
-                self.prefetcher.join()  # a captured side stream must rejoin before the capture ends
-            return logits
+            return model.step(tokens, scale, text, cache, self.ropes[scale], self.plan, self.backend, self.ops)
 
         if not self.use_graphs:
             return _Graphs(features, lengths, None, text, cache, codes, [run], [])
@@ -135,71 +120,6 @@ class CudaGraphRunner:
             g.codes[scale].copy_(codes)
         g.graphs[scale].replay()
         return g.logits[scale]
-
-
-def next_weights(order, max_bytes: int) -> dict:
-    """{linear: the weight of the linear after it in `order`} for the weights of at most `max_bytes` bytes."""
-    return {layer: after.weight for layer, after in zip(order, order[1:])
-            if after.weight.numel() * after.weight.element_size() <= max_bytes}
-
-
-class WeightPrefetcher:
-    """At the small scales, each block linear's launch also starts loading the *next* linear's weights into L2, on
-    a side stream (sparvar/kernels/prefetch.py says why): that load overlaps the current GEMM and the norm and
-    attention kernels after it, which leave HBM idle, and the next GEMM reads its weights from L2.
-
-    `order`: the linears in the order a step runs them. Only GEMMs of at most `max_rows` rows prefetch (larger
-    ones are compute-bound), only weights of at most `max_bytes` (larger ones would evict themselves). The side
-    stream only reads weights and writes its own sink, so the results are those without it; `join()` makes the
-    current stream wait for it (a CUDA graph capture needs every forked stream joined)."""
-
-    def __init__(self, order, max_rows: int = PREFETCH_MAX_ROWS, max_bytes: int = PREFETCH_MAX_BYTES):
-        from .kernels.prefetch import prefetch_programs
-
-        if max_rows < 1:
-            raise ValueError(f"max_rows must be >= 1, got {max_rows}")
-        self.next, self.max_rows = next_weights(order, max_bytes), max_rows
-        device = order[0].weight.device
-        if device.type != "cuda":
-            raise RuntimeError(f"weight prefetch needs the model on a CUDA GPU, it is on {device} "
-                               "(CudaGraphRunner(prefetch_max_rows=None) runs without it)")
-        self.stream = torch.cuda.Stream(device)
-        programs = max((prefetch_programs(w.numel()) for w in self.next.values()), default=1)
-        self.sink = torch.empty(programs, dtype=torch.float32, device=device)
-        self.pending = False
-
-    def before(self, layer, x: torch.Tensor) -> None:
-        """A GEMM of `layer` on `x` is being launched on the current stream: prefetch the next weight beside it."""
-        weight = self.next.get(layer)
-        if weight is None or x.numel() // x.shape[-1] > self.max_rows:
-            return
-        from .kernels.prefetch import l2_prefetch
-
-        self.stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(self.stream):
-            l2_prefetch(weight, self.sink)
-        self.pending = True
-
-    def join(self) -> None:
-        if self.pending:
-            torch.cuda.current_stream().wait_stream(self.stream)
-            self.pending = False
-
-    def wrap(self, ops):
-        """`ops` (a sparvar.model.BlockOps) whose linears and FFN prefetch; the FFN is one op, so both of its
-        prefetches (fc2's weights, then the next block's first linear's) are queued at its start."""
-        base = ops
-
-        def linear(layer, x, bias=None):
-            self.before(layer, x)
-            return base.linear(layer, x, bias)
-
-        def ffn(fc1, fc2, x):
-            self.before(fc1, x)
-            self.before(fc2, x)
-            return base.ffn(fc1, fc2, x)
-
-        return dataclasses.replace(ops, linear=linear, ffn=ffn)
 
 
 def capture_scales(run, num_scales: int, pool) -> tuple[list, list]:

@@ -6,7 +6,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from sparvar.config import get_config
-from sparvar.cuda_engine import PREFETCH_MAX_ROWS, CudaGraphRunner
+from sparvar.cuda_engine import CudaGraphRunner
 from sparvar.generate import Sampling, TorchRunner, generate
 from sparvar.model import build_model
 from sparvar.pipeline import build_decoder, make_plan
@@ -34,8 +34,7 @@ def _pair(attention, device="cpu", use_graphs=False, dtype=torch.float32, fuse=F
     plan_a = make_plan(CFG, schedule, attention, backend="reference")
     plan_b = make_plan(CFG, schedule, attention, backend="reference")
     return (TorchRunner(model, schedule, plan_a, backend="sdpa"),
-            CudaGraphRunner(model, schedule, plan_b, use_graphs=use_graphs, backend="sdpa", fuse_pointwise=fuse,
-                            prefetch_max_rows=None if device == "cpu" else PREFETCH_MAX_ROWS), schedule)
+            CudaGraphRunner(model, schedule, plan_b, use_graphs=use_graphs, backend="sdpa", fuse_pointwise=fuse), schedule)
 
 
 @pytest.mark.parametrize("attention", ["dense", "sparvar"])

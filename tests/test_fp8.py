@@ -102,8 +102,7 @@ def test_fp8_step_stays_close_to_the_model():
     schedule = get_schedule(256)
     model = build_model(CFG)
     f, l = hashed_embeddings(["a red car"], CFG.text_dim, CFG.text_maxlen)
-    runners = [CudaGraphRunner(model, schedule, use_graphs=False, fuse_pointwise=False, fp8_min_tokens=m,
-                               prefetch_max_rows=None) for m in (None, 0)]
+    runners = [CudaGraphRunner(model, schedule, use_graphs=False, fuse_pointwise=False, fp8_min_tokens=m) for m in (None, 0)]
     for r in runners:
         r.begin(f, l, True)
     codes = None
