@@ -218,15 +218,22 @@ def main(args=None) -> int:
         ap.add_argument("--runs", type=int, default=20)
         ap.add_argument("--out", default=None, help="default: bench/results/e2e_<device>.json")
         ap.add_argument("--rows", default=None, help="only the rows whose name contains one of these comma-separated words")
+        ap.add_argument("--engine-cross-max-q", type=int, default=None,
+                        help="an experiment on the crossover: the engines' cross-attention runs our kernel up to this many "
+                             "query tokens instead of sparvar.attention.ENGINE_CROSS_MAX_Q (recorded in the result)")
         args = ap.parse_args(args)
     if not torch.cuda.is_available():
         print("bench e2e needs a CUDA GPU; none is available on this machine", file=sys.stderr)
         return 2
+    import sparvar.attention
+
+    if getattr(args, "engine_cross_max_q", None) is not None:
+        sparvar.attention.ENGINE_CROSS_MAX_Q = args.engine_cross_max_q
     models = args.model or ["infinity-2b", "infinity-8b"]
     args.out = args.out or result_path("e2e")
     out = {"benchmark": "end-to-end latency per image", "protocol": f"{args.warmup} warm-up + median of {args.runs} timed runs; "
            "text conditioning, all scales, CFG, sampling and VAE decode included; T5 encoder excluded; random weights",
-           "models": []}
+           "engine_cross_max_q": sparvar.attention.ENGINE_CROSS_MAX_Q, "models": []}
     for m in models:  # written after each model, so a later failure keeps the earlier results
         rows = None
         if getattr(args, "rows", None):
