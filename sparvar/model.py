@@ -166,7 +166,7 @@ def frozen_weight_functions(attentions, functions=(qkv_bias, temperature)) -> di
 
 
 def block_linears(block) -> tuple[nn.Linear, ...]:
-    """An Infinity block's linears in the order a step runs them (what FP8 quantises, what the engine prefetches)."""
+    """An Infinity block's linears in the order a step runs them (the ones FP8 quantises)."""
     return block.sa.mat_qkv, block.sa.proj, block.ca.mat_q, block.ca.proj, block.ffn.fc1, block.ffn.fc2
 
 
