@@ -4,7 +4,8 @@ Scales 0-8 of Infinity at 1024^2 run 2-1,152 rows through every linear and atten
 kernel is short, so its fixed cost decides. This measures, per scale, each candidate for the two kinds of call:
 - self-attention (q: the scale's tokens, k/v: the KV cache so far) and cross-attention (k/v: 64 text slots with
   the additive padding bias), through each SDPA kernel and our Triton dense kernel;
-- the block's four linear shapes through cuBLAS (F.linear, bias) and a Triton weight-streaming kernel for few rows.
+- the block's four linear shapes through cuBLAS (F.linear, bias) and a Triton weight-streaming kernel for few rows;
+- (section "decide") the CS4A decision at scale 10 and each of its passes, with the alternatives of each.
 Each candidate is captured as a graph of `calls` back-to-back calls on distinct tensors (distinct weights: a real
 step streams every layer's weights from HBM) and timed by replay; the result is microseconds per call.
 
@@ -209,13 +210,56 @@ def upsample_rows(model: str, calls: int) -> list[dict]:
     return rows
 
 
+def decide_rows(model: str, calls: int) -> list[dict]:
+    """The CS4A decision at 1024^2 scale 10 (one call per CS4A layer), and each of its passes, side by side: the
+    dense pass through cuDNN (with its softmax statistics) and through our kernel, the column sums, select_topk per
+    launch (radix bits, chunk width, warps), the whole decision with either dense pass, and plain cuDNN attention
+    (what the dense engine runs there)."""
+    from sparvar.kernels import cs4a as cs4a_kernels
+    from sparvar.schedule import get_schedule
+    from sparvar.sparse import default_policy
+
+    m = MODELS[model]
+    H, D, B = m["heads"], m["width"] // m["heads"], 2
+    schedule = get_schedule(1024)
+    policy = default_policy(model, schedule)
+    s = policy.decision_scale
+    n, kv, gs, topk = schedule.lengths[s], schedule.kv_len(s), policy.cs4a_group_size, policy.topk(schedule)
+    # the engine's layouts: q a token-major projection, k/v views of a longer cache
+    sets = [((torch.randn(B, n, H, D, device="cuda", dtype=torch.bfloat16) * D**-0.5 * 4).transpose(1, 2),
+             *(torch.randn(B, H, kv + 512, D, device="cuda", dtype=torch.bfloat16)[:, :, :kv] for _ in range(2)))
+            for _ in range(4)]
+    lses = [cs4a_kernels.decision_dense_pass(*t)[1] for t in sets]
+    sums = [cs4a_kernels.cs4a_column_sums(t[0], t[1], lse, gs) for t, lse in zip(sets, lses)]
+    row = {"model": model, "scale": s, "q_len": n, "kv_len": kv, "heads": H, "batch": B, "group_size": gs, "topk": topk,
+           "topk_rows": sums[0].numel() // kv, "calls_per_graph": calls}
+    cudnn = sdpa("cudnn")
+    row["sdpa_cudnn_us"] = graph_us(lambda i: (lambda t=sets[i % 4]: cudnn(*t)), calls)
+    for dense_pass in cs4a_kernels.DECISION_DENSE_PASSES:
+        row[f"dense_pass_{dense_pass}_us"] = graph_us(
+            lambda i: (lambda t=sets[i % 4]: cs4a_kernels.decision_dense_pass(*t, dense_pass=dense_pass)), calls)
+    row["column_sums_us"] = graph_us(
+        lambda i: (lambda t=sets[i % 4], lse=lses[i % 4]: cs4a_kernels.cs4a_column_sums(t[0], t[1], lse, gs)), calls)
+    row["select_topk_us"] = {}
+    for launch in [(1, 1024, 4), (2, 512, 4), (4, 256, 4), (4, 512, 4), (4, 512, 8), (4, 1024, 8)]:
+        row["select_topk_us"][str(launch)] = graph_us(
+            lambda i: (lambda x=sums[i % 4]: cs4a_kernels.select_topk(x, topk, launch=launch)), calls)
+    row["select_topk_default"] = str(cs4a_kernels.TOPK_LAUNCH)
+    for dense_pass in cs4a_kernels.DECISION_DENSE_PASSES:
+        row[f"decide_{dense_pass}_us"] = graph_us(
+            lambda i: (lambda t=sets[i % 4]: cs4a_kernels.cs4a_decide_raw(*t, gs, topk, dense_pass=dense_pass)), calls)
+    print(model, "decision", {k: (round(v, 1) if isinstance(v, float) else v) for k, v in row.items()
+                              if k.endswith("_us")})
+    return [row]
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", action="append")
     ap.add_argument("--scales", default="0,1,2,3,4,5,6,7,8,9")
     ap.add_argument("--linear-scales", default="0,2,4,5,6,8")
     ap.add_argument("--calls", type=int, default=32)
-    ap.add_argument("--sections", default="attention,upsample,linears")
+    ap.add_argument("--sections", default="attention,upsample,linears,decide")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     sections = args.sections.split(",")
@@ -226,12 +270,14 @@ def main(argv=None) -> int:
     linear_scales = [int(s) for s in args.linear_scales.split(",")]
     result = {"benchmark": "small-scale kernel calls inside a CUDA graph (microseconds per call)",
               "protocol": f"graph of {args.calls} back-to-back calls on distinct tensors, median of 20 replays / calls",
-              "attention": [], "linears": [], "cs4a_cache_upsample": []}
+              "attention": [], "linears": [], "cs4a_cache_upsample": [], "cs4a_decision": []}
     for model in models:
         if "attention" in sections:
             result["attention"] += attention_rows(model, scales, args.calls)
         if "upsample" in sections:
             result["cs4a_cache_upsample"] += upsample_rows(model, args.calls)
+        if "decide" in sections:
+            result["cs4a_decision"] += decide_rows(model, 11)  # one call per CS4A layer (2B and 8B: 11)
         if "linears" in sections:
             result["linears"] += linear_rows(model, linear_scales, args.calls)
     print("wrote", write_result(args.out or result_path("small_scales"), result))

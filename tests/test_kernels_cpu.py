@@ -163,6 +163,13 @@ def test_cs4a_wrappers_reject_bad_inputs():
         kernels.select_topk(torch.rand(2, 10), 7, 4)
     with pytest.raises(ValueError, match="float32"):
         kernels.select_topk(torch.rand(2, 10).double(), 3)
+    with pytest.raises(ValueError, match="radix bits"):
+        kernels.select_topk(torch.rand(2, 10), 3, launch=(3, 512, 4))
+    from sparvar.kernels.cs4a import decision_dense_pass
+    with pytest.raises(ValueError, match="unknown dense_pass 'flash'"):
+        decision_dense_pass(q, k, v, dense_pass="flash")
+    with pytest.raises(RuntimeError, match="'cudnn' needs CUDA tensors"):
+        decision_dense_pass(q, k, v, dense_pass="cudnn")
     assert query_tile(192) == 64 and query_tile(16) == 16 and query_tile(256) == 128
 
 
@@ -357,6 +364,23 @@ INTERPRETER_SCRIPT = textwrap.dedent('''
     assert torch.equal(tail[1].long(), 33 + sums[1, :, 33:].topk(50, -1).indices.sort(-1).values)
     assert torch.equal(selected[0, 0].long(), torch.arange(100, 150)), "ties must take the lowest positions"
     assert torch.equal(selected[0, 1].long(), torch.arange(50))
+    # every radix finds the same threshold: values spread over many exponents (every digit of the bit pattern
+    # matters), exact zeros, ties at the threshold, huge values (top exponent bits) and the sink offset
+    wide = torch.rand(3, 2, 500) * torch.logspace(-30, 30, 500)[torch.randperm(500)]
+    wide[0, 0, :200] = 0.0
+    wide[1, 1, 7:300:3] = torch.linspace(1e37, 3e38, 98)
+    wide[2, 0] = torch.rand(500) * 0.5
+    wide[2, 0, 10:400] = 1.0  # 390 ties for 60 places
+    wide[2, 1] = (torch.tensor(1.0).view(torch.int32) + torch.randperm(500, dtype=torch.int32)).view(torch.float32)
+    for radix, block in [(1, 128), (2, 256), (4, 128), (4, 512)]:
+        for first in (0, 17):
+            got = K.select_topk(wide, 60, first, launch=(radix, block, 4))
+            want = first + wide[..., first:].topk(60, -1).indices.sort(-1).values
+            assert torch.equal(got[:2].long(), want[:2]), f"radix {radix}, first {first}: select_topk differs"
+            # consecutive floats (one ulp apart): every bit of the threshold must be found
+            assert torch.equal(got[2, 1].long(), want[2, 1]), f"radix {radix}, first {first}: a low bit is lost"
+            ties = torch.arange(10 if first == 0 else 17, 70 if first == 0 else 77)
+            assert torch.equal(got[2, 0].long(), ties), f"radix {radix}: ties must take the lowest positions"
     for gs, lq, lk, d, nkeys, band in [(32, 70, 200, 64, 40, 0), (16, 40, 150, 128, 24, 20)]:
         q = torch.randn(2, 2, lq, d, dtype=dt) * d ** -0.5
         k, v = torch.randn(2, 2, lk, d, dtype=dt), torch.randn(2, 2, lk, d, dtype=dt)

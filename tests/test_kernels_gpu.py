@@ -17,7 +17,7 @@ if not kernels.HAS_TRITON:
 from sparvar.attention import reference_attention  # noqa: E402
 from sparvar.csla import block_layout_from_mask  # noqa: E402
 from sparvar.kernels.csla import check_layout_values  # noqa: E402
-from sparvar.kernels.cs4a import check_key_values  # noqa: E402
+from sparvar.kernels.cs4a import TOPK_RADIX_BITS, check_key_values, decision_dense_pass  # noqa: E402
 
 DEV = "cuda"
 TOL = {torch.bfloat16: 2e-2, torch.float16: 4e-3}
@@ -241,8 +241,9 @@ def test_cs4a_decide(dtype, d):
     assert selected.dtype == torch.int32 and selected.shape == (b, h, 3, topk)
     assert bool((selected[..., 1:] > selected[..., :-1]).all()), "selection must be strictly ascending"
     assert_close(out, reference_attention(q, k, v), dtype, "decide dense out")
+    assert out.stride() == q.stride(), "the decision's output is laid out like q"
     ref_sums = kernels.reference_column_sums(q, k, gs)
-    _, lse = kernels.dense_attention(q, k, v, return_lse=True, out_dtype=torch.float32)  # as the decision calls it
+    _, lse = decision_dense_pass(q, k, v)  # as the decision calls it (cuDNN on the GPU)
     sums = kernels.cs4a_column_sums(q, k, lse, gs)
     assert (sums - ref_sums).abs().max().item() <= 1e-2 * ref_sums.max().item()
     # every selected key is (up to rounding) among the top-k of the exact column sums
@@ -257,15 +258,40 @@ def test_cs4a_decide(dtype, d):
     assert torch.equal(selected.long(), sums.topk(topk, dim=-1).indices.sort(dim=-1).values)
 
 
-def test_select_topk_equals_torch_topk():
+@pytest.mark.parametrize("launch", [None, (1, 1024, 4), (2, 512, 4), (4, 256, 4), (4, 512, 8)])
+def test_select_topk_equals_torch_topk(launch):
     sums = torch.rand(2, 16, 9, 4121, device=DEV)  # the decision's shape at 1024^2 (distinct values)
-    selected = kernels.select_topk(sums, 784)
+    sums[1, 0] = (torch.tensor(1.0).view(torch.int32) + torch.randperm(4121, dtype=torch.int32)).view(torch.float32)
+    selected = kernels.select_topk(sums, 784, launch=launch)  # row [1, 0]: values one ulp apart
     assert torch.equal(selected.long(), sums.topk(784, dim=-1).indices.sort(dim=-1).values)
     sums[0, 0, 0] = 0.0
     sums[0, 0, 0, 100:900] = 0.5  # 800 ties for 784 places: the lowest positions
-    assert torch.equal(kernels.select_topk(sums, 784)[0, 0, 0].long(), torch.arange(100, 884, device=DEV))
-    tail = kernels.select_topk(sums, 784, 300)  # HART-style sinks: positions [300, n) compete
+    assert torch.equal(kernels.select_topk(sums, 784, launch=launch)[0, 0, 0].long(), torch.arange(100, 884, device=DEV))
+    tail = kernels.select_topk(sums, 784, 300, launch=launch)  # HART-style sinks: positions [300, n) compete
     assert torch.equal(tail[1].long(), 300 + sums[1, ..., 300:].topk(784, dim=-1).indices.sort(dim=-1).values)
+    assert launch is None or launch[0] in TOPK_RADIX_BITS
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_decision_dense_passes_agree(dtype):
+    """cuDNN (the default on the GPU) and our kernel give the same dense output, logsumexp and decision."""
+    b, h, d, gs, q_len, kv_len, topk = 2, 3, 128, 192, 500, 1700, 336
+    q = projected_q(b, h, q_len, d, dtype) * 4
+    k, v = cache_view(b, h, kv_len, d, dtype), cache_view(b, h, kv_len, d, dtype)
+    scores = q.float() @ k.float().transpose(-1, -2)
+    for dense_pass in ("cudnn", "triton"):
+        out, lse = decision_dense_pass(q, k, v, dense_pass=dense_pass)
+        assert lse.dtype == torch.float32 and lse.shape == (b, h, q_len) and lse.is_contiguous()
+        assert (lse - torch.logsumexp(scores, -1)).abs().max().item() < 1e-2, f"{dense_pass}: logsumexp"
+        assert_close(out, reference_attention(q, k, v), dtype, f"{dense_pass}: dense output")
+    out_c, sel_c, cache_c = kernels.cs4a_decide_raw(q, k, v, gs, topk, dense_pass="cudnn")
+    out_t, sel_t, cache_t = kernels.cs4a_decide_raw(q, k, v, gs, topk, dense_pass="triton")
+    assert out_c.stride() == out_t.stride() == q.stride()
+    assert_close(out_c, out_t, dtype, "decision output, cuDNN vs ours")
+    assert_close(cache_c, cache_t, dtype, "O_cache, cuDNN vs ours")
+    same = (torch.zeros(*sel_c.shape[:-1], kv_len, device=DEV).scatter_(-1, sel_c.long(), 1.0)
+            * torch.zeros(*sel_t.shape[:-1], kv_len, device=DEV).scatter_(-1, sel_t.long(), 1.0)).sum()
+    assert same >= 0.99 * sel_c.numel(), "the two passes' selections differ beyond rounding near-ties"
 
 
 def test_cs4a_decide_with_sinks_matches_reference():

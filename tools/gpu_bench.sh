@@ -10,6 +10,8 @@
 #   bash tools/gpu_bench.sh "$OUT" engines   # end-to-end, only the engine rows (bf16 and FP8 side by side)
 #   bash tools/gpu_bench.sh "$OUT" small     # small-scale kernel calls in CUDA graphs (attention, linears, cache upsample)
 #   bash tools/gpu_bench.sh "$OUT" hart      # end-to-end HART-0.7B engine rows
+#   bash tools/gpu_bench.sh "$OUT" decide    # the CS4A decision's passes and their alternatives (2B, 8B)
+#   bash tools/gpu_bench.sh "$OUT" e2e2b     # end-to-end, 2B dense and SparVAR engine rows only
 set -uo pipefail
 OUT=${1:-bench/results}
 export PYTHONPATH=$PWD
@@ -39,6 +41,11 @@ for what in "${@:2}"; do
         --out "$OUT/e2e_engines_$TAG.json" 2>&1 | grep -v Warning | tail -20 ;;
     small)
       python bench/small_scales.py --out "$OUT/small_scales_$TAG.json" 2>&1 | grep -v Warning | tail -60 ;;
+    decide)
+      python bench/small_scales.py --sections decide --out "$OUT/small_scales_decide_$TAG.json" 2>&1 | grep -v Warning | tail -8 ;;
+    e2e2b)
+      python bench/e2e.py --model infinity-2b --warmup 3 --runs 20 --rows "dense engine (CUDA graphs),SparVAR engine (CUDA graphs" \
+        --out "$OUT/e2e_engines_2b_$TAG.json" 2>&1 | grep -v Warning | tail -6 ;;
     hart)
       python bench/e2e.py --model hart-0.7b --warmup 3 --runs 20 --rows engine \
         --out "$OUT/e2e_hart_engines_$TAG.json" 2>&1 | grep -v Warning | tail -8 ;;

@@ -9,11 +9,12 @@ tile can be partial, so the loop runs unmasked full tiles and masks that one til
 `sign * attention + extra` (extra = the upsampled residual cache at later scales, or the dense output with sign -1
 when the decision builds O_cache).
 
-cs4a_decide (decision scale): pass 1 = dense flash attention (fp32 output) that also stores each row's logsumexp;
-pass 2 = per (key tile, batch*head) the column sums over each group's queries of exp(s - lse), i.e. of the softmax
-probabilities (no atomics: each program owns its key tile and walks all query tiles); then the top-k per group, ascending, in one kernel
-(select_topk: a bitwise threshold search, no sort), and the residual O_cache = O_dense - attention over the selection
-(cs4a kernel with sign -1, extra = O_dense; it also writes O_dense rounded to the input dtype, the decision's output).
+cs4a_decide (decision scale): pass 1 = dense attention with each row's logsumexp (cuDNN on the GPU, our flash
+kernel in the interpreter: decision_dense_pass); pass 2 = per (key tile, batch*head) the column sums over each group's
+queries of exp(s - lse), i.e. of the softmax probabilities (no atomics: each program owns its key tile and walks all
+query tiles); then the top-k per group, ascending, in one kernel (select_topk: a digit-by-digit threshold search, no
+sort), and the residual O_cache = O_dense - attention over the selection (cs4a kernel with sign -1, extra = O_dense;
+with our kernel's fp32 O_dense it also writes O_dense rounded to the input dtype, the decision's output).
 """
 from __future__ import annotations
 
@@ -153,28 +154,34 @@ if HAS_TRITON:
             cols = tl.where(group_done, 0.0, cols)
 
     @triton.jit
-    def _select_topk_kernel(Sums, Selected, n, first, topk, BLOCK: tl.constexpr):
+    def _select_topk_kernel(Sums, Selected, n, first, topk, BLOCK: tl.constexpr, RADIX_BITS: tl.constexpr):
         """One row of column sums (>= 0): the positions of its topk largest among [first, n), written ascending.
 
-        Non-negative floats order like their int32 bit patterns, so the k-th largest value t is found bit by bit
-        (31 counting passes over the row, which stays in L1/L2): the largest t with count(x >= t) >= topk. Then
-        one pass writes every x > t and, of the x == t, the lowest positions until topk are taken (a cumsum gives
-        each kept entry its output slot), so no sort is needed.
+        Non-negative floats order like their int32 bit patterns, so the k-th largest value t is found digit by digit
+        (RADIX_BITS bits per step, from the top): the largest t with count(x >= t) >= topk. Each step counts all
+        2^RADIX_BITS candidates of its digit in the same passes over the row (which stays in L1/L2), so there are
+        32 / RADIX_BITS dependent steps instead of one per bit: the kernel is bound by those steps' reductions, not by
+        its bytes. Then one pass writes every x > t and, of the x == t, the lowest positions until topk are taken (a
+        cumsum gives each kept entry its output slot), so no sort is needed.
         """
         row = tl.program_id(0)
         base = Sums + row.to(tl.int64) * n
         out = Selected + row.to(tl.int64) * topk
         n = n - first  # the candidates, as positions relative to `first`
         base += first
+        digits = tl.arange(0, 1 << RADIX_BITS)
         thr = 0
-        for i in range(31):
-            cand = thr | (1 << (30 - i))
-            count = 0
+        for step in range(32 // RADIX_BITS):  # the first step's digit holds the sign bit: its candidates >= 2^31 wrap
+            shift = 32 - RADIX_BITS * (step + 1)  # negative, below digit 0's, so the max below never takes them
+            cand = thr | (digits << shift)
+            hits = tl.zeros([BLOCK, 1 << RADIX_BITS], dtype=tl.int32)  # reduced once per step, not per chunk
             for start in range(0, n, BLOCK):
                 offs = start + tl.arange(0, BLOCK)
                 bits = tl.load(base + offs, mask=offs < n, other=-1.0).to(tl.int32, bitcast=True)
-                count += tl.sum((bits >= cand).to(tl.int32), 0)
-            thr = tl.where(count >= topk, cand, thr)
+                hits += (bits[:, None] >= cand[None, :]).to(tl.int32)
+            counts = tl.sum(hits, 0)
+            # count(x >= cand) falls as the digit grows, and digit 0 (cand = thr) always has >= topk: take the largest
+            thr = tl.max(tl.where(counts >= topk, cand, 0), 0)
         above = 0
         for start in range(0, n, BLOCK):
             offs = start + tl.arange(0, BLOCK)
@@ -382,12 +389,18 @@ def cs4a_column_sums(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, group_
     return sums
 
 
-def select_topk(sums: torch.Tensor, topk: int, first: int = 0) -> torch.Tensor:
+# (radix bits, chunk width, warps) of select_topk's launch; bench/small_scales.py --sections decide measures
+# the alternatives side by side at the decision's shape (2B: 288 rows of 4,121 sums)
+TOPK_LAUNCH = (4, 512, 4)
+TOPK_RADIX_BITS = (1, 2, 4)
+
+
+def select_topk(sums: torch.Tensor, topk: int, first: int = 0, *, launch: tuple[int, int, int] | None = None) -> torch.Tensor:
     """(..., topk) int32 ascending positions of the topk largest entries among positions [first, n) of each row of
     sums (..., n), float32 >= 0 (first = the sink count: sinks never compete).
 
     first + torch.topk(sums[..., first:], topk).indices.sort() in one kernel; among equal values at the threshold
-    the lowest positions win.
+    the lowest positions win. launch: (radix bits, chunk width, warps), TOPK_LAUNCH by default.
     """
     name = "select_topk"
     if not isinstance(sums, torch.Tensor) or sums.dtype != torch.float32 or sums.dim() < 1 or not sums.is_contiguous():
@@ -398,25 +411,58 @@ def select_topk(sums: torch.Tensor, topk: int, first: int = 0) -> torch.Tensor:
         raise ValueError(f"{name}: first must be an int in [0, {n}), got {first!r}")
     if not isinstance(topk, int) or isinstance(topk, bool) or not 0 < topk <= n - first:
         raise ValueError(f"{name}: topk must be an int in [1, {n - first}] (positions [{first}, {n})), got {topk!r}")
+    radix_bits, block, warps = launch or TOPK_LAUNCH
+    if radix_bits not in TOPK_RADIX_BITS or block not in (128, 256, 512, 1024, 2048) or warps not in (1, 2, 4, 8):
+        raise ValueError(f"{name}: launch must be (radix bits in {TOPK_RADIX_BITS}, chunk width a power of two in "
+                         f"[128, 2048], warps in 1/2/4/8), got {launch}")
     check_device(name, sums)
     require_triton(name)
     selected = torch.empty((*sums.shape[:-1], topk), dtype=torch.int32, device=sums.device)
     rows = sums.numel() // max(n, 1)
     if rows == 0:
         return selected
-    # 1,024-wide chunks, 4 warps: on the H200 at the decision's shape (288 rows of 4,121) 0.051 ms, against 0.064 ms
-    # with the whole row in one 8,192-wide block over 8 warps (bench/results/attention_h200.json ran the latter)
     if interpreting():
-        _select_topk_kernel[(rows,)](sums, selected, n, first, topk, BLOCK=256)
+        _select_topk_kernel[(rows,)](sums, selected, n, first, topk, BLOCK=min(block, 256), RADIX_BITS=radix_bits)
     else:
         with torch.cuda.device(sums.device):
-            _select_topk_kernel[(rows,)](sums, selected, n, first, topk, BLOCK=1024, num_warps=4)
+            _select_topk_kernel[(rows,)](sums, selected, n, first, topk, BLOCK=block, RADIX_BITS=radix_bits,
+                                         num_warps=warps)
     return selected
 
 
+DECISION_DENSE_PASSES = ("cudnn", "triton")
+
+
+def decision_dense_pass(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float = 1.0,
+                        dense_pass: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The decision's dense attention and each row's natural-log logsumexp (B, H, Lq) fp32 (for the column sums).
+
+    dense_pass: "cudnn" (SDPA's cuDNN kernel, asked for its softmax statistics; output in q's dtype, laid out like
+    q) or "triton" (our flash kernel; fp32 output). None: cuDNN for CUDA tensors, ours in the Triton interpreter.
+    Why cuDNN: at 2B scale 10 it takes 0.235 ms against our kernel's 0.305 (bench/results/attention_h200.json), and
+    the decision runs in 11 layers. Its bf16 output rounds O_dense before O_cache = O_dense - O_sparse; that costs
+    one bf16 rounding of O_dense in absolute terms, which the decision's own output (O_dense in bf16) has anyway.
+    """
+    if dense_pass is None:
+        dense_pass = "triton" if interpreting() or not q.is_cuda else "cudnn"
+    if dense_pass == "triton":
+        return dense_attention(q, k, v, scale=scale, return_lse=True, out_dtype=torch.float32)
+    if dense_pass != "cudnn":
+        raise ValueError(f"decision_dense_pass: unknown dense_pass {dense_pass!r}; expected one of {DECISION_DENSE_PASSES}")
+    if not q.is_cuda:
+        raise RuntimeError("decision_dense_pass: 'cudnn' needs CUDA tensors; q is on " + str(q.device))
+    out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, False, False,
+                                                                   scale=scale)[:2]
+    # torch allocates the statistics (B, H, Lq, 1), or token-major and transposed for some layouts
+    return out, lse.reshape(q.shape[:3]).contiguous()
+
+
 def cs4a_decide_raw(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group_size: int = 192, topk: int = 784,
-                    sink_len: int = 0, *, scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                    sink_len: int = 0, *, scale: float = 1.0,
+                    dense_pass: str | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Decision scale: (out = dense attention, selected (B, H, G, topk) int32 ascending, o_cache = out - sparse).
+
+    dense_pass: the kernel of the dense pass (decision_dense_pass; None = the default rule there).
 
     sink_len: KV positions [0, sink_len) are in every key set and never compete: the top-k is taken among
     [sink_len, Lk) and the residual subtracts attention over [sinks | selected] (sparvar.cs4a.cs4a_decide_ref).
@@ -433,16 +479,16 @@ def cs4a_decide_raw(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group_siz
     if not math.isfinite(scale) or scale <= 0:
         raise ValueError(f"{name}: scale must be a positive finite float, got {scale}")
     check_device(name, q, k=k, v=v)
-    # fp32 dense output: O_cache = O_dense - O_sparse is a small difference of O(1) values, so O_dense is not
-    # rounded to bf16 before the subtraction (only the two results are)
-    dense, lse = dense_attention(q, k, v, scale=scale, return_lse=True, out_dtype=torch.float32)
+    dense, lse = decision_dense_pass(q, k, v, scale, dense_pass)
     sums = cs4a_column_sums(q, k, lse, group_size, scale=scale)
     selected = select_topk(sums, topk, sink_len)
     assert selected.shape[2] == groups
-    out = attention_output_like(q)  # dense rounded to q's dtype by the residual kernel
+    # an fp32 O_dense (our kernel's) is rounded to q's dtype, the decision's output, by the residual kernel
+    out = dense if dense.dtype == q.dtype else attention_output_like(q)
     # the sinks join each group's set as the kernel's contiguous band [0, sink_len): no concatenated index copy
     band_start = torch.zeros(groups, dtype=torch.int32, device=q.device) if sink_len else None
-    o_cache = _launch_cs4a(q, k, v, selected, group_size, dense, True, band_start, sink_len, scale, extra_out=out)
+    o_cache = _launch_cs4a(q, k, v, selected, group_size, dense, True, band_start, sink_len, scale,
+                           extra_out=None if out is dense else out)
     return out, selected, o_cache
 
 
