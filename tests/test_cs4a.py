@@ -137,6 +137,33 @@ def test_sinks_lead_every_key_set_and_never_compete():
     assert (key_idx[..., 1:] > key_idx[..., :-1]).all()
 
 
+@pytest.mark.parametrize("sinks", [0, 21])
+def test_key_indices_are_sinks_inherited_selection_and_bands(sinks):
+    """Every group's key set, built independently: the sinks, the selection of the decision group it inherits
+    (source groups followed scale by scale), then each later scale's band; per batch row and head."""
+    s = get_schedule(256)
+    geo = cs4a_geometry(s, 4, 6, 16, (3, 5), 16, 32, sink_len=sinks)
+    assert len(geo.band_lengths) == 2
+    sel = torch.stack([torch.randperm(s.kv_len(4) - sinks)[:32].sort().values + sinks
+                       for _ in range(2 * 3 * geo.num_decision_groups)]).view(2, 3, geo.num_decision_groups, 32).int()
+    key_idx = geo.key_indices(sel)
+    assert key_idx.dtype == torch.int32 and key_idx.shape == (2, 3, geo.num_groups, geo.key_count)
+    source = torch.arange(geo.num_decision_groups)
+    for scale in (5, 6):
+        source = source[source_groups(num_groups(s.lengths[scale], 16), len(source))]
+    bands = [cs4a_band(s, 5, 16, 3, 16), cs4a_band(s, 6, 16, 5, 16)]
+    bands[0] = type(bands[0])(bands[0].start[source_groups(num_groups(s.lengths[6], 16), num_groups(s.lengths[5], 16))],
+                              bands[0].length)
+    for b in range(2):
+        for h in range(3):
+            for g in range(geo.num_groups):
+                want = torch.cat([torch.arange(sinks), sel[b, h, source[g]].long()]
+                                 + [torch.arange(int(band.start[g]), int(band.start[g]) + band.length) for band in bands])
+                assert torch.equal(key_idx[b, h, g].long(), want), (b, h, g)
+    # the reference's int64 selection gives the same int32 key sets
+    assert torch.equal(geo.key_indices(sel.long()), key_idx)
+
+
 def test_gathered_attention_equals_group_masked_attention():
     lq, lk, gs = 50, 70, 16
     q, k, v = qkv(lq, lk, seed=3)
