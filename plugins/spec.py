@@ -192,14 +192,15 @@ def available_tactics(dtype: str | None = None, head_dim: int | None = None, att
     queries, CSLA tiles of TILE_SIZES), then the reference, which takes everything. None (or a dynamic -1) means not
     known yet. (TensorRT times every tactic it is offered, and one that cannot run fails the build; a builder that
     cannot time, like TensorRT-RTX on a machine without a GPU, takes the preferred one, first.)"""
-    from sparvar.kernels.csla import DTYPES, HEAD_DIMS, TILE_SIZES
+    import torch
+
+    from sparvar.kernels.csla import TILE_SIZES, kernels_take
     from sparvar.sparse import get_sparse_ops
 
     attrs = attrs or {}
-    if dtype is not None and dtype not in {str(d).removeprefix("torch.") for d in DTYPES}:
+    torch_dtype = None if dtype is None else getattr(torch, dtype, dtype)  # an unknown name is not a torch dtype
+    if not kernels_take(torch_dtype, None if head_dim is None or head_dim < 0 else head_dim):
         return [Tactic.REFERENCE]  # e.g. an fp32 graph: the kernels are bf16/fp16 only
-    if head_dim is not None and head_dim >= 0 and head_dim not in HEAD_DIMS:
-        return [Tactic.REFERENCE]
     if attrs.get("group_size", 16) % 16 or any(attrs.get(t, 16) not in TILE_SIZES for t in ("block_m", "block_n")):
         return [Tactic.REFERENCE]  # query tiles of 16..128 never straddle a CS4A group; CSLA tiles are tl.dot tiles
     try:

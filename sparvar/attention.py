@@ -56,9 +56,9 @@ def _reference_attention(q, k, v, mask):
 
 
 def _engine_kernel_takes(q: torch.Tensor, max_q: int) -> bool:
-    from .kernels.csla import DTYPES, HAS_TRITON, HEAD_DIMS
+    from .kernels.csla import HAS_TRITON, kernels_take
 
-    return (HAS_TRITON and q.is_cuda and q.shape[2] <= max_q and q.dtype in DTYPES and q.shape[3] in HEAD_DIMS)
+    return HAS_TRITON and q.is_cuda and q.shape[2] <= max_q and kernels_take(q.dtype, q.shape[3])
 
 
 def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = "sdpa") -> torch.Tensor:

@@ -39,6 +39,11 @@ LOG2E = 1.4426950408889634
 INT32_MAX = 2**31 - 1
 
 
+def kernels_take(dtype: torch.dtype | None, head_dim: int | None) -> bool:
+    """Whether the kernels here run inputs of this dtype and head dim; None (not known yet) passes."""
+    return (dtype is None or dtype in DTYPES) and (head_dim is None or head_dim in HEAD_DIMS)
+
+
 def interpreting() -> bool:
     """Triton's CPU interpreter (TRITON_INTERPRET=1): kernels then run on CPU tensors, for tests only."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
