@@ -160,9 +160,9 @@ if HAS_TRITON:
         Non-negative floats order like their int32 bit patterns, so the k-th largest value t is found digit by digit
         (RADIX_BITS bits per step, from the top): the largest t with count(x >= t) >= topk. Each step counts all
         2^RADIX_BITS candidates of its digit in the same passes over the row (which stays in L1/L2), so there are
-        32 / RADIX_BITS dependent steps instead of one per bit: the kernel is bound by those steps' reductions, not by
-        its bytes. Then one pass writes every x > t and, of the x == t, the lowest positions until topk are taken (a
-        cumsum gives each kept entry its output slot), so no sort is needed.
+        32 / RADIX_BITS dependent steps instead of one per bit, at 2^RADIX_BITS compares per value and step (2 bits
+        measured fastest, see TOPK_LAUNCH). Then one pass writes every x > t and, of the x == t, the lowest
+        positions until topk are taken (a cumsum gives each kept entry its output slot), so no sort is needed.
         """
         row = tl.program_id(0)
         base = Sums + row.to(tl.int64) * n
@@ -389,9 +389,11 @@ def cs4a_column_sums(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, group_
     return sums
 
 
-# (radix bits, chunk width, warps) of select_topk's launch; bench/small_scales.py --sections decide measures
-# the alternatives side by side at the decision's shape (2B: 288 rows of 4,121 sums)
-TOPK_LAUNCH = (4, 512, 4)
+# (radix bits, chunk width, warps) of select_topk's launch. At the decision's shape on the H200 (2B: 288 rows of
+# 4,121 sums; 8B: 504), inside a CUDA graph (bench/results/small_scales_decide_h200.json), us per call:
+# 1 bit per step (the kernel before) 60.4 / 75.2; 2 bits 48.7 / 59.9; 4 bits 65.4 / 86.5 (2^r compares per sum and
+# step outweigh the fewer steps)
+TOPK_LAUNCH = (2, 512, 4)
 TOPK_RADIX_BITS = (1, 2, 4)
 
 
