@@ -8,6 +8,10 @@ so that each kernel is seen) or the plain eager model (`--runner eager`). One ge
 a warm-up; random weights, 1024², CFG, bf16.
 
     PYTHONPATH=. python bench/profile_step.py --model infinity-2b   # writes bench/results/profile_<device>.json
+
+`--timeline` instead traces one whole generation as the engine runs it (graphs, sampling, decode) and reports how
+long the GPU sat idle, in launch gaps between kernels and in larger gaps (waiting for the host): the per-scale wall
+times of bench/e2e.py exceed these kernel times by 0.2-0.5 ms per scale, and this says where that goes.
 """
 from __future__ import annotations
 
@@ -115,12 +119,102 @@ def profile(model_name: str, attention: str, runner_kind: str) -> dict:
             "total_kernel_ms": split(total), "groups": groups}
 
 
+GAP_SMALL_US = 20.0  # gaps below this are launch gaps between dependent kernels; above, the GPU waited for the host
+
+
+def idle_gaps(kernels: list[tuple[float, float, str]], top: int = TOP) -> dict:
+    """What a GPU timeline of (start_us, end_us, name) kernels says about idle time: the busy time (the union of
+    the intervals), the idle time between the first start and the last end, how much of it is small gaps (below
+    GAP_SMALL_US: the launch gap between one kernel and the next, inside a graph or a stream) and the largest
+    gaps, each with the kernels on both sides (the one that ended last before it, the one that starts it)."""
+    if not kernels:
+        raise ValueError("idle_gaps: no kernels in the timeline")
+    ordered = sorted(kernels)
+    busy = idle = small = 0.0
+    small_count, large = 0, []
+    start, end, last_name = ordered[0]
+    for k_start, k_end, name in ordered[1:]:
+        if k_start > end:  # a gap: close the busy run
+            gap = k_start - end
+            idle += gap
+            if gap < GAP_SMALL_US:
+                small += gap
+                small_count += 1
+            else:
+                large.append({"gap_us": round(gap, 2), "after": last_name[:100], "before": name[:100]})
+            busy += end - start
+            start, end, last_name = k_start, k_end, name
+        elif k_end > end:
+            end, last_name = k_end, name
+    busy += end - start
+    large.sort(key=lambda g: -g["gap_us"])
+    return {"span_ms": (end - ordered[0][0]) / 1000,  # `end`: the last busy run's end, the timeline's
+            "busy_ms": busy / 1000, "idle_ms": idle / 1000, "small_gaps": small_count, "small_gaps_ms": small / 1000,
+            "large_gaps": len(large), "large_gaps_ms": sum(g["gap_us"] for g in large) / 1000,
+            "largest_gaps": large[:top], "kernels": len(ordered)}
+
+
+def timeline(model_name: str, attention: str) -> dict:
+    """One generation exactly as the engine rows of bench/e2e.py run it (CUDA graphs, the graphed decode, the
+    eager sampling between scales), traced by the profiler, and its GPU idle time (idle_gaps)."""
+    import json
+    import tempfile
+
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    from sparvar.config import get_config
+    from sparvar.cuda_engine import CudaGraphRunner, GraphedDecoder
+    from sparvar.generate import Sampling, generate
+    from sparvar.model import build_model
+    from sparvar.pipeline import build_decoder, make_plan
+    from sparvar.schedule import get_schedule
+    from sparvar.text import hashed_embeddings
+
+    cfg, schedule = get_config(model_name), get_schedule(1024)
+    model = build_model(cfg, device="cuda", dtype=torch.bfloat16)
+    decoder = GraphedDecoder(build_decoder(cfg, None, "cuda", torch.bfloat16))
+    runner = CudaGraphRunner(model, schedule, make_plan(cfg, schedule, attention, backend="triton"))
+    f, l = hashed_embeddings(["a red fox in the snow"], cfg.text_dim, cfg.text_maxlen)
+    for _ in range(3):  # capture, autotuning, cuDNN plans
+        generate(runner, decoder, schedule, f, l, Sampling(), seed=0)
+    torch.cuda.synchronize()
+    # CUDA activity only: recording the host's ops too would slow the host and could create the waits measured here.
+    # Kernels inside graph replays are traced by CUPTI; `kernels` in the result is the check (thousands per image)
+    with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+        generate(runner, decoder, schedule, f, l, Sampling(), seed=0)
+        torch.cuda.synchronize()
+    with tempfile.TemporaryDirectory() as tmp:  # the Chrome trace: a stable format with every kernel's interval
+        path = os.path.join(tmp, "trace.json")
+        prof.export_chrome_trace(path)
+        with open(path) as fh:
+            events = json.load(fh)["traceEvents"]
+    kernels = [(float(e["ts"]), float(e["ts"]) + float(e.get("dur", 0)), e.get("name", "?")) for e in events
+               if e.get("ph") == "X" and e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")]
+    del runner, model, decoder
+    torch.cuda.empty_cache()
+    return {"attention": attention, "runner": "engine, CUDA graphs", **idle_gaps(kernels)}
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="infinity-2b")
     ap.add_argument("--runner", choices=("engine", "eager"), default="engine")
+    ap.add_argument("--timeline", action="store_true",
+                    help="trace one whole graphed generation instead and report the GPU's idle time and largest gaps")
     ap.add_argument("--out", default=None, help="default: bench/results/profile_<device>.json")
     args = ap.parse_args()
+    if args.timeline:
+        runs = [timeline(args.model, a) for a in ("dense", "sparvar")]
+        for r in runs:
+            print(f"{args.model} {r['attention']:8s} span {r['span_ms']:.1f} ms: busy {r['busy_ms']:.1f}, idle "
+                  f"{r['idle_ms']:.1f} ({r['small_gaps']} gaps < {GAP_SMALL_US:.0f} us: {r['small_gaps_ms']:.1f} ms; "
+                  f"{r['large_gaps']} larger: {r['large_gaps_ms']:.1f} ms) over {r['kernels']} kernels")
+            for g in r["largest_gaps"][:6]:
+                print(f"     {g['gap_us']:8.1f} us  after {g['after'][:50]}  before {g['before'][:50]}")
+        write_result(args.out or result_path("timeline"), {
+            "benchmark": "GPU idle time of one graphed generation (torch.profiler trace)", "model": args.model,
+            "resolution": 1024, "dtype": "bf16", "small_gap_us": GAP_SMALL_US, "runs": runs})
+        return
     runs = [profile(args.model, a, args.runner) for a in ("dense", "sparvar")]
     for r in runs:
         t = r["total_kernel_ms"]

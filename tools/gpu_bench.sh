@@ -12,6 +12,7 @@
 #   bash tools/gpu_bench.sh "$OUT" hart      # end-to-end HART-0.7B engine rows
 #   bash tools/gpu_bench.sh "$OUT" decide    # the CS4A decision's passes and their alternatives (2B, 8B)
 #   bash tools/gpu_bench.sh "$OUT" e2e2b     # end-to-end, 2B dense and SparVAR engine rows only
+#   bash tools/gpu_bench.sh "$OUT" timeline  # GPU idle time of one graphed 2B generation (launch gaps vs host waits)
 set -uo pipefail
 OUT=${1:-bench/results}
 export PYTHONPATH=$PWD
@@ -41,6 +42,8 @@ for what in "${@:2}"; do
         --out "$OUT/e2e_engines_$TAG.json" 2>&1 | grep -v Warning | tail -20 ;;
     small)
       python bench/small_scales.py --out "$OUT/small_scales_$TAG.json" 2>&1 | grep -v Warning | tail -60 ;;
+    timeline)
+      python bench/profile_step.py --model infinity-2b --timeline --out "$OUT/timeline_$TAG.json" 2>&1 | grep -v Warning | tail -16 ;;
     decide)
       python bench/small_scales.py --sections decide --out "$OUT/small_scales_decide_$TAG.json" 2>&1 | grep -v Warning | tail -8 ;;
     e2e2b)
