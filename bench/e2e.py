@@ -24,8 +24,8 @@ from bench.common import result_path, summarize, write_result  # noqa: E402
 # dense FLOPs at ~790 TFLOP/s: INFINITY.md; HART.md (transformer ~44 TF + diffusion MLP ~4.8 TF, VAE excluded)
 FLOP_FLOOR_MS = {"infinity-2b": 146, "infinity-8b": 485, "hart-0.7b": 62}
 PROMPT = "a photo of a red fox sitting in the snow, highly detailed"
-# the honest baseline; results before 2026-12-05 call it "dense engine (CUDA graphs, cuDNN)", though its smallest
-# attention calls had run our Triton kernel since 2026-12-04
+# the honest baseline; results from before commit 3f9aa02 call it "dense engine (CUDA graphs, cuDNN)", though its
+# smallest attention calls had run our Triton kernel since commit 7cea0d2
 DENSE_ENGINE_ROW = "dense engine (CUDA graphs)"
 
 
