@@ -5,6 +5,7 @@ Protocol (the paper's): warm-up runs, then the median of timed runs; every run c
 noise, the work is the same). Every row runs the same `sparvar.generate.generate` loop — only the runner differs.
 
     PYTHONPATH=. python bench/e2e.py --model infinity-2b   # writes bench/results/e2e_<device>.json
+    sparvar bench e2e --model infinity-8b --weights infinity_8b_weights.pth --vae infinity_vae_d56.pth  # real weights
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ PROMPT = "a photo of a red fox sitting in the snow, highly detailed"
 # the honest baseline; results from before commit 3f9aa02 call it "dense engine (CUDA graphs, cuDNN)", though its
 # smallest attention calls had run our Triton kernel since commit 7cea0d2
 DENSE_ENGINE_ROW = "dense engine (CUDA graphs)"
+SPARVAR_ENGINE_ROW = "SparVAR engine (CUDA graphs, Triton kernels)"
 
 
 def time_generation(pipe, features, lengths, warmup: int, runs: int, sampling) -> tuple[dict, list]:
@@ -85,7 +87,7 @@ def rows_for(model_name: str):
         ("dense eager, SDPA cuDNN", "dense", "eager", "cudnn", 0, False),
         # the engines' dense attention: cuDNN, our Triton kernel for the smallest calls (sparvar.attention "engine")
         (DENSE_ENGINE_ROW, "dense", "graphs", "engine", 0, False),
-        ("SparVAR engine (CUDA graphs, Triton kernels)", "sparvar", "graphs", "engine", 0, False),
+        (SPARVAR_ENGINE_ROW, "sparvar", "graphs", "engine", 0, False),
         ("SparVAR engine + skip last 2", "sparvar", "graphs", "engine", 2, False),
         ("dense engine + skip last 2", "dense", "graphs", "engine", 2, False),
     ]
@@ -97,55 +99,56 @@ def rows_for(model_name: str):
     return rows
 
 
-def family_parts(cfg, schedule, device):
-    """(model, decoder, text features, text lengths/mask, sampling, make_runner, make_pipeline) of a model family;
-    the rows then run the same timing code for Infinity and HART."""
-    from sparvar.model import build_model
+def family_parts(model_name: str, resolution: int, device, weights: str | None = None, vae: str | None = None,
+                 embeddings: str | None = None):
+    """(pipeline, decoder, text features, text lengths/mask, sampling, make_runner, make_pipeline) of a model family;
+    the rows then run the same timing code for Infinity and HART.
 
-    model = build_model(cfg, device=device, dtype=torch.bfloat16, seed=0)
+    The model and tokenizer come from the same `Pipeline.create` as `sparvar generate`: random bf16 weights, or the
+    official checkpoints `weights` and `vae`. The text encoder is outside the timing (the paper's protocol), so its
+    features are the hashed stand-ins unless `embeddings` (precomputed features) are given: the work is the same."""
+    from sparvar.pipeline import Pipeline
+
+    base = Pipeline.create(model_name, resolution, weights=weights, vae=vae, device=device, dtype=torch.bfloat16)
+    cfg, schedule, model = base.cfg, base.schedule, base.runner.model
+    features, lengths = base.text_features([PROMPT], embeddings=embeddings, allow_hashed=True)
+    random_weights = base.random_weights
     if getattr(cfg, "family", "infinity") == "hart":
         from sparvar.hart.cuda_engine import HartCudaGraphRunner
         from sparvar.hart.generate import HartPipeline, HartTorchRunner
         from sparvar.hart.sampling import HartSampling
-        from sparvar.hart.text import hashed_hart_embeddings
-        from sparvar.hart.tokenizer import build_hart_vq
 
-        decoder = build_hart_vq(cfg.vq, device=device)  # fp32, as HartPipeline (f_hat accumulates over scales)
-        features, mask = hashed_hart_embeddings([PROMPT], cfg)
+        decoder = base.tokenizer  # fp32, as HartPipeline's (f_hat accumulates over scales)
         runners = {"eager": HartTorchRunner, "graphs": HartCudaGraphRunner}
-        return (model, decoder, features, mask, HartSampling(),
+        return (base, decoder, features, lengths, HartSampling(),
                 lambda kind, plan, backend, fp8: runners[kind](model, schedule, plan, backend=backend),
-                lambda runner, skip: HartPipeline(cfg, schedule, runner, decoder, random_weights=True, skip_last=skip))
+                lambda runner, skip: HartPipeline(cfg, schedule, runner, decoder, random_weights, skip_last=skip))
     from sparvar.cuda_engine import CudaGraphRunner, GraphedDecoder
-    from sparvar.generate import Sampling, TorchRunner
-    from sparvar.pipeline import Pipeline, build_decoder
-    from sparvar.text import hashed_embeddings
-
-    decoder = build_decoder(cfg, None, device, torch.bfloat16)
-    graphed_decoder = GraphedDecoder(decoder)  # the engine rows decode as the torch-cuda engine does
-    features, lengths = hashed_embeddings([PROMPT], cfg.text_dim, cfg.text_maxlen)
     from sparvar.fp8 import DEFAULT_MIN_TOKENS
+    from sparvar.generate import Sampling, TorchRunner
+
+    decoder = base.decoder
+    graphed_decoder = GraphedDecoder(decoder)  # the engine rows decode as the torch-cuda engine does
 
     def make_runner(kind, plan, backend, fp8):
         if kind == "graphs":
             return CudaGraphRunner(model, schedule, plan, backend=backend, fp8_min_tokens=DEFAULT_MIN_TOKENS if fp8 else None)
         return TorchRunner(model, schedule, plan, backend=backend)
 
-    return (model, decoder, features, lengths, Sampling(cfg=4.0, tau=1.0, top_p=0.97), make_runner,
+    return (base, decoder, features, lengths, Sampling(cfg=4.0, tau=1.0, top_p=0.97), make_runner,
             lambda runner, skip: Pipeline(cfg, schedule, runner, graphed_decoder if isinstance(runner, CudaGraphRunner)
-                                          else decoder, random_weights=True, skip_last=skip))
+                                          else decoder, random_weights, skip_last=skip))
 
 
-def bench_model(model_name: str, resolution: int, warmup: int, runs: int, rows=None) -> dict:
-    from sparvar.config import get_config
+def bench_model(model_name: str, resolution: int, warmup: int, runs: int, rows=None, weights: str | None = None,
+                vae: str | None = None, embeddings: str | None = None) -> dict:
     from sparvar.pipeline import make_plan
-    from sparvar.schedule import get_schedule
 
-    cfg = get_config(model_name)
-    schedule = get_schedule(resolution, model=model_name)
     device = torch.device("cuda")
     torch.cuda.reset_peak_memory_stats()
-    model, decoder, features, lengths, sampling, make_runner, make_pipeline = family_parts(cfg, schedule, device)
+    base, decoder, features, lengths, sampling, make_runner, make_pipeline = family_parts(
+        model_name, resolution, device, weights, vae, embeddings)
+    cfg, schedule = base.cfg, base.schedule
     results = []
     for name, attention, kind, backend, skip, fp8 in rows or rows_for(model_name):
         plan = make_plan(cfg, schedule, attention, backend="triton")
@@ -185,10 +188,12 @@ def bench_model(model_name: str, resolution: int, warmup: int, runs: int, rows=N
         if r.get("fp8") and dense_fp8:  # SparVAR's own gain at the same precision
             r["speedup_vs_dense_fp8_engine"] = dense_fp8 / r["median_ms"]
         r["x_flop_floor"] = r["median_ms"] / FLOP_FLOOR_MS.get(model_name, float("nan"))
-    del model, decoder, make_runner, make_pipeline
+    del base, decoder, make_runner, make_pipeline
     gc.collect()
     torch.cuda.empty_cache()
     return {"model": model_name, "resolution": resolution, "batch": 1, "cfg": True, "dtype": "bf16",
+            "weights": {"transformer": weights, "tokenizer": vae} if weights else "random",
+            "text_features": embeddings or "hashed stand-ins (the text encoder is not timed)",
             "cudnn_takes_scale": cudnn_acceptance(cfg, schedule),
             "schedule": [list(g) for g in schedule.grids], "flop_floor_ms": FLOP_FLOOR_MS.get(model_name), "rows": results}
 
@@ -212,36 +217,55 @@ def plot(result: dict, path: str) -> None:
     fig.savefig(path, dpi=110)
 
 
+def check_args(args) -> None:
+    """Refuse a bad option before any model is built (sparvar.cli.UsageError, a message naming it)."""
+    from sparvar.cli import UsageError
+    from sparvar.config import get_config
+
+    for m in args.model or []:
+        try:
+            get_config(m)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+    if (args.weights is None) != (args.vae is None):
+        raise UsageError("bench e2e: give both --weights and --vae (official checkpoints), or neither (random weights)")
+    if args.weights and len(args.model or []) != 1:
+        raise UsageError("bench e2e: --weights/--vae are one model's checkpoints; name that model with one --model")
+    if args.text_embeddings and len(args.model or []) != 1:
+        raise UsageError("bench e2e: --text-embeddings are one model's features; name that model with one --model")
+
+
 def main(args=None) -> int:
-    if args is None or not hasattr(args, "runs"):
-        ap = argparse.ArgumentParser()
-        ap.add_argument("--model", action="append")
-        ap.add_argument("--resolution", type=int, default=1024)
-        ap.add_argument("--warmup", type=int, default=3)
-        ap.add_argument("--runs", type=int, default=20)
-        ap.add_argument("--out", default=None, help="default: bench/results/e2e_<device>.json")
-        ap.add_argument("--rows", default=None, help="only the rows whose name contains one of these comma-separated words")
-        ap.add_argument("--engine-cross-max-q", type=int, default=None,
-                        help="an experiment on the crossover: the engines' cross-attention runs our kernel up to this many "
-                             "query tokens instead of sparvar.attention.ENGINE_CROSS_MAX_Q (recorded in the result)")
+    from sparvar.cli import UsageError, add_bench_e2e_args
+
+    if args is None or isinstance(args, list):  # run as a script; `sparvar bench e2e` parses the same options
+        ap = argparse.ArgumentParser(description="end-to-end latency, dense vs SparVAR")
+        add_bench_e2e_args(ap)
         args = ap.parse_args(args)
+    try:
+        check_args(args)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if not torch.cuda.is_available():
         print("bench e2e needs a CUDA GPU; none is available on this machine", file=sys.stderr)
         return 2
     import sparvar.attention
 
-    if getattr(args, "engine_cross_max_q", None) is not None:
+    if args.engine_cross_max_q is not None:
         sparvar.attention.ENGINE_CROSS_MAX_Q = args.engine_cross_max_q
     models = args.model or ["infinity-2b", "infinity-8b"]
     args.out = args.out or result_path("e2e")
     out = {"benchmark": "end-to-end latency per image", "protocol": f"{args.warmup} warm-up + median of {args.runs} timed runs; "
-           "text conditioning, all scales, CFG, sampling and VAE decode included; T5 encoder excluded; random weights",
+           "text conditioning, all scales, CFG, sampling and VAE decode included; T5 encoder excluded; "
+           + ("official weights" if args.weights else "random weights"),
            "engine_cross_max_q": sparvar.attention.ENGINE_CROSS_MAX_Q, "models": []}
     for m in models:  # written after each model, so a later failure keeps the earlier results
         rows = None
-        if getattr(args, "rows", None):
+        if args.rows:
             rows = [r for r in rows_for(m) if any(w in r[0] for w in args.rows.split(","))]
-        out["models"].append(bench_model(m, args.resolution, args.warmup, args.runs, rows))
+        out["models"].append(bench_model(m, args.resolution, args.warmup, args.runs, rows, args.weights, args.vae,
+                                         args.text_embeddings))
         path = write_result(args.out, out)
     plot(out, os.path.splitext(path)[0] + ".png")
     print(f"wrote {path}")

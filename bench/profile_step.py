@@ -162,26 +162,19 @@ def timeline(model_name: str, attention: str) -> dict:
 
     from torch.profiler import ProfilerActivity, profile as torch_profile
 
-    from sparvar.config import get_config
-    from sparvar.cuda_engine import CudaGraphRunner, GraphedDecoder
-    from sparvar.generate import Sampling, generate
-    from sparvar.model import build_model
-    from sparvar.pipeline import build_decoder, make_plan
-    from sparvar.schedule import get_schedule
-    from sparvar.text import hashed_embeddings
+    from bench.e2e import DENSE_ENGINE_ROW, SPARVAR_ENGINE_ROW, family_parts
+    from sparvar.pipeline import make_plan
 
-    cfg, schedule = get_config(model_name), get_schedule(1024)
-    model = build_model(cfg, device="cuda", dtype=torch.bfloat16)
-    decoder = GraphedDecoder(build_decoder(cfg, None, "cuda", torch.bfloat16))
-    runner = CudaGraphRunner(model, schedule, make_plan(cfg, schedule, attention, backend="triton"))
-    f, l = hashed_embeddings(["a red fox in the snow"], cfg.text_dim, cfg.text_maxlen)
+    base, _, f, l, sampling, make_runner, make_pipeline = family_parts(model_name, 1024, torch.device("cuda"))
+    plan = make_plan(base.cfg, base.schedule, attention, backend="triton")
+    pipe = make_pipeline(make_runner("graphs", plan, "engine", False), 0)  # the rows' runner kind and SDPA backend
     for _ in range(3):  # capture, autotuning, cuDNN plans
-        generate(runner, decoder, schedule, f, l, Sampling(), seed=0)
+        pipe.generate(f, l, sampling=sampling, seed=0)
     torch.cuda.synchronize()
     # CUDA activity only: recording the host's ops too would slow the host and could create the waits measured here.
     # Kernels inside graph replays are traced by CUPTI; `kernels` in the result is the check (thousands per image)
     with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
-        generate(runner, decoder, schedule, f, l, Sampling(), seed=0)
+        pipe.generate(f, l, sampling=sampling, seed=0)
         torch.cuda.synchronize()
     with tempfile.TemporaryDirectory() as tmp:  # the Chrome trace: a stable format with every kernel's interval
         path = os.path.join(tmp, "trace.json")
@@ -190,9 +183,10 @@ def timeline(model_name: str, attention: str) -> dict:
             events = json.load(fh)["traceEvents"]
     kernels = [(float(e["ts"]), float(e["ts"]) + float(e.get("dur", 0)), e.get("name", "?")) for e in events
                if e.get("ph") == "X" and e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")]
-    del runner, model, decoder
+    del pipe, plan, base, make_runner, make_pipeline
     torch.cuda.empty_cache()
-    return {"attention": attention, "runner": "engine, CUDA graphs", **idle_gaps(kernels)}
+    row = DENSE_ENGINE_ROW if attention == "dense" else SPARVAR_ENGINE_ROW
+    return {"attention": attention, "row": row, **idle_gaps(kernels)}
 
 
 def main():

@@ -47,7 +47,7 @@ for what in "${@:2}"; do
     decide)
       python bench/small_scales.py --sections decide --out "$OUT/small_scales_decide_$TAG.json" 2>&1 | grep -v Warning | tail -8 ;;
     e2e2b)
-      python bench/e2e.py --model infinity-2b --warmup 3 --runs 20 --rows "dense engine (CUDA graphs),SparVAR engine (CUDA graphs" \
+      python bench/e2e.py --model infinity-2b --warmup 3 --runs 20 --rows "(CUDA graphs" \
         --out "$OUT/e2e_engines_2b_$TAG.json" 2>&1 | grep -v Warning | tail -6 ;;
     hart)
       python bench/e2e.py --model hart-0.7b --warmup 3 --runs 20 --rows engine \

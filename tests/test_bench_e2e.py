@@ -1,0 +1,65 @@
+"""bench/e2e.py on the CPU: its options are refused before any model is built, and with official checkpoints its
+rows run the weights `sparvar generate` loads (the timing itself needs a GPU: tools/gpu_bench.sh)."""
+import pytest
+import torch
+
+from bench.e2e import family_parts
+from sparvar.checkpoint import save_official
+from sparvar.cli import main
+from sparvar.config import get_config
+from sparvar.model import build_model
+from sparvar.pipeline import Pipeline
+from sparvar.vae import build_vae
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--model", "infinity-3b"], "unknown model 'infinity-3b'"),
+    (["--model", "infinity-2b", "--weights", "w.pth"], "give both --weights and --vae"),
+    (["--model", "infinity-2b", "--vae", "v.pth"], "give both --weights and --vae"),
+    (["--weights", "w.pth", "--vae", "v.pth"], "name that model with one --model"),
+    (["--model", "infinity-2b", "--model", "infinity-8b", "--weights", "w.pth", "--vae", "v.pth"],
+     "name that model with one --model"),
+    (["--text-embeddings", "t.safetensors"], "name that model with one --model"),
+])
+def test_bench_e2e_refuses_bad_options_before_building_anything(args, message, capsys):
+    assert main(["bench", "e2e", *args]) == 2
+    assert message in capsys.readouterr().err
+
+
+def _official_files(tmp_path, cfg):
+    weights, vae = str(tmp_path / "transformer.safetensors"), str(tmp_path / "tokenizer.pth")
+    save_official(build_model(cfg, seed=7), weights)
+    tokenizer = build_vae(cfg.vae, seed=9).state_dict()
+    tokenizer["quantizer.lfq.mask"] = 2 ** torch.arange(cfg.vae.codebook_dim - 1, -1, -1)  # as official files carry
+    torch.save({"vae": tokenizer}, vae)
+    return weights, vae
+
+
+def test_bench_rows_run_the_given_checkpoints(tmp_path):
+    """With --weights/--vae the rows' model and tokenizer are the checkpoints' (not random ones), and an eager row's
+    pipeline makes the image `sparvar generate` makes from the same files, bit for bit."""
+    cfg = get_config("infinity-tiny")
+    weights, vae = _official_files(tmp_path, cfg)
+    base, decoder, features, lengths, sampling, make_runner, make_pipeline = family_parts(
+        "infinity-tiny", cfg.default_resolution, torch.device("cpu"), weights, vae)
+    assert not base.random_weights
+    want = Pipeline.create("infinity-tiny", weights=weights, vae=vae, dtype=torch.bfloat16)
+    random = Pipeline.create("infinity-tiny", dtype=torch.bfloat16)
+    got_params = dict(base.runner.model.named_parameters())
+    for name, p in want.runner.model.named_parameters():
+        assert torch.equal(got_params[name], p), name
+    assert not torch.equal(got_params["pos_start"], dict(random.runner.model.named_parameters())["pos_start"])
+    for a, b in zip(decoder.module.parameters(), want.decoder.module.parameters()):
+        assert torch.equal(a, b)
+
+    pipe = make_pipeline(make_runner("eager", None, "sdpa", False), 0)
+    with torch.no_grad():
+        got = pipe.generate(features, lengths, sampling=sampling, seed=3).image
+        ref = want.generate(features, lengths, sampling=sampling, seed=3).image
+    torch.testing.assert_close(got, ref, atol=0, rtol=0)
+
+
+def test_bench_checkpoint_of_another_model_is_refused(tmp_path):
+    weights, vae = _official_files(tmp_path, get_config("infinity-tiny"))
+    with pytest.raises(ValueError, match="infinity-2b"):
+        family_parts("infinity-2b", 1024, torch.device("cpu"), weights, vae)
