@@ -116,7 +116,7 @@ class CS4AGeometry:
         # (front) and the bands (back) as (G, n) int32 positions. Building them per call cost 5-7 small kernels per
         # CS4A layer and scale; key_indices now takes two (gather, concatenate).
         g, device = self.num_groups, self.selected_group.device
-        sinks = torch.arange(self.sink_len, dtype=torch.int32, device=device).expand(g, self.sink_len).contiguous()
+        sinks = with_sinks(torch.zeros(g, 0, dtype=torch.int32, device=device), self.sink_len).contiguous()
         bands = [Band(start, length).indices() for start, length in zip(self.band_starts, self.band_lengths)]
         object.__setattr__(self, "sink_keys", sinks)
         object.__setattr__(self, "band_keys", torch.cat(bands, dim=-1) if bands
