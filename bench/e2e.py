@@ -107,6 +107,7 @@ def family_parts(model_name: str, resolution: int, device, weights: str | None =
     The model and tokenizer come from the same `Pipeline.create` as `sparvar generate`: random bf16 weights, or the
     official checkpoints `weights` and `vae`. The text encoder is outside the timing (the paper's protocol), so its
     features are the hashed stand-ins unless `embeddings` (precomputed features) are given: the work is the same."""
+    from sparvar.cuda_engine import CudaGraphRunner, GraphedDecoder
     from sparvar.pipeline import Pipeline
 
     base = Pipeline.create(model_name, resolution, weights=weights, vae=vae, device=device, dtype=torch.bfloat16)
@@ -118,12 +119,17 @@ def family_parts(model_name: str, resolution: int, device, weights: str | None =
         from sparvar.hart.generate import HartPipeline, HartTorchRunner
         from sparvar.hart.sampling import HartSampling
 
-        decoder = base.tokenizer  # fp32, as HartPipeline's (f_hat accumulates over scales)
+        # every row decodes in fp16 as the official inference (fp16 autocast); f_hat accumulates in fp32
+        decoder = base.tokenizer.half_decoder()
+        graphed_tokenizer = GraphedDecoder(decoder)  # the engine rows decode as the torch-cuda engine does
         runners = {"eager": HartTorchRunner, "graphs": HartCudaGraphRunner}
+
+        def make_hart_pipeline(runner, skip):
+            tokenizer = graphed_tokenizer if isinstance(runner, HartCudaGraphRunner) else decoder
+            return HartPipeline(cfg, schedule, runner, tokenizer, random_weights, skip_last=skip)
+
         return (base, decoder, features, lengths, HartSampling(),
-                lambda kind, plan, backend, fp8: runners[kind](model, schedule, plan, backend=backend),
-                lambda runner, skip: HartPipeline(cfg, schedule, runner, decoder, random_weights, skip_last=skip))
-    from sparvar.cuda_engine import CudaGraphRunner, GraphedDecoder
+                lambda kind, plan, backend, fp8: runners[kind](model, schedule, plan, backend=backend), make_hart_pipeline)
     from sparvar.fp8 import DEFAULT_MIN_TOKENS
     from sparvar.generate import Sampling, TorchRunner
 

@@ -142,15 +142,18 @@ def capture_scales(run, num_scales: int, pool) -> tuple[list, list]:
 
 
 class GraphedDecoder:
-    """A tokenizer decoder (sparvar.pipeline.Decoder) whose decode is captured as one CUDA graph per latent shape:
-    a 1024² decode is ~750 kernels, and replaying them as a graph takes the launch gaps out (same numerics)."""
+    """A tokenizer decoder whose decode is captured as one CUDA graph per latent shape: a 1024² decode is ~750
+    kernels, and replaying them as a graph takes the launch gaps out (same numerics). It wraps Infinity's
+    sparvar.pipeline.Decoder and HART's HartVQDecoder alike; everything but `decode` is the wrapped object's."""
 
     def __init__(self, decoder):
-        self.decoder, self.codebook_dim, self.patchify = decoder, decoder.codebook_dim, decoder.patchify
+        self.decoder = decoder
         self.graphs: dict = {}
 
-    def bits_to_codes(self, bits):
-        return self.decoder.bits_to_codes(bits)
+    def __getattr__(self, name):  # only reached for names this wrapper lacks: bits_to_codes, patchify, quantize, ...
+        if name == "decoder":  # not set yet (copy / unpickling): no recursion
+            raise AttributeError(name)
+        return getattr(self.decoder, name)
 
     @torch.no_grad()
     def decode(self, latent: torch.Tensor) -> torch.Tensor:

@@ -164,6 +164,37 @@ def test_tiny_real_decode():
         model.decode(f.double())
 
 
+def test_half_decoder_has_the_official_autocast_precision():
+    """The engines' decode: fp16 convolutions, channels-last, as the official inference's fp16 autocast; the quantizer
+    (where f_hat accumulates) stays fp32. Against the fp32 decode it is as close as the autocast emulation is."""
+    import copy
+
+    full = build_hart_vq(TINY.vq, seed=0)
+    g = torch.Generator().manual_seed(0)
+    indices = [torch.randint(0, TINY.vq.vocab_size, (2, pn * pn), generator=g) for pn in TINY.patch_nums]
+    f_hat = full.indices_to_fhat(indices, TINY.patch_nums)  # fp32, accumulated as generation does
+    half = copy.deepcopy(full).half_decoder()
+    assert half.half and not full.half
+    assert all(p.dtype == torch.float32 for p in half.quantize.parameters())
+    assert all(p.dtype == torch.float16 for m in (half.post_quant_conv, half.decoder) for p in m.parameters())
+    assert half.decoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        want = full.decode(f_hat)
+        got = half.decode(f_hat)
+        with torch.autocast("cpu", dtype=torch.float16):  # the official's precision, emulated on the fp32 modules
+            official = full.decode(f_hat).float()
+    assert got.dtype == torch.float16 and got.shape == want.shape and got.is_contiguous()
+    err = (got.float() - want).abs()
+    psnr = 10 * torch.log10(4 / err.square().mean())  # images in [-1, 1]
+    assert err.max() > 0 and psnr > 50, f"PSNR {psnr:.1f} dB"
+    assert err.max() < 2 * (official - want).abs().max() + 1e-3
+    assert (got.float() - official).abs().max() < 0.05
+    with pytest.raises(TypeError, match="quantizer's dtype torch.float32"):
+        half.decode(f_hat.half())  # f_hat accumulates in fp32 and is cast on the way in
+    with pytest.raises(ValueError, match="float16 or torch.bfloat16"):
+        copy.deepcopy(full).half_decoder(torch.float64)
+
+
 def test_config_errors():
     with pytest.raises(ValueError, match="share_quant_resi"):
         HartVQDecoder(dataclasses.replace(TINY.vq, share_quant_resi=1))

@@ -6,7 +6,9 @@ kernel is Infinity's norm kernel; RoPE by halves writing into the KV cache; SwiG
 inside the graphs. What differs is the text: HART's prompt is a
 fixed `text_len`-slot prefix, so there is one graph set per (batch, guided) and no length bucket, and the RoPE
 tables depend on each row's text positions, so they live in static buffers refilled by `begin`.
-The diffusion head (8 small MLP steps on the last scale's tokens) runs eagerly after the graphs.
+The diffusion head (8 small MLP steps on the last scale's tokens) runs eagerly after the graphs. The tokenizer's
+decode runs in fp16 (the official inference's autocast precision), channels-last, captured as one graph; its f_hat
+still accumulates in fp32.
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ import dataclasses
 
 import torch
 
-from ..cuda_engine import capture_scales
+from ..cuda_engine import GraphedDecoder, capture_scales
 from ..model import frozen_weight_functions, qkv_bias
 from .generate import HartTorchRunner
 from .model import HART, KVCache, Pointwise, TextCondition, rope_tables
@@ -142,4 +144,5 @@ def load_hart_cuda_pipeline(engine_dir: str, manifest: dict, cfg, schedule, skip
                                device="cuda", dtype=dtype, attention="dense", skip_last=skip_last, seed=spec["seed"])
     plan = make_plan(cfg, schedule, spec["attention"], backend="triton")
     pipe.runner = HartCudaGraphRunner(pipe.runner.model, schedule, plan)
+    pipe.tokenizer = GraphedDecoder(pipe.tokenizer.half_decoder())  # fp16 decode, as the official autocast; one graph
     return pipe

@@ -322,12 +322,30 @@ class HartVQDecoder(nn.Module):
         if not isinstance(f_hat, torch.Tensor) or f_hat.ndim != 4 or f_hat.shape[1] != self.cfg.z_channels:
             raise ValueError(f"{self.cfg.name}: f_hat must be (B, {self.cfg.z_channels}, h, w), got "
                              f"{tuple(f_hat.shape) if isinstance(f_hat, torch.Tensor) else type(f_hat).__name__}")
-        weight_dtype = self.post_quant_conv.weight.dtype
-        if f_hat.dtype != weight_dtype:
-            raise TypeError(f"f_hat dtype {f_hat.dtype} != decoder weight dtype {weight_dtype}; cast f_hat first")
-        return self.decoder(self.post_quant_conv(f_hat)).clamp(-1.0, 1.0)
+        accumulator = self.quantize.embedding.weight.dtype
+        if f_hat.dtype != accumulator:
+            raise TypeError(f"f_hat dtype {f_hat.dtype} != the quantizer's dtype {accumulator} (f_hat accumulates there)")
+        x = f_hat.to(self.post_quant_conv.weight.dtype)  # a no-op unless the decode side is half (half_decoder)
+        if self.half:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return self.decoder(self.post_quant_conv(x)).clamp(-1.0, 1.0).contiguous()
 
     forward = decode
+
+    @property
+    def half(self) -> bool:
+        return self.post_quant_conv.weight.dtype != self.quantize.embedding.weight.dtype
+
+    def half_decoder(self, dtype: torch.dtype = torch.float16) -> "HartVQDecoder":
+        """This tokenizer, its decode side converted in place to `dtype` and channels_last: the official inference
+        runs under fp16 autocast (sample.py), so its decode convolutions see fp16. The quantizer stays in its dtype
+        (fp32): f_hat accumulates over every scale there. Channels-last weights and input spare cuDNN the NCHW<->NHWC
+        transposes around each convolution and let the 2x upsampling run its Triton kernel (sparvar.vae)."""
+        if dtype not in (torch.float16, torch.bfloat16):
+            raise ValueError(f"half_decoder takes torch.float16 or torch.bfloat16, got {dtype}")
+        for module in (self.post_quant_conv, self.decoder):
+            module.to(dtype=dtype, memory_format=torch.channels_last)
+        return self
 
 
 # --- construction and strict loading
