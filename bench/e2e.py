@@ -146,16 +146,42 @@ def family_parts(model_name: str, resolution: int, device, weights: str | None =
                                           else decoder, random_weights, skip_last=skip))
 
 
+def add_ratios(model_name: str, results: list[dict]) -> None:
+    """Each row's speedups over the baselines measured in the same process (and its distance from the FLOP floor)."""
+    medians = {r["row"]: r["median_ms"] for r in results if "median_ms" in r}
+    fa2 = medians.get("dense eager, SDPA FlashAttention-2")
+    dense_engine = medians.get(DENSE_ENGINE_ROW)
+    dense_fp8 = medians.get("dense engine, FP8 linears")
+    for r in results:
+        if "median_ms" not in r:
+            continue
+        if fa2:
+            r["speedup_vs_dense_eager_fa2"] = fa2 / r["median_ms"]
+        if dense_engine:
+            r["speedup_vs_dense_engine"] = dense_engine / r["median_ms"]
+        if r.get("fp8") and dense_fp8:  # SparVAR's own gain at the same precision
+            r["speedup_vs_dense_fp8_engine"] = dense_fp8 / r["median_ms"]
+        r["x_flop_floor"] = r["median_ms"] / FLOP_FLOOR_MS.get(model_name, float("nan"))
+
+
 def bench_model(model_name: str, resolution: int, warmup: int, runs: int, rows=None, weights: str | None = None,
-                vae: str | None = None, embeddings: str | None = None) -> dict:
+                vae: str | None = None, embeddings: str | None = None, save=None, device="cuda") -> dict:
+    """The rows of one model, side by side in this process. `save(result)` is called after every row with the
+    result so far, so that a run cut short (a time limit, a lost machine) keeps the rows it finished."""
     from sparvar.pipeline import make_plan
 
-    device = torch.device("cuda")
+    device = torch.device(device)
     torch.cuda.reset_peak_memory_stats()
     base, decoder, features, lengths, sampling, make_runner, make_pipeline = family_parts(
         model_name, resolution, device, weights, vae, embeddings)
     cfg, schedule = base.cfg, base.schedule
     results = []
+    result = {"model": model_name, "resolution": resolution, "batch": 1, "cfg": True, "dtype": "bf16",
+              "weights": {"transformer": weights, "tokenizer": vae} if weights else "random",
+              "text_features": embeddings or "hashed stand-ins (the text encoder is not timed)",
+              "cudnn_takes_scale": cudnn_acceptance(cfg, schedule),
+              "schedule": [list(g) for g in schedule.grids], "flop_floor_ms": FLOP_FLOOR_MS.get(model_name),
+              "rows": results}
     for name, attention, kind, backend, skip, fp8 in rows or rows_for(model_name):
         plan = make_plan(cfg, schedule, attention, backend="triton")
         runner = make_runner(kind, plan, backend, fp8)
@@ -168,40 +194,23 @@ def bench_model(model_name: str, resolution: int, warmup: int, runs: int, rows=N
         except Exception as e:  # one broken row must not lose the others: record it
             print(f"{model_name:12s} {name:48s} FAILED: {type(e).__name__}: {e}", flush=True)
             results.append({"row": name, "error": f"{type(e).__name__}: {e}"})
-            del runner, pipe, plan
-            gc.collect()
-            torch.cuda.empty_cache()
-            continue
-        row = {"row": name, "attention": attention, "runner": kind, "sdpa_backend": backend, "skip_last": skip, "fp8": fp8,
-               **timing, "per_scale_ms": per_scale, "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30,
-               "bench_seconds": time.perf_counter() - t0}
-        print(f"{model_name:12s} {name:48s} {timing['median_ms']:8.1f} ms  (peak {row['peak_memory_gib']:.1f} GiB)", flush=True)
-        results.append(row)
+        else:
+            row = {"row": name, "attention": attention, "runner": kind, "sdpa_backend": backend, "skip_last": skip,
+                   "fp8": fp8, **timing, "per_scale_ms": per_scale,
+                   "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30, "bench_seconds": time.perf_counter() - t0}
+            print(f"{model_name:12s} {name:48s} {timing['median_ms']:8.1f} ms  (peak {row['peak_memory_gib']:.1f} GiB)",
+                  flush=True)
+            results.append(row)
         del runner, pipe, plan
         gc.collect()
         torch.cuda.empty_cache()
-    base = {r["row"]: r["median_ms"] for r in results if "median_ms" in r}
-    fa2 = base.get("dense eager, SDPA FlashAttention-2")
-    dense_engine = base.get(DENSE_ENGINE_ROW)
-    dense_fp8 = base.get("dense engine, FP8 linears")
-    for r in results:
-        if "median_ms" not in r:
-            continue
-        if fa2:
-            r["speedup_vs_dense_eager_fa2"] = fa2 / r["median_ms"]
-        if dense_engine:
-            r["speedup_vs_dense_engine"] = dense_engine / r["median_ms"]
-        if r.get("fp8") and dense_fp8:  # SparVAR's own gain at the same precision
-            r["speedup_vs_dense_fp8_engine"] = dense_fp8 / r["median_ms"]
-        r["x_flop_floor"] = r["median_ms"] / FLOP_FLOOR_MS.get(model_name, float("nan"))
+        add_ratios(model_name, results)
+        if save is not None:
+            save(result)
     del base, decoder, make_runner, make_pipeline
     gc.collect()
     torch.cuda.empty_cache()
-    return {"model": model_name, "resolution": resolution, "batch": 1, "cfg": True, "dtype": "bf16",
-            "weights": {"transformer": weights, "tokenizer": vae} if weights else "random",
-            "text_features": embeddings or "hashed stand-ins (the text encoder is not timed)",
-            "cudnn_takes_scale": cudnn_acceptance(cfg, schedule),
-            "schedule": [list(g) for g in schedule.grids], "flop_floor_ms": FLOP_FLOOR_MS.get(model_name), "rows": results}
+    return result
 
 
 def plot(result: dict, path: str) -> None:
@@ -266,12 +275,14 @@ def main(args=None) -> int:
            "text conditioning, all scales, CFG, sampling and VAE decode included; T5 encoder excluded; "
            + ("official weights" if args.weights else "random weights"),
            "engine_cross_max_q": sparvar.attention.ENGINE_CROSS_MAX_Q, "models": []}
-    for m in models:  # written after each model, so a later failure keeps the earlier results
+    for m in models:  # written after every row, so a run cut short keeps what it measured
         rows = None
         if args.rows:
             rows = [r for r in rows_for(m) if any(w in r[0] for w in args.rows.split(","))]
+        done = list(out["models"])
         out["models"].append(bench_model(m, args.resolution, args.warmup, args.runs, rows, args.weights, args.vae,
-                                         args.text_embeddings))
+                                         args.text_embeddings,
+                                         save=lambda partial: write_result(args.out, {**out, "models": done + [partial]})))
         path = write_result(args.out, out)
     plot(out, os.path.splitext(path)[0] + ".png")
     print(f"wrote {path}")

@@ -63,3 +63,33 @@ def test_bench_checkpoint_of_another_model_is_refused(tmp_path):
     weights, vae = _official_files(tmp_path, get_config("infinity-tiny"))
     with pytest.raises(ValueError, match="infinity-2b"):
         family_parts("infinity-2b", 1024, torch.device("cpu"), weights, vae)
+
+
+def test_bench_model_saves_every_row_with_its_ratios(monkeypatch):
+    """The row loop on the CPU, timing stubbed (it needs CUDA events): every row is saved as soon as it is measured,
+    with the ratios over the rows measured before it; a failing row is recorded and the others still run."""
+    import bench.e2e as e2e
+
+    medians = iter([100.0, 50.0])
+
+    def fake_timing(pipe, features, lengths, warmup, runs, sampling):
+        image = pipe.generate(features, lengths, sampling=sampling, seed=0).image  # the row's real pipeline runs once
+        assert image.shape[0] == 1 and torch.isfinite(image).all()
+        return {"median_ms": next(medians)}, [1.0] * (pipe.schedule.num_scales - pipe.skip_last)
+
+    monkeypatch.setattr(e2e, "time_generation", fake_timing)
+    monkeypatch.setattr(e2e, "cudnn_acceptance", lambda cfg, schedule: {})
+    for name in ("reset_peak_memory_stats", "synchronize", "empty_cache"):
+        monkeypatch.setattr(torch.cuda, name, lambda: None)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda: 0)
+    rows = [("dense eager, SDPA FlashAttention-2", "dense", "eager", "math", 0, False),
+            ("dense eager + skip last 2", "dense", "eager", "math", 2, False),
+            ("SparVAR eager", "sparvar", "eager", "math", 0, False)]  # the rows' Triton plan: fails on the CPU
+    saved = []
+    result = e2e.bench_model("infinity-tiny", 256, 0, 1, rows, save=lambda r: saved.append(
+        [dict(row) for row in r["rows"]]), device="cpu")
+    assert [len(s) for s in saved] == [1, 2, 3]
+    assert saved[0][0]["speedup_vs_dense_eager_fa2"] == 1.0
+    assert saved[1][1]["speedup_vs_dense_eager_fa2"] == 2.0
+    assert result["rows"][2]["row"] == "SparVAR eager" and "CUDA device" in result["rows"][2]["error"]
+    assert result["model"] == "infinity-tiny" and result["weights"] == "random"
