@@ -76,21 +76,6 @@ def cuda_time_ms(fn, warmup: int = 5, runs: int = 50) -> dict:
     return summarize(times)
 
 
-def wall_time_ms(fn, warmup: int = 2, runs: int = 10, sync=None) -> dict:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(runs):
-        if sync:
-            sync()
-        t0 = time.perf_counter()
-        fn()
-        if sync:
-            sync()
-        times.append(1000 * (time.perf_counter() - t0))
-    return summarize(times)
-
-
 def summarize(times: list[float]) -> dict:
     return {"median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times), "runs": len(times)}
 

@@ -60,7 +60,6 @@ VARIANTS: dict[str, tuple[dict | None, int]] = {
     "cs4a_cache": ({"cs4a_layers": "all"}, 0),
     "csla_only": ({"cs4a_layers": 0}, 0),
 }
-MAIN_VARIANTS = ("dense", "sparvar", "skip2", "sparvar_skip2")
 # FP8 linears (sparvar/fp8.py). "fp8" / "sparvar_fp8": FP8 at the last FP8_LAST_SCALES scales, as the torch-cuda
 # engine's default threshold (1,024 tokens) gives for Infinity 2B/8B at 1024² (scales 9-12 of 13); "fp8_all": every
 # scale, the worst case (an early scale's error changes which bits are sampled, and so the whole image).

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import contextlib
-import hashlib
 import io
 import warnings
 import inspect
@@ -294,6 +293,3 @@ def _build_torch_cuda(ctx: StageContext, out: str) -> dict:
     save_file({k: v.contiguous() for k, v in payload.items()} or {"empty": torch.zeros(0)}, os.path.join(out, "layouts.safetensors"))
     return {"torch_cuda": {"layouts": sorted(payload)}}
 
-
-def sha256_bytes(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()

@@ -114,7 +114,7 @@ def step_kv_outputs(kv: ConcatKV, cfg, scale: int, plan=None) -> dict[str, torch
 def step_io(cfg: InfinityConfig, schedule: Schedule, scale: int, batch: int, dtype: torch.dtype,
             policy=None) -> tuple[list[TensorSpec], list[TensorSpec]]:
     B2, H, D, C = 2 * batch, cfg.heads, cfg.head_dim, cfg.width
-    n, past = schedule.lengths[scale], schedule.offsets[scale]
+    n = schedule.lengths[scale]
     dt = _dt(dtype)
     inputs = [TensorSpec("sos", (B2, 1, C), dt) if scale == 0 else TensorSpec("codes", (batch, n, cfg.bits), "float32"),
               TensorSpec("cond", (B2, C), "float32"), TensorSpec("ada", (cfg.depth, B2, 1, 6, C), "float32"),

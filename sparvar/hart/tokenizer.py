@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..checkpoint import CheckpointError, read_state_dict, select_state
+from ..checkpoint import read_state_dict, select_state
 from ..vae import conv_without_bias, norm_silu, resnet_block, upsample_conv
 from .config import HartVQConfig
 
