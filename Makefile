@@ -21,7 +21,7 @@ WEIGHT_ARGS = $(if $(WEIGHTS),--weights $(WEIGHTS) --vae $(VAE),--random-weights
 RES_ARGS = $(if $(RESOLUTION),--resolution $(RESOLUTION),)
 ENGINE_DIR ?= engines/$(MODEL)-$(ATTENTION)-$(BACKEND)
 
-.PHONY: install test demo engine generate bench docs clean
+.PHONY: install test demo engine generate serve bench docs clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m pip install -q torch==2.13.0 || $(PYTHON) -c "import torch"
@@ -38,6 +38,10 @@ engine: $(STAMP)
 
 generate: $(STAMP)
 	$(PYTHON) -m sparvar.cli generate --engine $(ENGINE_DIR) --prompt "$(PROMPT)" --out $(OUT)
+
+# A long-lived process answering POST /generate from the built engine (README: serving).
+serve: $(STAMP)
+	$(PYTHON) -m sparvar.cli serve --engine $(ENGINE_DIR)
 
 # The README's main command: build the embedded default engine, then generate an image through it.
 demo: engine generate

@@ -1,4 +1,4 @@
-"""`sparvar` command line: generate, engine build/info/verify, bench.
+"""`sparvar` command line: generate, engine build/info/verify, serve, bench.
 
 Every argument is checked before any heavy work starts; a bad one exits with a message naming it.
 """
@@ -65,6 +65,16 @@ def build_parser() -> argparse.ArgumentParser:
     for name in ("info", "verify"):
         e = esub.add_parser(name, help=f"{name} an engine directory")
         e.add_argument("engine_dir")
+
+    serve = sub.add_parser("serve", help="serve generation requests over HTTP from one warm engine (sparvar/serve.py)")
+    serve.add_argument("--engine", required=True, help="engine directory built by `sparvar engine build`")
+    serve.add_argument("--t5", help="local flan-t5-xl directory (Infinity engines with real weights)")
+    serve.add_argument("--qwen", help="local Qwen2-VL-1.5B-Instruct directory (HART engines with real weights)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    serve.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
+    serve.add_argument("--skip-last", type=int, default=0, help="skip the transformer on the last N scales")
+    serve.add_argument("--no-warmup", action="store_true",
+                       help="do not generate once before listening (the first request then pays capture and tuning)")
 
     bench = sub.add_parser("bench", help="benchmarks")
     bsub = bench.add_subparsers(dest="bench_command", required=True)
@@ -179,6 +189,30 @@ def cmd_engine(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    from .serve import GenerationService, make_server
+
+    if args.skip_last < 0:
+        raise UsageError(f"--skip-last must be >= 0, got {args.skip_last}")
+    if not 0 <= args.port < 65536:
+        raise UsageError(f"--port must be in [0, 65535], got {args.port}")
+    service = GenerationService(args.engine, t5=args.t5, qwen=args.qwen, skip_last=args.skip_last)
+    if not args.no_warmup:  # the engine's first generation loads sessions / captures graphs: not a client's wait
+        _, ms = service.generate({"prompt": "warm-up"})
+        service.served = 0
+        print(f"warm-up generation: {ms:.1f} ms", file=sys.stderr)
+    server = make_server(service, args.host, args.port, log=lambda m: print(m, file=sys.stderr))
+    print(f"serving {args.engine} on http://{args.host}:{server.server_port} (POST /generate, GET /health)",
+          file=sys.stderr, flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+    return 0
+
+
 def cmd_bench(args) -> int:
     from bench.e2e import main as e2e_main  # benchmarks live in bench/, run from the repo root
 
@@ -188,7 +222,7 @@ def cmd_bench(args) -> int:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return {"generate": cmd_generate, "engine": cmd_engine, "bench": cmd_bench}[args.command](args)
+        return {"generate": cmd_generate, "engine": cmd_engine, "serve": cmd_serve, "bench": cmd_bench}[args.command](args)
     except UsageError as e:
         print(f"sparvar: error: {e}", file=sys.stderr)
         return 2

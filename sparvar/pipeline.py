@@ -54,6 +54,7 @@ class Pipeline:
     def __init__(self, cfg: InfinityConfig, schedule: Schedule, runner, decoder: Decoder, random_weights: bool, skip_last: int = 0):
         self.cfg, self.schedule, self.runner, self.decoder = cfg, schedule, runner, decoder
         self.random_weights, self.skip_last = random_weights, skip_last
+        self.text_encoders: dict = {}  # directory -> loaded encoder: a long-lived pipeline (sparvar serve) loads it once
 
     @classmethod
     def from_args(cls, args, device, dtype) -> "Pipeline":
@@ -89,7 +90,9 @@ class Pipeline:
         if self.cfg.text_encoder == "hashed":  # the model was trained on these embeddings: they are its text encoder
             return hashed_embeddings(prompts, self.cfg.text_dim, self.cfg.text_maxlen)
         if t5:
-            encoder = T5TextEncoder(t5, device=self.runner.device)
+            if t5 not in self.text_encoders:
+                self.text_encoders[t5] = T5TextEncoder(t5, device=self.runner.device)
+            encoder = self.text_encoders[t5]
             if encoder.dim != self.cfg.text_dim:
                 raise ValueError(f"T5 encoder at {t5} has width {encoder.dim}; {self.cfg.name} needs {self.cfg.text_dim}")
             return encoder(prompts)
@@ -122,11 +125,16 @@ def check_text_sources(cfg, t5: str | None = None, qwen: str | None = None, embe
         raise ValueError(f"--qwen is HART's text encoder; {cfg.name} takes --t5 DIR or --text-embeddings FILE")
 
 
+def image_arrays(images: torch.Tensor):
+    """(B, 3, H, W) in [0, 1] -> (B, H, W, 3) uint8 numpy: the pixels every written image has."""
+    return images.mul(255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
 def save_images(images: torch.Tensor, out: str) -> list[str]:
     """(B, 3, H, W) in [0, 1] -> PNG file(s), each written to a temp name and renamed."""
     from PIL import Image
 
-    arr = images.mul(255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    arr = image_arrays(images)
     root, ext = os.path.splitext(out)
     ext = ext or ".png"
     paths = [f"{root}{ext}"] if len(arr) == 1 else [f"{root}-{i}{ext}" for i in range(len(arr))]

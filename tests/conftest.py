@@ -17,3 +17,18 @@ def _seeded():
     inputs; an unseeded draw once failed CI and passed locally)."""
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="session")
+def engines(tmp_path_factory):
+    """infinity-tiny onnxruntime engines at 256², {"dense": dir, "sparvar": dir}, built once per session (~35 s):
+    the engine tests and the server tests run them; tests that change an engine copy it first."""
+    from sparvar.engine import EngineSpec, build_engine
+
+    root = tmp_path_factory.mktemp("engines")
+    out = {}
+    for attention in ("dense", "sparvar"):
+        out[attention] = str(root / attention)
+        build_engine(EngineSpec(model="infinity-tiny", resolution=256, attention=attention), out[attention],
+                     log=lambda *a, **k: None)
+    return out

@@ -13,22 +13,8 @@ from sparvar.runtime import load_engine_pipeline
 from sparvar.text import hashed_embeddings
 
 pytestmark = pytest.mark.filterwarnings("ignore")
-SPECS = {
-    "dense": EngineSpec(model="infinity-tiny", resolution=256, attention="dense"),
-    "sparvar": EngineSpec(model="infinity-tiny", resolution=256, attention="sparvar"),
-}
 QUIET = lambda *a, **k: None  # noqa: E731
-
-
-@pytest.fixture(scope="module")
-def engines(tmp_path_factory):
-    root = tmp_path_factory.mktemp("engines")
-    out = {}
-    for name, spec in SPECS.items():
-        path = str(root / name)
-        build_engine(spec, path, log=QUIET)
-        out[name] = path
-    return out
+# `engines` (conftest.py): infinity-tiny onnxruntime engines, dense and sparvar, built once per test session
 
 
 def _features():
@@ -81,7 +67,7 @@ def test_engine_step_logits_match_torch(engines):
 def test_unchanged_stages_are_skipped_and_changed_rebuilt(tmp_path):
     path = str(tmp_path / "e")
     logs = []
-    spec = SPECS["dense"]
+    spec = EngineSpec(model="infinity-tiny", resolution=256, attention="dense")
     m1 = build_engine(spec, path, log=logs.append)
     assert not any("skipped" in line for line in logs)
     logs.clear()

@@ -209,6 +209,7 @@ class HartPipeline:
                  random_weights: bool, skip_last: int = 0):
         self.cfg, self.schedule, self.runner, self.tokenizer = cfg, schedule, runner, tokenizer
         self.random_weights, self.skip_last = random_weights, skip_last
+        self.text_encoders: dict = {}  # directory -> loaded Qwen2 encoder, loaded once per pipeline
 
     @classmethod
     def create(cls, model: str, resolution: int | None = None, aspect: str = "1:1", weights: str | None = None,
@@ -249,7 +250,9 @@ class HartPipeline:
         if self.cfg.text_encoder == "hashed":  # the model's own text encoder (check_text_sources refused --qwen)
             return hashed_hart_embeddings(prompts, self.cfg)
         if qwen:
-            return Qwen2TextEncoder(qwen, self.cfg, device=self.runner.device)(prompts)
+            if qwen not in self.text_encoders:
+                self.text_encoders[qwen] = Qwen2TextEncoder(qwen, self.cfg, device=self.runner.device)
+            return self.text_encoders[qwen](prompts)
         if not allow_hashed:
             raise ValueError(f"{self.cfg.name} with real weights needs a text encoder: give --qwen DIR (a local "
                              "Qwen2-VL-1.5B-Instruct) or --text-embeddings FILE")

@@ -1,0 +1,105 @@
+"""`sparvar serve` on the CPU: a warm infinity-tiny onnxruntime engine behind HTTP answers with the image
+`sparvar generate --engine` writes for the same prompt and seed, and refuses bad requests with a 400 naming them."""
+import io
+import json
+import threading
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from sparvar.cli import main
+from sparvar.serve import GenerationService, make_server
+
+
+@pytest.fixture(scope="module")
+def server(engines):
+    service = GenerationService(engines["sparvar"])
+    httpd = make_server(service, "127.0.0.1", 0)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_port}", service
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def _post(url, body, raw=False):
+    data = body if raw else json.dumps(body).encode()
+    req = urllib.request.Request(url + "/generate", data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=120) as r:
+            return r.status, r.headers, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.headers, e.read()
+
+
+def _pixels(png: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(png)))
+
+
+def test_generate_returns_the_cli_image(server, engines, tmp_path, capsys):
+    url, _ = server
+    status, headers, png = _post(url, {"prompt": "a red car", "seed": 5, "cfg": 3.0})
+    assert status == 200 and headers["Content-Type"] == "image/png"
+    assert headers["X-Sparvar-Seed"] == "5" and float(headers["X-Sparvar-Latency-Ms"]) > 0
+    out = str(tmp_path / "cli.png")
+    assert main(["generate", "--engine", engines["sparvar"], "--prompt", "a red car", "--seed", "5", "--cfg", "3",
+                 "--out", out]) == 0
+    capsys.readouterr()
+    served = _pixels(png)
+    assert served.shape == (256, 256, 3)
+    np.testing.assert_array_equal(served, np.asarray(Image.open(out)))
+    again = _post(url, {"prompt": "a red car", "seed": 5, "cfg": 3.0})[2]
+    other = _post(url, {"prompt": "a red car", "seed": 6, "cfg": 3.0})[2]
+    assert again == png and not np.array_equal(_pixels(other), served)
+
+
+@pytest.mark.parametrize("body,message", [
+    ({}, "'prompt' must be a non-empty string"),
+    ({"prompt": "  "}, "'prompt' must be a non-empty string"),
+    ({"prompt": "a cat", "temperature": 2}, "unknown field(s) temperature"),
+    ({"prompt": "a cat", "seed": -1}, "'seed' must be an integer"),
+    ({"prompt": "a cat", "seed": "3"}, "'seed' must be an integer"),
+    ({"prompt": "a cat", "top_k": 5}, "top_k must be 0, 1 or 2"),
+    ({"prompt": "a cat", "tau": 0}, "tau must be > 0"),
+    ({"prompt": "a cat", "cfg": "high"}, "'cfg' must be a number"),
+    ({"prompt": "a cat", "cfg": 1.0}, "built with classifier-free guidance"),  # the engine's own refusal
+    (["a cat"], "must be a JSON object"),
+])
+def test_bad_requests_get_400_naming_the_problem(server, body, message):
+    url, service = server
+    status, headers, payload = _post(url, body)
+    assert status == 400 and headers["Content-Type"] == "application/json"
+    assert message in json.loads(payload)["error"]
+
+
+def test_malformed_body_unknown_path_and_health(server):
+    url, service = server
+    status, _, payload = _post(url, b"{not json", raw=True)
+    assert status == 400 and "not JSON" in json.loads(payload)["error"]
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(url + "/nope", timeout=30)
+    assert e.value.code == 404
+    with urllib.request.urlopen(url + "/health", timeout=30) as r:
+        health = json.loads(r.read())
+    assert health["model"] == "infinity-tiny" and health["attention"] == "sparvar"
+    assert health["backend"] == "onnxruntime" and health["served"] >= 0 and health["failed"] == 0
+
+
+def test_service_refuses_what_it_cannot_serve(engines, tmp_path):
+    with pytest.raises(ValueError, match="--t5 is Infinity's text encoder|drop --qwen|--qwen is HART's"):
+        GenerationService(engines["sparvar"], qwen="somewhere")
+    with pytest.raises(ValueError, match="manifest"):
+        GenerationService(str(tmp_path))  # not an engine directory
+
+
+@pytest.mark.parametrize("args,code,message", [
+    (["--skip-last", "-1"], 2, "--skip-last must be >= 0"),
+    (["--port", "70000"], 2, "--port must be in [0, 65535]"),
+    (["--qwen", "q"], 1, "--qwen is HART's text encoder"),
+])
+def test_serve_command_refuses_bad_options(engines, args, code, message, capsys):
+    assert main(["serve", "--engine", engines["sparvar"], *args]) == code
+    assert message in capsys.readouterr().err
