@@ -103,3 +103,21 @@ def test_service_refuses_what_it_cannot_serve(engines, tmp_path):
 def test_serve_command_refuses_bad_options(engines, args, code, message, capsys):
     assert main(["serve", "--engine", engines["sparvar"], *args]) == code
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+def test_serves_a_torch_cuda_engine(tmp_path):
+    """The GPU engine behind the service: graphs captured by the first request, replayed by the next ones (the same
+    image for the same request, another for another seed)."""
+    from sparvar.engine import EngineSpec, build_engine
+
+    path = str(tmp_path / "cuda")
+    build_engine(EngineSpec(model="infinity-tiny", resolution=256, attention="sparvar", backend="torch-cuda",
+                            dtype="bf16"), path, log=lambda *a, **k: None)
+    service = GenerationService(path)
+    first, _ = service.generate({"prompt": "a red car", "seed": 1})
+    again, _ = service.generate({"prompt": "a red car", "seed": 1})
+    other, _ = service.generate({"prompt": "a red car", "seed": 2})
+    assert _pixels(first).shape == (256, 256, 3)
+    assert first == again and first != other
+    assert service.info()["backend"] == "torch-cuda" and service.served == 3
