@@ -79,6 +79,8 @@ def stage_key_inputs(stage: str, ctx: StageContext) -> dict:
     if stage == "build":
         key = {"backend": spec.backend, **{k: v for k, v in ctx.versions.items()
                                              if k in ("onnxruntime", "tensorrt", "tensorrt-rtx-cu13-bindings", "triton", "torch")}}
+        if spec.backend == "torch-cuda":  # 1: the stored SparVAR plan (engines before it stored only CSLA lists)
+            key["torch_cuda_plan"] = 1
         if spec.backend == "tensorrt-rtx":  # stripped for the local GPU or embedded for all targets: a different plan
             from export.trt_rtx import weights_plan
 
@@ -278,18 +280,17 @@ def _build_onnxruntime(ctx: StageContext, out: str) -> dict:
     return {"onnxruntime": settings}
 
 
+TORCH_CUDA_PLAN = "build/sparse_plan.safetensors"  # relative to the engine directory
+
+
 def _build_torch_cuda(ctx: StageContext, out: str) -> dict:
-    """The GPU engine: precomputed sparse layouts and geometry, stored so the runtime does no mask work."""
-    policy = ctx.policy()
-    payload = {}
-    if policy is not None:
-        schedule = ctx.schedule
-        for s in policy.sparse_scales:
-            lay = policy.csla_layout(schedule, s)
-            payload[f"csla.{s}.kv_num_blocks"] = lay.kv_num_blocks
-            payload[f"csla.{s}.kv_indices"] = lay.kv_indices
-    from safetensors.torch import save_file
+    """The GPU engine's own artefact: the SparVAR plan's CSLA layouts and CS4A geometries, precomputed here and
+    loaded by the runtime (sparvar.sparse.load_plan), so that it runs exactly the layouts this build made. The
+    weights come from the spec (checkpoint or seed) when the engine is loaded."""
+    if ctx.spec.attention != "sparvar":
+        return {"torch_cuda": {"sparse_plan": None}}
+    from sparvar.pipeline import make_plan
 
-    save_file({k: v.contiguous() for k, v in payload.items()} or {"empty": torch.zeros(0)}, os.path.join(out, "layouts.safetensors"))
-    return {"torch_cuda": {"layouts": sorted(payload)}}
-
+    plan = make_plan(ctx.cfg, ctx.schedule, "sparvar")
+    names = plan.save(os.path.join(ctx.out_dir, TORCH_CUDA_PLAN))
+    return {"torch_cuda": {"sparse_plan": TORCH_CUDA_PLAN, "tensors": names}}

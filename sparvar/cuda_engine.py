@@ -174,26 +174,26 @@ def _text_tensors(t: TextCondition) -> list[torch.Tensor]:
 
 
 def load_cuda_engine(engine_dir: str, manifest: dict):
-    """Runner + decoder of a torch-cuda engine directory (weights: the spec's checkpoint, or its random seed)."""
-    from .pipeline import build_decoder, make_plan
+    """Runner + decoder of a torch-cuda engine directory: its stored SparVAR plan, and the spec's weights (checkpoint
+    or random seed) on the GPU in the spec's dtype."""
     from .checkpoint import load_model
     from .config import get_config
+    from .engine import EngineError, load_engine_plan
+    from .fp8 import DEFAULT_MIN_TOKENS
     from .model import build_model
+    from .pipeline import build_decoder
     from .schedule import get_schedule
-
-    from .engine import EngineError
 
     if not torch.cuda.is_available():
         raise EngineError(f"{engine_dir} is a torch-cuda engine and needs a CUDA GPU; none is available on this machine")
     spec = manifest["spec"]
+    plan = load_engine_plan(engine_dir, manifest)  # before the weights: a stale plan fails fast
     cfg = get_config(spec["model"])
     schedule = get_schedule(spec["resolution"], spec["aspect"], model=spec["model"])
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[spec["dtype"]]
     device = torch.device("cuda")
     model = (build_model(cfg, device=device, dtype=dtype, seed=spec["seed"]) if spec["weights"] is None
              else load_model(cfg, spec["weights"], device, dtype))
-    plan = make_plan(cfg, schedule, spec["attention"], backend="triton")
-    from .fp8 import DEFAULT_MIN_TOKENS
-
     fp8_min_tokens = DEFAULT_MIN_TOKENS if spec.get("fp8") else None  # manifests from before the option have no key
-    return CudaGraphRunner(model, schedule, plan, fp8_min_tokens=fp8_min_tokens), GraphedDecoder(build_decoder(cfg, spec["vae"], device, dtype))
+    decoder = GraphedDecoder(build_decoder(cfg, spec["vae"], device, dtype))
+    return CudaGraphRunner(model, schedule, plan, fp8_min_tokens=fp8_min_tokens), decoder

@@ -140,6 +140,27 @@ def verify_files(engine_dir: str, manifest: dict) -> None:
                 raise EngineError(f"{engine_dir}: file {rel} of stage '{stage}' is corrupt (sha256 mismatch); rebuild the engine")
 
 
+def load_engine_plan(engine_dir: str, manifest: dict, backend: str = "triton"):
+    """The SparVAR plan a torch-cuda engine's build stage stored (None for a dense engine): its CSLA layouts and CS4A
+    geometries as built, checked against this sparvar's policy for the spec's model and schedule."""
+    from .config import get_config
+    from .schedule import get_schedule
+    from .sparse import default_policy, load_plan
+
+    spec = manifest["spec"]
+    if spec["attention"] != "sparvar":
+        return None
+    rel = manifest["stages"]["build"].get("info", {}).get("torch_cuda", {}).get("sparse_plan")
+    if rel is None:
+        raise EngineError(f"{engine_dir} has no stored SparVAR plan (built by an older sparvar); rebuild the engine")
+    schedule = get_schedule(spec["resolution"], spec["aspect"], model=spec["model"])
+    try:
+        return load_plan(os.path.join(engine_dir, rel), default_policy(spec["model"], schedule), schedule,
+                         get_config(spec["model"]).depth, backend)
+    except (ValueError, KeyError, OSError) as e:
+        raise EngineError(f"{engine_dir}: its stored SparVAR plan does not fit this sparvar ({e}); rebuild the engine") from None
+
+
 def check_compatible(manifest: dict, engine_dir: str, **expected) -> None:
     """Refuse an engine built for another model/resolution/attention/backend than the caller expects."""
     for key, want in expected.items():

@@ -14,6 +14,8 @@ is correct but not faster; use the values to reproduce the paper at 1024^2.
 """
 from __future__ import annotations
 
+import dataclasses
+import json
 from dataclasses import dataclass
 from typing import Callable, NamedTuple
 
@@ -189,7 +191,10 @@ class SparVARPlan:
     Call `reset()` before each new generation; `attend` returns None where the policy says dense.
     """
 
-    def __init__(self, policy: SparVARPolicy, schedule: Schedule, num_layers: int, backend: str = "reference"):
+    def __init__(self, policy: SparVARPolicy, schedule: Schedule, num_layers: int, backend: str = "reference",
+                 precomputed: tuple[dict, dict] | None = None):
+        """precomputed: (CSLA layouts, CS4A geometries) per scale, as an engine stored them (`load_plan`);
+        by default they are computed from the policy here."""
         if policy.num_layers != num_layers:
             raise ValueError(f"policy is for {policy.num_layers} layers, the model has {num_layers}")
         if policy.num_scales != schedule.num_scales:
@@ -198,11 +203,27 @@ class SparVARPlan:
         self.ops = get_sparse_ops(backend)
         uses_csla = policy.cs4a_layers < num_layers
         uses_cs4a = policy.cs4a_layers > 0
-        self.csla_layouts = {s: policy.csla_layout(schedule, s) for s in policy.sparse_scales} if uses_csla else {}
         self.topk = policy.topk(schedule)
         self.sink_len = policy.sink_len(schedule)
-        self.cs4a_geometries = ({s: policy.cs4a_geometry(schedule, s) for s in policy.sparse_scales[1:]}
-                                if uses_cs4a else {})
+        if precomputed is None:
+            self.csla_layouts = {s: policy.csla_layout(schedule, s) for s in policy.sparse_scales} if uses_csla else {}
+            self.cs4a_geometries = ({s: policy.cs4a_geometry(schedule, s) for s in policy.sparse_scales[1:]}
+                                    if uses_cs4a else {})
+        else:
+            self.csla_layouts, self.cs4a_geometries = precomputed
+            want = (set(policy.sparse_scales) if uses_csla else set(), set(policy.sparse_scales[1:]) if uses_cs4a else set())
+            if (set(self.csla_layouts), set(self.cs4a_geometries)) != want:
+                raise ValueError(f"precomputed plan has CSLA scales {sorted(self.csla_layouts)} and CS4A scales "
+                                 f"{sorted(self.cs4a_geometries)}; the policy needs {sorted(want[0])} and {sorted(want[1])}")
+            for s, layout in self.csla_layouts.items():
+                if (layout.q_len, layout.kv_len) != (schedule.lengths[s], schedule.kv_len(s)):
+                    raise ValueError(f"precomputed CSLA layout of scale {s} is {layout.q_len} x {layout.kv_len}; the "
+                                     f"schedule has {schedule.lengths[s]} x {schedule.kv_len(s)}")
+            for s, geometry in self.cs4a_geometries.items():
+                if (geometry.scale, geometry.topk, geometry.sink_len) != (s, self.topk, self.sink_len):
+                    raise ValueError(f"precomputed CS4A geometry of scale {s} is for scale {geometry.scale}, top-"
+                                     f"{geometry.topk}, {geometry.sink_len} sinks; the policy has top-{self.topk}, "
+                                     f"{self.sink_len} sinks")
         self._on_device: dict[tuple[str, int, torch.device], BlockLayout | CS4AGeometry] = {}
         self.reset()
 
@@ -258,6 +279,27 @@ class SparVARPlan:
             o_cache = self.ops.upsample_cache(self._o_cache[layer], decision_grid, self.schedule.grids[scale])
         return self.ops.cs4a(q, k, v, key_idx, group_size, o_cache)
 
+    def save(self, path: str) -> list[str]:
+        """Write the precomputed CSLA layouts and CS4A geometries to one safetensors file (tensors, with the scalar
+        fields as JSON metadata); `load_plan` reads it back. Returns the stored names."""
+        from safetensors.torch import save_file
+
+        tensors, fields = {}, {}
+        for kind, source in (("csla", self.csla_layouts), ("cs4a", self.cs4a_geometries)):
+            for s, obj in source.items():
+                scalars = fields.setdefault(kind, {}).setdefault(str(s), {})
+                for f in dataclasses.fields(obj):
+                    value = getattr(obj, f.name)
+                    if isinstance(value, torch.Tensor):
+                        tensors[f"{kind}.{s}.{f.name}"] = value.contiguous()
+                    elif isinstance(value, tuple) and value and isinstance(value[0], torch.Tensor):
+                        scalars[f.name] = {"tensors": len(value)}
+                        tensors.update({f"{kind}.{s}.{f.name}.{i}": t.contiguous() for i, t in enumerate(value)})
+                    else:
+                        scalars[f.name] = list(value) if isinstance(value, tuple) else value
+        save_file(tensors, path, metadata={"sparvar_plan": json.dumps(fields)})
+        return sorted(tensors)
+
     def describe(self) -> str:
         """One line per sparse scale: layouts' densities and CS4A key counts (for logs)."""
         lines = [f"SparVAR plan ({self.backend}): dense below scale {self.policy.decision_scale}, "
@@ -277,3 +319,34 @@ class SparVARPlan:
                     parts.append(f"CS4A: {g.key_count} of {kv} keys ({g.key_count / kv:.1%}) per group ({g.num_groups} groups)")
             lines.append("  " + "; ".join(parts))
         return "\n".join(lines)
+
+
+def load_plan(path: str, policy: SparVARPolicy, schedule: Schedule, num_layers: int,
+              backend: str = "reference") -> SparVARPlan:
+    """The plan whose layouts and geometries `SparVARPlan.save` stored at `path` (an engine's build output)."""
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as f:
+        fields = json.loads((f.metadata() or {}).get("sparvar_plan", "null"))
+        if fields is None:
+            raise ValueError(f"{path} is not a saved SparVAR plan (no 'sparvar_plan' metadata)")
+        tensors = {name: f.get_tensor(name) for name in f.keys()}
+
+    def build(cls, kind, s, scalars):
+        kwargs = {}
+        for f in dataclasses.fields(cls):
+            value = scalars.get(f.name)
+            if isinstance(value, dict):  # a tuple of tensors
+                value = tuple(tensors[f"{kind}.{s}.{f.name}.{i}"] for i in range(value["tensors"]))
+            elif isinstance(value, list):
+                value = tuple(value)
+            elif f"{kind}.{s}.{f.name}" in tensors:
+                value = tensors[f"{kind}.{s}.{f.name}"]
+            elif f.name not in scalars:
+                continue  # a default (e.g. no token mask)
+            kwargs[f.name] = value
+        return cls(**kwargs)
+
+    layouts = {int(s): build(BlockLayout, "csla", s, v) for s, v in fields.get("csla", {}).items()}
+    geometries = {int(s): build(CS4AGeometry, "cs4a", s, v) for s, v in fields.get("cs4a", {}).items()}
+    return SparVARPlan(policy, schedule, num_layers, backend, precomputed=(layouts, geometries))

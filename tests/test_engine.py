@@ -163,8 +163,45 @@ def test_torch_cuda_engine_builds_without_graphs_and_needs_a_gpu_to_run(tmp_path
     manifest = build_engine(EngineSpec(model="infinity-tiny", resolution=256, attention="sparvar", backend="torch-cuda",
                                        dtype="bf16"), path, log=QUIET)
     assert manifest["stages"]["export"]["info"]["units"] == {}
-    layouts = manifest["stages"]["build"]["info"]["torch_cuda"]["layouts"]
-    assert "csla.6.kv_indices" in layouts  # CSLA layouts precomputed for every sparse scale
+    stored = manifest["stages"]["build"]["info"]["torch_cuda"]["tensors"]
+    assert "csla.6.kv_indices" in stored and "cs4a.6.selected_group" in stored  # every sparse scale's layout, geometry
     if not torch.cuda.is_available():
         with pytest.raises(EngineError, match="torch-cuda engine and needs a CUDA GPU"):
             load_engine_pipeline(path)
+
+
+def test_torch_cuda_engine_runs_the_plan_its_build_stored(tmp_path):
+    """The runtime's plan is the stored one, equal to the policy's; a plan file that does not fit is refused."""
+    from sparvar.engine import load_engine_plan
+
+    path = str(tmp_path / "cuda")
+    manifest = build_engine(EngineSpec(model="infinity-tiny", resolution=256, attention="sparvar", backend="torch-cuda",
+                                       dtype="bf16"), path, log=QUIET)
+    stored = load_engine_plan(path, manifest, backend="reference")
+    fresh = Pipeline.create("infinity-tiny", resolution=256, attention="sparvar").runner.plan
+    assert stored.describe() == fresh.describe()
+    for s, layout in fresh.csla_layouts.items():
+        assert torch.equal(stored.csla_layouts[s].kv_indices, layout.kv_indices)
+        assert torch.equal(stored.csla_layouts[s].kv_num_blocks, layout.kv_num_blocks)
+    for s, geometry in fresh.cs4a_geometries.items():
+        selection = torch.randint(0, 40, (2, 2, geometry.num_decision_groups, geometry.topk), dtype=torch.int32)
+        assert torch.equal(stored.cs4a_geometries[s].key_indices(selection), geometry.key_indices(selection))
+    # and the plan the runtime holds decides like the fresh one (reference ops, the same q/k/v)
+    scale = fresh.policy.sparse_scales[-1]
+    n, kv = fresh.schedule.lengths[scale], fresh.schedule.kv_len(scale)
+    q, k = torch.randn(2, 2, n, 32), torch.randn(2, 2, kv, 32)
+    layer = fresh.num_layers - 1  # a CSLA layer
+    torch.testing.assert_close(stored.attend(q, k, k, layer=layer, scale=scale), fresh.attend(q, k, k, layer=layer, scale=scale),
+                               atol=0, rtol=0)
+
+    dense = build_engine(EngineSpec(model="infinity-tiny", resolution=256, attention="dense", backend="torch-cuda",
+                                    dtype="bf16"), str(tmp_path / "dense"), log=QUIET)
+    assert load_engine_plan(str(tmp_path / "dense"), dense) is None
+    old = json.loads(json.dumps(manifest))
+    del old["stages"]["build"]["info"]["torch_cuda"]["sparse_plan"]
+    with pytest.raises(EngineError, match="no stored SparVAR plan.*rebuild"):
+        load_engine_plan(path, old)
+    other = json.loads(json.dumps(manifest))
+    other["spec"]["resolution"] = 512  # a plan for another schedule
+    with pytest.raises(EngineError, match="does not fit this sparvar.*rebuild"):
+        load_engine_plan(path, other)

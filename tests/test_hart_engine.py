@@ -274,12 +274,17 @@ def test_foreign_stale_and_unsupported_engines_are_refused(engine, tmp_path):
 
 
 def test_torch_cuda_engine_builds_without_graphs_and_runs_on_the_gpu(tmp_path):
-    """The GPU engine: no graphs, the CSLA layouts precomputed; it loads the CUDA-graph runner (or says it needs a GPU)."""
+    """The GPU engine: no graphs, the SparVAR plan precomputed (CSLA layouts, CS4A geometries with HART's sinks, as
+    the runtime loads them); it loads the CUDA-graph runner (or says it needs a GPU)."""
+    from sparvar.engine import load_engine_plan
+
     path = str(tmp_path / "cuda")
     manifest = build_engine(EngineSpec(model="hart-tiny", resolution=SPEC.resolution, attention="sparvar",
                                        backend="torch-cuda", dtype="bf16"), path, log=QUIET)
     assert manifest["stages"]["export"]["info"]["units"] == {}
-    assert "csla.7.kv_indices" in manifest["stages"]["build"]["info"]["torch_cuda"]["layouts"]
+    assert "csla.7.kv_indices" in manifest["stages"]["build"]["info"]["torch_cuda"]["tensors"]
+    plan = load_engine_plan(path, manifest, backend="reference")
+    assert plan.sink_len > 0 and all(g.sink_len == plan.sink_len for g in plan.cs4a_geometries.values())
     if not torch.cuda.is_available():
         with pytest.raises(EngineError, match="torch-cuda engine and needs a CUDA GPU"):
             load_engine_pipeline(path)

@@ -146,3 +146,34 @@ def test_plan_describe_mentions_counts():
     s = get_schedule(1024)
     text = SparVARPlan(default_policy("infinity-2b", s, csla_block=(128, 128)), s, 32).describe()
     assert "2128 of 10521 keys" in text and "density=16.38%" in text
+
+
+def test_saved_plan_round_trips_token_layouts_and_sinks(tmp_path):
+    """SparVARPlan.save / load_plan keep every field: token-granular CSLA layouts (masks, partial tiles) and CS4A
+    geometries with sinks (HART's policy); a file that is not a plan is refused."""
+    import dataclasses
+
+    from sparvar.sparse import load_plan
+    from sparvar.schedule import get_schedule
+
+    schedule = get_schedule(1024, model="hart-0.7b")
+    policy = dataclasses.replace(default_policy("hart-0.7b", schedule), csla_granularity="token")
+    plan = SparVARPlan(policy, schedule, policy.num_layers)
+    path = str(tmp_path / "plan.safetensors")
+    plan.save(path)
+    back = load_plan(path, policy, schedule, policy.num_layers)
+    for s, layout in plan.csla_layouts.items():
+        got = back.csla_layouts[s]
+        assert got.granularity == "token" and got.token_density == layout.token_density
+        for name in ("kv_num_blocks", "kv_indices", "token_mask", "partial_index", "partial_masks"):
+            assert torch.equal(getattr(got, name), getattr(layout, name)), (s, name)
+    for s, geometry in plan.cs4a_geometries.items():
+        got = back.cs4a_geometries[s]
+        assert got.sink_len == geometry.sink_len > 0 and got.band_lengths == geometry.band_lengths
+        assert torch.equal(got.sink_keys, geometry.sink_keys) and torch.equal(got.band_keys, geometry.band_keys)
+        assert torch.equal(got.selected_group, geometry.selected_group)
+    from safetensors.torch import save_file
+
+    save_file({"x": torch.zeros(1)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(ValueError, match="not a saved SparVAR plan"):
+        load_plan(str(tmp_path / "other.safetensors"), policy, schedule, policy.num_layers)

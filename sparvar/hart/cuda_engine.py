@@ -156,17 +156,16 @@ class HartCudaGraphRunner:
 def load_hart_cuda_pipeline(engine_dir: str, manifest: dict, cfg, schedule, skip_last: int = 0):
     """A HartPipeline running a torch-cuda HART engine directory: the spec's weights (or its random seed) on the GPU,
     in the spec's dtype, behind the CUDA-graph runner with the Triton SparVAR kernels."""
-    from ..engine import EngineError
-    from ..pipeline import make_plan
+    from ..engine import EngineError, load_engine_plan
     from .generate import HartPipeline
 
     if not torch.cuda.is_available():
         raise EngineError(f"{engine_dir} is a torch-cuda engine and needs a CUDA GPU; none is available on this machine")
     spec = manifest["spec"]
+    plan = load_engine_plan(engine_dir, manifest)  # the layouts the build stored; before the weights: fails fast
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[spec["dtype"]]
     pipe = HartPipeline.create(spec["model"], spec["resolution"], spec["aspect"], spec["weights"], spec["vae"],
                                device="cuda", dtype=dtype, attention="dense", skip_last=skip_last, seed=spec["seed"])
-    plan = make_plan(cfg, schedule, spec["attention"], backend="triton")
     pipe.runner = HartCudaGraphRunner(pipe.runner.model, schedule, plan)
     pipe.tokenizer = GraphedDecoder(pipe.tokenizer.half_decoder())  # fp16 decode, as the official autocast; one graph
     return pipe
