@@ -1,4 +1,5 @@
-"""End-to-end latency on one GPU: Infinity 2B/8B at 1024², batch 1 with CFG, dense vs SparVAR, side by side.
+"""End-to-end latency on one GPU: Infinity 2B/8B at 1024², batch 1 with CFG (`--batch N`: N prompts per
+generation, throughput in images/s), dense vs SparVAR, side by side.
 
 Protocol (the paper's): warm-up runs, then the median of timed runs; every run covers text conditioning
 (the T5 encoder itself excluded), all scales, CFG, sampling and the VAE decode. Random weights (the images are
@@ -100,19 +101,23 @@ def rows_for(model_name: str):
 
 
 def family_parts(model_name: str, resolution: int, device, weights: str | None = None, vae: str | None = None,
-                 embeddings: str | None = None):
+                 embeddings: str | None = None, batch: int = 1):
     """(pipeline, decoder, text features, text lengths/mask, sampling, make_runner, make_pipeline) of a model family;
     the rows then run the same timing code for Infinity and HART.
 
     The model and tokenizer come from the same `Pipeline.create` as `sparvar generate`: random bf16 weights, or the
     official checkpoints `weights` and `vae`. The text encoder is outside the timing (the paper's protocol), so its
-    features are the hashed stand-ins unless `embeddings` (precomputed features) are given: the work is the same."""
+    features are the hashed stand-ins unless `embeddings` (precomputed features) are given: the work is the same.
+    `batch` prompts make `batch` images per generation (each with its CFG row)."""
     from sparvar.cuda_engine import CudaGraphRunner, GraphedDecoder
     from sparvar.pipeline import Pipeline
 
     base = Pipeline.create(model_name, resolution, weights=weights, vae=vae, device=device, dtype=torch.bfloat16)
     cfg, schedule, model = base.cfg, base.schedule, base.runner.model
-    features, lengths = base.text_features([PROMPT], embeddings=embeddings, allow_hashed=True)
+    prompts = [PROMPT] + [f"{PROMPT}, view {i}" for i in range(1, batch)]  # distinct texts, one image each
+    features, lengths = base.text_features(prompts, embeddings=embeddings, allow_hashed=True)
+    if features.shape[0] != batch:
+        raise ValueError(f"the text features hold {features.shape[0]} prompts; the run asks for batch {batch}")
     random_weights = base.random_weights
     if getattr(cfg, "family", "infinity") == "hart":
         from sparvar.hart.cuda_engine import HartCudaGraphRunner
@@ -165,7 +170,7 @@ def add_ratios(model_name: str, results: list[dict]) -> None:
 
 
 def bench_model(model_name: str, resolution: int, warmup: int, runs: int, rows=None, weights: str | None = None,
-                vae: str | None = None, embeddings: str | None = None, save=None, device="cuda") -> dict:
+                vae: str | None = None, embeddings: str | None = None, save=None, device="cuda", batch: int = 1) -> dict:
     """The rows of one model, side by side in this process. `save(result)` is called after every row with the
     result so far, so that a run cut short (a time limit, a lost machine) keeps the rows it finished."""
     from sparvar.pipeline import make_plan
@@ -173,10 +178,10 @@ def bench_model(model_name: str, resolution: int, warmup: int, runs: int, rows=N
     device = torch.device(device)
     torch.cuda.reset_peak_memory_stats()
     base, decoder, features, lengths, sampling, make_runner, make_pipeline = family_parts(
-        model_name, resolution, device, weights, vae, embeddings)
+        model_name, resolution, device, weights, vae, embeddings, batch)
     cfg, schedule = base.cfg, base.schedule
     results = []
-    result = {"model": model_name, "resolution": resolution, "batch": 1, "cfg": True, "dtype": "bf16",
+    result = {"model": model_name, "resolution": resolution, "batch": batch, "cfg": True, "dtype": "bf16",
               "weights": {"transformer": weights, "tokenizer": vae} if weights else "random",
               "text_features": embeddings or "hashed stand-ins (the text encoder is not timed)",
               "cudnn_takes_scale": cudnn_acceptance(cfg, schedule),
@@ -196,7 +201,7 @@ def bench_model(model_name: str, resolution: int, warmup: int, runs: int, rows=N
             results.append({"row": name, "error": f"{type(e).__name__}: {e}"})
         else:
             row = {"row": name, "attention": attention, "runner": kind, "sdpa_backend": backend, "skip_last": skip,
-                   "fp8": fp8, **timing, "per_scale_ms": per_scale,
+                   "fp8": fp8, **timing, "images_per_s": 1000 * batch / timing["median_ms"], "per_scale_ms": per_scale,
                    "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30, "bench_seconds": time.perf_counter() - t0}
             print(f"{model_name:12s} {name:48s} {timing['median_ms']:8.1f} ms  (peak {row['peak_memory_gib']:.1f} GiB)",
                   flush=True)
@@ -224,8 +229,8 @@ def plot(result: dict, path: str) -> None:
         rows = [r for r in m["rows"] if "median_ms" in r]
         ax.barh([r["row"] for r in rows], [r["median_ms"] for r in rows])
         ax.axvline(m["flop_floor_ms"] or 0, color="k", linestyle="--", label="dense FLOP floor")
-        ax.set_title(f"{m['model']} {m['resolution']}² ({torch.cuda.get_device_name()}, bf16, CFG, batch 1)")
-        ax.set_xlabel("ms per image (median)")
+        ax.set_title(f"{m['model']} {m['resolution']}² ({torch.cuda.get_device_name()}, bf16, CFG, batch {m['batch']})")
+        ax.set_xlabel("ms per generation (median)")
         ax.invert_yaxis()
         ax.legend()
     fig.tight_layout()
@@ -246,6 +251,8 @@ def check_args(args) -> None:
         raise UsageError("bench e2e: give both --weights and --vae (official checkpoints), or neither (random weights)")
     if args.weights and len(args.model or []) != 1:
         raise UsageError("bench e2e: --weights/--vae are one model's checkpoints; name that model with one --model")
+    if args.batch < 1:
+        raise UsageError(f"bench e2e: --batch must be >= 1, got {args.batch}")
     if args.text_embeddings and len(args.model or []) != 1:
         raise UsageError("bench e2e: --text-embeddings are one model's features; name that model with one --model")
 
@@ -270,7 +277,7 @@ def main(args=None) -> int:
     if args.engine_cross_max_q is not None:
         sparvar.attention.ENGINE_CROSS_MAX_Q = args.engine_cross_max_q
     models = args.model or ["infinity-2b", "infinity-8b"]
-    args.out = args.out or result_path("e2e")
+    args.out = args.out or result_path("e2e" if args.batch == 1 else f"e2e_batch{args.batch}")
     out = {"benchmark": "end-to-end latency per image", "protocol": f"{args.warmup} warm-up + median of {args.runs} timed runs; "
            "text conditioning, all scales, CFG, sampling and VAE decode included; T5 encoder excluded; "
            + ("official weights" if args.weights else "random weights"),
@@ -282,7 +289,8 @@ def main(args=None) -> int:
         done = list(out["models"])
         out["models"].append(bench_model(m, args.resolution, args.warmup, args.runs, rows, args.weights, args.vae,
                                          args.text_embeddings,
-                                         save=lambda partial: write_result(args.out, {**out, "models": done + [partial]})))
+                                         save=lambda partial: write_result(args.out, {**out, "models": done + [partial]}),
+                                         batch=args.batch))
         path = write_result(args.out, out)
     plot(out, os.path.splitext(path)[0] + ".png")
     print(f"wrote {path}")

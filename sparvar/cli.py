@@ -86,13 +86,14 @@ def add_bench_e2e_args(p: argparse.ArgumentParser) -> None:
     """The options of `sparvar bench e2e`, also parsed by `python bench/e2e.py` (one definition)."""
     p.add_argument("--model", action="append", help="model(s) to bench (default infinity-2b and infinity-8b)")
     p.add_argument("--resolution", type=int, default=1024)
+    p.add_argument("--batch", type=int, default=1, help="prompts per generation (default 1, the paper's protocol)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--runs", type=int, default=20)
     p.add_argument("--weights", help="official transformer checkpoint of the one --model (default: random weights)")
     p.add_argument("--vae", help="official tokenizer checkpoint, with --weights")
     p.add_argument("--text-embeddings", help="precomputed text features of the one --model (default: hashed stand-ins; "
                    "the text encoder is not timed)")
-    p.add_argument("--out", default=None, help="default: bench/results/e2e_<device>.json")
+    p.add_argument("--out", default=None, help="default: bench/results/e2e_<device>.json (e2e_batch<N>_<device>.json)")
     p.add_argument("--rows", default=None, help="only the rows whose name contains one of these comma-separated words")
     p.add_argument("--engine-cross-max-q", type=int, default=None,
                    help="an experiment on the crossover: the engines' cross-attention runs our kernel up to this many "

@@ -20,6 +20,7 @@ from sparvar.vae import build_vae
     (["--model", "infinity-2b", "--model", "infinity-8b", "--weights", "w.pth", "--vae", "v.pth"],
      "name that model with one --model"),
     (["--text-embeddings", "t.safetensors"], "name that model with one --model"),
+    (["--batch", "0"], "--batch must be >= 1"),
 ])
 def test_bench_e2e_refuses_bad_options_before_building_anything(args, message, capsys):
     assert main(["bench", "e2e", *args]) == 2
@@ -74,7 +75,8 @@ def test_bench_model_saves_every_row_with_its_ratios(monkeypatch):
 
     def fake_timing(pipe, features, lengths, warmup, runs, sampling):
         image = pipe.generate(features, lengths, sampling=sampling, seed=0).image  # the row's real pipeline runs once
-        assert image.shape[0] == 1 and torch.isfinite(image).all()
+        assert image.shape[0] == 2 and torch.isfinite(image).all()  # batch 2: two prompts, two images
+        assert not torch.equal(image[0], image[1])
         return {"median_ms": next(medians)}, [1.0] * (pipe.schedule.num_scales - pipe.skip_last)
 
     monkeypatch.setattr(e2e, "time_generation", fake_timing)
@@ -87,9 +89,10 @@ def test_bench_model_saves_every_row_with_its_ratios(monkeypatch):
             ("SparVAR eager", "sparvar", "eager", "math", 0, False)]  # the rows' Triton plan: fails on the CPU
     saved = []
     result = e2e.bench_model("infinity-tiny", 256, 0, 1, rows, save=lambda r: saved.append(
-        [dict(row) for row in r["rows"]]), device="cpu")
+        [dict(row) for row in r["rows"]]), device="cpu", batch=2)
     assert [len(s) for s in saved] == [1, 2, 3]
     assert saved[0][0]["speedup_vs_dense_eager_fa2"] == 1.0
     assert saved[1][1]["speedup_vs_dense_eager_fa2"] == 2.0
+    assert saved[1][1]["images_per_s"] == 1000 * 2 / 50.0 and result["batch"] == 2
     assert result["rows"][2]["row"] == "SparVAR eager" and "CUDA device" in result["rows"][2]["error"]
     assert result["model"] == "infinity-tiny" and result["weights"] == "random"
