@@ -146,6 +146,10 @@ class Fp8Linears:
         ops = self.quantizing if self._in_fp8(x) else self.base
         return ops.residual_modulate(x, y, scale, shift, eps)
 
+    def gated_residual_modulate(self, x, y, gamma, scale, shift, eps):
+        ops = self.quantizing if self._in_fp8(x) else self.base
+        return ops.gated_residual_modulate(x, y, gamma, scale, shift, eps)
+
 
 class _QuantizeAfter:
     """The base norms, their normalised outputs quantised afterwards (a second pass; the CPU's path)."""
@@ -164,10 +168,15 @@ class _QuantizeAfter:
         x, normed = self.base.residual_modulate(x, y, scale, shift, eps)
         return x, Fp8Rows.of(normed)
 
+    def gated_residual_modulate(self, x, y, gamma, scale, shift, eps):
+        x, normed = self.base.gated_residual_modulate(x, y, gamma, scale, shift, eps)
+        return x, Fp8Rows.of(normed)
+
 
 def with_fp8_linears(ops, model: nn.Module, min_tokens: int = DEFAULT_MIN_TOKENS, quantizing=None):
     """`ops` (a sparvar.model.BlockOps) with the model's block linears in FP8 at scales of >= `min_tokens` tokens;
     `quantizing`: norms that output Fp8Rows in one pass (sparvar.kernels.pointwise.triton_quantizing_norms)."""
     fp8 = Fp8Linears(model, min_tokens, ops, quantizing)
     return dataclasses.replace(ops, linear=fp8.linear, ffn=fp8.ffn, modulate=fp8.modulate,
-                               residual_layer_norm=fp8.residual_layer_norm, residual_modulate=fp8.residual_modulate)
+                               residual_layer_norm=fp8.residual_layer_norm, residual_modulate=fp8.residual_modulate,
+                               gated_residual_modulate=fp8.gated_residual_modulate)

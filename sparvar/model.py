@@ -118,6 +118,13 @@ def residual_modulate(x, y, scale, shift, eps: float):
     return x, modulate(x, scale, shift, eps)
 
 
+def gated_residual_modulate(x, y, gamma, scale, shift, eps: float):
+    """x' = gated_residual(x, y, gamma) and the AdaLN-modulated x': a block's last op fused with the next block's
+    first (see run_blocks)."""
+    x = gated_residual(x, y, gamma)
+    return x, modulate(x, scale, shift, eps)
+
+
 def cosine_qk(q: torch.Tensor, k: torch.Tensor, scale_mul: torch.Tensor, rope: torch.Tensor):
     """Cosine attention inputs: unit q (times the learned per-head temperature) and unit k, both rotated by RoPE.
 
@@ -185,6 +192,7 @@ class BlockOps:
     gated_residual: object = gated_residual
     residual_layer_norm: object = residual_layer_norm
     residual_modulate: object = residual_modulate
+    gated_residual_modulate: object = gated_residual_modulate
     attention_inputs: object = attention_inputs
     linear: object = linear
     ffn: object = ffn
@@ -271,16 +279,36 @@ class Block(nn.Module):
         self.ca_norm = nn.LayerNorm(C, eps=cfg.norm_eps)
         self.ffn = FFN(C, cfg.mlp_dim)
 
-    def forward(self, x, ada, text_k, text_v, text_bias, rope, kv, layer, scale, plan=None, backend="sdpa",
-                ops: BlockOps = EAGER, text_lens=None):
-        """ada (B, 1, 6, C) fp32: this block's AdaLN vectors, the shared output plus `ada_gss` (Infinity.encode_text)."""
+    def forward(self, x, h, ada, next_ada, text_k, text_v, text_bias, rope, kv, layer, scale, plan=None,
+                backend="sdpa", ops: BlockOps = EAGER, text_lens=None):
+        """x: the residual stream; h: its AdaLN modulation for this block's self-attention, modulate(x, scale1,
+        shift1), which the previous block's last op computed (run_blocks). ada (B, 1, 6, C) fp32: this block's AdaLN
+        vectors, the shared output plus `ada_gss` (Infinity.encode_text); next_ada the next block's, None for the
+        last block. Returns x and the next block's h (None after the last block)."""
         # official chunk order of the 6 AdaLN vectors; each (B, 1, C) in fp32
-        gamma1, gamma2, scale1, scale2, shift1, shift2 = ada.unbind(2)
-        h = ops.modulate(x, scale1, shift1, self.eps)
+        gamma1, gamma2, _, scale2, _, shift2 = ada.unbind(2)
         x, c = ops.residual_layer_norm(x, self.sa(h, rope, kv, layer, scale, plan, backend, ops), gamma1,
                                        self.ca_norm.weight, self.ca_norm.bias, self.ca_norm.eps)
         x, h = ops.residual_modulate(x, self.ca(c, text_k, text_v, text_bias, ops, text_lens), scale2, shift2, self.eps)
-        return ops.gated_residual(x, self.ffn(h, ops), gamma2)
+        y = self.ffn(h, ops)
+        if next_ada is None:
+            return ops.gated_residual(x, y, gamma2), None
+        _, _, next_scale1, _, next_shift1, _ = next_ada.unbind(2)
+        return ops.gated_residual_modulate(x, y, gamma2, next_scale1, next_shift1, self.eps)
+
+
+def run_blocks(blocks, x, text: "TextCondition", rope, kv, scale: int, plan=None, backend: str = "sdpa",
+               ops: BlockOps = EAGER):
+    """Every block in order on the residual stream x. A block starts with the AdaLN modulation of its input and ends
+    with a gated residual add; each block's end and the next block's start run as one op (gated_residual_modulate):
+    one kernel instead of two per block boundary, which matters at the small scales, bound by kernel launches."""
+    _, _, scale1, _, shift1, _ = text.ada[0].unbind(2)
+    h = ops.modulate(x, scale1, shift1, blocks[0].eps)
+    for layer, block in enumerate(blocks):
+        next_ada = text.ada[layer + 1] if layer + 1 < len(blocks) else None
+        x, h = block(x, h, text.ada[layer], next_ada, text.k[layer], text.v[layer], text.key_bias, rope, kv, layer,
+                     scale, plan, backend, ops, text.key_lens)
+    return x
 
 
 @dataclass
@@ -408,9 +436,7 @@ class Infinity(nn.Module):
         element-wise functions and linears (eager, or a GPU engine's kernels).
         """
         x = tokens + self.lvl_embed.weight[scale].to(tokens.dtype)
-        for layer, block in enumerate(self.blocks):
-            x = block(x, text.ada[layer], text.k[layer], text.v[layer], text.key_bias, rope, kv, layer, scale, plan,
-                      backend, ops, text.key_lens)
+        x = run_blocks(self.blocks, x, text, rope, kv, scale, plan, backend, ops)
         return self.head(self.head_nm(x.float(), text.cond))
 
     def forward_all_scales(self, inputs: list[torch.Tensor], text: TextCondition, schedule: Schedule) -> list[torch.Tensor]:
@@ -426,8 +452,7 @@ class Infinity(nn.Module):
         plan = _MaskPlan(visible)
         kv = ConcatKV([x.new_zeros(x.shape[0], self.cfg.heads, 0, self.cfg.head_dim)] * self.cfg.depth,
                       [x.new_zeros(x.shape[0], self.cfg.heads, 0, self.cfg.head_dim)] * self.cfg.depth)
-        for layer, block in enumerate(self.blocks):
-            x = block(x, text.ada[layer], text.k[layer], text.v[layer], text.key_bias, rope, kv, layer, 0, plan)
+        x = run_blocks(self.blocks, x, text, rope, kv, 0, plan)
         logits = self.head(self.head_nm(x.float(), text.cond))
         return list(logits.split(lengths, dim=1))
 

@@ -93,6 +93,41 @@ def test_cached_steps_equal_one_block_causal_forward():
 
 
 @torch.no_grad()
+def test_blocks_fused_across_boundaries_equal_the_blocks_one_by_one():
+    """run_blocks computes each block's first modulation inside the previous block's last op; the logits equal the
+    blocks written out one at a time (modulate, self-attention, cross-attention, gated FFN residual), bit for bit."""
+    from sparvar import model as M
+
+    model = build_model(TINY, seed=2)
+    schedule = get_schedule(256)
+    text = model.encode_text(torch.randn(2, 6, TINY.text_dim), torch.tensor([6, 3]), cfg_guidance=True)
+    scale = 2
+    tokens = model.scale_input(scale, torch.randn(2, schedule.lengths[scale], TINY.bits).sign(), text)
+    rope = rope_tables(schedule, TINY.head_dim)[scale]
+
+    def run(step):
+        cache = model.new_cache(text.batch, schedule)
+        cache.offset = schedule.offsets[scale]
+        cache.k.normal_(generator=torch.Generator().manual_seed(0))
+        cache.v.copy_(cache.k)
+        return step(cache)
+
+    def one_by_one(cache):
+        x = tokens + model.lvl_embed.weight[scale]
+        for layer, blk in enumerate(model.blocks):
+            gamma1, gamma2, scale1, scale2, shift1, shift2 = text.ada[layer].unbind(2)
+            h = M.modulate(x, scale1, shift1, blk.eps)
+            x, c = M.residual_layer_norm(x, blk.sa(h, rope, cache, layer, scale), gamma1, blk.ca_norm.weight,
+                                         blk.ca_norm.bias, blk.ca_norm.eps)
+            x, h = M.residual_modulate(x, blk.ca(c, text.k[layer], text.v[layer], text.key_bias), scale2, shift2, blk.eps)
+            x = M.gated_residual(x, blk.ffn(h), gamma2)
+        return model.head(model.head_nm(x.float(), text.cond))
+
+    fused = run(lambda cache: model.step(tokens, scale, text, cache, rope))
+    assert torch.equal(fused, run(one_by_one))
+
+
+@torch.no_grad()
 def test_kv_cache_is_preallocated_and_written_in_place():
     model = build_model(TINY)
     schedule = get_schedule(256)

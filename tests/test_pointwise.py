@@ -38,7 +38,11 @@ def compare_all(t, B, n, C, H, check):
     for out, ref, what in ((residual_norm(t["x"], t["y"], t["gate"], weight=t["weight"], bias=t["bias"], eps=eps),
                             M.residual_layer_norm(t["x"], t["y"], t["gate"], t["weight"], t["bias"], eps), "layer_norm"),
                            (residual_norm(t["x"], t["y"], scale=t["scale"], shift=t["shift"], eps=eps),
-                            M.residual_modulate(t["x"], t["y"], t["scale"], t["shift"], eps), "modulate")):
+                            M.residual_modulate(t["x"], t["y"], t["scale"], t["shift"], eps), "modulate"),
+                           (triton_block_ops().gated_residual_modulate(t["x"], t["y"], t["gate"], t["scale"],
+                                                                       t["shift"], eps),
+                            M.gated_residual_modulate(t["x"], t["y"], t["gate"], t["scale"], t["shift"], eps),
+                            "gated_modulate")):
         check(f"residual_{what}: x", out[0], ref[0])
         check(f"residual_{what}: normed", out[1], ref[1])
     # HART's pre-norm blocks: RMSNorm with a weight, alone and after the residual add

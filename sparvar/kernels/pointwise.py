@@ -357,6 +357,9 @@ def triton_block_ops():
     def residual_modulate(x, y, scale, shift, eps):
         return residual_norm(x, y, scale=scale, shift=shift, eps=eps)
 
+    def gated_residual_modulate(x, y, gamma, scale, shift, eps):
+        return residual_norm(x, y, gamma, scale=scale, shift=shift, eps=eps)
+
     def attention_inputs(qkv, heads, scale_mul, rope, kv, layer):
         if not isinstance(kv, KVCache):
             raise TypeError(f"the Triton attention inputs write into a preallocated KVCache, got {type(kv).__name__}")
@@ -367,12 +370,12 @@ def triton_block_ops():
         return linear(fc2, linear_gelu_epilogue(fc1, x))
 
     return BlockOps(modulate=modulate, gated_residual=gated_residual, residual_layer_norm=residual_layer_norm,
-                    residual_modulate=residual_modulate, attention_inputs=attention_inputs, ffn=ffn,
-                    cross_attention=engine_cross_attention)
+                    residual_modulate=residual_modulate, gated_residual_modulate=gated_residual_modulate,
+                    attention_inputs=attention_inputs, ffn=ffn, cross_attention=engine_cross_attention)
 
 
 def triton_quantizing_norms():
-    """The three norms of BlockOps with their outputs quantised to FP8 in the same pass (sparvar.fp8.Fp8Rows):
+    """The four norms of BlockOps with their outputs quantised to FP8 in the same pass (sparvar.fp8.Fp8Rows):
     what the FP8 linears take when the next GEMM is theirs (sparvar.fp8.with_fp8_linears)."""
     from sparvar.model import BlockOps
 
@@ -385,7 +388,11 @@ def triton_quantizing_norms():
     def residual_modulate(x, y, scale, shift, eps):
         return residual_norm(x, y, scale=scale, shift=shift, eps=eps, quantize=True)
 
-    return BlockOps(modulate=modulate, residual_layer_norm=residual_layer_norm, residual_modulate=residual_modulate)
+    def gated_residual_modulate(x, y, gamma, scale, shift, eps):
+        return residual_norm(x, y, gamma, scale=scale, shift=shift, eps=eps, quantize=True)
+
+    return BlockOps(modulate=modulate, residual_layer_norm=residual_layer_norm, residual_modulate=residual_modulate,
+                    gated_residual_modulate=gated_residual_modulate)
 
 
 def linear_gelu_epilogue(layer, x: torch.Tensor) -> torch.Tensor:
