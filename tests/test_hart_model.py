@@ -162,7 +162,48 @@ def test_cache_steps_equal_full_forward(variant):
     assert not torch.allclose(logits[-1][0], logits[-1][2], atol=1e-4)  # cond and uncond rows differ
 
 
+@pytest.mark.parametrize("variant", ["official", "per_block_adaln"])
+def test_blocks_fused_across_boundaries_equal_the_blocks_one_by_one(variant):
+    """run_blocks computes a pre-norm block's input norm inside the previous block's last op; the logits equal the
+    blocks written out one at a time (norm, attention, residual + norm, SwiGLU MLP, residual), bit for bit."""
+    from sparvar.hart import model as HM
+
+    cfg = TINY if variant == "official" else dataclasses.replace(TINY, disable_aln=False)
+    model = build_model(cfg, seed=3)
+    g = torch.Generator().manual_seed(4)
+    for blk in model.blocks:  # distinct norm weights (they start at 1): a block must use its own
+        blk.ln_wo_grad.weight.data.copy_(torch.rand(cfg.width, generator=g) + 0.5)
+    schedule = get_schedule(256, model="hart-tiny")
+    scale = 2
+    with torch.no_grad():
+        text = tiny_text(model)
+        tokens = model.scale_input(scale, random_codes(cfg, schedule, 2)[scale], text)
+        rope = rope_tables(schedule, cfg.head_dim, text.positions)[scale]
+        x0 = tokens + model.lvl_embed.weight[scale]
+        cond = text.cond.to(x0.dtype)
+
+        def cache():
+            c = model.new_cache(text.batch, schedule)
+            c.offset = schedule.offsets[scale]
+            c.k.normal_(generator=torch.Generator().manual_seed(0))
+            c.v.copy_(c.k)
+            return c
+
+        fused = HM.run_blocks(model.blocks, x0, cond, rope, cache(), scale)
+        kv, x = cache(), x0
+        for layer, blk in enumerate(model.blocks):
+            if variant == "official":
+                w, eps = blk.ln_wo_grad.weight, blk.ln_wo_grad.eps
+                x = x + blk.attn(HM.rms_norm(x, w, eps), rope, kv, layer, scale)
+                x = x + blk.ffn(HM.rms_norm(x, w, eps))
+            else:
+                x = blk(x, None, None, cond, rope, kv, layer, scale)[0]  # an AdaLN block norms its own input
+    assert torch.equal(fused, x)
+
+
 def test_first_scale_logits_come_from_the_last_text_slot():
+    from sparvar.hart import model as HM
+
     model = build_model(TINY, seed=0)
     schedule = get_schedule(256, model="hart-tiny")
     with torch.no_grad():
@@ -173,8 +214,7 @@ def test_first_scale_logits_come_from_the_last_text_slot():
         ropes = rope_tables(schedule, TINY.head_dim, text.positions)
         empty = [x.new_zeros(4, TINY.heads, 0, TINY.head_dim)] * TINY.depth
         kv = ConcatKV(empty, empty)
-        for layer, block in enumerate(model.blocks):
-            x = block(x, text.cond, ropes[0], kv, layer, 0)
+        x = HM.run_blocks(model.blocks, x, text.cond, ropes[0], kv, 0)
         per_slot = model.head(model.head_nm(x, text.cond))  # (B, L, V)
     torch.testing.assert_close(hidden[0][:, 0], x[:, -1], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(logits[0][:, 0], per_slot[:, -1], atol=1e-5, rtol=1e-5)

@@ -200,18 +200,38 @@ class Block(nn.Module):
         if not cfg.disable_aln:
             self.ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(cfg.width, 6 * cfg.width))
 
-    def forward(self, x, cond, rope, kv, layer, scale, plan=None, backend="sdpa", pw: Pointwise = EAGER):
+    def forward(self, x, h, next_norm, cond, rope, kv, layer, scale, plan=None, backend="sdpa", pw: Pointwise = EAGER):
+        """x: the residual stream; h: its RMSNorm for this block's attention when the previous block's last op
+        computed it (run_blocks), else None; next_norm: the next block's RMSNorm when this block's last op should
+        compute the next h (a pre-norm next block), else None. Returns x and the next block's h or None."""
         if not hasattr(self, "ada_lin"):
             w, eps = self.ln_wo_grad.weight, self.ln_wo_grad.eps
-            x, h = pw.residual_rms_norm(x, self.attn(pw.rms_norm(x, w, eps), rope, kv, layer, scale, plan, backend, pw),
-                                        w, eps)
-            return x + self.ffn(h, pw)
+            if h is None:
+                h = pw.rms_norm(x, w, eps)
+            x, h = pw.residual_rms_norm(x, self.attn(h, rope, kv, layer, scale, plan, backend, pw), w, eps)
+            y = self.ffn(h, pw)
+            if next_norm is None:
+                return x + y, None
+            return pw.residual_rms_norm(x, y, next_norm.weight, next_norm.eps)
         # official chunk order; each (B, 1, C)
         gamma1, gamma2, scale1, scale2, shift1, shift2 = self.ada_lin(cond).view(-1, 1, 6, x.shape[-1]).unbind(2)
         h = self.ln_wo_grad(x) * (scale1 + 1) + shift1
         x = x + self.attn(h, rope, kv, layer, scale, plan, backend, pw) * gamma1
         h = self.ln_wo_grad(x) * (scale2 + 1) + shift2
-        return x + self.ffn(h, pw) * gamma2
+        return x + self.ffn(h, pw) * gamma2, None
+
+
+def run_blocks(blocks, x, cond, rope, kv, scale: int, plan=None, backend: str = "sdpa", pw: Pointwise = EAGER):
+    """Every block in order on the residual stream x. A pre-norm block starts with the RMSNorm of its input and ends
+    with a residual add; between two such blocks the add and the norm run as one op (residual_rms_norm): one kernel
+    instead of two per block boundary (the small scales are bound by kernel launches). AdaLN blocks norm their own
+    input."""
+    h = None
+    for layer, block in enumerate(blocks):
+        nxt = blocks[layer + 1] if layer + 1 < len(blocks) else None
+        next_norm = nxt.ln_wo_grad if nxt is not None and not hasattr(nxt, "ada_lin") else None
+        x, h = block(x, h, next_norm, cond, rope, kv, layer, scale, plan, backend, pw)
+    return x
 
 
 class AdaLNBeforeHead(nn.Module):
@@ -312,9 +332,7 @@ class HART(nn.Module):
         if scale == 0 and tokens.shape[1] != self.cfg.text_len:
             raise ValueError(f"scale 0 runs the {self.cfg.text_len} text slots, got {tokens.shape[1]} tokens")
         x = tokens + self.lvl_embed.weight[scale].to(tokens.dtype)
-        cond = text.cond.to(x.dtype)
-        for layer, block in enumerate(self.blocks):
-            x = block(x, cond, rope, kv, layer, scale, plan, backend, pointwise)
+        x = run_blocks(self.blocks, x, text.cond.to(x.dtype), rope, kv, scale, plan, backend, pointwise)
         if scale == 0:
             x = x[:, -1:]  # official: logits[:, [-1]]; the other prefix slots predict nothing
         logits = self.head(self.head_nm(x.float(), text.cond))
@@ -346,9 +364,7 @@ class HART(nn.Module):
         rope = torch.cat(rope_tables(schedule, self.cfg.head_dim, text.positions)[: len(inputs)], dim=2).to(x.device)
         empty = [x.new_zeros(x.shape[0], self.cfg.heads, 0, self.cfg.head_dim)] * self.cfg.depth
         kv = ConcatKV(empty, empty)
-        cond = text.cond.to(x.dtype)
-        for layer, block in enumerate(self.blocks):
-            x = block(x, cond, rope, kv, layer, 0, plan)
+        x = run_blocks(self.blocks, x, text.cond.to(x.dtype), rope, kv, 0, plan)
         hidden = list(x.split(lengths, dim=1))
         hidden[0] = hidden[0][:, -1:]
         logits = [self.head(self.head_nm(h.float(), text.cond)) for h in hidden]
