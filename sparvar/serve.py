@@ -34,6 +34,7 @@ class GenerationService:
     """A loaded engine pipeline and its text source; `generate(request) -> PNG bytes`, one request at a time."""
 
     def __init__(self, engine_dir: str, t5: str | None = None, qwen: str | None = None, skip_last: int = 0):
+        from .config import get_config
         from .engine import read_manifest
         from .pipeline import check_text_sources
         from .runtime import load_engine_pipeline
@@ -43,11 +44,12 @@ class GenerationService:
         if self.spec.get("batch", 1) != 1:
             raise ValueError(f"{engine_dir} was built for batch {self.spec['batch']}; sparvar serve answers one prompt "
                              "per request and runs batch-1 engines")
-        self.pipe = load_engine_pipeline(engine_dir, skip_last=skip_last)
-        check_text_sources(self.pipe.cfg, t5=t5, qwen=qwen)
-        if not (t5 or qwen or self.pipe.random_weights or self.pipe.cfg.text_encoder == "hashed"):
-            encoder = "--qwen DIR" if getattr(self.pipe.cfg, "family", "infinity") == "hart" else "--t5 DIR"
+        cfg = get_config(self.spec["model"])  # the text source is checked before the (large) weights load
+        check_text_sources(cfg, t5=t5, qwen=qwen)
+        if not (t5 or qwen or self.spec["weights"] is None or cfg.text_encoder == "hashed"):
+            encoder = "--qwen DIR" if getattr(cfg, "family", "infinity") == "hart" else "--t5 DIR"
             raise ValueError(f"{engine_dir} runs real weights: give its text encoder ({encoder}) to serve prompts")
+        self.pipe = load_engine_pipeline(engine_dir, skip_last=skip_last)
         self.t5, self.qwen = t5, qwen
         self.lock = threading.Lock()
         self.served = 0
@@ -98,6 +100,9 @@ class GenerationService:
                     image = self.pipe.generate(features, lengths, sampling=sampling, seed=seed).image
             except EngineError as e:  # what this engine cannot run (e.g. cfg 1 on an engine built with guidance)
                 raise RequestError(str(e)) from None
+            except Exception:
+                self.failed += 1
+                raise
             ms = 1000 * (time.perf_counter() - t0)
             self.served += 1
         buf = io.BytesIO()
@@ -143,7 +148,6 @@ def make_handler(service: GenerationService, log=None):
             except RequestError as e:
                 return self._json(HTTPStatus.BAD_REQUEST, {"error": str(e)})
             except Exception as e:  # the engine failed: say so, keep serving
-                service.failed += 1
                 return self._json(HTTPStatus.INTERNAL_SERVER_ERROR, {"error": f"{type(e).__name__}: {e}"})
             self._send(HTTPStatus.OK, png, "image/png",
                        {"X-Sparvar-Seed": str(request.get("seed", 0)), "X-Sparvar-Latency-Ms": f"{ms:.1f}"})

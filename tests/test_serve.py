@@ -85,7 +85,7 @@ def test_malformed_body_unknown_path_and_health(server):
     with urllib.request.urlopen(url + "/health", timeout=30) as r:
         health = json.loads(r.read())
     assert health["model"] == "infinity-tiny" and health["attention"] == "sparvar"
-    assert health["backend"] == "onnxruntime" and health["served"] >= 0 and health["failed"] == 0
+    assert health["backend"] == "onnxruntime" and health["served"] == service.served and health["failed"] == service.failed
 
 
 def test_service_refuses_what_it_cannot_serve(engines, tmp_path):
@@ -121,3 +121,19 @@ def test_serves_a_torch_cuda_engine(tmp_path):
     assert _pixels(first).shape == (256, 256, 3)
     assert first == again and first != other
     assert service.info()["backend"] == "torch-cuda" and service.served == 3
+
+
+def test_engine_failure_is_a_500_and_the_service_keeps_serving(server, monkeypatch):
+    url, service = server
+    calls = []
+
+    def broken(*args, **kwargs):
+        calls.append(1)
+        raise RuntimeError("device lost")
+
+    with monkeypatch.context() as m:
+        m.setattr(service.pipe, "generate", broken)
+        status, _, payload = _post(url, {"prompt": "a cat"})
+    assert status == 500 and json.loads(payload)["error"] == "RuntimeError: device lost" and calls
+    assert service.failed == 1
+    assert _post(url, {"prompt": "a cat"})[0] == 200
