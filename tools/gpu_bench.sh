@@ -13,6 +13,7 @@
 #   bash tools/gpu_bench.sh "$OUT" decide    # the CS4A decision's passes and their alternatives (2B, 8B)
 #   bash tools/gpu_bench.sh "$OUT" e2e2b     # end-to-end, 2B dense and SparVAR engine rows only
 #   bash tools/gpu_bench.sh "$OUT" timeline  # GPU idle time of one graphed 2B generation (launch gaps vs host waits)
+#   bash tools/gpu_bench.sh "$OUT" decode    # the tokenizer decodes at 1024² (Infinity 2B/8B, HART fp32 vs fp16 graph, cudnn.benchmark)
 #   bash tools/gpu_bench.sh "$OUT" batch4    # throughput: 2B and 8B dense and SparVAR engines at 4 prompts per generation
 set -uo pipefail
 OUT=${1:-bench/results}
@@ -50,6 +51,8 @@ for what in "${@:2}"; do
     e2e2b)
       python bench/e2e.py --model infinity-2b --warmup 3 --runs 20 --rows "(CUDA graphs" \
         --out "$OUT/e2e_engines_2b_$TAG.json" 2>&1 | grep -v Warning | tail -6 ;;
+    decode)
+      python bench/decode.py --out "$OUT/decode_$TAG.json" 2>&1 | grep -v Warning | tail -12 ;;
     batch4)
       python bench/e2e.py --model infinity-2b --model infinity-8b --batch 4 --warmup 2 --runs 10 --rows "(CUDA graphs" \
         --out "$OUT/e2e_batch4_$TAG.json" 2>&1 | grep -v Warning | tail -6 ;;
