@@ -21,6 +21,7 @@ from sparvar.vae import build_vae
      "name that model with one --model"),
     (["--text-embeddings", "t.safetensors"], "name that model with one --model"),
     (["--batch", "0"], "--batch must be >= 1"),
+    (["--model", "infinity-2b", "--weights", "missing.pth", "--vae", "missing.pth"], "--weights missing.pth: no such file"),
 ])
 def test_bench_e2e_refuses_bad_options_before_building_anything(args, message, capsys):
     assert main(["bench", "e2e", *args]) == 2
