@@ -251,13 +251,13 @@ def check_args(args) -> None:
         raise UsageError("bench e2e: give both --weights and --vae (official checkpoints), or neither (random weights)")
     if args.weights and len(args.model or []) != 1:
         raise UsageError("bench e2e: --weights/--vae are one model's checkpoints; name that model with one --model")
-    for flag, path in (("--weights", args.weights), ("--vae", args.vae), ("--text-embeddings", args.text_embeddings)):
-        if path and not os.path.exists(path):
-            raise UsageError(f"bench e2e: {flag} {path}: no such file or directory")
     if args.batch < 1:
         raise UsageError(f"bench e2e: --batch must be >= 1, got {args.batch}")
     if args.text_embeddings and len(args.model or []) != 1:
         raise UsageError("bench e2e: --text-embeddings are one model's features; name that model with one --model")
+    for flag, path in (("--weights", args.weights), ("--vae", args.vae), ("--text-embeddings", args.text_embeddings)):
+        if path and not os.path.exists(path):
+            raise UsageError(f"bench e2e: {flag} {path}: no such file or directory")
 
 
 def main(args=None) -> int:
