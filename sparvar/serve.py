@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import threading
 import time
 from http import HTTPStatus
@@ -75,8 +76,9 @@ class GenerationService:
             raise RequestError(f"'seed' must be an integer in [0, 2^63), got {seed!r}")
         options = {k: request.get(k) for k in SAMPLING_FIELDS}
         for name, value in options.items():
-            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
-                raise RequestError(f"'{name}' must be a number, got {value!r}")
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                      or not math.isfinite(value)):
+                raise RequestError(f"'{name}' must be a finite number, got {value!r}")
         try:  # the family's own checks (Sampling / HartSampling): tau > 0, top_k in {0, 1, 2}, top_p in [0, 1]
             sampling = self.pipe.sampling(**options)
         except (TypeError, ValueError) as e:

@@ -64,7 +64,8 @@ def test_generate_returns_the_cli_image(server, engines, tmp_path, capsys):
     ({"prompt": "a cat", "seed": "3"}, "'seed' must be an integer"),
     ({"prompt": "a cat", "top_k": 5}, "top_k must be 0, 1 or 2"),
     ({"prompt": "a cat", "tau": 0}, "tau must be > 0"),
-    ({"prompt": "a cat", "cfg": "high"}, "'cfg' must be a number"),
+    ({"prompt": "a cat", "cfg": "high"}, "'cfg' must be a finite number"),
+    ({"prompt": "a cat", "top_p": float("nan")}, "'top_p' must be a finite number"),
     ({"prompt": "a cat", "cfg": 1.0}, "built with classifier-free guidance"),  # the engine's own refusal
     (["a cat"], "must be a JSON object"),
 ])
