@@ -350,3 +350,26 @@ def test_official_weights_feed_the_export_and_its_key(eager, tmp_path):
     assert set(before["weights"]) == {"model.safetensors"}  # the folder's weight files, each by its digest
     save_official(model, str(llm / "model.safetensors"))  # same folder, new content
     assert export_key()["weights"] != before["weights"] and export_key()["vae"] == before["vae"]
+
+
+def test_serves_a_hart_engine(sparvar_engine, tmp_path, capsys):
+    """`sparvar serve`'s service over a HART engine: the image `sparvar generate --engine` writes for the same prompt
+    and seed; the options official HART sampling does not have are a RequestError (HTTP 400) naming them."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from sparvar.cli import main
+    from sparvar.serve import GenerationService, RequestError
+
+    service = GenerationService(sparvar_engine)
+    png, _ = service.generate({"prompt": "a cat", "seed": 4, "cfg": 3.0})
+    out = str(tmp_path / "cli.png")
+    assert main(["generate", "--engine", sparvar_engine, "--prompt", "a cat", "--seed", "4", "--cfg", "3", "--out", out]) == 0
+    capsys.readouterr()
+    np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(png))), np.asarray(Image.open(out)))
+    for field, message in (("tau", "samples without a temperature"), ("top_k", "official top-k schedule")):
+        with pytest.raises(RequestError, match=message):
+            service.generate({"prompt": "a cat", field: 1})
+    assert service.info()["model"] == "hart-tiny" and service.served == 1
