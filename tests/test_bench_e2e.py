@@ -97,3 +97,16 @@ def test_bench_model_saves_every_row_with_its_ratios(monkeypatch):
     assert saved[1][1]["images_per_s"] == 1000 * 2 / 50.0 and result["batch"] == 2
     assert result["rows"][2]["row"] == "SparVAR eager" and "CUDA device" in result["rows"][2]["error"]
     assert result["model"] == "infinity-tiny" and result["weights"] == "random"
+
+
+def test_hart_rows_decode_in_fp16_as_the_official_inference():
+    """HART's bench parts on the CPU: the rows' tokenizer decodes in fp16 (the official autocast precision) while f_hat
+    accumulates in fp32, and an eager row's pipeline generates through it."""
+    base, decoder, features, mask, sampling, make_runner, make_pipeline = family_parts(
+        "hart-tiny", 256, torch.device("cpu"))
+    assert decoder.half and decoder.quantize.embedding.weight.dtype == torch.float32
+    assert decoder.post_quant_conv.weight.dtype == torch.float16
+    pipe = make_pipeline(make_runner("eager", None, "math", False), 0)
+    with torch.no_grad():
+        image = pipe.generate(features, mask, sampling=sampling, seed=1).image
+    assert image.shape == (1, 3, 256, 256) and torch.isfinite(image).all()
