@@ -104,7 +104,7 @@ def test_hart_rows_decode_in_fp16_as_the_official_inference():
     accumulates in fp32, and an eager row's pipeline generates through it."""
     base, decoder, features, mask, sampling, make_runner, make_pipeline = family_parts(
         "hart-tiny", 256, torch.device("cpu"))
-    assert decoder.half and decoder.quantize.embedding.weight.dtype == torch.float32
+    assert decoder.decode_dtype == torch.float16 and decoder.quantize.embedding.weight.dtype == torch.float32
     assert decoder.post_quant_conv.weight.dtype == torch.float16
     pipe = make_pipeline(make_runner("eager", None, "math", False), 0)
     with torch.no_grad():

@@ -89,7 +89,7 @@ def test_engine_decode_is_fp16_and_graphed(tmp_path):
     build_engine(EngineSpec(model="hart-tiny", resolution=256, attention="sparvar", backend="torch-cuda", dtype="bf16"),
                  path, log=lambda m: None)
     pipe = load_engine_pipeline(path)
-    assert isinstance(pipe.tokenizer, GraphedDecoder) and pipe.tokenizer.half
+    assert isinstance(pipe.tokenizer, GraphedDecoder) and pipe.tokenizer.decode_dtype == torch.float16
     features, mask = hashed_hart_embeddings(["a cat"], CFG)
     image = pipe.generate(features, mask, HartSampling(), seed=1).image
     assert image.shape == (1, 3, 256, 256) and torch.isfinite(image).all()

@@ -174,7 +174,7 @@ def test_half_decoder_has_the_official_autocast_precision():
     indices = [torch.randint(0, TINY.vq.vocab_size, (2, pn * pn), generator=g) for pn in TINY.patch_nums]
     f_hat = full.indices_to_fhat(indices, TINY.patch_nums)  # fp32, accumulated as generation does
     half = copy.deepcopy(full).half_decoder()
-    assert half.half and not full.half
+    assert half.decode_dtype == torch.float16 and full.decode_dtype == torch.float32
     assert all(p.dtype == torch.float32 for p in half.quantize.parameters())
     assert all(p.dtype == torch.float16 for m in (half.post_quant_conv, half.decoder) for p in m.parameters())
     assert half.decoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
@@ -287,3 +287,9 @@ def test_next_input_exports_to_onnx_as_matmuls():
     got = sess.run(None, {i.name: a.numpy() for i, a in zip(sess.get_inputs(), args)})
     for o, r in zip(got, NextInput()(*args)):  # the eager call after tracing: the matrix cache holds no fake tensors
         np.testing.assert_allclose(o, r.numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_tokenizer_keeps_nn_module_half():
+    """HartVQDecoder's own attributes leave nn.Module's API intact (a `half` property once shadowed Module.half())."""
+    model = build_hart_vq(TINY.vq, seed=0).half()
+    assert model.decode_dtype == torch.float16 and model.quantize.embedding.weight.dtype == torch.float16

@@ -325,16 +325,17 @@ class HartVQDecoder(nn.Module):
         accumulator = self.quantize.embedding.weight.dtype
         if f_hat.dtype != accumulator:
             raise TypeError(f"f_hat dtype {f_hat.dtype} != the quantizer's dtype {accumulator} (f_hat accumulates there)")
-        x = f_hat.to(self.post_quant_conv.weight.dtype)  # a no-op unless the decode side is half (half_decoder)
-        if self.half:
+        x = f_hat.to(self.decode_dtype)  # a no-op unless the decode side is half (half_decoder)
+        if self.decode_dtype != accumulator:
             x = x.contiguous(memory_format=torch.channels_last)
         return self.decoder(self.post_quant_conv(x)).clamp(-1.0, 1.0).contiguous()
 
     forward = decode
 
     @property
-    def half(self) -> bool:
-        return self.post_quant_conv.weight.dtype != self.quantize.embedding.weight.dtype
+    def decode_dtype(self) -> torch.dtype:
+        """The decode side's dtype: the quantizer's, or fp16/bf16 after half_decoder."""
+        return self.post_quant_conv.weight.dtype
 
     def half_decoder(self, dtype: torch.dtype = torch.float16) -> "HartVQDecoder":
         """This tokenizer, its decode side converted in place to `dtype` and channels_last: the official inference
