@@ -56,14 +56,17 @@ def main() -> int:
     ap.add_argument("--one-shot-runs", type=int, default=5)
     ap.add_argument("--out", default=None, help="default: bench/results/serve_<device>.json")
     args = ap.parse_args()
-    from sparvar.engine import EngineSpec, build_engine
+    from sparvar.config import get_config
+    from sparvar.engine import build_engine
+    from sparvar.runtime import spec_from_args
     from sparvar.serve import GenerationService, make_server
 
+    # the engine `sparvar engine build` makes for these options (its default resolution and dtype)
+    spec = spec_from_args(argparse.Namespace(model=args.model, resolution=get_config(args.model).default_resolution,
+                                             aspect="1:1", attention=args.attention, backend=args.backend, dtype=None,
+                                             weights=None, vae=None))
     with tempfile.TemporaryDirectory() as tmp:
         engine_dir = os.path.join(tmp, "engine")
-        spec = EngineSpec(model=args.model, resolution=256 if args.model.endswith("tiny") else 1024,
-                          attention=args.attention, backend=args.backend,
-                          dtype="fp32" if args.model.endswith("tiny") else "bf16")
         build_engine(spec, engine_dir, log=lambda *a, **k: None)
         one_shot = time_one_shot(engine_dir, args.one_shot_runs, tmp)
         t0 = time.perf_counter()

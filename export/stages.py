@@ -280,17 +280,15 @@ def _build_onnxruntime(ctx: StageContext, out: str) -> dict:
     return {"onnxruntime": settings}
 
 
-TORCH_CUDA_PLAN = "build/sparse_plan.safetensors"  # relative to the engine directory
-
-
 def _build_torch_cuda(ctx: StageContext, out: str) -> dict:
     """The GPU engine's own artefact: the SparVAR plan's CSLA layouts and CS4A geometries, precomputed here and
-    loaded by the runtime (sparvar.sparse.load_plan), so that it runs exactly the layouts this build made. The
-    weights come from the spec (checkpoint or seed) when the engine is loaded."""
+    loaded by the runtime (sparvar.engine.load_engine_plan, by the path recorded relative to the engine directory),
+    so that it runs exactly the layouts this build made. The weights come from the spec (checkpoint or seed) when the
+    engine is loaded."""
     if ctx.spec.attention != "sparvar":
         return {"torch_cuda": {"sparse_plan": None}}
     from sparvar.pipeline import make_plan
 
-    plan = make_plan(ctx.cfg, ctx.schedule, "sparvar")
-    names = plan.save(os.path.join(ctx.out_dir, TORCH_CUDA_PLAN))
-    return {"torch_cuda": {"sparse_plan": TORCH_CUDA_PLAN, "tensors": names}}
+    path = os.path.join(out, "sparse_plan.safetensors")
+    names = make_plan(ctx.cfg, ctx.schedule, "sparvar").save(path)
+    return {"torch_cuda": {"sparse_plan": os.path.relpath(path, ctx.out_dir), "tensors": names}}
