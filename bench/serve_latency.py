@@ -72,7 +72,7 @@ def main() -> int:
         t0 = time.perf_counter()
         service = GenerationService(engine_dir)
         load_ms = 1000 * (time.perf_counter() - t0)
-        _, first_ms = service.generate({"prompt": "warm-up"})  # what `sparvar serve` does before it listens
+        first_ms = service.warm_up()  # what `sparvar serve` does before it listens
         server = make_server(service, "127.0.0.1", 0)
         threading.Thread(target=server.serve_forever, daemon=True).start()
         try:

@@ -198,10 +198,8 @@ def cmd_serve(args) -> int:
     if not 0 <= args.port < 65536:
         raise UsageError(f"--port must be in [0, 65535], got {args.port}")
     service = GenerationService(args.engine, t5=args.t5, qwen=args.qwen, skip_last=args.skip_last)
-    if not args.no_warmup:  # the engine's first generation loads sessions / captures graphs: not a client's wait
-        _, ms = service.generate({"prompt": "warm-up"})
-        service.served = 0
-        print(f"warm-up generation: {ms:.1f} ms", file=sys.stderr)
+    if not args.no_warmup:
+        print(f"warm-up generation: {service.warm_up():.1f} ms", file=sys.stderr)
     server = make_server(service, args.host, args.port, log=lambda m: print(m, file=sys.stderr))
     print(f"serving {args.engine} on http://{args.host}:{server.server_port} (POST /generate, GET /health)",
           file=sys.stderr, flush=True)

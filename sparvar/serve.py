@@ -61,6 +61,13 @@ class GenerationService:
         return {"engine": self.engine_dir, **{k: self.spec.get(k) for k in keys}, "skip_last": self.pipe.skip_last,
                 "served": self.served, "failed": self.failed}
 
+    def warm_up(self) -> float:
+        """One generation before serving (the engine's first loads sessions or captures graphs and tunes kernels, which
+        should not be a client's wait); not counted as served. Returns its milliseconds."""
+        _, ms = self.generate({"prompt": "warm-up"})
+        self.served -= 1
+        return ms
+
     def parse(self, request) -> tuple[str, int, object]:
         """(prompt, seed, sampling) of a request body, or a RequestError naming what is wrong."""
         if not isinstance(request, dict):

@@ -89,6 +89,12 @@ def test_malformed_body_unknown_path_and_health(server):
     assert health["backend"] == "onnxruntime" and health["served"] == service.served and health["failed"] == service.failed
 
 
+def test_warm_up_generates_without_counting_a_request(server):
+    _, service = server
+    before = service.served
+    assert service.warm_up() > 0 and service.served == before
+
+
 def test_service_refuses_what_it_cannot_serve(engines, tmp_path):
     with pytest.raises(ValueError, match="--t5 is Infinity's text encoder|drop --qwen|--qwen is HART's"):
         GenerationService(engines["sparvar"], qwen="somewhere")
