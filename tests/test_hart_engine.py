@@ -369,7 +369,7 @@ def test_serves_a_hart_engine(sparvar_engine, tmp_path, capsys):
     assert main(["generate", "--engine", sparvar_engine, "--prompt", "a cat", "--seed", "4", "--cfg", "3", "--out", out]) == 0
     capsys.readouterr()
     np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(png))), np.asarray(Image.open(out)))
-    for field, message in (("tau", "samples without a temperature"), ("top_k", "official top-k schedule")):
-        with pytest.raises(RequestError, match=message):
+    for field, message in (("tau", "samples without a temperature"), ("top_k", "uses the official top-k schedule")):
+        with pytest.raises(RequestError, match=f"^{field}: hart-tiny {message}"):  # the request's name, not a CLI flag
             service.generate({"prompt": "a cat", field: 1})
     assert service.info()["model"] == "hart-tiny" and service.served == 1

@@ -260,11 +260,12 @@ class HartPipeline:
 
     def sampling(self, cfg: float | None = None, tau: float | None = None, top_k: int | None = None,
                  top_p: float | None = None) -> HartSampling:
-        """HartSampling from command-line options (None keeps the official default)."""
+        """HartSampling from the options of the CLI or a served request (None keeps the official default); errors name
+        the option as both spell it (tau, top_k), like Sampling's own."""
         if tau is not None:
-            raise ValueError(f"--tau: {self.cfg.name} samples without a temperature (official HART); drop it")
+            raise ValueError(f"tau: {self.cfg.name} samples without a temperature (official HART); drop it")
         if top_k is not None:
-            raise ValueError(f"--top-k: {self.cfg.name} uses the official top-k schedule (600 before scale 7, then "
+            raise ValueError(f"top_k: {self.cfg.name} uses the official top-k schedule (600 before scale 7, then "
                              "300); drop it")
         options = {"cfg": cfg, "top_p": top_p}
         return HartSampling(**{k: v for k, v in options.items() if v is not None})
