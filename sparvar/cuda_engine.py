@@ -5,7 +5,9 @@ so every scale's transformer step is captured once and replayed. Graphs need fix
 - the text features are copied into a static buffer, padded to a length bucket (one graph set per bucket), and the
   text conditioning is a graph too (~200 small kernels per prompt, host-bound eagerly: begin() plus scale 0 took
   ~7-10 ms against ~3.6 ms for scale 1 in e2e_h200.json); its outputs are the static inputs of the step graphs;
-- the KV cache is preallocated for the whole schedule and written in place;
+- the KV cache is preallocated for the whole schedule and written in place; graph sets with the same number of rows
+  share one (5 GiB at 2B, 11 GiB at 8B for 1024² with CFG): one generation runs at a time, and a long-lived server
+  otherwise allocates one per text bucket it meets;
 - each scale reads its input codes from a static buffer and writes logits to a static output;
 - CS4A state (selections, residual caches) is produced and consumed inside the graphs, at fixed addresses.
 Sampling, CFG and code accumulation (a handful of small kernels per scale) run eagerly in the shared loop.
@@ -16,7 +18,7 @@ import dataclasses
 
 import torch
 
-from .model import EAGER, Infinity, TextCondition, frozen_weight_functions, rope_tables
+from .model import EAGER, Infinity, KVCache, TextCondition, frozen_weight_functions, rope_tables
 from .schedule import Schedule
 
 TEXT_BUCKET = 64  # text lengths are padded up to a multiple of this (masked), so few graph sets are needed
@@ -61,7 +63,8 @@ class CudaGraphRunner:
         # an engine's weights are fixed
         self.ops = dataclasses.replace(self.ops, **frozen_weight_functions([blk.sa for blk in model.blocks]))
         self.pool = torch.cuda.graph_pool_handle() if use_graphs else None
-        self.sets: dict[tuple[int, int], _Graphs] = {}
+        self.sets: dict[tuple[int, bool, int], _Graphs] = {}
+        self.caches: dict[int, KVCache] = {}  # rows -> the KV cache of every graph set with that many rows
         self.current: _Graphs | None = None
 
     @torch.no_grad()
@@ -94,7 +97,9 @@ class CudaGraphRunner:
             text_graph, text = graphs[0], outputs[0]
         else:
             text = model.encode_text(features, lengths, guided)
-        cache = model.new_cache(text.batch, schedule)
+        if text.batch not in self.caches:  # allocated outside the graph pool: it lives as long as the runner
+            self.caches[text.batch] = model.new_cache(text.batch, schedule)
+        cache = self.caches[text.batch]
         codes = [None] + [torch.zeros(B, n, model.cfg.bits, device=self.device) for n in schedule.lengths[1:]]
         if self.plan is not None:
             self.plan.reset()

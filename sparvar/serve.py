@@ -107,6 +107,9 @@ class GenerationService:
                                                             allow_hashed=self.pipe.random_weights)
                 with torch.no_grad():
                     image = self.pipe.generate(features, lengths, sampling=sampling, seed=seed).image
+                # to host memory under the lock: the image may be a graph's static output that the next request's
+                # replay overwrites, and GPU work from this thread must not overlap another request's graph capture
+                pixels = image_arrays(image)[0]
             except EngineError as e:  # what this engine cannot run (e.g. cfg 1 on an engine built with guidance)
                 raise RequestError(str(e)) from None
             except Exception:
@@ -115,7 +118,7 @@ class GenerationService:
             ms = 1000 * (time.perf_counter() - t0)
             self.served += 1
         buf = io.BytesIO()
-        Image.fromarray(image_arrays(image)[0]).save(buf, format="PNG")
+        Image.fromarray(pixels).save(buf, format="PNG")
         return buf.getvalue(), ms
 
 

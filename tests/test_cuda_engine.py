@@ -54,6 +54,27 @@ def test_static_buffer_runner_equals_eager_runner_across_prompts(attention):
         static.begin(torch.zeros(1, CFG.text_maxlen + 1, CFG.text_dim), torch.tensor([3]), True)
 
 
+def test_graph_sets_with_the_same_rows_share_one_kv_cache(monkeypatch):
+    """A server meets many text buckets; each graph set must not bring its own KV cache (5-11 GiB at 1024²). Sets with
+    the same rows share one, and every generation still gives the eager path's tokens, also after another set ran."""
+    import sparvar.cuda_engine
+
+    monkeypatch.setattr(sparvar.cuda_engine, "TEXT_BUCKET", 8)  # infinity-tiny's 32 text tokens: up to 4 buckets
+    eager, static, schedule = _pair("sparvar")
+    decoder = build_decoder(CFG, None, "cpu", torch.float32)
+    runs = [("a red car", 3.0), ("a small dog on the green grass by a tall old red barn", 3.0), ("a red car", 1.0),
+            ("a red car", 3.0)]
+    for seed, (prompt, cfg) in enumerate(runs):
+        f, l = hashed_embeddings([prompt], CFG.text_dim, CFG.text_maxlen)
+        a = generate(eager, decoder, schedule, f, l, Sampling(cfg=cfg), seed=seed)
+        b = generate(static, decoder, schedule, f, l, Sampling(cfg=cfg), seed=seed)
+        for x, y in zip(a.bits, b.bits):
+            assert torch.equal(x, y)
+    assert sorted(k[1:] for k in static.sets) == [(False, 8), (True, 8), (True, 16)]
+    assert sorted(static.caches) == [1, 2]  # rows: unguided, guided (CFG doubles the batch)
+    assert static.sets[(1, True, 8)].cache is static.sets[(1, True, 16)].cache is static.caches[2]
+
+
 def test_engine_steps_compute_no_weight_or_prompt_constants():
     """What depends only on the weights (qkv bias, temperature) or the prompt (AdaLN vectors, text mask) is computed
     once, not in every block of every scale step: the engine's step has none of those ops, and the same logits."""

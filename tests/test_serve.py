@@ -130,6 +130,33 @@ def test_serves_a_torch_cuda_engine(tmp_path):
     assert service.info()["backend"] == "torch-cuda" and service.served == 3
 
 
+def test_concurrent_requests_each_get_their_own_image(server, monkeypatch):
+    """Requests arrive on threads. Each image reaches host memory while its generation holds the engine: on the GPU the
+    image is a graph's static output that the next request's replay overwrites."""
+    import sparvar.pipeline
+
+    url, service = server
+    to_host = sparvar.pipeline.image_arrays
+    held = []
+
+    def checked(images):
+        held.append(service.lock.locked())
+        return to_host(images)
+
+    monkeypatch.setattr(sparvar.pipeline, "image_arrays", checked)
+    want = {seed: _post(url, {"prompt": "a red car", "seed": seed, "cfg": 3.0})[2] for seed in (7, 8, 9)}
+    got = {}
+    threads = [threading.Thread(target=lambda s=seed: got.__setitem__(s, _post(url, {"prompt": "a red car", "seed": s,
+                                                                                    "cfg": 3.0})[2]))
+               for seed in want]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert got == want and len(set(want.values())) == 3
+    assert held == [True] * 6
+
+
 def test_engine_failure_is_a_500_and_the_service_keeps_serving(server, monkeypatch):
     url, service = server
     calls = []
