@@ -97,7 +97,7 @@ def test_engine_decode_is_fp16_and_graphed(tmp_path):
 
 def test_graphed_denoise_steps_match_the_eager_steps():
     """Each diffusion step replays the eager step's kernels from one graph; new inputs go through the static buffers
-    (a second pass with other x, cond and noise), guided and unguided."""
+    (passes with other x, cond, noise and guidance), guided and unguided alike: one graph per step, whatever the cfg."""
     from sparvar.hart.cuda_engine import HartCudaGraphRunner
     from sparvar.hart.diffusion import respaced_schedule
 
@@ -106,7 +106,7 @@ def test_graphed_denoise_steps_match_the_eager_steps():
     eager, graphed = HartTorchRunner(model, schedule), HartCudaGraphRunner(model, schedule)
     g = torch.Generator(device="cuda").manual_seed(0)
     n, steps = 48, respaced_schedule(CFG.diffusion).num_steps
-    for cfg_scale, rows in ((4.5, 2 * n), (0.0, n), (4.5, 2 * n)):
+    for cfg_scale, rows in ((4.5, 2 * n), (0.0, n), (3.1, 2 * n), (4.5, 2 * n)):
         cond = torch.randn(rows, CFG.width, generator=g, device="cuda").bfloat16()
         x_eager = x_graph = torch.randn(n, CFG.latent_dim, generator=g, device="cuda")
         for k in reversed(range(steps)):
@@ -114,4 +114,6 @@ def test_graphed_denoise_steps_match_the_eager_steps():
             x_eager = eager.denoise_step(x_eager, k, cond, cfg_scale, noise)
             x_graph = graphed.denoise_step(x_graph, k, cond, cfg_scale, noise)
             torch.testing.assert_close(x_graph, x_eager, atol=1e-3, rtol=1e-3, msg=f"cfg {cfg_scale}, step {k}")
-    assert len(graphed.denoise_graphs) == 2 * steps  # captured once per (step, guidance), replayed after
+    assert len(graphed.denoise_graphs) == steps  # captured once per step, replayed after
+    with pytest.raises(ValueError, match="needs noise"):  # a replay would reuse the last step's noise
+        graphed.denoise_step(x_graph, 1, cond, 4.5, None)

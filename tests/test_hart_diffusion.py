@@ -7,7 +7,7 @@ import torch
 
 from sparvar.hart.config import HART_CONFIGS, HartDiffusionConfig
 from sparvar.hart.diffusion import (DiffLoss, build_diffloss, denoise_step, diffloss_param_count,
-                                    guided_net_output, p_mean_variance, respaced_schedule, sample,
+                                    guidance_weights, guided_net_output, p_mean_variance, respaced_schedule, sample,
                                     space_timesteps)
 
 TINY = HART_CONFIGS["hart-tiny"]
@@ -112,6 +112,21 @@ def test_p_mean_variance_against_independent_computation():
         torch.testing.assert_close(logvar, logvar_ref, rtol=1e-10, atol=1e-12)
     with pytest.raises(ValueError, match="channels"):
         p_mean_variance(out[:, :15], x, 0, s)
+
+
+def test_guidance_as_a_tensor_is_the_float_scale_bit_for_bit():
+    """A captured step takes its scale as `guidance_weights` (so one graph serves every cfg). It must compute what the
+    Python float does, also for scales where 1 + float32(s) rounds differently from float32(1 + s) (1.09, 3.11 here)."""
+    model = build_diffloss(TINY, seed=3)
+    s = respaced_schedule(TINY.diffusion)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(5, 8, generator=g)
+    cond = torch.randn(10, TINY.width, generator=g)
+    scales = (0.0, 1.09, 3.11, 4.5, 7.13)
+    assert any((1 + torch.tensor(v)) != torch.tensor(1 + v) for v in scales)  # the case that needs the care
+    for scale in scales:
+        want = guided_net_output(model.net, x, 4, cond, scale, s)
+        assert torch.equal(guided_net_output(model.net, x, 4, cond, guidance_weights(scale), s), want), scale
 
 
 def test_guided_output_is_official_cfg_on_eps():

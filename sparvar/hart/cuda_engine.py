@@ -18,7 +18,8 @@ import torch
 
 from ..cuda_engine import GraphedDecoder, capture_scales
 from ..model import frozen_weight_functions, qkv_bias
-from .generate import HartTorchRunner
+from .diffusion import denoise_step, guidance_weights
+from .generate import HartTorchRunner, paired_condition
 from .model import HART, KVCache, Pointwise, TextCondition, rope_tables
 
 
@@ -71,7 +72,8 @@ class HartCudaGraphRunner:
         self.sets: dict[tuple[int, bool], _Graphs] = {}
         self.denoise_pool = torch.cuda.graph_pool_handle()
         self.denoise_inputs: dict = {}  # shapes -> static (x, cond, noise)
-        self.denoise_graphs: dict = {}  # (step, guidance, shapes) -> (graph, static output)
+        self.guidance = torch.zeros(2, device=self.device)  # the replayed step's guidance_weights
+        self.denoise_graphs: dict = {}  # (step, shapes) -> (graph, static output)
         self.current: _Graphs | None = None
         self.last_scale = -1
 
@@ -130,10 +132,16 @@ class HartCudaGraphRunner:
 
     @torch.no_grad()
     def denoise_step(self, x, k: int, cond, cfg_scale: float, noise):
-        """The eager step (HartTorchRunner.denoise_step) captured as one CUDA graph per (step, guidance, shapes): a
-        step of the diffusion MLP is ~100 small kernels on a few thousand rows, so eagerly the host's launches, not
-        the GPU, set its time. The steps of one shape share their static inputs, and replay in capture order (the
-        sampler's order) from a memory pool of their own."""
+        """The eager step (HartTorchRunner.denoise_step: paired_condition, then diffusion.denoise_step) captured as
+        one CUDA graph per (step, shapes): a step of the diffusion MLP is ~100 small kernels on a few thousand rows,
+        so eagerly the host's launches, not the GPU, set its time. The guidance scale is an input (its
+        `guidance_weights` in a static tensor), so a server's requests share the graphs whatever their cfg; the
+        unguided condition is paired eagerly, so guided and unguided steps share them too. The steps share their
+        static inputs and replay in capture order (the sampler's order) from a memory pool of their own."""
+        cond = paired_condition(x, cond, cfg_scale)  # (2N, C): checks the guidance; duplicates unguided rows
+        if k > 0 and (noise is None or noise.shape != x.shape):  # a graph would replay the last noise instead
+            raise ValueError(f"step {k} needs noise of shape {tuple(x.shape)}, got "
+                             f"{None if noise is None else tuple(noise.shape)}")
         shapes = (tuple(x.shape), x.dtype, tuple(cond.shape), cond.dtype)
         if shapes not in self.denoise_inputs:
             self.denoise_inputs[shapes] = (torch.empty_like(x), torch.empty_like(cond), torch.empty_like(x))
@@ -142,11 +150,13 @@ class HartCudaGraphRunner:
         static_cond.copy_(cond)  # the loop passes one cond to every step: a ~25 MB copy at 1024², ~10 µs
         if noise is not None:
             static_noise.copy_(noise)
-        key = (k, float(cfg_scale), shapes)  # step 0 alone takes no noise (the eager step checks it)
+        self.guidance.copy_(guidance_weights(cfg_scale))
+        key = (k, shapes)  # step 0 alone takes no noise
         if key not in self.denoise_graphs:
+            net, sched = self.model.diffloss.net, self.eager.diffusion_schedule
             graphs, outputs = capture_scales(
-                lambda _: self.eager.denoise_step(static_x, k, static_cond, cfg_scale, None if noise is None else static_noise),
-                1, self.denoise_pool)
+                lambda _: denoise_step(net, static_x, k, static_cond, self.guidance, None if k == 0 else static_noise,
+                                       sched), 1, self.denoise_pool)
             self.denoise_graphs[key] = (graphs[0], outputs[0])
         graph, out = self.denoise_graphs[key]
         graph.replay()

@@ -245,22 +245,32 @@ def p_mean_variance(net_out: torch.Tensor, x: torch.Tensor, k: int, sched: Sampl
     return mean, log_variance, pred_x0
 
 
-def guided_net_output(net: SimpleMLPAdaLN, x: torch.Tensor, k: int, cond: torch.Tensor, cfg_scale: float,
-                      sched: SamplerSchedule) -> torch.Tensor:
-    """The official `forward_with_cfg` for the conditional half: x (B, C), cond (2B, D) = [cond rows; uncond rows].
+def guidance_weights(cfg_scale: float) -> torch.Tensor:
+    """(1 + s, s) as a float32 (2,) tensor: the weights of eps_c and eps_u, each rounded once from double, which is
+    what torch does with a Python-float scale (1 + float32(s) in float32 differs in ~4% of scales). For a step
+    whose scale is an input: a captured CUDA graph (one graph for every scale) and the exported denoise unit."""
+    return torch.tensor([1 + cfg_scale, cfg_scale], dtype=torch.float32)
+
+
+def guided_net_output(net: SimpleMLPAdaLN, x: torch.Tensor, k: int, cond: torch.Tensor,
+                      cfg_scale: float | torch.Tensor, sched: SamplerSchedule) -> torch.Tensor:
+    """The official `forward_with_cfg` for the conditional half: x (B, C), cond (2B, D) = [cond rows; uncond rows];
+    cfg_scale a float s, or its `guidance_weights` on x's device.
 
     -> (B, 2C): guided eps (1 + s) * eps_c - s * eps_u, and the conditional rows' variance output."""
     B, C = x.shape
     t = torch.full((2 * B,), float(sched.timesteps[k]), device=x.device)  # the net sees the original timestep
     out = net(torch.cat([x, x]).to(cond.dtype), t, cond).to(x.dtype)  # (2B, 2C)
-    eps = (1 + cfg_scale) * out[:B, :C] - cfg_scale * out[B:, :C]
+    w_cond, w_uncond = cfg_scale.unbind(0) if isinstance(cfg_scale, torch.Tensor) else (1 + cfg_scale, cfg_scale)
+    eps = w_cond * out[:B, :C] - w_uncond * out[B:, :C]
     return torch.cat([eps, out[:B, C:]], dim=-1)
 
 
-def denoise_step(net: SimpleMLPAdaLN, x: torch.Tensor, k: int, cond: torch.Tensor, cfg_scale: float,
+def denoise_step(net: SimpleMLPAdaLN, x: torch.Tensor, k: int, cond: torch.Tensor, cfg_scale: float | torch.Tensor,
                  noise: torch.Tensor | None, sched: SamplerSchedule, temperature: float = 1.0) -> torch.Tensor:
     """One IDDPM step at respaced step k: x_t (B, C) -> x_{t-1} (B, C). Pure: the noise (B, C) is an input,
-    and unused at k = 0 (the last step adds none). `k`, `cfg_scale` and `temperature` are compile-time constants."""
+    and unused at k = 0 (the last step adds none). `k` and `temperature` are compile-time constants; `cfg_scale`
+    is one too as a float, or an input as its `guidance_weights` tensor (see guided_net_output)."""
     mean, log_variance, _ = p_mean_variance(guided_net_output(net, x, k, cond, cfg_scale, sched), x, k, sched)
     if k == 0:
         return mean

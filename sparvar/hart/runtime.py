@@ -29,7 +29,7 @@ import torch
 from ..engine import EngineError
 from ..runtime import OrtUnit
 from .config import HartConfig
-from .diffusion import respaced_schedule
+from .diffusion import guidance_weights, respaced_schedule
 from .generate import paired_condition
 
 
@@ -112,11 +112,9 @@ class OrtHartRunner:
             raise ValueError(f"step {k} needs noise of shape {tuple(x.shape)}, got "
                              f"{None if noise is None else tuple(noise.shape)}")
         noise = torch.zeros_like(x) if k == 0 else noise  # the last step adds none
-        # (1 + s) in double, then float32: what torch does with the eager step's Python-float guidance scale
-        guidance = np.array([1 + cfg_scale, cfg_scale], dtype=np.float32)
         out = self.denoise({"x": _numpy(x), "diffusion_cond": _numpy(cond, None),
                             "noise": _numpy(noise), "step": np.array(k, dtype=np.int64),
-                            "guidance": guidance})
+                            "guidance": guidance_weights(cfg_scale).numpy()})
         return torch.from_numpy(out["x_prev"])
 
 
