@@ -68,6 +68,7 @@ def test_engine_decode_is_fp16_and_graphed(tmp_path):
 
     from sparvar.cuda_engine import GraphedDecoder
     from sparvar.engine import EngineSpec, build_engine
+    from sparvar.hart.cuda_engine import HartCudaGraphRunner
     from sparvar.runtime import load_engine_pipeline
 
     full = build_hart_vq(CFG.vq, device="cuda")
@@ -88,7 +89,8 @@ def test_engine_decode_is_fp16_and_graphed(tmp_path):
     path = str(tmp_path / "hart")
     build_engine(EngineSpec(model="hart-tiny", resolution=256, attention="sparvar", backend="torch-cuda", dtype="bf16"),
                  path, log=lambda m: None)
-    pipe = load_engine_pipeline(path)
+    pipe = load_engine_pipeline(path)  # the runner runs the SparVAR plan the build stored (load_engine_plan)
+    assert isinstance(pipe.runner, HartCudaGraphRunner) and pipe.runner.plan is not None
     assert isinstance(pipe.tokenizer, GraphedDecoder) and pipe.tokenizer.decode_dtype == torch.float16
     features, mask = hashed_hart_embeddings(["a cat"], CFG)
     image = pipe.generate(features, mask, HartSampling(), seed=1).image
