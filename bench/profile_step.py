@@ -119,6 +119,7 @@ def profile(model_name: str, attention: str, runner_kind: str) -> dict:
             "total_kernel_ms": split(total), "groups": groups}
 
 
+MIN_TRACED_KERNELS = 2000  # fewer in a whole generation's trace: the graphs' kernels are missing from it
 GAP_SMALL_US = 20.0  # gaps below this are launch gaps between dependent kernels; above, the GPU waited for the host
 
 
@@ -161,6 +162,7 @@ def timeline(model_name: str, attention: str) -> dict:
     import tempfile
 
     from torch.profiler import ProfilerActivity, profile as torch_profile
+    from torch.profiler._utils import _init_for_cuda_graphs
 
     from bench.e2e import DENSE_ENGINE_ROW, SPARVAR_ENGINE_ROW, family_parts
     from sparvar.pipeline import make_plan
@@ -168,11 +170,13 @@ def timeline(model_name: str, attention: str) -> dict:
     base, _, f, l, sampling, make_runner, make_pipeline = family_parts(model_name, 1024, torch.device("cuda"))
     plan = make_plan(base.cfg, base.schedule, attention, backend="triton")
     pipe = make_pipeline(make_runner("graphs", plan, "engine", False), 0)  # the rows' runner kind and SDPA backend
+    # CUPTI traces the kernels inside a graph replay only if it was initialised before the graph was instantiated
+    # (torch's own helper for this, an empty profiler session): without it a trace can hold the eager kernels alone
+    _init_for_cuda_graphs()
     for _ in range(3):  # capture, autotuning, cuDNN plans
         pipe.generate(f, l, sampling=sampling, seed=0)
     torch.cuda.synchronize()
-    # CUDA activity only: recording the host's ops too would slow the host and could create the waits measured here.
-    # Kernels inside graph replays are traced by CUPTI; `kernels` in the result is the check (thousands per image)
+    # CUDA activity only: recording the host's ops too would slow the host and could create the waits measured here
     with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
         pipe.generate(f, l, sampling=sampling, seed=0)
         torch.cuda.synchronize()
@@ -183,6 +187,9 @@ def timeline(model_name: str, attention: str) -> dict:
             events = json.load(fh)["traceEvents"]
     kernels = [(float(e["ts"]), float(e["ts"]) + float(e.get("dur", 0)), e.get("name", "?")) for e in events
                if e.get("ph") == "X" and e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")]
+    if len(kernels) < MIN_TRACED_KERNELS:  # a graphed 1024² generation launches thousands (~8,000 at 2B)
+        raise RuntimeError(f"the trace holds {len(kernels)} kernels: the graph replays' kernels were not traced, so its "
+                           "idle time would describe the eager kernels alone")
     del pipe, plan, base, make_runner, make_pipeline
     torch.cuda.empty_cache()
     row = DENSE_ENGINE_ROW if attention == "dense" else SPARVAR_ENGINE_ROW
