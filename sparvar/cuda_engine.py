@@ -149,16 +149,22 @@ def capture_scales(run, num_scales: int, pool) -> tuple[list, list]:
 class GraphedDecoder:
     """A tokenizer decoder whose decode is captured as one CUDA graph per latent shape: a 1024² decode is ~750
     kernels, and replaying them as a graph takes the launch gaps out (same numerics). It wraps Infinity's
-    sparvar.pipeline.Decoder and HART's HartVQDecoder alike; everything but `decode` is the wrapped object's."""
+    sparvar.pipeline.Decoder and HART's HartVQDecoder alike; every other attribute is the wrapped object's, read
+    only: moving or casting it (to, half, cuda, ...) would leave the graphs on the old weights, so it is refused."""
 
-    def __init__(self, decoder):
-        self.decoder = decoder
+    MOVES = frozenset({"to", "half", "float", "bfloat16", "cuda", "cpu", "type", "to_empty", "load_state_dict"})
+
+    def __init__(self, wrapped):
+        self.wrapped = wrapped
         self.graphs: dict = {}
 
     def __getattr__(self, name):  # only reached for names this wrapper lacks: bits_to_codes, patchify, quantize, ...
-        if name == "decoder":  # not set yet (copy / unpickling): no recursion
+        if name == "wrapped":  # not set yet (copy / unpickling): no recursion
             raise AttributeError(name)
-        return getattr(self.decoder, name)
+        if name in GraphedDecoder.MOVES:
+            raise AttributeError(f"GraphedDecoder.{name}: the captured graphs use the wrapped decoder's weights where "
+                                 f"they are; {name}() the decoder before wrapping it")
+        return getattr(self.wrapped, name)
 
     @torch.no_grad()
     def decode(self, latent: torch.Tensor) -> torch.Tensor:
@@ -166,7 +172,7 @@ class GraphedDecoder:
         key = (tuple(latent.shape), latent.dtype, latent.device)
         if key not in self.graphs:
             static_in = latent.clone()
-            graphs, outputs = capture_scales(lambda _: self.decoder.decode(static_in), 1, None)
+            graphs, outputs = capture_scales(lambda _: self.wrapped.decode(static_in), 1, None)
             self.graphs[key] = (static_in, graphs[0], outputs[0])
         static_in, graph, out = self.graphs[key]
         static_in.copy_(latent)

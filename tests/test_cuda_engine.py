@@ -113,6 +113,28 @@ def test_captured_graphs_equal_eager_on_gpu(attention):
         torch.testing.assert_close(a.image, b.image, atol=1e-3, rtol=0)
 
 
+def test_graphed_decoder_forwards_reads_and_refuses_moves():
+    """Built on the CPU (only decode needs a GPU): the runtime loop reads the wrapped decoder's attributes through the
+    wrapper, for both families; a move or cast would leave the captured graphs on the old weights, so it is refused."""
+    import copy
+
+    from sparvar.cuda_engine import GraphedDecoder
+    from sparvar.hart.tokenizer import build_hart_vq
+
+    infinity = build_decoder(CFG, None, "cpu", torch.float32)
+    hart = build_hart_vq(get_config("hart-tiny").vq)
+    for wrapped in (infinity, hart):
+        graphed = GraphedDecoder(wrapped)
+        for name in ("patchify", "codebook_dim") if wrapped is infinity else ("quantize", "decoder", "decode_dtype"):
+            assert getattr(graphed, name) is getattr(wrapped, name), name
+        for move in ("to", "half", "cuda"):
+            with pytest.raises(AttributeError, match=f"GraphedDecoder.{move}: the captured graphs"):
+                getattr(graphed, move)
+        assert copy.copy(graphed).wrapped is wrapped
+    with pytest.raises(AttributeError, match="no_such_thing"):
+        graphed.no_such_thing
+
+
 @pytest.mark.gpu
 def test_graphed_decode_equals_the_eager_decode():
     """The engine's decode replays the eager decode's kernels (bf16, channels-last, the Triton GroupNorm): the same
