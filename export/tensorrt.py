@@ -52,11 +52,16 @@ def register(plugin_api: str):
 
 
 def mark_aot(model: onnx.ModelProto, aot: bool) -> onnx.ModelProto:
-    """Set the QDP `aot` attribute on every sparvar node (the ONNX parser then asks for the AOT implementation)."""
+    """Set the QDP `aot` attribute of every sparvar node: 1 where `aot` is asked for and the op has an AOT kernel
+    (sparvar.kernels.aot.AOT_OPS), else 0. The ONNX parser turns it into a strict request for that implementation.
+    Every op defines both, and a node without the attribute makes TensorRT (>= 10.9) refuse to choose: its plugin
+    creator raises "has both AOT and JIT implementations" unless the network says which it prefers."""
+    from sparvar.kernels.aot import AOT_OPS
+
     for node in custom_nodes(model):
         kept = [a for a in node.attribute if a.name != "aot"]
         del node.attribute[:]
-        node.attribute.extend(kept + ([onnx.helper.make_attribute("aot", 1)] if aot else []))
+        node.attribute.extend(kept + [onnx.helper.make_attribute("aot", int(aot and node.op_type in AOT_OPS))])
     return model
 
 

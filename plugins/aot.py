@@ -54,7 +54,7 @@ def kernel_for(spec: OpSpec, dtype: str, head_dim: int, attrs: dict) -> AotKerne
         raise NotImplementedError(f"{spec.name}: no AOT kernel: sparvar.kernels cannot be imported ({e})") from e
     if not hasattr(kernels, "aot_kernel"):
         raise NotImplementedError(f"{spec.name}: sparvar.kernels has no aot_kernel(op, dtype=, head_dim=, attrs=); "
-                                  "build with the JIT plugin (no `aot` node attribute) instead")
+                                  "build with the JIT plugin (node attribute aot=0) instead")
     kernel = kernels.aot_kernel(spec.name, dtype=dtype, head_dim=head_dim, attrs=dict(attrs))
     if not isinstance(kernel, AotKernel):
         raise TypeError(f"sparvar.kernels.aot_kernel returned {type(kernel).__name__}, expected plugins.aot.AotKernel")

@@ -5,8 +5,9 @@ they call the helpers here, which read the op specs - the same rules the IPlugin
 
     trtp = register_qdp_plugins()          # imports tensorrt.plugin (raises ImportError without TensorRT)
 
-ONNX nodes select the AOT implementation with an int attribute `aot=1` (export/tensorrt.py sets it); otherwise
-the JIT `impl` runs the op's torch-level implementation on zero-copy views, on TensorRT's stream.
+ONNX nodes say which implementation the parser must use with an int attribute `aot` (export/tensorrt.py mark_aot
+sets it on every node): 1 for the AOT PTX, 0 for the JIT `impl`, which runs the op's torch-level implementation on
+zero-copy views, on TensorRT's stream. Without it TensorRT >= 10.9 refuses ops that define both.
 """
 from __future__ import annotations
 

@@ -37,6 +37,7 @@ if HAS_TRITON:
 
 
 _DTYPE_NAMES = {str(d).removeprefix("torch."): d for d in DTYPES}  # 'bfloat16', 'float16'
+AOT_OPS = ("CSLAAttention",)  # the ONNX ops aot_kernel has a kernel for; the others run their JIT implementation
 
 
 def aot_kernel(op: str, *, dtype: str, head_dim: int, attrs: dict):
@@ -44,9 +45,9 @@ def aot_kernel(op: str, *, dtype: str, head_dim: int, attrs: dict):
     from plugins.aot import AotKernel
 
     require_triton("aot_kernel")
-    if op != "CSLAAttention":
-        raise NotImplementedError(f"aot_kernel: no AOT kernel for {op!r} yet (only CSLAAttention); build that node with "
-                                  "the JIT plugin (no `aot` attribute)")
+    if op not in AOT_OPS:
+        raise NotImplementedError(f"aot_kernel: no AOT kernel for {op!r} yet (only {', '.join(AOT_OPS)}); build that node "
+                                  "with the JIT plugin (attribute aot=0)")
     if dtype not in _DTYPE_NAMES:
         raise ValueError(f"aot_kernel: {op} runs in {sorted(_DTYPE_NAMES)}, got dtype {dtype!r}")
     if head_dim not in HEAD_DIMS:
