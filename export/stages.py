@@ -81,6 +81,10 @@ def stage_key_inputs(stage: str, ctx: StageContext) -> dict:
                                              if k in ("onnxruntime", "tensorrt", "tensorrt-rtx-cu13-bindings", "triton", "torch")}}
         if spec.backend == "torch-cuda":  # 1: the stored SparVAR plan (engines before it stored only CSLA lists)
             key["torch_cuda_plan"] = 1
+        if spec.backend == "tensorrt":  # a plan runs only on the GPU model it was built for
+            from export.tensorrt import gpu_identity
+
+            key["gpu"] = gpu_identity()
         if spec.backend == "tensorrt-rtx":  # stripped for the local GPU or embedded for all targets: a different plan
             from export.trt_rtx import weights_plan
 

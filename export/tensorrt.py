@@ -155,6 +155,34 @@ def run_loaded(engine, feeds: dict, logger=None) -> dict:
     return outputs
 
 
+def gpu_identity() -> dict | None:
+    """This machine's CUDA GPU (device 0) as {"name", "compute_capability"}, None without one. A TensorRT plan runs
+    only on the GPU model it was built for: part of the build stage's cache key, and checked at load."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    major, minor = torch.cuda.get_device_capability(0)
+    return {"name": torch.cuda.get_device_name(0), "compute_capability": f"{major}.{minor}"}
+
+
+def check_built_for_this_gpu(engine_dir: str, build_info: dict) -> None:
+    """EngineError naming both GPUs if the directory's plans were built for another GPU than this machine's."""
+    from sparvar.engine import EngineError
+
+    here = gpu_identity()
+    if "gpu" not in build_info:
+        raise EngineError(f"{engine_dir}: its build does not record the GPU its TensorRT plans were built for (an "
+                          "older sparvar); rebuild the engine here (sparvar engine build)")
+    built = build_info["gpu"]
+    if built != here:
+        def describe(gpu):
+            return "no GPU" if gpu is None else f"{gpu['name']} (compute capability {gpu['compute_capability']})"
+
+        raise EngineError(f"{engine_dir}: its TensorRT plans were built for {describe(built)}, and this machine has "
+                          f"{describe(here)}; rebuild the engine here (sparvar engine build)")
+
+
 def build_engine_dir(ctx, out: str) -> dict:
     """The `build` stage for backend tensorrt: one weight-stripped engine per exported unit, for this machine's GPU,
     all refit at load from the directory's shared weights; one timing cache across the units (build/timing.cache)."""
@@ -171,7 +199,8 @@ def build_engine_dir(ctx, out: str) -> dict:
                        **report.summary()}
         ctx.log(f"[engine]   {name}: {len(report.engine) / 2**20:.1f} MiB, {len(report.plugin_layers)} sparvar plugin "
                 f"layers, weights {units[name]['weights']}")
-    return {"tensorrt": {"plugin_api": "qdp", "weights": "strip", "timing_cache": "build/timing.cache", "units": units}}
+    return {"tensorrt": {"plugin_api": "qdp", "weights": "strip", "timing_cache": "build/timing.cache",
+                         "gpu": gpu_identity(), "units": units}}
 
 
 def load_engine(engine_dir: str, unit: str, plugin_api: str = "qdp"):
@@ -181,6 +210,7 @@ def load_engine(engine_dir: str, unit: str, plugin_api: str = "qdp"):
     built_with = paths["info"]["plugin_api"]
     if plugin_api != built_with:
         raise ValueError(f"{engine_dir} was built with plugin API {built_with!r}, not {plugin_api!r}")
+    check_built_for_this_gpu(engine_dir, paths["info"])
     trt = load_tensorrt()
     register(plugin_api)  # deserialization looks the plugin creators up
     with open(paths["engine"], "rb") as f:

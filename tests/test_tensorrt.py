@@ -91,6 +91,32 @@ def test_every_sparvar_node_says_which_qdp_implementation_to_use():
                     assert marks == [int(aot and op == "CSLAAttention")], (op, aot, marks)
 
 
+def test_tensorrt_plans_are_tied_to_the_gpu_they_were_built_for(monkeypatch):
+    """A TensorRT plan runs only on the GPU model it was built for: the build stage's cache key holds the GPU (an
+    engine directory copied to another machine is rebuilt), and loading one built elsewhere names both GPUs."""
+    import export.tensorrt as ttrt
+    from export import stages
+    from sparvar.engine import EngineError
+
+    h100 = {"name": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0"}
+    l4 = {"name": "NVIDIA L4", "compute_capability": "8.9"}
+    ctx = type("Ctx", (), {"spec": type("Spec", (), {"backend": "tensorrt"})(), "versions": {"tensorrt": "10.9"}})()
+    keys = []
+    for gpu in (h100, l4):
+        monkeypatch.setattr(ttrt, "gpu_identity", lambda gpu=gpu: gpu)
+        keys.append(stages.stage_key_inputs("build", ctx))
+        ttrt.check_built_for_this_gpu("eng", {"gpu": gpu})  # built here: loads
+    assert [k["gpu"] for k in keys] == [h100, l4]
+    with pytest.raises(EngineError, match=r"built for NVIDIA H100 80GB HBM3 \(compute capability 9.0\), and this "
+                                          r"machine has NVIDIA L4 .*rebuild"):
+        ttrt.check_built_for_this_gpu("eng", {"gpu": h100})
+    with pytest.raises(EngineError, match="does not record the GPU"):
+        ttrt.check_built_for_this_gpu("eng", {"plugin_api": "qdp"})
+    monkeypatch.setattr(ttrt, "gpu_identity", lambda: None)
+    with pytest.raises(EngineError, match="this machine has no GPU"):
+        ttrt.check_built_for_this_gpu("eng", {"gpu": h100})
+
+
 class CslaOnly(torch.nn.Module):
     """CSLAAttention as the AOT kernel takes it: bf16, head dim 64, blocks of 16 x 32 queries x keys."""
 
