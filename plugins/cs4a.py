@@ -55,6 +55,9 @@ def run(inputs, attrs, ops):
     """Torch-level implementation on `ops` (a sparvar.sparse.SparseOps), with or without o_cache: returns (out,)."""
     q, k, v, key_idx = inputs[:4]
     o_cache = inputs[4] if len(inputs) == 5 else None
+    # TensorRT times a plugin's tactics on inputs it never initialised: an index outside [0, Lk) would read out of
+    # bounds, and the fault would end the build (and the CUDA context). Real selections are in range: a no-op.
+    key_idx = key_idx.clamp(0, k.shape[2] - 1)
     return (ops.cs4a(q, k, v, key_idx, attrs["group_size"], o_cache),)
 
 

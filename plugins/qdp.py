@@ -82,19 +82,13 @@ def type_string(spec: OpSpec, float_dtypes=("float32", "float16", "bfloat16")) -
     return ", ".join(floats if kind == FLOAT else "INT32" for kind in kinds)
 
 
-def constant_dim(shape_expr) -> int | None:
-    """A ShapeExpr's value when it is a build-time constant, else None (dynamic, or a 'fake' expression)."""
-    try:
-        return shape_expr.constant_value() if shape_expr.is_constant else None
-    except RuntimeError:
-        return None
-
-
 def autotune_combinations(trtp, spec: OpSpec, q=None, attrs: dict | None = None) -> list:
     """`autotune`: the dtype combinations (LINEAR only), each with the tactics (plugins.spec.Tactic) that can run it:
     fp32 only through the reference, fp16/bf16 also through Triton where the kernels take q's head dim and the
-    node's attributes."""
-    head_dim = constant_dim(q.shape_expr[-1]) if q is not None else None
+    node's attributes. q's head dim comes from `q.shape`, the numeric shape tensorrt.plugin sets on the descs it
+    hands to autotune (-1 where dynamic); the symbolic `shape_expr` belongs to the shape callback, whose build
+    context has ended by then."""
+    head_dim = q.shape[3] if q is not None else None
     return [trtp.AutoTuneCombination(type_string(spec, ("float32",)), "LINEAR",
                                      [int(t) for t in available_tactics("float32", head_dim, attrs)]),
             trtp.AutoTuneCombination(type_string(spec, ("float16", "bfloat16")), "LINEAR",
