@@ -95,7 +95,10 @@ def stage_key_inputs(stage: str, ctx: StageContext) -> dict:
 
 
 def _graph_flavour(backend: str) -> str:
-    # TensorRT-family engines take the custom SparVAR nodes without their reference bodies (plugins replace them)
+    # TensorRT-family engines take the custom SparVAR nodes without their reference bodies (plugins replace them);
+    # torch-cuda exports no graph at all, so its export stage must never stand in for another backend's
+    if backend == "torch-cuda":
+        return "none"
     return "plugin" if backend in ("tensorrt", "tensorrt-rtx") else "reference"
 
 

@@ -114,18 +114,26 @@ def read_manifest(engine_dir: str) -> dict:
     if not os.path.isfile(path):
         raise EngineError(f"{engine_dir} is not a sparvar engine: no {MANIFEST} (rebuild it with `sparvar engine build`)")
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             manifest = json.load(f)
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise EngineError(f"{path} is corrupt ({e}); rebuild the engine") from None
+    if not isinstance(manifest, dict):
+        raise EngineError(f"{path} is not a sparvar engine manifest (a JSON {type(manifest).__name__}); rebuild the engine")
     fmt = manifest.get("format_version")
-    if not isinstance(fmt, int):
+    if not isinstance(fmt, int) or isinstance(fmt, bool):
         raise EngineError(f"{path} has no format_version: not a sparvar engine manifest; rebuild the engine")
     if fmt > FORMAT_VERSION:
         raise EngineError(f"{engine_dir} was built by a newer sparvar (engine format {fmt}, this sparvar reads up to "
                           f"{FORMAT_VERSION}); upgrade sparvar or rebuild the engine")
     if fmt < FORMAT_VERSION:
         raise EngineError(f"{engine_dir} uses the old engine format {fmt} (current {FORMAT_VERSION}); rebuild it")
+    stages = manifest.get("stages")
+    if not isinstance(manifest.get("spec"), dict) or not isinstance(stages, dict) or any(
+            not isinstance(stages.get(stage), dict) or not isinstance(stages[stage].get("files"), dict)
+            for stage in STAGES):
+        raise EngineError(f"{path} is incomplete (it needs a spec and the {', '.join(STAGES)} stages with their files); "
+                          "rebuild the engine")
     return manifest
 
 
@@ -176,6 +184,13 @@ def build_engine(spec: EngineSpec, engine_dir: str, force: bool = False, log=pri
     """Run export -> optimize -> build into engine_dir, skipping stages whose key is unchanged."""
     from export import stages  # the stage implementations (ONNX export, graph optimisation, backend builds)
 
+    engine_dir = os.path.abspath(engine_dir)  # `.` or a trailing slash: the swap below renames the directory itself
+    if os.path.exists(engine_dir) and not os.path.isdir(engine_dir):
+        raise EngineError(f"{engine_dir} exists and is not a directory; choose another engine directory")
+    if os.path.isdir(engine_dir) and os.listdir(engine_dir) and not os.path.exists(os.path.join(engine_dir, MANIFEST)):
+        # the build replaces the whole directory: never one that holds something other than an engine
+        raise EngineError(f"{engine_dir} is not empty and is not an engine directory (no {MANIFEST}); building there "
+                          "would replace what it holds: choose another engine directory, or empty it")
     versions = tool_versions()
     old = None
     if os.path.isdir(engine_dir) and not force:

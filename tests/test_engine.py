@@ -115,6 +115,59 @@ def test_corrupt_missing_foreign_and_newer_engines_are_refused(engines, tmp_path
         read_manifest(str(empty))
 
 
+@pytest.mark.parametrize("content,message", [
+    (b"[1, 2]", "not a sparvar engine manifest \\(a JSON list\\)"),
+    (b'{"format_version": FMT}', "is incomplete"),
+    (b'{"format_version": FMT, "spec": {}, "stages": {"export": {"files": {}}}}', "is incomplete"),
+    (b'{"format_version": true, "spec": {}, "stages": {}}', "has no format_version"),
+    (b"\xff\xfe\x00binary", "is corrupt"),
+])
+def test_malformed_manifests_are_refused_by_name(tmp_path, content, message):
+    """A manifest that parses but is not one, or is not text, is an EngineError naming the file, not a traceback."""
+    from sparvar.engine import FORMAT_VERSION
+
+    path = tmp_path / "e"
+    path.mkdir()
+    (path / "manifest.json").write_bytes(content.replace(b"FMT", str(FORMAT_VERSION).encode()))
+    with pytest.raises(EngineError, match=message) as e:
+        read_manifest(str(path))
+    assert "manifest.json" in str(e.value)
+
+
+def test_build_never_replaces_a_directory_that_is_not_an_engine(tmp_path, monkeypatch):
+    """The build swaps the whole engine directory in: a folder holding anything but an engine is refused before any
+    work, and so is a file; `.` is resolved first (renaming '.' itself fails only after the whole build)."""
+    import export.stages as stages
+
+    monkeypatch.setitem(stages.__dict__, "run_stage", lambda stage, ctx: pytest.fail("no stage may run"))
+    spec = EngineSpec(model="infinity-tiny", resolution=256, attention="dense")
+    mine = tmp_path / "thesis"
+    mine.mkdir()
+    (mine / "chapter1.txt").write_text("precious")
+    with pytest.raises(EngineError, match="not empty and is not an engine directory"):
+        build_engine(spec, str(mine), log=QUIET)
+    assert (mine / "chapter1.txt").read_text() == "precious"
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(EngineError, match="exists and is not a directory"):
+        build_engine(spec, str(tmp_path / "afile"), log=QUIET)
+    monkeypatch.chdir(mine)
+    with pytest.raises(EngineError, match="not empty and is not an engine directory"):
+        build_engine(spec, ".", log=QUIET)
+
+
+def test_a_torch_cuda_build_never_reuses_another_backends_export(engines, tmp_path):
+    """torch-cuda exports no graphs: switching an engine directory between it and onnxruntime must redo the export
+    (reusing it left an onnxruntime engine with no graphs that still verified)."""
+    path = str(tmp_path / "e")
+    shutil.copytree(engines["sparvar"], path)
+    logs = []
+    spec = EngineSpec(model="infinity-tiny", resolution=256, attention="sparvar", backend="torch-cuda")  # else alike
+    manifest = build_engine(spec, path, log=logs.append)
+    assert not any("skipped" in line for line in logs), logs
+    assert manifest["stages"]["export"]["info"]["units"] == {}
+    assert manifest["stages"]["export"]["key"] != read_manifest(engines["sparvar"])["stages"]["export"]["key"]
+
+
 def test_interrupted_build_leaves_old_engine_intact(engines, tmp_path, monkeypatch):
     path = str(tmp_path / "e")
     shutil.copytree(engines["dense"], path)
