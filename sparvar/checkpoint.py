@@ -51,15 +51,28 @@ def official_key_shapes(cfg: InfinityConfig) -> dict[str, tuple[int, ...]]:
     return {to_official_name(k, cfg): tuple(v.shape) for k, v in model.state_dict().items()}
 
 
-def read_state_dict(path: str) -> dict[str, torch.Tensor]:
+def check_checkpoint_file(path: str) -> None:
+    """CheckpointError unless `path` is an existing file (a directory is named as one)."""
+    if os.path.isdir(path):
+        raise CheckpointError(f"{path} is a directory; give the checkpoint file (.pth, .pt, .bin or .safetensors)")
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint not found: {path}")
+
+
+def read_state_dict(path: str) -> dict[str, torch.Tensor]:
+    check_checkpoint_file(path)
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file
 
-        return load_file(path)
+        try:
+            return load_file(path)
+        except Exception as e:  # truncated, empty or not safetensors at all: the library's own error types vary
+            raise CheckpointError(f"{path} cannot be read as safetensors ({type(e).__name__}: {e})") from None
     if path.endswith((".pth", ".pt", ".bin")):
-        sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        try:
+            sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as e:  # truncated zip, pickle garbage, or a pickle needing more than tensors
+            raise CheckpointError(f"{path} cannot be read as a torch checkpoint ({type(e).__name__}: {e})") from None
         for key in _WRAPPER_KEYS:
             if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
                 sd = sd[key]

@@ -83,3 +83,21 @@ def test_checkpoint_of_another_model_is_refused(tmp_path):
         load_model(get_config("infinity-2b"), path)
     with pytest.raises(CheckpointError, match="not found"):
         load_model(TINY, str(tmp_path / "nope.pth"))
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
+def test_unreadable_checkpoints_are_named_not_tracebacks(tmp_path, suffix):
+    """A truncated, empty or garbage file, or a directory, is a CheckpointError naming the path and what it is."""
+    good = str(tmp_path / f"good{suffix}")
+    save_official(build_model(TINY), good)
+    data = open(good, "rb").read()
+    for name, content in (("truncated", data[: len(data) // 2]), ("empty", b""), ("garbage", b"\x00not a checkpoint" * 9)):
+        path = str(tmp_path / f"{name}{suffix}")
+        with open(path, "wb") as f:
+            f.write(content)
+        with pytest.raises(CheckpointError, match=f"{name}{suffix} cannot be read as"):
+            load_model(TINY, path)
+    folder = tmp_path / f"folder{suffix}"
+    folder.mkdir()
+    with pytest.raises(CheckpointError, match="is a directory; give the checkpoint file"):
+        load_model(TINY, str(folder))
