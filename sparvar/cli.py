@@ -200,7 +200,10 @@ def cmd_serve(args) -> int:
     service = GenerationService(args.engine, t5=args.t5, qwen=args.qwen, skip_last=args.skip_last)
     if not args.no_warmup:
         print(f"warm-up generation: {service.warm_up():.1f} ms", file=sys.stderr)
-    server = make_server(service, args.host, args.port, log=lambda m: print(m, file=sys.stderr))
+    try:
+        server = make_server(service, args.host, args.port, log=lambda m: print(m, file=sys.stderr))
+    except OSError as e:  # the port is taken, or the host is not an address of this machine
+        raise UsageError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") from None
     print(f"serving {args.engine} on http://{args.host}:{server.server_port} (POST /generate, GET /health)",
           file=sys.stderr, flush=True)
     try:

@@ -123,6 +123,11 @@ def check_text_sources(cfg, t5: str | None = None, qwen: str | None = None, embe
         raise ValueError(f"--t5 is Infinity's text encoder; {cfg.name} takes --qwen DIR (a local Qwen2) or --text-embeddings FILE")
     if qwen and not hart:
         raise ValueError(f"--qwen is HART's text encoder; {cfg.name} takes --t5 DIR or --text-embeddings FILE")
+    for name, path, isthere in (("--t5", t5, os.path.isdir), ("--qwen", qwen, os.path.isdir),
+                                ("--text-embeddings", embeddings, os.path.isfile)):
+        if path and not isthere(path):
+            kind = "file" if isthere is os.path.isfile else "directory (the encoder's local copy)"
+            raise ValueError(f"{name} {path}: no such {kind}")
 
 
 def image_arrays(images: torch.Tensor):

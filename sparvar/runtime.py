@@ -212,6 +212,9 @@ def load_engine_pipeline(engine_dir: str, skip_last: int = 0, **expected):
     schedule = get_schedule(spec["resolution"], spec["aspect"], model=spec["model"])
     if [list(g) for g in schedule.grids] != manifest["schedule"]:
         raise EngineError(f"{engine_dir}: its schedule differs from this sparvar's {spec['resolution']} schedule; rebuild it")
+    if not 0 <= skip_last < schedule.num_scales:  # before any weights load (a server would fail every request)
+        raise ValueError(f"skip_last must be in [0, {schedule.num_scales - 1}] for {engine_dir}'s "
+                         f"{schedule.num_scales}-scale schedule, got {skip_last}")
     backend = spec["backend"]
     if getattr(cfg, "family", "infinity") == "hart":  # its own runner protocol and loop (sparvar/hart/runtime.py)
         from .hart.runtime import load_hart_engine_pipeline

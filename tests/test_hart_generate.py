@@ -261,5 +261,5 @@ def test_real_weights_need_a_named_text_source(tmp_path):
     pipe = HartPipeline(HART_CONFIGS["hart-0.7b"], None, cpu, None, random_weights=False)
     with pytest.raises(ValueError, match="needs a text encoder: give --qwen DIR"):
         pipe.text_features(["a cat"])
-    with pytest.raises(FileNotFoundError, match="Qwen2 text model directory not found"):
+    with pytest.raises(ValueError, match="--qwen .*no-qwen: no such directory"):  # checked before any loading
         pipe.text_features(["a cat"], qwen=str(tmp_path / "no-qwen"))

@@ -100,12 +100,16 @@ def test_service_refuses_what_it_cannot_serve(engines, tmp_path):
         GenerationService(engines["sparvar"], qwen="somewhere")
     with pytest.raises(ValueError, match="manifest"):
         GenerationService(str(tmp_path))  # not an engine directory
+    with pytest.raises(ValueError, match="--t5 .*nope: no such directory"):  # at start, not as a 500 per request
+        GenerationService(engines["sparvar"], t5=str(tmp_path / "nope"))
 
 
 @pytest.mark.parametrize("args,code,message", [
     (["--skip-last", "-1"], 2, "--skip-last must be >= 0"),
+    (["--skip-last", "13", "--no-warmup"], 1, "skip_last must be in [0, 6]"),  # before listening, not per request
     (["--port", "70000"], 2, "--port must be in [0, 65535]"),
     (["--qwen", "q"], 1, "--qwen is HART's text encoder"),
+    (["--host", "999.1.1.1", "--no-warmup"], 2, "cannot listen on 999.1.1.1:8000"),
 ])
 def test_serve_command_refuses_bad_options(engines, args, code, message, capsys):
     assert main(["serve", "--engine", engines["sparvar"], *args]) == code
