@@ -81,8 +81,8 @@ def stage_key_inputs(stage: str, ctx: StageContext) -> dict:
     if stage == "build":
         key = {"backend": spec.backend, **{k: v for k, v in ctx.versions.items()
                                              if k in ("onnxruntime", "tensorrt", "tensorrt-rtx-cu13-bindings", "triton", "torch")}}
-        if spec.backend == "torch-cuda":  # 1: the stored SparVAR plan (engines before it stored only CSLA lists)
-            key["torch_cuda_plan"] = 1
+        if spec.backend == "torch-cuda":  # 1: the stored SparVAR plan (before: only CSLA lists); 2: checkpoint record
+            key["torch_cuda_plan"] = 2
         if spec.backend == "tensorrt":  # a plan runs only on the GPU model it was built for
             from export.tensorrt import gpu_identity
 
@@ -294,10 +294,14 @@ def _build_torch_cuda(ctx: StageContext, out: str) -> dict:
     loaded by the runtime (sparvar.engine.load_engine_plan, by the path recorded relative to the engine directory),
     so that it runs exactly the layouts this build made. The weights come from the spec (checkpoint or seed) when the
     engine is loaded."""
+    from sparvar.engine import checkpoint_record
+
+    checkpoints = checkpoint_record(dataclasses.asdict(ctx.spec))  # what load checks the spec's files against
     if ctx.spec.attention != "sparvar":
-        return {"torch_cuda": {"sparse_plan": None}}
+        return {"torch_cuda": {"sparse_plan": None}, "checkpoints": checkpoints}
     from sparvar.pipeline import make_plan
 
     path = os.path.join(out, "sparse_plan.safetensors")
     names = make_plan(ctx.cfg, ctx.schedule, "sparvar").save(path)
-    return {"torch_cuda": {"sparse_plan": os.path.relpath(path, ctx.out_dir), "tensors": names}}
+    return {"torch_cuda": {"sparse_plan": os.path.relpath(path, ctx.out_dir), "tensors": names},
+            "checkpoints": checkpoints}

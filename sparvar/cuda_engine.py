@@ -189,7 +189,7 @@ def load_cuda_engine(engine_dir: str, manifest: dict):
     or random seed) on the GPU in the spec's dtype."""
     from .checkpoint import load_model
     from .config import get_config
-    from .engine import EngineError, load_engine_plan
+    from .engine import EngineError, check_checkpoints, load_engine_plan
     from .fp8 import DEFAULT_MIN_TOKENS
     from .model import build_model
     from .pipeline import build_decoder
@@ -199,6 +199,7 @@ def load_cuda_engine(engine_dir: str, manifest: dict):
         raise EngineError(f"{engine_dir} is a torch-cuda engine and needs a CUDA GPU; none is available on this machine")
     spec = manifest["spec"]
     plan = load_engine_plan(engine_dir, manifest)  # before the weights: a stale plan fails fast
+    check_checkpoints(engine_dir, manifest)  # the weights are read from the spec's files: the ones it was built from
     cfg = get_config(spec["model"])
     schedule = get_schedule(spec["resolution"], spec["aspect"], model=spec["model"])
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[spec["dtype"]]

@@ -51,6 +51,9 @@ class EngineSpec:
             raise ValueError(f"unknown attention {self.attention!r}; expected 'dense' or 'sparvar'")
         if (self.weights is None) != (self.vae is None):
             raise ValueError("give both transformer weights and tokenizer weights, or neither (random weights)")
+        for name in ("weights", "vae"):  # a torch-cuda engine reads them at load, from whatever directory it runs in
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, os.path.abspath(getattr(self, name)))
         from .config import get_config
 
         family = getattr(get_config(self.model), "family", "infinity")
@@ -146,6 +149,52 @@ def verify_files(engine_dir: str, manifest: dict) -> None:
                 raise EngineError(f"{engine_dir}: file {rel} of stage '{stage}' is missing; rebuild the engine")
             if file_sha256(path) != digest:
                 raise EngineError(f"{engine_dir}: file {rel} of stage '{stage}' is corrupt (sha256 mismatch); rebuild the engine")
+
+
+def checkpoint_files(spec: dict) -> list[str]:
+    """The files an engine spec's weights live in (none for random weights; a HART checkpoint may be a folder)."""
+    from .config import get_config
+
+    if spec["weights"] is None:
+        return []
+    if getattr(get_config(spec["model"]), "family", "infinity") == "hart":
+        from .hart.checkpoint import checkpoint_files as hart_files
+
+        return [*hart_files(spec["weights"]), spec["vae"]]
+    return [spec["weights"], spec["vae"]]
+
+
+def checkpoint_record(spec: dict) -> dict:
+    """{absolute path: sha256, bytes, mtime_ns} of the spec's checkpoint files, for engines that read them at load."""
+    from .checkpoint import file_digest
+
+    record = {}
+    for path in checkpoint_files(spec):
+        st = os.stat(path)
+        record[os.path.abspath(path)] = {"sha256": file_digest(path), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
+    return record
+
+
+def check_checkpoints(engine_dir: str, manifest: dict) -> None:
+    """An engine that loads its weights from the spec's checkpoints (torch-cuda) refuses checkpoints that changed
+    since its build. An unchanged size and mtime is trusted; otherwise the file is hashed (a copy keeps its digest)."""
+    from .checkpoint import file_digest
+
+    if manifest["spec"]["weights"] is None:
+        return
+    record = manifest["stages"]["build"].get("info", {}).get("checkpoints")
+    if record is None:
+        raise EngineError(f"{engine_dir} does not record the checkpoints it was built from (built by an older sparvar); "
+                          "rebuild the engine")
+    for path, rec in record.items():
+        if not os.path.isfile(path):
+            raise EngineError(f"{engine_dir}: its checkpoint {path} is missing; restore it or rebuild the engine")
+        st = os.stat(path)
+        if (st.st_size, st.st_mtime_ns) == (rec["bytes"], rec["mtime_ns"]):
+            continue
+        if st.st_size != rec["bytes"] or file_digest(path) != rec["sha256"]:
+            raise EngineError(f"{engine_dir}: its checkpoint {path} changed since the engine was built; rebuild the "
+                              "engine (sparvar engine build) to run the new weights")
 
 
 def load_engine_plan(engine_dir: str, manifest: dict, backend: str = "triton"):

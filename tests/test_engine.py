@@ -258,3 +258,40 @@ def test_torch_cuda_engine_runs_the_plan_its_build_stored(tmp_path):
     other["spec"]["resolution"] = 512  # a plan for another schedule
     with pytest.raises(EngineError, match="does not fit this sparvar.*rebuild"):
         load_engine_plan(path, other)
+
+
+def test_torch_cuda_engine_refuses_checkpoints_changed_since_its_build(tmp_path, monkeypatch):
+    """A torch-cuda engine reads its weights from the spec's checkpoints at load: it records them at build (absolute
+    paths, digests) and refuses changed or missing ones; a touched file with the same bytes is still accepted."""
+    from sparvar.engine import check_checkpoints
+
+    root = os.path.join(os.path.dirname(__file__), "..", "weights")
+    for name in ("infinity-cifar.safetensors", "infinity-cifar-tokenizer.safetensors"):
+        shutil.copy(os.path.join(root, name), tmp_path / name)
+    monkeypatch.chdir(tmp_path)  # relative paths, as typed on a command line
+    path = str(tmp_path / "cuda")
+    spec = EngineSpec(model="infinity-cifar", resolution=64, backend="torch-cuda", dtype="bf16",
+                      weights="infinity-cifar.safetensors", vae="infinity-cifar-tokenizer.safetensors")
+    manifest = build_engine(spec, path, log=QUIET)
+    weights = str(tmp_path / "infinity-cifar.safetensors")
+    assert manifest["spec"]["weights"] == weights  # loads the same file from any working directory
+    check_checkpoints(path, manifest)
+    st = os.stat(weights)
+    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # copied or touched: the digest decides
+    check_checkpoints(path, manifest)
+    data = bytearray(open(weights, "rb").read())
+    data[-1] ^= 1
+    with open(weights, "wb") as f:
+        f.write(data)
+    with pytest.raises(EngineError, match="infinity-cifar.safetensors changed since the engine was built; rebuild"):
+        check_checkpoints(path, manifest)
+    data[-1] ^= 1
+    with open(weights, "wb") as f:  # the same bytes again
+        f.write(data)
+    check_checkpoints(path, manifest)
+    os.remove(tmp_path / "infinity-cifar-tokenizer.safetensors")
+    with pytest.raises(EngineError, match="tokenizer.safetensors is missing"):
+        check_checkpoints(path, manifest)
+    del manifest["stages"]["build"]["info"]["checkpoints"]
+    with pytest.raises(EngineError, match="does not record the checkpoints"):
+        check_checkpoints(path, manifest)

@@ -166,13 +166,14 @@ class HartCudaGraphRunner:
 def load_hart_cuda_pipeline(engine_dir: str, manifest: dict, cfg, schedule, skip_last: int = 0):
     """A HartPipeline running a torch-cuda HART engine directory: the spec's weights (or its random seed) on the GPU,
     in the spec's dtype, behind the CUDA-graph runner with the Triton SparVAR kernels."""
-    from ..engine import EngineError, load_engine_plan
+    from ..engine import EngineError, check_checkpoints, load_engine_plan
     from .generate import HartPipeline
 
     if not torch.cuda.is_available():
         raise EngineError(f"{engine_dir} is a torch-cuda engine and needs a CUDA GPU; none is available on this machine")
     spec = manifest["spec"]
     plan = load_engine_plan(engine_dir, manifest)  # the layouts the build stored; before the weights: fails fast
+    check_checkpoints(engine_dir, manifest)  # the weights are read from the spec's files: the ones it was built from
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[spec["dtype"]]
     pipe = HartPipeline.create(spec["model"], spec["resolution"], spec["aspect"], spec["weights"], spec["vae"],
                                device="cuda", dtype=dtype, attention="dense", skip_last=skip_last, seed=spec["seed"])
