@@ -256,6 +256,19 @@ def run_optimize(ctx: StageContext) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ build
+def check_backend_available(backend: str) -> None:
+    """ImportError naming what to install, before any stage runs, for a backend whose builder is not importable here
+    (the export alone takes minutes on the large models)."""
+    if backend == "tensorrt":
+        from export.tensorrt import load_tensorrt
+
+        load_tensorrt()
+    elif backend == "tensorrt-rtx":
+        from export.trt_rtx import load_trt_rtx
+
+        load_trt_rtx()
+
+
 def run_build(ctx: StageContext) -> dict:
     backend = ctx.spec.backend
     out = os.path.join(ctx.out_dir, "build")

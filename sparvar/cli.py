@@ -22,10 +22,10 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--vae", help="official tokenizer checkpoint (.pth or .safetensors; HART: the tokenizer file)")
     g.add_argument("--random-weights", action="store_true", help="random transformer and tokenizer (smoke and speed runs)")
     g.add_argument("--resolution", type=int, help="256, 512, 768 or 1024 (default: the model's)")
-    g.add_argument("--aspect", default="1:1", help="aspect ratio H:W of an official template (default 1:1)")
-    g.add_argument("--device", default="cpu", help="cpu or cuda")
+    g.add_argument("--aspect", help="aspect ratio H:W of an official template (default 1:1)")
+    g.add_argument("--device", help="cpu (default) or cuda")
     g.add_argument("--dtype", choices=sorted(DTYPES), help="fp32 (default on cpu) or bf16 (default on cuda)")
-    g.add_argument("--attention", choices=("dense", "sparvar"), default="dense", help="dense or SparVAR sparse attention")
+    g.add_argument("--attention", choices=("dense", "sparvar"), help="dense (default) or SparVAR sparse attention")
     g.add_argument("--skip-last", type=int, default=0, help="skip the transformer on the last N scales")
 
 
@@ -115,7 +115,13 @@ def check_model_args(args) -> None:
     from .config import get_config
     from .schedule import get_schedule
 
+    from .engine import EngineSpec
+
     args.model = args.model or "infinity-tiny"
+    args.aspect = args.aspect or EngineSpec.aspect  # unset: the defaults an engine spec has (1:1, dense)
+    args.attention = args.attention or EngineSpec.attention
+    if args.resolution is not None and args.resolution <= 0:
+        raise UsageError(f"--resolution must be positive, got {args.resolution}")
     try:
         cfg = get_config(args.model)
         args.resolution = args.resolution or cfg.default_resolution
@@ -130,6 +136,23 @@ def check_model_args(args) -> None:
         raise UsageError(f"--skip-last must be >= 0, got {args.skip_last}")
 
 
+def check_out_path(out: str) -> None:
+    """Refuse, before generating, an --out that cannot become an image file."""
+    import os
+
+    if not out or os.path.basename(out) in ("", ".", ".."):
+        raise UsageError(f"--out must name an image file, got {out!r}")
+    if os.path.isdir(out):
+        raise UsageError(f"--out {out} is a directory; give a file name (e.g. {os.path.join(out, 'image.png')})")
+    parent = os.path.dirname(os.path.abspath(out))
+    while not os.path.exists(parent):  # the first existing ancestor must be a writable directory
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise UsageError(f"--out {out}: {parent} is a file, not a directory")
+    if not os.access(parent, os.W_OK):
+        raise UsageError(f"--out {out}: cannot write in {parent}")
+
+
 def cmd_generate(args) -> int:
     import torch
 
@@ -142,17 +165,25 @@ def cmd_generate(args) -> int:
         except ValueError as e:
             raise UsageError(str(e)) from None
 
+    check_out_path(args.out)
+    if not 0 <= args.seed < 2**63:
+        raise UsageError(f"--seed must be an integer in [0, 2^63), got {args.seed}")
     if args.engine:
         from .runtime import load_engine_pipeline
 
         if args.weights or args.vae or args.random_weights:
             raise UsageError("--engine runs the weights the engine was built with; drop --weights/--vae/--random-weights")
-        pipe = load_engine_pipeline(args.engine, skip_last=args.skip_last, model=args.model, resolution=args.resolution)
+        if args.device:
+            raise UsageError("--engine runs on its backend's device (onnxruntime: the CPU, torch-cuda: the GPU); "
+                             "drop --device")
+        # what the engine was built for is fixed: an option that says otherwise is refused, not ignored
+        pipe = load_engine_pipeline(args.engine, skip_last=args.skip_last, model=args.model, resolution=args.resolution,
+                                    aspect=args.aspect, attention=args.attention, dtype=args.dtype)
         check_text_args(pipe.cfg)
     else:
         check_model_args(args)
         check_text_args(get_config(args.model))
-        device, dtype = resolve_device_dtype(args.device, args.dtype)
+        device, dtype = resolve_device_dtype(args.device or "cpu", args.dtype)
         pipe = Pipeline.from_args(args, device, dtype)
     try:  # Infinity's Sampling or HART's HartSampling; unset options keep the family's defaults
         sampling = pipe.sampling(cfg=args.cfg, tau=args.tau, top_k=args.top_k, top_p=args.top_p)
@@ -182,6 +213,10 @@ def cmd_engine(args) -> int:
 
     if args.engine_command == "build":
         check_model_args(args)
+        if args.device:
+            raise UsageError(f"--device: an engine runs on its backend's device ({args.backend}); drop --device")
+        if args.skip_last:
+            raise UsageError("--skip-last is chosen when generating (sparvar generate/serve --skip-last), not at build")
         runtime.build_engine_from_args(args)
     elif args.engine_command == "info":
         runtime.print_engine_info(args.engine_dir)
@@ -216,8 +251,13 @@ def cmd_serve(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from bench.e2e import main as e2e_main  # benchmarks live in bench/, run from the repo root
-
+    try:
+        from bench.e2e import main as e2e_main  # benchmarks live in the repository's bench/, not in the package
+    except ModuleNotFoundError as e:
+        if e.name != "bench":
+            raise
+        raise UsageError("sparvar bench runs the repository's bench/ scripts: run it from the repository root as "
+                         "`python -m sparvar.cli bench e2e` (or `make bench`)") from None
     return e2e_main(args)
 
 

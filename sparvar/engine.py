@@ -240,6 +240,10 @@ def build_engine(spec: EngineSpec, engine_dir: str, force: bool = False, log=pri
         # the build replaces the whole directory: never one that holds something other than an engine
         raise EngineError(f"{engine_dir} is not empty and is not an engine directory (no {MANIFEST}); building there "
                           "would replace what it holds: choose another engine directory, or empty it")
+    try:
+        stages.check_backend_available(spec.backend)
+    except ImportError as e:
+        raise EngineError(f"cannot build a {spec.backend} engine on this machine: {e}") from None
     versions = tool_versions()
     old = None
     if os.path.isdir(engine_dir) and not force:

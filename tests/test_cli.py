@@ -1,4 +1,5 @@
 import hashlib
+import os
 
 import pytest
 import torch
@@ -51,10 +52,46 @@ def test_skip_last_changes_the_image_and_is_bounded(tmp_path, capsys):
     (["--random-weights", "--top-k", "7"], "top_k must be 0, 1 or 2"),
     (["--weights", "missing.pth", "--vae", "missing.pth"], "checkpoint not found: missing.pth"),
     (["--random-weights", "--engine", "engines/x"], "drop --weights/--vae/--random-weights"),
+    (["--random-weights", "--resolution", "0"], "--resolution must be positive"),
+    (["--random-weights", "--seed", "99999999999999999999999"], "--seed must be an integer in [0, 2^63)"),
+    (["--random-weights", "--seed", "-1"], "--seed must be an integer in [0, 2^63)"),
 ])
 def test_bad_arguments_are_named(args, message, capsys, tmp_path):
     code, err = _run(["generate", *args, "--out", str(tmp_path / "x.png")], capsys)
     assert code != 0 and message in err, err
+
+
+def test_bad_out_paths_are_refused_before_generating(capsys, tmp_path):
+    (tmp_path / "afile").write_text("x")
+    for out, message in ((str(tmp_path), "is a directory; give a file name"), ("", "must name an image file"),
+                         (str(tmp_path / "afile" / "x.png"), "afile is a file, not a directory")):
+        code, err = _run(["generate", "--random-weights", "--out", out], capsys)
+        assert code == 2 and message in err, (out, err)
+    assert sorted(os.listdir(tmp_path)) == ["afile"]  # nothing written, nothing generated
+
+
+@pytest.mark.parametrize("option,message", [
+    (["--attention", "sparvar"], "built for attention='dense', not 'sparvar'"),
+    (["--aspect", "2:1"], "built for aspect='1:1', not '2:1'"),
+    (["--dtype", "bf16"], "built for dtype='fp32', not 'bf16'"),
+    (["--device", "cpu"], "runs on its backend's device"),
+])
+def test_engine_generation_refuses_options_that_contradict_the_engine(engines, capsys, tmp_path, option, message):
+    """What an engine was built for is fixed: an option saying otherwise is refused, not silently ignored."""
+    code, err = _run(["generate", "--engine", engines["dense"], *option, "--out", str(tmp_path / "x.png")], capsys)
+    assert code != 0 and message in err, err
+    assert not os.listdir(tmp_path)
+
+
+@pytest.mark.parametrize("option,message", [
+    (["--device", "cpu"], "--device: an engine runs on its backend's device"),
+    (["--skip-last", "2"], "--skip-last is chosen when generating"),
+])
+def test_engine_build_refuses_generation_options(capsys, tmp_path, option, message):
+    code, err = _run(["engine", "build", "--model", "infinity-tiny", "--random-weights", *option,
+                      "--engine-dir", str(tmp_path / "e")], capsys)
+    assert code == 2 and message in err, err
+    assert not os.listdir(tmp_path)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU error")
@@ -80,3 +117,15 @@ def test_engine_dtype_defaults_per_backend():
     assert spec("--model", "infinity-tiny", "--backend", "torch-cuda").dtype == "fp32"
     assert spec("--model", "infinity-2b", "--backend", "torch-cuda", "--dtype", "fp16").dtype == "fp16"
     assert spec("--model", "infinity-2b", "--backend", "torch-cuda", "--fp8").fp8
+
+
+def test_a_backend_that_is_not_installed_is_refused_before_the_export(capsys, tmp_path):
+    try:
+        import tensorrt  # noqa: F401
+        pytest.skip("TensorRT is installed here")
+    except ImportError:
+        pass
+    code, err = _run(["engine", "build", "--model", "infinity-tiny", "--random-weights", "--backend", "tensorrt",
+                      "--engine-dir", str(tmp_path / "e")], capsys)
+    assert code == 1 and "cannot build a tensorrt engine on this machine: TensorRT not installed" in err, err
+    assert not os.listdir(tmp_path)
