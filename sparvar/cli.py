@@ -166,6 +166,8 @@ def cmd_generate(args) -> int:
             raise UsageError(str(e)) from None
 
     check_out_path(args.out)
+    if args.prompt and args.text_embeddings:
+        raise UsageError("give --prompt or --text-embeddings (precomputed prompts), not both")
     if not 0 <= args.seed < 2**63:
         raise UsageError(f"--seed must be an integer in [0, 2^63), got {args.seed}")
     if args.engine:

@@ -45,12 +45,17 @@ class T5TextEncoder:
 def load_embeddings(path: str, text_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"text embedding file not found: {path}")
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
 
-        data = load_file(path)
-    else:
-        data = torch.load(path, map_location="cpu", weights_only=True)
+            data = load_file(path)
+        else:
+            data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated or not a tensor file: the libraries' error types vary
+        raise ValueError(f"{path} cannot be read as text embeddings ({type(e).__name__}: {e})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a dict with 'features' (and 'lengths'), found {type(data).__name__}")
     if "features" not in data:
         raise ValueError(f"{path}: missing tensor 'features' (B, L, {text_dim}); found {sorted(data)}")
     features = data["features"].float()
@@ -59,6 +64,13 @@ def load_embeddings(path: str, text_dim: int) -> tuple[torch.Tensor, torch.Tenso
     if features.ndim != 3 or features.shape[-1] != text_dim:
         raise ValueError(f"{path}: 'features' has shape {tuple(features.shape)}, expected (B, L, {text_dim})")
     lengths = data.get("lengths", torch.full((features.shape[0],), features.shape[1]))
+    B, L = features.shape[:2]
+    if not isinstance(lengths, torch.Tensor) or lengths.dtype.is_floating_point or tuple(lengths.shape) != (B,):
+        raise ValueError(f"{path}: 'lengths' must be {B} integers, one per row of 'features', got "
+                         f"{tuple(lengths.shape) if isinstance(lengths, torch.Tensor) else type(lengths).__name__}")
+    if bool((lengths < 1).any() or (lengths > L).any()):
+        raise ValueError(f"{path}: every 'lengths' entry must be in [1, {L}] (the rows' real tokens), got "
+                         f"{lengths.tolist()}")
     return features, lengths.long()
 
 

@@ -55,6 +55,7 @@ def test_skip_last_changes_the_image_and_is_bounded(tmp_path, capsys):
     (["--random-weights", "--resolution", "0"], "--resolution must be positive"),
     (["--random-weights", "--seed", "99999999999999999999999"], "--seed must be an integer in [0, 2^63)"),
     (["--random-weights", "--seed", "-1"], "--seed must be an integer in [0, 2^63)"),
+    (["--random-weights", "--prompt", "a cat", "--text-embeddings", "e.pt"], "give --prompt or --text-embeddings"),
 ])
 def test_bad_arguments_are_named(args, message, capsys, tmp_path):
     code, err = _run(["generate", *args, "--out", str(tmp_path / "x.png")], capsys)

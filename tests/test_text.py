@@ -49,6 +49,16 @@ def test_embedding_file_roundtrip_and_errors(tmp_path):
     assert feats.shape == (1, 4, TINY.text_dim) and lens.tolist() == [3]
     with pytest.raises(ValueError, match=r"expected \(B, L, 2048\)"):
         load_embeddings(path, 2048)
+    bad = str(tmp_path / "bad.safetensors")
+    for lengths, message in ((torch.tensor([0]), r"must be in \[1, 4\].*\[0\]"), (torch.tensor([5]), r"\[5\]"),
+                             (torch.tensor([3, 3]), "must be 1 integers"), (torch.tensor([2.5]), "must be 1 integers")):
+        save_file({"features": torch.randn(1, 4, TINY.text_dim), "lengths": lengths}, bad)
+        with pytest.raises(ValueError, match=message):
+            load_embeddings(bad, TINY.text_dim)
+    with open(bad, "wb") as f:
+        f.write(b"\x00garbage")
+    with pytest.raises(ValueError, match="bad.safetensors cannot be read as text embeddings"):
+        load_embeddings(bad, TINY.text_dim)
 
 
 def test_hashed_embeddings_are_deterministic_per_word():
