@@ -111,7 +111,8 @@ def run_stage(stage: str, ctx: StageContext) -> dict:
 def describe(ctx: StageContext) -> dict:
     policy = ctx.policy()
     return {"model_config": dataclasses.asdict(ctx.cfg), "schedule": [list(g) for g in ctx.schedule.grids],
-            "policy": dataclasses.asdict(policy) if policy else None, "units": ctx.info.get("units", {})}
+            "policy": dataclasses.asdict(policy) if policy else None, "units": ctx.info.get("units", {}),
+            "export_code": EXPORT_CODE_VERSION}  # the runtime refuses graphs another exporter wrote (stage keys hash it)
 
 
 # ------------------------------------------------------------------------------------------------ export

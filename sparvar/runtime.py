@@ -210,6 +210,11 @@ def load_engine_pipeline(engine_dir: str, skip_last: int = 0, **expected):
     spec = manifest["spec"]
     cfg = get_config(spec["model"])
     schedule = get_schedule(spec["resolution"], spec["aspect"], model=spec["model"])
+    from export.stages import EXPORT_CODE_VERSION
+
+    if manifest.get("export_code") != EXPORT_CODE_VERSION:  # the graphs' inputs and outputs are this exporter's
+        raise EngineError(f"{engine_dir} was exported by another sparvar (export code {manifest.get('export_code')}, "
+                          f"this sparvar runs {EXPORT_CODE_VERSION}); rebuild the engine")
     if [list(g) for g in schedule.grids] != manifest["schedule"]:
         raise EngineError(f"{engine_dir}: its schedule differs from this sparvar's {spec['resolution']} schedule; rebuild it")
     if not 0 <= skip_last < schedule.num_scales:  # before any weights load (a server would fail every request)

@@ -295,3 +295,19 @@ def test_torch_cuda_engine_refuses_checkpoints_changed_since_its_build(tmp_path,
     del manifest["stages"]["build"]["info"]["checkpoints"]
     with pytest.raises(EngineError, match="does not record the checkpoints"):
         check_checkpoints(path, manifest)
+
+
+def test_an_engine_another_exporter_wrote_is_refused(engines, tmp_path):
+    """Engines are checked file by file, and their graphs' inputs and outputs are the exporter's: a manifest from
+    another export code (an older sparvar with the same format) is refused at load, not run."""
+    path = str(tmp_path / "e")
+    shutil.copytree(engines["dense"], path)
+    manifest = read_manifest(path)
+    assert manifest["export_code"] == __import__("export.stages", fromlist=["x"]).EXPORT_CODE_VERSION
+    load_engine_pipeline(path)
+    for stale in (manifest["export_code"] - 1, None):
+        manifest["export_code"] = stale
+        with open(os.path.join(path, "manifest.json"), "w") as f:
+            json.dump(manifest, f)
+        with pytest.raises(EngineError, match="exported by another sparvar .*rebuild"):
+            load_engine_pipeline(path)
