@@ -229,6 +229,22 @@ def check_compatible(manifest: dict, engine_dir: str, **expected) -> None:
                               f"{key}={want!r} (sparvar engine build ... --{key.replace('_', '-')} {want})")
 
 
+def remove_abandoned_builds(parent: str, name: str) -> None:
+    """Delete the temporary directories of earlier builds of `name` whose process is gone (killed with SIGKILL, or
+    twice with SIGINT, a build cannot clean up after itself; a running one is left alone)."""
+    for entry in os.listdir(parent):
+        prefix, _, pid = entry.rpartition("-")
+        if prefix not in (f".tmp-{name}", f".old-{name}") or not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+            continue  # that build is still running
+        except ProcessLookupError:
+            shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
+        except PermissionError:
+            continue  # another user's live process
+
+
 def build_engine(spec: EngineSpec, engine_dir: str, force: bool = False, log=print) -> dict:
     """Run export -> optimize -> build into engine_dir, skipping stages whose key is unchanged."""
     from export import stages  # the stage implementations (ONNX export, graph optimisation, backend builds)
@@ -255,6 +271,7 @@ def build_engine(spec: EngineSpec, engine_dir: str, force: bool = False, log=pri
             old = None
     parent = os.path.dirname(os.path.abspath(engine_dir))
     os.makedirs(parent, exist_ok=True)
+    remove_abandoned_builds(parent, os.path.basename(engine_dir))
     tmp = os.path.join(parent, f".tmp-{os.path.basename(engine_dir)}-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)

@@ -311,3 +311,20 @@ def test_an_engine_another_exporter_wrote_is_refused(engines, tmp_path):
             json.dump(manifest, f)
         with pytest.raises(EngineError, match="exported by another sparvar .*rebuild"):
             load_engine_pipeline(path)
+
+
+def test_abandoned_temporary_builds_are_removed_live_ones_kept(tmp_path):
+    """A build killed with SIGKILL leaves its .tmp-<dir>-<pid>; the next build of that directory removes it (its
+    process is gone), and leaves a running build's directory and other names alone."""
+    import subprocess
+    import sys
+
+    from sparvar.engine import remove_abandoned_builds
+
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = int(done.stdout)  # a process that has exited
+    names = [f".tmp-e-{dead}", f".old-e-{dead}", f".tmp-e-{os.getpid()}", f".tmp-other-{dead}", "e"]
+    for name in names:
+        (tmp_path / name).mkdir()
+    remove_abandoned_builds(str(tmp_path), "e")
+    assert sorted(os.listdir(tmp_path)) == sorted([f".tmp-e-{os.getpid()}", f".tmp-other-{dead}", "e"])
