@@ -195,8 +195,10 @@ def test_runner_refuses_misuse(engine, eager):
     features, mask = _text()
     with pytest.raises(EngineError, match="begin"):
         runner.step(0, None)
-    with pytest.raises(EngineError, match="batch 1"):
+    with pytest.raises(EngineError, match="^engine was built for batch 1, got 2 prompts$"):  # not about text slots
         runner.begin(torch.cat([features, features]), torch.cat([mask, mask]), True)
+    with pytest.raises(EngineError, match="pad or truncate the prompt"):
+        runner.begin(features[:, :-1], mask[:, :-1], True)
     with pytest.raises(EngineError, match="text mask must be bool"):
         runner.begin(features, mask.long(), True)
     runner.begin(features, mask, True)

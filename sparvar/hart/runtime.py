@@ -64,9 +64,11 @@ class OrtHartRunner:
 
     def begin(self, features: torch.Tensor, mask: torch.Tensor, guided: bool) -> None:
         B, L, D = self.batch, self.cfg.text_len, self.cfg.text_dim
+        if features.shape[0] != B:  # as the Infinity engine says it: the batch is the engine's, the prompts the caller's
+            raise EngineError(f"engine was built for batch {B}, got {features.shape[0]} prompts")
         if tuple(features.shape) != (B, L, D):
-            raise EngineError(f"text features {tuple(features.shape)}: this engine takes ({B}, {L}, {D}) (built for "
-                              f"batch {B}; pad or truncate the prompt to {L} text slots)")
+            raise EngineError(f"text features {tuple(features.shape)}: this engine takes ({B}, {L}, {D}) (pad or "
+                              f"truncate the prompt to {L} text slots)")
         if tuple(mask.shape) != (B, L) or mask.dtype != torch.bool:
             raise EngineError(f"text mask must be bool ({B}, {L}), got {mask.dtype} {tuple(mask.shape)}")
         self.guided = guided
