@@ -102,6 +102,10 @@ def test_folder_layout_and_ema(tmp_path):
     os.remove(folder / "model.safetensors")
     with pytest.raises(CheckpointError, match="no HART weights"):
         load_model(TINY, str(folder))
+    for index in ('{"metadata": {}}', "{not json", '{"weight_map": ["a"]}'):  # a shard index that is not one
+        (folder / "model.safetensors.index.json").write_text(index)
+        with pytest.raises(CheckpointError, match="model.safetensors.index.json is not a shard index"):
+            load_model(TINY, str(folder))
 
 
 def test_strict_errors_name_missing_extra_and_misshaped_keys():

@@ -65,8 +65,13 @@ def checkpoint_files(path: str, ema: bool = False) -> list[str]:
     for name in _INDEX_FILES:
         index = os.path.join(path, name)
         if os.path.isfile(index):
-            with open(index) as f:
-                shards = sorted(set(json.load(f)["weight_map"].values()))
+            try:
+                with open(index, encoding="utf-8") as f:
+                    weight_map = json.load(f)["weight_map"]
+                shards = sorted(set(weight_map.values()))
+            except (ValueError, KeyError, TypeError, AttributeError) as e:  # corrupt JSON, no or odd weight_map
+                raise CheckpointError(f"{index} is not a shard index with a 'weight_map' of key -> file "
+                                      f"({type(e).__name__}: {e})") from None
             return [os.path.join(path, s) for s in shards]
     raise CheckpointError(f"{path}: no HART weights found (expected one of {', '.join(_SINGLE_FILES + _INDEX_FILES)})")
 
