@@ -35,12 +35,11 @@ def environment() -> dict:
         env["cudnn"] = torch.backends.cudnn.version()
     else:
         env["device"] = f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
-    try:
-        import triton
-
-        env["triton"] = triton.__version__
-    except ImportError:
-        pass
+    for name in ("triton", "onnxruntime", "onnx"):  # the runtimes a result may have measured
+        try:
+            env[name] = __import__(name).__version__
+        except ImportError:
+            pass
     return env
 
 

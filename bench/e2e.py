@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import gc
 import os
+import statistics
 import sys
 import time
 
@@ -50,7 +51,7 @@ def time_generation(pipe, features, lengths, warmup: int, runs: int, sampling) -
     for _ in range(warmup):
         once()
     times = [once(record=True) for _ in range(runs)]
-    per_scale = [sorted(col)[len(col) // 2] for col in zip(*per_scale_runs)]
+    per_scale = [statistics.median(col) for col in zip(*per_scale_runs)]
     return summarize(times), per_scale
 
 

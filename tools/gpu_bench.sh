@@ -16,6 +16,12 @@
 #   bash tools/gpu_bench.sh "$OUT" decode    # the tokenizer decodes at 1024² (Infinity 2B/8B, HART fp32 vs fp16 graph, cudnn.benchmark)
 #   bash tools/gpu_bench.sh "$OUT" batch4    # throughput: 2B and 8B dense and SparVAR engines at 4 prompts per generation
 set -uo pipefail
+# the GPU machine gets the work tree without .git: results record the commit only if the caller names it (commit
+# first, then pass the full sha), so refuse to produce results that would say "uncommitted"
+if [ -z "${SPARVAR_COMMIT:-}" ] && ! git rev-parse HEAD >/dev/null 2>&1; then
+  echo "gpu_bench.sh: set SPARVAR_COMMIT=<the committed sha this tree is> (results must name their commit)" >&2
+  exit 2
+fi
 OUT=${1:-bench/results}
 export PYTHONPATH=$PWD
 nvidia-smi -L
