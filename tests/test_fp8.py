@@ -257,3 +257,12 @@ def test_fp8_engine_spec_is_torch_cuda_infinity_only():
         EngineSpec(model="infinity-2b", resolution=1024, backend="onnxruntime", fp8=True)
     with pytest.raises(ValueError, match="FP8 linears are built for Infinity models on the torch-cuda backend only"):
         EngineSpec(model="hart-0.7b", resolution=1024, backend="torch-cuda", fp8=True)
+
+
+def test_quantize_kernel_refuses_empty_rows():
+    """Rows with no values have no scale: the kernel would leave the scales unwritten (garbage), so it refuses."""
+    pytest.importorskip("triton")
+    from sparvar.kernels.fp8 import quantize_rows_triton
+
+    with pytest.raises(ValueError, match=r"x has empty rows \(3, 0\)"):
+        quantize_rows_triton(torch.zeros(3, 0, dtype=torch.bfloat16))

@@ -86,6 +86,11 @@ def test_csla_layout_object_checks():
         call(q, k, v, nb, tiles, 16, 16, num_full=num_full, tile_index=tile_index, partial_masks=token.partial_masks[:, :8])
     with pytest.raises(ValueError, match="must match"):
         call(q, k, v, nb, tiles, 16, 16, num_full=num_full[:-1], tile_index=tile_index, partial_masks=token.partial_masks)
+    wide = torch.zeros(tile_index.shape[0], tile_index.shape[1] + 3, dtype=tile_index.dtype)
+    wide[:, :tile_index.shape[1]] = tile_index  # the same values in a wider buffer: rows 3 entries further apart
+    with pytest.raises(ValueError, match="tile_index strides .* must equal kv_indices'"):
+        call(q, k, v, nb, tiles, 16, 16, num_full=num_full, tile_index=wide[:, :tile_index.shape[1]],
+             partial_masks=token.partial_masks)
 
 
 def tile_of(mask, i, n, bm, bn):

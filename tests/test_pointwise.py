@@ -87,8 +87,15 @@ def test_residual_norm_rejects_bad_inputs():
         residual_norm(x, x, torch.ones(2, 1, 8, dtype=torch.bfloat16))
     with pytest.raises(ValueError, match="one contiguous row of 8 channels per batch row"):
         residual_norm(x, x, torch.ones(3, 1, 8))
+    with pytest.raises(ValueError, match="one contiguous row of 8 channels per batch row"):
+        residual_norm(x, x, torch.ones(1, 2, 8))  # B*C values, but its batch stride would read past them
+    with pytest.raises(ValueError, match="x has no channels"):
+        residual_norm(x[..., :0].contiguous(), scale=torch.ones(2, 1, 0), shift=torch.ones(2, 1, 0), quantize=True)
     with pytest.raises(ValueError, match="must be on a CUDA device"):
         residual_norm(x, x, torch.ones(2, 1, 8))
+    for ok in ((2, 1, 8), (2, 8)):
+        with pytest.raises(ValueError, match="must be on a CUDA device"):  # shape accepted: only the device is wrong
+            residual_norm(x, x, torch.ones(ok))
 
 
 def test_qkv_rope_rejects_bad_inputs():

@@ -410,6 +410,9 @@ def check_token_tiles(name: str, kv_indices, num_full, tile_index, partial_masks
     if num_full.shape[0] != kv_indices.shape[0] or tile_index.shape != kv_indices.shape:
         raise ValueError(f"{name}: num_full {tuple(num_full.shape)} and tile_index {tuple(tile_index.shape)} must match "
                          f"kv_indices {tuple(kv_indices.shape)} (one count per query block, one entry per slot)")
+    if tile_index.stride() != kv_indices.stride():  # the kernel walks both rows with kv_indices' row stride
+        raise ValueError(f"{name}: tile_index strides {tile_index.stride()} must equal kv_indices' "
+                         f"{kv_indices.stride()} (lay both out alike, e.g. .contiguous())")
     if not isinstance(partial_masks, torch.Tensor) or partial_masks.dtype != torch.bool:
         raise TypeError(f"{name}: partial_masks must be a bool tensor, got {getattr(partial_masks, 'dtype', type(partial_masks))}")
     if partial_masks.dim() != 3 or tuple(partial_masks.shape[1:]) != (block_m, block_n) or not partial_masks.is_contiguous():

@@ -61,8 +61,10 @@ def quantize_rows_triton(x: torch.Tensor, gelu: bool = False) -> tuple[torch.Ten
         raise ValueError(f"{name}: x must be a contiguous (M, K) matrix, got shape {tuple(x.shape)}, strides {x.stride()}")
     if x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
         raise TypeError(f"{name}: x must be bf16, fp16 or fp32, got {x.dtype}")
-    check_device(name, x, hint="use sparvar.fp8.quantize_rows_ref elsewhere")
     M, K = x.shape
+    if K == 0:  # no values to scale by: the scales would be left unwritten
+        raise ValueError(f"{name}: x has empty rows ({M}, 0); every row needs at least one value")
+    check_device(name, x, hint="use sparvar.fp8.quantize_rows_ref elsewhere")
     q = torch.empty((M, K), dtype=FP8, device=x.device)
     scale = torch.empty((M, 1), dtype=torch.float32, device=x.device)
     if x.numel():

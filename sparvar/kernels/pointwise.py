@@ -187,7 +187,8 @@ if HAS_TRITON:
 # ------------------------------------------------------------------------------------------------ wrappers
 def _per_batch(name: str, label: str, t: torch.Tensor, B: int, C: int) -> int:
     """A (B, 1, C) / (B, C) per-batch-row vector with contiguous channels: its batch stride."""
-    if t.shape[-1] != C or t.numel() != B * C or t.stride(-1) != 1:
+    if (t.dim() not in (2, 3) or t.shape[0] != B or t.shape[-1] != C or any(d != 1 for d in t.shape[1:-1])
+            or t.stride(-1) != 1):
         raise ValueError(f"{name}: {label} must hold one contiguous row of {C} channels per batch row ({B}), "
                          f"got shape {tuple(t.shape)}, strides {t.stride()}")
     if t.dtype != torch.float32:
@@ -209,6 +210,8 @@ def residual_norm(x: torch.Tensor, y: torch.Tensor | None = None, gate: torch.Te
     if x.dim() != 3 or not x.is_contiguous() or x.dtype not in DTYPES:
         raise ValueError(f"{name}: x must be a contiguous (B, n, C) bf16/fp16/fp32 tensor, got {tuple(x.shape)} {x.dtype}")
     B, n, C = x.shape
+    if C == 0:  # a norm over no channels is undefined (its statistics and FP8 scales would be left unwritten)
+        raise ValueError(f"{name}: x has no channels (shape {tuple(x.shape)})")
     if y is not None and (y.shape != x.shape or y.dtype != x.dtype or not y.is_contiguous()):
         raise ValueError(f"{name}: y must be contiguous like x {tuple(x.shape)} {x.dtype}, got {tuple(y.shape)} {y.dtype}")
     if gate is not None and y is None:
