@@ -35,7 +35,51 @@ class Sampling:
         return self.cfg != 1.0
 
 
-def sample_bits(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator) -> torch.Tensor:
+class SeededRows:
+    """The random numbers of one generation of `rows` prompts.
+
+    seed: an int, one stream for the whole batch (what `sparvar generate` and the fidelity benchmark draw), or one
+    seed per row, each row its own stream: row i then draws exactly what a one-prompt generation seeded with seeds[i]
+    draws, whatever shares its batch (what a server batching requests needs). Every draw has the rows first: shape[0]
+    is a multiple of `rows`, and row i owns the i-th block of it."""
+
+    def __init__(self, seed, rows: int, device):
+        self.device = torch.device(device)
+        if isinstance(seed, int) and not isinstance(seed, bool):
+            self.generators = [torch.Generator(device=self.device).manual_seed(seed)]
+        else:
+            seeds = list(seed)
+            if len(seeds) != rows or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
+                raise ValueError(f"give one int seed, or one int seed per prompt row ({rows}), got {seed!r}")
+            self.generators = [torch.Generator(device=self.device).manual_seed(s) for s in seeds]
+        self.per_row = len(self.generators) > 1 or not isinstance(seed, int)
+        self.rows = rows
+
+    def _blocks(self, shape) -> list[tuple[torch.Generator, tuple]]:
+        if not self.per_row:
+            return [(self.generators[0], tuple(shape))]
+        if shape[0] % self.rows:
+            raise ValueError(f"a draw of shape {tuple(shape)} does not split into {self.rows} rows")
+        return [(g, (shape[0] // self.rows, *shape[1:])) for g in self.generators]
+
+    def rand(self, shape) -> torch.Tensor:
+        return torch.cat([torch.rand(s, generator=g, device=self.device) for g, s in self._blocks(shape)])
+
+    def randn(self, shape) -> torch.Tensor:
+        return torch.cat([torch.randn(s, generator=g, device=self.device) for g, s in self._blocks(shape)])
+
+    def exponential(self, shape) -> torch.Tensor:
+        return torch.cat([torch.empty(s, device=self.device).exponential_(generator=g) for g, s in self._blocks(shape)])
+
+    def multinomial(self, probs: torch.Tensor) -> torch.Tensor:
+        """One index per row of probs (N, V) (rows first, as every draw), shape (N, 1)."""
+        blocks = self._blocks(probs.shape)
+        parts = probs.split(blocks[0][1][0]) if self.per_row else [probs]
+        return torch.cat([torch.multinomial(p, num_samples=1, replacement=True, generator=g)
+                          for (g, _), p in zip(blocks, parts)])
+
+
+def sample_bits(logits: torch.Tensor, sampling: Sampling, generator: SeededRows) -> torch.Tensor:
     """logits (B, n, 2*bits), adjacent (l0, l1) per bit -> bits (B, n, bits) in {0, 1} (float).
 
     Equals the official sampler (softmax over the 2 values, top-k/top-p, multinomial) in distribution:
@@ -48,7 +92,7 @@ def sample_bits(logits: torch.Tensor, sampling: Sampling, generator: torch.Gener
     if sampling.top_p > 0:
         cut = 1.0 - sampling.top_p
         p1 = torch.where(p1 <= cut, 0.0, torch.where(1.0 - p1 <= cut, 1.0, p1))
-    u = torch.rand(p1.shape, generator=generator, device=p1.device)
+    u = generator.rand(p1.shape)
     return (u < p1).float()
 
 
@@ -65,8 +109,8 @@ class Generation:
 
 
 def generate(runner, decoder, schedule: Schedule, features: torch.Tensor, lengths: torch.Tensor,
-             sampling: Sampling = Sampling(), seed: int = 0, skip_last: int = 0, progress=None) -> Generation:
-    """Generate one image per prompt row.
+             sampling: Sampling = Sampling(), seed: int | list[int] = 0, skip_last: int = 0, progress=None) -> Generation:
+    """Generate one image per prompt row; seed: one for the batch, or one per row (SeededRows).
 
     runner: begin(features, lengths, guided) / step(scale, codes) -> logits (2B or B, n, 2*bits)
     decoder: .codebook_dim, .patchify, bits_to_codes(bits) -> codes, decode(latent) -> image in [-1, 1]
@@ -78,7 +122,7 @@ def generate(runner, decoder, schedule: Schedule, features: torch.Tensor, length
     patch = 2 if decoder.patchify else 1
     final = (schedule.final_grid[0] * patch, schedule.final_grid[1] * patch)
     runner.begin(features, lengths, sampling.guided)
-    generator = torch.Generator(device=runner.device).manual_seed(seed)
+    generator = SeededRows(seed, B, runner.device)
     summed = None
     codes = None  # the input of the next scale; scale 0 starts from the text's <sos> token
     all_bits = []

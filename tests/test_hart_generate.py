@@ -4,6 +4,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+
+from sparvar.generate import SeededRows
 from PIL import Image
 
 from sparvar.cli import main
@@ -135,7 +137,7 @@ def test_diffusion_loop_equals_the_diffusion_sampler(model, tokenizer, text, t):
     runner = HartTorchRunner(model, SCHEDULE)
     generate_hart(runner, tokenizer, SCHEDULE, features, mask, seed=0)  # leaves the last scale's hidden states
     codes = torch.randn(2, PATCH_NUMS[-1] ** 2, TINY.latent_dim, generator=torch.Generator().manual_seed(5))
-    ours = diffusion_residual(runner, codes, t, torch.Generator().manual_seed(9))
+    ours = diffusion_residual(runner, codes, t, SeededRows(9, 2, 'cpu'))
     cond = runner.diffusion_condition(codes).reshape(-1, TINY.width)
     theirs = sample(model.diffloss.net, cond, t, TINY.diffusion, torch.Generator().manual_seed(9))
     torch.testing.assert_close(ours, theirs.view(ours.shape), rtol=0, atol=0)

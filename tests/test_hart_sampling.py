@@ -3,6 +3,8 @@ import math
 import pytest
 import torch
 
+from sparvar.generate import SeededRows
+
 from sparvar.hart.config import HART_CONFIGS
 from sparvar.hart.sampling import (HartSampling, filter_top_k_top_p, guidance_ratio, guidance_scale, guide_logits,
                                    sample_scale, smooth_tau)
@@ -11,8 +13,12 @@ FULL = HART_CONFIGS["hart-0.7b"]  # 14 scales, 4096 codebook entries
 TINY = HART_CONFIGS["hart-tiny"]  # 8 scales, 64 entries
 
 
-def _gen(seed: int = 0) -> torch.Generator:
+def _data(seed: int) -> torch.Generator:  # test inputs
     return torch.Generator().manual_seed(seed)
+
+
+def _gen(seed: int = 0) -> SeededRows:
+    return SeededRows(seed, 1, "cpu")  # one stream for the batch, as `sparvar generate` draws
 
 
 def test_official_defaults():
@@ -34,15 +40,15 @@ def test_guidance_ramp_matches_the_official_loop():
 
 
 def test_guided_logits_combine_cond_and_uncond():
-    cond, uncond = torch.randn(2, 3, 5, generator=_gen(1)), torch.randn(2, 3, 5, generator=_gen(2))
+    cond, uncond = torch.randn(2, 3, 5, generator=_data(1)), torch.randn(2, 3, 5, generator=_data(2))
     both = torch.cat([cond, uncond])
     torch.testing.assert_close(guide_logits(both, 2.0), 3 * cond - 2 * uncond)
     assert torch.equal(guide_logits(both, 0.0), cond)
 
 
 def test_top_k_never_samples_outside_the_top_k():
-    logits = torch.randn(2, 256, FULL.vocab_size, generator=_gen(3)) * 0.5  # flat: most mass outside any top 300
-    codebook = torch.randn(FULL.vocab_size, FULL.latent_dim, generator=_gen(4))
+    logits = torch.randn(2, 256, FULL.vocab_size, generator=_data(3)) * 0.5  # flat: most mass outside any top 300
+    codebook = torch.randn(FULL.vocab_size, FULL.latent_dim, generator=_data(4))
     sampling = HartSampling(cfg=0.0)
     for si, k in ((0, 600), (FULL.num_scales - 1, 300)):
         allowed = torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, logits.topk(k, dim=-1).indices, True)
@@ -57,7 +63,7 @@ def test_top_k_never_samples_outside_the_top_k():
 
 
 def test_top_k_above_the_codebook_keeps_all_entries():
-    logits = torch.randn(1, 4, TINY.vocab_size, generator=_gen(6))
+    logits = torch.randn(1, 4, TINY.vocab_size, generator=_data(6))
     assert torch.equal(filter_top_k_top_p(logits, 600, 0.0), logits)  # hart-tiny: 64 entries < 600
 
 
@@ -66,7 +72,7 @@ def test_top_p_keeps_the_nucleus_only():
     kept = filter_top_k_top_p(probs.log(), 0, 0.7) > -math.inf
     assert kept.tolist() == [[[True, True, False, False]]]  # 0.5 + 0.3 >= 0.7; the rest sums to 0.2 <= 0.3
     # a vanishing nucleus still keeps the most likely entry (float32 cumsum reaches 1 - top_p = 1.0 everywhere)
-    tiny_p = filter_top_k_top_p(torch.randn(3, 7, 50, generator=_gen(15)), 0, 1e-9)
+    tiny_p = filter_top_k_top_p(torch.randn(3, 7, 50, generator=_data(15)), 0, 1e-9)
     assert (tiny_p > -math.inf).sum(-1).eq(1).all()
     idx, _ = sample_scale(probs.log().expand(1, 2000, 4), 3, 14, HartSampling(cfg=0.0, top_p=0.7), _gen(7),
                           torch.eye(4))
@@ -85,8 +91,8 @@ def test_guided_sampling_uses_the_ramped_combination():
 
 
 def test_fixed_generator_is_deterministic():
-    logits = torch.randn(4, 9, FULL.vocab_size, generator=_gen(9))
-    codebook = torch.randn(FULL.vocab_size, FULL.latent_dim, generator=_gen(10))
+    logits = torch.randn(4, 9, FULL.vocab_size, generator=_data(9))
+    codebook = torch.randn(FULL.vocab_size, FULL.latent_dim, generator=_data(10))
     for smooth in (False, True):
         s = HartSampling(more_smooth=smooth)
         a = sample_scale(logits, 2, FULL.num_scales, s, _gen(11), codebook)
@@ -97,7 +103,7 @@ def test_fixed_generator_is_deterministic():
 
 def test_more_smooth_mixes_the_kept_entries_after_the_same_draw():
     V = 32
-    logits = torch.randn(2, 6, V, generator=_gen(13))  # guided: B = 1
+    logits = torch.randn(2, 6, V, generator=_data(13))  # guided: B = 1
     s = HartSampling(top_k_coarse=5, more_smooth=True)
     idx, weights = sample_scale(logits, 1, TINY.num_scales, s, _gen(14), torch.eye(V))  # identity: codes = weights
     hard_idx, hard = sample_scale(logits, 1, TINY.num_scales, HartSampling(top_k_coarse=5), _gen(14), torch.eye(V))

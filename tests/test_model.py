@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from sparvar.config import CONFIGS, get_config
-from sparvar.generate import Sampling, TorchRunner, sample_bits
+from sparvar.generate import Sampling, SeededRows, TorchRunner, sample_bits
 from sparvar.model import apply_rope, build_model, rope_angles, rope_tables
 from sparvar.schedule import ASPECT_TEMPLATES, get_schedule, parse_aspect
 
@@ -164,13 +164,13 @@ def test_bit_sampling_thresholds_and_determinism():
     for b, p in ((0, 0.02), (1, 0.98)):
         logits[0, 0, 2 * b + 1] = math.log(p / (1 - p))
     s = Sampling(top_p=0.97)
-    draws = torch.stack([sample_bits(logits, s, torch.Generator().manual_seed(i)) for i in range(200)])
+    draws = torch.stack([sample_bits(logits, s, SeededRows(i, logits.shape[0], 'cpu')) for i in range(200)])
     assert draws[..., 0].sum() == 0 and draws[..., 1].sum() == 200
     assert 60 < draws[..., 2].sum() < 140
-    a = sample_bits(logits, s, torch.Generator().manual_seed(3))
-    b = sample_bits(logits, s, torch.Generator().manual_seed(3))
+    a = sample_bits(logits, s, SeededRows(3, logits.shape[0], 'cpu'))
+    b = sample_bits(logits, s, SeededRows(3, logits.shape[0], 'cpu'))
     assert torch.equal(a, b)
-    greedy = sample_bits(logits, Sampling(top_k=1), torch.Generator())
+    greedy = sample_bits(logits, Sampling(top_k=1), SeededRows(0, logits.shape[0], 'cpu'))
     assert greedy[0, 0, :2].tolist() == [0.0, 1.0]
     with pytest.raises(ValueError, match="top_k"):
         Sampling(top_k=5)

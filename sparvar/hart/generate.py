@@ -37,6 +37,7 @@ from typing import Callable, Protocol
 import torch
 import torch.nn.functional as F
 
+from ..generate import SeededRows
 from ..schedule import Schedule
 from .config import HartConfig
 from .diffusion import denoise_step, respaced_schedule
@@ -86,7 +87,7 @@ class HartGeneration:
 
 @torch.no_grad()
 def generate_hart(runner: HartRunner, tokenizer: HartVQDecoder, schedule: Schedule, features: torch.Tensor,
-                  mask: torch.Tensor, sampling: HartSampling = HartSampling(), seed: int = 0, skip_last: int = 0,
+                  mask: torch.Tensor, sampling: HartSampling = HartSampling(), seed: int | list[int] = 0, skip_last: int = 0,
                   progress: Callable[[int, int], None] | None = None) -> HartGeneration:
     """Generate one image per prompt row (features (B, text_len, text_dim), mask (B, text_len) bool)."""
     SN = schedule.num_scales
@@ -101,7 +102,7 @@ def generate_hart(runner: HartRunner, tokenizer: HartVQDecoder, schedule: Schedu
     B, Cvae, P = features.shape[0], codebook.shape[1], patch_nums[-1]
 
     runner.begin(features, mask, sampling.guided)
-    generator = torch.Generator(device=runner.device).manual_seed(seed)
+    generator = SeededRows(seed, B, runner.device)
     f_hat = codebook.new_zeros(B, Cvae, P, P)
     inputs, indices, residual = None, [], None
     run_scales = SN - skip_last
@@ -123,7 +124,7 @@ def generate_hart(runner: HartRunner, tokenizer: HartVQDecoder, schedule: Schedu
     return HartGeneration(image=image, indices=indices, f_hat=f_hat, residual=residual)
 
 
-def diffusion_residual(runner: HartRunner, codes: torch.Tensor, t: float, generator: torch.Generator) -> torch.Tensor:
+def diffusion_residual(runner: HartRunner, codes: torch.Tensor, t: float, generator: SeededRows) -> torch.Tensor:
     """The last scale's continuous residual (B, n, Cvae) fp32 in latent units, as official DiffLoss.sample:
     pure noise (N, Cvae), N = B * n, denoised step by step with CFG scale t on eps, times vae_scale."""
     diffusion = runner.cfg.diffusion
@@ -132,7 +133,7 @@ def diffusion_residual(runner: HartRunner, codes: torch.Tensor, t: float, genera
     cond = cond.reshape(-1, cond.shape[-1])  # (R/B * N, C), official reshape(bs * seq_len, -1)
     # Official quirk (DiffLoss.sample): cfg == 1.0 means "unguided", i.e. guidance scale 0 on the conditional rows.
     cfg_scale = 0.0 if t == 1.0 else float(t)
-    randn = lambda: torch.randn(B * n, Cvae, generator=generator, device=generator.device)  # noqa: E731
+    randn = lambda: generator.randn((B * n, Cvae))  # noqa: E731 (rows first: row b's n tokens are its own draws)
     x = randn()  # the noisiest step's sample
     for k in reversed(range(respaced_schedule(diffusion).num_steps)):
         x = runner.denoise_step(x, k, cond, cfg_scale, randn() if k > 0 else None)
@@ -270,7 +271,7 @@ class HartPipeline:
         options = {"cfg": cfg, "top_p": top_p}
         return HartSampling(**{k: v for k, v in options.items() if v is not None})
 
-    def generate(self, features, mask, sampling: HartSampling = HartSampling(), seed: int = 0,
+    def generate(self, features, mask, sampling: HartSampling = HartSampling(), seed: int | list[int] = 0,
                  progress=None) -> HartGeneration:
         return generate_hart(self.runner, self.tokenizer, self.schedule, features, mask, sampling, seed,
                              self.skip_last, progress)

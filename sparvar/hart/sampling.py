@@ -26,6 +26,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..generate import SeededRows
+
 
 @dataclass(frozen=True)
 class HartSampling:
@@ -106,7 +108,7 @@ def filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.
     return logits
 
 
-def sample_scale(logits: torch.Tensor, si: int, num_scales: int, sampling: HartSampling, generator: torch.Generator,
+def sample_scale(logits: torch.Tensor, si: int, num_scales: int, sampling: HartSampling, generator: SeededRows,
                  codebook: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """One scale's tokens: logits -> (indices (B, n) int64, code vectors (B, n, Cvae) float32).
 
@@ -117,7 +119,7 @@ def sample_scale(logits: torch.Tensor, si: int, num_scales: int, sampling: HartS
     V = logits.shape[-1]
     if codebook.ndim != 2 or codebook.shape[0] != V:
         raise ValueError(f"codebook must be (V={V}, Cvae), got {tuple(codebook.shape)}")
-    if generator.device.type != logits.device.type:
+    if generator.device.type != logits.device.type:  # sparvar.generate.SeededRows: one stream, or one per row
         raise ValueError(f"generator on {generator.device} but logits on {logits.device}: create the generator on "
                          "the logits' device")
     ratio = guidance_ratio(si, num_scales)
@@ -127,9 +129,9 @@ def sample_scale(logits: torch.Tensor, si: int, num_scales: int, sampling: HartS
     logits = filter_top_k_top_p(logits, sampling.top_k(si), sampling.top_p)  # (B, n, V)
     B, n, _ = logits.shape
     probs = logits.softmax(dim=-1).view(B * n, V)
-    indices = torch.multinomial(probs, num_samples=1, replacement=True, generator=generator).view(B, n)
+    indices = generator.multinomial(probs).view(B, n)
     if not sampling.more_smooth:
         return indices, F.embedding(indices, codebook.float())
-    gumbel = -torch.empty_like(logits).exponential_(generator=generator).log()
+    gumbel = -generator.exponential(logits.shape).log()
     weights = ((logits * (1 + ratio) + gumbel) / smooth_tau(ratio)).softmax(dim=-1)  # (B, n, V)
     return indices, weights @ codebook.float()
