@@ -265,3 +265,15 @@ def test_real_weights_need_a_named_text_source(tmp_path):
         pipe.text_features(["a cat"])
     with pytest.raises(ValueError, match="--qwen .*no-qwen: no such directory"):  # checked before any loading
         pipe.text_features(["a cat"], qwen=str(tmp_path / "no-qwen"))
+
+
+def test_per_row_seeds_draw_what_one_prompt_generations_draw():
+    """HART's tokens and diffusion noise per row: a two-prompt generation with seeds [3, 4] gives each row the
+    indices of its one-prompt generation (the diffusion residual to float rounding)."""
+    pipe = HartPipeline.create("hart-tiny", 256, "1:1", None, None, attention="dense")
+    features, mask = pipe.text_features(["a cat", "a red fox in the snow"])
+    both = pipe.generate(features, mask, seed=[3, 4])
+    for i, seed in enumerate((3, 4)):
+        alone = pipe.generate(features[i:i + 1], mask[i:i + 1], seed=[seed])
+        assert all(torch.equal(a[i:i + 1], b) for a, b in zip(both.indices, alone.indices)), i
+        torch.testing.assert_close(both.residual[i:i + 1], alone.residual, atol=1e-4, rtol=1e-4)

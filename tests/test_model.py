@@ -181,3 +181,22 @@ def test_param_counts_from_meta():
     n8 = sum(p.numel() for p in build_model(get_config("infinity-8b"), init="meta").parameters())
     assert 8.2e9 < n8 < 8.5e9
     assert set(CONFIGS) >= {"infinity-2b", "infinity-8b", "infinity-tiny"}
+
+
+def test_per_row_seeds_draw_what_one_prompt_generations_draw():
+    """Seeds given per prompt row: each row samples exactly the bits of a one-prompt generation with its seed (what a
+    server batching requests needs); one seed for a one-prompt batch is the same stream as before."""
+    from sparvar.pipeline import Pipeline
+
+    pipe = Pipeline.create("infinity-tiny", resolution=256, attention="sparvar")
+    f, l = pipe.text_features(["a red car", "a small dog on the grass"], allow_hashed=True)
+    both = pipe.generate(f, l, Sampling(cfg=3.0), seed=[5, 6])
+    for i, seed in enumerate((5, 6)):
+        alone = pipe.generate(f[i:i + 1, :int(l[i])], l[i:i + 1], Sampling(cfg=3.0), seed=[seed])
+        assert all(torch.equal(a[i:i + 1], b) for a, b in zip(both.bits, alone.bits)), i
+        assert all(torch.equal(a, b) for a, b in zip(alone.bits, pipe.generate(
+            f[i:i + 1, :int(l[i])], l[i:i + 1], Sampling(cfg=3.0), seed=seed).bits))
+    shared = pipe.generate(f, l, Sampling(cfg=3.0), seed=5)
+    assert not all(torch.equal(a[1:], b[1:]) for a, b in zip(shared.bits, both.bits))  # one stream: rows differ
+    with pytest.raises(ValueError, match="one int seed per prompt row \\(2\\)"):
+        pipe.generate(f, l, Sampling(cfg=3.0), seed=[5])
