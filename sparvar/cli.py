@@ -62,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--force", action="store_true", help="rebuild every stage")
     build.add_argument("--fp8", action="store_true", help="FP8 block linears at the large scales (torch-cuda, Infinity; "
                        "changes the numbers: see bench/results/fidelity_fp8.json)")
+    build.add_argument("--batch", type=int, default=1, help="prompts per engine call (default 1); `sparvar serve` "
+                       "batches up to this many concurrent requests into one call")
     for name in ("info", "verify"):
         e = esub.add_parser(name, help=f"{name} an engine directory")
         e.add_argument("engine_dir")
@@ -73,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     serve.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
     serve.add_argument("--skip-last", type=int, default=0, help="skip the transformer on the last N scales")
+    serve.add_argument("--batch-wait-ms", type=float, default=10.0,
+                       help="engines built with --batch N: how long the first request waits for others to share its "
+                            "engine call (default 10 ms)")
     serve.add_argument("--no-warmup", action="store_true",
                        help="do not generate once before listening (the first request then pays capture and tuning)")
 
@@ -219,6 +224,8 @@ def cmd_engine(args) -> int:
             raise UsageError(f"--device: an engine runs on its backend's device ({args.backend}); drop --device")
         if args.skip_last:
             raise UsageError("--skip-last is chosen when generating (sparvar generate/serve --skip-last), not at build")
+        if args.batch < 1:
+            raise UsageError(f"--batch must be >= 1, got {args.batch}")
         runtime.build_engine_from_args(args)
     elif args.engine_command == "info":
         runtime.print_engine_info(args.engine_dir)
@@ -234,7 +241,10 @@ def cmd_serve(args) -> int:
         raise UsageError(f"--skip-last must be >= 0, got {args.skip_last}")
     if not 0 <= args.port < 65536:
         raise UsageError(f"--port must be in [0, 65535], got {args.port}")
-    service = GenerationService(args.engine, t5=args.t5, qwen=args.qwen, skip_last=args.skip_last)
+    if not 0 <= args.batch_wait_ms <= 10_000:
+        raise UsageError(f"--batch-wait-ms must be in [0, 10000], got {args.batch_wait_ms}")
+    service = GenerationService(args.engine, t5=args.t5, qwen=args.qwen, skip_last=args.skip_last,
+                                batch_wait_ms=args.batch_wait_ms)
     if not args.no_warmup:
         print(f"warm-up generation: {service.warm_up():.1f} ms", file=sys.stderr)
     try:

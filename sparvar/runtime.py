@@ -243,7 +243,8 @@ def spec_from_args(args) -> EngineSpec:
     default = "fp32" if args.model in ("infinity-tiny", "hart-tiny") else "bf16" if args.backend == "torch-cuda" else "fp16"
     dtype = args.dtype or default
     return EngineSpec(model=args.model, resolution=args.resolution, aspect=args.aspect or EngineSpec.aspect,
-                      attention=args.attention or EngineSpec.attention, backend=args.backend, dtype=dtype, weights=args.weights, vae=args.vae, fp8=getattr(args, "fp8", False))
+                      attention=args.attention or EngineSpec.attention, backend=args.backend, dtype=dtype,
+                      weights=args.weights, vae=args.vae, fp8=getattr(args, "fp8", False), batch=getattr(args, "batch", 1))
 
 
 def build_engine_from_args(args) -> dict:

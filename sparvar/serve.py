@@ -2,11 +2,17 @@
 
 A one-shot `sparvar generate --engine` pays the engine's load (and, on the GPU, the CUDA-graph capture and the
 kernels' autotuning) on every call; the latencies in bench/results are those of a warm engine, which is what a
-long-lived process serves. Requests run one at a time (one engine, one device); a health check answers meanwhile.
+long-lived process serves. Engine calls run one at a time (one engine, one device); a health check answers meanwhile.
+An engine built for N prompts per call (`sparvar engine build --batch N`) serves up to N concurrent requests with
+the same sampling options in one call: the first waits up to --batch-wait-ms for company, a short batch is padded
+with copies of its last request, and every row has its own seed, so a request's image does not depend on which
+requests shared its call (sparvar.generate.SeededRows). The small scales cost about the same for N prompts as for
+one, which is where batching gains throughput.
 
     POST /generate   {"prompt": "a red fox", "seed": 0, "cfg": 4.0, "tau": 1.0, "top_k": 0, "top_p": 0.97}
                      -> 200 image/png (headers X-Sparvar-Seed, X-Sparvar-Latency-Ms); only "prompt" is required,
                      the sampling options default to the model family's
+                     (and X-Sparvar-Batch: how many requests shared the engine call)
     GET  /health     -> 200 application/json: the engine (model, resolution, attention, backend, dtype) and counts
     bad input        -> 400 application/json {"error": "..."} naming the problem; unknown path 404
 """
@@ -15,8 +21,10 @@ from __future__ import annotations
 import io
 import json
 import math
+import queue
 import threading
 import time
+from dataclasses import dataclass, field
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -31,10 +39,25 @@ class RequestError(ValueError):
     """A request the service refuses (HTTP 400), with a message naming the problem."""
 
 
-class GenerationService:
-    """A loaded engine pipeline and its text source; `generate(request) -> PNG bytes`, one request at a time."""
+@dataclass
+class _Job:
+    """One parsed request waiting for its row of an engine call."""
+    prompt: str
+    seed: int
+    sampling: object
+    done: threading.Event = field(default_factory=threading.Event)
+    png: bytes | None = None
+    ms: float = 0.0
+    shared: int = 1  # requests in its engine call
+    error: Exception | None = None
 
-    def __init__(self, engine_dir: str, t5: str | None = None, qwen: str | None = None, skip_last: int = 0):
+
+class GenerationService:
+    """A loaded engine pipeline and its text source; `generate(request) -> (PNG bytes, ms)`. One engine call at a time,
+    each serving up to the engine's batch of requests (see the module docstring)."""
+
+    def __init__(self, engine_dir: str, t5: str | None = None, qwen: str | None = None, skip_last: int = 0,
+                 batch_wait_ms: float = 10.0):
         from .config import get_config
         from .engine import read_manifest
         from .pipeline import check_text_sources
@@ -42,9 +65,8 @@ class GenerationService:
 
         self.engine_dir = engine_dir
         self.spec = read_manifest(engine_dir)["spec"]
-        if self.spec.get("batch", 1) != 1:
-            raise ValueError(f"{engine_dir} was built for batch {self.spec['batch']}; sparvar serve answers one prompt "
-                             "per request and runs batch-1 engines")
+        self.batch = self.spec.get("batch", 1)  # prompts per engine call
+        self.batch_wait = batch_wait_ms / 1000
         cfg = get_config(self.spec["model"])  # the text source is checked before the (large) weights load
         check_text_sources(cfg, t5=t5, qwen=qwen)
         if not (t5 or qwen or self.spec["weights"] is None or cfg.text_encoder == "hashed"):
@@ -52,21 +74,29 @@ class GenerationService:
             raise ValueError(f"{engine_dir} runs real weights: give its text encoder ({encoder}) to serve prompts")
         self.pipe = load_engine_pipeline(engine_dir, skip_last=skip_last)
         self.t5, self.qwen = t5, qwen
-        self.lock = threading.Lock()
+        self.lock = threading.Lock()  # one engine call at a time
         self.served = 0
         self.failed = 0
+        self.calls = 0
+        self.queue: queue.Queue[_Job] = queue.Queue()
+        if self.batch > 1:  # one thread forms the batches; request threads wait for their row
+            threading.Thread(target=self._batch_forever, name="sparvar-batcher", daemon=True).start()
 
     def info(self) -> dict:
-        keys = ("model", "resolution", "aspect", "attention", "backend", "dtype", "weights")
+        keys = ("model", "resolution", "aspect", "attention", "backend", "dtype", "weights", "batch")
         return {"engine": self.engine_dir, **{k: self.spec.get(k) for k in keys}, "skip_last": self.pipe.skip_last,
-                "served": self.served, "failed": self.failed}
+                "served": self.served, "failed": self.failed, "engine_calls": self.calls}
 
     def warm_up(self) -> float:
         """One generation before serving (the engine's first loads sessions or captures graphs and tunes kernels, which
-        should not be a client's wait); not counted as served. Returns its milliseconds."""
-        _, ms = self.generate({"prompt": "warm-up"})
+        should not be a client's wait); not counted. Returns its milliseconds."""
+        job = _Job("warm-up", 0, self.pipe.sampling())
+        self._run([job])
+        if job.error is not None:
+            raise job.error
         self.served -= 1
-        return ms
+        self.calls -= 1
+        return job.ms
 
     def parse(self, request) -> tuple[str, int, object]:
         """(prompt, seed, sampling) of a request body, or a RequestError naming what is wrong."""
@@ -93,33 +123,77 @@ class GenerationService:
         return prompt, seed, sampling
 
     def generate(self, request) -> tuple[bytes, float]:
-        """(PNG bytes, milliseconds the generation took) for one request."""
+        """(PNG bytes, milliseconds of the engine call that made it) for one request."""
+        return self.submit(request)[:2]
+
+    def submit(self, request) -> tuple[bytes, float, int]:
+        """(PNG, engine-call milliseconds, requests in that call) for one request; RequestError for a bad one."""
+        prompt, seed, sampling = self.parse(request)
+        job = _Job(prompt, seed, sampling)
+        if self.batch == 1:
+            self._run([job])
+        else:
+            self.queue.put(job)
+            job.done.wait()
+        if job.error is not None:
+            raise job.error
+        return job.png, job.ms, job.shared
+
+    def _batch_forever(self) -> None:
+        waiting: list[_Job] = []  # taken from the queue, but another sampling than the call being formed
+        while True:
+            jobs = [waiting.pop(0) if waiting else self.queue.get()]
+            same = [j for j in waiting if j.sampling == jobs[0].sampling][: self.batch - 1]
+            jobs += same
+            waiting = [j for j in waiting if j not in same]
+            deadline = time.monotonic() + self.batch_wait
+            while len(jobs) < self.batch:
+                try:
+                    job = self.queue.get(timeout=max(0.0, deadline - time.monotonic()))
+                except queue.Empty:
+                    break
+                (jobs if job.sampling == jobs[0].sampling else waiting).append(job)
+            self._run(jobs)
+
+    def _run(self, jobs: list[_Job]) -> None:
+        """One engine call for `jobs` (same sampling), padded to the engine's batch; each job gets its row or error."""
         from PIL import Image
 
         from .engine import EngineError
         from .pipeline import image_arrays
 
-        prompt, seed, sampling = self.parse(request)
-        with self.lock:
-            t0 = time.perf_counter()
-            try:
-                features, lengths = self.pipe.text_features([prompt], t5=self.t5, qwen=self.qwen,
-                                                            allow_hashed=self.pipe.random_weights)
-                with torch.no_grad():
-                    image = self.pipe.generate(features, lengths, sampling=sampling, seed=seed).image
-                # to host memory under the lock: the image may be a graph's static output that the next request's
-                # replay overwrites, and GPU work from this thread must not overlap another request's graph capture
-                pixels = image_arrays(image)[0]
-            except EngineError as e:  # what this engine cannot run (e.g. cfg 1 on an engine built with guidance)
-                raise RequestError(str(e)) from None
-            except Exception:
-                self.failed += 1
-                raise
-            ms = 1000 * (time.perf_counter() - t0)
-            self.served += 1
-        buf = io.BytesIO()
-        Image.fromarray(pixels).save(buf, format="PNG")
-        return buf.getvalue(), ms
+        pad = self.batch - len(jobs)  # the engine's graphs take exactly its batch
+        prompts = [j.prompt for j in jobs] + [jobs[-1].prompt] * pad
+        seeds = [j.seed for j in jobs] + [jobs[-1].seed] * pad
+        try:
+            with self.lock:
+                t0 = time.perf_counter()
+                try:
+                    features, lengths = self.pipe.text_features(prompts, t5=self.t5, qwen=self.qwen,
+                                                                allow_hashed=self.pipe.random_weights)
+                    with torch.no_grad():
+                        image = self.pipe.generate(features, lengths, sampling=jobs[0].sampling, seed=seeds).image
+                    # to host memory under the lock: the image may be a graph's static output that the next call's
+                    # replay overwrites, and GPU work from this thread must not overlap another call's graph capture
+                    pixels = image_arrays(image)[: len(jobs)]
+                except EngineError as e:  # what this engine cannot run (e.g. cfg 1 on an engine built with guidance)
+                    raise RequestError(str(e)) from None
+                except Exception:
+                    self.failed += len(jobs)
+                    raise
+                ms = 1000 * (time.perf_counter() - t0)
+                self.served += len(jobs)
+                self.calls += 1
+            for job, rgb in zip(jobs, pixels):
+                buf = io.BytesIO()
+                Image.fromarray(rgb).save(buf, format="PNG")
+                job.png, job.ms, job.shared = buf.getvalue(), ms, len(jobs)
+        except Exception as e:  # every request of the call hears of it
+            for job in jobs:
+                job.error = e
+        finally:
+            for job in jobs:
+                job.done.set()
 
 
 def make_handler(service: GenerationService, log=None):
@@ -156,13 +230,14 @@ def make_handler(service: GenerationService, log=None):
             except (UnicodeDecodeError, json.JSONDecodeError) as e:
                 return self._json(HTTPStatus.BAD_REQUEST, {"error": f"the body is not JSON: {e}"})
             try:
-                png, ms = service.generate(request)
+                png, ms, shared = service.submit(request)
             except RequestError as e:
                 return self._json(HTTPStatus.BAD_REQUEST, {"error": str(e)})
             except Exception as e:  # the engine failed: say so, keep serving
                 return self._json(HTTPStatus.INTERNAL_SERVER_ERROR, {"error": f"{type(e).__name__}: {e}"})
             self._send(HTTPStatus.OK, png, "image/png",
-                       {"X-Sparvar-Seed": str(request.get("seed", 0)), "X-Sparvar-Latency-Ms": f"{ms:.1f}"})
+                       {"X-Sparvar-Seed": str(request.get("seed", 0)), "X-Sparvar-Latency-Ms": f"{ms:.1f}",
+                        "X-Sparvar-Batch": str(shared)})
 
         def log_message(self, format, *args):  # noqa: A002 (the base class's name)
             if log is not None:

@@ -175,3 +175,56 @@ def test_engine_failure_is_a_500_and_the_service_keeps_serving(server, monkeypat
     assert status == 500 and json.loads(payload)["error"] == "RuntimeError: device lost" and calls
     assert service.failed == 1
     assert _post(url, {"prompt": "a cat"})[0] == 200
+
+
+@pytest.fixture(scope="module")
+def batch2_engine(tmp_path_factory):
+    from sparvar.engine import EngineSpec, build_engine
+
+    path = str(tmp_path_factory.mktemp("batch2") / "e")
+    build_engine(EngineSpec(model="infinity-tiny", resolution=256, attention="sparvar", batch=2), path,
+                 log=lambda *a, **k: None)
+    return path
+
+
+def test_a_batch_engine_serves_concurrent_requests_in_one_call(batch2_engine):
+    """An engine built for 2 prompts per call: two concurrent requests with the same sampling share one call, each
+    getting its own row (its own seed); a lone request is padded; other sampling options never share a call."""
+    from sparvar.runtime import load_engine_pipeline
+
+    service = GenerationService(batch2_engine, batch_wait_ms=3000)
+    requests = [{"prompt": "a red car", "seed": 5, "cfg": 3.0}, {"prompt": "a small dog", "seed": 6, "cfg": 3.0}]
+    results = [None, None]
+
+    def ask(i):
+        results[i] = service.submit(requests[i])
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert [r[2] for r in results] == [2, 2] and service.calls == 1 and service.served == 2
+    pipe = load_engine_pipeline(batch2_engine)
+    f, l = pipe.text_features(["a red car", "a small dog"], allow_hashed=True)
+    want = image_rows(pipe.generate(f, l, pipe.sampling(cfg=3.0), seed=[5, 6]).image)
+    for i in range(2):
+        np.testing.assert_array_equal(_pixels(results[i][0]), want[i])
+    # alone: padded with a copy of itself, and (per-row seeds) its row does not depend on what shares the call
+    png, _, shared = GenerationService(batch2_engine, batch_wait_ms=0).submit(requests[1])
+    assert shared == 1
+    np.testing.assert_array_equal(_pixels(png), want[1])
+    # other sampling options: two calls, one request each
+    mixed = [{"prompt": "a red car", "seed": 5, "cfg": 3.0}, {"prompt": "a red car", "seed": 5, "cfg": 2.0}]
+    threads = [threading.Thread(target=lambda r=r: results.append(service.submit(r))) for r in mixed]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert [r[2] for r in results[2:]] == [1, 1] and service.calls == 3
+
+
+def image_rows(images):
+    from sparvar.pipeline import image_arrays
+
+    return image_arrays(images)
