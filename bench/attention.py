@@ -33,7 +33,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from bench.common import device_tag, summarize, write_result  # noqa: E402
+from bench.common import device_tag, save_figure, summarize, write_result  # noqa: E402
 
 # (heads, head dim) of each model's self-attention; HART's KV starts with its 300-slot text prefix (sinks)
 MODELS = {"infinity-2b": (16, 128), "infinity-8b": (28, 128), "hart-0.7b": (24, 64)}
@@ -425,7 +425,7 @@ def chart(rows: list[dict], path: str) -> None:
         ax.set_xlabel("ms (median, lower is better)")
         ax.set_title(f"{model}: B=2, H={MODELS[model][0]}, D={MODELS[model][1]}, bf16")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)
     plt.close(fig)
 
 

@@ -79,6 +79,16 @@ def summarize(times: list[float]) -> dict:
     return {"median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times), "runs": len(times)}
 
 
+def save_figure(fig, path: str, dpi: int = 110) -> str:
+    """A matplotlib figure to `path` through a temp file (a killed run never leaves half a PNG)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    root, ext = os.path.splitext(path)
+    tmp = f"{root}.tmp-{os.getpid()}{ext}"  # the extension tells matplotlib the format
+    fig.savefig(tmp, dpi=dpi)
+    os.replace(tmp, path)
+    return path
+
+
 def write_result(path: str, result: dict) -> str:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     result = {"environment": environment(), **result}

@@ -22,7 +22,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from bench.common import result_path, summarize, write_result  # noqa: E402
+from bench.common import result_path, save_figure, summarize, write_result  # noqa: E402
 
 # dense FLOPs at ~790 TFLOP/s: INFINITY.md; HART.md (transformer ~44 TF + diffusion MLP ~4.8 TF, VAE excluded)
 FLOP_FLOOR_MS = {"infinity-2b": 146, "infinity-8b": 485, "hart-0.7b": 62}
@@ -235,7 +235,7 @@ def plot(result: dict, path: str) -> None:
         ax.invert_yaxis()
         ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
 
 
 def check_args(args) -> None:

@@ -49,6 +49,13 @@ class EngineSpec:
             raise ValueError(f"unknown backend {self.backend!r}; expected one of {', '.join(BACKENDS)}")
         if self.attention not in ("dense", "sparvar"):
             raise ValueError(f"unknown attention {self.attention!r}; expected 'dense' or 'sparvar'")
+        if self.dtype not in ("fp32", "fp16", "bf16"):
+            raise ValueError(f"unknown dtype {self.dtype!r}; expected fp32, fp16 or bf16")
+        if self.dtype == "bf16" and self.backend == "onnxruntime":  # ORT's CPU kernels have no bf16 MatMul
+            raise ValueError("onnxruntime engines run fp32 or fp16 (its CPU kernels have no bf16 MatMul); "
+                             "give --dtype fp16 or fp32")
+        if not isinstance(self.batch, int) or self.batch < 1:
+            raise ValueError(f"batch must be an int >= 1, got {self.batch!r}")
         if (self.weights is None) != (self.vae is None):
             raise ValueError("give both transformer weights and tokenizer weights, or neither (random weights)")
         for name in ("weights", "vae"):  # a torch-cuda engine reads them at load, from whatever directory it runs in
@@ -218,6 +225,18 @@ def load_engine_plan(engine_dir: str, manifest: dict, backend: str = "triton"):
         raise EngineError(f"{engine_dir}: its stored SparVAR plan does not fit this sparvar ({e}); rebuild the engine") from None
 
 
+def check_model_config(engine_dir: str, manifest: dict, cfg) -> None:
+    """Refuse an engine whose recorded model config differs from this sparvar's config of the same name (stale): its
+    graphs were traced from another architecture, which would fail later as a shape error, or run wrong."""
+    current = json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
+    recorded = manifest.get("model_config")
+    if recorded != current:
+        changed = sorted(k for k in current.keys() | (recorded or {}).keys()
+                         if (recorded or {}).get(k) != current.get(k))
+        raise EngineError(f"{engine_dir} was built for another {cfg.name} config (differs in: {', '.join(changed)}); "
+                          "rebuild the engine")
+
+
 def check_compatible(manifest: dict, engine_dir: str, **expected) -> None:
     """Refuse an engine built for another model/resolution/attention/backend than the caller expects."""
     for key, want in expected.items():
@@ -240,9 +259,14 @@ def remove_abandoned_builds(parent: str, name: str) -> None:
             os.kill(int(pid), 0)
             continue  # that build is still running
         except ProcessLookupError:
-            shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
+            pass
         except PermissionError:
             continue  # another user's live process
+        path, engine = os.path.join(parent, entry), os.path.join(parent, name)
+        if prefix.startswith(".old-") and not os.path.exists(engine):
+            os.replace(path, engine)  # killed between moving the old engine aside and the new one in: restore it
+        else:
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def build_engine(spec: EngineSpec, engine_dir: str, force: bool = False, log=print) -> dict:
@@ -312,7 +336,11 @@ def build_engine(spec: EngineSpec, engine_dir: str, force: bool = False, log=pri
         if os.path.isdir(engine_dir):
             trash = os.path.join(parent, f".old-{os.path.basename(engine_dir)}-{os.getpid()}")
             os.replace(engine_dir, trash)
-            os.replace(tmp, engine_dir)
+            try:
+                os.replace(tmp, engine_dir)
+            except BaseException:
+                os.replace(trash, engine_dir)  # the old engine back where it was
+                raise
             shutil.rmtree(trash, ignore_errors=True)
         else:
             os.replace(tmp, engine_dir)

@@ -11,7 +11,8 @@ import sys
 import numpy as np
 import torch
 
-from .engine import EngineError, EngineSpec, build_engine, check_compatible, engine_info, read_manifest, verify_files
+from .engine import (EngineError, EngineSpec, build_engine, check_compatible, check_model_config, engine_info,
+                     read_manifest, verify_files)
 
 _NP = {"float32": np.float32, "float16": np.float16, "int32": np.int32, "int64": np.int64, "bool": np.bool_}
 
@@ -84,8 +85,11 @@ class SessionPool:
 
     @staticmethod
     def _key(path: str):
-        st = os.stat(path)  # a rebuilt graph at the same path is another graph
-        return os.path.realpath(path), st.st_ino, st.st_mtime_ns, st.st_size
+        # a rebuilt graph at the same path is another graph; so is one whose shared weights file was rewritten
+        from export.stages import WEIGHTS_FILE
+
+        stats = [os.stat(p) for p in (path, os.path.join(os.path.dirname(path), WEIGHTS_FILE)) if os.path.exists(p)]
+        return os.path.realpath(path), *((st.st_ino, st.st_mtime_ns, st.st_size) for st in stats)
 
     def graph(self, path: str) -> tuple:
         if not os.path.isfile(path):
@@ -107,6 +111,8 @@ class SessionPool:
         if self.budget is None:
             self.budget = _available_memory() // 2
         info = self.graphs[key]
+        if self._key(info.path) != key:  # sessions reopen lazily: never from a graph rebuilt since the engine loaded
+            raise EngineError(f"{info.path} changed on disk since its engine was loaded; load the engine again")
         while self.sessions and self.held_bytes() + info.session_bytes > self.budget:
             del self.sessions[next(iter(self.sessions))]  # close the least recently used
         opts = ort.SessionOptions()
@@ -159,6 +165,7 @@ class OrtRunner:
         self.text = OrtUnit(engine_dir, units["text"])
         self.steps = [OrtUnit(engine_dir, units[f"step_{k:02d}"]) for k in range(len(manifest["schedule"]))]
         self.depth = manifest["model_config"]["depth"]
+        self.text_maxlen, self.text_dim = manifest["model_config"]["text_maxlen"], manifest["model_config"]["text_dim"]
         self.batch = manifest["spec"]["batch"]
 
     def begin(self, features, lengths, guided: bool):
@@ -166,6 +173,13 @@ class OrtRunner:
             raise EngineError("engines are built with classifier-free guidance (cond + uncond batch); use cfg != 1")
         if features.shape[0] != self.batch:
             raise EngineError(f"engine was built for batch {self.batch}, got {features.shape[0]} prompts")
+        # the model's own checks did not survive the export (a dynamic text length is declared up to the maximum)
+        B, L, D = features.shape
+        if L > self.text_maxlen or D != self.text_dim:
+            raise EngineError(f"text features {tuple(features.shape)}: this engine takes (B, L <= {self.text_maxlen}, "
+                              f"{self.text_dim})")
+        if tuple(lengths.shape) != (B,) or bool((lengths < 1).any() or (lengths > L).any()):
+            raise EngineError(f"text lengths must be {B} values in [1, {L}], got {lengths.tolist()}")
         self.values = self.text({"text_features": features.numpy(), "text_lengths": lengths.numpy()})
 
     def step(self, scale: int, codes):
@@ -200,6 +214,8 @@ class OrtDecoder:
 
 def load_engine_pipeline(engine_dir: str, skip_last: int = 0, **expected):
     """A Pipeline running the engine in engine_dir; `expected` (model=, resolution=, ...) must match its spec."""
+    from export.stages import EXPORT_CODE_VERSION
+
     from .config import get_config
     from .pipeline import Pipeline
     from .schedule import get_schedule
@@ -210,11 +226,10 @@ def load_engine_pipeline(engine_dir: str, skip_last: int = 0, **expected):
     spec = manifest["spec"]
     cfg = get_config(spec["model"])
     schedule = get_schedule(spec["resolution"], spec["aspect"], model=spec["model"])
-    from export.stages import EXPORT_CODE_VERSION
-
     if manifest.get("export_code") != EXPORT_CODE_VERSION:  # the graphs' inputs and outputs are this exporter's
         raise EngineError(f"{engine_dir} was exported by another sparvar (export code {manifest.get('export_code')}, "
                           f"this sparvar runs {EXPORT_CODE_VERSION}); rebuild the engine")
+    check_model_config(engine_dir, manifest, cfg)  # traced from this architecture
     if [list(g) for g in schedule.grids] != manifest["schedule"]:
         raise EngineError(f"{engine_dir}: its schedule differs from this sparvar's {spec['resolution']} schedule; rebuild it")
     if not 0 <= skip_last < schedule.num_scales:  # before any weights load (a server would fail every request)

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -15,6 +16,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.colors import ListedColormap  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: bench.common
+from bench.common import save_figure  # noqa: E402
 from sparvar.schedule import get_schedule  # noqa: E402
 from sparvar.sparse import default_policy  # noqa: E402
 
@@ -46,7 +49,7 @@ def plot_query_windows(policy, schedule, scale: int, row: int, col: int, path: P
     fig.suptitle(f"CSLA keys of query ({row}, {col}) at scale {scale} {schedule.grids[scale]}: blue = sinks/windows, "
                  f"orange = extra keys of active {layout.block_m}x{layout.block_n} blocks", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
 
 
@@ -63,7 +66,7 @@ def plot_block_masks(policy, schedule, scale: int, blocks: list[tuple[int, int]]
         ax.set_ylabel("query block")
     fig.suptitle(f"CSLA block mask at scale {scale} {schedule.grids[scale]}, KV {schedule.kv_len(scale)}")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
 
 

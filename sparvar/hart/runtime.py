@@ -19,8 +19,6 @@ returns the conditional half: the rows are independent, so those logits are the 
 """
 from __future__ import annotations
 
-import dataclasses
-import json
 import os
 
 import numpy as np
@@ -167,23 +165,11 @@ def load_hart_engine(engine_dir: str, manifest: dict, cfg: HartConfig) -> tuple[
     return OrtHartRunner(engine_dir, manifest, cfg), OrtHartTokenizer(engine_dir, manifest, cfg)
 
 
-def check_model_config(engine_dir: str, manifest: dict, cfg: HartConfig) -> None:
-    """Refuse an engine whose recorded model config differs from this sparvar's config of the same name (stale)."""
-    current = json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
-    recorded = manifest.get("model_config")
-    if recorded != current:
-        changed = sorted(k for k in current.keys() | (recorded or {}).keys()
-                         if (recorded or {}).get(k) != current.get(k))
-        raise EngineError(f"{engine_dir} was built for another {cfg.name} config (differs in: {', '.join(changed)}); "
-                          "rebuild the engine")
-
-
 def load_hart_engine_pipeline(engine_dir: str, manifest: dict, cfg: HartConfig, schedule, skip_last: int = 0):
     """A HartPipeline running a HART engine; sparvar.runtime.load_engine_pipeline has checked the manifest format,
     the files' digests, the caller's expectations and the schedule."""
     from .generate import HartPipeline
 
-    check_model_config(engine_dir, manifest, cfg)
     if manifest["spec"]["backend"] == "torch-cuda":
         from .cuda_engine import load_hart_cuda_pipeline
 
