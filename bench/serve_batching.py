@@ -1,0 +1,95 @@
+"""Throughput of `sparvar serve` with request batching, side by side in one process: the same model's engine built
+for 1 and for N prompts per call, each behind a warm server, each sent the same requests by N concurrent clients.
+
+With the batch-N engine, concurrent requests with the same sampling share one engine call (sparvar/serve.py). Timed:
+the wall time from the first request to the last image (images/s), and each request's latency (request to PNG
+bytes), median and spread. Every request has its own seed; the images do not depend on the batching.
+
+    python bench/serve_batching.py [--model infinity-tiny] [--batch 2] [--requests 24]   # serve_batching_<device>.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from bench.common import result_path, summarize, write_result  # noqa: E402
+
+
+def drive(url: str, requests: int, clients: int) -> dict:
+    """`requests` POSTs from `clients` threads at once; wall time, images/s and per-request latencies."""
+    def one(i):
+        body = json.dumps({"prompt": "a red car" if i % 2 else "a small dog on the grass", "seed": i}).encode()
+        t0 = time.perf_counter()
+        with urllib.request.urlopen(urllib.request.Request(url + "/generate", data=body), timeout=600) as r:
+            r.read()
+            shared = int(r.headers["X-Sparvar-Batch"])
+        return 1000 * (time.perf_counter() - t0), shared
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        results = list(pool.map(one, range(requests)))
+    wall = time.perf_counter() - t0
+    return {"wall_s": wall, "images_per_s": requests / wall, "latency": summarize([ms for ms, _ in results]),
+            "mean_requests_per_engine_call": sum(s for _, s in results) / len(results)}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="infinity-tiny")
+    ap.add_argument("--attention", default="sparvar")
+    ap.add_argument("--backend", default="onnxruntime")
+    ap.add_argument("--batch", type=int, default=2, help="prompts per call of the batched engine (and clients)")
+    ap.add_argument("--requests", type=int, default=24)
+    ap.add_argument("--batch-wait-ms", type=float, default=10.0)
+    ap.add_argument("--out", default=None, help="default: bench/results/serve_batching_<device>.json")
+    args = ap.parse_args()
+    from sparvar.config import get_config
+    from sparvar.engine import build_engine
+    from sparvar.runtime import spec_from_args
+    from sparvar.serve import GenerationService, make_server
+
+    rows = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for batch in (1, args.batch):
+            spec = spec_from_args(argparse.Namespace(
+                model=args.model, resolution=get_config(args.model).default_resolution, aspect=None,
+                attention=args.attention, backend=args.backend, dtype=None, weights=None, vae=None, batch=batch))
+            engine_dir = os.path.join(tmp, f"batch{batch}")
+            build_engine(spec, engine_dir, log=lambda *a, **k: None)
+            service = GenerationService(engine_dir, batch_wait_ms=args.batch_wait_ms)
+            service.warm_up()  # what `sparvar serve` does before it listens
+            server = make_server(service, "127.0.0.1", 0)
+            threading.Thread(target=server.serve_forever, daemon=True).start()
+            try:
+                rows[f"engine batch {batch}"] = {**drive(f"http://127.0.0.1:{server.server_port}", args.requests,
+                                                         args.batch), "engine_calls": service.calls}
+            finally:
+                server.shutdown()
+                server.server_close()
+            print(f"batch {batch}: {rows[f'engine batch {batch}']['images_per_s']:.2f} images/s, latency median "
+                  f"{rows[f'engine batch {batch}']['latency']['median_ms']:.0f} ms", flush=True)
+    one, many = rows["engine batch 1"], rows[f"engine batch {args.batch}"]
+    result = {"benchmark": "sparvar serve throughput, batch-1 vs batch-N engine, concurrent clients",
+              "engine": {"model": spec.model, "resolution": spec.resolution, "attention": spec.attention,
+                         "backend": spec.backend, "dtype": spec.dtype, "weights": "random"},
+              "rows": rows, "throughput_ratio": many["images_per_s"] / one["images_per_s"],
+              "protocol": f"{args.requests} requests (distinct seeds, two prompts alternating, default sampling) from "
+                          f"{args.batch} concurrent clients to each warm server, batch 1 first, in one process; "
+                          f"--batch-wait-ms {args.batch_wait_ms}"}
+    path = write_result(args.out or result_path("serve_batching"), result)
+    print(f"throughput x{result['throughput_ratio']:.2f}; wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
