@@ -19,7 +19,8 @@ STAMP := .install.stamp
 
 WEIGHT_ARGS = $(if $(WEIGHTS),--weights $(WEIGHTS) --vae $(VAE),--random-weights)
 RES_ARGS = $(if $(RESOLUTION),--resolution $(RESOLUTION),)
-ENGINE_DIR ?= engines/$(MODEL)-$(ATTENTION)-$(BACKEND)
+BATCH ?= 1
+ENGINE_DIR ?= engines/$(MODEL)-$(ATTENTION)-$(BACKEND)$(if $(filter-out 1,$(BATCH)),-batch$(BATCH),)
 
 .PHONY: install test demo engine generate serve bench docs clean
 
@@ -34,7 +35,7 @@ test: $(STAMP)
 	$(PYTHON) -m pytest -q
 
 engine: $(STAMP)
-	$(PYTHON) -m sparvar.cli engine build --model $(MODEL) $(WEIGHT_ARGS) $(RES_ARGS) --attention $(ATTENTION) --backend $(BACKEND) --engine-dir $(ENGINE_DIR)
+	$(PYTHON) -m sparvar.cli engine build --model $(MODEL) $(WEIGHT_ARGS) $(RES_ARGS) --attention $(ATTENTION) --backend $(BACKEND) --batch $(BATCH) --engine-dir $(ENGINE_DIR)
 
 generate: $(STAMP)
 	$(PYTHON) -m sparvar.cli generate --engine $(ENGINE_DIR) --prompt "$(PROMPT)" --out $(OUT)
