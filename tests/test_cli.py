@@ -87,6 +87,7 @@ def test_engine_generation_refuses_options_that_contradict_the_engine(engines, c
 @pytest.mark.parametrize("option,message", [
     (["--device", "cpu"], "--device: an engine runs on its backend's device"),
     (["--skip-last", "2"], "--skip-last is chosen when generating"),
+    (["--batch", "0"], "--batch must be >= 1"),
 ])
 def test_engine_build_refuses_generation_options(capsys, tmp_path, option, message):
     code, err = _run(["engine", "build", "--model", "infinity-tiny", "--random-weights", *option,
