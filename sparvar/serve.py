@@ -39,12 +39,13 @@ class RequestError(ValueError):
     """A request the service refuses (HTTP 400), with a message naming the problem."""
 
 
-@dataclass
+@dataclass(eq=False)  # jobs are told apart by identity
 class _Job:
     """One parsed request waiting for its row of an engine call."""
     prompt: str
     seed: int
     sampling: object
+    arrival: float = field(default_factory=time.monotonic)
     done: threading.Event = field(default_factory=threading.Event)
     png: bytes | None = None
     ms: float = 0.0
@@ -140,20 +141,36 @@ class GenerationService:
         return job.png, job.ms, job.shared
 
     def _batch_forever(self) -> None:
-        waiting: list[_Job] = []  # taken from the queue, but another sampling than the call being formed
+        """Form engine calls: the oldest waiting request's group (same sampling), filled until the engine's batch, or
+        until that request has waited batch_wait since it arrived, or until another group is full (a full group never
+        waits out another's window)."""
+        waiting: list[_Job] = []  # taken from the queue, oldest first
         while True:
-            jobs = [waiting.pop(0) if waiting else self.queue.get()]
-            same = [j for j in waiting if j.sampling == jobs[0].sampling][: self.batch - 1]
-            jobs += same
-            waiting = [j for j in waiting if j not in same]
-            deadline = time.monotonic() + self.batch_wait
-            while len(jobs) < self.batch:
+            if not waiting:
+                waiting.append(self.queue.get())
+            while not self.queue.empty():
+                waiting.append(self.queue.get_nowait())
+            first = waiting[0]
+            group = [j for j in waiting if j.sampling == first.sampling][: self.batch]
+            deadline = first.arrival + self.batch_wait
+            while len(group) < self.batch and not self._another_group_full(waiting, first.sampling):
                 try:
                     job = self.queue.get(timeout=max(0.0, deadline - time.monotonic()))
                 except queue.Empty:
                     break
-                (jobs if job.sampling == jobs[0].sampling else waiting).append(job)
-            self._run(jobs)
+                waiting.append(job)
+                if job.sampling == first.sampling:
+                    group.append(job)
+            taken = {id(j) for j in group}
+            waiting = [j for j in waiting if id(j) not in taken]
+            try:
+                self._run(group)
+            except BaseException:  # noqa: BLE001 (every job of the call has its answer; the batcher keeps serving)
+                pass
+
+    def _another_group_full(self, waiting: list[_Job], sampling) -> bool:
+        others = [j.sampling for j in waiting if j.sampling != sampling]
+        return any(others.count(s) >= self.batch for s in set(others))
 
     def _run(self, jobs: list[_Job]) -> None:
         """One engine call for `jobs` (same sampling), padded to the engine's batch; each job gets its row or error."""
@@ -178,7 +195,7 @@ class GenerationService:
                     pixels = image_arrays(image)[: len(jobs)]
                 except EngineError as e:  # what this engine cannot run (e.g. cfg 1 on an engine built with guidance)
                     raise RequestError(str(e)) from None
-                except Exception:
+                except BaseException:
                     self.failed += len(jobs)
                     raise
                 ms = 1000 * (time.perf_counter() - t0)
@@ -188,11 +205,16 @@ class GenerationService:
                 buf = io.BytesIO()
                 Image.fromarray(rgb).save(buf, format="PNG")
                 job.png, job.ms, job.shared = buf.getvalue(), ms, len(jobs)
-        except Exception as e:  # every request of the call hears of it
+        except BaseException as e:  # every request of the call hears of it
+            error = e if isinstance(e, Exception) else RuntimeError(f"the engine call was interrupted ({type(e).__name__})")
             for job in jobs:
-                job.error = e
+                job.error = error
+            if not isinstance(e, Exception):
+                raise
         finally:
             for job in jobs:
+                if job.png is None and job.error is None:  # never leave a request without an answer
+                    job.error = RuntimeError("the engine call ended without a result")
                 job.done.set()
 
 

@@ -3,6 +3,7 @@
 import io
 import json
 import threading
+import time
 import urllib.error
 import urllib.request
 
@@ -228,3 +229,47 @@ def image_rows(images):
     from sparvar.pipeline import image_arrays
 
     return image_arrays(images)
+
+
+def test_batching_never_holds_a_full_group_and_survives_any_engine_exception(batch2_engine, monkeypatch):
+    """A request waiting for company does not hold back a group that is already full (it runs alone at once), and an
+    engine call that dies of a non-Exception answers every request with an error and leaves the batcher serving."""
+    service = GenerationService(batch2_engine, batch_wait_ms=60_000)  # longer than this test may take
+    results = {}
+
+    def ask(name, cfg):
+        results[name] = service.submit({"prompt": name, "seed": 1, "cfg": cfg})[2]
+
+    threads = [threading.Thread(target=ask, args=("a fox", 3.0))]
+    threads[0].start()
+    time.sleep(0.3)  # the batcher holds "a fox" while it waits for company with cfg 3
+    threads += [threading.Thread(target=ask, args=(p, 5.0)) for p in ("a cat", "a dog")]
+    for t in threads[1:]:
+        t.start()
+    for t in threads:
+        t.join(timeout=50)
+    assert results == {"a fox": 1, "a cat": 2, "a dog": 2} and service.calls == 2
+
+    real = service.pipe.generate
+    monkeypatch.setattr(service.pipe, "generate", lambda *a, **k: (_ for _ in ()).throw(SystemExit("gone")))
+    errors = []
+
+    def doomed(seed):
+        try:
+            service.submit({"prompt": "a cat", "seed": seed, "cfg": 5.0})
+        except RuntimeError as e:
+            errors.append(str(e))
+
+    threads = [threading.Thread(target=doomed, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=50)
+    assert errors == ["the engine call was interrupted (SystemExit)"] * 2 and service.failed == 2
+    monkeypatch.setattr(service.pipe, "generate", real)
+    threads = [threading.Thread(target=ask, args=(p, 5.0)) for p in ("a cow", "a hen")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=50)
+    assert results["a cow"] == results["a hen"] == 2  # the batcher is still serving
