@@ -281,10 +281,10 @@ def load_hart_model_and_vq(spec, cfg: HartConfig, dtype: torch.dtype) -> tuple[H
 
 def hart_weights_identity(spec) -> dict:
     """Digests of every weight file (a HART checkpoint may be a folder of shards), or the random seed."""
-    from sparvar.checkpoint import file_digest
+    from sparvar.checkpoint import checkpoint_digest
     from sparvar.hart.checkpoint import checkpoint_files
 
     if spec.weights is None:
         return {"weights": f"random:{spec.seed}"}
-    return {"weights": {os.path.basename(f): file_digest(f) for f in checkpoint_files(spec.weights)},
-            "vae": file_digest(spec.vae)}
+    return {"weights": {os.path.basename(f): checkpoint_digest(f) for f in checkpoint_files(spec.weights)},
+            "vae": checkpoint_digest(spec.vae)}

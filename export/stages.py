@@ -53,7 +53,7 @@ class StageContext:
 
 def weights_identity(spec) -> dict:
     """Digests of the weight files (or the random seed): an engine is rebuilt when its weights change."""
-    from sparvar.checkpoint import check_checkpoint_file, file_digest
+    from sparvar.checkpoint import check_checkpoint_file, checkpoint_digest
     from sparvar.config import get_config
 
     if getattr(get_config(spec.model), "family", "infinity") == "hart":
@@ -64,7 +64,7 @@ def weights_identity(spec) -> dict:
         return {"weights": f"random:{spec.seed}"}
     for path in (spec.weights, spec.vae):
         check_checkpoint_file(path)
-    return {"weights": file_digest(spec.weights), "vae": file_digest(spec.vae)}
+    return {"weights": checkpoint_digest(spec.weights), "vae": checkpoint_digest(spec.vae)}
 
 
 def stage_key_inputs(stage: str, ctx: StageContext) -> dict:

@@ -7,6 +7,7 @@ shaped key is an error that lists them.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import re
@@ -194,3 +195,15 @@ def file_digest(path: str, chunk: int = 1 << 22) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def checkpoint_digest(path: str) -> str:
+    """file_digest of a checkpoint, hashed once per process while its stat is unchanged: an engine build needs it for
+    the export stage's cache key and again for the torch-cuda build's checkpoint record (16 GB at 8B)."""
+    st = os.stat(path)
+    return _digest_at(os.path.realpath(path), st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=64)
+def _digest_at(path: str, ino: int, size: int, mtime_ns: int) -> str:
+    return file_digest(path)

@@ -118,9 +118,8 @@ def resolve_device_dtype(device: str, dtype: str | None):
 
 def check_model_args(args) -> None:
     from .config import get_config
-    from .schedule import get_schedule
-
     from .engine import EngineSpec
+    from .schedule import get_schedule
 
     args.model = args.model or "infinity-tiny"
     args.aspect = args.aspect or EngineSpec.aspect  # unset: the defaults an engine spec has (1:1, dense)

@@ -173,12 +173,13 @@ def checkpoint_files(spec: dict) -> list[str]:
 
 def checkpoint_record(spec: dict) -> dict:
     """{absolute path: sha256, bytes, mtime_ns} of the spec's checkpoint files, for engines that read them at load."""
-    from .checkpoint import file_digest
+    from .checkpoint import checkpoint_digest
 
     record = {}
     for path in checkpoint_files(spec):
         st = os.stat(path)
-        record[os.path.abspath(path)] = {"sha256": file_digest(path), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
+        record[os.path.abspath(path)] = {"sha256": checkpoint_digest(path), "bytes": st.st_size,
+                                         "mtime_ns": st.st_mtime_ns}
     return record
 
 

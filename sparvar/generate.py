@@ -45,14 +45,12 @@ class SeededRows:
 
     def __init__(self, seed, rows: int, device):
         self.device = torch.device(device)
-        if isinstance(seed, int) and not isinstance(seed, bool):
-            self.generators = [torch.Generator(device=self.device).manual_seed(seed)]
-        else:
-            seeds = list(seed)
-            if len(seeds) != rows or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
-                raise ValueError(f"give one int seed, or one int seed per prompt row ({rows}), got {seed!r}")
-            self.generators = [torch.Generator(device=self.device).manual_seed(s) for s in seeds]
-        self.per_row = len(self.generators) > 1 or not isinstance(seed, int)
+        self.per_row = not isinstance(seed, int) or isinstance(seed, bool)
+        seeds = list(seed) if self.per_row else [seed]
+        if self.per_row and (len(seeds) != rows or not all(isinstance(s, int) and not isinstance(s, bool)
+                                                             for s in seeds)):
+            raise ValueError(f"give one int seed, or one int seed per prompt row ({rows}), got {seed!r}")
+        self.generators = [torch.Generator(device=self.device).manual_seed(s) for s in seeds]
         self.rows = rows
 
     def _blocks(self, shape) -> list[tuple[torch.Generator, tuple]]:
@@ -74,7 +72,7 @@ class SeededRows:
     def multinomial(self, probs: torch.Tensor) -> torch.Tensor:
         """One index per row of probs (N, V) (rows first, as every draw), shape (N, 1)."""
         blocks = self._blocks(probs.shape)
-        parts = probs.split(blocks[0][1][0]) if self.per_row else [probs]
+        parts = probs.split(blocks[0][1][0])  # one part per block (the whole of probs for one stream)
         return torch.cat([torch.multinomial(p, num_samples=1, replacement=True, generator=g)
                           for (g, _), p in zip(blocks, parts)])
 

@@ -92,11 +92,9 @@ class GenerationService:
         """One generation before serving (the engine's first loads sessions or captures graphs and tunes kernels, which
         should not be a client's wait); not counted. Returns its milliseconds."""
         job = _Job("warm-up", 0, self.pipe.sampling())
-        self._run([job])
+        self._run([job], count=False)
         if job.error is not None:
             raise job.error
-        self.served -= 1
-        self.calls -= 1
         return job.ms
 
     def parse(self, request) -> tuple[str, int, object]:
@@ -172,8 +170,9 @@ class GenerationService:
         others = [j.sampling for j in waiting if j.sampling != sampling]
         return any(others.count(s) >= self.batch for s in set(others))
 
-    def _run(self, jobs: list[_Job]) -> None:
-        """One engine call for `jobs` (same sampling), padded to the engine's batch; each job gets its row or error."""
+    def _run(self, jobs: list[_Job], count: bool = True) -> None:
+        """One engine call for `jobs` (same sampling), padded to the engine's batch; each job gets its row or error.
+        count: whether the call shows in the served / failed / engine_calls counters (not the warm-up)."""
         from PIL import Image
 
         from .engine import EngineError
@@ -196,11 +195,12 @@ class GenerationService:
                 except EngineError as e:  # what this engine cannot run (e.g. cfg 1 on an engine built with guidance)
                     raise RequestError(str(e)) from None
                 except BaseException:
-                    self.failed += len(jobs)
+                    self.failed += len(jobs) if count else 0
                     raise
                 ms = 1000 * (time.perf_counter() - t0)
-                self.served += len(jobs)
-                self.calls += 1
+                if count:
+                    self.served += len(jobs)
+                    self.calls += 1
             for job, rgb in zip(jobs, pixels):
                 buf = io.BytesIO()
                 Image.fromarray(rgb).save(buf, format="PNG")
