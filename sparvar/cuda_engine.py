@@ -95,6 +95,11 @@ class CudaGraphRunner:
         if self.use_graphs:
             graphs, outputs = capture_scales(lambda _: model.encode_text(features, lengths, guided), 1, self.pool)
             text_graph, text = graphs[0], outputs[0]
+            # a capture only records: until a replay, its outputs are uninitialised pool memory. The steps' warm-up
+            # below runs eagerly on them: garbage text lengths make the engine's cross-attention read before the text's
+            # keys (the likely cause of the illegal memory access `sparvar serve` met on the H200). Zero features with
+            # length 1 are a valid text.
+            text_graph.replay()
         else:
             text = model.encode_text(features, lengths, guided)
         if text.batch not in self.caches:  # allocated outside the graph pool: it lives as long as the runner
@@ -130,7 +135,8 @@ class CudaGraphRunner:
 def capture_scales(run, num_scales: int, pool) -> tuple[list, list]:
     """One CUDA graph per scale of `run(scale)` (which writes the KV cache in place), captured in scale order after a
     warm-up pass on a side stream (allocator, cuBLAS/cuDNN handles, Triton autotuning, torch.compile).
-    Returns the graphs and each scale's outputs: static tensors that every replay overwrites."""
+    Returns the graphs and each scale's outputs: static tensors that every replay overwrites, and that hold nothing
+    until the first replay (the warm-up's results are not theirs)."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):

@@ -153,3 +153,51 @@ def test_graphed_decode_equals_the_eager_decode():
             got = graphed.decode(latent).clone()
         assert torch.equal(got, want)
     assert len(graphed.graphs) == 1
+
+
+def test_step_graphs_warm_up_on_a_computed_text(monkeypatch):
+    """A capture records its kernels without running them: the text graph's outputs are uninitialised memory until it
+    is replayed. The steps' warm-up pass runs eagerly on those outputs, so the runner must replay the text graph
+    before capturing the steps. On the H200, garbage text lengths made the engine's cross-attention read before its
+    keys (an illegal memory access in `sparvar serve`). Emulated here: a captured output is NaN / 0 until replay."""
+    import sparvar.cuda_engine as engine
+    from sparvar.model import TextCondition
+
+    def outputs_of(out):
+        return engine._text_tensors(out) if isinstance(out, TextCondition) else [out]
+
+    class RecordedGraph:
+        def __init__(self, run, out):
+            self.run, self.out = run, out
+
+        def replay(self):
+            for dst, src in zip(outputs_of(self.out), outputs_of(self.run())):
+                dst.copy_(src)
+
+    def capture_without_running(run, num_scales, pool):
+        for scale in range(num_scales):  # the warm-up pass runs for real; its results are dropped
+            run(scale)
+        graphs, outputs = [], []
+        for scale in range(num_scales):
+            out = run(scale)
+            for t in outputs_of(out):  # what a capture leaves in its outputs: nothing computed
+                t.fill_(float("nan") if t.is_floating_point() else 0)
+            graphs.append(RecordedGraph(lambda s=scale: run(s), out))
+            outputs.append(out)
+        return graphs, outputs
+
+    monkeypatch.setattr(engine, "capture_scales", capture_without_running)
+    eager, static, schedule = _pair("sparvar")
+    static.use_graphs = True  # the captured branch of _capture, with the emulated capture
+    seen = []
+    step = static.model.step
+
+    def watched(tokens, scale, text, *args, **kwargs):
+        seen.append((int(text.key_lens.min()), bool(text.ada.isnan().any())))
+        return step(tokens, scale, text, *args, **kwargs)
+
+    monkeypatch.setattr(static.model, "step", watched)
+    f, l = hashed_embeddings(["a red car"], CFG.text_dim, CFG.text_maxlen)
+    static.begin(f, l, True)
+    assert len(seen) == 2 * schedule.num_scales  # the warm-up pass and the capture
+    assert all(min_len >= 1 and not nan for min_len, nan in seen), seen

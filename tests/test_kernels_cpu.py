@@ -417,6 +417,15 @@ INTERPRETER_SCRIPT = textwrap.dedent('''
     k, v = k.masked_fill(~real, float("nan")), v.masked_fill(~real, float("nan"))
     out = K.dense_attention(q, k, v, block_m=16, block_n=32, kv_lens=lens)
     err(out, reference_attention(q, k.nan_to_num(), v.nan_to_num(), mask=real.transpose(2, 3)))
+    # a length of 0 or below reads no key: k and v are views into buffers whose rows before them hold 7, which a
+    # negative key tile would read (before the clamp, a graph's uninitialised text lengths did that on the GPU)
+    buf = torch.full((2, 2, 64 + 64, 64), 7.0, dtype=dt)
+    buf[:, :, 64:] = torch.randn(2, 2, 64, 64, dtype=dt)
+    kb = buf[:, :, 64:]
+    for lens in ([0, 5], [-1, 5], [-63, 5], [-100000, 5]):
+        out = K.dense_attention(q[:2], kb, kb, block_m=16, block_n=32, kv_lens=torch.tensor(lens, dtype=torch.int32))
+        assert out[0].isnan().all(), f"kv_lens {lens}: a row of no keys must give NaN, got {out[0].flatten()[:4]}"
+        err(out[1:], reference_attention(q[1:2], kb[1:2, :, :5], kb[1:2, :, :5]))
     # token-major q (the engine's layout): every output takes q's layout, so attention -> projection needs no copy,
     # and the numbers are the contiguous run's
     def token_major(t):

@@ -204,7 +204,8 @@ if HAS_TRITON:
         b = pid_bh // H
         h = pid_bh % H
         if ROW_LEN:  # dense over each batch row's first KVLens[b] keys (padded text): the rest are never read
-            kv_len = tl.minimum(tl.load(KVLens + b), kv_len)
+            # clamped to [0, kv_len]: a length <= 0 must read no key (never the rows before K), not a negative tile
+            kv_len = tl.maximum(tl.minimum(tl.load(KVLens + b), kv_len), 0)
         if USE_ORDER:  # heaviest query blocks first: the last wave is the lightest
             q_block = tl.load(QOrder + pid_m)
         else:
@@ -226,7 +227,7 @@ if HAS_TRITON:
             num_full = tl.load(NumFull + q_block)
         elif not EVEN_N:  # the partial last key block, if this row has it, is its last entry
             if DENSE:
-                num_full = num - 1
+                num_full = tl.maximum(num - 1, 0)  # no key at all (a row of length 0): no tail tile either
             else:
                 last = tl.load(idx_row + num - 1)
                 num_full = num - (last == (kv_len - 1) // BLOCK_N).to(tl.int32)
@@ -465,7 +466,8 @@ def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale:
     out_dtype: q's dtype by default; float32 keeps the output unrounded (the decision subtracts from it).
     block_m, block_n: the tile; None (both) lets the autotuner pick it on the GPU (128x64 without tuning).
     kv_lens: None, or (B,) int32 on q's device: batch row b attends to keys [0, kv_lens[b]) only (a padded text's
-    real tokens; values above Lk count as Lk, and a row of 0 gives NaN as an all-masked softmax does).
+    real tokens; values above Lk count as Lk, and a row of 0 or less reads no key and gives NaN, as an all-masked
+    softmax does).
     """
     name = "dense_attention"
     check_qkv(name, q, k, v)
