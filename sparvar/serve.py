@@ -47,7 +47,7 @@ class _Job:
     sampling: object
     arrival: float = field(default_factory=time.monotonic)
     done: threading.Event = field(default_factory=threading.Event)
-    png: bytes | None = None
+    pixels: object = None  # (H, W, 3) uint8 numpy: its row of the engine call's images
     ms: float = 0.0
     shared: int = 1  # requests in its engine call
     error: Exception | None = None
@@ -127,6 +127,8 @@ class GenerationService:
 
     def submit(self, request) -> tuple[bytes, float, int]:
         """(PNG, engine-call milliseconds, requests in that call) for one request; RequestError for a bad one."""
+        from PIL import Image
+
         prompt, seed, sampling = self.parse(request)
         job = _Job(prompt, seed, sampling)
         if self.batch == 1:
@@ -136,7 +138,11 @@ class GenerationService:
             job.done.wait()
         if job.error is not None:
             raise job.error
-        return job.png, job.ms, job.shared
+        # each request encodes its own PNG, in its own thread and outside the engine lock: a 1024² image takes
+        # ~0.1 s, and the batcher encoding a batch's images one after another held back the next engine call
+        buf = io.BytesIO()
+        Image.fromarray(job.pixels).save(buf, format="PNG")
+        return buf.getvalue(), job.ms, job.shared
 
     def _batch_forever(self) -> None:
         """Form engine calls: the oldest waiting request's group (same sampling), filled until the engine's batch, or
@@ -171,10 +177,8 @@ class GenerationService:
         return any(others.count(s) >= self.batch for s in set(others))
 
     def _run(self, jobs: list[_Job], count: bool = True) -> None:
-        """One engine call for `jobs` (same sampling), padded to the engine's batch; each job gets its row or error.
-        count: whether the call shows in the served / failed / engine_calls counters (not the warm-up)."""
-        from PIL import Image
-
+        """One engine call for `jobs` (same sampling), padded to the engine's batch; each job gets its row of pixels or
+        an error. count: whether the call shows in the served / failed / engine_calls counters (not the warm-up)."""
         from .engine import EngineError
         from .pipeline import image_arrays
 
@@ -202,9 +206,7 @@ class GenerationService:
                     self.served += len(jobs)
                     self.calls += 1
             for job, rgb in zip(jobs, pixels):
-                buf = io.BytesIO()
-                Image.fromarray(rgb).save(buf, format="PNG")
-                job.png, job.ms, job.shared = buf.getvalue(), ms, len(jobs)
+                job.pixels, job.ms, job.shared = rgb, ms, len(jobs)
         except BaseException as e:  # every request of the call hears of it
             error = e if isinstance(e, Exception) else RuntimeError(f"the engine call was interrupted ({type(e).__name__})")
             for job in jobs:
@@ -213,7 +215,7 @@ class GenerationService:
                 raise
         finally:
             for job in jobs:
-                if job.png is None and job.error is None:  # never leave a request without an answer
+                if job.pixels is None and job.error is None:  # never leave a request without an answer
                     job.error = RuntimeError("the engine call ended without a result")
                 job.done.set()
 

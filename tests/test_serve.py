@@ -188,11 +188,19 @@ def batch2_engine(tmp_path_factory):
     return path
 
 
-def test_a_batch_engine_serves_concurrent_requests_in_one_call(batch2_engine):
+def test_a_batch_engine_serves_concurrent_requests_in_one_call(batch2_engine, monkeypatch):
     """An engine built for 2 prompts per call: two concurrent requests with the same sampling share one call, each
-    getting its own row (its own seed); a lone request is padded; other sampling options never share a call."""
+    getting its own row (its own seed); a lone request is padded; other sampling options never share a call. Each
+    request encodes its own PNG in its own thread: the batcher encoding them in turn (~0.1 s per 1024² image) held
+    back the next engine call."""
+    from PIL import Image
+
     from sparvar.runtime import load_engine_pipeline
 
+    encoders = []
+    save = Image.Image.save
+    monkeypatch.setattr(Image.Image, "save", lambda im, *a, **k: (encoders.append(threading.current_thread().name),
+                                                                   save(im, *a, **k))[1])
     service = GenerationService(batch2_engine, batch_wait_ms=3000)
     requests = [{"prompt": "a red car", "seed": 5, "cfg": 3.0}, {"prompt": "a small dog", "seed": 6, "cfg": 3.0}]
     results = [None, None]
@@ -206,6 +214,7 @@ def test_a_batch_engine_serves_concurrent_requests_in_one_call(batch2_engine):
     for t in threads:
         t.join()
     assert [r[2] for r in results] == [2, 2] and service.calls == 1 and service.served == 2
+    assert sorted(encoders) == sorted(t.name for t in threads)  # one PNG per request, each in the request's thread
     pipe = load_engine_pipeline(batch2_engine)
     f, l = pipe.text_features(["a red car", "a small dog"], allow_hashed=True)
     want = image_rows(pipe.generate(f, l, pipe.sampling(cfg=3.0), seed=[5, 6]).image)
