@@ -76,8 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
     serve.add_argument("--skip-last", type=int, default=0, help="skip the transformer on the last N scales")
     serve.add_argument("--batch-wait-ms", type=float, default=10.0,
-                       help="engines built with --batch N: how long the first request waits for others to share its "
-                            "engine call (default 10 ms)")
+                       help="engines built with --batch N: how long the oldest request waits for others to share "
+                            "its engine call, from its arrival or the previous call's end (default 10 ms)")
     serve.add_argument("--no-warmup", action="store_true",
                        help="do not generate once before listening (the first request then pays capture and tuning)")
 

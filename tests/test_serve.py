@@ -282,3 +282,34 @@ def test_batching_never_holds_a_full_group_and_survives_any_engine_exception(bat
     for t in threads:
         t.join(timeout=50)
     assert results["a cow"] == results["a hen"] == 2  # the batcher is still serving
+
+
+def test_a_request_that_waited_out_a_busy_engine_still_gets_company(batch2_engine, monkeypatch):
+    """A request arriving while the engine is busy waits for company from the moment the engine frees, not from its
+    arrival: the clients of the call that just ended come back right after it. Counted from its arrival, it ran alone
+    at once, its company waited out the next call, and concurrent clients never shared a call again."""
+    service = GenerationService(batch2_engine, batch_wait_ms=300)
+    real = service.pipe.generate
+
+    def slow(*args, **kwargs):
+        time.sleep(0.6)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(service.pipe, "generate", slow)
+    shared = {}
+
+    def ask(name):
+        shared[name] = service.submit({"prompt": name, "seed": 1, "cfg": 3.0})[2]
+
+    first = threading.Thread(target=ask, args=("a fox",))
+    first.start()  # alone: runs after its 0.3 s window, the engine then busy for 0.6 s or more
+    time.sleep(0.45)
+    busy = threading.Thread(target=ask, args=("a cat",))  # arrives while the engine is busy
+    busy.start()
+    first.join(timeout=60)  # the engine is free now; "a cat" waited longer than its window since it arrived
+    time.sleep(0.1)
+    late = threading.Thread(target=ask, args=("a dog",))  # the returning client, inside the window after the call
+    late.start()
+    for t in (busy, late):
+        t.join(timeout=60)
+    assert shared == {"a fox": 1, "a cat": 2, "a dog": 2} and service.calls == 2
