@@ -96,6 +96,7 @@ class GenerationService:
         self._run([job], count=False)
         if job.error is not None:
             raise job.error
+        png_bytes(job.pixels)  # the PNG encoder's first use (imports, plugin) is not a client's wait either
         return job.ms
 
     def parse(self, request) -> tuple[str, int, object]:
@@ -128,8 +129,6 @@ class GenerationService:
 
     def submit(self, request) -> tuple[bytes, float, int]:
         """(PNG, engine-call milliseconds, requests in that call) for one request; RequestError for a bad one."""
-        from PIL import Image
-
         prompt, seed, sampling = self.parse(request)
         job = _Job(prompt, seed, sampling)
         if self.batch == 1:
@@ -141,21 +140,20 @@ class GenerationService:
             raise job.error
         # each request encodes its own PNG, in its own thread and outside the engine lock: a 1024² image takes
         # ~0.1 s, and the batcher encoding a batch's images one after another held back the next engine call
-        buf = io.BytesIO()
-        Image.fromarray(job.pixels).save(buf, format="PNG")
-        return buf.getvalue(), job.ms, job.shared
+        return png_bytes(job.pixels), job.ms, job.shared
 
     def _batch_forever(self) -> None:
         """Form engine calls: the oldest waiting request's group (same sampling), filled until the engine's batch, or
         until batch_wait has passed since that request arrived or since the previous call ended, whichever is later,
         or until another group is full (a full group never waits out another's window).
 
-        Counting from the previous call's end: a request that arrived while the engine was busy lost nothing by
-        waiting, and the clients that call just answered are about to come back. Counted from its arrival alone, it
-        ran by itself the moment the engine freed, and its company then waited for the next call: concurrent clients
-        fell out of step for good (on the CPU, 24 requests from 2 clients made 23 calls of a batch-2 engine)."""
+        Counting from the previous call's end (when that call had the same sampling): a request that arrived while
+        the engine was busy lost nothing by waiting, and the clients that call just answered are about to come back.
+        Counted from its arrival alone, it ran by itself the moment the engine freed, and its company then waited for
+        the next call: concurrent clients fell out of step for good (on the CPU, 24 requests from 2 clients made 23
+        calls of a batch-2 engine). A group of other sampling has no such clients coming: its window is its own."""
         waiting: list[_Job] = []  # taken from the queue, oldest first
-        free_since = 0.0  # when the previous engine call ended (time.monotonic)
+        free_since, last_sampling = 0.0, None  # when the previous engine call ended, and its sampling
         while True:
             if not waiting:
                 waiting.append(self.queue.get())
@@ -163,7 +161,8 @@ class GenerationService:
                 waiting.append(self.queue.get_nowait())
             first = waiting[0]
             group = [j for j in waiting if j.sampling == first.sampling][: self.batch]
-            deadline = max(first.arrival, free_since) + self.batch_wait
+            since = max(first.arrival, free_since) if first.sampling == last_sampling else first.arrival
+            deadline = since + self.batch_wait
             while len(group) < self.batch and not self._another_group_full(waiting, first.sampling):
                 try:
                     job = self.queue.get(timeout=max(0.0, deadline - time.monotonic()))
@@ -178,7 +177,7 @@ class GenerationService:
                 self._run(group)
             except BaseException:  # noqa: BLE001 (every job of the call has its answer; the batcher keeps serving)
                 pass
-            free_since = time.monotonic()
+            free_since, last_sampling = time.monotonic(), first.sampling
 
     def _another_group_full(self, waiting: list[_Job], sampling) -> bool:
         others = [j.sampling for j in waiting if j.sampling != sampling]
@@ -226,6 +225,15 @@ class GenerationService:
                 if job.pixels is None and job.error is None:  # never leave a request without an answer
                     job.error = RuntimeError("the engine call ended without a result")
                 job.done.set()
+
+
+def png_bytes(rgb) -> bytes:
+    """(H, W, 3) uint8 pixels -> PNG file bytes."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, format="PNG")
+    return buf.getvalue()
 
 
 def make_handler(service: GenerationService, log=None):

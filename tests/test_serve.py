@@ -287,29 +287,58 @@ def test_batching_never_holds_a_full_group_and_survives_any_engine_exception(bat
 def test_a_request_that_waited_out_a_busy_engine_still_gets_company(batch2_engine, monkeypatch):
     """A request arriving while the engine is busy waits for company from the moment the engine frees, not from its
     arrival: the clients of the call that just ended come back right after it. Counted from its arrival, it ran alone
-    at once, its company waited out the next call, and concurrent clients never shared a call again."""
-    service = GenerationService(batch2_engine, batch_wait_ms=300)
-    real = service.pipe.generate
+    at once, its company waited out the next call, and concurrent clients never shared a call again. Without company
+    it still runs, alone; and a request of other sampling than the call that just ended keeps its own window."""
+    window = 0.4
+    service = GenerationService(batch2_engine, batch_wait_ms=1000 * window)
+    real_generate, real_run = service.pipe.generate, service._run
+    calls = []  # (start, end, prompts) of each engine call
 
     def slow(*args, **kwargs):
         time.sleep(0.6)
-        return real(*args, **kwargs)
+        return real_generate(*args, **kwargs)
+
+    def timed(jobs, count=True):
+        t0 = time.monotonic()
+        real_run(jobs, count)
+        calls.append((t0, time.monotonic(), sorted(j.prompt for j in jobs)))
 
     monkeypatch.setattr(service.pipe, "generate", slow)
+    monkeypatch.setattr(service, "_run", timed)
     shared = {}
 
-    def ask(name):
-        shared[name] = service.submit({"prompt": name, "seed": 1, "cfg": 3.0})[2]
+    def ask(name, cfg=3.0):
+        thread = threading.Thread(target=lambda: shared.__setitem__(name, service.submit(
+            {"prompt": name, "seed": 1, "cfg": cfg})[2]))
+        thread.start()
+        return thread
 
-    first = threading.Thread(target=ask, args=("a fox",))
-    first.start()  # alone: runs after its 0.3 s window, the engine then busy for 0.6 s or more
-    time.sleep(0.45)
-    busy = threading.Thread(target=ask, args=("a cat",))  # arrives while the engine is busy
-    busy.start()
-    first.join(timeout=60)  # the engine is free now; "a cat" waited longer than its window since it arrived
-    time.sleep(0.1)
-    late = threading.Thread(target=ask, args=("a dog",))  # the returning client, inside the window after the call
-    late.start()
+    def idle_before(prompt):  # how long the engine sat free before the call holding `prompt` started
+        i = next(i for i, c in enumerate(calls) if prompt in c[2])
+        return calls[i][0] - calls[i - 1][1]
+
+    # company: "a fox" runs alone after its window; "a cat" arrives during that call, "a dog" just after it
+    first = ask("a fox")
+    time.sleep(window + 0.1)
+    busy = ask("a cat")
+    first.join(timeout=60)
+    time.sleep(0.05)
+    late = ask("a dog")
     for t in (busy, late):
         t.join(timeout=60)
-    assert shared == {"a fox": 1, "a cat": 2, "a dog": 2} and service.calls == 2
+    assert shared == {"a fox": 1, "a cat": 2, "a dog": 2}
+    # no company: "a bee" arrives during the call of "an owl" and runs alone once its window after that call is out
+    first = ask("an owl")
+    time.sleep(window + 0.1)
+    busy = ask("a bee")
+    for t in (first, busy):
+        t.join(timeout=60)
+    assert shared["a bee"] == 1 and window - 0.05 <= idle_before("a bee") < window + 0.3
+    # other sampling: "a hen" (cfg 5) arrives during a cfg-3 call and runs as soon as the engine frees
+    first = ask("a pig")
+    time.sleep(window + 0.1)
+    busy = ask("a hen", cfg=5.0)
+    for t in (first, busy):
+        t.join(timeout=60)
+    assert shared["a hen"] == 1 and idle_before("a hen") < window / 2
+    assert service.calls == 6

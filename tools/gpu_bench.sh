@@ -63,9 +63,9 @@ for what in "${@:2}"; do
     batch4)
       python bench/e2e.py --model infinity-2b --model infinity-8b --batch 4 --warmup 2 --runs 10 --rows "(CUDA graphs" \
         --out "$OUT/e2e_batch4_$TAG.json" 2>&1 | grep -v Warning | tail -6 ;;
-    servebatch)
+    servebatch)  # a 100 ms window: at 1024² a client comes back ~0.1 s or more after its answer (PNG encode)
       python bench/serve_batching.py --model infinity-2b --backend torch-cuda --batch 4 --requests 32 \
-        --out "$OUT/serve_batching_$TAG.json" 2>&1 | grep -v Warning | tail -4 ;;
+        --batch-wait-ms 100 --out "$OUT/serve_batching_$TAG.json" 2>&1 | grep -v Warning | tail -4 ;;
     hart)
       python bench/e2e.py --model hart-0.7b --warmup 3 --runs 20 --rows engine \
         --out "$OUT/e2e_hart_engines_$TAG.json" 2>&1 | grep -v Warning | tail -8 ;;
