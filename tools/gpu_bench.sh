@@ -63,7 +63,7 @@ for what in "${@:2}"; do
     batch4)
       python bench/e2e.py --model infinity-2b --model infinity-8b --batch 4 --warmup 2 --runs 10 --rows "(CUDA graphs" \
         --out "$OUT/e2e_batch4_$TAG.json" 2>&1 | grep -v Warning | tail -6 ;;
-    servebatch)  # a 100 ms window: at 1024² a client comes back ~0.1 s or more after its answer (PNG encode)
+    servebatch)  # a 100 ms window: at 1024² a client asks again ~0.1 s or more after its call (its PNG is encoded first)
       python bench/serve_batching.py --model infinity-2b --backend torch-cuda --batch 4 --requests 32 \
         --batch-wait-ms 100 --out "$OUT/serve_batching_$TAG.json" 2>&1 | grep -v Warning | tail -4 ;;
     hart)
