@@ -96,9 +96,9 @@ class CudaGraphRunner:
             graphs, outputs = capture_scales(lambda _: model.encode_text(features, lengths, guided), 1, self.pool)
             text_graph, text = graphs[0], outputs[0]
             # a capture only records: until a replay, its outputs are uninitialised pool memory. The steps' warm-up
-            # below runs eagerly on them: garbage text lengths make the engine's cross-attention read before the text's
-            # keys (the likely cause of the illegal memory access `sparvar serve` met on the H200). Zero features with
-            # length 1 are a valid text.
+            # below runs eagerly on them: garbage text lengths made the engine's cross-attention read before the text's
+            # keys (the illegal memory access `sparvar serve` met on the H200, gone with this replay). Zero features
+            # with length 1 are a valid text.
             text_graph.replay()
         else:
             text = model.encode_text(features, lengths, guided)
