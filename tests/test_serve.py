@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from sparvar.cli import main
+from sparvar.pipeline import image_arrays
 from sparvar.serve import GenerationService, make_server
 
 
@@ -217,7 +218,7 @@ def test_a_batch_engine_serves_concurrent_requests_in_one_call(batch2_engine, mo
     assert sorted(encoders) == sorted(t.name for t in threads)  # one PNG per request, each in the request's thread
     pipe = load_engine_pipeline(batch2_engine)
     f, l = pipe.text_features(["a red car", "a small dog"], allow_hashed=True)
-    want = image_rows(pipe.generate(f, l, pipe.sampling(cfg=3.0), seed=[5, 6]).image)
+    want = image_arrays(pipe.generate(f, l, pipe.sampling(cfg=3.0), seed=[5, 6]).image)
     for i in range(2):
         np.testing.assert_array_equal(_pixels(results[i][0]), want[i])
     # alone: padded with a copy of itself, and (per-row seeds) its row does not depend on what shares the call
@@ -232,12 +233,6 @@ def test_a_batch_engine_serves_concurrent_requests_in_one_call(batch2_engine, mo
     for t in threads:
         t.join()
     assert [r[2] for r in results[2:]] == [1, 1] and service.calls == 3
-
-
-def image_rows(images):
-    from sparvar.pipeline import image_arrays
-
-    return image_arrays(images)
 
 
 def test_batching_never_holds_a_full_group_and_survives_any_engine_exception(batch2_engine, monkeypatch):
