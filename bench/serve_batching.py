@@ -1,5 +1,6 @@
 """Throughput of `sparvar serve` with request batching, side by side in one process: the same model's engine built
-for 1 and for N prompts per call, each behind a warm server, each sent the same requests by N concurrent clients.
+for 1 and for N prompts per call, each behind a warm server, each sent the same requests by the same
+concurrent clients (--clients, default N).
 
 With the batch-N engine, concurrent requests with the same sampling share one engine call (sparvar/serve.py). Timed:
 the wall time from the first request to the last image (images/s), and each request's latency (request to PNG
@@ -41,8 +42,10 @@ def drive(url: str, requests: int, clients: int) -> dict:
     wall = time.perf_counter() - t0
     # the engine call's own time (text, generation, pixels to the host; under the engine lock) beside the request's:
     # the difference is queueing, PNG encoding and HTTP
+    # each call's time counted once (a request's share of it): the fraction of the wall the engine was working
+    busy_s = sum(e / s for _, s, e in results) / 1000
     return {"wall_s": wall, "images_per_s": requests / wall, "latency": summarize([ms for ms, _, _ in results]),
-            "engine_call": summarize([e for _, _, e in results]),
+            "engine_call": summarize([e for _, _, e in results]), "engine_busy_fraction": busy_s / wall,
             "mean_requests_per_engine_call": sum(s for _, s, _ in results) / len(results)}
 
 
@@ -51,11 +54,17 @@ def main() -> int:
     ap.add_argument("--model", default="infinity-tiny")
     ap.add_argument("--attention", default="sparvar")
     ap.add_argument("--backend", default="onnxruntime")
-    ap.add_argument("--batch", type=int, default=2, help="prompts per call of the batched engine (and clients)")
+    ap.add_argument("--batch", type=int, default=2, help="prompts per call of the batched engine")
+    ap.add_argument("--clients", type=int, default=None,
+                    help="concurrent clients, each sending its next request when answered (default: --batch). With "
+                         "only as many clients as the batch, every call waits for the slowest client to come back")
     ap.add_argument("--requests", type=int, default=24)
     ap.add_argument("--batch-wait-ms", type=float, default=10.0)
     ap.add_argument("--out", default=None, help="default: bench/results/serve_batching_<device>.json")
     args = ap.parse_args()
+    clients = args.batch if args.clients is None else args.clients
+    if args.batch < 2 or clients < 1 or args.requests < 1:
+        ap.error("--batch must be at least 2 (batch 1 is the baseline row), --clients and --requests at least 1")
     from sparvar.config import get_config
     from sparvar.engine import build_engine
     from sparvar.runtime import spec_from_args
@@ -75,20 +84,21 @@ def main() -> int:
             threading.Thread(target=server.serve_forever, daemon=True).start()
             try:
                 rows[f"engine batch {batch}"] = {**drive(f"http://127.0.0.1:{server.server_port}", args.requests,
-                                                         args.batch), "engine_calls": service.calls}
+                                                         clients), "engine_calls": service.calls}
             finally:
                 server.shutdown()
                 server.server_close()
             row = rows[f"engine batch {batch}"]
             print(f"batch {batch}: {row['images_per_s']:.2f} images/s, latency median {row['latency']['median_ms']:.0f} "
-                  f"ms, engine call median {row['engine_call']['median_ms']:.0f} ms", flush=True)
+                  f"ms, engine call median {row['engine_call']['median_ms']:.0f} ms, engine busy "
+                  f"{100 * row['engine_busy_fraction']:.0f}%", flush=True)
     one, many = rows["engine batch 1"], rows[f"engine batch {args.batch}"]
     result = {"benchmark": "sparvar serve throughput, batch-1 vs batch-N engine, concurrent clients",
               "engine": {"model": spec.model, "resolution": spec.resolution, "attention": spec.attention,
                          "backend": spec.backend, "dtype": spec.dtype, "weights": "random"},
               "rows": rows, "throughput_ratio": many["images_per_s"] / one["images_per_s"],
               "protocol": f"{args.requests} requests (distinct seeds, two prompts alternating, default sampling) from "
-                          f"{args.batch} concurrent clients to each warm server, batch 1 first, in one process; "
+                          f"{clients} concurrent clients to each warm server, batch 1 first, in one process; "
                           f"--batch-wait-ms {args.batch_wait_ms}"}
     path = write_result(args.out or result_path("serve_batching"), result)
     print(f"throughput x{result['throughput_ratio']:.2f}; wrote {path}")

@@ -15,7 +15,7 @@
 #   bash tools/gpu_bench.sh "$OUT" timeline  # GPU idle time of one graphed 2B generation (launch gaps vs host waits)
 #   bash tools/gpu_bench.sh "$OUT" decode    # the tokenizer decodes at 1024² (Infinity 2B/8B, HART fp32 vs fp16 graph, cudnn.benchmark)
 #   bash tools/gpu_bench.sh "$OUT" batch4    # throughput: 2B and 8B dense and SparVAR engines at 4 prompts per generation
-#   bash tools/gpu_bench.sh "$OUT" servebatch # sparvar serve throughput, 2B torch-cuda engine, batch 1 vs 4, 4 clients
+#   bash tools/gpu_bench.sh "$OUT" servebatch # sparvar serve throughput, 2B torch-cuda engine, batch 1 vs 4, 8 clients
 set -uo pipefail
 # the GPU machine gets the work tree without .git: results record the commit only if the caller names it (commit
 # first, then pass the full sha), so refuse to produce results that would say "uncommitted"
@@ -64,7 +64,7 @@ for what in "${@:2}"; do
       python bench/e2e.py --model infinity-2b --model infinity-8b --batch 4 --warmup 2 --runs 10 --rows "(CUDA graphs" \
         --out "$OUT/e2e_batch4_$TAG.json" 2>&1 | grep -v Warning | tail -6 ;;
     servebatch)  # a 100 ms window: at 1024² a client asks again ~0.1 s or more after its call (its PNG is encoded first)
-      python bench/serve_batching.py --model infinity-2b --backend torch-cuda --batch 4 --requests 32 \
+      python bench/serve_batching.py --model infinity-2b --backend torch-cuda --batch 4 --clients 8 --requests 48 \
         --batch-wait-ms 100 --out "$OUT/serve_batching_$TAG.json" 2>&1 | grep -v Warning | tail -4 ;;
     hart)
       python bench/e2e.py --model hart-0.7b --warmup 3 --runs 20 --rows engine \
