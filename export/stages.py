@@ -108,6 +108,18 @@ def run_stage(stage: str, ctx: StageContext) -> dict:
     return {"export": run_export, "optimize": run_optimize, "build": run_build}[stage](ctx)
 
 
+def refresh_skipped_info(stage: str, ctx: StageContext, info: dict) -> dict:
+    """The info of a stage skipped as unchanged, with what depends on where the inputs are rather than on what they
+    hold brought up to date: a torch-cuda build's checkpoint record names the spec's files by path and stat, and the
+    keys hash their content, so checkpoints moved (or touched) since the last build keep the key but not the record.
+    Kept as it was, the load check would look for the old paths. Cheap: the export key has hashed them already."""
+    if "checkpoints" not in info:
+        return info
+    from sparvar.engine import checkpoint_record
+
+    return {**info, "checkpoints": checkpoint_record(dataclasses.asdict(ctx.spec))}
+
+
 def describe(ctx: StageContext) -> dict:
     policy = ctx.policy()
     return {"model_config": dataclasses.asdict(ctx.cfg), "schedule": [list(g) for g in ctx.schedule.grids],

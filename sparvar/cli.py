@@ -234,7 +234,7 @@ def cmd_engine(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    from .serve import GenerationService, make_server
+    from .serve import GenerationService, check_listen_address, make_server
 
     if args.skip_last < 0:
         raise UsageError(f"--skip-last must be >= 0, got {args.skip_last}")
@@ -242,14 +242,18 @@ def cmd_serve(args) -> int:
         raise UsageError(f"--port must be in [0, 65535], got {args.port}")
     if not 0 <= args.batch_wait_ms <= 10_000:
         raise UsageError(f"--batch-wait-ms must be in [0, 10000], got {args.batch_wait_ms}")
+    def listen(bind):
+        try:
+            return bind()
+        except OSError as e:  # the port is taken, or the host is not an address of this machine
+            raise UsageError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") from None
+
+    listen(lambda: check_listen_address(args.host, args.port))  # before the engine loads (minutes at 8B)
     service = GenerationService(args.engine, t5=args.t5, qwen=args.qwen, skip_last=args.skip_last,
                                 batch_wait_ms=args.batch_wait_ms)
     if not args.no_warmup:
         print(f"warm-up generation: {service.warm_up():.1f} ms", file=sys.stderr)
-    try:
-        server = make_server(service, args.host, args.port, log=lambda m: print(m, file=sys.stderr))
-    except OSError as e:  # the port is taken, or the host is not an address of this machine
-        raise UsageError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") from None
+    server = listen(lambda: make_server(service, args.host, args.port, log=lambda m: print(m, file=sys.stderr)))
     print(f"serving {args.engine} on http://{args.host}:{server.server_port} (POST /generate, GET /health)",
           file=sys.stderr, flush=True)
     try:

@@ -274,7 +274,9 @@ def build_engine(spec: EngineSpec, engine_dir: str, force: bool = False, log=pri
     """Run export -> optimize -> build into engine_dir, skipping stages whose key is unchanged."""
     from export import stages  # the stage implementations (ONNX export, graph optimisation, backend builds)
 
-    engine_dir = os.path.abspath(engine_dir)  # `.` or a trailing slash: the swap below renames the directory itself
+    # `.`, a trailing slash or a symlink: the swap below renames the directory itself (a symlink would be moved
+    # aside as the old engine, the new engine put in its place, and its target left stale)
+    engine_dir = os.path.realpath(engine_dir)
     if os.path.exists(engine_dir) and not os.path.isdir(engine_dir):
         raise EngineError(f"{engine_dir} exists and is not a directory; choose another engine directory")
     if os.path.isdir(engine_dir) and os.listdir(engine_dir) and not os.path.exists(os.path.join(engine_dir, MANIFEST)):
@@ -311,8 +313,9 @@ def build_engine(spec: EngineSpec, engine_dir: str, force: bool = False, log=pri
                     os.makedirs(os.path.dirname(os.path.join(tmp, rel)), exist_ok=True)
                     shutil.copy2(os.path.join(engine_dir, rel), os.path.join(tmp, rel))
                 rec = old["stages"][stage]
-                records[stage] = StageRecord(key=key, files=rec["files"], info=rec.get("info", {}), seconds=0.0)
-                context.info.update(rec.get("info", {}))
+                info = stages.refresh_skipped_info(stage, context, rec.get("info", {}))
+                records[stage] = StageRecord(key=key, files=rec["files"], info=info, seconds=0.0)
+                context.info.update(info)
                 log(f"[engine] {stage:8s} unchanged (key {key}), skipped")
             else:
                 t0 = time.perf_counter()

@@ -5,6 +5,7 @@ engine): a *runner* exposes `begin(features, lengths)` and `step(scale, codes) -
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -23,6 +24,10 @@ class Sampling:
     top_p: float = 0.97  # keeps a bit value only if its probability exceeds 1 - top_p
 
     def __post_init__(self):
+        for name in ("cfg", "tau", "top_p"):  # NaN passes every comparison below and samples all-zero bits
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
         if self.tau <= 0:
             raise ValueError(f"tau must be > 0, got {self.tau}")
         if self.top_k not in (0, 1, 2):

@@ -23,6 +23,7 @@ import io
 import json
 import math
 import queue
+import socket
 import threading
 import time
 from dataclasses import dataclass, field
@@ -32,6 +33,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import torch
 
 MAX_BODY_BYTES = 64 << 10
+SOCKET_TIMEOUT_S = 60
 SAMPLING_FIELDS = ("cfg", "tau", "top_k", "top_p")
 REQUEST_FIELDS = ("prompt", "seed") + SAMPLING_FIELDS
 
@@ -115,7 +117,7 @@ class GenerationService:
         options = {k: request.get(k) for k in SAMPLING_FIELDS}
         for name, value in options.items():
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
-                                      or not math.isfinite(value)):
+                                      or not _finite(value)):
                 raise RequestError(f"'{name}' must be a finite number, got {value!r}")
         try:  # the family's own checks (Sampling / HartSampling): tau > 0, top_k in {0, 1, 2}, top_p in [0, 1]
             sampling = self.pipe.sampling(**options)
@@ -155,24 +157,31 @@ class GenerationService:
         waiting: list[_Job] = []  # taken from the queue, oldest first
         free_since, last_sampling = 0.0, None  # when the previous engine call ended, and its sampling
         while True:
-            if not waiting:
-                waiting.append(self.queue.get())
-            while not self.queue.empty():
-                waiting.append(self.queue.get_nowait())
-            first = waiting[0]
-            group = [j for j in waiting if j.sampling == first.sampling][: self.batch]
-            since = max(first.arrival, free_since) if first.sampling == last_sampling else first.arrival
-            deadline = since + self.batch_wait
-            while len(group) < self.batch and not self._another_group_full(waiting, first.sampling):
-                try:
-                    job = self.queue.get(timeout=max(0.0, deadline - time.monotonic()))
-                except queue.Empty:
-                    break
-                waiting.append(job)
-                if job.sampling == first.sampling:
-                    group.append(job)
-            taken = {id(j) for j in group}
-            waiting = [j for j in waiting if id(j) not in taken]
+            try:
+                if not waiting:
+                    waiting.append(self.queue.get())
+                while not self.queue.empty():
+                    waiting.append(self.queue.get_nowait())
+                first = waiting[0]
+                group = [j for j in waiting if j.sampling == first.sampling][: self.batch]
+                since = max(first.arrival, free_since) if first.sampling == last_sampling else first.arrival
+                deadline = since + self.batch_wait
+                while len(group) < self.batch and not self._another_group_full(waiting, first.sampling):
+                    try:
+                        job = self.queue.get(timeout=max(0.0, deadline - time.monotonic()))
+                    except queue.Empty:
+                        break
+                    waiting.append(job)
+                    if job.sampling == first.sampling:
+                        group.append(job)
+                taken = {id(j) for j in group}
+                waiting = [j for j in waiting if id(j) not in taken]
+            except Exception as e:  # noqa: BLE001 (a fault while forming the call: answer whoever waits, keep serving)
+                for job in waiting:
+                    job.error = RuntimeError(f"the request batcher failed ({type(e).__name__}: {e})")
+                    job.done.set()
+                waiting = []
+                continue
             try:
                 self._run(group)
             except BaseException:  # noqa: BLE001 (every job of the call has its answer; the batcher keeps serving)
@@ -227,6 +236,13 @@ class GenerationService:
                 job.done.set()
 
 
+def _finite(value: int | float) -> bool:
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int beyond float's range
+        return False
+
+
 def png_bytes(rgb) -> bytes:
     """(H, W, 3) uint8 pixels -> PNG file bytes."""
     from PIL import Image
@@ -238,6 +254,10 @@ def png_bytes(rgb) -> bytes:
 
 def make_handler(service: GenerationService, log=None):
     class Handler(BaseHTTPRequestHandler):
+        # seconds a socket read or write may stall: a client that announces a body it never sends would otherwise
+        # hold its thread for good (the wait for the engine is not a socket operation and is not limited by it)
+        timeout = SOCKET_TIMEOUT_S
+
         def _send(self, status: int, body: bytes, content_type: str, headers: dict | None = None):
             self.send_response(status)
             self.send_header("Content-Type", content_type)
@@ -261,14 +281,15 @@ def make_handler(service: GenerationService, log=None):
             try:
                 length = int(self.headers.get("Content-Length", ""))
             except ValueError:
-                return self._json(HTTPStatus.LENGTH_REQUIRED, {"error": "a Content-Length header is required"})
+                return self._json(HTTPStatus.LENGTH_REQUIRED, {"error": "a Content-Length header with the body's size "
+                                  f"in bytes is required, got {self.headers.get('Content-Length')!r}"})
             if not 0 < length <= MAX_BODY_BYTES:
                 return self._json(HTTPStatus.BAD_REQUEST, {"error": f"the body must be 1 to {MAX_BODY_BYTES} bytes, "
                                                                     f"got {length}"})
             try:
                 request = json.loads(self.rfile.read(length))
-            except (UnicodeDecodeError, json.JSONDecodeError) as e:
-                return self._json(HTTPStatus.BAD_REQUEST, {"error": f"the body is not JSON: {e}"})
+            except (ValueError, RecursionError) as e:  # not JSON or not UTF-8; an integer of over 4,300 digits; deep nesting
+                return self._json(HTTPStatus.BAD_REQUEST, {"error": f"the body is not a JSON request: {e}"})
             try:
                 png, ms, shared = service.submit(request)
             except RequestError as e:
@@ -284,6 +305,15 @@ def make_handler(service: GenerationService, log=None):
                 log(f"{self.address_string()} {format % args}")
 
     return Handler
+
+
+def check_listen_address(host: str, port: int) -> None:
+    """Bind (host, port) as make_server will, and let go: OSError now for a taken port or a host that is not this
+    machine's, rather than after the minutes an 8B engine takes to load and warm up."""
+    with socket.socket(ThreadingHTTPServer.address_family, socket.SOCK_STREAM) as probe:
+        if ThreadingHTTPServer.allow_reuse_address:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        probe.bind((host, port))
 
 
 def make_server(service: GenerationService, host: str = "127.0.0.1", port: int = 8000, log=None) -> ThreadingHTTPServer:

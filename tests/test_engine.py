@@ -303,6 +303,47 @@ def test_torch_cuda_engine_refuses_checkpoints_changed_since_its_build(tmp_path,
         check_checkpoints(path, manifest)
 
 
+def test_a_rebuild_after_the_checkpoints_moved_records_where_they_are_now(tmp_path, monkeypatch):
+    """The stage keys hash the checkpoints' content, so moving them keeps every key and the rebuild skips every
+    stage; the build's checkpoint record (paths and stats) must still follow the files, or the load check looks for
+    the old paths and tells the user to rebuild, which changed nothing."""
+    from sparvar.engine import check_checkpoints
+
+    root = os.path.join(os.path.dirname(__file__), "..", "weights")
+    os.makedirs(tmp_path / "a")
+    names = ("infinity-cifar.safetensors", "infinity-cifar-tokenizer.safetensors")
+    for name in names:
+        shutil.copy(os.path.join(root, name), tmp_path / "a" / name)
+    path = str(tmp_path / "cuda")
+
+    def spec(folder):
+        return EngineSpec(model="infinity-cifar", resolution=64, backend="torch-cuda", dtype="bf16",
+                          weights=str(tmp_path / folder / names[0]), vae=str(tmp_path / folder / names[1]))
+
+    build_engine(spec("a"), path, log=QUIET)
+    os.replace(tmp_path / "a", tmp_path / "b")
+    logged = []
+    manifest = build_engine(spec("b"), path, log=logged.append)
+    assert sum("skipped" in m for m in logged) == 3  # same content: nothing rebuilt
+    assert sorted(manifest["stages"]["build"]["info"]["checkpoints"]) == sorted(str(tmp_path / "b" / n) for n in names)
+    check_checkpoints(path, read_manifest(path))
+
+
+def test_building_into_a_symlinked_engine_directory_replaces_its_target(tmp_path):
+    """A symlink as the engine directory: the build swaps in the directory it points to, so the link shows the new
+    engine and nothing is left beside it (renaming the link itself would leave the target stale and an unremovable
+    `.old-*` link behind)."""
+    target, link = tmp_path / "engines" / "tiny", tmp_path / "link"
+    os.makedirs(target)
+    os.symlink(target, link)
+    spec = EngineSpec(model="infinity-tiny", resolution=256, attention="dense", backend="torch-cuda", dtype="bf16")
+    first = build_engine(spec, str(link), log=QUIET)
+    assert os.path.islink(link) and read_manifest(str(link))["created"] == first["created"]
+    second = build_engine(spec, str(link), force=True, log=QUIET)
+    assert os.path.islink(link) and read_manifest(str(target)) == json.loads(json.dumps(second, default=str))
+    assert sorted(os.listdir(tmp_path)) == ["engines", "link"] and os.listdir(tmp_path / "engines") == ["tiny"]
+
+
 def test_an_engine_another_exporter_wrote_is_refused(engines, tmp_path):
     """Engines are checked file by file, and their graphs' inputs and outputs are the exporter's: a manifest from
     another export code (an older sparvar with the same format) is refused at load, not run."""

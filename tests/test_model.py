@@ -174,6 +174,10 @@ def test_bit_sampling_thresholds_and_determinism():
     assert greedy[0, 0, :2].tolist() == [0.0, 1.0]
     with pytest.raises(ValueError, match="top_k"):
         Sampling(top_k=5)
+    # NaN passes `tau <= 0` and `0 <= top_p <= 1` alike, and a NaN cfg turns every p1 into NaN: all bits 0
+    for bad in ({"cfg": float("nan")}, {"tau": float("nan")}, {"top_p": float("nan")}, {"cfg": float("inf")}):
+        with pytest.raises(ValueError, match=f"{next(iter(bad))} must be a finite number"):
+            Sampling(**bad)
 
 
 def test_param_counts_from_meta():

@@ -1,7 +1,9 @@
 """`sparvar serve` on the CPU: a warm infinity-tiny onnxruntime engine behind HTTP answers with the image
 `sparvar generate --engine` writes for the same prompt and seed, and refuses bad requests with a 400 naming them."""
+import http.client
 import io
 import json
+import socket
 import threading
 import time
 import urllib.error
@@ -68,6 +70,7 @@ def test_generate_returns_the_cli_image(server, engines, tmp_path, capsys):
     ({"prompt": "a cat", "tau": 0}, "tau must be > 0"),
     ({"prompt": "a cat", "cfg": "high"}, "'cfg' must be a finite number"),
     ({"prompt": "a cat", "top_p": float("nan")}, "'top_p' must be a finite number"),
+    ({"prompt": "a cat", "cfg": 10**400}, "'cfg' must be a finite number"),  # an int beyond float's range
     ({"prompt": "a cat", "cfg": 1.0}, "built with classifier-free guidance"),  # the engine's own refusal
     (["a cat"], "must be a JSON object"),
 ])
@@ -80,8 +83,18 @@ def test_bad_requests_get_400_naming_the_problem(server, body, message):
 
 def test_malformed_body_unknown_path_and_health(server):
     url, service = server
-    status, _, payload = _post(url, b"{not json", raw=True)
-    assert status == 400 and "not JSON" in json.loads(payload)["error"]
+    # not JSON; an integer json refuses to convert (over 4,300 digits); nesting deeper than the parser's recursion
+    for body in (b"{not json", b'{"prompt": "a cat", "seed": ' + b"1" * 5000 + b"}", b"[" * 60_000):
+        status, _, payload = _post(url, body, raw=True)
+        assert status == 400 and "not a JSON request" in json.loads(payload)["error"], body[:40]
+    host, port = url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    conn.putrequest("POST", "/generate")
+    conn.putheader("Content-Length", "abc")
+    conn.endheaders()
+    reply = conn.getresponse()
+    assert reply.status == 411 and "got 'abc'" in json.loads(reply.read())["error"]
+    conn.close()
     with pytest.raises(urllib.error.HTTPError) as e:
         urllib.request.urlopen(url + "/nope", timeout=30)
     assert e.value.code == 404
@@ -116,6 +129,37 @@ def test_service_refuses_what_it_cannot_serve(engines, tmp_path):
 def test_serve_command_refuses_bad_options(engines, args, code, message, capsys):
     assert main(["serve", "--engine", engines["sparvar"], *args]) == code
     assert message in capsys.readouterr().err
+
+
+def test_a_taken_port_is_refused_before_the_engine_loads(tmp_path, capsys):
+    """The port is tried first: the engine directory here does not even exist, and the error is about the port."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["serve", "--engine", str(tmp_path / "no-engine"), "--port", str(port)]) == 2
+    assert f"cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
+
+
+def test_a_client_that_never_sends_its_body_is_let_go(engines, monkeypatch):
+    """A socket that stalls past SOCKET_TIMEOUT_S is closed, so a client announcing a body it never sends does not
+    hold a server thread for good; the server keeps answering others."""
+    import sparvar.serve as serve
+
+    monkeypatch.setattr(serve, "SOCKET_TIMEOUT_S", 0.5)
+    httpd = make_server(GenerationService(engines["sparvar"]), "127.0.0.1", 0)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        with socket.create_connection(("127.0.0.1", httpd.server_port), timeout=30) as stalled:
+            stalled.sendall(b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"prompt\"")
+            t0 = time.monotonic()
+            assert stalled.recv(1024) == b""  # closed by the server, without an answer
+            assert time.monotonic() - t0 < 10
+        with urllib.request.urlopen(f"http://127.0.0.1:{httpd.server_port}/health", timeout=30) as r:
+            assert r.status == 200
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
 
 
 @pytest.mark.gpu
@@ -337,3 +381,32 @@ def test_a_request_that_waited_out_a_busy_engine_still_gets_company(batch2_engin
         t.join(timeout=60)
     assert shared["a hen"] == 1 and idle_before("a hen") < window / 2
     assert service.calls == 6
+
+
+def test_a_fault_while_forming_a_call_answers_the_waiting_requests_and_the_batcher_goes_on(batch2_engine, monkeypatch):
+    """The batcher thread must outlive a fault of its own (not only the engine's): otherwise every later request of
+    a batch engine waits forever while /health still says 200."""
+    service = GenerationService(batch2_engine, batch_wait_ms=50)
+    faults = iter([RuntimeError("boom")])
+
+    def flaky(waiting, sampling):
+        fault = next(faults, None)
+        if fault is not None:
+            raise fault
+        return False
+
+    monkeypatch.setattr(service, "_another_group_full", flaky)
+    answers = []
+
+    def ask():
+        try:
+            answers.append(service.submit({"prompt": "a cat", "seed": 1}))
+        except RuntimeError as e:
+            answers.append(str(e))
+
+    asking = threading.Thread(target=ask, daemon=True)  # a dead batcher would leave it waiting: fail, don't hang
+    asking.start()
+    asking.join(timeout=60)
+    assert answers == ["the request batcher failed (RuntimeError: boom)"]
+    png, _, shared = service.submit({"prompt": "a cat", "seed": 1})  # the same thread, still forming calls
+    assert png.startswith(b"\x89PNG") and shared == 1 and service.calls == 1
