@@ -58,7 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     build = esub.add_parser("build", help="export -> optimize -> build, skipping unchanged stages")
     _add_model_args(build)
     build.add_argument("--backend", default="onnxruntime", help="onnxruntime, tensorrt, tensorrt-rtx or torch-cuda")
-    build.add_argument("--engine-dir", help="output directory (default engines/<model>-<resolution>-<attention>-<backend>)")
+    build.add_argument("--engine-dir", help="output directory (default engines/<model>-<resolution>-<attention>[-fp8]-"
+                       "<backend>; a build there with another aspect, dtype, batch or weights replaces that engine, "
+                       "so give each variant you keep its own directory)")
     build.add_argument("--force", action="store_true", help="rebuild every stage")
     build.add_argument("--fp8", action="store_true", help="FP8 block linears at the large scales (torch-cuda, Infinity; "
                        "changes the numbers: see bench/results/fidelity_fp8.json)")
@@ -283,7 +285,7 @@ def main(argv=None) -> int:
     except UsageError as e:
         print(f"sparvar: error: {e}", file=sys.stderr)
         return 2
-    except (ValueError, FileNotFoundError) as e:  # bad checkpoint, engine or input file: say what is wrong
+    except (ValueError, OSError) as e:  # bad checkpoint, engine or input file, or a path it cannot read or write
         print(f"sparvar: error: {e}", file=sys.stderr)
         return 1
 

@@ -107,6 +107,10 @@ class CudaGraphRunner:
         cache = self.caches[text.batch]
         codes = [None] + [torch.zeros(B, n, model.cfg.bits, device=self.device) for n in schedule.lengths[1:]]
         if self.plan is not None:
+            # the CS4A state tensors of a set captured earlier are dropped here, and a later capture in the shared pool
+            # may reuse their memory while the earlier set's graphs keep those addresses. Safe because generations run
+            # one at a time and each writes that state at its decision scale before any later scale reads it: no
+            # pool tensor has to survive from one generation to the next
             self.plan.reset()
 
         def run(scale):

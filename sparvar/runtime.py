@@ -11,8 +11,8 @@ import sys
 import numpy as np
 import torch
 
-from .engine import (EngineError, EngineSpec, build_engine, check_compatible, check_model_config, engine_info,
-                     read_manifest, verify_files)
+from .engine import (EngineError, EngineSpec, build_engine, check_checkpoints, check_compatible, check_model_config,
+                     engine_info, read_manifest, verify_files)
 
 _NP = {"float32": np.float32, "float16": np.float16, "int32": np.int32, "int64": np.int64, "bool": np.bool_}
 
@@ -275,7 +275,14 @@ def print_engine_info(engine_dir: str) -> None:
 
 
 def verify_engine(engine_dir: str) -> None:
+    """What loading would check of the directory, without loading: every file against the manifest and, for an
+    engine that reads its weights from the spec's checkpoints (torch-cuda), those checkpoints against the build's
+    record. EngineError naming the first problem."""
     manifest = read_manifest(engine_dir)
     verify_files(engine_dir, manifest)
+    checked = ""
+    if manifest["spec"]["backend"] == "torch-cuda" and manifest["spec"]["weights"] is not None:
+        check_checkpoints(engine_dir, manifest)
+        checked = f", its {len(manifest['stages']['build']['info']['checkpoints'])} checkpoints unchanged since the build"
     print(f"{engine_dir}: manifest format {manifest['format_version']}, "
-          f"{sum(len(s['files']) for s in manifest['stages'].values())} files verified")
+          f"{sum(len(s['files']) for s in manifest['stages'].values())} files verified{checked}")

@@ -102,6 +102,18 @@ def test_cuda_without_gpu_is_a_clear_error(capsys):
     assert code == 2 and "no CUDA GPU is available" in err
 
 
+def test_an_os_error_is_a_message_not_a_traceback(capsys, tmp_path, monkeypatch):
+    """A path the command cannot read (an unreadable --t5 directory, a full disk) ends as `sparvar: error: ...`."""
+    import sparvar.cli as cli
+
+    def unreadable(args):
+        raise PermissionError(13, "Permission denied", str(tmp_path / "flan-t5-xl"))
+
+    monkeypatch.setattr(cli, "cmd_generate", unreadable)
+    assert main(["generate", "--model", "infinity-tiny", "--random-weights", "--out", str(tmp_path / "x.png")]) == 1
+    assert "sparvar: error: [Errno 13] Permission denied:" in capsys.readouterr().err
+
+
 def test_missing_engine_dir_is_a_clear_error(capsys, tmp_path):
     code, err = _run(["generate", "--engine", str(tmp_path / "nope")], capsys)
     assert code == 1 and "engine directory not found" in err

@@ -6,6 +6,7 @@ import shutil
 import pytest
 import torch
 
+from sparvar.cli import main
 from sparvar.config import get_config
 from sparvar.engine import EngineError, EngineSpec, build_engine, read_manifest, verify_files
 from sparvar.generate import Sampling
@@ -303,7 +304,7 @@ def test_torch_cuda_engine_refuses_checkpoints_changed_since_its_build(tmp_path,
         check_checkpoints(path, manifest)
 
 
-def test_a_rebuild_after_the_checkpoints_moved_records_where_they_are_now(tmp_path, monkeypatch):
+def test_a_rebuild_after_the_checkpoints_moved_records_where_they_are_now(tmp_path, capsys):
     """The stage keys hash the checkpoints' content, so moving them keeps every key and the rebuild skips every
     stage; the build's checkpoint record (paths and stats) must still follow the files, or the load check looks for
     the old paths and tells the user to rebuild, which changed nothing."""
@@ -321,12 +322,17 @@ def test_a_rebuild_after_the_checkpoints_moved_records_where_they_are_now(tmp_pa
                           weights=str(tmp_path / folder / names[0]), vae=str(tmp_path / folder / names[1]))
 
     build_engine(spec("a"), path, log=QUIET)
+    assert main(["engine", "verify", path]) == 0
+    assert "2 checkpoints unchanged since the build" in capsys.readouterr().out
     os.replace(tmp_path / "a", tmp_path / "b")
+    assert main(["engine", "verify", path]) == 1  # what loading would say, without loading
+    assert "infinity-cifar.safetensors is missing; restore it or rebuild" in capsys.readouterr().err
     logged = []
     manifest = build_engine(spec("b"), path, log=logged.append)
     assert sum("skipped" in m for m in logged) == 3  # same content: nothing rebuilt
     assert sorted(manifest["stages"]["build"]["info"]["checkpoints"]) == sorted(str(tmp_path / "b" / n) for n in names)
     check_checkpoints(path, read_manifest(path))
+    assert main(["engine", "verify", path]) == 0
 
 
 def test_building_into_a_symlinked_engine_directory_replaces_its_target(tmp_path):
