@@ -67,6 +67,10 @@ class EngineSpec:
         if self.fp8 and (self.backend != "torch-cuda" or family != "infinity"):
             raise ValueError(f"FP8 linears are built for Infinity models on the torch-cuda backend only, not "
                              f"{self.model} on {self.backend!r}")
+        if self.backend == "torch-cuda" and self.attention == "sparvar" and self.dtype == "fp32":
+            # found at build, not at the first generation on the GPU: the CSLA/CS4A Triton kernels take 16-bit inputs
+            raise ValueError("torch-cuda SparVAR engines run bf16 or fp16 (the SparVAR Triton kernels take 16-bit "
+                             "inputs); give --dtype bf16 (the default) or fp16")
         if family == "hart":
             if self.backend == "tensorrt":
                 raise ValueError(f"{self.model}: HART engines build for the onnxruntime, torch-cuda and tensorrt-rtx "

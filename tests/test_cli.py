@@ -128,7 +128,11 @@ def test_engine_dtype_defaults_per_backend():
 
     assert spec("--model", "infinity-2b", "--backend", "torch-cuda").dtype == "bf16"
     assert spec("--model", "infinity-2b", "--backend", "onnxruntime").dtype == "fp16"
-    assert spec("--model", "infinity-tiny", "--backend", "torch-cuda").dtype == "fp32"
+    assert spec("--model", "infinity-tiny", "--backend", "torch-cuda").dtype == "bf16"  # what its kernels take
+    assert spec("--model", "infinity-tiny", "--backend", "onnxruntime").dtype == "fp32"
+    with pytest.raises(ValueError, match="torch-cuda SparVAR engines run bf16 or fp16"):
+        spec("--model", "infinity-tiny", "--backend", "torch-cuda", "--dtype", "fp32", "--attention", "sparvar")
+    assert spec("--model", "infinity-tiny", "--backend", "torch-cuda", "--dtype", "fp32").attention == "dense"
     assert spec("--model", "infinity-2b", "--backend", "torch-cuda", "--dtype", "fp16").dtype == "fp16"
     assert spec("--model", "infinity-2b", "--backend", "torch-cuda", "--fp8").fp8
 

@@ -163,13 +163,14 @@ def test_a_torch_cuda_build_never_reuses_another_backends_export(engines, tmp_pa
     """torch-cuda exports no graphs: switching an engine directory between it and onnxruntime must redo the export
     (reusing it left an onnxruntime engine with no graphs that still verified)."""
     path = str(tmp_path / "e")
-    shutil.copytree(engines["sparvar"], path)
+    shutil.copytree(engines["dense"], path)
     logs = []
-    spec = EngineSpec(model="infinity-tiny", resolution=256, attention="sparvar", backend="torch-cuda")  # else alike
+    # dense: a torch-cuda SparVAR engine takes no fp32, and the spec must be alike in all else
+    spec = EngineSpec(model="infinity-tiny", resolution=256, attention="dense", backend="torch-cuda")
     manifest = build_engine(spec, path, log=logs.append)
     assert not any("skipped" in line for line in logs), logs
     assert manifest["stages"]["export"]["info"]["units"] == {}
-    assert manifest["stages"]["export"]["key"] != read_manifest(engines["sparvar"])["stages"]["export"]["key"]
+    assert manifest["stages"]["export"]["key"] != read_manifest(engines["dense"])["stages"]["export"]["key"]
 
 
 def test_interrupted_build_leaves_old_engine_intact(engines, tmp_path, monkeypatch):
