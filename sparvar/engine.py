@@ -148,6 +148,12 @@ def read_manifest(engine_dir: str) -> dict:
             for stage in STAGES):
         raise EngineError(f"{path} is incomplete (it needs a spec and the {', '.join(STAGES)} stages with their files); "
                           "rebuild the engine")
+    # what loading reads without looking twice: missing, they were a KeyError traceback deep in a runner
+    missing = [f"spec.{f.name}" for f in dataclasses.fields(EngineSpec) if f.name not in manifest["spec"]]
+    missing += [key for key, kind in (("schedule", list), ("model_config", dict), ("units", dict))
+                if not isinstance(manifest.get(key), kind)]
+    if missing:
+        raise EngineError(f"{path} is incomplete or foreign (no {', '.join(missing)}); rebuild the engine")
     return manifest
 
 
@@ -207,6 +213,11 @@ def check_checkpoints(engine_dir: str, manifest: dict) -> None:
         if st.st_size != rec["bytes"] or file_digest(path) != rec["sha256"]:
             raise EngineError(f"{engine_dir}: its checkpoint {path} changed since the engine was built; rebuild the "
                               "engine (sparvar engine build) to run the new weights")
+    # the recorded files are as built; the files loading would read now: a folder spec (HART's llm/) picks its files at load, and may pick others
+    now = sorted(os.path.abspath(p) for p in checkpoint_files(manifest["spec"]))
+    if now != sorted(record):
+        raise EngineError(f"{engine_dir}: its spec now selects the checkpoint files {now}, not the {sorted(record)} it "
+                          "was built from; rebuild the engine (sparvar engine build) to run them")
 
 
 def load_engine_plan(engine_dir: str, manifest: dict, backend: str = "triton"):

@@ -138,6 +138,20 @@ def test_malformed_manifests_are_refused_by_name(tmp_path, content, message):
     assert "manifest.json" in str(e.value)
 
 
+@pytest.mark.parametrize("drop", [("spec", "model"), ("spec", "batch"), ("schedule",), ("model_config",)])
+def test_a_manifest_missing_what_loading_reads_is_refused_by_name(engines, tmp_path, drop):
+    """Fields the runners read (the spec's, the schedule, the model config): missing, an EngineError naming them
+    before anything loads, not a KeyError deep in a runner."""
+    path = str(tmp_path / "e")
+    shutil.copytree(engines["sparvar"], path)
+    manifest = read_manifest(path)
+    del (manifest if len(drop) == 1 else manifest[drop[0]])[drop[-1]]
+    with open(os.path.join(path, "manifest.json"), "w") as f:
+        json.dump(manifest, f)
+    with pytest.raises(EngineError, match=f"incomplete or foreign \\(no {'.'.join(drop)}\\); rebuild"):
+        load_engine_pipeline(path)
+
+
 def test_build_never_replaces_a_directory_that_is_not_an_engine(tmp_path, monkeypatch):
     """The build swaps the whole engine directory in: a folder holding anything but an engine is refused before any
     work, and so is a file; `.` is resolved first (renaming '.' itself fails only after the whole build)."""
@@ -305,7 +319,7 @@ def test_torch_cuda_engine_refuses_checkpoints_changed_since_its_build(tmp_path,
         check_checkpoints(path, manifest)
 
 
-def test_a_rebuild_after_the_checkpoints_moved_records_where_they_are_now(tmp_path, capsys):
+def test_a_rebuild_after_the_checkpoints_moved_records_where_they_are_now(tmp_path, capsys, monkeypatch):
     """The stage keys hash the checkpoints' content, so moving them keeps every key and the rebuild skips every
     stage; the build's checkpoint record (paths and stats) must still follow the files, or the load check looks for
     the old paths and tells the user to rebuild, which changed nothing."""
@@ -334,6 +348,14 @@ def test_a_rebuild_after_the_checkpoints_moved_records_where_they_are_now(tmp_pa
     assert sorted(manifest["stages"]["build"]["info"]["checkpoints"]) == sorted(str(tmp_path / "b" / n) for n in names)
     check_checkpoints(path, read_manifest(path))
     assert main(["engine", "verify", path]) == 0
+    # the same recorded files, but the spec now selects others (a HART llm/ folder that gained a model.safetensors)
+    import sparvar.engine as engine
+
+    selects = engine.checkpoint_files
+    monkeypatch.setattr(engine, "checkpoint_files", lambda spec: [str(tmp_path / "b" / "model.safetensors"),
+                                                                   *selects(spec)[1:]])
+    with pytest.raises(EngineError, match="its spec now selects the checkpoint files .*model.safetensors.*rebuild"):
+        check_checkpoints(path, read_manifest(path))
 
 
 def test_building_into_a_symlinked_engine_directory_replaces_its_target(tmp_path):
