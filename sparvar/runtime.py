@@ -221,7 +221,6 @@ def load_engine_pipeline(engine_dir: str, skip_last: int = 0, **expected):
     from .schedule import get_schedule
 
     manifest = read_manifest(engine_dir)
-    verify_files(engine_dir, manifest)
     check_compatible(manifest, engine_dir, **expected)
     spec = manifest["spec"]
     cfg = get_config(spec["model"])
@@ -235,6 +234,8 @@ def load_engine_pipeline(engine_dir: str, skip_last: int = 0, **expected):
     if not 0 <= skip_last < schedule.num_scales:  # before any weights load (a server would fail every request)
         raise ValueError(f"skip_last must be in [0, {schedule.num_scales - 1}] for {engine_dir}'s "
                          f"{schedule.num_scales}-scale schedule, got {skip_last}")
+    # last of the checks: it hashes every file (tens of GB at 8B), which a wrong resolution or option need not wait for
+    verify_files(engine_dir, manifest)
     backend = spec["backend"]
     if getattr(cfg, "family", "infinity") == "hart":  # its own runner protocol and loop (sparvar/hart/runtime.py)
         from .hart.runtime import load_hart_engine_pipeline

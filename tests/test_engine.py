@@ -87,6 +87,22 @@ def test_unchanged_stages_are_skipped_and_changed_rebuilt(tmp_path):
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".tmp")], "no temporary directory left behind"
 
 
+def test_what_loading_can_refuse_cheaply_it_refuses_before_hashing_the_files(engines, monkeypatch):
+    """Hashing every file takes minutes at 8B: an option or spec the engine cannot run is refused before it."""
+    import sparvar.runtime as runtime
+
+    def hashing(*args):
+        raise AssertionError("hashed the engine's files before a check that needs none")
+
+    monkeypatch.setattr(runtime, "verify_files", hashing)
+    with pytest.raises(ValueError, match="skip_last must be in"):
+        load_engine_pipeline(engines["dense"], skip_last=99)
+    with pytest.raises(EngineError, match="built for model='infinity-tiny'"):
+        load_engine_pipeline(engines["dense"], model="infinity-2b")
+    with pytest.raises(AssertionError, match="hashed"):  # a runnable request does hash them
+        load_engine_pipeline(engines["dense"])
+
+
 def test_corrupt_missing_foreign_and_newer_engines_are_refused(engines, tmp_path):
     path = str(tmp_path / "copy")
     shutil.copytree(engines["dense"], path)
