@@ -150,6 +150,11 @@ def check_out_path(out: str) -> None:
         raise UsageError(f"--out must name an image file, got {out!r}")
     if os.path.isdir(out):
         raise UsageError(f"--out {out} is a directory; give a file name (e.g. {os.path.join(out, 'image.png')})")
+    from .pipeline import image_format
+
+    if image_format(out) is None:  # Pillow would say so only after the whole generation
+        raise UsageError(f"--out {out}: no image format writes {os.path.splitext(out)[1]!r} files; use .png, .jpg or "
+                         ".webp")
     parent = os.path.dirname(os.path.abspath(out))
     while not os.path.exists(parent):  # the first existing ancestor must be a writable directory
         parent = os.path.dirname(parent)

@@ -146,6 +146,20 @@ def save_images(images: torch.Tensor, out: str) -> list[str]:
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     for a, path in zip(arr, paths):
         tmp = f"{path}.tmp-{os.getpid()}{ext}"
-        Image.fromarray(a).save(tmp)
-        os.replace(tmp, path)
+        try:
+            Image.fromarray(a).save(tmp)
+            os.replace(tmp, path)
+        finally:  # a failed write (disk full, no encoder) leaves no half-written temp file behind
+            if os.path.exists(tmp):
+                os.remove(tmp)
     return paths
+
+
+def image_format(path: str) -> str | None:
+    """The Pillow format an output path's extension saves as (PNG without one), None if Pillow cannot write it."""
+    from PIL import Image
+
+    Image.init()  # registers every plug-in's extensions
+    ext = os.path.splitext(path)[1].lower() or ".png"
+    fmt = Image.registered_extensions().get(ext)
+    return fmt if fmt in Image.SAVE else None

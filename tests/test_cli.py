@@ -65,7 +65,8 @@ def test_bad_arguments_are_named(args, message, capsys, tmp_path):
 def test_bad_out_paths_are_refused_before_generating(capsys, tmp_path):
     (tmp_path / "afile").write_text("x")
     for out, message in ((str(tmp_path), "is a directory; give a file name"), ("", "must name an image file"),
-                         (str(tmp_path / "afile" / "x.png"), "afile is a file, not a directory")):
+                         (str(tmp_path / "afile" / "x.png"), "afile is a file, not a directory"),
+                         (str(tmp_path / "x.foo"), "no image format writes '.foo' files")):
         code, err = _run(["generate", "--random-weights", "--out", out], capsys)
         assert code == 2 and message in err, (out, err)
     assert sorted(os.listdir(tmp_path)) == ["afile"]  # nothing written, nothing generated
@@ -147,3 +148,21 @@ def test_a_backend_that_is_not_installed_is_refused_before_the_export(capsys, tm
                       "--engine-dir", str(tmp_path / "e")], capsys)
     assert code == 1 and "cannot build a tensorrt engine on this machine: TensorRT not installed" in err, err
     assert not os.listdir(tmp_path)
+
+
+def test_a_failed_image_write_leaves_no_temp_file(tmp_path, monkeypatch):
+    """save_images writes to a temp name and renames; when the write fails (disk full), the temp file goes too."""
+    import torch
+    from PIL import Image
+
+    from sparvar.pipeline import save_images
+
+    def full_disk(self, fp, *args, **kwargs):
+        with open(fp, "wb") as f:
+            f.write(b"\x89PNG half")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Image.Image, "save", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        save_images(torch.rand(1, 3, 8, 8), str(tmp_path / "x.png"))
+    assert os.listdir(tmp_path) == []
