@@ -326,7 +326,13 @@ def build_engine(spec: EngineSpec, engine_dir: str, force: bool = False, log=pri
             if old is not None and old["stages"].get(stage, {}).get("key") == key:
                 for rel in old["stages"][stage]["files"]:
                     os.makedirs(os.path.dirname(os.path.join(tmp, rel)), exist_ok=True)
-                    shutil.copy2(os.path.join(engine_dir, rel), os.path.join(tmp, rel))
+                    # a hard link, not a copy: the files stay the ones a running server has loaded (it checks them
+                    # by inode), and the graphs' shared weights stay one file on disk. No stage writes into a file
+                    # it did not create, so the old engine is never changed through a link
+                    try:
+                        os.link(os.path.join(engine_dir, rel), os.path.join(tmp, rel))
+                    except OSError:  # a file system without hard links
+                        shutil.copy2(os.path.join(engine_dir, rel), os.path.join(tmp, rel))
                 rec = old["stages"][stage]
                 info = stages.refresh_skipped_info(stage, context, rec.get("info", {}))
                 records[stage] = StageRecord(key=key, files=rec["files"], info=info, seconds=0.0)

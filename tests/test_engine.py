@@ -374,6 +374,35 @@ def test_a_rebuild_after_the_checkpoints_moved_records_where_they_are_now(tmp_pa
         check_checkpoints(path, read_manifest(path))
 
 
+def test_a_rebuild_that_changes_nothing_keeps_the_very_files(tmp_path):
+    """Skipped stages link their files into the new directory: a server that loaded the engine (its sessions keyed by
+    inode) keeps running through a rebuild that changed nothing, and shared weights stay one file on disk."""
+    from sparvar.runtime import SESSIONS
+
+    path = str(tmp_path / "e")
+    spec = EngineSpec(model="infinity-tiny", resolution=256, attention="dense")  # the `engines` fixture's dense one
+    build_engine(spec, path, log=QUIET)
+    weights = [os.path.join(path, stage, "weights.bin") for stage in ("export", "optimize")]
+    before = {rel: os.stat(os.path.join(path, rel)).st_ino for rel in _engine_files(path)}
+    assert os.stat(weights[0]).st_ino == os.stat(weights[1]).st_ino
+    pipe = load_engine_pipeline(path)
+    features, lengths = pipe.text_features(["a red car"], allow_hashed=True)
+    first = pipe.generate(features, lengths, Sampling(cfg=3.0), seed=1).image
+    budget, SESSIONS.budget = SESSIONS.budget, 1  # every step reopens its session, checking the file by inode
+    try:
+        logs = []
+        build_engine(spec, path, log=logs.append)
+        assert sum("skipped" in m for m in logs) == 3
+        assert {rel: os.stat(os.path.join(path, rel)).st_ino for rel in _engine_files(path)} == before
+        assert torch.equal(pipe.generate(features, lengths, Sampling(cfg=3.0), seed=1).image, first)
+    finally:
+        SESSIONS.budget = budget
+
+
+def _engine_files(path):
+    return sorted(rel for stage in read_manifest(path)["stages"].values() for rel in stage["files"])
+
+
 def test_building_into_a_symlinked_engine_directory_replaces_its_target(tmp_path):
     """A symlink as the engine directory: the build swaps in the directory it points to, so the link shows the new
     engine and nothing is left beside it (renaming the link itself would leave the target stale and an unremovable
