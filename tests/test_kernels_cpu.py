@@ -426,6 +426,15 @@ INTERPRETER_SCRIPT = textwrap.dedent('''
         out = K.dense_attention(q[:2], kb, kb, block_m=16, block_n=32, kv_lens=torch.tensor(lens, dtype=torch.int32))
         assert out[0].isnan().all(), f"kv_lens {lens}: a row of no keys must give NaN, got {out[0].flatten()[:4]}"
         err(out[1:], reference_attention(q[1:2], kb[1:2, :, :5], kb[1:2, :, :5]))
+    # a CSLA row that lists no key block gives NaN, as the reference does, on both paths (Lk a whole number of
+    # blocks or not): before a clamp, with a partial last block the kernel ran the previous row's last entry
+    q = torch.randn(1, 1, 32, 64, dtype=dt)
+    for lk in (48, 64):
+        k, v = torch.randn(1, 1, lk, 64, dtype=dt), torch.randn(1, 1, lk, 64, dtype=dt)
+        counts, idx = torch.tensor([1, 0], dtype=torch.int32), torch.tensor([[1], [1]], dtype=torch.int32)
+        out = K.csla_attention_blocks(q, k, v, counts, idx, 16, 32)
+        assert out[0, 0, 16:].isnan().all(), f"Lk {lk}: a row of no key blocks must give NaN"
+        err(out[:, :, :16], K.reference_csla_attention(q, k, v, counts, idx, 16, 32)[:, :, :16])
     # token-major q (the engine's layout): every output takes q's layout, so attention -> projection needs no copy,
     # and the numbers are the contiguous run's
     def token_major(t):

@@ -17,6 +17,7 @@ the model's q already carries its scale.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import weakref
@@ -47,6 +48,12 @@ def kernels_take(dtype: torch.dtype | None, head_dim: int | None) -> bool:
 def interpreting() -> bool:
     """Triton's CPU interpreter (TRITON_INTERPRET=1): kernels then run on CPU tensors, for tests only."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def launch_device(t: torch.Tensor):
+    """The context to launch a kernel for tensor t in: Triton launches on the current CUDA device, not on its
+    arguments' (a cuda:1 tensor launched from cuda:0 faults); nothing under the interpreter."""
+    return contextlib.nullcontext() if interpreting() or not t.is_cuda else torch.cuda.device(t.device)
 
 
 def autotuning() -> bool:
@@ -229,8 +236,10 @@ if HAS_TRITON:
             if DENSE:
                 num_full = tl.maximum(num - 1, 0)  # no key at all (a row of length 0): no tail tile either
             else:
-                last = tl.load(idx_row + num - 1)
-                num_full = num - (last == (kv_len - 1) // BLOCK_N).to(tl.int32)
+                # a row listing no block (num 0) has no tail either: without the clamps it read the previous
+                # row's last entry (KVIndices[-1] for the first row) and ran it as a partial block
+                last = tl.load(idx_row + tl.maximum(num - 1, 0))
+                num_full = tl.maximum(num - (last == (kv_len - 1) // BLOCK_N).to(tl.int32), 0)
 
         for i in range(0, num_full):
             if DENSE:
