@@ -18,13 +18,13 @@ with our kernel's fp32 O_dense it also writes O_dense rounded to the input dtype
 """
 from __future__ import annotations
 
-import contextlib
 import math
 
 import torch
 
 from sparvar.kernels.csla import (HAS_TRITON, HEAD_DIMS, LOG2E, attention_output_like, autotuning, check_device,
-                                  check_index, check_qkv, dense_attention, interpreting, require_triton)
+                                  check_index, check_qkv, dense_attention, interpreting, launch_device,
+                                  require_triton)
 
 if HAS_TRITON:
     import triton
@@ -522,7 +522,7 @@ def upsample_cache(o_cache: torch.Tensor, src_grid: tuple[int, int], dst_grid: t
     check_device(name, o_cache, hint="use sparvar.cs4a.upsample_cache elsewhere")
     out = torch.empty((b, h, hd * wd, d), dtype=o_cache.dtype, device=o_cache.device)
     grid = (triton.cdiv(hd * wd, UPSAMPLE_TILE), b * h)
-    with contextlib.nullcontext() if interpreting() else torch.cuda.device(o_cache.device):
+    with launch_device(o_cache):
         _upsample_cache_kernel[grid](o_cache, out, h, hs, ws, hd, wd, hs / hd, ws / wd,
                                      o_cache.stride(0), o_cache.stride(1), o_cache.stride(2),
                                      out.stride(0), out.stride(1), out.stride(2),

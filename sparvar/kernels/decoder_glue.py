@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from sparvar.kernels.csla import HAS_TRITON, check_device, interpreting, require_triton
+from sparvar.kernels.csla import HAS_TRITON, check_device, interpreting, launch_device, require_triton
 from sparvar.kernels.group_norm import check_image
 
 if HAS_TRITON:
@@ -93,8 +93,9 @@ def residual_add(x: torch.Tensor, h: torch.Tensor, bias: torch.Tensor) -> torch.
     out = torch.empty_like(x, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     N = x.numel()
     block = 256 if interpreting() else ADD_BLOCK
-    _residual_add_kernel[(triton.cdiv(N, block),)](x, h, bias, out, N, C, 1 if channels_last else H * W, BLOCK=block,
-                                                   num_warps=8)
+    with launch_device(x):
+        _residual_add_kernel[(triton.cdiv(N, block),)](x, h, bias, out, N, C, 1 if channels_last else H * W, BLOCK=block,
+                                                       num_warps=8)
     return out
 
 
@@ -112,6 +113,7 @@ def upsample_nearest_2x(x: torch.Tensor) -> torch.Tensor:
     block_c = triton.next_power_of_2(C)
     block_p = max(1, (256 if interpreting() else UPSAMPLE_TILE) // block_c)
     P = B * 4 * H * W
-    _upsample_nearest_2x_kernel[(triton.cdiv(P, block_p),)](x, out, H, W, C, P, BLOCK_P=block_p, BLOCK_C=block_c,
-                                                           num_warps=8)
+    with launch_device(x):
+        _upsample_nearest_2x_kernel[(triton.cdiv(P, block_p),)](x, out, H, W, C, P, BLOCK_P=block_p, BLOCK_C=block_c,
+                                                               num_warps=8)
     return out

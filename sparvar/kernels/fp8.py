@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from sparvar.fp8 import FP8, FP8_MAX, MIN_AMAX
-from sparvar.kernels.csla import HAS_TRITON, check_device, require_triton
+from sparvar.kernels.csla import HAS_TRITON, check_device, launch_device, require_triton
 
 if HAS_TRITON:
     import triton
@@ -69,5 +69,7 @@ def quantize_rows_triton(x: torch.Tensor, gelu: bool = False) -> tuple[torch.Ten
     scale = torch.empty((M, 1), dtype=torch.float32, device=x.device)
     if x.numel():
         block = triton.next_power_of_2(K)
-        _quantize_rows_kernel[(M,)](x, q, scale, K, BLOCK_K=block, GELU=bool(gelu), num_warps=min(16, max(4, block // 1024)))
+        with launch_device(x):
+            _quantize_rows_kernel[(M,)](x, q, scale, K, BLOCK_K=block, GELU=bool(gelu),
+                                        num_warps=min(16, max(4, block // 1024)))
     return q, scale

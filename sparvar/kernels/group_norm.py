@@ -33,7 +33,7 @@ import math
 
 import torch
 
-from sparvar.kernels.csla import HAS_TRITON, INT32_MAX, check_device, interpreting, require_triton
+from sparvar.kernels.csla import HAS_TRITON, INT32_MAX, check_device, interpreting, launch_device, require_triton
 
 if HAS_TRITON:
     import triton
@@ -227,13 +227,14 @@ def group_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, num_gr
     out = torch.empty_like(x, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     has_pre_bias = pre_bias is not None
     pre_bias = pre_bias if has_pre_bias else weight  # any pointer when PRE_BIAS is off: never read
-    _group_norm_stats_kernel[(chunks, B)](
-        x, pre_bias, partials, S, C, tiles_per_chunk, chunks, B * chunks * C,
-        CHANNELS_LAST=channels_last, PRE_BIAS=has_pre_bias, BLOCK_S=stats_s, BLOCK_C=block_c, num_warps=8)
-    _group_norm_finish_kernel[(G, B)](
-        partials, weight, bias, pre_bias, scale_shift, chunks, C, C // G, B * chunks * C, B * C, float((C // G) * S),
-        float(eps), PRE_BIAS=has_pre_bias, BLOCK_K=FINISH_BLOCK_K, BLOCK_CG=triton.next_power_of_2(C // G), num_warps=4)
-    _group_norm_apply_kernel[(triton.cdiv(S, apply_s), B)](
-        x, out, scale_shift, S, C, B * C,
-        CHANNELS_LAST=channels_last, SILU=bool(silu), BLOCK_S=apply_s, BLOCK_C=block_c, num_warps=8)
+    with launch_device(x):
+        _group_norm_stats_kernel[(chunks, B)](
+            x, pre_bias, partials, S, C, tiles_per_chunk, chunks, B * chunks * C,
+            CHANNELS_LAST=channels_last, PRE_BIAS=has_pre_bias, BLOCK_S=stats_s, BLOCK_C=block_c, num_warps=8)
+        _group_norm_finish_kernel[(G, B)](
+            partials, weight, bias, pre_bias, scale_shift, chunks, C, C // G, B * chunks * C, B * C, float((C // G) * S),
+            float(eps), PRE_BIAS=has_pre_bias, BLOCK_K=FINISH_BLOCK_K, BLOCK_CG=triton.next_power_of_2(C // G), num_warps=4)
+        _group_norm_apply_kernel[(triton.cdiv(S, apply_s), B)](
+            x, out, scale_shift, S, C, B * C,
+            CHANNELS_LAST=channels_last, SILU=bool(silu), BLOCK_S=apply_s, BLOCK_C=block_c, num_warps=8)
     return out

@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 
 from sparvar.fp8 import FP8, Fp8Rows
-from sparvar.kernels.csla import HAS_TRITON, check_device, interpreting, require_triton
+from sparvar.kernels.csla import HAS_TRITON, check_device, interpreting, launch_device, require_triton
 
 if HAS_TRITON:
     import triton
@@ -246,12 +246,13 @@ def residual_norm(x: torch.Tensor, y: torch.Tensor | None = None, gate: torch.Te
     if x.numel():
         block = triton.next_power_of_2(C)
         dummy = x
-        _residual_norm_kernel[(B * n,)](
-            x, y if y is not None else dummy, gate if gate is not None else dummy, x_out if x_out is not None else dummy,
-            out if out is not None else dummy, weight if weight is not None else dummy,
-            bias if bias is not None else dummy, row_scale if quantize else dummy, n, C, gate_stride, w_stride,
-            b_stride, float(eps), HAS_Y=y is not None, GATED=gate is not None, NORM=norm, QUANT=bool(quantize),
-            BLOCK_C=block, num_warps=4 if block <= 2048 else 8)
+        with launch_device(x):
+            _residual_norm_kernel[(B * n,)](
+                x, y if y is not None else dummy, gate if gate is not None else dummy, x_out if x_out is not None else dummy,
+                out if out is not None else dummy, weight if weight is not None else dummy,
+                bias if bias is not None else dummy, row_scale if quantize else dummy, n, C, gate_stride, w_stride,
+                b_stride, float(eps), HAS_Y=y is not None, GATED=gate is not None, NORM=norm, QUANT=bool(quantize),
+                BLOCK_C=block, num_warps=4 if block <= 2048 else 8)
     if quantize:
         return x_out, Fp8Rows(out.view(B * n, C), row_scale, x.shape)
     return x_out, out
@@ -285,10 +286,11 @@ def _launch_attention_inputs(kernel, qkv: torch.Tensor, k_out: torch.Tensor, v_o
     q = torch.empty((B, n, H, D), dtype=qkv.dtype, device=qkv.device).transpose(1, 2)
     if qkv.numel():
         block_t = 16 if interpreting() else max(16, min(4096 // D, triton.next_power_of_2(n)))  # 32 fp32 per thread
-        kernel[(triton.cdiv(n, block_t), B * H)](
-            qkv, q, k_out, v_out, n, H, qkv.stride(0), qkv.stride(1),
-            q.stride(0), q.stride(1), q.stride(2), k_out.stride(0), k_out.stride(1), k_out.stride(2),
-            v_out.stride(0), v_out.stride(1), v_out.stride(2), *args, D=D, BLOCK_T=block_t, num_warps=4)
+        with launch_device(qkv):
+            kernel[(triton.cdiv(n, block_t), B * H)](
+                qkv, q, k_out, v_out, n, H, qkv.stride(0), qkv.stride(1),
+                q.stride(0), q.stride(1), q.stride(2), k_out.stride(0), k_out.stride(1), k_out.stride(2),
+                v_out.stride(0), v_out.stride(1), v_out.stride(2), *args, D=D, BLOCK_T=block_t, num_warps=4)
     return q
 
 
@@ -339,7 +341,8 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     out = torch.empty_like(gate)
     if gate.numel():
         block = 1024
-        _swiglu_kernel[(triton.cdiv(gate.numel(), block),)](gate, up, out, gate.numel(), BLOCK=block, num_warps=4)
+        with launch_device(gate):
+            _swiglu_kernel[(triton.cdiv(gate.numel(), block),)](gate, up, out, gate.numel(), BLOCK=block, num_warps=4)
     return out
 
 
