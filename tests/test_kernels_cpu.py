@@ -57,6 +57,11 @@ def test_csla_wrapper_rejects_bad_inputs():
         call(q, k, v, nb, idx, 16, 16)
     with pytest.raises(TypeError, match="torch.Tensor"):
         call("q", k, v, nb, idx, 16, 16)
+    # every dimension's span fits in int32 (the largest, the batch's, is 2.01e9) but their sum, the last element's
+    # offset, is 4.03e9: the kernels' int32 offsets would wrap
+    big = torch.empty((2, 15, 2 ** 20, 128), dtype=torch.float16, device="meta")
+    with pytest.raises(ValueError, match="spans more than 2\\*\\*31 elements"):
+        call(big, big, big, nb, idx, 16, 16)
 
 
 def test_csla_layout_object_checks():

@@ -91,7 +91,8 @@ def check_qkv(name: str, q, k, v) -> None:
     for label, t in (("q", q), ("k", k), ("v", v)):
         if t.stride(3) != 1:
             raise ValueError(f"{name}: {label} must be contiguous in the head dim (stride 1), got strides {t.stride()}")
-        if max((s - 1) * st for s, st in zip(t.shape, t.stride())) > INT32_MAX:
+        # the kernels add the batch, head, token and dim offsets in int32: the largest sum must fit, not each term
+        if sum((s - 1) * st for s, st in zip(t.shape, t.stride())) > INT32_MAX:
             raise ValueError(f"{name}: {label} spans more than 2**31 elements; int32 offsets would overflow")
 
 
