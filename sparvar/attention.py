@@ -42,9 +42,10 @@ def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask:
     heads = max(1, REFERENCE_SCORE_BYTES // max(1, B * Lq * k.shape[-2] * 4))
     if heads >= H:
         return _reference_attention(q, k, v, mask)
-    per_head_mask = mask is not None and mask.dim() == 4 and mask.shape[1] == H
+    # broadcasting aligns from the right: a mask's dim -3, if it has one of size H, is the heads' (3-D or 4-D)
+    per_head_mask = mask is not None and mask.dim() >= 3 and mask.shape[-3] == H
     return torch.cat([_reference_attention(q[:, h:h + heads], k[:, h:h + heads], v[:, h:h + heads],
-                                           mask[:, h:h + heads] if per_head_mask else mask)
+                                           mask.narrow(-3, h, min(heads, H - h)) if per_head_mask else mask)
                       for h in range(0, H, heads)], dim=1)
 
 

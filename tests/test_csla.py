@@ -159,7 +159,7 @@ def test_reference_attention_in_head_chunks_equals_all_at_once(monkeypatch):
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, 5, n, 8, generator=g) for n in (7, 11, 11))
     masks = [None, torch.rand(7, 11, generator=g) < 0.5, torch.rand(2, 5, 7, 11, generator=g) < 0.5,
-             torch.rand(2, 1, 1, 11, generator=g) < 0.5]
+             torch.rand(2, 1, 1, 11, generator=g) < 0.5, torch.rand(5, 7, 11, generator=g) < 0.5]  # last: per head, 3-D
     whole = [attention.reference_attention(q, k, v, m) for m in masks]
     monkeypatch.setattr(attention, "REFERENCE_SCORE_BYTES", 2 * 7 * 11 * 4 * 2)  # two heads per chunk
     for m, want in zip(masks, whole):  # a query row with no key is NaN in both paths alike
