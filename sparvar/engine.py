@@ -63,6 +63,8 @@ class EngineSpec:
                 object.__setattr__(self, name, os.path.abspath(getattr(self, name)))
         from .config import get_config
 
+        if self.resolution is None:  # the model's own, recorded as a number: `--resolution <it>` later is the same spec
+            object.__setattr__(self, "resolution", get_config(self.model).default_resolution)
         family = getattr(get_config(self.model), "family", "infinity")
         if self.fp8 and (self.backend != "torch-cuda" or family != "infinity"):
             raise ValueError(f"FP8 linears are built for Infinity models on the torch-cuda backend only, not "
@@ -255,11 +257,16 @@ def check_model_config(engine_dir: str, manifest: dict, cfg) -> None:
 
 def check_compatible(manifest: dict, engine_dir: str, **expected) -> None:
     """Refuse an engine built for another model/resolution/attention/backend than the caller expects."""
+    from .schedule import parse_aspect
+
     for key, want in expected.items():
         if want is None:
             continue
         have = manifest["spec"].get(key)
-        if have != want:
+        same = have == want
+        if key == "aspect" and have is not None:  # '16:9' and '7:4' name one template (parse_aspect says which)
+            same = parse_aspect(have) == parse_aspect(want)
+        if not same:
             raise EngineError(f"{engine_dir} was built for {key}={have!r}, not {want!r}; build an engine with "
                               f"{key}={want!r} (sparvar engine build ... --{key.replace('_', '-')} {want})")
 

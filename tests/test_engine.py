@@ -103,6 +103,21 @@ def test_what_loading_can_refuse_cheaply_it_refuses_before_hashing_the_files(eng
         load_engine_pipeline(engines["dense"])
 
 
+def test_a_spec_records_what_a_later_request_will_name(engines):
+    """No --resolution means the model's own, recorded as that number (it was None, and a later --resolution 256
+    for the same engine was refused); an aspect is compared as the template it names, not as typed."""
+    from sparvar.engine import check_compatible
+
+    assert EngineSpec(model="infinity-tiny", resolution=None).resolution == 256
+    assert EngineSpec(model="hart-tiny", resolution=None).default_dir().startswith("engines/hart-tiny-256-")
+    manifest = read_manifest(engines["dense"])  # built 1:1 at 256
+    check_compatible(manifest, "e", resolution=256, aspect="1.0")
+    manifest["spec"]["aspect"] = "16:9"
+    check_compatible(manifest, "e", aspect="7:4")  # both snap to h/w 1.75
+    with pytest.raises(EngineError, match="built for aspect='16:9', not '1:1'"):
+        check_compatible(manifest, "e", aspect="1:1")
+
+
 def test_corrupt_missing_foreign_and_newer_engines_are_refused(engines, tmp_path):
     path = str(tmp_path / "copy")
     shutil.copytree(engines["dense"], path)
