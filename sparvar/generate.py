@@ -86,15 +86,17 @@ def sample_bits(logits: torch.Tensor, sampling: Sampling, generator: SeededRows)
     """logits (B, n, 2*bits), adjacent (l0, l1) per bit -> bits (B, n, bits) in {0, 1} (float).
 
     Equals the official sampler (softmax over the 2 values, top-k/top-p, multinomial) in distribution:
-    p = sigmoid(l1 - l0); with top-p a value whose probability is <= 1 - top_p is removed.
+    p = sigmoid(l1 - l0). Its top-p sorts the values ascending and removes those whose running sum is <= 1 - top_p,
+    never the last: of two values only the smaller can go (bit 0 at a tie), so below top_p 0.5 it is greedy.
     """
     pair = logits.float().unflatten(-1, (-1, 2)) / sampling.tau
     p1 = torch.sigmoid(pair[..., 1] - pair[..., 0])
     if sampling.top_k == 1:
         return (p1 > 0.5).float()
     if sampling.top_p > 0:
-        cut = 1.0 - sampling.top_p
-        p1 = torch.where(p1 <= cut, 0.0, torch.where(1.0 - p1 <= cut, 1.0, p1))
+        # the smaller probability goes when it is <= 1 - top_p; the larger one (bit 1 at a tie) is then certain
+        drop = torch.minimum(p1, 1.0 - p1) <= 1.0 - sampling.top_p
+        p1 = torch.where(drop, (p1 >= 0.5).float(), p1)
     u = generator.rand(p1.shape)
     return (u < p1).float()
 

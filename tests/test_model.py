@@ -170,6 +170,14 @@ def test_bit_sampling_thresholds_and_determinism():
     a = sample_bits(logits, s, SeededRows(3, logits.shape[0], 'cpu'))
     b = sample_bits(logits, s, SeededRows(3, logits.shape[0], 'cpu'))
     assert torch.equal(a, b)
+    # the official top-p removes only the smaller of the two values: below top_p 0.5 it is greedy (p1 0.6 -> bit
+    # 1, p1 0.4 -> bit 0), and at a tie bit 1 stays (an ascending sort puts bit 0 first)
+    pairs = torch.zeros(1, 1, 6)
+    for b, p in ((0, 0.6), (1, 0.4), (2, 0.5)):
+        pairs[0, 0, 2 * b + 1] = math.log(p / (1 - p))
+    for top_p in (0.3, 0.5):
+        draws = torch.stack([sample_bits(pairs, Sampling(top_p=top_p), SeededRows(i, 1, 'cpu')) for i in range(50)])
+        assert draws[..., 0].min() == 1 and draws[..., 1].max() == 0 and draws[..., 2].min() == 1, top_p
     greedy = sample_bits(logits, Sampling(top_k=1), SeededRows(0, logits.shape[0], 'cpu'))
     assert greedy[0, 0, :2].tolist() == [0.0, 1.0]
     with pytest.raises(ValueError, match="top_k"):
