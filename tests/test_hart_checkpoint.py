@@ -96,16 +96,21 @@ def test_folder_layout_and_ema(tmp_path):
     folder.mkdir()
     save_official(build_model(TINY, seed=1), str(folder / "model.safetensors"), with_buffers=False)
     save_official(build_model(TINY, seed=2), str(folder / "ema_model.bin"))
-    plain, ema = load_model(TINY, str(folder)), load_model(TINY, str(folder), ema=True)
+    plain, ema = load_model(TINY, str(folder), ema=False), load_model(TINY, str(folder), ema=True)
     assert torch.equal(plain.head.weight, build_model(TINY, seed=1).head.weight)
     assert torch.equal(ema.head.weight, build_model(TINY, seed=2).head.weight)
+    # by default the EMA weights when the folder has them (official sample.py: use_ema=True), else the others
+    assert torch.equal(load_model(TINY, str(folder)).head.weight, ema.head.weight)
+    os.rename(folder / "ema_model.bin", tmp_path / "ema_model.bin")
+    assert torch.equal(load_model(TINY, str(folder)).head.weight, plain.head.weight)
+    os.rename(tmp_path / "ema_model.bin", folder / "ema_model.bin")
     os.remove(folder / "model.safetensors")
     with pytest.raises(CheckpointError, match="no HART weights"):
-        load_model(TINY, str(folder))
+        load_model(TINY, str(folder), ema=False)
     for index in ('{"metadata": {}}', "{not json", '{"weight_map": ["a"]}'):  # a shard index that is not one
         (folder / "model.safetensors.index.json").write_text(index)
         with pytest.raises(CheckpointError, match="model.safetensors.index.json is not a shard index"):
-            load_model(TINY, str(folder))
+            load_model(TINY, str(folder), ema=False)
 
 
 def test_strict_errors_name_missing_extra_and_misshaped_keys():

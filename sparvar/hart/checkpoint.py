@@ -5,8 +5,9 @@ key is one CheckpointError that lists them (sparvar.checkpoint.check_keys). Two 
 dropped: `lvl_1L` (the level id of every token, which we derive from the schedule) and `attn_bias_for_masking`
 (the training-time block-causal mask, 9750^2 fp32 = 380 MB at 1024 px, never materialised here).
 
-A checkpoint is a file (.bin / .pth / .safetensors) or the `llm/` folder: `ema_model.bin` with ema=True (the
-official sample.py default), else `model.safetensors` / `pytorch_model.bin`, or their sharded index.
+A checkpoint is a file (.bin / .pth / .safetensors) or the `llm/` folder. Of a folder we read, as official sample.py
+does by default (use_ema=True), `ema_model.bin` when it is there; ema=False (or a folder without it) reads the
+`model.safetensors` / `pytorch_model.bin` weights or their sharded index, and ema=True insists on the EMA file.
 """
 from __future__ import annotations
 
@@ -51,13 +52,14 @@ def check_state_dict(sd: dict[str, torch.Tensor], cfg: HartConfig) -> None:
     check_keys(sd, expected, cfg.name)
 
 
-def checkpoint_files(path: str, ema: bool = False) -> list[str]:
-    """The weight file(s) a checkpoint path names: the file itself, or the right file(s) of an `llm/` folder."""
+def checkpoint_files(path: str, ema: bool | None = None) -> list[str]:
+    """The weight file(s) a checkpoint path names: the file itself, or the right file(s) of an `llm/` folder
+    (ema: None = the EMA weights when the folder has them, the official default; True = only those; False = never)."""
     if not os.path.isdir(path):
         if ema:
             raise CheckpointError(f"ema=True takes the checkpoint folder (with {EMA_FILE}), got the file {path}")
         return [path]
-    if ema:
+    if ema or (ema is None and os.path.isfile(os.path.join(path, EMA_FILE))):
         return [os.path.join(path, EMA_FILE)]
     for name in _SINGLE_FILES:
         if os.path.isfile(os.path.join(path, name)):
@@ -76,7 +78,7 @@ def checkpoint_files(path: str, ema: bool = False) -> list[str]:
     raise CheckpointError(f"{path}: no HART weights found (expected one of {', '.join(_SINGLE_FILES + _INDEX_FILES)})")
 
 
-def read_checkpoint(path: str, ema: bool = False) -> dict[str, torch.Tensor]:
+def read_checkpoint(path: str, ema: bool | None = None) -> dict[str, torch.Tensor]:
     sd: dict[str, torch.Tensor] = {}
     for file in checkpoint_files(path, ema):
         shard = read_state_dict(file)
@@ -93,12 +95,12 @@ def _loadable(sd: dict[str, torch.Tensor], cfg: HartConfig) -> dict[str, torch.T
     return {k: v for k, v in sd.items() if k not in dropped}
 
 
-def load_checkpoint(model: HART, path: str, ema: bool = False) -> None:
+def load_checkpoint(model: HART, path: str, ema: bool | None = None) -> None:
     """Load an official checkpoint into `model` strictly (names, count and shapes must all match)."""
     model.load_state_dict(_loadable(read_checkpoint(path, ema), model.cfg), strict=True)
 
 
-def load_model(cfg: HartConfig, path: str, device="cpu", dtype=torch.float32, ema: bool = False) -> HART:
+def load_model(cfg: HartConfig, path: str, device="cpu", dtype=torch.float32, ema: bool | None = None) -> HART:
     """A HART with the official weights at `path`, in `dtype` (the head stays fp32), without a random init first."""
     model = build_model(cfg, init="meta")
     sd = _loadable(read_checkpoint(path, ema), cfg)
