@@ -42,7 +42,9 @@ class T5TextEncoder:
         return features[:, : int(lengths.max())], lengths
 
 
-def load_embeddings(path: str, text_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+def load_embeddings(path: str, text_dim: int, require_lengths: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """features (B, L, text_dim) float32 and lengths (B,) int64 from a .safetensors / .pt file of 'features' (and
+    'lengths', all of L when absent). require_lengths: why a caller needs 'lengths' present (its error message)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"text embedding file not found: {path}")
     try:
@@ -63,6 +65,8 @@ def load_embeddings(path: str, text_dim: int) -> tuple[torch.Tensor, torch.Tenso
         features = features[None]
     if features.ndim != 3 or features.shape[-1] != text_dim:
         raise ValueError(f"{path}: 'features' has shape {tuple(features.shape)}, expected (B, L, {text_dim})")
+    if require_lengths and "lengths" not in data:
+        raise ValueError(f"{path}: missing tensor 'lengths' (B,): {require_lengths}")
     lengths = data.get("lengths", torch.full((features.shape[0],), features.shape[1]))
     B, L = features.shape[:2]
     if not isinstance(lengths, torch.Tensor) or lengths.dtype.is_floating_point or tuple(lengths.shape) != (B,):

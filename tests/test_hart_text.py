@@ -159,6 +159,11 @@ def test_embedding_file_needs_all_slots(tmp_path):
         load_hart_embeddings(trimmed, TINY)
     with pytest.raises(ValueError, match=r"lengths must be \(B,\) in \[1, 16\]"):
         lengths_to_mask(torch.tensor([0, 3]), TINY.text_len)
+    # without 'lengths' every pad slot would count as text (Infinity's trimmed files may leave it out)
+    unlengthed = str(tmp_path / "unlengthed.safetensors")
+    save_file({"features": torch.randn(1, TINY.text_len, TINY.text_dim)}, unlengthed)
+    with pytest.raises(ValueError, match="missing tensor 'lengths' \\(B,\\): .*every pad would count as text"):
+        load_hart_embeddings(unlengthed, TINY)
 
 
 def test_hashed_embeddings_fill_the_prefix():

@@ -133,7 +133,9 @@ def load_hart_embeddings(path: str, cfg: HartConfig) -> tuple[torch.Tensor, torc
     The file must hold all `text_len` slots (the pad slots' LLM outputs are part of the prefix, so they cannot be
     rebuilt from the real tokens alone); `lengths` are of right-padded prompts (Qwen2's default padding side).
     """
-    features, lengths = load_embeddings(path, cfg.text_dim)
+    features, lengths = load_embeddings(path, cfg.text_dim, require_lengths=(
+        f"{cfg.name}'s features hold all {cfg.text_len} slots, pads included, so their shape cannot say how many "
+        "tokens are real (every pad would count as text)"))
     if features.shape[1] != cfg.text_len:
         raise ValueError(f"{path}: 'features' has {features.shape[1]} slots; {cfg.name} needs all {cfg.text_len} "
                          "text slots, pads included (save the encoder's full output, not a trimmed one)")
