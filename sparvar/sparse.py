@@ -50,8 +50,6 @@ class SparVARPolicy:
     cs4a_band_sides: tuple[int, ...] = (7, 9)  # one per scale after the decision scale
     cs4a_use_cache: bool = True  # False = the "CS4A without residual cache" ablation
     cs4a_sinks: int = 0  # the first scales' keys (HART: the text prefix + 2^2..5^2) lead every key set, never top-k
-    # Scale skipping is done by the generation loop: it does not run the transformer on the last skip_last scales.
-    skip_last: int = 0
 
     def __post_init__(self):
         if self.num_layers <= 0 or self.num_scales <= 0:
@@ -79,8 +77,6 @@ class SparVARPolicy:
             raise ValueError(f"cs4a_band_sides must be positive odd ints, got {self.cs4a_band_sides}")
         if not 0 <= self.cs4a_sinks <= self.decision_scale:
             raise ValueError(f"cs4a_sinks {self.cs4a_sinks} must be in [0, decision_scale={self.decision_scale}]")
-        if not 0 <= self.skip_last < self.num_scales:
-            raise ValueError(f"skip_last {self.skip_last} outside [0, {self.num_scales})")
 
     @property
     def sparse_scales(self) -> range:
@@ -148,7 +144,8 @@ POLICY_PRESETS: dict[str, dict] = {
 
 
 def default_policy(model_name: str, schedule: Schedule, **overrides) -> SparVARPolicy:
-    """The model's policy scaled to `schedule`; keyword overrides replace single fields (e.g. skip_last=2)."""
+    """The model's policy scaled to `schedule`; keyword overrides replace single fields (e.g. cs4a_use_cache=False).
+    Scale skipping is not a policy field: the generation loop's skip_last leaves the last scales out."""
     config = get_config(model_name)
     if model_name not in POLICY_PRESETS:
         raise ValueError(f"no SparVAR policy for {model_name!r}; presets exist for {', '.join(POLICY_PRESETS)}")

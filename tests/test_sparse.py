@@ -24,7 +24,7 @@ def test_paper_policy_at_1024(model):
     p = default_policy(model, s)
     assert p.num_layers == get_config(model).depth and p.decision_scale == 10 and p.cs4a_layers == 11
     assert list(p.sparse_scales) == [10, 11, 12]
-    assert p.topk(s) == 784 and p.cs4a_band_sides == (7, 9) and p.skip_last == 0
+    assert p.topk(s) == 784 and p.cs4a_band_sides == (7, 9)
     assert [p.kind(0, sc) for sc in (9, 10, 11, 12)] == ["dense", "cs4a_decide", "cs4a", "cs4a"]
     assert [p.kind(10, sc) for sc in (9, 10, 11, 12)] == ["dense", "cs4a_decide", "cs4a", "cs4a"]
     assert [p.kind(11, sc) for sc in (9, 10, 11, 12)] == ["dense", "csla", "csla", "csla"]
@@ -45,11 +45,13 @@ def test_policy_is_relative_to_schedule_end():
 
 def test_policy_overrides_and_validation():
     s = get_schedule(1024)
-    p = default_policy("infinity-2b", s, skip_last=2, cs4a_use_cache=False, csla_block=(128, 64))
-    assert p.skip_last == 2 and not p.cs4a_use_cache
+    p = default_policy("infinity-2b", s, cs4a_use_cache=False, csla_block=(128, 64))
+    assert not p.cs4a_use_cache
+    with pytest.raises(TypeError, match="skip_last"):  # skipping is the loop's (skip_last), not the policy's
+        default_policy("infinity-2b", s, skip_last=2)
     assert p.csla_layout(s, 12).density == pytest.approx(0.135, abs=1e-3)
     with pytest.raises(dataclasses.FrozenInstanceError):
-        p.skip_last = 1
+        p.cs4a_use_cache = True
     with pytest.raises(ValueError, match="band_sides"):
         dataclasses.replace(p, cs4a_band_sides=(7,))
     with pytest.raises(ValueError, match="granularity"):
