@@ -41,8 +41,8 @@ def drive(url: str, requests: int, clients: int) -> dict:
         results = list(pool.map(one, range(requests)))
     wall = time.perf_counter() - t0
     # the engine call's own time (text, generation, pixels to the host; under the engine lock) beside the request's:
-    # the difference is queueing, PNG encoding and HTTP
-    # each call's time counted once (a request's share of it): the fraction of the wall the engine was working
+    # the difference is queueing, PNG encoding and HTTP. Summed over requests as each one's share of its call, it
+    # counts every call once: the engine's busy time
     busy_s = sum(e / s for _, s, e in results) / 1000
     return {"wall_s": wall, "images_per_s": requests / wall, "latency": summarize([ms for ms, _, _ in results]),
             "engine_call": summarize([e for _, _, e in results]), "engine_busy_fraction": busy_s / wall,

@@ -215,7 +215,8 @@ def check_checkpoints(engine_dir: str, manifest: dict) -> None:
         if st.st_size != rec["bytes"] or file_digest(path) != rec["sha256"]:
             raise EngineError(f"{engine_dir}: its checkpoint {path} changed since the engine was built; rebuild the "
                               "engine (sparvar engine build) to run the new weights")
-    # the recorded files are as built; the files loading would read now: a folder spec (HART's llm/) picks its files at load, and may pick others
+    # the recorded files are as built; now the ones loading would read: a folder spec (HART's llm/) picks its files
+    # at load, and may pick others since
     now = sorted(os.path.abspath(p) for p in checkpoint_files(manifest["spec"]))
     if now != sorted(record):
         raise EngineError(f"{engine_dir}: its spec now selects the checkpoint files {now}, not the {sorted(record)} it "

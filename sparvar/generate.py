@@ -16,6 +16,16 @@ from .schedule import Schedule
 from .vae import latent_to_tokens, tokens_to_latent
 
 
+def finite_number(value) -> bool:
+    """An int or float (not a bool) that is finite; an int beyond float's range is not."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
 @dataclass(frozen=True)
 class Sampling:
     cfg: float = 4.0  # classifier-free guidance on the logits: cfg*cond + (1-cfg)*uncond
@@ -26,7 +36,7 @@ class Sampling:
     def __post_init__(self):
         for name in ("cfg", "tau", "top_p"):  # NaN passes every comparison below and samples all-zero bits
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            if not finite_number(value):
                 raise ValueError(f"{name} must be a finite number, got {value!r}")
         if self.tau <= 0:
             raise ValueError(f"tau must be > 0, got {self.tau}")

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import io
 import json
-import math
 import queue
 import socket
 import threading
@@ -31,6 +30,8 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import torch
+
+from .generate import finite_number
 
 MAX_BODY_BYTES = 64 << 10
 SOCKET_TIMEOUT_S = 60
@@ -116,8 +117,7 @@ class GenerationService:
             raise RequestError(f"'seed' must be an integer in [0, 2^63), got {seed!r}")
         options = {k: request.get(k) for k in SAMPLING_FIELDS}
         for name, value in options.items():
-            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
-                                      or not _finite(value)):
+            if value is not None and not finite_number(value):
                 raise RequestError(f"'{name}' must be a finite number, got {value!r}")
         try:  # the family's own checks (Sampling / HartSampling): tau > 0, top_k in {0, 1, 2}, top_p in [0, 1]
             sampling = self.pipe.sampling(**options)
@@ -234,13 +234,6 @@ class GenerationService:
                 if job.pixels is None and job.error is None:  # never leave a request without an answer
                     job.error = RuntimeError("the engine call ended without a result")
                 job.done.set()
-
-
-def _finite(value: int | float) -> bool:
-    try:
-        return math.isfinite(value)
-    except OverflowError:  # an int beyond float's range
-        return False
 
 
 def png_bytes(rgb) -> bytes:

@@ -183,7 +183,8 @@ def test_bit_sampling_thresholds_and_determinism():
     with pytest.raises(ValueError, match="top_k"):
         Sampling(top_k=5)
     # NaN passes `tau <= 0` and `0 <= top_p <= 1` alike, and a NaN cfg turns every p1 into NaN: all bits 0
-    for bad in ({"cfg": float("nan")}, {"tau": float("nan")}, {"top_p": float("nan")}, {"cfg": float("inf")}):
+    for bad in ({"cfg": float("nan")}, {"tau": float("nan")}, {"top_p": float("nan")}, {"cfg": float("inf")},
+                {"cfg": 10**400}):  # an int beyond float's range: a ValueError too, not an OverflowError
         with pytest.raises(ValueError, match=f"{next(iter(bad))} must be a finite number"):
             Sampling(**bad)
 

@@ -334,10 +334,10 @@ def _launch_cs4a(q, k, v, key_idx, group_size, extra, negate, band_start, band_l
     if interpreting():
         _cs4a_fwd_kernel[grid](*args, **meta, BLOCK_N=32, num_warps=4, num_stages=2)
     elif autotuning():
-        with torch.cuda.device(q.device):
+        with launch_device(q):
             _cs4a_fwd_tuned[grid](*args, **meta)
     else:
-        with torch.cuda.device(q.device):
+        with launch_device(q):
             _cs4a_fwd_kernel[grid](*args, **meta, BLOCK_N=64, num_warps=8 if block_m >= 128 else 4, num_stages=3)
     return out
 
@@ -380,10 +380,10 @@ def cs4a_column_sums(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, group_
     if interpreting():
         _column_sums_kernel[grid({"BLOCK_N": 32})](*args, HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=32, num_warps=4, num_stages=2)
     elif autotuning():
-        with torch.cuda.device(q.device):
+        with launch_device(q):
             _column_sums_tuned[grid](*args, HEAD_DIM=d, BLOCK_M=block_m)
     else:
-        with torch.cuda.device(q.device):
+        with launch_device(q):
             _column_sums_kernel[grid({"BLOCK_N": 128})](*args, HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=128, num_warps=4,
                                                        num_stages=3)
     return sums
@@ -426,7 +426,7 @@ def select_topk(sums: torch.Tensor, topk: int, first: int = 0, *, launch: tuple[
     if interpreting():
         _select_topk_kernel[(rows,)](sums, selected, n, first, topk, BLOCK=min(block, 256), RADIX_BITS=radix_bits)
     else:
-        with torch.cuda.device(sums.device):
+        with launch_device(sums):
             _select_topk_kernel[(rows,)](sums, selected, n, first, topk, BLOCK=block, RADIX_BITS=radix_bits,
                                          num_warps=warps)
     return selected

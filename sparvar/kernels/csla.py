@@ -364,14 +364,14 @@ def flash_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, kv_num_b
     if tune_tile:
         del meta["BLOCK_M"], meta["BLOCK_N"]
         meta["EVEN_N"] = kv_len % 128 == 0 and not row_len  # true for every tuned BLOCK_N (64 | 128); False masks the last tile
-        with torch.cuda.device(q.device):
+        with launch_device(q):
             _dense_fwd_tuned[lambda m: (triton.cdiv(q_len, m["BLOCK_M"]), b * h)](*args, **meta)
     elif interpreting():
         _csla_fwd_kernel[grid](*args, **meta, **default_launch_config(block_m, block_n))
     else:
         kernel = _csla_fwd_tuned if autotuning() else _csla_fwd_kernel
         extra = {} if autotuning() else default_launch_config(block_m, block_n)
-        with torch.cuda.device(q.device):
+        with launch_device(q):
             kernel[grid](*args, **meta, **extra)
     return (out, lse) if return_lse else out
 
