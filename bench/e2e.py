@@ -6,7 +6,7 @@ Protocol (the paper's): warm-up runs, then the median of timed runs; every run c
 noise, the work is the same). Every row runs the same `sparvar.generate.generate` loop — only the runner differs.
 
     PYTHONPATH=. python bench/e2e.py --model infinity-2b   # writes bench/results/e2e_<device>.json
-    sparvar bench e2e --model infinity-8b --weights infinity_8b_weights.pth --vae infinity_vae_d56.pth  # real weights
+    sparvar bench e2e --model infinity-8b --weights infinity_8b_weights --vae infinity_vae_d56_f8_14_patchify.pth  # real weights
 """
 from __future__ import annotations
 

@@ -277,14 +277,3 @@ def load_hart_model_and_vq(spec, cfg: HartConfig, dtype: torch.dtype) -> tuple[H
     if spec.weights is None:
         return build_model(cfg, dtype=dtype, seed=spec.seed), build_hart_vq(cfg.vq, seed=0)
     return load_model(cfg, spec.weights, "cpu", dtype), load_hart_vq(spec.vae, cfg.vq)
-
-
-def hart_weights_identity(spec) -> dict:
-    """Digests of every weight file (a HART checkpoint may be a folder of shards), or the random seed."""
-    from sparvar.checkpoint import checkpoint_digest
-    from sparvar.hart.checkpoint import checkpoint_files
-
-    if spec.weights is None:
-        return {"weights": f"random:{spec.seed}"}
-    return {"weights": {os.path.basename(f): checkpoint_digest(f) for f in checkpoint_files(spec.weights)},
-            "vae": checkpoint_digest(spec.vae)}

@@ -54,17 +54,13 @@ class StageContext:
 def weights_identity(spec) -> dict:
     """Digests of the weight files (or the random seed): an engine is rebuilt when its weights change."""
     from sparvar.checkpoint import check_checkpoint_file, checkpoint_digest
-    from sparvar.config import get_config
+    from sparvar.engine import weight_files_of
 
-    if getattr(get_config(spec.model), "family", "infinity") == "hart":
-        from export.hart_step import hart_weights_identity
-
-        return hart_weights_identity(spec)
     if spec.weights is None:
         return {"weights": f"random:{spec.seed}"}
-    for path in (spec.weights, spec.vae):
-        check_checkpoint_file(path)
-    return {"weights": checkpoint_digest(spec.weights), "vae": checkpoint_digest(spec.vae)}
+    files = weight_files_of(spec.model, spec.weights)
+    check_checkpoint_file(spec.vae)
+    return {"weights": [checkpoint_digest(f) for f in files], "vae": checkpoint_digest(spec.vae)}
 
 
 def stage_key_inputs(stage: str, ctx: StageContext) -> dict:

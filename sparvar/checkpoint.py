@@ -1,4 +1,4 @@
-"""Strict loading of official Infinity checkpoints (.pth / .safetensors).
+"""Strict loading of official Infinity checkpoints (.pth / .safetensors, or a folder of shards).
 
 The official files store block b at `block_chunks.{b // P}.module.{b % P}.` (P blocks per chunk); our model
 stores it at `blocks.{b}.`. That renumbering is the only conversion: every other name is the official one.
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import os
 import re
 
@@ -58,6 +59,74 @@ def check_checkpoint_file(path: str) -> None:
         raise CheckpointError(f"{path} is a directory; give the checkpoint file (.pth, .pt, .bin or .safetensors)")
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint not found: {path}")
+
+
+# Weight files of a Hugging Face save_pretrained folder, in the order we look for them. The official Infinity-8B
+# weights are such a folder of shards (official run_infinity.py: checkpoint_type='torch_shard', loaded with
+# transformers' load_sharded_checkpoint), and so is HART's llm/ folder.
+SINGLE_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+SHARD_INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+
+
+def shard_index(index: str) -> dict[str, set[str]]:
+    """A shard index (.index.json): {absolute shard file: the keys its weight_map puts there}."""
+    try:
+        with open(index, encoding="utf-8") as f:
+            weight_map = json.load(f)["weight_map"]
+        shards: dict[str, set[str]] = {}
+        for key, file in weight_map.items():
+            if not isinstance(file, str) or os.path.isabs(file) or os.path.basename(file) != file:
+                raise ValueError(f"key {key!r} maps to {file!r}, not a file name beside the index")
+            shards.setdefault(os.path.join(os.path.dirname(os.path.abspath(index)), file), set()).add(key)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:  # unreadable, corrupt JSON, odd map
+        raise CheckpointError(f"{index} is not a shard index with a 'weight_map' of key -> file "
+                              f"({type(e).__name__}: {e})") from None
+    if not shards:
+        raise CheckpointError(f"{index}: its weight_map is empty")
+    return dict(sorted(shards.items()))
+
+
+def _resolve(path: str) -> tuple[list[str], str | None]:
+    """(weight files, the shard index they come from or None) of a checkpoint path: see weight_files."""
+    if path.endswith(".index.json"):
+        check_checkpoint_file(path)
+        return list(shard_index(path)), path
+    if not os.path.isdir(path):
+        check_checkpoint_file(path)
+        return [path], None
+    for name in SINGLE_WEIGHT_FILES:
+        if os.path.isfile(os.path.join(path, name)):
+            return [os.path.join(path, name)], None
+    for name in SHARD_INDEX_FILES:
+        if os.path.isfile(os.path.join(path, name)):
+            return list(shard_index(os.path.join(path, name))), os.path.join(path, name)
+    raise CheckpointError(f"{path}: a folder without weights (expected one of "
+                          f"{', '.join(SINGLE_WEIGHT_FILES + SHARD_INDEX_FILES)})")
+
+
+def weight_files(path: str) -> list[str]:
+    """The file(s) a checkpoint path names: a weights file itself; a shard index's (.index.json) shards; a folder's
+    single weights file (model.safetensors, pytorch_model.bin) or else its index's shards."""
+    return _resolve(path)[0]
+
+
+def read_weights(path: str) -> dict[str, torch.Tensor]:
+    """The state dict a checkpoint path names (see weight_files). Shards are merged, and each must hold exactly the
+    keys its index lists for it: a key in two shards, or in another shard than the index says, is an error."""
+    files, index = _resolve(path)
+    if index is None:
+        return read_state_dict(files[0])
+    sd: dict[str, torch.Tensor] = {}
+    for file, keys in shard_index(index).items():
+        shard = read_state_dict(file)
+        repeated = sorted(set(sd) & set(shard))
+        if repeated:
+            raise CheckpointError(f"{file}: keys already read from another shard: {', '.join(repeated[:10])}")
+        raise_key_problems(f"{file} does not hold the keys {index} lists for it",
+                           [("listed but absent", sorted(keys - set(shard))),
+                            ("present but not listed", sorted(set(shard) - keys))])
+        sd.update(shard)
+    return sd
 
 
 def read_state_dict(path: str) -> dict[str, torch.Tensor]:
@@ -152,8 +221,9 @@ def select_state(sd: dict, expected: dict[str, tuple[int, ...]], name_of, header
 
 
 def load_checkpoint(model: Infinity, path: str) -> None:
-    """Load an official checkpoint into `model` strictly (names, count and shapes must all match)."""
-    sd = read_state_dict(path)
+    """Load an official checkpoint (a file or a folder of shards) into `model` strictly (names, count and shapes
+    must all match)."""
+    sd = read_weights(path)
     check_state_dict(sd, model.cfg)
     ours = {from_official_name(k, model.cfg): v for k, v in sd.items()}
     model.load_state_dict(ours, strict=True)
@@ -164,7 +234,7 @@ def load_model(cfg: InfinityConfig, path: str, device="cpu", dtype=torch.float32
 
     with torch.device("meta"):
         model = Infinity(cfg)
-    sd = read_state_dict(path)
+    sd = read_weights(path)
     check_state_dict(sd, cfg)
     model.load_state_dict({from_official_name(k, cfg): v.to(device) for k, v in sd.items()}, strict=True, assign=True)
     return cast_model(model, dtype)

@@ -18,7 +18,7 @@ class UsageError(Exception):
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--model", help="model name: infinity-2b, infinity-8b, infinity-tiny (default), hart-0.7b, hart-tiny")
-    g.add_argument("--weights", help="official transformer checkpoint (.pth or .safetensors; HART: its llm/ folder or a file)")
+    g.add_argument("--weights", help="official transformer checkpoint: a .pth / .safetensors file, or a folder of shards (Infinity-8B: infinity_8b_weights; HART: its llm/ folder)")
     g.add_argument("--vae", help="official tokenizer checkpoint (.pth or .safetensors; HART: the tokenizer file)")
     g.add_argument("--random-weights", action="store_true", help="random transformer and tokenizer (smoke and speed runs)")
     g.add_argument("--resolution", type=int, help="256, 512, 768 or 1024 (default: the model's)")

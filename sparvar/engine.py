@@ -170,17 +170,25 @@ def verify_files(engine_dir: str, manifest: dict) -> None:
                 raise EngineError(f"{engine_dir}: file {rel} of stage '{stage}' is corrupt (sha256 mismatch); rebuild the engine")
 
 
-def checkpoint_files(spec: dict) -> list[str]:
-    """The files an engine spec's weights live in (none for random weights; a HART checkpoint may be a folder)."""
+def weight_files_of(model: str, weights: str) -> list[str]:
+    """The files a model's --weights path names: a file, or a folder / shard index (Infinity-8B's official weights
+    are shards; a HART llm/ folder may hold EMA weights, read by default as official sample.py does)."""
     from .config import get_config
 
-    if spec["weights"] is None:
-        return []
-    if getattr(get_config(spec["model"]), "family", "infinity") == "hart":
+    if getattr(get_config(model), "family", "infinity") == "hart":
         from .hart.checkpoint import checkpoint_files as hart_files
 
-        return [*hart_files(spec["weights"]), spec["vae"]]
-    return [spec["weights"], spec["vae"]]
+        return hart_files(weights)
+    from .checkpoint import weight_files
+
+    return weight_files(weights)
+
+
+def checkpoint_files(spec: dict) -> list[str]:
+    """The files an engine spec's weights live in (none for random weights)."""
+    if spec["weights"] is None:
+        return []
+    return [*weight_files_of(spec["model"], spec["weights"]), spec["vae"]]
 
 
 def checkpoint_record(spec: dict) -> dict:

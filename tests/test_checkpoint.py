@@ -1,7 +1,12 @@
+import json
+import os
+import re
+
 import pytest
 import torch
 
-from sparvar.checkpoint import CheckpointError, check_state_dict, load_checkpoint, load_model, official_key_shapes, save_official
+from sparvar.checkpoint import (CheckpointError, check_state_dict, load_checkpoint, load_model, official_key_shapes,
+                                save_official, to_official_name, weight_files)
 from sparvar.config import get_config
 from sparvar.model import build_model
 
@@ -99,5 +104,45 @@ def test_unreadable_checkpoints_are_named_not_tracebacks(tmp_path, suffix):
             load_model(TINY, path)
     folder = tmp_path / f"folder{suffix}"
     folder.mkdir()
-    with pytest.raises(CheckpointError, match="is a directory; give the checkpoint file"):
+    with pytest.raises(CheckpointError, match="a folder without weights"):
+        load_model(TINY, str(folder))
+
+
+def write_shards(model, folder, parts: int = 2) -> dict[str, list[str]]:
+    """`model` as a Hugging Face save_pretrained folder of safetensors shards + index, under the official names (the
+    layout of the official infinity_8b_weights)."""
+    from safetensors.torch import save_file
+
+    sd = {to_official_name(k, model.cfg): v.detach().contiguous() for k, v in model.state_dict().items()}
+    keys = sorted(sd)
+    shards = {f"model-{i + 1:05d}-of-{parts:05d}.safetensors": keys[i::parts] for i in range(parts)}
+    folder.mkdir()
+    for file, part in shards.items():
+        save_file({k: sd[k] for k in part}, str(folder / file))
+    (folder / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {}, "weight_map": {k: f for f, part in shards.items() for k in part}}))
+    return shards
+
+
+def test_sharded_folder_loads(tmp_path):
+    """Infinity-8B's official weights are a folder of shards (official run_infinity.py: checkpoint_type='torch_shard');
+    the folder and its index file both load, and a shard that holds other keys than the index says is refused."""
+    model = build_model(TINY, seed=5)
+    folder = tmp_path / "infinity_8b_weights"
+    shards = write_shards(model, folder, parts=3)
+    assert weight_files(str(folder)) == [str(folder / f) for f in sorted(shards)]
+    for path in (folder, folder / "model.safetensors.index.json"):
+        loaded = load_model(TINY, str(path))
+        for (k, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+            assert torch.equal(a, b), k
+    good_index = (folder / "model.safetensors.index.json").read_text()
+    index = json.loads(good_index)
+    moved = shards["model-00001-of-00003.safetensors"][0]
+    index["weight_map"][moved] = "model-00002-of-00003.safetensors"
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match=f"present but not listed \\(1\\):\n  {re.escape(moved)}"):
+        load_model(TINY, str(folder))
+    (folder / "model.safetensors.index.json").write_text(good_index)
+    os.remove(folder / "model-00003-of-00003.safetensors")
+    with pytest.raises(CheckpointError, match="checkpoint not found: .*model-00003-of-00003.safetensors"):
         load_model(TINY, str(folder))

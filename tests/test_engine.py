@@ -350,6 +350,42 @@ def test_torch_cuda_engine_refuses_checkpoints_changed_since_its_build(tmp_path,
         check_checkpoints(path, manifest)
 
 
+def test_a_sharded_checkpoint_is_recorded_and_keyed_shard_by_shard(tmp_path):
+    """Infinity-8B's official weights are a folder of shards: the build keys its export on every shard's content and
+    the torch-cuda engine records each shard, so a changed shard is refused at load and rebuilds the export."""
+    from safetensors.torch import load_file
+
+    from sparvar.checkpoint import from_official_name
+    from sparvar.config import get_config
+    from sparvar.engine import check_checkpoints
+    from sparvar.model import build_model
+    from test_checkpoint import write_shards
+
+    root = os.path.join(os.path.dirname(__file__), "..", "weights")
+    cfg = get_config("infinity-cifar")
+    model = build_model(cfg)
+    model.load_state_dict({from_official_name(k, cfg): v for k, v in
+                           load_file(os.path.join(root, "infinity-cifar.safetensors")).items()})
+    shards = write_shards(model, tmp_path / "weights", parts=2)
+    spec = EngineSpec(model="infinity-cifar", resolution=64, backend="torch-cuda", dtype="bf16",
+                      weights=str(tmp_path / "weights"), vae=os.path.join(root, "infinity-cifar-tokenizer.safetensors"))
+    path = str(tmp_path / "cuda")
+    manifest = build_engine(spec, path, log=QUIET)
+    recorded = manifest["stages"]["build"]["info"]["checkpoints"]
+    assert sorted(recorded) == sorted([str(tmp_path / "weights" / f) for f in shards] + [os.path.abspath(spec.vae)])
+    check_checkpoints(path, manifest)
+    second = str(tmp_path / "weights" / sorted(shards)[1])
+    data = bytearray(open(second, "rb").read())
+    data[-1] ^= 1
+    with open(second, "wb") as f:
+        f.write(data)
+    with pytest.raises(EngineError, match="model-00002-of-00002.safetensors changed since the engine was built"):
+        check_checkpoints(path, manifest)
+    logged = []
+    build_engine(spec, path, log=logged.append)
+    assert [m for m in logged if "skipped" in m] == [], logged  # every stage rebuilt: the export key saw the shard
+
+
 def test_a_rebuild_after_the_checkpoints_moved_records_where_they_are_now(tmp_path, capsys, monkeypatch):
     """The stage keys hash the checkpoints' content, so moving them keeps every key and the rebuild skips every
     stage; the build's checkpoint record (paths and stats) must still follow the files, or the load check looks for

@@ -11,18 +11,14 @@ does by default (use_ema=True), `ema_model.bin` when it is there; ema=False (or 
 """
 from __future__ import annotations
 
-import json
 import os
 
 import torch
 
-from ..checkpoint import CheckpointError, check_keys, read_state_dict, write_state_dict
+from ..checkpoint import CheckpointError, check_keys, read_state_dict, read_weights, weight_files, write_state_dict
 from .config import HartConfig
 from .model import HART, build_model, cast_model
 
-# Weight files of a Hugging Face save_pretrained folder, in the order we look for them.
-_SINGLE_FILES = ("model.safetensors", "pytorch_model.bin")
-_INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 EMA_FILE = "ema_model.bin"
 
 
@@ -52,41 +48,27 @@ def check_state_dict(sd: dict[str, torch.Tensor], cfg: HartConfig) -> None:
     check_keys(sd, expected, cfg.name)
 
 
-def checkpoint_files(path: str, ema: bool | None = None) -> list[str]:
-    """The weight file(s) a checkpoint path names: the file itself, or the right file(s) of an `llm/` folder
-    (ema: None = the EMA weights when the folder has them, the official default; True = only those; False = never)."""
+def _ema_file(path: str, ema: bool | None) -> str | None:
+    """The EMA weights file to read for a checkpoint path, or None to read its plain weights (see checkpoint_files)."""
     if not os.path.isdir(path):
         if ema:
             raise CheckpointError(f"ema=True takes the checkpoint folder (with {EMA_FILE}), got the file {path}")
-        return [path]
+        return None
     if ema or (ema is None and os.path.isfile(os.path.join(path, EMA_FILE))):
-        return [os.path.join(path, EMA_FILE)]
-    for name in _SINGLE_FILES:
-        if os.path.isfile(os.path.join(path, name)):
-            return [os.path.join(path, name)]
-    for name in _INDEX_FILES:
-        index = os.path.join(path, name)
-        if os.path.isfile(index):
-            try:
-                with open(index, encoding="utf-8") as f:
-                    weight_map = json.load(f)["weight_map"]
-                shards = sorted(set(weight_map.values()))
-            except (ValueError, KeyError, TypeError, AttributeError) as e:  # corrupt JSON, no or odd weight_map
-                raise CheckpointError(f"{index} is not a shard index with a 'weight_map' of key -> file "
-                                      f"({type(e).__name__}: {e})") from None
-            return [os.path.join(path, s) for s in shards]
-    raise CheckpointError(f"{path}: no HART weights found (expected one of {', '.join(_SINGLE_FILES + _INDEX_FILES)})")
+        return os.path.join(path, EMA_FILE)
+    return None
+
+
+def checkpoint_files(path: str, ema: bool | None = None) -> list[str]:
+    """The weight file(s) a checkpoint path names: the file itself, or the right file(s) of an `llm/` folder
+    (ema: None = the EMA weights when the folder has them, the official default; True = only those; False = never)."""
+    ema_file = _ema_file(path, ema)
+    return [ema_file] if ema_file else weight_files(path)
 
 
 def read_checkpoint(path: str, ema: bool | None = None) -> dict[str, torch.Tensor]:
-    sd: dict[str, torch.Tensor] = {}
-    for file in checkpoint_files(path, ema):
-        shard = read_state_dict(file)
-        repeated = sorted(set(sd) & set(shard))
-        if repeated:
-            raise CheckpointError(f"{file}: keys already read from another shard: {', '.join(repeated[:10])}")
-        sd.update(shard)
-    return sd
+    ema_file = _ema_file(path, ema)
+    return read_state_dict(ema_file) if ema_file else read_weights(path)
 
 
 def _loadable(sd: dict[str, torch.Tensor], cfg: HartConfig) -> dict[str, torch.Tensor]:
