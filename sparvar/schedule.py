@@ -12,6 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import cached_property
 
+import torch
+
 from .hart.config import HART_CONFIGS, HartConfig
 
 # Aspect ratio (h / w) -> the 13 grids of the 1M-pixel schedule (official dynamic_resolution.py).
@@ -116,13 +118,15 @@ class Schedule:
         return self.offsets[scale + 1]
 
     def rope_positions(self, scale: int) -> tuple[list[int], list[int]]:
-        """Row and column of each raster token of `scale` on the rope grid: round-half-even(i * H* / h)."""
+        """Row and column of each raster token of `scale` on the rope grid: round-half-even(i * H* / h), the product
+        in float32 as the official code forms it (torch.arange(h) * (H / h)): at aspect 3:1, scale 9 (54 rows on a
+        111-row grid) row 27 is exactly 55.5 in float32 (-> 56) but just below it in float64 (-> 55)."""
         if self.prefix_len is not None:  # HART positions are fractional and follow each prompt's text length
             raise ValueError("a HART schedule has no fixed rope positions; use sparvar.hart.model.rope_tables")
         h, w = self.grids[scale]
         H, W = self.rope_grid
-        rows = [round(i * (H / h)) for i in range(h)]  # same float order as the official code; round-half-even
-        cols = [round(j * (W / w)) for j in range(w)]
+        rows = (torch.arange(h) * (H / h)).round().int().tolist()
+        cols = (torch.arange(w) * (W / w)).round().int().tolist()
         return [r for r in rows for _ in cols], [c for _ in rows for c in cols]
 
 

@@ -40,6 +40,17 @@ def test_rope_positions_come_from_the_1024_grid():
     assert sorted(set(rows)) == [round(i * 64 / 6) for i in range(6)] == [0, 11, 21, 32, 43, 53]
 
 
+def test_rope_positions_round_as_the_official_float32_product():
+    """Official basic.py forms i * (H / h) as int tensor * Python float, i.e. in float32: at aspect 3:1, scale 9 (54 rows
+    on the 111-row rope grid) row 27 is 55.5 exactly in float32 (-> 56) but 55.49999... in float64 (-> 55)."""
+    for aspect in ("3:1", "1:3"):
+        s = get_schedule(1024, aspect)
+        rows, cols = s.rope_positions(9)
+        h, w = s.grids[9]
+        line = rows[::w] if aspect == "3:1" else cols[:w]
+        assert len(line) == 54 and line[27] == 56 and round(27 * (111 / 54)) == 55
+
+
 def test_rope_matches_direct_formula():
     D = 128
     rows, cols = torch.tensor([0, 5, 63]), torch.tensor([7, 0, 40])
