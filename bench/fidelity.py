@@ -38,7 +38,7 @@ from sparvar.config import get_config  # noqa: E402
 from sparvar.fp8 import with_fp8_linears  # noqa: E402
 from sparvar.generate import Sampling, TorchRunner, generate  # noqa: E402
 from sparvar.model import EAGER  # noqa: E402
-from sparvar.pipeline import build_decoder  # noqa: E402
+from sparvar.pipeline import build_decoder, image_arrays  # noqa: E402
 from sparvar.schedule import get_schedule  # noqa: E402
 from sparvar.sparse import SparVARPlan, default_policy  # noqa: E402
 from sparvar.text import hashed_embeddings  # noqa: E402
@@ -91,11 +91,6 @@ class AttentionErrorProbe:
             err = (out.float() - ref).flatten(1).norm(dim=1) / ref.flatten(1).norm(dim=1).clamp_min(1e-12)
             self.errors[(layer, scale)].extend(err.tolist())
         return out
-
-
-def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """(B, 3, H, W) in [0, 1] -> (B, H, W, 3) uint8, as a saved PNG holds it."""
-    return images.mul(255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
 def psnr_db(a: np.ndarray, b: np.ndarray) -> float:
@@ -155,7 +150,7 @@ def generate_variants(model, decoder, cfg, prompts: list[str], seeds: list[int],
             runner = TorchRunner(model, schedule, plan=probes[name], ops=ops)
             t0 = time.perf_counter()
             gen = generate(runner, decoder, schedule, features, lengths, sampling, seed=seed, skip_last=VARIANTS[name][1])
-            images[name].append(to_uint8(gen.image))  # to_uint8 synchronises, so the time is the whole generation
+            images[name].append(image_arrays(gen.image))  # the pixels a PNG holds; synchronises, so the time is the whole generation
             seconds[name] += time.perf_counter() - t0
             bits[name].append([b.cpu() for b in gen.bits])
             if progress:

@@ -20,8 +20,9 @@ from .model import Infinity, build_model
 
 _OFFICIAL_BLOCK = re.compile(r"^block_chunks\.(\d+)\.module\.(\d+)\.(.*)$")
 _OURS_BLOCK = re.compile(r"^blocks\.(\d+)\.(.*)$")
-# Containers the official training code wraps state dicts in (trainer checkpoints, slim exports).
-_WRAPPER_KEYS = ("gpt_fsdp", "gpt_ema_fsdp", "state_dict", "model")
+# Containers state dicts come wrapped in. Official trainer checkpoints (ar-ckpt-*.pth) keep the transformer at
+# ['trainer']['gpt_fsdp'] (official run_infinity.py reads that key by default; slim exports are bare state dicts).
+_WRAPPER_KEYS = ("gpt_fsdp", "state_dict", "model")
 
 
 class CheckpointError(ValueError):
@@ -142,7 +143,11 @@ def read_state_dict(path: str) -> dict[str, torch.Tensor]:
         try:
             sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         except Exception as e:  # truncated zip, pickle garbage, or a pickle needing more than tensors
-            raise CheckpointError(f"{path} cannot be read as a torch checkpoint ({type(e).__name__}: {e})") from None
+            hint = ("; it pickles more than tensors (an official trainer checkpoint keeps its args): we load tensors "
+                    "only, so export the weights first (official save_slim_model)") if "weights_only" in str(e) else ""
+            raise CheckpointError(f"{path} cannot be read as a torch checkpoint ({type(e).__name__}: {e}){hint}") from None
+        if isinstance(sd, dict) and isinstance(sd.get("trainer"), dict):
+            sd = sd["trainer"]
         for key in _WRAPPER_KEYS:
             if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
                 sd = sd[key]

@@ -131,8 +131,10 @@ def check_text_sources(cfg, t5: str | None = None, qwen: str | None = None, embe
 
 
 def image_arrays(images: torch.Tensor):
-    """(B, 3, H, W) in [0, 1] -> (B, H, W, 3) uint8 numpy: the pixels every written image has."""
-    return images.mul(255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    """(B, 3, H, W) in [0, 1] -> (B, H, W, 3) uint8 numpy: the pixels every written image has. Truncated, not
+    rounded, as both official pipelines convert (Infinity: mul_(255).to(torch.uint8); HART: astype(np.uint8)), so a
+    PNG matches the official one pixel for pixel when the floats do."""
+    return images.mul(255).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
 def save_images(images: torch.Tensor, out: str) -> list[str]:

@@ -146,3 +146,20 @@ def test_sharded_folder_loads(tmp_path):
     os.remove(folder / "model-00003-of-00003.safetensors")
     with pytest.raises(CheckpointError, match="checkpoint not found: .*model-00003-of-00003.safetensors"):
         load_model(TINY, str(folder))
+
+
+def test_official_trainer_checkpoint_layout(tmp_path):
+    """Official trainer checkpoints keep the transformer at ['trainer']['gpt_fsdp'] (run_infinity.py's default key), the
+    EMA copy beside it; one that pickles its argparse args is refused with what to do, not a bare unpickling error."""
+    import argparse
+
+    model, ema = build_model(TINY, seed=1), build_model(TINY, seed=2)
+    official = {to_official_name(k, TINY): v for k, v in model.state_dict().items()}
+    official_ema = {to_official_name(k, TINY): v for k, v in ema.state_dict().items()}
+    path = str(tmp_path / "ar-ckpt-giter001K-ep0-iter1000-last.pth")
+    torch.save({"arch": "infinity_tiny", "epoch": 0, "iter": 1000,
+                "trainer": {"gpt_fsdp": official, "gpt_ema_fsdp": official_ema}}, path)
+    assert torch.equal(load_model(TINY, path).head.weight, model.head.weight)
+    torch.save({"args": argparse.Namespace(model="infinity_tiny"), "trainer": {"gpt_fsdp": official}}, path)
+    with pytest.raises(CheckpointError, match="official trainer checkpoint keeps its args.*save_slim_model"):
+        load_model(TINY, path)

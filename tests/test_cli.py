@@ -166,3 +166,11 @@ def test_a_failed_image_write_leaves_no_temp_file(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="No space left"):
         save_images(torch.rand(1, 3, 8, 8), str(tmp_path / "x.png"))
     assert os.listdir(tmp_path) == []
+
+
+def test_pixels_are_truncated_as_the_official_pipelines_convert():
+    """Infinity's mul_(255).to(torch.uint8) and HART's astype(np.uint8) truncate: 0.999 -> 254, not 255."""
+    from sparvar.pipeline import image_arrays
+
+    images = torch.tensor([0.0, 0.999, 1.0, 0.5, -0.1, 1.2]).view(1, 1, 1, 6).expand(1, 3, 1, 6)
+    assert image_arrays(images)[0, 0, :, 0].tolist() == [0, 254, 255, 127, 0, 255]
