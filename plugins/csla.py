@@ -55,6 +55,10 @@ def layout_from_tensors(q_len: int, kv_len: int, kv_num_blocks, kv_indices, bloc
 def run(inputs, attrs, ops):
     """Torch-level implementation on `ops` (a sparvar.sparse.SparseOps): returns (out,)."""
     q, k, v, kv_num_blocks, kv_indices = inputs
+    # TensorRT times a plugin's tactics on inputs it never initialised (as CS4A's key_idx): counts and block
+    # indices out of range would loop or read out of bounds and fault the build. A real layout is in range: a no-op.
+    kv_num_blocks = kv_num_blocks.clamp(0, kv_indices.shape[1])
+    kv_indices = kv_indices.clamp(0, -(-k.shape[2] // attrs["block_n"]) - 1)
     layout = layout_from_tensors(q.shape[2], k.shape[2], kv_num_blocks, kv_indices, attrs["block_m"], attrs["block_n"])
     return (ops.csla(q, k, v, layout),)
 

@@ -346,6 +346,17 @@ INTERPRETER_SCRIPT = textwrap.dedent('''
         _csla_aot_kernel[(nq, 2)](qc, kc, vc, lay.kv_num_blocks, lay.kv_indices, 2, lq, lk, lay.kv_indices.shape[1],
                                   aot_out, HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn)
         err(aot_out, ref)
+        if bm == 32:  # TensorRT times tactics on layouts it never wrote: the AOT entry clamps counts and indices
+            from sparvar.kernels.csla import flash_forward
+            width = lay.kv_indices.shape[1]
+            counts = torch.randint(-2**31, 2**31 - 1, lay.kv_num_blocks.shape, dtype=torch.int32)
+            counts[:2] = torch.tensor([-3, 2**31 - 1])
+            indices = torch.randint(-2**31, 2**31 - 1, lay.kv_indices.shape, dtype=torch.int32)
+            _csla_aot_kernel[(nq, 2)](qc, kc, vc, counts, indices, 2, lq, lk, width, aot_out, HEAD_DIM=d, BLOCK_M=bm,
+                                      BLOCK_N=bn)
+            want = flash_forward(qc, kc, vc, kv_num_blocks=counts.clamp(0, width),
+                                 kv_indices=indices.clamp(0, nk - 1).contiguous(), block_m=bm, block_n=bn)
+            assert torch.equal(aot_out.nan_to_num(), want.nan_to_num()), "the AOT entry's clamp is not the layout's"
         out, lse = K.dense_attention(q, k, v, block_m=bm, block_n=bn, return_lse=True)
         err(out, reference_attention(q, k, v))
         err(lse, torch.logsumexp(q.float() @ k.float().transpose(-1, -2), -1))

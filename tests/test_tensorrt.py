@@ -93,6 +93,26 @@ def test_cs4a_plugins_survive_the_uninitialised_indices_of_tactic_timing(op):
     assert out.shape == q.shape and torch.isfinite(out).all()
 
 
+def test_csla_plugin_survives_the_uninitialised_layout_of_tactic_timing():
+    """As CS4A's key_idx: TensorRT times the CSLA plugin on block counts and indices it never wrote. Out-of-range ones
+    must not index outside the keys (the reference raised IndexError; on a GPU a fault ends the build), and a real
+    layout gives the op's own result."""
+    from sparvar.sparse import get_sparse_ops
+    from tests.test_custom_ops import _layout
+
+    q, k, v, _, _ = _inputs()
+    layout = _layout()
+    attrs = {"block_m": layout.block_m, "block_n": layout.block_n}
+    reference = get_sparse_ops("reference")
+    (got,) = RUNS["CSLAAttention"]([q, k, v, layout.kv_num_blocks, layout.kv_indices], attrs, reference)
+    torch.testing.assert_close(got, reference.csla(q, k, v, layout), atol=0, rtol=0)
+    g = torch.Generator().manual_seed(0)
+    counts = torch.randint(-2**31, 2**31 - 1, layout.kv_num_blocks.shape, dtype=torch.int32, generator=g)
+    indices = torch.randint(-2**31, 2**31 - 1, layout.kv_indices.shape, dtype=torch.int32, generator=g)
+    (out,) = RUNS["CSLAAttention"]([q, k, v, counts, indices], attrs, reference)
+    assert out.shape == q.shape
+
+
 def test_every_sparvar_node_says_which_qdp_implementation_to_use():
     """Every op defines a JIT and an AOT implementation, and TensorRT >= 10.9 refuses to pick one for a node without
     the `aot` attribute: each node gets 1 where AOT is asked for and its op has a kernel, else 0."""

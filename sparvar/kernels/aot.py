@@ -24,6 +24,8 @@ if HAS_TRITON:
 
         EVEN_N is False: whether Lk is a multiple of BLOCK_N is a runtime shape property here, and the masked last
         tile is correct either way. Unused pointer slots (lse, launch order, token tiles, row lengths) get Out.
+        CLAMP_LAYOUT: TensorRT times tactics on inputs it never wrote, so the block counts and indices are forced
+        into range (a no-op for a real layout) rather than looping 2^31 times over keys out of bounds.
         """
         q_head = q_len * HEAD_DIM
         kv_head = kv_len * HEAD_DIM
@@ -33,7 +35,7 @@ if HAS_TRITON:
                          H * kv_head, kv_head, HEAD_DIM,
                          H * q_head, q_head, HEAD_DIM,
                          num_slots, H, q_len, kv_len, 1.4426950408889634,  # softmax scale 1, in log2 units
-                         HEAD_DIM, BLOCK_M, BLOCK_N, False, False, False, False, False, False)
+                         HEAD_DIM, BLOCK_M, BLOCK_N, False, False, False, False, False, False, True)
 
 
 _DTYPE_NAMES = {str(d).removeprefix("torch."): d for d in DTYPES}  # 'bfloat16', 'float16'

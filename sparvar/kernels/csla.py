@@ -195,6 +195,14 @@ if HAS_TRITON:
         return acc, l_i, m_new
 
     @triton.jit
+    def _key_block(ptr, kv_len, BLOCK_N: tl.constexpr, CLAMP: tl.constexpr):
+        """The key block a layout entry names; with CLAMP, forced into [0, ceil(kv_len / BLOCK_N))."""
+        block = tl.load(ptr)
+        if CLAMP:
+            block = tl.minimum(tl.maximum(block, 0), tl.cdiv(kv_len, BLOCK_N) - 1)
+        return block
+
+    @triton.jit
     def _csla_fwd_kernel(
         Q, K, V, Out, Lse, KVNumBlocks, KVIndices, QOrder, NumFull, PartialIndex, PartialMasks, KVLens,
         stride_qb, stride_qh, stride_qm,
@@ -205,7 +213,7 @@ if HAS_TRITON:
         H, q_len, kv_len, qk_scale,
         HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         DENSE: tl.constexpr, EVEN_N: tl.constexpr, USE_ORDER: tl.constexpr, STORE_LSE: tl.constexpr,
-        TOKEN: tl.constexpr, ROW_LEN: tl.constexpr,
+        TOKEN: tl.constexpr, ROW_LEN: tl.constexpr, CLAMP_LAYOUT: tl.constexpr = False,
     ):
         pid_m = tl.program_id(0)
         pid_bh = tl.program_id(1)
@@ -230,6 +238,8 @@ if HAS_TRITON:
             num = tl.cdiv(kv_len, BLOCK_N)
         else:
             num = tl.load(KVNumBlocks + q_block)
+            if CLAMP_LAYOUT:  # the layout came from outside (TensorRT's timing inputs): keep every read in bounds
+                num = tl.minimum(tl.maximum(num, 0), stride_idx)
         num_full = num
         if TOKEN:  # token-exact: the row's full tiles come first (see token_tiles), then the masked ones
             num_full = tl.load(NumFull + q_block)
@@ -239,14 +249,14 @@ if HAS_TRITON:
             else:
                 # a row listing no block (num 0) has no tail either: without the clamps it read the previous
                 # row's last entry (KVIndices[-1] for the first row) and ran it as a partial block
-                last = tl.load(idx_row + tl.maximum(num - 1, 0))
+                last = _key_block(idx_row + tl.maximum(num - 1, 0), kv_len, BLOCK_N, CLAMP_LAYOUT)
                 num_full = tl.maximum(num - (last == (kv_len - 1) // BLOCK_N).to(tl.int32), 0)
 
         for i in range(0, num_full):
             if DENSE:
                 start_n = i * BLOCK_N
             else:
-                start_n = tl.load(idx_row + i) * BLOCK_N
+                start_n = _key_block(idx_row + i, kv_len, BLOCK_N, CLAMP_LAYOUT) * BLOCK_N
             keys = start_n + offs_n
             k = tl.load(k_base + keys[:, None] * stride_kn)
             v = tl.load(v_base + keys[:, None] * stride_vn)
@@ -267,7 +277,7 @@ if HAS_TRITON:
             if DENSE:
                 start_n = num_full * BLOCK_N
             else:
-                start_n = tl.load(idx_row + num_full) * BLOCK_N
+                start_n = _key_block(idx_row + num_full, kv_len, BLOCK_N, CLAMP_LAYOUT) * BLOCK_N
             keys = start_n + offs_n
             key_ok = keys < kv_len
             k = tl.load(k_base + keys[:, None] * stride_kn, mask=key_ok[:, None], other=0.0)
