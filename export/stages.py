@@ -70,8 +70,7 @@ def stage_key_inputs(stage: str, ctx: StageContext) -> dict:
         return {"config": dataclasses.asdict(ctx.cfg), "grids": ctx.schedule.grids, "rope_grid": ctx.schedule.rope_grid,
                 "policy": dataclasses.asdict(policy) if policy else None, "dtype": spec.dtype, "batch": spec.batch,
                 "opset": spec.opset, "code": EXPORT_CODE_VERSION, "backend_family": _graph_flavour(spec.backend),
-                **weights_identity(spec), "torch": ctx.versions.get("torch"), "onnx": ctx.versions.get("onnx"),
-                "onnxscript": ctx.versions.get("onnxscript")}
+                **weights_identity(spec), **{k: ctx.versions.get(k) for k in ("torch", "onnx", "onnxscript", "onnx-ir")}}
     if stage == "optimize":
         return {"onnx": ctx.versions.get("onnx"), "onnxscript": ctx.versions.get("onnxscript")}
     if stage == "build":
@@ -79,6 +78,10 @@ def stage_key_inputs(stage: str, ctx: StageContext) -> dict:
                                              if k in ("onnxruntime", "tensorrt", "tensorrt-rtx-cu13-bindings", "triton", "torch")}}
         if spec.backend == "torch-cuda":  # 1: the stored SparVAR plan (before: only CSLA lists); 2: checkpoint record
             key["torch_cuda_plan"] = 2
+        if spec.backend in ("tensorrt", "tensorrt-rtx"):
+            from plugins.spec import PLUGIN_CODE_VERSION
+
+            key["plugin_code"] = PLUGIN_CODE_VERSION
         if spec.backend == "tensorrt":  # a plan runs only on the GPU model it was built for
             from export.tensorrt import gpu_identity
 

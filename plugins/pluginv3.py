@@ -108,6 +108,7 @@ def plugin_classes(trt) -> tuple[type, type]:
                 outputs.append(exprs)
             return outputs
 
+        @_reported
         def supports_format_combination(self, pos, in_out, num_inputs):
             if num_inputs != len(self.spec.inputs) or in_out[pos].desc.format != trt.TensorFormat.LINEAR:
                 return False
@@ -123,6 +124,7 @@ def plugin_classes(trt) -> tuple[type, type]:
         def get_workspace_size(self, inputs, outputs):
             return 0
 
+        @_reported
         def get_valid_tactics(self):
             return [int(t) for t in available_tactics(*self.inputs_key, self.attrs)]
 

@@ -21,6 +21,9 @@ from typing import Callable, NamedTuple, Protocol, Sequence
 
 NAMESPACE = "sparvar"  # ONNX domain of the custom nodes and TensorRT plugin namespace
 VERSION = "1"  # TensorRT plugin version; the ONNX domain version is 1 as well
+# A built plan bakes in the plugins' fields and chosen tactics, so the build stage's key holds this: bump it when the
+# tactics offered, the plugin fields or the ops' semantics change (1: the clamped timing inputs, tactics w/o triton).
+PLUGIN_CODE_VERSION = 1
 FLOAT, INT32 = "float", "int32"
 FLOAT_DTYPES = ("float32", "float16", "bfloat16")  # the float dtypes every op accepts (all "float" tensors alike)
 
@@ -205,7 +208,7 @@ def available_tactics(dtype: str | None = None, head_dim: int | None = None, att
         return [Tactic.REFERENCE]  # query tiles of 16..128 never straddle a CS4A group; CSLA tiles are tl.dot tiles
     try:
         get_sparse_ops("triton")
-    except (ValueError, ImportError):
+    except (ValueError, ImportError, RuntimeError):  # RuntimeError: no triton package (CPU torch wheels lack it)
         return [Tactic.REFERENCE]
     return [Tactic.TRITON, Tactic.REFERENCE]
 

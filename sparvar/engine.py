@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib
+import importlib.util
 import json
 import os
 import shutil
@@ -97,10 +99,24 @@ def tool_versions() -> dict:
     import importlib.metadata as md
 
     out = {"sparvar_engine_format": FORMAT_VERSION, "python": sys.version.split()[0]}
-    for pkg in ("torch", "onnx", "onnxscript", "onnxruntime", "tensorrt", "tensorrt-rtx-cu13-bindings", "triton"):
-        try:
-            out[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
+    # key -> the distributions that may provide it, first found wins (TensorRT's wheels are tensorrt, or
+    # tensorrt-cu12 / -cu13 without the meta-package; an apt install has no distribution, see below)
+    for key, dists in (("torch", ("torch",)), ("onnx", ("onnx",)), ("onnxscript", ("onnxscript",)),
+                       ("onnx-ir", ("onnx-ir",)), ("onnxruntime", ("onnxruntime",)),
+                       ("tensorrt", ("tensorrt", "tensorrt-cu13", "tensorrt-cu12", "tensorrt-cu13-bindings",
+                                     "tensorrt-cu12-bindings")),
+                       ("tensorrt-rtx-cu13-bindings", ("tensorrt-rtx-cu13-bindings",)), ("triton", ("triton",))):
+        for dist in dists:
+            try:
+                out[key] = md.version(dist)
+                break
+            except md.PackageNotFoundError:
+                pass
+    if "tensorrt" not in out:
+        try:  # importable without a distribution record: its own version (plans are tied to it)
+            if "tensorrt" in sys.modules or importlib.util.find_spec("tensorrt") is not None:
+                out["tensorrt"] = str(importlib.import_module("tensorrt").__version__)
+        except Exception:  # noqa: BLE001 - a broken install is reported where TensorRT is used
             pass
     return out
 
@@ -113,13 +129,28 @@ class StageRecord:
     seconds: float = 0.0
 
 
-def _hash_dir_files(root: str, sub: str) -> dict[str, str]:
+class FileDigests:
+    """file_sha256 within one pass over an engine, each file (inode) hashed once: the graphs' shared weights file is
+    hard-linked into several stages (4 GB at 2B), and a pass that met it twice hashed it twice."""
+
+    def __init__(self):
+        self._digests: dict[tuple, str] = {}
+
+    def __call__(self, path: str) -> str:
+        st = os.stat(path)
+        key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        if key not in self._digests:
+            self._digests[key] = file_sha256(path)
+        return self._digests[key]
+
+
+def _hash_dir_files(root: str, sub: str, digests: FileDigests) -> dict[str, str]:
     out = {}
     base = os.path.join(root, sub)
     for dirpath, _, names in os.walk(base):
         for name in sorted(names):
             path = os.path.join(dirpath, name)
-            out[os.path.relpath(path, root)] = file_sha256(path)
+            out[os.path.relpath(path, root)] = digests(path)
     return out
 
 
@@ -161,12 +192,13 @@ def read_manifest(engine_dir: str) -> dict:
 
 def verify_files(engine_dir: str, manifest: dict) -> None:
     """Every file the stages recorded must exist with the recorded sha256."""
+    digests = FileDigests()
     for stage in STAGES:
         for rel, digest in manifest["stages"][stage]["files"].items():
             path = os.path.join(engine_dir, rel)
             if not os.path.isfile(path):
                 raise EngineError(f"{engine_dir}: file {rel} of stage '{stage}' is missing; rebuild the engine")
-            if file_sha256(path) != digest:
+            if digests(path) != digest:
                 raise EngineError(f"{engine_dir}: file {rel} of stage '{stage}' is corrupt (sha256 mismatch); rebuild the engine")
 
 
@@ -336,6 +368,7 @@ def build_engine(spec: EngineSpec, engine_dir: str, force: bool = False, log=pri
     try:
         context = stages.StageContext(spec=spec, out_dir=tmp, versions=versions, log=log)
         records: dict[str, StageRecord] = {}
+        digests = FileDigests()
         prev_key = ""
         for stage in STAGES:
             key = digest_json({"stage": stage, "prev": prev_key, **stages.stage_key_inputs(stage, context)})
@@ -359,7 +392,7 @@ def build_engine(spec: EngineSpec, engine_dir: str, force: bool = False, log=pri
                 log(f"[engine] {stage:8s} running ...")
                 info = stages.run_stage(stage, context)
                 context.info.update(info)
-                records[stage] = StageRecord(key=key, files=_hash_dir_files(tmp, stage), info=info,
+                records[stage] = StageRecord(key=key, files=_hash_dir_files(tmp, stage, digests), info=info,
                                              seconds=time.perf_counter() - t0)
                 log(f"[engine] {stage:8s} done in {records[stage].seconds:.1f} s (key {key})")
             prev_key = key

@@ -553,3 +553,18 @@ def test_a_build_killed_mid_swap_gets_its_old_engine_back(engines, tmp_path):
     remove_abandoned_builds(str(tmp_path), "e")
     assert sorted(os.listdir(tmp_path)) == ["e"]
     verify_files(str(tmp_path / "e"), read_manifest(str(tmp_path / "e")))
+
+
+def test_the_shared_weights_file_is_hashed_once_per_pass(engines, monkeypatch):
+    """The graphs' weights file is hard-linked into the export and optimize stages (4 GB at 2B): loading verified it
+    twice. One verification hashes each file (inode) once."""
+    import sparvar.engine as engine
+
+    hashed = []
+    real = engine.file_sha256
+    monkeypatch.setattr(engine, "file_sha256", lambda path: hashed.append(os.path.basename(path)) or real(path))
+    manifest = read_manifest(engines["dense"])
+    engine.verify_files(engines["dense"], manifest)
+    recorded = [os.path.basename(rel) for stage in manifest["stages"].values() for rel in stage["files"]]
+    assert recorded.count("weights.bin") == 2 and hashed.count("weights.bin") == 1
+    assert sorted(set(hashed)) == sorted(set(recorded))

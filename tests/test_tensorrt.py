@@ -153,6 +153,41 @@ def test_tensorrt_plans_are_tied_to_the_gpu_they_were_built_for(monkeypatch):
         ttrt.check_built_for_this_gpu("eng", {"gpu": h100})
 
 
+def test_plans_are_rebuilt_when_the_plugins_or_tensorrt_change(monkeypatch):
+    """A plan bakes in the plugins' fields and tactics, and deserialises only with the TensorRT that built it: the build
+    key follows PLUGIN_CODE_VERSION, and TensorRT's version is found without the `tensorrt` meta-package (tensorrt-cu12
+    wheels) or any distribution (an apt install: the module's own __version__)."""
+    import importlib.metadata as md
+    import sys
+    import types
+
+    import export.tensorrt as ttrt
+    import plugins.spec
+    from export import stages
+    from sparvar.engine import tool_versions
+
+    monkeypatch.setattr(ttrt, "gpu_identity", lambda: {"name": "NVIDIA H100", "compute_capability": "9.0"})
+    ctx = type("Ctx", (), {"spec": type("Spec", (), {"backend": "tensorrt"})(), "versions": {"tensorrt": "10.9"}})()
+    before = stages.stage_key_inputs("build", ctx)
+    monkeypatch.setattr(plugins.spec, "PLUGIN_CODE_VERSION", plugins.spec.PLUGIN_CODE_VERSION + 1)
+    assert stages.stage_key_inputs("build", ctx) != before
+
+    real = md.version
+
+    def version(dist, wheels):
+        if dist in wheels:
+            return wheels[dist]
+        if dist.startswith("tensorrt") and not dist.startswith("tensorrt-rtx"):
+            raise md.PackageNotFoundError(dist)
+        return real(dist)
+
+    monkeypatch.setattr(md, "version", lambda dist: version(dist, {"tensorrt-cu12": "10.13.0"}))
+    assert tool_versions()["tensorrt"] == "10.13.0"
+    monkeypatch.setattr(md, "version", lambda dist: version(dist, {}))
+    monkeypatch.setitem(sys.modules, "tensorrt", types.SimpleNamespace(__version__="10.9.0.34"))
+    assert tool_versions()["tensorrt"] == "10.9.0.34"
+
+
 class CslaOnly(torch.nn.Module):
     """CSLAAttention as the AOT kernel takes it: bf16, head dim 64, blocks of 16 x 32 queries x keys."""
 
@@ -303,6 +338,16 @@ def test_triton_tactic_is_offered_only_for_inputs_the_kernels_take(monkeypatch):
         combos = qdp.autotune_combinations(Trtp, spec, Desc(head_dim), {"block_m": 64, "block_n": 64})
         assert combos == [("FP32", "LINEAR", [int(t) for t in reference]),
                           ("FP16|BF16", "LINEAR", [int(t) for t in half])], head_dim
+
+
+def test_without_triton_only_the_reference_tactic_is_offered(monkeypatch):
+    """CPU torch wheels bring no triton: the Triton backend then raises RuntimeError, and offering its tactic anyway
+    failed every fp16 TensorRT-RTX build with SparVAR nodes ("negative number of custom tactics")."""
+    import sparvar.kernels
+
+    monkeypatch.setattr(sparvar.kernels, "HAS_TRITON", False)
+    assert available_tactics("bfloat16", 128) == [Tactic.REFERENCE]
+    assert available_tactics("float16", 64, {"group_size": 16}) == [Tactic.REFERENCE]
 
 
 def test_aot_compile_checks_the_triton_abi_for_sm80():
