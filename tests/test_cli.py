@@ -174,3 +174,29 @@ def test_pixels_are_truncated_as_the_official_pipelines_convert():
 
     images = torch.tensor([0.0, 0.999, 1.0, 0.5, -0.1, 1.2]).view(1, 1, 1, 6).expand(1, 3, 1, 6)
     assert image_arrays(images)[0, 0, :, 0].tolist() == [0, 254, 255, 127, 0, 255]
+
+
+def test_real_weights_never_fall_back_to_hashed_text(tmp_path, capsys):
+    """Hashed pseudo-embeddings stand in for text only with random weights: real Infinity weights without a text
+    source are refused (the image would come from made-up text), and a model trained on hashed embeddings refuses
+    an encoder."""
+    from sparvar.checkpoint import save_official
+    from sparvar.config import get_config
+    from sparvar.model import build_model
+    from sparvar.vae import build_vae
+
+    cfg = get_config("infinity-tiny")
+    weights, vae = str(tmp_path / "transformer.safetensors"), str(tmp_path / "tokenizer.pth")
+    save_official(build_model(cfg, seed=7), weights)
+    tokenizer = build_vae(cfg.vae, seed=9).state_dict()
+    tokenizer["quantizer.lfq.mask"] = 2 ** torch.arange(cfg.vae.codebook_dim - 1, -1, -1)  # as official files carry
+    torch.save({"vae": tokenizer}, vae)
+    out = str(tmp_path / "x.png")
+    assert main(["generate", "--model", "infinity-tiny", "--weights", weights, "--vae", vae, "--out", out]) == 1
+    assert "infinity-tiny with real weights needs a text encoder" in capsys.readouterr().err
+    assert not os.path.exists(out)
+    root = os.path.join(os.path.dirname(__file__), "..", "weights")
+    assert main(["generate", "--model", "infinity-cifar", "--weights", os.path.join(root, "infinity-cifar.safetensors"),
+                 "--vae", os.path.join(root, "infinity-cifar-tokenizer.safetensors"), "--t5", str(tmp_path),
+                 "--out", out]) == 2  # a usage error, found before anything loads
+    assert "infinity-cifar was trained on hashed word embeddings, not a text encoder: drop --t5" in capsys.readouterr().err

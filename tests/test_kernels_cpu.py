@@ -360,6 +360,10 @@ INTERPRETER_SCRIPT = textwrap.dedent('''
         out, lse = K.dense_attention(q, k, v, block_m=bm, block_n=bn, return_lse=True)
         err(out, reference_attention(q, k, v))
         err(lse, torch.logsumexp(q.float() @ k.float().transpose(-1, -2), -1))
+        # a softmax scale other than 1 (the engine's cross-attention passes D^-0.5): as q pre-scaled
+        q4 = q * 4
+        err(K.dense_attention(q4, k, v, scale=0.25, block_m=bm, block_n=bn), reference_attention(q, k, v))
+        err(K.csla_attention_blocks(q4, k, v, lay.kv_num_blocks, lay.kv_indices, bm, bn, scale=0.25), ref)
     # token-exact CSLA: full tiles (first key block), partial tiles, and a query block whose tiles are all partial
     for bm, bn, lq, lk, d in [(16, 32, 70, 100, 64), (32, 16, 80, 90, 128)]:
         q = torch.randn(1, 2, lq, d, dtype=dt) * d ** -0.5
@@ -411,6 +415,8 @@ INTERPRETER_SCRIPT = textwrap.dedent('''
         o_cache = torch.randn(2, 2, lq, d, dtype=dt)
         out = K.cs4a_attention_raw(q, k, v, key_idx, gs, o_cache, band_start=band_start, band_len=band)
         err(out, K.reference_cs4a_attention(q, k, v, key_idx, gs, o_cache, band_start=band_start, band_len=band))
+        err(K.cs4a_attention_raw(q * 4, k, v, key_idx, gs, o_cache, band_start=band_start, band_len=band, scale=0.25),
+            out)
         _, lse = K.dense_attention(q, k, v, return_lse=True)
         err(K.cs4a_column_sums(q, k, lse, gs), K.reference_column_sums(q, k, gs))  # the last group is partial
         out, selected, cache = K.cs4a_decide_raw(q, k, v, gs, 24)

@@ -3,6 +3,7 @@
 import http.client
 import io
 import json
+import os
 import socket
 import threading
 import time
@@ -119,11 +120,24 @@ def test_service_refuses_what_it_cannot_serve(engines, tmp_path):
         GenerationService(engines["sparvar"], t5=str(tmp_path / "nope"))
 
 
+def test_an_engine_with_real_weights_is_not_served_on_hashed_text(engines, tmp_path):
+    """Without its text encoder a real-weights engine would answer every prompt from made-up embeddings: refused at
+    start, before its weights load."""
+    manifest = json.loads(open(os.path.join(engines["sparvar"], "manifest.json")).read())
+    manifest["spec"]["weights"], manifest["spec"]["vae"] = "transformer.safetensors", "tokenizer.pth"
+    os.makedirs(tmp_path / "real")
+    (tmp_path / "real" / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="runs real weights: give its text encoder \\(--t5 DIR\\)"):
+        GenerationService(str(tmp_path / "real"))
+
+
 @pytest.mark.parametrize("args,code,message", [
     (["--skip-last", "-1"], 2, "--skip-last must be >= 0"),
-    (["--skip-last", "13", "--no-warmup"], 1, "skip_last must be in [0, 6]"),  # before listening, not per request
+    # at start, not per request (port 0: the port check comes first, and 8000 may be taken on this machine)
+    (["--skip-last", "13", "--no-warmup", "--port", "0"], 1, "skip_last must be in [0, 6]"),
     (["--port", "70000"], 2, "--port must be in [0, 65535]"),
-    (["--qwen", "q"], 1, "--qwen is HART's text encoder"),
+    (["--qwen", "q", "--port", "0"], 1, "--qwen is HART's text encoder"),
+    (["--batch-wait-ms", "-1"], 2, "--batch-wait-ms must be in"),
     (["--host", "999.1.1.1", "--no-warmup"], 2, "cannot listen on 999.1.1.1:8000"),
 ])
 def test_serve_command_refuses_bad_options(engines, args, code, message, capsys):
