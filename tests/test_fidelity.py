@@ -52,6 +52,30 @@ def test_raw_roundtrip_and_grid(tmp_path):
     assert np.array_equal(pixels[12:20, 12:20], images["sparvar"][1])  # row 1 = sparvar, column 1 = pair 1
 
 
+def test_scores_pair_every_variant_with_dense_pair_by_pair(tmp_path):
+    """A variant listed twice appended its images twice and zip() then scored seed 1's dense images against seed 0's
+    sparse ones; now a repeat is refused and a variant with another image count than dense is an error. A re-scoring
+    writes its grid beside its --out (not over the committed one) and states targets only for what it measured."""
+    with pytest.raises(ValueError, match="each variant once"):
+        fidelity.generate_variants(None, None, None, ["cat"], [0], ["dense", "sparvar", "sparvar"])
+    rng = np.random.default_rng(0)
+    images = {"dense": rng.integers(0, 255, (2, 8, 8, 3), dtype=np.uint8),
+              "skip2": rng.integers(0, 255, (4, 8, 8, 3), dtype=np.uint8)}
+    raw = {"images": images, "bit_mismatch": {"skip2": [0.0]}, "attention_errors": {},
+           "seconds_per_image": {k: 1.0 for k in images}}
+    with pytest.raises(ValueError, match="skip2 has 4 images and dense 2"):
+        fidelity.score(raw, depth=6)
+    images["skip2"] = images["skip2"][:2]
+    path = fidelity.save_raw(raw, {"prompts": ["cat", "dog"], "seeds": [0]}, str(tmp_path / "raw.npz"))
+    out = str(tmp_path / "rescored.json")
+    assert fidelity.main(["--from-raw", path, "--out", out]) == 0
+    import json
+
+    result = json.loads(open(out).read())
+    assert os.path.isfile(str(tmp_path / "rescored.png")) and result["targets_met"] == {}
+    assert "fp32" in result["metric_notes"] and "LPIPS(VGG) not measured" in result["metric_notes"]
+
+
 @pytest.fixture
 def one_thread():
     """One intra-op thread: a generation is a long chain of small ops, and two threads on a shared 2-core

@@ -164,6 +164,10 @@ def test_training_end_to_end_exports_loadable_weights(tmp_path):
     assert var_log["records"][-1]["loss"] != first["loss"]
     var_eval = train_run.evaluate_transformer(model, tokenizer, data["test"], TOY_SCHEDULE, images=4, batch=2)
     assert len(var_eval["scale_loss"]) == TOY_SCHEDULE.num_scales and var_eval["images"] == 4
+    assert var_eval["images_per_class"] == {"airplane": 2, "automobile": 1, "bird": 1}
+    # a part of the split spans its classes (sorted by class, its first two images are both airplanes)
+    part = train_run.evaluate_transformer(model, tokenizer, data["test"], TOY_SCHEDULE, images=2, batch=2)
+    assert part["images"] == 2 and part["images_per_class"] == {"airplane": 1, "automobile": 0, "bird": 1}
 
     t_path, k_path = train_run.export_weights(model, tokenizer, str(tmp_path / "out"), torch.float16)
     shipped = load_model(TOY, t_path)  # strict loaders of the generation path
