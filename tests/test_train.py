@@ -1,6 +1,7 @@
 """Training pipeline (sparvar/train) on CPU at toy size: data, tokenizer, teacher forcing, loop, resume, export."""
 import dataclasses
 import io
+import os
 import tarfile
 
 import pytest
@@ -198,9 +199,10 @@ def test_interrupted_run_resumes_to_the_same_weights(tmp_path, monkeypatch):
     monkeypatch.setattr(train_run, "tokenizer_loss", crash_at_step_3)
     with pytest.raises(KeyboardInterrupt):
         train_run.train_tokenizer(TOY_VAE, TOY_SCHEDULE, data, settings, str(tmp_path / "b"))
-    monkeypatch.setattr(train_run, "tokenizer_loss", real_loss)
+    after = []  # a restart from step 0 would reach the same weights too (same seeds): count the steps it takes
+    monkeypatch.setattr(train_run, "tokenizer_loss", lambda tokenizer, images: after.append(1) or real_loss(tokenizer, images))
     resumed, log = train_run.train_tokenizer(TOY_VAE, TOY_SCHEDULE, data, settings, str(tmp_path / "b"), resume=True)
-    assert [r["step"] for r in log["records"]][-1] == 4
+    assert [r["step"] for r in log["records"]][-1] == 4 and len(after) == 2  # steps 3 and 4 only
     for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
         torch.testing.assert_close(a, b, msg=name, atol=1e-6, rtol=1e-5)
 
@@ -215,3 +217,19 @@ def test_tokenizer_rejects_wrong_image_size():
 def test_cli_names_a_missing_tarball(tmp_path):
     with pytest.raises(FileNotFoundError, match="missing.tar.gz"):
         train_main(["tokenizer", "--work", str(tmp_path), "--data", str(tmp_path / "missing.tar.gz"), "--device", "cpu"])
+
+
+def test_an_interrupted_run_is_not_trained_on_or_exported(tmp_path):
+    """A run's checkpoint after a crash holds weights its settings do not describe (step 1 of 2 here): the next stage
+    refuses them and says how to finish the run, instead of building on them or shipping them."""
+    tarball = fake_cifar(tmp_path / "c.tar.gz")
+    work = str(tmp_path / "work")
+    base = ["--work", work, "--data", tarball, "--device", "cpu", "--tokenizer-steps", "2", "--tokenizer-batch", "2",
+            "--tokenizer-warmup", "1"]
+    assert train_main(["tokenizer", *base]) == 0
+    state = torch.load(os.path.join(work, "tokenizer.pt"), weights_only=False)
+    assert state["step"] == state["log"]["total_steps"] == 2
+    state["step"] = 1  # as a run killed after its first checkpoint leaves it
+    torch.save(state, os.path.join(work, "tokenizer.pt"))
+    with pytest.raises(ValueError, match="the tokenizer run stopped at step 1 of 2; finish it first"):
+        train_main(["transformer", *base, "--transformer-steps", "1"])

@@ -80,7 +80,8 @@ def main(argv=None) -> int:
         write_json(log, os.path.join(args.work, "tokenizer_log.json"))
     if args.stage in ("transformer", "all", "export"):
         tokenizer = Tokenizer(cfg.vae, schedule.grids).to(device)
-        tokenizer.load_state_dict(_checkpoint_model(tok_path, "tokenizer", device))
+        tok_state = _finished_run(tok_path, "tokenizer", device)
+        tokenizer.load_state_dict(tok_state["model"])
     if args.stage in ("transformer", "all"):
         _, log = train_transformer(cfg, schedule, tokenizer, data["train"], settings_for(args, "transformer", device),
                                    args.work, args.cfg_drop, args.resume, print_fn=say)
@@ -89,45 +90,44 @@ def main(argv=None) -> int:
         if not args.export:
             raise ValueError("export needs --export DIR")
         model = new_transformer(cfg, device, args.seed)
-        model.load_state_dict(_checkpoint_model(var_path, "transformer", device))
+        var_state = _finished_run(var_path, "transformer", device)
+        model.load_state_dict(var_state["model"])
         dtype = getattr(torch, args.dtype)
         paths = export_weights(model, tokenizer, args.export, dtype, metadata={"seed": str(args.seed)})
         say(f"wrote {paths[0]} ({os.path.getsize(paths[0]) / 2**20:.1f} MiB), {paths[1]} ({os.path.getsize(paths[1]) / 2**20:.1f} MiB)")
         # evaluate what ships: the exported (rounded) weights
         shipped_tok = load_tokenizer(paths[1], cfg.vae, schedule.grids, device)
-        held_out = data.get("test", data["train"])
-        tok_eval = evaluate_tokenizer(shipped_tok, held_out)
-        say(f"tokenizer reconstruction on {'test' if 'test' in data else 'train'}: {tok_eval}")
+        split = "test" if "test" in data else "train"  # a tarball without test/: said in the logs' eval
+        held_out = data[split]
+        tok_eval = {**evaluate_tokenizer(shipped_tok, held_out), "split": split}
+        say(f"tokenizer reconstruction on {split}: {tok_eval}")
         from sparvar.checkpoint import load_model
 
         shipped = load_model(cfg, paths[0], device=device)
-        var_eval = evaluate_transformer(shipped, shipped_tok, held_out, schedule, images=args.eval_images,
-                                        bf16=device.type == "cuda")
+        var_eval = {**evaluate_transformer(shipped, shipped_tok, held_out, schedule, images=args.eval_images,
+                                           bf16=device.type == "cuda"), "split": split}
         say(f"transformer held-out teacher-forced: {var_eval}")
-        for stage, ev in (("tokenizer", tok_eval), ("transformer", var_eval)):
-            log = _read_json(os.path.join(args.work, f"{stage}_log.json"))
+        for stage, ev, state in (("tokenizer", tok_eval, tok_state), ("transformer", var_eval, var_state)):
+            log = dict(state["log"])  # the log of the run that made these weights (not a file another run left)
             log["eval"] = ev
             log["device"] = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
             write_json(log, os.path.join(args.export, f"{stage}_log.json"))
     return 0
 
 
-def _checkpoint_model(path: str, name: str, device) -> dict:
+def _finished_run(path: str, name: str, device) -> dict:
+    """The checkpoint of a finished `name` run: {'model', 'log', 'step', ...}. An interrupted run's weights are not
+    what its settings describe: refused, with how to finish it."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no {name} checkpoint at {path}: train the {name} stage first (same --work)")
     state = torch.load(path, map_location=device, weights_only=False)
     if state.get("name") != name:
         raise ValueError(f"{path} holds a {state.get('name')!r} run, not {name!r}")
-    return state["model"]
-
-
-def _read_json(path: str) -> dict:
-    import json
-
-    if not os.path.isfile(path):
-        return {}
-    with open(path) as f:
-        return json.load(f)
+    total = state["log"]["total_steps"]
+    if state["step"] < total:
+        raise ValueError(f"{path}: the {name} run stopped at step {state['step']} of {total}; finish it first "
+                         f"(--stage {name} --resume, same --work)")
+    return state
 
 
 if __name__ == "__main__":
