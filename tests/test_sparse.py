@@ -179,3 +179,32 @@ def test_saved_plan_round_trips_token_layouts_and_sinks(tmp_path):
     save_file({"x": torch.zeros(1)}, str(tmp_path / "other.safetensors"))
     with pytest.raises(ValueError, match="not a saved SparVAR plan"):
         load_plan(str(tmp_path / "other.safetensors"), policy, schedule, policy.num_layers)
+
+
+def test_full_policy_equals_dense_through_the_whole_model():
+    """Where the policy drops nothing (windows over every scale, top-k of every key, bands over their whole scale,
+    so the residual cache is zero), SparVAR through every Infinity layer and scale gives the dense logits."""
+    from sparvar.generate import TorchRunner
+    from sparvar.model import build_model
+    from sparvar.text import hashed_embeddings
+
+    cfg = get_config("infinity-tiny")
+    s = get_schedule(256)
+    model = build_model(cfg, seed=0)
+    features, lengths = hashed_embeddings(["a red car", "a cat"], cfg.text_dim, cfg.text_maxlen)
+    g = torch.Generator().manual_seed(0)
+    codes = [None] + [torch.randn(2, h * w, cfg.bits, generator=g).sign() for h, w in s.grids[1:]]
+
+    def logits(plan):
+        runner = TorchRunner(model, s, plan)
+        runner.begin(features, lengths, guided=True)
+        return [runner.step(scale, codes[scale]) for scale in range(s.num_scales)]
+
+    full = dataclasses.replace(default_policy("infinity-tiny", s), csla_window_sides=(99,) * 8, cs4a_topk_ratio=1.0,
+                               cs4a_multiple=1, cs4a_band_sides=(99, 99))
+    dense, sparse = logits(None), logits(SparVARPlan(full, s, cfg.depth))
+    assert {full.kind(layer, s.num_scales - 1) for layer in range(cfg.depth)} == {"cs4a", "csla"}
+    for a, b in zip(dense, sparse):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=2e-5)
+    default = logits(SparVARPlan(default_policy("infinity-tiny", s), s, cfg.depth))
+    assert not torch.allclose(default[-1], dense[-1], atol=1e-3)  # the default policy does drop keys
