@@ -76,8 +76,8 @@ def stage_key_inputs(stage: str, ctx: StageContext) -> dict:
     if stage == "build":
         key = {"backend": spec.backend, **{k: v for k, v in ctx.versions.items()
                                              if k in ("onnxruntime", "tensorrt", "tensorrt-rtx-cu13-bindings", "triton", "torch")}}
-        if spec.backend == "torch-cuda":  # 1: the stored SparVAR plan (before: only CSLA lists); 2: checkpoint record
-            key["torch_cuda_plan"] = 2
+        if spec.backend == "torch-cuda":  # 1: the stored SparVAR plan (before: only CSLA lists); 2: checkpoint record; 3: plan records its policy
+            key["torch_cuda_plan"] = 3
         if spec.backend in ("tensorrt", "tensorrt-rtx"):
             from plugins.spec import PLUGIN_CODE_VERSION
 

@@ -294,7 +294,8 @@ class SparVARPlan:
                         tensors.update({f"{kind}.{s}.{f.name}.{i}": t.contiguous() for i, t in enumerate(value)})
                     else:
                         scalars[f.name] = list(value) if isinstance(value, tuple) else value
-        save_file(tensors, path, metadata={"sparvar_plan": json.dumps(fields)})
+        save_file(tensors, path, metadata={"sparvar_plan": json.dumps(fields),
+                                           "sparvar_policy": json.dumps(dataclasses.asdict(self.policy))})
         return sorted(tensors)
 
     def describe(self) -> str:
@@ -324,10 +325,19 @@ def load_plan(path: str, policy: SparVARPolicy, schedule: Schedule, num_layers: 
     from safetensors import safe_open
 
     with safe_open(path, framework="pt") as f:
-        fields = json.loads((f.metadata() or {}).get("sparvar_plan", "null"))
+        metadata = f.metadata() or {}
+        fields = json.loads(metadata.get("sparvar_plan", "null"))
         if fields is None:
             raise ValueError(f"{path} is not a saved SparVAR plan (no 'sparvar_plan' metadata)")
+        stored = json.loads(metadata.get("sparvar_policy", "null"))
         tensors = {name: f.get_tensor(name) for name in f.keys()}
+    # the layouts' shapes cannot tell every policy change (other window sides give other blocks of the same size)
+    if stored is None:
+        raise ValueError(f"{path} does not record the policy it was made for (saved by an older sparvar)")
+    current = json.loads(json.dumps(dataclasses.asdict(policy)))
+    changed = [f"{k}: stored {stored.get(k)!r}, now {v!r}" for k, v in current.items() if stored.get(k) != v]
+    if changed:
+        raise ValueError(f"{path} was made for another SparVAR policy ({'; '.join(changed)})")
 
     def build(cls, kind, s, scalars):
         kwargs = {}

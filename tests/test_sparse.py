@@ -181,6 +181,25 @@ def test_saved_plan_round_trips_token_layouts_and_sinks(tmp_path):
         load_plan(str(tmp_path / "other.safetensors"), policy, schedule, policy.num_layers)
 
 
+def test_a_saved_plan_is_refused_for_another_policy(tmp_path):
+    """An engine built before a policy preset changed must not run its old layouts: other window sides make other
+    blocks of the same sizes (which every shape check passed), another top-k ratio or sink count other geometries."""
+    from sparvar.sparse import load_plan
+
+    schedule = get_schedule(256)
+    policy = default_policy("infinity-tiny", schedule)
+    path = str(tmp_path / "plan.safetensors")
+    SparVARPlan(policy, schedule, policy.num_layers).save(path)
+    load_plan(path, policy, schedule, policy.num_layers)
+    wider = dataclasses.replace(policy, csla_window_sides=tuple(w + 2 if w > 0 else w for w in policy.csla_window_sides))
+    assert all((a.q_len, a.kv_len) == (b.q_len, b.kv_len) for a, b in
+               zip(SparVARPlan(wider, schedule, 4).csla_layouts.values(), SparVARPlan(policy, schedule, 4).csla_layouts.values()))
+    for other, field in ((wider, "csla_window_sides"), (dataclasses.replace(policy, cs4a_topk_ratio=0.3), "cs4a_topk_ratio"),
+                         (dataclasses.replace(policy, cs4a_sinks=1), "cs4a_sinks")):
+        with pytest.raises(ValueError, match=f"made for another SparVAR policy \\({field}: stored"):
+            load_plan(path, other, schedule, policy.num_layers)
+
+
 def test_full_policy_equals_dense_through_the_whole_model():
     """Where the policy drops nothing (windows over every scale, top-k of every key, bands over their whole scale,
     so the residual cache is zero), SparVAR through every Infinity layer and scale gives the dense logits."""
