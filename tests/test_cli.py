@@ -1,6 +1,7 @@
 import hashlib
 import os
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -200,3 +201,20 @@ def test_real_weights_never_fall_back_to_hashed_text(tmp_path, capsys):
                  "--vae", os.path.join(root, "infinity-cifar-tokenizer.safetensors"), "--t5", str(tmp_path),
                  "--out", out]) == 2  # a usage error, found before anything loads
     assert "infinity-cifar was trained on hashed word embeddings, not a text encoder: drop --t5" in capsys.readouterr().err
+
+
+def test_a_batch_of_prompts_writes_one_numbered_file_each(tmp_path, capsys):
+    """Two --prompt: out-0.png and out-1.png (not out.png), each the row of the batched generation."""
+    out = str(tmp_path / "x.png")
+    assert main(["generate", "--model", "infinity-tiny", "--random-weights", "--prompt", "a cat", "--prompt", "a dog",
+                 "--seed", "3", "--out", out]) == 0
+    assert sorted(os.listdir(tmp_path)) == ["x-0.png", "x-1.png"]
+    from sparvar.pipeline import Pipeline, image_arrays
+
+    pipe = Pipeline.create("infinity-tiny", attention="dense", weights=None, vae=None)  # the CLI default
+    features, lengths = pipe.text_features(["a cat", "a dog"], allow_hashed=True)
+    want = image_arrays(pipe.generate(features, lengths, pipe.sampling(), seed=3).image)
+    for i in range(2):
+        assert np.array_equal(np.asarray(Image.open(tmp_path / f"x-{i}.png")), want[i])
+    assert main(["generate", "--model", "infinity-tiny", "--random-weights", "--device", "mps", "--out", out]) == 2
+    assert "--device must be cpu or cuda" in capsys.readouterr().err

@@ -568,3 +568,16 @@ def test_the_shared_weights_file_is_hashed_once_per_pass(engines, monkeypatch):
     recorded = [os.path.basename(rel) for stage in manifest["stages"].values() for rel in stage["files"]]
     assert recorded.count("weights.bin") == 2 and hashed.count("weights.bin") == 1
     assert sorted(set(hashed)) == sorted(set(recorded))
+
+
+def test_engine_info_describes_the_engine(engines, capsys):
+    from sparvar.cli import main
+
+    assert main(["engine", "info", engines["sparvar"]]) == 0
+    out = capsys.readouterr().out
+    assert "model infinity-tiny  resolution 256 (1:1)  attention sparvar  backend onnxruntime  dtype fp32" in out
+    assert "weights random (seed 0)" in out and "schedule 1x1 2x2 4x4" in out
+    manifest = read_manifest(engines["sparvar"])
+    for stage in ("export", "optimize", "build"):
+        rec = manifest["stages"][stage]
+        assert f"stage {stage:8s} key {rec['key']}  {len(rec['files'])} files" in out

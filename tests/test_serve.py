@@ -96,6 +96,16 @@ def test_malformed_body_unknown_path_and_health(server):
     reply = conn.getresponse()
     assert reply.status == 411 and "got 'abc'" in json.loads(reply.read())["error"]
     conn.close()
+    from sparvar.serve import MAX_BODY_BYTES
+
+    for length in (0, MAX_BODY_BYTES + 1):  # an empty body; one the server would read into memory whole
+        conn = http.client.HTTPConnection(host, int(port), timeout=30)
+        conn.putrequest("POST", "/generate")
+        conn.putheader("Content-Length", str(length))
+        conn.endheaders()
+        reply = conn.getresponse()
+        assert reply.status == 400 and f"1 to {MAX_BODY_BYTES} bytes, got {length}" in json.loads(reply.read())["error"]
+        conn.close()
     with pytest.raises(urllib.error.HTTPError) as e:
         urllib.request.urlopen(url + "/nope", timeout=30)
     assert e.value.code == 404
