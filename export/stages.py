@@ -272,9 +272,12 @@ def check_backend_available(backend: str) -> None:
     """ImportError naming what to install, before any stage runs, for a backend whose builder is not importable here
     (the export alone takes minutes on the large models)."""
     if backend == "tensorrt":
-        from export.tensorrt import load_tensorrt
+        from export.tensorrt import gpu_identity
+        from plugins.qdp import load_trtp
 
-        load_tensorrt()
+        load_trtp()  # engine directories build with the QDP plugins: TensorRT >= 10.6
+        if gpu_identity() is None:
+            raise ImportError("TensorRT builds a plan for the GPU it runs on, and this machine has no CUDA GPU")
     elif backend == "tensorrt-rtx":
         from export.trt_rtx import load_trt_rtx
 

@@ -58,6 +58,8 @@ def load_trt_rtx():
     if os.path.exists(os.path.join(libs, "libtensorrt_rtx.so.1")) and not os.path.exists(link):
         try:
             os.symlink("libtensorrt_rtx.so.1", link)
+        except FileExistsError:  # another process made it between our check and now
+            pass
         except OSError as e:
             raise RuntimeError(f"TensorRT-RTX's ONNX parser needs {link}; create it with "
                                f"`ln -s libtensorrt_rtx.so.1 {link}` ({e})") from e
@@ -169,6 +171,24 @@ def weights_plan() -> tuple[str, tuple[str, ...], str]:
     return "embed", COMPUTE_CAPABILITIES, f"TensorRT-RTX builds weight-stripped plans only on a GPU it runs on: {reason}"
 
 
+def check_plans_run_here(engine_dir: str, build_info: dict) -> None:
+    """For weight-stripped plans, which target exactly the GPU of their build: EngineError naming both GPUs where this
+    machine's differs, instead of TensorRT-RTX's deserialisation log. (Embedded plans name their targets; TensorRT-RTX
+    itself says whether one runs here.)"""
+    from sparvar.engine import EngineError
+
+    if build_info.get("weights") != "strip":
+        return
+    local, reason = local_compute_capability()
+    targets = build_info.get("compute_capabilities", [])
+    if local is None:
+        raise EngineError(f"{engine_dir}: its plans were built for {', '.join(targets)}, and {reason}; rebuild the "
+                          "engine where it runs")
+    if local not in targets:
+        raise EngineError(f"{engine_dir}: its plans were built for {', '.join(targets)}, and this machine's GPU is "
+                          f"{local}; rebuild the engine here")
+
+
 def build_engine_dir(ctx, out: str) -> dict:
     """The `build` stage for backend tensorrt-rtx: one engine per exported unit.
 
@@ -202,6 +222,7 @@ def load_engine(engine_dir: str, unit: str):
     from plugins import pluginv3
 
     paths = engine_unit(engine_dir, unit, "tensorrt-rtx")
+    check_plans_run_here(engine_dir, paths["info"])
     trt = load_trt_rtx()
     pluginv3.register_plugins(trt)  # Python plugins are not serialized: deserialization looks the creators up
     with open(paths["engine"], "rb") as f:

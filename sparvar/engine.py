@@ -348,7 +348,7 @@ def build_engine(spec: EngineSpec, engine_dir: str, force: bool = False, log=pri
                           "would replace what it holds: choose another engine directory, or empty it")
     try:
         stages.check_backend_available(spec.backend)
-    except ImportError as e:
+    except (ImportError, RuntimeError) as e:  # RuntimeError: TensorRT-RTX's library link could not be made
         raise EngineError(f"cannot build a {spec.backend} engine on this machine: {e}") from None
     versions = tool_versions()
     old = None

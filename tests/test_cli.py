@@ -218,3 +218,26 @@ def test_a_batch_of_prompts_writes_one_numbered_file_each(tmp_path, capsys):
         assert np.array_equal(np.asarray(Image.open(tmp_path / f"x-{i}.png")), want[i])
     assert main(["generate", "--model", "infinity-tiny", "--random-weights", "--device", "mps", "--out", out]) == 2
     assert "--device must be cpu or cuda" in capsys.readouterr().err
+
+
+def test_a_tensorrt_without_qdp_or_a_gpu_is_refused_before_the_export(capsys, tmp_path, monkeypatch):
+    """Engine directories build with the QDP plugins (TensorRT >= 10.6) for this machine's GPU: an older TensorRT, or
+    none of a GPU, is named before the export (minutes at 8B) rather than as an ImportError traceback after it."""
+    import sys
+    import types
+
+    import export.tensorrt
+
+    monkeypatch.setitem(sys.modules, "tensorrt", types.SimpleNamespace(__version__="10.3.0"))
+    argv = ["engine", "build", "--model", "infinity-tiny", "--random-weights", "--backend", "tensorrt",
+            "--engine-dir", str(tmp_path / "e")]
+    code, err = _run(argv, capsys)
+    assert code == 1 and "TensorRT 10.3.0 has no tensorrt.plugin (QDP needs >= 10.6)" in err, err
+    plugin = types.ModuleType("tensorrt.plugin")
+    monkeypatch.setitem(sys.modules, "tensorrt", types.SimpleNamespace(__version__="10.13.0", __name__="tensorrt",
+                                                                       plugin=plugin))
+    monkeypatch.setitem(sys.modules, "tensorrt.plugin", plugin)
+    monkeypatch.setattr(export.tensorrt, "gpu_identity", lambda: None)
+    code, err = _run(argv, capsys)
+    assert code == 1 and "this machine has no CUDA GPU" in err, err
+    assert not os.listdir(tmp_path)

@@ -320,6 +320,24 @@ def test_load_engine_refits_and_exposes_the_unit_io(tiny_engine):
         assert names == {s["name"] for s in unit["inputs"] + unit["outputs"]}
 
 
+def test_a_stripped_plan_names_the_gpu_it_was_built_for(monkeypatch):
+    """A weight-stripped plan runs only on the GPU of its build: another GPU, or none, is named before TensorRT-RTX
+    tries to deserialise it; embedded plans are left to TensorRT-RTX."""
+    import export.trt_rtx as trt_rtx
+    from sparvar.engine import EngineError
+
+    stripped = {"weights": "strip", "compute_capabilities": ["SM86"]}
+    monkeypatch.setattr(trt_rtx, "local_compute_capability", lambda: ("SM86", ""))
+    trt_rtx.check_plans_run_here("eng", stripped)
+    monkeypatch.setattr(trt_rtx, "local_compute_capability", lambda: ("SM89", ""))
+    with pytest.raises(EngineError, match="built for SM86, and this machine's GPU is SM89; rebuild"):
+        trt_rtx.check_plans_run_here("eng", stripped)
+    monkeypatch.setattr(trt_rtx, "local_compute_capability", lambda: (None, "no CUDA driver (libcuda.so.1)"))
+    with pytest.raises(EngineError, match="built for SM86, and no CUDA driver"):
+        trt_rtx.check_plans_run_here("eng", stripped)
+    trt_rtx.check_plans_run_here("eng", {"weights": "embed", "compute_capabilities": ["SM80", "SM89"]})
+
+
 def test_build_stage_key_changes_with_the_weights_plan(monkeypatch):
     """The same ONNX builds a stripped plan for the local GPU on one machine and embedded plans elsewhere: the build
     stage's cache key must tell them apart, or an engine dir copied between machines would skip a needed rebuild."""
