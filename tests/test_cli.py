@@ -241,3 +241,21 @@ def test_a_tensorrt_without_qdp_or_a_gpu_is_refused_before_the_export(capsys, tm
     code, err = _run(argv, capsys)
     assert code == 1 and "this machine has no CUDA GPU" in err, err
     assert not os.listdir(tmp_path)
+
+
+def test_text_embeddings_file_is_the_text_the_model_sees(tmp_path, capsys):
+    """--text-embeddings feeds the file's embeddings: those of 'a cat' give the image of --prompt 'a cat' (random
+    weights encode prompts with the same hashed table), not that of 'a dog'."""
+    from sparvar.config import get_config
+    from sparvar.text import hashed_embeddings
+
+    cfg = get_config("infinity-tiny")
+    features, lengths = hashed_embeddings(["a cat"], cfg.text_dim, cfg.text_maxlen)
+    torch.save({"features": features, "lengths": lengths}, tmp_path / "text.pt")
+    base = ["generate", "--model", "infinity-tiny", "--random-weights", "--seed", "4"]
+    runs = {"file": ["--text-embeddings", str(tmp_path / "text.pt")], "cat": ["--prompt", "a cat"],
+            "dog": ["--prompt", "a dog"]}
+    for name, extra in runs.items():
+        code, err = _run([*base, *extra, "--out", str(tmp_path / f"{name}.png")], capsys)
+        assert code == 0, err
+    assert _digest(tmp_path / "file.png") == _digest(tmp_path / "cat.png") != _digest(tmp_path / "dog.png")

@@ -232,6 +232,12 @@ def test_cli_text_embeddings_file(tmp_path, capsys):
                       str(tmp_path / "text.pt"), "--skip-last", "1", "--out", path], capsys)
     assert code == 0, err
     assert Image.open(path).size == (256, 256)
+    # the file's embeddings are the ones used: the image of the prompt they encode, not of another
+    for prompt, name in (("a cat", "cat.png"), ("a dog", "dog.png")):
+        code, err = _run(["generate", "--model", "hart-tiny", "--random-weights", "--prompt", prompt, "--skip-last", "1",
+                          "--out", str(tmp_path / name)], capsys)
+        assert code == 0, err
+    assert _digest(path) == _digest(tmp_path / "cat.png") != _digest(tmp_path / "dog.png")
 
 
 @pytest.mark.parametrize("args,message", [

@@ -303,6 +303,14 @@ def test_a_batch_engine_serves_concurrent_requests_in_one_call(batch2_engine, mo
     assert [r[2] for r in results[2:]] == [1, 1] and service.calls == 3
 
 
+def _wait_for(condition, timeout: float = 30.0):
+    """Poll until `condition()` holds: a test waits for the state it needs, not for a guessed time."""
+    end = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < end, "timed out waiting"
+        time.sleep(0.005)
+
+
 def test_batching_never_holds_a_full_group_and_survives_any_engine_exception(batch2_engine, monkeypatch):
     """A request waiting for company does not hold back a group that is already full (it runs alone at once), and an
     engine call that dies of a non-Exception answers every request with an error and leaves the batcher serving."""
@@ -314,7 +322,8 @@ def test_batching_never_holds_a_full_group_and_survives_any_engine_exception(bat
 
     threads = [threading.Thread(target=ask, args=("a fox", 3.0))]
     threads[0].start()
-    time.sleep(0.3)  # the batcher holds "a fox" while it waits for company with cfg 3
+    # the batcher holds "a fox" (queued, then taken) while it waits for company with cfg 3
+    _wait_for(lambda: service.queue.unfinished_tasks == 1 and service.queue.empty())
     threads += [threading.Thread(target=ask, args=(p, 5.0)) for p in ("a cat", "a dog")]
     for t in threads[1:]:
         t.start()
@@ -355,7 +364,7 @@ def test_a_request_that_waited_out_a_busy_engine_still_gets_company(batch2_engin
     window = 0.4
     service = GenerationService(batch2_engine, batch_wait_ms=1000 * window)
     real_generate, real_run = service.pipe.generate, service._run
-    calls = []  # (start, end, prompts) of each engine call
+    calls, started = [], []  # (start, end, prompts) of each engine call; the prompts of each call begun
 
     def slow(*args, **kwargs):
         time.sleep(0.6)
@@ -363,6 +372,7 @@ def test_a_request_that_waited_out_a_busy_engine_still_gets_company(batch2_engin
 
     def timed(jobs, count=True):
         t0 = time.monotonic()
+        started.append(sorted(j.prompt for j in jobs))
         real_run(jobs, count)
         calls.append((t0, time.monotonic(), sorted(j.prompt for j in jobs)))
 
@@ -382,7 +392,7 @@ def test_a_request_that_waited_out_a_busy_engine_still_gets_company(batch2_engin
 
     # company: "a fox" runs alone after its window; "a cat" arrives during that call, "a dog" just after it
     first = ask("a fox")
-    time.sleep(window + 0.1)
+    _wait_for(lambda: len(started) == 1)  # its call has begun (and takes 0.6 s)
     busy = ask("a cat")
     first.join(timeout=60)
     time.sleep(0.05)
@@ -392,14 +402,14 @@ def test_a_request_that_waited_out_a_busy_engine_still_gets_company(batch2_engin
     assert shared == {"a fox": 1, "a cat": 2, "a dog": 2}
     # no company: "a bee" arrives during the call of "an owl" and runs alone once its window after that call is out
     first = ask("an owl")
-    time.sleep(window + 0.1)
+    _wait_for(lambda: len(started) == 3)
     busy = ask("a bee")
     for t in (first, busy):
         t.join(timeout=60)
     assert shared["a bee"] == 1 and window - 0.05 <= idle_before("a bee") < window + 0.3
     # other sampling: "a hen" (cfg 5) arrives during a cfg-3 call and runs as soon as the engine frees
     first = ask("a pig")
-    time.sleep(window + 0.1)
+    _wait_for(lambda: len(started) == 5)
     busy = ask("a hen", cfg=5.0)
     for t in (first, busy):
         t.join(timeout=60)

@@ -44,9 +44,13 @@ def test_embedding_file_roundtrip_and_errors(tmp_path):
     from safetensors.torch import save_file
 
     path = str(tmp_path / "emb.safetensors")
-    save_file({"features": torch.randn(1, 4, TINY.text_dim), "lengths": torch.tensor([3])}, path)
+    saved = torch.randn(1, 4, TINY.text_dim)
+    save_file({"features": saved, "lengths": torch.tensor([3])}, path)
     feats, lens = load_embeddings(path, TINY.text_dim)
-    assert feats.shape == (1, 4, TINY.text_dim) and lens.tolist() == [3]
+    assert torch.equal(feats, saved) and lens.tolist() == [3]
+    torch.save({"features": saved[0].half()}, str(tmp_path / "one.pt"))  # .pt, one prompt without its batch dim
+    feats, lens = load_embeddings(str(tmp_path / "one.pt"), TINY.text_dim)
+    assert torch.equal(feats, saved.half().float()) and lens.tolist() == [4]  # no lengths: every slot is text
     with pytest.raises(ValueError, match=r"expected \(B, L, 2048\)"):
         load_embeddings(path, 2048)
     bad = str(tmp_path / "bad.safetensors")
