@@ -52,17 +52,48 @@ def register(plugin_api: str):
 
 
 def mark_aot(model: onnx.ModelProto, aot: bool) -> onnx.ModelProto:
-    """Set the QDP `aot` attribute of every sparvar node: 1 where `aot` is asked for and the op has an AOT kernel
-    (sparvar.kernels.aot.AOT_OPS), else 0. The ONNX parser turns it into a strict request for that implementation.
-    Every op defines both, and a node without the attribute makes TensorRT (>= 10.9) refuse to choose: its plugin
-    creator raises "has both AOT and JIT implementations" unless the network says which it prefers."""
+    """Set the QDP `aot` attribute of every sparvar node: 1 where `aot` is asked for and the AOT kernel takes the node
+    (its op in sparvar.kernels.aot.AOT_OPS; q bf16/fp16 with a head dim and tiles the kernel has), else 0: the JIT
+    implementation, which takes everything. The ONNX parser turns it into a strict request for that implementation,
+    so asking an AOT kernel for a node it refuses failed the whole build inside TensorRT. Every op defines both, and
+    a node without the attribute makes TensorRT (>= 10.9) refuse to choose: its plugin creator raises "has both AOT
+    and JIT implementations" unless the network says which it prefers."""
     from sparvar.kernels.aot import AOT_OPS
 
+    q_types = _value_types(model) if aot else {}
     for node in custom_nodes(model):
         kept = [a for a in node.attribute if a.name != "aot"]
+        use = aot and node.op_type in AOT_OPS and _aot_takes(node, q_types.get(node.input[0]))
         del node.attribute[:]
-        node.attribute.extend(kept + [onnx.helper.make_attribute("aot", int(aot and node.op_type in AOT_OPS))])
+        node.attribute.extend(kept + [onnx.helper.make_attribute("aot", int(use))])
     return model
+
+
+def _value_types(model: onnx.ModelProto) -> dict[str, tuple[int, tuple]]:
+    """name -> (ONNX element type, shape with None where unknown) of the graph's values that shape inference types."""
+    inferred = onnx.shape_inference.infer_shapes(model)
+    graph = inferred.graph
+    out = {}
+    for value in (*graph.input, *graph.value_info, *graph.output):
+        t = value.type.tensor_type
+        if t.elem_type:
+            out[value.name] = (t.elem_type, tuple(d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim))
+    return out
+
+
+def _aot_takes(node: onnx.NodeProto, q_type: tuple[int, tuple] | None) -> bool:
+    """Whether the CSLA AOT kernel takes this node (unknown q type: assumed so, as every exported bf16/fp16 graph)."""
+    from sparvar.kernels.csla import HEAD_DIMS, TILE_SIZES
+
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    if attrs.get("block_m") not in TILE_SIZES or attrs.get("block_n") not in TILE_SIZES:
+        return False
+    if q_type is None:
+        return True
+    elem, shape = q_type
+    head_dim = shape[-1] if shape else None
+    return (elem in (onnx.TensorProto.BFLOAT16, onnx.TensorProto.FLOAT16)
+            and (head_dim is None or head_dim in HEAD_DIMS))
 
 
 def build_engine(model: onnx.ModelProto | str, *, plugin_api: str = "qdp", aot: bool = False, weights: str = "strip",
