@@ -313,6 +313,14 @@ def test_torch_cuda_engine_runs_the_plan_its_build_stored(tmp_path):
         load_engine_plan(path, other)
 
 
+def flip_last_byte(path: str) -> None:
+    """Change a file's content in place, keeping its size (a flipped bit of its last tensor)."""
+    data = bytearray(open(path, "rb").read())
+    data[-1] ^= 1
+    with open(path, "wb") as f:
+        f.write(data)
+
+
 def test_torch_cuda_engine_refuses_checkpoints_changed_since_its_build(tmp_path, monkeypatch):
     """A torch-cuda engine reads its weights from the spec's checkpoints at load: it records them at build (absolute
     paths, digests) and refuses changed or missing ones; a touched file with the same bytes is still accepted."""
@@ -332,15 +340,10 @@ def test_torch_cuda_engine_refuses_checkpoints_changed_since_its_build(tmp_path,
     st = os.stat(weights)
     os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # copied or touched: the digest decides
     check_checkpoints(path, manifest)
-    data = bytearray(open(weights, "rb").read())
-    data[-1] ^= 1
-    with open(weights, "wb") as f:
-        f.write(data)
+    flip_last_byte(weights)
     with pytest.raises(EngineError, match="infinity-cifar.safetensors changed since the engine was built; rebuild"):
         check_checkpoints(path, manifest)
-    data[-1] ^= 1
-    with open(weights, "wb") as f:  # the same bytes again
-        f.write(data)
+    flip_last_byte(weights)  # the same bytes again
     check_checkpoints(path, manifest)
     os.remove(tmp_path / "infinity-cifar-tokenizer.safetensors")
     with pytest.raises(EngineError, match="tokenizer.safetensors is missing"):
@@ -374,11 +377,7 @@ def test_a_sharded_checkpoint_is_recorded_and_keyed_shard_by_shard(tmp_path):
     recorded = manifest["stages"]["build"]["info"]["checkpoints"]
     assert sorted(recorded) == sorted([str(tmp_path / "weights" / f) for f in shards] + [os.path.abspath(spec.vae)])
     check_checkpoints(path, manifest)
-    second = str(tmp_path / "weights" / sorted(shards)[1])
-    data = bytearray(open(second, "rb").read())
-    data[-1] ^= 1
-    with open(second, "wb") as f:
-        f.write(data)
+    flip_last_byte(str(tmp_path / "weights" / sorted(shards)[1]))
     with pytest.raises(EngineError, match="model-00002-of-00002.safetensors changed since the engine was built"):
         check_checkpoints(path, manifest)
     logged = []
