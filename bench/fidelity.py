@@ -166,6 +166,35 @@ def generate_variants(model, decoder, cfg, prompts: list[str], seeds: list[int],
             "seconds_per_image": {k: round(v / pairs, 4) for k, v in seconds.items()}}
 
 
+def generate_engines(engines: dict[str, str], prompts: list[str], seeds: list[int], sampling: Sampling = Sampling(),
+                     progress=None) -> dict:
+    """The raw material of the scores (as generate_variants) from built engines: {variant: engine directory}, 'dense'
+    among them, each an engine of MODEL with its own attention and dtype: the deployed artefacts, in their precision
+    (onnxruntime fp16 by default), instead of the eager fp32 model."""
+    from sparvar.runtime import load_engine_pipeline
+
+    if "dense" not in engines or any(name not in ("dense", "sparvar", "skip2", "sparvar_skip2") for name in engines):
+        raise ValueError(f"engines need 'dense' and may add 'sparvar', 'skip2', 'sparvar_skip2'; got {sorted(engines)}")
+    pipes = {name: load_engine_pipeline(path, skip_last=VARIANTS[name][1], model=MODEL) for name, path in engines.items()}
+    features, lengths = hashed_embeddings(prompts, pipes["dense"].cfg.text_dim, pipes["dense"].cfg.text_maxlen)
+    images: dict[str, list[np.ndarray]] = {name: [] for name in engines}
+    bits: dict[str, list[list[torch.Tensor]]] = {name: [] for name in engines}
+    seconds: dict[str, float] = defaultdict(float)
+    for seed in seeds:
+        for name, pipe in pipes.items():
+            t0 = time.perf_counter()
+            gen = pipe.generate(features, lengths, sampling, seed=seed)
+            images[name].append(image_arrays(gen.image))
+            seconds[name] += time.perf_counter() - t0
+            bits[name].append([b.cpu() for b in gen.bits])
+            if progress:
+                progress(f"seed {seed} {name} engine: {time.perf_counter() - t0:.2f} s")
+    pairs = len(seeds) * len(prompts)
+    return {"images": {k: np.concatenate(v) for k, v in images.items()},
+            "bit_mismatch": {k: _bit_mismatch(bits["dense"], bits[k]) for k in engines if k != "dense"},
+            "attention_errors": {}, "seconds_per_image": {k: round(v / pairs, 4) for k, v in seconds.items()}}
+
+
 def score(raw: dict, depth: int, with_ssim: bool = True) -> dict:
     """Per variant: PSNR/SSIM against dense, bit mismatch per scale, attention error per layer."""
     results = {}
@@ -271,6 +300,9 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--raw-out", default=None, help="also save the generated images and raw measurements (.npz)")
     p.add_argument("--from-raw", default=None, help="score a saved .npz instead of generating (e.g. made on a GPU)")
+    p.add_argument("--engines", nargs="*", metavar="VARIANT=DIR", default=None,
+                   help="score built engines instead of the eager fp32 model: dense=DIR sparvar=DIR [skip2=DIR ...], "
+                        "each an engine of infinity-cifar (its precision is the engine's)")
     p.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "fidelity.json"))
     p.add_argument("--grid", default=None, help="image grid (PNG); default: --out with .png for .json")
     p.add_argument("--grid-columns", type=int, default=10)
@@ -283,6 +315,20 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     if args.from_raw:
         raw, meta = load_raw(args.from_raw)
+    elif args.engines is not None:
+        engines = dict(item.split("=", 1) for item in args.engines)
+        sampling = Sampling(cfg=args.cfg, tau=args.tau, top_p=args.top_p)
+        raw = generate_engines(engines, args.prompts, list(range(args.seeds)), sampling,
+                               progress=lambda m: print(f"[{time.perf_counter() - t0:7.1f}s] {m}", flush=True))
+        from sparvar.engine import read_manifest
+
+        meta = {"engines": {name: {k: read_manifest(path)["spec"][k] for k in ("attention", "backend", "dtype", "weights")}
+                            for name, path in engines.items()},
+                "sampling": {"cfg": sampling.cfg, "tau": sampling.tau, "top_p": sampling.top_p, "top_k": sampling.top_k},
+                "prompts": args.prompts, "seeds": list(range(args.seeds)), "generated_on": environment(),
+                "generation_seconds": round(time.perf_counter() - t0, 1)}
+        if args.raw_out:
+            save_raw(raw, meta, args.raw_out)
     else:
         _, model, decoder = load(args.device, args.weights, args.tokenizer)
         sampling = Sampling(cfg=args.cfg, tau=args.tau, top_p=args.top_p)
@@ -302,12 +348,13 @@ def main(argv=None) -> int:
         met = {"psnr": sparvar["psnr_db_mean"] >= TARGETS["psnr_db"], "ssim": sparvar["ssim_mean"] >= TARGETS["ssim"]}
     if "skip2" in results and sparvar:
         met["skip2_clearly_lower"] = results["skip2"]["psnr_db_mean"] + 3.0 < sparvar["psnr_db_mean"]
+    source = "the engine named in 'engines', in its precision" if "engines" in meta else "the eager fp32 model"
     result = {
         "model": cfg.name, **meta, "pairs": len(meta["prompts"]) * len(meta["seeds"]),
         "schedule": [list(g) for g in schedule.grids],
         "policy": {"fields": dict(policy.__dict__), "plan": SparVARPlan(policy, schedule, cfg.depth).describe().splitlines()},
         "metric_notes": f"PSNR/SSIM of uint8 images (sparvar.pipeline.image_arrays) against the dense image of the same "
-                        f"(prompt, seed), every variant the eager fp32 model; SSIM is scikit-image's default (7x7 "
+                        f"(prompt, seed), every variant {source}; SSIM is scikit-image's default (7x7 "
                         f"uniform window, sample covariance, data_range 255); LPIPS(VGG) not measured (no VGG weights "
                         f"here); psnr_db_mean caps identical images at {PSNR_CAP_DB} dB (their count is "
                         f"identical_images); psnr_db_pooled = 10 log10(1 / mean MSE) over all pairs; "
