@@ -170,7 +170,8 @@ def generate_engines(engines: dict[str, str], prompts: list[str], seeds: list[in
                      progress=None) -> dict:
     """The raw material of the scores (as generate_variants) from built engines: {variant: engine directory}, 'dense'
     among them, each an engine of MODEL with its own attention and dtype: the deployed artefacts, in their precision
-    (onnxruntime fp16 by default), instead of the eager fp32 model."""
+    (onnxruntime fp16 by default), instead of the eager fp32 model. One prompt per generation, seeded by its pair's
+    seed (the eager scoring batches the prompts of a seed), the same for every variant."""
     from sparvar.runtime import load_engine_pipeline
 
     if "dense" not in engines or any(name not in ("dense", "sparvar", "skip2", "sparvar_skip2") for name in engines):
@@ -183,10 +184,11 @@ def generate_engines(engines: dict[str, str], prompts: list[str], seeds: list[in
     for seed in seeds:
         for name, pipe in pipes.items():
             t0 = time.perf_counter()
-            gen = pipe.generate(features, lengths, sampling, seed=seed)
-            images[name].append(image_arrays(gen.image))
+            for i in range(len(prompts)):  # one prompt per call (an engine's batch is fixed, 1 by default)
+                gen = pipe.generate(features[i:i + 1], lengths[i:i + 1], sampling, seed=seed)
+                images[name].append(image_arrays(gen.image))
+                bits[name].append([b.cpu() for b in gen.bits])
             seconds[name] += time.perf_counter() - t0
-            bits[name].append([b.cpu() for b in gen.bits])
             if progress:
                 progress(f"seed {seed} {name} engine: {time.perf_counter() - t0:.2f} s")
     pairs = len(seeds) * len(prompts)
