@@ -195,7 +195,6 @@ def run_export(ctx: StageContext) -> dict:
     if spec.backend == "torch-cuda":  # runs the torch model itself: no graphs to export
         return {"units": {}}
     model, decoder = _load_model_and_decoder(ctx)
-    dtype = DTYPES[spec.dtype]
     plan, flavour = None, None
     if spec.attention == "sparvar":
         from export.custom_ops import export_plan
@@ -203,6 +202,17 @@ def run_export(ctx: StageContext) -> dict:
         flavour = _graph_flavour(spec.backend)
         plan = export_plan(ctx.policy(), schedule, cfg.depth, flavour=flavour)
     shared = SharedWeights(os.path.join(out, WEIGHTS_FILE))
+    try:  # the file is closed whatever a unit's export raises (the stage's temp directory is removed after)
+        units, extra = _export_units(ctx, model, decoder, plan, flavour, shared, out)
+    finally:
+        shared.close()
+    return {"units": units, "shared_weights": shared.summary(), **extra}
+
+
+def _export_units(ctx: StageContext, model, decoder, plan, flavour, shared, out: str) -> tuple[dict, dict]:
+    """Export every unit of the model into `out`, its weights into `shared`: (units, extra build info)."""
+    spec, cfg, schedule = ctx.spec, ctx.cfg, ctx.schedule
+    dtype = DTYPES[spec.dtype]
     units = {}
 
     def export_and_share(name, module, inputs, outputs, args):
@@ -215,9 +225,7 @@ def run_export(ctx: StageContext) -> dict:
     if getattr(cfg, "family", "infinity") == "hart":  # static shapes, its own units (export/hart_step.py)
         from export.hart_step import export_hart_units
 
-        extra = export_hart_units(model, decoder, schedule, spec.batch, export_and_share, out, plan)
-        shared.close()
-        return {"units": units, "shared_weights": shared.summary(), **extra}
+        return units, export_hart_units(model, decoder, schedule, spec.batch, export_and_share, out, plan)
     text_len = 4
     t_in, t_out = text_io(cfg, spec.batch, dtype)
     text_args = [torch.randn(spec.batch, text_len, cfg.text_dim), torch.full((spec.batch,), text_len)]
@@ -229,8 +237,7 @@ def run_export(ctx: StageContext) -> dict:
         export_and_share(f"step_{scale:02d}", unit, unit.inputs, unit.outputs, _sample(unit.inputs, named, text_len))
     d_in, d_out = decode_io(cfg, schedule, spec.batch)
     export_and_share("decode", DecodeUnit(decoder), d_in, d_out, _sample(d_in, {}, text_len))
-    shared.close()
-    return {"units": units, "shared_weights": shared.summary()}
+    return units, {}
 
 
 # ------------------------------------------------------------------------------------------------ optimize

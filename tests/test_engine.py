@@ -580,3 +580,23 @@ def test_engine_info_describes_the_engine(engines, capsys):
     for stage in ("export", "optimize", "build"):
         rec = manifest["stages"][stage]
         assert f"stage {stage:8s} key {rec['key']}  {len(rec['files'])} files" in out
+
+
+def test_a_failed_export_closes_the_shared_weights_file(tmp_path, monkeypatch):
+    """A unit whose export raises leaves no open handle on the (removed) weights file behind it."""
+    import export.stages as stages
+    from export.weights import SharedWeights
+
+    opened = []
+    real_init = SharedWeights.__init__
+
+    def tracking_init(self, path):
+        real_init(self, path)
+        opened.append(self)
+
+    monkeypatch.setattr(SharedWeights, "__init__", tracking_init)
+    monkeypatch.setattr(stages, "_export_unit", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("export failed")))
+    with pytest.raises(RuntimeError, match="export failed"):
+        build_engine(EngineSpec(model="infinity-tiny", resolution=256), str(tmp_path / "e"), log=QUIET)
+    assert len(opened) == 1 and opened[0].file.closed
+    assert not os.path.exists(tmp_path / "e")
