@@ -3,9 +3,10 @@
 For every (prompt, seed) pair, each variant generates with the same sampling random stream as the dense
 run; its image is compared with the dense image of the same pair (PSNR and SSIM on [0, 1] pixels, as the 8-bit
 pixels a saved PNG holds: sparvar.pipeline.image_arrays). Every variant runs the eager fp32 model (the reference the
-engines are checked against), so the scores measure the attention policy alone, not a precision. LPIPS(VGG), the
-spec's third metric, is not measured: its VGG weights are a torchvision download this machine cannot make. Variants: dense, SparVAR (the model's default policy), dense with the last two
-scales skipped, SparVAR + skip 2, and the paper's ablation (CS4A without / with residual cache in every layer,
+engines are checked against), so the scores measure the attention policy alone, not a precision (`--engines`
+scores built engines instead). LPIPS(VGG), the spec's third metric, is not measured: its VGG weights are a
+torchvision download this machine cannot make. Variants: dense, SparVAR (the model's default policy), dense with the
+last two scales skipped, SparVAR + skip 2, and the paper's ablation (CS4A without / with residual cache in every layer,
 then + CSLA = SparVAR; CSLA alone as a diagnostic). For the sparse variants, every sparse (layer, scale) also
 records the relative error of its attention output against dense attention on the same q, k, v.
 
@@ -154,15 +155,21 @@ def generate_variants(model, decoder, cfg, prompts: list[str], seeds: list[int],
             runner = TorchRunner(model, schedule, plan=probes[name], ops=ops)
             t0 = time.perf_counter()
             gen = generate(runner, decoder, schedule, features, lengths, sampling, seed=seed, skip_last=VARIANTS[name][1])
-            images[name].append(image_arrays(gen.image))  # the pixels a PNG holds; synchronises, so the time is the whole generation
+            # the pixels a PNG holds; the host copy synchronises, so the time is the whole generation
+            images[name].append(image_arrays(gen.image))
             seconds[name] += time.perf_counter() - t0
             bits[name].append([b.cpu() for b in gen.bits])
             if progress:
                 progress(f"seed {seed} {name}: {time.perf_counter() - t0:.2f} s")
-    pairs = len(seeds) * len(prompts)
+    return _raw(images, bits, seconds, len(seeds) * len(prompts),
+                {k: dict(p.errors) for k, p in probes.items() if p is not None})
+
+
+def _raw(images: dict, bits: dict, seconds: dict, pairs: int, attention_errors: dict) -> dict:
+    """The raw material of the scores from per-variant lists of image arrays and sampled bits (seed-major)."""
     return {"images": {k: np.concatenate(v) for k, v in images.items()},
-            "bit_mismatch": {k: _bit_mismatch(bits["dense"], bits[k]) for k in variants if k != "dense"},
-            "attention_errors": {k: dict(p.errors) for k, p in probes.items() if p is not None},
+            "bit_mismatch": {k: _bit_mismatch(bits["dense"], v) for k, v in bits.items() if k != "dense"},
+            "attention_errors": attention_errors,
             "seconds_per_image": {k: round(v / pairs, 4) for k, v in seconds.items()}}
 
 
@@ -174,9 +181,13 @@ def generate_engines(engines: dict[str, str], prompts: list[str], seeds: list[in
     seed (the eager scoring batches the prompts of a seed), the same for every variant."""
     from sparvar.runtime import load_engine_pipeline
 
-    if "dense" not in engines or any(name not in ("dense", "sparvar", "skip2", "sparvar_skip2") for name in engines):
-        raise ValueError(f"engines need 'dense' and may add 'sparvar', 'skip2', 'sparvar_skip2'; got {sorted(engines)}")
-    pipes = {name: load_engine_pipeline(path, skip_last=VARIANTS[name][1], model=MODEL) for name, path in engines.items()}
+    # an engine is built with dense or the default SparVAR policy, in its own precision: the ablations and FP8
+    # variants are eager-only
+    buildable = [k for k, (overrides, _) in VARIANTS.items() if overrides in (None, {}) and k not in FP8_VARIANTS]
+    if "dense" not in engines or any(name not in buildable for name in engines):
+        raise ValueError(f"engines need 'dense' and may add {buildable[1:]}; got {sorted(engines)}")
+    pipes = {name: load_engine_pipeline(path, skip_last=VARIANTS[name][1], model=MODEL)
+             for name, path in engines.items()}
     features, lengths = hashed_embeddings(prompts, pipes["dense"].cfg.text_dim, pipes["dense"].cfg.text_maxlen)
     images: dict[str, list[np.ndarray]] = {name: [] for name in engines}
     bits: dict[str, list[list[torch.Tensor]]] = {name: [] for name in engines}
@@ -191,10 +202,7 @@ def generate_engines(engines: dict[str, str], prompts: list[str], seeds: list[in
             seconds[name] += time.perf_counter() - t0
             if progress:
                 progress(f"seed {seed} {name} engine: {time.perf_counter() - t0:.2f} s")
-    pairs = len(seeds) * len(prompts)
-    return {"images": {k: np.concatenate(v) for k, v in images.items()},
-            "bit_mismatch": {k: _bit_mismatch(bits["dense"], bits[k]) for k in engines if k != "dense"},
-            "attention_errors": {}, "seconds_per_image": {k: round(v / pairs, 4) for k, v in seconds.items()}}
+    return _raw(images, bits, seconds, len(seeds) * len(prompts), {})
 
 
 def score(raw: dict, depth: int, with_ssim: bool = True) -> dict:
@@ -317,28 +325,26 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     if args.from_raw:
         raw, meta = load_raw(args.from_raw)
-    elif args.engines is not None:
-        engines = dict(item.split("=", 1) for item in args.engines)
-        sampling = Sampling(cfg=args.cfg, tau=args.tau, top_p=args.top_p)
-        raw = generate_engines(engines, args.prompts, list(range(args.seeds)), sampling,
-                               progress=lambda m: print(f"[{time.perf_counter() - t0:7.1f}s] {m}", flush=True))
-        from sparvar.engine import read_manifest
-
-        meta = {"engines": {name: {k: read_manifest(path)["spec"][k] for k in ("attention", "backend", "dtype", "weights")}
-                            for name, path in engines.items()},
-                "sampling": {"cfg": sampling.cfg, "tau": sampling.tau, "top_p": sampling.top_p, "top_k": sampling.top_k},
-                "prompts": args.prompts, "seeds": list(range(args.seeds)), "generated_on": environment(),
-                "generation_seconds": round(time.perf_counter() - t0, 1)}
-        if args.raw_out:
-            save_raw(raw, meta, args.raw_out)
     else:
-        _, model, decoder = load(args.device, args.weights, args.tokenizer)
         sampling = Sampling(cfg=args.cfg, tau=args.tau, top_p=args.top_p)
-        raw = generate_variants(model, decoder, cfg, args.prompts, list(range(args.seeds)), args.variants, sampling,
-                                progress=lambda m: print(f"[{time.perf_counter() - t0:7.1f}s] {m}", flush=True))
-        meta = {"weights": {os.path.relpath(path, ROOT): file_digest(path) for path in (args.weights, args.tokenizer)},
+        seeds = list(range(args.seeds))
+        progress = lambda m: print(f"[{time.perf_counter() - t0:7.1f}s] {m}", flush=True)  # noqa: E731
+        if args.engines is not None:
+            from sparvar.engine import read_manifest
+
+            engines = dict(item.split("=", 1) for item in args.engines)
+            raw = generate_engines(engines, args.prompts, seeds, sampling, progress)
+            source = {"engines": {name: {k: read_manifest(path)["spec"][k] for k in ("attention", "backend", "dtype",
+                                                                                      "weights")}
+                                  for name, path in engines.items()}}
+        else:
+            _, model, decoder = load(args.device, args.weights, args.tokenizer)
+            raw = generate_variants(model, decoder, cfg, args.prompts, seeds, args.variants, sampling, progress)
+            source = {"weights": {os.path.relpath(path, ROOT): file_digest(path)
+                                  for path in (args.weights, args.tokenizer)}}
+        meta = {**source,
                 "sampling": {"cfg": sampling.cfg, "tau": sampling.tau, "top_p": sampling.top_p, "top_k": sampling.top_k},
-                "prompts": args.prompts, "seeds": list(range(args.seeds)), "generated_on": environment(),
+                "prompts": args.prompts, "seeds": seeds, "generated_on": environment(),
                 "generation_seconds": round(time.perf_counter() - t0, 1)}
         if args.raw_out:
             save_raw(raw, meta, args.raw_out)

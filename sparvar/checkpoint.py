@@ -87,22 +87,25 @@ def shard_index(index: str) -> dict[str, set[str]]:
     return dict(sorted(shards.items()))
 
 
-def _resolve(path: str) -> tuple[list[str], str | None]:
-    """(weight files, the shard index they come from or None) of a checkpoint path: see weight_files."""
+def _resolve(path: str) -> tuple[list[str], str | None, dict[str, set[str]] | None]:
+    """(weight files, the shard index they come from, its shards' keys) of a checkpoint path (index and keys None for
+    a single file): see weight_files."""
     if path.endswith(".index.json"):
         check_checkpoint_file(path)
-        return list(shard_index(path)), path
-    if not os.path.isdir(path):
+        index = path
+    elif not os.path.isdir(path):
         check_checkpoint_file(path)
-        return [path], None
-    for name in SINGLE_WEIGHT_FILES:
-        if os.path.isfile(os.path.join(path, name)):
-            return [os.path.join(path, name)], None
-    for name in SHARD_INDEX_FILES:
-        if os.path.isfile(os.path.join(path, name)):
-            return list(shard_index(os.path.join(path, name))), os.path.join(path, name)
-    raise CheckpointError(f"{path}: a folder without weights (expected one of "
-                          f"{', '.join(SINGLE_WEIGHT_FILES + SHARD_INDEX_FILES)})")
+        return [path], None, None
+    else:
+        for name in SINGLE_WEIGHT_FILES:
+            if os.path.isfile(os.path.join(path, name)):
+                return [os.path.join(path, name)], None, None
+        index = next((os.path.join(path, n) for n in SHARD_INDEX_FILES if os.path.isfile(os.path.join(path, n))), None)
+        if index is None:
+            raise CheckpointError(f"{path}: a folder without weights (expected one of "
+                                  f"{', '.join(SINGLE_WEIGHT_FILES + SHARD_INDEX_FILES)})")
+    shards = shard_index(index)
+    return list(shards), index, shards
 
 
 def weight_files(path: str) -> list[str]:
@@ -114,11 +117,11 @@ def weight_files(path: str) -> list[str]:
 def read_weights(path: str) -> dict[str, torch.Tensor]:
     """The state dict a checkpoint path names (see weight_files). Shards are merged, and each must hold exactly the
     keys its index lists for it: a key in two shards, or in another shard than the index says, is an error."""
-    files, index = _resolve(path)
-    if index is None:
+    files, index, shards = _resolve(path)
+    if shards is None:
         return read_state_dict(files[0])
     sd: dict[str, torch.Tensor] = {}
-    for file, keys in shard_index(index).items():
+    for file, keys in shards.items():
         shard = read_state_dict(file)
         repeated = sorted(set(sd) & set(shard))
         if repeated:
@@ -145,7 +148,8 @@ def read_state_dict(path: str) -> dict[str, torch.Tensor]:
         except Exception as e:  # truncated zip, pickle garbage, or a pickle needing more than tensors
             hint = ("; it pickles more than tensors (an official trainer checkpoint keeps its args): we load tensors "
                     "only, so export the weights first (official save_slim_model)") if "weights_only" in str(e) else ""
-            raise CheckpointError(f"{path} cannot be read as a torch checkpoint ({type(e).__name__}: {e}){hint}") from None
+            raise CheckpointError(f"{path} cannot be read as a torch checkpoint "
+                                  f"({type(e).__name__}: {e}){hint}") from None
         if isinstance(sd, dict) and isinstance(sd.get("trainer"), dict):
             sd = sd["trainer"]
         for key in _WRAPPER_KEYS:

@@ -9,9 +9,9 @@ bf16. The threshold is per image, not per batch, so that which scales change doe
 an FP8 error at an early scale changes which bits are sampled and so the whole image (fidelity_fp8.json).
 
 This changes the model's numbers (each FP8 GEMM is ~2.6% off in relative norm on random data): fidelity is
-measured against the fp32 dense model (the eager reference) by bench/fidelity.py (variants `fp8`, `sparvar_fp8`). On the CPU the same
-function is computed from the dequantised operands (FP8 values and their scales are exact in fp32), which is how
-that benchmark runs without a GPU.
+measured against the fp32 dense model (the eager reference) by bench/fidelity.py (variants `fp8`, `sparvar_fp8`).
+On the CPU the same function is computed from the dequantised operands (FP8 values and their scales are exact in
+fp32), which is how that benchmark runs without a GPU.
 """
 from __future__ import annotations
 
