@@ -181,17 +181,10 @@ def test_real_weights_never_fall_back_to_hashed_text(tmp_path, capsys):
     """Hashed pseudo-embeddings stand in for text only with random weights: real Infinity weights without a text
     source are refused (the image would come from made-up text), and a model trained on hashed embeddings refuses
     an encoder."""
-    from sparvar.checkpoint import save_official
     from sparvar.config import get_config
-    from sparvar.model import build_model
-    from sparvar.vae import build_vae
+    from tests.test_bench_e2e import _official_files
 
-    cfg = get_config("infinity-tiny")
-    weights, vae = str(tmp_path / "transformer.safetensors"), str(tmp_path / "tokenizer.pth")
-    save_official(build_model(cfg, seed=7), weights)
-    tokenizer = build_vae(cfg.vae, seed=9).state_dict()
-    tokenizer["quantizer.lfq.mask"] = 2 ** torch.arange(cfg.vae.codebook_dim - 1, -1, -1)  # as official files carry
-    torch.save({"vae": tokenizer}, vae)
+    weights, vae = _official_files(tmp_path, get_config("infinity-tiny"))
     out = str(tmp_path / "x.png")
     assert main(["generate", "--model", "infinity-tiny", "--weights", weights, "--vae", vae, "--out", out]) == 1
     assert "infinity-tiny with real weights needs a text encoder" in capsys.readouterr().err
