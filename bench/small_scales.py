@@ -5,7 +5,8 @@ kernel is short, so its fixed cost decides. This measures, per scale, each candi
 - self-attention (q: the scale's tokens, k/v: the KV cache so far) and cross-attention (k/v: 64 text slots with
   the additive padding bias), through each SDPA kernel and our Triton dense kernel;
 - the block's four linear shapes through cuBLAS (F.linear, bias) and a Triton weight-streaming kernel for few rows;
-- (section "decide") the CS4A decision at scale 10 and each of its passes, with the alternatives of each.
+- (section "decide") the CS4A decision at scale 10 and each of its passes, with the alternatives of each;
+- (section "later") CS4A at scales 11 and 12, composed from its parts and in one launch.
 Each candidate is captured as a graph of `calls` back-to-back calls on distinct tensors (distinct weights: a real
 step streams every layer's weights from HBM) and timed by replay; the result is microseconds per call.
 
@@ -253,13 +254,51 @@ def decide_rows(model: str, calls: int) -> list[dict]:
     return [row]
 
 
+def later_rows(model: str, calls: int) -> list[dict]:
+    """CS4A at the later scales 11 and 12 (one call per CS4A layer), side by side: composed from its parts as before
+    (the key sets, the upsampled residual cache, then the gather kernel: three launches more) and in one launch
+    (sparvar.kernels.cs4a_attention_from_selection)."""
+    from sparvar.cs4a import cs4a_from_selection_ref
+    from sparvar.kernels import cs4a_attention, cs4a_attention_from_selection, upsample_cache
+    from sparvar.schedule import get_schedule
+    from sparvar.sparse import default_policy
+
+    m = MODELS[model]
+    H, D, B = m["heads"], m["width"] // m["heads"], 2
+    schedule = get_schedule(1024)
+    policy = default_policy(model, schedule)
+    s10 = policy.decision_scale
+    rows = []
+    for s in policy.sparse_scales[1:]:
+        geometry = policy.cs4a_geometry(schedule, s).to("cuda")
+        n, kv, dec = schedule.lengths[s], schedule.kv_len(s), schedule.kv_len(s10)
+        grids = schedule.grids[s10], schedule.grids[s]
+        sets = []
+        for _ in range(4):  # the engine's layouts: q a token-major projection, k/v views of a longer cache
+            q = (torch.randn(B, n, H, D, device="cuda", dtype=torch.bfloat16) * D**-0.5 * 4).transpose(1, 2)
+            k, v = (torch.randn(B, H, kv + 512, D, device="cuda", dtype=torch.bfloat16)[:, :, :kv] for _ in range(2))
+            selected = torch.rand(B, H, geometry.num_decision_groups, dec, device="cuda").topk(
+                geometry.topk, dim=-1).indices.sort(dim=-1).values.to(torch.int32)
+            cache = 0.1 * torch.randn(B, H, schedule.lengths[s10], D, device="cuda", dtype=torch.bfloat16)
+            sets.append((q, k, v, selected, geometry, cache, *grids))
+        row = {"model": model, "scale": s, "q_len": n, "kv_len": kv, "keys_per_group": geometry.key_count,
+               "heads": H, "batch": B, "calls_per_graph": calls,
+               "composed_us": graph_us(lambda i: (lambda t=sets[i % 4]: cs4a_from_selection_ref(
+                   cs4a_attention, upsample_cache, *t)), calls),
+               "one_launch_us": graph_us(lambda i: (lambda t=sets[i % 4]: cs4a_attention_from_selection(*t)), calls)}
+        row["speedup"] = row["composed_us"] / row["one_launch_us"]
+        rows.append(row)
+        print(model, "CS4A scale", s, "composed %.1f us, one launch %.1f us" % (row["composed_us"], row["one_launch_us"]))
+    return rows
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", action="append")
     ap.add_argument("--scales", default="0,1,2,3,4,5,6,7,8,9")
     ap.add_argument("--linear-scales", default="0,2,4,5,6,8")
     ap.add_argument("--calls", type=int, default=32)
-    ap.add_argument("--sections", default="attention,upsample,linears,decide")
+    ap.add_argument("--sections", default="attention,upsample,linears,decide,later")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     sections = args.sections.split(",")
@@ -270,7 +309,7 @@ def main(argv=None) -> int:
     linear_scales = [int(s) for s in args.linear_scales.split(",")]
     result = {"benchmark": "small-scale kernel calls inside a CUDA graph (microseconds per call)",
               "protocol": f"graph of {args.calls} back-to-back calls on distinct tensors, median of 20 replays / calls",
-              "attention": [], "linears": [], "cs4a_cache_upsample": [], "cs4a_decision": []}
+              "attention": [], "linears": [], "cs4a_cache_upsample": [], "cs4a_decision": [], "cs4a_later": []}
     for model in models:
         if "attention" in sections:
             result["attention"] += attention_rows(model, scales, args.calls)
@@ -278,6 +317,8 @@ def main(argv=None) -> int:
             result["cs4a_cache_upsample"] += upsample_rows(model, args.calls)
         if "decide" in sections:
             result["cs4a_decision"] += decide_rows(model, 11)  # one call per CS4A layer (2B and 8B: 11)
+        if "later" in sections:
+            result["cs4a_later"] += later_rows(model, 11)
         if "linears" in sections:
             result["linears"] += linear_rows(model, linear_scales, args.calls)
     print("wrote", write_result(args.out or result_path("small_scales"), result))

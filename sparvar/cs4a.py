@@ -121,6 +121,11 @@ class CS4AGeometry:
         object.__setattr__(self, "sink_keys", sinks)
         object.__setattr__(self, "band_keys", torch.cat(bands, dim=-1) if bands
                            else torch.zeros(g, 0, dtype=torch.int32, device=device))
+        # the same ranges as (starts (R, G) int32, lengths), sinks first: for a kernel that reads them contiguously
+        starts = ([torch.zeros(g, dtype=torch.int32, device=device)] if self.sink_len else []) + list(self.band_starts)
+        object.__setattr__(self, "range_starts", torch.stack(starts).to(torch.int32).contiguous() if starts
+                           else torch.zeros(0, g, dtype=torch.int32, device=device))
+        object.__setattr__(self, "range_lengths", ((self.sink_len,) if self.sink_len else ()) + tuple(self.band_lengths))
 
     @property
     def num_groups(self) -> int:
@@ -147,6 +152,17 @@ class CS4AGeometry:
         if self.sink_len:
             parts.insert(0, self.sink_keys.to(device).expand(b, h, -1, -1))
         return torch.cat(parts, dim=-1)
+
+
+def cs4a_from_selection_ref(cs4a, upsample, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, selected: torch.Tensor,
+                            geometry: CS4AGeometry, o_cache: torch.Tensor | None, cache_grid: tuple[int, int],
+                            grid: tuple[int, int]) -> torch.Tensor:
+    """CS4A at a later scale from the decision state, composed from a backend's parts: the key sets
+    (geometry.key_indices), the residual cache upsampled from cache_grid to grid, then cs4a(q, k, v, key_idx,
+    group_size, o_cache). A backend's fused cs4a_from_selection must equal this."""
+    key_idx = geometry.key_indices(selected)
+    cache = None if o_cache is None else upsample(o_cache, cache_grid, grid)
+    return cs4a(q, k, v, key_idx, geometry.group_size, cache)
 
 
 def with_sinks(selected: torch.Tensor, sink_len: int) -> torch.Tensor:

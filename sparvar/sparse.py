@@ -22,8 +22,8 @@ from typing import Callable, NamedTuple
 import torch
 
 from sparvar.config import get_config
-from sparvar.cs4a import (CS4AGeometry, cs4a_attention_ref, cs4a_decide_ref, cs4a_geometry, cs4a_topk, num_groups,
-                          upsample_cache)
+from sparvar.cs4a import (CS4AGeometry, cs4a_attention_ref, cs4a_decide_ref, cs4a_from_selection_ref, cs4a_geometry,
+                          cs4a_topk, num_groups, upsample_cache)
 from sparvar.csla import GRANULARITIES, BlockLayout, check_window_sides, csla_attention_ref, csla_layout
 from sparvar.schedule import Schedule
 
@@ -168,6 +168,9 @@ class SparseOps(NamedTuple):
     cs4a_decide: Callable  # (q, k, v, group_size, topk, sink_len=0) -> (out, selected, o_cache)
     cs4a: Callable  # (q, k, v, key_idx, group_size, o_cache_or_None) -> out
     upsample_cache: Callable = upsample_cache  # (o_cache, src_grid, dst_grid) -> o_cache at dst_grid
+    # (q, k, v, selected, geometry, o_cache_or_None, cache_grid, grid) -> out: CS4A at a later scale straight from
+    # the decision state, in one call. None: composed from the parts above (sparvar.cs4a.cs4a_from_selection_ref)
+    cs4a_from_selection: Callable | None = None
 
 
 def get_sparse_ops(backend: str) -> SparseOps:
@@ -269,12 +272,13 @@ class SparVARPlan:
         selected = self._selected[layer]
         if selected.shape[0] != q.shape[0]:
             raise RuntimeError(f"batch size changed within a generation ({selected.shape[0]} -> {q.shape[0]}); call reset()")
-        key_idx = self._device_copy("cs4a", scale, q.device).key_indices(selected)
-        o_cache = None
-        if self.policy.cs4a_use_cache:
-            decision_grid = self.schedule.grids[self.policy.decision_scale]
-            o_cache = self.ops.upsample_cache(self._o_cache[layer], decision_grid, self.schedule.grids[scale])
-        return self.ops.cs4a(q, k, v, key_idx, group_size, o_cache)
+        geometry = self._device_copy("cs4a", scale, q.device)
+        o_cache = self._o_cache[layer] if self.policy.cs4a_use_cache else None
+        grids = self.schedule.grids[self.policy.decision_scale], self.schedule.grids[scale]
+        if self.ops.cs4a_from_selection is not None:
+            return self.ops.cs4a_from_selection(q, k, v, selected, geometry, o_cache, *grids)
+        return cs4a_from_selection_ref(self.ops.cs4a, self.ops.upsample_cache, q, k, v, selected, geometry, o_cache,
+                                       *grids)
 
     def save(self, path: str) -> list[str]:
         """Write the precomputed CSLA layouts and CS4A geometries to one safetensors file (tensors, with the scalar

@@ -231,6 +231,36 @@ def test_cs4a_paper_geometry_at_1024():
     assert_close(out, kernels.reference_cs4a_attention(q, k, v, key_idx, policy.cs4a_group_size), dtype, "cs4a paper")
 
 
+@pytest.mark.parametrize("sinks", [0, 300])
+@pytest.mark.parametrize("scale", [11, 12])
+def test_cs4a_from_selection_paper_geometry_at_1024(scale, sinks):
+    """The engine's one-launch CS4A (selection through the group map, sinks and bands read as ranges, the residual
+    cache interpolated in the epilogue) against the composed path it replaced and the fp32 reference, at the
+    paper's 1024² geometry (scale 12: two bands), with HART-like sinks."""
+    from sparvar.cs4a import cs4a_from_selection_ref, cs4a_geometry, upsample_cache
+    from sparvar.schedule import get_schedule
+
+    schedule = get_schedule(1024)
+    dtype, gs = torch.bfloat16, 192
+    geometry = cs4a_geometry(schedule, 10, scale, gs, (7, 9), 112, 784, sink_len=sinks).to(DEV)
+    selected = sinks + random_key_idx(2, 2, geometry.num_decision_groups, 784, schedule.kv_len(10) - sinks)
+    q = projected_q(2, 2, schedule.lengths[scale], 128, dtype)
+    k, v = cache_view(2, 2, schedule.kv_len(scale), 128, dtype), cache_view(2, 2, schedule.kv_len(scale), 128, dtype)
+    o_cache = 0.1 * torch.randn(2, 2, schedule.lengths[10], 128, device=DEV, dtype=dtype)
+    grids = schedule.grids[10], schedule.grids[scale]
+    out = kernels.cs4a_attention_from_selection(q, k, v, selected, geometry, o_cache, *grids)
+    composed = cs4a_from_selection_ref(kernels.cs4a_attention, kernels.upsample_cache, q, k, v, selected, geometry,
+                                       o_cache, *grids)
+    reference = cs4a_from_selection_ref(kernels.reference_cs4a_attention, upsample_cache, q, k, v, selected, geometry,
+                                        o_cache, *grids)
+    assert out.shape == q.shape and out.dtype == dtype
+    assert_close(out, reference, dtype, f"cs4a from selection, scale {scale}, {sinks} sinks")
+    assert_close(out, composed, dtype, f"cs4a from selection vs composed, scale {scale}, {sinks} sinks")
+    torch.library.opcheck(torch.ops.sparvar.triton_cs4a_from_selection.default,
+                          (q, k, v, selected, geometry.selected_group, geometry.range_starts,
+                           list(geometry.range_lengths), gs, o_cache, list(grids[0]), list(grids[1]), 1.0))
+
+
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_cs4a_decide(dtype, d):

@@ -11,6 +11,7 @@
 #   bash tools/gpu_bench.sh "$OUT" small     # small-scale kernel calls in CUDA graphs (attention, linears, cache upsample)
 #   bash tools/gpu_bench.sh "$OUT" hart      # end-to-end HART-0.7B engine rows
 #   bash tools/gpu_bench.sh "$OUT" decide    # the CS4A decision's passes and their alternatives (2B, 8B)
+#   bash tools/gpu_bench.sh "$OUT" later     # CS4A at scales 11-12: composed from its parts vs one launch (2B, 8B)
 #   bash tools/gpu_bench.sh "$OUT" e2e2b     # end-to-end, 2B dense and SparVAR engine rows only
 #   bash tools/gpu_bench.sh "$OUT" timeline  # GPU idle time of one graphed 2B generation (launch gaps vs host waits)
 #   bash tools/gpu_bench.sh "$OUT" decode    # the tokenizer decodes at 1024² (Infinity 2B/8B, HART fp32 vs fp16 graph, cudnn.benchmark)
@@ -55,6 +56,8 @@ for what in "${@:2}"; do
       python bench/profile_step.py --model infinity-2b --timeline --out "$OUT/timeline_$TAG.json" 2>&1 | grep -v Warning | tail -16 ;;
     decide)
       python bench/small_scales.py --sections decide --out "$OUT/small_scales_decide_$TAG.json" 2>&1 | grep -v Warning | tail -8 ;;
+    later)
+      python bench/small_scales.py --sections later --out "$OUT/small_scales_later_$TAG.json" 2>&1 | grep -v Warning | tail -6 ;;
     e2e2b)
       python bench/e2e.py --model infinity-2b --warmup 3 --runs 20 --rows "(CUDA graphs" \
         --out "$OUT/e2e_engines_2b_$TAG.json" 2>&1 | grep -v Warning | tail -6 ;;

@@ -3,12 +3,14 @@
     csla_attention(q, k, v, layout)                        CSLA over a sparvar.csla.BlockLayout (block or token)
     cs4a_attention(q, k, v, key_idx, group_size, o_cache)  CS4A grouped gather attention (+ residual cache)
     cs4a_decide(q, k, v, group_size, topk, sink_len=0)     dense + per-group top-k selection + residual cache
+    cs4a_attention_from_selection(q, k, v, selected, geometry, o_cache, cache_grid, grid)
+                                                           CS4A at a later scale from the decision state, one launch
     aot_kernel(op, dtype=, head_dim=, attrs=)              TensorRT AOT entry (plugins.aot.AotKernel), CSLA only
     select_topk(sums, topk, first=0)                       ascending top-k positions per row (the decision's pick)
     upsample_cache(o_cache, src_grid, dst_grid)            CS4A's residual cache, bilinear to a later scale
 
 Each goes through a torch custom op (sparvar::triton_csla_attention[_token], sparvar::triton_cs4a_attention,
-sparvar::triton_cs4a_decide, with fake kernels) so torch.compile and torch.export keep it as one call. The
+sparvar::triton_cs4a_from_selection, sparvar::triton_cs4a_decide, with fake kernels) so torch.compile and torch.export keep it as one call. The
 names carry a `triton_` prefix because export/custom_ops.py already defines sparvar::csla_attention etc. as the
 reference ops of the ONNX path. `sparse_ops()` returns them as a sparvar.sparse.SparseOps backend.
 The module imports without triton (CPU installs); the kernels then raise a RuntimeError naming it.
@@ -19,7 +21,8 @@ sparvar/fp8.py), group_norm.py (the tokenizer decoder's GroupNorm + SiLU, with a
 decoder_glue.py (the decoder's residual sum with the conv biases, nearest 2x upsampling).
 """
 from sparvar.kernels.aot import aot_kernel
-from sparvar.kernels.cs4a import (cs4a_attention, cs4a_attention_raw, cs4a_column_sums, cs4a_decide, cs4a_decide_raw,
+from sparvar.kernels.cs4a import (cs4a_attention, cs4a_attention_from_selection, cs4a_attention_from_selection_raw,
+                                  cs4a_attention_raw, cs4a_column_sums, cs4a_decide, cs4a_decide_raw,
                                   reference_column_sums, reference_cs4a_attention, reference_cs4a_decide, select_topk,
                                   upsample_cache)
 from sparvar.kernels.csla import (HAS_TRITON, csla_attention, csla_attention_blocks, dense_attention,
@@ -27,7 +30,8 @@ from sparvar.kernels.csla import (HAS_TRITON, csla_attention, csla_attention_blo
 
 __all__ = [
     "HAS_TRITON", "aot_kernel", "csla_attention", "csla_attention_blocks", "dense_attention", "query_block_order",
-    "reference_csla_attention", "token_tiles", "cs4a_attention", "cs4a_attention_raw", "cs4a_column_sums", "cs4a_decide",
+    "reference_csla_attention", "token_tiles", "cs4a_attention", "cs4a_attention_from_selection",
+    "cs4a_attention_from_selection_raw", "cs4a_attention_raw", "cs4a_column_sums", "cs4a_decide",
     "cs4a_decide_raw", "reference_column_sums", "reference_cs4a_attention", "reference_cs4a_decide", "select_topk",
     "sparse_ops", "upsample_cache",
 ]
@@ -40,4 +44,7 @@ def sparse_ops():
     def cs4a(q, k, v, key_idx, group_size, o_cache=None):
         return cs4a_attention(q, k, v, key_idx, group_size, o_cache)
 
-    return SparseOps(csla_attention, cs4a_decide, cs4a, upsample_cache)
+    def cs4a_from_selection(q, k, v, selected, geometry, o_cache, cache_grid, grid):
+        return cs4a_attention_from_selection(q, k, v, selected, geometry, o_cache, cache_grid, grid)
+
+    return SparseOps(csla_attention, cs4a_decide, cs4a, upsample_cache, cs4a_from_selection)

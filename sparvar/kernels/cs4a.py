@@ -45,18 +45,62 @@ def query_tile(group_size: int) -> int:
 if HAS_TRITON:
 
     @triton.jit
+    def _bilinear_rows(src, t, t_ok, src_h, src_w, dst_w, scale_h, scale_w, stride_l):
+        """Rows t (raster tokens of a grid dst_w wide) of a (src_h, src_w) raster grid of rows at src + token *
+        stride_l (src already offset by the columns), bilinear as torch's upsample_bilinear2d with align_corners=False
+        (source index max(scale * (dst + 0.5) - 0.5, 0), the upper neighbour clamped): fp32 (len(t), columns)."""
+        y = t // dst_w
+        x = t % dst_w
+        sy = tl.maximum((y.to(tl.float32) + 0.5) * scale_h - 0.5, 0.0)
+        sx = tl.maximum((x.to(tl.float32) + 0.5) * scale_w - 0.5, 0.0)
+        y0 = sy.to(tl.int32)  # floor: sy >= 0
+        x0 = sx.to(tl.int32)
+        ly = (sy - y0.to(tl.float32))[:, None]
+        lx = (sx - x0.to(tl.float32))[:, None]
+        y1 = tl.minimum(y0 + 1, src_h - 1)
+        x1 = tl.minimum(x0 + 1, src_w - 1)
+        mask = t_ok[:, None]
+        v00 = tl.load(src + (y0 * src_w + x0)[:, None] * stride_l, mask=mask, other=0.0).to(tl.float32)
+        v01 = tl.load(src + (y0 * src_w + x1)[:, None] * stride_l, mask=mask, other=0.0).to(tl.float32)
+        v10 = tl.load(src + (y1 * src_w + x0)[:, None] * stride_l, mask=mask, other=0.0).to(tl.float32)
+        v11 = tl.load(src + (y1 * src_w + x1)[:, None] * stride_l, mask=mask, other=0.0).to(tl.float32)
+        return (1.0 - ly) * ((1.0 - lx) * v00 + lx * v01) + ly * ((1.0 - lx) * v10 + lx * v11)
+
+    @triton.jit
+    def _slot_keys(idx_base, pos, num_gathered, start0, start1, start2, band_len0, band_len1,
+                   NUM_BANDS: tl.constexpr):
+        """The KV positions of key slots `pos` of one group: slots below num_gathered are gathered from idx_base, the
+        next band_len0 are band 0's contiguous keys from start0, then band 1's from start1, then band 2's."""
+        keys = tl.load(idx_base + pos, mask=pos < num_gathered, other=0)
+        rel = pos - num_gathered  # the slot counted from the current band's first slot
+        if NUM_BANDS > 0:
+            keys = tl.where(rel >= 0, start0 + rel, keys)
+        if NUM_BANDS > 1:
+            rel = rel - band_len0
+            keys = tl.where(rel >= 0, start1 + rel, keys)
+        if NUM_BANDS > 2:
+            rel = rel - band_len1
+            keys = tl.where(rel >= 0, start2 + rel, keys)
+        return keys
+
+    @triton.jit
     def _cs4a_fwd_kernel(
-        Q, K, V, Out, KeyIdx, BandStart, Extra, ExtraOut,
+        Q, K, V, Out, KeyIdx, GroupMap, BandStarts, Extra, ExtraOut,
         stride_qb, stride_qh, stride_qm,
         stride_kb, stride_kh, stride_kn,
         stride_vb, stride_vh, stride_vn,
         stride_ob, stride_oh, stride_om,
         stride_ib, stride_ih, stride_ig,
         stride_eb, stride_eh, stride_em,
-        H, q_len, num_gathered, band_len, group_size, qk_scale,
+        stride_band,
+        H, q_len, num_gathered, band_len0, band_len1, band_len2, group_size, qk_scale,
+        src_h, src_w, dst_w, up_scale_h, up_scale_w,
         HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        HAS_BAND: tl.constexpr, HAS_EXTRA: tl.constexpr, NEGATE: tl.constexpr, STORE_EXTRA: tl.constexpr,
+        NUM_BANDS: tl.constexpr, GROUP_MAP: tl.constexpr, HAS_EXTRA: tl.constexpr, UPSAMPLE: tl.constexpr,
+        NEGATE: tl.constexpr, STORE_EXTRA: tl.constexpr,
     ):
+        # key slot p of group g: p < num_gathered -> KeyIdx[b, h, row, p] (row = GroupMap[g] with GROUP_MAP, else g),
+        # then band i's slots -> BandStarts[i, g] + (slot within the band), for NUM_BANDS <= 3 contiguous bands
         pid_m = tl.program_id(0)
         pid_bh = tl.program_id(1)
         b = pid_bh // H
@@ -68,34 +112,33 @@ if HAS_TRITON:
             Q, K, V, b, h, offs_m, q_len, stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_vb, stride_vh,
             HEAD_DIM, BLOCK_M)
         offs_d = tl.arange(0, HEAD_DIM)
-        idx_base = KeyIdx + b * stride_ib + h * stride_ih + g * stride_ig
-        if HAS_BAND:
-            band_start = tl.load(BandStart + g)
-            num_keys = num_gathered + band_len
-        else:
-            band_start = 0
-            num_keys = num_gathered
+        row = g
+        if GROUP_MAP:
+            row = tl.load(GroupMap + g)
+        idx_base = KeyIdx + b * stride_ib + h * stride_ih + row * stride_ig
+        start0 = 0
+        start1 = 0
+        start2 = 0
+        if NUM_BANDS > 0:
+            start0 = tl.load(BandStarts + g)
+        if NUM_BANDS > 1:
+            start1 = tl.load(BandStarts + stride_band + g)
+        if NUM_BANDS > 2:
+            start2 = tl.load(BandStarts + 2 * stride_band + g)
+        num_keys = num_gathered + band_len0 + band_len1 + band_len2  # unused band lengths are 0
 
         num_full = num_keys // BLOCK_N
         for t in range(0, num_full):
             pos = t * BLOCK_N + offs_n
-            if HAS_BAND:
-                gathered = pos < num_gathered
-                keys = tl.load(idx_base + pos, mask=gathered, other=0)
-                keys = tl.where(gathered, keys, band_start + pos - num_gathered)
-            else:
-                keys = tl.load(idx_base + pos)
+            keys = _slot_keys(idx_base, pos, num_gathered, start0, start1, start2, band_len0, band_len1, NUM_BANDS)
             k = tl.load(k_base + keys[:, None] * stride_kn)
             v = tl.load(v_base + keys[:, None] * stride_vn)
             acc, l_i, m_i = online_softmax_step(acc, l_i, m_i, q, k, v, qk_scale, pos < num_keys, False)
 
-        if num_full * BLOCK_N < num_keys:  # the partial last tile; masked columns read key 0 (in bounds) and get -inf
+        if num_full * BLOCK_N < num_keys:  # the partial last tile; masked slots read key 0 (in bounds) and get -inf
             pos = num_full * BLOCK_N + offs_n
             valid = pos < num_keys
-            gathered = pos < num_gathered
-            keys = tl.load(idx_base + pos, mask=gathered, other=0)
-            if HAS_BAND:
-                keys = tl.where(gathered, keys, band_start + pos - num_gathered)
+            keys = _slot_keys(idx_base, pos, num_gathered, start0, start1, start2, band_len0, band_len1, NUM_BANDS)
             keys = tl.where(valid, keys, 0)
             k = tl.load(k_base + keys[:, None] * stride_kn)
             v = tl.load(v_base + keys[:, None] * stride_vn)
@@ -105,8 +148,12 @@ if HAS_TRITON:
         if NEGATE:
             out = -out
         if HAS_EXTRA:
-            extra = tl.load(Extra + b * stride_eb + h * stride_eh + offs_m[:, None] * stride_em + offs_d[None, :],
-                            mask=row_ok[:, None], other=0.0)
+            extra_base = Extra + b * stride_eb + h * stride_eh + offs_d[None, :]
+            if UPSAMPLE:  # Extra is the residual cache on the decision grid: bilinear to these queries
+                extra = _bilinear_rows(extra_base, offs_m, row_ok, src_h, src_w, dst_w, up_scale_h, up_scale_w,
+                                       stride_em)
+            else:
+                extra = tl.load(extra_base + offs_m[:, None] * stride_em, mask=row_ok[:, None], other=0.0)
             out = out + extra.to(tl.float32)
             if STORE_EXTRA:  # the decision's dense output in the input dtype, saving a separate cast kernel
                 tl.store(ExtraOut + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :],
@@ -210,8 +257,8 @@ if HAS_TRITON:
                      for n, w, s in ((64, 4, 3), (64, 4, 4), (64, 4, 5), (64, 4, 2), (32, 4, 3), (32, 4, 4), (128, 4, 3),
                                      (128, 8, 3), (64, 8, 3))]
     _cs4a_fwd_tuned = triton.autotune(configs=_CS4A_CONFIGS,
-                                      key=["HEAD_DIM", "BLOCK_M", "num_gathered", "band_len", "HAS_BAND", "HAS_EXTRA",
-                                           "STORE_EXTRA"],
+                                      key=["HEAD_DIM", "BLOCK_M", "num_gathered", "band_len0", "band_len1", "band_len2",
+                                           "NUM_BANDS", "GROUP_MAP", "HAS_EXTRA", "UPSAMPLE", "STORE_EXTRA"],
                                       prune_configs_by={"early_config_prune": _prune_cs4a})(_cs4a_fwd_kernel)
     _COLSUM_CONFIGS = [triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=s)
                        for n, w, s in ((128, 4, 3), (128, 4, 2), (128, 8, 3), (64, 4, 3), (256, 8, 3))]
@@ -230,26 +277,12 @@ if HAS_TRITON:
         b = pid_bh // H
         h = pid_bh % H
         t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
-        t_mask = (t < hd * wd)[:, None]
-        y = t // wd
-        x = t % wd
-        sy = tl.maximum((y.to(tl.float32) + 0.5) * scale_h - 0.5, 0.0)
-        sx = tl.maximum((x.to(tl.float32) + 0.5) * scale_w - 0.5, 0.0)
-        y0 = sy.to(tl.int32)  # floor: sy >= 0
-        x0 = sx.to(tl.int32)
-        ly = (sy - y0.to(tl.float32))[:, None]
-        lx = (sx - x0.to(tl.float32))[:, None]
-        y1 = tl.minimum(y0 + 1, hs - 1)
-        x1 = tl.minimum(x0 + 1, ws - 1)
+        t_ok = t < hd * wd
         d = tl.arange(0, HEAD_DIM)[None, :]
         src = Src + b.to(tl.int64) * stride_sb + h * stride_sh + d
-        v00 = tl.load(src + (y0 * ws + x0)[:, None] * stride_sl, mask=t_mask, other=0.0).to(tl.float32)
-        v01 = tl.load(src + (y0 * ws + x1)[:, None] * stride_sl, mask=t_mask, other=0.0).to(tl.float32)
-        v10 = tl.load(src + (y1 * ws + x0)[:, None] * stride_sl, mask=t_mask, other=0.0).to(tl.float32)
-        v11 = tl.load(src + (y1 * ws + x1)[:, None] * stride_sl, mask=t_mask, other=0.0).to(tl.float32)
-        up = (1.0 - ly) * ((1.0 - lx) * v00 + lx * v01) + ly * ((1.0 - lx) * v10 + lx * v11)
+        up = _bilinear_rows(src, t, t_ok, hs, ws, wd, scale_h, scale_w, stride_sl)
         out = Out + b.to(tl.int64) * stride_ob + h * stride_oh + t[:, None] * stride_ol + d
-        tl.store(out, up.to(Out.dtype.element_ty), mask=t_mask)
+        tl.store(out, up.to(Out.dtype.element_ty), mask=t_ok[:, None])
 
 
 def tuned_config(kernel: str) -> str | None:
@@ -315,21 +348,35 @@ def check_key_values(key_idx: torch.Tensor, kv_len: int, band_start: torch.Tenso
 
 
 # ------------------------------------------------------------------------------------------------ launches
-def _launch_cs4a(q, k, v, key_idx, group_size, extra, negate, band_start, band_len, scale, extra_out=None):
+MAX_BANDS = 3  # contiguous key ranges per group the kernel reads after the gathered keys (sinks + two scales' bands)
+
+
+def _launch_cs4a(q, k, v, key_idx, group_size, extra, negate, band_starts, band_lens, scale, extra_out=None,
+                 group_map=None, cache_grid=None, grid_wh=None):
     """out = (-1 if negate else 1) * attention + extra; with extra_out (from attention_output_like(q): the kernel
-    writes it with out's strides) also extra_out = extra in extra_out's dtype."""
+    writes it with out's strides) also extra_out = extra in extra_out's dtype.
+
+    Group g's keys: key_idx[b, h, group_map[g] if group_map is not None else g, :], then for each i the band_lens[i]
+    keys from band_starts[i, g] (band_starts (len(band_lens), G) int32). With cache_grid (and this scale's grid_wh),
+    extra is on cache_grid and is interpolated bilinearly to each query (sparvar.cs4a.upsample_cache)."""
     require_triton("cs4a_attention")
     b, h, q_len, d = q.shape
     out = attention_output_like(q)
     block_m = query_tile(group_size)
     e = out if extra is None else extra
-    args = (q, k, v, out, key_idx, out if band_start is None else band_start, e, out if extra_out is None else extra_out,
+    lens = (*band_lens, 0, 0, 0)[:MAX_BANDS]
+    (src_h, src_w), dst_w = cache_grid or (1, 1), (grid_wh[1] if grid_wh else 1)
+    args = (q, k, v, out, key_idx, out if group_map is None else group_map, out if band_starts is None else band_starts,
+            e, out if extra_out is None else extra_out,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
             key_idx.stride(0), key_idx.stride(1), key_idx.stride(2), e.stride(0), e.stride(1), e.stride(2),
-            h, q_len, key_idx.shape[3], band_len, group_size, float(scale) * LOG2E)
-    meta = dict(HEAD_DIM=d, BLOCK_M=block_m, HAS_BAND=band_start is not None, HAS_EXTRA=extra is not None,
-                NEGATE=negate, STORE_EXTRA=extra_out is not None)
+            0 if band_starts is None else band_starts.stride(0),
+            h, q_len, key_idx.shape[3], *lens, group_size, float(scale) * LOG2E,
+            src_h, src_w, dst_w, src_h / (grid_wh[0] if grid_wh else 1), src_w / dst_w)
+    meta = dict(HEAD_DIM=d, BLOCK_M=block_m, NUM_BANDS=len(band_lens), GROUP_MAP=group_map is not None,
+                HAS_EXTRA=extra is not None, UPSAMPLE=cache_grid is not None, NEGATE=negate,
+                STORE_EXTRA=extra_out is not None)
     grid = (-(-q_len // block_m), b * h)
     if interpreting():
         _cs4a_fwd_kernel[grid](*args, **meta, BLOCK_N=32, num_warps=4, num_stages=2)
@@ -354,7 +401,66 @@ def cs4a_attention_raw(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_id
     check_cs4a_inputs("cs4a_attention", q, k, v, key_idx, group_size, o_cache, band_start, band_len)
     if not math.isfinite(scale) or scale <= 0:
         raise ValueError(f"cs4a_attention: scale must be a positive finite float, got {scale}")
-    return _launch_cs4a(q, k, v, key_idx, group_size, o_cache, False, band_start, band_len, scale)
+    return _launch_cs4a(q, k, v, key_idx, group_size, o_cache, False, None if band_start is None else band_start[None],
+                        (band_len,) if band_start is not None else (), scale)
+
+
+def cs4a_attention_from_selection_raw(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, selected: torch.Tensor,
+                                      group_map: torch.Tensor, range_starts: torch.Tensor, range_lengths,
+                                      group_size: int, o_cache: torch.Tensor | None = None, cache_grid=None, grid=None,
+                                      *, scale: float = 1.0) -> torch.Tensor:
+    """CS4A at a later scale straight from the decision state, in one launch (no key-set or upsampled-cache copies).
+
+    Equals cs4a_attention_raw over key_idx = [sinks | selected[:, :, group_map[g]] | bands] plus o_cache upsampled
+    from cache_grid to grid (sparvar.cs4a.cs4a_from_selection_ref composes exactly that): the kernel gathers each
+    group's selection row through group_map, reads the ranges (range_starts (R, G) int32 starts of range_lengths[r]
+    keys each: the sinks and each later scale's band, CS4AGeometry.range_starts / range_lengths) as contiguous keys,
+    and interpolates the residual cache in its epilogue.
+
+    selected (B, H, G_S, topk) int32; group_map (G,) int32 in [0, G_S); o_cache None or (B, H, cache_h*cache_w, D)
+    on the decision grid cache_grid, q's dtype or fp32; grid: this scale's (h, w), h*w = Lq.
+    Why: the composed path cost three more launches per CS4A layer and scale, with 6 MB of key sets and (2B,
+    scale 12) 34 MB of upsampled cache written and read again.
+    """
+    name = "cs4a_attention_from_selection"
+    check_qkv(name, q, k, v)
+    b, h, q_len, d = q.shape
+    groups = _check_group(name, q_len, group_size)
+    check_index(name, "selected", selected, 4)
+    if tuple(selected.shape[:2]) != (b, h) or selected.shape[3] == 0:
+        raise ValueError(f"{name}: selected {tuple(selected.shape)} must be (B, H, G_S, topk) = ({b}, {h}, G_S, topk > 0)")
+    check_index(name, "group_map", group_map, 1)
+    if group_map.shape[0] != groups:
+        raise ValueError(f"{name}: group_map {tuple(group_map.shape)} must name one decision group per query group "
+                         f"({groups} = ceil({q_len} / group_size={group_size}))")
+    lengths = tuple(range_lengths)
+    if len(lengths) > MAX_BANDS or any(not isinstance(n, int) or isinstance(n, bool) or n <= 0 for n in lengths):
+        raise ValueError(f"{name}: range_lengths must be at most {MAX_BANDS} positive ints, got {range_lengths!r}")
+    check_index(name, "range_starts", range_starts, 2)
+    if tuple(range_starts.shape) != (len(lengths), groups) or not range_starts.is_contiguous():
+        raise ValueError(f"{name}: range_starts {tuple(range_starts.shape)} must be contiguous ({len(lengths)}, {groups}):"
+                         " one start per range and query group")
+    if selected.shape[3] + sum(lengths) > k.shape[2]:
+        raise ValueError(f"{name}: {selected.shape[3] + sum(lengths)} keys per group but the KV cache holds only "
+                         f"{k.shape[2]}")
+    if grid is None or len(grid) != 2 or grid[0] * grid[1] != q_len:
+        raise ValueError(f"{name}: grid {grid} must be this scale's (h, w) with h * w = {q_len} queries")
+    if o_cache is not None:
+        if cache_grid is None or len(cache_grid) != 2 or min(cache_grid) <= 0:
+            raise ValueError(f"{name}: o_cache needs its grid cache_grid = (h, w), got {cache_grid}")
+        if not isinstance(o_cache, torch.Tensor) or tuple(o_cache.shape) != (b, h, cache_grid[0] * cache_grid[1], d):
+            raise ValueError(f"{name}: o_cache {tuple(getattr(o_cache, 'shape', ()))} must be (B, H, cache_h * cache_w, "
+                             f"D) = ({b}, {h}, {cache_grid[0] * cache_grid[1]}, {d})")
+        if o_cache.dtype not in (q.dtype, torch.float32):
+            raise TypeError(f"{name}: o_cache must be {q.dtype} or float32, got {o_cache.dtype}")
+        if o_cache.stride(3) != 1:
+            raise ValueError(f"{name}: o_cache must be contiguous in the head dim, got strides {o_cache.stride()}")
+    if not math.isfinite(scale) or scale <= 0:
+        raise ValueError(f"{name}: scale must be a positive finite float, got {scale}")
+    check_device(name, q, k=k, v=v, selected=selected, group_map=group_map, range_starts=range_starts, o_cache=o_cache)
+    return _launch_cs4a(q, k, v, selected, group_size, o_cache, False, range_starts if lengths else None, lengths, scale,
+                        group_map=group_map, cache_grid=None if o_cache is None else tuple(cache_grid),
+                        grid_wh=tuple(grid))
 
 
 def cs4a_column_sums(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, group_size: int, *,
@@ -488,9 +594,9 @@ def cs4a_decide_raw(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group_siz
     # an fp32 O_dense (our kernel's) is rounded to q's dtype, the decision's output, by the residual kernel
     out = dense if dense.dtype == q.dtype else attention_output_like(q)
     # the sinks join each group's set as the kernel's contiguous band [0, sink_len): no concatenated index copy
-    band_start = torch.zeros(groups, dtype=torch.int32, device=q.device) if sink_len else None
-    o_cache = _launch_cs4a(q, k, v, selected, group_size, dense, True, band_start, sink_len, scale,
-                           extra_out=None if out is dense else out)
+    band_starts = torch.zeros((1, groups), dtype=torch.int32, device=q.device) if sink_len else None
+    o_cache = _launch_cs4a(q, k, v, selected, group_size, dense, True, band_starts, (sink_len,) if sink_len else (),
+                           scale, extra_out=None if out is dense else out)
     return out, selected, o_cache
 
 
@@ -552,6 +658,30 @@ def _cs4a_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_idx: torch.T
 
 @_cs4a_op.register_fake
 def _(q, k, v, key_idx, o_cache, band_start, group_size, band_len, scale):
+    return attention_output_like(q)
+
+
+def cs4a_attention_from_selection(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, selected: torch.Tensor,
+                                  geometry, o_cache: torch.Tensor | None = None, cache_grid=None, grid=None, *,
+                                  scale: float = 1.0) -> torch.Tensor:
+    """cs4a_attention_from_selection_raw for a sparvar.cs4a.CS4AGeometry on q's device, through the
+    sparvar::triton_cs4a_from_selection op."""
+    return torch.ops.sparvar.triton_cs4a_from_selection(
+        q, k, v, selected, geometry.selected_group, geometry.range_starts, list(geometry.range_lengths),
+        geometry.group_size, o_cache, None if cache_grid is None else list(cache_grid), list(grid), scale)
+
+
+@torch.library.custom_op("sparvar::triton_cs4a_from_selection", mutates_args=())
+def _cs4a_from_selection_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, selected: torch.Tensor,
+                            group_map: torch.Tensor, range_starts: torch.Tensor, range_lengths: list[int],
+                            group_size: int, o_cache: torch.Tensor | None, cache_grid: list[int] | None,
+                            grid: list[int], scale: float) -> torch.Tensor:
+    return cs4a_attention_from_selection_raw(q, k, v, selected, group_map, range_starts, range_lengths, group_size,
+                                             o_cache, cache_grid, grid, scale=scale)
+
+
+@_cs4a_from_selection_op.register_fake
+def _(q, k, v, selected, group_map, range_starts, range_lengths, group_size, o_cache, cache_grid, grid, scale):
     return attention_output_like(q)
 
 
