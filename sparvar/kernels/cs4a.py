@@ -352,12 +352,12 @@ MAX_BANDS = 3  # contiguous key ranges per group the kernel reads after the gath
 
 
 def _launch_cs4a(q, k, v, key_idx, group_size, extra, negate, band_starts, band_lens, scale, extra_out=None,
-                 group_map=None, cache_grid=None, grid_wh=None):
+                 group_map=None, cache_grid=None, grid_hw=None):
     """out = (-1 if negate else 1) * attention + extra; with extra_out (from attention_output_like(q): the kernel
     writes it with out's strides) also extra_out = extra in extra_out's dtype.
 
     Group g's keys: key_idx[b, h, group_map[g] if group_map is not None else g, :], then for each i the band_lens[i]
-    keys from band_starts[i, g] (band_starts (len(band_lens), G) int32). With cache_grid (and this scale's grid_wh),
+    keys from band_starts[i, g] (band_starts (len(band_lens), G) int32). With cache_grid (and this scale's grid_hw),
     extra is on cache_grid and is interpolated bilinearly to each query (sparvar.cs4a.upsample_cache)."""
     require_triton("cs4a_attention")
     b, h, q_len, d = q.shape
@@ -365,7 +365,7 @@ def _launch_cs4a(q, k, v, key_idx, group_size, extra, negate, band_starts, band_
     block_m = query_tile(group_size)
     e = out if extra is None else extra
     lens = (*band_lens, 0, 0, 0)[:MAX_BANDS]
-    (src_h, src_w), dst_w = cache_grid or (1, 1), (grid_wh[1] if grid_wh else 1)
+    (src_h, src_w), dst_w = cache_grid or (1, 1), (grid_hw[1] if grid_hw else 1)
     args = (q, k, v, out, key_idx, out if group_map is None else group_map, out if band_starts is None else band_starts,
             e, out if extra_out is None else extra_out,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
@@ -373,7 +373,7 @@ def _launch_cs4a(q, k, v, key_idx, group_size, extra, negate, band_starts, band_
             key_idx.stride(0), key_idx.stride(1), key_idx.stride(2), e.stride(0), e.stride(1), e.stride(2),
             0 if band_starts is None else band_starts.stride(0),
             h, q_len, key_idx.shape[3], *lens, group_size, float(scale) * LOG2E,
-            src_h, src_w, dst_w, src_h / (grid_wh[0] if grid_wh else 1), src_w / dst_w)
+            src_h, src_w, dst_w, src_h / (grid_hw[0] if grid_hw else 1), src_w / dst_w)
     meta = dict(HEAD_DIM=d, BLOCK_M=block_m, NUM_BANDS=len(band_lens), GROUP_MAP=group_map is not None,
                 HAS_EXTRA=extra is not None, UPSAMPLE=cache_grid is not None, NEGATE=negate,
                 STORE_EXTRA=extra_out is not None)
@@ -460,7 +460,7 @@ def cs4a_attention_from_selection_raw(q: torch.Tensor, k: torch.Tensor, v: torch
     check_device(name, q, k=k, v=v, selected=selected, group_map=group_map, range_starts=range_starts, o_cache=o_cache)
     return _launch_cs4a(q, k, v, selected, group_size, o_cache, False, range_starts if lengths else None, lengths, scale,
                         group_map=group_map, cache_grid=None if o_cache is None else tuple(cache_grid),
-                        grid_wh=tuple(grid))
+                        grid_hw=tuple(grid))
 
 
 def cs4a_column_sums(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, group_size: int, *,
