@@ -171,6 +171,9 @@ class SparseOps(NamedTuple):
     # (q, k, v, selected, geometry, o_cache_or_None, cache_grid, grid) -> out: CS4A at a later scale straight from
     # the decision state, in one call. None: composed from the parts above (sparvar.cs4a.cs4a_from_selection_ref)
     cs4a_from_selection: Callable | None = None
+    # (q, k, v, group_size, topk, sink_len, stream) -> cs4a_decide's outputs, with the selection and the residual
+    # cache computed on the side `stream` (the plan joins it before they are read). None: the decision runs in line
+    cs4a_decide_async: Callable | None = None
 
 
 def get_sparse_ops(backend: str) -> SparseOps:
@@ -192,9 +195,14 @@ class SparVARPlan:
     """
 
     def __init__(self, policy: SparVARPolicy, schedule: Schedule, num_layers: int, backend: str = "reference",
-                 precomputed: tuple[dict, dict] | None = None):
+                 precomputed: tuple[dict, dict] | None = None, overlap_decision: bool = True):
         """precomputed: (CSLA layouts, CS4A geometries) per scale, as an engine stored them (`load_plan`);
-        by default they are computed from the policy here."""
+        by default they are computed from the policy here.
+
+        overlap_decision: where the backend can (SparseOps.cs4a_decide_async, CUDA tensors), the decision's top-k and
+        residual cache run on a side stream, overlapping the rest of the decision scale (they are read only at later
+        scales); the plan joins that stream after the scale's last layer (so a CUDA-graph capture of the scale is
+        complete) and before anything reads the state."""
         if policy.num_layers != num_layers:
             raise ValueError(f"policy is for {policy.num_layers} layers, the model has {num_layers}")
         if policy.num_scales != schedule.num_scales:
@@ -225,10 +233,14 @@ class SparVARPlan:
                                      f"{geometry.topk}, {geometry.sink_len} sinks; the policy has top-{self.topk}, "
                                      f"{self.sink_len} sinks")
         self._on_device: dict[tuple[str, int, torch.device], BlockLayout | CS4AGeometry] = {}
+        self.overlap_decision = overlap_decision
+        self._side_streams: dict[torch.device, torch.cuda.Stream] = {}
+        self._pending: torch.cuda.Stream | None = None  # a side stream with decision work not yet joined
         self.reset()
 
     def reset(self) -> None:
         """Forget the CS4A selections and caches of the previous generation."""
+        self._join()
         self._selected: dict[int, torch.Tensor] = {}  # layer -> (B, H, G_S, topk) int32
         self._o_cache: dict[int, torch.Tensor] = {}  # layer -> (B, H, L_S, D)
 
@@ -238,6 +250,7 @@ class SparVARPlan:
 
     def state(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """A layer's CS4A decision state (selected key positions, residual cache) after its decision scale ran."""
+        self._join()
         if layer not in self._selected:
             raise RuntimeError(f"layer {layer} has no CS4A state: its decision scale {self.policy.decision_scale} has not run")
         return self._selected[layer], self._o_cache[layer]
@@ -250,7 +263,24 @@ class SparVARPlan:
             self._on_device[key] = source[scale].to(device)
         return self._on_device[key]
 
+    def _join(self) -> None:
+        """Make the current stream wait for the decision work queued on a side stream (nothing if none is)."""
+        if self._pending is not None:
+            torch.cuda.current_stream(self._pending.device).wait_stream(self._pending)
+            self._pending = None
+
+    def _side_stream(self, device: torch.device) -> torch.cuda.Stream:
+        if device not in self._side_streams:
+            self._side_streams[device] = torch.cuda.Stream(device=device)
+        return self._side_streams[device]
+
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, layer: int, scale: int) -> torch.Tensor | None:
+        out = self._attend(q, k, v, layer, scale)
+        if layer == self.num_layers - 1:  # the scale's last attention: side work must end inside this scale's step
+            self._join()
+        return out
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, scale: int) -> torch.Tensor | None:
         kind = self.policy.kind(layer, scale)
         if kind == "dense":
             return None
@@ -262,13 +292,20 @@ class SparVARPlan:
             return self.ops.csla(q, k, v, self._device_copy("csla", scale, q.device))
         group_size = self.policy.cs4a_group_size
         if kind == "cs4a_decide":
-            out, selected, o_cache = self.ops.cs4a_decide(q, k, v, group_size, self.topk, sink_len=self.sink_len)
+            if self.overlap_decision and self.ops.cs4a_decide_async is not None and q.is_cuda:
+                stream = self._side_stream(q.device)
+                out, selected, o_cache = self.ops.cs4a_decide_async(q, k, v, group_size, self.topk, self.sink_len,
+                                                                    stream)
+                self._pending = stream
+            else:
+                out, selected, o_cache = self.ops.cs4a_decide(q, k, v, group_size, self.topk, sink_len=self.sink_len)
             self._selected[layer] = selected
             self._o_cache[layer] = o_cache
             return out
         if layer not in self._selected:
             raise RuntimeError(f"layer {layer} reached CS4A scale {scale} before its decision scale "
                                f"{self.policy.decision_scale} ran; call reset() and run the scales in order")
+        self._join()  # a no-op after a whole decision scale ran (its last layer joined)
         selected = self._selected[layer]
         if selected.shape[0] != q.shape[0]:
             raise RuntimeError(f"batch size changed within a generation ({selected.shape[0]} -> {q.shape[0]}); call reset()")

@@ -391,6 +391,60 @@ def test_sparse_ops_drive_the_tiny_plan(granularity):
             assert_close(out, ref, dtype, f"tiny {policy.kind(layer, scale)} layer {layer} scale {scale}")
 
 
+def test_decision_on_a_side_stream_equals_in_line_and_captures():
+    """The plan's decision with its top-k and residual cache on a side stream (the engine's default) gives the
+    in-line decision's outputs and state bit for bit, the later scales read it correctly, and a scale captured as a
+    CUDA graph is complete (the plan joins the side stream at the scale's last layer: an unjoined stream fails the
+    capture)."""
+    from sparvar.schedule import get_schedule
+    from sparvar.sparse import SparVARPlan, default_policy
+
+    schedule = get_schedule(256)
+    policy = default_policy("infinity-tiny", schedule)
+    plans = {overlap: SparVARPlan(policy, schedule, policy.num_layers, backend="triton", overlap_decision=overlap)
+             for overlap in (True, False)}
+    dtype = torch.bfloat16
+    inputs = {}
+    for scale in policy.sparse_scales:
+        q_len, kv_len = schedule.lengths[scale], schedule.kv_len(scale)
+        inputs[scale] = [(projected_q(2, 2, q_len, 64, dtype), cache_view(2, 2, kv_len, 64, dtype),
+                          cache_view(2, 2, kv_len, 64, dtype)) for _ in range(policy.num_layers)]
+    outs = {}
+    for overlap, plan in plans.items():
+        outs[overlap] = [plan.attend(*inputs[scale][layer], layer=layer, scale=scale)
+                         for scale in policy.sparse_scales for layer in range(policy.num_layers)]
+        assert plan._pending is None, "the decision scale's last layer must join the side stream"
+    for a, b in zip(*outs.values()):
+        assert (a is None) == (b is None) and (a is None or torch.equal(a, b)), "side-stream decision differs"
+    for layer in range(policy.cs4a_layers):
+        for a, b in zip(plans[True].state(layer), plans[False].state(layer)):
+            assert torch.equal(a, b), f"layer {layer}: side-stream decision state differs"
+    # the decision scale captured as one graph, then replayed: the same outputs and state
+    plan, decision = plans[True], policy.decision_scale
+    plan.reset()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm-up outside the capture (allocator, Triton compilation)
+        for layer in range(policy.num_layers):
+            plan.attend(*inputs[decision][layer], layer=layer, scale=decision)
+    torch.cuda.current_stream().wait_stream(stream)
+    plan.reset()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        graphed = [plan.attend(*inputs[decision][layer], layer=layer, scale=decision)
+                   for layer in range(policy.num_layers)]
+    graph.replay()
+    torch.cuda.synchronize()
+    n = policy.num_layers
+    first = policy.sparse_scales.index(decision) * n
+    for layer, out in enumerate(graphed):
+        want = outs[False][first + layer]
+        assert (out is None) == (want is None) and (out is None or torch.equal(out, want)), f"graphed layer {layer}"
+    for layer in range(policy.cs4a_layers):
+        for a, b in zip(plan.state(layer), plans[False].state(layer)):
+            assert torch.equal(a, b), f"layer {layer}: graphed side-stream decision state differs"
+
+
 def test_gpu_validation_errors():
     dtype = torch.bfloat16
     q = torch.randn(1, 2, 100, 128, device=DEV, dtype=dtype)
