@@ -293,10 +293,9 @@ class SparVARPlan:
         group_size = self.policy.cs4a_group_size
         if kind == "cs4a_decide":
             if self.overlap_decision and self.ops.cs4a_decide_async is not None and q.is_cuda:
-                stream = self._side_stream(q.device)
+                self._pending = self._side_stream(q.device)  # before the call: joined even if it fails after forking
                 out, selected, o_cache = self.ops.cs4a_decide_async(q, k, v, group_size, self.topk, self.sink_len,
-                                                                    stream)
-                self._pending = stream
+                                                                    self._pending)
             else:
                 out, selected, o_cache = self.ops.cs4a_decide(q, k, v, group_size, self.topk, sink_len=self.sink_len)
             self._selected[layer] = selected

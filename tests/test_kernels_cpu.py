@@ -207,9 +207,9 @@ def test_cs4a_from_selection_rejects_bad_inputs():
         call(q, k, v, **args(group_map=geo.selected_group.long()))
     with pytest.raises(ValueError, match="one decision group per query group"):
         call(q, k, v, **args(group_map=geo.selected_group[:-1]))
-    with pytest.raises(ValueError, match="at most 3 positive ints"):
-        call(q, k, v, **args(range_lengths=(*lengths, 4)))
-    with pytest.raises(ValueError, match="at most 3 positive ints"):
+    with pytest.raises(ValueError, match="at most 4 positive ints"):
+        call(q, k, v, **args(range_lengths=(*lengths, 4, 4)))
+    with pytest.raises(ValueError, match="at most 4 positive ints"):
         call(q, k, v, **args(range_lengths=(0, *lengths[1:])))
     with pytest.raises(ValueError, match="one start per range"):
         call(q, k, v, **args(range_starts=ranges[:2]))
@@ -225,6 +225,29 @@ def test_cs4a_from_selection_rejects_bad_inputs():
         call(q, k, v, **args(o_cache=cache.half()))
     with pytest.raises(ValueError, match="CUDA device"):
         call(q, k, v, **args())
+    with pytest.raises(ValueError, match=r"selection .* must be \(B, H, 4, 32\)"):  # the geometry's wrapper
+        kernels.cs4a_attention_from_selection(q, k, v, sel[:, :, :, :16], geo, cache, s.grids[4], s.grids[6])
+
+
+@pytest.mark.parametrize("model", ["infinity-2b", "infinity-8b", "infinity-tiny", "infinity-cifar", "hart-0.7b",
+                                   "hart-tiny"])
+@pytest.mark.parametrize("aspect", ["1:1", "16:9"])
+def test_every_presets_cs4a_ranges_fit_the_one_launch_kernel(model, aspect):
+    """Each model's default policy at its resolution: every later scale's sinks + bands are ranges the kernel reads
+    (HART-0.7b at 1024² has four at scale 13)."""
+    from sparvar.config import get_config
+    from sparvar.kernels.cs4a import MAX_BANDS
+    from sparvar.schedule import get_schedule
+    from sparvar.sparse import default_policy
+
+    cfg = get_config(model)
+    try:
+        schedule = get_schedule(cfg.default_resolution, aspect, model=model)
+    except ValueError:
+        pytest.skip(f"{model} has no {aspect} schedule")
+    policy = default_policy(model, schedule)
+    ranges = [len(policy.cs4a_geometry(schedule, s).range_lengths) for s in policy.sparse_scales[1:]]
+    assert ranges and max(ranges) <= MAX_BANDS, f"{model}: CS4A ranges per scale {ranges}, kernel takes {MAX_BANDS}"
 
 
 def test_value_checks():
@@ -549,16 +572,20 @@ FROM_SELECTION_SCRIPT = textwrap.dedent('''
         worst = max(worst, (a.float() - b.float()).abs().nan_to_num(nan=float("inf")).max().item())
     reference = lambda q, k, v, idx, gs, cache: K.reference_cs4a_attention(q, k, v, idx, gs, cache)
     composed = lambda q, k, v, idx, gs, cache: K.cs4a_attention(q, k, v, idx, gs, cache)
-    s = get_schedule(256)  # decision scale 4 (8x8), later scales 5 (12x12: one band) and 6 (16x16: two bands)
-    for sinks, scale in [(0, 5), (0, 6), (21, 6)]:
-        geo = cs4a_geometry(s, 4, scale, 16, (3, 5), 16, 32, sink_len=sinks)
+    square, wide = get_schedule(256), get_schedule(256, "16:9")
+    # (schedule, decision scale, later scale, sinks): one band (scale 5), two (6), sinks + two, sinks + three
+    # (decision scale 3: the most ranges the kernel takes), on square and 16:9 grids
+    for s, decision, scale, sinks in [(square, 4, 5, 0), (square, 4, 6, 0), (square, 4, 6, 21), (square, 3, 6, 5),
+                                      (wide, 4, 6, 0), (wide, 3, 6, 5)]:
+        geo = cs4a_geometry(s, decision, scale, 16, (3, 5, 7), 16, 32, sink_len=sinks)
         lq, lk = s.lengths[scale], s.kv_len(scale)
         q = torch.randn(2, 2, lq, 64, dtype=dt) * 0.125
         k, v = torch.randn(2, 2, lk, 64, dtype=dt), torch.randn(2, 2, lk, 64, dtype=dt)
-        sel = torch.stack([sinks + torch.randperm(s.kv_len(4) - sinks)[:32].sort().values
+        sel = torch.stack([sinks + torch.randperm(s.kv_len(decision) - sinks)[:32].sort().values
                            for _ in range(4 * geo.num_decision_groups)]).view(2, 2, -1, 32).to(torch.int32)
-        grids = s.grids[4], s.grids[scale]
-        for cache in (torch.randn(2, 2, s.lengths[4], 64, dtype=dt), torch.randn(2, 2, s.lengths[4], 64), None):
+        grids = s.grids[decision], s.grids[scale]
+        n = s.lengths[decision]
+        for cache in (torch.randn(2, 2, n, 64, dtype=dt), torch.randn(2, 2, n, 64), None):
             got = K.cs4a_attention_from_selection(q, k, v, sel, geo, cache, *grids)
             assert got.shape == q.shape and got.dtype == dt
             err(got, cs4a_from_selection_ref(reference, upsample_cache, q, k, v, sel, geo, cache, *grids))

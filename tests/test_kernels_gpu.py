@@ -391,16 +391,18 @@ def test_sparse_ops_drive_the_tiny_plan(granularity):
             assert_close(out, ref, dtype, f"tiny {policy.kind(layer, scale)} layer {layer} scale {scale}")
 
 
-def test_decision_on_a_side_stream_equals_in_line_and_captures():
+@pytest.mark.parametrize("model", ["infinity-tiny", "hart-tiny"])  # HART: sinks
+def test_decision_on_a_side_stream_equals_in_line_and_captures(model):
     """The plan's decision with its top-k and residual cache on a side stream (the engine's default) gives the
     in-line decision's outputs and state bit for bit, the later scales read it correctly, and a scale captured as a
     CUDA graph is complete (the plan joins the side stream at the scale's last layer: an unjoined stream fails the
     capture)."""
+    from sparvar.config import get_config
     from sparvar.schedule import get_schedule
     from sparvar.sparse import SparVARPlan, default_policy
 
-    schedule = get_schedule(256)
-    policy = default_policy("infinity-tiny", schedule)
+    schedule = get_schedule(get_config(model).default_resolution, model=model)
+    policy = default_policy(model, schedule)
     plans = {overlap: SparVARPlan(policy, schedule, policy.num_layers, backend="triton", overlap_decision=overlap)
              for overlap in (True, False)}
     dtype = torch.bfloat16
@@ -443,6 +445,21 @@ def test_decision_on_a_side_stream_equals_in_line_and_captures():
     for layer in range(policy.cs4a_layers):
         for a, b in zip(plan.state(layer), plans[False].state(layer)):
             assert torch.equal(a, b), f"layer {layer}: graphed side-stream decision state differs"
+
+
+def test_decision_side_stream_with_our_fp32_dense_pass():
+    """cs4a_decide_raw with the Triton dense pass (fp32 O_dense, cast on the calling stream when the rest runs on
+    the side stream) equals the in-line decision, with sinks."""
+    from sparvar.kernels.cs4a import cs4a_decide_raw
+
+    q = projected_q(2, 2, 300, 64, torch.bfloat16)
+    k, v = cache_view(2, 2, 700, 64, torch.bfloat16), cache_view(2, 2, 700, 64, torch.bfloat16)
+    want = cs4a_decide_raw(q, k, v, 64, 96, 17, dense_pass="triton")
+    side = torch.cuda.Stream()
+    got = cs4a_decide_raw(q, k, v, 64, 96, 17, dense_pass="triton", side_stream=side)
+    torch.cuda.current_stream().wait_stream(side)
+    for name, a, b in zip(("out", "selected", "o_cache"), got, want):
+        assert torch.equal(a, b), f"side-stream decision ({name}) differs from in line"
 
 
 def test_gpu_validation_errors():

@@ -67,10 +67,10 @@ if HAS_TRITON:
         return (1.0 - ly) * ((1.0 - lx) * v00 + lx * v01) + ly * ((1.0 - lx) * v10 + lx * v11)
 
     @triton.jit
-    def _slot_keys(idx_base, pos, num_gathered, start0, start1, start2, band_len0, band_len1,
+    def _slot_keys(idx_base, pos, num_gathered, start0, start1, start2, start3, band_len0, band_len1, band_len2,
                    NUM_BANDS: tl.constexpr):
         """The KV positions of key slots `pos` of one group: slots below num_gathered are gathered from idx_base, the
-        next band_len0 are band 0's contiguous keys from start0, then band 1's from start1, then band 2's."""
+        next band_len0 are band 0's contiguous keys from start0, then band 1's from start1, and so on."""
         keys = tl.load(idx_base + pos, mask=pos < num_gathered, other=0)
         rel = pos - num_gathered  # the slot counted from the current band's first slot
         if NUM_BANDS > 0:
@@ -81,6 +81,9 @@ if HAS_TRITON:
         if NUM_BANDS > 2:
             rel = rel - band_len1
             keys = tl.where(rel >= 0, start2 + rel, keys)
+        if NUM_BANDS > 3:
+            rel = rel - band_len2
+            keys = tl.where(rel >= 0, start3 + rel, keys)
         return keys
 
     @triton.jit
@@ -93,14 +96,14 @@ if HAS_TRITON:
         stride_ib, stride_ih, stride_ig,
         stride_eb, stride_eh, stride_em,
         stride_band,
-        H, q_len, num_gathered, band_len0, band_len1, band_len2, group_size, qk_scale,
+        H, q_len, num_gathered, band_len0, band_len1, band_len2, band_len3, group_size, qk_scale,
         src_h, src_w, dst_w, up_scale_h, up_scale_w,
         HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         NUM_BANDS: tl.constexpr, GROUP_MAP: tl.constexpr, HAS_EXTRA: tl.constexpr, UPSAMPLE: tl.constexpr,
         NEGATE: tl.constexpr, STORE_EXTRA: tl.constexpr,
     ):
         # key slot p of group g: p < num_gathered -> KeyIdx[b, h, row, p] (row = GroupMap[g] with GROUP_MAP, else g),
-        # then band i's slots -> BandStarts[i, g] + (slot within the band), for NUM_BANDS <= 3 contiguous bands
+        # then band i's slots -> BandStarts[i, g] + (slot within the band), for NUM_BANDS <= 4 contiguous bands
         pid_m = tl.program_id(0)
         pid_bh = tl.program_id(1)
         b = pid_bh // H
@@ -119,18 +122,22 @@ if HAS_TRITON:
         start0 = 0
         start1 = 0
         start2 = 0
+        start3 = 0
         if NUM_BANDS > 0:
             start0 = tl.load(BandStarts + g)
         if NUM_BANDS > 1:
             start1 = tl.load(BandStarts + stride_band + g)
         if NUM_BANDS > 2:
             start2 = tl.load(BandStarts + 2 * stride_band + g)
-        num_keys = num_gathered + band_len0 + band_len1 + band_len2  # unused band lengths are 0
+        if NUM_BANDS > 3:
+            start3 = tl.load(BandStarts + 3 * stride_band + g)
+        num_keys = num_gathered + band_len0 + band_len1 + band_len2 + band_len3  # unused band lengths are 0
 
         num_full = num_keys // BLOCK_N
         for t in range(0, num_full):
             pos = t * BLOCK_N + offs_n
-            keys = _slot_keys(idx_base, pos, num_gathered, start0, start1, start2, band_len0, band_len1, NUM_BANDS)
+            keys = _slot_keys(idx_base, pos, num_gathered, start0, start1, start2, start3, band_len0, band_len1,
+                              band_len2, NUM_BANDS)
             k = tl.load(k_base + keys[:, None] * stride_kn)
             v = tl.load(v_base + keys[:, None] * stride_vn)
             acc, l_i, m_i = online_softmax_step(acc, l_i, m_i, q, k, v, qk_scale, pos < num_keys, False)
@@ -138,7 +145,8 @@ if HAS_TRITON:
         if num_full * BLOCK_N < num_keys:  # the partial last tile; masked slots read key 0 (in bounds) and get -inf
             pos = num_full * BLOCK_N + offs_n
             valid = pos < num_keys
-            keys = _slot_keys(idx_base, pos, num_gathered, start0, start1, start2, band_len0, band_len1, NUM_BANDS)
+            keys = _slot_keys(idx_base, pos, num_gathered, start0, start1, start2, start3, band_len0, band_len1,
+                              band_len2, NUM_BANDS)
             keys = tl.where(valid, keys, 0)
             k = tl.load(k_base + keys[:, None] * stride_kn)
             v = tl.load(v_base + keys[:, None] * stride_vn)
@@ -258,7 +266,7 @@ if HAS_TRITON:
                                      (128, 8, 3), (64, 8, 3))]
     _cs4a_fwd_tuned = triton.autotune(configs=_CS4A_CONFIGS,
                                       key=["HEAD_DIM", "BLOCK_M", "num_gathered", "band_len0", "band_len1", "band_len2",
-                                           "NUM_BANDS", "GROUP_MAP", "HAS_EXTRA", "UPSAMPLE", "STORE_EXTRA"],
+                                           "band_len3", "NUM_BANDS", "GROUP_MAP", "HAS_EXTRA", "UPSAMPLE", "STORE_EXTRA"],
                                       prune_configs_by={"early_config_prune": _prune_cs4a})(_cs4a_fwd_kernel)
     _COLSUM_CONFIGS = [triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=s)
                        for n, w, s in ((128, 4, 3), (128, 4, 2), (128, 8, 3), (64, 4, 3), (256, 8, 3))]
@@ -348,7 +356,9 @@ def check_key_values(key_idx: torch.Tensor, kv_len: int, band_start: torch.Tenso
 
 
 # ------------------------------------------------------------------------------------------------ launches
-MAX_BANDS = 3  # contiguous key ranges per group the kernel reads after the gathered keys (sinks + two scales' bands)
+# contiguous key ranges per group the kernel reads after the gathered keys: the sinks and one band per scale after
+# the decision (HART-0.7b at 1024²: sinks + 3 bands at scale 13)
+MAX_BANDS = 4
 
 
 def _launch_cs4a(q, k, v, key_idx, group_size, extra, negate, band_starts, band_lens, scale, extra_out=None,
@@ -364,7 +374,7 @@ def _launch_cs4a(q, k, v, key_idx, group_size, extra, negate, band_starts, band_
     out = attention_output_like(q)
     block_m = query_tile(group_size)
     e = out if extra is None else extra
-    lens = (*band_lens, 0, 0, 0)[:MAX_BANDS]
+    lens = (*band_lens, *(0,) * MAX_BANDS)[:MAX_BANDS]
     (src_h, src_w), dst_w = cache_grid or (1, 1), (grid_hw[1] if grid_hw else 1)
     args = (q, k, v, out, key_idx, out if group_map is None else group_map, out if band_starts is None else band_starts,
             e, out if extra_out is None else extra_out,
@@ -692,6 +702,10 @@ def cs4a_attention_from_selection(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
                                   scale: float = 1.0) -> torch.Tensor:
     """cs4a_attention_from_selection_raw for a sparvar.cs4a.CS4AGeometry on q's device, through the
     sparvar::triton_cs4a_from_selection op."""
+    want = (geometry.num_decision_groups, geometry.topk)
+    if not isinstance(selected, torch.Tensor) or selected.dim() != 4 or tuple(selected.shape[2:]) != want:
+        raise ValueError(f"cs4a_attention_from_selection: the selection {tuple(getattr(selected, 'shape', ()))} must be "
+                         f"(B, H, {want[0]}, {want[1]}): the geometry's decision groups and top-k")
     return torch.ops.sparvar.triton_cs4a_from_selection(
         q, k, v, selected, geometry.selected_group, geometry.range_starts, list(geometry.range_lengths),
         geometry.group_size, o_cache, None if cache_grid is None else list(cache_grid), list(grid), scale)
