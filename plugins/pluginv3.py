@@ -19,7 +19,7 @@ import functools
 import numpy as np
 
 from plugins import RUNS, SPECS
-from plugins.spec import NAMESPACE, VERSION, available_tactics, dtype_name, run_on_stream, torch_view
+from plugins.spec import NAMESPACE, VERSION, available_tactics, dtype_name, run_on_stream, torch_view, trt_dtype
 
 _CLASSES: dict[str, tuple[type, type]] = {}
 _REGISTERED: dict[str, list] = {}  # module name -> creators; the registry holds raw pointers, so we keep them alive
@@ -50,10 +50,6 @@ class ExprDims:
 
     def cdiv(self, dim, divisor: int):
         return self.builder.operation(self.trt.DimensionOperation.CEIL_DIV, dim, self.builder.constant(int(divisor)))
-
-
-def _trt_dtype(trt, name: str):
-    return {"float32": trt.float32, "float16": trt.float16, "bfloat16": trt.bfloat16, "int32": trt.int32}[name]
 
 
 def _known_dtype(trt_dtype) -> str | None:
@@ -95,7 +91,7 @@ def plugin_classes(trt) -> tuple[type, type]:
         @_reported
         def get_output_data_types(self, input_types):
             names = [dtype_name(t) for t in input_types]
-            return [_trt_dtype(trt, n) for n in self.spec.output_dtypes(names)]
+            return [trt_dtype(trt, n) for n in self.spec.output_dtypes(names)]
 
         @_reported
         def get_output_shapes(self, inputs, shape_inputs, expr_builder):

@@ -11,7 +11,7 @@ zero-copy views, on TensorRT's stream. Without it TensorRT >= 10.9 refuses ops t
 """
 from __future__ import annotations
 
-from plugins.spec import FLOAT, OpSpec, available_tactics, dtype_name, run_on_stream, torch_view
+from plugins.spec import FLOAT, OpSpec, available_tactics, dtype_name, run_on_stream, torch_view, trt_dtype
 
 _QDP_TYPES = {"float32": "FP32", "float16": "FP16", "bfloat16": "BF16", "int32": "INT32"}
 _REGISTERED: list = []
@@ -60,19 +60,15 @@ class QdpDims:
         return -(-dim // divisor) if isinstance(dim, int) else self.trtp.cdiv(dim, int(divisor))
 
 
-def _trt_dtype(name: str):
-    import tensorrt as trt
-
-    return {"float32": trt.float32, "float16": trt.float16, "bfloat16": trt.bfloat16, "int32": trt.int32}[name]
-
-
 def output_descs(trtp, spec: OpSpec, inputs: list, attrs: dict) -> list:
     """`register`: output TensorDescs from the input TensorDescs, by the op's shape and dtype rules."""
     attrs = spec.parse_attrs(attrs)
     dims = [[inp.shape_expr[i] for i in range(inp.ndim)] for inp in inputs]
     dtypes = spec.output_dtypes([dtype_name(inp.dtype) for inp in inputs])
     shapes = spec.output_dims(dims, attrs, QdpDims(trtp))
-    return [trtp.from_shape_expr(tuple(shape), dtype=_trt_dtype(dt)) for shape, dt in zip(shapes, dtypes)]
+    import tensorrt as trt
+
+    return [trtp.from_shape_expr(tuple(shape), dtype=trt_dtype(trt, dt)) for shape, dt in zip(shapes, dtypes)]
 
 
 def type_string(spec: OpSpec, float_dtypes=("float32", "float16", "bfloat16")) -> str:

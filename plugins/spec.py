@@ -167,6 +167,12 @@ def dtype_name(trt_dtype) -> str:
     return TRT_DTYPE_NAMES[name]
 
 
+def trt_dtype(trt, name: str):
+    """Our dtype name -> the DataType of `trt` (the tensorrt or tensorrt_rtx module); the inverse of dtype_name for
+    the dtypes plugin outputs take."""
+    return {"float32": trt.float32, "float16": trt.float16, "bfloat16": trt.bfloat16, "int32": trt.int32}[name]
+
+
 _CUDA_ARRAY_TYPESTR = {"float32": "<f4", "float16": "<f2", "bfloat16": "<i2", "int32": "<i4", "int64": "<i8"}
 
 
