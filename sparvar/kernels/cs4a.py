@@ -18,12 +18,10 @@ with our kernel's fp32 O_dense it also writes O_dense rounded to the input dtype
 """
 from __future__ import annotations
 
-import math
-
 import torch
 
 from sparvar.kernels.csla import (HAS_TRITON, HEAD_DIMS, LOG2E, attention_output_like, autotuning, check_device,
-                                  check_index, check_qkv, dense_attention, interpreting, launch_device,
+                                  check_index, check_qkv, check_scale, dense_attention, interpreting, launch_device,
                                   require_triton)
 
 if HAS_TRITON:
@@ -310,6 +308,14 @@ def _check_group(name: str, q_len: int, group_size) -> int:
     return -(-q_len // group_size)
 
 
+def _check_cache_layout(name: str, o_cache: torch.Tensor, dtype: torch.dtype) -> None:
+    """What the kernel needs of a residual cache besides its shape: q's dtype or fp32, the head dim contiguous."""
+    if o_cache.dtype not in (dtype, torch.float32):
+        raise TypeError(f"{name}: o_cache must be {dtype} or float32, got {o_cache.dtype}")
+    if o_cache.stride(3) != 1:
+        raise ValueError(f"{name}: o_cache must be contiguous in the head dim, got strides {o_cache.stride()}")
+
+
 def check_cs4a_inputs(name: str, q, k, v, key_idx, group_size, o_cache=None, band_start=None, band_len: int = 0) -> None:
     check_qkv(name, q, k, v)
     b, h, q_len, _ = q.shape
@@ -340,10 +346,7 @@ def check_cs4a_inputs(name: str, q, k, v, key_idx, group_size, o_cache=None, ban
         if o_cache.shape != q.shape:
             raise ValueError(f"{name}: o_cache {tuple(o_cache.shape)} must have q's shape {tuple(q.shape)} "
                              "(upsample it to this scale first)")
-        if o_cache.dtype not in (q.dtype, torch.float32):
-            raise TypeError(f"{name}: o_cache must be {q.dtype} or float32, got {o_cache.dtype}")
-        if o_cache.stride(3) != 1:
-            raise ValueError(f"{name}: o_cache must be contiguous in the head dim, got strides {o_cache.stride()}")
+        _check_cache_layout(name, o_cache, q.dtype)
     check_device(name, q, k=k, v=v, key_idx=key_idx, band_start=band_start, o_cache=o_cache)
 
 
@@ -409,8 +412,7 @@ def cs4a_attention_raw(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_id
     to each group's set; o_cache None or (B, H, Lq, D) (already at this scale) added to the output.
     """
     check_cs4a_inputs("cs4a_attention", q, k, v, key_idx, group_size, o_cache, band_start, band_len)
-    if not math.isfinite(scale) or scale <= 0:
-        raise ValueError(f"cs4a_attention: scale must be a positive finite float, got {scale}")
+    check_scale("cs4a_attention", scale)
     return _launch_cs4a(q, k, v, key_idx, group_size, o_cache, False, None if band_start is None else band_start[None],
                         (band_len,) if band_start is not None else (), scale)
 
@@ -461,12 +463,8 @@ def cs4a_attention_from_selection_raw(q: torch.Tensor, k: torch.Tensor, v: torch
         if not isinstance(o_cache, torch.Tensor) or tuple(o_cache.shape) != (b, h, cache_grid[0] * cache_grid[1], d):
             raise ValueError(f"{name}: o_cache {tuple(getattr(o_cache, 'shape', ()))} must be (B, H, cache_h * cache_w, "
                              f"D) = ({b}, {h}, {cache_grid[0] * cache_grid[1]}, {d})")
-        if o_cache.dtype not in (q.dtype, torch.float32):
-            raise TypeError(f"{name}: o_cache must be {q.dtype} or float32, got {o_cache.dtype}")
-        if o_cache.stride(3) != 1:
-            raise ValueError(f"{name}: o_cache must be contiguous in the head dim, got strides {o_cache.stride()}")
-    if not math.isfinite(scale) or scale <= 0:
-        raise ValueError(f"{name}: scale must be a positive finite float, got {scale}")
+        _check_cache_layout(name, o_cache, q.dtype)
+    check_scale(name, scale)
     check_device(name, q, k=k, v=v, selected=selected, group_map=group_map, range_starts=range_starts, o_cache=o_cache)
     return _launch_cs4a(q, k, v, selected, group_size, o_cache, False, range_starts if lengths else None, lengths, scale,
                         group_map=group_map, cache_grid=None if o_cache is None else tuple(cache_grid),
@@ -599,8 +597,7 @@ def cs4a_decide_raw(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group_siz
     if not isinstance(topk, int) or isinstance(topk, bool) or not 0 < topk <= kv_len - sink_len:
         raise ValueError(f"{name}: topk must be an int in [1, {kv_len - sink_len}] (the KV length {kv_len} minus "
                          f"{sink_len} sinks), got {topk!r}")
-    if not math.isfinite(scale) or scale <= 0:
-        raise ValueError(f"{name}: scale must be a positive finite float, got {scale}")
+    check_scale(name, scale)
     check_device(name, q, k=k, v=v)
     if side_stream is not None and (not q.is_cuda or side_stream.device != q.device):
         raise ValueError(f"{name}: side_stream must be a CUDA stream on q's device {q.device}, got one on "

@@ -67,6 +67,12 @@ def require_triton(what: str) -> None:
         raise RuntimeError(f"{what} needs the `triton` package, which is not installed")
 
 
+def check_scale(name: str, scale) -> None:
+    """The softmax scale a kernel multiplies the scores by: a positive finite float."""
+    if not math.isfinite(scale) or scale <= 0:
+        raise ValueError(f"{name}: scale must be a positive finite float, got {scale}")
+
+
 def check_qkv(name: str, q, k, v) -> None:
     """Shapes, dtypes and strides every kernel here accepts (ValueError/TypeError naming the problem); devices are
     checked last by each wrapper with check_device, so shape errors are reported on any device."""
@@ -469,8 +475,7 @@ def csla_attention_blocks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_
         check_index(name, "q_order", q_order, 1)
         if q_order.shape != kv_num_blocks.shape:
             raise ValueError(f"{name}: q_order {tuple(q_order.shape)} must have kv_num_blocks' shape {tuple(kv_num_blocks.shape)}")
-    if not math.isfinite(scale) or scale <= 0:
-        raise ValueError(f"{name}: scale must be a positive finite float, got {scale}")
+    check_scale(name, scale)
     check_device(name, q, k=k, v=v, kv_num_blocks=kv_num_blocks, kv_indices=kv_indices, q_order=q_order,
                  num_full=num_full, tile_index=tile_index, partial_masks=partial_masks)
     return flash_forward(q, k, v, kv_num_blocks=kv_num_blocks, kv_indices=kv_indices, block_m=block_m,
@@ -496,8 +501,7 @@ def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale:
     if (block_m is None) != (block_n is None) or (block_m is not None and (block_m not in TILE_SIZES
                                                                            or block_n not in TILE_SIZES)):
         raise ValueError(f"{name}: block_m and block_n must both be None or both in {TILE_SIZES}, got {block_m}, {block_n}")
-    if not math.isfinite(scale) or scale <= 0:
-        raise ValueError(f"{name}: scale must be a positive finite float, got {scale}")
+    check_scale(name, scale)
     if kv_lens is not None and (not isinstance(kv_lens, torch.Tensor) or kv_lens.dtype != torch.int32
                                 or kv_lens.shape != (q.shape[0],) or not kv_lens.is_contiguous()):
         raise ValueError(f"{name}: kv_lens must be None or a contiguous int32 ({q.shape[0]},) tensor (one length per "
