@@ -418,16 +418,27 @@ INTERPRETER_SCRIPT = textwrap.dedent('''
                                   aot_out, HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn)
         err(aot_out, ref)
         if bm == 32:  # TensorRT times tactics on layouts it never wrote: the AOT entry clamps counts and indices
-            from sparvar.kernels.csla import flash_forward
             width = lay.kv_indices.shape[1]
             counts = torch.randint(-2**31, 2**31 - 1, lay.kv_num_blocks.shape, dtype=torch.int32)
             counts[:2] = torch.tensor([-3, 2**31 - 1])
             indices = torch.randint(-2**31, 2**31 - 1, lay.kv_indices.shape, dtype=torch.int32)
-            _csla_aot_kernel[(nq, 2)](qc, kc, vc, counts, indices, 2, lq, lk, width, aot_out, HEAD_DIM=d, BLOCK_M=bm,
+            indices[1, 0] = 2**31 - 1  # the partial last key block first in a row: no read past K either
+            # K and V end in NaN rows: a key read past kv_len (the partial block's tail) turns a row NaN
+            kn, vn = (torch.cat([t.flatten(), torch.full((bn * d,), float("nan"), dtype=dt)])[:t.numel()].view(t.shape)
+                      for t in (kc, vc))
+            _csla_aot_kernel[(nq, 2)](qc, kn, vn, counts, indices, 2, lq, lk, width, aot_out, HEAD_DIM=d, BLOCK_M=bm,
                                       BLOCK_N=bn)
-            want = flash_forward(qc, kc, vc, kv_num_blocks=counts.clamp(0, width),
-                                 kv_indices=indices.clamp(0, nk - 1).contiguous(), block_m=bm, block_n=bn)
-            assert torch.equal(aot_out.nan_to_num(), want.nan_to_num()), "the AOT entry's clamp is not the layout's"
+            # what the clamped layout names: each row's first clamp(count, 0, width) entries, each clamped to a key
+            # block, every key of them below kv_len (a block listed twice counts twice, as in the kernel)
+            want = torch.zeros(1, 2, lq, d)
+            for r, n in enumerate(counts.clamp(0, width).tolist()):
+                keys = (indices[r, :n].clamp(0, nk - 1).long()[:, None] * bn + torch.arange(bn)).flatten()
+                keys = keys[keys < lk]
+                rows = slice(r * bm, min((r + 1) * bm, lq))
+                if len(keys):
+                    scores = qc[:, :, rows].float() @ kc[:, :, keys].float().transpose(-1, -2)
+                    want[:, :, rows] = scores.softmax(-1) @ vc[:, :, keys].float()
+            err(aot_out.nan_to_num(), want)  # a row listing no block: NaN (0 / 0) from the kernel, 0 here
         out, lse = K.dense_attention(q, k, v, block_m=bm, block_n=bn, return_lse=True)
         err(out, reference_attention(q, k, v))
         err(lse, torch.logsumexp(q.float() @ k.float().transpose(-1, -2), -1))

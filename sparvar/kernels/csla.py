@@ -264,9 +264,15 @@ if HAS_TRITON:
             else:
                 start_n = _key_block(idx_row + i, kv_len, BLOCK_N, CLAMP_LAYOUT) * BLOCK_N
             keys = start_n + offs_n
-            k = tl.load(k_base + keys[:, None] * stride_kn)
-            v = tl.load(v_base + keys[:, None] * stride_vn)
-            acc, l_i, m_i = online_softmax_step(acc, l_i, m_i, q, k, v, qk_scale, keys < kv_len, False)
+            if CLAMP_LAYOUT:  # an outside layout may list the partial last key block anywhere: mask every block
+                key_ok = keys < kv_len
+                k = tl.load(k_base + keys[:, None] * stride_kn, mask=key_ok[:, None], other=0.0)
+                v = tl.load(v_base + keys[:, None] * stride_vn, mask=key_ok[:, None], other=0.0)
+            else:
+                k = tl.load(k_base + keys[:, None] * stride_kn)
+                v = tl.load(v_base + keys[:, None] * stride_vn)
+            acc, l_i, m_i = online_softmax_step(acc, l_i, m_i, q, k, v, qk_scale, (keys < kv_len)[None, :],
+                                                CLAMP_LAYOUT)
 
         if TOKEN:
             # tiles with pairs left out: their (BLOCK_M, BLOCK_N) byte mask, False past q_len / kv_len
