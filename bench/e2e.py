@@ -132,23 +132,26 @@ def family_parts(model_name: str, resolution: int, device, weights: str | None =
         # every row decodes in fp16 as the official inference (fp16 autocast); f_hat accumulates in fp32
         decoder = base.tokenizer.half_decoder()
         graphed_tokenizer = GraphedDecoder(decoder)  # the engine rows decode as the torch-cuda engine does
-        runners = {"eager": HartTorchRunner, "graphs": HartCudaGraphRunner}
 
         def make_hart_pipeline(runner, skip):
             tokenizer = graphed_tokenizer if isinstance(runner, HartCudaGraphRunner) else decoder
             return HartPipeline(cfg, schedule, runner, tokenizer, random_weights, skip_last=skip)
 
         return (base, decoder, features, lengths, HartSampling(),
-                lambda kind, plan, backend, fp8: runners[kind](model, schedule, plan, backend=backend), make_hart_pipeline)
+                lambda kind, plan, backend, fp8, skip: (
+                    HartCudaGraphRunner(model, schedule, plan, backend=backend, skip_last=skip) if kind == "graphs"
+                    else HartTorchRunner(model, schedule, plan, backend=backend)),
+                make_hart_pipeline)
     from sparvar.fp8 import DEFAULT_MIN_TOKENS
     from sparvar.generate import Sampling, TorchRunner
 
     decoder = base.decoder
     graphed_decoder = GraphedDecoder(decoder)  # the engine rows decode as the torch-cuda engine does
 
-    def make_runner(kind, plan, backend, fp8):
+    def make_runner(kind, plan, backend, fp8, skip):
         if kind == "graphs":
-            return CudaGraphRunner(model, schedule, plan, backend=backend, fp8_min_tokens=DEFAULT_MIN_TOKENS if fp8 else None)
+            return CudaGraphRunner(model, schedule, plan, backend=backend, fp8_min_tokens=DEFAULT_MIN_TOKENS if fp8 else None,
+                                   skip_last=skip)
         return TorchRunner(model, schedule, plan, backend=backend)
 
     return (base, decoder, features, lengths, Sampling(cfg=4.0, tau=1.0, top_p=0.97), make_runner,
@@ -193,10 +196,10 @@ def bench_model(model_name: str, resolution: int, warmup: int, runs: int, rows=N
               "schedule": [list(g) for g in schedule.grids], "flop_floor_ms": FLOP_FLOOR_MS.get(model_name),
               "rows": results}
     for name, attention, kind, backend, skip, fp8 in rows or rows_for(model_name):
-        plan = make_plan(cfg, schedule, attention, backend="triton")
+        plan = make_plan(cfg, schedule, attention, backend="triton", skip_last=skip)
         if name == DECISION_IN_LINE_ROW:
             plan.overlap_decision = False
-        runner = make_runner(kind, plan, backend, fp8)
+        runner = make_runner(kind, plan, backend, fp8, skip)
         pipe = make_pipeline(runner, skip)
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()

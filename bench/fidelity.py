@@ -125,12 +125,12 @@ def load(device: str, weights: str = WEIGHTS, tokenizer: str = TOKENIZER):
     return cfg, model, decoder
 
 
-def make_plan(cfg, schedule, overrides: dict | None):
+def make_plan(cfg, schedule, overrides: dict | None, skip_last: int = 0):
     if overrides is None:
         return None
     overrides = {k: (cfg.depth if v == "all" else v) for k, v in overrides.items()}
     policy = default_policy(cfg.name, schedule, **overrides)
-    return AttentionErrorProbe(SparVARPlan(policy, schedule, cfg.depth))
+    return AttentionErrorProbe(SparVARPlan(policy, schedule, cfg.depth, skip_last=skip_last))
 
 
 def generate_variants(model, decoder, cfg, prompts: list[str], seeds: list[int], variants: list[str],
@@ -147,7 +147,7 @@ def generate_variants(model, decoder, cfg, prompts: list[str], seeds: list[int],
     features, lengths = hashed_embeddings(prompts, cfg.text_dim, cfg.text_maxlen)
     images: dict[str, list[np.ndarray]] = {v: [] for v in variants}
     bits: dict[str, list[list[torch.Tensor]]] = {v: [] for v in variants}
-    probes = {name: make_plan(cfg, schedule, VARIANTS[name][0]) for name in variants}
+    probes = {name: make_plan(cfg, schedule, *VARIANTS[name]) for name in variants}
     seconds: dict[str, float] = defaultdict(float)
     for seed in seeds:
         for name in variants:

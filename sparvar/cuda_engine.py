@@ -35,8 +35,12 @@ class _Graphs:
 
 class CudaGraphRunner:
     def __init__(self, model: Infinity, schedule: Schedule, plan=None, use_graphs: bool = True, backend: str = "engine",
-                 fuse_pointwise: bool = True, fp8_min_tokens: int | None = None):
+                 fuse_pointwise: bool = True, fp8_min_tokens: int | None = None, skip_last: int = 0):
+        """skip_last: the generation loop skips the last scales; their graphs (the largest activations) are not
+        captured, and asking for such a scale is an error. A SparVAR plan must be made for the same skip_last."""
+        check_skip(schedule, plan, skip_last)
         self.model, self.schedule, self.plan, self.use_graphs, self.backend = model, schedule, plan, use_graphs, backend
+        self.run_scales = schedule.num_scales - skip_last
         self.device = model.pos_start.device
         if use_graphs and (not torch.cuda.is_available() or self.device.type != "cuda"):
             raise RuntimeError(f"CUDA graphs need the model on a CUDA GPU (model is on {self.device}, "
@@ -120,11 +124,12 @@ class CudaGraphRunner:
 
         if not self.use_graphs:
             return _Graphs(features, lengths, None, text, cache, codes, [run], [])
-        graphs, logits = capture_scales(run, schedule.num_scales, self.pool)
+        graphs, logits = capture_scales(run, self.run_scales, self.pool)
         return _Graphs(features, lengths, text_graph, text, cache, codes, logits, graphs)
 
     @torch.no_grad()
     def step(self, scale: int, codes):
+        check_run_scale(self.schedule, self.run_scales, scale)
         g = self.current
         if not g.graphs:  # eager mode keeps the same buffers (for debugging the captured path)
             if codes is not None:
@@ -134,6 +139,20 @@ class CudaGraphRunner:
             g.codes[scale].copy_(codes)
         g.graphs[scale].replay()
         return g.logits[scale]
+
+
+def check_skip(schedule: Schedule, plan, skip_last: int) -> None:
+    """A graph runner's skip_last: in range, and the one its SparVAR plan was made for (ValueError otherwise)."""
+    if not isinstance(skip_last, int) or not 0 <= skip_last < schedule.num_scales:
+        raise ValueError(f"skip_last must be an int in [0, {schedule.num_scales - 1}], got {skip_last!r}")
+    if plan is not None and getattr(plan, "skip_last", skip_last) != skip_last:
+        raise ValueError(f"the SparVAR plan serves skip_last={plan.skip_last}, the runner skip_last={skip_last}")
+
+
+def check_run_scale(schedule: Schedule, run_scales: int, scale: int) -> None:
+    if not 0 <= scale < run_scales:
+        raise ValueError(f"scale {scale} outside the {run_scales} scales this runner runs (of {schedule.num_scales}; "
+                         f"it was made to skip the last {schedule.num_scales - run_scales})")
 
 
 def capture_scales(run, num_scales: int, pool) -> tuple[list, list]:
@@ -194,9 +213,9 @@ def _text_tensors(t: TextCondition) -> list[torch.Tensor]:
     return [t.cond, t.ada, t.sos, t.key_bias, *t.k, *t.v, t.key_lens]
 
 
-def load_cuda_engine(engine_dir: str, manifest: dict):
+def load_cuda_engine(engine_dir: str, manifest: dict, skip_last: int = 0):
     """Runner + decoder of a torch-cuda engine directory: its stored SparVAR plan, and the spec's weights (checkpoint
-    or random seed) on the GPU in the spec's dtype."""
+    or random seed) on the GPU in the spec's dtype; for a generation loop that skips the last `skip_last` scales."""
     from .checkpoint import load_model
     from .config import get_config
     from .engine import EngineError, check_checkpoints, load_engine_plan
@@ -208,7 +227,7 @@ def load_cuda_engine(engine_dir: str, manifest: dict):
     if not torch.cuda.is_available():
         raise EngineError(f"{engine_dir} is a torch-cuda engine and needs a CUDA GPU; none is available on this machine")
     spec = manifest["spec"]
-    plan = load_engine_plan(engine_dir, manifest)  # before the weights: a stale plan fails fast
+    plan = load_engine_plan(engine_dir, manifest, skip_last=skip_last)  # before the weights: a stale plan fails fast
     check_checkpoints(engine_dir, manifest)  # the weights are read from the spec's files: the ones it was built from
     cfg = get_config(spec["model"])
     schedule = get_schedule(spec["resolution"], spec["aspect"], model=spec["model"])
@@ -218,4 +237,4 @@ def load_cuda_engine(engine_dir: str, manifest: dict):
              else load_model(cfg, spec["weights"], device, dtype))
     fp8_min_tokens = DEFAULT_MIN_TOKENS if spec.get("fp8") else None  # manifests from before the option have no key
     decoder = GraphedDecoder(build_decoder(cfg, spec["vae"], device, dtype))
-    return CudaGraphRunner(model, schedule, plan, fp8_min_tokens=fp8_min_tokens), decoder
+    return CudaGraphRunner(model, schedule, plan, fp8_min_tokens=fp8_min_tokens, skip_last=skip_last), decoder

@@ -263,9 +263,10 @@ def check_checkpoints(engine_dir: str, manifest: dict) -> None:
                           "was built from; rebuild the engine (sparvar engine build) to run them")
 
 
-def load_engine_plan(engine_dir: str, manifest: dict, backend: str = "triton"):
+def load_engine_plan(engine_dir: str, manifest: dict, backend: str = "triton", skip_last: int = 0):
     """The SparVAR plan a torch-cuda engine's build stage stored (None for a dense engine): its CSLA layouts and CS4A
-    geometries as built, checked against this sparvar's policy for the spec's model and schedule."""
+    geometries as built, checked against this sparvar's policy for the spec's model and schedule; for a generation
+    loop that skips the last `skip_last` scales."""
     from .config import get_config
     from .schedule import get_schedule
     from .sparse import default_policy, load_plan
@@ -279,7 +280,7 @@ def load_engine_plan(engine_dir: str, manifest: dict, backend: str = "triton"):
     schedule = get_schedule(spec["resolution"], spec["aspect"], model=spec["model"])
     try:
         return load_plan(os.path.join(engine_dir, rel), default_policy(spec["model"], schedule), schedule,
-                         get_config(spec["model"]).depth, backend)
+                         get_config(spec["model"]).depth, backend, skip_last)
     except (ValueError, KeyError, OSError) as e:
         raise EngineError(f"{engine_dir}: its stored SparVAR plan does not fit this sparvar ({e}); rebuild the engine") from None
 

@@ -39,15 +39,16 @@ def build_decoder(cfg: InfinityConfig, vae_path: str | None, device, dtype) -> D
     return Decoder(module.to(device=device, dtype=dtype).eval(), cfg)
 
 
-def make_plan(cfg: InfinityConfig, schedule: Schedule, attention: str, backend: str = "reference"):
-    """None for dense attention, else the SparVAR plan of the model's default policy."""
+def make_plan(cfg: InfinityConfig, schedule: Schedule, attention: str, backend: str = "reference", skip_last: int = 0):
+    """None for dense attention, else the SparVAR plan of the model's default policy for a generation loop that skips
+    the last `skip_last` scales."""
     if attention == "dense":
         return None
     if attention != "sparvar":
         raise ValueError(f"unknown attention {attention!r}; expected 'dense' or 'sparvar'")
     from .sparse import SparVARPlan, default_policy
 
-    return SparVARPlan(default_policy(cfg.name, schedule), schedule, cfg.depth, backend=backend)
+    return SparVARPlan(default_policy(cfg.name, schedule), schedule, cfg.depth, backend=backend, skip_last=skip_last)
 
 
 class Pipeline:
@@ -77,7 +78,7 @@ class Pipeline:
         if (weights is None) != (vae is None):
             raise ValueError("give both transformer weights and tokenizer weights, or neither (random weights)")
         net = build_model(cfg, device=device, dtype=dtype, seed=seed) if weights is None else load_model(cfg, weights, device, dtype)
-        runner = TorchRunner(net, schedule, make_plan(cfg, schedule, attention), backend="sdpa")
+        runner = TorchRunner(net, schedule, make_plan(cfg, schedule, attention, skip_last=skip_last), backend="sdpa")
         return cls(cfg, schedule, runner, build_decoder(cfg, vae, device, dtype), weights is None, skip_last)
 
     def text_features(self, prompts: list[str], t5: str | None = None, embeddings: str | None = None,

@@ -246,7 +246,7 @@ def load_engine_pipeline(engine_dir: str, skip_last: int = 0, **expected):
     elif backend == "torch-cuda":
         from .cuda_engine import load_cuda_engine
 
-        runner, decoder = load_cuda_engine(engine_dir, manifest)
+        runner, decoder = load_cuda_engine(engine_dir, manifest, skip_last)
     else:
         raise EngineError(f"{engine_dir} is a {backend} engine; this machine's runtime runs onnxruntime and torch-cuda "
                           f"engines (TensorRT engines run through the TensorRT runtime, which is not installed here)")

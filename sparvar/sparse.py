@@ -195,9 +195,14 @@ class SparVARPlan:
     """
 
     def __init__(self, policy: SparVARPolicy, schedule: Schedule, num_layers: int, backend: str = "reference",
-                 precomputed: tuple[dict, dict] | None = None, overlap_decision: bool = True):
+                 precomputed: tuple[dict, dict] | None = None, overlap_decision: bool = True, skip_last: int = 0):
         """precomputed: (CSLA layouts, CS4A geometries) per scale, as an engine stored them (`load_plan`);
         by default they are computed from the policy here.
+
+        skip_last: the generation loop's scale skipping this plan serves (generate's skip_last). Where it skips every
+        scale after the decision scale (SparVAR + skip 2 at 1024²), nothing would read a CS4A decision: the decision
+        scale's CS4A layers then run plain dense attention (the decision's own output is dense attention too) instead
+        of collecting column sums, a top-k and a residual cache that would be thrown away.
 
         overlap_decision: where the backend can (SparseOps.cs4a_decide_async, CUDA tensors), the decision's top-k and
         residual cache run on a side stream, overlapping the rest of the decision scale (they are read only at later
@@ -207,7 +212,11 @@ class SparVARPlan:
             raise ValueError(f"policy is for {policy.num_layers} layers, the model has {num_layers}")
         if policy.num_scales != schedule.num_scales:
             raise ValueError(f"policy is for {policy.num_scales} scales, the schedule has {schedule.num_scales}")
+        if not isinstance(skip_last, int) or not 0 <= skip_last < schedule.num_scales:
+            raise ValueError(f"skip_last must be an int in [0, {schedule.num_scales - 1}], got {skip_last!r}")
         self.policy, self.schedule, self.num_layers, self.backend = policy, schedule, num_layers, backend
+        self.skip_last = skip_last
+        self.decides = policy.cs4a_layers > 0 and policy.decision_scale < schedule.num_scales - skip_last - 1
         self.ops = get_sparse_ops(backend)
         uses_csla = policy.cs4a_layers < num_layers
         uses_cs4a = policy.cs4a_layers > 0
@@ -252,6 +261,9 @@ class SparVARPlan:
         """A layer's CS4A decision state (selected key positions, residual cache) after its decision scale ran."""
         self._join()
         if layer not in self._selected:
+            if not self.decides:
+                raise RuntimeError(f"layer {layer} has no CS4A state: this plan skips the last {self.skip_last} scales, "
+                                   f"so no scale reads a decision and none is made")
             raise RuntimeError(f"layer {layer} has no CS4A state: its decision scale {self.policy.decision_scale} has not run")
         return self._selected[layer], self._o_cache[layer]
 
@@ -292,6 +304,8 @@ class SparVARPlan:
             return self.ops.csla(q, k, v, self._device_copy("csla", scale, q.device))
         group_size = self.policy.cs4a_group_size
         if kind == "cs4a_decide":
+            if not self.decides:  # no later scale runs: dense attention is all this layer needs
+                return None
             if self.overlap_decision and self.ops.cs4a_decide_async is not None and q.is_cuda:
                 self._pending = self._side_stream(q.device)  # before the call: joined even if it fails after forking
                 out, selected, o_cache = self.ops.cs4a_decide_async(q, k, v, group_size, self.topk, self.sink_len,
@@ -302,6 +316,9 @@ class SparVARPlan:
             self._o_cache[layer] = o_cache
             return out
         if layer not in self._selected:
+            if not self.decides:
+                raise RuntimeError(f"layer {layer} reached CS4A scale {scale}, which this plan was made to skip "
+                                   f"(skip_last={self.skip_last}): it made no decision for it")
             raise RuntimeError(f"layer {layer} reached CS4A scale {scale} before its decision scale "
                                f"{self.policy.decision_scale} ran; call reset() and run the scales in order")
         self._join()  # a no-op after a whole decision scale ran (its last layer joined)
@@ -348,7 +365,9 @@ class SparVARPlan:
                 parts.append(f"CSLA {self.csla_layouts[s]!r}")
             if self.policy.cs4a_layers > 0:
                 kv = self.schedule.kv_len(s)
-                if s == self.policy.decision_scale:
+                if s == self.policy.decision_scale and not self.decides:
+                    parts.append(f"CS4A: dense (the last {self.skip_last} scales are skipped: no decision is read)")
+                elif s == self.policy.decision_scale:
                     groups = num_groups(self.schedule.lengths[s], self.policy.cs4a_group_size)
                     sinks = f"{self.sink_len} sink keys + " if self.sink_len else ""
                     parts.append(f"CS4A decide: dense, {sinks}top-{self.topk} of {kv} keys per group ({groups} groups)")
@@ -360,8 +379,9 @@ class SparVARPlan:
 
 
 def load_plan(path: str, policy: SparVARPolicy, schedule: Schedule, num_layers: int,
-              backend: str = "reference") -> SparVARPlan:
-    """The plan whose layouts and geometries `SparVARPlan.save` stored at `path` (an engine's build output)."""
+              backend: str = "reference", skip_last: int = 0) -> SparVARPlan:
+    """The plan whose layouts and geometries `SparVARPlan.save` stored at `path` (an engine's build output), serving
+    a generation loop that skips the last `skip_last` scales (see SparVARPlan)."""
     from safetensors import safe_open
 
     with safe_open(path, framework="pt") as f:
@@ -396,4 +416,4 @@ def load_plan(path: str, policy: SparVARPolicy, schedule: Schedule, num_layers: 
 
     layouts = {int(s): build(BlockLayout, "csla", s, v) for s, v in fields.get("csla", {}).items()}
     geometries = {int(s): build(CS4AGeometry, "cs4a", s, v) for s, v in fields.get("cs4a", {}).items()}
-    return SparVARPlan(policy, schedule, num_layers, backend, precomputed=(layouts, geometries))
+    return SparVARPlan(policy, schedule, num_layers, backend, precomputed=(layouts, geometries), skip_last=skip_last)

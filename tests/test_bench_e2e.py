@@ -54,7 +54,7 @@ def test_bench_rows_run_the_given_checkpoints(tmp_path):
     for a, b in zip(decoder.module.parameters(), want.decoder.module.parameters()):
         assert torch.equal(a, b)
 
-    pipe = make_pipeline(make_runner("eager", None, "sdpa", False), 0)
+    pipe = make_pipeline(make_runner("eager", None, "sdpa", False, 0), 0)
     with torch.no_grad():
         got = pipe.generate(features, lengths, sampling=sampling, seed=3).image
         ref = want.generate(features, lengths, sampling=sampling, seed=3).image
@@ -106,7 +106,7 @@ def test_hart_rows_decode_in_fp16_as_the_official_inference():
         "hart-tiny", 256, torch.device("cpu"))
     assert decoder.decode_dtype == torch.float16 and decoder.quantize.embedding.weight.dtype == torch.float32
     assert decoder.post_quant_conv.weight.dtype == torch.float16
-    pipe = make_pipeline(make_runner("eager", None, "math", False), 0)
+    pipe = make_pipeline(make_runner("eager", None, "math", False, 0), 0)
     with torch.no_grad():
         image = pipe.generate(features, mask, sampling=sampling, seed=1).image
     assert image.shape == (1, 3, 256, 256) and torch.isfinite(image).all()

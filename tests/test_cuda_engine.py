@@ -75,6 +75,33 @@ def test_graph_sets_with_the_same_rows_share_one_kv_cache(monkeypatch):
     assert static.sets[(1, True, 8)].cache is static.sets[(1, True, 16)].cache is static.caches[2]
 
 
+def test_a_runner_for_skip_2_runs_the_same_tokens_without_the_decision_or_the_skipped_scales():
+    """SparVAR + skip 2: the runner runs (and captures) only the scales the loop runs, and its plan makes no CS4A
+    decision, which no scale would read: the same tokens as a plan that decides (the decision's output is dense
+    attention either way). Asking for a skipped scale, or pairing a plan made for another skip, is an error."""
+    schedule = get_schedule(256)
+    model = build_model(CFG)
+    deciding = TorchRunner(model, schedule, make_plan(CFG, schedule, "sparvar", backend="reference"), backend="sdpa")
+    plan = make_plan(CFG, schedule, "sparvar", backend="reference", skip_last=2)
+    skipping = CudaGraphRunner(model, schedule, plan, use_graphs=False, backend="sdpa", fuse_pointwise=False, skip_last=2)
+    assert not plan.decides and skipping.run_scales == schedule.num_scales - 2
+    decoder = build_decoder(CFG, None, "cpu", torch.float32)
+    f, l = hashed_embeddings(["a red car"], CFG.text_dim, CFG.text_maxlen)
+    a = generate(deciding, decoder, schedule, f, l, Sampling(cfg=3.0), seed=1, skip_last=2)
+    b = generate(skipping, decoder, schedule, f, l, Sampling(cfg=3.0), seed=1, skip_last=2)
+    assert len(b.bits) == schedule.num_scales - 2 and all(torch.equal(x, y) for x, y in zip(a.bits, b.bits))
+    torch.testing.assert_close(a.image, b.image)
+    assert deciding.plan.state(0)[0].shape[-1] == deciding.plan.topk  # the deciding plan made a decision; this one none
+    with pytest.raises(RuntimeError, match="skips the last 2 scales"):
+        plan.state(0)
+    with pytest.raises(ValueError, match="scale 5 outside the 5 scales this runner runs"):
+        skipping.step(5, torch.zeros(1, schedule.lengths[5], CFG.bits))
+    with pytest.raises(ValueError, match="plan serves skip_last=2, the runner skip_last=0"):
+        CudaGraphRunner(model, schedule, plan, use_graphs=False, backend="sdpa", fuse_pointwise=False)
+    with pytest.raises(ValueError, match="skip_last must be"):
+        CudaGraphRunner(model, schedule, None, use_graphs=False, skip_last=schedule.num_scales)
+
+
 def test_engine_steps_compute_no_weight_or_prompt_constants():
     """What depends only on the weights (qkv bias, temperature) or the prompt (AdaLN vectors, text mask) is computed
     once, not in every block of every scale step: the engine's step has none of those ops, and the same logits."""
@@ -201,3 +228,27 @@ def test_step_graphs_warm_up_on_a_computed_text(monkeypatch):
     static.begin(f, l, True)
     assert len(seen) == 2 * schedule.num_scales  # the warm-up pass and the capture
     assert all(min_len >= 1 and not nan for min_len, nan in seen), seen
+
+
+@pytest.mark.gpu
+def test_a_torch_cuda_engine_loaded_for_skip_2_captures_only_the_scales_it_runs(tmp_path):
+    """`load_engine_pipeline(skip_last=2)` (sparvar generate/serve --skip-last 2): graphs for the scales the loop runs,
+    a plan without the CS4A decision, and the tokens of the engine loaded for all scales run with the same skip, up to
+    where the decision scale's bf16 dense kernels round differently from the decision kernel's."""
+    from sparvar.engine import EngineSpec, build_engine
+    from sparvar.runtime import load_engine_pipeline
+
+    path = str(tmp_path / "engine")
+    build_engine(EngineSpec(model="infinity-tiny", resolution=256, attention="sparvar", backend="torch-cuda",
+                            dtype="bf16"), path, log=lambda *a, **k: None)
+    skipping, full = load_engine_pipeline(path, skip_last=2), load_engine_pipeline(path)
+    schedule, decision = full.schedule, full.runner.plan.policy.decision_scale
+    assert skipping.runner.run_scales == schedule.num_scales - 2 == decision + 1
+    assert not skipping.runner.plan.decides and full.runner.plan.decides
+    f, l = hashed_embeddings(["a red car"], CFG.text_dim, CFG.text_maxlen)
+    a = generate(full.runner, full.decoder, schedule, f, l, Sampling(cfg=3.0), seed=1, skip_last=2)
+    b = skipping.generate(f, l, Sampling(cfg=3.0), seed=1)
+    assert len(skipping.runner.current.graphs) == decision + 1 and len(full.runner.current.graphs) == schedule.num_scales
+    assert all(torch.equal(x, y) for x, y in zip(a.bits[:decision], b.bits[:decision]))  # the same graphs up to there
+    assert (a.bits[decision] == b.bits[decision]).float().mean() > 0.97
+    assert torch.isfinite(b.image).all()

@@ -61,6 +61,34 @@ def test_generation_through_the_graph_runner():
     assert all(torch.equal(x, y) for x, y in zip(a.indices, b.indices))  # replays are deterministic
 
 
+def test_a_graph_runner_for_skip_2_captures_the_scales_it_runs_and_makes_no_decision():
+    """hart-tiny decides at scale 5 of 8: skipping 2 leaves no scale to read the decision. The runner captures scales
+    0-5 only, its plan runs the decision scale's CS4A layer dense, and the logits match the eager runner's."""
+    from sparvar.hart.cuda_engine import HartCudaGraphRunner
+
+    schedule = get_schedule(256, model="hart-tiny")
+    model = build_model(CFG, device="cuda", dtype=torch.bfloat16, seed=0)
+    features, mask = hashed_hart_embeddings(["a cat"], CFG)
+    features, mask = features.cuda(), mask.cuda()
+    policy = default_policy("hart-tiny", schedule)
+    plan = SparVARPlan(policy, schedule, CFG.depth, backend="triton", skip_last=2)
+    assert not plan.decides and policy.decision_scale == schedule.num_scales - 3
+    runner = HartCudaGraphRunner(model, schedule, plan, skip_last=2)
+    eager = HartTorchRunner(model, schedule, SparVARPlan(policy, schedule, CFG.depth, backend="reference"), backend="math")
+    g = torch.Generator(device="cuda").manual_seed(0)
+    inputs = [None] + [torch.randn(1, n, CFG.latent_dim, generator=g, device="cuda") for n in schedule.lengths[1:]]
+    for r in (runner, eager):
+        r.begin(features, mask, True)
+    for scale in range(runner.run_scales):
+        torch.testing.assert_close(runner.step(scale, inputs[scale]), eager.step(scale, inputs[scale]), atol=6e-2,
+                                   rtol=6e-2, msg=f"scale {scale}")
+    assert len(runner.current.graphs) == runner.run_scales == schedule.num_scales - 2
+    with pytest.raises(ValueError, match="outside the 6 scales this runner runs"):
+        runner.step(runner.run_scales, inputs[runner.run_scales])
+    with pytest.raises(ValueError, match="plan serves skip_last=2"):
+        HartCudaGraphRunner(model, schedule, plan)
+
+
 def test_engine_decode_is_fp16_and_graphed(tmp_path):
     """The torch-cuda HART engine decodes in fp16 (the official autocast precision) through one CUDA graph: the graph
     replays the eager fp16 decode exactly, for every f_hat it is given, and stays close to the fp32 decode."""

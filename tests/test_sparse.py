@@ -130,6 +130,31 @@ def test_plan_state_and_errors():
         plan.attend(q5, k5, v5, layer=3, scale=6)
 
 
+def test_a_plan_for_a_loop_that_skips_every_later_scale_makes_no_decision():
+    """SparVAR + skip 2: no scale after the decision scale runs, so nothing reads a decision. The decision scale's
+    CS4A layers run plain dense attention (what the decision outputs anyway); its CSLA layers stay sparse; skipping
+    fewer scales keeps the decision; running a scale the plan was made to skip is an error naming it."""
+    s = get_schedule(256)  # tiny: 7 scales, decision scale 4, CS4A layers 0-1, CSLA layers 2-3
+    p = default_policy("infinity-tiny", s)
+    deciding, skipping = SparVARPlan(p, s, p.num_layers), SparVARPlan(p, s, p.num_layers, skip_last=2)
+    assert deciding.decides and not skipping.decides and SparVARPlan(p, s, p.num_layers, skip_last=1).decides
+    q, k, v = qkv_for(s, 4, h=2, d=32)
+    assert skipping.attend(q, k, v, layer=0, scale=4) is None  # dense: self_attention's dense path runs it
+    torch.testing.assert_close(deciding.attend(q, k, v, layer=0, scale=4), reference_attention(q, k, v))
+    assert skipping.attend(q, k, v, layer=3, scale=4) is not None  # CSLA is unchanged
+    torch.testing.assert_close(skipping.attend(q, k, v, layer=3, scale=4), deciding.attend(q, k, v, layer=3, scale=4),
+                               atol=0, rtol=0)
+    with pytest.raises(RuntimeError, match="skips the last 2 scales"):
+        skipping.state(0)
+    with pytest.raises(RuntimeError, match="made to skip"):
+        skipping.attend(*qkv_for(s, 5, h=2, d=32), layer=0, scale=5)
+    assert "CS4A: dense (the last 2 scales are skipped" in skipping.describe()
+    assert "CS4A decide" in deciding.describe() and "CS4A decide" not in skipping.describe()
+    for bad in (-1, 7, 2.0):
+        with pytest.raises(ValueError, match="skip_last"):
+            SparVARPlan(p, s, p.num_layers, skip_last=bad)
+
+
 def test_self_attention_dispatch():
     s = get_schedule(256)
     p = default_policy("infinity-tiny", s)

@@ -16,7 +16,7 @@ import dataclasses
 
 import torch
 
-from ..cuda_engine import GraphedDecoder, capture_scales
+from ..cuda_engine import GraphedDecoder, capture_scales, check_run_scale, check_skip
 from ..model import frozen_weight_functions, qkv_bias
 from .diffusion import denoise_step, guidance_weights
 from .generate import HartTorchRunner, paired_condition
@@ -56,10 +56,14 @@ class _Graphs:
 
 
 class HartCudaGraphRunner:
-    def __init__(self, model: HART, schedule, plan=None, backend: str = "cudnn", fuse_pointwise: bool = True):
+    def __init__(self, model: HART, schedule, plan=None, backend: str = "cudnn", fuse_pointwise: bool = True,
+                 skip_last: int = 0):
+        """skip_last: as CudaGraphRunner's (the skipped scales are not captured; the plan must serve the same skip)."""
         if not torch.cuda.is_available() or model.word_embed.weight.device.type != "cuda":
             raise RuntimeError(f"CUDA graphs need the model on a CUDA GPU (model is on {model.word_embed.weight.device}, "
                                f"CUDA available: {torch.cuda.is_available()})")
+        check_skip(schedule, plan, skip_last)
+        self.run_scales = schedule.num_scales - skip_last
         self.eager = HartTorchRunner(model, schedule)  # same schedule checks; its diffusion step is ours too
         self.model, self.schedule, self.plan, self.backend = model, schedule, plan, backend
         self.cfg = model.cfg
@@ -105,7 +109,7 @@ class HartCudaGraphRunner:
             return model.step(tokens, scale, text, cache, ropes[scale], self.plan, self.backend, self.pointwise,
                               return_hidden=True)
 
-        graphs, outputs = capture_scales(run, schedule.num_scales, self.pool)
+        graphs, outputs = capture_scales(run, self.run_scales, self.pool)
         logits, hidden = (list(x) for x in zip(*outputs))
         return _Graphs(text, ropes, cache, inputs, logits, hidden, graphs)
 
@@ -113,6 +117,7 @@ class HartCudaGraphRunner:
     def step(self, scale: int, inputs):
         if scale != self.last_scale + 1:
             raise ValueError(f"scales run in order from 0 after begin: expected scale {self.last_scale + 1}, got {scale}")
+        check_run_scale(self.schedule, self.run_scales, scale)
         if (scale == 0) != (inputs is None):
             raise ValueError(f"scale {scale}: inputs must be None exactly at scale 0 (the text prefix is its input)")
         g = self.current
@@ -172,11 +177,12 @@ def load_hart_cuda_pipeline(engine_dir: str, manifest: dict, cfg, schedule, skip
     if not torch.cuda.is_available():
         raise EngineError(f"{engine_dir} is a torch-cuda engine and needs a CUDA GPU; none is available on this machine")
     spec = manifest["spec"]
-    plan = load_engine_plan(engine_dir, manifest)  # the layouts the build stored; before the weights: fails fast
+    # the layouts the build stored; before the weights: fails fast
+    plan = load_engine_plan(engine_dir, manifest, skip_last=skip_last)
     check_checkpoints(engine_dir, manifest)  # the weights are read from the spec's files: the ones it was built from
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[spec["dtype"]]
     pipe = HartPipeline.create(spec["model"], spec["resolution"], spec["aspect"], spec["weights"], spec["vae"],
                                device="cuda", dtype=dtype, attention="dense", skip_last=skip_last, seed=spec["seed"])
-    pipe.runner = HartCudaGraphRunner(pipe.runner.model, schedule, plan)
+    pipe.runner = HartCudaGraphRunner(pipe.runner.model, schedule, plan, skip_last=skip_last)
     pipe.tokenizer = GraphedDecoder(pipe.tokenizer.half_decoder())  # fp16 decode, as the official autocast; one graph
     return pipe

@@ -236,7 +236,7 @@ class HartPipeline:
             net = load_model(cfg, weights, device, dtype)
         # The tokenizer stays fp32: f_hat accumulates over every scale (official: fp32 weights, autocast on convs only).
         tokenizer = (build_hart_vq(cfg.vq, seed=0, device=device) if vae is None else load_hart_vq(vae, cfg.vq, device))
-        runner = HartTorchRunner(net, schedule, make_plan(cfg, schedule, attention), backend="sdpa")
+        runner = HartTorchRunner(net, schedule, make_plan(cfg, schedule, attention, skip_last=skip_last), backend="sdpa")
         return cls(cfg, schedule, runner, tokenizer, weights is None, skip_last)
 
     def text_features(self, prompts: list[str], t5: str | None = None, embeddings: str | None = None,
