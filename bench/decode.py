@@ -5,6 +5,8 @@ Rows (each the median of many runs, CUDA events; random weights, the shapes of t
   heuristic convolution algorithms (the default) and with cudnn.benchmark (timed algorithm choice; a candidate).
 - HART-0.7B's VQ decoder: eager fp32 (the engines before 946937e), and the engine's fp16 channels-last CUDA graph
   (`half_decoder`), also with cudnn.benchmark.
+- For each, the engine's graph with the 2x upsampling convolutions in their official form (nearest upsample, then
+  the 3x3 convolution at the 2x grid) beside the default sub-pixel form (sparvar.vae.upsample_conv).
 
     PYTHONPATH=. python bench/decode.py   # writes bench/results/decode_<device>.json
 """
@@ -23,8 +25,12 @@ sys.path.insert(0, ROOT)
 from bench.common import cuda_time_ms, result_path, write_result  # noqa: E402
 
 
+OFFICIAL_UPSAMPLING_ROW = "engine: CUDA graph, official upsampling (nearest 2x + 3x3 conv)"
+
+
 def decoders(model_name: str):
-    """(latent, {row name: (decode function, cudnn.benchmark)}) of one model's tokenizer on the GPU."""
+    """(latent, {row name: (decode function, cudnn.benchmark, sub-pixel upsampling)}) of one model's tokenizer on the
+    GPU."""
     from sparvar.config import get_config
     from sparvar.cuda_engine import GraphedDecoder
     from sparvar.schedule import get_schedule
@@ -39,19 +45,22 @@ def decoders(model_name: str):
         P = cfg.patch_nums[-1]
         latent = torch.randn(1, cfg.vq.z_channels, P, P, generator=g, device="cuda")
         half = copy.deepcopy(full).half_decoder()
-        return latent, {"eager fp32 (before 946937e)": (full.decode, False),
-                        "engine: fp16 channels-last, CUDA graph": (GraphedDecoder(half).decode, False),
-                        "engine + cudnn.benchmark": (GraphedDecoder(copy.deepcopy(full).half_decoder()).decode, True)}
+        return latent, {"eager fp32 (before 946937e)": (full.decode, False, True),
+                        "engine: fp16 channels-last, CUDA graph": (GraphedDecoder(half).decode, False, True),
+                        OFFICIAL_UPSAMPLING_ROW: (GraphedDecoder(copy.deepcopy(half)).decode, False, False),
+                        "engine + cudnn.benchmark": (GraphedDecoder(copy.deepcopy(full).half_decoder()).decode, True,
+                                                     True)}
     from sparvar.pipeline import build_decoder
 
     decoder = build_decoder(cfg, None, "cuda", torch.bfloat16)
     h, w = schedule.final_grid
     patch = 2 if cfg.vae.spatial_patchify else 1
     latent = torch.randn(1, cfg.vae.codebook_dim, h * patch, w * patch, generator=g, device="cuda").bfloat16()
-    return latent, {"eager bf16": (decoder.decode, False),
-                    "engine: CUDA graph": (GraphedDecoder(decoder).decode, False),
+    return latent, {"eager bf16": (decoder.decode, False, True),
+                    "engine: CUDA graph": (GraphedDecoder(decoder).decode, False, True),
+                    OFFICIAL_UPSAMPLING_ROW: (GraphedDecoder(decoder).decode, False, False),
                     "engine + cudnn.benchmark": (GraphedDecoder(build_decoder(cfg, None, "cuda", torch.bfloat16)).decode,
-                                                 True)}
+                                                 True, True)}
 
 
 def main() -> int:
@@ -64,14 +73,22 @@ def main() -> int:
         print("bench/decode.py needs a CUDA GPU; none is available on this machine", file=sys.stderr)
         return 2
     out = {"benchmark": "tokenizer decode at 1024², batch 1", "runs": args.runs, "models": []}
+    import sparvar.vae
+
     for name in args.model or ["infinity-2b", "infinity-8b", "hart-0.7b"]:
         latent, rows = decoders(name)
         result = {"model": name, "latent": list(latent.shape), "rows": {}}
         with torch.no_grad():
-            for row, (decode, benchmark) in rows.items():
+            for row, (decode, benchmark, subpixel) in rows.items():
+                # the form is fixed when a graph is captured (the first, warm-up call): eager rows read it every call
+                sparvar.vae.SUBPIXEL_UPSAMPLE = subpixel
                 with torch.backends.cudnn.flags(enabled=True, benchmark=benchmark):
                     result["rows"][row] = cuda_time_ms(lambda: decode(latent), warmup=3, runs=args.runs)
-                print(f"{name:12s} {row:45s} {result['rows'][row]['median_ms']:8.2f} ms", flush=True)
+                sparvar.vae.SUBPIXEL_UPSAMPLE = True
+                print(f"{name:12s} {row:62s} {result['rows'][row]['median_ms']:8.2f} ms", flush=True)
+            engine = result["rows"].get("engine: CUDA graph") or result["rows"]["engine: fp16 channels-last, CUDA graph"]
+            result["official_upsampling_over_subpixel"] = (result["rows"][OFFICIAL_UPSAMPLING_ROW]["median_ms"]
+                                                           / engine["median_ms"])
         out["models"].append(result)
         path = write_result(args.out or result_path("decode"), out)
         del rows

@@ -140,9 +140,15 @@ INTERPRETER_SCRIPT = textwrap.dedent('''
             up = G.upsample_nearest_2x(x)
             assert up.is_contiguous(memory_format=torch.channels_last)
             assert torch.equal(up, F.interpolate(x, scale_factor=2.0, mode="nearest")), "upsample is a copy"
+    # the sub-pixel upsampling's interleave: a copy (several programs, channels not a power of two, 1-pixel grids)
+    for shape in ((2, 4 * 12, 6, 8), (1, 4 * 3, 2, 2), (1, 4 * 5, 4, 2)):
+        y = torch.randn(*shape, generator=torch.Generator().manual_seed(2)).contiguous(memory_format=torch.channels_last)
+        out = G.subpixel_interleave(y)
+        assert out.is_contiguous(memory_format=torch.channels_last)
+        assert torch.equal(out, G.subpixel_interleave_reference(y)), "the interleave is a copy"
 
     # the decoder's use: every Norm, residual sum and upsample through the kernels (forced on the CPU)
-    calls = {"norm": [], "add": 0, "up": 0}
+    calls = {"norm": [], "add": 0, "up": 0, "interleave": 0}
     def norm_kernel(x, weight, bias, groups, eps, silu=False, pre_bias=None):
         calls["norm"].append((silu, pre_bias is not None))
         return group_norm(x, weight, bias, groups, eps, silu=silu, pre_bias=pre_bias)
@@ -152,11 +158,15 @@ INTERPRETER_SCRIPT = textwrap.dedent('''
     def up(x):
         calls["up"] += 1
         return G.upsample_nearest_2x(x)
+    def interleave(y):
+        calls["interleave"] += 1
+        return G.subpixel_interleave(y)
     vae = V.build_vae(VAE_TINY)
     latent = torch.randn(2, VAE_TINY.codebook_dim, 2, 3, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         ref = vae.decode(latent)
-        V._triton_kernels = lambda: SimpleNamespace(group_norm=norm_kernel, residual_add=add, upsample_nearest_2x=up)
+        V._triton_kernels = lambda: SimpleNamespace(group_norm=norm_kernel, residual_add=add, upsample_nearest_2x=up,
+                                                    subpixel_interleave=interleave)
         V._fast_path = lambda x, weight: True
         out = vae.decode(latent)
     blocks = sum(isinstance(m, V.ResnetBlock) for m in vae.modules())
@@ -165,7 +175,8 @@ INTERPRETER_SCRIPT = textwrap.dedent('''
     assert all(silu for silu, _ in calls["norm"]), calls
     # norm2 of every block, and norm1 after conv_in and after each upsample, take a pending bias
     assert sum(pending for _, pending in calls["norm"]) == blocks + 1 + ups, calls
-    assert calls["add"] == blocks and calls["up"] == ups, calls
+    # channels_last: every upsampling convolution in its sub-pixel form (sparvar.vae.upsample_conv)
+    assert calls["add"] == blocks and calls["interleave"] == ups and calls["up"] == 0, calls
     err("decode", out, ref)
 
     # HART's tokenizer decoder (official flat module names, attention blocks, NCHW: its upsampling stays torch's)
@@ -174,7 +185,7 @@ INTERPRETER_SCRIPT = textwrap.dedent('''
     from sparvar.hart.tokenizer import build_hart_vq
     hart = build_hart_vq(HART_VQ_TINY, seed=1)
     f_hat = torch.randn(1, HART_VQ_TINY.z_channels, 2, 3, generator=torch.Generator().manual_seed(1))
-    calls.update(norm=[], add=0, up=0)
+    calls.update(norm=[], add=0, up=0, interleave=0)
     with torch.no_grad():
         V._fast_path = lambda x, weight: False
         ref = hart.decode(f_hat)
@@ -265,7 +276,8 @@ def test_decode_through_kernels_matches_eager_path():
 def test_decoder_glue_kernels_on_gpu(dtype):
     """The residual sum with a bias is one fp32 sum rounded once, as in its reference (so bit-equal); the upsample
     is a copy. Decoder-sized inputs: several programs per batch row, 256 channels."""
-    from sparvar.kernels.decoder_glue import (residual_add, residual_add_reference, upsample_nearest_2x,
+    from sparvar.kernels.decoder_glue import (residual_add, residual_add_reference, subpixel_interleave,
+                                              subpixel_interleave_reference, upsample_nearest_2x,
                                               upsample_nearest_2x_reference)
 
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -279,6 +291,9 @@ def test_decoder_glue_kernels_on_gpu(dtype):
         assert torch.equal(out, residual_add_reference(x, h, bias))
         if cl:
             assert torch.equal(upsample_nearest_2x(x), upsample_nearest_2x_reference(x))
+            y = torch.randn(shape[0], 4 * shape[1], shape[2] + 1, shape[3] + 1, device="cuda", generator=g).to(dtype)
+            y = y.contiguous(memory_format=torch.channels_last)
+            assert torch.equal(subpixel_interleave(y), subpixel_interleave_reference(y))
     with pytest.raises(ValueError, match="channels_last"):
         upsample_nearest_2x(torch.randn(1, 8, 4, 4, device="cuda"))
     with pytest.raises(ValueError, match="h must match"):
@@ -300,3 +315,39 @@ def test_decoder_glue_rejects_bad_inputs():
         upsample_nearest_2x(x)
     with pytest.raises(ValueError, match="4-D"):
         upsample_nearest_2x(x[0])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("model", ["infinity-2b", "hart-0.7b"])
+def test_subpixel_upsampling_decode_is_as_faithful_as_the_official_form(model, monkeypatch):
+    """A 1024² decode with the upsampling convolutions in their sub-pixel form (the engines' default) against the
+    same decode in the official form, both on the kernels' path, both against an fp32 decode: the form adds one
+    rounding of each summed 3x3 tap in the low-precision dtype, and must stay as close to fp32."""
+    if model == "hart-0.7b":
+        from sparvar.hart.tokenizer import build_hart_vq
+
+        cfg = get_config(model)
+        full = build_hart_vq(cfg.vq, seed=0, device="cuda")
+        low = copy.deepcopy(full).half_decoder()
+        latent = torch.randn(1, cfg.vq.z_channels, 64, 64, generator=torch.Generator().manual_seed(0)).cuda()
+        decode_low, decode_exact = low.decode, full.decode  # f_hat stays fp32 (the quantizer's); the decode casts
+    else:
+        cfg = get_config(model).vae
+        vae = V.build_vae(cfg, device="cuda", dtype=torch.bfloat16)
+        latent = torch.randn(1, cfg.codebook_dim, 64, 64, generator=torch.Generator().manual_seed(0)).cuda()
+        exact_vae = copy.deepcopy(vae).float()
+        decode_low, decode_exact = (lambda z: vae.decode(z.bfloat16())), exact_vae.decode
+    tf32 = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        with torch.no_grad():
+            exact = decode_exact(latent).float()
+            subpixel = decode_low(latent).float()
+            monkeypatch.setattr(V, "SUBPIXEL_UPSAMPLE", False)
+            official = decode_low(latent).float()
+    finally:
+        torch.backends.cudnn.allow_tf32 = tf32
+    assert not torch.equal(subpixel, official)  # the two forms ran (they round differently)
+    err_sub, err_off = (subpixel - exact).abs().mean().item(), (official - exact).abs().mean().item()
+    assert err_sub <= 1.15 * err_off + 1e-4, f"sub-pixel {err_sub:.3g} vs official {err_off:.3g} mean abs error to fp32"
+    assert (subpixel - official).abs().max().item() < 0.25

@@ -218,6 +218,73 @@ def test_split_group_norm_matches_fp32_group_norm(dtype, tol):
     torch.testing.assert_close(got.float(), truth, atol=tol, rtol=tol)
 
 
+@pytest.mark.parametrize("shape,c_out,channels_last", [((2, 5, 4, 6), 7, False), ((1, 3, 1, 1), 3, True),
+                                                      ((1, 4, 3, 1), 8, True), ((2, 6, 5, 3), 6, True)])
+def test_subpixel_upsample_conv_is_upsample_then_conv(shape, c_out, channels_last):
+    """The sub-pixel form (subpixel_weight's 2x2 convolution, then the phases placed in the 2x grid) computes the
+    official nearest 2x upsample + 3x3 convolution, up to summation order (fp64 here): odd, non-square and
+    one-pixel grids, where the padding decides the border phases; widths that change; both memory formats."""
+    from sparvar.kernels.decoder_glue import subpixel_interleave_reference
+    from sparvar.vae import subpixel_weight
+
+    g = torch.Generator().manual_seed(sum(shape))
+    x = torch.randn(*shape, generator=g, dtype=torch.float64)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    w = torch.randn(c_out, shape[1], 3, 3, generator=g, dtype=torch.float64)
+    want = F.conv2d(F.interpolate(x, scale_factor=2.0, mode="nearest"), w, padding=1)
+    phases = F.conv2d(x, subpixel_weight(w), padding=1)
+    assert phases.shape == (shape[0], 4 * c_out, shape[2] + 1, shape[3] + 1)
+    got = subpixel_interleave_reference(phases)
+    assert got.shape == want.shape and got.dtype == torch.float64
+    torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-12)
+
+
+def test_upsample_conv_runs_the_subpixel_form_where_the_kernels_run(monkeypatch):
+    """Where the decoder's kernels run (forced here on the CPU, with the interleave's torch reference), a channels_last
+    upsampling convolution takes the sub-pixel form: the official result, one interleave, no nearest upsample. Its
+    2x2 weight is made once and remade after the weight changes in place (load_state_dict). NCHW input, or the
+    switch off, keep the official form."""
+    from types import SimpleNamespace
+
+    import sparvar.vae as V
+    from sparvar.kernels.decoder_glue import subpixel_interleave_reference
+
+    calls = {"interleave": 0, "up": 0}
+
+    def interleave(y):
+        calls["interleave"] += 1
+        return subpixel_interleave_reference(y)
+
+    def up(x):
+        calls["up"] += 1
+        return F.interpolate(x, scale_factor=2.0, mode="nearest")
+
+    monkeypatch.setattr(V, "_triton_kernels", lambda: SimpleNamespace(subpixel_interleave=interleave,
+                                                                      upsample_nearest_2x=up))
+    monkeypatch.setattr(V, "_fast_path", lambda x, weight: True)
+    conv = torch.nn.Conv2d(8, 8, 3, padding=1)
+    x = torch.randn(2, 8, 5, 7, generator=torch.Generator().manual_seed(0)).contiguous(memory_format=torch.channels_last)
+
+    def official():
+        return F.conv2d(F.interpolate(x, scale_factor=2.0, mode="nearest"), conv.weight, None, padding=1)
+
+    with torch.no_grad():
+        out, bias = V.upsample_conv(conv, x)
+        assert bias is conv.bias and calls == {"interleave": 1, "up": 0}
+        torch.testing.assert_close(out, official(), atol=1e-5, rtol=1e-5)
+        cached = V._SUBPIXEL_WEIGHTS[conv][1]
+        V.upsample_conv(conv, x)
+        assert V._SUBPIXEL_WEIGHTS[conv][1] is cached  # made once
+        conv.load_state_dict({"weight": torch.randn_like(conv.weight), "bias": conv.bias.clone()})
+        torch.testing.assert_close(V.upsample_conv(conv, x)[0], official(), atol=1e-5, rtol=1e-5)
+        assert calls == {"interleave": 3, "up": 0}
+        torch.testing.assert_close(V.upsample_conv(conv, x.contiguous())[0], official(), atol=1e-5, rtol=1e-5)
+        monkeypatch.setattr(V, "SUBPIXEL_UPSAMPLE", False)
+        torch.testing.assert_close(V.upsample_conv(conv, x)[0], official(), atol=1e-5, rtol=1e-5)
+    assert calls == {"interleave": 3, "up": 1}  # the NCHW input's nearest upsample is torch's (the kernel is NHWC)
+
+
 def test_tiny_decode_size():
     # (speed is a benchmark matter, not a unit test: no timing assertion here)
     vae = build_vae(VAE_TINY)

@@ -11,6 +11,8 @@ convolutions and the GroupNorms,
     residual_add(x, h, bias)   out = x + h + bias[c]: fp32 sum, one rounding (eager: conv + bias rounded, then
                                + x rounded again; this is the more exact one, at most about one step apart)
     upsample_nearest_2x(x)     each channels-last pixel copied to its 2x2 block: one read, one write
+    subpixel_interleave(y)     the sub-pixel upsampling convolution's four phase outputs (sparvar.vae.upsample_conv)
+                               placed in the 2x grid: one read, one write
 
 Both take (B, C, H, W) tensors in bf16, fp16 or fp32. residual_add takes channels_last (NHWC) or contiguous
 NCHW, x and h in the same format; upsample_nearest_2x takes channels_last, which is what the decoder runs in. The
@@ -43,6 +45,20 @@ def upsample_nearest_2x_reference(x: torch.Tensor) -> torch.Tensor:
     return F.interpolate(x, scale_factor=2.0, mode="nearest")
 
 
+def subpixel_interleave_reference(y: torch.Tensor) -> torch.Tensor:
+    """y (B, 4C, H+1, W+1), the phases (a, b) in channel blocks 2a+b, phase (a, b) of output pixel (i, j) at
+    y[..., i + a, j + b] -> out (B, C, 2H, 2W), out[..., 2i+a, 2j+b] = that value; in y's memory format."""
+    B, C4, H1, W1 = y.shape
+    C, H, W = C4 // 4, H1 - 1, W1 - 1
+    channels_last = y.is_contiguous(memory_format=torch.channels_last) and not y.is_contiguous()
+    out = torch.empty((B, C, 2 * H, 2 * W), dtype=y.dtype, device=y.device,
+                      memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    for a in (0, 1):
+        for b in (0, 1):
+            out[:, :, a::2, b::2] = y[:, (2 * a + b) * C:(2 * a + b + 1) * C, a:a + H, b:b + W]
+    return out
+
+
 # ------------------------------------------------------------------------------------------------ kernels
 if HAS_TRITON:
 
@@ -69,6 +85,20 @@ if HAS_TRITON:
         src = ((b * H + oy // 2) * W + ox // 2) * C + c
         m = (p < P) & (c < C)
         tl.store(out_ptr + p * C + c, tl.load(x_ptr + src, mask=m, other=0.0), mask=m)
+
+    @triton.jit
+    def _subpixel_interleave_kernel(y_ptr, out_ptr, H, W, C, P, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+        """BLOCK_P output pixels (raster order over B x 2H x 2W, channels-last) x all channels: output pixel
+        (2i+a, 2j+b) is channel block 2a+b of y's pixel (i+a, j+b) (y: B x (H+1) x (W+1) x 4C)."""
+        p = tl.program_id(0).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)[:, None]
+        c = tl.arange(0, BLOCK_C)[None, :]
+        ox = p % (2 * W)
+        oy = (p // (2 * W)) % (2 * H)
+        b = p // (4 * H * W)
+        a, bx = oy % 2, ox % 2
+        src = ((b * (H + 1) + oy // 2 + a) * (W + 1) + ox // 2 + bx) * (4 * C) + (2 * a + bx) * C + c
+        m = (p < P) & (c < C)
+        tl.store(out_ptr + p * C + c, tl.load(y_ptr + src, mask=m, other=0.0), mask=m)
 
 
 # ------------------------------------------------------------------------------------------------ wrappers
@@ -107,13 +137,31 @@ def upsample_nearest_2x(x: torch.Tensor) -> torch.Tensor:
     if not x.is_contiguous(memory_format=torch.channels_last):
         raise ValueError(f"{name}: x must be dense channels_last (NHWC), got strides {x.stride()}; "
                          "use upsample_nearest_2x_reference for other layouts")
-    B, C, H, W = x.shape
     check_device(name, x, hint="use upsample_nearest_2x_reference elsewhere")
-    out = torch.empty((B, C, 2 * H, 2 * W), dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
+    return _launch_2x(_upsample_nearest_2x_kernel, x, *x.shape)
+
+
+def _launch_2x(kernel, src: torch.Tensor, B: int, C: int, H: int, W: int) -> torch.Tensor:
+    """Run a per-pixel kernel writing a channels_last (B, C, 2H, 2W) output from src; returns the output."""
+    out = torch.empty((B, C, 2 * H, 2 * W), dtype=src.dtype, device=src.device, memory_format=torch.channels_last)
     block_c = triton.next_power_of_2(C)
     block_p = max(1, (256 if interpreting() else UPSAMPLE_TILE) // block_c)
     P = B * 4 * H * W
-    with launch_device(x):
-        _upsample_nearest_2x_kernel[(triton.cdiv(P, block_p),)](x, out, H, W, C, P, BLOCK_P=block_p, BLOCK_C=block_c,
-                                                               num_warps=8)
+    with launch_device(src):
+        kernel[(triton.cdiv(P, block_p),)](src, out, H, W, C, P, BLOCK_P=block_p, BLOCK_C=block_c, num_warps=8)
     return out
+
+
+def subpixel_interleave(y: torch.Tensor) -> torch.Tensor:
+    """subpixel_interleave_reference for a channels_last y (B, 4C, H+1, W+1); channels_last out (B, C, 2H, 2W)."""
+    name = "subpixel_interleave"
+    require_triton(name)
+    check_image(name, "y", y)
+    B, C4, H1, W1 = y.shape
+    if C4 % 4 or H1 < 2 or W1 < 2:
+        raise ValueError(f"{name}: y must be (B, 4C, H+1, W+1) with H, W >= 1, got {tuple(y.shape)}")
+    if not y.is_contiguous(memory_format=torch.channels_last):
+        raise ValueError(f"{name}: y must be dense channels_last (NHWC), got strides {y.stride()}; "
+                         "use subpixel_interleave_reference for other layouts")
+    check_device(name, y, hint="use subpixel_interleave_reference elsewhere")
+    return _launch_2x(_subpixel_interleave_kernel, y, B, C4 // 4, H1 - 1, W1 - 1)
