@@ -195,7 +195,7 @@ class SparVARPlan:
     """
 
     def __init__(self, policy: SparVARPolicy, schedule: Schedule, num_layers: int, backend: str = "reference",
-                 precomputed: tuple[dict, dict] | None = None, overlap_decision: bool = True, skip_last: int = 0):
+                 precomputed: tuple[dict, dict] | None = None, overlap_decision: bool = False, skip_last: int = 0):
         """precomputed: (CSLA layouts, CS4A geometries) per scale, as an engine stored them (`load_plan`);
         by default they are computed from the policy here.
 
@@ -207,7 +207,10 @@ class SparVARPlan:
         overlap_decision: where the backend can (SparseOps.cs4a_decide_async, CUDA tensors), the decision's top-k and
         residual cache run on a side stream, overlapping the rest of the decision scale (they are read only at later
         scales); the plan joins that stream after the scale's last layer (so a CUDA-graph capture of the scale is
-        complete) and before anything reads the state."""
+        complete) and before anything reads the state. Off by default: side by side, the in-line decision was the
+        faster in three of four runs (H100: 2B 205.5 vs 207.8 ms, 8B 607.5 vs 610.6; H200: 8B 602.8 vs 606.6, 2B
+        203.2 vs 202.4; bench/results/e2e_engines_*_skip_h100.json, e2e_engines_*_decision_h200.json): the side
+        stream's kernels take SMs from the scale's own."""
         if policy.num_layers != num_layers:
             raise ValueError(f"policy is for {policy.num_layers} layers, the model has {num_layers}")
         if policy.num_scales != schedule.num_scales:
