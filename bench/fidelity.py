@@ -82,6 +82,7 @@ class AttentionErrorProbe:
 
     def __init__(self, plan: SparVARPlan):
         self.plan = plan
+        self.skip_last = plan.skip_last  # the loop's skipping it serves (sparvar.generate.check_runner_skip)
         self.errors: dict[tuple[int, int], list[float]] = defaultdict(list)
 
     def reset(self) -> None:

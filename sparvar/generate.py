@@ -116,6 +116,19 @@ def resample(latent: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(latent.unsqueeze(2), size=(1, *size), mode="trilinear").squeeze(2)
 
 
+def check_runner_skip(runner, schedule: Schedule, skip_last: int) -> None:
+    """A pipeline's runner must serve its loop's skip_last (ValueError otherwise): a SparVAR plan made for more
+    skipping has no decision for the scales it thought skipped (it would fail at the first of them, after the
+    earlier scales ran), one made for less does work nothing reads, and a graph runner captured other scales."""
+    run_scales = schedule.run_scales(skip_last)
+    plan = getattr(runner, "plan", None)
+    if plan is not None and getattr(plan, "skip_last", skip_last) != skip_last:
+        raise ValueError(f"the runner's SparVAR plan serves skip_last={plan.skip_last}; the pipeline skips {skip_last}")
+    if getattr(runner, "run_scales", run_scales) != run_scales:
+        raise ValueError(f"the runner runs {runner.run_scales} scales; the pipeline runs {run_scales} "
+                         f"(skip_last={skip_last})")
+
+
 @dataclass
 class Generation:
     image: torch.Tensor  # (B, 3, H, W) in [0, 1]
@@ -131,8 +144,7 @@ def generate(runner, decoder, schedule: Schedule, features: torch.Tensor, length
     decoder: .codebook_dim, .patchify, bits_to_codes(bits) -> codes, decode(latent) -> image in [-1, 1]
     skip_last: run the transformer on all but the last N scales and decode the upsampled running sum.
     """
-    if not 0 <= skip_last < schedule.num_scales:
-        raise ValueError(f"skip_last must be in [0, {schedule.num_scales - 1}] for a {schedule.num_scales}-scale schedule, got {skip_last}")
+    run_scales = schedule.run_scales(skip_last)
     B = features.shape[0]
     patch = 2 if decoder.patchify else 1
     final = (schedule.final_grid[0] * patch, schedule.final_grid[1] * patch)
@@ -141,7 +153,6 @@ def generate(runner, decoder, schedule: Schedule, features: torch.Tensor, length
     summed = None
     codes = None  # the input of the next scale; scale 0 starts from the text's <sos> token
     all_bits = []
-    run_scales = schedule.num_scales - skip_last
     for scale in range(run_scales):
         h, w = schedule.grids[scale]
         logits = runner.step(scale, codes)

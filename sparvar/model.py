@@ -417,9 +417,12 @@ class Infinity(nn.Module):
                              key_lens=real.sum(-1, dtype=torch.int32))
 
     # ------------------------------------------------------------------------------------------- steps
-    def new_cache(self, batch: int, schedule: Schedule) -> KVCache:
+    def new_cache(self, batch: int, schedule: Schedule, tokens: int | None = None) -> KVCache:
+        """The KV cache of one generation: `tokens` positions (the schedule's total by default; fewer serve a loop that
+        skips the last scales)."""
         p = self.pos_start
-        return KVCache(self.cfg.depth, batch, self.cfg.heads, schedule.total_tokens, self.cfg.head_dim, p.dtype, p.device)
+        return KVCache(self.cfg.depth, batch, self.cfg.heads, tokens or schedule.total_tokens, self.cfg.head_dim,
+                       p.dtype, p.device)
 
     def scale_input(self, scale: int, codes: torch.Tensor | None, text: TextCondition) -> torch.Tensor:
         """Input tokens of a scale: <sos> for scale 0, else the embedded codes (B, n, bits), shared by the CFG rows."""

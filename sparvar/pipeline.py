@@ -6,7 +6,7 @@ import os
 import torch
 
 from .config import InfinityConfig, get_config
-from .generate import Generation, Sampling, TorchRunner, generate
+from .generate import Generation, Sampling, TorchRunner, check_runner_skip, generate
 from .schedule import Schedule, get_schedule
 
 
@@ -53,6 +53,7 @@ def make_plan(cfg: InfinityConfig, schedule: Schedule, attention: str, backend: 
 
 class Pipeline:
     def __init__(self, cfg: InfinityConfig, schedule: Schedule, runner, decoder: Decoder, random_weights: bool, skip_last: int = 0):
+        check_runner_skip(runner, schedule, skip_last)
         self.cfg, self.schedule, self.runner, self.decoder = cfg, schedule, runner, decoder
         self.random_weights, self.skip_last = random_weights, skip_last
         self.text_encoders: dict = {}  # directory -> loaded encoder: a long-lived pipeline (sparvar serve) loads it once

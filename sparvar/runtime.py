@@ -231,9 +231,7 @@ def load_engine_pipeline(engine_dir: str, skip_last: int = 0, **expected):
     check_model_config(engine_dir, manifest, cfg)  # traced from this architecture
     if [list(g) for g in schedule.grids] != manifest["schedule"]:
         raise EngineError(f"{engine_dir}: its schedule differs from this sparvar's {spec['resolution']} schedule; rebuild it")
-    if not 0 <= skip_last < schedule.num_scales:  # before any weights load (a server would fail every request)
-        raise ValueError(f"skip_last must be in [0, {schedule.num_scales - 1}] for {engine_dir}'s "
-                         f"{schedule.num_scales}-scale schedule, got {skip_last}")
+    schedule.run_scales(skip_last)  # checked before any weights load (a server would fail every request)
     # last of the checks: it hashes every file (tens of GB at 8B), which a wrong resolution or option need not wait for
     verify_files(engine_dir, manifest)
     backend = spec["backend"]

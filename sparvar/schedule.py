@@ -113,6 +113,14 @@ class Schedule:
         h, w = self.final_grid
         return h * self.pixels_per_token, w * self.pixels_per_token
 
+    def run_scales(self, skip_last) -> int:
+        """The scales a generation loop skipping its last `skip_last` runs; skip_last must be an int in
+        [0, num_scales - 1] (ValueError naming it otherwise)."""
+        if not isinstance(skip_last, int) or isinstance(skip_last, bool) or not 0 <= skip_last < self.num_scales:
+            raise ValueError(f"skip_last must be in [0, {self.num_scales - 1}] for a {self.num_scales}-scale schedule, "
+                             f"got {skip_last!r}")
+        return self.num_scales - skip_last
+
     def kv_len(self, scale: int) -> int:
         """Keys visible to the queries of `scale`: every earlier scale and itself."""
         return self.offsets[scale + 1]

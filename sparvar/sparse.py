@@ -215,11 +215,10 @@ class SparVARPlan:
             raise ValueError(f"policy is for {policy.num_layers} layers, the model has {num_layers}")
         if policy.num_scales != schedule.num_scales:
             raise ValueError(f"policy is for {policy.num_scales} scales, the schedule has {schedule.num_scales}")
-        if not isinstance(skip_last, int) or not 0 <= skip_last < schedule.num_scales:
-            raise ValueError(f"skip_last must be an int in [0, {schedule.num_scales - 1}], got {skip_last!r}")
+        run_scales = schedule.run_scales(skip_last)
         self.policy, self.schedule, self.num_layers, self.backend = policy, schedule, num_layers, backend
         self.skip_last = skip_last
-        self.decides = policy.cs4a_layers > 0 and policy.decision_scale < schedule.num_scales - skip_last - 1
+        self.decides = policy.cs4a_layers > 0 and policy.decision_scale < run_scales - 1
         self.ops = get_sparse_ops(backend)
         uses_csla = policy.cs4a_layers < num_layers
         uses_cs4a = policy.cs4a_layers > 0
@@ -264,6 +263,8 @@ class SparVARPlan:
         """A layer's CS4A decision state (selected key positions, residual cache) after its decision scale ran."""
         self._join()
         if layer not in self._selected:
+            if self.policy.cs4a_layers == 0:
+                raise RuntimeError(f"layer {layer} has no CS4A state: the policy has no CS4A layers")
             if not self.decides:
                 raise RuntimeError(f"layer {layer} has no CS4A state: this plan skips the last {self.skip_last} scales, "
                                    f"so no scale reads a decision and none is made")

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import functools
 import math
-import weakref
 
 import torch
 import torch.nn.functional as F
@@ -104,8 +103,8 @@ def split_group_norm(x: torch.Tensor, norm: nn.GroupNorm) -> torch.Tensor:
 
 @functools.cache
 def _triton_kernels():
-    """The decoder's Triton kernels (group_norm, residual_add, upsample_nearest_2x), or None without triton;
-    imported on first CUDA use, so that CPU users never import triton."""
+    """The decoder's Triton kernels (group_norm, residual_add, upsample_nearest_2x, subpixel_interleave), or None
+    without triton; imported on first CUDA use, so that CPU users never import triton."""
     from types import SimpleNamespace
 
     from .kernels import decoder_glue
@@ -202,6 +201,17 @@ def resnet_block(x: torch.Tensor, x_bias: torch.Tensor | None, norm1: nn.GroupNo
 SUBPIXEL_UPSAMPLE = True
 
 
+# Sub-pixel taps per output phase: rows (a, u) of 0/1 weights over the 3x3 kernel's rows (see subpixel_weight).
+_PHASE_TAPS = ((1, 0, 0), (0, 1, 1),  # a = 0: input row i-1 <- kernel row 0; row i <- rows 1 + 2
+               (1, 1, 0), (0, 0, 1))  # a = 1: input row i <- rows 0 + 1; row i+1 <- row 2
+
+
+@functools.cache
+def _phase_taps(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """_PHASE_TAPS as a (4, 3) tensor, made once per device (the decode's warm-up makes it before a graph capture)."""
+    return torch.tensor(_PHASE_TAPS, dtype=dtype, device=device)
+
+
 def subpixel_weight(weight: torch.Tensor) -> torch.Tensor:
     """A 3x3 convolution's weight (C_out, C_in, 3, 3) -> the (4 C_out, C_in, 2, 2) weight of its sub-pixel form.
 
@@ -210,27 +220,15 @@ def subpixel_weight(weight: torch.Tensor) -> torch.Tensor:
     row i); columns alike with b. So phase (a, b) is a 2x2 convolution of the input whose taps are sums of the 3x3
     taps: 16 multiply-adds per input pixel and channel pair instead of 36. Block 2a+b of the result holds phase
     (a, b); over the input padded by 1, its output (i, j) sits at (i + a, j + b) (subpixel_interleave). The sums
-    are taken in fp32 and rounded once to the weight's dtype: in bf16 one rounding more than the official form."""
+    are taken in fp32 (exact for bf16/fp16 taps, TF32 or not) and rounded once to the weight's dtype: in bf16 one
+    rounding more than the official form. Computed from the weight at every call (a few small kernels): a captured
+    decode follows in-place weight updates as the official form does."""
+    c_out, c_in = weight.shape[:2]
     w = weight.to(torch.promote_types(weight.dtype, torch.float32))
-    rows = [torch.stack([w[:, :, 0], w[:, :, 1] + w[:, :, 2]], 2), torch.stack([w[:, :, 0] + w[:, :, 1], w[:, :, 2]], 2)]
-    phases = [torch.stack([r[..., 0], r[..., 1] + r[..., 2]], -1) if b == 0 else
-              torch.stack([r[..., 0] + r[..., 1], r[..., 2]], -1) for r in rows for b in (0, 1)]
-    return torch.cat(phases, 0).to(weight.dtype)
-
-
-_SUBPIXEL_WEIGHTS: "weakref.WeakKeyDictionary[nn.Conv2d, tuple]" = weakref.WeakKeyDictionary()
-
-
-def _subpixel_weight_of(conv: nn.Conv2d) -> torch.Tensor:
-    """subpixel_weight(conv.weight) in channels_last, computed once per weight (recomputed after an in-place update:
-    load_state_dict, .copy_), so that a captured decode reads a tensor made before the capture."""
-    w = conv.weight
-    key = (w.data_ptr(), w._version, w.dtype, w.device)
-    cached = _SUBPIXEL_WEIGHTS.get(conv)
-    if cached is None or cached[0] != key:
-        cached = (key, subpixel_weight(w.detach()).contiguous(memory_format=torch.channels_last))
-        _SUBPIXEL_WEIGHTS[conv] = cached
-    return cached[1]
+    taps = _phase_taps(w.device, w.dtype)
+    summed = taps @ w @ taps.T  # (C_out, C_in, 4, 4): [2a + u, 2b + v]
+    summed = summed.view(c_out, c_in, 2, 2, 2, 2).permute(2, 4, 0, 1, 3, 5)  # (a, b, C_out, C_in, u, v)
+    return summed.reshape(4 * c_out, c_in, 2, 2).to(weight.dtype)
 
 
 def upsample_conv(conv: nn.Conv2d, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -243,7 +241,8 @@ def upsample_conv(conv: nn.Conv2d, x: torch.Tensor) -> tuple[torch.Tensor, torch
     if (SUBPIXEL_UPSAMPLE and conv.kernel_size == (3, 3) and conv.stride == (1, 1) and conv.padding == (1, 1)
             and conv.dilation == (1, 1) and conv.groups == 1 and _fast_path(x, conv.weight)
             and x.is_contiguous(memory_format=torch.channels_last)):
-        phases = F.conv2d(x, _subpixel_weight_of(conv), None, 1, 1)  # (B, 4 C_out, H + 1, W + 1)
+        weight = subpixel_weight(conv.weight).contiguous(memory_format=torch.channels_last)
+        phases = F.conv2d(x, weight, None, 1, 1)  # (B, 4 C_out, H + 1, W + 1)
         return _triton_kernels().subpixel_interleave(phases.contiguous(memory_format=torch.channels_last)), conv.bias
     return conv_without_bias(conv, _upsample_nearest_2x(x)), conv.bias
 

@@ -76,9 +76,10 @@ def test_graph_sets_with_the_same_rows_share_one_kv_cache(monkeypatch):
 
 
 def test_a_runner_for_skip_2_runs_the_same_tokens_without_the_decision_or_the_skipped_scales():
-    """SparVAR + skip 2: the runner runs (and captures) only the scales the loop runs, and its plan makes no CS4A
-    decision, which no scale would read: the same tokens as a plan that decides (the decision's output is dense
-    attention either way). Asking for a skipped scale, or pairing a plan made for another skip, is an error."""
+    """SparVAR + skip 2: the runner runs only the scales the loop runs (capturing them is checked on the GPU), with a
+    KV cache as long as those scales, and its plan makes no CS4A decision, which no scale would read: the same
+    tokens as a plan that decides (the decision's output is dense attention either way). Asking for a skipped scale,
+    or pairing a plan or pipeline made for another skip, is an error."""
     schedule = get_schedule(256)
     model = build_model(CFG)
     deciding = TorchRunner(model, schedule, make_plan(CFG, schedule, "sparvar", backend="reference"), backend="sdpa")
@@ -90,6 +91,7 @@ def test_a_runner_for_skip_2_runs_the_same_tokens_without_the_decision_or_the_sk
     a = generate(deciding, decoder, schedule, f, l, Sampling(cfg=3.0), seed=1, skip_last=2)
     b = generate(skipping, decoder, schedule, f, l, Sampling(cfg=3.0), seed=1, skip_last=2)
     assert len(b.bits) == schedule.num_scales - 2 and all(torch.equal(x, y) for x, y in zip(a.bits, b.bits))
+    assert skipping.caches[2].k.shape[3] == schedule.kv_len(schedule.num_scales - 3) < schedule.total_tokens
     torch.testing.assert_close(a.image, b.image)
     assert deciding.plan.state(0)[0].shape[-1] == deciding.plan.topk  # the deciding plan made a decision; this one none
     with pytest.raises(RuntimeError, match="skips the last 2 scales"):
@@ -100,6 +102,14 @@ def test_a_runner_for_skip_2_runs_the_same_tokens_without_the_decision_or_the_sk
         CudaGraphRunner(model, schedule, plan, use_graphs=False, backend="sdpa", fuse_pointwise=False)
     with pytest.raises(ValueError, match="skip_last must be"):
         CudaGraphRunner(model, schedule, None, use_graphs=False, skip_last=schedule.num_scales)
+    from sparvar.pipeline import Pipeline
+
+    with pytest.raises(ValueError, match="plan serves skip_last=0; the pipeline skips 2"):
+        Pipeline(CFG, schedule, deciding, decoder, True, skip_last=2)
+    dense = CudaGraphRunner(model, schedule, None, use_graphs=False, skip_last=2)
+    with pytest.raises(ValueError, match="runner runs 5 scales; the pipeline runs 7"):
+        Pipeline(CFG, schedule, dense, decoder, True)
+    assert Pipeline(CFG, schedule, skipping, decoder, True, skip_last=2).generate(f, l, Sampling(cfg=3.0), seed=1).bits
 
 
 def test_engine_steps_compute_no_weight_or_prompt_constants():

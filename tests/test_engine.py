@@ -286,6 +286,9 @@ def test_torch_cuda_engine_runs_the_plan_its_build_stored(tmp_path):
     stored = load_engine_plan(path, manifest, backend="reference")
     fresh = Pipeline.create("infinity-tiny", resolution=256, attention="sparvar").runner.plan
     assert stored.describe() == fresh.describe()
+    skipping = load_engine_plan(path, manifest, backend="reference", skip_last=2)  # generate/serve --skip-last 2
+    assert stored.decides and not skipping.decides and skipping.skip_last == 2
+    assert not Pipeline.create("infinity-tiny", resolution=256, attention="sparvar", skip_last=2).runner.plan.decides
     for s, layout in fresh.csla_layouts.items():
         assert torch.equal(stored.csla_layouts[s].kv_indices, layout.kv_indices)
         assert torch.equal(stored.csla_layouts[s].kv_num_blocks, layout.kv_num_blocks)

@@ -193,6 +193,7 @@ INTERPRETER_SCRIPT = textwrap.dedent('''
         out = hart.decode(f_hat)
     assert len(calls["norm"]) == sum(isinstance(m, torch.nn.GroupNorm) for m in hart.modules()), calls
     assert calls["add"] == sum(type(m).__name__ == "ResnetBlock" for m in hart.modules()), calls
+    assert calls["interleave"] == calls["up"] == 0, calls  # NCHW here: the official form, torch's upsampling
     err("decode", out, ref)
     print("WORST", worst["fp32"], worst["fp16"], worst["decode"])
 ''')
@@ -335,16 +336,17 @@ def test_subpixel_upsampling_decode_is_as_faithful_as_the_official_form(model, m
         cfg = get_config(model).vae
         vae = V.build_vae(cfg, device="cuda", dtype=torch.bfloat16)
         latent = torch.randn(1, cfg.codebook_dim, 64, 64, generator=torch.Generator().manual_seed(0)).cuda()
-        exact_vae = copy.deepcopy(vae).float()
+        exact_vae = copy.deepcopy(vae).float()  # channels_last like the engine's: decoded with the official form below
         decode_low, decode_exact = (lambda z: vae.decode(z.bfloat16())), exact_vae.decode
     tf32 = torch.backends.cudnn.allow_tf32
     torch.backends.cudnn.allow_tf32 = False
     try:
         with torch.no_grad():
+            monkeypatch.setattr(V, "SUBPIXEL_UPSAMPLE", False)  # the fp32 truth independent of the form under test
             exact = decode_exact(latent).float()
-            subpixel = decode_low(latent).float()
-            monkeypatch.setattr(V, "SUBPIXEL_UPSAMPLE", False)
             official = decode_low(latent).float()
+            monkeypatch.setattr(V, "SUBPIXEL_UPSAMPLE", True)
+            subpixel = decode_low(latent).float()
     finally:
         torch.backends.cudnn.allow_tf32 = tf32
     assert not torch.equal(subpixel, official)  # the two forms ran (they round differently)

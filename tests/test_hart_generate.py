@@ -266,7 +266,7 @@ def test_bad_arguments_are_named(args, message, capsys, tmp_path):
 
 def test_real_weights_need_a_named_text_source(tmp_path):
     cpu = SimpleNamespace(device=torch.device("cpu"))  # no 0.7b model is built: text comes before the runner
-    pipe = HartPipeline(HART_CONFIGS["hart-0.7b"], None, cpu, None, random_weights=False)
+    pipe = HartPipeline(HART_CONFIGS["hart-0.7b"], get_schedule(1024, model="hart-0.7b"), cpu, None, random_weights=False)
     with pytest.raises(ValueError, match="needs a text encoder: give --qwen DIR"):
         pipe.text_features(["a cat"])
     with pytest.raises(ValueError, match="--qwen .*no-qwen: no such directory"):  # checked before any loading

@@ -244,7 +244,8 @@ def test_upsample_conv_runs_the_subpixel_form_where_the_kernels_run(monkeypatch)
     """Where the decoder's kernels run (forced here on the CPU, with the interleave's torch reference), a channels_last
     upsampling convolution takes the sub-pixel form: the official result, one interleave, no nearest upsample. Its
     2x2 weight is made once and remade after the weight changes in place (load_state_dict). NCHW input, or the
-    switch off, keep the official form."""
+    switch off, keep the official form. The 2x2 weight follows the conv's weight however it is changed (in place
+    through .data too, which no version counter sees), and inference-mode weights work."""
     from types import SimpleNamespace
 
     import sparvar.vae as V
@@ -273,16 +274,20 @@ def test_upsample_conv_runs_the_subpixel_form_where_the_kernels_run(monkeypatch)
         out, bias = V.upsample_conv(conv, x)
         assert bias is conv.bias and calls == {"interleave": 1, "up": 0}
         torch.testing.assert_close(out, official(), atol=1e-5, rtol=1e-5)
-        cached = V._SUBPIXEL_WEIGHTS[conv][1]
-        V.upsample_conv(conv, x)
-        assert V._SUBPIXEL_WEIGHTS[conv][1] is cached  # made once
         conv.load_state_dict({"weight": torch.randn_like(conv.weight), "bias": conv.bias.clone()})
+        torch.testing.assert_close(V.upsample_conv(conv, x)[0], official(), atol=1e-5, rtol=1e-5)
+        conv.weight.data.mul_(-2)
         torch.testing.assert_close(V.upsample_conv(conv, x)[0], official(), atol=1e-5, rtol=1e-5)
         assert calls == {"interleave": 3, "up": 0}
         torch.testing.assert_close(V.upsample_conv(conv, x.contiguous())[0], official(), atol=1e-5, rtol=1e-5)
         monkeypatch.setattr(V, "SUBPIXEL_UPSAMPLE", False)
         torch.testing.assert_close(V.upsample_conv(conv, x)[0], official(), atol=1e-5, rtol=1e-5)
     assert calls == {"interleave": 3, "up": 1}  # the NCHW input's nearest upsample is torch's (the kernel is NHWC)
+    monkeypatch.setattr(V, "SUBPIXEL_UPSAMPLE", True)
+    with torch.inference_mode():
+        frozen = torch.nn.Conv2d(8, 8, 3, padding=1)
+        want = F.conv2d(F.interpolate(x, scale_factor=2.0, mode="nearest"), frozen.weight, None, padding=1)
+        torch.testing.assert_close(V.upsample_conv(frozen, x)[0], want, atol=1e-5, rtol=1e-5)
 
 
 def test_tiny_decode_size():

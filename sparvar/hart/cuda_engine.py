@@ -62,8 +62,7 @@ class HartCudaGraphRunner:
         if not torch.cuda.is_available() or model.word_embed.weight.device.type != "cuda":
             raise RuntimeError(f"CUDA graphs need the model on a CUDA GPU (model is on {model.word_embed.weight.device}, "
                                f"CUDA available: {torch.cuda.is_available()})")
-        check_skip(schedule, plan, skip_last)
-        self.run_scales = schedule.num_scales - skip_last
+        self.run_scales = check_skip(schedule, plan, skip_last)
         self.eager = HartTorchRunner(model, schedule)  # same schedule checks; its diffusion step is ours too
         self.model, self.schedule, self.plan, self.backend = model, schedule, plan, backend
         self.cfg = model.cfg
@@ -98,7 +97,7 @@ class HartCudaGraphRunner:
     def _capture(self, text: TextCondition, ropes: list, B: int) -> _Graphs:
         model, schedule = self.model, self.schedule
         ropes = [r.clone() for r in ropes]
-        cache = model.new_cache(text.batch, schedule)
+        cache = model.new_cache(text.batch, schedule, schedule.kv_len(self.run_scales - 1))
         inputs = [None] + [torch.zeros(B, n, self.cfg.latent_dim, device=self.device) for n in schedule.lengths[1:]]
         if self.plan is not None:
             self.plan.reset()

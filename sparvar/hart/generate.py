@@ -37,7 +37,7 @@ from typing import Callable, Protocol
 import torch
 import torch.nn.functional as F
 
-from ..generate import SeededRows
+from ..generate import SeededRows, check_runner_skip
 from ..schedule import Schedule
 from .config import HartConfig
 from .diffusion import denoise_step, respaced_schedule
@@ -91,8 +91,7 @@ def generate_hart(runner: HartRunner, tokenizer: HartVQDecoder, schedule: Schedu
                   progress: Callable[[int, int], None] | None = None) -> HartGeneration:
     """Generate one image per prompt row (features (B, text_len, text_dim), mask (B, text_len) bool)."""
     SN = schedule.num_scales
-    if not 0 <= skip_last < SN:
-        raise ValueError(f"skip_last must be in [0, {SN - 1}] for a {SN}-scale schedule, got {skip_last}")
+    run_scales = schedule.run_scales(skip_last)
     if schedule.prefix_len is None:
         raise ValueError("not a HART schedule (no text prefix): use get_schedule(..., model=<hart model>)")
     patch_nums = tuple(h for h, _ in schedule.grids)
@@ -105,7 +104,6 @@ def generate_hart(runner: HartRunner, tokenizer: HartVQDecoder, schedule: Schedu
     generator = SeededRows(seed, B, runner.device)
     f_hat = codebook.new_zeros(B, Cvae, P, P)
     inputs, indices, residual = None, [], None
-    run_scales = SN - skip_last
     for si in range(run_scales):
         pn = patch_nums[si]
         logits = runner.step(si, inputs)  # (R, pn^2, V)
@@ -208,6 +206,7 @@ class HartPipeline:
 
     def __init__(self, cfg: HartConfig, schedule: Schedule, runner: HartRunner, tokenizer: HartVQDecoder,
                  random_weights: bool, skip_last: int = 0):
+        check_runner_skip(runner, schedule, skip_last)
         self.cfg, self.schedule, self.runner, self.tokenizer = cfg, schedule, runner, tokenizer
         self.random_weights, self.skip_last = random_weights, skip_last
         self.text_encoders: dict = {}  # directory -> loaded Qwen2 encoder, loaded once per pipeline

@@ -304,12 +304,14 @@ class HART(nn.Module):
         return TextCondition(prefix=prefix, cond=cond, positions=positions)
 
     # ------------------------------------------------------------------------------------------- steps
-    def new_cache(self, batch: int, schedule: Schedule) -> KVCache:
+    def new_cache(self, batch: int, schedule: Schedule, tokens: int | None = None) -> KVCache:
+        """See sparvar.model.Infinity.new_cache."""
         if schedule.prefix_len != self.cfg.text_len:
             raise ValueError(f"schedule text prefix {schedule.prefix_len} != {self.cfg.name} text_len {self.cfg.text_len} "
                              "(use get_schedule(..., model=<hart model>))")
         p = self.word_embed.weight
-        return KVCache(self.cfg.depth, batch, self.cfg.heads, schedule.total_tokens, self.cfg.head_dim, p.dtype, p.device)
+        return KVCache(self.cfg.depth, batch, self.cfg.heads, tokens or schedule.total_tokens, self.cfg.head_dim,
+                       p.dtype, p.device)
 
     def scale_input(self, scale: int, codes: torch.Tensor | None, text: TextCondition) -> torch.Tensor:
         """Input tokens of a scale: the text prefix for scale 0, else word_embed of the code vectors

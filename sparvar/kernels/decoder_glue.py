@@ -14,8 +14,9 @@ convolutions and the GroupNorms,
     subpixel_interleave(y)     the sub-pixel upsampling convolution's four phase outputs (sparvar.vae.upsample_conv)
                                placed in the 2x grid: one read, one write
 
-Both take (B, C, H, W) tensors in bf16, fp16 or fp32. residual_add takes channels_last (NHWC) or contiguous
-NCHW, x and h in the same format; upsample_nearest_2x takes channels_last, which is what the decoder runs in. The
+All take (B, C, H, W) tensors in bf16, fp16 or fp32. residual_add takes channels_last (NHWC) or contiguous
+NCHW, x and h in the same format; upsample_nearest_2x and subpixel_interleave take channels_last, which is what the
+decoder runs in (subpixel_interleave's input holds 4C channels: up to MAX_CHANNELS / 4 = 1,024 output channels). The
 torch references beside them are what the tests compare against and what the decoder runs off the GPU path.
 """
 from __future__ import annotations
