@@ -180,13 +180,20 @@ class GraphedDecoder:
     """A tokenizer decoder whose decode is captured as one CUDA graph per latent shape: a 1024² decode is ~750
     kernels, and replaying them as a graph takes the launch gaps out (same numerics). It wraps Infinity's
     sparvar.pipeline.Decoder and HART's HartVQDecoder alike; every other attribute is the wrapped object's, read
-    only: moving or casting it (to, half, cuda, ...) would leave the graphs on the old weights, so it is refused."""
+    only: moving or casting it (to, half, cuda, ...) would leave the graphs on the old weights, so it is refused.
+    Wrapping fixes the decoder's weights: its 2x upsampling convolutions run in their sub-pixel form from then on,
+    eager decodes of the wrapped decoder too (sparvar.vae.freeze_subpixel_weights)."""
 
     MOVES = frozenset({"to", "half", "float", "bfloat16", "cuda", "cpu", "type", "to_empty", "load_state_dict"})
 
     def __init__(self, wrapped):
+        from .vae import freeze_subpixel_weights
+
         self.wrapped = wrapped
         self.graphs: dict = {}
+        module = getattr(wrapped, "module", wrapped)  # Infinity's Decoder holds the BSQDecoder; HART's is the module
+        if isinstance(module, torch.nn.Module):  # its weights are fixed from here on (see MOVES)
+            freeze_subpixel_weights(module)
 
     def __getattr__(self, name):  # only reached for names this wrapper lacks: bits_to_codes, patchify, quantize, ...
         if name == "wrapped":  # not set yet (copy / unpickling): no recursion

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import math
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -196,8 +197,9 @@ def resnet_block(x: torch.Tensor, x_bias: torch.Tensor | None, norm1: nn.GroupNo
     return _residual_add(x, h, bias)
 
 
-# Where the decoder's Triton kernels run (_fast_path, channels_last), each 2x upsampling convolution runs in its
-# sub-pixel form (upsample_conv). False: the official form there too (bench/decode.py's side-by-side row).
+# Where the decoder's Triton kernels run (_fast_path, channels_last), each 2x upsampling convolution whose weights
+# were fixed (freeze_subpixel_weights: the engines' GraphedDecoder) runs in its sub-pixel form (upsample_conv).
+# False: the official form there too (bench/decode.py's side-by-side row).
 SUBPIXEL_UPSAMPLE = True
 
 
@@ -206,9 +208,7 @@ _PHASE_TAPS = ((1, 0, 0), (0, 1, 1),  # a = 0: input row i-1 <- kernel row 0; ro
                (1, 1, 0), (0, 0, 1))  # a = 1: input row i <- rows 0 + 1; row i+1 <- row 2
 
 
-@functools.cache
 def _phase_taps(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """_PHASE_TAPS as a (4, 3) tensor, made once per device (the decode's warm-up makes it before a graph capture)."""
     return torch.tensor(_PHASE_TAPS, dtype=dtype, device=device)
 
 
@@ -221,8 +221,7 @@ def subpixel_weight(weight: torch.Tensor) -> torch.Tensor:
     taps: 16 multiply-adds per input pixel and channel pair instead of 36. Block 2a+b of the result holds phase
     (a, b); over the input padded by 1, its output (i, j) sits at (i + a, j + b) (subpixel_interleave). The sums
     are taken in fp32 (exact for bf16/fp16 taps, TF32 or not) and rounded once to the weight's dtype: in bf16 one
-    rounding more than the official form. Computed from the weight at every call (a few small kernels): a captured
-    decode follows in-place weight updates as the official form does."""
+    rounding more than the official form."""
     c_out, c_in = weight.shape[:2]
     w = weight.to(torch.promote_types(weight.dtype, torch.float32))
     taps = _phase_taps(w.device, w.dtype)
@@ -231,18 +230,51 @@ def subpixel_weight(weight: torch.Tensor) -> torch.Tensor:
     return summed.reshape(4 * c_out, c_in, 2, 2).to(weight.dtype)
 
 
+# conv -> its sub-pixel weight (channels_last), for the upsampling convolutions whose weights were fixed
+_FROZEN_SUBPIXEL: "weakref.WeakKeyDictionary[nn.Conv2d, torch.Tensor]" = weakref.WeakKeyDictionary()
+
+
+def freeze_subpixel_weights(model: nn.Module) -> int:
+    """Fix the weights of `model`'s 2x upsampling convolutions (the modules' `upsampling_conv`: Upsample here, HART's
+    Upsample2x) for inference: their sub-pixel weights are computed once, now, and upsample_conv runs them. As with
+    the transformer's frozen weight functions, an engine's weights do not change: computed in every decode the
+    weights cost 1.0-1.2 ms per 1024² decode on an H100 (two broadcast matmuls and copies per convolution,
+    bench/results/decode_subpixel_percall_h100.json), about half of what the form gains. Calling this again
+    recomputes them in place (the same tensors: graphs captured earlier read the new values). Returns how many."""
+    count = 0
+    for module in model.modules():
+        conv = getattr(module, "upsampling_conv", None)
+        if conv is None or not _subpixel_applies(conv):
+            continue
+        with torch.no_grad():
+            weight = subpixel_weight(conv.weight.detach()).contiguous(memory_format=torch.channels_last)
+            held = _FROZEN_SUBPIXEL.get(conv)
+            if held is not None and (held.shape, held.dtype, held.device) == (weight.shape, weight.dtype, weight.device):
+                held.copy_(weight)
+            else:
+                _FROZEN_SUBPIXEL[conv] = weight
+        count += 1
+    return count
+
+
+def _subpixel_applies(conv: nn.Conv2d) -> bool:
+    return (conv.kernel_size == (3, 3) and conv.stride == (1, 1) and conv.padding == (1, 1) and conv.dilation == (1, 1)
+            and conv.groups == 1)
+
+
 def upsample_conv(conv: nn.Conv2d, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """conv(nearest 2x upsample of x) without its bias, and that bias: the next block adds it in its first passes.
 
-    On the kernels' path (_fast_path, channels_last x) in its sub-pixel form (subpixel_weight): one 2x2
-    convolution to the four phases at the input's resolution, then one pass placing them in the 2x grid. 29% of
-    a 1024² Infinity decode's FLOPs are these convolutions (2.86 of 9.85 TFLOP at 2B); this form does 16/36 of them,
-    and its extra pass replaces the upsampling's."""
-    if (SUBPIXEL_UPSAMPLE and conv.kernel_size == (3, 3) and conv.stride == (1, 1) and conv.padding == (1, 1)
-            and conv.dilation == (1, 1) and conv.groups == 1 and _fast_path(x, conv.weight)
+    On the kernels' path (_fast_path, channels_last x), for a convolution whose weights were fixed
+    (freeze_subpixel_weights), in its sub-pixel form (subpixel_weight): one 2x2 convolution to the four phases at the
+    input's resolution, then one pass placing them in the 2x grid. 29% of a 1024² Infinity decode's FLOPs are these
+    convolutions (2.86 of 9.85 TFLOP at 2B); this form does 16/36 of them, and its extra pass replaces the
+    upsampling's."""
+    frozen = _FROZEN_SUBPIXEL.get(conv)
+    if (SUBPIXEL_UPSAMPLE and frozen is not None and frozen.dtype == conv.weight.dtype
+            and frozen.device == conv.weight.device and _fast_path(x, conv.weight)
             and x.is_contiguous(memory_format=torch.channels_last)):
-        weight = subpixel_weight(conv.weight).contiguous(memory_format=torch.channels_last)
-        phases = F.conv2d(x, weight, None, 1, 1)  # (B, 4 C_out, H + 1, W + 1)
+        phases = F.conv2d(x, frozen, None, 1, 1)  # (B, 4 C_out, H + 1, W + 1)
         return _triton_kernels().subpixel_interleave(phases.contiguous(memory_format=torch.channels_last)), conv.bias
     return conv_without_bias(conv, _upsample_nearest_2x(x)), conv.bias
 
@@ -276,6 +308,10 @@ class Upsample(nn.Module):
     def __init__(self, channels: int):
         super().__init__()
         self.conv = Conv(channels, channels, 3)
+
+    @property
+    def upsampling_conv(self) -> nn.Conv2d:  # see freeze_subpixel_weights
+        return self.conv.conv
 
     def forward(self, x):
         return upsample_conv(self.conv.conv, x)

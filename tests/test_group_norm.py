@@ -167,6 +167,7 @@ INTERPRETER_SCRIPT = textwrap.dedent('''
         ref = vae.decode(latent)
         V._triton_kernels = lambda: SimpleNamespace(group_norm=norm_kernel, residual_add=add, upsample_nearest_2x=up,
                                                     subpixel_interleave=interleave)
+        assert V.freeze_subpixel_weights(vae) == sum(isinstance(m, V.Upsample) for m in vae.modules())
         V._fast_path = lambda x, weight: True
         out = vae.decode(latent)
     blocks = sum(isinstance(m, V.ResnetBlock) for m in vae.modules())
@@ -175,7 +176,7 @@ INTERPRETER_SCRIPT = textwrap.dedent('''
     assert all(silu for silu, _ in calls["norm"]), calls
     # norm2 of every block, and norm1 after conv_in and after each upsample, take a pending bias
     assert sum(pending for _, pending in calls["norm"]) == blocks + 1 + ups, calls
-    # channels_last: every upsampling convolution in its sub-pixel form (sparvar.vae.upsample_conv)
+    # channels_last, frozen: every upsampling convolution in its sub-pixel form (sparvar.vae.upsample_conv)
     assert calls["add"] == blocks and calls["interleave"] == ups and calls["up"] == 0, calls
     err("decode", out, ref)
 
@@ -330,20 +331,22 @@ def test_subpixel_upsampling_decode_is_as_faithful_as_the_official_form(model, m
         cfg = get_config(model)
         full = build_hart_vq(cfg.vq, seed=0, device="cuda")
         low = copy.deepcopy(full).half_decoder()
+        assert V.freeze_subpixel_weights(low) > 0  # as GraphedDecoder does
         latent = torch.randn(1, cfg.vq.z_channels, 64, 64, generator=torch.Generator().manual_seed(0)).cuda()
         decode_low, decode_exact = low.decode, full.decode  # f_hat stays fp32 (the quantizer's); the decode casts
     else:
         cfg = get_config(model).vae
         vae = V.build_vae(cfg, device="cuda", dtype=torch.bfloat16)
         latent = torch.randn(1, cfg.codebook_dim, 64, 64, generator=torch.Generator().manual_seed(0)).cuda()
-        exact_vae = copy.deepcopy(vae).float()  # channels_last like the engine's: decoded with the official form below
+        exact_vae = copy.deepcopy(vae).float()  # not frozen: the official form, in fp32
+        assert V.freeze_subpixel_weights(vae) == 4  # as GraphedDecoder does
         decode_low, decode_exact = (lambda z: vae.decode(z.bfloat16())), exact_vae.decode
     tf32 = torch.backends.cudnn.allow_tf32
     torch.backends.cudnn.allow_tf32 = False
     try:
         with torch.no_grad():
             monkeypatch.setattr(V, "SUBPIXEL_UPSAMPLE", False)  # the fp32 truth independent of the form under test
-            exact = decode_exact(latent).float()
+            exact = decode_exact(latent).float()  # (HART's fp32 decode is NCHW: the official form anyway)
             official = decode_low(latent).float()
             monkeypatch.setattr(V, "SUBPIXEL_UPSAMPLE", True)
             subpixel = decode_low(latent).float()

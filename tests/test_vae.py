@@ -240,12 +240,12 @@ def test_subpixel_upsample_conv_is_upsample_then_conv(shape, c_out, channels_las
     torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-12)
 
 
-def test_upsample_conv_runs_the_subpixel_form_where_the_kernels_run(monkeypatch):
-    """Where the decoder's kernels run (forced here on the CPU, with the interleave's torch reference), a channels_last
-    upsampling convolution takes the sub-pixel form: the official result, one interleave, no nearest upsample. Its
-    2x2 weight is made once and remade after the weight changes in place (load_state_dict). NCHW input, or the
-    switch off, keep the official form. The 2x2 weight follows the conv's weight however it is changed (in place
-    through .data too, which no version counter sees), and inference-mode weights work."""
+def test_upsample_conv_runs_the_subpixel_form_of_frozen_weights_where_the_kernels_run(monkeypatch):
+    """Where the decoder's kernels run (forced here on the CPU, with the interleave's torch reference), an upsampling
+    convolution whose weights were fixed (freeze_subpixel_weights) takes the sub-pixel form on channels_last input:
+    the official result, one interleave, no nearest upsample. Not frozen, NCHW input, or the switch off: the official
+    form. Freezing again after a weight change recomputes the 2x2 weight in place (the tensor a captured graph
+    reads); inference-mode weights freeze too."""
     from types import SimpleNamespace
 
     import sparvar.vae as V
@@ -264,30 +264,38 @@ def test_upsample_conv_runs_the_subpixel_form_where_the_kernels_run(monkeypatch)
     monkeypatch.setattr(V, "_triton_kernels", lambda: SimpleNamespace(subpixel_interleave=interleave,
                                                                       upsample_nearest_2x=up))
     monkeypatch.setattr(V, "_fast_path", lambda x, weight: True)
-    conv = torch.nn.Conv2d(8, 8, 3, padding=1)
+    upsample = V.Upsample(8)
+    conv = upsample.conv.conv
     x = torch.randn(2, 8, 5, 7, generator=torch.Generator().manual_seed(0)).contiguous(memory_format=torch.channels_last)
 
     def official():
         return F.conv2d(F.interpolate(x, scale_factor=2.0, mode="nearest"), conv.weight, None, padding=1)
 
     with torch.no_grad():
-        out, bias = V.upsample_conv(conv, x)
-        assert bias is conv.bias and calls == {"interleave": 1, "up": 0}
+        torch.testing.assert_close(upsample(x)[0], official(), atol=1e-5, rtol=1e-5)
+        assert calls == {"interleave": 0, "up": 1}  # not frozen: the official form
+        assert V.freeze_subpixel_weights(torch.nn.Sequential(upsample, V.Conv(8, 8, 3))) == 1  # upsampling convs only
+        out, bias = upsample(x)
+        assert bias is conv.bias and calls == {"interleave": 1, "up": 1}
         torch.testing.assert_close(out, official(), atol=1e-5, rtol=1e-5)
-        conv.load_state_dict({"weight": torch.randn_like(conv.weight), "bias": conv.bias.clone()})
-        torch.testing.assert_close(V.upsample_conv(conv, x)[0], official(), atol=1e-5, rtol=1e-5)
+        held = V._FROZEN_SUBPIXEL[conv]
         conv.weight.data.mul_(-2)
-        torch.testing.assert_close(V.upsample_conv(conv, x)[0], official(), atol=1e-5, rtol=1e-5)
-        assert calls == {"interleave": 3, "up": 0}
-        torch.testing.assert_close(V.upsample_conv(conv, x.contiguous())[0], official(), atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(upsample(x)[0], official(), atol=1e-3)  # frozen: the weights it was given
+        V.freeze_subpixel_weights(upsample)
+        assert V._FROZEN_SUBPIXEL[conv] is held  # recomputed in place
+        torch.testing.assert_close(upsample(x)[0], official(), atol=1e-5, rtol=1e-5)
+        assert calls == {"interleave": 3, "up": 1}
+        torch.testing.assert_close(upsample(x.contiguous())[0], official(), atol=1e-5, rtol=1e-5)
         monkeypatch.setattr(V, "SUBPIXEL_UPSAMPLE", False)
-        torch.testing.assert_close(V.upsample_conv(conv, x)[0], official(), atol=1e-5, rtol=1e-5)
-    assert calls == {"interleave": 3, "up": 1}  # the NCHW input's nearest upsample is torch's (the kernel is NHWC)
+        torch.testing.assert_close(upsample(x)[0], official(), atol=1e-5, rtol=1e-5)
+    assert calls == {"interleave": 3, "up": 2}  # the NCHW input's nearest upsample is torch's (the kernel is NHWC)
     monkeypatch.setattr(V, "SUBPIXEL_UPSAMPLE", True)
     with torch.inference_mode():
-        frozen = torch.nn.Conv2d(8, 8, 3, padding=1)
-        want = F.conv2d(F.interpolate(x, scale_factor=2.0, mode="nearest"), frozen.weight, None, padding=1)
-        torch.testing.assert_close(V.upsample_conv(frozen, x)[0], want, atol=1e-5, rtol=1e-5)
+        frozen = V.Upsample(8)
+        V.freeze_subpixel_weights(frozen)
+        want = F.conv2d(F.interpolate(x, scale_factor=2.0, mode="nearest"), frozen.conv.conv.weight, None, padding=1)
+        torch.testing.assert_close(frozen(x)[0], want, atol=1e-5, rtol=1e-5)
+    assert calls["interleave"] == 4
 
 
 def test_tiny_decode_size():

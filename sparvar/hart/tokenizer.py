@@ -228,6 +228,10 @@ class Upsample2x(nn.Module):
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
+    @property
+    def upsampling_conv(self) -> nn.Conv2d:  # see sparvar.vae.freeze_subpixel_weights
+        return self.conv
+
     def forward(self, x):
         """(the upsampled convolution without its bias, that bias): see sparvar.vae.upsample_conv."""
         return upsample_conv(self.conv, x)
