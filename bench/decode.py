@@ -56,7 +56,8 @@ def decoders(model_name: str):
     h, w = schedule.final_grid
     patch = 2 if cfg.vae.spatial_patchify else 1
     latent = torch.randn(1, cfg.vae.codebook_dim, h * patch, w * patch, generator=g, device="cuda").bfloat16()
-    return latent, {"eager bf16": (decoder.decode, False, True),
+    # the eager row: a decoder no engine wrapped (GraphedDecoder fixes the weights of the one it wraps: sub-pixel form)
+    return latent, {"eager bf16 (official upsampling)": (build_decoder(cfg, None, "cuda", torch.bfloat16).decode, False, True),
                     "engine: CUDA graph": (GraphedDecoder(decoder).decode, False, True),
                     OFFICIAL_UPSAMPLING_ROW: (GraphedDecoder(decoder).decode, False, False),
                     "engine + cudnn.benchmark": (GraphedDecoder(build_decoder(cfg, None, "cuda", torch.bfloat16)).decode,

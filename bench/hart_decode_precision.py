@@ -41,8 +41,12 @@ def main() -> int:
     cfg = get_config(args.model)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     full = build_hart_vq(cfg.vq, seed=0, device=device)
+    from sparvar.vae import freeze_subpixel_weights
+
     variants = {"fp16 (engine)": copy.deepcopy(full).half_decoder(torch.float16),
                 "bf16": copy.deepcopy(full).half_decoder(torch.bfloat16)}
+    for tok in variants.values():  # as the engine's GraphedDecoder does (its upsampling in the sub-pixel form)
+        freeze_subpixel_weights(tok)
     g = torch.Generator().manual_seed(0)
     indices = [torch.randint(0, cfg.vq.vocab_size, (args.samples, pn * pn), generator=g).to(device) for pn in cfg.patch_nums]
     with torch.no_grad():

@@ -182,7 +182,8 @@ class GraphedDecoder:
     sparvar.pipeline.Decoder and HART's HartVQDecoder alike; every other attribute is the wrapped object's, read
     only: moving or casting it (to, half, cuda, ...) would leave the graphs on the old weights, so it is refused.
     Wrapping fixes the decoder's weights: its 2x upsampling convolutions run in their sub-pixel form from then on,
-    eager decodes of the wrapped decoder too (sparvar.vae.freeze_subpixel_weights)."""
+    eager decodes of the wrapped decoder too (sparvar.vae.freeze_subpixel_weights; after changing the wrapped
+    module's weights in place, call it again, or those convolutions keep the old weights)."""
 
     MOVES = frozenset({"to", "half", "float", "bfloat16", "cuda", "cpu", "type", "to_empty", "load_state_dict"})
 

@@ -117,15 +117,17 @@ def resample(latent: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 
 def check_runner_skip(runner, schedule: Schedule, skip_last: int) -> None:
-    """A pipeline's runner must serve its loop's skip_last (ValueError otherwise): a SparVAR plan made for more
-    skipping has no decision for the scales it thought skipped (it would fail at the first of them, after the
-    earlier scales ran), one made for less does work nothing reads, and a graph runner captured other scales."""
+    """The runner must run every scale a loop skipping its last `skip_last` runs (ValueError otherwise, before any
+    scale runs): a SparVAR plan made to skip more makes no decision for scales it thought skipped (it would fail at
+    the first of them), and a graph runner made to skip more has no graphs for them. Made to skip less is allowed:
+    correct, only the work for the skipped scales (a CS4A decision, graphs) is wasted."""
     run_scales = schedule.run_scales(skip_last)
     plan = getattr(runner, "plan", None)
-    if plan is not None and getattr(plan, "skip_last", skip_last) != skip_last:
-        raise ValueError(f"the runner's SparVAR plan serves skip_last={plan.skip_last}; the pipeline skips {skip_last}")
-    if getattr(runner, "run_scales", run_scales) != run_scales:
-        raise ValueError(f"the runner runs {runner.run_scales} scales; the pipeline runs {run_scales} "
+    if plan is not None and getattr(plan, "skip_last", 0) > skip_last:
+        raise ValueError(f"the runner's SparVAR plan was made to skip the last {plan.skip_last} scales; this loop "
+                         f"skips {skip_last}: make the plan for skip_last={skip_last}")
+    if getattr(runner, "run_scales", run_scales) < run_scales:
+        raise ValueError(f"the runner runs {runner.run_scales} scales; this loop runs {run_scales} "
                          f"(skip_last={skip_last})")
 
 
@@ -144,6 +146,7 @@ def generate(runner, decoder, schedule: Schedule, features: torch.Tensor, length
     decoder: .codebook_dim, .patchify, bits_to_codes(bits) -> codes, decode(latent) -> image in [-1, 1]
     skip_last: run the transformer on all but the last N scales and decode the upsampled running sum.
     """
+    check_runner_skip(runner, schedule, skip_last)
     run_scales = schedule.run_scales(skip_last)
     B = features.shape[0]
     patch = 2 if decoder.patchify else 1

@@ -53,8 +53,18 @@ def apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------------- KV cache
+def cache_tokens(schedule: Schedule, tokens: int | None) -> int:
+    """The positions a KV cache holds: the schedule's total by default, else `tokens` in [1, total]."""
+    if tokens is None:
+        return schedule.total_tokens
+    if not isinstance(tokens, int) or not 1 <= tokens <= schedule.total_tokens:
+        raise ValueError(f"a KV cache holds 1 to {schedule.total_tokens} positions for this schedule, got {tokens!r}")
+    return tokens
+
+
 class KVCache:
-    """K/V of every layer for one generation, preallocated to the schedule's total length and written in place."""
+    """K/V of every layer for one generation, preallocated (to the schedule's total length, or to the scales a
+    skipping loop runs) and written in place."""
 
     def __init__(self, depth: int, batch: int, heads: int, total_tokens: int, head_dim: int, dtype, device):
         shape = (depth, batch, heads, total_tokens, head_dim)
@@ -421,7 +431,7 @@ class Infinity(nn.Module):
         """The KV cache of one generation: `tokens` positions (the schedule's total by default; fewer serve a loop that
         skips the last scales)."""
         p = self.pos_start
-        return KVCache(self.cfg.depth, batch, self.cfg.heads, tokens or schedule.total_tokens, self.cfg.head_dim,
+        return KVCache(self.cfg.depth, batch, self.cfg.heads, cache_tokens(schedule, tokens), self.cfg.head_dim,
                        p.dtype, p.device)
 
     def scale_input(self, scale: int, codes: torch.Tensor | None, text: TextCondition) -> torch.Tensor:

@@ -250,7 +250,8 @@ def freeze_subpixel_weights(model: nn.Module) -> int:
             weight = subpixel_weight(conv.weight.detach()).contiguous(memory_format=torch.channels_last)
             held = _FROZEN_SUBPIXEL.get(conv)
             if held is not None and (held.shape, held.dtype, held.device) == (weight.shape, weight.dtype, weight.device):
-                held.copy_(weight)
+                with torch.inference_mode(held.is_inference()):  # one made under inference mode is updated there
+                    held.copy_(weight)
             else:
                 _FROZEN_SUBPIXEL[conv] = weight
         count += 1

@@ -79,7 +79,7 @@ def test_a_runner_for_skip_2_runs_the_same_tokens_without_the_decision_or_the_sk
     """SparVAR + skip 2: the runner runs only the scales the loop runs (capturing them is checked on the GPU), with a
     KV cache as long as those scales, and its plan makes no CS4A decision, which no scale would read: the same
     tokens as a plan that decides (the decision's output is dense attention either way). Asking for a skipped scale,
-    or pairing a plan or pipeline made for another skip, is an error."""
+    a runner and plan made for different skips, or a plan or runner made to skip more than the loop, is an error."""
     schedule = get_schedule(256)
     model = build_model(CFG)
     deciding = TorchRunner(model, schedule, make_plan(CFG, schedule, "sparvar", backend="reference"), backend="sdpa")
@@ -104,11 +104,14 @@ def test_a_runner_for_skip_2_runs_the_same_tokens_without_the_decision_or_the_sk
         CudaGraphRunner(model, schedule, None, use_graphs=False, skip_last=schedule.num_scales)
     from sparvar.pipeline import Pipeline
 
-    with pytest.raises(ValueError, match="plan serves skip_last=0; the pipeline skips 2"):
-        Pipeline(CFG, schedule, deciding, decoder, True, skip_last=2)
+    with pytest.raises(ValueError, match="plan was made to skip the last 2 scales; this loop skips 0"):
+        Pipeline(CFG, schedule, TorchRunner(model, schedule, plan), decoder, True)
+    with pytest.raises(ValueError, match="made to skip the last 2 scales; this loop skips 1"):
+        generate(TorchRunner(model, schedule, plan), decoder, schedule, f, l, seed=1, skip_last=1)
     dense = CudaGraphRunner(model, schedule, None, use_graphs=False, skip_last=2)
-    with pytest.raises(ValueError, match="runner runs 5 scales; the pipeline runs 7"):
+    with pytest.raises(ValueError, match="runner runs 5 scales; this loop runs 7"):
         Pipeline(CFG, schedule, dense, decoder, True)
+    Pipeline(CFG, schedule, deciding, decoder, True, skip_last=2)  # made to skip less: correct, wasted work
     assert Pipeline(CFG, schedule, skipping, decoder, True, skip_last=2).generate(f, l, Sampling(cfg=3.0), seed=1).bits
 
 
@@ -152,16 +155,22 @@ def test_captured_graphs_equal_eager_on_gpu(attention):
 
 def test_graphed_decoder_forwards_reads_and_refuses_moves():
     """Built on the CPU (only decode needs a GPU): the runtime loop reads the wrapped decoder's attributes through the
-    wrapper, for both families; a move or cast would leave the captured graphs on the old weights, so it is refused."""
+    wrapper, for both families; a move or cast would leave the captured graphs on the old weights, so it is refused.
+    Wrapping fixes the weights of every 2x upsampling convolution (their sub-pixel form, sparvar.vae)."""
     import copy
 
+    import sparvar.vae as V
     from sparvar.cuda_engine import GraphedDecoder
     from sparvar.hart.tokenizer import build_hart_vq
 
     infinity = build_decoder(CFG, None, "cpu", torch.float32)
     hart = build_hart_vq(get_config("hart-tiny").vq)
     for wrapped in (infinity, hart):
+        module = infinity.module if wrapped is infinity else hart
+        convs = [m.upsampling_conv for m in module.modules() if hasattr(m, "upsampling_conv")]
+        assert convs and not any(c in V._FROZEN_SUBPIXEL for c in convs)
         graphed = GraphedDecoder(wrapped)
+        assert all(c in V._FROZEN_SUBPIXEL for c in convs)
         for name in ("patchify", "codebook_dim") if wrapped is infinity else ("quantize", "decoder", "decode_dtype"):
             assert getattr(graphed, name) is getattr(wrapped, name), name
         for move in ("to", "half", "cuda"):

@@ -187,6 +187,7 @@ INTERPRETER_SCRIPT = textwrap.dedent('''
     hart = build_hart_vq(HART_VQ_TINY, seed=1)
     f_hat = torch.randn(1, HART_VQ_TINY.z_channels, 2, 3, generator=torch.Generator().manual_seed(1))
     calls.update(norm=[], add=0, up=0, interleave=0)
+    assert V.freeze_subpixel_weights(hart) > 0  # frozen, but its input is NCHW here
     with torch.no_grad():
         V._fast_path = lambda x, weight: False
         ref = hart.decode(f_hat)

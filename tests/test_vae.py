@@ -290,11 +290,18 @@ def test_upsample_conv_runs_the_subpixel_form_of_frozen_weights_where_the_kernel
         torch.testing.assert_close(upsample(x)[0], official(), atol=1e-5, rtol=1e-5)
     assert calls == {"interleave": 3, "up": 2}  # the NCHW input's nearest upsample is torch's (the kernel is NHWC)
     monkeypatch.setattr(V, "SUBPIXEL_UPSAMPLE", True)
+    with torch.no_grad():  # cast after freezing: the frozen weight no longer fits, the official form runs
+        upsample.double()
+        x64 = x.double()
+        want = F.conv2d(F.interpolate(x64, scale_factor=2.0, mode="nearest"), conv.weight, None, padding=1)
+        torch.testing.assert_close(upsample(x64)[0], want)
+    assert calls == {"interleave": 3, "up": 3}
     with torch.inference_mode():
         frozen = V.Upsample(8)
         V.freeze_subpixel_weights(frozen)
         want = F.conv2d(F.interpolate(x, scale_factor=2.0, mode="nearest"), frozen.conv.conv.weight, None, padding=1)
         torch.testing.assert_close(frozen(x)[0], want, atol=1e-5, rtol=1e-5)
+    V.freeze_subpixel_weights(frozen)  # again, outside inference mode: updated in place all the same
     assert calls["interleave"] == 4
 
 

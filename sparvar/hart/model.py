@@ -27,8 +27,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..attention import self_attention
-from ..model import (ConcatKV, KVCache, RMSNorm, _MaskPlan, build_model, cast_model, qkv_bias,  # noqa: F401 (re-exported)
-                     rms_norm)
+from ..model import (ConcatKV, KVCache, RMSNorm, _MaskPlan, build_model, cache_tokens, cast_model,  # noqa: F401
+                     qkv_bias, rms_norm)  # (some re-exported)
 from ..schedule import Schedule
 from .config import HartConfig
 from .diffusion import DiffLoss
@@ -310,7 +310,7 @@ class HART(nn.Module):
             raise ValueError(f"schedule text prefix {schedule.prefix_len} != {self.cfg.name} text_len {self.cfg.text_len} "
                              "(use get_schedule(..., model=<hart model>))")
         p = self.word_embed.weight
-        return KVCache(self.cfg.depth, batch, self.cfg.heads, tokens or schedule.total_tokens, self.cfg.head_dim,
+        return KVCache(self.cfg.depth, batch, self.cfg.heads, cache_tokens(schedule, tokens), self.cfg.head_dim,
                        p.dtype, p.device)
 
     def scale_input(self, scale: int, codes: torch.Tensor | None, text: TextCondition) -> torch.Tensor:
