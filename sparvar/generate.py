@@ -116,11 +116,12 @@ def resample(latent: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(latent.unsqueeze(2), size=(1, *size), mode="trilinear").squeeze(2)
 
 
-def check_runner_skip(runner, schedule: Schedule, skip_last: int) -> None:
+def check_runner_skip(runner, schedule: Schedule, skip_last: int) -> int:
     """The runner must run every scale a loop skipping its last `skip_last` runs (ValueError otherwise, before any
     scale runs): a SparVAR plan made to skip more makes no decision for scales it thought skipped (it would fail at
     the first of them), and a graph runner made to skip more has no graphs for them. Made to skip less is allowed:
-    correct, only the work for the skipped scales (a CS4A decision, graphs) is wasted."""
+    correct, only the work for the skipped scales (a CS4A decision, graphs) is wasted. Returns the scales the loop
+    runs."""
     run_scales = schedule.run_scales(skip_last)
     plan = getattr(runner, "plan", None)
     if plan is not None and getattr(plan, "skip_last", 0) > skip_last:
@@ -129,6 +130,7 @@ def check_runner_skip(runner, schedule: Schedule, skip_last: int) -> None:
     if getattr(runner, "run_scales", run_scales) < run_scales:
         raise ValueError(f"the runner runs {runner.run_scales} scales; this loop runs {run_scales} "
                          f"(skip_last={skip_last})")
+    return run_scales
 
 
 @dataclass
@@ -146,8 +148,7 @@ def generate(runner, decoder, schedule: Schedule, features: torch.Tensor, length
     decoder: .codebook_dim, .patchify, bits_to_codes(bits) -> codes, decode(latent) -> image in [-1, 1]
     skip_last: run the transformer on all but the last N scales and decode the upsampled running sum.
     """
-    check_runner_skip(runner, schedule, skip_last)
-    run_scales = schedule.run_scales(skip_last)
+    run_scales = check_runner_skip(runner, schedule, skip_last)
     B = features.shape[0]
     patch = 2 if decoder.patchify else 1
     final = (schedule.final_grid[0] * patch, schedule.final_grid[1] * patch)

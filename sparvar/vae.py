@@ -208,10 +208,6 @@ _PHASE_TAPS = ((1, 0, 0), (0, 1, 1),  # a = 0: input row i-1 <- kernel row 0; ro
                (1, 1, 0), (0, 0, 1))  # a = 1: input row i <- rows 0 + 1; row i+1 <- row 2
 
 
-def _phase_taps(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    return torch.tensor(_PHASE_TAPS, dtype=dtype, device=device)
-
-
 def subpixel_weight(weight: torch.Tensor) -> torch.Tensor:
     """A 3x3 convolution's weight (C_out, C_in, 3, 3) -> the (4 C_out, C_in, 2, 2) weight of its sub-pixel form.
 
@@ -224,7 +220,7 @@ def subpixel_weight(weight: torch.Tensor) -> torch.Tensor:
     rounding more than the official form."""
     c_out, c_in = weight.shape[:2]
     w = weight.to(torch.promote_types(weight.dtype, torch.float32))
-    taps = _phase_taps(w.device, w.dtype)
+    taps = torch.tensor(_PHASE_TAPS, dtype=w.dtype, device=w.device)
     summed = taps @ w @ taps.T  # (C_out, C_in, 4, 4): [2a + u, 2b + v]
     summed = summed.view(c_out, c_in, 2, 2, 2, 2).permute(2, 4, 0, 1, 3, 5)  # (a, b, C_out, C_in, u, v)
     return summed.reshape(4 * c_out, c_in, 2, 2).to(weight.dtype)

@@ -91,8 +91,7 @@ def generate_hart(runner: HartRunner, tokenizer: HartVQDecoder, schedule: Schedu
                   progress: Callable[[int, int], None] | None = None) -> HartGeneration:
     """Generate one image per prompt row (features (B, text_len, text_dim), mask (B, text_len) bool)."""
     SN = schedule.num_scales
-    check_runner_skip(runner, schedule, skip_last)
-    run_scales = schedule.run_scales(skip_last)
+    run_scales = check_runner_skip(runner, schedule, skip_last)
     if schedule.prefix_len is None:
         raise ValueError("not a HART schedule (no text prefix): use get_schedule(..., model=<hart model>)")
     patch_nums = tuple(h for h, _ in schedule.grids)
