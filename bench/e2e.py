@@ -11,6 +11,7 @@ noise, the work is the same). Every row runs the same `sparvar.generate.generate
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import os
 import statistics
@@ -35,6 +36,31 @@ SPARVAR_ENGINE_ROW = "SparVAR engine (CUDA graphs, Triton kernels)"
 # (SparVARPlan(overlap_decision=True)): what the overlap gains or loses, side by side. Results up to commit 8a792bb
 # ran the side stream by default and name their ablation row "..., CS4A decision in line".
 DECISION_OVERLAP_ROW = "SparVAR engine (CUDA graphs, Triton kernels), CS4A decision on a side stream"
+# the same engine with the CSLA kernel's tensor-descriptor (TMA) and warp-specialised configs in its autotuning
+# (SPARVAR_CSLA_TMA=1 while the row's engine is built and run; sparvar.kernels.csla.tma_enabled)
+CSLA_TMA_ROW = "SparVAR engine (CUDA graphs, Triton kernels), CSLA tuned with its TMA configs"
+
+
+@contextlib.contextmanager
+def csla_tma_configs(on: bool):
+    """SPARVAR_CSLA_TMA set for one row (sparvar.kernels.csla.tma_enabled), the caller's value restored after."""
+    before = os.environ.get("SPARVAR_CSLA_TMA")
+    os.environ["SPARVAR_CSLA_TMA"] = "1" if on else "0"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("SPARVAR_CSLA_TMA")
+        else:
+            os.environ["SPARVAR_CSLA_TMA"] = before
+
+
+def csla_tuned_config() -> str | None:
+    try:
+        from sparvar.kernels.csla import tuned_config
+    except ImportError:
+        return None
+    return tuned_config("csla")
 
 
 def time_generation(pipe, features, lengths, warmup: int, runs: int, sampling) -> tuple[dict, list]:
@@ -95,6 +121,7 @@ def rows_for(model_name: str):
         (DENSE_ENGINE_ROW, "dense", "graphs", "engine", 0, False),
         (SPARVAR_ENGINE_ROW, "sparvar", "graphs", "engine", 0, False),
         (DECISION_OVERLAP_ROW, "sparvar", "graphs", "engine", 0, False),
+        (CSLA_TMA_ROW, "sparvar", "graphs", "engine", 0, False),
         ("SparVAR engine + skip last 2", "sparvar", "graphs", "engine", 2, False),
         ("dense engine + skip last 2", "dense", "graphs", "engine", 2, False),
     ]
@@ -200,23 +227,27 @@ def bench_model(model_name: str, resolution: int, warmup: int, runs: int, rows=N
         plan = make_plan(cfg, schedule, attention, backend="triton", skip_last=skip)
         if name == DECISION_OVERLAP_ROW:
             plan.overlap_decision = True
-        runner = make_runner(kind, plan, backend, fp8, skip)
-        pipe = make_pipeline(runner, skip)
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        t0 = time.perf_counter()
-        try:
-            timing, per_scale = time_generation(pipe, features, lengths, warmup, runs, sampling)
-        except Exception as e:  # one broken row must not lose the others: record it
-            print(f"{model_name:12s} {name:48s} FAILED: {type(e).__name__}: {e}", flush=True)
-            results.append({"row": name, "error": f"{type(e).__name__}: {e}"})
-        else:
-            row = {"row": name, "attention": attention, "runner": kind, "sdpa_backend": backend, "skip_last": skip,
-                   "fp8": fp8, **timing, "images_per_s": 1000 * batch / timing["median_ms"], "per_scale_ms": per_scale,
-                   "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30, "bench_seconds": time.perf_counter() - t0}
-            print(f"{model_name:12s} {name:48s} {timing['median_ms']:8.1f} ms  (peak {row['peak_memory_gib']:.1f} GiB)",
-                  flush=True)
-            results.append(row)
+        with csla_tma_configs(name == CSLA_TMA_ROW):  # read where a kernel is tuned: the runner's warm-up, eager calls
+            runner = make_runner(kind, plan, backend, fp8, skip)  # the graph runners tune and capture here
+            pipe = make_pipeline(runner, skip)
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            t0 = time.perf_counter()
+            try:
+                timing, per_scale = time_generation(pipe, features, lengths, warmup, runs, sampling)
+            except Exception as e:  # one broken row must not lose the others: record it
+                print(f"{model_name:12s} {name:48s} FAILED: {type(e).__name__}: {e}", flush=True)
+                results.append({"row": name, "error": f"{type(e).__name__}: {e}"})
+            else:
+                row = {"row": name, "attention": attention, "runner": kind, "sdpa_backend": backend, "skip_last": skip,
+                       "fp8": fp8, **timing, "images_per_s": 1000 * batch / timing["median_ms"],
+                       "per_scale_ms": per_scale, "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30,
+                       "bench_seconds": time.perf_counter() - t0}
+                if attention == "sparvar":  # the CSLA config the last sparse scale runs (each scale is tuned alone)
+                    row["csla_config_last_scale"] = csla_tuned_config()
+                print(f"{model_name:12s} {name:48s} {timing['median_ms']:8.1f} ms  (peak {row['peak_memory_gib']:.1f} GiB)",
+                      flush=True)
+                results.append(row)
         del runner, pipe, plan
         gc.collect()
         torch.cuda.empty_cache()
