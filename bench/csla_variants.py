@@ -110,7 +110,9 @@ def compile_stats(tiles=((64, 64), (128, 64)), head_dims=(128, 64)) -> list[dict
                                  setmaxnreg=sorted(set(re.findall(r"setmaxnreg\.(inc|dec)\.sync\.aligned\.u32\s+(\d+)", ptx))),
                                  **ptxas_registers(ptx)))
                 regs = rows[-1]["registers"]  # the launch's register count bounds the CTAs an SM holds, too
-                rows[-1]["ctas_per_sm_by_registers"] = 65536 // (compiled.metadata.num_warps * 32 * regs) if regs else None
+                per_thread = -(-regs // 8) * 8 if regs else None  # allocated in units of 8 per thread
+                rows[-1]["ctas_per_sm_by_registers"] = (65536 // (compiled.metadata.num_warps * 32 * per_thread)
+                                                        if regs else None)
     return rows
 
 
@@ -195,7 +197,7 @@ def main(argv=None):
         out = args.out or os.path.join(ROOT, "bench", "results", "csla_variants_sm90_compile.json")
         rows = compile_stats()
         path = write_result(out, dict(benchmark="CSLA kernel configs compiled for sm_90 (no GPU run)",
-                                      triton=triton.__version__, note="ctas_per_sm_by_shared: 227 KiB / shared_bytes; ctas_per_sm_by_registers: 64 Ki / (threads x registers)",
+                                      triton=triton.__version__, note="ctas_per_sm_by_shared: 227 KiB / shared_bytes; ctas_per_sm_by_registers: 64 Ki / (threads x registers rounded up to 8)",
                                       rows=rows))
         for r in rows:
             print({k: v for k, v in r.items()})
