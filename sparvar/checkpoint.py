@@ -139,9 +139,15 @@ def read_state_dict(path: str) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file
 
         try:
-            return load_file(path)
+            sd = load_file(path)
         except Exception as e:  # truncated, empty or not safetensors at all: the library's own error types vary
             raise CheckpointError(f"{path} cannot be read as safetensors ({type(e).__name__}: {e})") from None
+        # safetensors hands out views of the mapped file at whatever byte offset it holds each tensor; the loaders keep
+        # the tensors they are given (load_state_dict(assign=True)), and oneDNN's CPU convolutions take other paths
+        # on weights that are not 64-byte aligned (slower, and rounding differently: a decode of loaded weights
+        # differed from the same weights in memory by ~5e-6). Those get memory of their own (torch.load's zip
+        # records are 64-byte aligned already).
+        return {k: v.clone() if v.data_ptr() % 64 else v for k, v in sd.items()}
     if path.endswith((".pth", ".pt", ".bin")):
         try:
             sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)

@@ -163,3 +163,16 @@ def test_official_trainer_checkpoint_layout(tmp_path):
     torch.save({"args": argparse.Namespace(model="infinity_tiny"), "trainer": {"gpt_fsdp": official}}, path)
     with pytest.raises(CheckpointError, match="official trainer checkpoint keeps its args.*save_slim_model"):
         load_model(TINY, path)
+
+
+def test_safetensors_tensors_come_back_aligned_and_equal(tmp_path):
+    """safetensors maps tensors at whatever byte offset the file holds them; the loaders keep what they are given
+    (assign=True), so read_state_dict hands out 64-byte aligned memory (oneDNN rounds unaligned weights differently)."""
+    from safetensors.torch import save_file
+
+    from sparvar.checkpoint import read_state_dict
+
+    sd = {f"w{i}": torch.randn(7 + i, 3) for i in range(10)}  # odd sizes: most records start off a 64-byte boundary
+    save_file(sd, str(tmp_path / "w.safetensors"))
+    read = read_state_dict(str(tmp_path / "w.safetensors"))
+    assert all(read[k].data_ptr() % 64 == 0 and torch.equal(read[k], v) for k, v in sd.items())

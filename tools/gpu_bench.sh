@@ -12,7 +12,7 @@
 #   bash tools/gpu_bench.sh "$OUT" hart      # end-to-end HART-0.7B engine rows
 #   bash tools/gpu_bench.sh "$OUT" decide    # the CS4A decision's passes and their alternatives (2B, 8B)
 #   bash tools/gpu_bench.sh "$OUT" later     # CS4A at scales 11-12: composed from its parts vs one launch (2B, 8B)
-#   bash tools/gpu_bench.sh "$OUT" csla      # the CSLA kernel's variants (pointer, TMA, TMA + warp-specialised) side by side
+#   bash tools/gpu_bench.sh "$OUT" csla      # CSLA GPU tests, then its variants (pointer, TMA, TMA + warp-specialised) side by side
 #   bash tools/gpu_bench.sh "$OUT" e2e2b     # end-to-end, 2B bf16 engine rows (dense, SparVAR, its ablations, skip 2)
 #   bash tools/gpu_bench.sh "$OUT" e2e8b     # the same for 8B
 #   bash tools/gpu_bench.sh "$OUT" timeline  # GPU idle time of one graphed 2B generation (launch gaps vs host waits)
@@ -60,7 +60,8 @@ for what in "${@:2}"; do
       python bench/small_scales.py --sections decide --out "$OUT/small_scales_decide_$TAG.json" 2>&1 | grep -v Warning | tail -8 ;;
     later)
       python bench/small_scales.py --sections later --out "$OUT/small_scales_later_$TAG.json" 2>&1 | grep -v Warning | tail -6 ;;
-    csla)
+    csla)  # their GPU tests first (the TMA variants have not run on a GPU before), then the benchmark
+      python -m pytest -q tests/test_kernels_gpu.py -k "csla" 2>&1 | tail -6
       python bench/csla_variants.py --runs 50 --warmup 5 --out "$OUT/csla_variants_$TAG.json" 2>&1 | grep -v Warning | tail -16 ;;
     e2e2b|e2e8b)  # the bf16 engine rows, the side-stream ablation and the skip-2 rows
       size=${what#e2e}
