@@ -116,27 +116,29 @@ def compile_stats(tiles=((64, 64), (128, 64)), head_dims=(128, 64)) -> list[dict
     return rows
 
 
-def run(models: list[str], runs: int, warmup: int, partial_path: str | None = None) -> dict:
+def run(models: list[str], runs: int, warmup: int, partial_path: str | None = None, resolution: int = 1024,
+        device: str = "cuda", dtype: torch.dtype = torch.bfloat16) -> dict:
+    """The rows (resolution, device and dtype other than the defaults: a CPU dry run under TRITON_INTERPRET=1)."""
     from sparvar.attention import reference_attention
     from sparvar.kernels import csla as C
     from sparvar.schedule import get_schedule
     from sparvar.sparse import default_policy
 
     bench = Bench(runs, warmup, partial_path)
-    batch, dtype, tuned = 2, torch.bfloat16, {}
+    batch, tuned = 2, {}
     for model in models:
         heads, head_dim = MODELS[model]
-        schedule = get_schedule(1024, model=model)
+        schedule = get_schedule(resolution, model=model)
         policy = default_policy(model, schedule)
         torch.manual_seed(0)
         total = schedule.kv_len(schedule.num_scales - 1)
-        cache_k, cache_v = (torch.randn(batch, heads, total, head_dim, device="cuda", dtype=dtype) for _ in range(2))
+        cache_k, cache_v = (torch.randn(batch, heads, total, head_dim, device=device, dtype=dtype) for _ in range(2))
         for scale in policy.sparse_scales:
-            layout = policy.csla_layout(schedule, scale).to("cuda")
+            layout = policy.csla_layout(schedule, scale).to(device)
             if layout.granularity != "block":
                 continue  # the TMA variants take block-granular layouts only
             q_len, kv_len = layout.q_len, layout.kv_len
-            q = (torch.randn(batch, q_len, heads, head_dim, device="cuda", dtype=dtype) * head_dim**-0.5).transpose(1, 2)
+            q = (torch.randn(batch, q_len, heads, head_dim, device=device, dtype=dtype) * head_dim**-0.5).transpose(1, 2)
             k, v = cache_k[:, :, :kv_len], cache_v[:, :, :kv_len]
             order = C.query_block_order(layout.kv_num_blocks)
             blocks = (layout.block_m, layout.block_n)
@@ -166,7 +168,8 @@ def run(models: list[str], runs: int, warmup: int, partial_path: str | None = No
                 tuned[f"{model} s{scale} SPARVAR_CSLA_TMA={flag}"] = C.tuned_config("csla")
             os.environ.pop("SPARVAR_CSLA_TMA", None)
         del cache_k, cache_v
-        torch.cuda.empty_cache()
+        if device == "cuda":
+            torch.cuda.empty_cache()
     return dict(rows=bench.rows, tuned_configs=tuned)
 
 

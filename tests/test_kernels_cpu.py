@@ -727,3 +727,38 @@ def test_csla_tma_variants_under_triton_interpreter():
     pytest.importorskip("triton")
     worst = float(run_interpreted(TMA_SCRIPT))
     assert worst < 5e-3, f"the CSLA TMA variants differ from the reference by {worst}"
+
+
+BENCH_DRY_RUN_SCRIPT = textwrap.dedent('''
+    import torch
+
+    import bench.csla_variants as B
+
+    class CallOnce:  # bench.attention.Bench without the CUDA timing: each row's call and check run once
+        def __init__(self, *args, **kwargs):
+            self.rows = []
+
+        def add(self, model, name, scale, fn, check=None, **extra):
+            fn()
+            self.rows.append(dict(model=model, name=name, scale=scale, **extra, **(check() if check else {})))
+
+    B.Bench = CallOnce
+    B.MODELS = {"infinity-2b": (2, 64)}  # 2B's policy (64x64 CSLA blocks) on 2 heads of 64 at 256^2
+    rows = B.run(["infinity-2b"], 1, 0, resolution=256, device="cpu", dtype=torch.float16)["rows"]
+    names = {(r["scale"], r["name"]) for r in rows}
+    expected = {(s, n) for s in (4, 5, 6) for n in ("CSLA pointer (fixed config)", "CSLA tma (fixed config)",
+                                                    "CSLA tma-ws (fixed config)", "CSLA autotuned (pointer configs)",
+                                                    "CSLA autotuned (+ TMA configs)")}
+    assert names == expected, names
+    assert all(r.get("tma_usable", True) for r in rows)
+    print("WORST", max(r["max_abs_err"] for r in rows))
+''')
+
+
+def test_csla_variants_bench_dry_run_under_triton_interpreter():
+    """bench/csla_variants.py's rows, run once each on the CPU (no timing): every variant and both tuning sets per
+    sparse scale, each checked against the reference as the GPU run checks it, so the GPU run does not fail on
+    the script."""
+    pytest.importorskip("triton")
+    worst = float(run_interpreted(BENCH_DRY_RUN_SCRIPT))
+    assert worst < 5e-3, f"bench/csla_variants.py rows differ from the reference by {worst}"
