@@ -50,17 +50,24 @@ def csla_tma_configs(on: bool):
         yield
     finally:
         if before is None:
-            os.environ.pop("SPARVAR_CSLA_TMA")
+            os.environ.pop("SPARVAR_CSLA_TMA", None)
         else:
             os.environ["SPARVAR_CSLA_TMA"] = before
 
 
-def csla_tuned_config() -> str | None:
+def csla_tuning() -> dict:
+    """The CSLA autotuner's last choice and whether TMA configs were among those it timed (False where tma_usable
+    refused them: the TMA row then ran the pointer configs only). Empty without Triton or before any tuning."""
     try:
-        from sparvar.kernels.csla import tuned_config
+        from sparvar.kernels import csla
     except ImportError:
-        return None
-    return tuned_config("csla")
+        return {}
+    tuner = getattr(csla, "_csla_fwd_tuned", None)
+    timed = getattr(tuner, "configs_timings", None) or {}
+    if not timed:
+        return {}
+    return {"csla_config_last_scale": csla.tuned_config("csla"),
+            "csla_tma_configs_timed": any(c.kwargs.get("TMA") for c in timed)}
 
 
 def time_generation(pipe, features, lengths, warmup: int, runs: int, sampling) -> tuple[dict, list]:
@@ -228,7 +235,7 @@ def bench_model(model_name: str, resolution: int, warmup: int, runs: int, rows=N
         if name == DECISION_OVERLAP_ROW:
             plan.overlap_decision = True
         with csla_tma_configs(name == CSLA_TMA_ROW):  # read where a kernel is tuned: the runner's warm-up, eager calls
-            runner = make_runner(kind, plan, backend, fp8, skip)  # the graph runners tune and capture here
+            runner = make_runner(kind, plan, backend, fp8, skip)  # graph runners tune and capture at the first begin()
             pipe = make_pipeline(runner, skip)
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
@@ -243,8 +250,8 @@ def bench_model(model_name: str, resolution: int, warmup: int, runs: int, rows=N
                        "fp8": fp8, **timing, "images_per_s": 1000 * batch / timing["median_ms"],
                        "per_scale_ms": per_scale, "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30,
                        "bench_seconds": time.perf_counter() - t0}
-                if attention == "sparvar":  # the CSLA config the last sparse scale runs (each scale is tuned alone)
-                    row["csla_config_last_scale"] = csla_tuned_config()
+                if attention == "sparvar":  # the CSLA tuning of the last sparse scale run (each scale is tuned alone)
+                    row.update(csla_tuning())
                 print(f"{model_name:12s} {name:48s} {timing['median_ms']:8.1f} ms  (peak {row['peak_memory_gib']:.1f} GiB)",
                       flush=True)
                 results.append(row)

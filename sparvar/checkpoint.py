@@ -133,21 +133,27 @@ def read_weights(path: str) -> dict[str, torch.Tensor]:
     return sd
 
 
+def parameter_tensor(t: torch.Tensor, device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A checkpoint tensor as a loader keeps it (load_state_dict(assign=True)): on `device`, in `dtype` (None: its own),
+    and on the CPU in 64-byte aligned memory. safetensors maps each tensor at its byte offset in the file, which is
+    seldom a 64-byte boundary, and oneDNN's CPU convolutions take other paths on such weights (slower, and rounding
+    differently: a decode of loaded weights differed from the same weights in memory by ~5e-6). A copy that .to()
+    made is aligned already, so only tensors kept as they were read are copied."""
+    out = t.to(device=device) if dtype is None else t.to(device=device, dtype=dtype)
+    if out.device.type == "cpu" and out.data_ptr() % 64:
+        out = out.clone()
+    return out
+
+
 def read_state_dict(path: str) -> dict[str, torch.Tensor]:
     check_checkpoint_file(path)
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file
 
         try:
-            sd = load_file(path)
+            return load_file(path)
         except Exception as e:  # truncated, empty or not safetensors at all: the library's own error types vary
             raise CheckpointError(f"{path} cannot be read as safetensors ({type(e).__name__}: {e})") from None
-        # safetensors hands out views of the mapped file at whatever byte offset it holds each tensor; the loaders keep
-        # the tensors they are given (load_state_dict(assign=True)), and oneDNN's CPU convolutions take other paths
-        # on weights that are not 64-byte aligned (slower, and rounding differently: a decode of loaded weights
-        # differed from the same weights in memory by ~5e-6). Those get memory of their own (torch.load's zip
-        # records are 64-byte aligned already).
-        return {k: v.clone() if v.data_ptr() % 64 else v for k, v in sd.items()}
     if path.endswith((".pth", ".pt", ".bin")):
         try:
             sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -251,7 +257,8 @@ def load_model(cfg: InfinityConfig, path: str, device="cpu", dtype=torch.float32
         model = Infinity(cfg)
     sd = read_weights(path)
     check_state_dict(sd, cfg)
-    model.load_state_dict({from_official_name(k, cfg): v.to(device) for k, v in sd.items()}, strict=True, assign=True)
+    model.load_state_dict({from_official_name(k, cfg): parameter_tensor(v, device) for k, v in sd.items()}, strict=True,
+                          assign=True)
     return cast_model(model, dtype)
 
 

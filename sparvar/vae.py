@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoint import CheckpointError, read_state_dict, select_state
+from .checkpoint import CheckpointError, parameter_tensor, read_state_dict, select_state
 from .config import VAEConfig
 
 # Official tokenizer state dicts hold the whole AutoEncoder. These prefixes are the parts decode does not
@@ -505,5 +505,5 @@ def load_vae(path: str, cfg: VAEConfig, device="cpu", dtype: torch.dtype = torch
     decoder_sd = select_decoder_state(read_tokenizer_state_dict(path), cfg)
     with torch.device("meta"):
         model = BSQDecoder(cfg)
-    model.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in decoder_sd.items()}, strict=True, assign=True)
+    model.load_state_dict({k: parameter_tensor(v, device, dtype) for k, v in decoder_sd.items()}, strict=True, assign=True)
     return model.to(memory_format=torch.channels_last).eval().requires_grad_(False)  # why: see build_vae

@@ -165,14 +165,23 @@ def test_official_trainer_checkpoint_layout(tmp_path):
         load_model(TINY, path)
 
 
-def test_safetensors_tensors_come_back_aligned_and_equal(tmp_path):
-    """safetensors maps tensors at whatever byte offset the file holds them; the loaders keep what they are given
-    (assign=True), so read_state_dict hands out 64-byte aligned memory (oneDNN rounds unaligned weights differently)."""
+def test_loaded_parameters_are_aligned_on_the_cpu(tmp_path):
+    """safetensors maps tensors at whatever byte offset the file holds them and the loaders keep what they are given
+    (assign=True), so parameter_tensor copies those off a 64-byte boundary (oneDNN rounds unaligned weights
+    differently); the model's parameters are then aligned and equal to the saved ones."""
     from safetensors.torch import save_file
 
-    from sparvar.checkpoint import read_state_dict
+    from sparvar.checkpoint import parameter_tensor, read_state_dict
 
     sd = {f"w{i}": torch.randn(7 + i, 3) for i in range(10)}  # odd sizes: most records start off a 64-byte boundary
     save_file(sd, str(tmp_path / "w.safetensors"))
     read = read_state_dict(str(tmp_path / "w.safetensors"))
-    assert all(read[k].data_ptr() % 64 == 0 and torch.equal(read[k], v) for k, v in sd.items())
+    assert any(t.data_ptr() % 64 for t in read.values())  # what the file gives
+    kept = {k: parameter_tensor(v, "cpu") for k, v in read.items()}
+    assert all(kept[k].data_ptr() % 64 == 0 and torch.equal(kept[k], v) for k, v in sd.items())
+    model = build_model(TINY)
+    path = str(tmp_path / "tiny.safetensors")
+    save_official(model, path)
+    loaded = load_model(TINY, path)
+    assert all(p.data_ptr() % 64 == 0 for p in loaded.parameters())
+    assert all(torch.equal(p, q) for p, q in zip(loaded.state_dict().values(), model.state_dict().values()))

@@ -15,7 +15,8 @@ import os
 
 import torch
 
-from ..checkpoint import CheckpointError, check_keys, read_state_dict, read_weights, weight_files, write_state_dict
+from ..checkpoint import (CheckpointError, check_keys, parameter_tensor, read_state_dict, read_weights, weight_files,
+                          write_state_dict)
 from .config import HartConfig
 from .model import HART, build_model, cast_model
 
@@ -86,7 +87,7 @@ def load_model(cfg: HartConfig, path: str, device="cpu", dtype=torch.float32, em
     """A HART with the official weights at `path`, in `dtype` (the head stays fp32), without a random init first."""
     model = build_model(cfg, init="meta")
     sd = _loadable(read_checkpoint(path, ema), cfg)
-    model.load_state_dict({k: v.to(device) for k, v in sd.items()}, strict=True, assign=True)
+    model.load_state_dict({k: parameter_tensor(v, device) for k, v in sd.items()}, strict=True, assign=True)
     return cast_model(model, dtype)
 
 

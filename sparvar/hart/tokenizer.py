@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..checkpoint import read_state_dict, select_state
+from ..checkpoint import parameter_tensor, read_state_dict, select_state
 from ..vae import conv_without_bias, norm_silu, resnet_block, upsample_conv
 from .config import HartVQConfig
 
@@ -407,5 +407,5 @@ def load_hart_vq(path: str, cfg: HartVQConfig, device="cpu", dtype: torch.dtype 
     decode_sd = select_decoder_state(read_state_dict(path), cfg)
     with torch.device("meta"):
         model = HartVQDecoder(cfg)
-    model.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in decode_sd.items()}, strict=True, assign=True)
+    model.load_state_dict({k: parameter_tensor(v, device, dtype) for k, v in decode_sd.items()}, strict=True, assign=True)
     return model.eval().requires_grad_(False)
