@@ -348,7 +348,7 @@ if HAS_TRITON:
         for c in configs:
             if c.kwargs.get("TMA") and not kwargs.get("TMA_OK"):
                 continue
-            if c.kwargs.get("WS"):  # 4 warps per consumer group; the pass adds a producer group and a second consumer
+            if c.kwargs.get("WS"):  # 4 warps asked for at any tile: Triton's Hopper pass launches 12 (its own partitions)
                 kept.append(c)
                 continue
             if (block_m < 128) != (c.num_warps <= 4):  # 128-row tiles: 8 warps (4 would spill the accumulator)
