@@ -119,6 +119,9 @@ def cudnn_acceptance(cfg, schedule) -> dict:
     return out
 
 
+DEFAULT_MODELS = ["infinity-2b", "infinity-8b"]
+
+
 def rows_for(model_name: str):
     """(row name, attention, runner kind, sdpa backend, skip_last, fp8 linears)"""
     rows = [
@@ -138,6 +141,32 @@ def rows_for(model_name: str):
         rows += [("dense engine, FP8 linears", "dense", "graphs", "engine", 0, True),
                  ("SparVAR engine, FP8 linears", "sparvar", "graphs", "engine", 0, True)]
     return rows
+
+
+def select_rows(model_name: str, specs: list[str] | None):
+    """The rows of `rows_for(model_name)` that the --rows values `specs` name (None: all), in the benchmark's order.
+    A value starting with '=' is the one row of exactly that name (row names hold commas, and the SparVAR engine
+    row's name is contained in its ablations' names, so only this selects it alone); any other value is
+    comma-separated terms, each selecting every row whose name contains it. A value or term that selects no row is
+    an error naming it, not a run that measures less than asked."""
+    from sparvar.cli import UsageError
+
+    rows = rows_for(model_name)
+    if specs is None:
+        return rows
+    terms = [t for spec in specs for t in ([spec] if spec.startswith("=") else
+                                           [w.strip() for w in spec.split(",") if w.strip()])]
+    if not terms:
+        raise UsageError("bench e2e: --rows names no row")
+
+    def selects(term, name):
+        return name == term[1:] if term.startswith("=") else term in name
+
+    for term in terms:
+        if not any(selects(term, r[0]) for r in rows):
+            raise UsageError(f"bench e2e: --rows term {term!r} selects none of {model_name}'s rows: "
+                             + "; ".join(r[0] for r in rows))
+    return [r for r in rows if any(selects(t, r[0]) for t in terms)]
 
 
 def family_parts(model_name: str, resolution: int, device, weights: str | None = None, vae: str | None = None,
@@ -296,6 +325,8 @@ def check_args(args) -> None:
             get_config(m)
         except ValueError as e:
             raise UsageError(str(e)) from None
+    for m in args.model or DEFAULT_MODELS:
+        select_rows(m, args.rows)
     if (args.weights is None) != (args.vae is None):
         raise UsageError("bench e2e: give both --weights and --vae (official checkpoints), or neither (random weights)")
     if args.weights and len(args.model or []) != 1:
@@ -328,16 +359,14 @@ def main(args=None) -> int:
 
     if args.engine_cross_max_q is not None:
         sparvar.attention.ENGINE_CROSS_MAX_Q = args.engine_cross_max_q
-    models = args.model or ["infinity-2b", "infinity-8b"]
+    models = args.model or DEFAULT_MODELS
     args.out = args.out or result_path("e2e" if args.batch == 1 else f"e2e_batch{args.batch}")
     out = {"benchmark": "end-to-end latency per image", "protocol": f"{args.warmup} warm-up + median of {args.runs} timed runs; "
            "text conditioning, all scales, CFG, sampling and VAE decode included; T5 encoder excluded; "
            + ("official weights" if args.weights else "random weights"),
            "engine_cross_max_q": sparvar.attention.ENGINE_CROSS_MAX_Q, "models": []}
     for m in models:  # written after every row, so a run cut short keeps what it measured
-        rows = None
-        if args.rows:
-            rows = [r for r in rows_for(m) if any(w in r[0] for w in args.rows.split(","))]
+        rows = select_rows(m, args.rows)
         done = list(out["models"])
         out["models"].append(bench_model(m, args.resolution, args.warmup, args.runs, rows, args.weights, args.vae,
                                          args.text_embeddings,

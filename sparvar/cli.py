@@ -101,7 +101,9 @@ def add_bench_e2e_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--text-embeddings", help="precomputed text features of the one --model (default: hashed stand-ins; "
                    "the text encoder is not timed)")
     p.add_argument("--out", default=None, help="default: bench/results/e2e_<device>.json (e2e_batch<N>_<device>.json)")
-    p.add_argument("--rows", default=None, help="only the rows whose name contains one of these comma-separated words")
+    p.add_argument("--rows", action="append", default=None,
+                   help="only these rows (repeatable): comma-separated terms, each selecting the rows whose name "
+                   "contains it; or '=' and one row's exact name (names hold commas)")
     p.add_argument("--engine-cross-max-q", type=int, default=None,
                    help="an experiment on the crossover: the engines' cross-attention runs our kernel up to this many "
                         "query tokens instead of sparvar.attention.ENGINE_CROSS_MAX_Q (recorded in the result)")

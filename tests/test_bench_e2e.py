@@ -24,10 +24,30 @@ from sparvar.vae import build_vae
     (["--text-embeddings", "t.safetensors"], "name that model with one --model"),
     (["--batch", "0"], "--batch must be >= 1"),
     (["--model", "infinity-2b", "--weights", "missing.pth", "--vae", "missing.pth"], "--weights missing.pth: no such file"),
+    (["--model", "infinity-2b", "--rows", "engine,TRT"], "--rows term 'TRT' selects none of infinity-2b's rows"),
+    (["--model", "hart-0.7b", "--rows", "FP8"], "--rows term 'FP8' selects none of hart-0.7b's rows"),
+    (["--rows", "=SparVAR engine"], "--rows term '=SparVAR engine' selects none of infinity-2b's rows"),
+    (["--model", "infinity-2b", "--rows", "engine", "--rows", "=dense engine"], "'=dense engine' selects none"),
+    (["--model", "infinity-2b", "--rows", " , "], "--rows names no row"),
 ])
 def test_bench_e2e_refuses_bad_options_before_building_anything(args, message, capsys):
     assert main(["bench", "e2e", *args]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_bench_rows_select_by_substring_or_exact_name():
+    """A '=' term picks the one row of that name (the SparVAR engine row without the ablations whose names contain
+    it); a plain term every row containing it; the rows keep the benchmark's order."""
+    from bench.e2e import SPARVAR_ENGINE_ROW, select_rows
+
+    names = lambda *specs: [r[0] for r in select_rows("infinity-2b", list(specs))]  # noqa: E731
+    assert names("=" + SPARVAR_ENGINE_ROW, "dense engine (CUDA graphs),skip last 2") == [
+        "dense engine (CUDA graphs)", SPARVAR_ENGINE_ROW, "SparVAR engine + skip last 2", "dense engine + skip last 2"]
+    ablations = names("Triton kernels)")
+    assert ablations[0] == SPARVAR_ENGINE_ROW and len(ablations) > 1
+    assert all(SPARVAR_ENGINE_ROW in n for n in ablations)
+    assert names("skip last 2") == ["SparVAR engine + skip last 2", "dense engine + skip last 2"]
+    assert [r[0] for r in select_rows("infinity-2b", None)] == names("e")  # every row name has an 'e'
 
 
 def _official_files(tmp_path, cfg):
@@ -118,3 +138,25 @@ def test_hart_rows_decode_in_fp16_as_the_official_inference():
     with torch.no_grad():
         image = pipe.generate(features, mask, sampling=sampling, seed=1).image
     assert image.shape == (1, 3, 256, 256) and torch.isfinite(image).all()
+
+
+def test_gpu_bench_script_asks_for_rows_that_exist():
+    """tools/gpu_bench.sh's e2e calls pass the benchmark's option checks, their --rows included: a renamed row
+    would otherwise first fail on the GPU, in device time."""
+    import argparse
+    import shlex
+
+    from bench.e2e import check_args
+    from sparvar.cli import add_bench_e2e_args
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, "tools", "gpu_bench.sh")) as f:
+        lines = f.read().replace("\\\n", " ").splitlines()
+    calls = [line.split("python bench/e2e.py", 1)[1].split("2>&1")[0] for line in lines if "python bench/e2e.py" in line]
+    assert len(calls) >= 5
+    parser = argparse.ArgumentParser()
+    add_bench_e2e_args(parser)
+    for call in calls:
+        for size in ("2b", "8b"):  # the e2e2b / e2e8b mode's "infinity-$size"
+            args = parser.parse_args(shlex.split(call.replace("$size", size)))
+            check_args(args)
