@@ -39,20 +39,26 @@ DECISION_OVERLAP_ROW = "SparVAR engine (CUDA graphs, Triton kernels), CS4A decis
 # the same engine with the CSLA kernel's tensor-descriptor (TMA) and warp-specialised configs in its autotuning
 # (SPARVAR_CSLA_TMA=1 while the row's engine is built and run; sparvar.kernels.csla.tma_enabled)
 CSLA_TMA_ROW = "SparVAR engine (CUDA graphs, Triton kernels), CSLA tuned with its TMA configs"
+# both engines with the block linears of the small scales (<= 128 rows) as PDL streaming linears, the kernels before
+# them signalling early (SPARVAR_PDL=1 while the row's engine is captured; sparvar/kernels/linear.py). Infinity only:
+# HART's blocks have their own ops
+DENSE_PDL_ROW = "dense engine (CUDA graphs), PDL linears at small scales"
+SPARVAR_PDL_ROW = "SparVAR engine (CUDA graphs, Triton kernels), PDL linears at small scales"
 
 
 @contextlib.contextmanager
-def csla_tma_configs(on: bool):
-    """SPARVAR_CSLA_TMA set for one row (sparvar.kernels.csla.tma_enabled), the caller's value restored after."""
-    before = os.environ.get("SPARVAR_CSLA_TMA")
-    os.environ["SPARVAR_CSLA_TMA"] = "1" if on else "0"
+def env_flag(name: str, on: bool):
+    """The switch `name` set to 1 or 0 for one row (SPARVAR_CSLA_TMA: sparvar.kernels.csla.tma_enabled;
+    SPARVAR_PDL: sparvar.kernels.linear.pdl_enabled), the caller's value restored after."""
+    before = os.environ.get(name)
+    os.environ[name] = "1" if on else "0"
     try:
         yield
     finally:
         if before is None:
-            os.environ.pop("SPARVAR_CSLA_TMA", None)
+            os.environ.pop(name, None)
         else:
-            os.environ["SPARVAR_CSLA_TMA"] = before
+            os.environ[name] = before
 
 
 def csla_tuning() -> dict:
@@ -138,7 +144,9 @@ def rows_for(model_name: str):
     from sparvar.config import get_config
 
     if getattr(get_config(model_name), "family", "infinity") == "infinity":  # opt-in precision: its own rows
-        rows += [("dense engine, FP8 linears", "dense", "graphs", "engine", 0, True),
+        rows += [(DENSE_PDL_ROW, "dense", "graphs", "engine", 0, False),
+                 (SPARVAR_PDL_ROW, "sparvar", "graphs", "engine", 0, False),
+                 ("dense engine, FP8 linears", "dense", "graphs", "engine", 0, True),
                  ("SparVAR engine, FP8 linears", "sparvar", "graphs", "engine", 0, True)]
     return rows
 
@@ -229,6 +237,7 @@ def add_ratios(model_name: str, results: list[dict]) -> None:
     fa2 = medians.get("dense eager, SDPA FlashAttention-2")
     dense_engine = medians.get(DENSE_ENGINE_ROW)
     dense_fp8 = medians.get("dense engine, FP8 linears")
+    dense_pdl = medians.get(DENSE_PDL_ROW)
     for r in results:
         if "median_ms" not in r:
             continue
@@ -238,6 +247,8 @@ def add_ratios(model_name: str, results: list[dict]) -> None:
             r["speedup_vs_dense_engine"] = dense_engine / r["median_ms"]
         if r.get("fp8") and dense_fp8:  # SparVAR's own gain at the same precision
             r["speedup_vs_dense_fp8_engine"] = dense_fp8 / r["median_ms"]
+        if r.get("pdl_linears") and dense_pdl:  # SparVAR's own gain with the same linears
+            r["speedup_vs_dense_pdl_engine"] = dense_pdl / r["median_ms"]
         r["x_flop_floor"] = r["median_ms"] / FLOP_FLOOR_MS.get(model_name, float("nan"))
 
 
@@ -263,7 +274,9 @@ def bench_model(model_name: str, resolution: int, warmup: int, runs: int, rows=N
         plan = make_plan(cfg, schedule, attention, backend="triton", skip_last=skip)
         if name == DECISION_OVERLAP_ROW:
             plan.overlap_decision = True
-        with csla_tma_configs(name == CSLA_TMA_ROW):  # read where a kernel is tuned: the runner's warm-up, eager calls
+        # read where a kernel is tuned or launched into a graph: the runner's warm-up and capture, at its first begin()
+        with env_flag("SPARVAR_CSLA_TMA", name == CSLA_TMA_ROW), env_flag("SPARVAR_PDL", name in (DENSE_PDL_ROW,
+                                                                                                  SPARVAR_PDL_ROW)):
             runner = make_runner(kind, plan, backend, fp8, skip)  # graph runners tune and capture at the first begin()
             pipe = make_pipeline(runner, skip)
             torch.cuda.synchronize()
@@ -276,7 +289,7 @@ def bench_model(model_name: str, resolution: int, warmup: int, runs: int, rows=N
                 results.append({"row": name, "error": f"{type(e).__name__}: {e}"})
             else:
                 row = {"row": name, "attention": attention, "runner": kind, "sdpa_backend": backend, "skip_last": skip,
-                       "fp8": fp8, **timing, "images_per_s": 1000 * batch / timing["median_ms"],
+                       "fp8": fp8, "pdl_linears": name in (DENSE_PDL_ROW, SPARVAR_PDL_ROW), **timing, "images_per_s": 1000 * batch / timing["median_ms"],
                        "per_scale_ms": per_scale, "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30,
                        "bench_seconds": time.perf_counter() - t0}
                 if attention == "sparvar":  # the CSLA tuning of the last sparse scale run (each scale is tuned alone)

@@ -116,38 +116,20 @@ def attention_rows(model: str, scales, calls: int) -> list[dict]:
     return rows
 
 
-try:
-    import triton
-    import triton.language as tl
-
-    @triton.jit
-    def _few_rows_linear_kernel(X, W, BIAS, Y, M, N, K, stride_xm, stride_wn, stride_ym,
-                                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        # One program owns BLOCK_N output columns for BLOCK_M rows and streams those W rows once, whole K.
-        pid_n, pid_m = tl.program_id(0), tl.program_id(1)
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        offs_k = tl.arange(0, BLOCK_K)
-        acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-        for kb in range(0, K // BLOCK_K):  # K is a multiple of BLOCK_K (the wrapper checks)
-            x = tl.load(X + offs_m[:, None] * stride_xm + (kb * BLOCK_K + offs_k)[None, :], mask=offs_m[:, None] < M,
-                        other=0.0)
-            w = tl.load(W + offs_n[:, None] * stride_wn + (kb * BLOCK_K + offs_k)[None, :])
-            acc = tl.dot(x, tl.trans(w), acc)
-        acc += tl.load(BIAS + offs_n).to(tl.float32)[None, :]
-        tl.store(Y + offs_m[:, None] * stride_ym + offs_n[None, :], acc.to(Y.dtype.element_ty), mask=offs_m[:, None] < M)
-except ImportError:
-    triton = None
-
-
 def few_rows_linear(x, w, b, block_n, block_k, warps, stages):
+    """The engine's streaming linear (sparvar/kernels/linear.py) at one explicit tile configuration, without PDL."""
+    import triton
+
+    from sparvar.kernels.linear import _streaming_linear_kernel
+
     M, K = x.shape
     N = w.shape[0]
     block_m = max(16, triton.next_power_of_2(min(M, 64)))
     y = torch.empty(M, N, device=x.device, dtype=x.dtype)
     grid = (N // block_n, triton.cdiv(M, block_m))
-    _few_rows_linear_kernel[grid](x, w, b, y, M, N, K, x.stride(0), w.stride(0), y.stride(0),
-                                  BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages)
+    _streaming_linear_kernel[grid](x, w, b, y, M, K, x.stride(0), w.stride(0), y.stride(0), BLOCK_M=block_m,
+                                   BLOCK_N=block_n, BLOCK_K=block_k, HAS_BIAS=True, GELU=False, PDL=False,
+                                   PREFETCH_BYTES=0, num_warps=warps, num_stages=stages)
     return y
 
 

@@ -14,6 +14,7 @@
 #   bash tools/gpu_bench.sh "$OUT" later     # CS4A at scales 11-12: composed from its parts vs one launch (2B, 8B)
 #   bash tools/gpu_bench.sh "$OUT" csla      # CSLA GPU tests, then its variants (pointer, TMA, TMA + warp-specialised) side by side
 #   bash tools/gpu_bench.sh "$OUT" tma2b     # the TMA lever in short: the TMA GPU tests, then 2B dense, SparVAR, SparVAR with TMA configs
+#   bash tools/gpu_bench.sh "$OUT" pdl2b     # the PDL streaming linears at small scales: their tests, then 2B dense and SparVAR with and without (pdl8b: 8B)
 #   bash tools/gpu_bench.sh "$OUT" e2e2b     # end-to-end, 2B bf16 engine rows (dense, SparVAR, its ablations, skip 2)
 #   bash tools/gpu_bench.sh "$OUT" e2e8b     # the same for 8B
 #   bash tools/gpu_bench.sh "$OUT" timeline  # GPU idle time of one graphed 2B generation (launch gaps vs host waits)
@@ -66,9 +67,15 @@ for what in "${@:2}"; do
       python bench/csla_variants.py --runs 50 --warmup 5 --out "$OUT/csla_variants_$TAG.json" 2>&1 | grep -v Warning | tail -16 ;;
     tma2b)  # for a session with little device time: the rows that decide the TMA switch, side by side, nothing else
       python -m pytest -q tests/test_kernels_gpu.py -k tma 2>&1 | tail -6
-      python bench/e2e.py --model infinity-2b --warmup 3 --runs 20 --rows "dense engine (CUDA graphs)" \
+      python bench/e2e.py --model infinity-2b --warmup 3 --runs 20 --rows "=dense engine (CUDA graphs)" \
         --rows "=SparVAR engine (CUDA graphs, Triton kernels)" --rows "TMA configs" \
         --out "$OUT/e2e_engines_2b_tma_$TAG.json" 2>&1 | grep -v Warning | tail -6 ;;
+    pdl2b|pdl8b)  # the PDL streaming linears: their GPU tests, then both engines with and without them, side by side
+      size=${what#pdl}
+      python -m pytest -q tests/test_linear_kernel.py 2>&1 | tail -4
+      python bench/e2e.py --model "infinity-$size" --warmup 3 --runs 20 --rows "=dense engine (CUDA graphs)" \
+        --rows "=SparVAR engine (CUDA graphs, Triton kernels)" --rows "PDL linears" \
+        --out "$OUT/e2e_engines_${size}_pdl_$TAG.json" 2>&1 | grep -v Warning | tail -6 ;;
     e2e2b|e2e8b)  # the bf16 engine rows, the side-stream ablation and the skip-2 rows
       size=${what#e2e}
       python bench/e2e.py --model "infinity-$size" --warmup 3 --runs 20 --rows "(CUDA graphs,skip last 2" \

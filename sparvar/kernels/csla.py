@@ -237,6 +237,7 @@ if HAS_TRITON:
         DENSE: tl.constexpr, EVEN_N: tl.constexpr, USE_ORDER: tl.constexpr, STORE_LSE: tl.constexpr,
         TOKEN: tl.constexpr, ROW_LEN: tl.constexpr, CLAMP_LAYOUT: tl.constexpr = False,
         TMA_OK: tl.constexpr = False, TMA: tl.constexpr = False, WS: tl.constexpr = False,
+        PDL_TRIGGER: tl.constexpr = False,
     ):
         # TMA (block-sparse CSLA only; see _CSLA_TMA_CONFIGS): q, K and V tiles come through Hopper tensor descriptors
         # made per program, K/V rows past kv_len read as zeros; WS also warp-specialises the key loop (a producer warp
@@ -244,6 +245,8 @@ if HAS_TRITON:
         # no tile work after it. TMA_OK only keys the autotuner (the wrapper's checks that TMA may run here).
         tl.static_assert(not (TMA and (DENSE or TOKEN or ROW_LEN or CLAMP_LAYOUT or STORE_LSE)))
         tl.static_assert(TMA or not WS)
+        if PDL_TRIGGER:  # the PDL linear after this kernel may start fetching its weights (sparvar/kernels/linear.py)
+            tl.extra.cuda.gdc_launch_dependents()
         pid_m = tl.program_id(0)
         pid_bh = tl.program_id(1)
         b = pid_bh // H
@@ -442,7 +445,7 @@ def flash_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, kv_num_b
                   kv_indices: torch.Tensor | None = None, block_m: int | None = 128, block_n: int | None = 64,
                   scale: float = 1.0, q_order: torch.Tensor | None = None, token: tuple | None = None,
                   return_lse: bool = False, out_dtype: torch.dtype | None = None, kv_lens: torch.Tensor | None = None,
-                  variant: str | None = None, name: str = "flash_forward"):
+                  variant: str | None = None, pdl_trigger: bool = False, name: str = "flash_forward"):
     """Launch the flash kernel: dense when kv_num_blocks is None, block-sparse otherwise. Inputs already checked.
 
     token: None (block-granular) or (num_full, tile_index, partial_masks viewed as uint8), kv_indices then
@@ -450,7 +453,8 @@ def flash_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, kv_num_b
     GPU (128x64 elsewhere). kv_lens (dense only): (B,) int32, batch row b attends to its first kv_lens[b] keys.
     Returns out (B, H, Lq, D) in out_dtype (default q's), or (out, lse (B, H, Lq) fp32 natural-log logsumexp) with
     return_lse. variant: None (autotuned, or the default config), or a CSLA_VARIANTS name launched with fixed configs
-    (block-sparse, block-granular only; the caller checked it can run: tma_usable).
+    (block-sparse, block-granular only; the caller checked it can run: tma_usable). pdl_trigger: let a PDL-launched
+    kernel after this one start early (Hopper; the caller checked pdl_supported).
     """
     require_triton(name)
     dense = kv_num_blocks is None
@@ -477,6 +481,8 @@ def flash_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, kv_num_b
         meta["TMA_OK"] = tma_enabled() and not return_lse and tma_usable(q, k, v, block_m, block_n)
     if variant is not None:
         meta.update(CSLA_VARIANTS[variant])
+    if pdl_trigger:  # only where asked: every other launch keeps the kernel it has always compiled
+        meta["PDL_TRIGGER"] = True
     if meta.get("TMA") or (meta.get("TMA_OK") and autotuning()):
         _ensure_allocator()
     if variant is not None:
@@ -599,7 +605,8 @@ def csla_attention_blocks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_
 
 def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float = 1.0,
                     block_m: int | None = None, block_n: int | None = None, return_lse: bool = False,
-                    out_dtype: torch.dtype | None = None, kv_lens: torch.Tensor | None = None):
+                    out_dtype: torch.dtype | None = None, kv_lens: torch.Tensor | None = None,
+                    pdl_trigger: bool = False):
     """Dense flash attention (the CS4A decision's first pass, the engine's smallest scales and its cross-attention);
     with return_lse also the (B, H, Lq) fp32 logsumexp.
 
@@ -608,6 +615,7 @@ def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale:
     kv_lens: None, or (B,) int32 on q's device: batch row b attends to keys [0, kv_lens[b]) only (a padded text's
     real tokens; values above Lk count as Lk, and a row of 0 or less reads no key and gives NaN, as an all-masked
     softmax does).
+    pdl_trigger: signal a PDL-launched kernel after this one that it may start (sparvar.kernels.linear; Hopper).
     """
     name = "dense_attention"
     check_qkv(name, q, k, v)
@@ -623,8 +631,14 @@ def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale:
                          f"batch row), got {kv_lens.dtype if isinstance(kv_lens, torch.Tensor) else type(kv_lens).__name__} "
                          f"{tuple(kv_lens.shape) if isinstance(kv_lens, torch.Tensor) else ''}")
     check_device(name, q, k=k, v=v, kv_lens=kv_lens)
+    if pdl_trigger:
+        from sparvar.kernels.linear import pdl_supported
+
+        if not pdl_supported(q):
+            raise ValueError(f"{name}: pdl_trigger needs a Hopper (sm_90+) GPU and a compiled kernel, not "
+                             f"{'the interpreter' if interpreting() else q.device}")
     return flash_forward(q, k, v, block_m=block_m, block_n=block_n, scale=scale, return_lse=return_lse,
-                         out_dtype=out_dtype, kv_lens=kv_lens, name=name)
+                         out_dtype=out_dtype, kv_lens=kv_lens, pdl_trigger=pdl_trigger, name=name)
 
 
 # Per layout object, the launch order and (token layouts) the kernel-ordered tiles: layouts are static per scale,

@@ -25,7 +25,7 @@ if HAS_TRITON:
     _GELU_K1 = tl.constexpr(0.044715)
 
     @triton.jit
-    def _gelu_tanh(x):
+    def gelu_tanh_f32(x):
         """F.gelu(x, approximate="tanh") in fp32; tanh(u) = sign(u) (1 - e) / (1 + e) with e = exp(-2|u|) (no
         overflow for large |u|)."""
         u = _GELU_K0 * (x + _GELU_K1 * x * x * x)
@@ -49,7 +49,7 @@ if HAS_TRITON:
         m = cols < K
         x = tl.load(x_ptr + row * K + cols, mask=m, other=0.0)
         if GELU:  # rounded to x's dtype, as F.gelu's output is before the reference quantises it
-            x = _gelu_tanh(x.to(tl.float32)).to(x_ptr.dtype.element_ty)
+            x = gelu_tanh_f32(x.to(tl.float32)).to(x_ptr.dtype.element_ty)
         store_quantized_row(x.to(tl.float32), q_ptr + row * K, s_ptr, row, cols, m)
 
 
