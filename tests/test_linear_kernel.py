@@ -264,7 +264,7 @@ def test_engine_with_pdl_linears_gives_the_engines_logits(monkeypatch, attention
         monkeypatch.setenv("SPARVAR_PDL", pdl)
         plan = make_plan(cfg, schedule, attention, backend="triton") if attention == "sparvar" else None
         runners[pdl] = CudaGraphRunner(model, schedule, plan, use_graphs=True, backend="engine")
-        runners[pdl].begin(features.to("cuda", torch.bfloat16), lengths.to("cuda"), guided=True)
+        runners[pdl].begin(features.to("cuda"), lengths.to("cuda"), guided=True)
     assert calls and all(calls)  # the PDL runner's capture, and only it, took the streaming linears, all with PDL
     codes = None
     for scale in range(schedule.num_scales):
