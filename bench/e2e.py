@@ -44,14 +44,18 @@ CSLA_TMA_ROW = "SparVAR engine (CUDA graphs, Triton kernels), CSLA tuned with it
 # HART's blocks have their own ops
 DENSE_PDL_ROW = "dense engine (CUDA graphs), PDL linears at small scales"
 SPARVAR_PDL_ROW = "SparVAR engine (CUDA graphs, Triton kernels), PDL linears at small scales"
+# the same streaming linears without PDL (SPARVAR_PDL=stream): what the kernel swap alone changes
+DENSE_STREAM_ROW = "dense engine (CUDA graphs), streaming linears at small scales, no PDL"
+ENGINE_LINEARS = {DENSE_PDL_ROW: "1", SPARVAR_PDL_ROW: "1", DENSE_STREAM_ROW: "stream"}  # row -> SPARVAR_PDL
+SMALL_SCALE_LINEARS = {"0": "cublas", "1": "pdl", "stream": "stream"}  # SPARVAR_PDL -> what the row records
 
 
 @contextlib.contextmanager
-def env_flag(name: str, on: bool):
-    """The switch `name` set to 1 or 0 for one row (SPARVAR_CSLA_TMA: sparvar.kernels.csla.tma_enabled;
-    SPARVAR_PDL: sparvar.kernels.linear.pdl_enabled), the caller's value restored after."""
+def env_value(name: str, value: str):
+    """The switch `name` set to `value` for one row (SPARVAR_CSLA_TMA: sparvar.kernels.csla.tma_enabled;
+    SPARVAR_PDL: sparvar.kernels.linear.engine_linears), the caller's value restored after."""
     before = os.environ.get(name)
-    os.environ[name] = "1" if on else "0"
+    os.environ[name] = value
     try:
         yield
     finally:
@@ -144,7 +148,8 @@ def rows_for(model_name: str):
     from sparvar.config import get_config
 
     if getattr(get_config(model_name), "family", "infinity") == "infinity":  # opt-in precision: its own rows
-        rows += [(DENSE_PDL_ROW, "dense", "graphs", "engine", 0, False),
+        rows += [(DENSE_STREAM_ROW, "dense", "graphs", "engine", 0, False),
+                 (DENSE_PDL_ROW, "dense", "graphs", "engine", 0, False),
                  (SPARVAR_PDL_ROW, "sparvar", "graphs", "engine", 0, False),
                  ("dense engine, FP8 linears", "dense", "graphs", "engine", 0, True),
                  ("SparVAR engine, FP8 linears", "sparvar", "graphs", "engine", 0, True)]
@@ -247,7 +252,7 @@ def add_ratios(model_name: str, results: list[dict]) -> None:
             r["speedup_vs_dense_engine"] = dense_engine / r["median_ms"]
         if r.get("fp8") and dense_fp8:  # SparVAR's own gain at the same precision
             r["speedup_vs_dense_fp8_engine"] = dense_fp8 / r["median_ms"]
-        if r.get("pdl_linears") and dense_pdl:  # SparVAR's own gain with the same linears
+        if r.get("small_scale_linears") == "pdl" and dense_pdl:  # SparVAR's own gain with the same linears
             r["speedup_vs_dense_pdl_engine"] = dense_pdl / r["median_ms"]
         r["x_flop_floor"] = r["median_ms"] / FLOP_FLOOR_MS.get(model_name, float("nan"))
 
@@ -275,8 +280,8 @@ def bench_model(model_name: str, resolution: int, warmup: int, runs: int, rows=N
         if name == DECISION_OVERLAP_ROW:
             plan.overlap_decision = True
         # read where a kernel is tuned or launched into a graph: the runner's warm-up and capture, at its first begin()
-        with env_flag("SPARVAR_CSLA_TMA", name == CSLA_TMA_ROW), env_flag("SPARVAR_PDL", name in (DENSE_PDL_ROW,
-                                                                                                  SPARVAR_PDL_ROW)):
+        with env_value("SPARVAR_CSLA_TMA", "1" if name == CSLA_TMA_ROW else "0"), \
+                env_value("SPARVAR_PDL", ENGINE_LINEARS.get(name, "0")):
             runner = make_runner(kind, plan, backend, fp8, skip)  # graph runners tune and capture at the first begin()
             pipe = make_pipeline(runner, skip)
             torch.cuda.synchronize()
@@ -289,7 +294,8 @@ def bench_model(model_name: str, resolution: int, warmup: int, runs: int, rows=N
                 results.append({"row": name, "error": f"{type(e).__name__}: {e}"})
             else:
                 row = {"row": name, "attention": attention, "runner": kind, "sdpa_backend": backend, "skip_last": skip,
-                       "fp8": fp8, "pdl_linears": name in (DENSE_PDL_ROW, SPARVAR_PDL_ROW), **timing, "images_per_s": 1000 * batch / timing["median_ms"],
+                       "fp8": fp8, "small_scale_linears": SMALL_SCALE_LINEARS[ENGINE_LINEARS.get(name, "0")]
+                       if kind == "graphs" else None, **timing, "images_per_s": 1000 * batch / timing["median_ms"],
                        "per_scale_ms": per_scale, "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30,
                        "bench_seconds": time.perf_counter() - t0}
                 if attention == "sparvar":  # the CSLA tuning of the last sparse scale run (each scale is tuned alone)

@@ -65,9 +65,9 @@ def _engine_kernel_takes(q: torch.Tensor, max_q: int) -> bool:
 def _pdl_rows(q: torch.Tensor) -> bool:
     """Whether the linear after this attention call is a PDL streaming linear (sparvar.kernels.pointwise's
     triton_block_ops): then the call signals it early. q (B, H, Lq, D): the linear takes B * Lq rows."""
-    from .kernels.linear import MAX_ROWS, pdl_trigger
+    from .kernels.linear import pdl_trigger
 
-    return q.shape[0] * q.shape[2] <= MAX_ROWS and pdl_trigger(q)
+    return pdl_trigger(q, q.shape[0] * q.shape[2])
 
 
 def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = "sdpa") -> torch.Tensor:

@@ -39,14 +39,14 @@ def test_bench_e2e_refuses_bad_options_before_building_anything(args, message, c
 def test_bench_rows_select_by_substring_or_exact_name():
     """A '=' term picks the one row of that name (the SparVAR engine row without the ablations whose names contain
     it); a plain term every row containing it; the rows keep the benchmark's order."""
-    from bench.e2e import DENSE_PDL_ROW, SPARVAR_ENGINE_ROW, SPARVAR_PDL_ROW, select_rows
+    from bench.e2e import DENSE_PDL_ROW, DENSE_STREAM_ROW, SPARVAR_ENGINE_ROW, SPARVAR_PDL_ROW, select_rows
 
     names = lambda *specs: [r[0] for r in select_rows("infinity-2b", list(specs))]  # noqa: E731
     assert names("=" + SPARVAR_ENGINE_ROW, "dense engine (CUDA graphs),skip last 2") == [
         "dense engine (CUDA graphs)", SPARVAR_ENGINE_ROW, "SparVAR engine + skip last 2", "dense engine + skip last 2",
-        DENSE_PDL_ROW]
-    assert names("=dense engine (CUDA graphs)", "PDL linears") == ["dense engine (CUDA graphs)", DENSE_PDL_ROW,
-                                                                  SPARVAR_PDL_ROW]
+        DENSE_STREAM_ROW, DENSE_PDL_ROW]
+    assert names("=dense engine (CUDA graphs)", "PDL linears,streaming linears") == [
+        "dense engine (CUDA graphs)", DENSE_STREAM_ROW, DENSE_PDL_ROW, SPARVAR_PDL_ROW]
     ablations = names("Triton kernels)")
     assert ablations[0] == SPARVAR_ENGINE_ROW and len(ablations) > 1
     assert all(SPARVAR_ENGINE_ROW in n for n in ablations)

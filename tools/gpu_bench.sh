@@ -72,9 +72,11 @@ for what in "${@:2}"; do
         --out "$OUT/e2e_engines_2b_tma_$TAG.json" 2>&1 | grep -v Warning | tail -6 ;;
     pdl2b|pdl8b)  # the PDL streaming linears: their GPU tests, then both engines with and without them, side by side
       size=${what#pdl}
-      python -m pytest -q tests/test_linear_kernel.py 2>&1 | tail -4
+      python -m pytest -q tests/test_linear_kernel.py > /tmp/pdl_tests.log 2>&1; ok=$?
+      grep -E "FAILED|ERROR|passed|failed" /tmp/pdl_tests.log | tail -12
+      [ $ok -eq 0 ] || { echo "pdl tests failed: no timing"; continue; }
       python bench/e2e.py --model "infinity-$size" --warmup 3 --runs 20 --rows "=dense engine (CUDA graphs)" \
-        --rows "=SparVAR engine (CUDA graphs, Triton kernels)" --rows "PDL linears" \
+        --rows "=SparVAR engine (CUDA graphs, Triton kernels)" --rows "PDL linears,streaming linears" \
         --out "$OUT/e2e_engines_${size}_pdl_$TAG.json" 2>&1 | grep -v Warning | tail -6 ;;
     e2e2b|e2e8b)  # the bf16 engine rows, the side-stream ablation and the skip-2 rows
       size=${what#e2e}

@@ -632,11 +632,9 @@ def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale:
                          f"{tuple(kv_lens.shape) if isinstance(kv_lens, torch.Tensor) else ''}")
     check_device(name, q, k=k, v=v, kv_lens=kv_lens)
     if pdl_trigger:
-        from sparvar.kernels.linear import pdl_supported
+        from sparvar.kernels.linear import check_pdl
 
-        if not pdl_supported(q):
-            raise ValueError(f"{name}: pdl_trigger needs a Hopper (sm_90+) GPU and a compiled kernel, not "
-                             f"{'the interpreter' if interpreting() else q.device}")
+        check_pdl(name, q)
     return flash_forward(q, k, v, block_m=block_m, block_n=block_n, scale=scale, return_lse=return_lse,
                          out_dtype=out_dtype, kv_lens=kv_lens, pdl_trigger=pdl_trigger, name=name)
 

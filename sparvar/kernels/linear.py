@@ -3,7 +3,7 @@
 Reference: sparvar.model.linear (F.linear) and, with gelu, linear_gelu_epilogue's cuBLASLt epilogue (GELU on the
 fp32 accumulator, one rounding).
 
-Why: at the small scales (2-72 rows with CFG at 1024², scales 0-3) every block GEMM streams its whole weight for a
+Why: at the small scales (2-72 rows with CFG at 1024², scales 0-3: MAX_ROWS) every block GEMM streams its whole weight for a
 handful of rows, and per-kernel latency, not bytes, bounds it: cuBLAS moves 25-34 MB weights at 2.3-3.0 TB/s and
 8 MB ones at 1.3 TB/s (bench/results/small_scales_h200.json, against ~4.8 there), and HBM idles during the norm
 and attention kernels between the GEMMs. Prefetching the next weights from a side stream made every such scale
@@ -18,8 +18,10 @@ reads an activation or writes anything, so a PDL kernel never sees a half-writte
 still being read), signals its own dependents, and streams the rest. The prefetch is bounded per call
 (`PREFETCH_BYTES_PER_CALL`): L2 is 50 MB on an H100, and lines evicted before their use would be read twice.
 
-Without PDL (the flag off, the interpreter, or a GPU before Hopper) the same kernel is a plain weight-streaming
-GEMM, which matched cuBLAS at 2-32 rows there.
+The engine's switch, SPARVAR_PDL (`engine_linears`): `1` runs this kernel with PDL; `stream` runs it without
+PDL (the same kernel and tiles, so what PDL itself changes can be measured beside it, bit for bit); anything
+else leaves cuBLAS. Without PDL the kernel is a plain weight-streaming GEMM, which matched cuBLAS at 2-32 rows
+there (and lost at 128: hence MAX_ROWS, one row tile of at most 128 so the weights are streamed once).
 """
 from __future__ import annotations
 
@@ -36,15 +38,26 @@ if HAS_TRITON:
     from sparvar.kernels.fp8 import gelu_tanh_f32
 
 DTYPES = (torch.bfloat16, torch.float16)
-MAX_ROWS = 128  # above this cuBLAS is faster (small_scales_h200.json: 14.2 against 10.0 us at 128 rows, 2B qkv)
+# rows with CFG at 1024²: scales 0-3 (2, 8, 32, 72). At 128 rows (scale 4) cuBLAS won clearly against this kernel's
+# two row tiles (small_scales_h200.json: 2B qkv 10.0 against 14.2 us, 8B fc1 30.2 against 53.9)
+MAX_ROWS = 72
 PREFETCH_BYTES_PER_CALL = 12 << 20  # ~4 us of HBM at 3.35 TB/s: what a norm or attention kernel before it hides
 SMEM_BYTES = 200 << 10  # of the H100's 227 KB per block, some left for the compiler's own
 
 
+ENGINE_LINEARS = ("cublas", "stream", "pdl")
+
+
+def engine_linears() -> str:
+    """What the torch-cuda engine runs its block linears of <= MAX_ROWS rows with, from SPARVAR_PDL: "pdl" (1:
+    this kernel with PDL, the kernels before it signalling early), "stream" (this kernel without PDL: the
+    ablation) or "cublas" (unset or anything else: the default until PDL has been measured on the GPU)."""
+    return {"1": "pdl", "stream": "stream"}.get(os.environ.get("SPARVAR_PDL", "0"), "cublas")
+
+
 def pdl_enabled() -> bool:
-    """SPARVAR_PDL=1: the torch-cuda engine runs its block linears at <= MAX_ROWS rows through this kernel with
-    PDL, and the kernels before them signal early (off until it has been measured on the GPU)."""
-    return os.environ.get("SPARVAR_PDL", "0") == "1"
+    """SPARVAR_PDL=1 (see engine_linears)."""
+    return engine_linears() == "pdl"
 
 
 def pdl_supported(t: torch.Tensor) -> bool:
@@ -52,10 +65,34 @@ def pdl_supported(t: torch.Tensor) -> bool:
     return HAS_TRITON and not interpreting() and t.is_cuda and torch.cuda.get_device_capability(t.device)[0] >= 9
 
 
-def pdl_trigger(t: torch.Tensor) -> bool:
-    """Whether a kernel launched now for tensor t should signal its PDL dependents first thing (a no-op where the
-    next kernel was not launched with PDL)."""
-    return pdl_enabled() and pdl_supported(t)
+def pdl_trigger(t: torch.Tensor, rows: int) -> bool:
+    """Whether an engine kernel launched now for tensor t, before a linear of `rows` rows, signals its PDL dependents
+    first thing: where that linear is a PDL streaming linear (a no-op otherwise, but kept off so that every other
+    launch compiles the code it always had)."""
+    return rows <= MAX_ROWS and pdl_enabled() and pdl_supported(t)
+
+
+def check_pdl(name: str, t: torch.Tensor) -> None:
+    if not pdl_supported(t):
+        raise ValueError(f"{name}: PDL needs a Hopper (sm_90+) GPU and a compiled kernel, not "
+                         f"{'the interpreter' if interpreting() else t.device}")
+
+
+def engine_streams(x: torch.Tensor, *weights: torch.Tensor) -> str | None:
+    """How the engine runs the linears of x's rows (..., K) by `weights` (each (N, K'), applied in turn: fc1 then
+    fc2): "pdl" or "stream" where engine_linears() asks for this kernel and it takes every one of them (rows,
+    dtype, tile shapes, a GPU), else None (cuBLAS). "pdl" on a GPU before Hopper raises."""
+    mode = engine_linears()
+    if mode == "cublas" or not HAS_TRITON or interpreting() or not x.is_cuda or x.dtype not in DTYPES:
+        return None
+    if x.numel() > MAX_ROWS * x.shape[-1]:
+        return None
+    for w in weights:
+        if w.dtype != x.dtype or w.dim() != 2 or not w.is_contiguous() or w.shape[0] % 16 or w.shape[1] % 128:
+            return None
+    if mode == "pdl":  # asked for on a GPU without PDL: an error, not a silent cuBLAS run under the PDL name
+        check_pdl("SPARVAR_PDL=1", x)
+    return mode
 
 
 if HAS_TRITON:
@@ -63,7 +100,8 @@ if HAS_TRITON:
     @triton.jit
     def _prefetch_l2(ptrs, nbytes):
         """cp.async.bulk.prefetch.L2: ask L2 for nbytes from each address (16-byte aligned, a multiple of 16), no
-        registers, no wait. Threads holding the same element issue it twice, which costs an instruction only."""
+        registers, no wait. The threads holding copies of an element (Triton replicates a short vector across the
+        warps) each issue it: a few instructions, one fetch."""
         return tl.inline_asm_elementwise("cp.async.bulk.prefetch.L2.global [$1], $2;\n\tmov.u32 $0, 0;", "=r,l,r",
                                          [ptrs, nbytes], dtype=tl.int32, is_pure=False, pack=1)
 
@@ -113,7 +151,7 @@ def launch_config(M: int, N: int, K: int, sm_count: int = 132) -> dict:
     block_k = next((bk for bk in ((128, 256) if block_n == 64 else (256, 128)) if K % bk == 0), None)
     if block_n is None or block_k is None:
         raise ValueError(f"streaming_linear: N ({N}) and K ({K}) must be multiples of 16 and 128")
-    block_m = max(16, 1 << (min(M, 64) - 1).bit_length())  # tl.dot's least; M > 64 takes several row tiles
+    block_m = max(16, 1 << (min(M, 128) - 1).bit_length())  # tl.dot's least; one row tile up to 128 rows
     per_stage = (block_m + block_n) * block_k * 2
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4,
                 num_stages=max(2, min(5, SMEM_BYTES // per_stage)))
@@ -152,9 +190,8 @@ def streaming_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     M = x2.shape[0]
     if not 0 < M <= MAX_ROWS:
         raise ValueError(f"{name}: takes 1 to {MAX_ROWS} rows (cuBLAS is faster above), got {M}")
-    if pdl and not pdl_supported(x):
-        raise ValueError(f"{name}: pdl needs a Hopper (sm_90+) GPU and a compiled kernel, not "
-                         f"{'the interpreter' if interpreting() else x.device}")
+    if pdl:
+        check_pdl(name, x)
     sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 132
     cfg = launch_config(M, N, K, sms)
     y = torch.empty(M, N, device=x.device, dtype=x.dtype)

@@ -26,7 +26,7 @@ import torch
 
 from sparvar.fp8 import FP8, Fp8Rows
 from sparvar.kernels.csla import HAS_TRITON, check_device, interpreting, launch_device, require_triton
-from sparvar.kernels.linear import pdl_supported
+from sparvar.kernels.linear import check_pdl
 
 if HAS_TRITON:
     import triton
@@ -245,9 +245,8 @@ def residual_norm(x: torch.Tensor, y: torch.Tensor | None = None, gate: torch.Te
     else:
         w_stride = b_stride = 0
     check_device(name, x, hint="use sparvar.model's functions elsewhere", y=y, gate=gate, weight=weight, bias=bias)
-    if pdl_trigger and not pdl_supported(x):
-        raise ValueError(f"{name}: pdl_trigger needs a Hopper (sm_90+) GPU and a compiled kernel, not "
-                         f"{'the interpreter' if interpreting() else x.device}")
+    if pdl_trigger:
+        check_pdl(name, x)
     x_out = torch.empty_like(x) if y is not None else None
     out = torch.empty(x.shape, dtype=FP8 if quantize else x.dtype, device=x.device) if norm != NORM_NONE else None
     row_scale = torch.empty((B * n, 1), dtype=torch.float32, device=x.device) if quantize else None
@@ -357,16 +356,16 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 def triton_block_ops():
     """These kernels as the model's BlockOps (see sparvar.model): what the torch-cuda engine runs.
 
-    With SPARVAR_PDL=1 on Hopper (sparvar.kernels.linear.pdl_enabled), the block linears of calls of at most
+    With SPARVAR_PDL=1 on Hopper (sparvar.kernels.linear.engine_linears), the block linears of calls of at most
     linear.MAX_ROWS rows (the small scales) run as PDL streaming linears, and the kernels before them (the norms
-    here, the engine's attention kernels in sparvar.attention) let them start early. Read at each call, so at
-    capture time for the CUDA graphs."""
+    here, the engine's attention kernels in sparvar.attention) let them start early; SPARVAR_PDL=stream runs the
+    same linears without PDL. Read at each call, so at capture time for the CUDA graphs."""
     from sparvar.attention import engine_cross_attention
-    from sparvar.kernels.linear import DTYPES as LINEAR_DTYPES, MAX_ROWS, pdl_trigger, streaming_linear
+    from sparvar.kernels import linear as streaming
     from sparvar.model import BlockOps, KVCache, linear as cublas_linear
 
-    def pdl_rows(x) -> bool:  # a call at a scale whose linears are PDL streaming linears
-        return x.dtype in LINEAR_DTYPES and x.numel() <= MAX_ROWS * x.shape[-1] and pdl_trigger(x)
+    def pdl_rows(x) -> bool:  # the norm's output feeds a PDL streaming linear (the norm's rows are the linear's)
+        return streaming.pdl_trigger(x, x.numel() // max(1, x.shape[-1]))
 
     def modulate(x, scale, shift, eps):
         return residual_norm(x, scale=scale, shift=shift, eps=eps, pdl_trigger=pdl_rows(x))[1]
@@ -390,14 +389,16 @@ def triton_block_ops():
         return qkv_rope(qkv, scale_mul, rope, k_new, v_new), k_all, v_all
 
     def linear(layer, x, bias=None):
-        if pdl_rows(x):
-            return streaming_linear(x, layer.weight, layer.bias if bias is None else bias, pdl=True)
+        mode = streaming.engine_streams(x, layer.weight)
+        if mode is not None:
+            return streaming.streaming_linear(x, layer.weight, layer.bias if bias is None else bias, pdl=mode == "pdl")
         return cublas_linear(layer, x, bias)
 
     def ffn(fc1, fc2, x):
-        if pdl_rows(x):
-            hidden = streaming_linear(x, fc1.weight, fc1.bias, gelu=True, pdl=True)
-            return streaming_linear(hidden, fc2.weight, fc2.bias, pdl=True)
+        mode = streaming.engine_streams(x, fc1.weight, fc2.weight)
+        if mode is not None:
+            hidden = streaming.streaming_linear(x, fc1.weight, fc1.bias, gelu=True, pdl=mode == "pdl")
+            return streaming.streaming_linear(hidden, fc2.weight, fc2.bias, pdl=mode == "pdl")
         return cublas_linear(fc2, linear_gelu_epilogue(fc1, x))
 
     return BlockOps(modulate=modulate, gated_residual=gated_residual, residual_layer_norm=residual_layer_norm,
