@@ -84,7 +84,7 @@ torch.manual_seed(0)
 dt = torch.float16  # the interpreter mis-handles bf16 dots
 worst = 0.0
 for M, N, K, bias, gelu in ((1, 64, 256, True, False), (2, 96, 128, False, False), (MAX_ROWS, 48, 256, True, True),
-                            (40, 32, 128, True, False)):
+                            (17, 32, 128, True, False)):
     x = torch.randn(M, K, dtype=dt)
     w = torch.randn(N, K, dtype=dt) * K ** -0.5
     b = torch.randn(N, dtype=dt) if bias else None
@@ -194,7 +194,7 @@ needs_hopper = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.ge
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("pdl", [False, pytest.param(True, marks=needs_hopper)])
-@pytest.mark.parametrize("M,N,K", [(2, 6144, 2048), (72, 2048, 8192), (40, 3584, 3584), (8, 384, 128)])
+@pytest.mark.parametrize("M,N,K", [(2, 6144, 2048), (32, 2048, 8192), (24, 3584, 3584), (8, 384, 128)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_streaming_linear_matches_f_linear_on_gpu(M, N, K, dtype, pdl):
     if not torch.cuda.is_available():
@@ -218,7 +218,7 @@ def test_pdl_chain_in_a_cuda_graph_reads_only_finished_inputs():
     from sparvar.kernels.pointwise import residual_norm
 
     torch.manual_seed(0)
-    B, n, C, F = 2, 36, 2048, 8192
+    B, n, C, F = 2, 16, 2048, 8192
     dev, dt = "cuda", torch.bfloat16
     x, y = torch.randn(B, n, C, device=dev, dtype=dt), torch.randn(B, n, C, device=dev, dtype=dt)
     gate = torch.rand(B, 1, C, device=dev)

@@ -3,7 +3,7 @@
 Reference: sparvar.model.linear (F.linear) and, with gelu, linear_gelu_epilogue's cuBLASLt epilogue (GELU on the
 fp32 accumulator, one rounding).
 
-Why: at the small scales (2-72 rows with CFG at 1024², scales 0-3: MAX_ROWS) every block GEMM streams its whole weight for a
+Why: at the small scales (2-72 rows with CFG at 1024², scales 0-3) every block GEMM streams its whole weight for a
 handful of rows, and per-kernel latency, not bytes, bounds it: cuBLAS moves 25-34 MB weights at 2.3-3.0 TB/s and
 8 MB ones at 1.3 TB/s (bench/results/small_scales_h200.json, against ~4.8 there), and HBM idles during the norm
 and attention kernels between the GEMMs. Prefetching the next weights from a side stream made every such scale
@@ -21,7 +21,12 @@ still being read), signals its own dependents, and streams the rest. The prefetc
 The engine's switch, SPARVAR_PDL (`engine_linears`): `1` runs this kernel with PDL; `stream` runs it without
 PDL (the same kernel and tiles, so what PDL itself changes can be measured beside it, bit for bit); anything
 else leaves cuBLAS. Without PDL the kernel is a plain weight-streaming GEMM, which matched cuBLAS at 2-32 rows
-there (and lost at 128: hence MAX_ROWS, one row tile of at most 128 so the weights are streamed once).
+there (MAX_ROWS).
+
+Measured on the H100 (bench/results/e2e_engines_2b_tma_pdl_h100.json, 2B, side by side): PDL made scales 0-2
+~0.5 ms slower each, not faster (dense engine 251.8 against 247.7 ms with cuBLAS and 250.5 streaming without PDL),
+so cuBLAS stays the default. Why is not known yet (not profiled): the prefetch, the early start of programs that
+then wait, or the graph's programmatic edges; each can be switched off alone in a next measurement.
 """
 from __future__ import annotations
 
@@ -38,9 +43,10 @@ if HAS_TRITON:
     from sparvar.kernels.fp8 import gelu_tanh_f32
 
 DTYPES = (torch.bfloat16, torch.float16)
-# rows with CFG at 1024²: scales 0-3 (2, 8, 32, 72). At 128 rows (scale 4) cuBLAS won clearly against this kernel's
-# two row tiles (small_scales_h200.json: 2B qkv 10.0 against 14.2 us, 8B fc1 30.2 against 53.9)
-MAX_ROWS = 72
+# rows with CFG at 1024²: scales 0-2 (2, 8, 32 rows), where this kernel ran within 0.1 ms per scale of cuBLAS on the
+# H100 without PDL (e2e_engines_2b_tma_pdl_h100.json). Scale 3's 72 rows in one 128-row tile cost 2.3 ms more
+# (5.6 against 3.3 ms), and at 128 rows cuBLAS had won in isolation (small_scales_h200.json, 8B fc1 30.2 against 53.9 us)
+MAX_ROWS = 32
 PREFETCH_BYTES_PER_CALL = 12 << 20  # ~4 us of HBM at 3.35 TB/s: what a norm or attention kernel before it hides
 SMEM_BYTES = 200 << 10  # of the H100's 227 KB per block, some left for the compiler's own
 
