@@ -46,23 +46,40 @@ DENSE_PDL_ROW = "dense engine (CUDA graphs), PDL linears at small scales"
 SPARVAR_PDL_ROW = "SparVAR engine (CUDA graphs, Triton kernels), PDL linears at small scales"
 # the same streaming linears without PDL (SPARVAR_PDL=stream): what the kernel swap alone changes
 DENSE_STREAM_ROW = "dense engine (CUDA graphs), streaming linears at small scales, no PDL"
-ENGINE_LINEARS = {DENSE_PDL_ROW: "1", SPARVAR_PDL_ROW: "1", DENSE_STREAM_ROW: "stream"}  # row -> SPARVAR_PDL
+# PDL without its L2 prefetch (SPARVAR_PDL_PREFETCH_MB=0): the H100 at dc7bb19 measured PDL slower, not faster
+DENSE_PDL_NO_PREFETCH_ROW = "dense engine (CUDA graphs), PDL linears at small scales, no prefetch"
+# the switches each row sets while its engine is built, tuned and captured (the others: off, or their default)
+ROW_SWITCHES = {
+    CSLA_TMA_ROW: {"SPARVAR_CSLA_TMA": "1"},
+    DENSE_STREAM_ROW: {"SPARVAR_PDL": "stream"},
+    DENSE_PDL_ROW: {"SPARVAR_PDL": "1"},
+    DENSE_PDL_NO_PREFETCH_ROW: {"SPARVAR_PDL": "1", "SPARVAR_PDL_PREFETCH_MB": "0"},
+    SPARVAR_PDL_ROW: {"SPARVAR_PDL": "1"},
+}
+SWITCH_OFF = {"SPARVAR_CSLA_TMA": "0", "SPARVAR_PDL": "0", "SPARVAR_PDL_PREFETCH_MB": None}
 SMALL_SCALE_LINEARS = {"0": "cublas", "1": "pdl", "stream": "stream"}  # SPARVAR_PDL -> what the row records
 
 
 @contextlib.contextmanager
-def env_value(name: str, value: str):
-    """The switch `name` set to `value` for one row (SPARVAR_CSLA_TMA: sparvar.kernels.csla.tma_enabled;
-    SPARVAR_PDL: sparvar.kernels.linear.engine_linears), the caller's value restored after."""
-    before = os.environ.get(name)
-    os.environ[name] = value
+def row_switches(row: str):
+    """The environment switches of one row (ROW_SWITCHES over SWITCH_OFF; None: unset) for its duration, the
+    caller's values restored after. SPARVAR_CSLA_TMA: sparvar.kernels.csla.tma_enabled; SPARVAR_PDL and
+    SPARVAR_PDL_PREFETCH_MB: sparvar.kernels.linear.engine_linears and prefetch_budget."""
+    values = {**SWITCH_OFF, **ROW_SWITCHES.get(row, {})}
+    before = {name: os.environ.get(name) for name in values}
     try:
-        yield
+        for name, value in values.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        yield values
     finally:
-        if before is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = before
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def csla_tuning() -> dict:
@@ -150,6 +167,7 @@ def rows_for(model_name: str):
     if getattr(get_config(model_name), "family", "infinity") == "infinity":  # opt-in precision: its own rows
         rows += [(DENSE_STREAM_ROW, "dense", "graphs", "engine", 0, False),
                  (DENSE_PDL_ROW, "dense", "graphs", "engine", 0, False),
+                 (DENSE_PDL_NO_PREFETCH_ROW, "dense", "graphs", "engine", 0, False),
                  (SPARVAR_PDL_ROW, "sparvar", "graphs", "engine", 0, False),
                  ("dense engine, FP8 linears", "dense", "graphs", "engine", 0, True),
                  ("SparVAR engine, FP8 linears", "sparvar", "graphs", "engine", 0, True)]
@@ -280,8 +298,7 @@ def bench_model(model_name: str, resolution: int, warmup: int, runs: int, rows=N
         if name == DECISION_OVERLAP_ROW:
             plan.overlap_decision = True
         # read where a kernel is tuned or launched into a graph: the runner's warm-up and capture, at its first begin()
-        with env_value("SPARVAR_CSLA_TMA", "1" if name == CSLA_TMA_ROW else "0"), \
-                env_value("SPARVAR_PDL", ENGINE_LINEARS.get(name, "0")):
+        with row_switches(name) as switches:
             runner = make_runner(kind, plan, backend, fp8, skip)  # graph runners tune and capture at the first begin()
             pipe = make_pipeline(runner, skip)
             torch.cuda.synchronize()
@@ -294,12 +311,16 @@ def bench_model(model_name: str, resolution: int, warmup: int, runs: int, rows=N
                 results.append({"row": name, "error": f"{type(e).__name__}: {e}"})
             else:
                 row = {"row": name, "attention": attention, "runner": kind, "sdpa_backend": backend, "skip_last": skip,
-                       "fp8": fp8, "small_scale_linears": SMALL_SCALE_LINEARS[ENGINE_LINEARS.get(name, "0")]
+                       "fp8": fp8, "small_scale_linears": SMALL_SCALE_LINEARS[switches["SPARVAR_PDL"]]
                        if kind == "graphs" else None, **timing, "images_per_s": 1000 * batch / timing["median_ms"],
                        "per_scale_ms": per_scale, "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30,
                        "bench_seconds": time.perf_counter() - t0}
                 if attention == "sparvar":  # the CSLA tuning of the last sparse scale run (each scale is tuned alone)
                     row.update(csla_tuning())
+                if row["small_scale_linears"] == "pdl":
+                    from sparvar.kernels.linear import prefetch_budget
+
+                    row["pdl_prefetch_bytes_per_call"] = prefetch_budget()
                 print(f"{model_name:12s} {name:48s} {timing['median_ms']:8.1f} ms  (peak {row['peak_memory_gib']:.1f} GiB)",
                       flush=True)
                 results.append(row)

@@ -129,7 +129,7 @@ def few_rows_linear(x, w, b, block_n, block_k, warps, stages):
     grid = (N // block_n, triton.cdiv(M, block_m))
     _streaming_linear_kernel[grid](x, w, b, y, M, K, x.stride(0), w.stride(0), y.stride(0), BLOCK_M=block_m,
                                    BLOCK_N=block_n, BLOCK_K=block_k, HAS_BIAS=True, GELU=False, PDL=False,
-                                   PREFETCH_BYTES=0, num_warps=warps, num_stages=stages)
+                                   num_warps=warps, num_stages=stages)
     return y
 
 

@@ -39,19 +39,38 @@ def test_bench_e2e_refuses_bad_options_before_building_anything(args, message, c
 def test_bench_rows_select_by_substring_or_exact_name():
     """A '=' term picks the one row of that name (the SparVAR engine row without the ablations whose names contain
     it); a plain term every row containing it; the rows keep the benchmark's order."""
-    from bench.e2e import DENSE_PDL_ROW, DENSE_STREAM_ROW, SPARVAR_ENGINE_ROW, SPARVAR_PDL_ROW, select_rows
+    from bench.e2e import (DENSE_PDL_NO_PREFETCH_ROW, DENSE_PDL_ROW, DENSE_STREAM_ROW, SPARVAR_ENGINE_ROW,
+                           SPARVAR_PDL_ROW, select_rows)
 
     names = lambda *specs: [r[0] for r in select_rows("infinity-2b", list(specs))]  # noqa: E731
     assert names("=" + SPARVAR_ENGINE_ROW, "dense engine (CUDA graphs),skip last 2") == [
         "dense engine (CUDA graphs)", SPARVAR_ENGINE_ROW, "SparVAR engine + skip last 2", "dense engine + skip last 2",
-        DENSE_STREAM_ROW, DENSE_PDL_ROW]
+        DENSE_STREAM_ROW, DENSE_PDL_ROW, DENSE_PDL_NO_PREFETCH_ROW]
     assert names("=dense engine (CUDA graphs)", "PDL linears,streaming linears") == [
-        "dense engine (CUDA graphs)", DENSE_STREAM_ROW, DENSE_PDL_ROW, SPARVAR_PDL_ROW]
+        "dense engine (CUDA graphs)", DENSE_STREAM_ROW, DENSE_PDL_ROW, DENSE_PDL_NO_PREFETCH_ROW, SPARVAR_PDL_ROW]
     ablations = names("Triton kernels)")
     assert ablations[0] == SPARVAR_ENGINE_ROW and len(ablations) > 1
     assert all(SPARVAR_ENGINE_ROW in n for n in ablations)
     assert names("skip last 2") == ["SparVAR engine + skip last 2", "dense engine + skip last 2"]
     assert [r[0] for r in select_rows("infinity-2b", None)] == names("e")  # every row name has an 'e'
+
+
+def test_row_switches_set_each_rows_environment_and_restore_the_callers(monkeypatch):
+    """A row's switches hold while its engine is built and captured; the others are off (or unset: their default),
+    and whatever the caller had comes back after, also when the row fails."""
+    from bench.e2e import CSLA_TMA_ROW, DENSE_ENGINE_ROW, DENSE_PDL_NO_PREFETCH_ROW, row_switches
+
+    monkeypatch.setenv("SPARVAR_PDL", "stream")
+    monkeypatch.setenv("SPARVAR_PDL_PREFETCH_MB", "3")
+    monkeypatch.delenv("SPARVAR_CSLA_TMA", raising=False)
+    switches = ("SPARVAR_CSLA_TMA", "SPARVAR_PDL", "SPARVAR_PDL_PREFETCH_MB")
+    for row, want in ((DENSE_ENGINE_ROW, ("0", "0", None)), (CSLA_TMA_ROW, ("1", "0", None)),
+                      (DENSE_PDL_NO_PREFETCH_ROW, ("0", "1", "0"))):
+        with pytest.raises(RuntimeError):
+            with row_switches(row):
+                assert tuple(os.environ.get(n) for n in switches) == want, row
+                raise RuntimeError("a failing row")
+        assert tuple(os.environ.get(n) for n in switches) == (None, "stream", "3")
 
 
 def _official_files(tmp_path, cfg):

@@ -47,6 +47,29 @@ def test_prefetch_bytes_spreads_the_budget_over_the_rows():
     assert L.prefetch_bytes(offset) == 0
 
 
+@pytest.mark.parametrize("block_n,threads,row_bytes,want", [
+    (16, 128, 4096, (8, 512)), (64, 128, 4096, (2, 2048)), (32, 128, 2048, (4, 512)), (64, 128, 16, (1, 16)),
+    (16, 128, 48, (2, 16)), (16, 128, 0, (1, 0)), (16, 128, 100, (4, 16)), (128, 128, 4096, (1, 4096))])
+def test_prefetch_chunks_give_each_thread_its_own_part_of_a_row(block_n, threads, row_bytes, want):
+    """One chunk per thread (Triton would replicate a shorter vector, every copy issuing the prefetch again), each a
+    multiple of 16 bytes, never past the part of the row asked for."""
+    chunks, size = L.prefetch_chunks(row_bytes, block_n, threads)
+    assert (chunks, size) == want
+    assert block_n * chunks <= max(threads, block_n) and size % 16 == 0 and chunks * size <= row_bytes
+
+
+def test_prefetch_budget_from_the_environment(monkeypatch):
+    monkeypatch.delenv("SPARVAR_PDL_PREFETCH_MB", raising=False)
+    assert L.prefetch_budget() == L.PREFETCH_BYTES_PER_CALL
+    monkeypatch.setenv("SPARVAR_PDL_PREFETCH_MB", "0")
+    assert L.prefetch_budget() == 0
+    monkeypatch.setenv("SPARVAR_PDL_PREFETCH_MB", "4")
+    assert L.prefetch_budget() == 4 << 20
+    monkeypatch.setenv("SPARVAR_PDL_PREFETCH_MB", "1.5")
+    with pytest.raises(ValueError, match="whole number of MiB"):
+        L.prefetch_budget()
+
+
 def test_streaming_linear_checks_its_inputs():
     x = torch.randn(2, 3, 128, dtype=torch.float16)
     w = torch.randn(256, 128, dtype=torch.float16)
@@ -139,7 +162,8 @@ def test_streaming_linear_pdl_instructions_in_sm90_code(pdl):
     pytest.importorskip("triton")
     cfg = L.launch_config(2, 2048, 2048)
     consts = {k: cfg[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K")}
-    consts.update(HAS_BIAS=True, GELU=True, PDL=pdl, PREFETCH_BYTES=2048 if pdl else 0)
+    chunks, size = L.prefetch_chunks(2048, cfg["BLOCK_N"], 32 * cfg["num_warps"])
+    consts.update(HAS_BIAS=True, GELU=True, PDL=pdl, **(dict(PREFETCH_CHUNKS=chunks, PREFETCH_CHUNK_BYTES=size) if pdl else {}))
     ptx = _compile_sm90(L._streaming_linear_kernel, dict.fromkeys(("X", "W", "Bias", "Y"), "bf16"), consts,
                         num_stages=cfg["num_stages"], launch_pdl=pdl)
     marks = ["cp.async.bulk.prefetch.L2.global", "griddepcontrol.wait", "griddepcontrol.launch_dependents"]

@@ -16,7 +16,8 @@ attention kernels do first thing when asked: `pdl_trigger`). Each program then a
 the kernel before), waits for that kernel's completion and memory (`gdc_wait`: every program waits before it
 reads an activation or writes anything, so a PDL kernel never sees a half-written input and never overwrites one
 still being read), signals its own dependents, and streams the rest. The prefetch is bounded per call
-(`PREFETCH_BYTES_PER_CALL`): L2 is 50 MB on an H100, and lines evicted before their use would be read twice.
+(`PREFETCH_BYTES_PER_CALL`, or SPARVAR_PDL_PREFETCH_MB): L2 is 50 MB on an H100, and lines evicted before their
+use would be read twice.
 
 The engine's switch, SPARVAR_PDL (`engine_linears`): `1` runs this kernel with PDL; `stream` runs it without
 PDL (the same kernel and tiles, so what PDL itself changes can be measured beside it, bit for bit); anything
@@ -59,6 +60,17 @@ def engine_linears() -> str:
     this kernel with PDL, the kernels before it signalling early), "stream" (this kernel without PDL: the
     ablation) or "cublas" (unset or anything else: the default until PDL has been measured on the GPU)."""
     return {"1": "pdl", "stream": "stream"}.get(os.environ.get("SPARVAR_PDL", "0"), "cublas")
+
+
+def prefetch_budget() -> int:
+    """Bytes a PDL linear asks L2 for before its wait: SPARVAR_PDL_PREFETCH_MB (0: none, to measure PDL without
+    the prefetch), PREFETCH_BYTES_PER_CALL by default."""
+    value = os.environ.get("SPARVAR_PDL_PREFETCH_MB")
+    if value is None:
+        return PREFETCH_BYTES_PER_CALL
+    if not value.isdigit():
+        raise ValueError(f"SPARVAR_PDL_PREFETCH_MB must be a whole number of MiB (0: no prefetch), got {value!r}")
+    return int(value) << 20
 
 
 def pdl_enabled() -> bool:
@@ -106,8 +118,8 @@ if HAS_TRITON:
     @triton.jit
     def _prefetch_l2(ptrs, nbytes):
         """cp.async.bulk.prefetch.L2: ask L2 for nbytes from each address (16-byte aligned, a multiple of 16), no
-        registers, no wait. The threads holding copies of an element (Triton replicates a short vector across the
-        warps) each issue it: a few instructions, one fetch."""
+        registers, no wait. Every thread holding an element issues it: a vector shorter than the program's threads
+        is replicated across them (Triton's layouts), so callers give one element per thread (PREFETCH_CHUNKS)."""
         return tl.inline_asm_elementwise("cp.async.bulk.prefetch.L2.global [$1], $2;\n\tmov.u32 $0, 0;", "=r,l,r",
                                          [ptrs, nbytes], dtype=tl.int32, is_pure=False, pack=1)
 
@@ -115,7 +127,7 @@ if HAS_TRITON:
     def _streaming_linear_kernel(X, W, Bias, Y, M, K, stride_xm, stride_wn, stride_ym,
                                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                                  HAS_BIAS: tl.constexpr, GELU: tl.constexpr, PDL: tl.constexpr,
-                                 PREFETCH_BYTES: tl.constexpr):
+                                 PREFETCH_CHUNKS: tl.constexpr = 1, PREFETCH_CHUNK_BYTES: tl.constexpr = 0):
         # One program owns BLOCK_N output columns for BLOCK_M rows and streams those weight rows once, whole K
         # (N % BLOCK_N == 0 and K % BLOCK_K == 0: the wrapper picks the tiles so).
         pid_n = tl.program_id(0)
@@ -123,8 +135,11 @@ if HAS_TRITON:
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         w_rows = W + offs_n.to(tl.int64) * stride_wn
         if PDL:
-            if PREFETCH_BYTES > 0:  # the weights never depend on the kernel before: fetch them while it finishes
-                _prefetch_l2(w_rows, tl.full([BLOCK_N], PREFETCH_BYTES, tl.int32))
+            if PREFETCH_CHUNK_BYTES > 0:  # the weights never depend on the kernel before: fetch them while it finishes
+                # each row's first PREFETCH_CHUNKS * PREFETCH_CHUNK_BYTES bytes, one chunk per thread (no duplicates)
+                chunk = tl.arange(0, PREFETCH_CHUNKS) * (PREFETCH_CHUNK_BYTES // (W.dtype.element_ty.primitive_bitwidth // 8))
+                _prefetch_l2(w_rows[:, None] + chunk[None, :],
+                             tl.full([BLOCK_N, PREFETCH_CHUNKS], PREFETCH_CHUNK_BYTES, tl.int32))
             tl.extra.cuda.gdc_wait()  # the kernel before has finished and its writes are visible
             tl.extra.cuda.gdc_launch_dependents()  # a PDL linear after this one (fc2 after fc1) may start fetching
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -173,6 +188,17 @@ def prefetch_bytes(weight: torch.Tensor, budget: int = PREFETCH_BYTES_PER_CALL) 
     return min(row_bytes, budget // N) // 16 * 16
 
 
+def prefetch_chunks(row_bytes: int, block_n: int, threads: int) -> tuple[int, int]:
+    """(chunks per row, bytes per chunk) for prefetching `row_bytes` of each of a program's block_n rows with one
+    chunk per thread: threads // block_n chunks (a power of two) of a multiple of 16 bytes each, fewer where a row
+    is too short. The rows' prefetched prefix is chunks * bytes <= row_bytes; (1, 0): nothing to prefetch."""
+    chunks = max(1, threads // block_n)
+    while chunks > 1 and row_bytes // chunks < 16:
+        chunks //= 2
+    size = row_bytes // chunks // 16 * 16
+    return (chunks, size) if size else (1, 0)
+
+
 def streaming_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *, gelu: bool = False,
                      pdl: bool = False) -> torch.Tensor:
     """F.linear(x, weight, bias) for x (..., K) of at most MAX_ROWS rows; with gelu, gelu_tanh of it applied to the
@@ -203,9 +229,13 @@ def streaming_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     y = torch.empty(M, N, device=x.device, dtype=x.dtype)
     grid = (N // cfg["BLOCK_N"], triton.cdiv(M, cfg["BLOCK_M"]))
     extra = dict(launch_pdl=True) if pdl else {}
+    chunks = {}
+    if pdl:
+        n_chunks, chunk_bytes = prefetch_chunks(prefetch_bytes(weight, prefetch_budget()), cfg["BLOCK_N"],
+                                                32 * cfg["num_warps"])
+        chunks = dict(PREFETCH_CHUNKS=n_chunks, PREFETCH_CHUNK_BYTES=chunk_bytes)
     with launch_device(x):
         _streaming_linear_kernel[grid](x2, weight, weight if bias is None else bias, y, M, K,
                                        x2.stride(0), weight.stride(0), y.stride(0), HAS_BIAS=bias is not None,
-                                       GELU=gelu, PDL=pdl, PREFETCH_BYTES=prefetch_bytes(weight) if pdl else 0,
-                                       **cfg, **extra)
+                                       GELU=gelu, PDL=pdl, **chunks, **cfg, **extra)
     return y.view(*x.shape[:-1], N)
