@@ -39,7 +39,7 @@ DECISION_OVERLAP_ROW = "SparVAR engine (CUDA graphs, Triton kernels), CS4A decis
 # the same engine with the CSLA kernel's tensor-descriptor (TMA) and warp-specialised configs in its autotuning
 # (SPARVAR_CSLA_TMA=1 while the row's engine is built and run; sparvar.kernels.csla.tma_enabled)
 CSLA_TMA_ROW = "SparVAR engine (CUDA graphs, Triton kernels), CSLA tuned with its TMA configs"
-# both engines with the block linears of the small scales (<= 128 rows) as PDL streaming linears, the kernels before
+# both engines with the block linears of the small scales (<= linear.MAX_ROWS rows) as PDL streaming linears, the kernels before
 # them signalling early (SPARVAR_PDL=1 while the row's engine is captured; sparvar/kernels/linear.py). Infinity only:
 # HART's blocks have their own ops
 DENSE_PDL_ROW = "dense engine (CUDA graphs), PDL linears at small scales"
@@ -82,19 +82,35 @@ def row_switches(row: str):
                 os.environ[name] = value
 
 
-def csla_tuning() -> dict:
-    """The CSLA autotuner's last choice and whether TMA configs were among those it timed (False where tma_usable
-    refused them: the TMA row then ran the pointer configs only). Empty without Triton or before any tuning."""
+def _csla_tuner():
     try:
         from sparvar.kernels import csla
     except ImportError:
+        return None
+    return getattr(csla, "_csla_fwd_tuned", None)
+
+
+def forget_csla_timings() -> None:
+    """Before a row: Triton's autotuner keeps the timings of its last tuning, and a row whose every CSLA call hits
+    the tuning cache (an earlier row tuned the same keys) would report another row's (csla_tuning)."""
+    tuner = _csla_tuner()
+    if tuner is not None and hasattr(tuner, "configs_timings"):
+        tuner.configs_timings = None
+
+
+def csla_tuning() -> dict:
+    """The CSLA autotuner's choice at its last call (the last sparse scale) and, if it tuned during this row (after
+    forget_csla_timings), whether TMA configs were among those its last tuning timed (False where tma_usable
+    refused them: the TMA row then ran the pointer configs only). Empty without Triton or before any call."""
+    tuner = _csla_tuner()
+    best = getattr(tuner, "best_config", None)
+    if best is None:
         return {}
-    tuner = getattr(csla, "_csla_fwd_tuned", None)
     timed = getattr(tuner, "configs_timings", None) or {}
-    if not timed:
-        return {}
-    return {"csla_config_last_scale": csla.tuned_config("csla"),
-            "csla_tma_configs_timed": any(c.kwargs.get("TMA") for c in timed)}
+    out = {"csla_config_last_scale": str(best), "csla_tuned_in_row": bool(timed)}
+    if timed:
+        out["csla_tma_configs_timed"] = any(c.kwargs.get("TMA") for c in timed)
+    return out
 
 
 def time_generation(pipe, features, lengths, warmup: int, runs: int, sampling) -> tuple[dict, list]:
@@ -298,6 +314,7 @@ def bench_model(model_name: str, resolution: int, warmup: int, runs: int, rows=N
         if name == DECISION_OVERLAP_ROW:
             plan.overlap_decision = True
         # read where a kernel is tuned or launched into a graph: the runner's warm-up and capture, at its first begin()
+        forget_csla_timings()
         with row_switches(name) as switches:
             runner = make_runner(kind, plan, backend, fp8, skip)  # graph runners tune and capture at the first begin()
             pipe = make_pipeline(runner, skip)
@@ -320,7 +337,7 @@ def bench_model(model_name: str, resolution: int, warmup: int, runs: int, rows=N
                 if row["small_scale_linears"] == "pdl":
                     from sparvar.kernels.linear import prefetch_budget
 
-                    row["pdl_prefetch_bytes_per_call"] = prefetch_budget()
+                    row["pdl_prefetch_budget_bytes"] = prefetch_budget()  # per call; a call takes at most its weights
                 print(f"{model_name:12s} {name:48s} {timing['median_ms']:8.1f} ms  (peak {row['peak_memory_gib']:.1f} GiB)",
                       flush=True)
                 results.append(row)

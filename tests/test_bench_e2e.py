@@ -58,19 +58,48 @@ def test_bench_rows_select_by_substring_or_exact_name():
 def test_row_switches_set_each_rows_environment_and_restore_the_callers(monkeypatch):
     """A row's switches hold while its engine is built and captured; the others are off (or unset: their default),
     and whatever the caller had comes back after, also when the row fails."""
-    from bench.e2e import CSLA_TMA_ROW, DENSE_ENGINE_ROW, DENSE_PDL_NO_PREFETCH_ROW, row_switches
+    from bench.e2e import row_switches, rows_for
 
     monkeypatch.setenv("SPARVAR_PDL", "stream")
     monkeypatch.setenv("SPARVAR_PDL_PREFETCH_MB", "3")
     monkeypatch.delenv("SPARVAR_CSLA_TMA", raising=False)
     switches = ("SPARVAR_CSLA_TMA", "SPARVAR_PDL", "SPARVAR_PDL_PREFETCH_MB")
-    for row, want in ((DENSE_ENGINE_ROW, ("0", "0", None)), (CSLA_TMA_ROW, ("1", "0", None)),
-                      (DENSE_PDL_NO_PREFETCH_ROW, ("0", "1", "0"))):
+
+    def want(row):  # from the row's name: what it says it measures
+        pdl = "1" if "PDL linears" in row else "stream" if "streaming linears" in row else "0"
+        return ("1" if "TMA configs" in row else "0", pdl, "0" if "no prefetch" in row else None)
+
+    rows = [r[0] for r in rows_for("infinity-2b")]
+    assert sum(want(r) != ("0", "0", None) for r in rows) == 5  # TMA, stream, PDL, PDL without prefetch, SparVAR PDL
+    for row in rows:
         with pytest.raises(RuntimeError):
             with row_switches(row):
-                assert tuple(os.environ.get(n) for n in switches) == want, row
+                assert tuple(os.environ.get(n) for n in switches) == want(row), row
                 raise RuntimeError("a failing row")
         assert tuple(os.environ.get(n) for n in switches) == (None, "stream", "3")
+
+
+def test_csla_tuning_reports_only_a_tuning_of_this_row(monkeypatch):
+    """A row whose CSLA calls all hit the autotuner's cache must not report the timings an earlier row's tuning
+    left behind (the SparVAR PDL row of e2e_engines_2b_tma_pdl_h100.json reported the TMA row's)."""
+    from types import SimpleNamespace
+
+    from bench.e2e import csla_tuning, forget_csla_timings
+    from sparvar.kernels import csla
+
+    class Config:  # what the tuner's timings are keyed by (triton.Config): its kwargs say TMA or not
+        def __init__(self, **kwargs):
+            self.kwargs = kwargs
+
+    tma, plain = Config(TMA=True), Config()
+    tuner = SimpleNamespace(best_config="plain config", configs_timings={tma: 1.0, plain: 0.9})
+    monkeypatch.setattr(csla, "_csla_fwd_tuned", tuner, raising=False)
+    assert csla_tuning() == {"csla_config_last_scale": "plain config", "csla_tuned_in_row": True,
+                             "csla_tma_configs_timed": True}
+    forget_csla_timings()  # the next row starts; its calls hit the cache: best_config is set, nothing timed
+    assert csla_tuning() == {"csla_config_last_scale": "plain config", "csla_tuned_in_row": False}
+    tuner.configs_timings = {plain: 0.9}  # it tuned after all, without the TMA configs
+    assert csla_tuning()["csla_tma_configs_timed"] is False
 
 
 def _official_files(tmp_path, cfg):

@@ -136,8 +136,10 @@ def test_streaming_linear_under_triton_interpreter():
     assert worst < 2e-3, f"the streaming linear differs from F.linear by {worst} (relative to the largest output)"
 
 
-def _compile_sm90(kernel, pointers: dict, constexprs: dict, num_warps: int = 4, num_stages: int = 3, **options):
-    """triton.compile of a kernel for sm_90 on this machine (pointers and strides 16-byte aligned, as on a GPU)."""
+def _compile_sm90(kernel, pointers: dict, constexprs: dict, num_warps: int = 4, num_stages: int = 3,
+                  stage: str = "ptx", **options):
+    """triton.compile of a kernel for sm_90 on this machine (pointers and strides 16-byte aligned, as on a GPU);
+    the text of `stage` (ptx, ttgir)."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, compile as triton_compile
 
@@ -152,7 +154,7 @@ def _compile_sm90(kernel, pointers: dict, constexprs: dict, num_warps: int = 4, 
     source = ASTSource(fn=kernel, signature=signature, constexprs=given,
                        attrs={(i,): [["tt.divisibility", 16]] for i in aligned})
     return triton_compile(source, target=GPUTarget("cuda", 90, 32),
-                          options=dict(num_warps=num_warps, num_stages=num_stages, **options)).asm["ptx"]
+                          options=dict(num_warps=num_warps, num_stages=num_stages, **options)).asm[stage]
 
 
 @pytest.mark.parametrize("pdl", [False, True])
@@ -175,6 +177,31 @@ def test_streaming_linear_pdl_instructions_in_sm90_code(pdl):
         assert found[1] < min(loads)  # nothing (activations, bias) is read before the wait: only the prefetch
     else:
         assert all(i < 0 for i in found), dict(zip(marks, found))
+
+
+@pytest.mark.parametrize("N", [2048, 3584, 6144])  # BLOCK_N 16, 32, 64
+def test_each_thread_prefetches_its_own_chunk(N):
+    """In the compiled sm_90 kernel the prefetch's addresses are a (BLOCK_N, chunks) tensor whose layout covers it
+    exactly, one element per thread (a shorter vector would be replicated and every copy would prefetch again),
+    and consecutive chunks of a row are chunk-bytes / element-size elements apart."""
+    pytest.importorskip("triton")
+    import re
+
+    cfg = L.launch_config(2, N, 2048)
+    chunks, size = L.prefetch_chunks(4096, cfg["BLOCK_N"], 32 * cfg["num_warps"])
+    consts = {k: cfg[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K")}
+    consts.update(HAS_BIAS=False, GELU=False, PDL=True, PREFETCH_CHUNKS=chunks, PREFETCH_CHUNK_BYTES=size)
+    ttgir = _compile_sm90(L._streaming_linear_kernel, dict.fromkeys(("X", "W", "Bias", "Y"), "bf16"), consts,
+                          num_stages=cfg["num_stages"], launch_pdl=True, stage="ttgir")
+    asm = next(line for line in ttgir.splitlines() if "cp.async.bulk.prefetch.L2" in line)
+    shape, layout = re.search(r"tensor<(\d+x\d+)x!tt\.ptr<bf16>, (#\w+)>", asm).groups()
+    assert shape == f"{cfg['BLOCK_N']}x{chunks}"
+    spec = re.search(re.escape(layout) + r" = #ttg\.blocked<\{(.*)\}>", ttgir).group(1)
+    field = lambda name: [int(v) for v in re.search(name + r" = \[(\d+), (\d+)\]", spec).groups()]  # noqa: E731
+    per_thread, threads, warps = field("sizePerThread"), field("threadsPerWarp"), field("warpsPerCTA")
+    assert per_thread == [1, 1]
+    assert [threads[0] * warps[0], threads[1] * warps[1]] == [cfg["BLOCK_N"], chunks]
+    assert f"arith.constant dense<{size // 2}> : tensor<{chunks}xi32" in ttgir  # bf16: 2 bytes per element
 
 
 @pytest.mark.parametrize("trigger", [False, True])

@@ -3,7 +3,7 @@
 Reference: sparvar.model.linear (F.linear) and, with gelu, linear_gelu_epilogue's cuBLASLt epilogue (GELU on the
 fp32 accumulator, one rounding).
 
-Why: at the small scales (2-72 rows with CFG at 1024², scales 0-3) every block GEMM streams its whole weight for a
+Why: at the small scales (2-288 rows with CFG at 1024², scales 0-5) every block GEMM streams its whole weight for a
 handful of rows, and per-kernel latency, not bytes, bounds it: cuBLAS moves 25-34 MB weights at 2.3-3.0 TB/s and
 8 MB ones at 1.3 TB/s (bench/results/small_scales_h200.json, against ~4.8 there), and HBM idles during the norm
 and attention kernels between the GEMMs. Prefetching the next weights from a side stream made every such scale
@@ -26,8 +26,10 @@ there (MAX_ROWS).
 
 Measured on the H100 (bench/results/e2e_engines_2b_tma_pdl_h100.json, 2B, side by side): PDL made scales 0-2
 ~0.5 ms slower each, not faster (dense engine 251.8 against 247.7 ms with cuBLAS and 250.5 streaming without PDL),
-so cuBLAS stays the default. Why is not known yet (not profiled): the prefetch, the early start of programs that
-then wait, or the graph's programmatic edges; each can be switched off alone in a next measurement.
+so cuBLAS stays the default. Why is not known yet (not profiled): the prefetch (then issued 2-8 times over, each
+copy of a replicated vector of row addresses prefetching again; one chunk per thread since, unmeasured), the early
+start of programs that then wait, or the graph's programmatic edges. SPARVAR_PDL_PREFETCH_MB=0 takes the first
+away for the next measurement (bench/e2e.py's "no prefetch" row).
 """
 from __future__ import annotations
 
@@ -58,7 +60,7 @@ ENGINE_LINEARS = ("cublas", "stream", "pdl")
 def engine_linears() -> str:
     """What the torch-cuda engine runs its block linears of <= MAX_ROWS rows with, from SPARVAR_PDL: "pdl" (1:
     this kernel with PDL, the kernels before it signalling early), "stream" (this kernel without PDL: the
-    ablation) or "cublas" (unset or anything else: the default until PDL has been measured on the GPU)."""
+    ablation) or "cublas" (unset or anything else: the default, PDL having measured slower on the H100)."""
     return {"1": "pdl", "stream": "stream"}.get(os.environ.get("SPARVAR_PDL", "0"), "cublas")
 
 
