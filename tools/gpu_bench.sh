@@ -78,14 +78,16 @@ for what in "${@:2}"; do
       python bench/e2e.py --model "infinity-$size" --warmup 3 --runs 20 --rows "=dense engine (CUDA graphs)" \
         --rows "=SparVAR engine (CUDA graphs, Triton kernels)" --rows "PDL linears,streaming linears" \
         --out "$OUT/e2e_engines_${size}_pdl_$TAG.json" 2>&1 | grep -v Warning | tail -6 ;;
-    e2e2b|e2e8b)  # the bf16 engine rows, the side-stream ablation and the skip-2 rows
+    e2e2b|e2e8b)  # the bf16 engine rows, the side-stream and TMA ablations and the skip-2 rows (not the PDL ones: pdl2b)
       size=${what#e2e}
-      python bench/e2e.py --model "infinity-$size" --warmup 3 --runs 20 --rows "(CUDA graphs,skip last 2" \
+      python bench/e2e.py --model "infinity-$size" --warmup 3 --runs 20 --rows "=dense engine (CUDA graphs)" \
+        --rows "=SparVAR engine (CUDA graphs, Triton kernels)" --rows "side stream,TMA configs,skip last 2" \
         --out "$OUT/e2e_engines_${size}_$TAG.json" 2>&1 | grep -v Warning | tail -8 ;;
     decode)
       python bench/decode.py --out "$OUT/decode_$TAG.json" 2>&1 | grep -v Warning | tail -12 ;;
     batch4)
-      python bench/e2e.py --model infinity-2b --model infinity-8b --batch 4 --warmup 2 --runs 10 --rows "(CUDA graphs" \
+      python bench/e2e.py --model infinity-2b --model infinity-8b --batch 4 --warmup 2 --runs 10 \
+        --rows "=dense engine (CUDA graphs)" --rows "=SparVAR engine (CUDA graphs, Triton kernels)" \
         --out "$OUT/e2e_batch4_$TAG.json" 2>&1 | grep -v Warning | tail -6 ;;
     servebatch)  # a 100 ms window: at 1024² a client asks again ~0.1 s or more after its call (its PNG is encoded first)
       python bench/serve_batching.py --model infinity-2b --backend torch-cuda --batch 4 --clients 8 --requests 48 \
