@@ -57,7 +57,6 @@ ROW_SWITCHES = {
     SPARVAR_PDL_ROW: {"SPARVAR_PDL": "1"},
 }
 SWITCH_OFF = {"SPARVAR_CSLA_TMA": "0", "SPARVAR_PDL": "0", "SPARVAR_PDL_PREFETCH_MB": None}
-SMALL_SCALE_LINEARS = {"0": "cublas", "1": "pdl", "stream": "stream"}  # SPARVAR_PDL -> what the row records
 
 
 @contextlib.contextmanager
@@ -73,7 +72,7 @@ def row_switches(row: str):
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
-        yield values
+        yield
     finally:
         for name, value in before.items():
             if value is None:
@@ -295,6 +294,7 @@ def bench_model(model_name: str, resolution: int, warmup: int, runs: int, rows=N
                 vae: str | None = None, embeddings: str | None = None, save=None, device="cuda", batch: int = 1) -> dict:
     """The rows of one model, side by side in this process. `save(result)` is called after every row with the
     result so far, so that a run cut short (a time limit, a lost machine) keeps the rows it finished."""
+    from sparvar.kernels.linear import engine_linears, prefetch_budget  # what the row's switches select
     from sparvar.pipeline import make_plan
 
     device = torch.device(device)
@@ -315,7 +315,7 @@ def bench_model(model_name: str, resolution: int, warmup: int, runs: int, rows=N
             plan.overlap_decision = True
         # read where a kernel is tuned or launched into a graph: the runner's warm-up and capture, at its first begin()
         forget_csla_timings()
-        with row_switches(name) as switches:
+        with row_switches(name):
             runner = make_runner(kind, plan, backend, fp8, skip)  # graph runners tune and capture at the first begin()
             pipe = make_pipeline(runner, skip)
             torch.cuda.synchronize()
@@ -328,15 +328,12 @@ def bench_model(model_name: str, resolution: int, warmup: int, runs: int, rows=N
                 results.append({"row": name, "error": f"{type(e).__name__}: {e}"})
             else:
                 row = {"row": name, "attention": attention, "runner": kind, "sdpa_backend": backend, "skip_last": skip,
-                       "fp8": fp8, "small_scale_linears": SMALL_SCALE_LINEARS[switches["SPARVAR_PDL"]]
-                       if kind == "graphs" else None, **timing, "images_per_s": 1000 * batch / timing["median_ms"],
+                       "fp8": fp8, "small_scale_linears": engine_linears() if kind == "graphs" else None, **timing, "images_per_s": 1000 * batch / timing["median_ms"],
                        "per_scale_ms": per_scale, "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30,
                        "bench_seconds": time.perf_counter() - t0}
                 if attention == "sparvar":  # the CSLA tuning of the last sparse scale run (each scale is tuned alone)
                     row.update(csla_tuning())
                 if row["small_scale_linears"] == "pdl":
-                    from sparvar.kernels.linear import prefetch_budget
-
                     row["pdl_prefetch_budget_bytes"] = prefetch_budget()  # per call; a call takes at most its weights
                 print(f"{model_name:12s} {name:48s} {timing['median_ms']:8.1f} ms  (peak {row['peak_memory_gib']:.1f} GiB)",
                       flush=True)

@@ -54,9 +54,6 @@ PREFETCH_BYTES_PER_CALL = 12 << 20  # ~4 us of HBM at 3.35 TB/s: what a norm or 
 SMEM_BYTES = 200 << 10  # of the H100's 227 KB per block, some left for the compiler's own
 
 
-ENGINE_LINEARS = ("cublas", "stream", "pdl")
-
-
 def engine_linears() -> str:
     """What the torch-cuda engine runs its block linears of <= MAX_ROWS rows with, from SPARVAR_PDL: "pdl" (1:
     this kernel with PDL, the kernels before it signalling early), "stream" (this kernel without PDL: the
@@ -230,14 +227,13 @@ def streaming_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     cfg = launch_config(M, N, K, sms)
     y = torch.empty(M, N, device=x.device, dtype=x.dtype)
     grid = (N // cfg["BLOCK_N"], triton.cdiv(M, cfg["BLOCK_M"]))
-    extra = dict(launch_pdl=True) if pdl else {}
-    chunks = {}
+    pdl_args = {}
     if pdl:
         n_chunks, chunk_bytes = prefetch_chunks(prefetch_bytes(weight, prefetch_budget()), cfg["BLOCK_N"],
                                                 32 * cfg["num_warps"])
-        chunks = dict(PREFETCH_CHUNKS=n_chunks, PREFETCH_CHUNK_BYTES=chunk_bytes)
+        pdl_args = dict(launch_pdl=True, PREFETCH_CHUNKS=n_chunks, PREFETCH_CHUNK_BYTES=chunk_bytes)
     with launch_device(x):
         _streaming_linear_kernel[grid](x2, weight, weight if bias is None else bias, y, M, K,
                                        x2.stride(0), weight.stride(0), y.stride(0), HAS_BIAS=bias is not None,
-                                       GELU=gelu, PDL=pdl, **chunks, **cfg, **extra)
+                                       GELU=gelu, PDL=pdl, **pdl_args, **cfg)
     return y.view(*x.shape[:-1], N)
