@@ -17,6 +17,8 @@
 #   bash tools/gpu_bench.sh "$OUT" pdl2b     # the PDL streaming linears at small scales: their tests, then 2B dense and SparVAR with and without (pdl8b: 8B)
 #   bash tools/gpu_bench.sh "$OUT" e2e2b     # end-to-end, 2B bf16 engine rows (dense, SparVAR, its ablations, skip 2)
 #   bash tools/gpu_bench.sh "$OUT" e2e8b     # the same for 8B
+#   bash tools/gpu_bench.sh "$OUT" pair2b    # only the dense and SparVAR engines, side by side (the 1.2x ratio, in short; pair8b: 8B)
+#   bash tools/gpu_bench.sh "$OUT" decision  # the CS4A decision's GPU tests, then its passes timed (decide)
 #   bash tools/gpu_bench.sh "$OUT" timeline  # GPU idle time of one graphed 2B generation (launch gaps vs host waits)
 #   bash tools/gpu_bench.sh "$OUT" decode    # the tokenizer decodes at 1024² (Infinity 2B/8B, HART fp32 vs fp16 graph, cudnn.benchmark)
 #   bash tools/gpu_bench.sh "$OUT" batch4    # throughput: 2B and 8B dense and SparVAR engines at 4 prompts per generation
@@ -83,6 +85,17 @@ for what in "${@:2}"; do
       python bench/e2e.py --model "infinity-$size" --warmup 3 --runs 20 --rows "=dense engine (CUDA graphs)" \
         --rows "=SparVAR engine (CUDA graphs, Triton kernels)" --rows "side stream,TMA configs,skip last 2" \
         --out "$OUT/e2e_engines_${size}_$TAG.json" 2>&1 | grep -v Warning | tail -8 ;;
+    pair2b|pair8b)  # for a session with little device time: the two rows of the 1.2x target, nothing else
+      size=${what#pair}
+      python bench/e2e.py --model "infinity-$size" --warmup 3 --runs 20 --rows "=dense engine (CUDA graphs)" \
+        --rows "=SparVAR engine (CUDA graphs, Triton kernels)" \
+        --out "$OUT/e2e_engines_${size}_pair_$TAG.json" 2>&1 | grep -v Warning | tail -6 ;;
+    decision)  # the decision's kernels against torch and the references first; no timing if one fails
+      python -m pytest -q tests/test_kernels_gpu.py -k "topk or decide or decision" --junitxml="$OUT/gpu_tests_decision_$TAG.xml" \
+        > /tmp/decision_tests.log 2>&1; ok=$?
+      grep -E "FAILED|ERROR|passed|failed" /tmp/decision_tests.log | tail -12
+      [ $ok -eq 0 ] || { echo "decision tests failed: no timing"; continue; }
+      python bench/small_scales.py --sections decide --out "$OUT/small_scales_decide_$TAG.json" 2>&1 | grep -v Warning | tail -8 ;;
     decode)
       python bench/decode.py --out "$OUT/decode_$TAG.json" 2>&1 | grep -v Warning | tail -12 ;;
     batch4)
