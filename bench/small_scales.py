@@ -224,8 +224,7 @@ def decide_rows(model: str, calls: int) -> list[dict]:
     row["column_sums_us"] = graph_us(
         lambda i: (lambda t=sets[i % 4], lse=lses[i % 4]: cs4a_kernels.cs4a_column_sums(t[0], t[1], lse, gs)), calls)
     row["select_topk_us"] = {}
-    for launch in [(2, 512, 4), (4, 512, 4), (8, 1024, 4), (1, 0, 16), (2, 0, 16), (4, 0, 16), (8, 0, 16), (4, 0, 8),
-                   (8, 0, 8)]:
+    for launch in [(1, 1024, 4), (2, 512, 4), (4, 256, 4), (4, 512, 4), (4, 512, 8), (4, 1024, 8)]:
         row["select_topk_us"][str(launch)] = graph_us(
             lambda i: (lambda x=sums[i % 4]: cs4a_kernels.select_topk(x, topk, launch=launch)), calls)
     row["select_topk_default"] = str(cs4a_kernels.TOPK_LAUNCH)

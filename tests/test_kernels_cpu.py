@@ -2,8 +2,6 @@
 installed) the kernels themselves under Triton's CPU interpreter on tiny fp16 inputs."""
 from __future__ import annotations
 
-import os
-import tempfile
 import textwrap
 
 import pytest
@@ -177,8 +175,6 @@ def test_cs4a_wrappers_reject_bad_inputs():
         kernels.select_topk(torch.rand(2, 10).double(), 3)
     with pytest.raises(ValueError, match="radix bits"):
         kernels.select_topk(torch.rand(2, 10), 3, launch=(3, 512, 4))
-    with pytest.raises(ValueError, match="chunk width 0"):
-        kernels.select_topk(torch.rand(2, 10), 3, launch=(8, 300, 4))
     from sparvar.kernels.cs4a import decision_dense_pass
     with pytest.raises(ValueError, match="unknown dense_pass 'flash'"):
         decision_dense_pass(q, k, v, dense_pass="flash")
@@ -404,38 +400,6 @@ def test_csla_pointer_config_compiles_with_pipelined_loads():
     assert "cp.async.cg" in ptx and "cp.async.bulk.tensor" not in ptx and "setmaxnreg" not in ptx
 
 
-
-def test_select_topk_default_keeps_the_decision_row_in_registers():
-    """At the decision's 4,121 candidates the default launch reads the row from memory once (one load per sum and
-    thread, none in the steps' loops) and ptxas fits it without spills: the point of the one-chunk mode."""
-    pytest.importorskip("triton")
-    import re
-    import subprocess
-
-    from triton.backends.compiler import GPUTarget
-    from triton.backends.nvidia.compiler import get_ptxas
-    from triton.compiler import ASTSource, compile as triton_compile
-
-    from sparvar.kernels import cs4a
-
-    radix, block, warps = cs4a.TOPK_LAUNCH
-    assert block == 0, "the default launch no longer keeps the row in registers: update this test"
-    block = 8192  # what select_topk picks for 4,121 candidates
-    kernel = cs4a._select_topk_kernel
-    signature = {"Sums": "*fp32", "Selected": "*i32", "n": "i32", "first": "i32", "topk": "i32",
-                 "BLOCK": "constexpr", "RADIX_BITS": "constexpr", "ONE_CHUNK": "constexpr"}
-    source = ASTSource(fn=kernel, signature=signature,
-                       constexprs={"BLOCK": block, "RADIX_BITS": radix, "ONE_CHUNK": True},
-                       attrs={(0,): [["tt.divisibility", 16]], (1,): [["tt.divisibility", 16]]})
-    ptx = triton_compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps)).asm["ptx"]
-    assert len(re.findall(r"ld\.global", ptx)) == block // (32 * warps), "the row is read more than once"
-    path = os.path.join(tempfile.mkdtemp(), "topk.ptx")
-    with open(path, "w") as f:
-        f.write(ptx)
-    info = subprocess.run([get_ptxas(90).path, "-v", "-arch=sm_90a", path, "-o", path + ".cubin"],
-                          capture_output=True, text=True, check=True).stderr
-    assert "0 bytes spill stores" in info, info
-
 # ------------------------------------------------------------------------------------------------ fake kernels
 def test_fake_kernels_give_output_shapes():
     from torch._subclasses.fake_tensor import FakeTensorMode
@@ -555,8 +519,7 @@ INTERPRETER_SCRIPT = textwrap.dedent('''
     wide[2, 0] = torch.rand(500) * 0.5
     wide[2, 0, 10:400] = 1.0  # 390 ties for 60 places
     wide[2, 1] = (torch.tensor(1.0).view(torch.int32) + torch.randperm(500, dtype=torch.int32)).view(torch.float32)
-    # chunked (each step walks the row) and one chunk (the row in registers: block 0, or 512 >= 500 - first)
-    for radix, block in [(1, 128), (2, 256), (4, 128), (4, 512), (8, 128), (8, 0), (2, 0)]:
+    for radix, block in [(1, 128), (2, 256), (4, 128), (4, 512)]:
         for first in (0, 17):
             got = K.select_topk(wide, 60, first, launch=(radix, block, 4))
             want = first + wide[..., first:].topk(60, -1).indices.sort(-1).values

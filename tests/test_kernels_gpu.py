@@ -362,8 +362,7 @@ def test_cs4a_decide(dtype, d):
     assert torch.equal(selected.long(), sums.topk(topk, dim=-1).indices.sort(dim=-1).values)
 
 
-@pytest.mark.parametrize("launch", [None, (1, 1024, 4), (2, 512, 4), (4, 256, 4), (4, 512, 8), (8, 1024, 4),
-                                    (1, 0, 16), (2, 0, 16), (4, 0, 16), (8, 0, 8), (8, 8192, 16)])
+@pytest.mark.parametrize("launch", [None, (1, 1024, 4), (2, 512, 4), (4, 256, 4), (4, 512, 8)])
 def test_select_topk_equals_torch_topk(launch):
     sums = torch.rand(2, 16, 9, 4121, device=DEV)  # the decision's shape at 1024^2 (distinct values)
     sums[1, 0] = (torch.tensor(1.0).view(torch.int32) + torch.randperm(4121, dtype=torch.int32)).view(torch.float32)
@@ -375,14 +374,6 @@ def test_select_topk_equals_torch_topk(launch):
     tail = kernels.select_topk(sums, 784, 300, launch=launch)  # HART-style sinks: positions [300, n) compete
     assert torch.equal(tail[1].long(), 300 + sums[1, ..., 300:].topk(784, dim=-1).indices.sort(dim=-1).values)
     assert launch is None or launch[0] in TOPK_RADIX_BITS
-    # a row longer than TOPK_ROW_MAX: chunk width 0 walks it in chunks of TOPK_ROW_MAX
-    long_rows = torch.rand(3, 9000, device=DEV)
-    long_rows[1] *= 0.5
-    long_rows[1, 4000:8500] = 0.75  # 4,500 ties, across the chunk boundary, for the last places
-    long_rows[1, :1000] = 0.9
-    want = long_rows.topk(1500, dim=-1).indices.sort(dim=-1).values
-    want[1] = torch.cat([torch.arange(1000, device=DEV), torch.arange(4000, 4500, device=DEV)])
-    assert torch.equal(kernels.select_topk(long_rows, 1500, launch=launch).long(), want)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -207,65 +207,45 @@ if HAS_TRITON:
             cols = tl.where(group_done, 0.0, cols)
 
     @triton.jit
-    def _sums_chunk(base, start, n, row, BLOCK: tl.constexpr, ONE_CHUNK: tl.constexpr):
-        """The int32 bit patterns of sums [start, start + BLOCK) (-1 past n, below every candidate); with ONE_CHUNK
-        the whole row is `row`, loaded once by the caller and kept in registers."""
-        if ONE_CHUNK:
-            bits = row
-        else:
-            offs = start + tl.arange(0, BLOCK)
-            bits = tl.load(base + offs, mask=offs < n, other=-1.0).to(tl.int32, bitcast=True)
-        return bits
-
-    @triton.jit
-    def _select_topk_kernel(Sums, Selected, n, first, topk, BLOCK: tl.constexpr, RADIX_BITS: tl.constexpr,
-                            ONE_CHUNK: tl.constexpr):
+    def _select_topk_kernel(Sums, Selected, n, first, topk, BLOCK: tl.constexpr, RADIX_BITS: tl.constexpr):
         """One row of column sums (>= 0): the positions of its topk largest among [first, n), written ascending.
 
         Non-negative floats order like their int32 bit patterns, so the k-th largest value t is found digit by digit
-        (RADIX_BITS bits per step, from the top): the largest t with count(x >= t) >= topk. Each step histograms
-        the digit of the values that agree with t above it; with the count of values already above that prefix,
-        the histogram's suffix sums give count(x >= candidate) for every digit at once, so there are 32 / RADIX_BITS
-        dependent steps at one histogram entry per value each. Then one pass writes every x > t and, of the x == t,
-        the lowest positions until topk are taken (a cumsum gives each kept entry its output slot), so no sort is
-        needed. ONE_CHUNK (the row fits one BLOCK): the row is read from memory once and every step works on
-        registers; otherwise every step walks the row (from L1/L2) in chunks of BLOCK.
+        (RADIX_BITS bits per step, from the top): the largest t with count(x >= t) >= topk. Each step counts all
+        2^RADIX_BITS candidates of its digit in the same passes over the row (which stays in L1/L2), so there are
+        32 / RADIX_BITS dependent steps instead of one per bit, at 2^RADIX_BITS compares per value and step (2 bits
+        measured fastest, see TOPK_LAUNCH). Then one pass writes every x > t and, of the x == t, the lowest
+        positions until topk are taken (a cumsum gives each kept entry its output slot), so no sort is needed.
         """
-        row_id = tl.program_id(0)
-        base = Sums + row_id.to(tl.int64) * n
-        out = Selected + row_id.to(tl.int64) * topk
+        row = tl.program_id(0)
+        base = Sums + row.to(tl.int64) * n
+        out = Selected + row.to(tl.int64) * topk
         n = n - first  # the candidates, as positions relative to `first`
         base += first
-        if ONE_CHUNK:
-            row = _sums_chunk(base, 0, n, 0, BLOCK, False)
-        else:
-            row = 0
         digits = tl.arange(0, 1 << RADIX_BITS)
         thr = 0
-        above = 0  # count(x > every candidate of this step): values whose prefix above the digit exceeds thr's
-        for step in tl.static_range(32 // RADIX_BITS):
-            shift = 32 - RADIX_BITS * (step + 1)
-            hist = tl.zeros([1 << RADIX_BITS], dtype=tl.int32)
+        for step in range(32 // RADIX_BITS):  # the first step's digit holds the sign bit: its candidates >= 2^31 wrap
+            shift = 32 - RADIX_BITS * (step + 1)  # negative, below digit 0's, so the max below never takes them
+            cand = thr | (digits << shift)
+            hits = tl.zeros([BLOCK, 1 << RADIX_BITS], dtype=tl.int32)  # reduced once per step, not per chunk
             for start in range(0, n, BLOCK):
                 offs = start + tl.arange(0, BLOCK)
-                bits = _sums_chunk(base, start, n, row, BLOCK, ONE_CHUNK)
-                if step == 0:
-                    same_prefix = offs < n  # (bits >= 0 there: the sign bit is 0, so digit 0 of step 0 holds it)
-                else:
-                    same_prefix = (offs < n) & ((bits >> (shift + RADIX_BITS)) == (thr >> (shift + RADIX_BITS)))
-                hist += tl.histogram((bits >> shift) & ((1 << RADIX_BITS) - 1), 1 << RADIX_BITS, mask=same_prefix)
-            # count(x >= thr | d << shift) = above + the histogram's sum over digits >= d; it falls as d grows
-            at_least = above + tl.sum(hist, 0) - tl.cumsum(hist, 0) + hist
-            digit = tl.max(tl.where(at_least >= topk, digits, 0), 0)  # digit 0 always qualifies
-            above += tl.sum(tl.where(digits > digit, hist, 0), 0)
-            thr = thr | (digit << shift)
-        # above = count(x > thr) now
+                bits = tl.load(base + offs, mask=offs < n, other=-1.0).to(tl.int32, bitcast=True)
+                hits += (bits[:, None] >= cand[None, :]).to(tl.int32)
+            counts = tl.sum(hits, 0)
+            # count(x >= cand) falls as the digit grows, and digit 0 (cand = thr) always has >= topk: take the largest
+            thr = tl.max(tl.where(counts >= topk, cand, 0), 0)
+        above = 0
+        for start in range(0, n, BLOCK):
+            offs = start + tl.arange(0, BLOCK)
+            bits = tl.load(base + offs, mask=offs < n, other=-1.0).to(tl.int32, bitcast=True)
+            above += tl.sum((bits > thr).to(tl.int32), 0)
         ties_needed = topk - above
         written = 0
         ties_seen = 0
         for start in range(0, n, BLOCK):
             offs = start + tl.arange(0, BLOCK)
-            bits = _sums_chunk(base, start, n, row, BLOCK, ONE_CHUNK)
+            bits = tl.load(base + offs, mask=offs < n, other=-1.0).to(tl.int32, bitcast=True)
             tie = (bits == thr).to(tl.int32)
             take = (bits > thr) | ((tie != 0) & (ties_seen + tl.cumsum(tie, 0) <= ties_needed))
             take_i = take.to(tl.int32)
@@ -524,14 +504,11 @@ def cs4a_column_sums(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, group_
 
 
 # (radix bits, chunk width, warps) of select_topk's launch. At the decision's shape on the H200 (2B: 288 rows of
-# 4,121 sums; 8B: 504), inside a CUDA graph (bench/results/small_scales_decide_h200.json), us per call, chunks of
-# 512-1024 walked from L1/L2 at every step: 1 bit per step 60.4 / 75.2; 2 bits 48.7 / 59.9; 4 bits 65.4 / 86.5
-# (2^r compares per sum and step outweigh the fewer steps). That kernel compared each sum with every candidate of
-# its step; now each step histograms the digits (one entry per sum), and chunk width 0 keeps a row of up to
-# TOPK_ROW_MAX candidates in registers, read from memory once (longer rows: chunks of TOPK_ROW_MAX).
-TOPK_LAUNCH = (8, 0, 16)
-TOPK_RADIX_BITS = (1, 2, 4, 8)
-TOPK_ROW_MAX = 8192  # the widest chunk select_topk takes (16 sums per thread at 16 warps, no spills on sm_90)
+# 4,121 sums; 8B: 504), inside a CUDA graph (bench/results/small_scales_decide_h200.json), us per call:
+# 1 bit per step (the kernel before) 60.4 / 75.2; 2 bits 48.7 / 59.9; 4 bits 65.4 / 86.5 (2^r compares per sum and
+# step outweigh the fewer steps)
+TOPK_LAUNCH = (2, 512, 4)
+TOPK_RADIX_BITS = (1, 2, 4)
 
 
 def select_topk(sums: torch.Tensor, topk: int, first: int = 0, *, launch: tuple[int, int, int] | None = None) -> torch.Tensor:
@@ -539,8 +516,7 @@ def select_topk(sums: torch.Tensor, topk: int, first: int = 0, *, launch: tuple[
     sums (..., n), float32 >= 0 (first = the sink count: sinks never compete).
 
     first + torch.topk(sums[..., first:], topk).indices.sort() in one kernel; among equal values at the threshold
-    the lowest positions win. launch: (radix bits, chunk width, warps), TOPK_LAUNCH by default; chunk width 0 keeps
-    the whole row in registers where it has at most TOPK_ROW_MAX candidates (chunks of TOPK_ROW_MAX otherwise).
+    the lowest positions win. launch: (radix bits, chunk width, warps), TOPK_LAUNCH by default.
     """
     name = "select_topk"
     if not isinstance(sums, torch.Tensor) or sums.dtype != torch.float32 or sums.dim() < 1 or not sums.is_contiguous():
@@ -552,24 +528,21 @@ def select_topk(sums: torch.Tensor, topk: int, first: int = 0, *, launch: tuple[
     if not isinstance(topk, int) or isinstance(topk, bool) or not 0 < topk <= n - first:
         raise ValueError(f"{name}: topk must be an int in [1, {n - first}] (positions [{first}, {n})), got {topk!r}")
     radix_bits, block, warps = launch or TOPK_LAUNCH
-    if (radix_bits not in TOPK_RADIX_BITS or block not in (0, 128, 256, 512, 1024, 2048, 4096, TOPK_ROW_MAX)
-            or warps not in (1, 2, 4, 8, 16)):
-        raise ValueError(f"{name}: launch must be (radix bits in {TOPK_RADIX_BITS}, chunk width 0 (the whole row) or "
-                         f"a power of two in [128, {TOPK_ROW_MAX}], warps in 1/2/4/8/16), got {launch}")
-    if block == 0:  # the next power of two >= the candidates (>= 128), at most TOPK_ROW_MAX
-        block = min(1 << max(n - first - 1, 127).bit_length(), TOPK_ROW_MAX)
+    if radix_bits not in TOPK_RADIX_BITS or block not in (128, 256, 512, 1024, 2048) or warps not in (1, 2, 4, 8):
+        raise ValueError(f"{name}: launch must be (radix bits in {TOPK_RADIX_BITS}, chunk width a power of two in "
+                         f"[128, 2048], warps in 1/2/4/8), got {launch}")
     check_device(name, sums)
     require_triton(name)
     selected = torch.empty((*sums.shape[:-1], topk), dtype=torch.int32, device=sums.device)
     rows = sums.numel() // max(n, 1)
     if rows == 0:
         return selected
-    meta = dict(BLOCK=block, RADIX_BITS=radix_bits, ONE_CHUNK=block >= n - first)
     if interpreting():
-        _select_topk_kernel[(rows,)](sums, selected, n, first, topk, **meta)
+        _select_topk_kernel[(rows,)](sums, selected, n, first, topk, BLOCK=min(block, 256), RADIX_BITS=radix_bits)
     else:
         with launch_device(sums):
-            _select_topk_kernel[(rows,)](sums, selected, n, first, topk, **meta, num_warps=warps)
+            _select_topk_kernel[(rows,)](sums, selected, n, first, topk, BLOCK=block, RADIX_BITS=radix_bits,
+                                         num_warps=warps)
     return selected
 
 
