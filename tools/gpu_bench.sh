@@ -68,7 +68,7 @@ for what in "${@:2}"; do
       python -m pytest -q tests/test_kernels_gpu.py -k "csla" 2>&1 | tail -6
       python bench/csla_variants.py --runs 50 --warmup 5 --out "$OUT/csla_variants_$TAG.json" 2>&1 | grep -v Warning | tail -16 ;;
     tma2b)  # for a session with little device time: the rows that decide the TMA switch, side by side, nothing else
-      python -m pytest -q tests/test_kernels_gpu.py -k tma 2>&1 | tail -6
+      python -m pytest -q tests/test_kernels_gpu.py -k csla_tma 2>&1 | tail -6
       python bench/e2e.py --model infinity-2b --warmup 3 --runs 20 --rows "=dense engine (CUDA graphs)" \
         --rows "=SparVAR engine (CUDA graphs, Triton kernels)" --rows "TMA configs" \
         --out "$OUT/e2e_engines_2b_tma_$TAG.json" 2>&1 | grep -v Warning | tail -6 ;;
