@@ -64,7 +64,7 @@ for what in "${@:2}"; do
       python bench/small_scales.py --sections decide --out "$OUT/small_scales_decide_$TAG.json" 2>&1 | grep -v Warning | tail -8 ;;
     later)
       python bench/small_scales.py --sections later --out "$OUT/small_scales_later_$TAG.json" 2>&1 | grep -v Warning | tail -6 ;;
-    csla)  # their GPU tests first (the TMA variants have not run on a GPU before), then the benchmark
+    csla)  # their GPU tests first (the TMA variants' tests have not all run on a GPU yet), then the benchmark
       python -m pytest -q tests/test_kernels_gpu.py -k "csla" 2>&1 | tail -6
       python bench/csla_variants.py --runs 50 --warmup 5 --out "$OUT/csla_variants_$TAG.json" 2>&1 | grep -v Warning | tail -16 ;;
     tma2b)  # for a session with little device time: the rows that decide the TMA switch, side by side, nothing else

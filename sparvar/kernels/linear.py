@@ -26,10 +26,11 @@ there (MAX_ROWS).
 
 Measured on the H100 (bench/results/e2e_engines_2b_tma_pdl_h100.json, 2B, side by side): PDL made scales 0-2
 ~0.5 ms slower each, not faster (dense engine 251.8 against 247.7 ms with cuBLAS and 250.5 streaming without PDL),
-so cuBLAS stays the default. Why is not known yet (not profiled): the prefetch (then issued 2-8 times over, each
-copy of a replicated vector of row addresses prefetching again; one chunk per thread since, unmeasured), the early
-start of programs that then wait, or the graph's programmatic edges. SPARVAR_PDL_PREFETCH_MB=0 takes the first
-away for the next measurement (bench/e2e.py's "no prefetch" row).
+so cuBLAS stays the default. With one prefetch chunk per thread (it had been issued 2-8 times over) and again
+without any prefetch (SPARVAR_PDL_PREFETCH_MB=0), another H100 measured PDL 0.19-0.31 and 0.08-0.24 ms slower per
+scale than the same kernel without it (bench/results/e2e_engines_2b_pdl_h100.json): the programmatic launch itself
+loses, the prefetch adds to it. Why is not known (not profiled): programs started early that then wait, or the
+graph's programmatic edges.
 """
 from __future__ import annotations
 
