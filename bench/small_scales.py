@@ -290,7 +290,9 @@ def main(argv=None) -> int:
     scales = [int(s) for s in args.scales.split(",")]
     linear_scales = [int(s) for s in args.linear_scales.split(",")]
     result = {"benchmark": "small-scale kernel calls inside a CUDA graph (microseconds per call)",
-              "protocol": f"graph of {args.calls} back-to-back calls on distinct tensors, median of 20 replays / calls",
+              "protocol": f"graph of back-to-back calls on distinct tensors ({args.calls}; the CS4A decision and later "
+                          "scales: 11, one per CS4A layer; each row's calls_per_graph where it has one), median of 20 "
+                          "replays / calls",
               "attention": [], "linears": [], "cs4a_cache_upsample": [], "cs4a_decision": [], "cs4a_later": []}
     for model in models:
         if "attention" in sections:
