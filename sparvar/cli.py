@@ -5,6 +5,7 @@ Every argument is checked before any heavy work starts; a bad one exits with a m
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -15,11 +16,19 @@ class UsageError(Exception):
     pass
 
 
+def nonempty(value: str) -> str:
+    """argparse type of a name or path: an empty one (what "$VAR" gives for an unset variable) is an error, not
+    the option's default."""
+    if not value.strip():
+        raise argparse.ArgumentTypeError("must not be empty")
+    return value
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
-    g.add_argument("--model", help="model name: infinity-2b, infinity-8b, infinity-tiny (default), hart-0.7b, hart-tiny")
-    g.add_argument("--weights", help="official transformer checkpoint: a .pth / .safetensors file, or a folder of shards (Infinity-8B: infinity_8b_weights; HART: its llm/ folder)")
-    g.add_argument("--vae", help="official tokenizer checkpoint (.pth or .safetensors; HART: the tokenizer file)")
+    g.add_argument("--model", type=nonempty, help="model name: infinity-2b, infinity-8b, infinity-tiny (default), hart-0.7b, hart-tiny")
+    g.add_argument("--weights", type=nonempty, help="official transformer checkpoint: a .pth / .safetensors file, or a folder of shards (Infinity-8B: infinity_8b_weights; HART: its llm/ folder)")
+    g.add_argument("--vae", type=nonempty, help="official tokenizer checkpoint (.pth or .safetensors; HART: the tokenizer file)")
     g.add_argument("--random-weights", action="store_true", help="random transformer and tokenizer (smoke and speed runs)")
     g.add_argument("--resolution", type=int, help="256, 512, 768 or 1024 (default: the model's)")
     g.add_argument("--aspect", help="aspect ratio H:W of an official template (default 1:1)")
@@ -32,9 +41,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("sampling")
     g.add_argument("--prompt", action="append", help="text prompt (repeat for a batch)")
-    g.add_argument("--t5", help="local directory of the flan-t5-xl encoder (Infinity)")
-    g.add_argument("--qwen", help="local directory of the Qwen2-VL-1.5B-Instruct text model (HART)")
-    g.add_argument("--text-embeddings", help="precomputed text features (.safetensors/.pt with 'features', 'lengths')")
+    g.add_argument("--t5", type=nonempty, help="local directory of the flan-t5-xl encoder (Infinity)")
+    g.add_argument("--qwen", type=nonempty, help="local directory of the Qwen2-VL-1.5B-Instruct text model (HART)")
+    g.add_argument("--text-embeddings", type=nonempty, help="precomputed text features (.safetensors/.pt with 'features', 'lengths')")
     g.add_argument("--seed", type=int, default=0)
     # None keeps the model family's default (sparvar.generate.Sampling, sparvar.hart.sampling.HartSampling)
     g.add_argument("--cfg", type=float, help="classifier-free guidance (default: Infinity 4.0, HART 4.5)")
@@ -50,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="generate images (eager torch, or through a built engine with --engine)")
     _add_model_args(gen)
     _add_sampling_args(gen)
-    gen.add_argument("--engine", help="engine directory built by `sparvar engine build` (model options come from it)")
+    gen.add_argument("--engine", type=nonempty, help="engine directory built by `sparvar engine build` (model options come from it)")
     gen.add_argument("--out", default="image.png", help="output PNG (a batch writes NAME-<i>.png)")
 
     eng = sub.add_parser("engine", help="build and inspect engines")
@@ -58,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     build = esub.add_parser("build", help="export -> optimize -> build, skipping unchanged stages")
     _add_model_args(build)
     build.add_argument("--backend", default="onnxruntime", help="onnxruntime, tensorrt, tensorrt-rtx or torch-cuda")
-    build.add_argument("--engine-dir", help="output directory (default engines/<model>-<resolution>-<attention>[-fp8]-"
+    build.add_argument("--engine-dir", type=nonempty, help="output directory (default engines/<model>-<resolution>-<attention>[-fp8]-"
                        "<backend>; a build there with another aspect, dtype, batch or weights replaces that engine, "
                        "so give each variant you keep its own directory)")
     build.add_argument("--force", action="store_true", help="rebuild every stage")
@@ -68,12 +77,12 @@ def build_parser() -> argparse.ArgumentParser:
                        "batches up to this many concurrent requests into one call")
     for name in ("info", "verify"):
         e = esub.add_parser(name, help=f"{name} an engine directory")
-        e.add_argument("engine_dir")
+        e.add_argument("engine_dir", type=nonempty)
 
     serve = sub.add_parser("serve", help="serve generation requests over HTTP from one warm engine (sparvar/serve.py)")
-    serve.add_argument("--engine", required=True, help="engine directory built by `sparvar engine build`")
-    serve.add_argument("--t5", help="local flan-t5-xl directory (Infinity engines with real weights)")
-    serve.add_argument("--qwen", help="local Qwen2-VL-1.5B-Instruct directory (HART engines with real weights)")
+    serve.add_argument("--engine", type=nonempty, required=True, help="engine directory built by `sparvar engine build`")
+    serve.add_argument("--t5", type=nonempty, help="local flan-t5-xl directory (Infinity engines with real weights)")
+    serve.add_argument("--qwen", type=nonempty, help="local Qwen2-VL-1.5B-Instruct directory (HART engines with real weights)")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     serve.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
     serve.add_argument("--skip-last", type=int, default=0, help="skip the transformer on the last N scales")
@@ -91,14 +100,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def add_bench_e2e_args(p: argparse.ArgumentParser) -> None:
     """The options of `sparvar bench e2e`, also parsed by `python bench/e2e.py` (one definition)."""
-    p.add_argument("--model", action="append", help="model(s) to bench (default infinity-2b and infinity-8b)")
+    p.add_argument("--model", type=nonempty, action="append", help="model(s) to bench (default infinity-2b and infinity-8b)")
     p.add_argument("--resolution", type=int, default=1024)
     p.add_argument("--batch", type=int, default=1, help="prompts per generation (default 1, the paper's protocol)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--runs", type=int, default=20)
-    p.add_argument("--weights", help="official transformer checkpoint of the one --model (default: random weights)")
-    p.add_argument("--vae", help="official tokenizer checkpoint, with --weights")
-    p.add_argument("--text-embeddings", help="precomputed text features of the one --model (default: hashed stand-ins; "
+    p.add_argument("--weights", type=nonempty, help="official transformer checkpoint of the one --model (default: random weights)")
+    p.add_argument("--vae", type=nonempty, help="official tokenizer checkpoint, with --weights")
+    p.add_argument("--text-embeddings", type=nonempty, help="precomputed text features of the one --model (default: hashed stand-ins; "
                    "the text encoder is not timed)")
     p.add_argument("--out", default=None, help="default: bench/results/e2e_<device>.json (e2e_batch<N>_<device>.json)")
     p.add_argument("--rows", action="append", default=None,
@@ -133,15 +142,21 @@ def check_model_args(args) -> None:
     try:
         cfg = get_config(args.model)
         args.resolution = args.resolution or cfg.default_resolution
-        get_schedule(args.resolution, args.aspect, model=args.model)
+        schedule = get_schedule(args.resolution, args.aspect, model=args.model)
     except ValueError as e:
         raise UsageError(str(e)) from None
     if args.random_weights and (args.weights or args.vae):
         raise UsageError("--random-weights cannot be combined with --weights/--vae")
     if not args.random_weights and not (args.weights and args.vae):
         raise UsageError("give both --weights and --vae (official checkpoints), or --random-weights")
+    for path in (args.weights, args.vae):  # a file or a folder of shards; the loaders say more of what they find
+        if path and not os.path.exists(path):
+            raise UsageError(f"checkpoint not found: {path}")
     if args.skip_last < 0:
         raise UsageError(f"--skip-last must be >= 0, got {args.skip_last}")
+    if args.skip_last >= schedule.num_scales:  # the loop would say so only after the weights load
+        raise UsageError(f"--skip-last must be below the {schedule.num_scales} scales of {args.model} at "
+                         f"{args.resolution} ({args.aspect}), got {args.skip_last}")
 
 
 def check_out_path(out: str) -> None:
@@ -172,9 +187,10 @@ def cmd_generate(args) -> int:
     from .config import get_config
     from .pipeline import Pipeline, check_text_sources, save_images
 
-    def check_text_args(cfg):
+    def check_text_args(cfg, real_weights):
         try:
-            check_text_sources(cfg, t5=args.t5, qwen=args.qwen, embeddings=args.text_embeddings)
+            check_text_sources(cfg, t5=args.t5, qwen=args.qwen, embeddings=args.text_embeddings,
+                               real_weights=real_weights)
         except ValueError as e:
             raise UsageError(str(e)) from None
 
@@ -191,13 +207,20 @@ def cmd_generate(args) -> int:
         if args.device:
             raise UsageError("--engine runs on its backend's device (onnxruntime: the CPU, torch-cuda: the GPU); "
                              "drop --device")
+        from .engine import read_manifest
+
+        spec = read_manifest(args.engine)["spec"]  # cheap: the text options are checked before the engine loads
+        try:
+            engine_cfg = get_config(spec["model"])
+        except ValueError as e:
+            raise UsageError(f"{args.engine}: {e}; rebuild the engine") from None
+        check_text_args(engine_cfg, real_weights=spec["weights"] is not None)
         # what the engine was built for is fixed: an option that says otherwise is refused, not ignored
         pipe = load_engine_pipeline(args.engine, skip_last=args.skip_last, model=args.model, resolution=args.resolution,
                                     aspect=args.aspect, attention=args.attention, dtype=args.dtype)
-        check_text_args(pipe.cfg)
     else:
         check_model_args(args)
-        check_text_args(get_config(args.model))
+        check_text_args(get_config(args.model), real_weights=not args.random_weights)
         device, dtype = resolve_device_dtype(args.device or "cpu", args.dtype)
         pipe = Pipeline.from_args(args, device, dtype)
     try:  # Infinity's Sampling or HART's HartSampling; unset options keep the family's defaults
@@ -295,6 +318,9 @@ def main(argv=None) -> int:
     except (ValueError, OSError) as e:  # bad checkpoint, engine or input file, or a path it cannot read or write
         print(f"sparvar: error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # builds write to a temporary directory and rename: an interrupted one leaves nothing
+        print("sparvar: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

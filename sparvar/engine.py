@@ -181,13 +181,34 @@ def read_manifest(engine_dir: str) -> dict:
             for stage in STAGES):
         raise EngineError(f"{path} is incomplete (it needs a spec and the {', '.join(STAGES)} stages with their files); "
                           "rebuild the engine")
-    # what loading reads without looking twice: missing, they were a KeyError traceback deep in a runner
+    # what loading and `engine info` read without looking twice: missing, they were a KeyError traceback
     missing = [f"spec.{f.name}" for f in dataclasses.fields(EngineSpec) if f.name not in manifest["spec"]]
-    missing += [key for key, kind in (("schedule", list), ("model_config", dict), ("units", dict))
-                if not isinstance(manifest.get(key), kind)]
+    missing += [key for key, kind in (("schedule", list), ("model_config", dict), ("units", dict), ("created", str),
+                                      ("versions", dict)) if not isinstance(manifest.get(key), kind)]
+    missing += [f"stages.{stage}.{key}" for stage in STAGES for key, kind in (("key", str), ("seconds", (int, float)),
+                                                                            ("info", dict))
+                if not isinstance(stages[stage].get(key), kind)]
     if missing:
         raise EngineError(f"{path} is incomplete or foreign (no {', '.join(missing)}); rebuild the engine")
     return manifest
+
+
+def stage_info(engine_dir: str, manifest: dict, stage: str, key: str):
+    """manifest["stages"][stage]["info"][key], or an EngineError naming the engine as incomplete (read_manifest
+    checks what every engine has; this is what one backend's stage records)."""
+    value = manifest["stages"][stage]["info"].get(key)
+    if value is None:
+        raise EngineError(f"{engine_dir}: its manifest records no {stage} {key}: incomplete or foreign; rebuild the engine")
+    return value
+
+
+def files_not_in_engine(engine_dir: str, manifest: dict) -> list[str]:
+    """Files under engine_dir that no stage recorded (other than the manifest): the user's, not the engine's."""
+    recorded = {rel for stage in STAGES for rel in manifest["stages"][stage]["files"]} | {MANIFEST}
+    found = []
+    for root, _, files in os.walk(engine_dir):
+        found += [os.path.relpath(os.path.join(root, f), engine_dir) for f in files]
+    return sorted(rel for rel in found if rel not in recorded)
 
 
 def verify_files(engine_dir: str, manifest: dict) -> None:
@@ -353,13 +374,25 @@ def build_engine(spec: EngineSpec, engine_dir: str, force: bool = False, log=pri
         raise EngineError(f"cannot build a {spec.backend} engine on this machine: {e}") from None
     versions = tool_versions()
     old = None
-    if os.path.isdir(engine_dir) and not force:
+    if os.path.isdir(engine_dir):
         try:
             old = read_manifest(engine_dir)
-            verify_files(engine_dir, old)
         except EngineError as e:
             log(f"[engine] existing {engine_dir} unusable ({e}); rebuilding every stage")
+        # the build replaces the whole directory: never over files the engine did not write (a generated image, notes)
+        foreign = files_not_in_engine(engine_dir, old) if old is not None else []
+        if foreign:
+            raise EngineError(f"{engine_dir} holds files the engine did not write ({', '.join(foreign[:5])}"
+                              f"{', ...' if len(foreign) > 5 else ''}); building there would delete them: move them out "
+                              "or choose another engine directory")
+        if force:
             old = None
+        elif old is not None:
+            try:
+                verify_files(engine_dir, old)
+            except EngineError as e:
+                log(f"[engine] existing {engine_dir} unusable ({e}); rebuilding every stage")
+                old = None
     parent = os.path.dirname(os.path.abspath(engine_dir))
     os.makedirs(parent, exist_ok=True)
     remove_abandoned_builds(parent, os.path.basename(engine_dir))

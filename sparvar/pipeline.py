@@ -112,10 +112,15 @@ class Pipeline:
         return generate(self.runner, self.decoder, self.schedule, features, lengths, sampling, seed, self.skip_last, progress)
 
 
-def check_text_sources(cfg, t5: str | None = None, qwen: str | None = None, embeddings: str | None = None) -> None:
+def check_text_sources(cfg, t5: str | None = None, qwen: str | None = None, embeddings: str | None = None,
+                       real_weights: bool = False) -> None:
     """Refuse text options that do not fit the model (Infinity: T5; HART: Qwen2; both: precomputed embeddings;
-    a model trained on hashed embeddings: no encoder), naming the option. Cheap: the CLI calls it before any work."""
+    a model trained on hashed embeddings: no encoder), naming the option; with real_weights, also no text source at
+    all where the model needs one. Cheap: the CLI calls it before any work."""
     given = [name for name, value in (("--t5", t5), ("--qwen", qwen), ("--text-embeddings", embeddings)) if value]
+    if real_weights and not given and cfg.text_encoder != "hashed":
+        encoder = "--qwen DIR" if getattr(cfg, "family", "infinity") == "hart" else "--t5 DIR"
+        raise ValueError(f"{cfg.name} with real weights needs a text encoder: give {encoder} or --text-embeddings FILE")
     if len(given) > 1:
         raise ValueError(f"give one text source, not {' and '.join(given)}")
     if cfg.text_encoder == "hashed" and (t5 or qwen):
@@ -130,6 +135,10 @@ def check_text_sources(cfg, t5: str | None = None, qwen: str | None = None, embe
         if path and not isthere(path):
             kind = "file" if isthere is os.path.isfile else "directory (the encoder's local copy)"
             raise ValueError(f"{name} {path}: no such {kind}")
+    for name, path in (("--t5", t5), ("--qwen", qwen)):  # a Hugging Face model folder: its config.json first
+        if path and not os.path.isfile(os.path.join(path, "config.json")):
+            raise ValueError(f"{name} {path}: no config.json there, so not a local copy of the encoder (a Hugging Face "
+                             "model folder: config.json, the weights and the tokenizer files)")
 
 
 def image_arrays(images: torch.Tensor):

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from .engine import (EngineError, EngineSpec, build_engine, check_checkpoints, check_compatible, check_model_config,
-                     engine_info, read_manifest, verify_files)
+                     engine_info, read_manifest, stage_info, verify_files)
 
 _NP = {"float32": np.float32, "float16": np.float16, "int32": np.int32, "int64": np.int64, "bool": np.bool_}
 
@@ -161,7 +161,7 @@ class OrtRunner:
     device = torch.device("cpu")
 
     def __init__(self, engine_dir: str, manifest: dict):
-        units = manifest["stages"]["optimize"]["info"]["units"]
+        units = stage_info(engine_dir, manifest, "optimize", "units")
         self.text = OrtUnit(engine_dir, units["text"])
         self.steps = [OrtUnit(engine_dir, units[f"step_{k:02d}"]) for k in range(len(manifest["schedule"]))]
         self.depth = manifest["model_config"]["depth"]
@@ -200,7 +200,7 @@ class OrtDecoder:
     def __init__(self, engine_dir: str, manifest: dict, cfg):
         from . import vae as vae_lib
 
-        self.unit = OrtUnit(engine_dir, manifest["stages"]["optimize"]["info"]["units"]["decode"])
+        self.unit = OrtUnit(engine_dir, stage_info(engine_dir, manifest, "optimize", "units")["decode"])
         self.codebook_dim = cfg.vae.codebook_dim
         self.patchify = cfg.vae.spatial_patchify
         self._bits_to_codes = vae_lib.bits_to_codes
@@ -212,25 +212,37 @@ class OrtDecoder:
         return torch.from_numpy(self.unit({"latent": latent.float().numpy()})["image"])
 
 
-def load_engine_pipeline(engine_dir: str, skip_last: int = 0, **expected):
-    """A Pipeline running the engine in engine_dir; `expected` (model=, resolution=, ...) must match its spec."""
+def check_engine_code(engine_dir: str, manifest: dict):
+    """The engine against this sparvar: a model and schedule it knows, graphs of its exporter, traced from its
+    architecture. EngineError naming the first difference (a stale or foreign engine); returns (cfg, schedule)."""
     from export.stages import EXPORT_CODE_VERSION
 
     from .config import get_config
-    from .pipeline import Pipeline
     from .schedule import get_schedule
 
-    manifest = read_manifest(engine_dir)
-    check_compatible(manifest, engine_dir, **expected)
     spec = manifest["spec"]
-    cfg = get_config(spec["model"])
-    schedule = get_schedule(spec["resolution"], spec["aspect"], model=spec["model"])
+    try:
+        cfg = get_config(spec["model"])
+        schedule = get_schedule(spec["resolution"], spec["aspect"], model=spec["model"])
+    except ValueError as e:
+        raise EngineError(f"{engine_dir} was built for something this sparvar does not know ({e}); rebuild it") from None
     if manifest.get("export_code") != EXPORT_CODE_VERSION:  # the graphs' inputs and outputs are this exporter's
         raise EngineError(f"{engine_dir} was exported by another sparvar (export code {manifest.get('export_code')}, "
                           f"this sparvar runs {EXPORT_CODE_VERSION}); rebuild the engine")
     check_model_config(engine_dir, manifest, cfg)  # traced from this architecture
     if [list(g) for g in schedule.grids] != manifest["schedule"]:
         raise EngineError(f"{engine_dir}: its schedule differs from this sparvar's {spec['resolution']} schedule; rebuild it")
+    return cfg, schedule
+
+
+def load_engine_pipeline(engine_dir: str, skip_last: int = 0, **expected):
+    """A Pipeline running the engine in engine_dir; `expected` (model=, resolution=, ...) must match its spec."""
+    from .pipeline import Pipeline
+
+    manifest = read_manifest(engine_dir)
+    check_compatible(manifest, engine_dir, **expected)
+    spec = manifest["spec"]
+    cfg, schedule = check_engine_code(engine_dir, manifest)
     schedule.run_scales(skip_last)  # checked before any weights load (a server would fail every request)
     # last of the checks: it hashes every file (tens of GB at 8B), which a wrong resolution or option need not wait for
     verify_files(engine_dir, manifest)
@@ -246,8 +258,9 @@ def load_engine_pipeline(engine_dir: str, skip_last: int = 0, **expected):
 
         runner, decoder = load_cuda_engine(engine_dir, manifest, skip_last)
     else:
-        raise EngineError(f"{engine_dir} is a {backend} engine; this machine's runtime runs onnxruntime and torch-cuda "
-                          f"engines (TensorRT engines run through the TensorRT runtime, which is not installed here)")
+        raise EngineError(f"{engine_dir} is a {backend} engine: `sparvar generate` and `serve` run onnxruntime and "
+                          f"torch-cuda engines only ({backend} plans are built to check that the graphs and plugins "
+                          f"build, and run by TensorRT's own runtime); build with --backend onnxruntime or torch-cuda")
     return Pipeline(cfg, schedule, runner, decoder, random_weights=spec["weights"] is None, skip_last=skip_last)
 
 
@@ -275,10 +288,12 @@ def print_engine_info(engine_dir: str) -> None:
 
 
 def verify_engine(engine_dir: str) -> None:
-    """What loading would check of the directory, without loading: every file against the manifest and, for an
+    """What loading would check of the directory, without loading: the engine against this sparvar
+    (check_engine_code), every file against the manifest and, for an
     engine that reads its weights from the spec's checkpoints (torch-cuda), those checkpoints against the build's
     record. EngineError naming the first problem."""
     manifest = read_manifest(engine_dir)
+    check_engine_code(engine_dir, manifest)  # what loading refuses before it reads a file
     verify_files(engine_dir, manifest)
     checked = ""
     if manifest["spec"]["backend"] == "torch-cuda" and manifest["spec"]["weights"] is not None:

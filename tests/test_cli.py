@@ -40,7 +40,7 @@ def test_skip_last_changes_the_image_and_is_bounded(tmp_path, capsys):
     assert code == 0 and "scale  5/5" in err
     assert _digest(full) != _digest(skip)
     code, err = _run(base + ["--skip-last", "7", "--out", skip], capsys)
-    assert code == 1 and "skip_last must be in [0, 6]" in err
+    assert code == 2 and "--skip-last must be below the 7 scales of infinity-tiny" in err
 
 
 @pytest.mark.parametrize("args,message", [
@@ -57,6 +57,9 @@ def test_skip_last_changes_the_image_and_is_bounded(tmp_path, capsys):
     (["--random-weights", "--seed", "99999999999999999999999"], "--seed must be an integer in [0, 2^63)"),
     (["--random-weights", "--seed", "-1"], "--seed must be an integer in [0, 2^63)"),
     (["--random-weights", "--prompt", "a cat", "--text-embeddings", "e.pt"], "give --prompt or --text-embeddings"),
+    # before any weights load (it was said by the loop, after them: 25 s and 9 GB at 2B)
+    (["--model", "infinity-2b", "--random-weights", "--resolution", "256", "--skip-last", "7"],
+     "--skip-last must be below the 7 scales of infinity-2b at 256"),
 ])
 def test_bad_arguments_are_named(args, message, capsys, tmp_path):
     code, err = _run(["generate", *args, "--out", str(tmp_path / "x.png")], capsys)
@@ -102,6 +105,28 @@ def test_engine_build_refuses_generation_options(capsys, tmp_path, option, messa
 def test_cuda_without_gpu_is_a_clear_error(capsys):
     code, err = _run(["generate", "--random-weights", "--device", "cuda"], capsys)
     assert code == 2 and "no CUDA GPU is available" in err
+
+
+@pytest.mark.parametrize("args", [["generate", "--engine", ""], ["generate", "--model", "", "--random-weights"],
+                                  ["engine", "build", "--random-weights", "--engine-dir", ""], ["engine", "info", ""],
+                                  ["generate", "--engine", " "]])
+def test_an_empty_name_or_path_is_an_error_not_the_default(args, capsys):
+    """What "$VAR" gives for an unset variable: an error naming the option, never the option's default (an empty
+    --engine ran eager torch, an empty --engine-dir built into ./engines/...)."""
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    assert e.value.code == 2 and "must not be empty" in capsys.readouterr().err
+
+
+def test_ctrl_c_is_a_message_and_exit_130(capsys, monkeypatch):
+    import sparvar.cli as cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "cmd_engine", interrupted)
+    assert main(["engine", "info", "somewhere"]) == 130
+    assert "sparvar: interrupted" in capsys.readouterr().err
 
 
 def test_an_os_error_is_a_message_not_a_traceback(capsys, tmp_path, monkeypatch):
@@ -186,8 +211,8 @@ def test_real_weights_never_fall_back_to_hashed_text(tmp_path, capsys):
 
     weights, vae = _official_files(tmp_path, get_config("infinity-tiny"))
     out = str(tmp_path / "x.png")
-    assert main(["generate", "--model", "infinity-tiny", "--weights", weights, "--vae", vae, "--out", out]) == 1
-    assert "infinity-tiny with real weights needs a text encoder" in capsys.readouterr().err
+    assert main(["generate", "--model", "infinity-tiny", "--weights", weights, "--vae", vae, "--out", out]) == 2
+    assert "infinity-tiny with real weights needs a text encoder" in capsys.readouterr().err  # before any loading
     assert not os.path.exists(out)
     root = os.path.join(os.path.dirname(__file__), "..", "weights")
     assert main(["generate", "--model", "infinity-cifar", "--weights", os.path.join(root, "infinity-cifar.safetensors"),
@@ -252,3 +277,17 @@ def test_text_embeddings_file_is_the_text_the_model_sees(tmp_path, capsys):
         code, err = _run([*base, *extra, "--out", str(tmp_path / f"{name}.png")], capsys)
         assert code == 0, err
     assert _digest(tmp_path / "file.png") == _digest(tmp_path / "cat.png") != _digest(tmp_path / "dog.png")
+
+
+def test_an_encoder_folder_without_a_model_in_it_is_named_before_any_work(tmp_path):
+    """--t5 / --qwen pointing at a folder that is not a local model copy (an empty one, the wrong level): the option
+    and the folder are named, not a tokenizer library's advice to install sentencepiece."""
+    from sparvar.config import get_config
+    from sparvar.pipeline import check_text_sources
+
+    with pytest.raises(ValueError, match=r"--t5 .*: no config.json there, so not a local copy of the encoder"):
+        check_text_sources(get_config("infinity-tiny"), t5=str(tmp_path))
+    with pytest.raises(ValueError, match=r"--qwen .*: no config.json there"):
+        check_text_sources(get_config("hart-0.7b"), qwen=str(tmp_path))
+    (tmp_path / "config.json").write_text("{}")
+    check_text_sources(get_config("infinity-tiny"), t5=str(tmp_path))  # a model folder passes this check

@@ -169,17 +169,75 @@ def test_malformed_manifests_are_refused_by_name(tmp_path, content, message):
     assert "manifest.json" in str(e.value)
 
 
-@pytest.mark.parametrize("drop", [("spec", "model"), ("spec", "batch"), ("schedule",), ("model_config",)])
+@pytest.mark.parametrize("drop", [("spec", "model"), ("spec", "batch"), ("schedule",), ("model_config",), ("created",),
+                                  ("versions",), ("stages", "build", "seconds"), ("stages", "optimize", "info")])
 def test_a_manifest_missing_what_loading_reads_is_refused_by_name(engines, tmp_path, drop):
     """Fields the runners read (the spec's, the schedule, the model config): missing, an EngineError naming them
     before anything loads, not a KeyError deep in a runner."""
     path = str(tmp_path / "e")
     shutil.copytree(engines["sparvar"], path)
     manifest = read_manifest(path)
-    del (manifest if len(drop) == 1 else manifest[drop[0]])[drop[-1]]
+    parent = manifest
+    for key in drop[:-1]:
+        parent = parent[key]
+    del parent[drop[-1]]
     with open(os.path.join(path, "manifest.json"), "w") as f:
         json.dump(manifest, f)
     with pytest.raises(EngineError, match=f"incomplete or foreign \\(no {'.'.join(drop)}\\); rebuild"):
+        load_engine_pipeline(path)
+    assert main(["engine", "info", path]) == 1  # `engine info` too: an error naming them, not a KeyError
+
+
+def test_a_manifest_without_its_graph_units_is_refused_by_name(engines, tmp_path):
+    """What one backend's stage records (onnxruntime's graph units): missing, an EngineError, not a KeyError."""
+    path = str(tmp_path / "e")
+    shutil.copytree(engines["dense"], path)
+    manifest = read_manifest(path)
+    del manifest["stages"]["optimize"]["info"]["units"]
+    with open(os.path.join(path, "manifest.json"), "w") as f:
+        json.dump(manifest, f)
+    with pytest.raises(EngineError, match="records no optimize units: incomplete or foreign"):
+        load_engine_pipeline(path)
+
+
+def test_a_rebuild_never_deletes_files_the_engine_did_not_write(engines, tmp_path, monkeypatch):
+    """The build swaps the whole directory: an image generated into it or a folder of notes is refused by name, kept,
+    and no stage runs (the rebuild would have skipped every stage and deleted them)."""
+    import export.stages as stages
+
+    path = tmp_path / "e"
+    shutil.copytree(engines["dense"], path)
+    (path / "cat.png").write_bytes(b"mine")
+    (path / "notes").mkdir()
+    (path / "notes" / "todo.txt").write_text("precious")
+    monkeypatch.setitem(stages.__dict__, "run_stage", lambda stage, ctx: pytest.fail("no stage may run"))
+    spec = EngineSpec(model="infinity-tiny", resolution=256, attention="dense")
+    for force in (False, True):
+        with pytest.raises(EngineError, match=r"holds files the engine did not write \(cat.png, notes/todo.txt\)"):
+            build_engine(spec, str(path), force=force, log=QUIET)
+    assert (path / "cat.png").read_bytes() == b"mine" and (path / "notes" / "todo.txt").read_text() == "precious"
+    verify_files(str(path), read_manifest(str(path)))
+
+
+@pytest.mark.parametrize("change", ["export_code", "depth", "schedule", "model"])
+def test_verify_refuses_what_loading_refuses(engines, tmp_path, change):
+    """`engine verify` says what loading would: an engine of another exporter, architecture, schedule or an unknown
+    model fails it (it had checked only the files, and passed engines `generate` then refused)."""
+    path = str(tmp_path / "e")
+    shutil.copytree(engines["dense"], path)
+    manifest = read_manifest(path)
+    if change == "export_code":
+        manifest["export_code"] = -1
+    elif change == "depth":
+        manifest["model_config"]["depth"] += 1
+    elif change == "schedule":
+        manifest["schedule"][-1] = [1, 1]
+    else:
+        manifest["spec"]["model"] = "infinity-foo"
+    with open(os.path.join(path, "manifest.json"), "w") as f:
+        json.dump(manifest, f)
+    assert main(["engine", "verify", path]) == 1
+    with pytest.raises(EngineError, match="rebuild"):
         load_engine_pipeline(path)
 
 

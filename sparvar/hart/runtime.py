@@ -24,7 +24,7 @@ import os
 import numpy as np
 import torch
 
-from ..engine import EngineError
+from ..engine import EngineError, stage_info
 from ..runtime import OrtUnit
 from .config import HartConfig
 from .diffusion import guidance_weights, respaced_schedule
@@ -36,7 +36,7 @@ def _numpy(t: torch.Tensor, dtype: torch.dtype | None = torch.float32) -> np.nda
 
 
 def _unit(engine_dir: str, manifest: dict, name: str) -> OrtUnit:
-    units = manifest["stages"]["optimize"]["info"]["units"]
+    units = stage_info(engine_dir, manifest, "optimize", "units")
     if name not in units:
         raise EngineError(f"{engine_dir} has no '{name}' graph: not a HART engine of this sparvar; rebuild it "
                           "(sparvar engine build --model <hart model> ...)")
@@ -158,8 +158,9 @@ def load_hart_engine(engine_dir: str, manifest: dict, cfg: HartConfig) -> tuple[
     """The runner and tokenizer of a checked HART onnxruntime engine (sparvar.runtime.load_engine_pipeline checks
     the manifest, files and compatibility first)."""
     if manifest["spec"]["backend"] != "onnxruntime":
-        raise EngineError(f"{engine_dir} is a {manifest['spec']['backend']} engine; this runtime runs HART engines on "
-                          "onnxruntime and torch-cuda (TensorRT-RTX plans are built, not run, here)")
+        raise EngineError(f"{engine_dir} is a {manifest['spec']['backend']} engine: `sparvar generate` and `serve` run "
+                          "HART engines on onnxruntime and torch-cuda only (TensorRT-RTX plans are built to check the "
+                          "graphs, not run by sparvar); build with --backend onnxruntime or torch-cuda")
     if (manifest.get("model_config") or {}).get("family") != "hart":
         raise EngineError(f"{engine_dir} is not a HART engine (model {manifest['spec']['model']}); rebuild it")
     return OrtHartRunner(engine_dir, manifest, cfg), OrtHartTokenizer(engine_dir, manifest, cfg)
