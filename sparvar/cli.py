@@ -31,8 +31,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--vae", type=nonempty, help="official tokenizer checkpoint (.pth or .safetensors; HART: the tokenizer file)")
     g.add_argument("--random-weights", action="store_true", help="random transformer and tokenizer (smoke and speed runs)")
     g.add_argument("--resolution", type=int, help="256, 512, 768 or 1024 (default: the model's)")
-    g.add_argument("--aspect", help="aspect ratio H:W of an official template (default 1:1)")
-    g.add_argument("--device", help="cpu (default) or cuda")
+    g.add_argument("--aspect", type=nonempty, help="aspect ratio H:W of an official template (default 1:1)")
+    g.add_argument("--device", type=nonempty, help="cpu (default) or cuda")
     g.add_argument("--dtype", choices=sorted(DTYPES), help="fp32 (default on cpu) or bf16 (default on cuda)")
     g.add_argument("--attention", choices=("dense", "sparvar"), help="dense (default) or SparVAR sparse attention")
     g.add_argument("--skip-last", type=int, default=0, help="skip the transformer on the last N scales")
@@ -149,14 +149,18 @@ def check_model_args(args) -> None:
         raise UsageError("--random-weights cannot be combined with --weights/--vae")
     if not args.random_weights and not (args.weights and args.vae):
         raise UsageError("give both --weights and --vae (official checkpoints), or --random-weights")
-    for path in (args.weights, args.vae):  # a file or a folder of shards; the loaders say more of what they find
-        if path and not os.path.exists(path):
-            raise UsageError(f"checkpoint not found: {path}")
     if args.skip_last < 0:
         raise UsageError(f"--skip-last must be >= 0, got {args.skip_last}")
     if args.skip_last >= schedule.num_scales:  # the loop would say so only after the weights load
         raise UsageError(f"--skip-last must be below the {schedule.num_scales} scales of {args.model} at "
                          f"{args.resolution} ({args.aspect}), got {args.skip_last}")
+
+
+def check_checkpoint_paths(args) -> None:
+    """--weights and --vae exist (a file or a folder of shards; the loaders say more of what they find there)."""
+    for path in (args.weights, args.vae):
+        if path and not os.path.exists(path):
+            raise UsageError(f"checkpoint not found: {path}")
 
 
 def check_out_path(out: str) -> None:
@@ -207,20 +211,23 @@ def cmd_generate(args) -> int:
         if args.device:
             raise UsageError("--engine runs on its backend's device (onnxruntime: the CPU, torch-cuda: the GPU); "
                              "drop --device")
-        from .engine import read_manifest
+        from .engine import check_compatible, read_manifest
 
-        spec = read_manifest(args.engine)["spec"]  # cheap: the text options are checked before the engine loads
+        # what the engine was built for is fixed: an option that says otherwise is refused, not ignored
+        expected = dict(model=args.model, resolution=args.resolution, aspect=args.aspect, attention=args.attention,
+                        dtype=args.dtype)
+        manifest = read_manifest(args.engine)  # cheap: the options are checked before the engine loads
+        check_compatible(manifest, args.engine, **expected)
         try:
-            engine_cfg = get_config(spec["model"])
+            engine_cfg = get_config(manifest["spec"]["model"])
         except ValueError as e:
             raise UsageError(f"{args.engine}: {e}; rebuild the engine") from None
-        check_text_args(engine_cfg, real_weights=spec["weights"] is not None)
-        # what the engine was built for is fixed: an option that says otherwise is refused, not ignored
-        pipe = load_engine_pipeline(args.engine, skip_last=args.skip_last, model=args.model, resolution=args.resolution,
-                                    aspect=args.aspect, attention=args.attention, dtype=args.dtype)
+        check_text_args(engine_cfg, real_weights=manifest["spec"]["weights"] is not None)
+        pipe = load_engine_pipeline(args.engine, skip_last=args.skip_last, **expected)
     else:
         check_model_args(args)
         check_text_args(get_config(args.model), real_weights=not args.random_weights)
+        check_checkpoint_paths(args)
         device, dtype = resolve_device_dtype(args.device or "cpu", args.dtype)
         pipe = Pipeline.from_args(args, device, dtype)
     try:  # Infinity's Sampling or HART's HartSampling; unset options keep the family's defaults
@@ -251,6 +258,7 @@ def cmd_engine(args) -> int:
 
     if args.engine_command == "build":
         check_model_args(args)
+        check_checkpoint_paths(args)
         if args.device:
             raise UsageError(f"--device: an engine runs on its backend's device ({args.backend}); drop --device")
         if args.skip_last:

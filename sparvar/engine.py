@@ -202,12 +202,15 @@ def stage_info(engine_dir: str, manifest: dict, stage: str, key: str):
     return value
 
 
-def files_not_in_engine(engine_dir: str, manifest: dict) -> list[str]:
-    """Files under engine_dir that no stage recorded (other than the manifest): the user's, not the engine's."""
-    recorded = {rel for stage in STAGES for rel in manifest["stages"][stage]["files"]} | {MANIFEST}
+def files_not_in_engine(engine_dir: str, manifest: dict | None) -> list[str]:
+    """Files under engine_dir that no stage recorded (other than the manifest): the user's, not the engine's. With
+    no readable manifest, the files outside the stages' folders (what any engine of ours could have written)."""
     found = []
     for root, _, files in os.walk(engine_dir):
         found += [os.path.relpath(os.path.join(root, f), engine_dir) for f in files]
+    if manifest is None:
+        return sorted(rel for rel in found if rel != MANIFEST and rel.split(os.sep)[0] not in STAGES)
+    recorded = {rel for stage in STAGES for rel in manifest["stages"][stage]["files"]} | {MANIFEST}
     return sorted(rel for rel in found if rel not in recorded)
 
 
@@ -380,7 +383,7 @@ def build_engine(spec: EngineSpec, engine_dir: str, force: bool = False, log=pri
         except EngineError as e:
             log(f"[engine] existing {engine_dir} unusable ({e}); rebuilding every stage")
         # the build replaces the whole directory: never over files the engine did not write (a generated image, notes)
-        foreign = files_not_in_engine(engine_dir, old) if old is not None else []
+        foreign = files_not_in_engine(engine_dir, old)
         if foreign:
             raise EngineError(f"{engine_dir} holds files the engine did not write ({', '.join(foreign[:5])}"
                               f"{', ...' if len(foreign) > 5 else ''}); building there would delete them: move them out "

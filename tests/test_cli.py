@@ -51,7 +51,7 @@ def test_skip_last_changes_the_image_and_is_bounded(tmp_path, capsys):
     (["--weights", "w.pth"], "give both --weights and --vae"),
     (["--random-weights", "--weights", "w.pth", "--vae", "v.pth"], "cannot be combined"),
     (["--random-weights", "--top-k", "7"], "top_k must be 0, 1 or 2"),
-    (["--weights", "missing.pth", "--vae", "missing.pth"], "checkpoint not found: missing.pth"),
+    (["--model", "infinity-cifar", "--weights", "missing.pth", "--vae", "missing.pth"], "checkpoint not found: missing.pth"),
     (["--random-weights", "--engine", "engines/x"], "drop --weights/--vae/--random-weights"),
     (["--random-weights", "--resolution", "0"], "--resolution must be positive"),
     (["--random-weights", "--seed", "99999999999999999999999"], "--seed must be an integer in [0, 2^63)"),
@@ -291,3 +291,11 @@ def test_an_encoder_folder_without_a_model_in_it_is_named_before_any_work(tmp_pa
         check_text_sources(get_config("hart-0.7b"), qwen=str(tmp_path))
     (tmp_path / "config.json").write_text("{}")
     check_text_sources(get_config("infinity-tiny"), t5=str(tmp_path))  # a model folder passes this check
+
+
+def test_an_engine_built_for_another_model_is_named_before_the_text_options(engines, capsys, tmp_path):
+    """generate --engine checks the engine against the options first: a --model that contradicts the engine is
+    what is reported, not the text encoder that model would have needed."""
+    code, err = _run(["generate", "--engine", engines["dense"], "--model", "hart-0.7b", "--qwen", str(tmp_path),
+                      "--out", str(tmp_path / "x.png")], capsys)
+    assert code == 1 and "built for model='infinity-tiny'" in err, err

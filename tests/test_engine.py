@@ -217,6 +217,11 @@ def test_a_rebuild_never_deletes_files_the_engine_did_not_write(engines, tmp_pat
             build_engine(spec, str(path), force=force, log=QUIET)
     assert (path / "cat.png").read_bytes() == b"mine" and (path / "notes" / "todo.txt").read_text() == "precious"
     verify_files(str(path), read_manifest(str(path)))
+    # a manifest that cannot be read names no files: what lies outside the stages' folders is kept all the same
+    (path / "manifest.json").write_text("{")
+    with pytest.raises(EngineError, match=r"holds files the engine did not write \(cat.png, notes/todo.txt\)"):
+        build_engine(spec, str(path), log=QUIET)
+    assert (path / "cat.png").read_bytes() == b"mine"
 
 
 @pytest.mark.parametrize("change", ["export_code", "depth", "schedule", "model"])

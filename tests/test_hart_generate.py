@@ -252,7 +252,7 @@ def test_cli_text_embeddings_file(tmp_path, capsys):
     (["--model", "hart-tiny", "--random-weights", "--top-p", "2"], "top_p must be in [0, 1]"),
     (["--model", "hart-tiny", "--random-weights", "--resolution", "512"], "unsupported resolution 512 for hart-tiny"),
     (["--model", "hart-tiny", "--random-weights", "--aspect", "16:9"], "square images only"),
-    (["--model", "hart-tiny", "--random-weights", "--skip-last", "8"], "skip_last must be in [0, 7]"),
+    (["--model", "hart-tiny", "--random-weights", "--skip-last", "8"], "--skip-last must be below the 8 scales of hart-tiny"),
     (["--model", "hart-0.7b"], "give both --weights and --vae"),
     (["--model", "hart-0.7b", "--weights", "llm", "--vae", "missing.pth", "--qwen", "q", "--t5", "t"],
      "give one text source, not --t5 and --qwen"),
