@@ -192,9 +192,13 @@ def cmd_generate(args) -> int:
     from .pipeline import Pipeline, check_text_sources, save_images
 
     def check_text_args(cfg, real_weights):
+        from .text import load_embeddings
+
         try:
             check_text_sources(cfg, t5=args.t5, qwen=args.qwen, embeddings=args.text_embeddings,
                                real_weights=real_weights)
+            if args.text_embeddings:  # a small file: its width is checked here, not after the weights load
+                load_embeddings(args.text_embeddings, cfg.text_dim)
         except ValueError as e:
             raise UsageError(str(e)) from None
 

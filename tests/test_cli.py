@@ -299,3 +299,14 @@ def test_an_engine_built_for_another_model_is_named_before_the_text_options(engi
     code, err = _run(["generate", "--engine", engines["dense"], "--model", "hart-0.7b", "--qwen", str(tmp_path),
                       "--out", str(tmp_path / "x.png")], capsys)
     assert code == 1 and "built for model='infinity-tiny'" in err, err
+
+
+def test_a_text_embeddings_file_of_the_wrong_width_is_refused_before_the_model_loads(tmp_path, capsys, monkeypatch):
+    """The file is small; the model at 2B is 9 GB: its width is checked first."""
+    import sparvar.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline.Pipeline, "from_args", lambda *a, **k: pytest.fail("the model loaded first"))
+    torch.save({"features": torch.zeros(1, 5, 64), "lengths": torch.tensor([5])}, tmp_path / "e.pt")
+    code, err = _run(["generate", "--model", "infinity-2b", "--random-weights", "--resolution", "256",
+                      "--text-embeddings", str(tmp_path / "e.pt"), "--out", str(tmp_path / "x.png")], capsys)
+    assert code == 2 and "'features' has shape (1, 5, 64), expected (B, L, 2048)" in err, err
