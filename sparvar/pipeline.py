@@ -86,7 +86,7 @@ class Pipeline:
                       allow_hashed: bool = False, qwen: str | None = None):
         from .text import T5TextEncoder, hashed_embeddings, load_embeddings
 
-        check_text_sources(self.cfg, t5=t5, qwen=qwen, embeddings=embeddings)
+        check_text_sources(self.cfg, t5=t5, qwen=qwen, embeddings=embeddings, real_weights=not allow_hashed)
         if embeddings:
             return load_embeddings(embeddings, self.cfg.text_dim)
         if self.cfg.text_encoder == "hashed":  # the model was trained on these embeddings: they are its text encoder
@@ -98,9 +98,7 @@ class Pipeline:
             if encoder.dim != self.cfg.text_dim:
                 raise ValueError(f"T5 encoder at {t5} has width {encoder.dim}; {self.cfg.name} needs {self.cfg.text_dim}")
             return encoder(prompts)
-        if not allow_hashed:
-            raise ValueError(f"{self.cfg.name} with real weights needs a text encoder: give --t5 DIR or --text-embeddings FILE")
-        return hashed_embeddings(prompts, self.cfg.text_dim, self.cfg.text_maxlen)
+        return hashed_embeddings(prompts, self.cfg.text_dim, self.cfg.text_maxlen)  # random weights, no text source
 
     def sampling(self, cfg: float | None = None, tau: float | None = None, top_k: int | None = None,
                  top_p: float | None = None) -> Sampling:
@@ -119,7 +117,8 @@ def check_text_sources(cfg, t5: str | None = None, qwen: str | None = None, embe
     all where the model needs one. Cheap: the CLI calls it before any work."""
     given = [name for name, value in (("--t5", t5), ("--qwen", qwen), ("--text-embeddings", embeddings)) if value]
     if real_weights and not given and cfg.text_encoder != "hashed":
-        encoder = "--qwen DIR" if getattr(cfg, "family", "infinity") == "hart" else "--t5 DIR"
+        encoder = ("--qwen DIR (a local Qwen2-VL-1.5B-Instruct)" if getattr(cfg, "family", "infinity") == "hart"
+                   else "--t5 DIR")
         raise ValueError(f"{cfg.name} with real weights needs a text encoder: give {encoder} or --text-embeddings FILE")
     if len(given) > 1:
         raise ValueError(f"give one text source, not {' and '.join(given)}")

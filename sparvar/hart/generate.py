@@ -244,7 +244,7 @@ class HartPipeline:
         from ..pipeline import check_text_sources
         from .text import Qwen2TextEncoder, hashed_hart_embeddings, load_hart_embeddings
 
-        check_text_sources(self.cfg, t5=t5, qwen=qwen, embeddings=embeddings)
+        check_text_sources(self.cfg, t5=t5, qwen=qwen, embeddings=embeddings, real_weights=not allow_hashed)
         if embeddings:
             return load_hart_embeddings(embeddings, self.cfg)
         if self.cfg.text_encoder == "hashed":  # the model's own text encoder (check_text_sources refused --qwen)
@@ -253,10 +253,7 @@ class HartPipeline:
             if qwen not in self.text_encoders:
                 self.text_encoders[qwen] = Qwen2TextEncoder(qwen, self.cfg, device=self.runner.device)
             return self.text_encoders[qwen](prompts)
-        if not allow_hashed:
-            raise ValueError(f"{self.cfg.name} with real weights needs a text encoder: give --qwen DIR (a local "
-                             "Qwen2-VL-1.5B-Instruct) or --text-embeddings FILE")
-        return hashed_hart_embeddings(prompts, self.cfg)
+        return hashed_hart_embeddings(prompts, self.cfg)  # random weights, no text source
 
     def sampling(self, cfg: float | None = None, tau: float | None = None, top_k: int | None = None,
                  top_p: float | None = None) -> HartSampling:
