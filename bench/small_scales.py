@@ -223,6 +223,18 @@ def decide_rows(model: str, calls: int) -> list[dict]:
             lambda i: (lambda t=sets[i % 4]: cs4a_kernels.decision_dense_pass(*t, dense_pass=dense_pass)), calls)
     row["column_sums_us"] = graph_us(
         lambda i: (lambda t=sets[i % 4], lse=lses[i % 4]: cs4a_kernels.cs4a_column_sums(t[0], t[1], lse, gs)), calls)
+    row["column_sums_exp_us"], row["column_sums_exp_rel_err"] = {}, {}
+    exact = torch.stack([cs4a_kernels.reference_column_sums(t[0].float(), t[1].float(), gs) for t in sets[:1]])
+    for mode in cs4a_kernels.COLUMN_SUMS_EXP_MODES:
+        row["column_sums_exp_us"][mode] = graph_us(lambda i: (lambda t=sets[i % 4], lse=lses[i % 4]: (
+            cs4a_kernels.cs4a_column_sums(t[0], t[1], lse, gs, exp_mode=mode))), calls)
+        got = cs4a_kernels.cs4a_column_sums(sets[0][0], sets[0][1], lses[0], gs, exp_mode=mode)
+        row["column_sums_exp_rel_err"][mode] = ((got - exact[0]).abs().max() / exact[0].max()).item()
+    # the top-k of every CS4A layer in one launch (calls x the rows of one layer), against one launch per layer
+    stacked = torch.stack([sums[i % 4] for i in range(calls)])
+    row["select_topk_batched_us_per_layer"] = graph_us(
+        lambda i: (lambda x=stacked: cs4a_kernels.select_topk(x, topk)), 1) / calls
+    assert torch.equal(cs4a_kernels.select_topk(stacked, topk)[1], cs4a_kernels.select_topk(sums[1], topk))
     row["select_topk_us"] = {}
     for launch in [(1, 1024, 4), (2, 512, 4), (4, 256, 4), (4, 512, 4), (4, 512, 8), (4, 1024, 8)]:
         row["select_topk_us"][str(launch)] = graph_us(
@@ -232,7 +244,7 @@ def decide_rows(model: str, calls: int) -> list[dict]:
         row[f"decide_{dense_pass}_us"] = graph_us(
             lambda i: (lambda t=sets[i % 4]: cs4a_kernels.cs4a_decide_raw(*t, gs, topk, dense_pass=dense_pass)), calls)
     print(model, "decision", {k: (round(v, 1) if isinstance(v, float) else v) for k, v in row.items()
-                              if k.endswith("_us")})
+                              if "_us" in k or "err" in k})
     return [row]
 
 
