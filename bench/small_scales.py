@@ -223,13 +223,14 @@ def decide_rows(model: str, calls: int) -> list[dict]:
             lambda i: (lambda t=sets[i % 4]: cs4a_kernels.decision_dense_pass(*t, dense_pass=dense_pass)), calls)
     row["column_sums_us"] = graph_us(
         lambda i: (lambda t=sets[i % 4], lse=lses[i % 4]: cs4a_kernels.cs4a_column_sums(t[0], t[1], lse, gs)), calls)
-    row["column_sums_exp_us"], row["column_sums_exp_rel_err"] = {}, {}
-    exact = torch.stack([cs4a_kernels.reference_column_sums(t[0].float(), t[1].float(), gs) for t in sets[:1]])
-    for mode in cs4a_kernels.COLUMN_SUMS_EXP_MODES:
-        row["column_sums_exp_us"][mode] = graph_us(lambda i: (lambda t=sets[i % 4], lse=lses[i % 4]: (
-            cs4a_kernels.cs4a_column_sums(t[0], t[1], lse, gs, exp_mode=mode))), calls)
-        got = cs4a_kernels.cs4a_column_sums(sets[0][0], sets[0][1], lses[0], gs, exp_mode=mode)
-        row["column_sums_exp_rel_err"][mode] = ((got - exact[0]).abs().max() / exact[0].max()).item()
+    row["column_sums_us_per_launch"] = {}  # (query tile, key tile, warps, stages)
+    for launch in [(64, 128, 4, 3), (64, 128, 4, 2), (64, 128, 4, 4), (64, 64, 4, 2), (64, 64, 4, 3), (64, 64, 4, 4),
+                   (32, 128, 4, 2), (32, 128, 4, 3), (64, 128, 8, 2), (64, 128, 8, 3), (64, 256, 8, 2), (64, 256, 8, 3)]:
+        row["column_sums_us_per_launch"][str(launch)] = graph_us(lambda i: (lambda t=sets[i % 4], lse=lses[i % 4]: (
+            cs4a_kernels.cs4a_column_sums(t[0], t[1], lse, gs, launch=launch))), calls)
+        assert torch.allclose(cs4a_kernels.cs4a_column_sums(sets[0][0], sets[0][1], lses[0], gs, launch=launch), sums[0],
+                              rtol=1e-4, atol=1e-6), launch
+    row["column_sums_default"] = str(cs4a_kernels.COLUMN_SUMS_LAUNCH)
     # the top-k of every CS4A layer in one launch (calls x the rows of one layer), against one launch per layer
     stacked = torch.stack([sums[i % 4] for i in range(calls)])
     row["select_topk_batched_us_per_layer"] = graph_us(

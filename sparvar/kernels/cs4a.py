@@ -168,50 +168,16 @@ if HAS_TRITON:
                  out.to(Out.dtype.element_ty), mask=row_ok[:, None])
 
     @triton.jit
-    def _exp2_fma(x):
-        """2^x for x <= 0 on the FMA/ALU pipes: x = n + f (n = round(x) by the 1.5 * 2^23 trick, f in [-0.5, 0.5]),
-        2^f by a cubic (relative error 1e-4, fitted for this), 2^n added to the exponent bits; x < -127 gives 0."""
-        x = tl.maximum(x, -127.0)
-        j = x + 12582912.0  # 1.5 * 2^23: the sum's low mantissa bits hold round(x)
-        f = x - (j - 12582912.0)
-        poly = 1.0 + f * (0.69328290049427 + f * (0.2422103743420399 + f * 0.055008581443337874))
-        n = j.to(tl.int32, bitcast=True) - 0x4B400000
-        return (poly.to(tl.int32, bitcast=True) + (n << 23)).to(tl.float32, bitcast=True)
-
-    @triton.jit
-    def _column_probs(Q, Lse, k, b, h, pid_bh, offs_m, offs_d, q_len, stride_qb, stride_qh, stride_qm, qk_scale,
-                      EXP_MODE: tl.constexpr):
-        """softmax probabilities (keys x queries) of the key tile k against the queries offs_m (rows past q_len:
-        lse = +inf, hence 0), transposed so that a column sum is a row reduction inside each warp."""
-        row_ok = offs_m < q_len
-        q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
-                    mask=row_ok[:, None], other=0.0)
-        lse = tl.load(Lse + pid_bh * q_len + offs_m, mask=row_ok, other=float("inf"))
-        x = tl.dot(k, tl.trans(q)) * qk_scale - lse[None, :] * 1.4426950408889634
-        if EXP_MODE == 1:
-            p = tl.inline_asm_elementwise("ex2.approx.f16x2 $0, $1;", "=r,r", [x.to(tl.float16)], dtype=tl.float16,
-                                          is_pure=True, pack=2).to(tl.float32)
-        elif EXP_MODE == 2:
-            p = _exp2_fma(x)
-        else:
-            p = tl.math.exp2(x)
-        return p
-
-    @triton.jit
     def _column_sums_kernel(
         Q, K, Lse, ColSums,
         stride_qb, stride_qh, stride_qm,
         stride_kb, stride_kh, stride_kn,
         H, q_len, kv_len, group_size, num_groups, qk_scale,
-        HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EXP_MODE: tl.constexpr = 0,
+        HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     ):
         # one program per (key tile, batch*head) walks every query tile in order (BLOCK_M divides group_size, so
         # tiles never straddle groups) and writes a group's sums when its last tile is done: one long pipelined
-        # loop per program with its key tile loaded once, and no atomics (each program owns its keys).
-        # EXP_MODE (COLUMN_SUMS_EXP_MODES): how the exponentials are computed. A score costs one exp and 256 FLOPs
-        # of its dot here, and the SFU's exp rate is ~1/250 of the tensor cores' FLOP rate on Hopper, so exp and
-        # dot take about as long: 1 computes them two at a time in fp16 (ex2.approx.f16x2), 2 computes half the
-        # tile's on the FMA units (a cubic for 2^f after a round-to-integer split, relative error 1e-4)
+        # loop per program with its key tile loaded once, and no atomics (each program owns its keys)
         pid_n = tl.program_id(0)
         pid_bh = tl.program_id(1)
         b = pid_bh // H
@@ -226,19 +192,16 @@ if HAS_TRITON:
         num_tiles = tl.cdiv(q_len, BLOCK_M)
         tiles_per_group = group_size // BLOCK_M
         for t in range(0, num_tiles):
-            if EXP_MODE == 2:  # two half tiles of queries: one through the SFU, one through the FMA units
-                offs_a = t * BLOCK_M + tl.arange(0, BLOCK_M // 2)
-                offs_b = offs_a + BLOCK_M // 2
-                p_a = _column_probs(Q, Lse, k, b, h, pid_bh, offs_a, offs_d, q_len, stride_qb, stride_qh, stride_qm,
-                                    qk_scale, 0)
-                p_b = _column_probs(Q, Lse, k, b, h, pid_bh, offs_b, offs_d, q_len, stride_qb, stride_qh, stride_qm,
-                                    qk_scale, 2)
-                cols += tl.sum(p_a, 1) + tl.sum(p_b, 1)
-            else:
-                offs_m = t * BLOCK_M + tl.arange(0, BLOCK_M)
-                p = _column_probs(Q, Lse, k, b, h, pid_bh, offs_m, offs_d, q_len, stride_qb, stride_qh, stride_qm,
-                                  qk_scale, EXP_MODE)
-                cols += tl.sum(p, 1)
+            offs_m = t * BLOCK_M + tl.arange(0, BLOCK_M)
+            row_ok = offs_m < q_len
+            q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
+                        mask=row_ok[:, None], other=0.0)
+            # rows past q_len get lse = +inf, hence probability 0
+            lse = tl.load(Lse + pid_bh * q_len + offs_m, mask=row_ok, other=float("inf"))
+            # scores transposed (keys x queries) so the column sum is a row reduction inside each warp
+            s = tl.dot(k, tl.trans(q))
+            p = tl.math.exp2(s * qk_scale - lse[None, :] * 1.4426950408889634)
+            cols += tl.sum(p, 1)
             group_done = ((t + 1) % tiles_per_group == 0) | (t == num_tiles - 1)
             tl.store(out + (t // tiles_per_group) * kv_len, cols, mask=key_ok & group_done)
             cols = tl.where(group_done, 0.0, cols)
@@ -508,23 +471,21 @@ def cs4a_attention_from_selection_raw(q: torch.Tensor, k: torch.Tensor, v: torch
                         grid_hw=tuple(grid))
 
 
-# how cs4a_column_sums computes its exponentials (the kernel's EXP_MODE): "sfu" one exp2 per score; "f16x2" two per
-# SFU instruction in fp16 (arguments rounded to fp16: relative error up to ~1e-2 on probabilities below 2^-16);
-# "fma-half" half of them by a cubic on the FMA units (relative error 1e-4)
-COLUMN_SUMS_EXP_MODES = ("sfu", "f16x2", "fma-half")
-COLUMN_SUMS_EXP = "sfu"
+# (query tile, key tile, warps, stages) of cs4a_column_sums' launch
+COLUMN_SUMS_LAUNCH = (64, 128, 4, 3)
 
 
 def cs4a_column_sums(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, group_size: int, *,
-                     scale: float = 1.0, exp_mode: str | None = None) -> torch.Tensor:
+                     scale: float = 1.0, launch: tuple[int, int, int, int] | None = None) -> torch.Tensor:
     """(B, H, G, Lk) fp32: per query group, the sums over its queries of softmax(q k^T * scale) (rows' lse given).
-    exp_mode: one of COLUMN_SUMS_EXP_MODES (default COLUMN_SUMS_EXP)."""
+    launch: (query tile, key tile, warps, stages), COLUMN_SUMS_LAUNCH by default; the query tile is capped at the
+    largest power of two dividing group_size (tiles never straddle groups)."""
     name = "cs4a_column_sums"
-    exp_mode = COLUMN_SUMS_EXP if exp_mode is None else exp_mode
-    if exp_mode not in COLUMN_SUMS_EXP_MODES:
-        raise ValueError(f"{name}: exp_mode must be one of {COLUMN_SUMS_EXP_MODES}, got {exp_mode!r}")
-    if exp_mode == "f16x2" and interpreting():
-        raise ValueError(f"{name}: exp_mode 'f16x2' is PTX inline assembly, which the Triton interpreter cannot run")
+    block_m, block_n, warps, stages = launch or COLUMN_SUMS_LAUNCH
+    if (block_m not in (16, 32, 64, 128) or block_n not in (32, 64, 128, 256) or warps not in (4, 8)
+            or stages not in (1, 2, 3, 4)):
+        raise ValueError(f"{name}: launch must be (query tile in 16/32/64/128, key tile in 32/64/128/256, warps 4 or 8, "
+                         f"stages 1-4), got {launch}")
     check_qkv(name, q, k, k)
     b, h, q_len, d = q.shape
     groups = _check_group(name, q_len, group_size)
@@ -537,24 +498,19 @@ def cs4a_column_sums(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, group_
     require_triton(name)
     kv_len = k.shape[2]
     sums = torch.empty((b, h, groups, kv_len), dtype=torch.float32, device=q.device)
-    block_m = min(64, query_tile(group_size))
+    block_m = min(block_m, query_tile(group_size))
     args = (q, k, lse, sums, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             h, q_len, kv_len, group_size, groups, float(scale) * LOG2E)
     grid = lambda meta: (triton.cdiv(kv_len, meta["BLOCK_N"]), b * h)  # noqa: E731
-    if exp_mode == "fma-half" and block_m < 32:
-        raise ValueError(f"{name}: exp_mode 'fma-half' splits {block_m}-query tiles in two, below the dot's 16 rows "
-                         f"(group_size {group_size}); use a group size divisible by 32")
-    mode = COLUMN_SUMS_EXP_MODES.index(exp_mode)
     if interpreting():
-        _column_sums_kernel[grid({"BLOCK_N": 32})](*args, HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=32, EXP_MODE=mode,
-                                                   num_warps=4, num_stages=2)
+        _column_sums_kernel[grid({"BLOCK_N": 32})](*args, HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=32, num_warps=4, num_stages=2)
     elif autotuning():
         with launch_device(q):
-            _column_sums_tuned[grid](*args, HEAD_DIM=d, BLOCK_M=block_m, EXP_MODE=mode)
+            _column_sums_tuned[grid](*args, HEAD_DIM=d, BLOCK_M=block_m)
     else:
         with launch_device(q):
-            _column_sums_kernel[grid({"BLOCK_N": 128})](*args, HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=128, EXP_MODE=mode,
-                                                       num_warps=4, num_stages=3)
+            _column_sums_kernel[grid({"BLOCK_N": block_n})](*args, HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n,
+                                                           num_warps=warps, num_stages=stages)
     return sums
 
 
