@@ -174,6 +174,12 @@ class SparseOps(NamedTuple):
     # (q, k, v, group_size, topk, sink_len, stream) -> cs4a_decide's outputs, with the selection and the residual
     # cache computed on the side `stream` (the plan joins it before they are read). None: the decision runs in line
     cs4a_decide_async: Callable | None = None
+    # the decision in two halves, so that one launch takes the top-k of every decision layer:
+    # (q, k, v, group_size, sums_out) -> (out, dense) per layer, its column sums written into sums_out, then
+    # ([(q, k, v, dense) per layer], sums (L, B, H, G, Lk), group_size, topk, sink_len) -> [(selected, o_cache)].
+    # None: cs4a_decide per layer
+    cs4a_decide_begin: Callable | None = None
+    cs4a_decide_end: Callable | None = None
 
 
 def get_sparse_ops(backend: str) -> SparseOps:
@@ -254,6 +260,10 @@ class SparVARPlan:
         self._join()
         self._selected: dict[int, torch.Tensor] = {}  # layer -> (B, H, G_S, topk) int32
         self._o_cache: dict[int, torch.Tensor] = {}  # layer -> (B, H, L_S, D)
+        # the two-half decision (SparseOps.cs4a_decide_begin): the decision layers' column sums, (L, B, H, G_S, Lk),
+        # and each decided layer's (q, k, v, dense) until the last decision layer ends them all
+        self._decision_sums: torch.Tensor | None = None
+        self._decision_inputs: dict[int, tuple[torch.Tensor, ...]] = {}
 
     def load_state(self, layer: int, selected: torch.Tensor, o_cache: torch.Tensor) -> None:
         """Set a layer's CS4A decision state from outside (an exported step graph receives it as inputs)."""
@@ -314,6 +324,8 @@ class SparVARPlan:
                 self._pending = self._side_stream(q.device)  # before the call: joined even if it fails after forking
                 out, selected, o_cache = self.ops.cs4a_decide_async(q, k, v, group_size, self.topk, self.sink_len,
                                                                     self._pending)
+            elif self.ops.cs4a_decide_begin is not None:
+                return self._decide_in_halves(q, k, v, layer, group_size)
             else:
                 out, selected, o_cache = self.ops.cs4a_decide(q, k, v, group_size, self.topk, sink_len=self.sink_len)
             self._selected[layer] = selected
@@ -336,6 +348,28 @@ class SparVARPlan:
             return self.ops.cs4a_from_selection(q, k, v, selected, geometry, o_cache, *grids)
         return cs4a_from_selection_ref(self.ops.cs4a, self.ops.upsample_cache, q, k, v, selected, geometry, o_cache,
                                        *grids)
+
+    def _decide_in_halves(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, group_size: int):
+        """A decision layer's dense pass and column sums now; after the last decision layer (the policy's CS4A
+        layers are 0 .. cs4a_layers - 1, run in order), one top-k over all of their sums and each one's residual."""
+        layers = self.policy.cs4a_layers
+        shape = (layers, q.shape[0], q.shape[1], -(-q.shape[2] // group_size), k.shape[2])
+        if self._decision_sums is None or tuple(self._decision_sums.shape) != shape:
+            if self._decision_inputs:
+                raise RuntimeError(f"layer {layer}'s decision does not match the shapes of layers "
+                                   f"{sorted(self._decision_inputs)} decided before it; call reset()")
+            self._decision_sums = torch.empty(shape, dtype=torch.float32, device=q.device)
+        if layer in self._decision_inputs:
+            raise RuntimeError(f"layer {layer} decided twice in one generation; call reset() between generations")
+        out, dense = self.ops.cs4a_decide_begin(q, k, v, group_size, self._decision_sums[layer])
+        self._decision_inputs[layer] = (q, k, v, dense)
+        if len(self._decision_inputs) == layers:
+            inputs = [self._decision_inputs[i] for i in range(layers)]
+            states = self.ops.cs4a_decide_end(inputs, self._decision_sums, group_size, self.topk, self.sink_len)
+            for i, (selected, o_cache) in enumerate(states):
+                self._selected[i], self._o_cache[i] = selected, o_cache
+            self._decision_sums, self._decision_inputs = None, {}  # what the residuals read is no longer needed
+        return out
 
     def save(self, path: str) -> list[str]:
         """Write the precomputed CSLA layouts and CS4A geometries to one safetensors file (tensors, with the scalar

@@ -646,6 +646,62 @@ FROM_SELECTION_SCRIPT = textwrap.dedent('''
 ''')
 
 
+DECIDE_IN_HALVES_SCRIPT = textwrap.dedent('''
+    import torch
+
+    import sparvar.kernels as K
+    from sparvar.schedule import get_schedule
+    from sparvar.sparse import SparVARPlan, default_policy
+
+    torch.manual_seed(0)
+    dt = torch.float16
+    # kernels: three layers decided in halves (one top-k launch) == each decided whole, bit for bit; with sinks
+    gs, lq, lk, topk = 32, 70, 200, 24
+    layers = [(torch.randn(2, 2, lq, 64, dtype=dt) * 0.5, torch.randn(2, 2, lk, 64, dtype=dt),
+               torch.randn(2, 2, lk, 64, dtype=dt)) for _ in range(3)]
+    for sinks in (0, 7):
+        sums = torch.empty(3, 2, 2, 3, lk)
+        begun = [K.cs4a_decide_begin_raw(q, k, v, gs, sums[i]) for i, (q, k, v) in enumerate(layers)]
+        ended = K.cs4a_decide_end_raw([(*t, dense) for t, (_, dense) in zip(layers, begun)], sums, gs, topk, sinks)
+        for (q, k, v), (out, _), (selected, cache) in zip(layers, begun, ended):
+            want_out, want_selected, want_cache = K.cs4a_decide_raw(q, k, v, gs, topk, sinks)
+            assert torch.equal(out, want_out), "the first half's output differs from cs4a_decide_raw's"
+            assert torch.equal(selected, want_selected), f"selection differs ({sinks} sinks)"
+            assert torch.equal(cache, want_cache), f"residual cache differs ({sinks} sinks)"
+    # the plan: its triton ops decide in halves (state set at the last decision layer), the same state as per layer
+    schedule = get_schedule(256)
+    policy = default_policy("infinity-tiny", schedule)
+    s, n_layers = policy.decision_scale, 4
+    halves = SparVARPlan(policy, schedule, n_layers, backend="triton")
+    assert halves.ops.cs4a_decide_begin is not None
+    whole = SparVARPlan(policy, schedule, n_layers, backend="triton")
+    whole.ops = whole.ops._replace(cs4a_decide_begin=None, cs4a_decide_end=None)
+    lq, lk = schedule.lengths[s], schedule.kv_len(s)
+    for layer in range(n_layers):
+        q = torch.randn(2, 2, lq, 64, dtype=dt) * 0.5
+        k, v = torch.randn(2, 2, lk, 64, dtype=dt), torch.randn(2, 2, lk, 64, dtype=dt)
+        out_h, out_w = halves.attend(q, k, v, layer=layer, scale=s), whole.attend(q, k, v, layer=layer, scale=s)
+        assert (out_h is None) == (out_w is None) and (out_h is None or torch.equal(out_h, out_w)), layer
+        if layer == 0 and policy.cs4a_layers > 1:
+            try:
+                halves.state(0)
+                raise AssertionError("a decision layer's state must wait for the last decision layer")
+            except RuntimeError:
+                pass
+    for layer in range(policy.cs4a_layers):
+        for a, b in zip(halves.state(layer), whole.state(layer)):
+            assert torch.equal(a, b), f"layer {layer}: the plan's decision state differs"
+    print("WORST", 0.0)
+''')
+
+
+def test_cs4a_decide_in_halves_under_triton_interpreter():
+    """The decision in two halves (the engine's: every decision layer's top-k in one launch) gives each layer
+    exactly what cs4a_decide_raw gives it, through the kernels and through the plan."""
+    pytest.importorskip("triton")
+    assert float(run_interpreted(DECIDE_IN_HALVES_SCRIPT)) == 0.0
+
+
 def test_cs4a_from_selection_under_triton_interpreter():
     """The one-launch CS4A of a later scale (selection rows through the group map, sinks and bands as contiguous
     ranges, the residual cache interpolated in the epilogue) against the composed reference, with 1-3 ranges and a

@@ -398,6 +398,22 @@ def test_decision_dense_passes_agree(dtype):
     assert same >= 0.99 * sel_c.numel(), "the two passes' selections differ beyond rounding near-ties"
 
 
+def test_cs4a_decide_in_halves_matches_whole():
+    """The engine's decision in halves (every decision layer's top-k in one launch) == cs4a_decide_raw per layer,
+    at 2B's decision shape (1,600 queries, 4,121 keys, top-784), with the cuDNN dense pass."""
+    b, h, d, gs, q_len, kv_len, topk = 2, 4, 128, 192, 1600, 4121, 784
+    layers = [(projected_q(b, h, q_len, d, torch.bfloat16) * 4, cache_view(b, h, kv_len, d, torch.bfloat16),
+               cache_view(b, h, kv_len, d, torch.bfloat16)) for _ in range(3)]
+    sums = torch.empty(3, b, h, 9, kv_len, device=DEV)
+    begun = [kernels.cs4a_decide_begin_raw(q, k, v, gs, sums[i]) for i, (q, k, v) in enumerate(layers)]
+    ended = kernels.cs4a_decide_end_raw([(*t, dense) for t, (_, dense) in zip(layers, begun)], sums, gs, topk)
+    for (q, k, v), (out, _), (selected, cache) in zip(layers, begun, ended):
+        want_out, want_selected, want_cache = kernels.cs4a_decide_raw(q, k, v, gs, topk)
+        assert torch.equal(out, want_out) and out.stride() == q.stride()
+        assert torch.equal(selected, want_selected)
+        assert torch.equal(cache, want_cache)
+
+
 def test_cs4a_decide_with_sinks_matches_reference():
     """HART: the first sink_len keys are never selected and always in the residual's key set."""
     dtype, b, h, d, gs, q_len, kv_len, topk, sinks = torch.float16, 1, 2, 64, 192, 400, 1500, 224, 300

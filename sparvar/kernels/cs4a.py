@@ -476,10 +476,12 @@ COLUMN_SUMS_LAUNCH = (64, 128, 4, 3)
 
 
 def cs4a_column_sums(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, group_size: int, *,
-                     scale: float = 1.0, launch: tuple[int, int, int, int] | None = None) -> torch.Tensor:
+                     scale: float = 1.0, launch: tuple[int, int, int, int] | None = None,
+                     out: torch.Tensor | None = None) -> torch.Tensor:
     """(B, H, G, Lk) fp32: per query group, the sums over its queries of softmax(q k^T * scale) (rows' lse given).
     launch: (query tile, key tile, warps, stages), COLUMN_SUMS_LAUNCH by default; the query tile is capped at the
-    largest power of two dividing group_size (tiles never straddle groups)."""
+    largest power of two dividing group_size (tiles never straddle groups). out: a contiguous fp32 (B, H, G, Lk)
+    tensor to write them to (a slice of one buffer for every decision layer: cs4a_decide_begin_raw)."""
     name = "cs4a_column_sums"
     block_m, block_n, warps, stages = launch or COLUMN_SUMS_LAUNCH
     if (block_m not in (16, 32, 64, 128) or block_n not in (32, 64, 128, 256) or warps not in (4, 8)
@@ -497,7 +499,14 @@ def cs4a_column_sums(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, group_
     check_device(name, q, k=k, lse=lse)
     require_triton(name)
     kv_len = k.shape[2]
-    sums = torch.empty((b, h, groups, kv_len), dtype=torch.float32, device=q.device)
+    if out is None:
+        sums = torch.empty((b, h, groups, kv_len), dtype=torch.float32, device=q.device)
+    elif (not isinstance(out, torch.Tensor) or out.dtype != torch.float32 or tuple(out.shape) != (b, h, groups, kv_len)
+          or not out.is_contiguous() or out.device != q.device):
+        raise ValueError(f"{name}: out must be a contiguous float32 ({b}, {h}, {groups}, {kv_len}) tensor on {q.device}, "
+                         f"got {getattr(out, 'dtype', type(out).__name__)} {tuple(getattr(out, 'shape', ()))}")
+    else:
+        sums = out
     block_m = min(block_m, query_tile(group_size))
     args = (q, k, lse, sums, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             h, q_len, kv_len, group_size, groups, float(scale) * LOG2E)
@@ -636,12 +645,58 @@ def _selection_and_cache(q, k, v, dense, lse, group_size, topk, sink_len, scale,
     (with extra_out, the residual kernel also writes O_dense there in extra_out's dtype)."""
     sums = cs4a_column_sums(q, k, lse, group_size, scale=scale)
     selected = select_topk(sums, topk, sink_len)
+    return selected, _residual_cache(q, k, v, dense, selected, group_size, sink_len, scale, extra_out)
+
+
+def _residual_cache(q, k, v, dense, selected, group_size, sink_len, scale, extra_out=None):
+    """O_cache = O_dense - attention over [sinks | selected] (with extra_out, also O_dense in extra_out's dtype)."""
     # the sinks join each group's set as the kernel's contiguous band [0, sink_len): no concatenated index copy
     groups = selected.shape[2]
     band_starts = torch.zeros((1, groups), dtype=torch.int32, device=q.device) if sink_len else None
-    o_cache = _launch_cs4a(q, k, v, selected, group_size, dense, True, band_starts, (sink_len,) if sink_len else (),
-                           scale, extra_out=extra_out)
-    return selected, o_cache
+    return _launch_cs4a(q, k, v, selected, group_size, dense, True, band_starts, (sink_len,) if sink_len else (),
+                        scale, extra_out=extra_out)
+
+
+def cs4a_decide_begin_raw(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group_size: int, sums_out: torch.Tensor,
+                          *, scale: float = 1.0, dense_pass: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The decision of one layer, in two halves so that the top-k of every decision layer runs as one launch.
+
+    This first half: the dense pass (returns `out`, the layer's attention output in q's dtype, and `dense`, what
+    the residual subtracts from: out itself, or our kernel's fp32 output) and the column sums, written into
+    sums_out (B, H, G, Lk) fp32, this layer's slice of a (layers, B, H, G, Lk) buffer. cs4a_decide_end_raw then
+    takes the whole buffer. Per layer, the two halves compute what cs4a_decide_raw does, bit for bit.
+    Why: the top-k of one layer (288 rows of 4,121 sums at 2B) is one short wave of dependent steps on 132 SMs,
+    48.9 us; the 11 layers' 3,168 rows in one launch take 26.5 us per layer (bench/results/small_scales_decide_launch_h100.json)."""
+    name = "cs4a_decide_begin"
+    check_qkv(name, q, k, v)
+    _check_group(name, q.shape[2], group_size)
+    check_scale(name, scale)
+    check_device(name, q, k=k, v=v)
+    dense, lse = decision_dense_pass(q, k, v, scale, dense_pass)
+    cs4a_column_sums(q, k, lse, group_size, scale=scale, out=sums_out)
+    return (dense if dense.dtype == q.dtype else dense.to(q.dtype)), dense
+
+
+def cs4a_decide_end_raw(layers: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]],
+                        sums: torch.Tensor, group_size: int, topk: int, sink_len: int = 0, *,
+                        scale: float = 1.0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The second half of the decision (cs4a_decide_begin_raw), for every decision layer at once: one top-k launch
+    over sums (L, B, H, G, Lk), then each layer's residual cache. layers: (q, k, v, dense) per layer, in the order
+    of sums' first dim. Returns (selected (B, H, G, topk) int32 ascending, o_cache) per layer."""
+    name = "cs4a_decide_end"
+    if not isinstance(sums, torch.Tensor) or sums.dim() != 5 or sums.shape[0] != len(layers):
+        raise ValueError(f"{name}: sums must be (L, B, H, G, Lk) with L = {len(layers)} layers, got "
+                         f"{tuple(getattr(sums, 'shape', ()))}")
+    kv_len = sums.shape[-1]
+    if not isinstance(sink_len, int) or isinstance(sink_len, bool) or not 0 <= sink_len < kv_len:
+        raise ValueError(f"{name}: sink_len must be an int in [0, {kv_len}) (the KV length), got {sink_len!r}")
+    for q, k, v, dense in layers:
+        if k.shape[2] != kv_len or tuple(q.shape[:2]) != tuple(sums.shape[1:3]) or dense.shape != q.shape:
+            raise ValueError(f"{name}: a layer's q {tuple(q.shape)} / k {tuple(k.shape)} / dense {tuple(dense.shape)} "
+                             f"do not match sums {tuple(sums.shape)}")
+    selected = select_topk(sums, topk, sink_len)  # checks topk against [sink_len, Lk)
+    return [(selected[i], _residual_cache(q, k, v, dense, selected[i], group_size, sink_len, scale))
+            for i, (q, k, v, dense) in enumerate(layers)]
 
 
 UPSAMPLE_TILE = 32  # tokens per upsample program (x HEAD_DIM channels)
