@@ -216,7 +216,9 @@ class SparVARPlan:
         complete) and before anything reads the state. Off by default: side by side, the in-line decision was the
         faster in three of four runs (H100: 2B 205.5 vs 207.8 ms, 8B 607.5 vs 610.6; H200: 8B 602.8 vs 606.6, 2B
         203.2 vs 202.4; bench/results/e2e_engines_*_skip_h100.json, e2e_engines_*_decision_h200.json): the side
-        stream's kernels take SMs from the scale's own."""
+        stream's kernels take SMs from the scale's own. Those runs predate the in-line decision in two halves (its
+        top-k one launch for all decision layers: SparseOps.cs4a_decide_begin), which backends that have it run
+        when overlap_decision is off."""
         if policy.num_layers != num_layers:
             raise ValueError(f"policy is for {policy.num_layers} layers, the model has {num_layers}")
         if policy.num_scales != schedule.num_scales:
@@ -261,9 +263,8 @@ class SparVARPlan:
         self._selected: dict[int, torch.Tensor] = {}  # layer -> (B, H, G_S, topk) int32
         self._o_cache: dict[int, torch.Tensor] = {}  # layer -> (B, H, L_S, D)
         # the two-half decision (SparseOps.cs4a_decide_begin): the decision layers' column sums, (L, B, H, G_S, Lk),
-        # and each decided layer's (q, k, v, dense) until the last decision layer ends them all
-        self._decision_sums: torch.Tensor | None = None
-        self._decision_inputs: dict[int, tuple[torch.Tensor, ...]] = {}
+        # and each begun layer's (q, k, v, dense) until the last decision layer ends them all
+        self._drop_pending_decision()
 
     def load_state(self, layer: int, selected: torch.Tensor, o_cache: torch.Tensor) -> None:
         """Set a layer's CS4A decision state from outside (an exported step graph receives it as inputs)."""
@@ -278,7 +279,7 @@ class SparVARPlan:
             if not self.decides:
                 raise RuntimeError(f"layer {layer} has no CS4A state: this plan skips the last {self.skip_last} scales, "
                                    f"so no scale reads a decision and none is made")
-            raise RuntimeError(f"layer {layer} has no CS4A state: its decision scale {self.policy.decision_scale} has not run")
+            raise RuntimeError(f"layer {layer} has no CS4A state: {self._decision_progress()}")
         return self._selected[layer], self._o_cache[layer]
 
     def _device_copy(self, what: str, scale: int, device: torch.device):
@@ -335,8 +336,8 @@ class SparVARPlan:
             if not self.decides:
                 raise RuntimeError(f"layer {layer} reached CS4A scale {scale}, which this plan was made to skip "
                                    f"(skip_last={self.skip_last}): it made no decision for it")
-            raise RuntimeError(f"layer {layer} reached CS4A scale {scale} before its decision scale "
-                               f"{self.policy.decision_scale} ran; call reset() and run the scales in order")
+            raise RuntimeError(f"layer {layer} reached CS4A scale {scale} without a decision: "
+                               f"{self._decision_progress()}; call reset() and run the scales in order")
         self._join()  # a no-op after a whole decision scale ran (its last layer joined)
         selected = self._selected[layer]
         if selected.shape[0] != q.shape[0]:
@@ -350,26 +351,46 @@ class SparVARPlan:
                                        *grids)
 
     def _decide_in_halves(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, group_size: int):
-        """A decision layer's dense pass and column sums now; after the last decision layer (the policy's CS4A
-        layers are 0 .. cs4a_layers - 1, run in order), one top-k over all of their sums and each one's residual."""
+        """A decision layer's dense pass and column sums now; once every decision layer (the policy's CS4A layers
+        0 .. cs4a_layers - 1, each once, in any order) has had its first half, one top-k over all of their sums and
+        each layer's residual cache. Until then no decision layer has a state (state() says which are pending)."""
         layers = self.policy.cs4a_layers
         shape = (layers, q.shape[0], q.shape[1], -(-q.shape[2] // group_size), k.shape[2])
+        if layer in self._decision_inputs:
+            # the decision scale runs again before the last one ended (a generation cut off there, without reset()):
+            # start over, as a decision made whole per layer would simply be overwritten
+            self._drop_pending_decision()
         if self._decision_sums is None or tuple(self._decision_sums.shape) != shape:
             if self._decision_inputs:
-                raise RuntimeError(f"layer {layer}'s decision does not match the shapes of layers "
-                                   f"{sorted(self._decision_inputs)} decided before it; call reset()")
+                raise RuntimeError(f"layer {layer}'s decision inputs {tuple(q.shape)} / {tuple(k.shape)} do not match "
+                                   f"those of layers {sorted(self._decision_inputs)} decided before it in this "
+                                   f"generation (column sums {tuple(self._decision_sums.shape)}); call reset()")
             self._decision_sums = torch.empty(shape, dtype=torch.float32, device=q.device)
-        if layer in self._decision_inputs:
-            raise RuntimeError(f"layer {layer} decided twice in one generation; call reset() between generations")
-        out, dense = self.ops.cs4a_decide_begin(q, k, v, group_size, self._decision_sums[layer])
-        self._decision_inputs[layer] = (q, k, v, dense)
-        if len(self._decision_inputs) == layers:
-            inputs = [self._decision_inputs[i] for i in range(layers)]
-            states = self.ops.cs4a_decide_end(inputs, self._decision_sums, group_size, self.topk, self.sink_len)
-            for i, (selected, o_cache) in enumerate(states):
-                self._selected[i], self._o_cache[i] = selected, o_cache
-            self._decision_sums, self._decision_inputs = None, {}  # what the residuals read is no longer needed
+        try:
+            out, dense = self.ops.cs4a_decide_begin(q, k, v, group_size, self._decision_sums[layer])
+            self._decision_inputs[layer] = (q, k, v, dense)
+            if len(self._decision_inputs) == layers:
+                inputs = [self._decision_inputs[i] for i in range(layers)]
+                states = self.ops.cs4a_decide_end(inputs, self._decision_sums, group_size, self.topk, self.sink_len)
+                for i, (selected, o_cache) in enumerate(states):
+                    self._selected[i], self._o_cache[i] = selected, o_cache
+                self._drop_pending_decision()  # what the residuals read is no longer needed
+        except BaseException:
+            self._drop_pending_decision()  # no half-made decision survives a failure
+            raise
         return out
+
+    def _decision_progress(self) -> str:
+        scale = self.policy.decision_scale
+        if self._decision_inputs:
+            done = sorted(self._decision_inputs)
+            return (f"decision scale {scale} is partway: the decision of every layer ends after the last of layers "
+                    f"0-{self.policy.cs4a_layers - 1} (layers {done} have run)")
+        return f"its decision scale {scale} has not run"
+
+    def _drop_pending_decision(self) -> None:
+        self._decision_sums: torch.Tensor | None = None
+        self._decision_inputs: dict[int, tuple[torch.Tensor, ...]] = {}
 
     def save(self, path: str) -> list[str]:
         """Write the precomputed CSLA layouts and CS4A geometries to one safetensors file (tensors, with the scalar

@@ -167,6 +167,10 @@ def test_cs4a_wrappers_reject_bad_inputs():
         kernels.cs4a_decide_raw(q, k, v, 16, 8, -1)
     with pytest.raises(ValueError, match="lse must be"):
         kernels.cs4a_column_sums(q, k, torch.zeros(1, 2, 39), 32)
+    with pytest.raises(ValueError, match="launch must be"):
+        kernels.cs4a_column_sums(q, k, torch.zeros(1, 2, 40), 32, launch=(64, 96, 4, 3))
+    with pytest.raises(ValueError, match="sums must be"):
+        kernels.cs4a_decide_end_raw([(q, k, v, q)], torch.zeros(2, 1, 2, 3, 80), 16, 8)
     with pytest.raises(ValueError, match="topk must be"):
         kernels.select_topk(torch.rand(2, 10), 11)
     with pytest.raises(ValueError, match=r"positions \[4, 10\)"):
@@ -691,13 +695,81 @@ DECIDE_IN_HALVES_SCRIPT = textwrap.dedent('''
     for layer in range(policy.cs4a_layers):
         for a, b in zip(halves.state(layer), whole.state(layer)):
             assert torch.equal(a, b), f"layer {layer}: the plan's decision state differs"
+    # a generation cut off partway through the decision scale: the pending state names it, a rerun of the scale
+    # without reset() starts over, and a failing first half leaves nothing pending
+    inputs = [(torch.randn(2, 2, lq, 64, dtype=dt) * 0.5, torch.randn(2, 2, lk, 64, dtype=dt),
+               torch.randn(2, 2, lk, 64, dtype=dt)) for _ in range(n_layers)]
+    halves.reset()
+    halves.attend(*inputs[0], layer=0, scale=s)
+    try:
+        halves.state(0)
+        raise AssertionError("no state while the decision is pending")
+    except RuntimeError as e:
+        assert "partway" in str(e) and "[0]" in str(e), e
+    for plan in (halves, whole):
+        for layer in range(n_layers):
+            plan.attend(*inputs[layer], layer=layer, scale=s)
+    for layer in range(policy.cs4a_layers):
+        for a, b in zip(halves.state(layer), whole.state(layer)):
+            assert torch.equal(a, b), f"layer {layer}: a rerun decision scale differs"
+    halves.reset()
+    try:
+        halves.attend(inputs[0][0][:, :, :-1], inputs[0][1], inputs[0][2], layer=0, scale=s)
+        raise AssertionError("a wrong query length must raise")
+    except ValueError:
+        pass
+    halves.attend(*inputs[0], layer=0, scale=s)
+    begin = halves.ops.cs4a_decide_begin
+    def failing_begin(*args):
+        raise RuntimeError("injected")
+    halves.ops = halves.ops._replace(cs4a_decide_begin=failing_begin)
+    try:
+        halves.attend(*inputs[1], layer=1, scale=s)
+        raise AssertionError("the injected failure must propagate")
+    except RuntimeError as e:
+        assert "injected" in str(e)
+    assert halves._decision_inputs == {} and halves._decision_sums is None, "a failure left a pending decision"
+    halves.ops = halves.ops._replace(cs4a_decide_begin=begin)
+    # HART's policy: sinks lead every key set and never compete, through the plan too
+    hs = get_schedule(256, model="hart-tiny")
+    hpolicy = default_policy("hart-tiny", hs)
+    assert hpolicy.sink_len(hs) > 0
+    hplans = [SparVARPlan(hpolicy, hs, hpolicy.num_layers, backend="triton") for _ in range(2)]
+    hplans[1].ops = hplans[1].ops._replace(cs4a_decide_begin=None, cs4a_decide_end=None)
+    d = hpolicy.decision_scale
+    for layer in range(hpolicy.num_layers):
+        t = (torch.randn(2, 2, hs.lengths[d], 64, dtype=dt) * 0.5, torch.randn(2, 2, hs.kv_len(d), 64, dtype=dt),
+             torch.randn(2, 2, hs.kv_len(d), 64, dtype=dt))
+        outs = [p.attend(*t, layer=layer, scale=d) for p in hplans]
+        assert (outs[0] is None) == (outs[1] is None) and (outs[0] is None or torch.equal(*outs)), layer
+    for layer in range(hpolicy.cs4a_layers):
+        for a, b in zip(hplans[0].state(layer), hplans[1].state(layer)):
+            assert torch.equal(a, b), f"hart layer {layer}: the plan's decision state differs"
+    # the second half's checks: a group size other than the first half's, a dense output of another shape
+    q, k, v = layers[0]
+    lq, lk = q.shape[2], k.shape[2]  # the kernel checks' shapes, not the plan's
+    sums = torch.empty(1, 2, 2, 3, lk)
+    _, dense = K.cs4a_decide_begin_raw(q, k, v, gs, sums[0])
+    for bad, what in [(dict(group_size=16), "groups"), (dict(dense=dense[:, :, :-1]), "dense")]:
+        try:
+            K.cs4a_decide_end_raw([(q, k, v, bad.get("dense", dense))], sums, bad.get("group_size", gs), topk)
+            raise AssertionError(f"cs4a_decide_end_raw must refuse a mismatched {what}")
+        except ValueError as e:
+            assert what in str(e), e
+    try:
+        K.cs4a_column_sums(q, k, torch.zeros(2, 2, lq), gs, out=torch.empty(2, 2, 2, lk))
+        raise AssertionError("a wrong-shaped out must be refused")
+    except ValueError as e:
+        assert "out must be" in str(e), e
     print("WORST", 0.0)
 ''')
 
 
 def test_cs4a_decide_in_halves_under_triton_interpreter():
     """The decision in two halves (the engine's: every decision layer's top-k in one launch) gives each layer
-    exactly what cs4a_decide_raw gives it, through the kernels and through the plan."""
+    exactly what cs4a_decide_raw gives it, through the kernels and through the plan (Infinity's and HART's, with
+    sinks); a decision cut off partway is named, restarts on a rerun, and leaves nothing pending after a failure;
+    the second half refuses inputs that do not match the first."""
     pytest.importorskip("triton")
     assert float(run_interpreted(DECIDE_IN_HALVES_SCRIPT)) == 0.0
 

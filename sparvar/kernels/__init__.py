@@ -10,9 +10,12 @@
     upsample_cache(o_cache, src_grid, dst_grid)            CS4A's residual cache, bilinear to a later scale
 
 Each goes through a torch custom op (sparvar::triton_csla_attention[_token], sparvar::triton_cs4a_attention,
-sparvar::triton_cs4a_from_selection, sparvar::triton_cs4a_decide, with fake kernels) so torch.compile and torch.export keep it as one call. The
-names carry a `triton_` prefix because export/custom_ops.py already defines sparvar::csla_attention etc. as the
-reference ops of the ONNX path. `sparse_ops()` returns them as a sparvar.sparse.SparseOps backend.
+sparvar::triton_cs4a_from_selection, sparvar::triton_cs4a_decide, with fake kernels) so torch.compile and
+torch.export keep it as one call. The names carry a `triton_` prefix because export/custom_ops.py already defines
+sparvar::csla_attention etc. as the reference ops of the ONNX path. `sparse_ops()` returns them as a
+sparvar.sparse.SparseOps backend, with two raw functions besides (no custom op: the engines' eager and CUDA-graph
+steps call them, nothing traces them): cs4a_decide_begin_raw / cs4a_decide_end_raw, the decision in two halves so
+that one top-k launch serves every decision layer.
 The module imports without triton (CPU installs); the kernels then raise a RuntimeError naming it.
 
 Beside the attention kernels, the torch-cuda engine's other Triton kernels, each next to its torch reference:

@@ -471,7 +471,8 @@ def cs4a_attention_from_selection_raw(q: torch.Tensor, k: torch.Tensor, v: torch
                         grid_hw=tuple(grid))
 
 
-# (query tile, key tile, warps, stages) of cs4a_column_sums' launch
+# (query tile, key tile, warps, stages) of cs4a_column_sums where no autotuning runs (SPARVAR_TRITON_AUTOTUNE=0);
+# with autotuning (the default) the tuner picks among _COLSUM_CONFIGS for this query tile
 COLUMN_SUMS_LAUNCH = (64, 128, 4, 3)
 
 
@@ -479,9 +480,10 @@ def cs4a_column_sums(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, group_
                      scale: float = 1.0, launch: tuple[int, int, int, int] | None = None,
                      out: torch.Tensor | None = None) -> torch.Tensor:
     """(B, H, G, Lk) fp32: per query group, the sums over its queries of softmax(q k^T * scale) (rows' lse given).
-    launch: (query tile, key tile, warps, stages), COLUMN_SUMS_LAUNCH by default; the query tile is capped at the
-    largest power of two dividing group_size (tiles never straddle groups). out: a contiguous fp32 (B, H, G, Lk)
-    tensor to write them to (a slice of one buffer for every decision layer: cs4a_decide_begin_raw)."""
+    launch: (query tile, key tile, warps, stages) to launch with, bypassing the autotuner; None: the autotuner's pick
+    (COLUMN_SUMS_LAUNCH without autotuning). The query tile is capped at the largest power of two dividing group_size
+    (tiles never straddle groups). out: a contiguous fp32 (B, H, G, Lk) tensor to write them to (a slice of one
+    buffer for every decision layer: cs4a_decide_begin_raw)."""
     name = "cs4a_column_sums"
     block_m, block_n, warps, stages = launch or COLUMN_SUMS_LAUNCH
     if (block_m not in (16, 32, 64, 128) or block_n not in (32, 64, 128, 256) or warps not in (4, 8)
@@ -513,7 +515,7 @@ def cs4a_column_sums(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, group_
     grid = lambda meta: (triton.cdiv(kv_len, meta["BLOCK_N"]), b * h)  # noqa: E731
     if interpreting():
         _column_sums_kernel[grid({"BLOCK_N": 32})](*args, HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=32, num_warps=4, num_stages=2)
-    elif autotuning():
+    elif autotuning() and launch is None:
         with launch_device(q):
             _column_sums_tuned[grid](*args, HEAD_DIM=d, BLOCK_M=block_m)
     else:
@@ -664,7 +666,9 @@ def cs4a_decide_begin_raw(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gro
     This first half: the dense pass (returns `out`, the layer's attention output in q's dtype, and `dense`, what
     the residual subtracts from: out itself, or our kernel's fp32 output) and the column sums, written into
     sums_out (B, H, G, Lk) fp32, this layer's slice of a (layers, B, H, G, Lk) buffer. cs4a_decide_end_raw then
-    takes the whole buffer. Per layer, the two halves compute what cs4a_decide_raw does, bit for bit.
+    takes the whole buffer. Per layer, the two halves compute what cs4a_decide_raw does, bit for bit with the
+    cuDNN dense pass (the default on a GPU). With our fp32 dense pass, cs4a_decide_raw's residual kernel also writes
+    the rounded output (another specialisation, tuned on its own), so tuned configs may differ in the last bits.
     Why: the top-k of one layer (288 rows of 4,121 sums at 2B) is one short wave of dependent steps on 132 SMs,
     48.9 us; the 11 layers' 3,168 rows in one launch take 26.5 us per layer (bench/results/small_scales_decide_launch_h100.json)."""
     name = "cs4a_decide_begin"
@@ -690,10 +694,19 @@ def cs4a_decide_end_raw(layers: list[tuple[torch.Tensor, torch.Tensor, torch.Ten
     kv_len = sums.shape[-1]
     if not isinstance(sink_len, int) or isinstance(sink_len, bool) or not 0 <= sink_len < kv_len:
         raise ValueError(f"{name}: sink_len must be an int in [0, {kv_len}) (the KV length), got {sink_len!r}")
-    for q, k, v, dense in layers:
-        if k.shape[2] != kv_len or tuple(q.shape[:2]) != tuple(sums.shape[1:3]) or dense.shape != q.shape:
-            raise ValueError(f"{name}: a layer's q {tuple(q.shape)} / k {tuple(k.shape)} / dense {tuple(dense.shape)} "
-                             f"do not match sums {tuple(sums.shape)}")
+    for i, (q, k, v, dense) in enumerate(layers):
+        check_qkv(name, q, k, v)
+        if not isinstance(dense, torch.Tensor):
+            raise ValueError(f"{name}: layer {i}'s dense output must be a tensor, got {type(dense).__name__}")
+        check_device(name, q, k=k, v=v, dense=dense, sums=sums)
+        groups = _check_group(name, q.shape[2], group_size)
+        if (k.shape[2] != kv_len or tuple(sums.shape[1:4]) != (*q.shape[:2], groups) or dense.shape != q.shape
+                or dense.dtype not in (q.dtype, torch.float32) or dense.stride(-1) != 1):
+            raise ValueError(f"{name}: layer {i}'s q {tuple(q.shape)} (group_size {group_size}: {groups} groups), k "
+                             f"{tuple(k.shape)} and dense {getattr(dense, 'dtype', None)} "
+                             f"{tuple(getattr(dense, 'shape', ()))} do not match sums {tuple(sums.shape)} (dense: q's "
+                             f"shape, q's dtype or fp32, the head dim contiguous)")
+    check_scale(name, scale)
     selected = select_topk(sums, topk, sink_len)  # checks topk against [sink_len, Lk)
     return [(selected[i], _residual_cache(q, k, v, dense, selected[i], group_size, sink_len, scale))
             for i, (q, k, v, dense) in enumerate(layers)]
