@@ -19,6 +19,7 @@
 #   bash tools/gpu_bench.sh "$OUT" e2e8b     # the same for 8B
 #   bash tools/gpu_bench.sh "$OUT" pair2b    # only the dense and SparVAR engines, side by side (the 1.2x ratio, in short; pair8b: 8B)
 #   bash tools/gpu_bench.sh "$OUT" decision  # the CS4A decision's GPU tests, then its passes timed (decide)
+#   bash tools/gpu_bench.sh "$OUT" ncu       # Nsight Compute on the SparVAR-only kernels at 2B shapes, after autotuning (text reports)
 #   bash tools/gpu_bench.sh "$OUT" timeline  # GPU idle time of one graphed 2B generation (launch gaps vs host waits)
 #   bash tools/gpu_bench.sh "$OUT" decode    # the tokenizer decodes at 1024² (Infinity 2B/8B, HART fp32 vs fp16 graph, cudnn.benchmark)
 #   bash tools/gpu_bench.sh "$OUT" batch4    # throughput: 2B and 8B dense and SparVAR engines at 4 prompts per generation
@@ -90,6 +91,14 @@ for what in "${@:2}"; do
       python bench/e2e.py --model "infinity-$size" --warmup 3 --runs 20 --rows "=dense engine (CUDA graphs)" \
         --rows "=SparVAR engine (CUDA graphs, Triton kernels)" \
         --out "$OUT/e2e_engines_${size}_pair_$TAG.json" 2>&1 | grep -v Warning | tail -6 ;;
+    ncu)  # one report per kernel, of a launch after the autotuner's trials (tools/ncu_sparse_kernels.py opens the range)
+      for kernel in _column_sums _select_topk _cs4a_fwd _csla_fwd; do
+        timeout 120 /usr/local/cuda/bin/ncu --profile-from-start off -k "regex:$kernel" --launch-count 1 \
+          --section SpeedOfLight --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis --section Occupancy \
+          --section WarpStateStats --section LaunchStats --section SchedulerStats --print-details all \
+          python tools/ncu_sparse_kernels.py 2b > "$OUT/ncu_2b${kernel}_$TAG.txt" 2>&1 || echo "ncu $kernel failed"
+        grep -E "^  _|Duration|Pipe Tensor Cycles|Achieved Occupancy|Registers Per" "$OUT/ncu_2b${kernel}_$TAG.txt" | head -6
+      done ;;
     decision)  # the decision's kernels against torch and the references first; no timing if one fails
       python -m pytest -q tests/test_kernels_gpu.py -k "topk or decide or decision" --junitxml="$OUT/gpu_tests_decision_$TAG.xml" \
         > /tmp/decision_tests.log 2>&1; ok=$?
