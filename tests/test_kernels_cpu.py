@@ -640,12 +640,13 @@ FROM_SELECTION_SCRIPT = textwrap.dedent('''
                            for _ in range(4 * geo.num_decision_groups)]).view(2, 2, -1, 32).to(torch.int32)
         grids = s.grids[decision], s.grids[scale]
         n = s.lengths[decision]
-        for cache in (torch.randn(2, 2, n, 64, dtype=dt), torch.randn(2, 2, n, 64), None):
+        for i, cache in enumerate((torch.randn(2, 2, n, 64, dtype=dt), torch.randn(2, 2, n, 64), None)):
             got = K.cs4a_attention_from_selection(q, k, v, sel, geo, cache, *grids)
             assert got.shape == q.shape and got.dtype == dt
             err(got, cs4a_from_selection_ref(reference, upsample_cache, q, k, v, sel, geo, cache, *grids))
-            # the composed Triton path (key sets, upsampled cache, cs4a) gives the same
-            err(got, cs4a_from_selection_ref(composed, K.upsample_cache, q, k, v, sel, geo, cache, *grids))
+            if i == 0:  # the composed Triton path (key sets, upsampled cache, cs4a) gives the same (its parts have
+                # their own tests with every cache kind; once per geometry keeps this test's interpreter time down)
+                err(got, cs4a_from_selection_ref(composed, K.upsample_cache, q, k, v, sel, geo, cache, *grids))
     print("WORST", worst)
 ''')
 
