@@ -353,20 +353,25 @@ class SparVARPlan:
     def _decide_in_halves(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, group_size: int):
         """A decision layer's dense pass and column sums now; once every decision layer (the policy's CS4A layers
         0 .. cs4a_layers - 1, each once, in any order) has had its first half, one top-k over all of their sums and
-        each layer's residual cache. Until then no decision layer has a state (state() says which are pending)."""
+        each layer's residual cache. From a decision's first layer until its last, no decision layer has a state
+        (state() says which are pending): an earlier generation's is dropped when a new decision begins."""
         layers = self.policy.cs4a_layers
         shape = (layers, q.shape[0], q.shape[1], -(-q.shape[2] // group_size), k.shape[2])
         if layer in self._decision_inputs:
             # the decision scale runs again before the last one ended (a generation cut off there, without reset()):
             # start over, as a decision made whole per layer would simply be overwritten
             self._drop_pending_decision()
-        if self._decision_sums is None or tuple(self._decision_sums.shape) != shape:
-            if self._decision_inputs:
-                raise RuntimeError(f"layer {layer}'s decision inputs {tuple(q.shape)} / {tuple(k.shape)} do not match "
-                                   f"those of layers {sorted(self._decision_inputs)} decided before it in this "
-                                   f"generation (column sums {tuple(self._decision_sums.shape)}); call reset()")
-            self._decision_sums = torch.empty(shape, dtype=torch.float32, device=q.device)
+        if not self._decision_inputs:  # a new decision: no layer keeps an older one meanwhile
+            for i in range(layers):
+                self._selected.pop(i, None)
+                self._o_cache.pop(i, None)
         try:
+            if self._decision_sums is None or tuple(self._decision_sums.shape) != shape:
+                if self._decision_inputs:
+                    raise RuntimeError(f"layer {layer}'s decision inputs {tuple(q.shape)} / {tuple(k.shape)} do not "
+                                       f"match those of layers {sorted(self._decision_inputs)} decided before it in this "
+                                       f"generation (column sums {tuple(self._decision_sums.shape)}); call reset()")
+                self._decision_sums = torch.empty(shape, dtype=torch.float32, device=q.device)
             out, dense = self.ops.cs4a_decide_begin(q, k, v, group_size, self._decision_sums[layer])
             self._decision_inputs[layer] = (q, k, v, dense)
             if len(self._decision_inputs) == layers:

@@ -707,12 +707,21 @@ DECIDE_IN_HALVES_SCRIPT = textwrap.dedent('''
         raise AssertionError("no state while the decision is pending")
     except RuntimeError as e:
         assert "partway" in str(e) and "[0]" in str(e), e
+    inputs = [tuple(torch.randn_like(t) for t in layer_inputs) for layer_inputs in inputs]  # the rerun's own
     for plan in (halves, whole):
         for layer in range(n_layers):
             plan.attend(*inputs[layer], layer=layer, scale=s)
     for layer in range(policy.cs4a_layers):
         for a, b in zip(halves.state(layer), whole.state(layer)):
             assert torch.equal(a, b), f"layer {layer}: a rerun decision scale differs"
+    # a new decision drops the previous one's state until its own is made
+    halves.attend(*inputs[0], layer=0, scale=s)
+    try:
+        halves.state(1)
+        raise AssertionError("an older decision's state must not show while a new one is pending")
+    except RuntimeError as e:
+        assert "partway" in str(e), e
+    halves.reset()
     halves.reset()
     try:
         halves.attend(inputs[0][0][:, :, :-1], inputs[0][1], inputs[0][2], layer=0, scale=s)
@@ -751,10 +760,13 @@ DECIDE_IN_HALVES_SCRIPT = textwrap.dedent('''
     lq, lk = q.shape[2], k.shape[2]  # the kernel checks' shapes, not the plan's
     sums = torch.empty(1, 2, 2, 3, lk)
     _, dense = K.cs4a_decide_begin_raw(q, k, v, gs, sums[0])
-    for bad, what in [(dict(group_size=16), "groups"), (dict(dense=dense[:, :, :-1]), "dense")]:
+    for bad, what in [(dict(group_size=16), "do not match the column sums"),
+                      (dict(dense=dense[:, :, :-1]), "dense output must have q's shape"),
+                      (dict(dense=dense.double()), "dense output must have q's shape"),
+                      (dict(dense=dense.transpose(2, 3).contiguous().transpose(2, 3)), "contiguous head dim")]:
         try:
             K.cs4a_decide_end_raw([(q, k, v, bad.get("dense", dense))], sums, bad.get("group_size", gs), topk)
-            raise AssertionError(f"cs4a_decide_end_raw must refuse a mismatched {what}")
+            raise AssertionError(f"cs4a_decide_end_raw must refuse: {what}")
         except ValueError as e:
             assert what in str(e), e
     try:

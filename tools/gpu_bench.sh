@@ -93,7 +93,7 @@ for what in "${@:2}"; do
         --out "$OUT/e2e_engines_${size}_pair_$TAG.json" 2>&1 | grep -v Warning | tail -6 ;;
     ncu)  # one report per kernel, of a launch after the autotuner's trials (tools/ncu_sparse_kernels.py opens the range)
       for kernel in _column_sums _select_topk _cs4a_fwd _csla_fwd; do
-        timeout 120 /usr/local/cuda/bin/ncu --profile-from-start off -k "regex:$kernel" --launch-count 1 \
+        timeout 300 /usr/local/cuda/bin/ncu --profile-from-start off -k "regex:$kernel" --launch-count 1 \
           --section SpeedOfLight --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis --section Occupancy \
           --section WarpStateStats --section LaunchStats --section SchedulerStats --print-details all \
           python tools/ncu_sparse_kernels.py 2b > "$OUT/ncu_2b${kernel}_$TAG.txt" 2>&1 || echo "ncu $kernel failed"

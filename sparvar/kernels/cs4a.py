@@ -700,12 +700,13 @@ def cs4a_decide_end_raw(layers: list[tuple[torch.Tensor, torch.Tensor, torch.Ten
             raise ValueError(f"{name}: layer {i}'s dense output must be a tensor, got {type(dense).__name__}")
         check_device(name, q, k=k, v=v, dense=dense, sums=sums)
         groups = _check_group(name, q.shape[2], group_size)
-        if (k.shape[2] != kv_len or tuple(sums.shape[1:4]) != (*q.shape[:2], groups) or dense.shape != q.shape
-                or dense.dtype not in (q.dtype, torch.float32) or dense.stride(-1) != 1):
-            raise ValueError(f"{name}: layer {i}'s q {tuple(q.shape)} (group_size {group_size}: {groups} groups), k "
-                             f"{tuple(k.shape)} and dense {getattr(dense, 'dtype', None)} "
-                             f"{tuple(getattr(dense, 'shape', ()))} do not match sums {tuple(sums.shape)} (dense: q's "
-                             f"shape, q's dtype or fp32, the head dim contiguous)")
+        if k.shape[2] != kv_len or tuple(sums.shape[1:4]) != (*q.shape[:2], groups):
+            raise ValueError(f"{name}: layer {i}'s q {tuple(q.shape)} in {groups} groups of {group_size} and k "
+                             f"{tuple(k.shape)} do not match the column sums {tuple(sums.shape)} (L, B, H, G, Lk)")
+        if dense.shape != q.shape or dense.dtype not in (q.dtype, torch.float32) or dense.stride(-1) != 1:
+            raise ValueError(f"{name}: layer {i}'s dense output must have q's shape {tuple(q.shape)}, q's dtype or "
+                             f"float32 and a contiguous head dim; got {dense.dtype} {tuple(dense.shape)} strides "
+                             f"{dense.stride()}")
     check_scale(name, scale)
     selected = select_topk(sums, topk, sink_len)  # checks topk against [sink_len, Lk)
     return [(selected[i], _residual_cache(q, k, v, dense, selected[i], group_size, sink_len, scale))
