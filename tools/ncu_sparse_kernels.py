@@ -16,14 +16,15 @@ import torch
 
 
 def main(size: str = "2b") -> None:
+    from sparvar.config import get_config
     from sparvar.kernels import cs4a as cs4a_kernels
     from sparvar.kernels import csla_attention, cs4a_attention_from_selection
     from sparvar.schedule import get_schedule
     from sparvar.sparse import default_policy
 
     model = f"infinity-{size}"
-    heads = {"2b": 16, "8b": 28}[size]
-    B, D = 2, 128
+    cfg = get_config(model)
+    heads, D, B = cfg.heads, cfg.head_dim, 2  # batch 2: one image with CFG
     schedule = get_schedule(1024)
     policy = default_policy(model, schedule)
     s10, s12 = policy.decision_scale, schedule.num_scales - 1

@@ -26,8 +26,8 @@ decoder_glue.py (the decoder's residual sum with the conv biases, nearest 2x ups
 from sparvar.kernels.aot import aot_kernel
 from sparvar.kernels.cs4a import (cs4a_attention, cs4a_attention_from_selection, cs4a_attention_from_selection_raw,
                                   cs4a_attention_raw, cs4a_column_sums, cs4a_decide, cs4a_decide_begin_raw,
-                                  cs4a_decide_end_raw, cs4a_decide_raw, reference_column_sums, reference_cs4a_attention, reference_cs4a_decide, select_topk,
-                                  upsample_cache)
+                                  cs4a_decide_end_raw, cs4a_decide_raw, reference_column_sums, reference_cs4a_attention,
+                                  reference_cs4a_decide, select_topk, upsample_cache)
 from sparvar.kernels.csla import (HAS_TRITON, csla_attention, csla_attention_blocks, dense_attention,
                                   query_block_order, reference_csla_attention, token_tiles)
 
