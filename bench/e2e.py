@@ -36,6 +36,9 @@ SPARVAR_ENGINE_ROW = "SparVAR engine (CUDA graphs, Triton kernels)"
 # (SparVARPlan(overlap_decision=True)): what the overlap gains or loses, side by side. Results up to commit 8a792bb
 # ran the side stream by default and name their ablation row "..., CS4A decision in line".
 DECISION_OVERLAP_ROW = "SparVAR engine (CUDA graphs, Triton kernels), CS4A decision on a side stream"
+# the same engine with the decision layers' residual-cache launches one after another on one stream
+# (SparVARPlan(residual_lanes=0)) instead of side by side on two: what the side-by-side launches gain
+RESIDUALS_IN_LINE_ROW = "SparVAR engine (CUDA graphs, Triton kernels), decision residuals on one stream"
 # the same engine with the CSLA kernel's tensor-descriptor (TMA) and warp-specialised configs in its autotuning
 # (SPARVAR_CSLA_TMA=1 while the row's engine is built and run; sparvar.kernels.csla.tma_enabled)
 CSLA_TMA_ROW = "SparVAR engine (CUDA graphs, Triton kernels), CSLA tuned with its TMA configs"
@@ -173,6 +176,7 @@ def rows_for(model_name: str):
         (DENSE_ENGINE_ROW, "dense", "graphs", "engine", 0, False),
         (SPARVAR_ENGINE_ROW, "sparvar", "graphs", "engine", 0, False),
         (DECISION_OVERLAP_ROW, "sparvar", "graphs", "engine", 0, False),
+        (RESIDUALS_IN_LINE_ROW, "sparvar", "graphs", "engine", 0, False),
         (CSLA_TMA_ROW, "sparvar", "graphs", "engine", 0, False),
         ("SparVAR engine + skip last 2", "sparvar", "graphs", "engine", 2, False),
         ("dense engine + skip last 2", "dense", "graphs", "engine", 2, False),
@@ -313,6 +317,8 @@ def bench_model(model_name: str, resolution: int, warmup: int, runs: int, rows=N
         plan = make_plan(cfg, schedule, attention, backend="triton", skip_last=skip)
         if name == DECISION_OVERLAP_ROW:
             plan.overlap_decision = True
+        if name == RESIDUALS_IN_LINE_ROW:
+            plan.residual_lanes = 0
         # read where a kernel is tuned or launched into a graph: the runner's warm-up and capture, at its first begin()
         forget_csla_timings()
         with row_switches(name):

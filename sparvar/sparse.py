@@ -176,7 +176,8 @@ class SparseOps(NamedTuple):
     cs4a_decide_async: Callable | None = None
     # the decision in two halves, so that one launch takes the top-k of every decision layer:
     # (q, k, v, group_size, sums_out) -> (out, dense) per layer, its column sums written into sums_out, then
-    # ([(q, k, v, dense) per layer], sums (L, B, H, G, Lk), group_size, topk, sink_len) -> [(selected, o_cache)].
+    # ([(q, k, v, dense) per layer], sums (L, B, H, G, Lk), group_size, topk, sink_len, lanes=()) ->
+    # [(selected, o_cache)], lanes: CUDA streams the residual launches may also run on (joined before it returns).
     # None: cs4a_decide per layer
     cs4a_decide_begin: Callable | None = None
     cs4a_decide_end: Callable | None = None
@@ -201,7 +202,8 @@ class SparVARPlan:
     """
 
     def __init__(self, policy: SparVARPolicy, schedule: Schedule, num_layers: int, backend: str = "reference",
-                 precomputed: tuple[dict, dict] | None = None, overlap_decision: bool = False, skip_last: int = 0):
+                 precomputed: tuple[dict, dict] | None = None, overlap_decision: bool = False, skip_last: int = 0,
+                 residual_lanes: int = 1):
         """precomputed: (CSLA layouts, CS4A geometries) per scale, as an engine stored them (`load_plan`);
         by default they are computed from the policy here.
 
@@ -218,7 +220,12 @@ class SparVARPlan:
         203.2 vs 202.4; bench/results/e2e_engines_*_skip_h100.json, e2e_engines_*_decision_h200.json): the side
         stream's kernels take SMs from the scale's own. Those runs predate the in-line decision in two halves (its
         top-k one launch for all decision layers: SparseOps.cs4a_decide_begin), which backends that have it run
-        when overlap_decision is off."""
+        when overlap_decision is off.
+
+        residual_lanes: in that two-half decision on CUDA tensors, how many side streams the decision layers'
+        residual-cache launches are dealt over besides the current one (0: one after another on it); they are
+        joined before the last decision layer returns, and the results are the same bit for bit. Why: each launch
+        ends on a nearly empty wave (cs4a_decide_end_raw), which the next launch fills when they run side by side."""
         if policy.num_layers != num_layers:
             raise ValueError(f"policy is for {policy.num_layers} layers, the model has {num_layers}")
         if policy.num_scales != schedule.num_scales:
@@ -253,7 +260,10 @@ class SparVARPlan:
                                      f"{self.sink_len} sinks")
         self._on_device: dict[tuple[str, int, torch.device], BlockLayout | CS4AGeometry] = {}
         self.overlap_decision = overlap_decision
-        self._side_streams: dict[torch.device, torch.cuda.Stream] = {}
+        if not isinstance(residual_lanes, int) or isinstance(residual_lanes, bool) or residual_lanes < 0:
+            raise ValueError(f"residual_lanes must be an int >= 0 (side streams), got {residual_lanes!r}")
+        self.residual_lanes = residual_lanes
+        self._side_streams: dict[torch.device, list[torch.cuda.Stream]] = {}
         self._pending: torch.cuda.Stream | None = None  # a side stream with decision work not yet joined
         self.reset()
 
@@ -297,9 +307,14 @@ class SparVARPlan:
             self._pending = None
 
     def _side_stream(self, device: torch.device) -> torch.cuda.Stream:
-        if device not in self._side_streams:
-            self._side_streams[device] = torch.cuda.Stream(device=device)
-        return self._side_streams[device]
+        return self._lanes(device, 1)[0]
+
+    def _lanes(self, device: torch.device, count: int) -> tuple[torch.cuda.Stream, ...]:
+        """`count` side streams on device, made once (the first is also the overlapped decision's side stream)."""
+        streams = self._side_streams.setdefault(device, [])
+        while len(streams) < count:
+            streams.append(torch.cuda.Stream(device=device))
+        return tuple(streams[:count])
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, layer: int, scale: int) -> torch.Tensor | None:
         out = self._attend(q, k, v, layer, scale)
@@ -376,7 +391,9 @@ class SparVARPlan:
             self._decision_inputs[layer] = (q, k, v, dense)
             if len(self._decision_inputs) == layers:
                 inputs = [self._decision_inputs[i] for i in range(layers)]
-                states = self.ops.cs4a_decide_end(inputs, self._decision_sums, group_size, self.topk, self.sink_len)
+                lanes = self._lanes(q.device, self.residual_lanes) if q.is_cuda else ()
+                states = self.ops.cs4a_decide_end(inputs, self._decision_sums, group_size, self.topk, self.sink_len,
+                                                  lanes=lanes)
                 for i, (selected, o_cache) in enumerate(states):
                     self._selected[i], self._o_cache[i] = selected, o_cache
                 self._drop_pending_decision()  # what the residuals read is no longer needed

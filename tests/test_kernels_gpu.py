@@ -398,20 +398,58 @@ def test_decision_dense_passes_agree(dtype):
     assert same >= 0.99 * sel_c.numel(), "the two passes' selections differ beyond rounding near-ties"
 
 
-def test_cs4a_decide_in_halves_matches_whole():
+@pytest.mark.parametrize("lanes", [0, 1, 2])
+def test_cs4a_decide_in_halves_matches_whole(lanes):
     """The engine's decision in halves (every decision layer's top-k in one launch) == cs4a_decide_raw per layer,
-    at 2B's decision shape (1,600 queries, 4,121 keys, top-784), with the cuDNN dense pass."""
+    at 2B's decision shape (1,600 queries, 4,121 keys, top-784), with the cuDNN dense pass; with the residual
+    launches dealt over `lanes` side streams too (joined before the call returns: read here without a sync)."""
     b, h, d, gs, q_len, kv_len, topk = 2, 4, 128, 192, 1600, 4121, 784
     layers = [(projected_q(b, h, q_len, d, torch.bfloat16) * 4, cache_view(b, h, kv_len, d, torch.bfloat16),
                cache_view(b, h, kv_len, d, torch.bfloat16)) for _ in range(3)]
     sums = torch.empty(3, b, h, 9, kv_len, device=DEV)
     begun = [kernels.cs4a_decide_begin_raw(q, k, v, gs, sums[i]) for i, (q, k, v) in enumerate(layers)]
-    ended = kernels.cs4a_decide_end_raw([(*t, dense) for t, (_, dense) in zip(layers, begun)], sums, gs, topk)
+    side = tuple(torch.cuda.Stream() for _ in range(lanes))
+    ended = kernels.cs4a_decide_end_raw([(*t, dense) for t, (_, dense) in zip(layers, begun)], sums, gs, topk,
+                                        lanes=side)
     for (q, k, v), (out, _), (selected, cache) in zip(layers, begun, ended):
         want_out, want_selected, want_cache = kernels.cs4a_decide_raw(q, k, v, gs, topk)
         assert torch.equal(out, want_out) and out.stride() == q.stride()
         assert torch.equal(selected, want_selected)
-        assert torch.equal(cache, want_cache)
+        assert torch.equal(cache, want_cache) and cache.stride() == want_cache.stride()
+
+
+def test_cs4a_decide_end_on_lanes_captures_and_replays():
+    """The second half with its residuals on two side streams, captured in a CUDA graph (an unjoined lane fails the
+    capture) and replayed on new inputs: the eager one-stream result for those inputs, bit for bit, with sinks."""
+    b, h, d, gs, q_len, kv_len, topk, sinks = 2, 2, 64, 192, 576, 1400, 224, 121
+    make = lambda: [(projected_q(b, h, q_len, d, torch.bfloat16) * 4, cache_view(b, h, kv_len, d, torch.bfloat16),  # noqa: E731
+                     cache_view(b, h, kv_len, d, torch.bfloat16)) for _ in range(5)]
+    static, fresh = make(), make()
+    sums = torch.empty(5, b, h, 3, kv_len, device=DEV)
+    side = (torch.cuda.Stream(), torch.cuda.Stream())
+
+    def decide():
+        begun = [kernels.cs4a_decide_begin_raw(q, k, v, gs, sums[i]) for i, (q, k, v) in enumerate(static)]
+        return kernels.cs4a_decide_end_raw([(*t, dense) for t, (_, dense) in zip(static, begun)], sums, gs, topk,
+                                           sinks, lanes=side)
+
+    warm = torch.cuda.Stream()
+    warm.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(warm):  # Triton's compilation and tuning outside the capture
+        decide()
+    torch.cuda.current_stream().wait_stream(warm)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        graphed = decide()
+    for (q, k, v), (fq, fk, fv) in zip(static, fresh):
+        q.copy_(fq), k.copy_(fk), v.copy_(fv)
+    graph.replay()
+    want_sums = torch.empty_like(sums)
+    begun = [kernels.cs4a_decide_begin_raw(q, k, v, gs, want_sums[i]) for i, (q, k, v) in enumerate(fresh)]
+    want = kernels.cs4a_decide_end_raw([(*t, dense) for t, (_, dense) in zip(fresh, begun)], want_sums, gs, topk, sinks)
+    for i, ((selected, cache), (want_selected, want_cache)) in enumerate(zip(graphed, want)):
+        assert torch.equal(selected, want_selected), f"layer {i}: selection"
+        assert torch.equal(cache, want_cache), f"layer {i}: residual cache"
 
 
 def test_cs4a_decide_with_sinks_matches_reference():

@@ -128,6 +128,9 @@ def test_plan_state_and_errors():
         plan.attend(q5, k5, v5, layer=0, scale=5)
     with pytest.raises(ValueError, match="scale 6 expects"):
         plan.attend(q5, k5, v5, layer=3, scale=6)
+    for lanes in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="residual_lanes"):
+            SparVARPlan(p, s, p.num_layers, residual_lanes=lanes)
 
 
 def test_a_plan_for_a_loop_that_skips_every_later_scale_makes_no_decision():

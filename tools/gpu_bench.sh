@@ -18,6 +18,7 @@
 #   bash tools/gpu_bench.sh "$OUT" e2e2b     # end-to-end, 2B bf16 engine rows (dense, SparVAR, its ablations, skip 2)
 #   bash tools/gpu_bench.sh "$OUT" e2e8b     # the same for 8B
 #   bash tools/gpu_bench.sh "$OUT" pair2b    # only the dense and SparVAR engines, side by side (the 1.2x ratio, in short; pair8b: 8B)
+#   bash tools/gpu_bench.sh "$OUT" lanes2b   # dense and SparVAR engines beside SparVAR with the decision residuals on one stream (lanes8b: 8B)
 #   bash tools/gpu_bench.sh "$OUT" decision  # the CS4A decision's GPU tests, then its passes timed (decide)
 #   bash tools/gpu_bench.sh "$OUT" ncu       # Nsight Compute on the SparVAR-only kernels at 2B shapes, after autotuning (text reports)
 #   bash tools/gpu_bench.sh "$OUT" timeline  # GPU idle time of one graphed 2B generation (launch gaps vs host waits)
@@ -91,6 +92,11 @@ for what in "${@:2}"; do
       python bench/e2e.py --model "infinity-$size" --warmup 3 --runs 20 --rows "=dense engine (CUDA graphs)" \
         --rows "=SparVAR engine (CUDA graphs, Triton kernels)" \
         --out "$OUT/e2e_engines_${size}_pair_$TAG.json" 2>&1 | grep -v Warning | tail -6 ;;
+    lanes2b|lanes8b)  # the decision's residual launches side by side (the default) against one after another
+      size=${what#lanes}
+      python bench/e2e.py --model "infinity-$size" --warmup 3 --runs 20 --rows "=dense engine (CUDA graphs)" \
+        --rows "=SparVAR engine (CUDA graphs, Triton kernels)" --rows "decision residuals on one stream" \
+        --out "$OUT/e2e_engines_${size}_lanes_$TAG.json" 2>&1 | grep -v Warning | tail -6 ;;
     ncu)  # one report per kernel, of a launch after the autotuner's trials (tools/ncu_sparse_kernels.py opens the range)
       for kernel in _column_sums _select_topk _cs4a_fwd _csla_fwd; do
         timeout 300 /usr/local/cuda/bin/ncu --profile-from-start off -k "regex:$kernel" --launch-count 1 \

@@ -365,16 +365,17 @@ MAX_BANDS = 4
 
 
 def _launch_cs4a(q, k, v, key_idx, group_size, extra, negate, band_starts, band_lens, scale, extra_out=None,
-                 group_map=None, cache_grid=None, grid_hw=None):
+                 group_map=None, cache_grid=None, grid_hw=None, out=None):
     """out = (-1 if negate else 1) * attention + extra; with extra_out (from attention_output_like(q): the kernel
-    writes it with out's strides) also extra_out = extra in extra_out's dtype.
+    writes it with out's strides) also extra_out = extra in extra_out's dtype. out: None (a new
+    attention_output_like(q)) or such a tensor made by the caller (on another stream than the launch's).
 
     Group g's keys: key_idx[b, h, group_map[g] if group_map is not None else g, :], then for each i the band_lens[i]
     keys from band_starts[i, g] (band_starts (len(band_lens), G) int32). With cache_grid (and this scale's grid_hw),
     extra is on cache_grid and is interpolated bilinearly to each query (sparvar.cs4a.upsample_cache)."""
     require_triton("cs4a_attention")
     b, h, q_len, d = q.shape
-    out = attention_output_like(q)
+    out = attention_output_like(q) if out is None else out
     block_m = query_tile(group_size)
     e = out if extra is None else extra
     lens = (*band_lens, *(0,) * MAX_BANDS)[:MAX_BANDS]
@@ -650,13 +651,15 @@ def _selection_and_cache(q, k, v, dense, lse, group_size, topk, sink_len, scale,
     return selected, _residual_cache(q, k, v, dense, selected, group_size, sink_len, scale, extra_out)
 
 
-def _residual_cache(q, k, v, dense, selected, group_size, sink_len, scale, extra_out=None):
-    """O_cache = O_dense - attention over [sinks | selected] (with extra_out, also O_dense in extra_out's dtype)."""
+def _residual_cache(q, k, v, dense, selected, group_size, sink_len, scale, extra_out=None, out=None,
+                    band_starts=None):
+    """O_cache = O_dense - attention over [sinks | selected] (with extra_out, also O_dense in extra_out's dtype).
+    out, band_starts: made by the caller when the launch runs on another stream (cs4a_decide_end_raw's lanes)."""
     # the sinks join each group's set as the kernel's contiguous band [0, sink_len): no concatenated index copy
-    groups = selected.shape[2]
-    band_starts = torch.zeros((1, groups), dtype=torch.int32, device=q.device) if sink_len else None
-    return _launch_cs4a(q, k, v, selected, group_size, dense, True, band_starts, (sink_len,) if sink_len else (),
-                        scale, extra_out=extra_out)
+    if sink_len and band_starts is None:
+        band_starts = torch.zeros((1, selected.shape[2]), dtype=torch.int32, device=q.device)
+    return _launch_cs4a(q, k, v, selected, group_size, dense, True, band_starts if sink_len else None,
+                        (sink_len,) if sink_len else (), scale, extra_out=extra_out, out=out)
 
 
 def cs4a_decide_begin_raw(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group_size: int, sums_out: torch.Tensor,
@@ -683,10 +686,18 @@ def cs4a_decide_begin_raw(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gro
 
 def cs4a_decide_end_raw(layers: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]],
                         sums: torch.Tensor, group_size: int, topk: int, sink_len: int = 0, *,
-                        scale: float = 1.0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+                        scale: float = 1.0, lanes: tuple = ()) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """The second half of the decision (cs4a_decide_begin_raw), for every decision layer at once: one top-k launch
     over sums (L, B, H, G, Lk), then each layer's residual cache. layers: (q, k, v, dense) per layer, in the order
-    of sums' first dim. Returns (selected (B, H, G, topk) int32 ascending, o_cache) per layer."""
+    of sums' first dim. Returns (selected (B, H, G, topk) int32 ascending, o_cache) per layer.
+
+    lanes: CUDA streams on the tensors' device besides the current one. The residual launches (independent of
+    each other) are dealt round-robin over the current stream and these, which wait for the top-k first; the
+    current stream waits for all of them before this returns, so what it runs next (and a CUDA-graph capture)
+    sees every output, and the inputs may be freed after. Every output is allocated on the current stream.
+    Why: one residual launch is 800 programs at 2B (25 query tiles x 32 batch-heads), 3.03 waves of 264 resident
+    programs, so its last wave runs 8 programs on an otherwise idle GPU; launched side by side, the next launch's
+    programs fill it. The values are those of the launches one after the other, bit for bit (the same kernels)."""
     name = "cs4a_decide_end"
     if not isinstance(sums, torch.Tensor) or sums.dim() != 5 or sums.shape[0] != len(layers):
         raise ValueError(f"{name}: sums must be (L, B, H, G, Lk) with L = {len(layers)} layers, got "
@@ -708,9 +719,28 @@ def cs4a_decide_end_raw(layers: list[tuple[torch.Tensor, torch.Tensor, torch.Ten
                              f"float32 and a contiguous head dim; got {dense.dtype} {tuple(dense.shape)} strides "
                              f"{dense.stride()}")
     check_scale(name, scale)
+    lanes = tuple(lanes)
+    for lane in lanes:
+        if not isinstance(lane, torch.cuda.Stream) or not sums.is_cuda or lane.device != sums.device:
+            raise ValueError(f"{name}: lanes must be CUDA streams on the tensors' device {sums.device}, got "
+                             f"{getattr(lane, 'device', type(lane).__name__)}")
     selected = select_topk(sums, topk, sink_len)  # checks topk against [sink_len, Lk)
-    return [(selected[i], _residual_cache(q, k, v, dense, selected[i], group_size, sink_len, scale))
-            for i, (q, k, v, dense) in enumerate(layers)]
+    if not lanes:
+        return [(selected[i], _residual_cache(q, k, v, dense, selected[i], group_size, sink_len, scale))
+                for i, (q, k, v, dense) in enumerate(layers)]
+    current = torch.cuda.current_stream(sums.device)
+    outs = [attention_output_like(q) for q, _, _, _ in layers]  # on the current stream: they outlive the lanes
+    band_starts = (torch.zeros((1, sums.shape[3]), dtype=torch.int32, device=sums.device) if sink_len else None)
+    for lane in lanes:
+        lane.wait_stream(current)  # the top-k's selection (and the outputs' allocation) first
+    streams = (current, *lanes)
+    for i, (q, k, v, dense) in enumerate(layers):
+        with torch.cuda.stream(streams[i % len(streams)]):
+            _residual_cache(q, k, v, dense, selected[i], group_size, sink_len, scale, out=outs[i],
+                            band_starts=band_starts)
+    for lane in lanes:
+        current.wait_stream(lane)  # joined before return: no lane still reads an input or writes an output
+    return [(selected[i], outs[i]) for i in range(len(layers))]
 
 
 UPSAMPLE_TILE = 32  # tokens per upsample program (x HEAD_DIM channels)
