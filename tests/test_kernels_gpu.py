@@ -116,8 +116,8 @@ needs_hopper = pytest.mark.skipif(not HOPPER, reason="the CSLA kernel's TMA vari
 
 @needs_hopper
 @pytest.mark.parametrize("d", [64, 128])
-@pytest.mark.parametrize("block", kernels.csla.TMA_TILES)
-@pytest.mark.parametrize("variant", ["tma", "tma-ws"])
+@pytest.mark.parametrize("variant,block", [("tma", b) for b in kernels.csla.TMA_TILES]
+                         + [("tma-ws", b) for b in kernels.csla.WS_TILES])
 def test_csla_tma_variants_match_reference(variant, block, d):
     """Each TMA variant at its fixed config, on a token-major q and K/V cache views with NaN past kv_len; rows that
     end on the partial last key block and, at 1024 keys, a layout with none."""

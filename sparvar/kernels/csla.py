@@ -351,8 +351,9 @@ if HAS_TRITON:
         for c in configs:
             if c.kwargs.get("TMA") and not kwargs.get("TMA_OK"):
                 continue
-            if c.kwargs.get("WS"):  # 4 warps asked for at any tile: Triton's Hopper pass launches 12 (its own partitions)
-                kept.append(c)
+            if c.kwargs.get("WS"):  # 4 warps asked for: Triton's Hopper pass launches 12 (its own partitions)
+                if (block_m, block_n) in WS_TILES:
+                    kept.append(c)
                 continue
             if (block_m < 128) != (c.num_warps <= 4):  # 128-row tiles: 8 warps (4 would spill the accumulator)
                 continue
@@ -392,6 +393,10 @@ def default_launch_config(block_m: int, block_n: int) -> dict:
 # tma_usable allows.
 CSLA_VARIANTS = {"pointer": {}, "tma": {"TMA": True}, "tma-ws": {"TMA": True, "WS": True}}
 TMA_TILES = ((64, 64), (64, 128), (128, 64), (128, 128))  # the tiles whose TMA configs compile (tests/test_kernels_cpu.py)
+# The tiles "tma-ws" runs at: on the H100 at fa4da19 (Triton 3.6) the warp-specialised kernel at a 128-row tile (its 4
+# warps asked for, 128 accumulator rows) did not finish a 300-query test in over 7 minutes, where every 64-row tile
+# passed in seconds (bench/results/gpu_tests_h100_fa4da19.json). So neither the autotuner nor a caller gets it there.
+WS_TILES = ((64, 64), (64, 128))
 
 
 def tma_enabled() -> bool:
@@ -599,6 +604,9 @@ def csla_attention_blocks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_
             raise ValueError(f"{name}: variant {variant!r} needs a block-granular layout, a tile of {TMA_TILES}, a "
                              f"Hopper GPU and 16-byte aligned q, k, v bases and strides; got tile "
                              f"{(block_m, block_n)}, {'token' if token is not None else 'block'} granularity")
+        if CSLA_VARIANTS[variant].get("WS") and (block_m, block_n) not in WS_TILES:
+            raise ValueError(f"{name}: variant {variant!r} runs at the tiles {WS_TILES} only (at 128-row tiles it did "
+                             f"not finish on an H100); got tile {(block_m, block_n)}")
     return flash_forward(q, k, v, kv_num_blocks=kv_num_blocks, kv_indices=kv_indices, block_m=block_m,
                          block_n=block_n, scale=scale, q_order=q_order, token=token, variant=variant, name=name)
 
