@@ -393,9 +393,10 @@ def default_launch_config(block_m: int, block_n: int) -> dict:
 # tma_usable allows.
 CSLA_VARIANTS = {"pointer": {}, "tma": {"TMA": True}, "tma-ws": {"TMA": True, "WS": True}}
 TMA_TILES = ((64, 64), (64, 128), (128, 64), (128, 128))  # the tiles whose TMA configs compile (tests/test_kernels_cpu.py)
-# The tiles "tma-ws" runs at: on the H100 at fa4da19 (Triton 3.6) the warp-specialised kernel at a 128-row tile (its 4
-# warps asked for, 128 accumulator rows) did not finish a 300-query test in over 7 minutes, where every 64-row tile
-# passed in seconds (bench/results/gpu_tests_h100_fa4da19.json). So neither the autotuner nor a caller gets it there.
+# The tiles "tma-ws" runs at: on the H100 at fa4da19 (Triton 3.6) the warp-specialised kernel at a 128x64 tile (its 4
+# warps asked for, 128 accumulator rows; head dim 64) did not finish a 300-query test before the call's time limit,
+# minutes, where every 64-row tile passed in seconds (bench/results/gpu_tests_h100_fa4da19.json); 128x128 was not
+# reached. So neither the autotuner nor a caller gets a 128-row tile with it.
 WS_TILES = ((64, 64), (64, 128))
 
 
