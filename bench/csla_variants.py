@@ -165,7 +165,7 @@ def run(models: list[str], runs: int, warmup: int, partial_path: str | None = No
                 if C.CSLA_VARIANTS[variant] and not usable:
                     continue
                 if C.CSLA_VARIANTS[variant].get("WS") and tuple(blocks) not in C.WS_TILES:
-                    continue  # refused there: it did not finish at 128-row tiles (C.WS_TILES)
+                    continue  # refused there: it did not finish at a 128x64 tile, so 128-row tiles are left out (C.WS_TILES)
                 fn = (lambda variant=variant: C.csla_attention_blocks(  # noqa: E731
                     q, k, v, layout.kv_num_blocks, layout.kv_indices, *blocks, q_order=order, variant=variant))
                 bench.add(model, f"CSLA {variant} (fixed config)", scale, fn, flops_dense=flops_dense,

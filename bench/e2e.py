@@ -339,6 +339,7 @@ def bench_model(model_name: str, resolution: int, warmup: int, runs: int, rows=N
                        "bench_seconds": time.perf_counter() - t0}
                 if attention == "sparvar":  # the CSLA tuning of the last sparse scale run (each scale is tuned alone)
                     row.update(csla_tuning())
+                    row["residual_lanes"] = plan.residual_lanes  # side streams of the decision's residual launches
                 if row["small_scale_linears"] == "pdl":
                     row["pdl_prefetch_budget_bytes"] = prefetch_budget()  # per call; a call takes at most its weights
                 print(f"{model_name:12s} {name:48s} {timing['median_ms']:8.1f} ms  (peak {row['peak_memory_gib']:.1f} GiB)",

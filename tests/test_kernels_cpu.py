@@ -776,11 +776,12 @@ DECIDE_IN_HALVES_SCRIPT = textwrap.dedent('''
         raise AssertionError("a wrong-shaped out must be refused")
     except ValueError as e:
         assert "out must be" in str(e), e
-    try:  # side streams for the residual launches: CUDA streams on the tensors' device only
-        K.cs4a_decide_end_raw([(q, k, v, dense)], sums, gs, topk, lanes=("not a stream",))
-        raise AssertionError("lanes that are not CUDA streams must be refused")
-    except ValueError as e:
-        assert "lanes must be CUDA streams" in str(e), e
+    for lanes, what in ((("not a stream",), "lanes must be CUDA streams"), ("xy", "a tuple of CUDA streams")):
+        try:  # side streams for the residual launches: a tuple of CUDA streams on the tensors' device only
+            K.cs4a_decide_end_raw([(q, k, v, dense)], sums, gs, topk, lanes=lanes)
+            raise AssertionError("lanes that are not CUDA streams must be refused")
+        except ValueError as e:
+            assert what in str(e), e
     print("WORST", 0.0)
 ''')
 

@@ -117,7 +117,8 @@ needs_hopper = pytest.mark.skipif(not HOPPER, reason="the CSLA kernel's TMA vari
 @needs_hopper
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("variant,block", [("tma", b) for b in kernels.csla.TMA_TILES]
-                         + [("tma-ws", b) for b in kernels.csla.WS_TILES])
+                         + [("tma-ws", b) for b in kernels.csla.WS_TILES],
+                         ids=lambda x: x if isinstance(x, str) else "x".join(map(str, x)))  # tma-64x64, tma-ws-64x64
 def test_csla_tma_variants_match_reference(variant, block, d):
     """Each TMA variant at its fixed config, on a token-major q and K/V cache views with NaN past kv_len; rows that
     end on the partial last key block and, at 1024 keys, a layout with none."""
@@ -402,20 +403,22 @@ def test_decision_dense_passes_agree(dtype):
 def test_cs4a_decide_in_halves_matches_whole(lanes):
     """The engine's decision in halves (every decision layer's top-k in one launch) == cs4a_decide_raw per layer,
     at 2B's decision shape (1,600 queries, 4,121 keys, top-784), with the cuDNN dense pass; with the residual
-    launches dealt over `lanes` side streams too (joined before the call returns: read here without a sync)."""
+    launches dealt over `lanes` side streams too (joined before the call returns: compared right after it, with
+    nothing queued before the comparisons, no sync)."""
     b, h, d, gs, q_len, kv_len, topk = 2, 4, 128, 192, 1600, 4121, 784
     layers = [(projected_q(b, h, q_len, d, torch.bfloat16) * 4, cache_view(b, h, kv_len, d, torch.bfloat16),
                cache_view(b, h, kv_len, d, torch.bfloat16)) for _ in range(3)]
+    wants = [kernels.cs4a_decide_raw(q, k, v, gs, topk) for q, k, v in layers]
     sums = torch.empty(3, b, h, 9, kv_len, device=DEV)
     begun = [kernels.cs4a_decide_begin_raw(q, k, v, gs, sums[i]) for i, (q, k, v) in enumerate(layers)]
     side = tuple(torch.cuda.Stream() for _ in range(lanes))
     ended = kernels.cs4a_decide_end_raw([(*t, dense) for t, (_, dense) in zip(layers, begun)], sums, gs, topk,
                                         lanes=side)
-    for (q, k, v), (out, _), (selected, cache) in zip(layers, begun, ended):
-        want_out, want_selected, want_cache = kernels.cs4a_decide_raw(q, k, v, gs, topk)
-        assert torch.equal(out, want_out) and out.stride() == q.stride()
-        assert torch.equal(selected, want_selected)
+    for (q, k, v), (out, _), (selected, cache), (want_out, want_selected, want_cache) in zip(layers, begun, ended,
+                                                                                          wants):
         assert torch.equal(cache, want_cache) and cache.stride() == want_cache.stride()
+        assert torch.equal(selected, want_selected)
+        assert torch.equal(out, want_out) and out.stride() == q.stride()
 
 
 def test_cs4a_decide_end_on_lanes_captures_and_replays():

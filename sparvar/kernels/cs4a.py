@@ -719,12 +719,14 @@ def cs4a_decide_end_raw(layers: list[tuple[torch.Tensor, torch.Tensor, torch.Ten
                              f"float32 and a contiguous head dim; got {dense.dtype} {tuple(dense.shape)} strides "
                              f"{dense.stride()}")
     check_scale(name, scale)
-    lanes = tuple(lanes)
+    if isinstance(lanes, torch.cuda.Stream) or not isinstance(lanes, (tuple, list)):
+        raise ValueError(f"{name}: lanes must be a tuple of CUDA streams, got {type(lanes).__name__}")
     for lane in lanes:
         if not isinstance(lane, torch.cuda.Stream) or not sums.is_cuda or lane.device != sums.device:
             raise ValueError(f"{name}: lanes must be CUDA streams on the tensors' device {sums.device}, got "
                              f"{getattr(lane, 'device', type(lane).__name__)}")
     selected = select_topk(sums, topk, sink_len)  # checks topk against [sink_len, Lk)
+    lanes = tuple(lanes)[:len(layers) - 1]  # more streams than launches would only fork and join empty ones
     if not lanes:
         return [(selected[i], _residual_cache(q, k, v, dense, selected[i], group_size, sink_len, scale))
                 for i, (q, k, v, dense) in enumerate(layers)]

@@ -344,7 +344,8 @@ if HAS_TRITON:
             tl.store(Lse + pid_bh * q_len + offs_m, lse, mask=row_ok)
 
     def _prune_by_tile(configs, named_args, **kwargs):
-        """Keep configs whose warp count suits the tile: 8 warps (two warpgroups) exactly for 128-row tiles."""
+        """Keep configs whose warp count suits the tile: 8 warps (two warpgroups) exactly for 128-row tiles; TMA
+        configs only where TMA_OK, the warp-specialised ones only at WS_TILES."""
         block_m = kwargs["BLOCK_M"]
         block_n = kwargs["BLOCK_N"]
         kept = []
@@ -389,8 +390,8 @@ def default_launch_config(block_m: int, block_n: int) -> dict:
 
 
 # The CSLA kernel's variants a caller can ask for by name (benchmarks, tests): the pointer loads (the default), tensor
-# descriptors (TMA), and TMA with the full-tile loop warp-specialised. Autotuning picks among all three where
-# tma_usable allows.
+# descriptors (TMA), and TMA with the full-tile loop warp-specialised. Autotuning picks among them where tma_usable
+# allows (SPARVAR_CSLA_TMA=1), the warp-specialised configs at WS_TILES only.
 CSLA_VARIANTS = {"pointer": {}, "tma": {"TMA": True}, "tma-ws": {"TMA": True, "WS": True}}
 TMA_TILES = ((64, 64), (64, 128), (128, 64), (128, 128))  # the tiles whose TMA configs compile (tests/test_kernels_cpu.py)
 # The tiles "tma-ws" runs at: on the H100 at fa4da19 (Triton 3.6) the warp-specialised kernel at a 128x64 tile (its 4
@@ -606,8 +607,8 @@ def csla_attention_blocks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_
                              f"Hopper GPU and 16-byte aligned q, k, v bases and strides; got tile "
                              f"{(block_m, block_n)}, {'token' if token is not None else 'block'} granularity")
         if CSLA_VARIANTS[variant].get("WS") and (block_m, block_n) not in WS_TILES:
-            raise ValueError(f"{name}: variant {variant!r} runs at the tiles {WS_TILES} only (at 128-row tiles it did "
-                             f"not finish on an H100); got tile {(block_m, block_n)}")
+            raise ValueError(f"{name}: variant {variant!r} runs at the tiles {WS_TILES} only (at a 128x64 tile it did "
+                             f"not finish on an H100, so no 128-row tile gets it); got tile {(block_m, block_n)}")
     return flash_forward(q, k, v, kv_num_blocks=kv_num_blocks, kv_indices=kv_indices, block_m=block_m,
                          block_n=block_n, scale=scale, q_order=q_order, token=token, variant=variant, name=name)
 
