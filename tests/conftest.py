@@ -32,3 +32,26 @@ def engines(tmp_path_factory):
         build_engine(EngineSpec(model="infinity-tiny", resolution=256, attention=attention), out[attention],
                      log=lambda *a, **k: None)
     return out
+
+
+def _hart_tiny_engine(tmp_path_factory, attention: str) -> str:
+    from sparvar.config import get_config
+    from sparvar.engine import EngineSpec, build_engine
+
+    path = str(tmp_path_factory.mktemp("hart") / attention)
+    build_engine(EngineSpec(model="hart-tiny", resolution=get_config("hart-tiny").default_resolution,
+                            attention=attention), path, log=lambda *a, **k: None)
+    return path
+
+
+@pytest.fixture(scope="session")
+def hart_engine(tmp_path_factory):
+    """The hart-tiny onnxruntime engine (dense attention) at its default resolution, built once per session (the
+    HART engine and engine-memory tests run it; tests that change an engine copy it first)."""
+    return _hart_tiny_engine(tmp_path_factory, "dense")
+
+
+@pytest.fixture(scope="session")
+def hart_sparvar_engine(tmp_path_factory):
+    """hart-tiny with SparVAR attention, as hart_engine."""
+    return _hart_tiny_engine(tmp_path_factory, "sparvar")

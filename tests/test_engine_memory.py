@@ -11,12 +11,11 @@ import pytest
 import torch
 
 from sparvar import runtime
-from sparvar.engine import EngineError, EngineSpec, build_engine, read_manifest
+from sparvar.engine import EngineError, read_manifest
 from sparvar.runtime import OrtUnit, SessionPool, load_engine_pipeline
 
 pytest.importorskip("onnxruntime")
 pytestmark = pytest.mark.filterwarnings("ignore")
-QUIET = lambda *a, **k: None  # noqa: E731
 
 
 class RecordingPool(SessionPool):
@@ -34,19 +33,8 @@ class RecordingPool(SessionPool):
 
 
 @pytest.fixture(scope="module")
-def infinity_engine(tmp_path_factory):
-    path = str(tmp_path_factory.mktemp("mem") / "infinity")
-    build_engine(EngineSpec(model="infinity-tiny", resolution=256, attention="sparvar"), path, log=QUIET)
-    return path
-
-
-@pytest.fixture(scope="module")
-def hart_engine(tmp_path_factory):
-    from sparvar.config import get_config
-
-    path = str(tmp_path_factory.mktemp("mem") / "hart")
-    build_engine(EngineSpec(model="hart-tiny", resolution=get_config("hart-tiny").default_resolution), path, log=QUIET)
-    return path
+def infinity_engine(engines):  # infinity-tiny at 256 with SparVAR, built once per session (conftest; hart_engine too)
+    return engines["sparvar"]
 
 
 def _generate(engine, pool, monkeypatch):

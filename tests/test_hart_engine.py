@@ -28,17 +28,17 @@ QUIET = lambda *a, **k: None  # noqa: E731
 
 
 @pytest.fixture(scope="module")
-def engine(tmp_path_factory):
-    path = str(tmp_path_factory.mktemp("hart") / "engine")
-    build_engine(SPEC, path, log=QUIET)
-    return path
+def engine(hart_engine):  # SPEC, built once per session (conftest)
+    spec = read_manifest(hart_engine)["spec"]
+    assert (spec["model"], spec["resolution"], spec["attention"], spec["seed"]) == (
+        SPEC.model, SPEC.resolution, SPEC.attention, SPEC.seed)
+    return hart_engine
 
 
 @pytest.fixture(scope="module")
-def sparvar_engine(tmp_path_factory):
-    path = str(tmp_path_factory.mktemp("hart") / "sparvar")
-    build_engine(SPARVAR, path, log=QUIET)
-    return path
+def sparvar_engine(hart_sparvar_engine):  # SPARVAR, built once per session (conftest)
+    assert read_manifest(hart_sparvar_engine)["spec"]["attention"] == SPARVAR.attention
+    return hart_sparvar_engine
 
 
 @pytest.fixture(scope="module")
