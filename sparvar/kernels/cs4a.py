@@ -651,15 +651,21 @@ def _selection_and_cache(q, k, v, dense, lse, group_size, topk, sink_len, scale,
     return selected, _residual_cache(q, k, v, dense, selected, group_size, sink_len, scale, extra_out)
 
 
+def _sink_band(sink_len: int, groups: int, device) -> torch.Tensor | None:
+    """The residual kernel's band starts for the sinks: each group's set gets the contiguous band [0, sink_len)
+    (no concatenated index copy); None without sinks."""
+    return torch.zeros((1, groups), dtype=torch.int32, device=device) if sink_len else None
+
+
 def _residual_cache(q, k, v, dense, selected, group_size, sink_len, scale, extra_out=None, out=None,
                     band_starts=None):
     """O_cache = O_dense - attention over [sinks | selected] (with extra_out, also O_dense in extra_out's dtype).
-    out, band_starts: made by the caller when the launch runs on another stream (cs4a_decide_end_raw's lanes)."""
-    # the sinks join each group's set as the kernel's contiguous band [0, sink_len): no concatenated index copy
-    if sink_len and band_starts is None:
-        band_starts = torch.zeros((1, selected.shape[2]), dtype=torch.int32, device=q.device)
-    return _launch_cs4a(q, k, v, selected, group_size, dense, True, band_starts if sink_len else None,
-                        (sink_len,) if sink_len else (), scale, extra_out=extra_out, out=out)
+    out, band_starts (_sink_band): made by the caller when it launches several (cs4a_decide_end_raw), made here
+    otherwise."""
+    if band_starts is None:
+        band_starts = _sink_band(sink_len, selected.shape[2], q.device)
+    return _launch_cs4a(q, k, v, selected, group_size, dense, True, band_starts, (sink_len,) if sink_len else (),
+                        scale, extra_out=extra_out, out=out)
 
 
 def cs4a_decide_begin_raw(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group_size: int, sums_out: torch.Tensor,
@@ -727,12 +733,13 @@ def cs4a_decide_end_raw(layers: list[tuple[torch.Tensor, torch.Tensor, torch.Ten
                              f"{getattr(lane, 'device', type(lane).__name__)}")
     selected = select_topk(sums, topk, sink_len)  # checks topk against [sink_len, Lk)
     lanes = tuple(lanes)[:len(layers) - 1]  # more streams than launches would only fork and join empty ones
+    band_starts = _sink_band(sink_len, sums.shape[3], sums.device)  # one for every layer, on the current stream
     if not lanes:
-        return [(selected[i], _residual_cache(q, k, v, dense, selected[i], group_size, sink_len, scale))
+        return [(selected[i], _residual_cache(q, k, v, dense, selected[i], group_size, sink_len, scale,
+                                              band_starts=band_starts))
                 for i, (q, k, v, dense) in enumerate(layers)]
     current = torch.cuda.current_stream(sums.device)
     outs = [attention_output_like(q) for q, _, _, _ in layers]  # on the current stream: they outlive the lanes
-    band_starts = (torch.zeros((1, sums.shape[3]), dtype=torch.int32, device=sums.device) if sink_len else None)
     for lane in lanes:
         lane.wait_stream(current)  # the top-k's selection (and the outputs' allocation) first
     streams = (current, *lanes)
