@@ -935,3 +935,38 @@ def test_csla_variants_bench_dry_run_under_triton_interpreter():
     pytest.importorskip("triton")
     worst = float(run_interpreted(BENCH_DRY_RUN_SCRIPT))
     assert worst < 5e-3, f"bench/csla_variants.py rows differ from the reference by {worst}"
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_csla_wgmma_kernel_compiles_for_hopper(head_dim):
+    """The Gluon CSLA kernel compiles for sm_90 here (Gluon does not run under the interpreter; the GPU tests check
+    its values): TMA copies, wgmma, no register spills, and at head dim 128 shared memory for two CTAs per SM."""
+    pytest.importorskip("triton.experimental.gluon")
+    from bench.csla_variants import compile_wgmma_for_sm90, ptxas_registers
+
+    for even_n in (False, True):
+        compiled = compile_wgmma_for_sm90(head_dim, even_n)
+        ptx = compiled.asm["ptx"]
+        assert "cp.async.bulk.tensor" in ptx and "wgmma.mma_async" in ptx and "wgmma.wait_group.sync.aligned 1" in ptx
+        stats = ptxas_registers(ptx)
+        assert stats["spill_bytes"] == 0 and stats["registers"] <= 168, stats  # 168: two CTAs' 128 threads and more
+        assert compiled.metadata.num_warps == 4
+        assert 2 * (compiled.metadata.shared + 1024) <= 233472, compiled.metadata.shared  # 228 KiB, 1 KiB each reserved
+
+
+def test_csla_wgmma_variant_refused_where_it_cannot_run(monkeypatch):
+    """variant="wgmma" names what it needs (a Hopper GPU, the 64x64 tile, block granularity) instead of falling back;
+    SPARVAR_CSLA_WGMMA=1 where it cannot run leaves the Triton kernel in place."""
+    from sparvar.kernels import csla as C
+
+    q = torch.randn(1, 2, 64, 64, dtype=torch.bfloat16)
+    lay = block_layout_from_mask(torch.ones(64, 64, dtype=torch.bool), 64, 64)
+    assert not C.variant_usable("wgmma", q, q, q, 64, 64)
+    with monkeypatch.context() as m:
+        m.setenv("TRITON_INTERPRET", "1")  # CPU tensors pass the device check: the variant's own refusal is reached
+        with pytest.raises(ValueError, match=r"variant 'wgmma' needs .*\(\(64, 64\),\).*Hopper GPU"):
+            kernels.csla_attention_blocks(q, q, q, lay.kv_num_blocks, lay.kv_indices, 64, 64, variant="wgmma")
+    monkeypatch.setenv("SPARVAR_CSLA_WGMMA", "1")
+    assert C.wgmma_enabled()
+    with pytest.raises(ValueError, match="CUDA device"):  # the Triton path's own device check, not the Gluon kernel
+        kernels.csla_attention_blocks(q, q, q, lay.kv_num_blocks, lay.kv_indices, 64, 64)

@@ -184,6 +184,110 @@ def test_csla_tma_variant_in_a_cuda_graph():
         assert_close(out, reference_attention(q, k, v, mask=layout.to_dense()), dtype, "tma-ws replayed")
 
 
+# ------------------------------------------------------------------------------------------------ CSLA, Gluon wgmma
+def _has_gluon():
+    from sparvar.kernels.csla_wgmma import HAS_GLUON
+
+    return HAS_GLUON
+
+
+needs_wgmma = pytest.mark.skipif(not HOPPER or not _has_gluon(),
+                                 reason="the Gluon CSLA kernel runs on Hopper GPUs with Triton's Gluon only")
+
+
+def rows_of(counts, kv_len, block_n):
+    """A 64-row-block layout whose query block i lists counts[i] key blocks: the last key block (partial where
+    kv_len is not a multiple of block_n) in every row with at least two, so rows of 1 .. many tiles and rows
+    ending on the partial tile all occur; counts[i] = 0 gives a row that lists nothing."""
+    nk = -(-kv_len // block_n)
+    width = max(max(counts), 1)
+    idx = torch.zeros(len(counts), width, dtype=torch.int32)
+    for i, c in enumerate(counts):
+        picks = torch.randperm(nk - 1)[:max(c - 1, 0)].tolist() + ([nk - 1] if c >= 2 else [])
+        if c == 1:
+            picks = [int(torch.randint(0, nk, ()))]
+        idx[i, :len(picks)] = torch.tensor(sorted(picks), dtype=torch.int32)
+    return torch.tensor(counts, dtype=torch.int32, device=DEV), idx.to(DEV)
+
+
+@needs_wgmma
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("kv_len", [1000, 1024])
+def test_csla_wgmma_matches_reference(dtype, d, kv_len):
+    """The Gluon kernel on a token-major q (300 queries: a partial last query block) and K/V cache views with NaN
+    past kv_len: rows of 1, 2, 3 (under and at the ring depth) and up to every key block, with and without the
+    launch order, against the masked fp32 reference."""
+    from sparvar.csla import BlockLayout
+
+    q = projected_q(2, 3, 300, d, dtype)
+    k, v = cache_view(2, 3, kv_len, d, dtype), cache_view(2, 3, kv_len, d, dtype)
+    nk = -(-kv_len // 64)
+    num, idx = rows_of([1, 2, 3, 4, nk], kv_len, 64)
+    check_layout_values(num, idx, kv_len, 64)
+    ref = reference_attention(q, k, v, mask=BlockLayout(300, kv_len, 64, 64, num.cpu(), idx.cpu(), 0.0).to_dense())
+    for order in (None, kernels.query_block_order(num)):
+        out = kernels.csla_attention_blocks(q, k, v, num, idx, 64, 64, q_order=order, variant="wgmma")
+        assert out.stride() == q.stride()
+        assert_close(out, ref, dtype, f"wgmma d{d} {kv_len} order={order is not None}")
+    layout = random_layout(300, kv_len, 64, 64, with_last=True)  # the Triton tests' random layouts too
+    out = kernels.csla_attention_blocks(q, k, v, layout.kv_num_blocks, layout.kv_indices, 64, 64, variant="wgmma")
+    assert_close(out, reference_attention(q, k, v, mask=layout.to_dense()), dtype, f"wgmma random d{d} {kv_len}")
+
+
+@needs_wgmma
+def test_csla_wgmma_row_listing_no_block_gives_nan():
+    """A query block listing no key block gets NaN (an empty softmax, as the Triton kernel gives) and the kernel
+    finishes (its ring's first tile is always loaded, so no wait is left unsignalled); the other rows are right."""
+    from sparvar.csla import BlockLayout
+
+    dtype = torch.bfloat16
+    q = projected_q(1, 2, 192, 128, dtype)
+    k, v = cache_view(1, 2, 640, 128, dtype), cache_view(1, 2, 640, 128, dtype)
+    num, idx = rows_of([3, 0, 5], 640, 64)
+    out = kernels.csla_attention_blocks(q, k, v, num, idx, 64, 64, variant="wgmma")
+    torch.cuda.synchronize()
+    assert torch.isnan(out[:, :, 64:128]).all()
+    keep = torch.cat([torch.arange(64), torch.arange(128, 192)])
+    mask = BlockLayout(192, 640, 64, 64, num.cpu(), idx.cpu(), 0.0).to_dense()
+    ref = reference_attention(q[:, :, keep], k, v, mask=mask[keep])
+    assert_close(out[:, :, keep], ref, dtype, "rows beside an empty one")
+
+
+@needs_wgmma
+def test_csla_wgmma_switch_at_the_paper_layout_and_in_a_cuda_graph(monkeypatch):
+    """SPARVAR_CSLA_WGMMA=1 sends the engine's CSLA call (2B's scale-12 layout) through the Gluon kernel: the same
+    values as variant="wgmma", bit for bit, and right; captured in a CUDA graph (its descriptors in the launch's
+    scratch memory), a replay on new inputs is right too."""
+    from sparvar.schedule import get_schedule
+    from sparvar.sparse import default_policy
+
+    schedule = get_schedule(1024)
+    layout = default_policy("infinity-2b", schedule).csla_layout(schedule, 12).to(DEV)
+    dtype = torch.bfloat16
+    q = projected_q(2, 4, layout.q_len, 128, dtype)
+    k, v = cache_view(2, 4, layout.kv_len, 128, dtype), cache_view(2, 4, layout.kv_len, 128, dtype)
+    assert kernels.csla.variant_usable("wgmma", q, k, v, layout.block_m, layout.block_n)
+    named = kernels.csla_attention_blocks(q, k, v, layout.kv_num_blocks, layout.kv_indices, layout.block_m,
+                                          layout.block_n, variant="wgmma")
+    monkeypatch.setenv("SPARVAR_CSLA_WGMMA", "1")
+    call = lambda: kernels.csla_attention(q, k, v, layout)  # noqa: E731
+    assert torch.equal(call(), named)
+    ref = reference_attention(q[:, :2], k[:, :2], v[:, :2], mask=layout.to_dense())
+    assert_close(named[:, :2], ref, dtype, "wgmma at 2B scale 12")
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = call()
+    for _ in range(2):
+        q.copy_(projected_q(2, 4, layout.q_len, 128, dtype))
+        k.copy_(torch.randn_like(k))
+        graph.replay()
+        torch.cuda.synchronize()
+        ref = reference_attention(q[:, :2], k[:, :2], v[:, :2], mask=layout.to_dense())
+        assert_close(out[:, :2], ref, dtype, "wgmma replayed")
+
+
 def token_layout(q_len, kv_len, block_m, block_n):
     """A token mask with full tiles (the first key blocks, like sinks), partial tiles, a query block whose tiles are all
     partial, and the partial last query/key blocks."""

@@ -1,0 +1,206 @@
+"""CSLA block-sparse attention for Hopper, written in Gluon: the next tile's QK^T runs while this tile's softmax does.
+
+Same semantics and inputs as the Triton kernel in csla.py (block-granular layouts; its reference is
+csla.reference_csla_attention), for 64-row query tiles of 64 keys. Why a second kernel: Nsight Compute showed the
+Triton kernel's tensor pipe ~40% busy at two CTAs per SM (bench/results/ncu_sparse_kernels_2b_h100.json). Its
+compiled loop waits for each tile's QK^T before that tile's softmax, and for the softmax before the next QK^T, so
+the tensor cores work only while the SM's other CTA is between softmaxes. FlashAttention-3's in-warpgroup overlap
+breaks that chain, and Gluon lets the kernel say it where Triton's compiler does not:
+
+  - one warpgroup (4 warps) per 64-row query tile; q, K and V reach shared memory by TMA, the K/V tiles through a
+    ring of STAGES buffers, each with an mbarrier the copy signals (tensor descriptors made per program, so keys
+    past kv_len and queries past q_len read as zeros, and the output store is clipped at q_len);
+  - per key tile j: issue S(j+1) = q K(j+1)^T as an asynchronous wgmma, then the online softmax of S(j) in
+    registers, then O += P(j) V(j) with P from registers (no shared-memory round trip for P), and only then wait
+    for S(j+1): the tensor cores run QK^T of one tile under the softmax of the one before;
+  - the ring's buffer of tile j-1 is refilled (tile j-1+STAGES) as soon as its PV wgmma is known done, so the
+    copies run STAGES-2 tiles ahead; STAGES >= 3 (with 2 the refill would wait on the tile it is loading).
+
+Only the last tile of a row can be partial (indices ascend), and only that tile is masked. A row listing no block
+gives NaN (an empty softmax), as the Triton kernel does. Gluon does not run under TRITON_INTERPRET: the CPU tests
+compile the kernel for sm_90 (tests/test_kernels_cpu.py) and the GPU tests compare it with the reference.
+"""
+from __future__ import annotations
+
+import torch
+
+from sparvar.kernels.csla import (HAS_TRITON, _ensure_allocator, attention_output_like, interpreting, launch_device,
+                                  LOG2E)
+
+try:  # Gluon ships with Triton >= 3.5; without it the wrapper says what is missing
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
+                                                                  warpgroup_mma_init, warpgroup_mma_wait)
+
+    HAS_GLUON = HAS_TRITON
+except ImportError:  # pragma: no cover - depends on the environment
+    HAS_GLUON = False
+
+WGMMA_TILES = ((64, 64),)  # 64 rows: one warpgroup's m64 wgmma; 64 keys keep S(j), S(j+1), O and P in registers
+WGMMA_HEAD_DIMS = (64, 128)
+STAGES = {64: 4, 128: 3}  # K/V ring depth per head dim: 112 KB of shared memory at 128 (two CTAs per SM), 72 at 64
+
+
+def wgmma_usable(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_m: int, block_n: int) -> bool:
+    """Whether csla_attention_wgmma can run these (already checked) tensors: Gluon present, a Hopper GPU, a tile of
+    WGMMA_TILES, head dim 64 or 128, and 16-byte aligned bases and strides (what a tensor descriptor takes)."""
+    if not HAS_GLUON or interpreting() or (block_m, block_n) not in WGMMA_TILES or q.shape[3] not in WGMMA_HEAD_DIMS:
+        return False
+    if not q.is_cuda or torch.cuda.get_device_capability(q.device)[0] != 9:
+        return False
+    for t in (q, k, v):
+        size = t.element_size()
+        if t.data_ptr() % 16 or any(st <= 0 or st * size % 16 for st in t.stride()[:3]):
+            return False
+    return True
+
+
+if HAS_GLUON:
+
+    @gluon.jit
+    def _issue_kv(k_desc, v_desc, start_n, bar, k_buf, v_buf, pred):
+        """TMA copies of one K and one V tile (keys start_n..) into a ring buffer, signalling bar when both land."""
+        mbarrier.expect(bar, k_desc.block_type.nbytes + v_desc.block_type.nbytes, pred=pred)
+        tma.async_copy_global_to_shared(k_desc, [start_n, 0], bar, k_buf, pred=pred)
+        tma.async_copy_global_to_shared(v_desc, [start_n, 0], bar, v_buf, pred=pred)
+
+    @gluon.jit
+    def _softmax_tile(s, m_i, l_i, qk_scale, key_ok, MASK: gl.constexpr):
+        """The online softmax of one score tile (log2 units): its probabilities, the factor rescaling what came
+        before, and the running row max and sum. With MASK, keys where key_ok is False get no weight."""
+        if MASK:
+            s = gl.where(gl.expand_dims(key_ok, 0), s, float("-inf"))
+        m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
+        p = gl.exp2(s * qk_scale - gl.expand_dims(m_new, 1))
+        alpha = gl.exp2(m_i - m_new)
+        l_i = l_i * alpha + gl.sum(p, 1)
+        return p, alpha, m_new, l_i
+
+    @gluon.jit
+    def _csla_wgmma_kernel(
+        Q, K, V, Out, KVNumBlocks, KVIndices, QOrder,
+        stride_qb, stride_qh, stride_qm,
+        stride_kb, stride_kh, stride_kn,
+        stride_vb, stride_vh, stride_vn,
+        stride_ob, stride_oh, stride_om,
+        stride_idx,
+        H, q_len, kv_len, qk_scale,
+        HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+        USE_ORDER: gl.constexpr, EVEN_N: gl.constexpr,
+    ):
+        gl.static_assert(BLOCK_M == 64, "one warpgroup per tile: 64 query rows")
+        gl.static_assert(STAGES >= 3, "the ring refills tile j-1's buffer after tile j+1's was waited on")
+        dtype: gl.constexpr = Q.dtype.element_ty
+        # wgmma accumulators: S (BLOCK_M, BLOCK_N) and O (BLOCK_M, HEAD_DIM), one warpgroup along M; P is the A
+        # operand of O's wgmma straight from registers (k_width 2: 16-bit elements)
+        s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                           instr_shape=[16, BLOCK_N, 16])
+        o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                           instr_shape=[16, HEAD_DIM, 16])
+        p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+        q_tile: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, HEAD_DIM], dtype)
+        kv_tile: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, HEAD_DIM], dtype)
+
+        pid_m = gl.program_id(0)
+        pid_bh = gl.program_id(1)
+        b = pid_bh // H
+        h = pid_bh % H
+        if USE_ORDER:  # heaviest query blocks first: the last wave is the lightest
+            q_block = gl.load(QOrder + pid_m)
+        else:
+            q_block = pid_m
+        # per (b, h) 2-D descriptors: rows past q_len / kv_len read as zeros, and the output store stops at q_len
+        q_desc = tma.make_tensor_descriptor(Q + b * stride_qb + h * stride_qh, shape=[q_len, HEAD_DIM],
+                                            strides=[stride_qm, 1], block_shape=[BLOCK_M, HEAD_DIM], layout=q_tile)
+        o_desc = tma.make_tensor_descriptor(Out + b * stride_ob + h * stride_oh, shape=[q_len, HEAD_DIM],
+                                            strides=[stride_om, 1], block_shape=[BLOCK_M, HEAD_DIM], layout=q_tile)
+        k_desc = tma.make_tensor_descriptor(K + b * stride_kb + h * stride_kh, shape=[kv_len, HEAD_DIM],
+                                            strides=[stride_kn, 1], block_shape=[BLOCK_N, HEAD_DIM], layout=kv_tile)
+        v_desc = tma.make_tensor_descriptor(V + b * stride_vb + h * stride_vh, shape=[kv_len, HEAD_DIM],
+                                            strides=[stride_vn, 1], block_shape=[BLOCK_N, HEAD_DIM], layout=kv_tile)
+
+        q_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, HEAD_DIM], q_tile)  # q, then the output tile
+        k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], kv_tile)
+        v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], kv_tile)
+        q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        kv_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        mbarrier.init(q_bar, count=1)
+        for i in gl.static_range(STAGES):
+            mbarrier.init(kv_bars.index(i), count=1)
+
+        idx_row = KVIndices + q_block * stride_idx
+        num = gl.load(KVNumBlocks + q_block)
+        mbarrier.expect(q_bar, q_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(q_desc, [q_block * BLOCK_M, 0], q_bar, q_smem)
+        for i in gl.static_range(STAGES):  # the ring's first fill; tile 0 always (a row of no block reads column 0)
+            ok = (i < num) | (i == 0)
+            block = gl.load(idx_row + i, mask=ok, other=0)
+            _issue_kv(k_desc, v_desc, block * BLOCK_N, kv_bars.index(i), k_smem.index(i), v_smem.index(i), ok)
+
+        s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
+        m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, gl.SliceLayout(1, s_layout))
+        l_i = gl.zeros([BLOCK_M], gl.float32, gl.SliceLayout(1, s_layout))
+        o_acc = warpgroup_mma_init(gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, o_layout))
+        mbarrier.wait(q_bar, 0)
+        mbarrier.wait(kv_bars.index(0), 0)
+        s_acc = warpgroup_mma(q_smem, k_smem.index(0).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+        s = warpgroup_mma_wait(0, deps=[s_acc])
+
+        for j in range(0, num - 1):  # every tile but the last (the only one that can be partial)
+            nxt = j + 1
+            mbarrier.wait(kv_bars.index(nxt % STAGES), (nxt // STAGES) & 1)
+            s_acc = warpgroup_mma(q_smem, k_smem.index(nxt % STAGES).permute((1, 0)), s_zero, use_acc=False,
+                                  is_async=True)
+            p, alpha, m_i, l_i = _softmax_tile(s, m_i, l_i, qk_scale, m_i, False)
+            o = warpgroup_mma_wait(1, deps=[o_acc])  # PV(j-1) done (issued before S(j+1)); S(j+1) may still run
+            refill = j - 1 + STAGES  # tile j-1's buffer is free now
+            ok = (j >= 1) & (refill < num)
+            block = gl.load(idx_row + refill, mask=ok, other=0)
+            stage = refill % STAGES
+            _issue_kv(k_desc, v_desc, block * BLOCK_N, kv_bars.index(stage), k_smem.index(stage),
+                      v_smem.index(stage), ok)
+            o = o * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), 1)
+            o_acc = warpgroup_mma(gl.convert_layout(p.to(dtype), p_layout), v_smem.index(j % STAGES), o,
+                                  is_async=True)
+            s = warpgroup_mma_wait(1, deps=[s_acc])  # S(j+1) done; PV(j) may still run
+
+        last = gl.maximum(num - 1, 0)
+        keys = gl.load(idx_row + last) * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+        p, alpha, m_i, l_i = _softmax_tile(s, m_i, l_i, qk_scale, keys < kv_len, not EVEN_N)
+        o = warpgroup_mma_wait(0, deps=[o_acc])
+        o = o * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), 1)
+        o_acc = warpgroup_mma(gl.convert_layout(p.to(dtype), p_layout), v_smem.index(last % STAGES), o,
+                              is_async=True)
+        o = warpgroup_mma_wait(0, deps=[o_acc])
+        l_o = gl.convert_layout(l_i, gl.SliceLayout(1, o_layout))
+        l_o = gl.where(num > 0, l_o, float("nan"))  # a row of no block: NaN, an empty softmax
+        out = o / gl.expand_dims(l_o, 1)
+
+        mbarrier.invalidate(q_bar)
+        for i in gl.static_range(STAGES):
+            mbarrier.invalidate(kv_bars.index(i))
+        q_smem.store(out.to(dtype))  # every wgmma reading q is done: its buffer stages the output
+        fence_async_shared()
+        tma.async_copy_shared_to_global(o_desc, [q_block * BLOCK_M, 0], q_smem)
+        tma.store_wait(0)
+
+
+def csla_wgmma_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_num_blocks: torch.Tensor,
+                       kv_indices: torch.Tensor, block_m: int, block_n: int, *, scale: float,
+                       q_order: torch.Tensor | None) -> torch.Tensor:
+    """Launch the kernel on inputs csla.csla_attention_blocks checked (wgmma_usable among them)."""
+    b, h, q_len, d = q.shape
+    kv_len = k.shape[2]
+    out = attention_output_like(q)
+    _ensure_allocator()  # the per-program tensor descriptors live in Triton's launch scratch
+    grid = (-(-q_len // block_m), b * h)
+    with launch_device(q):
+        _csla_wgmma_kernel[grid](
+            q, k, v, out, kv_num_blocks, kv_indices, out if q_order is None else q_order,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
+            kv_indices.stride(0), h, q_len, kv_len, float(scale) * LOG2E,
+            HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=STAGES[d], USE_ORDER=q_order is not None,
+            EVEN_N=kv_len % block_n == 0, num_warps=4)
+    return out
