@@ -944,14 +944,15 @@ def test_csla_wgmma_kernel_compiles_for_hopper(head_dim):
     pytest.importorskip("triton.experimental.gluon")
     from bench.csla_variants import compile_wgmma_for_sm90, ptxas_registers
 
-    for even_n in (False, True):
-        compiled = compile_wgmma_for_sm90(head_dim, even_n)
+    for even_n, pairs in ((e, p) for e in (False, True) for p in (False, True)):
+        compiled = compile_wgmma_for_sm90(head_dim, even_n, pairs=pairs)
         ptx = compiled.asm["ptx"]
         assert "cp.async.bulk.tensor" in ptx and "wgmma.mma_async" in ptx and "wgmma.wait_group.sync.aligned 1" in ptx
         stats = ptxas_registers(ptx)
         assert stats["spill_bytes"] == 0 and stats["registers"] <= 168, stats  # 168: two CTAs' 128 threads and more
-        assert compiled.metadata.num_warps == 4
-        assert 2 * (compiled.metadata.shared + 1024) <= 233472, compiled.metadata.shared  # 228 KiB, 1 KiB each reserved
+        assert compiled.metadata.num_warps == (8 if pairs else 4)
+        ctas = 1 if pairs else 2  # a pair's CTA: one per SM (its registers); 228 KiB per SM, 1 KiB reserved per CTA
+        assert ctas * (compiled.metadata.shared + 1024) <= 233472, compiled.metadata.shared
 
 
 def test_csla_wgmma_variant_refused_where_it_cannot_run(monkeypatch):
@@ -966,7 +967,38 @@ def test_csla_wgmma_variant_refused_where_it_cannot_run(monkeypatch):
         m.setenv("TRITON_INTERPRET", "1")  # CPU tensors pass the device check: the variant's own refusal is reached
         with pytest.raises(ValueError, match=r"variant 'wgmma' needs .*\(\(64, 64\),\).*Hopper GPU"):
             kernels.csla_attention_blocks(q, q, q, lay.kv_num_blocks, lay.kv_indices, 64, 64, variant="wgmma")
-    monkeypatch.setenv("SPARVAR_CSLA_WGMMA", "1")
-    assert C.wgmma_enabled()
+    monkeypatch.setenv("SPARVAR_CSLA_WGMMA", "pairs")
+    assert C.wgmma_variant() == "wgmma-pairs"
     with pytest.raises(ValueError, match="CUDA device"):  # the Triton path's own device check, not the Gluon kernel
         kernels.csla_attention_blocks(q, q, q, lay.kv_num_blocks, lay.kv_indices, 64, 64)
+
+
+def test_pair_layout_is_the_union_of_each_pair_with_its_halves_marked():
+    """pair_layout (the "wgmma-pairs" variant's layout) on the 2B scale-11 layout (36 query blocks) and on a random one
+    with an odd count of query blocks and an empty row: per pair the union of the two lists, ascending, bit 24 where
+    the first block lists a key block and bit 25 where the second does; the launch order heaviest first."""
+    from sparvar.kernels.csla_wgmma import pair_layout
+    from sparvar.schedule import get_schedule
+    from sparvar.sparse import default_policy
+
+    schedule = get_schedule(1024)
+    paper = default_policy("infinity-2b", schedule).csla_layout(schedule, 11)
+    from sparvar.csla import BlockLayout
+
+    mask = torch.rand(5 * 64, 700) < 0.02
+    mask[:, 0] = True
+    full = block_layout_from_mask(mask, 64, 64)
+    num = full.kv_num_blocks.clone()
+    num[1] = 0  # query block 1 lists nothing
+    odd = BlockLayout(full.q_len, full.kv_len, 64, 64, num, full.kv_indices, float("nan"))
+    for lay in (paper, odd):
+        blocks = lay.block_mask()
+        counts, entries, order = pair_layout(lay.kv_num_blocks, lay.kv_indices, lay.kv_len, lay.block_n)
+        assert counts.dtype == entries.dtype == order.dtype == torch.int32
+        for p in range(-(-blocks.shape[0] // 2)):
+            first, second = blocks[2 * p], blocks[2 * p + 1] if 2 * p + 1 < blocks.shape[0] else torch.zeros_like(blocks[0])
+            union = torch.nonzero(first | second).flatten()
+            row = entries[p, :int(counts[p])]
+            assert torch.equal(row & 0xFFFFFF, union.to(torch.int32)), p
+            assert torch.equal((row >> 24) & 1 == 1, first[union]) and torch.equal((row >> 25) & 1 == 1, second[union]), p
+        assert torch.equal(counts[order.long()], torch.sort(counts, descending=True).values)

@@ -210,14 +210,18 @@ def rows_of(counts, kv_len, block_n):
     return torch.tensor(counts, dtype=torch.int32, device=DEV), idx.to(DEV)
 
 
+WGMMA_VARIANTS = ("wgmma", "wgmma-pairs")
+
+
 @needs_wgmma
+@pytest.mark.parametrize("variant", WGMMA_VARIANTS)
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("kv_len", [1000, 1024])
-def test_csla_wgmma_matches_reference(dtype, d, kv_len):
-    """The Gluon kernel on a token-major q (300 queries: a partial last query block) and K/V cache views with NaN
-    past kv_len: rows of 1, 2, 3 (under and at the ring depth) and up to every key block, with and without the
-    launch order, against the masked fp32 reference."""
+def test_csla_wgmma_matches_reference(variant, dtype, d, kv_len):
+    """The Gluon kernel on a token-major q (300 queries: a partial last query block, and an odd count of query
+    blocks: a pair with one) and K/V cache views with NaN past kv_len: rows of 1, 2, 3 (under and at the ring
+    depth) and up to every key block, with and without the launch order, against the masked fp32 reference."""
     from sparvar.csla import BlockLayout
 
     q = projected_q(2, 3, 300, d, dtype)
@@ -227,16 +231,17 @@ def test_csla_wgmma_matches_reference(dtype, d, kv_len):
     check_layout_values(num, idx, kv_len, 64)
     ref = reference_attention(q, k, v, mask=BlockLayout(300, kv_len, 64, 64, num.cpu(), idx.cpu(), 0.0).to_dense())
     for order in (None, kernels.query_block_order(num)):
-        out = kernels.csla_attention_blocks(q, k, v, num, idx, 64, 64, q_order=order, variant="wgmma")
+        out = kernels.csla_attention_blocks(q, k, v, num, idx, 64, 64, q_order=order, variant=variant)
         assert out.stride() == q.stride()
-        assert_close(out, ref, dtype, f"wgmma d{d} {kv_len} order={order is not None}")
+        assert_close(out, ref, dtype, f"{variant} d{d} {kv_len} order={order is not None}")
     layout = random_layout(300, kv_len, 64, 64, with_last=True)  # the Triton tests' random layouts too
-    out = kernels.csla_attention_blocks(q, k, v, layout.kv_num_blocks, layout.kv_indices, 64, 64, variant="wgmma")
-    assert_close(out, reference_attention(q, k, v, mask=layout.to_dense()), dtype, f"wgmma random d{d} {kv_len}")
+    out = kernels.csla_attention_blocks(q, k, v, layout.kv_num_blocks, layout.kv_indices, 64, 64, variant=variant)
+    assert_close(out, reference_attention(q, k, v, mask=layout.to_dense()), dtype, f"{variant} random d{d} {kv_len}")
 
 
 @needs_wgmma
-def test_csla_wgmma_row_listing_no_block_gives_nan():
+@pytest.mark.parametrize("variant", WGMMA_VARIANTS)
+def test_csla_wgmma_row_listing_no_block_gives_nan(variant):
     """A query block listing no key block gets NaN (an empty softmax, as the Triton kernel gives) and the kernel
     finishes (its ring's first tile is always loaded, so no wait is left unsignalled); the other rows are right."""
     from sparvar.csla import BlockLayout
@@ -244,8 +249,8 @@ def test_csla_wgmma_row_listing_no_block_gives_nan():
     dtype = torch.bfloat16
     q = projected_q(1, 2, 192, 128, dtype)
     k, v = cache_view(1, 2, 640, 128, dtype), cache_view(1, 2, 640, 128, dtype)
-    num, idx = rows_of([3, 0, 5], 640, 64)
-    out = kernels.csla_attention_blocks(q, k, v, num, idx, 64, 64, variant="wgmma")
+    num, idx = rows_of([3, 0, 5], 640, 64)  # pairs: the empty row shares its pair with the first
+    out = kernels.csla_attention_blocks(q, k, v, num, idx, 64, 64, variant=variant)
     torch.cuda.synchronize()
     assert torch.isnan(out[:, :, 64:128]).all()
     keep = torch.cat([torch.arange(64), torch.arange(128, 192)])
@@ -255,7 +260,8 @@ def test_csla_wgmma_row_listing_no_block_gives_nan():
 
 
 @needs_wgmma
-def test_csla_wgmma_switch_at_the_paper_layout_and_in_a_cuda_graph(monkeypatch):
+@pytest.mark.parametrize("variant,switch", [("wgmma", "1"), ("wgmma-pairs", "pairs")])
+def test_csla_wgmma_switch_at_the_paper_layout_and_in_a_cuda_graph(variant, switch, monkeypatch):
     """SPARVAR_CSLA_WGMMA=1 sends the engine's CSLA call (2B's scale-12 layout) through the Gluon kernel: the same
     values as variant="wgmma", bit for bit, and right; captured in a CUDA graph (its descriptors in the launch's
     scratch memory), a replay on new inputs is right too."""
@@ -267,14 +273,14 @@ def test_csla_wgmma_switch_at_the_paper_layout_and_in_a_cuda_graph(monkeypatch):
     dtype = torch.bfloat16
     q = projected_q(2, 4, layout.q_len, 128, dtype)
     k, v = cache_view(2, 4, layout.kv_len, 128, dtype), cache_view(2, 4, layout.kv_len, 128, dtype)
-    assert kernels.csla.variant_usable("wgmma", q, k, v, layout.block_m, layout.block_n)
+    assert kernels.csla.variant_usable(variant, q, k, v, layout.block_m, layout.block_n)
     named = kernels.csla_attention_blocks(q, k, v, layout.kv_num_blocks, layout.kv_indices, layout.block_m,
-                                          layout.block_n, variant="wgmma")
-    monkeypatch.setenv("SPARVAR_CSLA_WGMMA", "1")
+                                          layout.block_n, variant=variant)
+    monkeypatch.setenv("SPARVAR_CSLA_WGMMA", switch)
     call = lambda: kernels.csla_attention(q, k, v, layout)  # noqa: E731
     assert torch.equal(call(), named)
     ref = reference_attention(q[:, :2], k[:, :2], v[:, :2], mask=layout.to_dense())
-    assert_close(named[:, :2], ref, dtype, "wgmma at 2B scale 12")
+    assert_close(named[:, :2], ref, dtype, f"{variant} at 2B scale 12")
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
@@ -285,7 +291,7 @@ def test_csla_wgmma_switch_at_the_paper_layout_and_in_a_cuda_graph(monkeypatch):
         graph.replay()
         torch.cuda.synchronize()
         ref = reference_attention(q[:, :2], k[:, :2], v[:, :2], mask=layout.to_dense())
-        assert_close(out[:, :2], ref, dtype, "wgmma replayed")
+        assert_close(out[:, :2], ref, dtype, f"{variant} replayed")
 
 
 def token_layout(q_len, kv_len, block_m, block_n):
