@@ -969,8 +969,44 @@ def test_csla_wgmma_variant_refused_where_it_cannot_run(monkeypatch):
             kernels.csla_attention_blocks(q, q, q, lay.kv_num_blocks, lay.kv_indices, 64, 64, variant="wgmma")
     monkeypatch.setenv("SPARVAR_CSLA_WGMMA", "pairs")
     assert C.wgmma_variant() == "wgmma-pairs"
-    with pytest.raises(ValueError, match="CUDA device"):  # the Triton path's own device check, not the Gluon kernel
-        kernels.csla_attention_blocks(q, q, q, lay.kv_num_blocks, lay.kv_indices, 64, 64)
+    monkeypatch.setenv("SPARVAR_CSLA_WGMMA", "yes")
+    with pytest.raises(ValueError, match="SPARVAR_CSLA_WGMMA must be one of"):
+        C.wgmma_variant()
+
+
+WGMMA_FALLBACK_SCRIPT = textwrap.dedent('''
+    import os
+
+    import torch
+
+    from sparvar.attention import reference_attention
+    from sparvar.csla import block_layout_from_mask
+    import sparvar.kernels.csla as C
+    import sparvar.kernels.csla_wgmma as W
+
+    def not_here(*args, **kwargs):
+        raise AssertionError("the Gluon kernel was launched where it cannot run")
+
+    W.csla_wgmma_forward = not_here
+    torch.manual_seed(0)
+    dt = torch.float16
+    q, k, v = (torch.randn(2, 2, n, 64, dtype=dt) * 0.3 for n in (150, 300, 300))
+    lay = block_layout_from_mask(torch.rand(150, 300) < 0.2, 64, 64)
+    ref = reference_attention(q, k, v, mask=lay.to_dense())
+    worst = 0.0
+    for switch in ("1", "pairs"):
+        os.environ["SPARVAR_CSLA_WGMMA"] = switch
+        out = C.csla_attention_blocks(q, k, v, lay.kv_num_blocks, lay.kv_indices, 64, 64)
+        worst = max(worst, (out.float() - ref.float()).abs().nan_to_num(nan=float("inf")).max().item())
+    print("WORST", worst)
+''')
+
+
+def test_csla_wgmma_switch_falls_back_where_it_cannot_run():
+    """SPARVAR_CSLA_WGMMA=1 / pairs where the Gluon kernel cannot run (here: the interpreter, no Hopper) leaves the
+    autotuned Triton kernel in place: the right values, and the Gluon launch never reached."""
+    worst = float(run_interpreted(WGMMA_FALLBACK_SCRIPT))
+    assert worst < 5e-3, worst
 
 
 def test_pair_layout_is_the_union_of_each_pair_with_its_halves_marked():
@@ -1002,3 +1038,21 @@ def test_pair_layout_is_the_union_of_each_pair_with_its_halves_marked():
             assert torch.equal(row & 0xFFFFFF, union.to(torch.int32)), p
             assert torch.equal((row >> 24) & 1 == 1, first[union]) and torch.equal((row >> 25) & 1 == 1, second[union]), p
         assert torch.equal(counts[order.long()], torch.sort(counts, descending=True).values)
+    # a row listing a block twice sets its bit once (no carry into the other half's bit)
+    twice = odd.kv_indices.clone()
+    twice[0, 1] = twice[0, 0]
+    _, entries, _ = pair_layout(odd.kv_num_blocks, twice, odd.kv_len, 64)
+    assert ((entries >> 24) <= 3).all() and ((entries[0] >> 24) & 1).sum() == int(odd.kv_num_blocks[0]) - 1
+
+
+def test_pair_layouts_are_cached_per_layout():
+    """The pair layout is built once per layout tensor (a second call, as every engine step makes, reuses it) and
+    rebuilt for another kv_num_blocks or length."""
+    from sparvar.kernels.csla_wgmma import _pairs_of
+
+    mask = torch.rand(4 * 64, 500) < 0.05
+    mask[:, 0] = True
+    lay = block_layout_from_mask(mask, 64, 64)
+    first = _pairs_of(lay.kv_num_blocks, lay.kv_indices, lay.kv_len, 64)
+    assert _pairs_of(lay.kv_num_blocks, lay.kv_indices, lay.kv_len, 64) is first
+    assert _pairs_of(lay.kv_num_blocks.clone(), lay.kv_indices, lay.kv_len, 64) is not first

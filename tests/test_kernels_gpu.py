@@ -229,7 +229,7 @@ def test_csla_wgmma_matches_reference(variant, dtype, d, kv_len):
     nk = -(-kv_len // 64)
     num, idx = rows_of([1, 2, 3, 4, nk], kv_len, 64)
     check_layout_values(num, idx, kv_len, 64)
-    ref = reference_attention(q, k, v, mask=BlockLayout(300, kv_len, 64, 64, num.cpu(), idx.cpu(), 0.0).to_dense())
+    ref = reference_attention(q, k, v, mask=BlockLayout(300, kv_len, 64, 64, num.cpu(), idx.cpu(), 0.0).to_dense().to(DEV))
     for order in (None, kernels.query_block_order(num)):
         out = kernels.csla_attention_blocks(q, k, v, num, idx, 64, 64, q_order=order, variant=variant)
         assert out.stride() == q.stride()
@@ -254,7 +254,7 @@ def test_csla_wgmma_row_listing_no_block_gives_nan(variant):
     torch.cuda.synchronize()
     assert torch.isnan(out[:, :, 64:128]).all()
     keep = torch.cat([torch.arange(64), torch.arange(128, 192)])
-    mask = BlockLayout(192, 640, 64, 64, num.cpu(), idx.cpu(), 0.0).to_dense()
+    mask = BlockLayout(192, 640, 64, 64, num.cpu(), idx.cpu(), 0.0).to_dense().to(DEV)
     ref = reference_attention(q[:, :, keep], k, v, mask=mask[keep])
     assert_close(out[:, :, keep], ref, dtype, "rows beside an empty one")
 

@@ -22,9 +22,8 @@ compile the kernel for sm_90 (tests/test_kernels_cpu.py) and the GPU tests compa
 """
 from __future__ import annotations
 
-import weakref
-
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 from sparvar.kernels.csla import (HAS_TRITON, _ensure_allocator, attention_output_like, interpreting, launch_device,
                                   LOG2E)
@@ -176,7 +175,10 @@ if HAS_GLUON:
             valid = _halves_ok(gl.load(idx_row + j), rows, PAIRS) if PAIRS else rows
             p, alpha, m_i, l_i = _softmax_tile(s, m_i, l_i, qk_scale, valid, PAIRS)
             o = warpgroup_mma_wait(1, deps=[o_acc])  # PV(j-1) done (issued before S(j+1)); S(j+1) may still run
-            refill = j - 1 + STAGES  # tile j-1's buffer is free now
+            # tile j-1's buffer is free once every warpgroup's PV(j-1) is: each waited for its own above, and the
+            # copy is issued by one thread (explicit, not left to the compiler's own barrier placement)
+            gl.thread_barrier()
+            refill = j - 1 + STAGES
             ok = (j >= 1) & (refill < num)
             block = gl.load(idx_row + refill, mask=ok, other=0) & BLOCK_BITS
             stage = refill % STAGES
@@ -214,7 +216,7 @@ def pair_layout(kv_num_blocks: torch.Tensor, kv_indices: torch.Tensor, kv_len: i
     """The 64-row block layout as 128-row pairs of query blocks (2i, 2i+1): per pair, the union of the two key-block
     lists, ascending, each entry the key block with bit 24 set where block 2i lists it and bit 25 where 2i+1 does;
     (counts (P,), entries (P, ceil(kv_len / block_n)), launch order heaviest first (P,)), int32 on the layout's
-    device, built without a host sync (scatter, sort, gather). Why: the pair's two warpgroups share each K/V tile
+    device, built without a host sync (scatters, sort, gather). Why: the pair's two warpgroups share each K/V tile
     they load, ~0.56x the loads of two 64-row tiles at 1024² for ~1.11x the tiles' wgmma (scales 10-12)."""
     nq, width = kv_indices.shape
     nk = -(-kv_len // block_n)
@@ -223,10 +225,11 @@ def pair_layout(kv_num_blocks: torch.Tensor, kv_indices: torch.Tensor, kv_len: i
     slot = torch.arange(width, device=dev)
     valid = slot[None, :] < kv_num_blocks[:, None].long()
     row = torch.arange(nq, device=dev)[:, None]
-    bits = torch.where(valid, (1 << 24) << (row % 2), 0).to(torch.int32)  # a padding slot adds nothing
-    cell = (row // 2) * nk + kv_indices.long().clamp(0, nk - 1)
+    cell = ((row // 2) * nk + kv_indices.long().clamp(0, nk - 1)).reshape(-1)
     flags = torch.zeros(pairs * nk, dtype=torch.int32, device=dev)
-    flags.scatter_add_(0, cell.reshape(-1), bits.reshape(-1))  # each (query block, key block) once: no carries
+    for half in (0, 1):  # a max per half: a block listed twice in a row sets its bit once, never carries into the next
+        bits = torch.where(valid & (row % 2 == half), 1 << (24 + half), 0).to(torch.int32)  # padding slots: 0
+        flags |= torch.zeros_like(flags).scatter_reduce_(0, cell, bits.reshape(-1), reduce="amax")
     flags = flags.view(pairs, nk)
     listed = flags != 0
     blocks = torch.arange(nk, device=dev).expand(pairs, nk)
@@ -237,15 +240,17 @@ def pair_layout(kv_num_blocks: torch.Tensor, kv_indices: torch.Tensor, kv_len: i
 
 
 # Per kv_indices tensor (a layout's, static per scale), its pair layout: built once, beside the 64-row layout's
-# launch order in csla._ORDER_CACHE. Keyed weakly on the tensor; the entry also holds kv_num_blocks to check it is
-# the same layout (layouts are not changed in place).
-_PAIR_CACHE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+# launch order in csla._ORDER_CACHE. Keyed weakly on the tensor's identity (a WeakKeyDictionary would compare
+# tensors with ==); the entry also holds kv_num_blocks, kv_len and block_n to check it is the same layout (layouts
+# are not changed in place).
+_PAIR_CACHE = WeakIdKeyDictionary()
 
 
 def _pairs_of(kv_num_blocks: torch.Tensor, kv_indices: torch.Tensor, kv_len: int, block_n: int):
     cached = _PAIR_CACHE.get(kv_indices)
-    if cached is None or cached[0] is not kv_num_blocks or cached[1] != kv_len:
-        cached = _PAIR_CACHE[kv_indices] = (kv_num_blocks, kv_len, pair_layout(kv_num_blocks, kv_indices, kv_len, block_n))
+    if cached is None or cached[0] is not kv_num_blocks or cached[1] != (kv_len, block_n):
+        cached = _PAIR_CACHE[kv_indices] = (kv_num_blocks, (kv_len, block_n),
+                                            pair_layout(kv_num_blocks, kv_indices, kv_len, block_n))
     return cached[2]
 
 
