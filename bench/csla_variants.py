@@ -71,9 +71,9 @@ def compile_for_sm90(constexprs: dict, num_warps: int, num_stages: int, dtype: s
     return triton_compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps, num_stages=num_stages))
 
 
-def compile_wgmma_for_sm90(head_dim: int, even_n: bool, use_order: bool = True, dtype: str = "bf16", pairs: bool = False):
+def compile_wgmma_for_sm90(head_dim: int, even_n: bool, use_order: bool = True, dtype: str = "bf16"):
     """triton.compile of the Gluon CSLA kernel (sparvar/kernels/csla_wgmma.py) for sm_90 on any machine, specialised
-    as compile_for_sm90 specialises the Triton one; the launch's own tile, ring depth and warps (pairs: 128 rows)."""
+    as compile_for_sm90 specialises the Triton one; the launch's own tile, ring depth and 4 warps."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import compile as triton_compile
     from triton.experimental.gluon._runtime import GluonASTSource  # private: Gluon has no public AOT entry yet
@@ -81,18 +81,17 @@ def compile_wgmma_for_sm90(head_dim: int, even_n: bool, use_order: bool = True, 
     from sparvar.kernels.csla_wgmma import STAGES, WGMMA_TILES, _csla_wgmma_kernel
 
     (block_m, block_n), = WGMMA_TILES
-    block_m *= 1 + pairs
     names = _csla_wgmma_kernel.arg_names
     pointers = {"Q": dtype, "K": dtype, "V": dtype, "Out": dtype, "KVNumBlocks": "i32", "KVIndices": "i32", "QOrder": "i32"}
-    constexprs = dict(HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=STAGES[head_dim, pairs],
-                      USE_ORDER=use_order, EVEN_N=even_n, PAIRS=pairs)
+    constexprs = dict(HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=STAGES[head_dim],
+                      USE_ORDER=use_order, EVEN_N=even_n)
     signature = {n: "constexpr" if n in constexprs else "*" + pointers[n] if n in pointers
                  else "fp32" if n == "qk_scale" else "i32" for n in names}
     aligned = [i for i, n in enumerate(names) if signature[n].startswith("*") or n.startswith("stride")]
     source = GluonASTSource(fn=_csla_wgmma_kernel, signature=signature,
                             constexprs={(names.index(n),): v for n, v in constexprs.items()},
                             attrs={(i,): [["tt.divisibility", 16]] for i in aligned})
-    return triton_compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=block_m // 16))
+    return triton_compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4))
 
 
 def ptxas_registers(ptx: str) -> dict:
@@ -142,16 +141,15 @@ def compile_stats(tiles=((64, 64), (128, 64)), head_dims=(128, 64)) -> list[dict
                 per_thread = -(-regs // 8) * 8 if regs else None  # allocated in units of 8 per thread
                 rows[-1]["ctas_per_sm_by_registers"] = (65536 // (compiled.metadata.num_warps * 32 * per_thread)
                                                         if regs else None)
-    for head_dim, pairs in ((d, p) for d in head_dims for p in (False, True)):  # the Gluon kernel's launches
+    for head_dim in head_dims:  # the Gluon kernel: one launch config per head dim
         from sparvar.kernels.csla_wgmma import STAGES
 
-        compiled = compile_wgmma_for_sm90(head_dim, even_n=False, pairs=pairs)
+        compiled = compile_wgmma_for_sm90(head_dim, even_n=False)
         ptx = compiled.asm["ptx"]
         stats = ptxas_registers(ptx)
         per_thread = -(-stats["registers"] // 8) * 8 if stats["registers"] else None
-        rows.append(dict(variant="wgmma-pairs" if pairs else "wgmma", block="128x64" if pairs else "64x64",
-                         head_dim=head_dim, num_warps=compiled.metadata.num_warps,
-                         num_stages=STAGES[head_dim, pairs], warps_launched=compiled.metadata.num_warps,
+        rows.append(dict(variant="wgmma", block="64x64", head_dim=head_dim, num_warps=compiled.metadata.num_warps,
+                         num_stages=STAGES[head_dim], warps_launched=compiled.metadata.num_warps,
                          shared_bytes=compiled.metadata.shared,
                          ctas_per_sm_by_shared=232448 // max(compiled.metadata.shared, 1),
                          tma_loads="cp.async.bulk.tensor" in ptx, async_copies="cp.async.cg" in ptx,

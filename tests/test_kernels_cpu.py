@@ -940,19 +940,21 @@ def test_csla_variants_bench_dry_run_under_triton_interpreter():
 @pytest.mark.parametrize("head_dim", [64, 128])
 def test_csla_wgmma_kernel_compiles_for_hopper(head_dim):
     """The Gluon CSLA kernel compiles for sm_90 here (Gluon does not run under the interpreter; the GPU tests check
-    its values): TMA copies, wgmma, no register spills, and at head dim 128 shared memory for two CTAs per SM."""
+    its values): TMA copies, wgmma with the next QK^T left in flight, no register spills, and shared memory for the
+    CTAS_PER_SM CTAs per SM the launch is sized for."""
     pytest.importorskip("triton.experimental.gluon")
     from bench.csla_variants import compile_wgmma_for_sm90, ptxas_registers
+    from sparvar.kernels.csla_wgmma import CTAS_PER_SM
 
-    for even_n, pairs in ((e, p) for e in (False, True) for p in (False, True)):
-        compiled = compile_wgmma_for_sm90(head_dim, even_n, pairs=pairs)
+    for even_n in (False, True):
+        compiled = compile_wgmma_for_sm90(head_dim, even_n)
         ptx = compiled.asm["ptx"]
         assert "cp.async.bulk.tensor" in ptx and "wgmma.mma_async" in ptx and "wgmma.wait_group.sync.aligned 1" in ptx
         stats = ptxas_registers(ptx)
-        assert stats["spill_bytes"] == 0 and stats["registers"] <= 168, stats  # 168: two CTAs' 128 threads and more
-        assert compiled.metadata.num_warps == (8 if pairs else 4)
-        ctas = 1 if pairs else 2  # a pair's CTA: one per SM (its registers); 228 KiB per SM, 1 KiB reserved per CTA
-        assert ctas * (compiled.metadata.shared + 1024) <= 233472, compiled.metadata.shared
+        assert stats["spill_bytes"] == 0 and stats["registers"] <= 255, stats  # two CTAs' 128 threads: 256 each
+        assert compiled.metadata.num_warps == 4
+        # CTAS_PER_SM of them fit: 228 KiB per SM, 1 KiB reserved per CTA
+        assert CTAS_PER_SM * (compiled.metadata.shared + 1024) <= 233472, compiled.metadata.shared
 
 
 def test_csla_wgmma_variant_refused_where_it_cannot_run(monkeypatch):
@@ -967,11 +969,11 @@ def test_csla_wgmma_variant_refused_where_it_cannot_run(monkeypatch):
         m.setenv("TRITON_INTERPRET", "1")  # CPU tensors pass the device check: the variant's own refusal is reached
         with pytest.raises(ValueError, match=r"variant 'wgmma' needs .*\(\(64, 64\),\).*Hopper GPU"):
             kernels.csla_attention_blocks(q, q, q, lay.kv_num_blocks, lay.kv_indices, 64, 64, variant="wgmma")
-    monkeypatch.setenv("SPARVAR_CSLA_WGMMA", "pairs")
-    assert C.wgmma_variant() == "wgmma-pairs"
+    monkeypatch.setenv("SPARVAR_CSLA_WGMMA", "1")
+    assert C.wgmma_enabled()
     monkeypatch.setenv("SPARVAR_CSLA_WGMMA", "yes")
-    with pytest.raises(ValueError, match="SPARVAR_CSLA_WGMMA must be one of"):
-        C.wgmma_variant()
+    with pytest.raises(ValueError, match="SPARVAR_CSLA_WGMMA must be 0 or 1"):
+        C.wgmma_enabled()
 
 
 WGMMA_FALLBACK_SCRIPT = textwrap.dedent('''
@@ -994,65 +996,15 @@ WGMMA_FALLBACK_SCRIPT = textwrap.dedent('''
     lay = block_layout_from_mask(torch.rand(150, 300) < 0.2, 64, 64)
     ref = reference_attention(q, k, v, mask=lay.to_dense())
     worst = 0.0
-    for switch in ("1", "pairs"):
-        os.environ["SPARVAR_CSLA_WGMMA"] = switch
-        out = C.csla_attention_blocks(q, k, v, lay.kv_num_blocks, lay.kv_indices, 64, 64)
-        worst = max(worst, (out.float() - ref.float()).abs().nan_to_num(nan=float("inf")).max().item())
+    os.environ["SPARVAR_CSLA_WGMMA"] = "1"
+    out = C.csla_attention_blocks(q, k, v, lay.kv_num_blocks, lay.kv_indices, 64, 64)
+    worst = max(worst, (out.float() - ref.float()).abs().nan_to_num(nan=float("inf")).max().item())
     print("WORST", worst)
 ''')
 
 
 def test_csla_wgmma_switch_falls_back_where_it_cannot_run():
-    """SPARVAR_CSLA_WGMMA=1 / pairs where the Gluon kernel cannot run (here: the interpreter, no Hopper) leaves the
+    """SPARVAR_CSLA_WGMMA=1 where the Gluon kernel cannot run (here: the interpreter, no Hopper) leaves the
     autotuned Triton kernel in place: the right values, and the Gluon launch never reached."""
     worst = float(run_interpreted(WGMMA_FALLBACK_SCRIPT))
     assert worst < 5e-3, worst
-
-
-def test_pair_layout_is_the_union_of_each_pair_with_its_halves_marked():
-    """pair_layout (the "wgmma-pairs" variant's layout) on the 2B scale-11 layout (36 query blocks) and on a random one
-    with an odd count of query blocks and an empty row: per pair the union of the two lists, ascending, bit 24 where
-    the first block lists a key block and bit 25 where the second does; the launch order heaviest first."""
-    from sparvar.kernels.csla_wgmma import pair_layout
-    from sparvar.schedule import get_schedule
-    from sparvar.sparse import default_policy
-
-    schedule = get_schedule(1024)
-    paper = default_policy("infinity-2b", schedule).csla_layout(schedule, 11)
-    from sparvar.csla import BlockLayout
-
-    mask = torch.rand(5 * 64, 700) < 0.02
-    mask[:, 0] = True
-    full = block_layout_from_mask(mask, 64, 64)
-    num = full.kv_num_blocks.clone()
-    num[1] = 0  # query block 1 lists nothing
-    odd = BlockLayout(full.q_len, full.kv_len, 64, 64, num, full.kv_indices, float("nan"))
-    for lay in (paper, odd):
-        blocks = lay.block_mask()
-        counts, entries, order = pair_layout(lay.kv_num_blocks, lay.kv_indices, lay.kv_len, lay.block_n)
-        assert counts.dtype == entries.dtype == order.dtype == torch.int32
-        for p in range(-(-blocks.shape[0] // 2)):
-            first, second = blocks[2 * p], blocks[2 * p + 1] if 2 * p + 1 < blocks.shape[0] else torch.zeros_like(blocks[0])
-            union = torch.nonzero(first | second).flatten()
-            row = entries[p, :int(counts[p])]
-            assert torch.equal(row & 0xFFFFFF, union.to(torch.int32)), p
-            assert torch.equal((row >> 24) & 1 == 1, first[union]) and torch.equal((row >> 25) & 1 == 1, second[union]), p
-        assert torch.equal(counts[order.long()], torch.sort(counts, descending=True).values)
-    # a row listing a block twice sets its bit once (no carry into the other half's bit)
-    twice = odd.kv_indices.clone()
-    twice[0, 1] = twice[0, 0]
-    _, entries, _ = pair_layout(odd.kv_num_blocks, twice, odd.kv_len, 64)
-    assert ((entries >> 24) <= 3).all() and ((entries[0] >> 24) & 1).sum() == int(odd.kv_num_blocks[0]) - 1
-
-
-def test_pair_layouts_are_cached_per_layout():
-    """The pair layout is built once per layout tensor (a second call, as every engine step makes, reuses it) and
-    rebuilt for another kv_num_blocks or length."""
-    from sparvar.kernels.csla_wgmma import _pairs_of
-
-    mask = torch.rand(4 * 64, 500) < 0.05
-    mask[:, 0] = True
-    lay = block_layout_from_mask(mask, 64, 64)
-    first = _pairs_of(lay.kv_num_blocks, lay.kv_indices, lay.kv_len, 64)
-    assert _pairs_of(lay.kv_num_blocks, lay.kv_indices, lay.kv_len, 64) is first
-    assert _pairs_of(lay.kv_num_blocks.clone(), lay.kv_indices, lay.kv_len, 64) is not first

@@ -185,13 +185,10 @@ def test_csla_tma_variant_in_a_cuda_graph():
 
 
 # ------------------------------------------------------------------------------------------------ CSLA, Gluon wgmma
-def _has_gluon():
-    from sparvar.kernels.csla_wgmma import HAS_GLUON
-
-    return HAS_GLUON
+from sparvar.kernels.csla_wgmma import HAS_GLUON, csla_wgmma_forward  # noqa: E402
 
 
-needs_wgmma = pytest.mark.skipif(not HOPPER or not _has_gluon(),
+needs_wgmma = pytest.mark.skipif(not HOPPER or not HAS_GLUON,
                                  reason="the Gluon CSLA kernel runs on Hopper GPUs with Triton's Gluon only")
 
 
@@ -210,18 +207,16 @@ def rows_of(counts, kv_len, block_n):
     return torch.tensor(counts, dtype=torch.int32, device=DEV), idx.to(DEV)
 
 
-WGMMA_VARIANTS = ("wgmma", "wgmma-pairs")
-
-
 @needs_wgmma
-@pytest.mark.parametrize("variant", WGMMA_VARIANTS)
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("kv_len", [1000, 1024])
-def test_csla_wgmma_matches_reference(variant, dtype, d, kv_len):
-    """The Gluon kernel on a token-major q (300 queries: a partial last query block, and an odd count of query
-    blocks: a pair with one) and K/V cache views with NaN past kv_len: rows of 1, 2, 3 (under and at the ring
-    depth) and up to every key block, with and without the launch order, against the masked fp32 reference."""
+def test_csla_wgmma_matches_reference(dtype, d, kv_len):
+    """The Gluon kernel on a token-major q (300 queries: a partial last query block) and K/V cache views with NaN
+    past kv_len: rows of 1, 2, 3 (under and at the ring depth) and up to every key block, with and without the
+    launch order, against the masked fp32 reference; with 2 x 3 (batch, head) and 5 query blocks, each program
+    takes several query blocks, so the K/V stream runs across them."""
+    variant = "wgmma"
     from sparvar.csla import BlockLayout
 
     q = projected_q(2, 3, 300, d, dtype)
@@ -234,14 +229,16 @@ def test_csla_wgmma_matches_reference(variant, dtype, d, kv_len):
         out = kernels.csla_attention_blocks(q, k, v, num, idx, 64, 64, q_order=order, variant=variant)
         assert out.stride() == q.stride()
         assert_close(out, ref, dtype, f"{variant} d{d} {kv_len} order={order is not None}")
+        for programs in (1, 2):  # each program runs 5 or 2-3 query blocks: the stream crosses their boundaries
+            out = csla_wgmma_forward(q, k, v, num, idx, 64, 64, scale=1.0, q_order=order, programs=programs)
+            assert_close(out, ref, dtype, f"{variant} d{d} {kv_len} order={order is not None} programs={programs}")
     layout = random_layout(300, kv_len, 64, 64, with_last=True)  # the Triton tests' random layouts too
     out = kernels.csla_attention_blocks(q, k, v, layout.kv_num_blocks, layout.kv_indices, 64, 64, variant=variant)
     assert_close(out, reference_attention(q, k, v, mask=layout.to_dense()), dtype, f"{variant} random d{d} {kv_len}")
 
 
 @needs_wgmma
-@pytest.mark.parametrize("variant", WGMMA_VARIANTS)
-def test_csla_wgmma_row_listing_no_block_gives_nan(variant):
+def test_csla_wgmma_row_listing_no_block_gives_nan():
     """A query block listing no key block gets NaN (an empty softmax, as the Triton kernel gives) and the kernel
     finishes (its ring's first tile is always loaded, so no wait is left unsignalled); the other rows are right."""
     from sparvar.csla import BlockLayout
@@ -249,19 +246,19 @@ def test_csla_wgmma_row_listing_no_block_gives_nan(variant):
     dtype = torch.bfloat16
     q = projected_q(1, 2, 192, 128, dtype)
     k, v = cache_view(1, 2, 640, 128, dtype), cache_view(1, 2, 640, 128, dtype)
-    num, idx = rows_of([3, 0, 5], 640, 64)  # pairs: the empty row shares its pair with the first
-    out = kernels.csla_attention_blocks(q, k, v, num, idx, 64, 64, variant=variant)
-    torch.cuda.synchronize()
-    assert torch.isnan(out[:, :, 64:128]).all()
+    num, idx = rows_of([3, 0, 5], 640, 64)  # with one program per head, the empty row's tile streams between the others'
     keep = torch.cat([torch.arange(64), torch.arange(128, 192)])
     mask = BlockLayout(192, 640, 64, 64, num.cpu(), idx.cpu(), 0.0).to_dense().to(DEV)
     ref = reference_attention(q[:, :, keep], k, v, mask=mask[keep])
-    assert_close(out[:, :, keep], ref, dtype, "rows beside an empty one")
+    for programs in (None, 1):
+        out = csla_wgmma_forward(q, k, v, num, idx, 64, 64, scale=1.0, q_order=None, programs=programs)
+        torch.cuda.synchronize()
+        assert torch.isnan(out[:, :, 64:128]).all()
+        assert_close(out[:, :, keep], ref, dtype, f"rows beside an empty one, programs={programs}")
 
 
 @needs_wgmma
-@pytest.mark.parametrize("variant,switch", [("wgmma", "1"), ("wgmma-pairs", "pairs")])
-def test_csla_wgmma_switch_at_the_paper_layout_and_in_a_cuda_graph(variant, switch, monkeypatch):
+def test_csla_wgmma_switch_at_the_paper_layout_and_in_a_cuda_graph(monkeypatch):
     """SPARVAR_CSLA_WGMMA=1 sends the engine's CSLA call (2B's scale-12 layout) through the Gluon kernel: the same
     values as variant="wgmma", bit for bit, and right; captured in a CUDA graph (its descriptors in the launch's
     scratch memory), a replay on new inputs is right too."""
@@ -273,10 +270,11 @@ def test_csla_wgmma_switch_at_the_paper_layout_and_in_a_cuda_graph(variant, swit
     dtype = torch.bfloat16
     q = projected_q(2, 4, layout.q_len, 128, dtype)
     k, v = cache_view(2, 4, layout.kv_len, 128, dtype), cache_view(2, 4, layout.kv_len, 128, dtype)
+    variant = "wgmma"
     assert kernels.csla.variant_usable(variant, q, k, v, layout.block_m, layout.block_n)
     named = kernels.csla_attention_blocks(q, k, v, layout.kv_num_blocks, layout.kv_indices, layout.block_m,
                                           layout.block_n, variant=variant)
-    monkeypatch.setenv("SPARVAR_CSLA_WGMMA", switch)
+    monkeypatch.setenv("SPARVAR_CSLA_WGMMA", "1")
     call = lambda: kernels.csla_attention(q, k, v, layout)  # noqa: E731
     assert torch.equal(call(), named)
     ref = reference_attention(q[:, :2], k[:, :2], v[:, :2], mask=layout.to_dense())

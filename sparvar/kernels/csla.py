@@ -393,10 +393,8 @@ def default_launch_config(block_m: int, block_n: int) -> dict:
 # descriptors (TMA), and TMA with the full-tile loop warp-specialised. Autotuning picks among them where tma_usable
 # allows (SPARVAR_CSLA_TMA=1), the warp-specialised configs at WS_TILES only.
 # "wgmma" is the Gluon kernel of csla_wgmma.py (FlashAttention-3's in-warpgroup overlap), not a config of this one:
-# csla_attention_blocks launches it there, by name or, as SPARVAR_CSLA_WGMMA asks, in place of the autotuned kernel;
-# "wgmma-pairs" runs it on 128-row tiles of two query blocks over the union of their key blocks (csla_wgmma.pair_layout).
-CSLA_VARIANTS = {"pointer": {}, "tma": {"TMA": True}, "tma-ws": {"TMA": True, "WS": True}, "wgmma": {"WGMMA": True},
-                 "wgmma-pairs": {"WGMMA": True, "PAIRS": True}}
+# csla_attention_blocks launches it there, by name or, with SPARVAR_CSLA_WGMMA=1, in place of the autotuned kernel.
+CSLA_VARIANTS = {"pointer": {}, "tma": {"TMA": True}, "tma-ws": {"TMA": True, "WS": True}, "wgmma": {"WGMMA": True}}
 TMA_TILES = ((64, 64), (64, 128), (128, 64), (128, 128))  # the tiles whose TMA configs compile (tests/test_kernels_cpu.py)
 # The tiles "tma-ws" runs at: on the H100 at fa4da19 (Triton 3.6) the warp-specialised kernel at a 128x64 tile (its 4
 # warps asked for, 128 accumulator rows; head dim 64) did not finish a 300-query test before the call's time limit,
@@ -410,14 +408,12 @@ def tma_enabled() -> bool:
     return os.environ.get("SPARVAR_CSLA_TMA", "0") == "1"
 
 
-def wgmma_variant() -> str | None:
-    """The Gluon variant SPARVAR_CSLA_WGMMA asks block-granular CSLA to run where it can (csla_wgmma.py): "1" for
-    "wgmma", "pairs" for "wgmma-pairs"; None ("0", unset) keeps the autotuned Triton kernel."""
+def wgmma_enabled() -> bool:
+    """SPARVAR_CSLA_WGMMA=1 runs block-granular CSLA through the Gluon kernel (csla_wgmma.py) where it can run."""
     value = os.environ.get("SPARVAR_CSLA_WGMMA", "0")
-    variants = {"0": None, "1": "wgmma", "pairs": "wgmma-pairs"}
-    if value not in variants:
-        raise ValueError(f"SPARVAR_CSLA_WGMMA must be one of {sorted(variants)}, got {value!r}")
-    return variants[value]
+    if value not in ("0", "1"):
+        raise ValueError(f"SPARVAR_CSLA_WGMMA must be 0 or 1, got {value!r}")
+    return value == "1"
 
 
 def variant_usable(variant: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_m: int, block_n: int) -> bool:
@@ -606,7 +602,7 @@ def csla_attention_blocks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_
     Block-granular by default (every key of an active block attended). Token-exact with num_full, tile_index
     and partial_masks (sparvar.csla.BlockLayout's partial_masks; the other two and the reordered kv_indices from
     token_tiles): each row's first num_full tiles are computed unmasked, the rest through their byte masks.
-    variant: None (autotuned on the GPU; a Gluon variant instead where SPARVAR_CSLA_WGMMA asks and it can run), or one
+    variant: None (autotuned on the GPU; the Gluon kernel instead with SPARVAR_CSLA_WGMMA=1 where it can run), or one
     of CSLA_VARIANTS launched with a fixed config (benchmarks and tests compare them side by side); all but
     "pointer" block-granular only, where variant_usable.
     """
@@ -640,15 +636,12 @@ def csla_attention_blocks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_
             raise ValueError(f"{name}: variant {variant!r} needs a block-granular layout, a tile of {tiles}, a "
                              f"Hopper GPU{extra} and 16-byte aligned q, k, v bases and strides; got tile "
                              f"{(block_m, block_n)}, {'token' if token is not None else 'block'} granularity")
-    if variant is None and token is None:
-        variant = wgmma_variant()
-        if variant is not None and not variant_usable(variant, q, k, v, block_m, block_n):
-            variant = None  # asked for where it can run: the autotuned kernel elsewhere (another tile, no Hopper)
-    if variant is not None and CSLA_VARIANTS[variant].get("WGMMA"):
+    if variant is None and token is None and wgmma_enabled() and variant_usable("wgmma", q, k, v, block_m, block_n):
+        variant = "wgmma"  # asked for where it can run: the autotuned kernel elsewhere (another tile, no Hopper)
+    if variant == "wgmma":
         from sparvar.kernels.csla_wgmma import csla_wgmma_forward
 
-        return csla_wgmma_forward(q, k, v, kv_num_blocks, kv_indices, block_m, block_n, scale=scale, q_order=q_order,
-                                  pairs=bool(CSLA_VARIANTS[variant].get("PAIRS")))
+        return csla_wgmma_forward(q, k, v, kv_num_blocks, kv_indices, block_m, block_n, scale=scale, q_order=q_order)
     return flash_forward(q, k, v, kv_num_blocks=kv_num_blocks, kv_indices=kv_indices, block_m=block_m,
                          block_n=block_n, scale=scale, q_order=q_order, token=token, variant=variant, name=name)
 

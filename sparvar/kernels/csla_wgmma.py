@@ -1,52 +1,59 @@
-"""CSLA block-sparse attention for Hopper, written in Gluon: the next tile's QK^T runs while this tile's softmax does.
+"""CSLA block-sparse attention for Hopper, written in Gluon: persistent, and the next tile's QK^T under this tile's
+softmax.
 
 Same semantics and inputs as the Triton kernel in csla.py (block-granular layouts; its reference is
 csla.reference_csla_attention), for 64-row query tiles of 64 keys. Why a second kernel: Nsight Compute showed the
-Triton kernel's tensor pipe ~40% busy at two CTAs per SM (bench/results/ncu_sparse_kernels_2b_h100.json). Its
-compiled loop waits for each tile's QK^T before that tile's softmax, and for the softmax before the next QK^T, so
-the tensor cores work only while the SM's other CTA is between softmaxes. FlashAttention-3's in-warpgroup overlap
-breaks that chain, and Gluon lets the kernel say it where Triton's compiler does not:
+Triton kernel's tensor pipe ~40% busy at two CTAs per SM (bench/results/ncu_sparse_kernels_2b_h100.json). A query
+block of the engine's layouts has ~20 key tiles, so each Triton program spends a large share of its life starting
+(its q and first K/V tiles fetched with nothing to overlap) and its compiled loop waits for each tile's QK^T
+before that tile's softmax. This kernel:
 
-  - one warpgroup (4 warps) per 64-row query tile; q, K and V reach shared memory by TMA, the K/V tiles through a
-    ring of STAGES buffers, each with an mbarrier the copy signals (tensor descriptors made per program, so keys
-    past kv_len and queries past q_len read as zeros, and the output store is clipped at q_len);
-  - per key tile j: issue S(j+1) = q K(j+1)^T as an asynchronous wgmma, then the online softmax of S(j) in
-    registers, then O += P(j) V(j) with P from registers (no shared-memory round trip for P), and only then wait
-    for S(j+1): the tensor cores run QK^T of one tile under the softmax of the one before;
-  - the ring's buffer of tile j-1 is refilled (tile j-1+STAGES) as soon as its PV wgmma is known done, so the
-    copies run STAGES-2 tiles ahead; STAGES >= 3 (with 2 the refill would wait on the tile it is loading).
+  - is persistent over query blocks: each program owns one (batch row, head) and every P-th query block of the
+    launch order (P programs per head, about two per SM in all), so its tensor descriptors are made once, and the
+    K/V tiles of its next query block are already loading while it finishes the current one;
+  - streams K/V tiles by TMA through a ring of STAGES shared-memory buffers, each with an mbarrier the copy
+    signals; the stream runs across query blocks, STAGES-2 tiles ahead of the consumer (tile t's buffer is refilled
+    with tile t+STAGES as soon as t's PV wgmma is known done);
+  - keeps q in registers (the QK^T wgmma's A operand), so q's one shared buffer only stages the next query block's
+    q, loaded by TMA while the current block runs; the output goes straight from registers to memory;
+  - per key tile j: issues S(j+1) = q K(j+1)^T as an asynchronous wgmma, then the online softmax of S(j), then
+    O += P(j) V(j) with P from registers, and only then waits for S(j+1) (FlashAttention-3's in-warpgroup overlap).
 
-Only the last tile of a row can be partial (indices ascend), and only that tile is masked. A row listing no block
-gives NaN (an empty softmax), as the Triton kernel does. Gluon does not run under TRITON_INTERPRET: the CPU tests
-compile the kernel for sm_90 (tests/test_kernels_cpu.py) and the GPU tests compare it with the reference.
+Only the last tile of a query block can be partial (indices ascend), and only that tile is masked. A query block
+listing no key block gives NaN (an empty softmax), as the Triton kernel does (its ring still loads one tile for it,
+so the stream's count stays one per listed block, at least one per query block). Gluon does not run under
+TRITON_INTERPRET: the CPU tests compile the kernel for sm_90 (tests/test_kernels_cpu.py), the GPU tests compare it
+with the reference.
+
+Measured at 8d7ea33 (bench/results/csla_variants_wgmma_h100_8d7ea33.json), before it was persistent: one program per
+query block (descriptors made per program, q through shared memory) ran 0.92x the Triton kernel at 2B/8B's
+layouts, no faster than Triton's own TMA variant (0.93x); 128-row tiles of two query blocks over the union of their
+key blocks (half the K/V loads for ~1.11x the MMA work) ran 0.77x.
 """
 from __future__ import annotations
 
 import torch
-from torch.utils.weak import WeakIdKeyDictionary
 
-from sparvar.kernels.csla import (HAS_TRITON, _ensure_allocator, attention_output_like, interpreting, launch_device,
-                                  LOG2E)
+from sparvar.kernels.csla import HAS_TRITON, LOG2E, _ensure_allocator, interpreting, launch_device
 
 try:  # Gluon ships with Triton >= 3.5; without it the wrapper says what is missing
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
-                                                                  warpgroup_mma_init, warpgroup_mma_wait)
+    from triton.experimental.gluon.language.nvidia.hopper import (mbarrier, tma, warpgroup_mma, warpgroup_mma_init,
+                                                                  warpgroup_mma_wait)
 
     HAS_GLUON = HAS_TRITON
 except ImportError:  # pragma: no cover - depends on the environment
     HAS_GLUON = False
 
-WGMMA_TILES = ((64, 64),)  # 64 rows: one warpgroup's m64 wgmma; 64 keys keep S(j), S(j+1), O and P in registers
+WGMMA_TILES = ((64, 64),)  # 64 rows: one warpgroup's m64 wgmma; 64 keys keep S(j), S(j+1), O, P and q in registers
 WGMMA_HEAD_DIMS = (64, 128)
-# K/V ring depth per (head dim, pairs): 112 KB of shared memory at 128 (two CTAs per SM), 72 at 64; a pair's CTA
-# (8 warps, one per SM by registers) takes 32 KB of q and 5 stages, 192 KB
-STAGES = {(64, False): 4, (128, False): 3, (64, True): 6, (128, True): 5}
+STAGES = {64: 4, 128: 3}  # K/V ring depth per head dim: 112 KB of shared memory at 128 (two CTAs per SM), 72 at 64
+CTAS_PER_SM = 2  # what the shared memory holds at head dim 128; the grid is sized to this many per SM
 
 
 def wgmma_usable(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_m: int, block_n: int) -> bool:
-    """Whether csla_attention_wgmma can run these (already checked) tensors: Gluon present, a Hopper GPU, a tile of
+    """Whether csla_wgmma_forward can run these (already checked) tensors: Gluon present, a Hopper GPU, a tile of
     WGMMA_TILES, head dim 64 or 128, and 16-byte aligned bases and strides (what a tensor descriptor takes)."""
     if not HAS_GLUON or interpreting() or (block_m, block_n) not in WGMMA_TILES or q.shape[3] not in WGMMA_HEAD_DIMS:
         return False
@@ -62,35 +69,46 @@ def wgmma_usable(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_m: int
 if HAS_GLUON:
 
     @gluon.jit
-    def _issue_kv(k_desc, v_desc, start_n, bar, k_buf, v_buf, pred):
-        """TMA copies of one K and one V tile (keys start_n..) into a ring buffer, signalling bar when both land."""
-        mbarrier.expect(bar, k_desc.block_type.nbytes + v_desc.block_type.nbytes, pred=pred)
-        tma.async_copy_global_to_shared(k_desc, [start_n, 0], bar, k_buf, pred=pred)
-        tma.async_copy_global_to_shared(v_desc, [start_n, 0], bar, v_buf, pred=pred)
-
-    @gluon.jit
     def _softmax_tile(s, m_i, l_i, qk_scale, valid, MASK: gl.constexpr):
         """The online softmax of one score tile (log2 units): its probabilities, the factor rescaling what came
-        before, and the running row max and sum. With MASK, pairs where `valid` (broadcast to the tile) is False get
-        no weight, and a row with no key yet (max still -inf) gets p = alpha = 0 rather than NaN."""
+        before, and the running row max and sum. With MASK, keys where `valid` (broadcast to the tile) is False get
+        no weight."""
         if MASK:
             s = gl.where(valid, s, float("-inf"))
         m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
-        m_exp = m_new
-        if MASK:
-            m_exp = gl.where(m_new == float("-inf"), 0.0, m_new)
-        p = gl.exp2(s * qk_scale - gl.expand_dims(m_exp, 1))
-        alpha = gl.exp2(m_i - m_exp)
+        p = gl.exp2(s * qk_scale - gl.expand_dims(m_new, 1))
+        alpha = gl.exp2(m_i - m_new)
         l_i = l_i * alpha + gl.sum(p, 1)
         return p, alpha, m_new, l_i
 
     @gluon.jit
-    def _halves_ok(entry, rows, PAIRS: gl.constexpr):
-        """(BLOCK_M, 1) bool: which rows of a paired tile its layout entry covers (bit 24: the first 64 rows, bit
-        25: the last 64; see pair_layout); every row without PAIRS."""
-        if PAIRS:
-            return gl.expand_dims(((entry >> (24 + rows // 64)) & 1) != 0, 1)
-        return gl.expand_dims(rows >= 0, 1)
+    def _query_block(QOrder, pos, USE_ORDER: gl.constexpr):
+        if USE_ORDER:  # heaviest query blocks first: every program's first blocks are its heaviest
+            return gl.load(QOrder + pos)
+        return pos
+
+    @gluon.jit
+    def _produce(cur, item, tile, count, row, n_items, prog, nprog, k_desc, v_desc, k_smem, v_smem, kv_bars,
+                 KVNumBlocks, KVIndices, QOrder, stride_idx, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+                 USE_ORDER: gl.constexpr):
+        """Load the stream's tile `cur` (tile `tile` of this program's query block number `item`, whose layout row
+        is `row` and whose tile count is `count`) into ring buffer cur % STAGES, if the stream has it; return the
+        cursor advanced by one tile (to the next query block's first tile after the last of this one)."""
+        ok = item < n_items
+        block = gl.load(row + tile, mask=ok & (tile < gl.maximum(count, 0)), other=0)
+        bar = kv_bars.index(cur % STAGES)
+        mbarrier.expect(bar, k_desc.block_type.nbytes + v_desc.block_type.nbytes, pred=ok)
+        tma.async_copy_global_to_shared(k_desc, [block * BLOCK_N, 0], bar, k_smem.index(cur % STAGES), pred=ok)
+        tma.async_copy_global_to_shared(v_desc, [block * BLOCK_N, 0], bar, v_smem.index(cur % STAGES), pred=ok)
+        tile += 1
+        if tile >= gl.maximum(count, 1):  # a block listing nothing still streams one tile (see the module doc)
+            item += 1
+            tile = 0
+            nxt_ok = item < n_items
+            qb = _query_block(QOrder, prog + gl.minimum(item, n_items - 1) * nprog, USE_ORDER)  # in range past the end
+            row = KVIndices + qb * stride_idx
+            count = gl.load(KVNumBlocks + qb, mask=nxt_ok, other=1)
+        return cur + 1, item, tile, count, row
 
     @gluon.jit
     def _csla_wgmma_kernel(
@@ -102,44 +120,40 @@ if HAS_GLUON:
         stride_idx,
         H, q_len, kv_len, qk_scale,
         HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-        USE_ORDER: gl.constexpr, EVEN_N: gl.constexpr, PAIRS: gl.constexpr = False,
+        USE_ORDER: gl.constexpr, EVEN_N: gl.constexpr,
     ):
-        # PAIRS: a 128-row tile of two 64-row query blocks over the union of their key blocks (pair_layout), one
-        # warpgroup per block; each entry's bits 24-25 say which of the two lists it, the other's rows are masked
-        gl.static_assert(BLOCK_M == (128 if PAIRS else 64), "one warpgroup per 64 query rows")
-        gl.static_assert(STAGES >= 3, "the ring refills tile j-1's buffer after tile j+1's was waited on")
+        gl.static_assert(BLOCK_M == 64, "one warpgroup per 64 query rows")
+        gl.static_assert(STAGES >= 3, "the ring refills tile t's buffer after tile t+1's was waited on")
         dtype: gl.constexpr = Q.dtype.element_ty
-        WARPS: gl.constexpr = BLOCK_M // 16
-        # wgmma accumulators: S (BLOCK_M, BLOCK_N) and O (BLOCK_M, HEAD_DIM), warpgroups along M; P is the A
-        # operand of O's wgmma straight from registers (k_width 2: 16-bit elements)
-        s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS, 1],
+        # wgmma accumulators: S (BLOCK_M, BLOCK_N) and O (BLOCK_M, HEAD_DIM), one warpgroup along M; q and P are the
+        # A operands of their wgmmas straight from registers (k_width 2: 16-bit elements)
+        s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                            instr_shape=[16, BLOCK_N, 16])
-        o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS, 1],
+        o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                            instr_shape=[16, HEAD_DIM, 16])
+        q_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=s_layout, k_width=2)
         p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
         q_tile: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, HEAD_DIM], dtype)
         kv_tile: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, HEAD_DIM], dtype)
-        BLOCK_BITS: gl.constexpr = 0xFFFFFF if PAIRS else -1  # an entry's key block, without the pair's bits
 
-        pid_m = gl.program_id(0)
+        prog = gl.program_id(0)
+        nprog = gl.num_programs(0)
         pid_bh = gl.program_id(1)
         b = pid_bh // H
         h = pid_bh % H
-        if USE_ORDER:  # heaviest query blocks first: the last wave is the lightest
-            q_block = gl.load(QOrder + pid_m)
-        else:
-            q_block = pid_m
-        # per (b, h) 2-D descriptors: rows past q_len / kv_len read as zeros, and the output store stops at q_len
+        n_items = gl.cdiv(gl.cdiv(q_len, BLOCK_M) - prog, nprog)  # query blocks prog, prog + nprog, ... (>= 1)
+        # per (b, h) 2-D descriptors, made once: rows past q_len / kv_len read as zeros
         q_desc = tma.make_tensor_descriptor(Q + b * stride_qb + h * stride_qh, shape=[q_len, HEAD_DIM],
                                             strides=[stride_qm, 1], block_shape=[BLOCK_M, HEAD_DIM], layout=q_tile)
-        o_desc = tma.make_tensor_descriptor(Out + b * stride_ob + h * stride_oh, shape=[q_len, HEAD_DIM],
-                                            strides=[stride_om, 1], block_shape=[BLOCK_M, HEAD_DIM], layout=q_tile)
         k_desc = tma.make_tensor_descriptor(K + b * stride_kb + h * stride_kh, shape=[kv_len, HEAD_DIM],
                                             strides=[stride_kn, 1], block_shape=[BLOCK_N, HEAD_DIM], layout=kv_tile)
         v_desc = tma.make_tensor_descriptor(V + b * stride_vb + h * stride_vh, shape=[kv_len, HEAD_DIM],
                                             strides=[stride_vn, 1], block_shape=[BLOCK_N, HEAD_DIM], layout=kv_tile)
+        out_base = Out + b * stride_ob + h * stride_oh
+        o_rows = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, o_layout))
+        o_cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
 
-        q_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, HEAD_DIM], q_tile)  # q, then the output tile
+        q_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, HEAD_DIM], q_tile)  # the next query block's q
         k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], kv_tile)
         v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], kv_tile)
         q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
@@ -148,131 +162,110 @@ if HAS_GLUON:
         for i in gl.static_range(STAGES):
             mbarrier.init(kv_bars.index(i), count=1)
 
-        idx_row = KVIndices + q_block * stride_idx
-        num = gl.load(KVNumBlocks + q_block)
+        q_block = _query_block(QOrder, prog, USE_ORDER)
         mbarrier.expect(q_bar, q_desc.block_type.nbytes)
         tma.async_copy_global_to_shared(q_desc, [q_block * BLOCK_M, 0], q_bar, q_smem)
-        for i in gl.static_range(STAGES):  # the ring's first fill; tile 0 always (a row of no block reads column 0)
-            ok = (i < num) | (i == 0)
-            block = gl.load(idx_row + i, mask=ok, other=0) & BLOCK_BITS
-            _issue_kv(k_desc, v_desc, block * BLOCK_N, kv_bars.index(i), k_smem.index(i), v_smem.index(i), ok)
+        # the K/V stream's producer cursor: its next tile, and that tile's query block (number, tile, count, row)
+        p_cur = 0
+        p_item = 0
+        p_tile = 0
+        p_count = gl.load(KVNumBlocks + q_block)
+        p_row = KVIndices + q_block * stride_idx
+        for i in gl.static_range(STAGES):  # the ring's first fill
+            p_cur, p_item, p_tile, p_count, p_row = _produce(
+                p_cur, p_item, p_tile, p_count, p_row, n_items, prog, nprog, k_desc, v_desc, k_smem, v_smem,
+                kv_bars, KVNumBlocks, KVIndices, QOrder, stride_idx, BLOCK_N, STAGES, USE_ORDER)
 
-        rows = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, s_layout))
         s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
-        m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, gl.SliceLayout(1, s_layout))
-        l_i = gl.zeros([BLOCK_M], gl.float32, gl.SliceLayout(1, s_layout))
-        o_acc = warpgroup_mma_init(gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, o_layout))
-        mbarrier.wait(q_bar, 0)
-        mbarrier.wait(kv_bars.index(0), 0)
-        s_acc = warpgroup_mma(q_smem, k_smem.index(0).permute((1, 0)), s_zero, use_acc=False, is_async=True)
-        s = warpgroup_mma_wait(0, deps=[s_acc])
+        o_zero = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, o_layout)
+        t = 0  # the consumer's place in the K/V stream
+        for item in range(0, n_items):
+            q_block = _query_block(QOrder, prog + item * nprog, USE_ORDER)
+            num = gl.load(KVNumBlocks + q_block)
+            n = gl.maximum(num, 1)
+            idx_row = KVIndices + q_block * stride_idx
+            mbarrier.wait(q_bar, item & 1)
+            q = q_smem.load(q_layout)
+            gl.thread_barrier()  # every warp holds its q: the buffer takes the next block's
+            nxt = item + 1 < n_items
+            mbarrier.expect(q_bar, q_desc.block_type.nbytes, pred=nxt)
+            tma.async_copy_global_to_shared(q_desc, [_query_block(QOrder, prog + gl.minimum(item + 1, n_items - 1) * nprog,
+                                                                  USE_ORDER) * BLOCK_M, 0], q_bar, q_smem, pred=nxt)
 
-        for j in range(0, num - 1):  # every tile but the last (the only one that can be partial)
-            nxt = j + 1
-            mbarrier.wait(kv_bars.index(nxt % STAGES), (nxt // STAGES) & 1)
-            s_acc = warpgroup_mma(q_smem, k_smem.index(nxt % STAGES).permute((1, 0)), s_zero, use_acc=False,
-                                  is_async=True)
-            valid = _halves_ok(gl.load(idx_row + j), rows, PAIRS) if PAIRS else rows
-            p, alpha, m_i, l_i = _softmax_tile(s, m_i, l_i, qk_scale, valid, PAIRS)
-            o = warpgroup_mma_wait(1, deps=[o_acc])  # PV(j-1) done (issued before S(j+1)); S(j+1) may still run
-            # tile j-1's buffer is free once every warpgroup's PV(j-1) is: each waited for its own above, and the
-            # copy is issued by one thread (explicit, not left to the compiler's own barrier placement)
-            gl.thread_barrier()
-            refill = j - 1 + STAGES
-            ok = (j >= 1) & (refill < num)
-            block = gl.load(idx_row + refill, mask=ok, other=0) & BLOCK_BITS
-            stage = refill % STAGES
-            _issue_kv(k_desc, v_desc, block * BLOCK_N, kv_bars.index(stage), k_smem.index(stage),
-                      v_smem.index(stage), ok)
+            m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, gl.SliceLayout(1, s_layout))
+            l_i = gl.zeros([BLOCK_M], gl.float32, gl.SliceLayout(1, s_layout))
+            o_acc = warpgroup_mma_init(o_zero)
+            mbarrier.wait(kv_bars.index(t % STAGES), (t // STAGES) & 1)
+            s_acc = warpgroup_mma(q, k_smem.index(t % STAGES).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+            s = warpgroup_mma_wait(0, deps=[s_acc])
+            for j in range(0, n - 1):  # every tile but the last (the only one that can be partial)
+                mbarrier.wait(kv_bars.index((t + 1) % STAGES), ((t + 1) // STAGES) & 1)
+                s_acc = warpgroup_mma(q, k_smem.index((t + 1) % STAGES).permute((1, 0)), s_zero, use_acc=False,
+                                      is_async=True)
+                p, alpha, m_i, l_i = _softmax_tile(s, m_i, l_i, qk_scale, s_zero, False)
+                o = warpgroup_mma_wait(1, deps=[o_acc])  # PV(t-1) done (issued before S(t+1)); S(t+1) may run on
+                if j > 0:  # tile t-1's buffer is free (at j = 0 that tile was the previous block's, refilled there)
+                    gl.thread_barrier()  # every warp's PV(t-1) done before one thread issues the copy
+                    p_cur, p_item, p_tile, p_count, p_row = _produce(
+                        p_cur, p_item, p_tile, p_count, p_row, n_items, prog, nprog, k_desc, v_desc, k_smem,
+                        v_smem, kv_bars, KVNumBlocks, KVIndices, QOrder, stride_idx, BLOCK_N, STAGES, USE_ORDER)
+                o = o * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), 1)
+                o_acc = warpgroup_mma(gl.convert_layout(p.to(dtype), p_layout), v_smem.index(t % STAGES), o,
+                                      is_async=True)
+                s = warpgroup_mma_wait(1, deps=[s_acc])  # S(t+1) done; PV(t) may still run
+                t += 1
+
+            keys = gl.load(idx_row + n - 1) * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+            p, alpha, m_i, l_i = _softmax_tile(s, m_i, l_i, qk_scale, gl.expand_dims(keys < kv_len, 0), not EVEN_N)
+            o = warpgroup_mma_wait(0, deps=[o_acc])
+            if n > 1:  # PV(t-1), this block's, done: its buffer is free
+                gl.thread_barrier()
+                p_cur, p_item, p_tile, p_count, p_row = _produce(
+                    p_cur, p_item, p_tile, p_count, p_row, n_items, prog, nprog, k_desc, v_desc, k_smem, v_smem,
+                    kv_bars, KVNumBlocks, KVIndices, QOrder, stride_idx, BLOCK_N, STAGES, USE_ORDER)
             o = o * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), 1)
-            o_acc = warpgroup_mma(gl.convert_layout(p.to(dtype), p_layout), v_smem.index(j % STAGES), o,
+            o_acc = warpgroup_mma(gl.convert_layout(p.to(dtype), p_layout), v_smem.index(t % STAGES), o,
                                   is_async=True)
-            s = warpgroup_mma_wait(1, deps=[s_acc])  # S(j+1) done; PV(j) may still run
-
-        last = gl.maximum(num - 1, 0)
-        entry = gl.load(idx_row + last)
-        keys = (entry & BLOCK_BITS) * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
-        valid = gl.expand_dims(keys < kv_len, 0) & _halves_ok(entry, rows, PAIRS)
-        p, alpha, m_i, l_i = _softmax_tile(s, m_i, l_i, qk_scale, valid, PAIRS or not EVEN_N)
-        o = warpgroup_mma_wait(0, deps=[o_acc])
-        o = o * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), 1)
-        o_acc = warpgroup_mma(gl.convert_layout(p.to(dtype), p_layout), v_smem.index(last % STAGES), o,
-                              is_async=True)
-        o = warpgroup_mma_wait(0, deps=[o_acc])
-        l_o = gl.convert_layout(l_i, gl.SliceLayout(1, o_layout))
-        l_o = gl.where(num > 0, l_o, float("nan"))  # a row of no block: NaN, an empty softmax (so is a pair's half)
-        out = o / gl.expand_dims(l_o, 1)
+            o = warpgroup_mma_wait(0, deps=[o_acc])
+            gl.thread_barrier()  # PV(t) done in every warp: tile t's buffer is free
+            p_cur, p_item, p_tile, p_count, p_row = _produce(
+                p_cur, p_item, p_tile, p_count, p_row, n_items, prog, nprog, k_desc, v_desc, k_smem, v_smem,
+                kv_bars, KVNumBlocks, KVIndices, QOrder, stride_idx, BLOCK_N, STAGES, USE_ORDER)
+            t += 1
+            l_o = gl.convert_layout(l_i, gl.SliceLayout(1, o_layout))
+            l_o = gl.where(num > 0, l_o, float("nan"))  # a block listing nothing: NaN, an empty softmax
+            out = (o / gl.expand_dims(l_o, 1)).to(dtype)
+            rows = q_block * BLOCK_M + o_rows
+            gl.store(out_base + gl.expand_dims(rows, 1) * stride_om + gl.expand_dims(o_cols, 0), out,
+                     mask=gl.expand_dims(rows < q_len, 1))
 
         mbarrier.invalidate(q_bar)
         for i in gl.static_range(STAGES):
             mbarrier.invalidate(kv_bars.index(i))
-        q_smem.store(out.to(dtype))  # every wgmma reading q is done: its buffer stages the output
-        fence_async_shared()
-        tma.async_copy_shared_to_global(o_desc, [q_block * BLOCK_M, 0], q_smem)
-        tma.store_wait(0)
-
-
-def pair_layout(kv_num_blocks: torch.Tensor, kv_indices: torch.Tensor, kv_len: int, block_n: int):
-    """The 64-row block layout as 128-row pairs of query blocks (2i, 2i+1): per pair, the union of the two key-block
-    lists, ascending, each entry the key block with bit 24 set where block 2i lists it and bit 25 where 2i+1 does;
-    (counts (P,), entries (P, ceil(kv_len / block_n)), launch order heaviest first (P,)), int32 on the layout's
-    device, built without a host sync (scatters, sort, gather). Why: the pair's two warpgroups share each K/V tile
-    they load, ~0.56x the loads of two 64-row tiles at 1024² for ~1.11x the tiles' wgmma (scales 10-12)."""
-    nq, width = kv_indices.shape
-    nk = -(-kv_len // block_n)
-    dev = kv_indices.device
-    pairs = -(-nq // 2)
-    slot = torch.arange(width, device=dev)
-    valid = slot[None, :] < kv_num_blocks[:, None].long()
-    row = torch.arange(nq, device=dev)[:, None]
-    cell = ((row // 2) * nk + kv_indices.long().clamp(0, nk - 1)).reshape(-1)
-    flags = torch.zeros(pairs * nk, dtype=torch.int32, device=dev)
-    for half in (0, 1):  # a max per half: a block listed twice in a row sets its bit once, never carries into the next
-        bits = torch.where(valid & (row % 2 == half), 1 << (24 + half), 0).to(torch.int32)  # padding slots: 0
-        flags |= torch.zeros_like(flags).scatter_reduce_(0, cell, bits.reshape(-1), reduce="amax")
-    flags = flags.view(pairs, nk)
-    listed = flags != 0
-    blocks = torch.arange(nk, device=dev).expand(pairs, nk)
-    order = torch.sort(torch.where(listed, blocks, blocks + nk), dim=1).indices  # listed blocks first, ascending
-    entries = (order | flags.gather(1, order)).to(torch.int32).contiguous()
-    counts = listed.sum(dim=1).to(torch.int32)
-    return counts, entries, torch.sort(counts, descending=True, stable=True).indices.to(torch.int32)
-
-
-# Per kv_indices tensor (a layout's, static per scale), its pair layout: built once, beside the 64-row layout's
-# launch order in csla._ORDER_CACHE. Keyed weakly on the tensor's identity (a WeakKeyDictionary would compare
-# tensors with ==); the entry also holds kv_num_blocks, kv_len and block_n to check it is the same layout (layouts
-# are not changed in place).
-_PAIR_CACHE = WeakIdKeyDictionary()
-
-
-def _pairs_of(kv_num_blocks: torch.Tensor, kv_indices: torch.Tensor, kv_len: int, block_n: int):
-    cached = _PAIR_CACHE.get(kv_indices)
-    if cached is None or cached[0] is not kv_num_blocks or cached[1] != (kv_len, block_n):
-        cached = _PAIR_CACHE[kv_indices] = (kv_num_blocks, (kv_len, block_n),
-                                            pair_layout(kv_num_blocks, kv_indices, kv_len, block_n))
-    return cached[2]
 
 
 def csla_wgmma_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_num_blocks: torch.Tensor,
                        kv_indices: torch.Tensor, block_m: int, block_n: int, *, scale: float,
-                       q_order: torch.Tensor | None, pairs: bool = False) -> torch.Tensor:
-    """Launch the kernel on inputs csla.csla_attention_blocks checked (wgmma_usable among them). pairs: 128-row
-    tiles of two query blocks over pair_layout (q_order then unused: the pairs have their own launch order)."""
+                       q_order: torch.Tensor | None, programs: int | None = None) -> torch.Tensor:
+    """Launch the kernel on inputs csla.csla_attention_blocks checked (wgmma_usable among them): per (batch row,
+    head), enough programs for CTAS_PER_SM on every SM in all (or `programs`, for tests), each taking every P-th
+    query block of the launch order (q_order: heaviest first, so each program's share is about even)."""
+    from sparvar.kernels.csla import attention_output_like
+
     b, h, q_len, d = q.shape
     kv_len = k.shape[2]
     out = attention_output_like(q)
-    if pairs:
-        kv_num_blocks, kv_indices, q_order = _pairs_of(kv_num_blocks, kv_indices, kv_len, block_n)
-        block_m *= 2
     _ensure_allocator()  # the per-program tensor descriptors live in Triton's launch scratch
-    grid = (-(-q_len // block_m), b * h)
+    blocks = -(-q_len // block_m)
+    sms = torch.cuda.get_device_properties(q.device).multi_processor_count
+    per_head = programs if programs is not None else -(-CTAS_PER_SM * sms // (b * h))
+    grid = (max(1, min(blocks, per_head)), b * h)
     with launch_device(q):
         _csla_wgmma_kernel[grid](
             q, k, v, out, kv_num_blocks, kv_indices, out if q_order is None else q_order,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
             kv_indices.stride(0), h, q_len, kv_len, float(scale) * LOG2E,
-            HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=STAGES[d, pairs], USE_ORDER=q_order is not None,
-            EVEN_N=kv_len % block_n == 0, PAIRS=pairs, num_warps=block_m // 16)
+            HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=STAGES[d], USE_ORDER=q_order is not None,
+            EVEN_N=kv_len % block_n == 0, num_warps=4)
     return out
