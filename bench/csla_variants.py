@@ -4,8 +4,7 @@ For each model's sparse scales at 1024² (B=2 for CFG, bf16; the policy's CSLA b
 the token-major projection view and K/V as views of a preallocated (B, H, T, D) cache, as the torch-cuda engine
 runs them:
   - each of sparvar.kernels.csla.CSLA_VARIANTS with its fixed launch config: "pointer" (the default kernel), "tma"
-    (q, K, V through tensor descriptors), "tma-ws" (TMA, the key loop warp-specialised), "wgmma" (the Gluon kernel of
-    sparvar/kernels/csla_wgmma.py: the next tile's QK^T under this tile's softmax);
+    (q, K, V through tensor descriptors), "tma-ws" (TMA, the key loop warp-specialised);
   - the autotuned kernel as the engine runs it today (SPARVAR_CSLA_TMA=0: pointer configs only), and with the TMA
     configs in the tuning set (SPARVAR_CSLA_TMA=1), with the config each picked.
 Every row is checked against the fp32 masked reference on two heads before it is timed (a row off by more than
@@ -71,29 +70,6 @@ def compile_for_sm90(constexprs: dict, num_warps: int, num_stages: int, dtype: s
     return triton_compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps, num_stages=num_stages))
 
 
-def compile_wgmma_for_sm90(head_dim: int, even_n: bool, use_order: bool = True, dtype: str = "bf16"):
-    """triton.compile of the Gluon CSLA kernel (sparvar/kernels/csla_wgmma.py) for sm_90 on any machine, specialised
-    as compile_for_sm90 specialises the Triton one; the launch's own tile, ring depth and 4 warps."""
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import compile as triton_compile
-    from triton.experimental.gluon._runtime import GluonASTSource  # private: Gluon has no public AOT entry yet
-
-    from sparvar.kernels.csla_wgmma import STAGES, WGMMA_TILES, _csla_wgmma_kernel
-
-    (block_m, block_n), = WGMMA_TILES
-    names = _csla_wgmma_kernel.arg_names
-    pointers = {"Q": dtype, "K": dtype, "V": dtype, "Out": dtype, "KVNumBlocks": "i32", "KVIndices": "i32", "QOrder": "i32"}
-    constexprs = dict(HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=STAGES[head_dim],
-                      USE_ORDER=use_order, EVEN_N=even_n)
-    signature = {n: "constexpr" if n in constexprs else "*" + pointers[n] if n in pointers
-                 else "fp32" if n == "qk_scale" else "i32" for n in names}
-    aligned = [i for i, n in enumerate(names) if signature[n].startswith("*") or n.startswith("stride")]
-    source = GluonASTSource(fn=_csla_wgmma_kernel, signature=signature,
-                            constexprs={(names.index(n),): v for n, v in constexprs.items()},
-                            attrs={(i,): [["tt.divisibility", 16]] for i in aligned})
-    return triton_compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4))
-
-
 def ptxas_registers(ptx: str) -> dict:
     """Registers and spills of a PTX for sm_90a, from Triton's own ptxas (-v)."""
     import subprocess
@@ -141,21 +117,6 @@ def compile_stats(tiles=((64, 64), (128, 64)), head_dims=(128, 64)) -> list[dict
                 per_thread = -(-regs // 8) * 8 if regs else None  # allocated in units of 8 per thread
                 rows[-1]["ctas_per_sm_by_registers"] = (65536 // (compiled.metadata.num_warps * 32 * per_thread)
                                                         if regs else None)
-    for head_dim in head_dims:  # the Gluon kernel: one launch config per head dim
-        from sparvar.kernels.csla_wgmma import STAGES
-
-        compiled = compile_wgmma_for_sm90(head_dim, even_n=False)
-        ptx = compiled.asm["ptx"]
-        stats = ptxas_registers(ptx)
-        per_thread = -(-stats["registers"] // 8) * 8 if stats["registers"] else None
-        rows.append(dict(variant="wgmma", block="64x64", head_dim=head_dim, num_warps=compiled.metadata.num_warps,
-                         num_stages=STAGES[head_dim], warps_launched=compiled.metadata.num_warps,
-                         shared_bytes=compiled.metadata.shared,
-                         ctas_per_sm_by_shared=232448 // max(compiled.metadata.shared, 1),
-                         tma_loads="cp.async.bulk.tensor" in ptx, async_copies="cp.async.cg" in ptx,
-                         warp_specialized="setmaxnreg" in ptx, setmaxnreg=[], **stats,
-                         ctas_per_sm_by_registers=65536 // (compiled.metadata.num_warps * 32 * per_thread)
-                         if per_thread else None))
     return rows
 
 
@@ -201,8 +162,10 @@ def run(models: list[str], runs: int, warmup: int, partial_path: str | None = No
 
             usable = C.tma_usable(q, k, v, *blocks)
             for variant in C.CSLA_VARIANTS:
-                if not C.variant_usable(variant, q, k, v, *blocks):
-                    continue  # e.g. tma-ws off C.WS_TILES (it did not finish at 128x64), wgmma off its 64x64 tile
+                if C.CSLA_VARIANTS[variant] and not usable:
+                    continue
+                if C.CSLA_VARIANTS[variant].get("WS") and tuple(blocks) not in C.WS_TILES:
+                    continue  # refused there: it did not finish at a 128x64 tile, so 128-row tiles are left out (C.WS_TILES)
                 fn = (lambda variant=variant: C.csla_attention_blocks(  # noqa: E731
                     q, k, v, layout.kv_num_blocks, layout.kv_indices, *blocks, q_order=order, variant=variant))
                 bench.add(model, f"CSLA {variant} (fixed config)", scale, fn, flops_dense=flops_dense,

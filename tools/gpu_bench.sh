@@ -14,8 +14,6 @@
 #   bash tools/gpu_bench.sh "$OUT" later     # CS4A at scales 11-12: composed from its parts vs one launch (2B, 8B)
 #   bash tools/gpu_bench.sh "$OUT" csla      # CSLA GPU tests, then its variants (pointer, TMA, TMA + warp-specialised) side by side
 #   bash tools/gpu_bench.sh "$OUT" tma2b     # the TMA lever in short: the TMA GPU tests, then 2B dense, SparVAR, SparVAR with TMA configs
-#   bash tools/gpu_bench.sh "$OUT" wgmma     # the Gluon CSLA kernel: its GPU tests, then the CSLA variants side by side (2B, 8B)
-#   bash tools/gpu_bench.sh "$OUT" wgmma2b   # dense and SparVAR engines beside SparVAR with CSLA through the Gluon kernel (wgmma8b: 8B)
 #   bash tools/gpu_bench.sh "$OUT" pdl2b     # the PDL streaming linears at small scales: their tests, then 2B dense and SparVAR with and without (pdl8b: 8B)
 #   bash tools/gpu_bench.sh "$OUT" e2e2b     # end-to-end, 2B bf16 engine rows (dense, SparVAR, its ablations, skip 2)
 #   bash tools/gpu_bench.sh "$OUT" e2e8b     # the same for 8B
@@ -76,17 +74,6 @@ for what in "${@:2}"; do
       python bench/e2e.py --model infinity-2b --warmup 3 --runs 20 --rows "=dense engine (CUDA graphs)" \
         --rows "=SparVAR engine (CUDA graphs, Triton kernels)" --rows "TMA configs" \
         --out "$OUT/e2e_engines_2b_tma_$TAG.json" 2>&1 | grep -v Warning | tail -6 ;;
-    wgmma)  # the Gluon CSLA kernel: its GPU tests, then (only if they pass) the CSLA variants side by side, 2B and 8B
-      timeout 300 python -m pytest -q tests/test_kernels_gpu.py -k wgmma -v > "$OUT/gpu_tests_wgmma_$TAG.txt" 2>&1; ok=$?
-      grep -E "PASSED|FAILED|ERROR|passed|failed|Error" "$OUT/gpu_tests_wgmma_$TAG.txt" | tail -14
-      [ $ok -eq 0 ] || { echo "wgmma tests failed (rc $ok): no timing"; continue; }
-      python bench/csla_variants.py --models infinity-2b infinity-8b --runs 50 --warmup 5 \
-        --out "$OUT/csla_variants_wgmma_$TAG.json" 2>&1 | grep -v Warning | tail -8 ;;
-    wgmma2b|wgmma8b)  # dense and SparVAR engines beside SparVAR with CSLA through the Gluon kernel
-      size=${what#wgmma}
-      python bench/e2e.py --model "infinity-$size" --warmup 3 --runs 20 --rows "=dense engine (CUDA graphs)" \
-        --rows "=SparVAR engine (CUDA graphs, Triton kernels)" --rows "Gluon wgmma" \
-        --out "$OUT/e2e_engines_${size}_wgmma_$TAG.json" 2>&1 | grep -v Warning | tail -6 ;;
     pdl2b|pdl8b)  # the PDL streaming linears: their GPU tests, then both engines with and without them, side by side
       size=${what#pdl}
       python -m pytest -q tests/test_linear_kernel.py > /tmp/pdl_tests.log 2>&1; ok=$?

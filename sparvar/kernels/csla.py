@@ -392,9 +392,7 @@ def default_launch_config(block_m: int, block_n: int) -> dict:
 # The CSLA kernel's variants a caller can ask for by name (benchmarks, tests): the pointer loads (the default), tensor
 # descriptors (TMA), and TMA with the full-tile loop warp-specialised. Autotuning picks among them where tma_usable
 # allows (SPARVAR_CSLA_TMA=1), the warp-specialised configs at WS_TILES only.
-# "wgmma" is the Gluon kernel of csla_wgmma.py (FlashAttention-3's in-warpgroup overlap), not a config of this one:
-# csla_attention_blocks launches it there, by name or, with SPARVAR_CSLA_WGMMA=1, in place of the autotuned kernel.
-CSLA_VARIANTS = {"pointer": {}, "tma": {"TMA": True}, "tma-ws": {"TMA": True, "WS": True}, "wgmma": {"WGMMA": True}}
+CSLA_VARIANTS = {"pointer": {}, "tma": {"TMA": True}, "tma-ws": {"TMA": True, "WS": True}}
 TMA_TILES = ((64, 64), (64, 128), (128, 64), (128, 128))  # the tiles whose TMA configs compile (tests/test_kernels_cpu.py)
 # The tiles "tma-ws" runs at: on the H100 at fa4da19 (Triton 3.6) the warp-specialised kernel at a 128x64 tile (its 4
 # warps asked for, 128 accumulator rows; head dim 64) did not finish a 300-query test before the call's time limit,
@@ -406,26 +404,6 @@ WS_TILES = ((64, 64), (64, 128))
 def tma_enabled() -> bool:
     """SPARVAR_CSLA_TMA=1 lets the autotuner try the TMA configs (off until they have run on a GPU)."""
     return os.environ.get("SPARVAR_CSLA_TMA", "0") == "1"
-
-
-def wgmma_enabled() -> bool:
-    """SPARVAR_CSLA_WGMMA=1 runs block-granular CSLA through the Gluon kernel (csla_wgmma.py) where it can run."""
-    value = os.environ.get("SPARVAR_CSLA_WGMMA", "0")
-    if value not in ("0", "1"):
-        raise ValueError(f"SPARVAR_CSLA_WGMMA must be 0 or 1, got {value!r}")
-    return value == "1"
-
-
-def variant_usable(variant: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_m: int, block_n: int) -> bool:
-    """Whether a CSLA_VARIANTS variant can run a block-granular layout on these (checked) tensors at this tile."""
-    flags = CSLA_VARIANTS[variant]
-    if flags.get("WGMMA"):
-        from sparvar.kernels.csla_wgmma import wgmma_usable
-
-        return wgmma_usable(q, k, v, block_m, block_n)
-    if flags.get("WS") and (block_m, block_n) not in WS_TILES:
-        return False
-    return not flags or tma_usable(q, k, v, block_m, block_n)
 
 
 def tma_usable(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_m: int, block_n: int) -> bool:
@@ -602,9 +580,8 @@ def csla_attention_blocks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_
     Block-granular by default (every key of an active block attended). Token-exact with num_full, tile_index
     and partial_masks (sparvar.csla.BlockLayout's partial_masks; the other two and the reordered kv_indices from
     token_tiles): each row's first num_full tiles are computed unmasked, the rest through their byte masks.
-    variant: None (autotuned on the GPU; the Gluon kernel instead with SPARVAR_CSLA_WGMMA=1 where it can run), or one
-    of CSLA_VARIANTS launched with a fixed config (benchmarks and tests compare them side by side); all but
-    "pointer" block-granular only, where variant_usable.
+    variant: None (autotuned on the GPU), or one of CSLA_VARIANTS launched with a fixed config (benchmarks and
+    tests compare them side by side); the TMA ones block-granular only, where tma_usable.
     """
     name = "csla_attention"
     check_qkv(name, q, k, v)
@@ -625,23 +602,13 @@ def csla_attention_blocks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_
     check_device(name, q, k=k, v=v, kv_num_blocks=kv_num_blocks, kv_indices=kv_indices, q_order=q_order,
                  num_full=num_full, tile_index=tile_index, partial_masks=partial_masks)
     if variant is not None:
+        if CSLA_VARIANTS[variant] and (token is not None or not tma_usable(q, k, v, block_m, block_n)):
+            raise ValueError(f"{name}: variant {variant!r} needs a block-granular layout, a tile of {TMA_TILES}, a "
+                             f"Hopper GPU and 16-byte aligned q, k, v bases and strides; got tile "
+                             f"{(block_m, block_n)}, {'token' if token is not None else 'block'} granularity")
         if CSLA_VARIANTS[variant].get("WS") and (block_m, block_n) not in WS_TILES:
             raise ValueError(f"{name}: variant {variant!r} runs at the tiles {WS_TILES} only (at a 128x64 tile it did "
                              f"not finish on an H100, so no 128-row tile gets it); got tile {(block_m, block_n)}")
-        if CSLA_VARIANTS[variant] and (token is not None or not variant_usable(variant, q, k, v, block_m, block_n)):
-            from sparvar.kernels.csla_wgmma import WGMMA_HEAD_DIMS, WGMMA_TILES
-
-            tiles, extra = ((WGMMA_TILES, f", head dim in {WGMMA_HEAD_DIMS}, Triton's Gluon")
-                            if CSLA_VARIANTS[variant].get("WGMMA") else (TMA_TILES, ""))
-            raise ValueError(f"{name}: variant {variant!r} needs a block-granular layout, a tile of {tiles}, a "
-                             f"Hopper GPU{extra} and 16-byte aligned q, k, v bases and strides; got tile "
-                             f"{(block_m, block_n)}, {'token' if token is not None else 'block'} granularity")
-    if variant is None and token is None and wgmma_enabled() and variant_usable("wgmma", q, k, v, block_m, block_n):
-        variant = "wgmma"  # asked for where it can run: the autotuned kernel elsewhere (another tile, no Hopper)
-    if variant == "wgmma":
-        from sparvar.kernels.csla_wgmma import csla_wgmma_forward
-
-        return csla_wgmma_forward(q, k, v, kv_num_blocks, kv_indices, block_m, block_n, scale=scale, q_order=q_order)
     return flash_forward(q, k, v, kv_num_blocks=kv_num_blocks, kv_indices=kv_indices, block_m=block_m,
                          block_n=block_n, scale=scale, q_order=q_order, token=token, variant=variant, name=name)
 
