@@ -734,11 +734,8 @@ def cs4a_decide_end_raw(layers: list[tuple[torch.Tensor, torch.Tensor, torch.Ten
     selected = select_topk(sums, topk, sink_len)  # checks topk against [sink_len, Lk)
     lanes = tuple(lanes)[:len(layers) - 1]  # more streams than launches would only fork and join empty ones
     band_starts = _sink_band(sink_len, sums.shape[3], sums.device)  # one for every layer, on the current stream
-    if not lanes:
-        return [(selected[i], _residual_cache(q, k, v, dense, selected[i], group_size, sink_len, scale,
-                                              band_starts=band_starts))
-                for i, (q, k, v, dense) in enumerate(layers)]
-    current = torch.cuda.current_stream(sums.device)
+    # None: the current stream as it is (torch.cuda.stream(None) changes nothing; CPU tensors under the interpreter)
+    current = torch.cuda.current_stream(sums.device) if lanes else None
     outs = [attention_output_like(q) for q, _, _, _ in layers]  # on the current stream: they outlive the lanes
     for lane in lanes:
         lane.wait_stream(current)  # the top-k's selection (and the outputs' allocation) first
