@@ -927,19 +927,39 @@ def test_csla_split_config_fits_three_ctas_per_sm():
     """Why the split configs exist: at the engines' 64x64 tiles (head dim 128) the split kernel compiled for sm_90
     needs little enough shared memory and registers for three CTAs an SM, where the unsplit kernel fits two."""
     pytest.importorskip("triton")
-    from bench.csla_variants import compile_for_sm90, ptxas_registers
+    from bench.csla_variants import compile_for_sm90
 
     constexprs = dict(HEAD_DIM=128, BLOCK_M=64, BLOCK_N=64, DENSE=False, EVEN_N=False, USE_ORDER=True,
                       STORE_LSE=False, TOKEN=False, ROW_LEN=False, CLAMP_LAYOUT=False)
     ctas = {}
     for split in (1, 2):
         compiled = compile_for_sm90(dict(constexprs, SPLIT_N=split), 4, 3)
-        regs = ptxas_registers(compiled.asm["ptx"])
-        assert regs["spill_bytes"] == 0, (split, regs)
-        per_thread = -(-regs["registers"] // 8) * 8
-        ctas[split] = min(232448 // (compiled.metadata.shared + 1024), 65536 // (128 * per_thread))
+        ctas[split] = ctas_per_sm(compiled, 128)
         assert "cp.async.cg" in compiled.asm["ptx"], split  # the halves are software-pipelined as the whole tiles
     assert ctas == {1: 2, 2: 3}, ctas
+
+
+def ctas_per_sm(compiled, threads: int) -> int:
+    """The CTAs of a compiled kernel an H100 SM holds, by shared memory (228 KB, 1 KB reserved per CTA) and
+    registers (64 Ki, allocated per thread in units of 8); its registers from ptxas, checked free of spills."""
+    from bench.csla_variants import ptxas_registers
+
+    regs = ptxas_registers(compiled.asm["ptx"])
+    assert regs["spill_bytes"] == 0, regs
+    return min(233472 // (compiled.metadata.shared + 1024), 65536 // (threads * (-(-regs["registers"] // 8) * 8)))
+
+
+def test_cs4a_from_selection_fits_three_ctas_per_sm():
+    """CS4A at scales 11-12 (the residual cache bilinear to its queries in the epilogue) at its 32-key tiles, head
+    dim 128, fits three CTAs an SM: the epilogue adds the four bilinear taps one by one (_add_bilinear_rows) rather
+    than with all four tiles in flight, which took more registers than the key loop."""
+    pytest.importorskip("triton")
+    from bench.csla_variants import compile_for_sm90
+    from sparvar.kernels.cs4a import _cs4a_fwd_kernel
+
+    constexprs = dict(HEAD_DIM=128, BLOCK_M=64, BLOCK_N=32, NUM_BANDS=2, GROUP_MAP=True, HAS_EXTRA=True,
+                      UPSAMPLE=True, NEGATE=False, STORE_EXTRA=False)
+    assert ctas_per_sm(compile_for_sm90(constexprs, 4, 3, kernel=_cs4a_fwd_kernel), 128) == 3
 
 def test_csla_variant_names_are_checked():
     q = torch.randn(1, 2, 64, 64, dtype=torch.bfloat16)

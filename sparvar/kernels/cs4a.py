@@ -43,10 +43,15 @@ def query_tile(group_size: int) -> int:
 if HAS_TRITON:
 
     @triton.jit
-    def _bilinear_rows(src, t, t_ok, src_h, src_w, dst_w, scale_h, scale_w, stride_l):
-        """Rows t (raster tokens of a grid dst_w wide) of a (src_h, src_w) raster grid of rows at src + token *
-        stride_l (src already offset by the columns), bilinear as torch's upsample_bilinear2d with align_corners=False
-        (source index max(scale * (dst + 0.5) - 0.5, 0), the upper neighbour clamped): fp32 (len(t), columns)."""
+    def _add_bilinear_rows(acc, src, t, t_ok, src_h, src_w, dst_w, scale_h, scale_w, stride_l):
+        """acc (fp32, (len(t), columns)) plus rows t (raster tokens of a grid dst_w wide) of a (src_h, src_w) raster
+        grid of rows at src + token * stride_l (src already offset by the columns), bilinear as torch's
+        upsample_bilinear2d with align_corners=False (source index max(scale * (dst + 0.5) - 0.5, 0), the upper
+        neighbour clamped), in fp32.
+
+        The four taps are added one per iteration of a loop whose trip count the compiler cannot know (src_h < 0 is
+        never true), so it cannot unroll it: unrolled, ptxas had all four tiles' loads in flight at once, and CS4A's
+        epilogue took 195 registers a thread where its key loop takes 146 (168 with the loop: three CTAs an SM)."""
         y = t // dst_w
         x = t % dst_w
         sy = tl.maximum((y.to(tl.float32) + 0.5) * scale_h - 0.5, 0.0)
@@ -57,12 +62,12 @@ if HAS_TRITON:
         lx = (sx - x0.to(tl.float32))[:, None]
         y1 = tl.minimum(y0 + 1, src_h - 1)
         x1 = tl.minimum(x0 + 1, src_w - 1)
-        mask = t_ok[:, None]
-        v00 = tl.load(src + (y0 * src_w + x0)[:, None] * stride_l, mask=mask, other=0.0).to(tl.float32)
-        v01 = tl.load(src + (y0 * src_w + x1)[:, None] * stride_l, mask=mask, other=0.0).to(tl.float32)
-        v10 = tl.load(src + (y1 * src_w + x0)[:, None] * stride_l, mask=mask, other=0.0).to(tl.float32)
-        v11 = tl.load(src + (y1 * src_w + x1)[:, None] * stride_l, mask=mask, other=0.0).to(tl.float32)
-        return (1.0 - ly) * ((1.0 - lx) * v00 + lx * v01) + ly * ((1.0 - lx) * v10 + lx * v11)
+        for tap in range(0, 4 + (src_h < 0).to(tl.int32)):  # taps (y0, x0), (y0, x1), (y1, x0), (y1, x1)
+            lower, right = tap >= 2, tap % 2 == 1
+            row = tl.where(lower, y1, y0) * src_w + tl.where(right, x1, x0)
+            weight = tl.where(lower, ly, 1.0 - ly) * tl.where(right, lx, 1.0 - lx)
+            acc += weight * tl.load(src + row[:, None] * stride_l, mask=t_ok[:, None], other=0.0).to(tl.float32)
+        return acc
 
     @triton.jit
     def _slot_keys(idx_base, pos, num_gathered, start0, start1, start2, start3, band_len0, band_len1, band_len2,
@@ -156,11 +161,12 @@ if HAS_TRITON:
         if HAS_EXTRA:
             extra_base = Extra + b * stride_eb + h * stride_eh + offs_d[None, :]
             if UPSAMPLE:  # Extra is the residual cache on the decision grid: bilinear to these queries
-                extra = _bilinear_rows(extra_base, offs_m, row_ok, src_h, src_w, dst_w, up_scale_h, up_scale_w,
-                                       stride_em)
+                tl.static_assert(not STORE_EXTRA)
+                out = _add_bilinear_rows(out, extra_base, offs_m, row_ok, src_h, src_w, dst_w, up_scale_h, up_scale_w,
+                                         stride_em)
             else:
                 extra = tl.load(extra_base + offs_m[:, None] * stride_em, mask=row_ok[:, None], other=0.0)
-            out = out + extra.to(tl.float32)
+                out = out + extra.to(tl.float32)
             if STORE_EXTRA:  # the decision's dense output in the input dtype, saving a separate cast kernel
                 tl.store(ExtraOut + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :],
                          extra.to(ExtraOut.dtype.element_ty), mask=row_ok[:, None])
@@ -286,7 +292,8 @@ if HAS_TRITON:
         t_ok = t < hd * wd
         d = tl.arange(0, HEAD_DIM)[None, :]
         src = Src + b.to(tl.int64) * stride_sb + h * stride_sh + d
-        up = _bilinear_rows(src, t, t_ok, hs, ws, wd, scale_h, scale_w, stride_sl)
+        up = _add_bilinear_rows(tl.zeros([BLOCK_T, HEAD_DIM], dtype=tl.float32), src, t, t_ok, hs, ws, wd, scale_h,
+                                scale_w, stride_sl)
         out = Out + b.to(tl.int64) * stride_ob + h * stride_oh + t[:, None] * stride_ol + d
         tl.store(out, up.to(Out.dtype.element_ty), mask=t_ok[:, None])
 
