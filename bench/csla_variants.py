@@ -3,9 +3,8 @@
 For each model's sparse scales at 1024² (B=2 for CFG, bf16; the policy's CSLA block, sinks and windows), with q as
 the token-major projection view and K/V as views of a preallocated (B, H, T, D) cache, as the torch-cuda engine
 runs them:
-  - each of sparvar.kernels.csla.CSLA_VARIANTS with its fixed launch config: "pointer" (the default kernel),
-    "pointer-split2" (each key tile read as two halves: half the shared memory, a third CTA per SM), "tma" (q, K, V
-    through tensor descriptors), "tma-ws" (TMA, the key loop warp-specialised);
+  - each of sparvar.kernels.csla.CSLA_VARIANTS with its fixed launch config: "pointer" (the default kernel), "tma"
+    (q, K, V through tensor descriptors), "tma-ws" (TMA, the key loop warp-specialised);
   - the autotuned kernel as the engine runs it today (SPARVAR_CSLA_TMA=0: pointer configs only), and with the TMA
     configs in the tuning set (SPARVAR_CSLA_TMA=1), with the config each picked.
 Every row is checked against the fp32 masked reference on two heads before it is timed (a row off by more than
@@ -115,8 +114,7 @@ def compile_stats(tiles=((64, 64), (128, 64)), head_dims=(128, 64)) -> list[dict
                 constexprs.update(config.kwargs)
                 compiled = compile_for_sm90(constexprs, config.num_warps, config.num_stages)
                 ptx = compiled.asm["ptx"]
-                variant = next(name for name, kw in C.CSLA_VARIANTS.items()
-                               if kw == {k: v for k, v in config.kwargs.items() if k in ("TMA", "WS", "SPLIT_N")})
+                variant = "tma-ws" if config.kwargs.get("WS") else "tma" if config.kwargs.get("TMA") else "pointer"
                 rows.append(dict(variant=variant, block=f"{block_m}x{block_n}", head_dim=head_dim,
                                  num_warps=config.num_warps, num_stages=config.num_stages,
                                  warps_launched=compiled.metadata.num_warps, shared_bytes=compiled.metadata.shared,
@@ -174,9 +172,7 @@ def run(models: list[str], runs: int, warmup: int, partial_path: str | None = No
 
             usable = C.tma_usable(q, k, v, *blocks)
             for variant in C.CSLA_VARIANTS:
-                if C.CSLA_VARIANTS[variant].get("TMA") and not usable:
-                    continue
-                if blocks[1] // C.CSLA_VARIANTS[variant].get("SPLIT_N", 1) < C.MIN_SUB_N:
+                if C.CSLA_VARIANTS[variant] and not usable:
                     continue
                 if C.CSLA_VARIANTS[variant].get("WS") and tuple(blocks) not in C.WS_TILES:
                     continue  # refused there: it did not finish at a 128x64 tile, so 128-row tiles are left out (C.WS_TILES)

@@ -91,15 +91,15 @@ def test_csla_tuning_reports_only_a_tuning_of_this_row(monkeypatch):
         def __init__(self, **kwargs):
             self.kwargs = kwargs
 
-    tma, plain, split = Config(TMA=True), Config(), Config(SPLIT_N=2)
+    tma, plain = Config(TMA=True), Config()
     tuner = SimpleNamespace(best_config="plain config", configs_timings={tma: 1.0, plain: 0.9})
     monkeypatch.setattr(csla, "_csla_fwd_tuned", tuner, raising=False)
     assert csla_tuning() == {"csla_config_last_scale": "plain config", "csla_tuned_in_row": True,
-                             "csla_tma_configs_timed": True, "csla_split_configs_timed": False}
+                             "csla_tma_configs_timed": True}
     forget_csla_timings()  # the next row starts; its calls hit the cache: best_config is set, nothing timed
     assert csla_tuning() == {"csla_config_last_scale": "plain config", "csla_tuned_in_row": False}
-    tuner.configs_timings = {plain: 0.9, split: 0.8}  # it tuned after all, without the TMA configs, with a split one
-    assert csla_tuning()["csla_tma_configs_timed"] is False and csla_tuning()["csla_split_configs_timed"] is True
+    tuner.configs_timings = {plain: 0.9}  # it tuned after all, without the TMA configs
+    assert csla_tuning()["csla_tma_configs_timed"] is False
 
 
 def _official_files(tmp_path, cfg):
@@ -150,7 +150,7 @@ def test_bench_model_saves_every_row_with_its_ratios(monkeypatch):
     tma_flags = []
 
     def fake_timing(pipe, features, lengths, warmup, runs, sampling):
-        tma_flags.append((os.environ.get("SPARVAR_CSLA_TMA"), os.environ.get("SPARVAR_CSLA_SPLIT")))
+        tma_flags.append((os.environ.get("SPARVAR_CSLA_TMA"), os.environ.get("SPARVAR_CS4A_UNROLLED_TAPS")))
         image = pipe.generate(features, lengths, sampling=sampling, seed=0).image  # the row's real pipeline runs once
         assert image.shape[0] == 2 and torch.isfinite(image).all()  # batch 2: two prompts, two images
         assert not torch.equal(image[0], image[1])
@@ -165,17 +165,17 @@ def test_bench_model_saves_every_row_with_its_ratios(monkeypatch):
             ("dense eager + skip last 2", "dense", "eager", "math", 2, False),
             ("SparVAR eager", "sparvar", "eager", "math", 0, False),  # the rows' Triton plan: fails on the CPU
             (e2e.CSLA_TMA_ROW, "dense", "eager", "math", 0, False),  # only its kernel-tuning switch matters here
-            (e2e.CSLA_WHOLE_TILES_ROW, "dense", "eager", "math", 0, False)]
+            (e2e.CS4A_UNROLLED_TAPS_ROW, "dense", "eager", "math", 0, False)]
     monkeypatch.setenv("SPARVAR_CSLA_TMA", "keep")
-    monkeypatch.setenv("SPARVAR_CSLA_SPLIT", "keep")
+    monkeypatch.delenv("SPARVAR_CS4A_UNROLLED_TAPS", raising=False)
     saved = []
     result = e2e.bench_model("infinity-tiny", 256, 0, 1, rows, save=lambda r: saved.append(
         [dict(row) for row in r["rows"]]), device="cpu", batch=2)
     assert [len(s) for s in saved] == [1, 2, 3, 4, 5]
-    # the TMA row tunes with the TMA configs, every other row without; the whole-tiles row without the split
-    # configs, every other row with them (the default: unset); the caller's settings come back after
-    assert tma_flags == [("0", None), ("0", None), ("0", None), ("1", None), ("0", "0")], tma_flags
-    assert os.environ["SPARVAR_CSLA_TMA"] == "keep" and os.environ["SPARVAR_CSLA_SPLIT"] == "keep"
+    # the TMA row tunes with the TMA configs, every other row without; the unrolled-taps row alone runs CS4A's
+    # epilogue unrolled; the caller's settings come back after (one unset stays unset)
+    assert tma_flags == [("0", "0"), ("0", "0"), ("0", "0"), ("1", "0"), ("0", "1")], tma_flags
+    assert os.environ["SPARVAR_CSLA_TMA"] == "keep" and "SPARVAR_CS4A_UNROLLED_TAPS" not in os.environ
     assert saved[0][0]["speedup_vs_dense_eager_fa2"] == 1.0
     assert saved[1][1]["speedup_vs_dense_eager_fa2"] == 2.0
     assert saved[1][1]["images_per_s"] == 1000 * 2 / 50.0 and result["batch"] == 2

@@ -865,80 +865,6 @@ TMA_SCRIPT = textwrap.dedent('''
 ''')
 
 
-SPLIT_SCRIPT = textwrap.dedent('''
-    import torch
-
-    from sparvar.attention import reference_attention
-    from sparvar.csla import block_layout_from_mask
-    import sparvar.kernels.csla as C
-
-    torch.manual_seed(0)
-    dt = torch.float16
-    worst = 0.0
-    for bm, bn, lq, lk, d in [(64, 64, 150, 300, 64), (128, 64, 130, 256, 128), (64, 128, 64, 200, 64),
-                              (128, 128, 130, 300, 64)]:
-        q = torch.randn(2, 2, lq, d, dtype=dt) * d ** -0.5
-        # K/V views of a cache that is NaN past kv_len: a half tile read past the end would show
-        k, v = (torch.cat([torch.randn(2, 2, lk, d, dtype=dt), torch.full((2, 2, 40, d), float("nan"), dtype=dt)],
-                          2)[:, :, :lk] for _ in range(2))
-        nq, nk = -(-lq // bm), -(-lk // bn)
-        blocks = torch.rand(nq, nk) < 0.4
-        blocks[torch.arange(nq), torch.randint(0, nk, (nq,))] = True
-        blocks[0, -1] = True  # a row ending on the partial last key tile
-        mask = blocks.repeat_interleave(bm, 0).repeat_interleave(bn, 1)[:lq, :lk]
-        lay = block_layout_from_mask(mask, bm, bn)
-        order = C.query_block_order(lay.kv_num_blocks)
-        ref = reference_attention(q, k, v, mask=lay.to_dense()).nan_to_num(nan=0.0)
-        out = C.csla_attention_blocks(q, k, v, lay.kv_num_blocks, lay.kv_indices, bm, bn, q_order=order,
-                                      variant="pointer-split2")
-        whole = C.csla_attention_blocks(q, k, v, lay.kv_num_blocks, lay.kv_indices, bm, bn, q_order=order,
-                                        variant="pointer")
-        for got in (out, whole):
-            worst = max(worst, (got.float() - ref.float()).abs().nan_to_num(nan=float("inf")).max().item())
-        # token-exact layouts too: the full tiles go through the split loop, the partial ones whole
-        tok = block_layout_from_mask(torch.rand(lq, lk) < 0.3, bm, bn, "token")
-        nf, tiles, idx = C.token_tiles(tok.kv_num_blocks, tok.kv_indices, tok.partial_index)
-        out = C.csla_attention_blocks(q, k, v, tok.kv_num_blocks, tiles, bm, bn, num_full=nf, tile_index=idx,
-                                      partial_masks=tok.partial_masks, variant="pointer-split2")
-        ref = reference_attention(q, k, v, mask=tok.to_dense()).nan_to_num(nan=0.0)
-        worst = max(worst, (out.float() - ref.float()).abs().nan_to_num(nan=float("inf")).max().item())
-    q, k, v = (torch.randn(1, 2, 64, 64, dtype=dt) for _ in range(3))
-    lay = block_layout_from_mask(torch.ones(64, 64, dtype=torch.bool), 32, 32)
-    try:  # a 32-key tile would split into 16-key halves: refused by name
-        C.csla_attention_blocks(q, k, v, lay.kv_num_blocks, lay.kv_indices, 32, 32, variant="pointer-split2")
-    except ValueError as e:
-        assert "sub-tiles of at least 32" in str(e), e
-    else:
-        raise AssertionError("pointer-split2 at a 32x32 tile was not refused")
-    print("WORST", worst)
-''')
-
-
-def test_csla_split_variant_under_triton_interpreter():
-    """"pointer-split2" (each key tile read as two halves) against the masked reference at every CSLA tile, block and
-    token granularity, K/V as views of a cache holding NaN past kv_len, a row on the partial last tile; the unsplit
-    kernel on the same inputs beside it."""
-    pytest.importorskip("triton")
-    worst = float(run_interpreted(SPLIT_SCRIPT))
-    assert worst < 5e-3, f"the split CSLA kernel differs from the reference by {worst}"
-
-
-def test_csla_split_config_fits_three_ctas_per_sm():
-    """Why the split configs exist: at the engines' 64x64 tiles (head dim 128) the split kernel compiled for sm_90
-    needs little enough shared memory and registers for three CTAs an SM, where the unsplit kernel fits two."""
-    pytest.importorskip("triton")
-    from bench.csla_variants import compile_for_sm90
-
-    constexprs = dict(HEAD_DIM=128, BLOCK_M=64, BLOCK_N=64, DENSE=False, EVEN_N=False, USE_ORDER=True,
-                      STORE_LSE=False, TOKEN=False, ROW_LEN=False, CLAMP_LAYOUT=False)
-    ctas = {}
-    for split in (1, 2):
-        compiled = compile_for_sm90(dict(constexprs, SPLIT_N=split), 4, 3)
-        ctas[split] = ctas_per_sm(compiled, 128)
-        assert "cp.async.cg" in compiled.asm["ptx"], split  # the halves are software-pipelined as the whole tiles
-    assert ctas == {1: 2, 2: 3}, ctas
-
-
 def ctas_per_sm(compiled, threads: int) -> int:
     """The CTAs of a compiled kernel an H100 SM holds, by shared memory (228 KB, 1 KB reserved per CTA) and
     registers (64 Ki, allocated per thread in units of 8); its registers from ptxas, checked free of spills."""
@@ -960,6 +886,7 @@ def test_cs4a_from_selection_fits_three_ctas_per_sm():
     constexprs = dict(HEAD_DIM=128, BLOCK_M=64, BLOCK_N=32, NUM_BANDS=2, GROUP_MAP=True, HAS_EXTRA=True,
                       UPSAMPLE=True, NEGATE=False, STORE_EXTRA=False)
     assert ctas_per_sm(compile_for_sm90(constexprs, 4, 3, kernel=_cs4a_fwd_kernel), 128) == 3
+
 
 def test_csla_variant_names_are_checked():
     q = torch.randn(1, 2, 64, 64, dtype=torch.bfloat16)
@@ -1014,8 +941,7 @@ BENCH_DRY_RUN_SCRIPT = textwrap.dedent('''
     rows = [r for r in rows if r not in wrong]
     assert not any("error" in r for r in rows), rows
     names = {(r["scale"], r["name"]) for r in rows + wrong}
-    expected = {(s, n) for s in (4, 5, 6) for n in ("CSLA pointer (fixed config)", "CSLA pointer-split2 (fixed config)",
-                                                    "CSLA tma (fixed config)",
+    expected = {(s, n) for s in (4, 5, 6) for n in ("CSLA pointer (fixed config)", "CSLA tma (fixed config)",
                                                     "CSLA tma-ws (fixed config)", "CSLA autotuned (pointer configs)",
                                                     "CSLA autotuned (+ TMA configs)")}
     assert names == expected, names

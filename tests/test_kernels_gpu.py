@@ -109,43 +109,6 @@ def test_csla_paper_layout_at_1024():
     assert_close(out, reference_attention(q, k, v, mask=layout.to_dense()), dtype, "csla paper layout")
 
 
-
-@pytest.mark.parametrize("d", [64, 128])
-@pytest.mark.parametrize("block", [(64, 64), (128, 64), (64, 128), (128, 128)], ids=lambda b: "x".join(map(str, b)))
-def test_csla_split_variant_matches_reference(block, d):
-    """"pointer-split2" (each key tile read as two halves) at its fixed config, on a token-major q and K/V cache
-    views with NaN past kv_len; rows that end on the partial last key block and, at 1024 keys, a layout with none."""
-    dtype = torch.bfloat16
-    for kv_len in (1000, 1024):
-        q = projected_q(2, 3, 300, d, dtype)
-        k, v = cache_view(2, 3, kv_len, d, dtype), cache_view(2, 3, kv_len, d, dtype)
-        layout = random_layout(300, kv_len, *block, with_last=True)
-        order = kernels.query_block_order(layout.kv_num_blocks)
-        out = kernels.csla_attention_blocks(q, k, v, layout.kv_num_blocks, layout.kv_indices, *block, q_order=order,
-                                            variant="pointer-split2")
-        assert_close(out, reference_attention(q, k, v, mask=layout.to_dense()), dtype, f"split2 {block} d{d} {kv_len}")
-
-
-def test_csla_split_configs_tuned_at_the_paper_layout(monkeypatch):
-    """The autotuner (pointer configs, as the engine runs it) times the split configs beside the whole-tile ones at
-    2B's scale-12 layout; whichever wins must be right."""
-    from sparvar.schedule import get_schedule
-    from sparvar.sparse import default_policy
-
-    monkeypatch.setenv("SPARVAR_CSLA_TMA", "0")
-    monkeypatch.setenv("SPARVAR_TRITON_AUTOTUNE", "1")
-    schedule = get_schedule(1024)
-    layout = default_policy("infinity-2b", schedule).csla_layout(schedule, 12).to(DEV)
-    dtype = torch.bfloat16
-    q = projected_q(2, 16, layout.q_len, 128, dtype)
-    k, v = cache_view(2, 16, layout.kv_len, 128, dtype), cache_view(2, 16, layout.kv_len, 128, dtype)
-    ref = reference_attention(q[:, :2], k[:, :2], v[:, :2], mask=layout.to_dense())
-    tuner = kernels.csla._csla_fwd_tuned
-    tuner.cache.clear()
-    assert_close(kernels.csla_attention(q, k, v, layout)[:, :2], ref, dtype, f"autotuned ({kernels.csla.tuned_config()})")
-    timed = [c.kwargs for c in (tuner.configs_timings or {})]
-    assert any(kw.get("SPLIT_N") == 2 for kw in timed) and any(not kw.get("SPLIT_N") for kw in timed), timed
-
 # ------------------------------------------------------------------------------------------------ CSLA, TMA variants
 HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
 needs_hopper = pytest.mark.skipif(not HOPPER, reason="the CSLA kernel's TMA variants run on Hopper GPUs only")

@@ -17,7 +17,7 @@
 #   bash tools/gpu_bench.sh "$OUT" pdl2b     # the PDL streaming linears at small scales: their tests, then 2B dense and SparVAR with and without (pdl8b: 8B)
 #   bash tools/gpu_bench.sh "$OUT" e2e2b     # end-to-end, 2B bf16 engine rows (dense, SparVAR, its ablations, skip 2)
 #   bash tools/gpu_bench.sh "$OUT" e2e8b     # the same for 8B
-#   bash tools/gpu_bench.sh "$OUT" split2b   # split CSLA key tiles, CS4A's looped epilogue: tests, kernels, engines (split8b: 8B)
+#   bash tools/gpu_bench.sh "$OUT" taps2b    # CS4A's bilinear taps looped vs unrolled: tests, kernel, engines (taps8b: 8B)
 #   bash tools/gpu_bench.sh "$OUT" pair2b    # only the dense and SparVAR engines, side by side (the 1.2x ratio, in short; pair8b: 8B)
 #   bash tools/gpu_bench.sh "$OUT" lanes2b   # dense and SparVAR engines beside SparVAR with the decision residuals on one stream (lanes8b: 8B)
 #   bash tools/gpu_bench.sh "$OUT" decision  # the CS4A decision's GPU tests, then its passes timed (decide)
@@ -88,20 +88,18 @@ for what in "${@:2}"; do
       python bench/e2e.py --model "infinity-$size" --warmup 3 --runs 20 --rows "=dense engine (CUDA graphs)" \
         --rows "=SparVAR engine (CUDA graphs, Triton kernels)" --rows "side stream,TMA configs,skip last 2" \
         --out "$OUT/e2e_engines_${size}_$TAG.json" 2>&1 | grep -v Warning | tail -8 ;;
-    split2b|split8b)  # three CTAs an SM: the split CSLA key tiles and CS4A's looped bilinear epilogue; their GPU tests,
-      # the CSLA variants, CS4A at scales 11-12, then both engines and the CSLA ablation
-      size=${what#split}
-      timeout 300 python -m pytest -q tests/test_kernels_gpu.py -k "csla_split or cs4a_from_selection or upsample_cache_kernel or cs4a_matches_reference or decide_in_halves" \
-        > "$OUT/gpu_tests_split_${size}_$TAG.txt" 2>&1; ok=$?
-      grep -E "FAILED|ERROR|passed|failed" "$OUT/gpu_tests_split_${size}_$TAG.txt" | tail -12
-      [ $ok -eq 0 ] || { echo "split tests failed: no timing"; continue; }
-      python bench/csla_variants.py --models "infinity-$size" --runs 50 --warmup 5 \
-        --out "$OUT/csla_variants_split_${size}_$TAG.json" 2>&1 | grep -v Warning | tail -8
+    taps2b|taps8b)  # CS4A's epilogue with its bilinear taps in a loop (three CTAs an SM) against unrolled (the
+      # form before, two): its GPU tests, the kernel at scales 11-12 both ways, then the engines with the ablation
+      size=${what#taps}
+      timeout 300 python -m pytest -q tests/test_kernels_gpu.py -k "cs4a_from_selection or upsample_cache_kernel or cs4a_matches_reference" \
+        > "$OUT/gpu_tests_taps_${size}_$TAG.txt" 2>&1; ok=$?
+      grep -E "FAILED|ERROR|passed|failed" "$OUT/gpu_tests_taps_${size}_$TAG.txt" | tail -12
+      [ $ok -eq 0 ] || { echo "taps tests failed: no timing"; continue; }
       python bench/small_scales.py --model "infinity-$size" --sections later,upsample \
         --out "$OUT/small_scales_later_${size}_$TAG.json" 2>&1 | grep -v Warning | tail -6
       python bench/e2e.py --model "infinity-$size" --warmup 3 --runs 20 --rows "=dense engine (CUDA graphs)" \
-        --rows "=SparVAR engine (CUDA graphs, Triton kernels)" --rows "whole key tiles" \
-        --out "$OUT/e2e_engines_${size}_split_$TAG.json" 2>&1 | grep -v Warning | tail -6 ;;
+        --rows "=SparVAR engine (CUDA graphs, Triton kernels)" --rows "taps unrolled" \
+        --out "$OUT/e2e_engines_${size}_taps_$TAG.json" 2>&1 | grep -v Warning | tail -6 ;;
     pair2b|pair8b)  # for a session with little device time: the two rows of the 1.2x target, nothing else
       size=${what#pair}
       python bench/e2e.py --model "infinity-$size" --warmup 3 --runs 20 --rows "=dense engine (CUDA graphs)" \

@@ -237,20 +237,14 @@ if HAS_TRITON:
         DENSE: tl.constexpr, EVEN_N: tl.constexpr, USE_ORDER: tl.constexpr, STORE_LSE: tl.constexpr,
         TOKEN: tl.constexpr, ROW_LEN: tl.constexpr, CLAMP_LAYOUT: tl.constexpr = False,
         TMA_OK: tl.constexpr = False, TMA: tl.constexpr = False, WS: tl.constexpr = False,
-        PDL_TRIGGER: tl.constexpr = False, SPLIT_N: tl.constexpr = 1, SPLIT_OK: tl.constexpr = True,
+        PDL_TRIGGER: tl.constexpr = False,
     ):
         # TMA (block-sparse CSLA only; see _CSLA_TMA_CONFIGS): q, K and V tiles come through Hopper tensor descriptors
         # made per program, K/V rows past kv_len read as zeros; WS also warp-specialises the key loop (a producer warp
         # group issues the copies), with the partial last tile inside that loop: Triton's warp specialisation takes
         # no tile work after it. TMA_OK only keys the autotuner (the wrapper's checks that TMA may run here).
-        # SPLIT_N (pointer loads only): each full key tile of the loop is read as SPLIT_N narrower sub-tiles. The
-        # K/V ring then takes 1/SPLIT_N of the shared memory (64x64 tiles, head dim 128: 48 KB a CTA instead of 80,
-        # 151 registers instead of 176), so an SM holds three CTAs instead of two: more warps to hide the loads'
-        # latency, which Nsight Compute says bounds this kernel (1.96 active warps per scheduler, 0.43 eligible).
-        # SPLIT_OK only keys the autotuner (SPARVAR_CSLA_SPLIT=0 leaves the split configs out: split_enabled).
         tl.static_assert(not (TMA and (DENSE or TOKEN or ROW_LEN or CLAMP_LAYOUT or STORE_LSE)))
         tl.static_assert(TMA or not WS)
-        tl.static_assert(SPLIT_N == 1 or (not TMA and BLOCK_N % SPLIT_N == 0))
         if PDL_TRIGGER:  # the PDL linear after this kernel may start fetching its weights (sparvar/kernels/linear.py)
             tl.extra.cuda.gdc_launch_dependents()
         pid_m = tl.program_id(0)
@@ -297,17 +291,12 @@ if HAS_TRITON:
                 last = _key_block(idx_row + tl.maximum(num - 1, 0), kv_len, BLOCK_N, CLAMP_LAYOUT)
                 num_full = tl.maximum(num - (last == (kv_len - 1) // BLOCK_N).to(tl.int32), 0)
 
-        SUB_N: tl.constexpr = BLOCK_N // SPLIT_N
-        offs_sub = tl.arange(0, SUB_N)
-        for i in tl.range(0, num_full * SPLIT_N, warp_specialize=WS):
+        for i in tl.range(0, num_full, warp_specialize=WS):
             if DENSE:
-                start_n = i * SUB_N
-            elif SPLIT_N == 1:
-                start_n = _key_block(idx_row + i, kv_len, BLOCK_N, CLAMP_LAYOUT) * BLOCK_N
+                start_n = i * BLOCK_N
             else:
-                start_n = (_key_block(idx_row + i // SPLIT_N, kv_len, BLOCK_N, CLAMP_LAYOUT) * BLOCK_N
-                           + (i % SPLIT_N) * SUB_N)
-            keys = start_n + offs_sub
+                start_n = _key_block(idx_row + i, kv_len, BLOCK_N, CLAMP_LAYOUT) * BLOCK_N
+            keys = start_n + offs_n
             if TMA:  # keys past kv_len read as zeros, their scores masked below
                 k = k_desc.load([b, h, start_n, 0]).reshape(BLOCK_N, HEAD_DIM)
                 v = v_desc.load([b, h, start_n, 0]).reshape(BLOCK_N, HEAD_DIM)
@@ -363,9 +352,6 @@ if HAS_TRITON:
         for c in configs:
             if c.kwargs.get("TMA") and not kwargs.get("TMA_OK"):
                 continue
-            if c.kwargs.get("SPLIT_N", 1) > 1 and (not kwargs.get("SPLIT_OK", True)
-                                                   or block_n // c.kwargs["SPLIT_N"] < MIN_SUB_N):
-                continue
             if c.kwargs.get("WS"):  # 4 warps asked for: Triton's Hopper pass launches 12 (its own partitions)
                 if (block_m, block_n) in WS_TILES:
                     kept.append(c)
@@ -378,8 +364,7 @@ if HAS_TRITON:
         return kept or configs[:1]
 
     # Small set, pruned per tile: (warps, stages). Hopper likes 8 warps / 3-4 stages at 128-row tiles.
-    _CSLA_CONFIGS = ([triton.Config({}, num_warps=w, num_stages=s) for w, s in ((8, 3), (8, 4), (8, 2), (4, 3), (4, 2))]
-                     + [triton.Config({"SPLIT_N": 2}, num_warps=w, num_stages=s) for w, s in ((8, 3), (4, 3), (4, 2))])
+    _CSLA_CONFIGS = [triton.Config({}, num_warps=w, num_stages=s) for w, s in ((8, 3), (8, 4), (8, 2), (4, 3), (4, 2))]
     # Dense (the decision's pass): the tile is free, so it is tuned too; 64-row tiles fill the last wave better at
     # short query lengths (1,600 queries = 12.5 tiles of 128 per (batch, head)).
     _DENSE_CONFIGS = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
@@ -393,7 +378,7 @@ if HAS_TRITON:
                          + [triton.Config({"TMA": True, "WS": True}, num_warps=4, num_stages=s) for s in (2, 3)])
     _csla_fwd_tuned = triton.autotune(configs=_CSLA_CONFIGS + _CSLA_TMA_CONFIGS,
                                       key=["HEAD_DIM", "BLOCK_M", "BLOCK_N", "DENSE", "EVEN_N", "TOKEN", "TMA_OK",
-                                           "SPLIT_OK", "q_len", "kv_len"],  # one tuning per scale: each has its own layout
+                                           "q_len", "kv_len"],  # one tuning per scale: each has its own layout
                                       prune_configs_by={"early_config_prune": _prune_by_tile})(_csla_fwd_kernel)
 
 
@@ -404,13 +389,10 @@ def default_launch_config(block_m: int, block_n: int) -> dict:
     return dict(num_warps=4, num_stages=3 if block_m * block_n > 32 * 32 else 2)
 
 
-# The CSLA kernel's variants a caller can ask for by name (benchmarks, tests): the pointer loads (the default), the
-# same with each key tile read as two halves (SPLIT_N, a third CTA per SM), tensor descriptors (TMA), and TMA with
-# the full-tile loop warp-specialised. Autotuning picks among the pointer configs, split or not (SPLIT_N configs
-# where the sub-tile keeps MIN_SUB_N keys), and the TMA ones where tma_usable allows (SPARVAR_CSLA_TMA=1), the
-# warp-specialised configs at WS_TILES only.
-CSLA_VARIANTS = {"pointer": {}, "pointer-split2": {"SPLIT_N": 2}, "tma": {"TMA": True}, "tma-ws": {"TMA": True, "WS": True}}
-MIN_SUB_N = 32  # the narrowest key sub-tile SPLIT_N may make (tuning set and variants alike)
+# The CSLA kernel's variants a caller can ask for by name (benchmarks, tests): the pointer loads (the default), tensor
+# descriptors (TMA), and TMA with the full-tile loop warp-specialised. Autotuning picks among them where tma_usable
+# allows (SPARVAR_CSLA_TMA=1), the warp-specialised configs at WS_TILES only.
+CSLA_VARIANTS = {"pointer": {}, "tma": {"TMA": True}, "tma-ws": {"TMA": True, "WS": True}}
 TMA_TILES = ((64, 64), (64, 128), (128, 64), (128, 128))  # the tiles whose TMA configs compile (tests/test_kernels_cpu.py)
 # The tiles "tma-ws" runs at: on the H100 at fa4da19 (Triton 3.6) the warp-specialised kernel at a 128x64 tile (its 4
 # warps asked for, 128 accumulator rows; head dim 64) did not finish a 300-query test before the call's time limit,
@@ -422,11 +404,6 @@ WS_TILES = ((64, 64), (64, 128))
 def tma_enabled() -> bool:
     """SPARVAR_CSLA_TMA=1 lets the autotuner try the TMA configs (off until they have run on a GPU)."""
     return os.environ.get("SPARVAR_CSLA_TMA", "0") == "1"
-
-
-def split_enabled() -> bool:
-    """SPARVAR_CSLA_SPLIT=0 keeps the autotuner to whole key tiles (the split configs' ablation; on by default)."""
-    return os.environ.get("SPARVAR_CSLA_SPLIT", "1") != "0"
 
 
 def tma_usable(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_m: int, block_n: int) -> bool:
@@ -528,7 +505,7 @@ def flash_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, kv_num_b
         _csla_fwd_kernel[grid](*args, **meta, **default_launch_config(block_m, block_n))
     else:
         kernel = _csla_fwd_tuned if autotuning() else _csla_fwd_kernel
-        extra = dict(SPLIT_OK=split_enabled()) if autotuning() else default_launch_config(block_m, block_n)
+        extra = {} if autotuning() else default_launch_config(block_m, block_n)
         with launch_device(q):
             kernel[grid](*args, **meta, **extra)
     return (out, lse) if return_lse else out
@@ -625,10 +602,7 @@ def csla_attention_blocks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_
     check_device(name, q, k=k, v=v, kv_num_blocks=kv_num_blocks, kv_indices=kv_indices, q_order=q_order,
                  num_full=num_full, tile_index=tile_index, partial_masks=partial_masks)
     if variant is not None:
-        if block_n // CSLA_VARIANTS[variant].get("SPLIT_N", 1) < MIN_SUB_N:
-            raise ValueError(f"{name}: variant {variant!r} splits each key tile into sub-tiles of at least {MIN_SUB_N} "
-                             f"keys; got block_n {block_n}")
-        if CSLA_VARIANTS[variant].get("TMA") and (token is not None or not tma_usable(q, k, v, block_m, block_n)):
+        if CSLA_VARIANTS[variant] and (token is not None or not tma_usable(q, k, v, block_m, block_n)):
             raise ValueError(f"{name}: variant {variant!r} needs a block-granular layout, a tile of {TMA_TILES}, a "
                              f"Hopper GPU and 16-byte aligned q, k, v bases and strides; got tile "
                              f"{(block_m, block_n)}, {'token' if token is not None else 'block'} granularity")
