@@ -89,14 +89,15 @@ for what in "${@:2}"; do
         --rows "=SparVAR engine (CUDA graphs, Triton kernels)" --rows "side stream,TMA configs,skip last 2" \
         --out "$OUT/e2e_engines_${size}_$TAG.json" 2>&1 | grep -v Warning | tail -8 ;;
     taps2b|taps8b)  # CS4A's epilogue with its bilinear taps in a loop (three CTAs an SM) against unrolled (the
-      # form before, two): its GPU tests, the kernel at scales 11-12 both ways, then the engines with the ablation
+      # form before, two), side by side: the kernel at scales 11-12 (2B and 8B) first, then its GPU tests, then the
+      # engines with the ablation (the 8B engines with taps8b)
       size=${what#taps}
-      timeout 300 python -m pytest -q tests/test_kernels_gpu.py -k "cs4a_from_selection or upsample_cache_kernel" \
+      python bench/small_scales.py --model infinity-2b --model infinity-8b --sections later \
+        --out "$OUT/small_scales_taps_$TAG.json" 2>&1 | grep -v Warning | tail -5
+      timeout 120 python -m pytest -q tests/test_kernels_gpu.py -k "cs4a_from_selection or upsample_cache_kernel" \
         > "$OUT/gpu_tests_taps_${size}_$TAG.txt" 2>&1; ok=$?
       grep -E "FAILED|ERROR|passed|failed" "$OUT/gpu_tests_taps_${size}_$TAG.txt" | tail -12
-      [ $ok -eq 0 ] || { echo "taps tests failed: no timing"; continue; }
-      python bench/small_scales.py --model "infinity-$size" --sections later,upsample \
-        --out "$OUT/small_scales_later_${size}_$TAG.json" 2>&1 | grep -v Warning | tail -6
+      [ $ok -eq 0 ] || { echo "taps tests failed: no engine timing"; continue; }
       python bench/e2e.py --model "infinity-$size" --warmup 3 --runs 20 --rows "=dense engine (CUDA graphs)" \
         --rows "=SparVAR engine (CUDA graphs, Triton kernels)" --rows "taps unrolled" \
         --out "$OUT/e2e_engines_${size}_taps_$TAG.json" 2>&1 | grep -v Warning | tail -6 ;;
