@@ -39,29 +39,19 @@ from bench.common import device_tag, write_result  # noqa: E402
 TOLERANCE = {torch.bfloat16: 2e-2, torch.float16: 4e-3}  # max abs error against the fp32 reference, as the GPU tests
 
 
-# the pointer arguments of the kernels compile_for_sm90 takes, and their element types ("dtype": q's)
-KERNEL_POINTERS = {
-    "_csla_fwd_kernel": {"Q": "dtype", "K": "dtype", "V": "dtype", "Out": "dtype", "Lse": "fp32", "PartialMasks": "u8",
-                         "KVNumBlocks": "i32", "KVIndices": "i32", "QOrder": "i32", "NumFull": "i32",
-                         "PartialIndex": "i32", "KVLens": "i32"},
-    "_cs4a_fwd_kernel": {"Q": "dtype", "K": "dtype", "V": "dtype", "Out": "dtype", "KeyIdx": "i32", "GroupMap": "i32",
-                         "BandStarts": "i32", "Extra": "dtype", "ExtraOut": "dtype"},
-}
-FLOAT_SCALARS = ("qk_scale", "up_scale_h", "up_scale_w")
-
-
-def compile_for_sm90(constexprs: dict, num_warps: int, num_stages: int, dtype: str = "bf16", kernel=None):
-    """triton.compile of the CSLA kernel (or `kernel`, one of KERNEL_POINTERS') for sm_90 on any machine,
-    specialised as Triton's JIT specialises a launch on torch tensors: pointers 16-byte aligned, strides multiples
-    of 16, the lengths not."""
+def compile_for_sm90(constexprs: dict, num_warps: int, num_stages: int, dtype: str = "bf16"):
+    """triton.compile of the CSLA kernel for sm_90 on any machine, specialised as Triton's JIT specialises a launch
+    on torch tensors: pointers 16-byte aligned, strides multiples of 16, the lengths not."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, compile as triton_compile
 
-    if kernel is None:
-        from sparvar.kernels.csla import _csla_fwd_kernel as kernel
-    names = kernel.arg_names
-    pointers = {n: dtype if t == "dtype" else t for n, t in KERNEL_POINTERS[kernel.fn.__name__].items()}
-    params = {p.name: p for p in kernel.params}
+    from sparvar.kernels.csla import _csla_fwd_kernel
+
+    names = _csla_fwd_kernel.arg_names
+    pointers = {"Q": dtype, "K": dtype, "V": dtype, "Out": dtype, "Lse": "fp32", "PartialMasks": "u8",
+                "KVNumBlocks": "i32", "KVIndices": "i32", "QOrder": "i32", "NumFull": "i32", "PartialIndex": "i32",
+                "KVLens": "i32"}
+    params = {p.name: p for p in _csla_fwd_kernel.params}
     given = dict(constexprs)
     for name, p in params.items():  # every constexpr is compiled as one: a default where the caller gave none
         if p.is_constexpr and name not in given:
@@ -73,9 +63,9 @@ def compile_for_sm90(constexprs: dict, num_warps: int, num_stages: int, dtype: s
         raise ValueError(f"compile_for_sm90: {sorted(unknown)} are not constexprs of the kernel")
     constexprs = given
     signature = {n: "constexpr" if n in constexprs else "*" + pointers[n] if n in pointers
-                 else "fp32" if n in FLOAT_SCALARS else "i32" for n in names}
+                 else "fp32" if n == "qk_scale" else "i32" for n in names}
     aligned = [i for i, n in enumerate(names) if signature[n].startswith("*") or n.startswith("stride")]
-    source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs,
+    source = ASTSource(fn=_csla_fwd_kernel, signature=signature, constexprs=constexprs,
                        attrs={(i,): [["tt.divisibility", 16]] for i in aligned})
     return triton_compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps, num_stages=num_stages))
 

@@ -42,9 +42,6 @@ RESIDUALS_IN_LINE_ROW = "SparVAR engine (CUDA graphs, Triton kernels), decision 
 # the same engine with the CSLA kernel's tensor-descriptor (TMA) and warp-specialised configs in its autotuning
 # (SPARVAR_CSLA_TMA=1 while the row's engine is built and run; sparvar.kernels.csla.tma_enabled)
 CSLA_TMA_ROW = "SparVAR engine (CUDA graphs, Triton kernels), CSLA tuned with its TMA configs"
-# the same engine with CS4A's bilinear epilogue in its form before (SPARVAR_CS4A_UNROLLED_TAPS=1;
-# sparvar.kernels.cs4a.unrolled_taps): what adding the taps in a loop (three CTAs an SM) gains
-CS4A_UNROLLED_TAPS_ROW = "SparVAR engine (CUDA graphs, Triton kernels), CS4A bilinear taps unrolled"
 # both engines with the block linears of the small scales (<= linear.MAX_ROWS rows) as PDL streaming linears, the kernels before
 # them signalling early (SPARVAR_PDL=1 while the row's engine is captured; sparvar/kernels/linear.py). Infinity only:
 # HART's blocks have their own ops
@@ -57,21 +54,18 @@ DENSE_PDL_NO_PREFETCH_ROW = "dense engine (CUDA graphs), PDL linears at small sc
 # the switches each row sets while its engine is built, tuned and captured (the others: off, or their default)
 ROW_SWITCHES = {
     CSLA_TMA_ROW: {"SPARVAR_CSLA_TMA": "1"},
-    CS4A_UNROLLED_TAPS_ROW: {"SPARVAR_CS4A_UNROLLED_TAPS": "1"},
     DENSE_STREAM_ROW: {"SPARVAR_PDL": "stream"},
     DENSE_PDL_ROW: {"SPARVAR_PDL": "1"},
     DENSE_PDL_NO_PREFETCH_ROW: {"SPARVAR_PDL": "1", "SPARVAR_PDL_PREFETCH_MB": "0"},
     SPARVAR_PDL_ROW: {"SPARVAR_PDL": "1"},
 }
-SWITCH_OFF = {"SPARVAR_CSLA_TMA": "0", "SPARVAR_CS4A_UNROLLED_TAPS": "0", "SPARVAR_PDL": "0",
-              "SPARVAR_PDL_PREFETCH_MB": None}
+SWITCH_OFF = {"SPARVAR_CSLA_TMA": "0", "SPARVAR_PDL": "0", "SPARVAR_PDL_PREFETCH_MB": None}
 
 
 @contextlib.contextmanager
 def row_switches(row: str):
     """The environment switches of one row (ROW_SWITCHES over SWITCH_OFF; None: unset) for its duration, the
-    caller's values restored after. SPARVAR_CSLA_TMA: sparvar.kernels.csla.tma_enabled; SPARVAR_CS4A_UNROLLED_TAPS:
-    sparvar.kernels.cs4a.unrolled_taps; SPARVAR_PDL and
+    caller's values restored after. SPARVAR_CSLA_TMA: sparvar.kernels.csla.tma_enabled; SPARVAR_PDL and
     SPARVAR_PDL_PREFETCH_MB: sparvar.kernels.linear.engine_linears and prefetch_budget."""
     values = {**SWITCH_OFF, **ROW_SWITCHES.get(row, {})}
     before = {name: os.environ.get(name) for name in values}
@@ -184,7 +178,6 @@ def rows_for(model_name: str):
         (DECISION_OVERLAP_ROW, "sparvar", "graphs", "engine", 0, False),
         (RESIDUALS_IN_LINE_ROW, "sparvar", "graphs", "engine", 0, False),
         (CSLA_TMA_ROW, "sparvar", "graphs", "engine", 0, False),
-        (CS4A_UNROLLED_TAPS_ROW, "sparvar", "graphs", "engine", 0, False),
         ("SparVAR engine + skip last 2", "sparvar", "graphs", "engine", 2, False),
         ("dense engine + skip last 2", "dense", "graphs", "engine", 2, False),
     ]

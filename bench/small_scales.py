@@ -15,7 +15,6 @@ step streams every layer's weights from HBM) and timed by replay; the result is 
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 
 import torch
@@ -280,23 +279,11 @@ def later_rows(model: str, calls: int) -> list[dict]:
         row = {"model": model, "scale": s, "q_len": n, "kv_len": kv, "keys_per_group": geometry.key_count,
                "heads": H, "batch": B, "calls_per_graph": calls,
                "composed_us": graph_us(lambda i: (lambda t=sets[i % 4]: cs4a_from_selection_ref(
-                   cs4a_attention, upsample_cache, *t)), calls)}
-        # one launch, its epilogue as it is and in the form before (the bilinear taps unrolled: more registers, two
-        # CTAs an SM), side by side; the switch is read at each launch and is part of the autotuner's key
-        before = os.environ.get("SPARVAR_CS4A_UNROLLED_TAPS")
-        try:
-            for flag, key in (("0", "one_launch_us"), ("1", "one_launch_unrolled_taps_us")):
-                os.environ["SPARVAR_CS4A_UNROLLED_TAPS"] = flag
-                row[key] = graph_us(lambda i: (lambda t=sets[i % 4]: cs4a_attention_from_selection(*t)), calls)
-        finally:
-            os.environ.pop("SPARVAR_CS4A_UNROLLED_TAPS")
-            if before is not None:
-                os.environ["SPARVAR_CS4A_UNROLLED_TAPS"] = before
+                   cs4a_attention, upsample_cache, *t)), calls),
+               "one_launch_us": graph_us(lambda i: (lambda t=sets[i % 4]: cs4a_attention_from_selection(*t)), calls)}
         row["speedup"] = row["composed_us"] / row["one_launch_us"]
-        row["speedup_taps_loop_over_unrolled"] = row["one_launch_unrolled_taps_us"] / row["one_launch_us"]
         rows.append(row)
-        print(model, "CS4A scale", s, "composed %.1f us, one launch %.1f us, taps unrolled %.1f us"
-              % (row["composed_us"], row["one_launch_us"], row["one_launch_unrolled_taps_us"]))
+        print(model, "CS4A scale", s, "composed %.1f us, one launch %.1f us" % (row["composed_us"], row["one_launch_us"]))
     return rows
 
 

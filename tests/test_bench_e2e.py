@@ -146,11 +146,11 @@ def test_bench_model_saves_every_row_with_its_ratios(monkeypatch):
     with the ratios over the rows measured before it; a failing row is recorded and the others still run."""
     import bench.e2e as e2e
 
-    medians = iter([100.0, 50.0, 80.0, 90.0])
+    medians = iter([100.0, 50.0, 80.0])
     tma_flags = []
 
     def fake_timing(pipe, features, lengths, warmup, runs, sampling):
-        tma_flags.append((os.environ.get("SPARVAR_CSLA_TMA"), os.environ.get("SPARVAR_CS4A_UNROLLED_TAPS")))
+        tma_flags.append(os.environ.get("SPARVAR_CSLA_TMA"))
         image = pipe.generate(features, lengths, sampling=sampling, seed=0).image  # the row's real pipeline runs once
         assert image.shape[0] == 2 and torch.isfinite(image).all()  # batch 2: two prompts, two images
         assert not torch.equal(image[0], image[1])
@@ -164,18 +164,14 @@ def test_bench_model_saves_every_row_with_its_ratios(monkeypatch):
     rows = [("dense eager, SDPA FlashAttention-2", "dense", "eager", "math", 0, False),
             ("dense eager + skip last 2", "dense", "eager", "math", 2, False),
             ("SparVAR eager", "sparvar", "eager", "math", 0, False),  # the rows' Triton plan: fails on the CPU
-            (e2e.CSLA_TMA_ROW, "dense", "eager", "math", 0, False),  # only its kernel-tuning switch matters here
-            (e2e.CS4A_UNROLLED_TAPS_ROW, "dense", "eager", "math", 0, False)]
+            (e2e.CSLA_TMA_ROW, "dense", "eager", "math", 0, False)]  # only its kernel-tuning switch matters here
     monkeypatch.setenv("SPARVAR_CSLA_TMA", "keep")
-    monkeypatch.delenv("SPARVAR_CS4A_UNROLLED_TAPS", raising=False)
     saved = []
     result = e2e.bench_model("infinity-tiny", 256, 0, 1, rows, save=lambda r: saved.append(
         [dict(row) for row in r["rows"]]), device="cpu", batch=2)
-    assert [len(s) for s in saved] == [1, 2, 3, 4, 5]
-    # the TMA row tunes with the TMA configs, every other row without; the unrolled-taps row alone runs CS4A's
-    # epilogue unrolled; the caller's settings come back after (one unset stays unset)
-    assert tma_flags == [("0", "0"), ("0", "0"), ("0", "0"), ("1", "0"), ("0", "1")], tma_flags
-    assert os.environ["SPARVAR_CSLA_TMA"] == "keep" and "SPARVAR_CS4A_UNROLLED_TAPS" not in os.environ
+    assert [len(s) for s in saved] == [1, 2, 3, 4]
+    # the TMA row tunes with the TMA configs, every other row without; the caller's setting comes back after
+    assert tma_flags == ["0", "0", "0", "1"] and os.environ["SPARVAR_CSLA_TMA"] == "keep"
     assert saved[0][0]["speedup_vs_dense_eager_fa2"] == 1.0
     assert saved[1][1]["speedup_vs_dense_eager_fa2"] == 2.0
     assert saved[1][1]["images_per_s"] == 1000 * 2 / 50.0 and result["batch"] == 2

@@ -865,29 +865,6 @@ TMA_SCRIPT = textwrap.dedent('''
 ''')
 
 
-def ctas_per_sm(compiled, threads: int) -> int:
-    """The CTAs of a compiled kernel an H100 SM holds, by shared memory (228 KB, 1 KB reserved per CTA) and
-    registers (64 Ki, allocated per thread in units of 8); its registers from ptxas, checked free of spills."""
-    from bench.csla_variants import ptxas_registers
-
-    regs = ptxas_registers(compiled.asm["ptx"])
-    assert regs["spill_bytes"] == 0, regs
-    return min(233472 // (compiled.metadata.shared + 1024), 65536 // (threads * (-(-regs["registers"] // 8) * 8)))
-
-
-def test_cs4a_from_selection_fits_three_ctas_per_sm():
-    """CS4A at scales 11-12 (the residual cache bilinear to its queries in the epilogue) at its 32-key tiles, head
-    dim 128, fits three CTAs an SM: the epilogue adds the four bilinear taps one by one (_add_bilinear_rows) rather
-    than with all four tiles in flight, which took more registers than the key loop."""
-    pytest.importorskip("triton")
-    from bench.csla_variants import compile_for_sm90
-    from sparvar.kernels.cs4a import _cs4a_fwd_kernel
-
-    constexprs = dict(HEAD_DIM=128, BLOCK_M=64, BLOCK_N=32, NUM_BANDS=2, GROUP_MAP=True, HAS_EXTRA=True,
-                      UPSAMPLE=True, NEGATE=False, STORE_EXTRA=False)
-    assert ctas_per_sm(compile_for_sm90(constexprs, 4, 3, kernel=_cs4a_fwd_kernel), 128) == 3
-
-
 def test_csla_variant_names_are_checked():
     q = torch.randn(1, 2, 64, 64, dtype=torch.bfloat16)
     lay = block_layout_from_mask(torch.ones(64, 64, dtype=torch.bool), 64, 64)

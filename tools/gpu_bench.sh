@@ -17,7 +17,6 @@
 #   bash tools/gpu_bench.sh "$OUT" pdl2b     # the PDL streaming linears at small scales: their tests, then 2B dense and SparVAR with and without (pdl8b: 8B)
 #   bash tools/gpu_bench.sh "$OUT" e2e2b     # end-to-end, 2B bf16 engine rows (dense, SparVAR, its ablations, skip 2)
 #   bash tools/gpu_bench.sh "$OUT" e2e8b     # the same for 8B
-#   bash tools/gpu_bench.sh "$OUT" taps2b    # CS4A's bilinear taps looped vs unrolled: tests, kernel, engines (taps8b: 8B)
 #   bash tools/gpu_bench.sh "$OUT" pair2b    # only the dense and SparVAR engines, side by side (the 1.2x ratio, in short; pair8b: 8B)
 #   bash tools/gpu_bench.sh "$OUT" lanes2b   # dense and SparVAR engines beside SparVAR with the decision residuals on one stream (lanes8b: 8B)
 #   bash tools/gpu_bench.sh "$OUT" decision  # the CS4A decision's GPU tests, then its passes timed (decide)
@@ -88,19 +87,6 @@ for what in "${@:2}"; do
       python bench/e2e.py --model "infinity-$size" --warmup 3 --runs 20 --rows "=dense engine (CUDA graphs)" \
         --rows "=SparVAR engine (CUDA graphs, Triton kernels)" --rows "side stream,TMA configs,skip last 2" \
         --out "$OUT/e2e_engines_${size}_$TAG.json" 2>&1 | grep -v Warning | tail -8 ;;
-    taps2b|taps8b)  # CS4A's epilogue with its bilinear taps in a loop (three CTAs an SM) against unrolled (the
-      # form before, two), side by side: the kernel at scales 11-12 (2B and 8B) first, then its GPU tests, then the
-      # engines with the ablation (the 8B engines with taps8b)
-      size=${what#taps}
-      python bench/small_scales.py --model infinity-2b --model infinity-8b --sections later \
-        --out "$OUT/small_scales_taps_$TAG.json" 2>&1 | grep -v Warning | tail -5
-      timeout 120 python -m pytest -q tests/test_kernels_gpu.py -k "cs4a_from_selection or upsample_cache_kernel" \
-        > "$OUT/gpu_tests_taps_${size}_$TAG.txt" 2>&1; ok=$?
-      grep -E "FAILED|ERROR|passed|failed" "$OUT/gpu_tests_taps_${size}_$TAG.txt" | tail -12
-      [ $ok -eq 0 ] || { echo "taps tests failed: no engine timing"; continue; }
-      python bench/e2e.py --model "infinity-$size" --warmup 3 --runs 20 --rows "=dense engine (CUDA graphs)" \
-        --rows "=SparVAR engine (CUDA graphs, Triton kernels)" --rows "taps unrolled" \
-        --out "$OUT/e2e_engines_${size}_taps_$TAG.json" 2>&1 | grep -v Warning | tail -6 ;;
     pair2b|pair8b)  # for a session with little device time: the two rows of the 1.2x target, nothing else
       size=${what#pair}
       python bench/e2e.py --model "infinity-$size" --warmup 3 --runs 20 --rows "=dense engine (CUDA graphs)" \

@@ -18,8 +18,6 @@ with our kernel's fp32 O_dense it also writes O_dense rounded to the input dtype
 """
 from __future__ import annotations
 
-import os
-
 import torch
 
 from sparvar.kernels.csla import (HAS_TRITON, HEAD_DIMS, LOG2E, attention_output_like, autotuning, check_device,
@@ -45,17 +43,10 @@ def query_tile(group_size: int) -> int:
 if HAS_TRITON:
 
     @triton.jit
-    def _add_bilinear_rows(acc, src, t, t_ok, src_h, src_w, dst_w, scale_h, scale_w, stride_l,
-                           UNROLL: tl.constexpr = False):
-        """acc (fp32, (len(t), columns)) plus rows t (raster tokens of a grid dst_w wide) of a (src_h, src_w) raster
-        grid of rows at src + token * stride_l (src already offset by the columns), bilinear as torch's
-        upsample_bilinear2d with align_corners=False (source index max(scale * (dst + 0.5) - 0.5, 0), the upper
-        neighbour clamped), in fp32.
-
-        The four taps are added one per iteration of a loop whose trip count the compiler cannot know (src_h < 0 is
-        never true), so it cannot unroll it: unrolled, ptxas had all four tiles' loads in flight at once, and CS4A's
-        epilogue took 195 registers a thread where its key loop takes 146 (168 with the loop: three CTAs an SM).
-        UNROLL: that form (SPARVAR_CS4A_UNROLLED_TAPS=1: unrolled_taps), for measuring the two side by side."""
+    def _bilinear_rows(src, t, t_ok, src_h, src_w, dst_w, scale_h, scale_w, stride_l):
+        """Rows t (raster tokens of a grid dst_w wide) of a (src_h, src_w) raster grid of rows at src + token *
+        stride_l (src already offset by the columns), bilinear as torch's upsample_bilinear2d with align_corners=False
+        (source index max(scale * (dst + 0.5) - 0.5, 0), the upper neighbour clamped): fp32 (len(t), columns)."""
         y = t // dst_w
         x = t % dst_w
         sy = tl.maximum((y.to(tl.float32) + 0.5) * scale_h - 0.5, 0.0)
@@ -66,19 +57,12 @@ if HAS_TRITON:
         lx = (sx - x0.to(tl.float32))[:, None]
         y1 = tl.minimum(y0 + 1, src_h - 1)
         x1 = tl.minimum(x0 + 1, src_w - 1)
-        if UNROLL:  # the form before, as it was (to be removed with whichever form measures slower)
-            mask = t_ok[:, None]
-            v00 = tl.load(src + (y0 * src_w + x0)[:, None] * stride_l, mask=mask, other=0.0).to(tl.float32)
-            v01 = tl.load(src + (y0 * src_w + x1)[:, None] * stride_l, mask=mask, other=0.0).to(tl.float32)
-            v10 = tl.load(src + (y1 * src_w + x0)[:, None] * stride_l, mask=mask, other=0.0).to(tl.float32)
-            v11 = tl.load(src + (y1 * src_w + x1)[:, None] * stride_l, mask=mask, other=0.0).to(tl.float32)
-            return acc + ((1.0 - ly) * ((1.0 - lx) * v00 + lx * v01) + ly * ((1.0 - lx) * v10 + lx * v11))
-        for tap in range(0, 4 + (src_h < 0).to(tl.int32)):  # taps (y0, x0), (y0, x1), (y1, x0), (y1, x1)
-            lower, right = tap >= 2, tap % 2 == 1
-            row = tl.where(lower, y1, y0) * src_w + tl.where(right, x1, x0)
-            weight = tl.where(lower, ly, 1.0 - ly) * tl.where(right, lx, 1.0 - lx)
-            acc += weight * tl.load(src + row[:, None] * stride_l, mask=t_ok[:, None], other=0.0).to(tl.float32)
-        return acc
+        mask = t_ok[:, None]
+        v00 = tl.load(src + (y0 * src_w + x0)[:, None] * stride_l, mask=mask, other=0.0).to(tl.float32)
+        v01 = tl.load(src + (y0 * src_w + x1)[:, None] * stride_l, mask=mask, other=0.0).to(tl.float32)
+        v10 = tl.load(src + (y1 * src_w + x0)[:, None] * stride_l, mask=mask, other=0.0).to(tl.float32)
+        v11 = tl.load(src + (y1 * src_w + x1)[:, None] * stride_l, mask=mask, other=0.0).to(tl.float32)
+        return (1.0 - ly) * ((1.0 - lx) * v00 + lx * v01) + ly * ((1.0 - lx) * v10 + lx * v11)
 
     @triton.jit
     def _slot_keys(idx_base, pos, num_gathered, start0, start1, start2, start3, band_len0, band_len1, band_len2,
@@ -114,7 +98,7 @@ if HAS_TRITON:
         src_h, src_w, dst_w, up_scale_h, up_scale_w,
         HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         NUM_BANDS: tl.constexpr, GROUP_MAP: tl.constexpr, HAS_EXTRA: tl.constexpr, UPSAMPLE: tl.constexpr,
-        NEGATE: tl.constexpr, STORE_EXTRA: tl.constexpr, UNROLL_TAPS: tl.constexpr = False,
+        NEGATE: tl.constexpr, STORE_EXTRA: tl.constexpr,
     ):
         # key slot p of group g: p < num_gathered -> KeyIdx[b, h, row, p] (row = GroupMap[g] with GROUP_MAP, else g),
         # then band i's slots -> BandStarts[i, g] + (slot within the band), for NUM_BANDS <= 4 contiguous bands
@@ -172,12 +156,11 @@ if HAS_TRITON:
         if HAS_EXTRA:
             extra_base = Extra + b * stride_eb + h * stride_eh + offs_d[None, :]
             if UPSAMPLE:  # Extra is the residual cache on the decision grid: bilinear to these queries
-                tl.static_assert(not STORE_EXTRA)
-                out = _add_bilinear_rows(out, extra_base, offs_m, row_ok, src_h, src_w, dst_w, up_scale_h, up_scale_w,
-                                         stride_em, UNROLL_TAPS)
+                extra = _bilinear_rows(extra_base, offs_m, row_ok, src_h, src_w, dst_w, up_scale_h, up_scale_w,
+                                       stride_em)
             else:
                 extra = tl.load(extra_base + offs_m[:, None] * stride_em, mask=row_ok[:, None], other=0.0)
-                out = out + extra.to(tl.float32)
+            out = out + extra.to(tl.float32)
             if STORE_EXTRA:  # the decision's dense output in the input dtype, saving a separate cast kernel
                 tl.store(ExtraOut + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :],
                          extra.to(ExtraOut.dtype.element_ty), mask=row_ok[:, None])
@@ -281,8 +264,7 @@ if HAS_TRITON:
                                      (128, 8, 3), (64, 8, 3))]
     _cs4a_fwd_tuned = triton.autotune(configs=_CS4A_CONFIGS,
                                       key=["HEAD_DIM", "BLOCK_M", "num_gathered", "band_len0", "band_len1", "band_len2",
-                                           "band_len3", "NUM_BANDS", "GROUP_MAP", "HAS_EXTRA", "UPSAMPLE", "STORE_EXTRA",
-                                           "UNROLL_TAPS"],
+                                           "band_len3", "NUM_BANDS", "GROUP_MAP", "HAS_EXTRA", "UPSAMPLE", "STORE_EXTRA"],
                                       prune_configs_by={"early_config_prune": _prune_cs4a})(_cs4a_fwd_kernel)
     _COLSUM_CONFIGS = [triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=s)
                        for n, w, s in ((128, 4, 3), (128, 4, 2), (128, 8, 3), (64, 4, 3), (256, 8, 3))]
@@ -304,8 +286,7 @@ if HAS_TRITON:
         t_ok = t < hd * wd
         d = tl.arange(0, HEAD_DIM)[None, :]
         src = Src + b.to(tl.int64) * stride_sb + h * stride_sh + d
-        up = _add_bilinear_rows(tl.zeros([BLOCK_T, HEAD_DIM], dtype=tl.float32), src, t, t_ok, hs, ws, wd, scale_h,
-                                scale_w, stride_sl)
+        up = _bilinear_rows(src, t, t_ok, hs, ws, wd, scale_h, scale_w, stride_sl)
         out = Out + b.to(tl.int64) * stride_ob + h * stride_oh + t[:, None] * stride_ol + d
         tl.store(out, up.to(Out.dtype.element_ty), mask=t_ok[:, None])
 
@@ -383,12 +364,6 @@ def check_key_values(key_idx: torch.Tensor, kv_len: int, band_start: torch.Tenso
 MAX_BANDS = 4
 
 
-def unrolled_taps() -> bool:
-    """SPARVAR_CS4A_UNROLLED_TAPS=1: CS4A's bilinear epilogue with its taps unrolled, the form before the loop of
-    _add_bilinear_rows (more registers, two CTAs an SM instead of three): the ablation of that change."""
-    return os.environ.get("SPARVAR_CS4A_UNROLLED_TAPS", "0") == "1"
-
-
 def _launch_cs4a(q, k, v, key_idx, group_size, extra, negate, band_starts, band_lens, scale, extra_out=None,
                  group_map=None, cache_grid=None, grid_hw=None, out=None):
     """out = (-1 if negate else 1) * attention + extra; with extra_out (from attention_output_like(q): the kernel
@@ -415,7 +390,7 @@ def _launch_cs4a(q, k, v, key_idx, group_size, extra, negate, band_starts, band_
             src_h, src_w, dst_w, src_h / (grid_hw[0] if grid_hw else 1), src_w / dst_w)
     meta = dict(HEAD_DIM=d, BLOCK_M=block_m, NUM_BANDS=len(band_lens), GROUP_MAP=group_map is not None,
                 HAS_EXTRA=extra is not None, UPSAMPLE=cache_grid is not None, NEGATE=negate,
-                STORE_EXTRA=extra_out is not None, UNROLL_TAPS=cache_grid is not None and unrolled_taps())
+                STORE_EXTRA=extra_out is not None)
     grid = (-(-q_len // block_m), b * h)
     if interpreting():
         _cs4a_fwd_kernel[grid](*args, **meta, BLOCK_N=32, num_warps=4, num_stages=2)
