@@ -3,18 +3,18 @@
 For each model's sparse scales at 1024² (B=2 for CFG, bf16; the policy's CSLA block, sinks and windows), with q as
 the token-major projection view and K/V as views of a preallocated (B, H, T, D) cache, as the torch-cuda engine
 runs them:
-  - each of sparvar.kernels.csla.CSLA_VARIANTS with its fixed launch config: "pointer" (the default kernel), "tma"
-    (q, K, V through tensor descriptors), "tma-ws" (TMA, the key loop warp-specialised);
-  - the autotuned kernel as the engine runs it today (SPARVAR_CSLA_TMA=0: pointer configs only), and with the TMA
-    configs in the tuning set (SPARVAR_CSLA_TMA=1), with the config each picked.
+  - each of sparvar.kernels.csla.CSLA_VARIANTS with its fixed launch config: "pointer" (the default kernel), and
+    whatever experimental form is put beside it there (earlier ones, measured with this script and removed: tensor
+    descriptors with and without warp specialisation, key tiles read in halves);
+  - the autotuned kernel as the engine runs it, with the config it picked.
 Every row is checked against the fp32 masked reference on two heads before it is timed (a row off by more than
 the GPU tests' tolerance is recorded as an error, untimed, and left out of the ratios); timing and flops as in
 bench/attention.py (CUDA events with an L2-evicting write before each call, and a CUDA-graph replay).
 
 `--compile-only` needs no GPU: it compiles every variant's configs for sm_90 on this machine, specialised as a
 launch on the engine's tensors is, and records what the compiler made of each (registers from ptxas, shared
-memory, warps, whether the loads go through TMA and whether the loop was warp-specialised): the static side of
-the comparison, for choosing what to time.
+memory, warps, whether the loads are asynchronous copies): the static side of the comparison, for choosing what to
+time.
 
     PYTHONPATH=. python bench/csla_variants.py                  # bench/results/csla_variants_<h100|h200|...>.json
     PYTHONPATH=. python bench/csla_variants.py --compile-only   # bench/results/csla_variants_sm90_compile.json
@@ -37,6 +37,7 @@ from bench.common import device_tag, write_result  # noqa: E402
 
 
 TOLERANCE = {torch.bfloat16: 2e-2, torch.float16: 4e-3}  # max abs error against the fp32 reference, as the GPU tests
+AUTOTUNED = "CSLA autotuned (the engine's kernel)"  # the row every ratio is over
 
 
 def compile_for_sm90(constexprs: dict, num_warps: int, num_stages: int, dtype: str = "bf16"):
@@ -90,29 +91,23 @@ def ptxas_registers(ptx: str) -> dict:
 
 
 def compile_stats(tiles=((64, 64), (128, 64)), head_dims=(128, 64)) -> list[dict]:
-    """Every config the CSLA autotuner keeps (pointer and TMA) for the engines' tiles, compiled for sm_90."""
+    """Every config the CSLA autotuner keeps for the engines' tiles, compiled for sm_90."""
     from sparvar.kernels import csla as C
 
     rows = []
     for block_m, block_n in tiles:
         for head_dim in head_dims:
-            for config in C._prune_by_tile(C._CSLA_CONFIGS + C._CSLA_TMA_CONFIGS, {}, BLOCK_M=block_m, BLOCK_N=block_n,
-                                           TMA_OK=True):
+            for config in C._prune_by_tile(C._CSLA_CONFIGS, {}, BLOCK_M=block_m, BLOCK_N=block_n):
                 constexprs = dict(HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, DENSE=False, EVEN_N=False,
-                                  USE_ORDER=True, STORE_LSE=False, TOKEN=False, ROW_LEN=False, CLAMP_LAYOUT=False,
-                                  TMA_OK=True, TMA=False, WS=False)
+                                  USE_ORDER=True, STORE_LSE=False, TOKEN=False, ROW_LEN=False, CLAMP_LAYOUT=False)
                 constexprs.update(config.kwargs)
                 compiled = compile_for_sm90(constexprs, config.num_warps, config.num_stages)
                 ptx = compiled.asm["ptx"]
-                variant = "tma-ws" if config.kwargs.get("WS") else "tma" if config.kwargs.get("TMA") else "pointer"
-                rows.append(dict(variant=variant, block=f"{block_m}x{block_n}", head_dim=head_dim,
+                rows.append(dict(variant="pointer", block=f"{block_m}x{block_n}", head_dim=head_dim,
                                  num_warps=config.num_warps, num_stages=config.num_stages,
                                  warps_launched=compiled.metadata.num_warps, shared_bytes=compiled.metadata.shared,
                                  ctas_per_sm_by_shared=232448 // max(compiled.metadata.shared, 1),
-                                 tma_loads="cp.async.bulk.tensor" in ptx, async_copies="cp.async.cg" in ptx,
-                                 warp_specialized="setmaxnreg" in ptx,
-                                 setmaxnreg=sorted(set(re.findall(r"setmaxnreg\.(inc|dec)\.sync\.aligned\.u32\s+(\d+)", ptx))),
-                                 **ptxas_registers(ptx)))
+                                 async_copies="cp.async.cg" in ptx, **ptxas_registers(ptx)))
                 regs = rows[-1]["registers"]  # the launch's register count bounds the CTAs an SM holds, too
                 per_thread = -(-regs // 8) * 8 if regs else None  # allocated in units of 8 per thread
                 rows[-1]["ctas_per_sm_by_registers"] = (65536 // (compiled.metadata.num_warps * 32 * per_thread)
@@ -140,7 +135,7 @@ def run(models: list[str], runs: int, warmup: int, partial_path: str | None = No
         for scale in policy.sparse_scales:
             layout = policy.csla_layout(schedule, scale).to(device)
             if layout.granularity != "block":
-                continue  # the TMA variants take block-granular layouts only
+                continue  # the variants take block-granular layouts
             q_len, kv_len = layout.q_len, layout.kv_len
             q = (torch.randn(batch, q_len, heads, head_dim, device=device, dtype=dtype) * head_dim**-0.5).transpose(1, 2)
             k, v = cache_k[:, :, :kv_len], cache_v[:, :, :kv_len]
@@ -160,24 +155,16 @@ def run(models: list[str], runs: int, warmup: int, partial_path: str | None = No
                     return dict(max_abs_err=err)
                 return checked
 
-            usable = C.tma_usable(q, k, v, *blocks)
             for variant in C.CSLA_VARIANTS:
-                if C.CSLA_VARIANTS[variant] and not usable:
-                    continue
-                if C.CSLA_VARIANTS[variant].get("WS") and tuple(blocks) not in C.WS_TILES:
-                    continue  # refused there: it did not finish at a 128x64 tile, so 128-row tiles are left out (C.WS_TILES)
                 fn = (lambda variant=variant: C.csla_attention_blocks(  # noqa: E731
                     q, k, v, layout.kv_num_blocks, layout.kv_indices, *blocks, q_order=order, variant=variant))
                 bench.add(model, f"CSLA {variant} (fixed config)", scale, fn, flops_dense=flops_dense,
                           flops_computed=flops_computed, check=check(fn), **info)
-            for flag, label in (("0", "CSLA autotuned (pointer configs)"), ("1", "CSLA autotuned (+ TMA configs)")):
-                os.environ["SPARVAR_CSLA_TMA"] = flag  # read at each launch: part of the autotuner's key
-                C._csla_fwd_tuned.cache.clear()  # tuned for this row: the key holds neither heads nor batch
-                fn = lambda: C.csla_attention(q, k, v, layout)  # noqa: E731
-                bench.add(model, label, scale, fn, flops_dense=flops_dense, flops_computed=flops_computed,
-                          check=check(fn), tma_usable=usable, **info)
-                tuned[f"{model} s{scale} SPARVAR_CSLA_TMA={flag}"] = C.tuned_config("csla")
-            os.environ.pop("SPARVAR_CSLA_TMA", None)
+            C._csla_fwd_tuned.cache.clear()  # tuned for this row: the key holds neither heads nor batch
+            fn = lambda: C.csla_attention(q, k, v, layout)  # noqa: E731
+            bench.add(model, AUTOTUNED, scale, fn, flops_dense=flops_dense, flops_computed=flops_computed,
+                      check=check(fn), **info)
+            tuned[f"{model} s{scale}"] = C.tuned_config("csla")
         del cache_k, cache_v
         if device == "cuda":
             torch.cuda.empty_cache()
@@ -185,13 +172,13 @@ def run(models: list[str], runs: int, warmup: int, partial_path: str | None = No
 
 
 def ratios(rows: list[dict], key: str = "graph_median_ms") -> dict:
-    """Per (model, scale): each row's speed-up over the autotuned pointer kernel (the engine's CSLA today)."""
+    """Per (model, scale): each row's speed-up over the autotuned kernel (the engine's CSLA)."""
     out = {}
     for r in rows:
         if key not in r:
             continue
         base = next((b[key] for b in rows if b["model"] == r["model"] and b["scale"] == r["scale"]
-                     and b["name"] == "CSLA autotuned (pointer configs)" and key in b), None)
+                     and b["name"] == AUTOTUNED and key in b), None)
         if base:
             out.setdefault(f"{r['model']} s{r['scale']}", {})[r["name"]] = base / r[key]
     return out
@@ -223,7 +210,7 @@ def main(argv=None):
     partial = os.path.splitext(out)[0] + "_partial.json"
     result = run(args.models, args.runs, args.warmup, partial)
     result = dict(protocol=dict(runs=args.runs, warmup=args.warmup, dtype="bfloat16", batch=2,
-                                timing="as bench/attention.py; ratios over the autotuned pointer kernel, CUDA-graph medians"),
+                                timing="as bench/attention.py; ratios over the autotuned kernel, CUDA-graph medians"),
                   **result, ratios=ratios(result["rows"]), ratios_eager=ratios(result["rows"], "median_ms"))
     path = write_result(out, result)
     if os.path.exists(partial):

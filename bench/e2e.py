@@ -11,7 +11,6 @@ noise, the work is the same). Every row runs the same `sparvar.generate.generate
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
 import os
 import statistics
@@ -39,49 +38,6 @@ DECISION_OVERLAP_ROW = "SparVAR engine (CUDA graphs, Triton kernels), CS4A decis
 # the same engine with the decision layers' residual-cache launches one after another on one stream
 # (SparVARPlan(residual_lanes=0)) instead of side by side on two: what the side-by-side launches gain
 RESIDUALS_IN_LINE_ROW = "SparVAR engine (CUDA graphs, Triton kernels), decision residuals on one stream"
-# the same engine with the CSLA kernel's tensor-descriptor (TMA) and warp-specialised configs in its autotuning
-# (SPARVAR_CSLA_TMA=1 while the row's engine is built and run; sparvar.kernels.csla.tma_enabled)
-CSLA_TMA_ROW = "SparVAR engine (CUDA graphs, Triton kernels), CSLA tuned with its TMA configs"
-# both engines with the block linears of the small scales (<= linear.MAX_ROWS rows) as PDL streaming linears, the kernels before
-# them signalling early (SPARVAR_PDL=1 while the row's engine is captured; sparvar/kernels/linear.py). Infinity only:
-# HART's blocks have their own ops
-DENSE_PDL_ROW = "dense engine (CUDA graphs), PDL linears at small scales"
-SPARVAR_PDL_ROW = "SparVAR engine (CUDA graphs, Triton kernels), PDL linears at small scales"
-# the same streaming linears without PDL (SPARVAR_PDL=stream): what the kernel swap alone changes
-DENSE_STREAM_ROW = "dense engine (CUDA graphs), streaming linears at small scales, no PDL"
-# PDL without its L2 prefetch (SPARVAR_PDL_PREFETCH_MB=0): the H100 at dc7bb19 measured PDL slower, not faster
-DENSE_PDL_NO_PREFETCH_ROW = "dense engine (CUDA graphs), PDL linears at small scales, no prefetch"
-# the switches each row sets while its engine is built, tuned and captured (the others: off, or their default)
-ROW_SWITCHES = {
-    CSLA_TMA_ROW: {"SPARVAR_CSLA_TMA": "1"},
-    DENSE_STREAM_ROW: {"SPARVAR_PDL": "stream"},
-    DENSE_PDL_ROW: {"SPARVAR_PDL": "1"},
-    DENSE_PDL_NO_PREFETCH_ROW: {"SPARVAR_PDL": "1", "SPARVAR_PDL_PREFETCH_MB": "0"},
-    SPARVAR_PDL_ROW: {"SPARVAR_PDL": "1"},
-}
-SWITCH_OFF = {"SPARVAR_CSLA_TMA": "0", "SPARVAR_PDL": "0", "SPARVAR_PDL_PREFETCH_MB": None}
-
-
-@contextlib.contextmanager
-def row_switches(row: str):
-    """The environment switches of one row (ROW_SWITCHES over SWITCH_OFF; None: unset) for its duration, the
-    caller's values restored after. SPARVAR_CSLA_TMA: sparvar.kernels.csla.tma_enabled; SPARVAR_PDL and
-    SPARVAR_PDL_PREFETCH_MB: sparvar.kernels.linear.engine_linears and prefetch_budget."""
-    values = {**SWITCH_OFF, **ROW_SWITCHES.get(row, {})}
-    before = {name: os.environ.get(name) for name in values}
-    try:
-        for name, value in values.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-        yield
-    finally:
-        for name, value in before.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
 
 
 def _csla_tuner():
@@ -101,18 +57,14 @@ def forget_csla_timings() -> None:
 
 
 def csla_tuning() -> dict:
-    """The CSLA autotuner's choice at its last call (the last sparse scale) and, if it tuned during this row (after
-    forget_csla_timings), whether TMA configs were among those its last tuning timed (False where tma_usable
-    refused them: the TMA row then ran the pointer configs only). Empty without Triton or before any call."""
+    """The CSLA autotuner's choice at its last call (the last sparse scale) and whether it tuned during this row
+    (after forget_csla_timings). Empty without Triton or before any call."""
     tuner = _csla_tuner()
     best = getattr(tuner, "best_config", None)
     if best is None:
         return {}
     timed = getattr(tuner, "configs_timings", None) or {}
-    out = {"csla_config_last_scale": str(best), "csla_tuned_in_row": bool(timed)}
-    if timed:
-        out["csla_tma_configs_timed"] = any(c.kwargs.get("TMA") for c in timed)
-    return out
+    return {"csla_config_last_scale": str(best), "csla_tuned_in_row": bool(timed)}
 
 
 def time_generation(pipe, features, lengths, warmup: int, runs: int, sampling) -> tuple[dict, list]:
@@ -177,18 +129,13 @@ def rows_for(model_name: str):
         (SPARVAR_ENGINE_ROW, "sparvar", "graphs", "engine", 0, False),
         (DECISION_OVERLAP_ROW, "sparvar", "graphs", "engine", 0, False),
         (RESIDUALS_IN_LINE_ROW, "sparvar", "graphs", "engine", 0, False),
-        (CSLA_TMA_ROW, "sparvar", "graphs", "engine", 0, False),
         ("SparVAR engine + skip last 2", "sparvar", "graphs", "engine", 2, False),
         ("dense engine + skip last 2", "dense", "graphs", "engine", 2, False),
     ]
     from sparvar.config import get_config
 
     if getattr(get_config(model_name), "family", "infinity") == "infinity":  # opt-in precision: its own rows
-        rows += [(DENSE_STREAM_ROW, "dense", "graphs", "engine", 0, False),
-                 (DENSE_PDL_ROW, "dense", "graphs", "engine", 0, False),
-                 (DENSE_PDL_NO_PREFETCH_ROW, "dense", "graphs", "engine", 0, False),
-                 (SPARVAR_PDL_ROW, "sparvar", "graphs", "engine", 0, False),
-                 ("dense engine, FP8 linears", "dense", "graphs", "engine", 0, True),
+        rows += [("dense engine, FP8 linears", "dense", "graphs", "engine", 0, True),
                  ("SparVAR engine, FP8 linears", "sparvar", "graphs", "engine", 0, True)]
     return rows
 
@@ -279,7 +226,6 @@ def add_ratios(model_name: str, results: list[dict]) -> None:
     fa2 = medians.get("dense eager, SDPA FlashAttention-2")
     dense_engine = medians.get(DENSE_ENGINE_ROW)
     dense_fp8 = medians.get("dense engine, FP8 linears")
-    dense_pdl = medians.get(DENSE_PDL_ROW)
     for r in results:
         if "median_ms" not in r:
             continue
@@ -289,8 +235,6 @@ def add_ratios(model_name: str, results: list[dict]) -> None:
             r["speedup_vs_dense_engine"] = dense_engine / r["median_ms"]
         if r.get("fp8") and dense_fp8:  # SparVAR's own gain at the same precision
             r["speedup_vs_dense_fp8_engine"] = dense_fp8 / r["median_ms"]
-        if r.get("small_scale_linears") == "pdl" and dense_pdl:  # SparVAR's own gain with the same linears
-            r["speedup_vs_dense_pdl_engine"] = dense_pdl / r["median_ms"]
         r["x_flop_floor"] = r["median_ms"] / FLOP_FLOOR_MS.get(model_name, float("nan"))
 
 
@@ -298,7 +242,6 @@ def bench_model(model_name: str, resolution: int, warmup: int, runs: int, rows=N
                 vae: str | None = None, embeddings: str | None = None, save=None, device="cuda", batch: int = 1) -> dict:
     """The rows of one model, side by side in this process. `save(result)` is called after every row with the
     result so far, so that a run cut short (a time limit, a lost machine) keeps the rows it finished."""
-    from sparvar.kernels.linear import engine_linears, prefetch_budget  # what the row's switches select
     from sparvar.pipeline import make_plan
 
     device = torch.device(device)
@@ -319,32 +262,28 @@ def bench_model(model_name: str, resolution: int, warmup: int, runs: int, rows=N
             plan.overlap_decision = True
         if name == RESIDUALS_IN_LINE_ROW:
             plan.residual_lanes = 0
-        # read where a kernel is tuned or launched into a graph: the runner's warm-up and capture, at its first begin()
         forget_csla_timings()
-        with row_switches(name):
-            runner = make_runner(kind, plan, backend, fp8, skip)  # graph runners tune and capture at the first begin()
-            pipe = make_pipeline(runner, skip)
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            t0 = time.perf_counter()
-            try:
-                timing, per_scale = time_generation(pipe, features, lengths, warmup, runs, sampling)
-            except Exception as e:  # one broken row must not lose the others: record it
-                print(f"{model_name:12s} {name:48s} FAILED: {type(e).__name__}: {e}", flush=True)
-                results.append({"row": name, "error": f"{type(e).__name__}: {e}"})
-            else:
-                row = {"row": name, "attention": attention, "runner": kind, "sdpa_backend": backend, "skip_last": skip,
-                       "fp8": fp8, "small_scale_linears": engine_linears() if kind == "graphs" else None, **timing, "images_per_s": 1000 * batch / timing["median_ms"],
-                       "per_scale_ms": per_scale, "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30,
-                       "bench_seconds": time.perf_counter() - t0}
-                if attention == "sparvar":  # the CSLA tuning of the last sparse scale run (each scale is tuned alone)
-                    row.update(csla_tuning())
-                    row["residual_lanes"] = plan.residual_lanes  # side streams of the decision's residual launches
-                if row["small_scale_linears"] == "pdl":
-                    row["pdl_prefetch_budget_bytes"] = prefetch_budget()  # per call; a call takes at most its weights
-                print(f"{model_name:12s} {name:48s} {timing['median_ms']:8.1f} ms  (peak {row['peak_memory_gib']:.1f} GiB)",
-                      flush=True)
-                results.append(row)
+        runner = make_runner(kind, plan, backend, fp8, skip)  # graph runners tune and capture at the first begin()
+        pipe = make_pipeline(runner, skip)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        try:
+            timing, per_scale = time_generation(pipe, features, lengths, warmup, runs, sampling)
+        except Exception as e:  # one broken row must not lose the others: record it
+            print(f"{model_name:12s} {name:48s} FAILED: {type(e).__name__}: {e}", flush=True)
+            results.append({"row": name, "error": f"{type(e).__name__}: {e}"})
+        else:
+            row = {"row": name, "attention": attention, "runner": kind, "sdpa_backend": backend, "skip_last": skip,
+                   "fp8": fp8, **timing, "images_per_s": 1000 * batch / timing["median_ms"],
+                   "per_scale_ms": per_scale, "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30,
+                   "bench_seconds": time.perf_counter() - t0}
+            if attention == "sparvar":  # the CSLA tuning of the last sparse scale run (each scale is tuned alone)
+                row.update(csla_tuning())
+                row["residual_lanes"] = plan.residual_lanes  # side streams of the decision's residual launches
+            print(f"{model_name:12s} {name:48s} {timing['median_ms']:8.1f} ms  (peak {row['peak_memory_gib']:.1f} GiB)",
+                  flush=True)
+            results.append(row)
         del runner, pipe, plan
         gc.collect()
         torch.cuda.empty_cache()

@@ -4,7 +4,7 @@ Scales 0-8 of Infinity at 1024^2 run 2-1,152 rows through every linear and atten
 kernel is short, so its fixed cost decides. This measures, per scale, each candidate for the two kinds of call:
 - self-attention (q: the scale's tokens, k/v: the KV cache so far) and cross-attention (k/v: 64 text slots with
   the additive padding bias), through each SDPA kernel and our Triton dense kernel;
-- the block's four linear shapes through cuBLAS (F.linear, bias) and a Triton weight-streaming kernel for few rows;
+- the block's four linear shapes through cuBLAS (F.linear, bias);
 - (section "decide") the CS4A decision at scale 10 and each of its passes, with the alternatives of each;
 - (section "later") CS4A at scales 11 and 12, composed from its parts and in one launch.
 Each candidate is captured as a graph of `calls` back-to-back calls on distinct tensors (distinct weights: a real
@@ -116,26 +116,6 @@ def attention_rows(model: str, scales, calls: int) -> list[dict]:
     return rows
 
 
-def few_rows_linear(x, w, b, block_n, block_k, warps, stages):
-    """The engine's streaming linear (sparvar/kernels/linear.py) at one explicit tile configuration, without PDL."""
-    import triton
-
-    from sparvar.kernels.linear import _streaming_linear_kernel
-
-    M, K = x.shape
-    N = w.shape[0]
-    block_m = max(16, triton.next_power_of_2(min(M, 64)))
-    y = torch.empty(M, N, device=x.device, dtype=x.dtype)
-    grid = (N // block_n, triton.cdiv(M, block_m))
-    _streaming_linear_kernel[grid](x, w, b, y, M, K, x.stride(0), w.stride(0), y.stride(0), BLOCK_M=block_m,
-                                   BLOCK_N=block_n, BLOCK_K=block_k, HAS_BIAS=True, GELU=False, PDL=False,
-                                   num_warps=warps, num_stages=stages)
-    return y
-
-
-TRITON_CONFIGS = [(bn, bk, w, st) for bn in (16, 32, 64) for bk in (128, 256) for w in (4,) for st in (3, 5)]
-
-
 def linear_rows(model: str, scales, calls: int) -> list[dict]:
     m = MODELS[model]
     C, F_ = m["width"], m["mlp"]
@@ -147,29 +127,12 @@ def linear_rows(model: str, scales, calls: int) -> list[dict]:
         for s in scales:
             M = 2 * SIDES[s] ** 2
             x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
-            ref = F.linear(x, weights[0], biases[0])
             row = {"model": model, "linear": name, "scale": s, "rows": M, "K": K, "N": N,
                    "weight_mb": N * K * 2 / 1e6}
             row["cublas_us"] = graph_us(lambda i: (lambda: F.linear(x, weights[i], biases[i])), calls)
-            best = None
-            for cfg in TRITON_CONFIGS:
-                try:
-                    err = (few_rows_linear(x, weights[0], biases[0], *cfg).float() - ref.float()).abs().max().item()
-                    us = graph_us(lambda i: (lambda: few_rows_linear(x, weights[i], biases[i], *cfg)), calls)
-                except Exception as e:
-                    print("config", cfg, "failed:", str(e).splitlines()[0][:120])
-                    continue
-                if best is None or us < best[0]:
-                    best = (us, cfg, err)
-            if best:
-                row.update(triton_us=best[0], triton_config=dict(zip(("block_n", "block_k", "warps", "stages"), best[1])),
-                           triton_max_abs_err=best[2])
             row["cublas_tb_per_s"] = row["weight_mb"] / row["cublas_us"]  # MB/us = TB/s
-            if best:
-                row["triton_tb_per_s"] = row["weight_mb"] / best[0]
             rows.append(row)
-            print(model, name, "M", M, "cublas %.2f us" % row["cublas_us"],
-                  "triton %.2f us %s" % (best[0], best[1]) if best else "triton -")
+            print(model, name, "M", M, "cublas %.2f us" % row["cublas_us"])
     return rows
 
 

@@ -62,21 +62,12 @@ def _engine_kernel_takes(q: torch.Tensor, max_q: int) -> bool:
     return HAS_TRITON and q.is_cuda and q.shape[2] <= max_q and kernels_take(q.dtype, q.shape[3])
 
 
-def _pdl_rows(q: torch.Tensor) -> bool:
-    """Whether the linear after this attention call is a PDL streaming linear (sparvar.kernels.pointwise's
-    triton_block_ops): then the call signals it early. q (B, H, Lq, D): the linear takes B * Lq rows."""
-    from .kernels.linear import pdl_trigger
-
-    return pdl_trigger(q, q.shape[0] * q.shape[2])
-
-
 def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = "sdpa") -> torch.Tensor:
     if backend == "engine":
         if _engine_kernel_takes(q, ENGINE_SELF_MAX_Q):
             from .kernels.csla import dense_attention as triton_dense_attention
 
-            return triton_dense_attention(q, k, v, block_m=ENGINE_TILE[0], block_n=ENGINE_TILE[1],
-                                          pdl_trigger=_pdl_rows(q))
+            return triton_dense_attention(q, k, v, block_m=ENGINE_TILE[0], block_n=ENGINE_TILE[1])
         backend = "cudnn"
     if backend == "sdpa":
         return F.scaled_dot_product_attention(q, k, v, scale=1.0)
@@ -108,7 +99,7 @@ def engine_cross_attention(q, k, v, key_bias, key_lens=None) -> torch.Tensor:
 
         # cross-attention keeps SDPA's default softmax scale, 1/sqrt(D) (only self-attention's q carries its own)
         return triton_dense_attention(q, k, v, scale=q.shape[-1] ** -0.5, block_m=ENGINE_TILE[0],
-                                      block_n=ENGINE_TILE[1], kv_lens=key_lens, pdl_trigger=_pdl_rows(q))
+                                      block_n=ENGINE_TILE[1], kv_lens=key_lens)
     return cross_attention(q, k, v, key_bias)
 
 

@@ -26,7 +26,6 @@ from sparvar.vae import build_vae
     (["--model", "infinity-2b", "--weights", "missing.pth", "--vae", "missing.pth"], "--weights missing.pth: no such file"),
     (["--model", "infinity-2b", "--rows", "engine,TRT"], "--rows term 'TRT' selects none of infinity-2b's rows"),
     (["--model", "hart-0.7b", "--rows", "FP8"], "--rows term 'FP8' selects none of hart-0.7b's rows"),
-    (["--model", "hart-0.7b", "--rows", "PDL"], "--rows term 'PDL' selects none of hart-0.7b's rows"),
     (["--rows", "=SparVAR engine"], "--rows term '=SparVAR engine' selects none of infinity-2b's rows"),
     (["--model", "infinity-2b", "--rows", "engine", "--rows", "=dense engine"], "'=dense engine' selects none"),
     (["--model", "infinity-2b", "--rows", " , "], "--rows names no row"),
@@ -39,15 +38,11 @@ def test_bench_e2e_refuses_bad_options_before_building_anything(args, message, c
 def test_bench_rows_select_by_substring_or_exact_name():
     """A '=' term picks the one row of that name (the SparVAR engine row without the ablations whose names contain
     it); a plain term every row containing it; the rows keep the benchmark's order."""
-    from bench.e2e import (DENSE_PDL_NO_PREFETCH_ROW, DENSE_PDL_ROW, DENSE_STREAM_ROW, SPARVAR_ENGINE_ROW,
-                           SPARVAR_PDL_ROW, select_rows)
+    from bench.e2e import SPARVAR_ENGINE_ROW, select_rows
 
     names = lambda *specs: [r[0] for r in select_rows("infinity-2b", list(specs))]  # noqa: E731
     assert names("=" + SPARVAR_ENGINE_ROW, "dense engine (CUDA graphs),skip last 2") == [
-        "dense engine (CUDA graphs)", SPARVAR_ENGINE_ROW, "SparVAR engine + skip last 2", "dense engine + skip last 2",
-        DENSE_STREAM_ROW, DENSE_PDL_ROW, DENSE_PDL_NO_PREFETCH_ROW]
-    assert names("=dense engine (CUDA graphs)", "PDL linears,streaming linears") == [
-        "dense engine (CUDA graphs)", DENSE_STREAM_ROW, DENSE_PDL_ROW, DENSE_PDL_NO_PREFETCH_ROW, SPARVAR_PDL_ROW]
+        "dense engine (CUDA graphs)", SPARVAR_ENGINE_ROW, "SparVAR engine + skip last 2", "dense engine + skip last 2"]
     ablations = names("Triton kernels)")
     assert ablations[0] == SPARVAR_ENGINE_ROW and len(ablations) > 1
     assert all(SPARVAR_ENGINE_ROW in n for n in ablations)
@@ -55,51 +50,21 @@ def test_bench_rows_select_by_substring_or_exact_name():
     assert [r[0] for r in select_rows("infinity-2b", None)] == names("e")  # every row name has an 'e'
 
 
-def test_row_switches_set_each_rows_environment_and_restore_the_callers(monkeypatch):
-    """A row's switches hold while its engine is built and captured; the others are off (or unset: their default),
-    and whatever the caller had comes back after, also when the row fails."""
-    from bench.e2e import row_switches, rows_for
-
-    monkeypatch.setenv("SPARVAR_PDL", "stream")
-    monkeypatch.setenv("SPARVAR_PDL_PREFETCH_MB", "3")
-    monkeypatch.delenv("SPARVAR_CSLA_TMA", raising=False)
-    switches = ("SPARVAR_CSLA_TMA", "SPARVAR_PDL", "SPARVAR_PDL_PREFETCH_MB")
-
-    def want(row):  # from the row's name: what it says it measures
-        pdl = "1" if "PDL linears" in row else "stream" if "streaming linears" in row else "0"
-        return ("1" if "TMA configs" in row else "0", pdl, "0" if "no prefetch" in row else None)
-
-    rows = [r[0] for r in rows_for("infinity-2b")]
-    assert sum(want(r) != ("0", "0", None) for r in rows) == 5  # TMA, stream, PDL, PDL without prefetch, SparVAR PDL
-    for row in rows:
-        with pytest.raises(RuntimeError):
-            with row_switches(row):
-                assert tuple(os.environ.get(n) for n in switches) == want(row), row
-                raise RuntimeError("a failing row")
-        assert tuple(os.environ.get(n) for n in switches) == (None, "stream", "3")
-
-
 def test_csla_tuning_reports_only_a_tuning_of_this_row(monkeypatch):
-    """A row whose CSLA calls all hit the autotuner's cache must not report the timings an earlier row's tuning
-    left behind (the SparVAR PDL row of e2e_engines_2b_tma_pdl_h100.json reported the TMA row's)."""
+    """A row whose CSLA calls all hit the autotuner's cache must not report the tuning an earlier row left behind as
+    its own (a row of e2e_engines_2b_tma_pdl_h100.json reported another row's)."""
     from types import SimpleNamespace
 
     from bench.e2e import csla_tuning, forget_csla_timings
     from sparvar.kernels import csla
 
-    class Config:  # what the tuner's timings are keyed by (triton.Config): its kwargs say TMA or not
-        def __init__(self, **kwargs):
-            self.kwargs = kwargs
-
-    tma, plain = Config(TMA=True), Config()
-    tuner = SimpleNamespace(best_config="plain config", configs_timings={tma: 1.0, plain: 0.9})
+    tuner = SimpleNamespace(best_config="plain config", configs_timings={"other config": 1.0, "plain config": 0.9})
     monkeypatch.setattr(csla, "_csla_fwd_tuned", tuner, raising=False)
-    assert csla_tuning() == {"csla_config_last_scale": "plain config", "csla_tuned_in_row": True,
-                             "csla_tma_configs_timed": True}
+    assert csla_tuning() == {"csla_config_last_scale": "plain config", "csla_tuned_in_row": True}
     forget_csla_timings()  # the next row starts; its calls hit the cache: best_config is set, nothing timed
     assert csla_tuning() == {"csla_config_last_scale": "plain config", "csla_tuned_in_row": False}
-    tuner.configs_timings = {plain: 0.9}  # it tuned after all, without the TMA configs
-    assert csla_tuning()["csla_tma_configs_timed"] is False
+    tuner.configs_timings = {"plain config": 0.9}  # it tuned after all
+    assert csla_tuning()["csla_tuned_in_row"] is True
 
 
 def _official_files(tmp_path, cfg):
@@ -146,11 +111,9 @@ def test_bench_model_saves_every_row_with_its_ratios(monkeypatch):
     with the ratios over the rows measured before it; a failing row is recorded and the others still run."""
     import bench.e2e as e2e
 
-    medians = iter([100.0, 50.0, 80.0])
-    tma_flags = []
+    medians = iter([100.0, 50.0])
 
     def fake_timing(pipe, features, lengths, warmup, runs, sampling):
-        tma_flags.append(os.environ.get("SPARVAR_CSLA_TMA"))
         image = pipe.generate(features, lengths, sampling=sampling, seed=0).image  # the row's real pipeline runs once
         assert image.shape[0] == 2 and torch.isfinite(image).all()  # batch 2: two prompts, two images
         assert not torch.equal(image[0], image[1])
@@ -163,15 +126,11 @@ def test_bench_model_saves_every_row_with_its_ratios(monkeypatch):
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda: 0)
     rows = [("dense eager, SDPA FlashAttention-2", "dense", "eager", "math", 0, False),
             ("dense eager + skip last 2", "dense", "eager", "math", 2, False),
-            ("SparVAR eager", "sparvar", "eager", "math", 0, False),  # the rows' Triton plan: fails on the CPU
-            (e2e.CSLA_TMA_ROW, "dense", "eager", "math", 0, False)]  # only its kernel-tuning switch matters here
-    monkeypatch.setenv("SPARVAR_CSLA_TMA", "keep")
+            ("SparVAR eager", "sparvar", "eager", "math", 0, False)]  # the rows' Triton plan: fails on the CPU
     saved = []
     result = e2e.bench_model("infinity-tiny", 256, 0, 1, rows, save=lambda r: saved.append(
         [dict(row) for row in r["rows"]]), device="cpu", batch=2)
-    assert [len(s) for s in saved] == [1, 2, 3, 4]
-    # the TMA row tunes with the TMA configs, every other row without; the caller's setting comes back after
-    assert tma_flags == ["0", "0", "0", "1"] and os.environ["SPARVAR_CSLA_TMA"] == "keep"
+    assert [len(s) for s in saved] == [1, 2, 3]
     assert saved[0][0]["speedup_vs_dense_eager_fa2"] == 1.0
     assert saved[1][1]["speedup_vs_dense_eager_fa2"] == 2.0
     assert saved[1][1]["images_per_s"] == 1000 * 2 / 50.0 and result["batch"] == 2

@@ -364,46 +364,16 @@ def test_aot_csla_compiles_to_sm90_ptx_without_a_gpu(head_dim):
     assert kernel.scalars(sizes, IntDims()) == [16, 4096, 10521, 30]
 
 
-@pytest.mark.parametrize("block_m,block_n", [(64, 64), (64, 128), (128, 64), (128, 128)])
-@pytest.mark.parametrize("head_dim", [64, 128])
-def test_csla_tma_configs_compile_for_hopper(block_m, block_n, head_dim):
-    """Every TMA config the autotuner keeps for a tile of TMA_TILES compiles for sm_90 (the autotuner skips configs
-    that run out of shared memory, not ones that fail to compile), loads through tensor descriptors, and the
-    warp-specialised ones really are (a producer warp group that gives registers away)."""
-    pytest.importorskip("triton")
-    from bench.csla_variants import compile_for_sm90
-    from sparvar.kernels import csla as C
-
-    assert (block_m, block_n) in C.TMA_TILES
-    kept = C._prune_by_tile(C._CSLA_TMA_CONFIGS, {}, BLOCK_M=block_m, BLOCK_N=block_n, TMA_OK=True)
-    assert C._prune_by_tile(C._CSLA_TMA_CONFIGS + C._CSLA_CONFIGS, {}, BLOCK_M=block_m, BLOCK_N=block_n,
-                            TMA_OK=False) == [c for c in C._CSLA_CONFIGS if c in C._prune_by_tile(
-                                C._CSLA_CONFIGS, {}, BLOCK_M=block_m, BLOCK_N=block_n)]
-    # warp-specialised configs only at the tiles they finished at on the H100 (WS_TILES)
-    assert any(c.kwargs.get("WS") for c in kept) == ((block_m, block_n) in C.WS_TILES)
-    assert any(not c.kwargs.get("WS") for c in kept)
-    for even_n in (False, True):
-        for config in kept:
-            constexprs = dict(HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, DENSE=False, EVEN_N=even_n,
-                              USE_ORDER=True, STORE_LSE=False, TOKEN=False, ROW_LEN=False, CLAMP_LAYOUT=False,
-                              TMA_OK=True, **config.kwargs)
-            compiled = compile_for_sm90(constexprs, config.num_warps, config.num_stages)
-            ptx, what = compiled.asm["ptx"], f"{config} even_n={even_n}"
-            assert "cp.async.bulk.tensor" in ptx and "wgmma" in ptx, what
-            assert ("setmaxnreg.dec" in ptx) == bool(config.kwargs.get("WS")), what
-            assert compiled.metadata.global_scratch_size > 0, what  # descriptors made on the device: the allocator
-
-
 def test_csla_pointer_config_compiles_with_pipelined_loads():
-    """The default variant's loads are software-pipelined (cp.async) once the launch is specialised as the JIT does:
-    the check the TMA test above relies on for its specialisation."""
+    """The default variant's loads are software-pipelined (cp.async) once the launch is specialised as the JIT does
+    (bench/csla_variants.compile_for_sm90, which the variants' register and shared-memory reports rely on)."""
     pytest.importorskip("triton")
     constexprs = dict(HEAD_DIM=128, BLOCK_M=64, BLOCK_N=64, DENSE=False, EVEN_N=False, USE_ORDER=True,
                       STORE_LSE=False, TOKEN=False, ROW_LEN=False, CLAMP_LAYOUT=False)
     from bench.csla_variants import compile_for_sm90
 
     ptx = compile_for_sm90(constexprs, 4, 3).asm["ptx"]
-    assert "cp.async.cg" in ptx and "cp.async.bulk.tensor" not in ptx and "setmaxnreg" not in ptx
+    assert "cp.async.cg" in ptx and "wgmma" in ptx
 
 
 # ------------------------------------------------------------------------------------------------ fake kernels
@@ -810,75 +780,11 @@ def test_kernels_under_triton_interpreter():
     assert worst < 5e-3, f"kernels under the interpreter differ from the references by {worst}"
 
 
-TMA_SCRIPT = textwrap.dedent('''
-    import torch
-
-    from sparvar.attention import reference_attention
-    from sparvar.csla import block_layout_from_mask
-    import sparvar.kernels.csla as C
-
-    torch.manual_seed(0)
-    dt = torch.float16
-    worst = 0.0
-    for bm, bn, lq, lk, d in [(64, 64, 150, 300, 64), (128, 64, 130, 256, 128), (64, 128, 64, 200, 64)]:
-        q = torch.randn(2, 2, lq, d, dtype=dt) * d ** -0.5
-        # K and V are views of a longer cache whose rows past kv_len are NaN: a V row read past kv_len (the partial
-        # last tile through a descriptor bounded wrongly) turns rows NaN even where its score is masked (a K row read
-        # there only feeds a masked score, so it cannot change the result)
-        k, v = (torch.cat([torch.randn(2, 2, lk, d, dtype=dt), torch.full((2, 2, 40, d), float("nan"), dtype=dt)],
-                          2)[:, :, :lk] for _ in range(2))
-        nq, nk = -(-lq // bm), -(-lk // bn)
-        blocks = torch.rand(nq, nk) < 0.4
-        blocks[torch.arange(nq), torch.randint(0, nk, (nq,))] = True
-        blocks[:, -1] = True  # every query block has the partial last key tile (kv_len is no multiple of BLOCK_N)
-        lay = block_layout_from_mask(blocks.repeat_interleave(bm, 0).repeat_interleave(bn, 1)[:lq, :lk], bm, bn)
-        order = C.query_block_order(lay.kv_num_blocks)
-        ref = reference_attention(q, k, v, mask=lay.to_dense())
-        for variant in ("tma", "tma-ws") if (bm, bn) in C.WS_TILES else ("tma",):
-            out = C.csla_attention_blocks(q, k, v, lay.kv_num_blocks, lay.kv_indices, bm, bn, q_order=order,
-                                          variant=variant)
-            worst = max(worst, (out.float() - ref.float()).abs().nan_to_num(nan=float("inf")).max().item())
-    # what the TMA variants cannot run is refused by name, not run wrongly: a tile outside TMA_TILES, a token layout,
-    # a base that is not 16-byte aligned
-    def refused(match, *args, **kw):
-        try:
-            C.csla_attention_blocks(*args, **kw)
-        except ValueError as e:
-            assert match in str(e), e
-        else:
-            raise AssertionError("not refused: " + match)
-    q, k, v = (torch.randn(1, 2, 64, 64, dtype=dt) for _ in range(3))
-    lay = block_layout_from_mask(torch.ones(64, 64, dtype=torch.bool), 32, 32)
-    refused("tile of", q, k, v, lay.kv_num_blocks, lay.kv_indices, 32, 32, variant="tma")
-    tok = block_layout_from_mask(torch.rand(64, 64) < 0.5, 64, 64, "token")
-    nf, tiles, idx = C.token_tiles(tok.kv_num_blocks, tok.kv_indices, tok.partial_index)
-    refused("token granularity", q, k, v, tok.kv_num_blocks, tiles, 64, 64, num_full=nf, tile_index=idx,
-            partial_masks=tok.partial_masks, variant="tma-ws")
-    lay = block_layout_from_mask(torch.ones(64, 64, dtype=torch.bool), 64, 64)
-    shifted = torch.randn(2 * 64 * 64 + 1, dtype=dt)[1:].view(1, 2, 64, 64)  # base 2 bytes past an aligned one
-    refused("16-byte aligned", shifted, k, v, lay.kv_num_blocks, lay.kv_indices, 64, 64, variant="tma")
-    q128 = torch.randn(1, 2, 128, 64, dtype=dt)
-    lay = block_layout_from_mask(torch.ones(128, 64, dtype=torch.bool), 128, 64)
-    refused("runs at the tiles", q128, k, v, lay.kv_num_blocks, lay.kv_indices, 128, 64, variant="tma-ws")
-    assert not C.tma_usable(shifted, k, v, 64, 64) and C.tma_usable(q, k, v, 64, 64)
-    print("WORST", worst)
-''')
-
-
 def test_csla_variant_names_are_checked():
     q = torch.randn(1, 2, 64, 64, dtype=torch.bfloat16)
     lay = block_layout_from_mask(torch.ones(64, 64, dtype=torch.bool), 64, 64)
     with pytest.raises(ValueError, match="unknown variant 'fast'"):
         kernels.csla_attention_blocks(q, q, q, lay.kv_num_blocks, lay.kv_indices, 64, 64, variant="fast")
-
-
-def test_csla_tma_variants_under_triton_interpreter():
-    """The TMA variants (q, K, V through tensor descriptors; with WS the partial last tile inside the one loop, masked)
-    against the masked reference, with K and V as views of a cache holding NaN past kv_len. The interpreter ignores
-    warp specialisation itself: "tma-ws" checks its loop structure here, the GPU tests its compiled form."""
-    pytest.importorskip("triton")
-    worst = float(run_interpreted(TMA_SCRIPT))
-    assert worst < 5e-3, f"the CSLA TMA variants differ from the reference by {worst}"
 
 
 BENCH_DRY_RUN_SCRIPT = textwrap.dedent('''
@@ -903,26 +809,25 @@ BENCH_DRY_RUN_SCRIPT = textwrap.dedent('''
 
     blocks = C.csla_attention_blocks
 
-    def off_in_tma(*args, variant=None, **kwargs):  # a variant that computes the wrong thing must not be timed
+    def off_in_pointer(*args, variant=None, **kwargs):  # a variant that computes the wrong thing must not be timed
         out = blocks(*args, variant=variant, **kwargs)
-        return out + 0.1 if variant == "tma" else out
+        return out + 0.1 if variant == "pointer" else out
 
-    C.csla_attention_blocks = off_in_tma
+    C.csla_attention_blocks = off_in_pointer
     B.Bench = CallOnce
     B.MODELS = {"infinity-2b": (2, 64)}  # 2B's policy (64x64 CSLA blocks) on 2 heads of 64 at 256^2
     rows = B.run(["infinity-2b"], 1, 0, resolution=256, device="cpu", dtype=torch.float16)["rows"]
-    wrong = [r for r in rows if r["name"] == "CSLA tma (fixed config)"]
+    wrong = [r for r in rows if r["name"] == "CSLA pointer (fixed config)"]
     assert len(wrong) == 3 and all("max abs error" in r["error"] and "max_abs_err" not in r for r in wrong), wrong
     timed = [r if "error" in r else dict(r, graph_median_ms=1.0) for r in rows]  # Bench.add times only checked rows
-    assert "CSLA tma (fixed config)" not in str(B.ratios(timed)) and "CSLA tma-ws (fixed config)" in str(B.ratios(timed))
+    ratios = B.ratios(timed)
+    assert "CSLA pointer (fixed config)" not in str(ratios) and len(ratios) == 3, ratios
+    assert all(table == {B.AUTOTUNED: 1.0} for table in ratios.values()), ratios
     rows = [r for r in rows if r not in wrong]
     assert not any("error" in r for r in rows), rows
     names = {(r["scale"], r["name"]) for r in rows + wrong}
-    expected = {(s, n) for s in (4, 5, 6) for n in ("CSLA pointer (fixed config)", "CSLA tma (fixed config)",
-                                                    "CSLA tma-ws (fixed config)", "CSLA autotuned (pointer configs)",
-                                                    "CSLA autotuned (+ TMA configs)")}
+    expected = {(s, n) for s in (4, 5, 6) for n in ("CSLA pointer (fixed config)", B.AUTOTUNED)}
     assert names == expected, names
-    assert all(r.get("tma_usable", True) for r in rows)
     print("WORST", max(r["max_abs_err"] for r in rows))
 ''')
 
@@ -930,8 +835,7 @@ BENCH_DRY_RUN_SCRIPT = textwrap.dedent('''
 def test_csla_variants_bench_dry_run_under_triton_interpreter():
     """bench/csla_variants.py's rows, run once each on the CPU (no timing): every row per sparse scale, each checked
     against the reference as the GPU run checks it, so the GPU run does not fail on the script's plumbing. Under
-    the interpreter both "autotuned" rows run the fixed default config: the tuning itself (TMA_OK pruning, the cache
-    reset, the allocator) runs only on the GPU."""
+    the interpreter the "autotuned" row runs the fixed default config: the tuning itself runs only on the GPU."""
     pytest.importorskip("triton")
     worst = float(run_interpreted(BENCH_DRY_RUN_SCRIPT))
     assert worst < 5e-3, f"bench/csla_variants.py rows differ from the reference by {worst}"

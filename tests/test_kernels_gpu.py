@@ -109,19 +109,14 @@ def test_csla_paper_layout_at_1024():
     assert_close(out, reference_attention(q, k, v, mask=layout.to_dense()), dtype, "csla paper layout")
 
 
-# ------------------------------------------------------------------------------------------------ CSLA, TMA variants
-HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
-needs_hopper = pytest.mark.skipif(not HOPPER, reason="the CSLA kernel's TMA variants run on Hopper GPUs only")
-
-
-@needs_hopper
+# ------------------------------------------------------------------------------------------------ CSLA, variants
 @pytest.mark.parametrize("d", [64, 128])
-@pytest.mark.parametrize("variant,block", [("tma", b) for b in kernels.csla.TMA_TILES]
-                         + [("tma-ws", b) for b in kernels.csla.WS_TILES],
-                         ids=lambda x: x if isinstance(x, str) else "x".join(map(str, x)))  # tma-64x64, tma-ws-64x64
-def test_csla_tma_variants_match_reference(variant, block, d):
-    """Each TMA variant at its fixed config, on a token-major q and K/V cache views with NaN past kv_len; rows that
-    end on the partial last key block and, at 1024 keys, a layout with none."""
+@pytest.mark.parametrize("block", [(64, 64), (128, 64)], ids=lambda b: "x".join(map(str, b)))
+@pytest.mark.parametrize("variant", sorted(kernels.csla.CSLA_VARIANTS))
+def test_csla_variants_match_reference(variant, block, d):
+    """Each CSLA_VARIANTS entry (the forms bench/csla_variants.py times side by side) at its fixed config, on a
+    token-major q and K/V cache views with NaN past kv_len; rows that end on the partial last key block and, at 1024
+    keys, a layout with none."""
     dtype = torch.bfloat16 if block != (64, 64) or d == 128 else torch.float16
     for kv_len in (1000, 1024):
         q = projected_q(2, 3, 300, d, dtype)
@@ -132,56 +127,6 @@ def test_csla_tma_variants_match_reference(variant, block, d):
                                             variant=variant)
         assert out.stride() == q.stride()
         assert_close(out, reference_attention(q, k, v, mask=layout.to_dense()), dtype, f"{variant} {block} d{d} {kv_len}")
-
-
-@needs_hopper
-def test_csla_tma_configs_tuned_at_the_paper_layout(monkeypatch):
-    """SPARVAR_CSLA_TMA=1: the autotuner times the TMA configs beside the pointer ones (whichever wins must be right),
-    at 2B's scale-12 layout; the variants' fixed configs give the same."""
-    from sparvar.schedule import get_schedule
-    from sparvar.sparse import default_policy
-
-    monkeypatch.setenv("SPARVAR_CSLA_TMA", "1")
-    monkeypatch.setenv("SPARVAR_TRITON_AUTOTUNE", "1")
-    schedule = get_schedule(1024)
-    layout = default_policy("infinity-2b", schedule).csla_layout(schedule, 12).to(DEV)
-    dtype = torch.bfloat16
-    q = projected_q(2, 16, layout.q_len, 128, dtype)
-    k, v = cache_view(2, 16, layout.kv_len, 128, dtype), cache_view(2, 16, layout.kv_len, 128, dtype)
-    assert kernels.csla.tma_usable(q, k, v, layout.block_m, layout.block_n)
-    ref = reference_attention(q[:, :2], k[:, :2], v[:, :2], mask=layout.to_dense())
-    tuner = kernels.csla._csla_fwd_tuned
-    tuner.cache.clear()  # tune here, with the TMA configs in the running
-    assert_close(kernels.csla_attention(q, k, v, layout)[:, :2], ref, dtype, f"autotuned ({kernels.csla.tuned_config()})")
-    timed = [c.kwargs for c in (tuner.configs_timings or {})]
-    assert any(kw.get("TMA") and not kw.get("WS") for kw in timed) and any(kw.get("WS") for kw in timed), timed
-    for variant in ("tma", "tma-ws"):
-        out = kernels.csla_attention_blocks(q, k, v, layout.kv_num_blocks, layout.kv_indices, layout.block_m,
-                                            layout.block_n, variant=variant)
-        assert_close(out[:, :2], ref, dtype, variant)
-
-
-@needs_hopper
-def test_csla_tma_variant_in_a_cuda_graph():
-    """The descriptors are made on the device in scratch memory Triton's allocator gives each launch: captured in a
-    CUDA graph, a replay on new inputs (copied into the captured ones) is still right."""
-    dtype, block = torch.bfloat16, (64, 64)
-    q = projected_q(2, 4, 300, 128, dtype)
-    k, v = cache_view(2, 4, 1000, 128, dtype), cache_view(2, 4, 1000, 128, dtype)
-    layout = random_layout(300, 1000, *block, with_last=True)
-    call = lambda: kernels.csla_attention_blocks(q, k, v, layout.kv_num_blocks, layout.kv_indices, *block,  # noqa: E731
-                                                 variant="tma-ws")
-    call()  # compiled outside the capture
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = call()
-    for _ in range(2):
-        q.copy_(projected_q(2, 4, 300, 128, dtype))
-        k.copy_(torch.randn_like(k))
-        graph.replay()
-        torch.cuda.synchronize()
-        assert_close(out, reference_attention(q, k, v, mask=layout.to_dense()), dtype, "tma-ws replayed")
 
 
 def token_layout(q_len, kv_len, block_m, block_n):

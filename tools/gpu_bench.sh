@@ -12,9 +12,7 @@
 #   bash tools/gpu_bench.sh "$OUT" hart      # end-to-end HART-0.7B engine rows
 #   bash tools/gpu_bench.sh "$OUT" decide    # the CS4A decision's passes and their alternatives (2B, 8B)
 #   bash tools/gpu_bench.sh "$OUT" later     # CS4A at scales 11-12: composed from its parts vs one launch (2B, 8B)
-#   bash tools/gpu_bench.sh "$OUT" csla      # CSLA GPU tests, then its variants (pointer, TMA, TMA + warp-specialised) side by side
-#   bash tools/gpu_bench.sh "$OUT" tma2b     # the TMA lever in short: the TMA GPU tests, then 2B dense, SparVAR, SparVAR with TMA configs
-#   bash tools/gpu_bench.sh "$OUT" pdl2b     # the PDL streaming linears at small scales: their tests, then 2B dense and SparVAR with and without (pdl8b: 8B)
+#   bash tools/gpu_bench.sh "$OUT" csla      # CSLA GPU tests, then its variants side by side with the autotuned kernel (bench/csla_variants.py)
 #   bash tools/gpu_bench.sh "$OUT" e2e2b     # end-to-end, 2B bf16 engine rows (dense, SparVAR, its ablations, skip 2)
 #   bash tools/gpu_bench.sh "$OUT" e2e8b     # the same for 8B
 #   bash tools/gpu_bench.sh "$OUT" pair2b    # only the dense and SparVAR engines, side by side (the 1.2x ratio, in short; pair8b: 8B)
@@ -66,26 +64,13 @@ for what in "${@:2}"; do
       python bench/small_scales.py --sections decide --out "$OUT/small_scales_decide_$TAG.json" 2>&1 | grep -v Warning | tail -8 ;;
     later)
       python bench/small_scales.py --sections later --out "$OUT/small_scales_later_$TAG.json" 2>&1 | grep -v Warning | tail -6 ;;
-    csla)  # their GPU tests first (the TMA variants' tests have not all run on a GPU yet), then the benchmark
+    csla)  # its GPU tests first, then the benchmark
       python -m pytest -q tests/test_kernels_gpu.py -k "csla" 2>&1 | tail -6
       python bench/csla_variants.py --runs 50 --warmup 5 --out "$OUT/csla_variants_$TAG.json" 2>&1 | grep -v Warning | tail -16 ;;
-    tma2b)  # for a session with little device time: the rows that decide the TMA switch, side by side, nothing else
-      python -m pytest -q tests/test_kernels_gpu.py -k csla_tma 2>&1 | tail -6
-      python bench/e2e.py --model infinity-2b --warmup 3 --runs 20 --rows "=dense engine (CUDA graphs)" \
-        --rows "=SparVAR engine (CUDA graphs, Triton kernels)" --rows "TMA configs" \
-        --out "$OUT/e2e_engines_2b_tma_$TAG.json" 2>&1 | grep -v Warning | tail -6 ;;
-    pdl2b|pdl8b)  # the PDL streaming linears: their GPU tests, then both engines with and without them, side by side
-      size=${what#pdl}
-      python -m pytest -q tests/test_linear_kernel.py > /tmp/pdl_tests.log 2>&1; ok=$?
-      grep -E "FAILED|ERROR|passed|failed" /tmp/pdl_tests.log | tail -12
-      [ $ok -eq 0 ] || { echo "pdl tests failed: no timing"; continue; }
-      python bench/e2e.py --model "infinity-$size" --warmup 3 --runs 20 --rows "=dense engine (CUDA graphs)" \
-        --rows "=SparVAR engine (CUDA graphs, Triton kernels)" --rows "PDL linears,streaming linears" \
-        --out "$OUT/e2e_engines_${size}_pdl_$TAG.json" 2>&1 | grep -v Warning | tail -6 ;;
-    e2e2b|e2e8b)  # the bf16 engine rows, the side-stream and TMA ablations and the skip-2 rows (not the PDL ones: pdl2b)
+    e2e2b|e2e8b)  # the bf16 engine rows, the side-stream ablation and the skip-2 rows
       size=${what#e2e}
       python bench/e2e.py --model "infinity-$size" --warmup 3 --runs 20 --rows "=dense engine (CUDA graphs)" \
-        --rows "=SparVAR engine (CUDA graphs, Triton kernels)" --rows "side stream,TMA configs,skip last 2" \
+        --rows "=SparVAR engine (CUDA graphs, Triton kernels)" --rows "side stream,skip last 2" \
         --out "$OUT/e2e_engines_${size}_$TAG.json" 2>&1 | grep -v Warning | tail -8 ;;
     pair2b|pair8b)  # for a session with little device time: the two rows of the 1.2x target, nothing else
       size=${what#pair}

@@ -209,22 +209,6 @@ if HAS_TRITON:
         return block
 
     @triton.jit
-    def _qkv_descriptors(Q, K, V, H, q_len, kv_len, stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
-                         stride_vb, stride_vh, stride_vn, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
-                         BLOCK_N: tl.constexpr):
-        """Tensor descriptors over (B, H, L, D) q, K and V with their strides (the KV cache view included): one
-        (BLOCK_M | BLOCK_N, D) tile per load, rows past the length read as zeros. Made on the device, in the
-        scratch memory Triton's allocator gives the launch (see _ensure_allocator)."""
-        batch = tl.num_programs(1) // H
-        q_desc = tl.make_tensor_descriptor(Q, shape=[batch, H, q_len, HEAD_DIM], strides=[stride_qb, stride_qh, stride_qm, 1],
-                                           block_shape=[1, 1, BLOCK_M, HEAD_DIM])
-        k_desc = tl.make_tensor_descriptor(K, shape=[batch, H, kv_len, HEAD_DIM], strides=[stride_kb, stride_kh, stride_kn, 1],
-                                           block_shape=[1, 1, BLOCK_N, HEAD_DIM])
-        v_desc = tl.make_tensor_descriptor(V, shape=[batch, H, kv_len, HEAD_DIM], strides=[stride_vb, stride_vh, stride_vn, 1],
-                                           block_shape=[1, 1, BLOCK_N, HEAD_DIM])
-        return q_desc, k_desc, v_desc
-
-    @triton.jit
     def _csla_fwd_kernel(
         Q, K, V, Out, Lse, KVNumBlocks, KVIndices, QOrder, NumFull, PartialIndex, PartialMasks, KVLens,
         stride_qb, stride_qh, stride_qm,
@@ -236,17 +220,7 @@ if HAS_TRITON:
         HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         DENSE: tl.constexpr, EVEN_N: tl.constexpr, USE_ORDER: tl.constexpr, STORE_LSE: tl.constexpr,
         TOKEN: tl.constexpr, ROW_LEN: tl.constexpr, CLAMP_LAYOUT: tl.constexpr = False,
-        TMA_OK: tl.constexpr = False, TMA: tl.constexpr = False, WS: tl.constexpr = False,
-        PDL_TRIGGER: tl.constexpr = False,
     ):
-        # TMA (block-sparse CSLA only; see _CSLA_TMA_CONFIGS): q, K and V tiles come through Hopper tensor descriptors
-        # made per program, K/V rows past kv_len read as zeros; WS also warp-specialises the key loop (a producer warp
-        # group issues the copies), with the partial last tile inside that loop: Triton's warp specialisation takes
-        # no tile work after it. TMA_OK only keys the autotuner (the wrapper's checks that TMA may run here).
-        tl.static_assert(not (TMA and (DENSE or TOKEN or ROW_LEN or CLAMP_LAYOUT or STORE_LSE)))
-        tl.static_assert(TMA or not WS)
-        if PDL_TRIGGER:  # the PDL linear after this kernel may start fetching its weights (sparvar/kernels/linear.py)
-            tl.extra.cuda.gdc_launch_dependents()
         pid_m = tl.program_id(0)
         pid_bh = tl.program_id(1)
         b = pid_bh // H
@@ -263,11 +237,6 @@ if HAS_TRITON:
         q, k_base, v_base, row_ok, m_i, l_i, acc = query_tile_prologue(
             Q, K, V, b, h, offs_m, q_len, stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_vb, stride_vh,
             HEAD_DIM, BLOCK_M)
-        if TMA:  # the pointer load above is then unused (and removed by the compiler)
-            q_desc, k_desc, v_desc = _qkv_descriptors(Q, K, V, H, q_len, kv_len, stride_qb, stride_qh, stride_qm,
-                                                      stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
-                                                      HEAD_DIM, BLOCK_M, BLOCK_N)
-            q = q_desc.load([b, h, q_block * BLOCK_M, 0]).reshape(BLOCK_M, HEAD_DIM)
         offs_d = tl.arange(0, HEAD_DIM)
         idx_row = KVIndices + q_block * stride_idx
 
@@ -280,8 +249,6 @@ if HAS_TRITON:
         num_full = num
         if TOKEN:  # token-exact: the row's full tiles come first (see token_tiles), then the masked ones
             num_full = tl.load(NumFull + q_block)
-        elif WS:
-            pass  # one loop over every tile, each masked unless EVEN_N
         elif not EVEN_N:  # the partial last key block, if this row has it, is its last entry
             if DENSE:
                 num_full = tl.maximum(num - 1, 0)  # no key at all (a row of length 0): no tail tile either
@@ -291,16 +258,13 @@ if HAS_TRITON:
                 last = _key_block(idx_row + tl.maximum(num - 1, 0), kv_len, BLOCK_N, CLAMP_LAYOUT)
                 num_full = tl.maximum(num - (last == (kv_len - 1) // BLOCK_N).to(tl.int32), 0)
 
-        for i in tl.range(0, num_full, warp_specialize=WS):
+        for i in range(0, num_full):
             if DENSE:
                 start_n = i * BLOCK_N
             else:
                 start_n = _key_block(idx_row + i, kv_len, BLOCK_N, CLAMP_LAYOUT) * BLOCK_N
             keys = start_n + offs_n
-            if TMA:  # keys past kv_len read as zeros, their scores masked below
-                k = k_desc.load([b, h, start_n, 0]).reshape(BLOCK_N, HEAD_DIM)
-                v = v_desc.load([b, h, start_n, 0]).reshape(BLOCK_N, HEAD_DIM)
-            elif CLAMP_LAYOUT:  # an outside layout may list the partial last key block anywhere: mask every block
+            if CLAMP_LAYOUT:  # an outside layout may list the partial last key block anywhere: mask every block
                 key_ok = keys < kv_len
                 k = tl.load(k_base + keys[:, None] * stride_kn, mask=key_ok[:, None], other=0.0)
                 v = tl.load(v_base + keys[:, None] * stride_vn, mask=key_ok[:, None], other=0.0)
@@ -308,7 +272,7 @@ if HAS_TRITON:
                 k = tl.load(k_base + keys[:, None] * stride_kn)
                 v = tl.load(v_base + keys[:, None] * stride_vn)
             acc, l_i, m_i = online_softmax_step(acc, l_i, m_i, q, k, v, qk_scale, (keys < kv_len)[None, :],
-                                                CLAMP_LAYOUT or (WS and not EVEN_N))
+                                                CLAMP_LAYOUT)
 
         if TOKEN:
             # tiles with pairs left out: their (BLOCK_M, BLOCK_N) byte mask, False past q_len / kv_len
@@ -321,19 +285,15 @@ if HAS_TRITON:
                 tile = tl.load(PartialIndex + q_block * stride_idx + i)
                 keep = tl.load(PartialMasks + tile * (BLOCK_M * BLOCK_N) + tile_offs) != 0
                 acc, l_i, m_i = online_softmax_step(acc, l_i, m_i, q, k, v, qk_scale, keep, True)
-        elif not WS and num_full < num:  # the partial last tile (WS: num_full is num, the loop masked it)
+        elif num_full < num:  # the partial last tile
             if DENSE:
                 start_n = num_full * BLOCK_N
             else:
                 start_n = _key_block(idx_row + num_full, kv_len, BLOCK_N, CLAMP_LAYOUT) * BLOCK_N
             keys = start_n + offs_n
             key_ok = keys < kv_len
-            if TMA:  # keys past kv_len read as zeros, their scores masked below
-                k = k_desc.load([b, h, start_n, 0]).reshape(BLOCK_N, HEAD_DIM)
-                v = v_desc.load([b, h, start_n, 0]).reshape(BLOCK_N, HEAD_DIM)
-            else:
-                k = tl.load(k_base + keys[:, None] * stride_kn, mask=key_ok[:, None], other=0.0)
-                v = tl.load(v_base + keys[:, None] * stride_vn, mask=key_ok[:, None], other=0.0)
+            k = tl.load(k_base + keys[:, None] * stride_kn, mask=key_ok[:, None], other=0.0)
+            v = tl.load(v_base + keys[:, None] * stride_vn, mask=key_ok[:, None], other=0.0)
             acc, l_i, m_i = online_softmax_step(acc, l_i, m_i, q, k, v, qk_scale, key_ok[None, :], True)
 
         out = acc / l_i[:, None]
@@ -344,18 +304,11 @@ if HAS_TRITON:
             tl.store(Lse + pid_bh * q_len + offs_m, lse, mask=row_ok)
 
     def _prune_by_tile(configs, named_args, **kwargs):
-        """Keep configs whose warp count suits the tile: 8 warps (two warpgroups) exactly for 128-row tiles; TMA
-        configs only where TMA_OK, the warp-specialised ones only at WS_TILES."""
+        """Keep configs whose warp count suits the tile: 8 warps (two warpgroups) exactly for 128-row tiles."""
         block_m = kwargs["BLOCK_M"]
         block_n = kwargs["BLOCK_N"]
         kept = []
         for c in configs:
-            if c.kwargs.get("TMA") and not kwargs.get("TMA_OK"):
-                continue
-            if c.kwargs.get("WS"):  # 4 warps asked for: Triton's Hopper pass launches 12 (its own partitions)
-                if (block_m, block_n) in WS_TILES:
-                    kept.append(c)
-                continue
             if (block_m < 128) != (c.num_warps <= 4):  # 128-row tiles: 8 warps (4 would spill the accumulator)
                 continue
             if block_m * block_n <= 32 * 32 and c.num_stages > 2:
@@ -372,12 +325,8 @@ if HAS_TRITON:
                                          (64, 64, 4, 3), (64, 64, 4, 4), (64, 128, 4, 3))]
     _dense_fwd_tuned = triton.autotune(configs=_DENSE_CONFIGS, key=["HEAD_DIM", "q_len", "kv_len", "STORE_LSE"])(
         _csla_fwd_kernel)
-    # Tensor-descriptor (TMA) configs, with and without warp specialisation: tuned beside the pointer configs where
-    # tma_usable says they may run (SPARVAR_CSLA_TMA=1 until they have been measured on the GPU).
-    _CSLA_TMA_CONFIGS = ([triton.Config({"TMA": True}, num_warps=w, num_stages=s) for w, s in ((8, 3), (8, 2), (4, 3), (4, 2))]
-                         + [triton.Config({"TMA": True, "WS": True}, num_warps=4, num_stages=s) for s in (2, 3)])
-    _csla_fwd_tuned = triton.autotune(configs=_CSLA_CONFIGS + _CSLA_TMA_CONFIGS,
-                                      key=["HEAD_DIM", "BLOCK_M", "BLOCK_N", "DENSE", "EVEN_N", "TOKEN", "TMA_OK",
+    _csla_fwd_tuned = triton.autotune(configs=_CSLA_CONFIGS,
+                                      key=["HEAD_DIM", "BLOCK_M", "BLOCK_N", "DENSE", "EVEN_N", "TOKEN",
                                            "q_len", "kv_len"],  # one tuning per scale: each has its own layout
                                       prune_configs_by={"early_config_prune": _prune_by_tile})(_csla_fwd_kernel)
 
@@ -389,51 +338,11 @@ def default_launch_config(block_m: int, block_n: int) -> dict:
     return dict(num_warps=4, num_stages=3 if block_m * block_n > 32 * 32 else 2)
 
 
-# The CSLA kernel's variants a caller can ask for by name (benchmarks, tests): the pointer loads (the default), tensor
-# descriptors (TMA), and TMA with the full-tile loop warp-specialised. Autotuning picks among them where tma_usable
-# allows (SPARVAR_CSLA_TMA=1), the warp-specialised configs at WS_TILES only.
-CSLA_VARIANTS = {"pointer": {}, "tma": {"TMA": True}, "tma-ws": {"TMA": True, "WS": True}}
-TMA_TILES = ((64, 64), (64, 128), (128, 64), (128, 128))  # the tiles whose TMA configs compile (tests/test_kernels_cpu.py)
-# The tiles "tma-ws" runs at: on the H100 at fa4da19 (Triton 3.6) the warp-specialised kernel at a 128x64 tile (its 4
-# warps asked for, 128 accumulator rows; head dim 64) did not finish a 300-query test before the call's time limit,
-# minutes, where every 64-row tile passed in seconds (bench/results/gpu_tests_h100_fa4da19.json); 128x128 was not
-# reached. So neither the autotuner nor a caller gets a 128-row tile with it.
-WS_TILES = ((64, 64), (64, 128))
-
-
-def tma_enabled() -> bool:
-    """SPARVAR_CSLA_TMA=1 lets the autotuner try the TMA configs (off until they have run on a GPU)."""
-    return os.environ.get("SPARVAR_CSLA_TMA", "0") == "1"
-
-
-def tma_usable(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_m: int, block_n: int) -> bool:
-    """Whether the CSLA kernel's TMA variants can run on these tensors: a Hopper GPU (or the interpreter), a tile of
-    TMA_TILES, and 16-byte aligned bases and positive strides of 16-byte multiples (what a tensor descriptor takes)."""
-    if (block_m, block_n) not in TMA_TILES:
-        return False
-    # Hopper only: the compiled variants are checked for sm_90 (tests/test_kernels_cpu.py) and run on H100/H200
-    if not interpreting() and (not q.is_cuda or torch.cuda.get_device_capability(q.device)[0] != 9):
-        return False
-    for t in (q, k, v):
-        size = t.element_size()
-        if t.data_ptr() % 16 or any(st <= 0 or st * size % 16 for st in t.stride()[:3]):
-            return False
-    return True
-
-
-def _scratch(size: int, alignment: int, stream):
-    """Triton's allocator for the scratch memory of kernels that make tensor descriptors on the device (bytes, on
-    the current device and stream: a graph capture takes it from the graph's pool)."""
-    return torch.empty(size, dtype=torch.int8, device="cpu" if interpreting() else "cuda")
-
-
-def _ensure_allocator() -> None:
-    """Set _scratch as Triton's allocator where none is set. It is a context variable: each thread (a server's
-    batcher thread included) starts without one."""
-    from triton.runtime import _allocation  # private: triton.set_allocator is the only public handle (no getter)
-
-    if isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
-        triton.set_allocator(_scratch)
+# The CSLA kernel's variants a caller can ask for by name, each launched with a fixed config: the hook through
+# which benchmarks and tests put an experimental form beside the default one (bench/csla_variants.py). Earlier forms
+# measured there and removed: tensor descriptors (TMA) with and without warp specialisation (no gain on the H100,
+# removed after 6442115), key tiles read in halves and a Gluon kernel with FlashAttention-3's structure (slower).
+CSLA_VARIANTS = {"pointer": {}}
 
 
 def attention_output_like(q: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -452,16 +361,15 @@ def flash_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, kv_num_b
                   kv_indices: torch.Tensor | None = None, block_m: int | None = 128, block_n: int | None = 64,
                   scale: float = 1.0, q_order: torch.Tensor | None = None, token: tuple | None = None,
                   return_lse: bool = False, out_dtype: torch.dtype | None = None, kv_lens: torch.Tensor | None = None,
-                  variant: str | None = None, pdl_trigger: bool = False, name: str = "flash_forward"):
+                  variant: str | None = None, name: str = "flash_forward"):
     """Launch the flash kernel: dense when kv_num_blocks is None, block-sparse otherwise. Inputs already checked.
 
     token: None (block-granular) or (num_full, tile_index, partial_masks viewed as uint8), kv_indices then
     being token_tiles' reordered tiles. Dense with block_m = block_n = None: the autotuner picks the tile on the
     GPU (128x64 elsewhere). kv_lens (dense only): (B,) int32, batch row b attends to its first kv_lens[b] keys.
     Returns out (B, H, Lq, D) in out_dtype (default q's), or (out, lse (B, H, Lq) fp32 natural-log logsumexp) with
-    return_lse. variant: None (autotuned, or the default config), or a CSLA_VARIANTS name launched with fixed configs
-    (block-sparse, block-granular only; the caller checked it can run: tma_usable). pdl_trigger: let a PDL-launched
-    kernel after this one start early (Hopper; the caller checked pdl_supported).
+    return_lse. variant: None (autotuned, or the default config), or a CSLA_VARIANTS name launched with the default
+    config of the tile (block-sparse only).
     """
     require_triton(name)
     dense = kv_num_blocks is None
@@ -484,18 +392,10 @@ def flash_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, kv_num_b
     meta = dict(HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, DENSE=dense, EVEN_N=kv_len % block_n == 0 and not row_len,
                 USE_ORDER=q_order is not None, STORE_LSE=return_lse, TOKEN=token is not None, ROW_LEN=row_len)
     grid = (-(-q_len // block_m), b * h)
-    if not dense and token is None:  # the TMA configs' key and filter (the autotuner's prune reads TMA_OK)
-        meta["TMA_OK"] = tma_enabled() and not return_lse and tma_usable(q, k, v, block_m, block_n)
     if variant is not None:
         meta.update(CSLA_VARIANTS[variant])
-    if pdl_trigger:  # only where asked: every other launch keeps the kernel it has always compiled
-        meta["PDL_TRIGGER"] = True
-    if meta.get("TMA") or (meta.get("TMA_OK") and autotuning()):
-        _ensure_allocator()
-    if variant is not None:
-        launch = dict(num_warps=4, num_stages=2) if variant == "tma-ws" else default_launch_config(block_m, block_n)
         with launch_device(q):
-            _csla_fwd_kernel[grid](*args, **meta, **launch)
+            _csla_fwd_kernel[grid](*args, **meta, **default_launch_config(block_m, block_n))
     elif tune_tile:
         del meta["BLOCK_M"], meta["BLOCK_N"]
         meta["EVEN_N"] = kv_len % 128 == 0 and not row_len  # true for every tuned BLOCK_N (64 | 128); False masks the last tile
@@ -581,7 +481,7 @@ def csla_attention_blocks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_
     and partial_masks (sparvar.csla.BlockLayout's partial_masks; the other two and the reordered kv_indices from
     token_tiles): each row's first num_full tiles are computed unmasked, the rest through their byte masks.
     variant: None (autotuned on the GPU), or one of CSLA_VARIANTS launched with a fixed config (benchmarks and
-    tests compare them side by side); the TMA ones block-granular only, where tma_usable.
+    tests compare them side by side).
     """
     name = "csla_attention"
     check_qkv(name, q, k, v)
@@ -601,22 +501,13 @@ def csla_attention_blocks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_
         raise ValueError(f"{name}: unknown variant {variant!r}; known: {sorted(CSLA_VARIANTS)}")
     check_device(name, q, k=k, v=v, kv_num_blocks=kv_num_blocks, kv_indices=kv_indices, q_order=q_order,
                  num_full=num_full, tile_index=tile_index, partial_masks=partial_masks)
-    if variant is not None:
-        if CSLA_VARIANTS[variant] and (token is not None or not tma_usable(q, k, v, block_m, block_n)):
-            raise ValueError(f"{name}: variant {variant!r} needs a block-granular layout, a tile of {TMA_TILES}, a "
-                             f"Hopper GPU and 16-byte aligned q, k, v bases and strides; got tile "
-                             f"{(block_m, block_n)}, {'token' if token is not None else 'block'} granularity")
-        if CSLA_VARIANTS[variant].get("WS") and (block_m, block_n) not in WS_TILES:
-            raise ValueError(f"{name}: variant {variant!r} runs at the tiles {WS_TILES} only (at a 128x64 tile it did "
-                             f"not finish on an H100, so no 128-row tile gets it); got tile {(block_m, block_n)}")
     return flash_forward(q, k, v, kv_num_blocks=kv_num_blocks, kv_indices=kv_indices, block_m=block_m,
                          block_n=block_n, scale=scale, q_order=q_order, token=token, variant=variant, name=name)
 
 
 def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float = 1.0,
                     block_m: int | None = None, block_n: int | None = None, return_lse: bool = False,
-                    out_dtype: torch.dtype | None = None, kv_lens: torch.Tensor | None = None,
-                    pdl_trigger: bool = False):
+                    out_dtype: torch.dtype | None = None, kv_lens: torch.Tensor | None = None):
     """Dense flash attention (the CS4A decision's first pass, the engine's smallest scales and its cross-attention);
     with return_lse also the (B, H, Lq) fp32 logsumexp.
 
@@ -625,7 +516,6 @@ def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale:
     kv_lens: None, or (B,) int32 on q's device: batch row b attends to keys [0, kv_lens[b]) only (a padded text's
     real tokens; values above Lk count as Lk, and a row of 0 or less reads no key and gives NaN, as an all-masked
     softmax does).
-    pdl_trigger: signal a PDL-launched kernel after this one that it may start (sparvar.kernels.linear; Hopper).
     """
     name = "dense_attention"
     check_qkv(name, q, k, v)
@@ -641,12 +531,8 @@ def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale:
                          f"batch row), got {kv_lens.dtype if isinstance(kv_lens, torch.Tensor) else type(kv_lens).__name__} "
                          f"{tuple(kv_lens.shape) if isinstance(kv_lens, torch.Tensor) else ''}")
     check_device(name, q, k=k, v=v, kv_lens=kv_lens)
-    if pdl_trigger:
-        from sparvar.kernels.linear import check_pdl
-
-        check_pdl(name, q)
     return flash_forward(q, k, v, block_m=block_m, block_n=block_n, scale=scale, return_lse=return_lse,
-                         out_dtype=out_dtype, kv_lens=kv_lens, pdl_trigger=pdl_trigger, name=name)
+                         out_dtype=out_dtype, kv_lens=kv_lens, name=name)
 
 
 # Per layout object, the launch order and (token layouts) the kernel-ordered tiles: layouts are static per scale,

@@ -26,7 +26,6 @@ import torch
 
 from sparvar.fp8 import FP8, Fp8Rows
 from sparvar.kernels.csla import HAS_TRITON, check_device, interpreting, launch_device, require_triton
-from sparvar.kernels.linear import check_pdl
 
 if HAS_TRITON:
     import triton
@@ -45,15 +44,12 @@ if HAS_TRITON:
     def _residual_norm_kernel(x_ptr, y_ptr, gate_ptr, x_out_ptr, out_ptr, w_ptr, b_ptr, s_ptr,
                               rows_per_batch, C, gate_stride, w_stride, b_stride, eps,
                               HAS_Y: tl.constexpr, GATED: tl.constexpr, NORM: tl.constexpr, QUANT: tl.constexpr,
-                              BLOCK_C: tl.constexpr, PDL_TRIGGER: tl.constexpr = False):
+                              BLOCK_C: tl.constexpr):
         """One row of C channels: optional (gated) residual add, then optional LayerNorm (affine or AdaLN) or
         RMSNorm (weight); with
         QUANT the normalised row is stored quantised to FP8 (out_ptr) with its fp32 scale (s_ptr), as
         sparvar.fp8.quantize_rows_ref would quantise the rounded output: the next GEMM's input, without the
-        bf16 write and re-read in between. PDL_TRIGGER: the PDL linear after it may start prefetching its weights
-        now (sparvar/kernels/linear.py; it still waits for this kernel's end before reading anything it writes)."""
-        if PDL_TRIGGER:
-            tl.extra.cuda.gdc_launch_dependents()
+        bf16 write and re-read in between."""
         row = tl.program_id(0).to(tl.int64)
         batch = row // rows_per_batch
         cols = tl.arange(0, BLOCK_C)
@@ -203,13 +199,12 @@ def _per_batch(name: str, label: str, t: torch.Tensor, B: int, C: int) -> int:
 def residual_norm(x: torch.Tensor, y: torch.Tensor | None = None, gate: torch.Tensor | None = None, *,
                   weight: torch.Tensor | None = None, bias: torch.Tensor | None = None,
                   scale: torch.Tensor | None = None, shift: torch.Tensor | None = None, eps: float = 1e-6,
-                  rms: bool = False, quantize: bool = False, pdl_trigger: bool = False):
+                  rms: bool = False, quantize: bool = False):
     """x (B, n, C) contiguous (bf16, fp16 or fp32). With y: x' = x + y (gate (B, 1, C) fp32: x + (y * gate)), else x' = x.
     Norm: affine LayerNorm (weight, bias (C,)), AdaLN modulation (scale, shift (B, 1, C) fp32), RMSNorm (rms=True,
     weight (C,), no bias: sparvar.model.rms_norm), or none.
     Returns (x', normed) with either None when not computed (x' is None without y; normed None without a norm);
-    with quantize, normed is sparvar.fp8.Fp8Rows: the normalised rows in FP8 with per-row scales.
-    pdl_trigger: signal a PDL-launched kernel after this one that it may start (sparvar.kernels.linear; Hopper)."""
+    with quantize, normed is sparvar.fp8.Fp8Rows: the normalised rows in FP8 with per-row scales."""
     name = "residual_norm"
     require_triton(name)
     if x.dim() != 3 or not x.is_contiguous() or x.dtype not in DTYPES:
@@ -245,8 +240,6 @@ def residual_norm(x: torch.Tensor, y: torch.Tensor | None = None, gate: torch.Te
     else:
         w_stride = b_stride = 0
     check_device(name, x, hint="use sparvar.model's functions elsewhere", y=y, gate=gate, weight=weight, bias=bias)
-    if pdl_trigger:
-        check_pdl(name, x)
     x_out = torch.empty_like(x) if y is not None else None
     out = torch.empty(x.shape, dtype=FP8 if quantize else x.dtype, device=x.device) if norm != NORM_NONE else None
     row_scale = torch.empty((B * n, 1), dtype=torch.float32, device=x.device) if quantize else None
@@ -259,7 +252,7 @@ def residual_norm(x: torch.Tensor, y: torch.Tensor | None = None, gate: torch.Te
                 out if out is not None else dummy, weight if weight is not None else dummy,
                 bias if bias is not None else dummy, row_scale if quantize else dummy, n, C, gate_stride, w_stride,
                 b_stride, float(eps), HAS_Y=y is not None, GATED=gate is not None, NORM=norm, QUANT=bool(quantize),
-                BLOCK_C=block, num_warps=4 if block <= 2048 else 8, **({"PDL_TRIGGER": True} if pdl_trigger else {}))
+                BLOCK_C=block, num_warps=4 if block <= 2048 else 8)
     if quantize:
         return x_out, Fp8Rows(out.view(B * n, C), row_scale, x.shape)
     return x_out, out
@@ -354,33 +347,24 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 
 def triton_block_ops():
-    """These kernels as the model's BlockOps (see sparvar.model): what the torch-cuda engine runs.
-
-    With SPARVAR_PDL=1 on Hopper (sparvar.kernels.linear.engine_linears), the block linears of calls of at most
-    linear.MAX_ROWS rows (the small scales) run as PDL streaming linears, and the kernels before them (the norms
-    here, the engine's attention kernels in sparvar.attention) let them start early; SPARVAR_PDL=stream runs the
-    same linears without PDL. Read at each call, so at capture time for the CUDA graphs."""
+    """These kernels as the model's BlockOps (see sparvar.model): what the torch-cuda engine runs."""
     from sparvar.attention import engine_cross_attention
-    from sparvar.kernels import linear as streaming
     from sparvar.model import BlockOps, KVCache, linear as cublas_linear
 
-    def pdl_rows(x) -> bool:  # the norm's output feeds a PDL streaming linear (the norm's rows are the linear's)
-        return streaming.pdl_trigger(x, x.numel() // max(1, x.shape[-1]))
-
     def modulate(x, scale, shift, eps):
-        return residual_norm(x, scale=scale, shift=shift, eps=eps, pdl_trigger=pdl_rows(x))[1]
+        return residual_norm(x, scale=scale, shift=shift, eps=eps)[1]
 
     def gated_residual(x, y, gamma):
         return residual_norm(x, y, gamma)[0]
 
     def residual_layer_norm(x, y, gamma, weight, bias, eps):
-        return residual_norm(x, y, gamma, weight=weight, bias=bias, eps=eps, pdl_trigger=pdl_rows(x))
+        return residual_norm(x, y, gamma, weight=weight, bias=bias, eps=eps)
 
     def residual_modulate(x, y, scale, shift, eps):
-        return residual_norm(x, y, scale=scale, shift=shift, eps=eps, pdl_trigger=pdl_rows(x))
+        return residual_norm(x, y, scale=scale, shift=shift, eps=eps)
 
     def gated_residual_modulate(x, y, gamma, scale, shift, eps):
-        return residual_norm(x, y, gamma, scale=scale, shift=shift, eps=eps, pdl_trigger=pdl_rows(x))
+        return residual_norm(x, y, gamma, scale=scale, shift=shift, eps=eps)
 
     def attention_inputs(qkv, heads, scale_mul, rope, kv, layer):
         if not isinstance(kv, KVCache):
@@ -388,22 +372,12 @@ def triton_block_ops():
         k_new, v_new, k_all, v_all = kv.slot(layer, qkv.shape[1])
         return qkv_rope(qkv, scale_mul, rope, k_new, v_new), k_all, v_all
 
-    def linear(layer, x, bias=None):
-        mode = streaming.engine_streams(x, layer.weight)
-        if mode is not None:
-            return streaming.streaming_linear(x, layer.weight, layer.bias if bias is None else bias, pdl=mode == "pdl")
-        return cublas_linear(layer, x, bias)
-
     def ffn(fc1, fc2, x):
-        mode = streaming.engine_streams(x, fc1.weight, fc2.weight)
-        if mode is not None:
-            hidden = streaming.streaming_linear(x, fc1.weight, fc1.bias, gelu=True, pdl=mode == "pdl")
-            return streaming.streaming_linear(hidden, fc2.weight, fc2.bias, pdl=mode == "pdl")
         return cublas_linear(fc2, linear_gelu_epilogue(fc1, x))
 
     return BlockOps(modulate=modulate, gated_residual=gated_residual, residual_layer_norm=residual_layer_norm,
                     residual_modulate=residual_modulate, gated_residual_modulate=gated_residual_modulate,
-                    attention_inputs=attention_inputs, linear=linear, ffn=ffn, cross_attention=engine_cross_attention)
+                    attention_inputs=attention_inputs, linear=cublas_linear, ffn=ffn, cross_attention=engine_cross_attention)
 
 
 def triton_quantizing_norms():
