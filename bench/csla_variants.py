@@ -11,7 +11,7 @@ Every row is checked against the fp32 masked reference on two heads before it is
 the GPU tests' tolerance is recorded as an error, untimed, and left out of the ratios); timing and flops as in
 bench/attention.py (CUDA events with an L2-evicting write before each call, and a CUDA-graph replay).
 
-`--compile-only` needs no GPU: it compiles every variant's configs for sm_90 on this machine, specialised as a
+`--compile-only` needs no GPU: it compiles the autotuner's configs for sm_90 on this machine, specialised as a
 launch on the engine's tensors is, and records what the compiler made of each (registers from ptxas, shared
 memory, warps, whether the loads are asynchronous copies): the static side of the comparison, for choosing what to
 time.

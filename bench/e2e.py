@@ -31,10 +31,6 @@ PROMPT = "a photo of a red fox sitting in the snow, highly detailed"
 # smallest attention calls had run our Triton kernel since commit 7cea0d2
 DENSE_ENGINE_ROW = "dense engine (CUDA graphs)"
 SPARVAR_ENGINE_ROW = "SparVAR engine (CUDA graphs, Triton kernels)"
-# the same engine with the CS4A decision's top-k and residual cache on a side stream instead of in line
-# (SparVARPlan(overlap_decision=True)): what the overlap gains or loses, side by side. Results up to commit 8a792bb
-# ran the side stream by default and name their ablation row "..., CS4A decision in line".
-DECISION_OVERLAP_ROW = "SparVAR engine (CUDA graphs, Triton kernels), CS4A decision on a side stream"
 # the same engine with the decision layers' residual-cache launches one after another on one stream
 # (SparVARPlan(residual_lanes=0)) instead of side by side on two: what the side-by-side launches gain
 RESIDUALS_IN_LINE_ROW = "SparVAR engine (CUDA graphs, Triton kernels), decision residuals on one stream"
@@ -127,7 +123,6 @@ def rows_for(model_name: str):
         # the engines' dense attention: cuDNN, our Triton kernel for the smallest calls (sparvar.attention "engine")
         (DENSE_ENGINE_ROW, "dense", "graphs", "engine", 0, False),
         (SPARVAR_ENGINE_ROW, "sparvar", "graphs", "engine", 0, False),
-        (DECISION_OVERLAP_ROW, "sparvar", "graphs", "engine", 0, False),
         (RESIDUALS_IN_LINE_ROW, "sparvar", "graphs", "engine", 0, False),
         ("SparVAR engine + skip last 2", "sparvar", "graphs", "engine", 2, False),
         ("dense engine + skip last 2", "dense", "graphs", "engine", 2, False),
@@ -258,8 +253,6 @@ def bench_model(model_name: str, resolution: int, warmup: int, runs: int, rows=N
               "rows": results}
     for name, attention, kind, backend, skip, fp8 in rows or rows_for(model_name):
         plan = make_plan(cfg, schedule, attention, backend="triton", skip_last=skip)
-        if name == DECISION_OVERLAP_ROW:
-            plan.overlap_decision = True
         if name == RESIDUALS_IN_LINE_ROW:
             plan.residual_lanes = 0
         forget_csla_timings()

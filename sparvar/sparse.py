@@ -171,9 +171,6 @@ class SparseOps(NamedTuple):
     # (q, k, v, selected, geometry, o_cache_or_None, cache_grid, grid) -> out: CS4A at a later scale straight from
     # the decision state, in one call. None: composed from the parts above (sparvar.cs4a.cs4a_from_selection_ref)
     cs4a_from_selection: Callable | None = None
-    # (q, k, v, group_size, topk, sink_len, stream) -> cs4a_decide's outputs, with the selection and the residual
-    # cache computed on the side `stream` (the plan joins it before they are read). None: the decision runs in line
-    cs4a_decide_async: Callable | None = None
     # the decision in two halves, so that one launch takes the top-k of every decision layer:
     # (q, k, v, group_size, sums_out) -> (out, dense) per layer, its column sums written into sums_out, then
     # ([(q, k, v, dense) per layer], sums (L, B, H, G, Lk), group_size, topk, sink_len, lanes=()) ->
@@ -202,8 +199,7 @@ class SparVARPlan:
     """
 
     def __init__(self, policy: SparVARPolicy, schedule: Schedule, num_layers: int, backend: str = "reference",
-                 precomputed: tuple[dict, dict] | None = None, overlap_decision: bool = False, skip_last: int = 0,
-                 residual_lanes: int = 1):
+                 precomputed: tuple[dict, dict] | None = None, skip_last: int = 0, residual_lanes: int = 1):
         """precomputed: (CSLA layouts, CS4A geometries) per scale, as an engine stored them (`load_plan`);
         by default they are computed from the policy here.
 
@@ -212,17 +208,14 @@ class SparVARPlan:
         scale's CS4A layers then run plain dense attention (the decision's own output is dense attention too) instead
         of collecting column sums, a top-k and a residual cache that would be thrown away.
 
-        overlap_decision: where the backend can (SparseOps.cs4a_decide_async, CUDA tensors), the decision's top-k and
-        residual cache run on a side stream, overlapping the rest of the decision scale (they are read only at later
-        scales); the plan joins that stream after the scale's last layer (so a CUDA-graph capture of the scale is
-        complete) and before anything reads the state. Off by default: side by side, the in-line decision was the
-        faster in three of four runs (H100: 2B 205.5 vs 207.8 ms, 8B 607.5 vs 610.6; H200: 8B 602.8 vs 606.6, 2B
+        The decision runs in line, where the backend can in two halves (SparseOps.cs4a_decide_begin / _end: each
+        decision layer's dense pass and column sums, then one top-k launch for all of them and each layer's residual
+        cache). Not on a side stream overlapping the rest of the decision scale: side by side the in-line decision was
+        the faster in three of four runs (H100: 2B 205.5 vs 207.8 ms, 8B 607.5 vs 610.6; H200: 8B 602.8 vs 606.6, 2B
         203.2 vs 202.4; bench/results/e2e_engines_*_skip_h100.json, e2e_engines_*_decision_h200.json): the side
-        stream's kernels take SMs from the scale's own. Those runs predate the in-line decision in two halves (its
-        top-k one launch for all decision layers: SparseOps.cs4a_decide_begin), which backends that have it run
-        when overlap_decision is off.
+        stream's kernels take SMs from the scale's own. That option was removed after 6442115.
 
-        residual_lanes: in that two-half decision on CUDA tensors, how many side streams the decision layers'
+        residual_lanes: in the two-half decision on CUDA tensors, how many side streams the decision layers'
         residual-cache launches are dealt over besides the current one (0: one after another on it); they are
         joined before the last decision layer returns, and the results are the same bit for bit. Why: each launch
         ends on a nearly empty wave (cs4a_decide_end_raw), which the next launch fills when they run side by side."""
@@ -259,17 +252,14 @@ class SparVARPlan:
                                      f"{geometry.topk}, {geometry.sink_len} sinks; the policy has top-{self.topk}, "
                                      f"{self.sink_len} sinks")
         self._on_device: dict[tuple[str, int, torch.device], BlockLayout | CS4AGeometry] = {}
-        self.overlap_decision = overlap_decision
         if not isinstance(residual_lanes, int) or isinstance(residual_lanes, bool) or residual_lanes < 0:
             raise ValueError(f"residual_lanes must be an int >= 0 (side streams), got {residual_lanes!r}")
         self.residual_lanes = residual_lanes
         self._side_streams: dict[torch.device, list[torch.cuda.Stream]] = {}
-        self._pending: torch.cuda.Stream | None = None  # a side stream with decision work not yet joined
         self.reset()
 
     def reset(self) -> None:
         """Forget the CS4A selections and caches of the previous generation."""
-        self._join()
         self._selected: dict[int, torch.Tensor] = {}  # layer -> (B, H, G_S, topk) int32
         self._o_cache: dict[int, torch.Tensor] = {}  # layer -> (B, H, L_S, D)
         # the two-half decision (SparseOps.cs4a_decide_begin): the decision layers' column sums, (L, B, H, G_S, Lk),
@@ -282,7 +272,6 @@ class SparVARPlan:
 
     def state(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """A layer's CS4A decision state (selected key positions, residual cache) after its decision scale ran."""
-        self._join()
         if layer not in self._selected:
             if self.policy.cs4a_layers == 0:
                 raise RuntimeError(f"layer {layer} has no CS4A state: the policy has no CS4A layers")
@@ -300,29 +289,14 @@ class SparVARPlan:
             self._on_device[key] = source[scale].to(device)
         return self._on_device[key]
 
-    def _join(self) -> None:
-        """Make the current stream wait for the decision work queued on a side stream (nothing if none is)."""
-        if self._pending is not None:
-            torch.cuda.current_stream(self._pending.device).wait_stream(self._pending)
-            self._pending = None
-
-    def _side_stream(self, device: torch.device) -> torch.cuda.Stream:
-        return self._lanes(device, 1)[0]
-
     def _lanes(self, device: torch.device, count: int) -> tuple[torch.cuda.Stream, ...]:
-        """`count` side streams on device, made once (the first is also the overlapped decision's side stream)."""
+        """`count` side streams on device for the decision's residual launches, made once."""
         streams = self._side_streams.setdefault(device, [])
         while len(streams) < count:
             streams.append(torch.cuda.Stream(device=device))
         return tuple(streams[:count])
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, layer: int, scale: int) -> torch.Tensor | None:
-        out = self._attend(q, k, v, layer, scale)
-        if layer == self.num_layers - 1:  # the scale's last attention: side work must end inside this scale's step
-            self._join()
-        return out
-
-    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, scale: int) -> torch.Tensor | None:
         kind = self.policy.kind(layer, scale)
         if kind == "dense":
             return None
@@ -336,14 +310,9 @@ class SparVARPlan:
         if kind == "cs4a_decide":
             if not self.decides:  # no later scale runs: dense attention is all this layer needs
                 return None
-            if self.overlap_decision and self.ops.cs4a_decide_async is not None and q.is_cuda:
-                self._pending = self._side_stream(q.device)  # before the call: joined even if it fails after forking
-                out, selected, o_cache = self.ops.cs4a_decide_async(q, k, v, group_size, self.topk, self.sink_len,
-                                                                    self._pending)
-            elif self.ops.cs4a_decide_begin is not None:
+            if self.ops.cs4a_decide_begin is not None:
                 return self._decide_in_halves(q, k, v, layer, group_size)
-            else:
-                out, selected, o_cache = self.ops.cs4a_decide(q, k, v, group_size, self.topk, sink_len=self.sink_len)
+            out, selected, o_cache = self.ops.cs4a_decide(q, k, v, group_size, self.topk, sink_len=self.sink_len)
             self._selected[layer] = selected
             self._o_cache[layer] = o_cache
             return out
@@ -353,7 +322,6 @@ class SparVARPlan:
                                    f"(skip_last={self.skip_last}): it made no decision for it")
             raise RuntimeError(f"layer {layer} reached CS4A scale {scale} without a decision: "
                                f"{self._decision_progress()}; call reset() and run the scales in order")
-        self._join()  # a no-op after a whole decision scale ran (its last layer joined)
         selected = self._selected[layer]
         if selected.shape[0] != q.shape[0]:
             raise RuntimeError(f"batch size changed within a generation ({selected.shape[0]} -> {q.shape[0]}); call reset()")

@@ -364,6 +364,28 @@ def test_aot_csla_compiles_to_sm90_ptx_without_a_gpu(head_dim):
     assert kernel.scalars(sizes, IntDims()) == [16, 4096, 10521, 30]
 
 
+def test_csla_autotune_configs_suit_each_tile_and_compile_for_hopper():
+    """The autotuner's configs kept per tile (_prune_by_tile): at least one for every tile an engine or the dense pass
+    uses, 8 warps (two warpgroups) exactly for 128-row tiles (4 would spill the accumulator), at most 2 stages for
+    tiles of 32x32 or less; and each kept config of the engines' tiles compiles for sm_90 with asynchronous copies
+    (the autotuner skips configs that run out of shared memory, not ones that fail to compile)."""
+    pytest.importorskip("triton")
+    from bench.csla_variants import compile_stats
+    from sparvar.kernels import csla as C
+
+    for block_m in C.TILE_SIZES:
+        for block_n in C.TILE_SIZES:
+            kept = C._prune_by_tile(C._CSLA_CONFIGS, {}, BLOCK_M=block_m, BLOCK_N=block_n)
+            assert kept and all(c in C._CSLA_CONFIGS for c in kept), (block_m, block_n)
+            assert all((c.num_warps == 8) == (block_m == 128) for c in kept), (block_m, block_n, kept)
+            if block_m * block_n <= 32 * 32:
+                assert all(c.num_stages <= 2 for c in kept), (block_m, block_n, kept)
+    rows = compile_stats(tiles=((64, 64), (128, 64)), head_dims=(128,))
+    assert len(rows) == sum(len(C._prune_by_tile(C._CSLA_CONFIGS, {}, BLOCK_M=m, BLOCK_N=64)) for m in (64, 128))
+    for row in rows:
+        assert row["async_copies"] and row["registers"] and row["warps_launched"] == row["num_warps"], row
+
+
 def test_csla_pointer_config_compiles_with_pipelined_loads():
     """The default variant's loads are software-pipelined (cp.async) once the launch is specialised as the JIT does
     (bench/csla_variants.compile_for_sm90, which the variants' register and shared-memory reports rely on)."""
@@ -813,6 +835,8 @@ BENCH_DRY_RUN_SCRIPT = textwrap.dedent('''
         out = blocks(*args, variant=variant, **kwargs)
         return out + 0.1 if variant == "pointer" else out
 
+    C.CSLA_VARIANTS["pointer-copy"] = {}  # a second, right variant: checked, timed and in the ratios
+
     C.csla_attention_blocks = off_in_pointer
     B.Bench = CallOnce
     B.MODELS = {"infinity-2b": (2, 64)}  # 2B's policy (64x64 CSLA blocks) on 2 heads of 64 at 256^2
@@ -821,12 +845,13 @@ BENCH_DRY_RUN_SCRIPT = textwrap.dedent('''
     assert len(wrong) == 3 and all("max abs error" in r["error"] and "max_abs_err" not in r for r in wrong), wrong
     timed = [r if "error" in r else dict(r, graph_median_ms=1.0) for r in rows]  # Bench.add times only checked rows
     ratios = B.ratios(timed)
-    assert "CSLA pointer (fixed config)" not in str(ratios) and len(ratios) == 3, ratios
-    assert all(table == {B.AUTOTUNED: 1.0} for table in ratios.values()), ratios
+    assert len(ratios) == 3, ratios
+    assert all(table == {B.AUTOTUNED: 1.0, "CSLA pointer-copy (fixed config)": 1.0} for table in ratios.values()), ratios
     rows = [r for r in rows if r not in wrong]
     assert not any("error" in r for r in rows), rows
     names = {(r["scale"], r["name"]) for r in rows + wrong}
-    expected = {(s, n) for s in (4, 5, 6) for n in ("CSLA pointer (fixed config)", B.AUTOTUNED)}
+    expected = {(s, n) for s in (4, 5, 6) for n in ("CSLA pointer (fixed config)", "CSLA pointer-copy (fixed config)",
+                                                    B.AUTOTUNED)}
     assert names == expected, names
     print("WORST", max(r["max_abs_err"] for r in rows))
 ''')

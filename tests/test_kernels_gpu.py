@@ -470,82 +470,44 @@ def test_sparse_ops_drive_the_tiny_plan(granularity):
 
 
 @pytest.mark.parametrize("model", ["infinity-tiny", "hart-tiny"])  # HART: sinks
-def test_decision_on_a_side_stream_equals_in_line_and_captures(model):
-    """The plan's decision with its top-k and residual cache on a side stream (SparVARPlan(overlap_decision=True)) gives the
-    in-line decision's (in two halves: one top-k launch for all decision layers) outputs and state bit for bit, the
-    later scales read it correctly, and a scale captured as a CUDA graph is complete, either way (the plan joins the
-    side stream at the scale's last layer: an unjoined stream fails the capture)."""
+def test_decision_scale_captured_in_a_cuda_graph_equals_eager(model):
+    """The plan's decision (in two halves: one top-k launch for all decision layers, then the residuals, on two
+    streams where there are two decision layers or more) captured with the rest of the decision scale as one CUDA graph and replayed gives the eager outputs
+    and state bit for bit: every side stream is joined inside the scale (an unjoined stream fails the capture)."""
     from sparvar.config import get_config
     from sparvar.schedule import get_schedule
     from sparvar.sparse import SparVARPlan, default_policy
 
     schedule = get_schedule(get_config(model).default_resolution, model=model)
     policy = default_policy(model, schedule)
-    plans = {overlap: SparVARPlan(policy, schedule, policy.num_layers, backend="triton", overlap_decision=overlap)
-             for overlap in (True, False)}
+    plan = SparVARPlan(policy, schedule, policy.num_layers, backend="triton")
+    assert plan.residual_lanes > 0  # infinity-tiny's two decision layers: their residuals on two streams
     dtype = torch.bfloat16
-    inputs = {}
-    for scale in policy.sparse_scales:
-        q_len, kv_len = schedule.lengths[scale], schedule.kv_len(scale)
-        inputs[scale] = [(projected_q(2, 2, q_len, 64, dtype), cache_view(2, 2, kv_len, 64, dtype),
-                          cache_view(2, 2, kv_len, 64, dtype)) for _ in range(policy.num_layers)]
-    outs = {}
-    for overlap, plan in plans.items():
-        outs[overlap] = [plan.attend(*inputs[scale][layer], layer=layer, scale=scale)
-                         for scale in policy.sparse_scales for layer in range(policy.num_layers)]
-        assert plan._pending is None, "the decision scale's last layer must join the side stream"
-    for a, b in zip(*outs.values()):
-        assert (a is None) == (b is None) and (a is None or torch.equal(a, b)), "side-stream decision differs"
-    for layer in range(policy.cs4a_layers):
-        for a, b in zip(plans[True].state(layer), plans[False].state(layer)):
-            assert torch.equal(a, b), f"layer {layer}: side-stream decision state differs"
-    # the decision scale captured as one graph, then replayed: the same outputs and state, with the side stream and
-    # with the in-line decision in two halves (whose top-k and residuals run at the last decision layer)
     decision = policy.decision_scale
-    want_state = [[t.clone() for t in plans[False].state(layer)] for layer in range(policy.cs4a_layers)]
-    for overlap, plan in plans.items():
-        plan.reset()
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):  # warm-up outside the capture (allocator, Triton compilation)
-            for layer in range(policy.num_layers):
-                plan.attend(*inputs[decision][layer], layer=layer, scale=decision)
-        torch.cuda.current_stream().wait_stream(stream)
-        plan.reset()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            graphed = [plan.attend(*inputs[decision][layer], layer=layer, scale=decision)
-                       for layer in range(policy.num_layers)]
-        graph.replay()
-        torch.cuda.synchronize()
-        n = policy.num_layers
-        first = policy.sparse_scales.index(decision) * n
-        for layer, out in enumerate(graphed):
-            want = outs[False][first + layer]
-            assert (out is None) == (want is None) and (out is None or torch.equal(out, want)), \
-                f"graphed layer {layer} (side stream: {overlap})"
-        for layer in range(policy.cs4a_layers):
-            for a, b in zip(plan.state(layer), want_state[layer]):
-                assert torch.equal(a, b), f"layer {layer}: graphed decision state differs (side stream: {overlap})"
-
-
-def test_decision_side_stream_with_our_fp32_dense_pass(monkeypatch):
-    """cs4a_decide_raw with the Triton dense pass (fp32 O_dense, cast on the calling stream when the rest runs on
-    the side stream) equals the in-line decision, with sinks. Fixed kernel configs: in line, the residual kernel also
-    writes the rounded O_dense (another specialisation, tuned on its own), and two tuned configs may sum in another
-    order (the H100 run at 8a792bb differed in o_cache's last bits)."""
-    from sparvar.kernels.cs4a import cs4a_decide_raw
-
-    monkeypatch.setenv("SPARVAR_TRITON_AUTOTUNE", "0")
-
-    q = projected_q(2, 2, 300, 64, torch.bfloat16)
-    k, v = cache_view(2, 2, 700, 64, torch.bfloat16), cache_view(2, 2, 700, 64, torch.bfloat16)
-    want = cs4a_decide_raw(q, k, v, 64, 96, 17, dense_pass="triton")
-    side = torch.cuda.Stream()
-    got = cs4a_decide_raw(q, k, v, 64, 96, 17, dense_pass="triton", side_stream=side)
-    torch.cuda.current_stream().wait_stream(side)
-    for name, a, b in zip(("out", "selected", "o_cache"), got, want):
-        assert torch.equal(a, b), f"side-stream decision ({name}) differs from in line"
+    q_len, kv_len = schedule.lengths[decision], schedule.kv_len(decision)
+    inputs = [(projected_q(2, 2, q_len, 64, dtype), cache_view(2, 2, kv_len, 64, dtype),
+               cache_view(2, 2, kv_len, 64, dtype)) for _ in range(policy.num_layers)]
+    eager = [plan.attend(*inputs[layer], layer=layer, scale=decision) for layer in range(policy.num_layers)]
+    want_state = [[t.clone() for t in plan.state(layer)] for layer in range(policy.cs4a_layers)]
+    assert any(out is not None for out in eager[:policy.cs4a_layers])
+    plan.reset()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm-up outside the capture (allocator, Triton compilation)
+        for layer in range(policy.num_layers):
+            plan.attend(*inputs[layer], layer=layer, scale=decision)
+    torch.cuda.current_stream().wait_stream(stream)
+    plan.reset()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        graphed = [plan.attend(*inputs[layer], layer=layer, scale=decision) for layer in range(policy.num_layers)]
+    graph.replay()
+    torch.cuda.synchronize()
+    for layer, (out, want) in enumerate(zip(graphed, eager)):
+        assert (out is None) == (want is None) and (out is None or torch.equal(out, want)), f"graphed layer {layer}"
+    for layer in range(policy.cs4a_layers):
+        for a, b in zip(plan.state(layer), want_state[layer]):
+            assert torch.equal(a, b), f"layer {layer}: graphed decision state differs"
 
 
 def test_gpu_validation_errors():

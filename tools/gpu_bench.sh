@@ -67,10 +67,10 @@ for what in "${@:2}"; do
     csla)  # its GPU tests first, then the benchmark
       python -m pytest -q tests/test_kernels_gpu.py -k "csla" 2>&1 | tail -6
       python bench/csla_variants.py --runs 50 --warmup 5 --out "$OUT/csla_variants_$TAG.json" 2>&1 | grep -v Warning | tail -16 ;;
-    e2e2b|e2e8b)  # the bf16 engine rows, the side-stream ablation and the skip-2 rows
+    e2e2b|e2e8b)  # the bf16 engine rows, the one-stream residuals ablation and the skip-2 rows
       size=${what#e2e}
       python bench/e2e.py --model "infinity-$size" --warmup 3 --runs 20 --rows "=dense engine (CUDA graphs)" \
-        --rows "=SparVAR engine (CUDA graphs, Triton kernels)" --rows "side stream,skip last 2" \
+        --rows "=SparVAR engine (CUDA graphs, Triton kernels)" --rows "decision residuals on one stream,skip last 2" \
         --out "$OUT/e2e_engines_${size}_$TAG.json" 2>&1 | grep -v Warning | tail -8 ;;
     pair2b|pair8b)  # for a session with little device time: the two rows of the 1.2x target, nothing else
       size=${what#pair}

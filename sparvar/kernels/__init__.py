@@ -50,8 +50,5 @@ def sparse_ops():
     def cs4a_from_selection(q, k, v, selected, geometry, o_cache, cache_grid, grid):
         return cs4a_attention_from_selection(q, k, v, selected, geometry, o_cache, cache_grid, grid)
 
-    def cs4a_decide_async(q, k, v, group_size, topk, sink_len, stream):  # a stream cannot pass through a custom op
-        return cs4a_decide_raw(q, k, v, group_size, topk, sink_len, side_stream=stream)
-
-    return SparseOps(csla_attention, cs4a_decide, cs4a, upsample_cache, cs4a_from_selection, cs4a_decide_async,
-                     cs4a_decide_begin_raw, cs4a_decide_end_raw)
+    return SparseOps(csla_attention, cs4a_decide, cs4a, upsample_cache, cs4a_from_selection, cs4a_decide_begin_raw,
+                     cs4a_decide_end_raw)

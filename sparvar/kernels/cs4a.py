@@ -597,19 +597,14 @@ def decision_dense_pass(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale
 
 
 def cs4a_decide_raw(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group_size: int = 192, topk: int = 784,
-                    sink_len: int = 0, *, scale: float = 1.0, dense_pass: str | None = None,
-                    side_stream: torch.cuda.Stream | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                    sink_len: int = 0, *, scale: float = 1.0,
+                    dense_pass: str | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Decision scale: (out = dense attention, selected (B, H, G, topk) int32 ascending, o_cache = out - sparse).
 
     dense_pass: the kernel of the dense pass (decision_dense_pass; None = the default rule there).
 
     sink_len: KV positions [0, sink_len) are in every key set and never compete: the top-k is taken among
     [sink_len, Lk) and the residual subtracts attention over [sinks | selected] (sparvar.cs4a.cs4a_decide_ref).
-
-    side_stream: the dense pass runs on the current stream and `out` is ready there on return; the column sums,
-    the top-k and the residual cache are queued on side_stream (after the dense pass). They are read only at later
-    scales, so they overlap the rest of this scale; the caller must make its stream wait for side_stream
-    (`wait_stream`) before it reads `selected` or `o_cache`.
     """
     name = "cs4a_decide"
     check_qkv(name, q, k, v)
@@ -622,25 +617,11 @@ def cs4a_decide_raw(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group_siz
                          f"{sink_len} sinks), got {topk!r}")
     check_scale(name, scale)
     check_device(name, q, k=k, v=v)
-    if side_stream is not None and (not q.is_cuda or side_stream.device != q.device):
-        raise ValueError(f"{name}: side_stream must be a CUDA stream on q's device {q.device}, got one on "
-                         f"{side_stream.device}")
     dense, lse = decision_dense_pass(q, k, v, scale, dense_pass)
-    # an fp32 O_dense (our kernel's) is rounded to q's dtype, the decision's output: by the residual kernel in line,
-    # by a cast on this stream when the residual runs on the side stream (out must be ready here)
-    out = dense if dense.dtype == q.dtype else (attention_output_like(q) if side_stream is None else dense.to(q.dtype))
-    if side_stream is None:
-        return out, *_selection_and_cache(q, k, v, dense, lse, group_size, topk, sink_len, scale,
-                                          extra_out=None if out is dense else out)
-    side_stream.wait_stream(torch.cuda.current_stream(q.device))
-    for t in (q, k, v, dense, lse):  # used on the side stream: not to be reused before it is done with them
-        t.record_stream(side_stream)
-    with torch.cuda.stream(side_stream):
-        selected, o_cache = _selection_and_cache(q, k, v, dense, lse, group_size, topk, sink_len, scale)
-    main = torch.cuda.current_stream(q.device)
-    selected.record_stream(main)
-    o_cache.record_stream(main)
-    return out, selected, o_cache
+    # an fp32 O_dense (our kernel's) is rounded to q's dtype, the decision's output, by the residual kernel
+    out = dense if dense.dtype == q.dtype else attention_output_like(q)
+    return out, *_selection_and_cache(q, k, v, dense, lse, group_size, topk, sink_len, scale,
+                                      extra_out=None if out is dense else out)
 
 
 def _selection_and_cache(q, k, v, dense, lse, group_size, topk, sink_len, scale, extra_out=None):
