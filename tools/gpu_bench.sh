@@ -31,6 +31,14 @@ if [ -z "${SPARVAR_COMMIT:-}" ] && ! git rev-parse HEAD >/dev/null 2>&1; then
   exit 2
 fi
 OUT=${1:-bench/results}
+# every mode is checked before any runs: a mistyped or removed one would otherwise spend a device call on nothing
+MODES=" $(sed -n 's/^#   bash tools\/gpu_bench.sh "\$OUT" \([a-z0-9]*\) .*/\1/p' "$0" | tr '\n' ' ') pair8b lanes8b "
+for what in "${@:2}"; do
+  case "$MODES" in
+    *" $what "*) ;;
+    *) echo "gpu_bench.sh: unknown mode '$what'; the modes:$MODES" >&2; exit 2 ;;
+  esac
+done
 export PYTHONPATH=$PWD
 nvidia-smi -L
 TAG=$(python -c "from bench.common import device_tag; print(device_tag())")
