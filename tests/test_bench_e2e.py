@@ -171,3 +171,23 @@ def test_gpu_bench_script_asks_for_rows_that_exist():
         for size in ("2b", "8b"):  # the e2e2b / e2e8b mode's "infinity-$size"
             args = parser.parse_args(shlex.split(call.replace("$size", size)))
             check_args(args)
+
+
+def test_gpu_bench_script_refuses_an_unknown_mode_before_running_any():
+    """tools/gpu_bench.sh checks every mode it is given against the modes its header lists before it runs one (a
+    mistyped or removed mode would otherwise spend a device call on nothing), and the header lists exactly the
+    modes its case statement handles."""
+    import re
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    script = os.path.join(root, "tools", "gpu_bench.sh")
+    text = open(script).read()
+    listed = set(re.findall(r'^#   bash tools/gpu_bench.sh "\$OUT" ([a-z0-9]+) ', text, re.M))
+    body = text[text.index('case "$what" in'):]
+    handled = {mode for pattern in re.findall(r"^    ([a-z0-9|]+)\)", body, re.M) for mode in pattern.split("|")}
+    assert handled - listed == {"pair8b", "lanes8b"} and listed <= handled, (listed, handled)
+    done = subprocess.run(["bash", script, "/tmp/unused", "pair2b", "tma2b"], capture_output=True, text=True,
+                          env={**os.environ, "SPARVAR_COMMIT": "test"}, cwd=root, timeout=30)
+    assert done.returncode == 2 and "unknown mode 'tma2b'" in done.stderr, (done.returncode, done.stderr)
+    assert "bench e2e" not in done.stdout + done.stderr  # nothing ran, not even the valid pair2b before it
