@@ -15,8 +15,10 @@
 #   bash tools/gpu_bench.sh "$OUT" csla      # CSLA GPU tests, then its variants side by side with the autotuned kernel (bench/csla_variants.py)
 #   bash tools/gpu_bench.sh "$OUT" e2e2b     # end-to-end, 2B bf16 engine rows (dense, SparVAR, its ablations, skip 2)
 #   bash tools/gpu_bench.sh "$OUT" e2e8b     # the same for 8B
-#   bash tools/gpu_bench.sh "$OUT" pair2b    # only the dense and SparVAR engines, side by side (the 1.2x ratio, in short; pair8b: 8B)
-#   bash tools/gpu_bench.sh "$OUT" lanes2b   # dense and SparVAR engines beside SparVAR with the decision residuals on one stream (lanes8b: 8B)
+#   bash tools/gpu_bench.sh "$OUT" pair2b    # only the dense and SparVAR engines, side by side (the 1.2x ratio, in short)
+#   bash tools/gpu_bench.sh "$OUT" pair8b    # the same for 8B
+#   bash tools/gpu_bench.sh "$OUT" lanes2b   # dense and SparVAR engines beside SparVAR with the decision residuals on one stream
+#   bash tools/gpu_bench.sh "$OUT" lanes8b   # the same for 8B
 #   bash tools/gpu_bench.sh "$OUT" decision  # the CS4A decision's GPU tests, then its passes timed (decide)
 #   bash tools/gpu_bench.sh "$OUT" ncu       # Nsight Compute on the SparVAR-only kernels at 2B shapes, after autotuning (text reports)
 #   bash tools/gpu_bench.sh "$OUT" timeline  # GPU idle time of one graphed 2B generation (launch gaps vs host waits)
@@ -32,7 +34,7 @@ if [ -z "${SPARVAR_COMMIT:-}" ] && ! git rev-parse HEAD >/dev/null 2>&1; then
 fi
 OUT=${1:-bench/results}
 # every mode is checked before any runs: a mistyped or removed one would otherwise spend a device call on nothing
-MODES=" $(sed -n 's/^#   bash tools\/gpu_bench.sh "\$OUT" \([a-z0-9]*\) .*/\1/p' "$0" | tr '\n' ' ') pair8b lanes8b "
+MODES=" $(sed -n 's/^#   bash tools\/gpu_bench.sh "\$OUT" \([a-z0-9]*\) .*/\1/p' "$0" | tr '\n' ' ')"
 for what in "${@:2}"; do
   case "$MODES" in
     *" $what "*) ;;
