@@ -34,6 +34,8 @@ SPARVAR_ENGINE_ROW = "SparVAR engine (CUDA graphs, Triton kernels)"
 # the same engine with the decision layers' residual-cache launches one after another on one stream
 # (SparVARPlan(residual_lanes=0)) instead of side by side on two: what the side-by-side launches gain
 RESIDUALS_IN_LINE_ROW = "SparVAR engine (CUDA graphs, Triton kernels), decision residuals on one stream"
+# the ablation of the engines' absorbed cross-attention (sparvar.model.AbsorbedText): the same engine without it
+UNABSORBED = ", cross-attention unabsorbed"
 
 
 def _csla_tuner():
@@ -130,6 +132,8 @@ def rows_for(model_name: str):
     from sparvar.config import get_config
 
     if getattr(get_config(model_name), "family", "infinity") == "infinity":  # opt-in precision: its own rows
+        rows += [(DENSE_ENGINE_ROW + UNABSORBED, "dense", "graphs", "engine", 0, False),
+                 (SPARVAR_ENGINE_ROW + UNABSORBED, "sparvar", "graphs", "engine", 0, False)]
         rows += [("dense engine, FP8 linears", "dense", "graphs", "engine", 0, True),
                  ("SparVAR engine, FP8 linears", "sparvar", "graphs", "engine", 0, True)]
     return rows
@@ -194,7 +198,7 @@ def family_parts(model_name: str, resolution: int, device, weights: str | None =
             return HartPipeline(cfg, schedule, runner, tokenizer, random_weights, skip_last=skip)
 
         return (base, decoder, features, lengths, HartSampling(),
-                lambda kind, plan, backend, fp8, skip: (
+                lambda kind, plan, backend, fp8, skip, absorb: (
                     HartCudaGraphRunner(model, schedule, plan, backend=backend, skip_last=skip) if kind == "graphs"
                     else HartTorchRunner(model, schedule, plan, backend=backend)),
                 make_hart_pipeline)
@@ -204,10 +208,10 @@ def family_parts(model_name: str, resolution: int, device, weights: str | None =
     decoder = base.decoder
     graphed_decoder = GraphedDecoder(decoder)  # the engine rows decode as the torch-cuda engine does
 
-    def make_runner(kind, plan, backend, fp8, skip):
+    def make_runner(kind, plan, backend, fp8, skip, absorb):
         if kind == "graphs":
             return CudaGraphRunner(model, schedule, plan, backend=backend, fp8_min_tokens=DEFAULT_MIN_TOKENS if fp8 else None,
-                                   skip_last=skip)
+                                   skip_last=skip, **({} if absorb else {"absorb_min_tokens": None}))
         return TorchRunner(model, schedule, plan, backend=backend)
 
     return (base, decoder, features, lengths, Sampling(cfg=4.0, tau=1.0, top_p=0.97), make_runner,
@@ -256,7 +260,8 @@ def bench_model(model_name: str, resolution: int, warmup: int, runs: int, rows=N
         if name == RESIDUALS_IN_LINE_ROW:
             plan.residual_lanes = 0
         forget_csla_timings()
-        runner = make_runner(kind, plan, backend, fp8, skip)  # graph runners tune and capture at the first begin()
+        absorb = not name.endswith(UNABSORBED)
+        runner = make_runner(kind, plan, backend, fp8, skip, absorb)  # graph runners tune and capture at the first begin()
         pipe = make_pipeline(runner, skip)
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -267,8 +272,9 @@ def bench_model(model_name: str, resolution: int, warmup: int, runs: int, rows=N
             print(f"{model_name:12s} {name:48s} FAILED: {type(e).__name__}: {e}", flush=True)
             results.append({"row": name, "error": f"{type(e).__name__}: {e}"})
         else:
+            absorbed = getattr(getattr(runner, "current", None), "absorbed", [])  # Infinity's graph runner
             row = {"row": name, "attention": attention, "runner": kind, "sdpa_backend": backend, "skip_last": skip,
-                   "fp8": fp8, **timing, "images_per_s": 1000 * batch / timing["median_ms"],
+                   "fp8": fp8, "cross_attention_absorbed_scales": [k for k, a in enumerate(absorbed) if a], **timing, "images_per_s": 1000 * batch / timing["median_ms"],
                    "per_scale_ms": per_scale, "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30,
                    "bench_seconds": time.perf_counter() - t0}
             if attention == "sparvar":  # the CSLA tuning of the last sparse scale run (each scale is tuned alone)

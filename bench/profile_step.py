@@ -169,7 +169,7 @@ def timeline(model_name: str, attention: str) -> dict:
 
     base, _, f, l, sampling, make_runner, make_pipeline = family_parts(model_name, 1024, torch.device("cuda"))
     plan = make_plan(base.cfg, base.schedule, attention, backend="triton")
-    pipe = make_pipeline(make_runner("graphs", plan, "engine", False, 0), 0)  # the rows' runner kind and SDPA backend
+    pipe = make_pipeline(make_runner("graphs", plan, "engine", False, 0, True), 0)  # the rows' runner kind and SDPA backend
     # CUPTI traces the kernels inside a graph replay only if it was initialised before the graph was instantiated
     # (torch's own helper for this, an empty profiler session): without it a trace can hold the eager kernels alone
     _init_for_cuda_graphs()

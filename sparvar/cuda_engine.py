@@ -9,7 +9,9 @@ so every scale's transformer step is captured once and replayed. Graphs need fix
   share one (5 GiB at 2B, 11 GiB at 8B for 1024² with CFG): one generation runs at a time, and a long-lived server
   otherwise allocates one per text bucket it meets;
 - each scale reads its input codes from a static buffer and writes logits to a static output;
-- CS4A state (selections, residual caches) is produced and consumed inside the graphs, at fixed addresses.
+- CS4A state (selections, residual caches) is produced and consumed inside the graphs, at fixed addresses;
+- for short prompts the text graph also folds each block's cross-attention projections into the text
+  (sparvar.model.AbsorbedText), and the scales of at least `absorb_min_tokens` tokens run that form.
 Sampling, CFG and code accumulation (a handful of small kernels per scale) run eagerly in the shared loop.
 """
 from __future__ import annotations
@@ -18,27 +20,38 @@ import dataclasses
 
 import torch
 
-from .model import EAGER, Infinity, KVCache, TextCondition, frozen_weight_functions, rope_tables
+from .model import EAGER, Infinity, KVCache, TextCondition, absorption_pays, frozen_weight_functions, rope_tables
 from .schedule import Schedule
 
 TEXT_BUCKET = 64  # text lengths are padded up to a multiple of this (masked), so few graph sets are needed
+# The scales whose cross-attention runs absorbed (when the text bucket makes it cheaper, absorption_pays): from this
+# many tokens per image up. Below it the step is bound by reading weights, and the absorbed form reads as many bytes
+# per CFG pair (B * H * L * C against C * C) in one more launch-bound kernel (bench/results/cross_attention_*.json).
+ABSORB_MIN_TOKENS = 1
 
 
 class _Graphs:
     """The captured graphs and static buffers for one (batch, guidance, text-length bucket)."""
 
     def __init__(self, features, lengths, text_graph, text: TextCondition, cache, codes: list, logits: list,
-                 graphs: list):
+                 graphs: list, absorbed: list[bool]):
         self.features, self.lengths, self.text_graph, self.text = features, lengths, text_graph, text
         self.cache, self.codes, self.logits, self.graphs = cache, codes, logits, graphs
+        self.absorbed = absorbed  # per scale: whether its cross-attention runs absorbed
 
 
 class CudaGraphRunner:
     def __init__(self, model: Infinity, schedule: Schedule, plan=None, use_graphs: bool = True, backend: str = "engine",
-                 fuse_pointwise: bool = True, fp8_min_tokens: int | None = None, skip_last: int = 0):
+                 fuse_pointwise: bool = True, fp8_min_tokens: int | None = None, skip_last: int = 0,
+                 absorb_min_tokens: int | None = ABSORB_MIN_TOKENS):
         """skip_last: the generation loop skips the last scales; their graphs (the largest activations) are not
-        captured, and asking for such a scale is an error. A SparVAR plan must be made for the same skip_last."""
+        captured, and asking for such a scale is an error. A SparVAR plan must be made for the same skip_last.
+        absorb_min_tokens: scales of at least this many tokens run the cross-attention absorbed where the text bucket
+        makes that cheaper (absorption_pays); None never. Not with FP8 linears, which make the projections cheap."""
         self.run_scales = check_skip(schedule, plan, skip_last)
+        if absorb_min_tokens is not None and absorb_min_tokens < 1:
+            raise ValueError(f"absorb_min_tokens must be None or at least 1, got {absorb_min_tokens}")
+        self.absorb_min_tokens = None if fp8_min_tokens is not None else absorb_min_tokens
         self.model, self.schedule, self.plan, self.use_graphs, self.backend = model, schedule, plan, use_graphs, backend
         self.device = model.pos_start.device
         if use_graphs and (not torch.cuda.is_available() or self.device.type != "cuda"):
@@ -86,17 +99,31 @@ class CudaGraphRunner:
         if g.text_graph is not None:
             g.text_graph.replay()  # writes g.text, which the step graphs read
         else:
-            for dst, src in zip(_text_tensors(g.text), _text_tensors(self.model.encode_text(g.features, g.lengths,
-                                                                                              guided))):
+            text = self.model.encode_text(g.features, g.lengths, guided)
+            if g.text.absorbed is not None:
+                text = self.model.absorb_text(text)
+            for dst, src in zip(_text_tensors(g.text), _text_tensors(text), strict=True):
                 dst.copy_(src)
+
+    def absorbed_scales(self, bucket: int) -> list[bool]:
+        """Per scale, whether its cross-attention runs absorbed for a text padded to `bucket` positions."""
+        if self.absorb_min_tokens is None or not absorption_pays(self.model.cfg, bucket):
+            return [False] * self.run_scales
+        return [n >= self.absorb_min_tokens for n in self.schedule.lengths[:self.run_scales]]
 
     def _capture(self, B: int, guided: bool, bucket: int, dtype: torch.dtype) -> _Graphs:
         model, schedule = self.model, self.schedule
         features = torch.zeros(B, bucket, model.cfg.text_dim, dtype=dtype, device=self.device)
         lengths = torch.ones(B, dtype=torch.long, device=self.device)
+        absorbed = self.absorbed_scales(bucket)
+
+        def encode_text():
+            text = model.encode_text(features, lengths, guided)
+            return model.absorb_text(text) if any(absorbed) else text
+
         text_graph = None
         if self.use_graphs:
-            graphs, outputs = capture_scales(lambda _: model.encode_text(features, lengths, guided), 1, self.pool)
+            graphs, outputs = capture_scales(lambda _: encode_text(), 1, self.pool)
             text_graph, text = graphs[0], outputs[0]
             # a capture only records: until a replay, its outputs are uninitialised pool memory. The steps' warm-up
             # below runs eagerly on them: garbage text lengths made the engine's cross-attention read before the text's
@@ -104,7 +131,7 @@ class CudaGraphRunner:
             # with length 1 are a valid text.
             text_graph.replay()
         else:
-            text = model.encode_text(features, lengths, guided)
+            text = encode_text()
         if text.batch not in self.caches:  # allocated outside the graph pool: it lives as long as the runner
             # only as long as the scales that run: skipping 2 of 13 scales at 1024² needs 4,121 of 10,521 positions
             self.caches[text.batch] = model.new_cache(text.batch, schedule, schedule.kv_len(self.run_scales - 1))
@@ -117,15 +144,18 @@ class CudaGraphRunner:
             # pool tensor has to survive from one generation to the next
             self.plan.reset()
 
+        unabsorbed = dataclasses.replace(text, absorbed=None)
+
         def run(scale):
             cache.offset = schedule.offsets[scale]
             tokens = model.scale_input(scale, codes[scale], text)
-            return model.step(tokens, scale, text, cache, self.ropes[scale], self.plan, self.backend, self.ops)
+            step_text = text if absorbed[scale] else unabsorbed
+            return model.step(tokens, scale, step_text, cache, self.ropes[scale], self.plan, self.backend, self.ops)
 
         if not self.use_graphs:
-            return _Graphs(features, lengths, None, text, cache, codes, [run], [])
+            return _Graphs(features, lengths, None, text, cache, codes, [run], [], absorbed)
         graphs, logits = capture_scales(run, self.run_scales, self.pool)
-        return _Graphs(features, lengths, text_graph, text, cache, codes, logits, graphs)
+        return _Graphs(features, lengths, text_graph, text, cache, codes, logits, graphs, absorbed)
 
     @torch.no_grad()
     def step(self, scale: int, codes):
@@ -219,7 +249,8 @@ class GraphedDecoder:
 
 
 def _text_tensors(t: TextCondition) -> list[torch.Tensor]:
-    return [t.cond, t.ada, t.sos, t.key_bias, *t.k, *t.v, t.key_lens]
+    absorbed = [x for a in t.absorbed or () for x in (a.keys, a.bias, a.values)]
+    return [t.cond, t.ada, t.sos, t.key_bias, *t.k, *t.v, t.key_lens, *absorbed]
 
 
 def load_cuda_engine(engine_dir: str, manifest: dict, skip_last: int = 0):

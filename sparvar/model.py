@@ -12,6 +12,7 @@ captured in a CUDA graph or exported to ONNX one scale at a time.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -193,6 +194,39 @@ def ffn(fc1: nn.Linear, fc2: nn.Linear, x: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass(frozen=True)
+class AbsorbedText:
+    """A block's cross-attention with its query and output projections folded into the text (as MLA-style
+    inference absorbs them): per prompt, each head's keys become k_h W_q[h] (C wide) and its values v_h W_o[:, h]^T,
+    so a step runs scores = x @ keys^T (one row of H*L per token), a softmax per head, and out = P @ values: two
+    GEMMs of H*L columns instead of two C x C projections and an attention. Fewer FLOPs while (H - 1) * L < C:
+    short prompts (`absorption_pays`)."""
+
+    keys: torch.Tensor  # (B, H*L, C) model dtype: row h*L + l is k[b, h, l] @ W_q[h] (unscaled)
+    bias: torch.Tensor  # (B, H, L) fp32 (fp64 for an fp64 model): scale * (b_q[h] . k[b, h, l]), -inf at padding
+    values: torch.Tensor  # (B, H*L, C) model dtype: row h*L + l is v[b, h, l] @ W_o[:, h]^T + b_o / H
+    scale: float  # D**-0.5, SDPA's default softmax scale of the cross-attention
+
+
+def absorbed_cross_attention(x: torch.Tensor, text: AbsorbedText) -> torch.Tensor:
+    """x (B, n, C) -> a block's cross-attention output (B, n, C), projections included, from its AbsorbedText.
+    The scores stay in fp32 (the unabsorbed form's attention keeps them unrounded too); the probabilities are
+    rounded to x's dtype before the second GEMM, as a flash kernel rounds P before P @ V."""
+    B, n, _ = x.shape
+    H, L = text.bias.shape[1:]
+    acc = text.bias.dtype  # fp32 (fp64 for an fp64 model)
+    scores = torch.matmul(x.to(acc), text.keys.to(acc).transpose(1, 2)).view(B, n, H, L)
+    probs = (scores * text.scale + text.bias[:, None]).softmax(-1).to(x.dtype)
+    return torch.matmul(probs.view(B, n, H * L), text.values)
+
+
+def absorption_pays(cfg: InfinityConfig, text_len: int) -> bool:
+    """Whether the absorbed cross-attention costs fewer FLOPs per token than the projections and attention it
+    replaces: 2 * H * L * C multiply-adds against 2 * C * C + 2 * L * C, i.e. (H - 1) * L < C. For Infinity-2B
+    (C 2048, H 16) up to 136 text positions, for 8B (C 3584, H 28) up to 132."""
+    return (cfg.heads - 1) * text_len < cfg.width
+
+
+@dataclass(frozen=True)
 class BlockOps:
     """The ops of a block that an engine swaps: the element-wise glue between the GEMMs and attention, and the
     block's linears. Eager by default (these functions are the reference); the torch-cuda engine swaps in Triton
@@ -209,6 +243,7 @@ class BlockOps:
     qkv_bias: object = qkv_bias  # functions of the weights only (see frozen_weight_functions)
     temperature: object = temperature
     cross_attention: object = cross_attention
+    absorbed_cross_attention: object = absorbed_cross_attention
 
 
 EAGER = BlockOps()
@@ -255,9 +290,31 @@ class CrossAttention(nn.Module):
         k, v = kv.view(B, L, 2, self.heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         return k, v
 
-    def forward(self, x, k, v, key_bias, ops: BlockOps = EAGER, key_lens=None):
+    def absorb(self, k: torch.Tensor, v: torch.Tensor, key_bias: torch.Tensor) -> "AbsorbedText":
+        """This block's cross-attention with its two projections folded into the text (see AbsorbedText): per head h,
+        q_h . k = c . (W_q[h]^T k) + b_q[h] . k, and W_o (concat_h P_h v_h) + b_o = sum_h P_h (v_h W_o[:, h]^T + b_o / H)
+        (each head's probabilities sum to 1). k, v (B, H, L, D) as text_kv returns them, key_bias (B, 1, 1, L)."""
+        if isinstance(self.mat_q, nn.Parameter):
+            raise ValueError("an attentive-pooling cross-attention has no query projection to absorb")
+        B, H, L, D = k.shape
+        C = H * D
+        w_q = self.mat_q.weight.view(H, D, C)  # q_h = W_q[h] c + b_q[h]
+        w_o = self.proj.weight.view(C, H, D).permute(1, 2, 0)  # (H, D, C): W_o[:, h]^T
+        keys = torch.matmul(k, w_q).reshape(B, H * L, C)  # rounded once, like q in the unabsorbed form
+        # the value projection and its share of b_o in one GEMM, rounded once: (H, B*L, D) @ (H, D, C) + b_o / H
+        values = torch.baddbmm((self.proj.bias / H).expand(H, B * L, C), v.transpose(0, 1).reshape(H, B * L, D), w_o)
+        values = values.view(H, B, L, C).transpose(0, 1).reshape(B, H * L, C)
+        acc = torch.promote_types(k.dtype, torch.float32)  # fp32, or fp64 for an fp64 model
+        bias = torch.matmul(k.to(acc), self.mat_q.bias.to(acc).view(H, D, 1)).squeeze(-1)  # (B, H, L)
+        return AbsorbedText(keys=keys, bias=bias * D ** -0.5 + key_bias.to(acc).view(B, 1, L), values=values,
+                            scale=D ** -0.5)
+
+    def forward(self, x, k, v, key_bias, ops: BlockOps = EAGER, key_lens=None, absorbed: "AbsorbedText | None" = None):
         """x (B, n, C) (ignored when pooling), k/v (B, H, L, D), key_bias (B, 1, 1, L): 0 = real token, -inf = pad;
-        key_lens None or (B,) int32, the same mask as counts of real tokens."""
+        key_lens None or (B,) int32, the same mask as counts of real tokens; absorbed: this block's AbsorbedText, run
+        instead of the projections and attention (an engine's choice per scale, see sparvar.cuda_engine)."""
+        if absorbed is not None:
+            return ops.absorbed_cross_attention(x, absorbed)
         if isinstance(self.mat_q, nn.Parameter):
             B, n = k.shape[0], 1
             q = self.mat_q.to(k.dtype).unsqueeze(2).expand(B, -1, -1, -1)  # (B, H, 1, D)
@@ -290,7 +347,7 @@ class Block(nn.Module):
         self.ffn = FFN(C, cfg.mlp_dim)
 
     def forward(self, x, h, ada, next_ada, text_k, text_v, text_bias, rope, kv, layer, scale, plan=None,
-                backend="sdpa", ops: BlockOps = EAGER, text_lens=None):
+                backend="sdpa", ops: BlockOps = EAGER, text_lens=None, text_absorbed=None):
         """x: the residual stream; h: its AdaLN modulation for this block's self-attention, modulate(x, scale1,
         shift1), which the previous block's last op computed (run_blocks). ada (B, 1, 6, C) fp32: this block's AdaLN
         vectors, the shared output plus `ada_gss` (Infinity.encode_text); next_ada the next block's, None for the
@@ -299,7 +356,8 @@ class Block(nn.Module):
         gamma1, gamma2, _, scale2, _, shift2 = ada.unbind(2)
         x, c = ops.residual_layer_norm(x, self.sa(h, rope, kv, layer, scale, plan, backend, ops), gamma1,
                                        self.ca_norm.weight, self.ca_norm.bias, self.ca_norm.eps)
-        x, h = ops.residual_modulate(x, self.ca(c, text_k, text_v, text_bias, ops, text_lens), scale2, shift2, self.eps)
+        x, h = ops.residual_modulate(x, self.ca(c, text_k, text_v, text_bias, ops, text_lens, text_absorbed), scale2,
+                                     shift2, self.eps)
         y = self.ffn(h, ops)
         if next_ada is None:
             return ops.gated_residual(x, y, gamma2), None
@@ -316,8 +374,9 @@ def run_blocks(blocks, x, text: "TextCondition", rope, kv, scale: int, plan=None
     h = ops.modulate(x, scale1, shift1, blocks[0].eps)
     for layer, block in enumerate(blocks):
         next_ada = text.ada[layer + 1] if layer + 1 < len(blocks) else None
+        absorbed = text.absorbed[layer] if text.absorbed is not None else None
         x, h = block(x, h, text.ada[layer], next_ada, text.k[layer], text.v[layer], text.key_bias, rope, kv, layer,
-                     scale, plan, backend, ops, text.key_lens)
+                     scale, plan, backend, ops, text.key_lens, absorbed)
     return x
 
 
@@ -335,6 +394,7 @@ class TextCondition:
     k: list[torch.Tensor]  # per layer (B, H, L, D) cross-attention keys
     v: list[torch.Tensor]  # per layer (B, H, L, D) cross-attention values
     key_lens: torch.Tensor | None = None  # (B,) int32 real text tokens per row: key_bias as counts (padding is a suffix)
+    absorbed: list[AbsorbedText] | None = None  # per layer, the cross-attention absorbed (Infinity.absorb_text)
 
     @property
     def batch(self) -> int:
@@ -425,6 +485,12 @@ class Infinity(nn.Module):
         sos = (cond.unsqueeze(1) + self.pos_start.float()).to(self.pos_start.dtype)
         return TextCondition(cond=cond, ada=ada, sos=sos, key_bias=key_bias, k=list(ks), v=list(vs),
                              key_lens=real.sum(-1, dtype=torch.int32))
+
+    def absorb_text(self, text: TextCondition) -> TextCondition:
+        """text with every block's cross-attention absorbed (CrossAttention.absorb): a step given it runs two
+        GEMMs of heads * text-length columns per block in place of the cross-attention's projections and attention."""
+        absorbed = [blk.ca.absorb(k, v, text.key_bias) for blk, k, v in zip(self.blocks, text.k, text.v)]
+        return dataclasses.replace(text, absorbed=absorbed)
 
     # ------------------------------------------------------------------------------------------- steps
     def new_cache(self, batch: int, schedule: Schedule, tokens: int | None = None) -> KVCache:

@@ -42,7 +42,8 @@ def test_bench_rows_select_by_substring_or_exact_name():
 
     names = lambda *specs: [r[0] for r in select_rows("infinity-2b", list(specs))]  # noqa: E731
     assert names("=" + SPARVAR_ENGINE_ROW, "dense engine (CUDA graphs),skip last 2") == [
-        "dense engine (CUDA graphs)", SPARVAR_ENGINE_ROW, "SparVAR engine + skip last 2", "dense engine + skip last 2"]
+        "dense engine (CUDA graphs)", SPARVAR_ENGINE_ROW, "SparVAR engine + skip last 2", "dense engine + skip last 2",
+        "dense engine (CUDA graphs), cross-attention unabsorbed"]
     ablations = names("Triton kernels)")
     assert ablations[0] == SPARVAR_ENGINE_ROW and len(ablations) > 1
     assert all(SPARVAR_ENGINE_ROW in n for n in ablations)
@@ -93,7 +94,7 @@ def test_bench_rows_run_the_given_checkpoints(tmp_path):
     for a, b in zip(decoder.module.parameters(), want.decoder.module.parameters()):
         assert torch.equal(a, b)
 
-    pipe = make_pipeline(make_runner("eager", None, "sdpa", False, 0), 0)
+    pipe = make_pipeline(make_runner("eager", None, "sdpa", False, 0, True), 0)
     with torch.no_grad():
         got = pipe.generate(features, lengths, sampling=sampling, seed=3).image
         ref = want.generate(features, lengths, sampling=sampling, seed=3).image
@@ -145,7 +146,7 @@ def test_hart_rows_decode_in_fp16_as_the_official_inference():
         "hart-tiny", 256, torch.device("cpu"))
     assert decoder.decode_dtype == torch.float16 and decoder.quantize.embedding.weight.dtype == torch.float32
     assert decoder.post_quant_conv.weight.dtype == torch.float16
-    pipe = make_pipeline(make_runner("eager", None, "math", False, 0), 0)
+    pipe = make_pipeline(make_runner("eager", None, "math", False, 0, True), 0)
     with torch.no_grad():
         image = pipe.generate(features, mask, sampling=sampling, seed=1).image
     assert image.shape == (1, 3, 256, 256) and torch.isfinite(image).all()

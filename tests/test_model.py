@@ -224,3 +224,38 @@ def test_per_row_seeds_draw_what_one_prompt_generations_draw():
     assert not all(torch.equal(a[1:], b[1:]) for a, b in zip(shared.bits, both.bits))  # one stream: rows differ
     with pytest.raises(ValueError, match="one int seed per prompt row \\(2\\)"):
         pipe.generate(f, l, Sampling(cfg=3.0), seed=[5])
+
+
+@torch.no_grad()
+def test_absorbed_cross_attention_equals_projections_and_attention():
+    """The absorbed form (query and output projections folded into the text, biases included) computes the same
+    cross-attention as the projections and SDPA: per block with padded prompts, and through a whole step."""
+    from sparvar.model import absorption_pays
+
+    model = build_model(TINY, dtype=torch.float64, seed=3)
+    gen = torch.Generator().manual_seed(0)
+    for blk in model.blocks:  # nonzero biases: their folding into the scores and values is what is checked
+        for p in (blk.ca.mat_q.bias, blk.ca.proj.bias, blk.ca.v_bias):
+            p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype))
+    schedule = get_schedule(256)
+    text = model.encode_text(torch.randn(2, 6, TINY.text_dim, dtype=torch.float64), torch.tensor([6, 3]),
+                             cfg_guidance=True)
+    absorbed = model.absorb_text(text)
+    assert absorbed.absorbed is not None and text.absorbed is None
+    c = torch.randn(4, 10, TINY.width, generator=gen, dtype=torch.float64)
+    for layer, blk in enumerate(model.blocks):
+        want = blk.ca(c, text.k[layer], text.v[layer], text.key_bias)
+        got = blk.ca(c, text.k[layer], text.v[layer], text.key_bias, absorbed=absorbed.absorbed[layer])
+        torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-10, msg=f"layer {layer}")
+    scale = 3
+    tokens = model.scale_input(scale, torch.randn(2, schedule.lengths[scale], TINY.bits, generator=gen).sign(), text)
+    rope = rope_tables(schedule, TINY.head_dim)[scale].double()
+    logits = []
+    for t in (text, absorbed):
+        cache = model.new_cache(t.batch, schedule)
+        cache.offset = schedule.offsets[scale]
+        logits.append(model.step(tokens, scale, t, cache, rope))
+    torch.testing.assert_close(logits[1], logits[0], atol=1e-9, rtol=1e-9)
+    # fewer FLOPs while (heads - 1) * text length < width: up to 136 positions at 2B, 132 at 8B
+    assert [absorption_pays(CONFIGS["infinity-2b"], n) for n in (64, 136, 137)] == [True, True, False]
+    assert [absorption_pays(CONFIGS["infinity-8b"], n) for n in (64, 132, 133)] == [True, True, False]

@@ -25,6 +25,9 @@
 #   bash tools/gpu_bench.sh "$OUT" decode    # the tokenizer decodes at 1024² (Infinity 2B/8B, HART fp32 vs fp16 graph, cudnn.benchmark)
 #   bash tools/gpu_bench.sh "$OUT" batch4    # throughput: 2B and 8B dense and SparVAR engines at 4 prompts per generation
 #   bash tools/gpu_bench.sh "$OUT" servebatch # sparvar serve throughput, 2B torch-cuda engine, batch 1 vs 4, 8 clients
+#   bash tools/gpu_bench.sh "$OUT" crossattn # the absorbed cross-attention's GPU tests, then it against the unabsorbed one per scale (2B, 8B)
+#   bash tools/gpu_bench.sh "$OUT" absorb2b  # dense and SparVAR engines beside the same engines with the cross-attention unabsorbed
+#   bash tools/gpu_bench.sh "$OUT" absorb8b  # the same for 8B
 set -uo pipefail
 # the GPU machine gets the work tree without .git: results record the commit only if the caller names it (commit
 # first, then pass the full sha), so refuse to produce results that would say "uncommitted"
@@ -115,6 +118,17 @@ for what in "${@:2}"; do
     servebatch)  # a 100 ms window: at 1024² a client asks again ~0.1 s or more after its call (its PNG is encoded first)
       python bench/serve_batching.py --model infinity-2b --backend torch-cuda --batch 4 --clients 8 --requests 48 \
         --batch-wait-ms 100 --out "$OUT/serve_batching_$TAG.json" 2>&1 | grep -v Warning | tail -4 ;;
+    crossattn)  # the kernel and the runner's captured path against the references first; no timing if one fails
+      python -m pytest -q tests/test_absorbed.py "tests/test_cuda_engine.py::test_captured_graphs_equal_eager_on_gpu" \
+        --junitxml="$OUT/gpu_tests_absorbed_$TAG.xml" > /tmp/absorbed_tests.log 2>&1; ok=$?
+      grep -E "FAILED|ERROR|Error|passed|failed" /tmp/absorbed_tests.log | tail -12
+      [ $ok -eq 0 ] || { echo "absorbed cross-attention tests failed: no timing"; continue; }
+      python bench/cross_attention.py --out "$OUT/cross_attention_$TAG.json" 2>&1 | grep -v Warning | tail -30 ;;
+    absorb2b|absorb8b)
+      size=${what#absorb}
+      python bench/e2e.py --model "infinity-$size" --warmup 3 --runs 20 --rows "=dense engine (CUDA graphs)" \
+        --rows "=SparVAR engine (CUDA graphs, Triton kernels)" --rows "cross-attention unabsorbed" \
+        --out "$OUT/e2e_engines_${size}_absorb_$TAG.json" 2>&1 | grep -v Warning | tail -6 ;;
     hart)
       python bench/e2e.py --model hart-0.7b --warmup 3 --runs 20 --rows engine \
         --out "$OUT/e2e_hart_engines_$TAG.json" 2>&1 | grep -v Warning | tail -8 ;;

@@ -349,6 +349,7 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 def triton_block_ops():
     """These kernels as the model's BlockOps (see sparvar.model): what the torch-cuda engine runs."""
     from sparvar.attention import engine_cross_attention
+    from sparvar.kernels.absorbed import engine_absorbed_cross_attention
     from sparvar.model import BlockOps, KVCache, linear as cublas_linear
 
     def modulate(x, scale, shift, eps):
@@ -377,7 +378,8 @@ def triton_block_ops():
 
     return BlockOps(modulate=modulate, gated_residual=gated_residual, residual_layer_norm=residual_layer_norm,
                     residual_modulate=residual_modulate, gated_residual_modulate=gated_residual_modulate,
-                    attention_inputs=attention_inputs, linear=cublas_linear, ffn=ffn, cross_attention=engine_cross_attention)
+                    attention_inputs=attention_inputs, linear=cublas_linear, ffn=ffn, cross_attention=engine_cross_attention,
+                    absorbed_cross_attention=engine_absorbed_cross_attention)
 
 
 def triton_quantizing_norms():

@@ -1,0 +1,113 @@
+"""The cross-attention of one scale step, absorbed against unabsorbed, side by side on one GPU.
+
+For each model and each scale of the 1024² schedule, batch 1 with CFG (2 rows): every block's cross-attention
+(its query projection, our attention kernel over the real text, its output projection) against the same blocks
+absorbed (sparvar.model.AbsorbedText: sparvar/kernels/absorbed.py's scores kernel, then cuBLAS P @ values), each as
+one CUDA graph of `depth` calls with every layer's own weights, as a step runs them. Also the absorption itself,
+once per prompt, and how far the absorbed outputs are from the unabsorbed ones. Writes
+bench/results/cross_attention_<device>.json.
+
+    python bench/cross_attention.py [--model infinity-2b --model infinity-8b] [--text 15] [--bucket 64]
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+from bench.common import cuda_time_ms, environment, result_path, write_result
+
+
+def graph_of(fn):
+    """fn captured as a CUDA graph after a warm-up on a side stream (autotuning, cuBLAS handles); returns replay."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    return graph.replay, out
+
+
+@torch.no_grad()
+def bench_model(name: str, text_len: int, bucket: int, warmup: int, runs: int) -> dict:
+    from sparvar.config import get_config
+    from sparvar.kernels import absorbed as absorbed_kernels
+    from sparvar.kernels.pointwise import triton_block_ops
+    from sparvar.model import CrossAttention, absorption_pays
+    from sparvar.schedule import get_schedule
+
+    cfg = get_config(name)
+    schedule = get_schedule(1024, model=name)
+    C, H, D, B = cfg.width, cfg.heads, cfg.head_dim, 2
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    layers = []
+    for _ in range(cfg.depth):
+        ca = CrossAttention(C, C, H).to("cuda", torch.bfloat16)
+        for p in ca.parameters():
+            p.normal_(0, 0.02, generator=gen)
+        layers.append(ca)
+    k = [torch.randn(B, H, bucket, D, device="cuda", dtype=torch.bfloat16, generator=gen) for _ in layers]
+    v = [torch.randn(B, H, bucket, D, device="cuda", dtype=torch.bfloat16, generator=gen) for _ in layers]
+    key_lens = torch.full((B,), text_len, device="cuda", dtype=torch.int32)
+    key_bias = torch.zeros(B, 1, 1, bucket, device="cuda", dtype=torch.bfloat16)
+    key_bias[..., text_len:] = float("-inf")
+    ops = triton_block_ops()
+    absorb_replay, absorbed = graph_of(lambda: [ca.absorb(k[i], v[i], key_bias) for i, ca in enumerate(layers)])
+    absorb_ms = cuda_time_ms(absorb_replay, warmup, runs)
+    rows = []
+    for scale, n in enumerate(schedule.lengths):
+        x = torch.randn(B, n, C, device="cuda", dtype=torch.bfloat16, generator=gen)
+        plain, plain_out = graph_of(lambda: [ca(x, k[i], v[i], key_bias, ops, key_lens) for i, ca in enumerate(layers)])
+        folded, folded_out = graph_of(lambda: [ca(x, k[i], v[i], key_bias, ops, key_lens, absorbed[i])
+                                               for i, ca in enumerate(layers)])
+        tuned = str(getattr(absorbed_kernels._absorbed_scores_tuned, "best_config", None))
+        plain_ms, folded_ms = cuda_time_ms(plain, warmup, runs), cuda_time_ms(folded, warmup, runs)
+        plain_ms2 = cuda_time_ms(plain, warmup, runs)  # again after the other: the spread of side-by-side timings
+        rel = max(((a.float() - b.float()).norm() / b.float().norm()).item() for a, b in zip(folded_out, plain_out))
+        row = {"scale": scale, "tokens": n, "rows": B * n, "unabsorbed": plain_ms, "absorbed": folded_ms,
+               "unabsorbed_again": plain_ms2, "speedup": plain_ms["median_ms"] / folded_ms["median_ms"],
+               "max_relative_difference": rel, "scores_kernel_config": tuned}
+        rows.append(row)
+        print(f"{name} scale {scale:2d} ({n:5d} tokens): unabsorbed {plain_ms['median_ms']:.3f} / "
+              f"{plain_ms2['median_ms']:.3f} ms, absorbed {folded_ms['median_ms']:.3f} ms "
+              f"({row['speedup']:.2f}x), rel diff {rel:.2e}, {tuned}", flush=True)
+        del plain, folded, plain_out, folded_out
+    saved = sum(r["unabsorbed"]["median_ms"] - r["absorbed"]["median_ms"] for r in rows)
+    print(f"{name}: absorbing costs {absorb_ms['median_ms']:.3f} ms per prompt; all scales save {saved:.2f} ms", flush=True)
+    return {"model": name, "width": C, "heads": H, "depth": cfg.depth, "batch_rows": B, "text_tokens": text_len,
+            "text_bucket": bucket, "absorption_pays": absorption_pays(cfg, bucket), "absorb_per_prompt": absorb_ms,
+            "saved_ms_all_scales": saved, "scales": rows}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", action="append", help="infinity-2b and infinity-8b by default")
+    ap.add_argument("--text", type=int, default=15, help="real text tokens per row (the e2e prompt has ~15)")
+    ap.add_argument("--bucket", type=int, default=64, help="the padded text length (the engine's TEXT_BUCKET)")
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--runs", type=int, default=30)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench/cross_attention.py needs a CUDA GPU", file=sys.stderr)
+        return 2
+    if not 1 <= args.text <= args.bucket:
+        print(f"--text must be in [1, --bucket {args.bucket}], got {args.text}", file=sys.stderr)
+        return 2
+    out = {"environment": environment(), "benchmark": "cross-attention of every block per scale step, absorbed vs not "
+           "(CUDA graphs, median of runs)", "models": []}
+    path = args.out or result_path("cross_attention")
+    for name in args.model or ["infinity-2b", "infinity-8b"]:
+        out["models"].append(bench_model(name, args.text, args.bucket, args.warmup, args.runs))
+        write_result(path, out)
+        torch.cuda.empty_cache()
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
