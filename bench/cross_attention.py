@@ -12,6 +12,7 @@ bench/results/cross_attention_<device>.json.
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 
 import torch
@@ -56,6 +57,7 @@ def bench_model(name: str, text_len: int, bucket: int, warmup: int, runs: int) -
     key_bias = torch.zeros(B, 1, 1, bucket, device="cuda", dtype=torch.bfloat16)
     key_bias[..., text_len:] = float("-inf")
     ops = triton_block_ops()
+    reference = copy.deepcopy(layers[0]).float()
     absorb_replay, absorbed = graph_of(lambda: [ca.absorb(k[i], v[i], key_bias) for i, ca in enumerate(layers)])
     absorb_ms = cuda_time_ms(absorb_replay, warmup, runs)
     rows = []
@@ -68,13 +70,18 @@ def bench_model(name: str, text_len: int, bucket: int, warmup: int, runs: int) -
         plain_ms, folded_ms = cuda_time_ms(plain, warmup, runs), cuda_time_ms(folded, warmup, runs)
         plain_ms2 = cuda_time_ms(plain, warmup, runs)  # again after the other: the spread of side-by-side timings
         rel = max(((a.float() - b.float()).norm() / b.float().norm()).item() for a, b in zip(folded_out, plain_out))
+        # both bf16 forms against the first block in fp32 (eager, unabsorbed): is the absorbed form less accurate?
+        exact = reference(x.float(), k[0].float(), v[0].float(), key_bias.float())
+        err = {form: ((out[0].float() - exact).norm() / exact.norm()).item()
+               for form, out in (("unabsorbed", plain_out), ("absorbed", folded_out))}
         row = {"scale": scale, "tokens": n, "rows": B * n, "unabsorbed": plain_ms, "absorbed": folded_ms,
                "unabsorbed_again": plain_ms2, "speedup": plain_ms["median_ms"] / folded_ms["median_ms"],
-               "max_relative_difference": rel, "scores_kernel_config": tuned}
+               "max_relative_difference": rel, "relative_error_vs_fp32_layer0": err, "scores_kernel_config": tuned}
         rows.append(row)
         print(f"{name} scale {scale:2d} ({n:5d} tokens): unabsorbed {plain_ms['median_ms']:.3f} / "
               f"{plain_ms2['median_ms']:.3f} ms, absorbed {folded_ms['median_ms']:.3f} ms "
-              f"({row['speedup']:.2f}x), rel diff {rel:.2e}, {tuned}", flush=True)
+              f"({row['speedup']:.2f}x), rel diff {rel:.2e}, vs fp32 {err['unabsorbed']:.2e} / {err['absorbed']:.2e}, "
+              f"{tuned}", flush=True)
         del plain, folded, plain_out, folded_out
     saved = sum(r["unabsorbed"]["median_ms"] - r["absorbed"]["median_ms"] for r in rows)
     print(f"{name}: absorbing costs {absorb_ms['median_ms']:.3f} ms per prompt; all scales save {saved:.2f} ms", flush=True)
