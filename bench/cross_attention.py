@@ -13,11 +13,14 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 import sys
 
 import torch
 
-from bench.common import cuda_time_ms, environment, result_path, write_result
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench.common import cuda_time_ms, environment, result_path, write_result  # noqa: E402
 
 
 def graph_of(fn):
@@ -86,7 +89,7 @@ def bench_model(name: str, text_len: int, bucket: int, warmup: int, runs: int) -
     saved = sum(r["unabsorbed"]["median_ms"] - r["absorbed"]["median_ms"] for r in rows)
     print(f"{name}: absorbing costs {absorb_ms['median_ms']:.3f} ms per prompt; all scales save {saved:.2f} ms", flush=True)
     return {"model": name, "width": C, "heads": H, "depth": cfg.depth, "batch_rows": B, "text_tokens": text_len,
-            "text_bucket": bucket, "absorption_pays": absorption_pays(cfg, bucket), "absorb_per_prompt": absorb_ms,
+            "text_bucket": bucket, "absorption_pays": absorption_pays(cfg, bucket, B), "absorb_per_prompt": absorb_ms,
             "saved_ms_all_scales": saved, "scales": rows}
 
 

@@ -24,9 +24,8 @@ from .model import EAGER, Infinity, KVCache, TextCondition, absorption_pays, fro
 from .schedule import Schedule
 
 TEXT_BUCKET = 64  # text lengths are padded up to a multiple of this (masked), so few graph sets are needed
-# The scales whose cross-attention runs absorbed (when the text bucket makes it cheaper, absorption_pays): from this
-# many tokens per image up. Below it the step is bound by reading weights, and the absorbed form reads as many bytes
-# per CFG pair (B * H * L * C against C * C) in one more launch-bound kernel (bench/results/cross_attention_*.json).
+# The scales whose cross-attention runs absorbed (where the text bucket and batch make it cheaper, absorption_pays):
+# from this many tokens per image up; 1 is every scale (bench/results/cross_attention_*.json, per scale).
 ABSORB_MIN_TOKENS = 1
 
 
@@ -47,7 +46,8 @@ class CudaGraphRunner:
         """skip_last: the generation loop skips the last scales; their graphs (the largest activations) are not
         captured, and asking for such a scale is an error. A SparVAR plan must be made for the same skip_last.
         absorb_min_tokens: scales of at least this many tokens run the cross-attention absorbed where the text bucket
-        makes that cheaper (absorption_pays); None never. Not with FP8 linears, which make the projections cheap."""
+        and batch make that cheaper (absorption_pays); None never. Not with FP8 linears, which make the projections
+        cheap."""
         self.run_scales = check_skip(schedule, plan, skip_last)
         if absorb_min_tokens is not None and absorb_min_tokens < 1:
             raise ValueError(f"absorb_min_tokens must be None or at least 1, got {absorb_min_tokens}")
@@ -105,9 +105,9 @@ class CudaGraphRunner:
             for dst, src in zip(_text_tensors(g.text), _text_tensors(text), strict=True):
                 dst.copy_(src)
 
-    def absorbed_scales(self, bucket: int) -> list[bool]:
-        """Per scale, whether its cross-attention runs absorbed for a text padded to `bucket` positions."""
-        if self.absorb_min_tokens is None or not absorption_pays(self.model.cfg, bucket):
+    def absorbed_scales(self, bucket: int, rows: int) -> list[bool]:
+        """Per scale, whether its cross-attention runs absorbed for `rows` batch rows of text padded to `bucket`."""
+        if self.absorb_min_tokens is None or not absorption_pays(self.model.cfg, bucket, rows):
             return [False] * self.run_scales
         return [n >= self.absorb_min_tokens for n in self.schedule.lengths[:self.run_scales]]
 
@@ -115,7 +115,7 @@ class CudaGraphRunner:
         model, schedule = self.model, self.schedule
         features = torch.zeros(B, bucket, model.cfg.text_dim, dtype=dtype, device=self.device)
         lengths = torch.ones(B, dtype=torch.long, device=self.device)
-        absorbed = self.absorbed_scales(bucket)
+        absorbed = self.absorbed_scales(bucket, B * (2 if guided else 1))  # CFG doubles the rows
 
         def encode_text():
             text = model.encode_text(features, lengths, guided)

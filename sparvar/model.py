@@ -219,11 +219,14 @@ def absorbed_cross_attention(x: torch.Tensor, text: AbsorbedText) -> torch.Tenso
     return torch.matmul(probs.view(B, n, H * L), text.values)
 
 
-def absorption_pays(cfg: InfinityConfig, text_len: int) -> bool:
-    """Whether the absorbed cross-attention costs fewer FLOPs per token than the projections and attention it
-    replaces: 2 * H * L * C multiply-adds against 2 * C * C + 2 * L * C, i.e. (H - 1) * L < C. For Infinity-2B
-    (C 2048, H 16) up to 136 text positions, for 8B (C 3584, H 28) up to 132."""
-    return (cfg.heads - 1) * text_len < cfg.width
+def absorption_pays(cfg: InfinityConfig, text_len: int, rows: int) -> bool:
+    """Whether to absorb the cross-attention of `rows` batch rows (CFG counts both) with texts padded to `text_len`:
+    - fewer FLOPs per token: 2 * H * L * C multiply-adds against 2 * C * C + 2 * L * C, i.e. (H - 1) * L < C
+      (Infinity-2B, C 2048 and H 16: up to 136 positions; 8B, C 3584 and H 28: up to 132);
+    - and the absorbed keys and values no larger than the two projections they replace, rows * H * L <= C: the
+      small scales, bound by reading weights, read no more, and the text holds no more memory than those weights
+      (one prompt with CFG up to a 64-position text at 2B and 8B; four prompts would hold 4x)."""
+    return (cfg.heads - 1) * text_len < cfg.width and rows * cfg.heads * text_len <= cfg.width
 
 
 @dataclass(frozen=True)

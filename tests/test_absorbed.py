@@ -118,8 +118,8 @@ def test_absorbed_cross_attention_matches_reference_on_gpu(B, n, C, H, L):
 
 def test_absorbed_scores_configs_fit_and_compile_for_hopper():
     """The autotuner keeps, for every engine shape, only configs whose width loop runs unmasked and whose pipelined
-    tiles fit in shared memory; each config kept at the 2B and 8B shapes compiles for sm_90 with tensor-core MMAs
-    (wgmma) and asynchronous copies."""
+    tiles fit in shared memory; each config kept, or launched untuned, at the 2B and 8B shapes (64- and 128-position
+    texts) compiles for sm_90 with tensor-core MMAs (wgmma), asynchronous copies, and Hopper's shared memory."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, compile as triton_compile
 
@@ -137,26 +137,31 @@ def test_absorbed_scores_configs_fit_and_compile_for_hopper():
             assert all(c.num_stages * (c.kwargs["BLOCK_M"] + c.kwargs["HEADS"] * block_l) * c.kwargs["BLOCK_C"] * 2
                        <= 200 * 1024 for c in kept), (C, n, L)
             assert n > 16 or all(c.kwargs["BLOCK_M"] <= 32 for c in kept), (C, n, kept)
-            if C >= 2048 and L == 64:
+            untuned = A.default_config(n, C, H, L, block_l, 2)
+            if C >= 2048 and L in (64, 128):
                 assert n <= 16 or any(c.kwargs["HEADS"] > 1 for c in kept), (C, n, kept)
-                compiled |= {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_C"], c.kwargs["HEADS"], c.num_warps, c.num_stages)
+                compiled |= {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_C"], c.kwargs["HEADS"], c.num_warps, c.num_stages, L)
                              for c in kept}
+                compiled.add((untuned["BLOCK_M"], untuned["BLOCK_C"], untuned["HEADS"], untuned["num_warps"],
+                              untuned["num_stages"], L))
     kernel = A._absorbed_scores_kernel
     names = kernel.arg_names
     pointers = {"X": "bf16", "K": "bf16", "Bias": "fp32", "P": "bf16"}
-    for block_m, block_c, heads, warps, stages in sorted(compiled):
-        constexprs = dict(BLOCK_M=block_m, BLOCK_L=64, BLOCK_C=block_c, HEADS=heads, IEEE=False)
+    for block_m, block_c, heads, warps, stages, L in sorted(compiled):
+        constexprs = dict(BLOCK_M=block_m, BLOCK_L=L, BLOCK_C=block_c, HEADS=heads, IEEE=False)
         signature = {a: "constexpr" if a in constexprs else "*" + pointers[a] if a in pointers
                      else "fp32" if a == "scale_log2e" else "i32" for a in names}
         aligned = [i for i, a in enumerate(names) if signature[a].startswith("*") or a.startswith("stride")
                    or a == "C"]
         source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs,
                            attrs={(i,): [["tt.divisibility", 16]] for i in aligned})
-        ptx = triton_compile(source, target=GPUTarget("cuda", 90, 32),
-                             options=dict(num_warps=warps, num_stages=stages)).asm["ptx"]
-        assert "wgmma" in ptx or block_m < 64, (block_m, block_c, heads, warps, stages)
-        assert "cp.async" in ptx, (block_m, block_c, heads, warps, stages)
-    assert {c[2] for c in compiled} == {1, 2, 4}
+        what = (block_m, block_c, heads, warps, stages, L)
+        compiled_kernel = triton_compile(source, target=GPUTarget("cuda", 90, 32),
+                                         options=dict(num_warps=warps, num_stages=stages))
+        ptx = compiled_kernel.asm["ptx"]
+        assert ("wgmma" in ptx or block_m < 64) and "cp.async" in ptx, what
+        assert compiled_kernel.metadata.shared <= 232448, (what, compiled_kernel.metadata.shared)  # 227 KB per CTA
+    assert {c[2] for c in compiled} == {1, 2, 4} and {c[5] for c in compiled} == {64, 128}
 
 
 def test_absorbed_scores_refuse_a_config_that_does_not_suit_the_launch():

@@ -293,8 +293,12 @@ def test_cross_attention_runs_absorbed_at_the_scales_where_it_pays():
         x.shape[1]) or absorbed_cross_attention(x, text))
     bucket = CFG.text_maxlen  # infinity-tiny's 32 text positions: one bucket; (2 - 1) * 32 < width 128 pays
     wanted = [n >= 16 for n in schedule.lengths]
-    assert absorbing.absorbed_scales(bucket) == wanted and any(wanted) and not all(wanted)
-    assert not any(plain.absorbed_scales(bucket)) and not any(absorbing.absorbed_scales(CFG.width))  # 128 doesn't pay
+    assert absorbing.absorbed_scales(bucket, 2) == wanted and any(wanted) and not all(wanted)
+    assert not any(plain.absorbed_scales(bucket, 2))
+    # a 128-position bucket, or 4 rows (two prompts with CFG) at 32: the absorbed text would outgrow the projections
+    assert not any(absorbing.absorbed_scales(CFG.width, 2)) and not any(absorbing.absorbed_scales(bucket, 4))
+    fp8 = CudaGraphRunner(model, schedule, None, absorb_min_tokens=16, fp8_min_tokens=64, **kwargs)
+    assert not any(fp8.absorbed_scales(bucket, 2))  # FP8 linears make the projections cheap: no absorbing
     f, l = hashed_embeddings(["a small dog on the grass"], CFG.text_dim, CFG.text_maxlen)
     codes = [None] + [torch.randn(1, n, CFG.bits).sign() for n in schedule.lengths[1:]]
     for runner in (plain, absorbing):

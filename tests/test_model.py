@@ -256,6 +256,11 @@ def test_absorbed_cross_attention_equals_projections_and_attention():
         cache.offset = schedule.offsets[scale]
         logits.append(model.step(tokens, scale, t, cache, rope))
     torch.testing.assert_close(logits[1], logits[0], atol=1e-9, rtol=1e-9)
-    # fewer FLOPs while (heads - 1) * text length < width: up to 136 positions at 2B, 132 at 8B
-    assert [absorption_pays(CONFIGS["infinity-2b"], n) for n in (64, 136, 137)] == [True, True, False]
-    assert [absorption_pays(CONFIGS["infinity-8b"], n) for n in (64, 132, 133)] == [True, True, False]
+    # fewer FLOPs while (heads - 1) * text length < width (up to 136 positions at 2B, 132 at 8B), and the absorbed
+    # text no larger than the projections: rows * heads * length <= width
+    assert [absorption_pays(CONFIGS["infinity-2b"], n, 1) for n in (64, 128, 129)] == [True, True, False]
+    assert [absorption_pays(CONFIGS["infinity-8b"], n, 1) for n in (64, 128, 129)] == [True, True, False]
+    tiny = get_config("infinity-tiny")  # width 128, 2 heads: the size bound, 1 * 2 * L <= 128, cuts at 64
+    assert [absorption_pays(tiny, n, 1) for n in (32, 64, 65)] == [True, True, False]
+    assert [absorption_pays(CONFIGS["infinity-2b"], 64, rows) for rows in (2, 3, 8)] == [True, False, False]
+    assert [absorption_pays(CONFIGS["infinity-8b"], 64, rows) for rows in (2, 3)] == [True, False]

@@ -67,7 +67,8 @@ for what in "${@:2}"; do
     parts)
       python bench/step_parts.py --model infinity-2b --out "$OUT/step_parts_2b_$TAG.json" 2>&1 | grep -v Warning | tail -30 ;;
     engines)
-      python bench/e2e.py --model infinity-2b --model infinity-8b --warmup 3 --runs 20 --rows engine \
+      python bench/e2e.py --model infinity-2b --model infinity-8b --warmup 3 --runs 20 --rows "=dense engine (CUDA graphs)" \
+        --rows "=SparVAR engine (CUDA graphs, Triton kernels)" --rows "one stream,skip last 2,FP8 linears" \
         --out "$OUT/e2e_engines_$TAG.json" 2>&1 | grep -v Warning | tail -20 ;;
     small)
       python bench/small_scales.py --out "$OUT/small_scales_$TAG.json" 2>&1 | grep -v Warning | tail -60 ;;

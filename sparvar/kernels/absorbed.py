@@ -89,12 +89,18 @@ def _fits(c, C: int, n: int, H: int, L: int, block_l: int, element: int) -> bool
             and (c.num_warps == 8) == (m == 128) and (m <= 32 or n > 16))
 
 
-def default_config(n: int, C: int, H: int, L: int, block_l: int) -> dict:
-    """The config launched where no tuning runs (interpreter, SPARVAR_TRITON_AUTOTUNE=0): one head of 16 rows for
-    the smallest scales, else two heads per 64-row tile where they fit."""
-    heads = 2 if n > 16 and H % 2 == 0 and block_l == L else 1
-    return dict(BLOCK_M=16 if n <= 16 else 64, BLOCK_C=128 if C % 128 == 0 else 64, HEADS=heads, num_warps=4,
-                num_stages=3)
+# Where no tuning runs, the first of these (rows, width step, heads, warps, stages) that suits the launch (_fits):
+# two heads per 64-row tile, else one; 16-row tiles at the smallest scales. The last suits every launch.
+DEFAULT_CONFIGS = ((64, 128, 2, 4, 3), (64, 64, 1, 4, 3), (16, 128, 1, 4, 4), (16, 64, 1, 4, 3))
+
+
+def default_config(n: int, C: int, H: int, L: int, block_l: int, element: int) -> dict:
+    """The config launched where no tuning runs (interpreter, SPARVAR_TRITON_AUTOTUNE=0): see DEFAULT_CONFIGS."""
+    for m, width, heads, warps, stages in DEFAULT_CONFIGS:
+        config = triton.Config({"BLOCK_M": m, "BLOCK_C": width, "HEADS": heads}, num_warps=warps, num_stages=stages)
+        if _fits(config, C, n, H, L, block_l, element):
+            return dict(config.kwargs, num_warps=warps, num_stages=stages)
+    raise AssertionError(f"no default config suits n={n}, C={C}, H={H}, L={L}")  # the last always does
 
 
 def check_inputs(name: str, x, keys, bias) -> tuple[int, int, int, int, int]:
@@ -156,7 +162,7 @@ def absorbed_scores(x: torch.Tensor, keys: torch.Tensor, bias: torch.Tensor, sca
 
             _absorbed_scores_tuned[grid](*args, BLOCK_L=block_l, IEEE=x.dtype == torch.float32)
         else:
-            config = config or default_config(n, C, H, L, block_l)
+            config = config or default_config(n, C, H, L, block_l, x.element_size())
             grid = (triton.cdiv(n, config["BLOCK_M"]) * (H // config["HEADS"]), B)
             _absorbed_scores_kernel[grid](*args, BLOCK_L=block_l, IEEE=x.dtype == torch.float32, **config)
     return probs
