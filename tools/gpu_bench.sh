@@ -25,7 +25,7 @@
 #   bash tools/gpu_bench.sh "$OUT" decode    # the tokenizer decodes at 1024² (Infinity 2B/8B, HART fp32 vs fp16 graph, cudnn.benchmark)
 #   bash tools/gpu_bench.sh "$OUT" batch4    # throughput: 2B and 8B dense and SparVAR engines at 4 prompts per generation
 #   bash tools/gpu_bench.sh "$OUT" servebatch # sparvar serve throughput, 2B torch-cuda engine, batch 1 vs 4, 8 clients
-#   bash tools/gpu_bench.sh "$OUT" crossattn # the absorbed cross-attention's GPU tests, then it against the unabsorbed one per scale (2B, 8B)
+#   bash tools/gpu_bench.sh "$OUT" crossattn # the absorbed cross-attention's GPU tests, then it against the unabsorbed one per scale (2B, 8B; text buckets 64, 16)
 #   bash tools/gpu_bench.sh "$OUT" absorb2b  # dense and SparVAR engines beside the same engines with the cross-attention unabsorbed
 #   bash tools/gpu_bench.sh "$OUT" absorb8b  # the same for 8B
 set -uo pipefail
@@ -124,7 +124,10 @@ for what in "${@:2}"; do
         --junitxml="$OUT/gpu_tests_absorbed_$TAG.xml" > /tmp/absorbed_tests.log 2>&1; ok=$?
       grep -E "FAILED|ERROR|Error|passed|failed" /tmp/absorbed_tests.log | tail -12
       [ $ok -eq 0 ] || { echo "absorbed cross-attention tests failed: no timing"; continue; }
-      python bench/cross_attention.py --out "$OUT/cross_attention_$TAG.json" 2>&1 | grep -v Warning | tail -30 ;;
+      python bench/cross_attention.py --out "$OUT/cross_attention_$TAG.json" 2>&1 | grep -v Warning | tail -30
+      # a finer text bucket: the absorbed form's cost grows with the padded length, the unabsorbed kernel's does not
+      python bench/cross_attention.py --bucket 16 --out "$OUT/cross_attention_bucket16_$TAG.json" 2>&1 | grep -v Warning \
+        | grep -E "save|scale (0|6|9|1[0-2]) " ;;
     absorb2b|absorb8b)
       size=${what#absorb}
       python bench/e2e.py --model "infinity-$size" --warmup 3 --runs 20 --rows "=dense engine (CUDA graphs)" \
