@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from bench.common import result_path, write_result
 
 SIDES = (1, 2, 4, 6, 8, 12, 16, 20, 24, 32, 40, 48, 64)  # Infinity's 1024^2 schedule
-TEXT_SLOTS = 64  # cuda_engine.TEXT_BUCKET: prompts are padded to a multiple of 64
+TEXT_SLOTS = 64  # a text bucket of cuda_engine.text_bucket (a 33-64 token prompt)
 MODELS = {"infinity-2b": dict(width=2048, heads=16, mlp=8192, depth=32),
           "infinity-8b": dict(width=3584, heads=28, mlp=14336, depth=40)}
 

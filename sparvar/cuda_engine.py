@@ -23,7 +23,22 @@ import torch
 from .model import EAGER, Infinity, KVCache, TextCondition, absorption_pays, frozen_weight_functions, rope_tables
 from .schedule import Schedule
 
-TEXT_BUCKET = 64  # text lengths are padded up to a multiple of this (masked), so few graph sets are needed
+# Text lengths are padded (masked) to a bucket, one graph set per bucket: a power of two from MIN_TEXT_BUCKET up to
+# TEXT_BUCKET, then multiples of TEXT_BUCKET, so that few sets are needed. Short prompts get short buckets: the
+# absorbed cross-attention's work grows with the padded length (10 buckets cover 1-512 tokens).
+TEXT_BUCKET = 64
+MIN_TEXT_BUCKET = 16
+
+
+def text_bucket(length: int, maxlen: int) -> int:
+    """The padded length of a text of `length` tokens (at most `maxlen`, the model's)."""
+    if length <= TEXT_BUCKET:
+        bucket = max(MIN_TEXT_BUCKET, 1 << (length - 1).bit_length())
+    else:
+        bucket = -(-length // TEXT_BUCKET) * TEXT_BUCKET
+    return min(bucket, maxlen)
+
+
 # The scales whose cross-attention runs absorbed (where the text bucket and batch make it cheaper, absorption_pays):
 # from this many tokens per image up; 1 is every scale (bench/results/cross_attention_*.json, per scale).
 ABSORB_MIN_TOKENS = 1
@@ -88,7 +103,7 @@ class CudaGraphRunner:
         B, L, _ = features.shape
         if L > self.model.cfg.text_maxlen:
             raise ValueError(f"text has {L} tokens; {self.model.cfg.name} accepts at most {self.model.cfg.text_maxlen}")
-        bucket = min(-(-L // TEXT_BUCKET) * TEXT_BUCKET, self.model.cfg.text_maxlen)
+        bucket = text_bucket(L, self.model.cfg.text_maxlen)
         key = (B, guided, bucket)
         if key not in self.sets:
             self.sets[key] = self._capture(B, guided, bucket, features.dtype)

@@ -59,7 +59,7 @@ def test_graph_sets_with_the_same_rows_share_one_kv_cache(monkeypatch):
     the same rows share one, and every generation still gives the eager path's tokens, also after another set ran."""
     import sparvar.cuda_engine
 
-    monkeypatch.setattr(sparvar.cuda_engine, "TEXT_BUCKET", 8)  # infinity-tiny's 32 text tokens: up to 4 buckets
+    monkeypatch.setattr(sparvar.cuda_engine, "MIN_TEXT_BUCKET", 4)  # buckets of 4, 8, 16 and 32 text tokens
     eager, static, schedule = _pair("sparvar")
     decoder = build_decoder(CFG, None, "cpu", torch.float32)
     runs = [("a red car", 3.0), ("a small dog on the green grass by a tall old red barn", 3.0), ("a red car", 1.0),
@@ -70,9 +70,18 @@ def test_graph_sets_with_the_same_rows_share_one_kv_cache(monkeypatch):
         b = generate(static, decoder, schedule, f, l, Sampling(cfg=cfg), seed=seed)
         for x, y in zip(a.bits, b.bits):
             assert torch.equal(x, y)
-    assert sorted(k[1:] for k in static.sets) == [(False, 8), (True, 8), (True, 16)]
+    assert sorted(k[1:] for k in static.sets) == [(False, 4), (True, 4), (True, 16)]
     assert sorted(static.caches) == [1, 2]  # rows: unguided, guided (CFG doubles the batch)
-    assert static.sets[(1, True, 8)].cache is static.sets[(1, True, 16)].cache is static.caches[2]
+    assert static.sets[(1, True, 4)].cache is static.sets[(1, True, 16)].cache is static.caches[2]
+
+
+def test_text_buckets_are_powers_of_two_up_to_64_then_multiples_of_64():
+    from sparvar.cuda_engine import text_bucket
+
+    lengths = (1, 12, 16, 17, 33, 64, 65, 129, 500)
+    assert [text_bucket(n, 512) for n in lengths] == [16, 16, 16, 32, 64, 64, 128, 192, 512]
+    assert [text_bucket(n, 8) for n in (1, 8)] == [8, 8] and text_bucket(20, 32) == 32  # never past the model's
+    assert len({text_bucket(n, 512) for n in range(1, 513)}) == 10
 
 
 def test_a_runner_for_skip_2_runs_the_same_tokens_without_the_decision_or_the_skipped_scales():
