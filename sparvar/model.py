@@ -201,9 +201,9 @@ class AbsorbedText:
     GEMMs of H*L columns instead of two C x C projections and an attention. Fewer FLOPs while (H - 1) * L < C:
     short prompts (`absorption_pays`)."""
 
-    keys: torch.Tensor  # (B, H*L, C) model dtype: row h*L + l is k[b, h, l] @ W_q[h] (unscaled)
+    keys: torch.Tensor  # (B, H, L, C) model dtype, k[b, h, l] @ W_q[h] (unscaled); stored head-major (H, B, L, C)
     bias: torch.Tensor  # (B, H, L) fp32 (fp64 for an fp64 model): scale * (b_q[h] . k[b, h, l]), -inf at padding
-    values: torch.Tensor  # (B, H*L, C) model dtype: row h*L + l is v[b, h, l] @ W_o[:, h]^T + b_o / H
+    values: torch.Tensor  # (B, H*L, C) model dtype: row h*L + l is v[b, h, l] @ W_o[:, h]^T (rounded) + b_o / H
     scale: float  # D**-0.5, SDPA's default softmax scale of the cross-attention
 
 
@@ -214,7 +214,7 @@ def absorbed_cross_attention(x: torch.Tensor, text: AbsorbedText) -> torch.Tenso
     B, n, _ = x.shape
     H, L = text.bias.shape[1:]
     acc = text.bias.dtype  # fp32 (fp64 for an fp64 model)
-    scores = torch.matmul(x.to(acc), text.keys.to(acc).transpose(1, 2)).view(B, n, H, L)
+    scores = torch.matmul(x.to(acc)[:, None], text.keys.to(acc).transpose(2, 3)).transpose(1, 2)  # (B, n, H, L)
     probs = (scores * text.scale + text.bias[:, None]).softmax(-1).to(x.dtype)
     return torch.matmul(probs.view(B, n, H * L), text.values)
 
@@ -302,15 +302,18 @@ class CrossAttention(nn.Module):
         B, H, L, D = k.shape
         C = H * D
         w_q = self.mat_q.weight.view(H, D, C)  # q_h = W_q[h] c + b_q[h]
-        w_o = self.proj.weight.view(C, H, D).permute(1, 2, 0)  # (H, D, C): W_o[:, h]^T
-        keys = torch.matmul(k, w_q).reshape(B, H * L, C)  # rounded once, like q in the unabsorbed form
-        # the value projection and its share of b_o in one GEMM, rounded once: (H, B*L, D) @ (H, D, C) + b_o / H
-        values = torch.baddbmm((self.proj.bias / H).expand(H, B * L, C), v.transpose(0, 1).reshape(H, B * L, D), w_o)
-        values = values.view(H, B, L, C).transpose(0, 1).reshape(B, H * L, C)
+        w_o = self.proj.weight.view(C, H, D).permute(1, 2, 0)  # (H, D, C): W_o[:, h]^T, a strided view
+        # one batched GEMM per projection, batched over heads with the rows of all prompts together: (H, B*L, D) is a
+        # view of text_kv's k and v, and W_q[h], W_o[:, h]^T are views of the weights (nothing is copied per prompt;
+        # a broadcast (B, H, L, D) @ (H, D, C) would copy the weights B times). Keys stay head-major, as the kernel
+        # reads them; the values become (B, H*L, C), the second GEMM's operand, with their share of b_o added.
+        keys = torch.bmm(k.transpose(0, 1).reshape(H, B * L, D), w_q).view(H, B, L, C).transpose(0, 1)
+        values = torch.bmm(v.transpose(0, 1).reshape(H, B * L, D), w_o).view(H, B, L, C).transpose(0, 1)
+        values = torch.add(values, self.proj.bias / H, out=torch.empty(B, H, L, C, dtype=v.dtype, device=v.device))
         acc = torch.promote_types(k.dtype, torch.float32)  # fp32, or fp64 for an fp64 model
         bias = torch.matmul(k.to(acc), self.mat_q.bias.to(acc).view(H, D, 1)).squeeze(-1)  # (B, H, L)
-        return AbsorbedText(keys=keys, bias=bias * D ** -0.5 + key_bias.to(acc).view(B, 1, L), values=values,
-                            scale=D ** -0.5)
+        return AbsorbedText(keys=keys, bias=bias * D ** -0.5 + key_bias.to(acc).view(B, 1, L),
+                            values=values.view(B, H * L, C), scale=D ** -0.5)
 
     def forward(self, x, k, v, key_bias, ops: BlockOps = EAGER, key_lens=None, absorbed: "AbsorbedText | None" = None):
         """x (B, n, C) (ignored when pooling), k/v (B, H, L, D), key_bias (B, 1, 1, L): 0 = real token, -inf = pad;

@@ -21,7 +21,8 @@ def absorbed_inputs(B, n, C, H, L, lengths, dtype, device, seed=0):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(B, n, C, generator=g).to(device, dtype)
     # keys scaled so that the scores spread over a few units, as a trained model's do
-    keys = (torch.randn(B, H * L, C, generator=g) * 3 / C ** 0.5 * (C // H) ** 0.5).to(device, dtype)
+    # head-major keys, as CrossAttention.absorb stores them
+    keys = (torch.randn(H, B, L, C, generator=g) * 3 / C ** 0.5 * (C // H) ** 0.5).to(device, dtype).transpose(0, 1)
     bias = torch.randn(B, H, L, generator=g)
     for b, length in enumerate(lengths):
         bias[b, :, length:] = float("-inf")
@@ -32,8 +33,8 @@ def absorbed_inputs(B, n, C, H, L, lengths, dtype, device, seed=0):
 def reference_probs(x, text):
     B, n, _ = x.shape
     H, L = text.bias.shape[1:]
-    scores = torch.matmul(x.float(), text.keys.float().transpose(1, 2)).view(B, n, H, L)
-    return (scores * text.scale + text.bias[:, None]).softmax(-1).view(B, n, H * L)
+    scores = torch.einsum("bnc,bhlc->bnhl", x.float(), text.keys.float())
+    return (scores * text.scale + text.bias[:, None]).softmax(-1).reshape(B, n, H * L)
 
 
 def test_absorbed_scores_name_bad_inputs():
@@ -41,12 +42,12 @@ def test_absorbed_scores_name_bad_inputs():
     cases = [
         (lambda: absorbed_scores(x.half(), text.keys, text.bias, 0.1), "x and keys must share one dtype"),
         (lambda: absorbed_scores(x, text.keys, text.bias.double(), 0.1), "bias must be float32"),
-        (lambda: absorbed_scores(x, text.keys[:, :-1], text.bias, 0.1), "expected x (B, n, C), keys (B, H*L, C)"),
+        (lambda: absorbed_scores(x, text.keys[:, :, :-1], text.bias, 0.1), "expected x (B, n, C), keys (B, H, L, C)"),
         (lambda: absorbed_scores(x[..., :96], text.keys[..., :96], text.bias, 0.1), "not a multiple of 64"),
         (lambda: absorbed_scores(x, text.keys, text.bias, float("nan")), "scale must be a positive finite"),
         (lambda: absorbed_scores(x[0], text.keys, text.bias, 0.1), "x must be 3-D"),
-        (lambda: absorbed_scores(x, text.keys.transpose(1, 2).contiguous().transpose(1, 2), text.bias, 0.1),
-         "keys, bias contiguous"),
+        (lambda: absorbed_scores(x, text.keys.transpose(2, 3).contiguous().transpose(2, 3), text.bias, 0.1),
+         "keys in their (L, C) rows"),
     ]
     for call, message in cases:
         with pytest.raises((ValueError, TypeError), match=message.replace("(", r"\(").replace(")", r"\)")
@@ -54,7 +55,7 @@ def test_absorbed_scores_name_bad_inputs():
             call()
     big = torch.zeros(2, 2, 300)
     with pytest.raises(ValueError, match="at most 256"):
-        absorbed_scores(x, torch.zeros(2, 600, 128), big, 0.1)
+        absorbed_scores(x, torch.zeros(2, 2, 300, 128), big, 0.1)
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="must be on a CUDA device"):
             absorbed_scores(x, text.keys, text.bias, text.scale)

@@ -27,11 +27,11 @@ MAX_TEXT = 256  # one head's L scores live in registers; absorption pays only up
 if HAS_TRITON:
 
     @triton.jit
-    def _absorbed_scores_kernel(X, K, Bias, P, n, C, H, L, stride_xb, stride_xm, stride_kb, stride_bb, stride_pb,
-                                stride_pm, scale_log2e, BLOCK_M: tl.constexpr, BLOCK_L: tl.constexpr,
+    def _absorbed_scores_kernel(X, K, Bias, P, n, C, H, L, stride_xb, stride_xm, stride_kb, stride_kh, stride_bb,
+                                stride_pb, stride_pm, scale_log2e, BLOCK_M: tl.constexpr, BLOCK_L: tl.constexpr,
                                 BLOCK_C: tl.constexpr, HEADS: tl.constexpr, IEEE: tl.constexpr):
-        """HEADS heads per program, as one GEMM tile of HEADS * BLOCK_L columns: their keys are consecutive rows
-        when BLOCK_L == L (the launch keeps HEADS at 1 otherwise). Several heads per tile read x's tile fewer times."""
+        """HEADS heads per program, as one GEMM tile of HEADS * BLOCK_L columns (BLOCK_L == L where HEADS > 1, so that
+        every column is a real head's position). Several heads per tile read x's tile fewer times."""
         pid = tl.program_id(0)
         groups = H // HEADS
         h0 = (pid % groups) * HEADS  # head groups vary fastest: the programs sharing a row tile of x run together
@@ -39,12 +39,14 @@ if HAS_TRITON:
         b = tl.program_id(1).to(tl.int64)
         offs_n = tl.arange(0, HEADS * BLOCK_L)
         head = h0 + offs_n // BLOCK_L
-        key = head * L + offs_n % BLOCK_L  # row of keys (and column of probs) of each tile column
-        key_ok = offs_n % BLOCK_L < L
+        pos = offs_n % BLOCK_L
+        key = head * L + pos  # the column of probs (and row of bias) of each tile column
+        key_ok = pos < L
         offs_c = tl.arange(0, BLOCK_C)
         row_ok = offs_m < n
         x_ptrs = X + b * stride_xb + offs_m[:, None].to(tl.int64) * stride_xm + offs_c[None, :]
-        k_ptrs = K + b * stride_kb + key[None, :].to(tl.int64) * C + offs_c[:, None]  # (BLOCK_C, HEADS * BLOCK_L)
+        k_rows = b * stride_kb + head.to(tl.int64) * stride_kh + pos * C  # keys (B, H, L, C), any b / h strides
+        k_ptrs = K + k_rows[None, :] + offs_c[:, None]  # (BLOCK_C, HEADS * BLOCK_L)
         acc = tl.zeros((BLOCK_M, HEADS * BLOCK_L), dtype=tl.float32)
         for _ in range(0, C, BLOCK_C):
             x = tl.load(x_ptrs, mask=row_ok[:, None], other=0.0)
@@ -104,9 +106,9 @@ def default_config(n: int, C: int, H: int, L: int, block_l: int, element: int) -
 
 
 def check_inputs(name: str, x, keys, bias) -> tuple[int, int, int, int, int]:
-    """x (B, n, C), keys (B, H*L, C) of x's dtype, bias (B, H, L) fp32, each contiguous in its last dim (ValueError /
-    TypeError naming the problem). Returns B, n, C, H, L."""
-    for label, t, dims in (("x", x, 3), ("keys", keys, 3), ("bias", bias, 3)):
+    """x (B, n, C), keys (B, H, L, C) of x's dtype (rows of C contiguous, any batch and head strides), bias (B, H, L)
+    fp32 contiguous (ValueError / TypeError naming the problem). Returns B, n, C, H, L."""
+    for label, t, dims in (("x", x, 3), ("keys", keys, 4), ("bias", bias, 3)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name}: {label} must be a torch.Tensor, got {type(t).__name__}")
         if t.dim() != dims:
@@ -117,8 +119,8 @@ def check_inputs(name: str, x, keys, bias) -> tuple[int, int, int, int, int]:
         raise TypeError(f"{name}: bias must be float32, got {bias.dtype}")
     B, n, C = x.shape
     H, L = bias.shape[1:]
-    if keys.shape != (B, H * L, C) or bias.shape[0] != B:
-        raise ValueError(f"{name}: expected x (B, n, C), keys (B, H*L, C), bias (B, H, L); got x {tuple(x.shape)}, "
+    if keys.shape != (B, H, L, C) or bias.shape[0] != B:
+        raise ValueError(f"{name}: expected x (B, n, C), keys (B, H, L, C), bias (B, H, L); got x {tuple(x.shape)}, "
                          f"keys {tuple(keys.shape)}, bias {tuple(bias.shape)}")
     if n == 0 or L == 0 or H == 0:
         raise ValueError(f"{name}: empty input: x {tuple(x.shape)}, bias {tuple(bias.shape)}")
@@ -127,9 +129,9 @@ def check_inputs(name: str, x, keys, bias) -> tuple[int, int, int, int, int]:
     if L > MAX_TEXT:
         raise ValueError(f"{name}: {L} text positions per head; the kernel holds at most {MAX_TEXT} (and absorbing "
                          f"pays only while (heads - 1) * length < width: sparvar.model.absorption_pays)")
-    if x.stride(2) != 1 or not keys.is_contiguous() or not bias.is_contiguous():
-        raise ValueError(f"{name}: x must be contiguous in its last dim and keys, bias contiguous; got strides "
-                         f"x {x.stride()}, keys {keys.stride()}, bias {bias.stride()}")
+    if x.stride(2) != 1 or keys.stride()[2:] != (C, 1) or not bias.is_contiguous():
+        raise ValueError(f"{name}: x must be contiguous in its last dim, keys in their (L, C) rows, bias contiguous; "
+                         f"got strides x {x.stride()}, keys {keys.stride()}, bias {bias.stride()}")
     if B > 65535:
         raise ValueError(f"{name}: batch {B} exceeds the launch grid limit 65535")
     return B, n, C, H, L
@@ -153,7 +155,7 @@ def absorbed_scores(x: torch.Tensor, keys: torch.Tensor, bias: torch.Tensor, sca
             raise ValueError(f"{name}: config {config} does not suit x {tuple(x.shape)} with {H} heads of {L} positions")
     check_device(name, x, hint="use sparvar.model.absorbed_cross_attention on the CPU", keys=keys, bias=bias)
     probs = torch.empty(B, n, H * L, device=x.device, dtype=x.dtype)
-    args = (x, keys, bias, probs, n, C, H, L, x.stride(0), x.stride(1), keys.stride(0), bias.stride(0),
+    args = (x, keys, bias, probs, n, C, H, L, x.stride(0), x.stride(1), keys.stride(0), keys.stride(1), bias.stride(0),
             probs.stride(0), probs.stride(1), scale * LOG2E)
     with launch_device(x):
         if config is None and autotuning():
