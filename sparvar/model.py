@@ -203,7 +203,9 @@ class AbsorbedText:
 
     keys: torch.Tensor  # (B, H, L, C) model dtype, k[b, h, l] @ W_q[h] (unscaled); stored head-major (H, B, L, C)
     bias: torch.Tensor  # (B, H, L) fp32 (fp64 for an fp64 model): scale * (b_q[h] . k[b, h, l]), -inf at padding
-    values: torch.Tensor  # (B, H*L, C) model dtype: row h*L + l is v[b, h, l] @ W_o[:, h]^T (rounded) + b_o / H
+    values: torch.Tensor  # (B, H*L, C) model dtype: row h*L + l is v[b, h, l] @ W_o[:, h]^T
+    out_bias: torch.Tensor  # (C,) b_o, added by the second GEMM (folded into the values as b_o / H, its rounding
+    # error there was the same for every row of a bf16 binade and summed over all H*L rows: 2.5x the bf16 error)
     scale: float  # D**-0.5, SDPA's default softmax scale of the cross-attention
 
 
@@ -216,7 +218,7 @@ def absorbed_cross_attention(x: torch.Tensor, text: AbsorbedText) -> torch.Tenso
     acc = text.bias.dtype  # fp32 (fp64 for an fp64 model)
     scores = torch.matmul(x.to(acc)[:, None], text.keys.to(acc).transpose(2, 3)).transpose(1, 2)  # (B, n, H, L)
     probs = (scores * text.scale + text.bias[:, None]).softmax(-1).to(x.dtype)
-    return torch.matmul(probs.view(B, n, H * L), text.values)
+    return torch.baddbmm(text.out_bias, probs.reshape(B, n, H * L), text.values)
 
 
 def absorption_pays(cfg: InfinityConfig, text_len: int, rows: int) -> bool:
@@ -295,8 +297,8 @@ class CrossAttention(nn.Module):
 
     def absorb(self, k: torch.Tensor, v: torch.Tensor, key_bias: torch.Tensor) -> "AbsorbedText":
         """This block's cross-attention with its two projections folded into the text (see AbsorbedText): per head h,
-        q_h . k = c . (W_q[h]^T k) + b_q[h] . k, and W_o (concat_h P_h v_h) + b_o = sum_h P_h (v_h W_o[:, h]^T + b_o / H)
-        (each head's probabilities sum to 1). k, v (B, H, L, D) as text_kv returns them, key_bias (B, 1, 1, L)."""
+        q_h . k = c . (W_q[h]^T k) + b_q[h] . k, and W_o (concat_h P_h v_h) + b_o = sum_h P_h (v_h W_o[:, h]^T) + b_o.
+        k, v (B, H, L, D) as text_kv returns them, key_bias (B, 1, 1, L)."""
         if isinstance(self.mat_q, nn.Parameter):
             raise ValueError("an attentive-pooling cross-attention has no query projection to absorb")
         B, H, L, D = k.shape
@@ -306,14 +308,13 @@ class CrossAttention(nn.Module):
         # one batched GEMM per projection, batched over heads with the rows of all prompts together: (H, B*L, D) is a
         # view of text_kv's k and v, and W_q[h], W_o[:, h]^T are views of the weights (nothing is copied per prompt;
         # a broadcast (B, H, L, D) @ (H, D, C) would copy the weights B times). Keys stay head-major, as the kernel
-        # reads them; the values become (B, H*L, C), the second GEMM's operand, with their share of b_o added.
+        # reads them; the values become (B, H*L, C), the second GEMM's operand.
         keys = torch.bmm(k.transpose(0, 1).reshape(H, B * L, D), w_q).view(H, B, L, C).transpose(0, 1)
         values = torch.bmm(v.transpose(0, 1).reshape(H, B * L, D), w_o).view(H, B, L, C).transpose(0, 1)
-        values = torch.add(values, self.proj.bias / H, out=torch.empty(B, H, L, C, dtype=v.dtype, device=v.device))
         acc = torch.promote_types(k.dtype, torch.float32)  # fp32, or fp64 for an fp64 model
         bias = torch.matmul(k.to(acc), self.mat_q.bias.to(acc).view(H, D, 1)).squeeze(-1)  # (B, H, L)
         return AbsorbedText(keys=keys, bias=bias * D ** -0.5 + key_bias.to(acc).view(B, 1, L),
-                            values=values.view(B, H * L, C), scale=D ** -0.5)
+                            values=values.reshape(B, H * L, C), out_bias=self.proj.bias, scale=D ** -0.5)
 
     def forward(self, x, k, v, key_bias, ops: BlockOps = EAGER, key_lens=None, absorbed: "AbsorbedText | None" = None):
         """x (B, n, C) (ignored when pooling), k/v (B, H, L, D), key_bias (B, 1, 1, L): 0 = real token, -inf = pad;

@@ -27,7 +27,8 @@ def absorbed_inputs(B, n, C, H, L, lengths, dtype, device, seed=0):
     for b, length in enumerate(lengths):
         bias[b, :, length:] = float("-inf")
     values = torch.randn(B, H * L, C, generator=g).to(device, dtype)
-    return x, AbsorbedText(keys=keys, bias=bias.to(device), values=values, scale=(C // H) ** -0.5)
+    out_bias = torch.randn(C, generator=g).to(device, dtype)
+    return x, AbsorbedText(keys=keys, bias=bias.to(device), values=values, out_bias=out_bias, scale=(C // H) ** -0.5)
 
 
 def reference_probs(x, text):

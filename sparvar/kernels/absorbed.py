@@ -171,5 +171,5 @@ def absorbed_scores(x: torch.Tensor, keys: torch.Tensor, bias: torch.Tensor, sca
 
 
 def engine_absorbed_cross_attention(x: torch.Tensor, text) -> torch.Tensor:
-    """sparvar.model.absorbed_cross_attention for the torch-cuda engine: this kernel, then cuBLAS for P @ values."""
-    return torch.bmm(absorbed_scores(x, text.keys, text.bias, text.scale), text.values)
+    """sparvar.model.absorbed_cross_attention for the torch-cuda engine: this kernel, then cuBLAS for P @ values + b_o."""
+    return torch.baddbmm(text.out_bias, absorbed_scores(x, text.keys, text.bias, text.scale), text.values)
