@@ -54,8 +54,10 @@ def bench_model(name: str, text_len: int, bucket: int, warmup: int, runs: int) -
         for p in ca.parameters():
             p.normal_(0, 0.02, generator=gen)
         layers.append(ca)
-    k = [torch.randn(B, H, bucket, D, device="cuda", dtype=torch.bfloat16, generator=gen) for _ in layers]
-    v = [torch.randn(B, H, bucket, D, device="cuda", dtype=torch.bfloat16, generator=gen) for _ in layers]
+    # the text's k and v laid out as CrossAttention.text_kv gives them (views of one (B, L, 2C) projection)
+    kv = [torch.randn(B, bucket, 2 * C, device="cuda", dtype=torch.bfloat16, generator=gen)
+          .view(B, bucket, 2, H, D).permute(2, 0, 3, 1, 4) for _ in layers]
+    k, v = [t[0] for t in kv], [t[1] for t in kv]
     key_lens = torch.full((B,), text_len, device="cuda", dtype=torch.int32)
     key_bias = torch.zeros(B, 1, 1, bucket, device="cuda", dtype=torch.bfloat16)
     key_bias[..., text_len:] = float("-inf")

@@ -213,10 +213,10 @@ def absorbed_cross_attention(x: torch.Tensor, text: AbsorbedText) -> torch.Tenso
     """x (B, n, C) -> a block's cross-attention output (B, n, C), projections included, from its AbsorbedText.
     The scores stay in fp32 (the unabsorbed form's attention keeps them unrounded too); the probabilities are
     rounded to x's dtype before the second GEMM, as a flash kernel rounds P before P @ V."""
-    B, n, _ = x.shape
+    B, n, C = x.shape
     H, L = text.bias.shape[1:]
     acc = text.bias.dtype  # fp32 (fp64 for an fp64 model)
-    scores = torch.matmul(x.to(acc)[:, None], text.keys.to(acc).transpose(2, 3)).transpose(1, 2)  # (B, n, H, L)
+    scores = torch.bmm(x.to(acc), text.keys.to(acc).reshape(B, H * L, C).mT).view(B, n, H, L)
     probs = (scores * text.scale + text.bias[:, None]).softmax(-1).to(x.dtype)
     return torch.baddbmm(text.out_bias, probs.reshape(B, n, H * L), text.values)
 
@@ -306,9 +306,9 @@ class CrossAttention(nn.Module):
         w_q = self.mat_q.weight.view(H, D, C)  # q_h = W_q[h] c + b_q[h]
         w_o = self.proj.weight.view(C, H, D).permute(1, 2, 0)  # (H, D, C): W_o[:, h]^T, a strided view
         # one batched GEMM per projection, batched over heads with the rows of all prompts together: (H, B*L, D) is a
-        # view of text_kv's k and v, and W_q[h], W_o[:, h]^T are views of the weights (nothing is copied per prompt;
-        # a broadcast (B, H, L, D) @ (H, D, C) would copy the weights B times). Keys stay head-major, as the kernel
-        # reads them; the values become (B, H*L, C), the second GEMM's operand.
+        # view of text_kv's k and v, and W_q[h], W_o[:, h]^T are views of the weights (the weights are not copied;
+        # a broadcast (B, H, L, D) @ (H, D, C) would copy them B times). Keys stay head-major, as the kernel reads
+        # them; the values are copied once into (B, H*L, C), the second GEMM's operand.
         keys = torch.bmm(k.transpose(0, 1).reshape(H, B * L, D), w_q).view(H, B, L, C).transpose(0, 1)
         values = torch.bmm(v.transpose(0, 1).reshape(H, B * L, D), w_o).view(H, B, L, C).transpose(0, 1)
         acc = torch.promote_types(k.dtype, torch.float32)  # fp32, or fp64 for an fp64 model

@@ -1,6 +1,6 @@
 """The absorbed cross-attention's scores and per-head softmax in one Triton kernel (see sparvar.model.AbsorbedText).
 
-    probs[b, m, h*L + l] = softmax over l of (scale * x[b, m] . keys[b, h*L + l] + bias[b, h, l])
+    probs[b, m, h*L + l] = softmax over l of (scale * x[b, m] . keys[b, h, l] + bias[b, h, l])
 
 One program takes BLOCK_M rows of x against HEADS heads' L keys each: a GEMM tile of BLOCK_M x HEADS*L over the
 width C, then each head's softmax in registers, and the probabilities stored in x's dtype. The scores stay in fp32
