@@ -211,7 +211,7 @@ def family_parts(model_name: str, resolution: int, device, weights: str | None =
     def make_runner(kind, plan, backend, fp8, skip, absorb):
         if kind == "graphs":
             return CudaGraphRunner(model, schedule, plan, backend=backend, fp8_min_tokens=DEFAULT_MIN_TOKENS if fp8 else None,
-                                   skip_last=skip, **({} if absorb else {"absorb_min_tokens": None}))
+                                   skip_last=skip, absorb=absorb)
         return TorchRunner(model, schedule, plan, backend=backend)
 
     return (base, decoder, features, lengths, Sampling(cfg=4.0, tau=1.0, top_p=0.97), make_runner,
@@ -272,9 +272,9 @@ def bench_model(model_name: str, resolution: int, warmup: int, runs: int, rows=N
             print(f"{model_name:12s} {name:48s} FAILED: {type(e).__name__}: {e}", flush=True)
             results.append({"row": name, "error": f"{type(e).__name__}: {e}"})
         else:
-            absorbed = getattr(getattr(runner, "current", None), "absorbed", [])  # Infinity's graph runner
+            absorbed = getattr(getattr(runner, "current", None), "absorbed", False)  # Infinity's graph runner
             row = {"row": name, "attention": attention, "runner": kind, "sdpa_backend": backend, "skip_last": skip,
-                   "fp8": fp8, "cross_attention_absorbed_scales": [k for k, a in enumerate(absorbed) if a], **timing, "images_per_s": 1000 * batch / timing["median_ms"],
+                   "fp8": fp8, "cross_attention_absorbed": absorbed, **timing, "images_per_s": 1000 * batch / timing["median_ms"],
                    "per_scale_ms": per_scale, "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30,
                    "bench_seconds": time.perf_counter() - t0}
             if attention == "sparvar":  # the CSLA tuning of the last sparse scale run (each scale is tuned alone)

@@ -11,7 +11,7 @@ so every scale's transformer step is captured once and replayed. Graphs need fix
 - each scale reads its input codes from a static buffer and writes logits to a static output;
 - CS4A state (selections, residual caches) is produced and consumed inside the graphs, at fixed addresses;
 - for short prompts the text graph also folds each block's cross-attention projections into the text
-  (sparvar.model.AbsorbedText), and the scales of at least `absorb_min_tokens` tokens run that form.
+  (sparvar.model.AbsorbedText), and every scale runs that form.
 Sampling, CFG and code accumulation (a handful of small kernels per scale) run eagerly in the shared loop.
 """
 from __future__ import annotations
@@ -39,34 +39,30 @@ def text_bucket(length: int, maxlen: int) -> int:
     return min(bucket, maxlen)
 
 
-# The scales whose cross-attention runs absorbed (where the text bucket and batch make it cheaper, absorption_pays):
-# from this many tokens per image up; 1 is every scale (bench/results/cross_attention_*.json, per scale).
-ABSORB_MIN_TOKENS = 1
 
 
 class _Graphs:
     """The captured graphs and static buffers for one (batch, guidance, text-length bucket)."""
 
     def __init__(self, features, lengths, text_graph, text: TextCondition, cache, codes: list, logits: list,
-                 graphs: list, absorbed: list[bool]):
+                 graphs: list, absorbed: bool):
         self.features, self.lengths, self.text_graph, self.text = features, lengths, text_graph, text
         self.cache, self.codes, self.logits, self.graphs = cache, codes, logits, graphs
-        self.absorbed = absorbed  # per scale: whether its cross-attention runs absorbed
+        self.absorbed = absorbed  # whether the steps run the cross-attention absorbed (text.absorbed is set)
 
 
 class CudaGraphRunner:
     def __init__(self, model: Infinity, schedule: Schedule, plan=None, use_graphs: bool = True, backend: str = "engine",
                  fuse_pointwise: bool = True, fp8_min_tokens: int | None = None, skip_last: int = 0,
-                 absorb_min_tokens: int | None = ABSORB_MIN_TOKENS):
+                 absorb: bool = True):
         """skip_last: the generation loop skips the last scales; their graphs (the largest activations) are not
         captured, and asking for such a scale is an error. A SparVAR plan must be made for the same skip_last.
-        absorb_min_tokens: scales of at least this many tokens run the cross-attention absorbed where the text bucket
-        and batch make that cheaper (absorption_pays); None never. Not with FP8 linears, which make the projections
+        absorb: run the cross-attention absorbed where the text bucket and batch make that cheaper (absorption_pays),
+        at every scale: on the H100 it was as fast or faster at each scale of 2B and 8B, with 16- and 64-position
+        texts (bench/results/cross_attention_h100_f3b2d39.json). Not with FP8 linears, which make the projections
         cheap."""
         self.run_scales = check_skip(schedule, plan, skip_last)
-        if absorb_min_tokens is not None and absorb_min_tokens < 1:
-            raise ValueError(f"absorb_min_tokens must be None or at least 1, got {absorb_min_tokens}")
-        self.absorb_min_tokens = None if fp8_min_tokens is not None else absorb_min_tokens
+        self.absorb = absorb and fp8_min_tokens is None
         self.model, self.schedule, self.plan, self.use_graphs, self.backend = model, schedule, plan, use_graphs, backend
         self.device = model.pos_start.device
         if use_graphs and (not torch.cuda.is_available() or self.device.type != "cuda"):
@@ -120,21 +116,19 @@ class CudaGraphRunner:
             for dst, src in zip(_text_tensors(g.text), _text_tensors(text), strict=True):
                 dst.copy_(src)
 
-    def absorbed_scales(self, bucket: int, rows: int) -> list[bool]:
-        """Per scale, whether its cross-attention runs absorbed for `rows` batch rows of text padded to `bucket`."""
-        if self.absorb_min_tokens is None or not absorption_pays(self.model.cfg, bucket, rows):
-            return [False] * self.run_scales
-        return [n >= self.absorb_min_tokens for n in self.schedule.lengths[:self.run_scales]]
+    def absorbs(self, bucket: int, rows: int) -> bool:
+        """Whether the cross-attention runs absorbed for `rows` batch rows of text padded to `bucket` positions."""
+        return self.absorb and absorption_pays(self.model.cfg, bucket, rows)
 
     def _capture(self, B: int, guided: bool, bucket: int, dtype: torch.dtype) -> _Graphs:
         model, schedule = self.model, self.schedule
         features = torch.zeros(B, bucket, model.cfg.text_dim, dtype=dtype, device=self.device)
         lengths = torch.ones(B, dtype=torch.long, device=self.device)
-        absorbed = self.absorbed_scales(bucket, B * (2 if guided else 1))  # CFG doubles the rows
+        absorbed = self.absorbs(bucket, B * (2 if guided else 1))  # CFG doubles the rows
 
         def encode_text():
             text = model.encode_text(features, lengths, guided)
-            return model.absorb_text(text) if any(absorbed) else text
+            return model.absorb_text(text) if absorbed else text
 
         text_graph = None
         if self.use_graphs:
@@ -159,13 +153,10 @@ class CudaGraphRunner:
             # pool tensor has to survive from one generation to the next
             self.plan.reset()
 
-        unabsorbed = dataclasses.replace(text, absorbed=None)
-
         def run(scale):
             cache.offset = schedule.offsets[scale]
             tokens = model.scale_input(scale, codes[scale], text)
-            step_text = text if absorbed[scale] else unabsorbed
-            return model.step(tokens, scale, step_text, cache, self.ropes[scale], self.plan, self.backend, self.ops)
+            return model.step(tokens, scale, text, cache, self.ropes[scale], self.plan, self.backend, self.ops)
 
         if not self.use_graphs:
             return _Graphs(features, lengths, None, text, cache, codes, [run], [], absorbed)

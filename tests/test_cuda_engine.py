@@ -282,47 +282,46 @@ def test_a_torch_cuda_engine_loaded_for_skip_2_captures_only_the_scales_it_runs(
     assert torch.isfinite(b.image).all()
 
 
-def test_cross_attention_runs_absorbed_at_the_scales_where_it_pays():
-    """From absorb_min_tokens up, and only where the text bucket makes the absorbed form cheaper, the runner's steps
-    run the cross-attention absorbed (sparvar.model.AbsorbedText) and give the unabsorbed steps' logits."""
+def test_cross_attention_runs_absorbed_where_it_pays():
+    """Where the text bucket and batch make the absorbed form cheaper (absorption_pays), and not with FP8 linears, the
+    runner's steps run the cross-attention absorbed (sparvar.model.AbsorbedText) at every scale, and give the
+    unabsorbed steps' logits, also for a second prompt in the same graph set (the eager path recomputes the text)."""
     import dataclasses
 
     from sparvar.model import absorbed_cross_attention
 
     schedule = get_schedule(256)
     model = build_model(CFG, seed=4)
-    for blk in model.blocks:  # nonzero projection biases: folded into the absorbed scores and values
+    for blk in model.blocks:  # nonzero projection biases: folded into the absorbed scores, added after P @ values
         blk.ca.mat_q.bias.data.normal_()
         blk.ca.proj.bias.data.normal_()
     kwargs = dict(use_graphs=False, backend="sdpa", fuse_pointwise=False)
-    plain = CudaGraphRunner(model, schedule, None, absorb_min_tokens=None, **kwargs)
-    absorbing = CudaGraphRunner(model, schedule, None, absorb_min_tokens=16, **kwargs)
+    plain = CudaGraphRunner(model, schedule, None, absorb=False, **kwargs)
+    absorbing = CudaGraphRunner(model, schedule, None, **kwargs)
     calls = []
     absorbing.ops = dataclasses.replace(absorbing.ops, absorbed_cross_attention=lambda x, text: calls.append(
         x.shape[1]) or absorbed_cross_attention(x, text))
-    bucket = CFG.text_maxlen  # infinity-tiny's 32 text positions: one bucket; (2 - 1) * 32 < width 128 pays
-    wanted = [n >= 16 for n in schedule.lengths]
-    assert absorbing.absorbed_scales(bucket, 2) == wanted and any(wanted) and not all(wanted)
-    assert not any(plain.absorbed_scales(bucket, 2))
-    # a 128-position bucket, or 4 rows (two prompts with CFG) at 32: the absorbed text would outgrow the projections
-    assert not any(absorbing.absorbed_scales(CFG.width, 2)) and not any(absorbing.absorbed_scales(bucket, 4))
-    fp8 = CudaGraphRunner(model, schedule, None, absorb_min_tokens=16, fp8_min_tokens=64, **kwargs)
-    assert not any(fp8.absorbed_scales(bucket, 2))  # FP8 linears make the projections cheap: no absorbing
-    f, l = hashed_embeddings(["a small dog on the grass"], CFG.text_dim, CFG.text_maxlen)
+    bucket = CFG.text_maxlen  # infinity-tiny's 32 text positions: 2 rows * 2 heads * 32 <= width 128 pays
+    assert absorbing.absorbs(bucket, 2) and not plain.absorbs(bucket, 2)
+    # a 64-position text, or 4 rows (two prompts with CFG): the absorbed text would outgrow the projections
+    assert not absorbing.absorbs(2 * bucket, 2) and not absorbing.absorbs(bucket, 4)
+    fp8 = CudaGraphRunner(model, schedule, None, fp8_min_tokens=64, **kwargs)
+    assert not fp8.absorbs(bucket, 2)  # FP8 linears make the projections cheap: no absorbing
+    prompt = "a small dog on the green grass by the old red barn and a tall tree under a blue sky at noon"
+    f, l = hashed_embeddings([prompt], CFG.text_dim, CFG.text_maxlen)  # 21 tokens: the 32-position bucket
     codes = [None] + [torch.randn(1, n, CFG.bits).sign() for n in schedule.lengths[1:]]
     for runner in (plain, absorbing):
         runner.begin(f, l, True)
-    assert plain.current.text.absorbed is None and len(absorbing.current.text.absorbed) == CFG.depth
+    assert plain.current.text.absorbed is None and not plain.current.absorbed
+    assert len(absorbing.current.text.absorbed) == CFG.depth and absorbing.current.absorbed
     for scale, c in enumerate(codes):
         want, got = plain.step(scale, c).clone(), absorbing.step(scale, c)
         torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4, msg=f"scale {scale}")
-    assert calls == [n for n, a in zip(schedule.lengths, wanted) if a for _ in range(CFG.depth)]
-    # a second prompt in the same set: the eager path recomputes the absorbed text too
-    f2, l2 = hashed_embeddings(["a red car"], CFG.text_dim, CFG.text_maxlen)
+    assert calls == [n for n in schedule.lengths for _ in range(CFG.depth)]
+    f2, l2 = hashed_embeddings(["a red car"], CFG.text_dim, CFG.text_maxlen)  # 3 tokens: the 16-position bucket
     for runner in (plain, absorbing):
         runner.begin(f2, l2, True)
     last = schedule.num_scales - 1
     torch.testing.assert_close(absorbing.step(last, codes[last]), plain.step(last, codes[last]).clone(), atol=2e-5,
                                rtol=1e-4)
-    with pytest.raises(ValueError, match="absorb_min_tokens must be None or at least 1"):
-        CudaGraphRunner(model, schedule, None, absorb_min_tokens=0, **kwargs)
+    assert sorted(k[2] for k in absorbing.sets) == [16, 32]
