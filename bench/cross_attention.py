@@ -98,7 +98,7 @@ def bench_model(name: str, text_len: int, bucket: int, warmup: int, runs: int) -
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", action="append", help="infinity-2b and infinity-8b by default")
-    ap.add_argument("--text", type=int, default=15, help="real text tokens per row (the e2e prompt has ~15)")
+    ap.add_argument("--text", type=int, default=15, help="real text tokens per row (the e2e prompt's hashed stand-in has 12)")
     ap.add_argument("--bucket", type=int, default=64, help="the padded text length (sparvar.cuda_engine.text_bucket: 16, 32, 64, then multiples of 64)")
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--runs", type=int, default=30)

@@ -39,8 +39,6 @@ def text_bucket(length: int, maxlen: int) -> int:
     return min(bucket, maxlen)
 
 
-
-
 class _Graphs:
     """The captured graphs and static buffers for one (batch, guidance, text-length bucket)."""
 

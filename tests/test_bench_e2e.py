@@ -192,3 +192,13 @@ def test_gpu_bench_script_refuses_an_unknown_mode_before_running_any():
                           env={**os.environ, "SPARVAR_COMMIT": "test"}, cwd=root, timeout=30)
     assert done.returncode == 2 and "unknown mode 'tma2b'" in done.stderr, (done.returncode, done.stderr)
     assert "bench e2e" not in done.stdout + done.stderr  # nothing ran, not even the valid pair2b before it
+
+
+def test_unabsorbed_rows_are_compared_with_the_unabsorbed_dense_engine():
+    from bench.e2e import DENSE_ENGINE_ROW, SPARVAR_ENGINE_ROW, UNABSORBED, add_ratios
+
+    rows = [{"row": DENSE_ENGINE_ROW, "median_ms": 230.0}, {"row": SPARVAR_ENGINE_ROW, "median_ms": 190.0},
+            {"row": DENSE_ENGINE_ROW + UNABSORBED, "median_ms": 246.0},
+            {"row": SPARVAR_ENGINE_ROW + UNABSORBED, "median_ms": 205.0}]
+    add_ratios("infinity-2b", rows)
+    assert [round(r["speedup_vs_dense_engine"], 4) for r in rows] == [1.0, round(230 / 190, 4), 1.0, 1.2]

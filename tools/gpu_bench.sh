@@ -127,7 +127,7 @@ for what in "${@:2}"; do
       python bench/cross_attention.py --out "$OUT/cross_attention_$TAG.json" 2>&1 | grep -v Warning | tail -30
       # a finer text bucket: the absorbed form's cost grows with the padded length, the unabsorbed kernel's does not
       python bench/cross_attention.py --bucket 16 --out "$OUT/cross_attention_bucket16_$TAG.json" 2>&1 | grep -v Warning \
-        | grep -E "save|scale (0|6|9|1[0-2]) " ;;
+        | grep -E "save|scale +(0|6|9|1[0-2]) " ;;
     absorb2b|absorb8b)
       size=${what#absorb}
       python bench/e2e.py --model "infinity-$size" --warmup 3 --runs 20 --rows "=dense engine (CUDA graphs)" \
