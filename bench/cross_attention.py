@@ -24,16 +24,12 @@ from bench.common import cuda_time_ms, environment, result_path, write_result  #
 
 
 def graph_of(fn):
-    """fn captured as a CUDA graph after a warm-up on a side stream (autotuning, cuBLAS handles); returns replay."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = fn()
-    return graph.replay, out
+    """fn captured as a CUDA graph as the engine captures a step (sparvar.cuda_engine.capture_scales: after a warm-up
+    on a side stream); returns its replay and its static output."""
+    from sparvar.cuda_engine import capture_scales
+
+    graphs, outputs = capture_scales(lambda _: fn(), 1, None)
+    return graphs[0].replay, outputs[0]
 
 
 @torch.no_grad()

@@ -275,7 +275,8 @@ def bench_model(model_name: str, resolution: int, warmup: int, runs: int, rows=N
             print(f"{model_name:12s} {name:48s} FAILED: {type(e).__name__}: {e}", flush=True)
             results.append({"row": name, "error": f"{type(e).__name__}: {e}"})
         else:
-            absorbed = getattr(getattr(runner, "current", None), "absorbed", False)  # Infinity's graph runner
+            text = getattr(getattr(runner, "current", None), "text", None)  # Infinity's graph runner
+            absorbed = getattr(text, "absorbed", None) is not None
             row = {"row": name, "attention": attention, "runner": kind, "sdpa_backend": backend, "skip_last": skip,
                    "fp8": fp8, "cross_attention_absorbed": absorbed, **timing, "images_per_s": 1000 * batch / timing["median_ms"],
                    "per_scale_ms": per_scale, "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30,

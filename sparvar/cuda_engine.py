@@ -42,11 +42,11 @@ def text_bucket(length: int, maxlen: int) -> int:
 class _Graphs:
     """The captured graphs and static buffers for one (batch, guidance, text-length bucket)."""
 
-    def __init__(self, features, lengths, text_graph, text: TextCondition, cache, codes: list, logits: list,
-                 graphs: list, absorbed: bool):
+    def __init__(self, features, lengths, text_graph, encode_text, text: TextCondition, cache, codes: list,
+                 logits: list, graphs: list):
         self.features, self.lengths, self.text_graph, self.text = features, lengths, text_graph, text
+        self.encode_text = encode_text  # what text_graph captured: the text of `features`, absorbed or not
         self.cache, self.codes, self.logits, self.graphs = cache, codes, logits, graphs
-        self.absorbed = absorbed  # whether the steps run the cross-attention absorbed (text.absorbed is set)
 
 
 class CudaGraphRunner:
@@ -108,10 +108,7 @@ class CudaGraphRunner:
         if g.text_graph is not None:
             g.text_graph.replay()  # writes g.text, which the step graphs read
         else:
-            text = self.model.encode_text(g.features, g.lengths, guided)
-            if g.text.absorbed is not None:
-                text = self.model.absorb_text(text)
-            for dst, src in zip(_text_tensors(g.text), _text_tensors(text), strict=True):
+            for dst, src in zip(_text_tensors(g.text), _text_tensors(g.encode_text()), strict=True):
                 dst.copy_(src)
 
     def absorbs(self, bucket: int, rows: int) -> bool:
@@ -157,9 +154,9 @@ class CudaGraphRunner:
             return model.step(tokens, scale, text, cache, self.ropes[scale], self.plan, self.backend, self.ops)
 
         if not self.use_graphs:
-            return _Graphs(features, lengths, None, text, cache, codes, [run], [], absorbed)
+            return _Graphs(features, lengths, None, encode_text, text, cache, codes, [run], [])
         graphs, logits = capture_scales(run, self.run_scales, self.pool)
-        return _Graphs(features, lengths, text_graph, text, cache, codes, logits, graphs, absorbed)
+        return _Graphs(features, lengths, text_graph, encode_text, text, cache, codes, logits, graphs)
 
     @torch.no_grad()
     def step(self, scale: int, codes):

@@ -209,16 +209,20 @@ class AbsorbedText:
     scale: float  # D**-0.5, SDPA's default softmax scale of the cross-attention
 
 
-def absorbed_cross_attention(x: torch.Tensor, text: AbsorbedText) -> torch.Tensor:
-    """x (B, n, C) -> a block's cross-attention output (B, n, C), projections included, from its AbsorbedText.
-    The scores stay in fp32 (the unabsorbed form's attention keeps them unrounded too); the probabilities are
-    rounded to x's dtype before the second GEMM, as a flash kernel rounds P before P @ V."""
+def absorbed_probs(x: torch.Tensor, text: AbsorbedText) -> torch.Tensor:
+    """The absorbed cross-attention's probabilities (B, n, H*L), unrounded: per head, softmax(scale * x @ keys_h^T +
+    bias_h), with the scores in fp32 (fp64 for an fp64 model), as the unabsorbed form's attention keeps them."""
     B, n, C = x.shape
     H, L = text.bias.shape[1:]
-    acc = text.bias.dtype  # fp32 (fp64 for an fp64 model)
+    acc = text.bias.dtype
     scores = torch.bmm(x.to(acc), text.keys.to(acc).reshape(B, H * L, C).mT).view(B, n, H, L)
-    probs = (scores * text.scale + text.bias[:, None]).softmax(-1).to(x.dtype)
-    return torch.baddbmm(text.out_bias, probs.reshape(B, n, H * L), text.values)
+    return (scores * text.scale + text.bias[:, None]).softmax(-1).view(B, n, H * L)
+
+
+def absorbed_cross_attention(x: torch.Tensor, text: AbsorbedText) -> torch.Tensor:
+    """x (B, n, C) -> a block's cross-attention output (B, n, C), projections included, from its AbsorbedText.
+    The probabilities are rounded to x's dtype before the second GEMM, as a flash kernel rounds P before P @ V."""
+    return torch.baddbmm(text.out_bias, absorbed_probs(x, text).to(x.dtype), text.values)
 
 
 def absorption_pays(cfg: InfinityConfig, text_len: int, rows: int) -> bool:

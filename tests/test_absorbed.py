@@ -9,7 +9,7 @@ import textwrap
 import pytest
 import torch
 
-from sparvar.model import AbsorbedText, absorbed_cross_attention
+from sparvar.model import AbsorbedText, absorbed_cross_attention, absorbed_probs
 from triton_interpreter import run_interpreted
 
 triton = pytest.importorskip("triton")
@@ -32,10 +32,8 @@ def absorbed_inputs(B, n, C, H, L, lengths, dtype, device, seed=0):
 
 
 def reference_probs(x, text):
-    B, n, _ = x.shape
-    H, L = text.bias.shape[1:]
-    scores = torch.einsum("bnc,bhlc->bnhl", x.float(), text.keys.float())
-    return (scores * text.scale + text.bias[:, None]).softmax(-1).reshape(B, n, H * L)
+    """The kernel's output computed by the reference, in fp32."""
+    return absorbed_probs(x, text)
 
 
 def test_absorbed_scores_name_bad_inputs():
