@@ -27,7 +27,7 @@ sys.path.insert(0, ROOT)
 
 from bench.common import result_path, write_result  # noqa: E402
 
-ATTENTION_MARKERS = ("flash", "fmha", "cudnn", "attention", "attn", "csla", "cs4a", "softmax")
+ATTENTION_MARKERS = ("flash", "fmha", "cudnn", "attention", "attn", "csla", "cs4a", "softmax", "absorbed")
 GEMM_MARKERS = ("gemm", "xmma", "cutlass", "sm90", "matmul", "cublas", "nvjet")
 # scale groups whose kernels are listed: small scales are launch/bandwidth bound, the last three compute bound
 GROUPS = {"scales 0-5": range(0, 6), "scales 6-9": range(6, 10), "scale 10": [10], "scale 11": [11], "scale 12": [12]}

@@ -2,7 +2,8 @@
 # Device calls (repo root on the GPU machine; carry .official for parity). Results are named by device (h100, h200):
 #   bash tools/gpu_bench.sh "$OUT" parity    # GPU engine checks + parity with the official code
 #   bash tools/gpu_bench.sh "$OUT" e2e       # end-to-end latency, 2B and 8B
-#   bash tools/gpu_bench.sh "$OUT" profile   # kernel time per scale and category
+#   bash tools/gpu_bench.sh "$OUT" profile   # kernel time per scale and category, 2B
+#   bash tools/gpu_bench.sh "$OUT" profile8b # the same for 8B
 #   bash tools/gpu_bench.sh "$OUT" generate  # `make engine`/`sparvar generate --engine` with a torch-cuda engine
 #   bash tools/gpu_bench.sh "$OUT" kernels   # GPU kernel tests + attention benchmark
 #   bash tools/gpu_bench.sh "$OUT" gputests  # every gpu-marked test
@@ -55,8 +56,10 @@ for what in "${@:2}"; do
     e2e)
       python bench/e2e.py --model infinity-2b --model infinity-8b --warmup 3 --runs 20 --out "$OUT/e2e_$TAG.json" 2>&1 \
         | grep -v Warning | tail -20 ;;
-    profile)
-      python bench/profile_step.py --model infinity-2b --out "$OUT/profile_$TAG.json" 2>&1 | grep -v Warning | tail -12 ;;
+    profile|profile8b)
+      size=$([ "$what" = profile8b ] && echo 8b || echo 2b)
+      python bench/profile_step.py --model "infinity-$size" --out "$OUT/profile_${size}_$TAG.json" 2>&1 | grep -v Warning \
+        | grep -v "^   scale [0-9] " | tail -90 ;;
     generate)
       python -m sparvar.cli engine build --model infinity-2b --random-weights --attention sparvar --backend torch-cuda \
         --engine-dir /tmp/engine-2b 2>&1 | tail -6
