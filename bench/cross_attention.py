@@ -2,7 +2,8 @@
 
 For each model and each scale of the 1024² schedule, batch 1 with CFG (2 rows): every block's cross-attention
 (its query projection, our attention kernel over the real text, its output projection) against the same blocks
-absorbed (sparvar.model.AbsorbedText: sparvar/kernels/absorbed.py's scores kernel, then cuBLAS P @ values), each as
+absorbed (sparvar.model.AbsorbedText: sparvar/kernels/absorbed.py's scores kernel, then cuBLAS P @ values, b_o by
+P's bias columns; and with b_o added by torch.baddbmm instead, the form up to 6dcca35), each as
 one CUDA graph of `depth` calls with every layer's own weights, as a step runs them. Also the absorption itself,
 once per prompt, and how far the absorbed outputs are from the unabsorbed ones. Writes
 bench/results/cross_attention_<device>.json.
@@ -37,7 +38,7 @@ def bench_model(name: str, text_len: int, bucket: int, warmup: int, runs: int) -
     from sparvar.config import get_config
     from sparvar.kernels import absorbed as absorbed_kernels
     from sparvar.kernels.pointwise import triton_block_ops
-    from sparvar.model import CrossAttention, absorption_pays
+    from sparvar.model import BIAS_ROWS, CrossAttention, absorption_pays
     from sparvar.schedule import get_schedule
 
     cfg = get_config(name)
@@ -68,7 +69,15 @@ def bench_model(name: str, text_len: int, bucket: int, warmup: int, runs: int) -
         folded, folded_out = graph_of(lambda: [ca(x, k[i], v[i], key_bias, ops, key_lens, absorbed[i])
                                                for i, ca in enumerate(layers)])
         tuned = str(getattr(absorbed_kernels._absorbed_scores_tuned, "best_config", None))
+
+        def baddbmm_form(i):  # b_o added by torch.baddbmm (as up to 6dcca35): a fill of the output, then the GEMM
+            probs = absorbed_kernels.absorbed_scores(x, absorbed[i].keys, absorbed[i].bias, absorbed[i].scale)
+            hl = probs.shape[-1] - BIAS_ROWS
+            return torch.baddbmm(absorbed[i].values[:, hl: hl + 1], probs[..., :hl], absorbed[i].values[:, :hl])
+
+        filled, filled_out = graph_of(lambda: [baddbmm_form(i) for i in range(len(layers))])
         plain_ms, folded_ms = cuda_time_ms(plain, warmup, runs), cuda_time_ms(folded, warmup, runs)
+        filled_ms = cuda_time_ms(filled, warmup, runs)
         plain_ms2 = cuda_time_ms(plain, warmup, runs)  # again after the other: the spread of side-by-side timings
         rel = max(((a.float() - b.float()).norm() / b.float().norm()).item() for a, b in zip(folded_out, plain_out))
         # both bf16 forms against the first block in fp32 (eager, unabsorbed): is the absorbed form less accurate?
@@ -76,14 +85,17 @@ def bench_model(name: str, text_len: int, bucket: int, warmup: int, runs: int) -
         err = {form: ((out[0].float() - exact).norm() / exact.norm()).item()
                for form, out in (("unabsorbed", plain_out), ("absorbed", folded_out))}
         row = {"scale": scale, "tokens": n, "rows": B * n, "unabsorbed": plain_ms, "absorbed": folded_ms,
-               "unabsorbed_again": plain_ms2, "speedup": plain_ms["median_ms"] / folded_ms["median_ms"],
+               "absorbed_bias_by_baddbmm": filled_ms, "unabsorbed_again": plain_ms2,
+               "baddbmm_form_max_relative_difference": max(((a.float() - b.float()).norm() / b.float().norm()).item()
+                                                           for a, b in zip(filled_out, folded_out)), "speedup": plain_ms["median_ms"] / folded_ms["median_ms"],
                "max_relative_difference": rel, "relative_error_vs_fp32_layer0": err, "scores_kernel_config": tuned}
         rows.append(row)
         print(f"{name} scale {scale:2d} ({n:5d} tokens): unabsorbed {plain_ms['median_ms']:.3f} / "
               f"{plain_ms2['median_ms']:.3f} ms, absorbed {folded_ms['median_ms']:.3f} ms "
+              f"(b_o by baddbmm {filled_ms['median_ms']:.3f}) "
               f"({row['speedup']:.2f}x), rel diff {rel:.2e}, vs fp32 {err['unabsorbed']:.2e} / {err['absorbed']:.2e}, "
               f"{tuned}", flush=True)
-        del plain, folded, plain_out, folded_out
+        del plain, folded, filled, plain_out, folded_out, filled_out
     saved = sum(r["unabsorbed"]["median_ms"] - r["absorbed"]["median_ms"] for r in rows)
     print(f"{name}: absorbing costs {absorb_ms['median_ms']:.3f} ms per prompt; all scales save {saved:.2f} ms", flush=True)
     return {"model": name, "width": C, "heads": H, "depth": cfg.depth, "batch_rows": B, "text_tokens": text_len,

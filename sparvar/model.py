@@ -193,6 +193,9 @@ def ffn(fc1: nn.Linear, fc2: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     return linear(fc2, linear_gelu(fc1, x))
 
 
+BIAS_ROWS = 8  # b_o's row of AbsorbedText.values and zeros: the GEMM's K stays a multiple of 8 (16-byte rows)
+
+
 @dataclass(frozen=True)
 class AbsorbedText:
     """A block's cross-attention with its query and output projections folded into the text (as MLA-style
@@ -203,9 +206,10 @@ class AbsorbedText:
 
     keys: torch.Tensor  # (B, H, L, C) model dtype, k[b, h, l] @ W_q[h] (unscaled); stored head-major (H, B, L, C)
     bias: torch.Tensor  # (B, H, L) fp32 (fp64 for an fp64 model): scale * (b_q[h] . k[b, h, l]), -inf at padding
-    values: torch.Tensor  # (B, H*L, C) model dtype: row h*L + l is v[b, h, l] @ W_o[:, h]^T
-    out_bias: torch.Tensor  # (C,) b_o, added by the second GEMM (folded into the values as b_o / H, its rounding
-    # error there was the same for every row of a bf16 binade and summed over all H*L rows: 2.5x the bf16 error)
+    values: torch.Tensor  # (B, H*L + BIAS_ROWS, C) model dtype: row h*L + l is v[b, h, l] @ W_o[:, h]^T, row H*L
+    # is b_o and the rest zero. The engine's kernel writes P's matching columns, 1, 0, ..., so its one GEMM adds b_o
+    # in fp32 before its one rounding, with no bias pass over its output. (b_o / H folded into every head's values
+    # was 2.5x less accurate: its rounding error was the same for every row of a bf16 binade, summed H*L times.)
     scale: float  # D**-0.5, SDPA's default softmax scale of the cross-attention
 
 
@@ -220,9 +224,12 @@ def absorbed_probs(x: torch.Tensor, text: AbsorbedText) -> torch.Tensor:
 
 
 def absorbed_cross_attention(x: torch.Tensor, text: AbsorbedText) -> torch.Tensor:
-    """x (B, n, C) -> a block's cross-attention output (B, n, C), projections included, from its AbsorbedText.
-    The probabilities are rounded to x's dtype before the second GEMM, as a flash kernel rounds P before P @ V."""
-    return torch.baddbmm(text.out_bias, absorbed_probs(x, text).to(x.dtype), text.values)
+    """x (B, n, C) -> a block's cross-attention output (B, n, C), projections and b_o included, from its AbsorbedText.
+    The probabilities are rounded to x's dtype before the second GEMM, as a flash kernel rounds P before P @ V.
+    (The engine's kernel appends P's bias columns instead, and one GEMM adds b_o: sparvar/kernels/absorbed.py.)"""
+    probs = absorbed_probs(x, text).to(x.dtype)
+    HL = probs.shape[-1]
+    return torch.baddbmm(text.values[:, HL: HL + 1], probs, text.values[:, :HL])
 
 
 def absorption_pays(cfg: InfinityConfig, text_len: int, rows: int) -> bool:
@@ -312,13 +319,16 @@ class CrossAttention(nn.Module):
         # one batched GEMM per projection, batched over heads with the rows of all prompts together: (H, B*L, D) is a
         # view of text_kv's k and v, and W_q[h], W_o[:, h]^T are views of the weights (the weights are not copied;
         # a broadcast (B, H, L, D) @ (H, D, C) would copy them B times). Keys stay head-major, as the kernel reads
-        # them; the values are copied once into (B, H*L, C), the second GEMM's operand.
+        # them; the values are written once into (B, H*L + BIAS_ROWS, C), the second GEMM's operand, after them b_o.
         keys = torch.bmm(k.transpose(0, 1).reshape(H, B * L, D), w_q).view(H, B, L, C).transpose(0, 1)
-        values = torch.bmm(v.transpose(0, 1).reshape(H, B * L, D), w_o).view(H, B, L, C).transpose(0, 1)
+        values = k.new_zeros(B, H * L + BIAS_ROWS, C)
+        values[:, : H * L].view(B, H, L, C).copy_(
+            torch.bmm(v.transpose(0, 1).reshape(H, B * L, D), w_o).view(H, B, L, C).transpose(0, 1))
+        values[:, H * L] = self.proj.bias
         acc = torch.promote_types(k.dtype, torch.float32)  # fp32, or fp64 for an fp64 model
         bias = torch.matmul(k.to(acc), self.mat_q.bias.to(acc).view(H, D, 1)).squeeze(-1)  # (B, H, L)
-        return AbsorbedText(keys=keys, bias=bias * D ** -0.5 + key_bias.to(acc).view(B, 1, L),
-                            values=values.reshape(B, H * L, C), out_bias=self.proj.bias, scale=D ** -0.5)
+        return AbsorbedText(keys=keys, bias=bias * D ** -0.5 + key_bias.to(acc).view(B, 1, L), values=values,
+                            scale=D ** -0.5)
 
     def forward(self, x, k, v, key_bias, ops: BlockOps = EAGER, key_lens=None, absorbed: "AbsorbedText | None" = None):
         """x (B, n, C) (ignored when pooling), k/v (B, H, L, D), key_bias (B, 1, 1, L): 0 = real token, -inf = pad;

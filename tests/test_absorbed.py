@@ -9,7 +9,7 @@ import textwrap
 import pytest
 import torch
 
-from sparvar.model import AbsorbedText, absorbed_cross_attention, absorbed_probs
+from sparvar.model import BIAS_ROWS, AbsorbedText, absorbed_cross_attention, absorbed_probs
 from triton_interpreter import run_interpreted
 
 triton = pytest.importorskip("triton")
@@ -26,14 +26,19 @@ def absorbed_inputs(B, n, C, H, L, lengths, dtype, device, seed=0):
     bias = torch.randn(B, H, L, generator=g)
     for b, length in enumerate(lengths):
         bias[b, :, length:] = float("-inf")
-    values = torch.randn(B, H * L, C, generator=g).to(device, dtype)
-    out_bias = torch.randn(C, generator=g).to(device, dtype)
-    return x, AbsorbedText(keys=keys, bias=bias.to(device), values=values, out_bias=out_bias, scale=(C // H) ** -0.5)
+    values = torch.zeros(B, H * L + BIAS_ROWS, C)  # as CrossAttention.absorb lays them out: b_o after the heads' rows
+    values[:, : H * L] = torch.randn(B, H * L, C, generator=g)
+    values[:, H * L] = torch.randn(C, generator=g)
+    return x, AbsorbedText(keys=keys, bias=bias.to(device), values=values.to(device, dtype), scale=(C // H) ** -0.5)
 
 
 def reference_probs(x, text):
-    """The kernel's output computed by the reference, in fp32."""
-    return absorbed_probs(x, text)
+    """The kernel's output computed by the reference, in fp32: the probabilities, then the bias columns 1, 0, ...
+    (against AbsorbedText.values' last rows they add b_o)."""
+    probs = absorbed_probs(x, text)
+    columns = probs.new_zeros(*probs.shape[:-1], BIAS_ROWS)
+    columns[..., 0] = 1
+    return torch.cat([probs, columns], dim=-1)
 
 
 def test_absorbed_scores_name_bad_inputs():
@@ -106,10 +111,11 @@ def test_absorbed_cross_attention_matches_reference_on_gpu(B, n, C, H, L):
     x, text = absorbed_inputs(B, n, C, H, L, lengths, torch.bfloat16, "cuda")
     probs = absorbed_scores(x, text.keys, text.bias, text.scale)
     ref = reference_probs(x, text)
-    assert probs.dtype == torch.bfloat16 and probs.shape == (B, n, H * L)
+    assert probs.dtype == torch.bfloat16 and probs.shape == (B, n, H * L + BIAS_ROWS)
     diff = (probs.float() - ref).abs()
     assert bool((diff <= ref.abs() * 2 ** -7 + 1e-6).all()), f"{int((diff > ref.abs() * 2 ** -7 + 1e-6).sum())} beyond a bf16 step"
-    masked = probs.view(B, n, H, L)[1, :, :, lengths[1]:] if B > 1 and lengths[1] < L else probs.new_zeros(1)
+    heads = probs[..., : H * L].reshape(B, n, H, L)
+    masked = heads[1, :, :, lengths[1]:] if B > 1 and lengths[1] < L else probs.new_zeros(1)
     assert bool((masked == 0).all()), "padded text positions must get probability 0"
     out, want = engine_absorbed_cross_attention(x, text), absorbed_cross_attention(x, text)
     rel = (out.float() - want.float()).norm() / want.float().norm()
@@ -148,7 +154,7 @@ def test_absorbed_scores_configs_fit_and_compile_for_hopper():
     names = kernel.arg_names
     pointers = {"X": "bf16", "K": "bf16", "Bias": "fp32", "P": "bf16"}
     for block_m, block_c, heads, warps, stages, L in sorted(compiled):
-        constexprs = dict(BLOCK_M=block_m, BLOCK_L=L, BLOCK_C=block_c, HEADS=heads, IEEE=False)
+        constexprs = dict(BLOCK_M=block_m, BLOCK_L=L, BLOCK_C=block_c, HEADS=heads, IEEE=False, BIAS_COLUMNS=BIAS_ROWS)
         signature = {a: "constexpr" if a in constexprs else "*" + pointers[a] if a in pointers
                      else "fp32" if a == "scale_log2e" else "i32" for a in names}
         aligned = [i for i, a in enumerate(names) if signature[a].startswith("*") or a.startswith("stride")

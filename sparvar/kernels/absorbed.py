@@ -1,20 +1,23 @@
 """The absorbed cross-attention's scores and per-head softmax in one Triton kernel (see sparvar.model.AbsorbedText).
 
     probs[b, m, h*L + l] = softmax over l of (scale * x[b, m] . keys[b, h, l] + bias[b, h, l])
+    probs[b, m, H*L:] = 1, 0, ..., 0   (BIAS_ROWS columns: with AbsorbedText.values' last rows they add b_o)
 
 One program takes BLOCK_M rows of x against HEADS heads' L keys each: a GEMM tile of BLOCK_M x HEADS*L over the
 width C, then each head's softmax in registers, and the probabilities stored in x's dtype. The scores stay in fp32
 on the SM; a cuBLAS GEMM would write them out (rounded, or 4 bytes each) for a second kernel to read. The programs
 of one row tile run side by side, so x's tile is read from HBM once and then from L2, HEADS times fewer.
 
-The reference is sparvar.model.absorbed_cross_attention; the second GEMM, probs @ values, stays in cuBLAS
-(`engine_absorbed_cross_attention`). Its benchmark against the unabsorbed cross-attention is bench/cross_attention.py.
+The reference is sparvar.model.absorbed_cross_attention; the second GEMM, probs @ values (b_o included by the bias
+columns), stays in cuBLAS (`engine_absorbed_cross_attention`). Its benchmark against the unabsorbed cross-attention
+is bench/cross_attention.py.
 """
 from __future__ import annotations
 
 import torch
 
 from sparvar.kernels.csla import HAS_TRITON, LOG2E, autotuning, check_device, check_scale, launch_device, require_triton
+from sparvar.model import BIAS_ROWS
 
 if HAS_TRITON:
     import triton
@@ -29,9 +32,11 @@ if HAS_TRITON:
     @triton.jit
     def _absorbed_scores_kernel(X, K, Bias, P, n, C, H, L, stride_xb, stride_xm, stride_kb, stride_kh, stride_bb,
                                 stride_pb, stride_pm, scale_log2e, BLOCK_M: tl.constexpr, BLOCK_L: tl.constexpr,
-                                BLOCK_C: tl.constexpr, HEADS: tl.constexpr, IEEE: tl.constexpr):
+                                BLOCK_C: tl.constexpr, HEADS: tl.constexpr, IEEE: tl.constexpr,
+                                BIAS_COLUMNS: tl.constexpr):
         """HEADS heads per program, as one GEMM tile of HEADS * BLOCK_L columns (BLOCK_L == L where HEADS > 1, so that
-        every column is a real head's position). Several heads per tile read x's tile fewer times."""
+        every column is a real head's position). Several heads per tile read x's tile fewer times. The first head
+        group's programs also write the BIAS_COLUMNS columns after the H*L probabilities: 1, then zeros."""
         pid = tl.program_id(0)
         groups = H // HEADS
         h0 = (pid % groups) * HEADS  # head groups vary fastest: the programs sharing a row tile of x run together
@@ -64,6 +69,12 @@ if HAS_TRITON:
         p = tl.reshape(p / tl.sum(p, 2)[:, :, None], (BLOCK_M, HEADS * BLOCK_L))
         p_ptrs = P + b * stride_pb + offs_m[:, None].to(tl.int64) * stride_pm + key[None, :]
         tl.store(p_ptrs, p.to(P.dtype.element_ty), mask=row_ok[:, None] & key_ok[None, :])
+        if h0 == 0:
+            cols = tl.arange(0, BIAS_COLUMNS)
+            ones = tl.where(cols == 0, 1.0, 0.0)
+            c_ptrs = P + b * stride_pb + offs_m[:, None].to(tl.int64) * stride_pm + H * L + cols[None, :]
+            tl.store(c_ptrs, tl.broadcast_to(ones[None, :], (BLOCK_M, BIAS_COLUMNS)).to(P.dtype.element_ty),
+                     mask=row_ok[:, None])
 
     def _prune(configs, named_args, **kwargs):
         """The configs that suit the launch (`_fits`); never none (the last config suits every launch)."""
@@ -139,8 +150,9 @@ def check_inputs(name: str, x, keys, bias) -> tuple[int, int, int, int, int]:
 
 def absorbed_scores(x: torch.Tensor, keys: torch.Tensor, bias: torch.Tensor, scale: float,
                     config: dict | None = None) -> torch.Tensor:
-    """probs (B, n, H*L) in x's dtype: per head, softmax(scale * x @ keys_h^T + bias_h) (sparvar.model.AbsorbedText).
-    Padding is a -inf bias; every head needs at least one finite one (a real text token).
+    """probs (B, n, H*L + BIAS_ROWS) in x's dtype: per head, softmax(scale * x @ keys_h^T + bias_h), then the bias
+    columns 1, 0, ... (sparvar.model.AbsorbedText, with_bias_columns). Padding is a -inf bias; every head needs at
+    least one finite one (a real text token).
     config: None (autotuned on the GPU), or one launch config (BLOCK_M, BLOCK_C, HEADS, num_warps, num_stages) that
     the autotuner would keep for this shape (tests and benchmarks)."""
     name = "absorbed_scores"
@@ -154,7 +166,7 @@ def absorbed_scores(x: torch.Tensor, keys: torch.Tensor, bias: torch.Tensor, sca
         if not _fits(wanted, C, n, H, L, block_l, x.element_size()):
             raise ValueError(f"{name}: config {config} does not suit x {tuple(x.shape)} with {H} heads of {L} positions")
     check_device(name, x, hint="use sparvar.model.absorbed_cross_attention on the CPU", keys=keys, bias=bias)
-    probs = torch.empty(B, n, H * L, device=x.device, dtype=x.dtype)
+    probs = torch.empty(B, n, H * L + BIAS_ROWS, device=x.device, dtype=x.dtype)
     args = (x, keys, bias, probs, n, C, H, L, x.stride(0), x.stride(1), keys.stride(0), keys.stride(1), bias.stride(0),
             probs.stride(0), probs.stride(1), scale * LOG2E)
     with launch_device(x):
@@ -162,14 +174,16 @@ def absorbed_scores(x: torch.Tensor, keys: torch.Tensor, bias: torch.Tensor, sca
             def grid(meta):
                 return (triton.cdiv(n, meta["BLOCK_M"]) * (H // meta["HEADS"]), B)
 
-            _absorbed_scores_tuned[grid](*args, BLOCK_L=block_l, IEEE=x.dtype == torch.float32)
+            _absorbed_scores_tuned[grid](*args, BLOCK_L=block_l, IEEE=x.dtype == torch.float32, BIAS_COLUMNS=BIAS_ROWS)
         else:
             config = config or default_config(n, C, H, L, block_l, x.element_size())
             grid = (triton.cdiv(n, config["BLOCK_M"]) * (H // config["HEADS"]), B)
-            _absorbed_scores_kernel[grid](*args, BLOCK_L=block_l, IEEE=x.dtype == torch.float32, **config)
+            _absorbed_scores_kernel[grid](*args, BLOCK_L=block_l, IEEE=x.dtype == torch.float32,
+                                          BIAS_COLUMNS=BIAS_ROWS, **config)
     return probs
 
 
 def engine_absorbed_cross_attention(x: torch.Tensor, text) -> torch.Tensor:
-    """sparvar.model.absorbed_cross_attention for the torch-cuda engine: this kernel, then cuBLAS for P @ values + b_o."""
-    return torch.baddbmm(text.out_bias, absorbed_scores(x, text.keys, text.bias, text.scale), text.values)
+    """sparvar.model.absorbed_cross_attention for the torch-cuda engine: this kernel, then cuBLAS for P @ values, b_o
+    added by the bias columns (no pass over the output to fill it with b_o first, as torch.baddbmm would)."""
+    return torch.bmm(absorbed_scores(x, text.keys, text.bias, text.scale), text.values)
