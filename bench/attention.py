@@ -57,15 +57,9 @@ def time_ms(fn, runs: int, warmup: int, flush: torch.Tensor) -> dict:
 def graph_time_ms(fn, runs: int, flush: torch.Tensor) -> dict:
     """The same call captured in a CUDA graph and replayed: device time without any host launch cost
     (how the runtime runs it: the engine replays CUDA graphs)."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
+    from sparvar.cuda_engine import capture_scales
+
+    graph = capture_scales(lambda _: fn(), 1, None)[0][0]  # after a warm-up on a side stream, as the engine captures
     timing = time_ms(graph.replay, runs, 3, flush)
     del graph
     return {f"graph_{key}": value for key, value in timing.items()}

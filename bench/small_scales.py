@@ -30,17 +30,10 @@ MODELS = {"infinity-2b": dict(width=2048, heads=16, mlp=8192, depth=32),
 
 def graph_us(make_call, calls: int, replays: int = 20) -> float:
     """Median microseconds per call of `calls` back-to-back calls captured as one CUDA graph."""
+    from sparvar.cuda_engine import capture_scales
+
     fns = [make_call(i) for i in range(calls)]
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for f in fns:
-            f()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for f in fns:
-            f()
+    graph = capture_scales(lambda _: [f() for f in fns], 1, None)[0][0]
     for _ in range(3):
         graph.replay()
     torch.cuda.synchronize()
