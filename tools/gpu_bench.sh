@@ -23,6 +23,7 @@
 #   bash tools/gpu_bench.sh "$OUT" decision  # the CS4A decision's GPU tests, then its passes timed (decide)
 #   bash tools/gpu_bench.sh "$OUT" ncu       # Nsight Compute on the SparVAR-only kernels at 2B shapes, after autotuning (text reports)
 #   bash tools/gpu_bench.sh "$OUT" timeline  # GPU idle time of one graphed 2B generation (launch gaps vs host waits)
+#   bash tools/gpu_bench.sh "$OUT" timeline8b # the same for 8B
 #   bash tools/gpu_bench.sh "$OUT" decode    # the tokenizer decodes at 1024² (Infinity 2B/8B, HART fp32 vs fp16 graph, cudnn.benchmark)
 #   bash tools/gpu_bench.sh "$OUT" batch4    # throughput: 2B and 8B dense and SparVAR engines at 4 prompts per generation
 #   bash tools/gpu_bench.sh "$OUT" servebatch # sparvar serve throughput, 2B torch-cuda engine, batch 1 vs 4, 8 clients
@@ -77,6 +78,8 @@ for what in "${@:2}"; do
       python bench/small_scales.py --out "$OUT/small_scales_$TAG.json" 2>&1 | grep -v Warning | tail -60 ;;
     timeline)
       python bench/profile_step.py --model infinity-2b --timeline --out "$OUT/timeline_$TAG.json" 2>&1 | grep -v Warning | tail -16 ;;
+    timeline8b)
+      python bench/profile_step.py --model infinity-8b --timeline --out "$OUT/timeline_8b_$TAG.json" 2>&1 | grep -v Warning | tail -16 ;;
     decide)
       python bench/small_scales.py --sections decide --out "$OUT/small_scales_decide_$TAG.json" 2>&1 | grep -v Warning | tail -8 ;;
     later)
