@@ -36,6 +36,7 @@ SPARVAR_ENGINE_ROW = "SparVAR engine (CUDA graphs, Triton kernels)"
 RESIDUALS_IN_LINE_ROW = "SparVAR engine (CUDA graphs, Triton kernels), decision residuals on one stream"
 # the ablation of the engines' absorbed cross-attention (sparvar.model.AbsorbedText): the same engine without it
 UNABSORBED = ", cross-attention unabsorbed"
+DENSE_FP8_ROW = "dense engine, FP8 linears"
 
 
 def _csla_tuner():
@@ -135,8 +136,10 @@ def rows_for(model_name: str):
         rows += [(DENSE_ENGINE_ROW + UNABSORBED, "dense", "graphs", "engine", 0, False),
                  (SPARVAR_ENGINE_ROW + UNABSORBED, "sparvar", "graphs", "engine", 0, False)]
         # opt-in precision: its own rows
-        rows += [("dense engine, FP8 linears", "dense", "graphs", "engine", 0, True),
-                 ("SparVAR engine, FP8 linears", "sparvar", "graphs", "engine", 0, True)]
+        rows += [(DENSE_FP8_ROW, "dense", "graphs", "engine", 0, True),
+                 ("SparVAR engine, FP8 linears", "sparvar", "graphs", "engine", 0, True),
+                 (DENSE_FP8_ROW + UNABSORBED, "dense", "graphs", "engine", 0, True),
+                 ("SparVAR engine, FP8 linears" + UNABSORBED, "sparvar", "graphs", "engine", 0, True)]
     return rows
 
 
@@ -225,16 +228,17 @@ def add_ratios(model_name: str, results: list[dict]) -> None:
     medians = {r["row"]: r["median_ms"] for r in results if "median_ms" in r}
     fa2 = medians.get("dense eager, SDPA FlashAttention-2")
     dense_engine = medians.get(DENSE_ENGINE_ROW)
-    dense_fp8 = medians.get("dense engine, FP8 linears")
     for r in results:
         if "median_ms" not in r:
             continue
         if fa2:
             r["speedup_vs_dense_eager_fa2"] = fa2 / r["median_ms"]
         # the unabsorbed ablation against the dense engine of its own form (as the rows before absorbing were)
-        baseline = medians.get(DENSE_ENGINE_ROW + UNABSORBED) if r["row"].endswith(UNABSORBED) else dense_engine
+        suffix = UNABSORBED if r["row"].endswith(UNABSORBED) else ""
+        baseline = medians.get(DENSE_ENGINE_ROW + suffix) if suffix else dense_engine
         if baseline:
             r["speedup_vs_dense_engine"] = baseline / r["median_ms"]
+        dense_fp8 = medians.get(DENSE_FP8_ROW + suffix)
         if r.get("fp8") and dense_fp8:  # SparVAR's own gain at the same precision
             r["speedup_vs_dense_fp8_engine"] = dense_fp8 / r["median_ms"]
         r["x_flop_floor"] = r["median_ms"] / FLOP_FLOOR_MS.get(model_name, float("nan"))

@@ -57,10 +57,10 @@ class CudaGraphRunner:
         captured, and asking for such a scale is an error. A SparVAR plan must be made for the same skip_last.
         absorb: run the cross-attention absorbed where the text bucket and batch make that cheaper (absorption_pays),
         at every scale: on the H100 it was as fast or faster at each scale of 2B and 8B, with 16- and 64-position
-        texts (bench/results/cross_attention_h100_f3b2d39.json). Not with FP8 linears, which make the projections
-        cheap."""
+        texts (bench/results/cross_attention_h100_f3b2d39.json). With FP8 linears, absorb keeps the cross-attention's
+        projections out of FP8 (with_fp8_linears(cross_attention=False)): absorbed, they do not run."""
         self.run_scales = check_skip(schedule, plan, skip_last)
-        self.absorb = absorb and fp8_min_tokens is None
+        self.absorb = absorb
         self.model, self.schedule, self.plan, self.use_graphs, self.backend = model, schedule, plan, use_graphs, backend
         self.device = model.pos_start.device
         if use_graphs and (not torch.cuda.is_available() or self.device.type != "cuda"):
@@ -84,7 +84,7 @@ class CudaGraphRunner:
                 from .kernels.pointwise import triton_quantizing_norms
 
                 quantizing = triton_quantizing_norms()
-            self.ops = with_fp8_linears(self.ops, model, fp8_min_tokens, quantizing)
+            self.ops = with_fp8_linears(self.ops, model, fp8_min_tokens, quantizing, cross_attention=not absorb)
         # an engine's weights are fixed
         self.ops = dataclasses.replace(self.ops, **frozen_weight_functions([blk.sa for blk in model.blocks]))
         self.pool = torch.cuda.graph_pool_handle() if use_graphs else None

@@ -92,14 +92,16 @@ class Fp8Linears:
     the FFN fc1). `quantizing` computes them in one pass (the Triton norms); by default the base norm's output is
     quantised after it."""
 
-    def __init__(self, model: nn.Module, min_tokens: int, base, quantizing=None):
+    def __init__(self, model: nn.Module, min_tokens: int, base, quantizing=None, cross_attention: bool = True):
         if min_tokens < 0:
             raise ValueError(f"min_tokens must be >= 0, got {min_tokens}")
-        self.min_tokens, self.base = min_tokens, base
+        self.min_tokens, self.base, self.cross_attention = min_tokens, base, cross_attention
         self.quantizing = quantizing if quantizing is not None else _QuantizeAfter(base)
         self.weights: dict[nn.Module, Fp8Weight] = {}
         for block in model.blocks:
             for layer in block_linears(block):
+                if not cross_attention and layer in (block.ca.mat_q, block.ca.proj):
+                    continue
                 if layer.weight.shape[1] % 16 or layer.weight.shape[0] % 16:
                     raise ValueError(f"FP8 GEMMs need dimensions divisible by 16, got a {tuple(layer.weight.shape)} linear")
                 self.weights[layer] = Fp8Weight.of(layer.weight)
@@ -139,7 +141,8 @@ class Fp8Linears:
         return ops.modulate(x, scale, shift, eps)
 
     def residual_layer_norm(self, x, y, gamma, weight, bias, eps):
-        ops = self.quantizing if self._in_fp8(x) else self.base
+        # its output is the cross-attention's input (sparvar.model.Block): FP8 rows only for an FP8 query projection
+        ops = self.quantizing if self.cross_attention and self._in_fp8(x) else self.base
         return ops.residual_layer_norm(x, y, gamma, weight, bias, eps)
 
     def residual_modulate(self, x, y, scale, shift, eps):
@@ -173,10 +176,14 @@ class _QuantizeAfter:
         return x, Fp8Rows.of(normed)
 
 
-def with_fp8_linears(ops, model: nn.Module, min_tokens: int = DEFAULT_MIN_TOKENS, quantizing=None):
+def with_fp8_linears(ops, model: nn.Module, min_tokens: int = DEFAULT_MIN_TOKENS, quantizing=None,
+                     cross_attention: bool = True):
     """`ops` (a sparvar.model.BlockOps) with the model's block linears in FP8 at scales of >= `min_tokens` tokens;
-    `quantizing`: norms that output Fp8Rows in one pass (sparvar.kernels.pointwise.triton_quantizing_norms)."""
-    fp8 = Fp8Linears(model, min_tokens, ops, quantizing)
+    `quantizing`: norms that output Fp8Rows in one pass (sparvar.kernels.pointwise.triton_quantizing_norms).
+    cross_attention=False keeps the cross-attention's two projections (and its input) in the model's dtype: an
+    engine that absorbs them into the text (sparvar.model.AbsorbedText) runs neither, and a prompt too long to
+    absorb then runs them as the bf16 engine does, so the FP8 engine's numbers are one thing whatever the prompt."""
+    fp8 = Fp8Linears(model, min_tokens, ops, quantizing, cross_attention)
     return dataclasses.replace(ops, linear=fp8.linear, ffn=fp8.ffn, modulate=fp8.modulate,
                                residual_layer_norm=fp8.residual_layer_norm, residual_modulate=fp8.residual_modulate,
                                gated_residual_modulate=fp8.gated_residual_modulate)

@@ -266,3 +266,37 @@ def test_quantize_kernel_refuses_empty_rows():
 
     with pytest.raises(ValueError, match=r"x has empty rows \(3, 0\)"):
         quantize_rows_triton(torch.zeros(3, 0, dtype=torch.bfloat16))
+
+
+def test_fp8_engine_that_absorbs_keeps_the_cross_attention_out_of_fp8():
+    """With FP8 linears the engine still absorbs the cross-attention where it pays, and then no cross-attention
+    projection is FP8 (absorbed, they do not run) and its norm hands it rows in the model's dtype: its steps are the
+    eager model's with every other block linear in FP8 (what bench/fidelity.py scores). With absorb=False the
+    projections are FP8 as before, a visibly different result."""
+    from sparvar.cuda_engine import CudaGraphRunner
+    from sparvar.generate import TorchRunner
+    from sparvar.schedule import get_schedule
+    from sparvar.text import hashed_embeddings
+
+    schedule = get_schedule(256)
+    model = build_model(CFG, seed=5)
+    for blk in model.blocks:
+        blk.ca.mat_q.bias.data.normal_()
+        blk.ca.proj.bias.data.normal_()
+    kwargs = dict(use_graphs=False, fuse_pointwise=False, fp8_min_tokens=0)
+    absorbing, plain = CudaGraphRunner(model, schedule, **kwargs), CudaGraphRunner(model, schedule, absorb=False, **kwargs)
+    reference = TorchRunner(model, schedule, ops=with_fp8_linears(EAGER, model, 0, cross_attention=False))
+    fp8 = absorbing.ops.linear.__self__  # the engine's Fp8Linears
+    assert not any(blk.ca.mat_q in fp8.weights or blk.ca.proj in fp8.weights for blk in model.blocks)
+    assert all(blk.ca.mat_q in plain.ops.linear.__self__.weights for blk in model.blocks)
+    f, l = hashed_embeddings(["a red car"], CFG.text_dim, CFG.text_maxlen)
+    for r in (absorbing, plain, reference):
+        r.begin(f, l, True)
+    assert absorbing.current.text.absorbed is not None and plain.current.text.absorbed is None
+    codes = None
+    for scale in range(4):
+        a, b, want = absorbing.step(scale, codes), plain.step(scale, codes), reference.step(scale, codes)
+        near = ((a - want).norm() / want.norm()).item()
+        other = ((b - want).norm() / want.norm()).item()
+        assert near < 1e-5 and other > 1e-4, (scale, near, other)
+        codes = torch.randint(0, 2, (1, schedule.lengths[scale + 1], CFG.bits)).float()

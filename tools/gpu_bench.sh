@@ -30,6 +30,8 @@
 #   bash tools/gpu_bench.sh "$OUT" crossattn # the absorbed cross-attention's GPU tests, then it against the unabsorbed one per scale (2B, 8B; text buckets 64, 16)
 #   bash tools/gpu_bench.sh "$OUT" absorb2b  # dense and SparVAR engines beside the same engines with the cross-attention unabsorbed
 #   bash tools/gpu_bench.sh "$OUT" absorb8b  # the same for 8B
+#   bash tools/gpu_bench.sh "$OUT" fp8absorb2b # FP8-linear dense and SparVAR engines, absorbed (default) and unabsorbed
+#   bash tools/gpu_bench.sh "$OUT" fp8absorb8b # the same for 8B
 set -uo pipefail
 # the GPU machine gets the work tree without .git: results record the commit only if the caller names it (commit
 # first, then pass the full sha), so refuse to produce results that would say "uncommitted"
@@ -139,6 +141,10 @@ for what in "${@:2}"; do
       python bench/e2e.py --model "infinity-$size" --warmup 3 --runs 20 --rows "=dense engine (CUDA graphs)" \
         --rows "=SparVAR engine (CUDA graphs, Triton kernels)" --rows "cross-attention unabsorbed" \
         --out "$OUT/e2e_engines_${size}_absorb_$TAG.json" 2>&1 | grep -v Warning | tail -6 ;;
+    fp8absorb2b|fp8absorb8b)
+      size=${what#fp8absorb}
+      python bench/e2e.py --model "infinity-$size" --warmup 3 --runs 20 --rows "FP8 linears" \
+        --out "$OUT/e2e_engines_${size}_fp8_absorb_$TAG.json" 2>&1 | grep -v Warning | tail -6 ;;
     hart)
       python bench/e2e.py --model hart-0.7b --warmup 3 --runs 20 --rows engine \
         --out "$OUT/e2e_hart_engines_$TAG.json" 2>&1 | grep -v Warning | tail -8 ;;
