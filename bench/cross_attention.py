@@ -38,7 +38,7 @@ def bench_model(name: str, text_len: int, bucket: int, warmup: int, runs: int) -
     from sparvar.config import get_config
     from sparvar.kernels import absorbed as absorbed_kernels
     from sparvar.kernels.pointwise import triton_block_ops
-    from sparvar.model import BIAS_ROWS, CrossAttention, absorption_pays
+    from sparvar.model import CrossAttention, absorption_pays
     from sparvar.schedule import get_schedule
 
     cfg = get_config(name)
@@ -71,9 +71,10 @@ def bench_model(name: str, text_len: int, bucket: int, warmup: int, runs: int) -
         tuned = str(getattr(absorbed_kernels._absorbed_scores_tuned, "best_config", None))
 
         def baddbmm_form(i):  # b_o added by torch.baddbmm (as up to 6dcca35): a fill of the output, then the GEMM
-            probs = absorbed_kernels.absorbed_scores(x, absorbed[i].keys, absorbed[i].bias, absorbed[i].scale)
-            hl = probs.shape[-1] - BIAS_ROWS
-            return torch.baddbmm(absorbed[i].values[:, hl: hl + 1], probs[..., :hl], absorbed[i].values[:, :hl])
+            text = absorbed[i]
+            probs = absorbed_kernels.absorbed_scores(x, text.keys, text.bias, text.scale, bias_columns=False)
+            hl = probs.shape[-1]
+            return torch.baddbmm(text.values[:, hl: hl + 1], probs, text.values[:, :hl])
 
         filled, filled_out = graph_of(lambda: [baddbmm_form(i) for i in range(len(layers))])
         plain_ms, folded_ms = cuda_time_ms(plain, warmup, runs), cuda_time_ms(folded, warmup, runs)
@@ -87,7 +88,8 @@ def bench_model(name: str, text_len: int, bucket: int, warmup: int, runs: int) -
         row = {"scale": scale, "tokens": n, "rows": B * n, "unabsorbed": plain_ms, "absorbed": folded_ms,
                "absorbed_bias_by_baddbmm": filled_ms, "unabsorbed_again": plain_ms2,
                "baddbmm_form_max_relative_difference": max(((a.float() - b.float()).norm() / b.float().norm()).item()
-                                                           for a, b in zip(filled_out, folded_out)), "speedup": plain_ms["median_ms"] / folded_ms["median_ms"],
+                                                           for a, b in zip(filled_out, folded_out)),
+               "speedup": plain_ms["median_ms"] / folded_ms["median_ms"],
                "max_relative_difference": rel, "relative_error_vs_fp32_layer0": err, "scores_kernel_config": tuned}
         rows.append(row)
         print(f"{name} scale {scale:2d} ({n:5d} tokens): unabsorbed {plain_ms['median_ms']:.3f} / "

@@ -193,7 +193,9 @@ def ffn(fc1: nn.Linear, fc2: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     return linear(fc2, linear_gelu(fc1, x))
 
 
-BIAS_ROWS = 8  # b_o's row of AbsorbedText.values and zeros: the GEMM's K stays a multiple of 8 (16-byte rows)
+# b_o's row of AbsorbedText.values, then zeros: with H*L a multiple of 16 (every text bucket is), P's row stride
+# H*L + BIAS_ROWS stays one too, which Triton needs to know a row's start aligned and store 16 bytes at a time
+BIAS_ROWS = 16
 
 
 @dataclass(frozen=True)
@@ -321,10 +323,11 @@ class CrossAttention(nn.Module):
         # a broadcast (B, H, L, D) @ (H, D, C) would copy them B times). Keys stay head-major, as the kernel reads
         # them; the values are written once into (B, H*L + BIAS_ROWS, C), the second GEMM's operand, after them b_o.
         keys = torch.bmm(k.transpose(0, 1).reshape(H, B * L, D), w_q).view(H, B, L, C).transpose(0, 1)
-        values = k.new_zeros(B, H * L + BIAS_ROWS, C)
+        values = k.new_empty(B, H * L + BIAS_ROWS, C)
         values[:, : H * L].view(B, H, L, C).copy_(
             torch.bmm(v.transpose(0, 1).reshape(H, B * L, D), w_o).view(H, B, L, C).transpose(0, 1))
         values[:, H * L] = self.proj.bias
+        values[:, H * L + 1:] = 0
         acc = torch.promote_types(k.dtype, torch.float32)  # fp32, or fp64 for an fp64 model
         bias = torch.matmul(k.to(acc), self.mat_q.bias.to(acc).view(H, D, 1)).squeeze(-1)  # (B, H, L)
         return AbsorbedText(keys=keys, bias=bias * D ** -0.5 + key_bias.to(acc).view(B, 1, L), values=values,

@@ -81,6 +81,9 @@ INTERPRETER_SCRIPT = textwrap.dedent('''
         out = engine_absorbed_cross_attention(x, text)
         ref = absorbed_cross_attention(x, text)
         worst = max(worst, ((out - ref).abs() / ref.abs().amax()).max().item())
+        alone = absorbed_scores(x, text.keys, text.bias, text.scale, bias_columns=False)  # no bias columns
+        assert alone.shape == (B, n, H * L)
+        worst = max(worst, (alone - reference_probs(x, text)[..., : H * L]).abs().max().item())
     # every config the autotuner may keep, heads per program included, launched as given
     B, n, C, H, L = 2, 40, 128, 4, 16
     x, text = absorbed_inputs(B, n, C, H, L, [16, 9], torch.float32, "cpu")

@@ -299,8 +299,8 @@ def test_cross_attention_runs_absorbed_where_it_pays():
     plain = CudaGraphRunner(model, schedule, None, absorb=False, **kwargs)
     absorbing = CudaGraphRunner(model, schedule, None, **kwargs)
     calls = []
-    absorbing.ops = dataclasses.replace(absorbing.ops, absorbed_cross_attention=lambda x, text: calls.append(
-        x.shape[1]) or absorbed_cross_attention(x, text))
+    absorbing.absorbed_ops = dataclasses.replace(absorbing.absorbed_ops, absorbed_cross_attention=lambda x, text:
+                                                 calls.append(x.shape[1]) or absorbed_cross_attention(x, text))
     bucket = CFG.text_maxlen  # infinity-tiny's 32 text positions: 2 rows * 2 heads * 32 <= width 128 pays
     assert absorbing.absorbs(bucket, 2) and not plain.absorbs(bucket, 2)
     # a 64-position text, or 4 rows (two prompts with CFG): the absorbed text would outgrow the projections

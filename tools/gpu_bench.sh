@@ -74,7 +74,8 @@ for what in "${@:2}"; do
       python bench/step_parts.py --model infinity-2b --out "$OUT/step_parts_2b_$TAG.json" 2>&1 | grep -v Warning | tail -30 ;;
     engines)
       python bench/e2e.py --model infinity-2b --model infinity-8b --warmup 3 --runs 20 --rows "=dense engine (CUDA graphs)" \
-        --rows "=SparVAR engine (CUDA graphs, Triton kernels)" --rows "one stream,skip last 2,FP8 linears" \
+        --rows "=SparVAR engine (CUDA graphs, Triton kernels)" --rows "one stream,skip last 2" \
+        --rows "=dense engine, FP8 linears" --rows "=SparVAR engine, FP8 linears" \
         --out "$OUT/e2e_engines_$TAG.json" 2>&1 | grep -v Warning | tail -20 ;;
     small)
       python bench/small_scales.py --out "$OUT/small_scales_$TAG.json" 2>&1 | grep -v Warning | tail -60 ;;
@@ -139,7 +140,8 @@ for what in "${@:2}"; do
     absorb2b|absorb8b)
       size=${what#absorb}
       python bench/e2e.py --model "infinity-$size" --warmup 3 --runs 20 --rows "=dense engine (CUDA graphs)" \
-        --rows "=SparVAR engine (CUDA graphs, Triton kernels)" --rows "cross-attention unabsorbed" \
+        --rows "=SparVAR engine (CUDA graphs, Triton kernels)" --rows "=dense engine (CUDA graphs), cross-attention unabsorbed" \
+        --rows "=SparVAR engine (CUDA graphs, Triton kernels), cross-attention unabsorbed" \
         --out "$OUT/e2e_engines_${size}_absorb_$TAG.json" 2>&1 | grep -v Warning | tail -6 ;;
     fp8absorb2b|fp8absorb8b)
       size=${what#fp8absorb}

@@ -69,7 +69,7 @@ if HAS_TRITON:
         p = tl.reshape(p / tl.sum(p, 2)[:, :, None], (BLOCK_M, HEADS * BLOCK_L))
         p_ptrs = P + b * stride_pb + offs_m[:, None].to(tl.int64) * stride_pm + key[None, :]
         tl.store(p_ptrs, p.to(P.dtype.element_ty), mask=row_ok[:, None] & key_ok[None, :])
-        if h0 == 0:
+        if BIAS_COLUMNS > 0 and h0 == 0:
             cols = tl.arange(0, BIAS_COLUMNS)
             ones = tl.where(cols == 0, 1.0, 0.0)
             c_ptrs = P + b * stride_pb + offs_m[:, None].to(tl.int64) * stride_pm + H * L + cols[None, :]
@@ -88,7 +88,7 @@ if HAS_TRITON:
                 for m, c, h, w, s in ((128, 64, 2, 8, 3), (128, 64, 4, 8, 3), (128, 128, 2, 8, 3), (64, 64, 4, 4, 3),
                                       (64, 128, 2, 4, 3), (64, 64, 1, 4, 3), (32, 128, 1, 4, 4), (16, 128, 1, 4, 4),
                                       (16, 64, 1, 4, 3))]  # the last suits every launch: the fallback
-    _absorbed_scores_tuned = triton.autotune(configs=_CONFIGS, key=["n", "C", "H", "L", "BLOCK_L"],
+    _absorbed_scores_tuned = triton.autotune(configs=_CONFIGS, key=["n", "C", "H", "L", "BLOCK_L", "BIAS_COLUMNS"],
                                              prune_configs_by={"early_config_prune": _prune})(_absorbed_scores_kernel)
 
 
@@ -149,10 +149,11 @@ def check_inputs(name: str, x, keys, bias) -> tuple[int, int, int, int, int]:
 
 
 def absorbed_scores(x: torch.Tensor, keys: torch.Tensor, bias: torch.Tensor, scale: float,
-                    config: dict | None = None) -> torch.Tensor:
+                    config: dict | None = None, bias_columns: bool = True) -> torch.Tensor:
     """probs (B, n, H*L + BIAS_ROWS) in x's dtype: per head, softmax(scale * x @ keys_h^T + bias_h), then the bias
-    columns 1, 0, ... (sparvar.model.AbsorbedText, with_bias_columns). Padding is a -inf bias; every head needs at
-    least one finite one (a real text token).
+    columns 1, 0, ... that add AbsorbedText.values' b_o row in P @ values. Padding is a -inf bias; every head needs
+    at least one finite one (a real text token). bias_columns=False: the (B, n, H*L) probabilities alone (the form
+    bench/cross_attention.py times b_o added by torch.baddbmm with).
     config: None (autotuned on the GPU), or one launch config (BLOCK_M, BLOCK_C, HEADS, num_warps, num_stages) that
     the autotuner would keep for this shape (tests and benchmarks)."""
     name = "absorbed_scores"
@@ -166,7 +167,8 @@ def absorbed_scores(x: torch.Tensor, keys: torch.Tensor, bias: torch.Tensor, sca
         if not _fits(wanted, C, n, H, L, block_l, x.element_size()):
             raise ValueError(f"{name}: config {config} does not suit x {tuple(x.shape)} with {H} heads of {L} positions")
     check_device(name, x, hint="use sparvar.model.absorbed_cross_attention on the CPU", keys=keys, bias=bias)
-    probs = torch.empty(B, n, H * L + BIAS_ROWS, device=x.device, dtype=x.dtype)
+    columns = BIAS_ROWS if bias_columns else 0
+    probs = torch.empty(B, n, H * L + columns, device=x.device, dtype=x.dtype)
     args = (x, keys, bias, probs, n, C, H, L, x.stride(0), x.stride(1), keys.stride(0), keys.stride(1), bias.stride(0),
             probs.stride(0), probs.stride(1), scale * LOG2E)
     with launch_device(x):
@@ -174,12 +176,12 @@ def absorbed_scores(x: torch.Tensor, keys: torch.Tensor, bias: torch.Tensor, sca
             def grid(meta):
                 return (triton.cdiv(n, meta["BLOCK_M"]) * (H // meta["HEADS"]), B)
 
-            _absorbed_scores_tuned[grid](*args, BLOCK_L=block_l, IEEE=x.dtype == torch.float32, BIAS_COLUMNS=BIAS_ROWS)
+            _absorbed_scores_tuned[grid](*args, BLOCK_L=block_l, IEEE=x.dtype == torch.float32, BIAS_COLUMNS=columns)
         else:
             config = config or default_config(n, C, H, L, block_l, x.element_size())
             grid = (triton.cdiv(n, config["BLOCK_M"]) * (H // config["HEADS"]), B)
             _absorbed_scores_kernel[grid](*args, BLOCK_L=block_l, IEEE=x.dtype == torch.float32,
-                                          BIAS_COLUMNS=BIAS_ROWS, **config)
+                                          BIAS_COLUMNS=columns, **config)
     return probs
 
 
