@@ -153,8 +153,7 @@ def generate_variants(model, decoder, cfg, prompts: list[str], seeds: list[int],
     seconds: dict[str, float] = defaultdict(float)
     for seed in seeds:
         for name in variants:
-            # the cross-attention out of FP8, as the engine runs it where it absorbs the cross-attention (a prompt of
-            # up to 64 tokens: CudaGraphRunner's default)
+            # the cross-attention out of FP8, as the engine runs it with absorbing on (CudaGraphRunner's default)
             ops = (with_fp8_linears(EAGER, model, fp8_min_tokens(name, schedule), cross_attention=False)
                    if name in FP8_VARIANTS else EAGER)
             runner = TorchRunner(model, schedule, plan=probes[name], ops=ops)

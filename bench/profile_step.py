@@ -34,8 +34,13 @@ GROUPS = {"scales 0-5": range(0, 6), "scales 6-9": range(6, 10), "scale 10": [10
 TOP = 14
 
 
+CONVOLUTION_MARKERS = ("implicit_gemm", "conv")  # cuDNN's convolutions (the decode); its SDPA kernels say "fprop" too
+
+
 def category(kernel_name: str) -> str:
     name = kernel_name.lower()
+    if any(m in name for m in CONVOLUTION_MARKERS):  # before the attention markers: their names hold "cudnn" too
+        return "gemm"
     if any(m in name for m in ATTENTION_MARKERS):
         return "attention"
     if any(m in name for m in GEMM_MARKERS):

@@ -57,9 +57,11 @@ class CudaGraphRunner:
         captured, and asking for such a scale is an error. A SparVAR plan must be made for the same skip_last.
         absorb: run the cross-attention absorbed where the text bucket and batch make that cheaper (absorption_pays),
         at every scale: on the H100 it was as fast or faster at each scale of 2B and 8B, with 16- and 64-position
-        texts (bench/results/cross_attention_h100_f3b2d39.json). With FP8 linears, the graph sets that absorb keep the
-        cross-attention out of FP8 (its projections do not run; the norm before it hands it bf16 rows), and those that
-        do not (long prompts, several prompts) run its projections in FP8, one set of FP8 weights for both."""
+        texts (bench/results/cross_attention_h100_f3b2d39.json; on the H200 at 68664a3 two small scales were 7-9%
+        slower with a 64-position text, cross_attention_h200_68664a3.json). With FP8 linears, absorb keeps the
+        cross-attention out of FP8 in every graph set (with_fp8_linears(cross_attention=False)): absorbed, its
+        projections do not run, and where a prompt or batch does not absorb they run in bf16, so an image's numbers
+        do not depend on its prompt length or on what shares its batch."""
         self.run_scales = check_skip(schedule, plan, skip_last)
         self.absorb = absorb
         self.model, self.schedule, self.plan, self.use_graphs, self.backend = model, schedule, plan, use_graphs, backend
@@ -77,23 +79,17 @@ class CudaGraphRunner:
             self.ops = triton_block_ops()
         else:
             self.ops = EAGER
-        self.absorbed_ops = self.ops  # the ops of the graph sets that run the cross-attention absorbed
         if fp8_min_tokens is not None:  # FP8 linears at scales of at least this many tokens (sparvar/fp8.py)
-            from .fp8 import Fp8Linears
+            from .fp8 import with_fp8_linears
 
             quantizing = None
             if fuse_pointwise:  # the norms before the FP8 GEMMs write FP8 rows directly
                 from .kernels.pointwise import triton_quantizing_norms
 
                 quantizing = triton_quantizing_norms()
-            fp8 = Fp8Linears(model, fp8_min_tokens, self.ops, quantizing)
-            self.absorbed_ops = Fp8Linears(model, fp8_min_tokens, self.ops, quantizing, cross_attention=False,
-                                           weights=fp8.weights).block_ops()
-            self.ops = fp8.block_ops()
+            self.ops = with_fp8_linears(self.ops, model, fp8_min_tokens, quantizing, cross_attention=not absorb)
         # an engine's weights are fixed
-        frozen = frozen_weight_functions([blk.sa for blk in model.blocks])
-        self.ops = dataclasses.replace(self.ops, **frozen)
-        self.absorbed_ops = dataclasses.replace(self.absorbed_ops, **frozen)
+        self.ops = dataclasses.replace(self.ops, **frozen_weight_functions([blk.sa for blk in model.blocks]))
         self.pool = torch.cuda.graph_pool_handle() if use_graphs else None
         self.sets: dict[tuple[int, bool, int], _Graphs] = {}
         self.caches: dict[int, KVCache] = {}  # rows -> the KV cache of every graph set with that many rows
@@ -127,7 +123,6 @@ class CudaGraphRunner:
         features = torch.zeros(B, bucket, model.cfg.text_dim, dtype=dtype, device=self.device)
         lengths = torch.ones(B, dtype=torch.long, device=self.device)
         absorbed = self.absorbs(bucket, B * (2 if guided else 1))  # CFG doubles the rows
-        ops = self.absorbed_ops if absorbed else self.ops
 
         def encode_text():
             text = model.encode_text(features, lengths, guided)
@@ -159,7 +154,7 @@ class CudaGraphRunner:
         def run(scale):
             cache.offset = schedule.offsets[scale]
             tokens = model.scale_input(scale, codes[scale], text)
-            return model.step(tokens, scale, text, cache, self.ropes[scale], self.plan, self.backend, ops)
+            return model.step(tokens, scale, text, cache, self.ropes[scale], self.plan, self.backend, self.ops)
 
         if not self.use_graphs:
             return _Graphs(features, lengths, None, encode_text, text, cache, codes, [run], [])

@@ -91,36 +91,27 @@ class Fp8Linears:
     before attention feeds the qkv projection, the one before cross-attention its query projection, the one before
     the FFN fc1). `quantizing` computes them in one pass (the Triton norms); by default the base norm's output is
     quantised after it. cross_attention=False leaves the cross-attention's projections, and so its input, to `base`
-    (for steps that run it absorbed into the text, sparvar.model.AbsorbedText). `weights`: the FP8 weights of another
-    Fp8Linears of the same model, shared instead of quantised again."""
+    (for an engine that absorbs them into the text, sparvar.model.AbsorbedText)."""
 
-    def __init__(self, model: nn.Module, min_tokens: int, base, quantizing=None, cross_attention: bool = True,
-                 weights: dict | None = None):
+    def __init__(self, model: nn.Module, min_tokens: int, base, quantizing=None, cross_attention: bool = True):
         if min_tokens < 0:
             raise ValueError(f"min_tokens must be >= 0, got {min_tokens}")
         self.min_tokens, self.base, self.cross_attention = min_tokens, base, cross_attention
         self.quantizing = quantizing if quantizing is not None else _QuantizeAfter(base)
-        self.weights: dict[nn.Module, Fp8Weight] = {} if weights is None else weights
-        self.skipped = frozenset() if cross_attention else frozenset(
-            layer for block in model.blocks for layer in (block.ca.mat_q, block.ca.proj))
-        for block in model.blocks if weights is None else ():
+        self.weights: dict[nn.Module, Fp8Weight] = {}
+        for block in model.blocks:
             for layer in block_linears(block):
+                if not cross_attention and layer in (block.ca.mat_q, block.ca.proj):
+                    continue
                 if layer.weight.shape[1] % 16 or layer.weight.shape[0] % 16:
                     raise ValueError(f"FP8 GEMMs need dimensions divisible by 16, got a {tuple(layer.weight.shape)} linear")
                 self.weights[layer] = Fp8Weight.of(layer.weight)
-
-    def block_ops(self):
-        """`base` (a sparvar.model.BlockOps) with these FP8 linears and norms in place."""
-        return dataclasses.replace(self.base, linear=self.linear, ffn=self.ffn, modulate=self.modulate,
-                                   residual_layer_norm=self.residual_layer_norm,
-                                   residual_modulate=self.residual_modulate,
-                                   gated_residual_modulate=self.gated_residual_modulate)
 
     def _in_fp8(self, x) -> bool:
         return x.shape[-2] >= self.min_tokens  # x (B, n, C): n tokens per image
 
     def _fp8(self, layer, x) -> Fp8Weight | None:
-        w = None if layer in self.skipped else self.weights.get(layer)
+        w = self.weights.get(layer)
         return w if w is not None and self._in_fp8(x) else None
 
     def _rows(self, x) -> tuple[torch.Tensor, torch.Tensor]:
@@ -189,6 +180,11 @@ class _QuantizeAfter:
 def with_fp8_linears(ops, model: nn.Module, min_tokens: int = DEFAULT_MIN_TOKENS, quantizing=None,
                      cross_attention: bool = True):
     """`ops` (a sparvar.model.BlockOps) with the model's block linears in FP8 at scales of >= `min_tokens` tokens;
-    `quantizing`: norms that output Fp8Rows in one pass (sparvar.kernels.pointwise.triton_quantizing_norms);
-    cross_attention=False: the cross-attention's projections stay in the model's dtype (see Fp8Linears)."""
-    return Fp8Linears(model, min_tokens, ops, quantizing, cross_attention).block_ops()
+    `quantizing`: norms that output Fp8Rows in one pass (sparvar.kernels.pointwise.triton_quantizing_norms).
+    cross_attention=False keeps the cross-attention's two projections (and its input) in the model's dtype: an
+    engine that absorbs them into the text (sparvar.model.AbsorbedText) runs neither, and a prompt too long to
+    absorb then runs them as the bf16 engine does, so the FP8 engine's numbers are one thing whatever the prompt."""
+    fp8 = Fp8Linears(model, min_tokens, ops, quantizing, cross_attention)
+    return dataclasses.replace(ops, linear=fp8.linear, ffn=fp8.ffn, modulate=fp8.modulate,
+                               residual_layer_norm=fp8.residual_layer_norm, residual_modulate=fp8.residual_modulate,
+                               gated_residual_modulate=fp8.gated_residual_modulate)

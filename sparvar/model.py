@@ -193,8 +193,8 @@ def ffn(fc1: nn.Linear, fc2: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     return linear(fc2, linear_gelu(fc1, x))
 
 
-# b_o's row of AbsorbedText.values, then zeros: with H*L a multiple of 16 (every text bucket is), P's row stride
-# H*L + BIAS_ROWS stays one too, which Triton needs to know a row's start aligned and store 16 bytes at a time
+# b_o's row of AbsorbedText.values, then zeros: with H*L a multiple of 16 (at every model's text buckets), P's row
+# stride H*L + BIAS_ROWS stays one too, which Triton needs to know a row's start aligned and store 16 bytes at a time
 BIAS_ROWS = 16
 
 

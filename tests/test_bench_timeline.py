@@ -27,3 +27,17 @@ def test_idle_gaps_order_and_names():
     assert r["busy_ms"] == pytest.approx(0.06)
     with pytest.raises(ValueError, match="no kernels"):
         idle_gaps([])
+
+
+def test_kernel_categories():
+    """Attention kernels (cuDNN's SDPA, ours) count as attention; cuDNN's convolutions of the decode, whose names
+    also hold "cudnn", as GEMMs (implicit GEMMs), not attention."""
+    from bench.profile_step import category
+
+    assert category("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_7_64x128x128") == "attention"
+    for name in ("_csla_fwd_kernel", "_cs4a_fwd_kernel", "_absorbed_scores_kernel"):
+        assert category(name) == "attention", name
+    for name in ("sm90_xmma_fprop_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc_tilesize128x128x64_cudnn",
+                 "nvjet_sm90_tst_256x128_64x4_1x2_h_bz_coopA_bias_TNT"):
+        assert category(name) == "gemm", name
+    assert category("_residual_norm_kernel") == "other"

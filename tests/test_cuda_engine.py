@@ -299,8 +299,8 @@ def test_cross_attention_runs_absorbed_where_it_pays():
     plain = CudaGraphRunner(model, schedule, None, absorb=False, **kwargs)
     absorbing = CudaGraphRunner(model, schedule, None, **kwargs)
     calls = []
-    absorbing.absorbed_ops = dataclasses.replace(absorbing.absorbed_ops, absorbed_cross_attention=lambda x, text:
-                                                 calls.append(x.shape[1]) or absorbed_cross_attention(x, text))
+    absorbing.ops = dataclasses.replace(absorbing.ops, absorbed_cross_attention=lambda x, text: calls.append(
+        x.shape[1]) or absorbed_cross_attention(x, text))
     bucket = CFG.text_maxlen  # infinity-tiny's 32 text positions: 2 rows * 2 heads * 32 <= width 128 pays
     assert absorbing.absorbs(bucket, 2) and not plain.absorbs(bucket, 2)
     # a 64-position text, or 4 rows (two prompts with CFG): the absorbed text would outgrow the projections
@@ -308,7 +308,7 @@ def test_cross_attention_runs_absorbed_where_it_pays():
     fp8 = CudaGraphRunner(model, schedule, None, fp8_min_tokens=64, **kwargs)
     assert fp8.absorbs(bucket, 2)  # with FP8 linears too (tests/test_fp8.py: its projections then stay out of FP8)
     prompt = "a small dog on the green grass by the old red barn and a tall tree under a blue sky at noon"
-    f, l = hashed_embeddings([prompt], CFG.text_dim, CFG.text_maxlen)  # 21 tokens: the 32-position bucket
+    f, l = hashed_embeddings([prompt], CFG.text_dim, CFG.text_maxlen)  # over 16 tokens: the 32-position bucket
     codes = [None] + [torch.randn(1, n, CFG.bits).sign() for n in schedule.lengths[1:]]
     for runner in (plain, absorbing):
         runner.begin(f, l, True)

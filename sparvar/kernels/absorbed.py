@@ -69,12 +69,13 @@ if HAS_TRITON:
         p = tl.reshape(p / tl.sum(p, 2)[:, :, None], (BLOCK_M, HEADS * BLOCK_L))
         p_ptrs = P + b * stride_pb + offs_m[:, None].to(tl.int64) * stride_pm + key[None, :]
         tl.store(p_ptrs, p.to(P.dtype.element_ty), mask=row_ok[:, None] & key_ok[None, :])
-        if BIAS_COLUMNS > 0 and h0 == 0:
-            cols = tl.arange(0, BIAS_COLUMNS)
-            ones = tl.where(cols == 0, 1.0, 0.0)
-            c_ptrs = P + b * stride_pb + offs_m[:, None].to(tl.int64) * stride_pm + H * L + cols[None, :]
-            tl.store(c_ptrs, tl.broadcast_to(ones[None, :], (BLOCK_M, BIAS_COLUMNS)).to(P.dtype.element_ty),
-                     mask=row_ok[:, None])
+        if BIAS_COLUMNS > 0:  # a constexpr branch of its own: with none, tl.arange(0, 0) is never compiled
+            if h0 == 0:
+                cols = tl.arange(0, BIAS_COLUMNS)
+                ones = tl.where(cols == 0, 1.0, 0.0)
+                c_ptrs = P + b * stride_pb + offs_m[:, None].to(tl.int64) * stride_pm + H * L + cols[None, :]
+                tl.store(c_ptrs, tl.broadcast_to(ones[None, :], (BLOCK_M, BIAS_COLUMNS)).to(P.dtype.element_ty),
+                         mask=row_ok[:, None])
 
     def _prune(configs, named_args, **kwargs):
         """The configs that suit the launch (`_fits`); never none (the last config suits every launch)."""
