@@ -75,6 +75,62 @@ def cuda_time_ms(fn, warmup: int = 5, runs: int = 50) -> dict:
     return summarize(times)
 
 
+def gpu_clock_reader():
+    """(read, why_not): read() -> (SM clock in MHz, power in W) of the current GPU through torch's NVML helpers, or
+    None and the reason it cannot (no GPU, no pynvml)."""
+    if not torch.cuda.is_available():
+        return None, "no CUDA GPU"
+
+    def read():
+        return float(torch.cuda.clock_rate()), torch.cuda.power_draw() / 1000.0  # power_draw: milliwatts
+
+    try:
+        read()
+    except Exception as e:  # torch raises ModuleNotFoundError without pynvml, or NVML's own errors
+        return None, f"{type(e).__name__}: {e}"
+    return read, None
+
+
+class ClockSampler:
+    """While entered, samples the GPU's SM clock and power every `interval_s` in a background thread. A GPU that
+    slows its clocks under sustained load times one row slower than another for that reason alone, so the e2e rows
+    record the clocks they ran at (`summary()`). `read` (tests): a function returning (MHz, W)."""
+
+    def __init__(self, read=None, interval_s: float = 0.02):
+        import threading
+
+        self.read, self.why_not = (read, None) if read is not None else gpu_clock_reader()
+        self.interval_s, self.samples = interval_s, []
+        self._stop, self._thread = threading.Event(), None
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.samples.append(self.read())
+            self._stop.wait(self.interval_s)
+
+    def __enter__(self):
+        import threading
+
+        if self.read is not None:
+            self._thread = threading.Thread(target=self._run, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        return False
+
+    def summary(self) -> dict:
+        if not self.samples:
+            return {"sampled": False, "why": self.why_not or "no sample taken"}
+        clocks, power = [c for c, _ in self.samples], [w for _, w in self.samples]
+        return {"sampled": True, "samples": len(self.samples), "interval_s": self.interval_s,
+                "sm_clock_mhz": {"median": statistics.median(clocks), "min": min(clocks), "max": max(clocks)},
+                "power_w": {"median": statistics.median(power), "max": max(power)}}
+
+
 def summarize(times: list[float]) -> dict:
     return {"median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times), "runs": len(times)}
 

@@ -22,7 +22,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from bench.common import result_path, save_figure, summarize, write_result  # noqa: E402
+from bench.common import ClockSampler, result_path, save_figure, summarize, write_result  # noqa: E402
 
 # dense FLOPs at ~790 TFLOP/s: INFINITY.md; HART.md (transformer ~44 TF + diffusion MLP ~4.8 TF, VAE excluded)
 FLOP_FLOOR_MS = {"infinity-2b": 146, "infinity-8b": 485, "hart-0.7b": 62}
@@ -83,9 +83,10 @@ def time_generation(pipe, features, lengths, warmup: int, runs: int, sampling) -
 
     for _ in range(warmup):
         once()
-    times = [once(record=True) for _ in range(runs)]
+    with ClockSampler() as clocks:  # the clocks the timed runs ran at (a GPU may slow them under sustained load)
+        times = [once(record=True) for _ in range(runs)]
     per_scale = [statistics.median(col) for col in zip(*per_scale_runs)]
-    return summarize(times), per_scale
+    return {**summarize(times), "gpu_clocks": clocks.summary()}, per_scale
 
 
 def _event():
@@ -287,8 +288,10 @@ def bench_model(model_name: str, resolution: int, warmup: int, runs: int, rows=N
             if attention == "sparvar":  # the CSLA tuning of the last sparse scale run (each scale is tuned alone)
                 row.update(csla_tuning())
                 row["residual_lanes"] = plan.residual_lanes  # side streams of the decision's residual launches
-            print(f"{model_name:12s} {name:48s} {timing['median_ms']:8.1f} ms  (peak {row['peak_memory_gib']:.1f} GiB)",
-                  flush=True)
+            clocks = timing.get("gpu_clocks", {})
+            clock = f", SM {clocks['sm_clock_mhz']['median']:.0f} MHz" if clocks.get("sampled") else ""
+            print(f"{model_name:12s} {name:48s} {timing['median_ms']:8.1f} ms  (peak {row['peak_memory_gib']:.1f} GiB"
+                  f"{clock})", flush=True)
             results.append(row)
         del runner, pipe, plan
         gc.collect()

@@ -210,3 +210,27 @@ def test_unabsorbed_rows_are_compared_with_the_unabsorbed_dense_engine():
     assert [round(r["speedup_vs_dense_fp8_engine"], 4) for r in fp8] == [1.0, 1.25, 1.0, 1.1]
     assert [round(r["speedup_vs_dense_engine"], 4) for r in fp8] == [1.15, round(230 / 160, 4), round(246 / 220, 4),
                                                                     1.23]
+
+
+def test_clock_sampler_summarises_what_it_read_and_says_why_it_did_not():
+    """The e2e rows' GPU clocks: samples taken in the background while entered, their median / min / max; without
+    a reader (no GPU, no pynvml) no sample and the reason."""
+    import itertools
+    import time
+
+    from bench.common import ClockSampler
+
+    clocks = itertools.cycle([(1980.0, 650.0), (1755.0, 700.0), (1830.0, 690.0)])
+    with ClockSampler(read=lambda: next(clocks), interval_s=0.001) as sampler:
+        time.sleep(0.05)
+    summary = sampler.summary()
+    assert summary["sampled"] and summary["samples"] >= 3
+    assert summary["sm_clock_mhz"]["min"] == 1755.0 and summary["sm_clock_mhz"]["max"] == 1980.0
+    assert summary["power_w"]["max"] == 700.0
+    taken = len(sampler.samples)
+    time.sleep(0.01)
+    assert len(sampler.samples) == taken  # stopped on exit
+    if not torch.cuda.is_available():
+        with ClockSampler() as idle:
+            pass
+        assert idle.summary() == {"sampled": False, "why": "no CUDA GPU"}
