@@ -105,7 +105,11 @@ class ClockSampler:
 
     def _run(self):
         while not self._stop.is_set():
-            self.samples.append(self.read())
+            try:
+                self.samples.append(self.read())
+            except Exception as e:  # NVML failing mid-run ends the sampling, not the benchmark
+                self.why_not = f"sampling stopped: {type(e).__name__}: {e}"
+                return
             self._stop.wait(self.interval_s)
 
     def __enter__(self):
@@ -126,7 +130,7 @@ class ClockSampler:
         if not self.samples:
             return {"sampled": False, "why": self.why_not or "no sample taken"}
         clocks, power = [c for c, _ in self.samples], [w for _, w in self.samples]
-        return {"sampled": True, "samples": len(self.samples), "interval_s": self.interval_s,
+        return {"sampled": True, "samples": len(self.samples), "interval_s": self.interval_s, "stopped": self.why_not,
                 "sm_clock_mhz": {"median": statistics.median(clocks), "min": min(clocks), "max": max(clocks)},
                 "power_w": {"median": statistics.median(power), "max": max(power)}}
 

@@ -230,6 +230,12 @@ def test_clock_sampler_summarises_what_it_read_and_says_why_it_did_not():
     taken = len(sampler.samples)
     time.sleep(0.01)
     assert len(sampler.samples) == taken  # stopped on exit
+    assert summary["stopped"] is None
+    reads = iter([(1900.0, 600.0)])
+    with ClockSampler(read=lambda: next(reads), interval_s=0.001) as failing:  # the reader fails after one sample
+        time.sleep(0.02)
+    summary = failing.summary()
+    assert summary["samples"] == 1 and summary["stopped"].startswith("sampling stopped: StopIteration")
     if not torch.cuda.is_available():
         with ClockSampler() as idle:
             pass
