@@ -6,6 +6,7 @@ import os
 import platform
 import statistics
 import subprocess
+import threading
 import time
 
 import torch
@@ -97,8 +98,6 @@ class ClockSampler:
     record the clocks they ran at (`summary()`). `read` (tests): a function returning (MHz, W)."""
 
     def __init__(self, read=None, interval_s: float = 0.02):
-        import threading
-
         self.read, self.why_not = (read, None) if read is not None else gpu_clock_reader()
         self.interval_s, self.samples = interval_s, []
         self._stop, self._thread = threading.Event(), None
@@ -113,8 +112,6 @@ class ClockSampler:
             self._stop.wait(self.interval_s)
 
     def __enter__(self):
-        import threading
-
         if self.read is not None:
             self._thread = threading.Thread(target=self._run, daemon=True)
             self._thread.start()

@@ -195,7 +195,7 @@ def test_gpu_bench_script_refuses_an_unknown_mode_before_running_any():
 
 
 def test_unabsorbed_rows_are_compared_with_the_unabsorbed_dense_engine():
-    from bench.e2e import DENSE_ENGINE_ROW, DENSE_FP8_ROW, SPARVAR_ENGINE_ROW, UNABSORBED, add_ratios
+    from bench.e2e import DENSE_ENGINE_ROW, DENSE_FP8_ROW, SPARVAR_ENGINE_ROW, SPARVAR_FP8_ROW, UNABSORBED, add_ratios
 
     rows = [{"row": DENSE_ENGINE_ROW, "median_ms": 230.0}, {"row": SPARVAR_ENGINE_ROW, "median_ms": 190.0},
             {"row": DENSE_ENGINE_ROW + UNABSORBED, "median_ms": 246.0},
@@ -203,9 +203,9 @@ def test_unabsorbed_rows_are_compared_with_the_unabsorbed_dense_engine():
     add_ratios("infinity-2b", rows)
     assert [round(r["speedup_vs_dense_engine"], 4) for r in rows] == [1.0, round(230 / 190, 4), 1.0, 1.2]
     fp8 = [{"row": DENSE_FP8_ROW, "median_ms": 200.0, "fp8": True},
-           {"row": "SparVAR engine, FP8 linears", "median_ms": 160.0, "fp8": True},
+           {"row": SPARVAR_FP8_ROW, "median_ms": 160.0, "fp8": True},
            {"row": DENSE_FP8_ROW + UNABSORBED, "median_ms": 220.0, "fp8": True},
-           {"row": "SparVAR engine, FP8 linears" + UNABSORBED, "median_ms": 200.0, "fp8": True}]
+           {"row": SPARVAR_FP8_ROW + UNABSORBED, "median_ms": 200.0, "fp8": True}]
     add_ratios("infinity-2b", rows + fp8)
     assert [round(r["speedup_vs_dense_fp8_engine"], 4) for r in fp8] == [1.0, 1.25, 1.0, 1.1]
     assert [round(r["speedup_vs_dense_engine"], 4) for r in fp8] == [1.15, round(230 / 160, 4), round(246 / 220, 4),

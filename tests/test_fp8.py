@@ -14,6 +14,8 @@ from sparvar.model import EAGER, build_model
 from triton_interpreter import run_interpreted
 
 CFG = get_config("infinity-tiny")
+# over 16 hashed tokens: infinity-tiny's 32-position text bucket
+LONG_PROMPT = "a small dog on the green grass by the old red barn and a tall tree under a blue sky at noon"
 
 
 def test_quantize_rows_maps_each_row_max_to_448_and_reconstructs():
@@ -248,8 +250,7 @@ def test_fp8_engine_graphs_equal_its_eager_steps_on_gpu():
     assert all(torch.equal(x, y) for x, y in zip(a.bits, b.bits))
     assert graphs.current.text.absorbed is not None
     # two long prompts: a graph set that does not absorb (its cross-attention projections in bf16), captured beside
-    long = "a small dog on the green grass by the old red barn and a tall tree under a blue sky at noon"
-    f2, l2 = hashed_embeddings([long, long.replace("dog", "cat")], CFG.text_dim, CFG.text_maxlen)
+    f2, l2 = hashed_embeddings([LONG_PROMPT, LONG_PROMPT.replace("dog", "cat")], CFG.text_dim, CFG.text_maxlen)
     a = generate(eager, decoder, schedule, f2, l2, Sampling(cfg=3.0), seed=4)
     b = generate(graphs, decoder, schedule, f2, l2, Sampling(cfg=3.0), seed=4)
     assert graphs.current.text.absorbed is None
@@ -313,8 +314,7 @@ def test_fp8_engine_that_absorbs_keeps_the_cross_attention_out_of_fp8():
         near, other = ((a - want).norm() / want.norm()).item(), ((b - want).norm() / want.norm()).item()
         assert near < 1e-5 and other > 1e-4, (scale, near, other)
     assert absorbing.current.text.absorbed is not None and plain.current.text.absorbed is None
-    long = "a small dog on the green grass by the old red barn and a tall tree under a blue sky at noon"
     assert not absorbing.absorbs(32, 4)  # two prompts padded to 32 positions: 4 rows x 2 heads x 32 > width 128
-    for scale, (a, want) in enumerate(steps((absorbing, reference), [long, long.replace("dog", "cat")])):
+    for scale, (a, want) in enumerate(steps((absorbing, reference), [LONG_PROMPT, LONG_PROMPT.replace("dog", "cat")])):
         assert ((a - want).norm() / want.norm()).item() < 1e-5, scale
     assert absorbing.current.text.absorbed is None
