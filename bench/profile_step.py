@@ -11,7 +11,9 @@ a warm-up; random weights, 1024², CFG, bf16.
 
 `--timeline` instead traces one whole generation as the engine runs it (graphs, sampling, decode) and reports how
 long the GPU sat idle, in launch gaps between kernels and in larger gaps (waiting for the host): the per-scale wall
-times of bench/e2e.py exceed these kernel times by 0.2-0.5 ms per scale, and this says where that goes.
+times of bench/e2e.py exceed these kernel times by 0.2-0.5 ms per scale, and this says where that goes. It also
+sums each kernel's time in that generation (kernel_totals): at 8B the last scales' wall times exceeded the profiled
+kernel times by 4-15 ms, more than launch gaps explain, so the kernels themselves may run slower back to back.
 """
 from __future__ import annotations
 
@@ -160,6 +162,22 @@ def idle_gaps(kernels: list[tuple[float, float, str]], top: int = TOP) -> dict:
             "largest_gaps": large[:top], "kernels": len(ordered)}
 
 
+def kernel_totals(kernels: list[tuple[float, float, str]], top: int = TOP) -> dict:
+    """Device time per category and the kernels that cost most, from a timeline's (start_us, end_us, name)
+    intervals: the kernels as a graphed generation runs them back to back, to set beside `profile`'s, which runs
+    each scale alone with the GPU drained around it (a cooler GPU than the end-to-end rows' sustained load)."""
+    ms, count = collections.Counter(), collections.Counter()
+    for start, end, name in kernels:
+        ms[name] += (end - start) / 1000
+        count[name] += 1
+    by_category = {"attention": 0.0, "gemm": 0.0, "other": 0.0}
+    for name, t in ms.items():
+        by_category[category(name)] += t
+    return {"by_category_ms": by_category,
+            "top": [{"kernel": k[:120], "ms": round(v, 3), "launches": count[k], "category": category(k)}
+                    for k, v in ms.most_common(top)]}
+
+
 def timeline(model_name: str, attention: str) -> dict:
     """One generation exactly as the engine rows of bench/e2e.py run it (CUDA graphs, the graphed decode, the
     eager sampling between scales), traced by the profiler, and its GPU idle time (idle_gaps)."""
@@ -198,7 +216,7 @@ def timeline(model_name: str, attention: str) -> dict:
     del pipe, plan, base, make_runner, make_pipeline
     torch.cuda.empty_cache()
     row = DENSE_ENGINE_ROW if attention == "dense" else SPARVAR_ENGINE_ROW
-    return {"attention": attention, "row": row, **idle_gaps(kernels)}
+    return {"attention": attention, "row": row, **idle_gaps(kernels), **kernel_totals(kernels)}
 
 
 def main():
@@ -217,6 +235,10 @@ def main():
                   f"{r['large_gaps']} larger: {r['large_gaps_ms']:.1f} ms) over {r['kernels']} kernels")
             for g in r["largest_gaps"][:6]:
                 print(f"     {g['gap_us']:8.1f} us  after {g['after'][:50]}  before {g['before'][:50]}")
+            c = r["by_category_ms"]
+            print(f"   kernel time: attention {c['attention']:.1f} ms, GEMM {c['gemm']:.1f} ms, other {c['other']:.1f} ms")
+            for k in r["top"][:10]:
+                print(f"     {k['ms']:8.3f} ms {k['launches']:5d}x  {k['kernel'][:90]}")
         write_result(args.out or result_path("timeline"), {
             "benchmark": "GPU idle time of one graphed generation (torch.profiler trace)", "model": args.model,
             "resolution": 1024, "dtype": "bf16", "small_gap_us": GAP_SMALL_US, "runs": runs})

@@ -41,3 +41,15 @@ def test_kernel_categories():
                  "nvjet_sm90_tst_256x128_64x4_1x2_h_bz_coopA_bias_TNT"):
         assert category(name) == "gemm", name
     assert category("_residual_norm_kernel") == "other"
+
+
+def test_kernel_totals_sum_each_kernel_and_category():
+    from bench.profile_step import kernel_totals
+
+    kernels = [(0, 300, "_csla_fwd_kernel"), (300, 500, "_csla_fwd_kernel"), (500, 1500, "nvjet_sm90_tst_bias_TNT"),
+               (1500, 1550, "_residual_norm_kernel"), (1550, 1650, "_cs4a_fwd_kernel")]
+    r = kernel_totals(kernels, top=2)
+    assert r["by_category_ms"] == {"attention": pytest.approx(0.6), "gemm": pytest.approx(1.0),
+                                   "other": pytest.approx(0.05)}
+    assert r["top"] == [{"kernel": "nvjet_sm90_tst_bias_TNT", "ms": 1.0, "launches": 1, "category": "gemm"},
+                        {"kernel": "_csla_fwd_kernel", "ms": 0.5, "launches": 2, "category": "attention"}]

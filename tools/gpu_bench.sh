@@ -80,9 +80,9 @@ for what in "${@:2}"; do
     small)
       python bench/small_scales.py --out "$OUT/small_scales_$TAG.json" 2>&1 | grep -v Warning | tail -60 ;;
     timeline)
-      python bench/profile_step.py --model infinity-2b --timeline --out "$OUT/timeline_$TAG.json" 2>&1 | grep -v Warning | tail -16 ;;
+      python bench/profile_step.py --model infinity-2b --timeline --out "$OUT/timeline_$TAG.json" 2>&1 | grep -v Warning | tail -40 ;;
     timeline8b)
-      python bench/profile_step.py --model infinity-8b --timeline --out "$OUT/timeline_8b_$TAG.json" 2>&1 | grep -v Warning | tail -16 ;;
+      python bench/profile_step.py --model infinity-8b --timeline --out "$OUT/timeline_8b_$TAG.json" 2>&1 | grep -v Warning | tail -40 ;;
     decide)
       python bench/small_scales.py --sections decide --out "$OUT/small_scales_decide_$TAG.json" 2>&1 | grep -v Warning | tail -8 ;;
     later)
