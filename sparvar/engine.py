@@ -156,6 +156,9 @@ def _hash_dir_files(root: str, sub: str, digests: FileDigests) -> dict[str, str]
 
 def read_manifest(engine_dir: str) -> dict:
     path = os.path.join(engine_dir, MANIFEST)
+    if os.path.exists(engine_dir) and not os.path.isdir(engine_dir):
+        raise EngineError(f"{engine_dir} is a file, not an engine directory (give the directory `sparvar engine build` "
+                          "wrote)")
     if not os.path.isdir(engine_dir):
         raise EngineError(f"engine directory not found: {engine_dir} (build it with `make engine` / `sparvar engine build`)")
     if not os.path.isfile(path):
@@ -190,7 +193,36 @@ def read_manifest(engine_dir: str) -> dict:
                 if not isinstance(stages[stage].get(key), kind)]
     if missing:
         raise EngineError(f"{path} is incomplete or foreign (no {', '.join(missing)}); rebuild the engine")
+    # each value of the kind it has when we write it: a string where a number belongs compared unequal to every
+    # request ("built for batch 1, got 1 prompts") or failed inside `engine info` and `serve` as a TypeError
+    wrong = [f"spec.{f.name} = {manifest['spec'][f.name]!r}" for f in dataclasses.fields(EngineSpec)
+             if not _is_kind(manifest["spec"][f.name], SPEC_KINDS[f.name])]
+    if not all(isinstance(g, list) and len(g) == 2 and all(_is_kind(n, int) and n > 0 for n in g)
+               for g in manifest["schedule"]):
+        wrong.append(f"schedule = {manifest['schedule']!r} (a list of [h, w] grids)")
+    if wrong:
+        raise EngineError(f"{path} holds values no sparvar writes ({'; '.join(wrong)}): corrupt or foreign; rebuild "
+                          "the engine")
     return manifest
+
+
+# what each EngineSpec field holds in a manifest, from its annotation (a field of another type fails here, at import)
+_ANNOTATION_KINDS = {"str": str, "int": int, "bool": bool, "str | None": (str, type(None))}
+SPEC_KINDS = {f.name: _ANNOTATION_KINDS[f.type] for f in dataclasses.fields(EngineSpec)}
+
+
+def _is_kind(value, kind) -> bool:
+    """isinstance, except that a bool is not an int (JSON true is no batch size)."""
+    return isinstance(value, kind) and not (isinstance(value, bool) and kind is int)
+
+
+def check_spec_values(engine_dir: str, manifest: dict) -> EngineSpec:
+    """The manifest's spec as an EngineSpec: values a build accepts (batch >= 1, a known attention, backend and
+    dtype, ...), or an EngineError. For an engine of a model this sparvar knows (check the model first)."""
+    try:
+        return EngineSpec(**manifest["spec"])
+    except (TypeError, ValueError) as e:
+        raise EngineError(f"{engine_dir}: its manifest's spec is not one sparvar builds ({e}); rebuild the engine") from None
 
 
 def stage_info(engine_dir: str, manifest: dict, stage: str, key: str):

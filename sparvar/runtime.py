@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from .engine import (EngineError, EngineSpec, build_engine, check_checkpoints, check_compatible, check_model_config,
-                     engine_info, read_manifest, stage_info, verify_files)
+                     check_spec_values, engine_info, read_manifest, stage_info, verify_files)
 
 _NP = {"float32": np.float32, "float16": np.float16, "int32": np.int32, "int64": np.int64, "bool": np.bool_}
 
@@ -155,15 +155,27 @@ class OrtUnit:
         return dict(zip(self.outputs, self.session.run(self.outputs, feed)))
 
 
+def engine_unit(engine_dir: str, manifest: dict, name: str) -> OrtUnit:
+    """The exported graph `name` of an onnxruntime engine, or an EngineError: a manifest without it (or with a
+    record missing its file and I/O lists) failed as a KeyError when the runner was made."""
+    units = stage_info(engine_dir, manifest, "optimize", "units")
+    unit = units.get(name) if isinstance(units, dict) else None
+    if not (isinstance(unit, dict) and isinstance(unit.get("file"), str)
+            and all(isinstance(unit.get(io), list) and all(isinstance(t, dict) and {"name", "dtype"} <= t.keys()
+                                                           for t in unit[io]) for io in ("inputs", "outputs"))):
+        raise EngineError(f"{engine_dir} has no usable '{name}' graph in its manifest: incomplete, or an engine of "
+                          f"another model family or sparvar; rebuild it")
+    return OrtUnit(engine_dir, unit)
+
+
 class OrtRunner:
     """Runs text + per-scale step graphs; keeps the KV cache and CS4A state as named arrays between scales."""
 
     device = torch.device("cpu")
 
     def __init__(self, engine_dir: str, manifest: dict):
-        units = stage_info(engine_dir, manifest, "optimize", "units")
-        self.text = OrtUnit(engine_dir, units["text"])
-        self.steps = [OrtUnit(engine_dir, units[f"step_{k:02d}"]) for k in range(len(manifest["schedule"]))]
+        self.text = engine_unit(engine_dir, manifest, "text")
+        self.steps = [engine_unit(engine_dir, manifest, f"step_{k:02d}") for k in range(len(manifest["schedule"]))]
         self.depth = manifest["model_config"]["depth"]
         self.text_maxlen, self.text_dim = manifest["model_config"]["text_maxlen"], manifest["model_config"]["text_dim"]
         self.batch = manifest["spec"]["batch"]
@@ -200,7 +212,7 @@ class OrtDecoder:
     def __init__(self, engine_dir: str, manifest: dict, cfg):
         from . import vae as vae_lib
 
-        self.unit = OrtUnit(engine_dir, stage_info(engine_dir, manifest, "optimize", "units")["decode"])
+        self.unit = engine_unit(engine_dir, manifest, "decode")
         self.codebook_dim = cfg.vae.codebook_dim
         self.patchify = cfg.vae.spatial_patchify
         self._bits_to_codes = vae_lib.bits_to_codes
@@ -229,10 +241,21 @@ def check_engine_code(engine_dir: str, manifest: dict):
     if manifest.get("export_code") != EXPORT_CODE_VERSION:  # the graphs' inputs and outputs are this exporter's
         raise EngineError(f"{engine_dir} was exported by another sparvar (export code {manifest.get('export_code')}, "
                           f"this sparvar runs {EXPORT_CODE_VERSION}); rebuild the engine")
+    check_spec_values(engine_dir, manifest)  # what a build accepts (read_manifest checked the kinds of values)
     check_model_config(engine_dir, manifest, cfg)  # traced from this architecture
     if [list(g) for g in schedule.grids] != manifest["schedule"]:
         raise EngineError(f"{engine_dir}: its schedule differs from this sparvar's {spec['resolution']} schedule; rebuild it")
     return cfg, schedule
+
+
+def onnxruntime_parts(engine_dir: str, manifest: dict, cfg):
+    """The runner and decoder of an onnxruntime engine: every graph the generation runs, found in the manifest
+    with its weights file (sessions open later, at first use)."""
+    if getattr(cfg, "family", "infinity") == "hart":
+        from .hart.runtime import load_hart_engine
+
+        return load_hart_engine(engine_dir, manifest, cfg)
+    return OrtRunner(engine_dir, manifest), OrtDecoder(engine_dir, manifest, cfg)
 
 
 def load_engine_pipeline(engine_dir: str, skip_last: int = 0, **expected):
@@ -252,7 +275,7 @@ def load_engine_pipeline(engine_dir: str, skip_last: int = 0, **expected):
 
         return load_hart_engine_pipeline(engine_dir, manifest, cfg, schedule, skip_last)
     if backend == "onnxruntime":
-        runner, decoder = OrtRunner(engine_dir, manifest), OrtDecoder(engine_dir, manifest, cfg)
+        runner, decoder = onnxruntime_parts(engine_dir, manifest, cfg)
     elif backend == "torch-cuda":
         from .cuda_engine import load_cuda_engine
 
@@ -293,8 +316,10 @@ def verify_engine(engine_dir: str) -> None:
     engine that reads its weights from the spec's checkpoints (torch-cuda), those checkpoints against the build's
     record. EngineError naming the first problem."""
     manifest = read_manifest(engine_dir)
-    check_engine_code(engine_dir, manifest)  # what loading refuses before it reads a file
+    cfg, _ = check_engine_code(engine_dir, manifest)  # what loading refuses before it reads a file
     verify_files(engine_dir, manifest)
+    if manifest["spec"]["backend"] == "onnxruntime":  # every graph a generation runs is in the manifest
+        onnxruntime_parts(engine_dir, manifest, cfg)
     checked = ""
     if manifest["spec"]["backend"] == "torch-cuda" and manifest["spec"]["weights"] is not None:
         check_checkpoints(engine_dir, manifest)

@@ -223,26 +223,49 @@ def test_a_rebuild_never_deletes_files_the_engine_did_not_write(engines, tmp_pat
     assert (path / "cat.png").read_bytes() == b"mine"
 
 
-@pytest.mark.parametrize("change", ["export_code", "depth", "schedule", "model"])
-def test_verify_refuses_what_loading_refuses(engines, tmp_path, change):
+MANIFEST_CHANGES = {
+    "export_code": lambda m: m.update(export_code=-1),
+    "depth": lambda m: m["model_config"].update(depth=m["model_config"]["depth"] + 1),
+    "schedule": lambda m: m["schedule"].__setitem__(-1, [1, 1]),
+    "model": lambda m: m["spec"].update(model="infinity-foo"),
+    # a graph missing from the manifest, or its record without a file: a KeyError when the runner was made
+    "no step graph": lambda m: m["stages"]["optimize"]["info"]["units"].pop("step_01"),
+    "graph record without file": lambda m: m["stages"]["optimize"]["info"]["units"]["text"].pop("file"),
+    # values of the wrong kind, or ones no build accepts: a TypeError in `engine info` or `serve`, or a batch "1"
+    # that no request matched
+    "batch as text": lambda m: m["spec"].update(batch="1"),
+    "batch 0": lambda m: m["spec"].update(batch=0),
+    "unknown attention": lambda m: m["spec"].update(attention="foo"),
+    "seed as text": lambda m: m["spec"].update(seed="x"),
+    "flat schedule": lambda m: m.update(schedule=[1, 2, 3]),
+}
+
+
+@pytest.mark.parametrize("change", sorted(MANIFEST_CHANGES))
+def test_verify_refuses_what_loading_refuses(engines, tmp_path, capsys, change):
     """`engine verify` says what loading would: an engine of another exporter, architecture, schedule or an unknown
-    model fails it (it had checked only the files, and passed engines `generate` then refused)."""
+    model, a manifest without a graph the generation runs or with values no build writes, fails it (it had checked
+    only the files, and passed engines `generate` then refused or crashed on); `engine info` names the problem too."""
     path = str(tmp_path / "e")
     shutil.copytree(engines["dense"], path)
     manifest = read_manifest(path)
-    if change == "export_code":
-        manifest["export_code"] = -1
-    elif change == "depth":
-        manifest["model_config"]["depth"] += 1
-    elif change == "schedule":
-        manifest["schedule"][-1] = [1, 1]
-    else:
-        manifest["spec"]["model"] = "infinity-foo"
+    MANIFEST_CHANGES[change](manifest)
     with open(os.path.join(path, "manifest.json"), "w") as f:
         json.dump(manifest, f)
     assert main(["engine", "verify", path]) == 1
     with pytest.raises(EngineError, match="rebuild"):
         load_engine_pipeline(path)
+    capsys.readouterr()
+    assert main(["engine", "info", path]) in (0, 1)  # info describes what it can read; never a traceback
+    if change in ("batch as text", "seed as text", "flat schedule"):
+        assert "rebuild the engine" in capsys.readouterr().err
+
+
+def test_engine_commands_name_a_file_given_as_the_engine(tmp_path, capsys):
+    path = tmp_path / "engine.onnx"
+    path.write_bytes(b"")
+    assert main(["engine", "info", str(path)]) == 1
+    assert "is a file, not an engine directory" in capsys.readouterr().err
 
 
 def test_build_never_replaces_a_directory_that_is_not_an_engine(tmp_path, monkeypatch):

@@ -24,8 +24,8 @@ import os
 import numpy as np
 import torch
 
-from ..engine import EngineError, stage_info
-from ..runtime import OrtUnit
+from ..engine import EngineError
+from ..runtime import engine_unit
 from .config import HartConfig
 from .diffusion import guidance_weights, respaced_schedule
 from .generate import paired_condition
@@ -35,12 +35,6 @@ def _numpy(t: torch.Tensor, dtype: torch.dtype | None = torch.float32) -> np.nda
     return t.detach().to("cpu", dtype).numpy()
 
 
-def _unit(engine_dir: str, manifest: dict, name: str) -> OrtUnit:
-    units = stage_info(engine_dir, manifest, "optimize", "units")
-    if name not in units:
-        raise EngineError(f"{engine_dir} has no '{name}' graph: not a HART engine of this sparvar; rebuild it "
-                          "(sparvar engine build --model <hart model> ...)")
-    return OrtUnit(engine_dir, units[name])
 
 
 class OrtHartRunner:
@@ -53,10 +47,10 @@ class OrtHartRunner:
         self.cfg = cfg
         self.num_scales = len(manifest["schedule"])
         self.batch = manifest["spec"]["batch"]
-        self.text = _unit(engine_dir, manifest, "text")
-        self.steps = [_unit(engine_dir, manifest, f"step_{k:02d}") for k in range(self.num_scales)]
-        self.condition = _unit(engine_dir, manifest, "diffusion_condition")
-        self.denoise = _unit(engine_dir, manifest, "denoise")
+        self.text = engine_unit(engine_dir, manifest, "text")
+        self.steps = [engine_unit(engine_dir, manifest, f"step_{k:02d}") for k in range(self.num_scales)]
+        self.condition = engine_unit(engine_dir, manifest, "diffusion_condition")
+        self.denoise = engine_unit(engine_dir, manifest, "denoise")
         self.num_denoise_steps = respaced_schedule(cfg.diffusion).num_steps
         self.values: dict | None = None
 
@@ -131,7 +125,7 @@ class _OrtQuantizer:
                               f"({cfg.vocab_size}, {cfg.latent_dim}); rebuild the engine")
         self.embedding = torch.nn.Embedding.from_pretrained(codebook)
         self.patch_nums = cfg.patch_nums
-        self.units = [_unit(engine_dir, manifest, f"next_input_{k:02d}") for k in range(len(cfg.patch_nums))]
+        self.units = [engine_unit(engine_dir, manifest, f"next_input_{k:02d}") for k in range(len(cfg.patch_nums))]
 
     def next_autoregressive_input(self, si: int, patch_nums: tuple[int, ...], f_hat: torch.Tensor,
                                   h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -147,7 +141,7 @@ class OrtHartTokenizer:
 
     def __init__(self, engine_dir: str, manifest: dict, cfg: HartConfig):
         self.quantize = _OrtQuantizer(engine_dir, manifest, cfg)
-        self.unit = _unit(engine_dir, manifest, "decode")
+        self.unit = engine_unit(engine_dir, manifest, "decode")
 
     def decode(self, f_hat: torch.Tensor) -> torch.Tensor:
         """(B, Cvae, P, P) -> (B, 3, H, W) image in [-1, 1]."""
