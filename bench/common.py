@@ -150,7 +150,11 @@ def write_result(path: str, result: dict) -> str:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     result = {"environment": environment(), **result}
     tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(result, f, indent=2, default=str)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            json.dump(result, f, indent=2, default=str)
+        os.replace(tmp, path)
+    finally:  # a failed write or rename (disk full, `path` a directory) leaves no temp file behind
+        if os.path.exists(tmp):
+            os.remove(tmp)
     return path

@@ -342,6 +342,19 @@ def check_args(args) -> None:
         raise UsageError("bench e2e: --weights/--vae are one model's checkpoints; name that model with one --model")
     if args.batch < 1:
         raise UsageError(f"bench e2e: --batch must be >= 1, got {args.batch}")
+    if args.runs < 1 or args.warmup < 0:  # a median of no runs failed every row, after building each
+        raise UsageError(f"bench e2e: --runs must be >= 1 and --warmup >= 0, got {args.runs} and {args.warmup}")
+    if args.engine_cross_max_q is not None and args.engine_cross_max_q < 0:
+        raise UsageError(f"bench e2e: --engine-cross-max-q must be >= 0, got {args.engine_cross_max_q}")
+    from sparvar.schedule import get_schedule
+
+    for m in args.model or DEFAULT_MODELS:  # a resolution without a schedule failed at the first row's build
+        try:
+            get_schedule(args.resolution, model=m)
+        except ValueError as e:
+            raise UsageError(f"bench e2e: {e}") from None
+    if args.out and os.path.isdir(args.out):  # found only when the first row's result was written
+        raise UsageError(f"bench e2e: --out {args.out} is a directory; give a .json file name")
     if args.text_embeddings and len(args.model or []) != 1:
         raise UsageError("bench e2e: --text-embeddings are one model's features; name that model with one --model")
     for flag, path in (("--weights", args.weights), ("--vae", args.vae), ("--text-embeddings", args.text_embeddings)):

@@ -179,9 +179,16 @@ def check_state_dict(sd: dict[str, torch.Tensor], cfg: InfinityConfig) -> None:
     check_keys(sd, official_key_shapes(cfg), cfg.name)
 
 
-def check_keys(sd: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]], model_name: str) -> None:
-    """The strict comparison every loader shares: one CheckpointError listing all missing, unexpected and
-    wrongly shaped keys of `sd` against `expected` (key -> shape)."""
+def not_floating(key: str, value: torch.Tensor) -> str | None:
+    """The problem of a weight tensor that is not floating point (a load would fail on it deep in torch, or cast it
+    silently), for the loaders' key lists; None for a floating-point one."""
+    return None if value.dtype.is_floating_point else f"{key}: {str(value.dtype).removeprefix('torch.')}"
+
+
+def check_keys(sd: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]], model_name: str,
+               integer_keys: frozenset = frozenset()) -> None:
+    """The strict comparison every loader shares: one CheckpointError listing all missing, unexpected, wrongly
+    shaped and non-floating-point keys of `sd` against `expected` (key -> shape; `integer_keys` may hold integers)."""
     missing = sorted(set(expected) - set(sd))
     unexpected = sorted(set(sd) - set(expected))
     mis_shaped = sorted(
@@ -189,8 +196,10 @@ def check_keys(sd: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]]
         for k in set(expected) & set(sd)
         if tuple(sd[k].shape) != expected[k]
     )
+    wrong_dtype = sorted(filter(None, (not_floating(k, sd[k]) for k in set(expected) & set(sd) if k not in integer_keys)))
     raise_key_problems(f"checkpoint does not match {model_name} ({len(expected)} keys expected, {len(sd)} found)",
-                       [("missing", missing), ("unexpected", unexpected), ("wrong shape", mis_shaped)])
+                       [("missing", missing), ("unexpected", unexpected), ("wrong shape", mis_shaped),
+                        ("not floating point", wrong_dtype)])
 
 
 def raise_key_problems(header: str, problems: list[tuple[str, list[str]]]) -> None:
@@ -217,7 +226,7 @@ def select_state(sd: dict, expected: dict[str, tuple[int, ...]], name_of, header
     """
     ours: dict[str, torch.Tensor] = {}
     seen: set[str] = set()  # expected names some key spelled, even if its value was bad
-    unexpected, duplicated, mis_shaped, not_tensor = [], [], [], []
+    unexpected, duplicated, mis_shaped, not_tensor, wrong_dtype = [], [], [], [], []
     for key, value in sd.items():
         name = name_of(key) if isinstance(key, str) else ""
         if name is None:
@@ -233,11 +242,14 @@ def select_state(sd: dict, expected: dict[str, tuple[int, ...]], name_of, header
             not_tensor.append(f"{key}: {type(value).__name__}")
         elif tuple(value.shape) != expected[name]:
             mis_shaped.append(f"{key}: checkpoint {tuple(value.shape)} != expected {expected[name]}")
+        elif not_floating(key, value):
+            wrong_dtype.append(not_floating(key, value))
         else:
             ours[name] = value
     missing = [missing_prefix + k for k in expected if k not in seen]
     raise_key_problems(header, [("missing", missing), ("unexpected", unexpected), ("duplicated", duplicated),
-                                ("wrong shape", mis_shaped), ("not a tensor", not_tensor)])
+                                ("wrong shape", mis_shaped), ("not a tensor", not_tensor),
+                                ("not floating point", wrong_dtype)])
     return ours
 
 

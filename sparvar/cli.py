@@ -10,6 +10,7 @@ import sys
 import time
 
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+DEFAULT_PROMPT = "a photo of a cat"  # `generate` without --prompt or --text-embeddings
 
 
 class UsageError(Exception):
@@ -163,16 +164,20 @@ def check_checkpoint_paths(args) -> None:
             raise UsageError(f"checkpoint not found: {path}")
 
 
-def check_out_path(out: str) -> None:
-    """Refuse, before generating, an --out that cannot become an image file."""
+def check_out_path(out: str, images: int = 1) -> None:
+    """Refuse, before generating, an --out that cannot become the image file(s) of `images` prompts (a batch writes
+    NAME-<i>.EXT: sparvar.pipeline.image_paths)."""
     import os
+
+    from .pipeline import image_format, image_paths
 
     if not out or os.path.basename(out) in ("", ".", ".."):
         raise UsageError(f"--out must name an image file, got {out!r}")
     if os.path.isdir(out):
         raise UsageError(f"--out {out} is a directory; give a file name (e.g. {os.path.join(out, 'image.png')})")
-    from .pipeline import image_format
-
+    taken = [p for p in image_paths(out, images) if os.path.isdir(p)]
+    if taken:
+        raise UsageError(f"--out {out}: the batch's image {taken[0]} is a directory; give another --out")
     if image_format(out) is None:  # Pillow would say so only after the whole generation
         raise UsageError(f"--out {out}: no image format writes {os.path.splitext(out)[1]!r} files; use .png, .jpg or "
                          ".webp")
@@ -190,25 +195,33 @@ def cmd_generate(args) -> int:
 
     from .config import get_config
     from .pipeline import Pipeline, check_text_sources, save_images
+    from .text import check_prompt
 
-    def check_text_args(cfg, real_weights):
+    def check_text_args(cfg, real_weights) -> int:
+        """The text options against the model; returns the number of prompts (rows of --text-embeddings)."""
         from .text import load_embeddings
 
         try:
             check_text_sources(cfg, t5=args.t5, qwen=args.qwen, embeddings=args.text_embeddings,
                                real_weights=real_weights)
             if args.text_embeddings:  # a small file: its width is checked here, not after the weights load
-                load_embeddings(args.text_embeddings, cfg.text_dim)
+                return load_embeddings(args.text_embeddings, cfg.text_dim)[0].shape[0]
         except ValueError as e:
             raise UsageError(str(e)) from None
+        return len(args.prompt or [DEFAULT_PROMPT])
 
-    check_out_path(args.out)
     if args.prompt and args.text_embeddings:
         raise UsageError("give --prompt or --text-embeddings (precomputed prompts), not both")
+    for prompt in args.prompt or ():
+        try:
+            check_prompt(prompt)
+        except ValueError as e:
+            raise UsageError(f"--prompt {e}") from None
+    check_out_path(args.out)  # the path itself before anything loads; its batch names once the prompts are counted
     if not 0 <= args.seed < 2**63:
         raise UsageError(f"--seed must be an integer in [0, 2^63), got {args.seed}")
     if args.engine:
-        from .runtime import load_engine_pipeline
+        from .runtime import check_engine_request, load_engine_pipeline
 
         if args.weights or args.vae or args.random_weights:
             raise UsageError("--engine runs the weights the engine was built with; drop --weights/--vae/--random-weights")
@@ -217,7 +230,15 @@ def cmd_generate(args) -> int:
                              "drop --device")
         from .engine import check_compatible, read_manifest
 
-        # what the engine was built for is fixed: an option that says otherwise is refused, not ignored
+        # what the engine was built for is fixed: an option that says otherwise is refused, not ignored; one no
+        # engine could have been built for is refused as such (not "build an engine with model='foo'")
+        if args.resolution is not None and args.resolution <= 0:
+            raise UsageError(f"--resolution must be positive, got {args.resolution}")
+        if args.model is not None:
+            try:
+                get_config(args.model)
+            except ValueError as e:
+                raise UsageError(str(e)) from None
         expected = dict(model=args.model, resolution=args.resolution, aspect=args.aspect, attention=args.attention,
                         dtype=args.dtype)
         manifest = read_manifest(args.engine)  # cheap: the options are checked before the engine loads
@@ -226,11 +247,13 @@ def cmd_generate(args) -> int:
             engine_cfg = get_config(manifest["spec"]["model"])
         except ValueError as e:
             raise UsageError(f"{args.engine}: {e}; rebuild the engine") from None
-        check_text_args(engine_cfg, real_weights=manifest["spec"]["weights"] is not None)
+        prompts = check_text_args(engine_cfg, real_weights=manifest["spec"]["weights"] is not None)
+        check_out_path(args.out, prompts)
+        check_engine_request(args.engine, manifest, prompts, guided=args.cfg is None or args.cfg != 1)
         pipe = load_engine_pipeline(args.engine, skip_last=args.skip_last, **expected)
     else:
         check_model_args(args)
-        check_text_args(get_config(args.model), real_weights=not args.random_weights)
+        check_out_path(args.out, check_text_args(get_config(args.model), real_weights=not args.random_weights))
         check_checkpoint_paths(args)
         device, dtype = resolve_device_dtype(args.device or "cpu", args.dtype)
         pipe = Pipeline.from_args(args, device, dtype)
@@ -238,7 +261,7 @@ def cmd_generate(args) -> int:
         sampling = pipe.sampling(cfg=args.cfg, tau=args.tau, top_k=args.top_k, top_p=args.top_p)
     except ValueError as e:
         raise UsageError(str(e)) from None
-    prompts = args.prompt or ["a photo of a cat"]
+    prompts = args.prompt or [DEFAULT_PROMPT]
     features, lengths = pipe.text_features(prompts, t5=args.t5, embeddings=args.text_embeddings,
                                            allow_hashed=pipe.random_weights, qwen=args.qwen)
     t0 = time.perf_counter()

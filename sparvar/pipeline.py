@@ -1,6 +1,7 @@
 """A ready-to-run text-to-image pipeline: config + schedule + transformer runner + tokenizer decoder + text."""
 from __future__ import annotations
 
+import io
 import os
 
 import torch
@@ -147,21 +148,36 @@ def image_arrays(images: torch.Tensor):
     return images.mul(255).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
+def image_paths(out: str, count: int) -> list[str]:
+    """The files `save_images` writes for `count` images: `out` itself for one, NAME-<i>.EXT for a batch."""
+    root, ext = os.path.splitext(out)
+    ext = ext or ".png"
+    return [f"{root}{ext}"] if count == 1 else [f"{root}-{i}{ext}" for i in range(count)]
+
+
 def save_images(images: torch.Tensor, out: str) -> list[str]:
-    """(B, 3, H, W) in [0, 1] -> PNG file(s), each written to a temp name and renamed."""
+    """(B, 3, H, W) in [0, 1] -> image file(s) (image_paths), all written to temp names first and then renamed, so a
+    failed write (disk full, no encoder) leaves no image of the batch and no temp file behind. OSError naming the
+    file asked for, not its temp name."""
     from PIL import Image
 
     arr = image_arrays(images)
-    root, ext = os.path.splitext(out)
-    ext = ext or ".png"
-    paths = [f"{root}{ext}"] if len(arr) == 1 else [f"{root}-{i}{ext}" for i in range(len(arr))]
+    paths = image_paths(out, len(arr))
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    for a, path in zip(arr, paths):
-        tmp = f"{path}.tmp-{os.getpid()}{ext}"
-        try:
-            Image.fromarray(a).save(tmp)
-            os.replace(tmp, path)
-        finally:  # a failed write (disk full, no encoder) leaves no half-written temp file behind
+    temps = [f"{path}.tmp-{os.getpid()}{os.path.splitext(path)[1]}" for path in paths]
+    try:
+        for a, path, tmp in zip(arr, paths, temps):
+            try:
+                Image.fromarray(a).save(tmp)
+            except (OSError, ValueError) as e:
+                raise OSError(f"cannot write {path}: {getattr(e, 'strerror', None) or e}") from None
+        for path, tmp in zip(paths, temps):
+            try:
+                os.replace(tmp, path)
+            except OSError as e:
+                raise OSError(f"cannot write {path}: {e.strerror or e}") from None
+    finally:
+        for tmp in temps:
             if os.path.exists(tmp):
                 os.remove(tmp)
     return paths
@@ -174,4 +190,10 @@ def image_format(path: str) -> str | None:
     Image.init()  # registers every plug-in's extensions
     ext = os.path.splitext(path)[1].lower() or ".png"
     fmt = Image.registered_extensions().get(ext)
-    return fmt if fmt in Image.SAVE else None
+    if fmt not in Image.SAVE:
+        return None
+    try:  # some registered writers take no RGB image (XBM, MSP, ...) or are stubs without an encoder (HDF5, WMF)
+        Image.new("RGB", (1, 1)).save(io.BytesIO(), format=fmt)
+    except (OSError, ValueError, KeyError):
+        return None
+    return fmt

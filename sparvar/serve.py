@@ -32,6 +32,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import torch
 
 from .generate import finite_number
+from .text import check_prompt
 
 MAX_BODY_BYTES = 64 << 10
 SOCKET_TIMEOUT_S = 60
@@ -110,8 +111,10 @@ class GenerationService:
         if unknown:
             raise RequestError(f"unknown field(s) {', '.join(unknown)}; a request takes {', '.join(REQUEST_FIELDS)}")
         prompt = request.get("prompt")
-        if not isinstance(prompt, str) or not prompt.strip():
-            raise RequestError("'prompt' must be a non-empty string")
+        try:
+            check_prompt(prompt)
+        except ValueError as e:
+            raise RequestError(f"'prompt' {e}") from None
         seed = request.get("seed", 0)
         if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
             raise RequestError(f"'seed' must be an integer in [0, 2^63), got {seed!r}")

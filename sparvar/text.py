@@ -78,6 +78,19 @@ def load_embeddings(path: str, text_dim: int, require_lengths: str | None = None
     return features, lengths.long()
 
 
+def check_prompt(prompt) -> None:
+    """ValueError (a phrase to follow the option's or field's name) unless `prompt` is text a tokenizer can take:
+    a non-empty string, encodable as UTF-8 (a lone surrogate from a JSON escape or a command line in another
+    encoding failed inside the text encoder, and in a server, for every request batched with it)."""
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise ValueError(f"must be a non-empty string, got {prompt!r}")
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"must be valid UTF-8 text: character {e.object[e.start]!r} at position {e.start} is not "
+                         "(an unpaired surrogate, or a command line in another encoding)") from None
+
+
 def hashed_embeddings(prompts: list[str], text_dim: int, max_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
     """One fixed random vector per word (seeded by the word's hash), so equal prompts give equal features."""
     rows, lengths = [], []

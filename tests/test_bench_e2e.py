@@ -29,6 +29,11 @@ from sparvar.vae import build_vae
     (["--rows", "=SparVAR engine"], "--rows term '=SparVAR engine' selects none of infinity-2b's rows"),
     (["--model", "infinity-2b", "--rows", "engine", "--rows", "=dense engine"], "'=dense engine' selects none"),
     (["--model", "infinity-2b", "--rows", " , "], "--rows names no row"),
+    (["--model", "infinity-2b", "--runs", "0"], "--runs must be >= 1 and --warmup >= 0"),
+    (["--model", "infinity-2b", "--warmup", "-5"], "--runs must be >= 1 and --warmup >= 0"),
+    (["--model", "infinity-2b", "--resolution", "300"], "unsupported resolution 300"),
+    (["--model", "infinity-2b", "--engine-cross-max-q", "-7"], "--engine-cross-max-q must be >= 0"),
+    (["--model", "infinity-2b", "--out", "."], "--out . is a directory"),
 ])
 def test_bench_e2e_refuses_bad_options_before_building_anything(args, message, capsys):
     assert main(["bench", "e2e", *args]) == 2
@@ -240,3 +245,12 @@ def test_clock_sampler_summarises_what_it_read_and_says_why_it_did_not():
         with ClockSampler() as idle:
             pass
         assert idle.summary() == {"sampled": False, "why": "no CUDA GPU"}
+
+
+def test_a_result_that_cannot_be_written_leaves_no_temp_file(tmp_path):
+    from bench.common import write_result
+
+    (tmp_path / "r.json").mkdir()  # os.replace onto a directory fails
+    with pytest.raises(OSError):
+        write_result(str(tmp_path / "r.json"), {"rows": []})
+    assert os.listdir(tmp_path) == ["r.json"]

@@ -81,6 +81,15 @@ def test_strict_errors_list_missing_unexpected_and_misshaped(tmp_path):
     assert "wrong shape (1)" in msg and "cfg_uncond: checkpoint (30, 64) != expected (32, 64)" in msg
 
 
+def test_integer_weights_are_named_not_loaded():
+    """Weights that are not floating point (a bad conversion) are named by key: they failed deep in load_state_dict
+    ("Only Tensors of floating point ... can require gradients"), or were cast silently."""
+    sd = {k: torch.zeros(v) for k, v in official_key_shapes(TINY).items()}
+    sd["head.weight"] = sd["head.weight"].to(torch.int32)
+    with pytest.raises(CheckpointError, match=r"not floating point \(1\):\n  head.weight: int32"):
+        check_state_dict(sd, TINY)
+
+
 def test_checkpoint_of_another_model_is_refused(tmp_path):
     path = str(tmp_path / "tiny.safetensors")
     save_official(build_model(TINY), path)

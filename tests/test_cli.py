@@ -60,20 +60,50 @@ def test_skip_last_changes_the_image_and_is_bounded(tmp_path, capsys):
     # before any weights load (it was said by the loop, after them: 25 s and 9 GB at 2B)
     (["--model", "infinity-2b", "--random-weights", "--resolution", "256", "--skip-last", "7"],
      "--skip-last must be below the 7 scales of infinity-2b at 256"),
+    # prompts the text encoder cannot take: refused before anything loads, as the server refuses them
+    (["--random-weights", "--prompt", "  "], "--prompt must be a non-empty string"),
+    (["--random-weights", "--prompt", "caf\udce9"], "--prompt must be valid UTF-8 text: character '\\udce9' at position 3"),
 ])
 def test_bad_arguments_are_named(args, message, capsys, tmp_path):
     code, err = _run(["generate", *args, "--out", str(tmp_path / "x.png")], capsys)
     assert code != 0 and message in err, err
 
 
-def test_bad_out_paths_are_refused_before_generating(capsys, tmp_path):
+def test_bad_out_paths_are_refused_before_generating(capsys, tmp_path, monkeypatch):
+    import sparvar.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline.Pipeline, "from_args", lambda *a, **k: pytest.fail("the model loaded first"))
     (tmp_path / "afile").write_text("x")
-    for out, message in ((str(tmp_path), "is a directory; give a file name"), ("", "must name an image file"),
-                         (str(tmp_path / "afile" / "x.png"), "afile is a file, not a directory"),
-                         (str(tmp_path / "x.foo"), "no image format writes '.foo' files")):
-        code, err = _run(["generate", "--random-weights", "--out", out], capsys)
+    (tmp_path / "b-1.png").mkdir()  # the second image of a batch written as b.png
+    for out, prompts, message in (
+            (str(tmp_path), 1, "is a directory; give a file name"), ("", 1, "must name an image file"),
+            (str(tmp_path / "afile" / "x.png"), 1, "afile is a file, not a directory"),
+            (str(tmp_path / "x.foo"), 1, "no image format writes '.foo' files"),
+            # a writer Pillow registers that takes no RGB image: it failed after the whole generation
+            (str(tmp_path / "x.xbm"), 1, "no image format writes '.xbm' files"),
+            (str(tmp_path / "b.png"), 3, f"the batch's image {tmp_path / 'b-1.png'} is a directory")):
+        prompt_args = [a for i in range(prompts) for a in ("--prompt", f"prompt {i}")]
+        code, err = _run(["generate", "--random-weights", *prompt_args, "--out", out], capsys)
         assert code == 2 and message in err, (out, err)
-    assert sorted(os.listdir(tmp_path)) == ["afile"]  # nothing written, nothing generated
+    assert sorted(os.listdir(tmp_path)) == ["afile", "b-1.png"]  # nothing written, nothing generated
+
+
+def test_an_engine_takes_its_batch_and_guidance_before_it_loads(engines, capsys, tmp_path, monkeypatch):
+    """The prompts an onnxruntime engine takes per generation, and its CFG batch, are in its manifest: a request it
+    cannot run is refused before its files hash and its graphs load (and with the same words as its runner)."""
+    import sparvar.runtime as runtime
+
+    monkeypatch.setattr(runtime, "load_engine_pipeline", lambda *a, **k: pytest.fail("the engine loaded first"))
+    base = ["generate", "--engine", engines["dense"], "--out", str(tmp_path / "x.png")]
+    code, err = _run(base + ["--prompt", "a", "--prompt", "b"], capsys)
+    assert code == 1 and "was built for 1 prompt(s) per generation, got 2" in err, err
+    code, err = _run(base + ["--cfg", "1"], capsys)
+    assert code == 1 and "built with classifier-free guidance" in err, err
+    code, err = _run(base + ["--model", "infinity-3b"], capsys)  # not "build an engine with model='infinity-3b'"
+    assert code == 2 and "unknown model 'infinity-3b'" in err, err
+    code, err = _run(base + ["--resolution", "-1"], capsys)
+    assert code == 2 and "--resolution must be positive" in err, err
+    assert not os.listdir(tmp_path)
 
 
 @pytest.mark.parametrize("option,message", [
@@ -192,6 +222,31 @@ def test_a_failed_image_write_leaves_no_temp_file(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="No space left"):
         save_images(torch.rand(1, 3, 8, 8), str(tmp_path / "x.png"))
     assert os.listdir(tmp_path) == []
+
+
+def test_a_batch_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
+    """A batch's images are all encoded before any is renamed into place: the third failing leaves none of them
+    (the first two had been written, and a rerun overwrote a half batch); the error names the file asked for."""
+    import torch
+    from PIL import Image
+
+    from sparvar.pipeline import save_images
+
+    real_save, calls = Image.Image.save, []
+
+    def third_fails(self, fp, *args, **kwargs):
+        calls.append(fp)
+        if len(calls) == 3:
+            raise OSError(28, "No space left on device")
+        return real_save(self, fp, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "save", third_fails)
+    with pytest.raises(OSError, match=f"cannot write {tmp_path / 'b-2.png'}: No space left on device"):
+        save_images(torch.rand(3, 3, 8, 8), str(tmp_path / "b.png"))
+    assert os.listdir(tmp_path) == []
+    monkeypatch.undo()  # the disk has room again
+    assert save_images(torch.rand(3, 3, 8, 8), str(tmp_path / "b.png")) == [str(tmp_path / f"b-{i}.png") for i in range(3)]
+    assert sorted(os.listdir(tmp_path)) == ["b-0.png", "b-1.png", "b-2.png"]
 
 
 def test_pixels_are_truncated_as_the_official_pipelines_convert():

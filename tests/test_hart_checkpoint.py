@@ -116,7 +116,8 @@ def test_folder_layout_and_ema(tmp_path):
 def test_strict_errors_name_missing_extra_and_misshaped_keys():
     sd = {k: torch.zeros(v) for k, v in official_key_shapes(TINY).items()}
     sd.update(official_buffers(TINY))
-    check_state_dict(sd, TINY)  # complete: accepted, buffers included
+    check_state_dict(sd, TINY)  # complete: accepted, buffers included (lvl_1L holds integers)
+    assert not sd["lvl_1L"].dtype.is_floating_point
     del sd["blocks.1.ffn.up_proj.weight"]
     sd["blocks.0.attn.scale_mul_1H11"] = torch.zeros(1, TINY.heads, 1, 1)  # a cosine-attention checkpoint's key
     sd["head.weight"] = torch.zeros(TINY.vocab_size + 1, TINY.width)

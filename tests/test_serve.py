@@ -64,6 +64,8 @@ def test_generate_returns_the_cli_image(server, engines, tmp_path, capsys):
 @pytest.mark.parametrize("body,message", [
     ({}, "'prompt' must be a non-empty string"),
     ({"prompt": "  "}, "'prompt' must be a non-empty string"),
+    # a lone surrogate (a JSON escape no UTF-8 holds) failed in the text encoder, for every request batched with it
+    ({"prompt": "a \ud800 cat"}, "'prompt' must be valid UTF-8 text"),
     ({"prompt": "a cat", "temperature": 2}, "unknown field(s) temperature"),
     ({"prompt": "a cat", "seed": -1}, "'seed' must be an integer"),
     ({"prompt": "a cat", "seed": "3"}, "'seed' must be an integer"),

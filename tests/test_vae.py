@@ -147,6 +147,13 @@ def test_select_names_missing_unexpected_misshaped_duplicated():
     assert "encoder.conv_in" not in msg and "lfq.mask" not in msg  # ignored by prefix, not reported
 
 
+def test_integer_decoder_weights_are_named_not_cast():
+    sd = full_official_sd(VAE_D32)
+    sd["decoder.conv_in.conv.weight"] = torch.empty(512, 32, 3, 3, dtype=torch.int64, device="meta")
+    with pytest.raises(CheckpointError, match=r"not floating point \(1\):\n  decoder.conv_in.conv.weight: int64"):
+        select_decoder_state(sd, VAE_D32)
+
+
 def test_d56_checkpoint_rejected_by_d32_config():
     with pytest.raises(CheckpointError, match=r"wrong shape"):
         select_decoder_state(full_official_sd(VAE_D56), VAE_D32)

@@ -45,8 +45,9 @@ def official_buffers(cfg: HartConfig) -> dict[str, torch.Tensor]:
 def check_state_dict(sd: dict[str, torch.Tensor], cfg: HartConfig) -> None:
     """Raise a CheckpointError listing every missing, unexpected and wrongly shaped key (dropped buffers included)."""
     expected = official_key_shapes(cfg)
-    expected.update({k: s for k, s in dropped_buffer_shapes(cfg).items() if k in sd})
-    check_keys(sd, expected, cfg.name)
+    dropped = {k: s for k, s in dropped_buffer_shapes(cfg).items() if k in sd}
+    expected.update(dropped)
+    check_keys(sd, expected, cfg.name, integer_keys=frozenset(dropped))  # lvl_1L holds scale indices
 
 
 def _ema_file(path: str, ema: bool | None) -> str | None:
