@@ -221,7 +221,7 @@ def cmd_generate(args) -> int:
     if not 0 <= args.seed < 2**63:
         raise UsageError(f"--seed must be an integer in [0, 2^63), got {args.seed}")
     if args.engine:
-        from .runtime import check_engine_request, load_engine_pipeline
+        from .runtime import check_engine_code, check_engine_request, load_engine_pipeline
 
         if args.weights or args.vae or args.random_weights:
             raise UsageError("--engine runs the weights the engine was built with; drop --weights/--vae/--random-weights")
@@ -249,7 +249,8 @@ def cmd_generate(args) -> int:
             raise UsageError(f"{args.engine}: {e}; rebuild the engine") from None
         prompts = check_text_args(engine_cfg, real_weights=manifest["spec"]["weights"] is not None)
         check_out_path(args.out, prompts)
-        check_engine_request(args.engine, manifest, prompts, guided=args.cfg is None or args.cfg != 1)
+        check_engine_code(args.engine, manifest)  # the spec's values, before the request is checked against them
+        check_engine_request(manifest, prompts, guided=args.cfg is None or args.cfg != 1)
         pipe = load_engine_pipeline(args.engine, skip_last=args.skip_last, **expected)
     else:
         check_model_args(args)

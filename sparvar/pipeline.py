@@ -156,9 +156,10 @@ def image_paths(out: str, count: int) -> list[str]:
 
 
 def save_images(images: torch.Tensor, out: str) -> list[str]:
-    """(B, 3, H, W) in [0, 1] -> image file(s) (image_paths), all written to temp names first and then renamed, so a
-    failed write (disk full, no encoder) leaves no image of the batch and no temp file behind. OSError naming the
-    file asked for, not its temp name."""
+    """(B, 3, H, W) in [0, 1] -> image file(s) (image_paths), all encoded to temp names before any is renamed, so a
+    failed write (disk full, no encoder) leaves no image of the batch and no temp file behind (a rename failing
+    midway, rarer: `sparvar generate` refuses directories in the way first, can leave the first ones renamed).
+    OSError naming the file asked for, not its temp name."""
     from PIL import Image
 
     arr = image_arrays(images)

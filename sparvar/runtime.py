@@ -155,19 +155,20 @@ class OrtUnit:
         return dict(zip(self.outputs, self.session.run(self.outputs, feed)))
 
 
-def check_engine_request(engine_dir: str, manifest: dict, prompts: int, guided: bool) -> None:
-    """What an engine runs per generation, from its manifest, or an EngineError: onnxruntime graphs have a static
-    batch (spec.batch prompts; Infinity's with the CFG rows, so guided only). torch-cuda engines capture graphs for
-    any batch, guided or not. `sparvar generate` asks before the engine loads (its files hash for minutes at 8B)."""
+def check_engine_request(manifest: dict, prompts: int, guided: bool) -> None:
+    """What an engine runs per generation, from its (checked) manifest, or an EngineError: onnxruntime graphs have a
+    static batch (spec.batch prompts; Infinity's with the CFG rows, so guided only). torch-cuda engines capture graphs
+    for any batch, guided or not. The runners ask at each generation (`serve` answers a client with the message: it
+    names no path), `sparvar generate` before the engine loads (its files hash for minutes at 8B)."""
     spec = manifest["spec"]
     if spec["backend"] != "onnxruntime":
         return
     if prompts != spec["batch"]:
-        raise EngineError(f"{engine_dir} was built for {spec['batch']} prompt(s) per generation, got {prompts}: give "
+        raise EngineError(f"the engine was built for {spec['batch']} prompt(s) per generation, got {prompts}: give "
                           f"{spec['batch']} prompts, or build an engine with --batch {prompts}")
     if not guided and manifest["model_config"].get("family", "infinity") == "infinity":
-        raise EngineError(f"{engine_dir}: Infinity onnxruntime engines are built with classifier-free guidance (cond "
-                          "+ uncond batch); use cfg != 1, or a torch-cuda engine")
+        raise EngineError("Infinity onnxruntime engines are built with classifier-free guidance (cond + uncond batch); "
+                          "use cfg != 1, or a torch-cuda engine")
 
 
 def engine_unit(engine_dir: str, manifest: dict, name: str) -> OrtUnit:
@@ -191,13 +192,13 @@ class OrtRunner:
     def __init__(self, engine_dir: str, manifest: dict):
         self.text = engine_unit(engine_dir, manifest, "text")
         self.steps = [engine_unit(engine_dir, manifest, f"step_{k:02d}") for k in range(len(manifest["schedule"]))]
-        self.engine_dir, self.manifest = engine_dir, manifest
+        self.manifest = manifest
         self.depth = manifest["model_config"]["depth"]
         self.text_maxlen, self.text_dim = manifest["model_config"]["text_maxlen"], manifest["model_config"]["text_dim"]
         self.batch = manifest["spec"]["batch"]
 
     def begin(self, features, lengths, guided: bool):
-        check_engine_request(self.engine_dir, self.manifest, features.shape[0], guided)
+        check_engine_request(self.manifest, features.shape[0], guided)
         # the model's own checks did not survive the export (a dynamic text length is declared up to the maximum)
         B, L, D = features.shape
         if L > self.text_maxlen or D != self.text_dim:

@@ -225,8 +225,8 @@ def test_a_failed_image_write_leaves_no_temp_file(tmp_path, monkeypatch):
 
 
 def test_a_batch_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
-    """A batch's images are all encoded before any is renamed into place: the third failing leaves none of them
-    (the first two had been written, and a rerun overwrote a half batch); the error names the file asked for."""
+    """A batch's images are all encoded before any is renamed into place: the third failing to encode leaves none
+    of them (the first two had been written); the error names the file asked for, not its temp name."""
     import torch
     from PIL import Image
 

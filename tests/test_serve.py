@@ -82,6 +82,7 @@ def test_bad_requests_get_400_naming_the_problem(server, body, message):
     status, headers, payload = _post(url, body)
     assert status == 400 and headers["Content-Type"] == "application/json"
     assert message in json.loads(payload)["error"]
+    assert service.engine_dir not in json.loads(payload)["error"]  # a client is not told the server's paths
 
 
 def test_malformed_body_unknown_path_and_health(server):

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from ..engine import EngineError
-from ..runtime import engine_unit
+from ..runtime import check_engine_request, engine_unit
 from .config import HartConfig
 from .diffusion import guidance_weights, respaced_schedule
 from .generate import paired_condition
@@ -44,7 +44,7 @@ class OrtHartRunner:
     device = torch.device("cpu")
 
     def __init__(self, engine_dir: str, manifest: dict, cfg: HartConfig):
-        self.cfg = cfg
+        self.cfg, self.manifest = cfg, manifest
         self.num_scales = len(manifest["schedule"])
         self.batch = manifest["spec"]["batch"]
         self.text = engine_unit(engine_dir, manifest, "text")
@@ -56,8 +56,7 @@ class OrtHartRunner:
 
     def begin(self, features: torch.Tensor, mask: torch.Tensor, guided: bool) -> None:
         B, L, D = self.batch, self.cfg.text_len, self.cfg.text_dim
-        if features.shape[0] != B:  # as the Infinity engine says it: the batch is the engine's, the prompts the caller's
-            raise EngineError(f"engine was built for batch {B}, got {features.shape[0]} prompts")
+        check_engine_request(self.manifest, features.shape[0], guided)  # the batch is the engine's, the prompts the caller's
         if tuple(features.shape) != (B, L, D):
             raise EngineError(f"text features {tuple(features.shape)}: this engine takes ({B}, {L}, {D}) (pad or "
                               f"truncate the prompt to {L} text slots)")
