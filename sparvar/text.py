@@ -65,6 +65,8 @@ def load_embeddings(path: str, text_dim: int, require_lengths: str | None = None
         features = features[None]
     if features.ndim != 3 or features.shape[-1] != text_dim:
         raise ValueError(f"{path}: 'features' has shape {tuple(features.shape)}, expected (B, L, {text_dim})")
+    if not bool(torch.isfinite(features).all()):  # every image of the batch would be noise, without a word
+        raise ValueError(f"{path}: 'features' holds NaN or infinite values (a failed encoder run?)")
     if require_lengths and "lengths" not in data:
         raise ValueError(f"{path}: missing tensor 'lengths' (B,): {require_lengths}")
     lengths = data.get("lengths", torch.full((features.shape[0],), features.shape[1]))

@@ -59,6 +59,11 @@ def test_embedding_file_roundtrip_and_errors(tmp_path):
         save_file({"features": torch.randn(1, 4, TINY.text_dim), "lengths": lengths}, bad)
         with pytest.raises(ValueError, match=message):
             load_embeddings(bad, TINY.text_dim)
+    nan = torch.randn(1, 4, TINY.text_dim)
+    nan[0, 1, 5] = float("nan")
+    save_file({"features": nan, "lengths": torch.tensor([4])}, bad)
+    with pytest.raises(ValueError, match="'features' holds NaN or infinite values"):
+        load_embeddings(bad, TINY.text_dim)
     with open(bad, "wb") as f:
         f.write(b"\x00garbage")
     with pytest.raises(ValueError, match="bad.safetensors cannot be read as text embeddings"):
