@@ -228,13 +228,11 @@ MANIFEST_CHANGES = {
     "depth": lambda m: m["model_config"].update(depth=m["model_config"]["depth"] + 1),
     "schedule": lambda m: m["schedule"].__setitem__(-1, [1, 1]),
     "model": lambda m: m["spec"].update(model="infinity-foo"),
-    # a graph missing from the manifest, or its record without a file: a KeyError when the runner was made
+    # a graph missing from the manifest: a KeyError when the runner was made
     "no step graph": lambda m: m["stages"]["optimize"]["info"]["units"].pop("step_01"),
-    "graph record without file": lambda m: m["stages"]["optimize"]["info"]["units"]["text"].pop("file"),
     # values of the wrong kind, or ones no build accepts: a TypeError in `engine info` or `serve`, or a batch "1"
     # that no request matched
     "batch as text": lambda m: m["spec"].update(batch="1"),
-    "batch 0": lambda m: m["spec"].update(batch=0),
     "unknown attention": lambda m: m["spec"].update(attention="foo"),
     "seed as text": lambda m: m["spec"].update(seed="x"),
     "flat schedule": lambda m: m.update(schedule=[1, 2, 3]),
@@ -693,3 +691,18 @@ def test_a_failed_export_closes_the_shared_weights_file(tmp_path, monkeypatch):
         build_engine(EngineSpec(model="infinity-tiny", resolution=256), str(tmp_path / "e"), log=QUIET)
     assert len(opened) == 1 and opened[0].file.closed
     assert not os.path.exists(tmp_path / "e")
+
+
+def test_a_graph_record_without_its_file_or_io_is_named(engines):
+    """engine_unit checks the record as well as its presence (a record without its file was a KeyError)."""
+    import copy
+
+    from sparvar.runtime import engine_unit
+
+    manifest = read_manifest(engines["dense"])
+    assert engine_unit(engines["dense"], manifest, "text").inputs == ["text_features", "text_lengths"]
+    for broken in ("file", "inputs"):
+        changed = copy.deepcopy(manifest)
+        changed["stages"]["optimize"]["info"]["units"]["text"].pop(broken)
+        with pytest.raises(EngineError, match="has no usable 'text' graph in its manifest"):
+            engine_unit(engines["dense"], changed, "text")
