@@ -164,8 +164,9 @@ def idle_gaps(kernels: list[tuple[float, float, str]], top: int = TOP) -> dict:
 
 def kernel_totals(kernels: list[tuple[float, float, str]], top: int = TOP) -> dict:
     """Device time per category and the kernels that cost most, from a timeline's (start_us, end_us, name)
-    intervals (copies and memsets among them count as "other"): the kernels as a graphed generation runs them back to back, to set beside `profile`'s, which runs
-    each scale alone with the GPU drained around it (a cooler GPU than the end-to-end rows' sustained load)."""
+    intervals (copies and memsets among them count as "other"): the kernels as a graphed generation runs them back
+    to back, to set beside `profile`'s, which runs each scale alone with the GPU drained around it (a cooler GPU
+    than the end-to-end rows' sustained load)."""
     ms, count = collections.Counter(), collections.Counter()
     for start, end, name in kernels:
         ms[name] += (end - start) / 1000

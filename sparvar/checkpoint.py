@@ -242,8 +242,8 @@ def select_state(sd: dict, expected: dict[str, tuple[int, ...]], name_of, header
             not_tensor.append(f"{key}: {type(value).__name__}")
         elif tuple(value.shape) != expected[name]:
             mis_shaped.append(f"{key}: checkpoint {tuple(value.shape)} != expected {expected[name]}")
-        elif not_floating(key, value):
-            wrong_dtype.append(not_floating(key, value))
+        elif problem := not_floating(key, value):
+            wrong_dtype.append(problem)
         else:
             ours[name] = value
     missing = [missing_prefix + k for k in expected if k not in seen]

@@ -164,7 +164,7 @@ def check_checkpoint_paths(args) -> None:
             raise UsageError(f"checkpoint not found: {path}")
 
 
-def check_out_path(out: str, images: int = 1) -> None:
+def check_out_path(out: str, images: int) -> None:
     """Refuse, before generating, an --out that cannot become the image file(s) of `images` prompts (a batch writes
     NAME-<i>.EXT: sparvar.pipeline.image_paths)."""
     import os
@@ -217,7 +217,6 @@ def cmd_generate(args) -> int:
             check_prompt(prompt)
         except ValueError as e:
             raise UsageError(f"--prompt {e}") from None
-    check_out_path(args.out)  # the path itself before anything loads; its batch names once the prompts are counted
     if not 0 <= args.seed < 2**63:
         raise UsageError(f"--seed must be an integer in [0, 2^63), got {args.seed}")
     if args.engine:
@@ -248,7 +247,7 @@ def cmd_generate(args) -> int:
         except ValueError as e:
             raise UsageError(f"{args.engine}: {e}; rebuild the engine") from None
         prompts = check_text_args(engine_cfg, real_weights=manifest["spec"]["weights"] is not None)
-        check_out_path(args.out, prompts)
+        check_out_path(args.out, prompts)  # once the prompts are counted (a batch writes NAME-<i>), before any load
         check_engine_code(args.engine, manifest)  # the spec's values, before the request is checked against them
         check_engine_request(manifest, prompts, guided=args.cfg is None or args.cfg != 1)
         pipe = load_engine_pipeline(args.engine, skip_last=args.skip_last, **expected)

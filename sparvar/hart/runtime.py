@@ -35,8 +35,6 @@ def _numpy(t: torch.Tensor, dtype: torch.dtype | None = torch.float32) -> np.nda
     return t.detach().to("cpu", dtype).numpy()
 
 
-
-
 class OrtHartRunner:
     """HartRunner on ONNX Runtime: keeps the text outputs (prefix, cond, RoPE tables), the growing K/V, the CS4A
     state and the last hidden state as named arrays between graphs."""
