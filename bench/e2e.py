@@ -37,6 +37,10 @@ RESIDUALS_IN_LINE_ROW = "SparVAR engine (CUDA graphs, Triton kernels), decision 
 # the ablation of the engines' absorbed cross-attention (sparvar.model.AbsorbedText): the same engine without it
 UNABSORBED = ", cross-attention unabsorbed"
 DENSE_FP8_ROW, SPARVAR_FP8_ROW = "dense engine, FP8 linears", "SparVAR engine, FP8 linears"
+# the SparVAR engine with its CSLA layers run by cuDNN's paged SDPA (sparvar/kernels/cudnn_csla.py) instead of the
+# Triton kernel, on the policy's tiles and on 128x64 tiles (cuDNN's query tile is 128 rows): row -> (CSLA kernel, tile)
+CSLA_CUDNN_ROWS = {SPARVAR_ENGINE_ROW + ", CSLA by cuDNN paged SDPA": ("cudnn", None),
+                   SPARVAR_ENGINE_ROW + ", CSLA by cuDNN paged SDPA on 128x64 tiles": ("cudnn", (128, 64))}
 
 
 def _csla_tuner():
@@ -136,6 +140,7 @@ def rows_for(model_name: str):
     if getattr(get_config(model_name), "family", "infinity") == "infinity":  # only Infinity has cross-attention
         rows += [(DENSE_ENGINE_ROW + UNABSORBED, "dense", "graphs", "engine", 0, False),
                  (SPARVAR_ENGINE_ROW + UNABSORBED, "sparvar", "graphs", "engine", 0, False)]
+        rows += [(name, "sparvar", "graphs", "engine", 0, False) for name in CSLA_CUDNN_ROWS]
         # opt-in precision: its own rows
         rows += [(DENSE_FP8_ROW, "dense", "graphs", "engine", 0, True),
                  (SPARVAR_FP8_ROW, "sparvar", "graphs", "engine", 0, True),
@@ -244,6 +249,24 @@ def add_ratios(model_name: str, results: list[dict]) -> None:
         r["x_flop_floor"] = r["median_ms"] / FLOP_FLOOR_MS.get(model_name, float("nan"))
 
 
+def csla_by_cudnn(cfg, schedule, skip: int, tile: tuple[int, int] | None):
+    """The SparVAR plan of CSLA_CUDNN_ROWS: the model's policy (on `tile` where given), CSLA by cuDNN's paged SDPA
+    at the scales whose queries are whole tiles; the Triton kernel at the others (2B/8B scale 10, 1,600 queries, on
+    128-row tiles), where cuDNN would write a partial tile's padded rows into the next."""
+    from sparvar.kernels.cudnn_csla import csla_attention_cudnn
+    from sparvar.sparse import SparVARPlan, default_policy
+
+    policy = default_policy(cfg.name, schedule, **({"csla_block": tile} if tile else {}))
+    plan = SparVARPlan(policy, schedule, cfg.depth, backend="triton", skip_last=skip)
+    triton_csla = plan.ops.csla
+
+    def csla(q, k, v, layout):
+        return (csla_attention_cudnn if layout.q_len % layout.block_m == 0 else triton_csla)(q, k, v, layout)
+
+    plan.ops = plan.ops._replace(csla=csla)
+    return plan
+
+
 def bench_model(model_name: str, resolution: int, warmup: int, runs: int, rows=None, weights: str | None = None,
                 vae: str | None = None, embeddings: str | None = None, save=None, device="cuda", batch: int = 1) -> dict:
     """The rows of one model, side by side in this process. `save(result)` is called after every row with the
@@ -266,6 +289,8 @@ def bench_model(model_name: str, resolution: int, warmup: int, runs: int, rows=N
         plan = make_plan(cfg, schedule, attention, backend="triton", skip_last=skip)
         if name == RESIDUALS_IN_LINE_ROW:
             plan.residual_lanes = 0
+        if name in CSLA_CUDNN_ROWS:
+            plan = csla_by_cudnn(cfg, schedule, skip, CSLA_CUDNN_ROWS[name][1])
         forget_csla_timings()
         absorb = not name.endswith(UNABSORBED)
         runner = make_runner(kind, plan, backend, fp8, skip, absorb)  # graph runners tune and capture at the first begin()

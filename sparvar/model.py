@@ -67,8 +67,11 @@ class KVCache:
     """K/V of every layer for one generation, preallocated (to the schedule's total length, or to the scales a
     skipping loop runs) and written in place."""
 
+    PAGE = 128  # the allocation holds whole pages of positions: cuDNN's paged SDPA (CSLA) reads a layer as pages
+
     def __init__(self, depth: int, batch: int, heads: int, total_tokens: int, head_dim: int, dtype, device):
-        shape = (depth, batch, heads, total_tokens, head_dim)
+        self.positions = total_tokens  # what it holds; the allocation rounds up to whole pages
+        shape = (depth, batch, heads, -(-total_tokens // self.PAGE) * self.PAGE, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.offset = 0  # tokens before the scale being run

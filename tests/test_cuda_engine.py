@@ -100,7 +100,7 @@ def test_a_runner_for_skip_2_runs_the_same_tokens_without_the_decision_or_the_sk
     a = generate(deciding, decoder, schedule, f, l, Sampling(cfg=3.0), seed=1, skip_last=2)
     b = generate(skipping, decoder, schedule, f, l, Sampling(cfg=3.0), seed=1, skip_last=2)
     assert len(b.bits) == schedule.num_scales - 2 and all(torch.equal(x, y) for x, y in zip(a.bits, b.bits))
-    assert skipping.caches[2].k.shape[3] == schedule.kv_len(schedule.num_scales - 3) < schedule.total_tokens
+    assert skipping.caches[2].positions == schedule.kv_len(schedule.num_scales - 3) < schedule.total_tokens
     torch.testing.assert_close(a.image, b.image)
     assert deciding.plan.state(0)[0].shape[-1] == deciding.plan.topk  # the deciding plan made a decision; this one none
     with pytest.raises(RuntimeError, match="skips the last 2 scales"):

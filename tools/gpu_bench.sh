@@ -32,6 +32,8 @@
 #   bash tools/gpu_bench.sh "$OUT" absorb8b  # the same for 8B
 #   bash tools/gpu_bench.sh "$OUT" fp8absorb2b # FP8-linear dense and SparVAR engines, absorbed (default) and unabsorbed
 #   bash tools/gpu_bench.sh "$OUT" fp8absorb8b # the same for 8B
+#   bash tools/gpu_bench.sh "$OUT" cudnncsla8b # CSLA by cuDNN's paged SDPA: kernel rows, then the engines (needs nvidia-cudnn-frontend)
+#   bash tools/gpu_bench.sh "$OUT" cudnncsla2b # the same for 2B
 set -uo pipefail
 # the GPU machine gets the work tree without .git: results record the commit only if the caller names it (commit
 # first, then pass the full sha), so refuse to produce results that would say "uncommitted"
@@ -48,7 +50,7 @@ for what in "${@:2}"; do
     *) echo "gpu_bench.sh: unknown mode '$what'; the modes:$MODES" >&2; exit 2 ;;
   esac
 done
-export PYTHONPATH=$PWD
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}  # a caller's carried wheels (e.g. nvidia-cudnn-frontend) stay importable
 nvidia-smi -L
 TAG=$(python -c "from bench.common import device_tag; print(device_tag())")
 for what in "${@:2}"; do
@@ -147,6 +149,13 @@ for what in "${@:2}"; do
       size=${what#fp8absorb}
       python bench/e2e.py --model "infinity-$size" --warmup 3 --runs 20 --rows "FP8 linears" \
         --out "$OUT/e2e_engines_${size}_fp8_absorb_$TAG.json" 2>&1 | grep -v Warning | tail -6 ;;
+    cudnncsla2b|cudnncsla8b)  # the kernels side by side first (each row checked against the reference), then the engines
+      size=${what#cudnncsla}
+      timeout 240 python bench/csla_cudnn.py --models "infinity-$size" --blocks 64x64 128x64 --runs 30 \
+        --out "$OUT/csla_cudnn_${size}_$TAG.json" 2>&1 | grep -v Warning | tail -16
+      python bench/e2e.py --model "infinity-$size" --warmup 3 --runs 20 --rows "=dense engine (CUDA graphs)" \
+        --rows "=SparVAR engine (CUDA graphs, Triton kernels)" --rows "CSLA by cuDNN" \
+        --out "$OUT/e2e_engines_${size}_cudnn_csla_$TAG.json" 2>&1 | grep -v Warning | tail -8 ;;
     hart)
       python bench/e2e.py --model hart-0.7b --warmup 3 --runs 20 --rows engine \
         --out "$OUT/e2e_hart_engines_$TAG.json" 2>&1 | grep -v Warning | tail -8 ;;
