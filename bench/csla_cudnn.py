@@ -68,7 +68,7 @@ def cpu_check(model: str = "infinity-tiny", resolution: int = 256) -> None:
     print("paged tables match the reference")
 
 
-def run(models, blocks, runs: int, warmup: int, partial_path: str | None) -> dict:
+def run(models, blocks, runs: int, warmup: int, partial_path: str | None, scales=None) -> dict:
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -80,7 +80,7 @@ def run(models, blocks, runs: int, warmup: int, partial_path: str | None) -> dic
     dense_done = set()
     for model in models:
         heads, head_dim = MODELS[model]
-        for scale, layout in layouts(model, blocks):
+        for scale, layout in layouts(model, blocks, scales):
             layout = layout.to("cuda")
             q_len, kv_len = layout.q_len, layout.kv_len
             torch.manual_seed(0)
@@ -126,6 +126,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", nargs="+", default=["infinity-8b", "infinity-2b"], choices=list(MODELS))
     parser.add_argument("--blocks", nargs="+", default=["64x64", "128x64", "128x128"])
+    parser.add_argument("--scales", nargs="+", type=int, default=None, help="default: every sparse scale")
     parser.add_argument("--runs", type=int, default=50)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--cpu-check", action="store_true")
@@ -139,7 +140,7 @@ def main(argv=None):
     blocks = [tuple(int(x) for x in b.split("x")) for b in args.blocks]
     out = args.out or os.path.join(ROOT, "bench", "results", f"csla_cudnn_{device_tag()}.json")
     partial = os.path.splitext(out)[0] + "_partial.json"
-    result = run(args.models, blocks, args.runs, args.warmup, partial)
+    result = run(args.models, blocks, args.runs, args.warmup, partial, args.scales)
     path = write_result(out, dict(benchmark="CSLA: Triton kernel vs cuDNN paged-cache SDPA vs dense cuDNN SDPA",
                                   cudnn_frontend=getattr(cudnn, "__version__", "?"),
                                   cudnn_backend=cudnn.backend_version(),

@@ -151,7 +151,7 @@ for what in "${@:2}"; do
         --out "$OUT/e2e_engines_${size}_fp8_absorb_$TAG.json" 2>&1 | grep -v Warning | tail -6 ;;
     cudnncsla2b|cudnncsla8b)  # the kernels side by side first (each row checked against the reference), then the engines
       size=${what#cudnncsla}
-      timeout 240 python bench/csla_cudnn.py --models "infinity-$size" --blocks 64x64 128x64 --runs 30 \
+      timeout 200 python bench/csla_cudnn.py --models "infinity-$size" --blocks 64x64 128x64 --scales 11 12 --runs 30 \
         --out "$OUT/csla_cudnn_${size}_$TAG.json" 2>&1 | grep -v Warning | tail -16
       python bench/e2e.py --model "infinity-$size" --warmup 3 --runs 20 --rows "=dense engine (CUDA graphs)" \
         --rows "=SparVAR engine (CUDA graphs, Triton kernels)" --rows "CSLA by cuDNN" \
