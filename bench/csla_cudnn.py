@@ -2,7 +2,7 @@
 
 The paged call, its geometry and why it may pay: sparvar/kernels/cudnn_csla.py. Rows per (model, sparse scale,
 CSLA block): the engine's dense cuDNN call (the rate to reach), the autotuned Triton kernel and the cuDNN paged
-call on the same layout, each checked against the fp32 masked reference on two heads before it is timed.
+call on the same layout, each checked against the fp32 masked reference on two heads of both CFG rows before it is timed.
 
 `--cpu-check` runs the page-table construction through a torch emulation of paged attention on the CPU against
 the masked fp32 reference (no cuDNN needed), so the index arithmetic is checked before a GPU is.
@@ -84,7 +84,7 @@ def run(models, blocks, runs: int, warmup: int, partial_path: str | None, scales
             layout = layout.to("cuda")
             q_len, kv_len = layout.q_len, layout.kv_len
             torch.manual_seed(0)
-            t = padded_cache_len(kv_len) + 128  # as KVCache allocates: whole 128-position pages
+            t = padded_cache_len(kv_len) + 128  # whole 128-position pages, with room past kv_len as in the engine
             k_cache, v_cache = (torch.randn(batch, heads, t, head_dim, device="cuda", dtype=dtype) for _ in range(2))
             q = (torch.randn(batch, q_len, heads, head_dim, device="cuda", dtype=dtype) * head_dim**-0.5).transpose(1, 2)
             k, v = k_cache[:, :, :kv_len], v_cache[:, :, :kv_len]
@@ -92,11 +92,11 @@ def run(models, blocks, runs: int, warmup: int, partial_path: str | None, scales
                         kv_len=kv_len, heads=heads, head_dim=head_dim, batch=batch)
             flops_dense = 4 * batch * heads * q_len * kv_len * head_dim
             flops_computed = 4 * batch * heads * csla_computed_pairs(layout) * head_dim
-            ref = reference_attention(q[:1, :2], k[:1, :2], v[:1, :2], mask=layout.to_dense())
+            ref = reference_attention(q[:, :2], k[:, :2], v[:, :2], mask=layout.to_dense())  # both CFG rows
 
             def check(fn):
                 def checked():
-                    err = max_abs_err(fn()[:1, :2], ref)
+                    err = max_abs_err(fn()[:, :2], ref)
                     if not err <= TOLERANCE:
                         raise AssertionError(f"max abs error {err} against the fp32 reference > {TOLERANCE}")
                     return dict(max_abs_err=err)

@@ -38,9 +38,10 @@ RESIDUALS_IN_LINE_ROW = "SparVAR engine (CUDA graphs, Triton kernels), decision 
 UNABSORBED = ", cross-attention unabsorbed"
 DENSE_FP8_ROW, SPARVAR_FP8_ROW = "dense engine, FP8 linears", "SparVAR engine, FP8 linears"
 # the SparVAR engine with its CSLA layers run by cuDNN's paged SDPA (sparvar/kernels/cudnn_csla.py) instead of the
-# Triton kernel, on the policy's tiles and on 128x64 tiles (cuDNN's query tile is 128 rows): row -> (CSLA kernel, tile)
-CSLA_CUDNN_ROWS = {SPARVAR_ENGINE_ROW + ", CSLA by cuDNN paged SDPA": ("cudnn", None),
-                   SPARVAR_ENGINE_ROW + ", CSLA by cuDNN paged SDPA on 128x64 tiles": ("cudnn", (128, 64))}
+# Triton kernel, on the policy's tiles and on 128x64 tiles (cuDNN's query tile is 128 rows): row -> CSLA tile (None:
+# the policy's). Rows of machines with nvidia-cudnn-frontend only.
+CSLA_CUDNN_ROWS = {SPARVAR_ENGINE_ROW + ", CSLA by cuDNN paged SDPA": None,
+                   SPARVAR_ENGINE_ROW + ", CSLA by cuDNN paged SDPA on 128x64 tiles": (128, 64)}
 
 
 def _csla_tuner():
@@ -140,7 +141,10 @@ def rows_for(model_name: str):
     if getattr(get_config(model_name), "family", "infinity") == "infinity":  # only Infinity has cross-attention
         rows += [(DENSE_ENGINE_ROW + UNABSORBED, "dense", "graphs", "engine", 0, False),
                  (SPARVAR_ENGINE_ROW + UNABSORBED, "sparvar", "graphs", "engine", 0, False)]
-        rows += [(name, "sparvar", "graphs", "engine", 0, False) for name in CSLA_CUDNN_ROWS]
+        from sparvar.kernels.cudnn_csla import HAS_CUDNN_FRONTEND
+
+        if HAS_CUDNN_FRONTEND:
+            rows += [(name, "sparvar", "graphs", "engine", 0, False) for name in CSLA_CUDNN_ROWS]
         # opt-in precision: its own rows
         rows += [(DENSE_FP8_ROW, "dense", "graphs", "engine", 0, True),
                  (SPARVAR_FP8_ROW, "sparvar", "graphs", "engine", 0, True),
@@ -290,7 +294,7 @@ def bench_model(model_name: str, resolution: int, warmup: int, runs: int, rows=N
         if name == RESIDUALS_IN_LINE_ROW:
             plan.residual_lanes = 0
         if name in CSLA_CUDNN_ROWS:
-            plan = csla_by_cudnn(cfg, schedule, skip, CSLA_CUDNN_ROWS[name][1])
+            plan = csla_by_cudnn(cfg, schedule, skip, CSLA_CUDNN_ROWS[name])
         forget_csla_timings()
         absorb = not name.endswith(UNABSORBED)
         runner = make_runner(kind, plan, backend, fp8, skip, absorb)  # graph runners tune and capture at the first begin()

@@ -80,6 +80,8 @@ class KVCache:
         """Views (B, H, ., D) of layer's K/V: this scale's n positions after the earlier scales (to be written), and
         all positions visible once they are."""
         end = self.offset + n
+        if end > self.positions:  # the page padding past `positions` would take it silently
+            raise ValueError(f"KV cache holds {self.positions} positions: {n} more after {self.offset} do not fit")
         k_all, v_all = self.k[layer, :, :, :end], self.v[layer, :, :, :end]
         return k_all[:, :, self.offset:], v_all[:, :, self.offset:], k_all, v_all
 

@@ -24,10 +24,10 @@ def tiny_layouts(tile):
 def cache_views(b, h, layout, d, dtype=torch.float32, device="cpu"):
     """k, v as views [:, :, :kv_len] of caches allocated as KVCache does (whole pages), finite past kv_len (the
     engine's cache holds zeros or an earlier generation's values there)."""
-    cache = KVCache(1, b, h, layout.kv_len + 5, d, dtype, device)
+    cache = KVCache(2, b, h, layout.kv_len + 5, d, dtype, device)
     cache.k.normal_()
     cache.v.normal_()
-    return cache.k[0, :, :, :layout.kv_len], cache.v[0, :, :, :layout.kv_len], cache.k.shape[3]
+    return cache.k[1, :, :, :layout.kv_len], cache.v[1, :, :, :layout.kv_len], cache.k.shape[3]  # layer 1: an offset
 
 
 @pytest.mark.parametrize("tile", [(16, 16), (16, 32), (32, 16)])
@@ -65,6 +65,9 @@ def test_kv_cache_allocates_whole_pages_and_views_the_asked_length():
     assert cache.k.shape[3] == 384 and cache.v.shape[3] == 384
     k_new, _, k_all, _ = cache.slot(1, 121)
     assert k_new.shape[2] == 121 and k_all.shape[2] == 121
+    cache.offset = 290
+    with pytest.raises(ValueError, match="holds 300 positions"):  # the page padding is not room for more
+        cache.slot(0, 20)
 
 
 def test_checks_name_what_the_paged_call_cannot_take():
@@ -99,7 +102,7 @@ def test_cudnn_csla_matches_the_reference_eager_and_captured(dtype, d):
 
     schedule = get_schedule(1024, model="infinity-2b")
     policy = default_policy("infinity-2b", schedule, csla_block=(128, 64))
-    layout = policy.csla_layout(schedule, 11).to("cuda")  # 2,304 queries x 4,121 keys: a partial last key block
+    layout = policy.csla_layout(schedule, 11).to("cuda")  # 2,304 queries x 6,425 keys: a partial last key block
     b, h = 2, 3
     k, v, _ = cache_views(b, h, layout, d, dtype, "cuda")
     q = (torch.randn(b, layout.q_len, h, d, device="cuda", dtype=dtype) * d**-0.5).transpose(1, 2)

@@ -12,7 +12,10 @@ Tensor geometry, as the torch-cuda engine holds it (checked, never worked around
   - k, v: views [:, :, :kv_len] of a contiguous (B, H, T, D) cache slice with T a multiple of block_n (KVCache
     allocates whole 128-position pages). Seen as a container of pages (H, block_n, D) with page n of head h at
     n * block_n * D + h * T * D: batch row b's key block j is page b * H * T / block_n + j.
-  - Lq a multiple of block_m: a partial last query block would have cuDNN's padded rows land on the next sequence.
+  - Lq a multiple of block_m: sequence b * nq + i starts at one uniform stride from the first only when every
+    batch row holds whole query blocks.
+The page container's pages of different heads interleave in memory (a view of the cache, not cuDNN's packed
+containers of its samples): nothing in the frontend refuses such strides; the GPU test is what shows cuDNN takes them.
 """
 from __future__ import annotations
 
@@ -37,8 +40,8 @@ def check_paged_csla(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     if (q_len, k.shape[2]) != (layout.q_len, layout.kv_len):
         raise ValueError(f"{name}: layout is for {layout.q_len} queries x {layout.kv_len} keys, got {q_len} x {k.shape[2]}")
     if q_len % layout.block_m:
-        raise ValueError(f"{name}: {q_len} queries are not whole blocks of {layout.block_m} (cuDNN would write a "
-                         "partial block's padded rows into the next one)")
+        raise ValueError(f"{name}: {q_len} queries are not whole blocks of {layout.block_m} (each batch row's query "
+                         "blocks are cuDNN sequences at one uniform stride)")
     if q.dtype not in (torch.bfloat16, torch.float16) or k.dtype != q.dtype or v.dtype != q.dtype:
         raise TypeError(f"{name}: q, k, v must share bf16 or fp16, got {q.dtype}, {k.dtype}, {v.dtype}")
     if not q.transpose(1, 2).is_contiguous():
@@ -124,15 +127,16 @@ class _PagedGraph:
         pack = {self.q: views["q"], self.k: views["k"], self.v: views["v"], self.o: views["o"],
                 self.table_k: self.tables["table"], self.table_v: self.tables["table"],
                 self.seq_q: self.tables["seq_q"], self.seq_kv: self.tables["seq_kv"]}
-        cudnn.set_stream(handle=handle, stream=torch.cuda.current_stream(views["q"].device).cuda_stream)
-        self.graph.execute(pack, self.workspace, handle=handle)
+        with _LOCK:  # one handle and workspace per graph: a launch on another thread's stream must not interleave
+            cudnn.set_stream(handle=handle, stream=torch.cuda.current_stream(views["q"].device).cuda_stream)
+            self.graph.execute(pack, self.workspace, handle=handle)
 
 
 # layout -> {(shapes, cache length, dtype, scale, device): _PagedGraph}: layouts are static per scale, so a graph is
 # built once; keyed weakly by the layout object (its tables are the layout's), as the Triton kernel's launch orders
 _GRAPHS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 _HANDLES: dict = {}
-_LOCK = threading.Lock()
+_LOCK = threading.RLock()
 
 
 def csla_attention_cudnn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout, *, scale: float = 1.0) -> torch.Tensor:
