@@ -2,13 +2,10 @@
 
 The paged call, its geometry and why it may pay: sparvar/kernels/cudnn_csla.py. Rows per (model, sparse scale,
 CSLA block): the engine's dense cuDNN call (the rate to reach), the autotuned Triton kernel and the cuDNN paged
-call on the same layout, each checked against the fp32 masked reference on two heads of both CFG rows before it is timed.
-
-`--cpu-check` runs the page-table construction through a torch emulation of paged attention on the CPU against
-the masked fp32 reference (no cuDNN needed), so the index arithmetic is checked before a GPU is.
+call on the same layout, each checked against the fp32 masked reference on two heads of both CFG rows before it
+is timed. The page tables are checked on the CPU by tests/test_cudnn_csla.py.
 
     PYTHONPATH=. python bench/csla_cudnn.py            # bench/results/csla_cudnn_<device>.json
-    PYTHONPATH=. python bench/csla_cudnn.py --cpu-check
 """
 from __future__ import annotations
 
@@ -27,10 +24,6 @@ from bench.common import device_tag, write_result  # noqa: E402
 TOLERANCE = 2e-2  # bf16 max abs error against the fp32 reference, as the GPU tests
 
 
-def padded_cache_len(kv_len: int, page: int = 128) -> int:
-    return -(-kv_len // page) * page
-
-
 def layouts(model: str, blocks, scales=None, resolution: int = 1024):
     from sparvar.schedule import get_schedule
     from sparvar.sparse import default_policy
@@ -43,31 +36,6 @@ def layouts(model: str, blocks, scales=None, resolution: int = 1024):
                 yield scale, policy.csla_layout(schedule, scale)
 
 
-def cpu_check(model: str = "infinity-tiny", resolution: int = 256) -> None:
-    """The page tables against the masked reference through emulate_paged, on the tiny model's layouts."""
-    from sparvar.attention import reference_attention
-    from sparvar.kernels.cudnn_csla import emulate_paged, paged_tables, paged_views
-
-    torch.manual_seed(0)
-    b, h, d = 2, 3, 16
-    worst = 0.0
-    for scale, layout in layouts(model, [(16, 16), (16, 32)], resolution=resolution):
-        t = padded_cache_len(layout.kv_len, layout.block_n) + layout.block_n  # room after the visible keys
-        k_cache, v_cache = torch.randn(b, h, t, d), torch.randn(b, h, t, d)
-        q = (torch.randn(b, layout.q_len, h, d) * d**-0.5).transpose(1, 2)
-        k, v = k_cache[:, :, :layout.kv_len], v_cache[:, :, :layout.kv_len]
-        views = paged_views(q, k, v, torch.empty(b, layout.q_len, h, d), layout, t)
-        got = emulate_paged(views, paged_tables(layout, b, h, t))
-        got = got.reshape(b, -1, h, layout.block_m, d).permute(0, 2, 1, 3, 4).reshape(b, h, layout.q_len, d)
-        err = max_abs_err(got, reference_attention(q, k, v, mask=layout.to_dense()))
-        worst = max(worst, err)
-        print(f"{model} s{scale} {layout.block_m}x{layout.block_n}: max abs err {err:.2e} over {layout.q_len} x "
-              f"{layout.kv_len} (density {layout.density:.3f})")
-    if not worst < 1e-4:
-        raise SystemExit(f"the emulated paged CSLA is off the reference by {worst}")
-    print("paged tables match the reference")
-
-
 def run(models, blocks, runs: int, warmup: int, partial_path: str | None, scales=None) -> dict:
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -75,6 +43,7 @@ def run(models, blocks, runs: int, warmup: int, partial_path: str | None, scales
     from sparvar.attention import reference_attention
     from sparvar.kernels import csla as C
     from sparvar.kernels.cudnn_csla import csla_attention_cudnn
+    from sparvar.model import KVCache
 
     bench, batch, dtype = Bench(runs, warmup, partial_path), 2, torch.bfloat16
     dense_done = set()
@@ -84,8 +53,8 @@ def run(models, blocks, runs: int, warmup: int, partial_path: str | None, scales
             layout = layout.to("cuda")
             q_len, kv_len = layout.q_len, layout.kv_len
             torch.manual_seed(0)
-            t = padded_cache_len(kv_len) + 128  # whole 128-position pages, with room past kv_len as in the engine
-            k_cache, v_cache = (torch.randn(batch, heads, t, head_dim, device="cuda", dtype=dtype) for _ in range(2))
+            cache = KVCache(1, batch, heads, kv_len + 128, head_dim, dtype, "cuda")  # as the engine's: room past kv_len
+            k_cache, v_cache = cache.k[0].normal_(), cache.v[0].normal_()
             q = (torch.randn(batch, q_len, heads, head_dim, device="cuda", dtype=dtype) * head_dim**-0.5).transpose(1, 2)
             k, v = k_cache[:, :, :kv_len], v_cache[:, :, :kv_len]
             info = dict(block=f"{layout.block_m}x{layout.block_n}", block_density=layout.density, q_len=q_len,
@@ -117,7 +86,7 @@ def run(models, blocks, runs: int, warmup: int, partial_path: str | None, scales
             paged = lambda: csla_attention_cudnn(q, k, v, layout)  # noqa: E731  (a failure is a row with its reason)
             bench.add(model, "CSLA cuDNN paged", scale, paged, flops_dense=flops_dense, flops_computed=flops_computed,
                       check=check(paged), **info)
-            del k_cache, v_cache
+            del cache, k_cache, v_cache
             torch.cuda.empty_cache()
     return dict(rows=bench.rows)
 
@@ -129,12 +98,8 @@ def main(argv=None):
     parser.add_argument("--scales", nargs="+", type=int, default=None, help="default: every sparse scale")
     parser.add_argument("--runs", type=int, default=50)
     parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--cpu-check", action="store_true")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
-    if args.cpu_check:
-        cpu_check()
-        return
     import cudnn
 
     blocks = [tuple(int(x) for x in b.split("x")) for b in args.blocks]

@@ -256,7 +256,7 @@ def add_ratios(model_name: str, results: list[dict]) -> None:
 def csla_by_cudnn(cfg, schedule, skip: int, tile: tuple[int, int] | None):
     """The SparVAR plan of CSLA_CUDNN_ROWS: the model's policy (on `tile` where given), CSLA by cuDNN's paged SDPA
     at the scales whose queries are whole tiles; the Triton kernel at the others (2B/8B scale 10, 1,600 queries, on
-    128-row tiles), where cuDNN would write a partial tile's padded rows into the next."""
+    128-row tiles), which the paged call refuses (sparvar.kernels.cudnn_csla.check_paged_csla)."""
     from sparvar.kernels.cudnn_csla import csla_attention_cudnn
     from sparvar.sparse import SparVARPlan, default_policy
 
@@ -290,11 +290,12 @@ def bench_model(model_name: str, resolution: int, warmup: int, runs: int, rows=N
               "schedule": [list(g) for g in schedule.grids], "flop_floor_ms": FLOP_FLOOR_MS.get(model_name),
               "rows": results}
     for name, attention, kind, backend, skip, fp8 in rows or rows_for(model_name):
-        plan = make_plan(cfg, schedule, attention, backend="triton", skip_last=skip)
-        if name == RESIDUALS_IN_LINE_ROW:
-            plan.residual_lanes = 0
         if name in CSLA_CUDNN_ROWS:
             plan = csla_by_cudnn(cfg, schedule, skip, CSLA_CUDNN_ROWS[name])
+        else:
+            plan = make_plan(cfg, schedule, attention, backend="triton", skip_last=skip)
+        if name == RESIDUALS_IN_LINE_ROW:
+            plan.residual_lanes = 0
         forget_csla_timings()
         absorb = not name.endswith(UNABSORBED)
         runner = make_runner(kind, plan, backend, fp8, skip, absorb)  # graph runners tune and capture at the first begin()
