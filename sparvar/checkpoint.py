@@ -185,10 +185,22 @@ def not_floating(key: str, value: torch.Tensor) -> str | None:
     return None if value.dtype.is_floating_point else f"{key}: {str(value.dtype).removeprefix('torch.')}"
 
 
+def not_finite(key: str, value: torch.Tensor) -> str | None:
+    """The problem of a floating-point weight holding NaN or Inf (a corrupt download or a diverged run), for the
+    loaders' key lists; None for a finite one. Without it the engine builds and every image comes out black or noise,
+    with nothing naming the cause. Checked per tensor, so the scan needs memory for one tensor's mask, not the model's;
+    meta tensors (shape checks without data) hold no values to check."""
+    if not value.dtype.is_floating_point or value.is_meta or bool(torch.isfinite(value).all()):
+        return None
+    bad = int((~torch.isfinite(value)).sum())
+    return f"{key}: {bad} of {value.numel()} values are NaN or Inf"
+
+
 def check_keys(sd: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]], model_name: str,
-               integer_keys: frozenset = frozenset()) -> None:
+               dropped_keys: frozenset = frozenset()) -> None:
     """The strict comparison every loader shares: one CheckpointError listing all missing, unexpected, wrongly
-    shaped and non-floating-point keys of `sd` against `expected` (key -> shape; `integer_keys` may hold integers)."""
+    shaped, non-floating-point and non-finite keys of `sd` against `expected` (key -> shape). Of `dropped_keys`
+    (official buffers the loader drops: integer level ids, a -inf mask) only presence and shape are checked."""
     missing = sorted(set(expected) - set(sd))
     unexpected = sorted(set(sd) - set(expected))
     mis_shaped = sorted(
@@ -196,10 +208,12 @@ def check_keys(sd: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]]
         for k in set(expected) & set(sd)
         if tuple(sd[k].shape) != expected[k]
     )
-    wrong_dtype = sorted(filter(None, (not_floating(k, sd[k]) for k in set(expected) & set(sd) if k not in integer_keys)))
+    loaded = set(expected) & set(sd) - dropped_keys
+    wrong_dtype = sorted(filter(None, (not_floating(k, sd[k]) for k in loaded)))
+    non_finite = sorted(filter(None, (not_finite(k, sd[k]) for k in loaded)))
     raise_key_problems(f"checkpoint does not match {model_name} ({len(expected)} keys expected, {len(sd)} found)",
                        [("missing", missing), ("unexpected", unexpected), ("wrong shape", mis_shaped),
-                        ("not floating point", wrong_dtype)])
+                        ("not floating point", wrong_dtype), ("not finite", non_finite)])
 
 
 def raise_key_problems(header: str, problems: list[tuple[str, list[str]]]) -> None:
@@ -222,11 +236,11 @@ def select_state(sd: dict, expected: dict[str, tuple[int, ...]], name_of, header
 
     name_of(key) gives the expected name a file key spells, None for a key dropped by the caller's (documented)
     rule, or "" for a key that is out of place. One CheckpointError (after `header`) lists every missing,
-    unexpected, duplicated, wrongly shaped and non-tensor key; missing names are shown with `missing_prefix`.
+    unexpected, duplicated, wrongly shaped, non-tensor, non-floating-point and non-finite key; missing names are shown with `missing_prefix`.
     """
     ours: dict[str, torch.Tensor] = {}
     seen: set[str] = set()  # expected names some key spelled, even if its value was bad
-    unexpected, duplicated, mis_shaped, not_tensor, wrong_dtype = [], [], [], [], []
+    unexpected, duplicated, mis_shaped, not_tensor, wrong_dtype, non_finite = [], [], [], [], [], []
     for key, value in sd.items():
         name = name_of(key) if isinstance(key, str) else ""
         if name is None:
@@ -244,12 +258,14 @@ def select_state(sd: dict, expected: dict[str, tuple[int, ...]], name_of, header
             mis_shaped.append(f"{key}: checkpoint {tuple(value.shape)} != expected {expected[name]}")
         elif problem := not_floating(key, value):
             wrong_dtype.append(problem)
+        elif problem := not_finite(key, value):
+            non_finite.append(problem)
         else:
             ours[name] = value
     missing = [missing_prefix + k for k in expected if k not in seen]
     raise_key_problems(header, [("missing", missing), ("unexpected", unexpected), ("duplicated", duplicated),
                                 ("wrong shape", mis_shaped), ("not a tensor", not_tensor),
-                                ("not floating point", wrong_dtype)])
+                                ("not floating point", wrong_dtype), ("not finite", non_finite)])
     return ours
 
 

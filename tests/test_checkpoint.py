@@ -194,3 +194,16 @@ def test_loaded_parameters_are_aligned_on_the_cpu(tmp_path):
     loaded = load_model(TINY, path)
     assert all(p.data_ptr() % 64 == 0 for p in loaded.parameters())
     assert all(torch.equal(p, q) for p, q in zip(loaded.state_dict().values(), model.state_dict().values()))
+
+
+def test_non_finite_weights_are_named_not_loaded():
+    """A NaN or Inf in a weight (a corrupt download) is named by key with its count: it built an engine that made
+    black or noise images with nothing naming the cause."""
+    sd = {k: torch.zeros(v) for k, v in official_key_shapes(TINY).items()}
+    sd["head.weight"][0, :3] = float("nan")
+    sd["cfg_uncond"][1, 0] = float("-inf")
+    with pytest.raises(CheckpointError, match=r"not finite \(2\):\n  cfg_uncond: 1 of \d+ values are NaN or Inf\n  "
+                                              r"head.weight: 3 of \d+ values are NaN or Inf"):
+        check_state_dict(sd, TINY)
+    sd["head.weight"].zero_(), sd["cfg_uncond"].zero_()
+    check_state_dict(sd, TINY)  # finite again: accepted

@@ -47,7 +47,7 @@ def check_state_dict(sd: dict[str, torch.Tensor], cfg: HartConfig) -> None:
     expected = official_key_shapes(cfg)
     dropped = {k: s for k, s in dropped_buffer_shapes(cfg).items() if k in sd}
     expected.update(dropped)
-    check_keys(sd, expected, cfg.name, integer_keys=frozenset(dropped))  # lvl_1L holds scale indices
+    check_keys(sd, expected, cfg.name, dropped_keys=frozenset(dropped))  # not loaded: integer ids, a -inf mask
 
 
 def _ema_file(path: str, ema: bool | None) -> str | None:
