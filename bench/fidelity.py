@@ -37,7 +37,7 @@ if ROOT not in sys.path:
 
 from sparvar.attention import reference_attention  # noqa: E402
 from sparvar.checkpoint import file_digest, load_model  # noqa: E402
-from sparvar.config import get_config  # noqa: E402
+from sparvar.config import CIFAR10_CLASSES, get_config  # noqa: E402
 from sparvar.fp8 import with_fp8_linears  # noqa: E402
 from sparvar.generate import Sampling, TorchRunner, generate  # noqa: E402
 from sparvar.model import EAGER  # noqa: E402
@@ -45,7 +45,6 @@ from sparvar.pipeline import build_decoder, image_arrays  # noqa: E402
 from sparvar.schedule import get_schedule  # noqa: E402
 from sparvar.sparse import SparVARPlan, default_policy  # noqa: E402
 from sparvar.text import hashed_embeddings  # noqa: E402
-from sparvar.train.data import CIFAR10_CLASSES  # noqa: E402
 
 MODEL = "infinity-cifar"
 WEIGHTS = os.path.join(ROOT, "weights", f"{MODEL}.safetensors")

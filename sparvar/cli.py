@@ -10,7 +10,6 @@ import sys
 import time
 
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
-DEFAULT_PROMPT = "a photo of a cat"  # `generate` without --prompt or --text-embeddings
 
 
 class UsageError(Exception):
@@ -194,7 +193,7 @@ def cmd_generate(args) -> int:
     import torch
 
     from .config import get_config
-    from .pipeline import Pipeline, check_text_sources, save_images
+    from .pipeline import Pipeline, check_text_sources, default_prompt, save_images
     from .text import check_prompt
 
     def check_text_args(cfg, real_weights) -> int:
@@ -203,12 +202,12 @@ def cmd_generate(args) -> int:
 
         try:
             check_text_sources(cfg, t5=args.t5, qwen=args.qwen, embeddings=args.text_embeddings,
-                               real_weights=real_weights)
+                               real_weights=real_weights, prompts=args.prompt)
             if args.text_embeddings:  # a small file: its width is checked here, not after the weights load
                 return load_embeddings(args.text_embeddings, cfg.text_dim)[0].shape[0]
         except ValueError as e:
             raise UsageError(str(e)) from None
-        return len(args.prompt or [DEFAULT_PROMPT])
+        return len(args.prompt or [default_prompt(cfg)])
 
     if args.prompt and args.text_embeddings:
         raise UsageError("give --prompt or --text-embeddings (precomputed prompts), not both")
@@ -261,7 +260,7 @@ def cmd_generate(args) -> int:
         sampling = pipe.sampling(cfg=args.cfg, tau=args.tau, top_k=args.top_k, top_p=args.top_p)
     except ValueError as e:
         raise UsageError(str(e)) from None
-    prompts = args.prompt or [DEFAULT_PROMPT]
+    prompts = args.prompt or [default_prompt(pipe.cfg)]
     features, lengths = pipe.text_features(prompts, t5=args.t5, embeddings=args.text_embeddings,
                                            allow_hashed=pipe.random_weights, qwen=args.qwen)
     t0 = time.perf_counter()

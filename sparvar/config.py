@@ -40,6 +40,7 @@ class InfinityConfig:
     default_resolution: int = 1024
     sos_head_dim: int | None = None  # None: the official rule (128, or 64 past width 4096)
     text_encoder: str = "t5"  # "t5" (flan-t5-xl, official) or "hashed" (sparvar.text.hashed_embeddings: our own models)
+    prompts: tuple[str, ...] = ()  # a class-conditional model's only prompts (its class names); () = free text
 
     @property
     def head_dim(self) -> int:
@@ -70,6 +71,10 @@ class InfinityConfig:
             raise ValueError(f"{self.name}: depth {self.depth} not divisible by blocks_per_chunk {self.blocks_per_chunk}")
 
 
+# infinity-cifar's prompts: class i of the trained model is prompted by CIFAR10_CLASSES[i] (sparvar/train prompts
+# each class by its folder name in the tarball, and these are those names, sorted)
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+
 VAE_D32 = VAEConfig(name="infinity_vae_d32reg", codebook_dim=32, patch_size=16)
 VAE_D56 = VAEConfig(name="infinity_vae_d56_f8_14_patchify", codebook_dim=14, patch_size=8,
                     ch_mult=(1, 2, 4, 4), spatial_patchify=True)
@@ -87,9 +92,10 @@ CONFIGS: dict[str, InfinityConfig] = {
         InfinityConfig("infinity-tiny", depth=4, width=128, heads=2, mlp_dim=512, vae=VAE_TINY, text_dim=64,
                        text_maxlen=32, blocks_per_chunk=2, default_resolution=256, sos_head_dim=32),
         # Trained by sparvar/train on CIFAR-10 (weights/): 64x64 images, 11 scales up to a 32x32 token grid
-        # (sparvar/schedule.py MODEL_SCHEDULES); the prompt is the class name through `text.hashed_embeddings`.
+        # (sparvar/schedule.py MODEL_SCHEDULES); the prompt is a class name, through `text.hashed_embeddings`.
         InfinityConfig("infinity-cifar", depth=6, width=256, heads=4, mlp_dim=1024, vae=VAE_CIFAR, text_dim=64,
-                       text_maxlen=8, blocks_per_chunk=3, default_resolution=64, sos_head_dim=16, text_encoder="hashed"),
+                       text_maxlen=8, blocks_per_chunk=3, default_resolution=64, sos_head_dim=16, text_encoder="hashed",
+                       prompts=CIFAR10_CLASSES),
     )
 }
 

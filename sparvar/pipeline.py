@@ -87,7 +87,8 @@ class Pipeline:
                       allow_hashed: bool = False, qwen: str | None = None):
         from .text import T5TextEncoder, hashed_embeddings, load_embeddings
 
-        check_text_sources(self.cfg, t5=t5, qwen=qwen, embeddings=embeddings, real_weights=not allow_hashed)
+        check_text_sources(self.cfg, t5=t5, qwen=qwen, embeddings=embeddings, real_weights=not allow_hashed,
+                           prompts=None if embeddings else prompts)
         if embeddings:
             return load_embeddings(embeddings, self.cfg.text_dim)
         if self.cfg.text_encoder == "hashed":  # the model was trained on these embeddings: they are its text encoder
@@ -111,11 +112,28 @@ class Pipeline:
         return generate(self.runner, self.decoder, self.schedule, features, lengths, sampling, seed, self.skip_last, progress)
 
 
+def default_prompt(cfg) -> str:
+    """The prompt of a request that names none (`generate` without --prompt, the server's warm-up): a fixed phrase,
+    or a class-conditional model's first class name."""
+    return cfg.prompts[0] if cfg.prompts else "a photo of a cat"
+
+
+def check_known_prompts(cfg, prompts) -> None:
+    """Refuse a prompt a class-conditional model (cfg.prompts: its class names) was never trained on: its hashed
+    embedding is a vector the model has not seen, and the image would be noise with nothing naming the cause."""
+    unknown = [p for p in prompts or () if cfg.prompts and p not in cfg.prompts]
+    if unknown:
+        raise ValueError(f"{cfg.name} was trained on its class names alone; the prompt must be one of "
+                         f"{', '.join(cfg.prompts)}, got {', '.join(map(repr, unknown))}")
+
+
 def check_text_sources(cfg, t5: str | None = None, qwen: str | None = None, embeddings: str | None = None,
-                       real_weights: bool = False) -> None:
+                       real_weights: bool = False, prompts: list[str] | None = None) -> None:
     """Refuse text options that do not fit the model (Infinity: T5; HART: Qwen2; both: precomputed embeddings;
-    a model trained on hashed embeddings: no encoder), naming the option; with real_weights, also no text source at
-    all where the model needs one. Cheap: the CLI calls it before any work."""
+    a model trained on hashed embeddings: no encoder; a class-conditional model: a prompt it does not know), naming
+    the option; with real_weights, also no text source at all where the model needs one. Cheap: the CLI calls it
+    before any work."""
+    check_known_prompts(cfg, prompts)
     given = [name for name, value in (("--t5", t5), ("--qwen", qwen), ("--text-embeddings", embeddings)) if value]
     if real_weights and not given and cfg.text_encoder != "hashed":
         encoder = ("--qwen DIR (a local Qwen2-VL-1.5B-Instruct)" if getattr(cfg, "family", "infinity") == "hart"

@@ -96,7 +96,9 @@ class GenerationService:
     def warm_up(self) -> float:
         """One generation before serving (the engine's first loads sessions or captures graphs and tunes kernels, which
         should not be a client's wait); not counted. Returns its milliseconds."""
-        job = _Job("warm-up", 0, self.pipe.sampling())
+        from .pipeline import default_prompt
+
+        job = _Job(default_prompt(self.pipe.cfg), 0, self.pipe.sampling())
         self._run([job], count=False)
         if job.error is not None:
             raise job.error
@@ -105,6 +107,8 @@ class GenerationService:
 
     def parse(self, request) -> tuple[str, int, object]:
         """(prompt, seed, sampling) of a request body, or a RequestError naming what is wrong."""
+        from .pipeline import check_known_prompts
+
         if not isinstance(request, dict):
             raise RequestError(f"the request must be a JSON object, got {type(request).__name__}")
         unknown = sorted(set(request) - set(REQUEST_FIELDS))
@@ -115,6 +119,10 @@ class GenerationService:
             check_prompt(prompt)
         except ValueError as e:
             raise RequestError(f"'prompt' {e}") from None
+        try:  # a class-conditional model's class names (the message names them)
+            check_known_prompts(self.pipe.cfg, [prompt])
+        except ValueError as e:
+            raise RequestError(str(e)) from None
         seed = request.get("seed", 0)
         if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
             raise RequestError(f"'seed' must be an integer in [0, 2^63), got {seed!r}")

@@ -276,6 +276,31 @@ def test_real_weights_never_fall_back_to_hashed_text(tmp_path, capsys):
     assert "infinity-cifar was trained on hashed word embeddings, not a text encoder: drop --t5" in capsys.readouterr().err
 
 
+def test_a_class_conditional_model_takes_only_its_class_names(tmp_path, capsys):
+    """infinity-cifar was trained on CIFAR-10's class names: any other prompt is a hashed vector it never saw (a noise
+    image, nothing naming why), so it is refused before anything loads; no --prompt means its first class."""
+    from sparvar.config import CIFAR10_CLASSES, get_config
+    from sparvar.pipeline import Pipeline
+
+    root = os.path.join(os.path.dirname(__file__), "..", "weights")
+    files = ["--weights", os.path.join(root, "infinity-cifar.safetensors"),
+             "--vae", os.path.join(root, "infinity-cifar-tokenizer.safetensors")]
+    out = str(tmp_path / "x.png")
+    assert main(["generate", "--model", "infinity-cifar", *files, "--prompt", "cat", "--prompt", "a red fox",
+                 "--out", out]) == 2
+    err = capsys.readouterr().err
+    assert "infinity-cifar was trained on its class names alone; the prompt must be one of airplane, automobile" in err
+    assert "got 'a red fox'" in err and "'cat'" not in err
+    assert not os.listdir(tmp_path)
+    assert main(["generate", "--model", "infinity-cifar", *files, "--out", out]) == 0
+    assert os.listdir(tmp_path) == ["x.png"] and get_config("infinity-cifar").prompts == CIFAR10_CLASSES
+    pipe = Pipeline.create("infinity-cifar")  # the library path refuses it too, random weights or not
+    with pytest.raises(ValueError, match="got 'dog '"):
+        pipe.text_features(["dog "], allow_hashed=True)
+    assert pipe.text_features(["dog"], allow_hashed=True)[0].shape[0] == 1
+    assert Pipeline.create("infinity-tiny").text_features(["a red fox"], allow_hashed=True)[0].shape[0] == 1
+
+
 def test_a_batch_of_prompts_writes_one_numbered_file_each(tmp_path, capsys):
     """Two --prompt: out-0.png and out-1.png (not out.png), each the row of the batched generation."""
     out = str(tmp_path / "x.png")

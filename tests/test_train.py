@@ -8,12 +8,12 @@ import pytest
 import torch
 
 from sparvar.checkpoint import load_model
-from sparvar.config import VAEConfig, get_config
+from sparvar.config import CIFAR10_CLASSES, VAEConfig, get_config
 from sparvar.generate import Sampling, generate, resample
 from sparvar.schedule import Schedule, get_schedule
 from sparvar.train import run as train_run
 from sparvar.train.__main__ import main as train_main
-from sparvar.train.data import CIFAR10_CLASSES, load_cifar, to_model_images
+from sparvar.train.data import load_cifar, to_model_images
 from sparvar.train.loop import LoopSettings, batch_indices, lr_at
 from sparvar.train.tokenizer import Tokenizer, multiscale_bsq
 from sparvar.train.var import bit_loss, next_scale_codes

@@ -244,7 +244,8 @@ class HartPipeline:
         from ..pipeline import check_text_sources
         from .text import Qwen2TextEncoder, hashed_hart_embeddings, load_hart_embeddings
 
-        check_text_sources(self.cfg, t5=t5, qwen=qwen, embeddings=embeddings, real_weights=not allow_hashed)
+        check_text_sources(self.cfg, t5=t5, qwen=qwen, embeddings=embeddings, real_weights=not allow_hashed,
+                           prompts=None if embeddings else prompts)
         if embeddings:
             return load_hart_embeddings(embeddings, self.cfg)
         if self.cfg.text_encoder == "hashed":  # the model's own text encoder (check_text_sources refused --qwen)

@@ -12,8 +12,6 @@ import torch.nn.functional as F
 
 DEFAULT_DATA = os.path.join("..", "shared", "data", "cifar10-jpeg.tar.gz")  # relative to the repo root
 SPLITS = ("train", "test")
-# The class folders of the tarball, sorted: class i of the trained model is prompted by CIFAR10_CLASSES[i].
-CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 
 
 @dataclass
