@@ -38,10 +38,14 @@ RESIDUALS_IN_LINE_ROW = "SparVAR engine (CUDA graphs, Triton kernels), decision 
 UNABSORBED = ", cross-attention unabsorbed"
 DENSE_FP8_ROW, SPARVAR_FP8_ROW = "dense engine, FP8 linears", "SparVAR engine, FP8 linears"
 # the SparVAR engine with its CSLA layers run by cuDNN's paged SDPA (sparvar/kernels/cudnn_csla.py) instead of the
-# Triton kernel, on the policy's tiles and on 128x64 tiles (cuDNN's query tile is 128 rows): row -> CSLA tile (None:
-# the policy's). Rows of machines with nvidia-cudnn-frontend only.
+# Triton kernel: on the policy's tiles at every scale, or on 128x64 tiles (cuDNN's query tile is 128 rows) at the
+# scales whose queries are whole 128-row tiles and the policy's tiles by Triton elsewhere (at b9b1bdd, 128x64 tiles
+# by Triton at scale 10 cost more than cuDNN saved at 11-12): row -> CSLA tile there (None: the policy's
+# everywhere). Rows of machines with nvidia-cudnn-frontend only; the last one with FP8 linears.
+CUDNN_TILED = ", CSLA by cuDNN paged SDPA on 128x64 tiles where the queries are whole tiles"
 CSLA_CUDNN_ROWS = {SPARVAR_ENGINE_ROW + ", CSLA by cuDNN paged SDPA": None,
-                   SPARVAR_ENGINE_ROW + ", CSLA by cuDNN paged SDPA on 128x64 tiles": (128, 64)}
+                   SPARVAR_ENGINE_ROW + CUDNN_TILED: (128, 64),
+                   SPARVAR_FP8_ROW + CUDNN_TILED: (128, 64)}
 
 
 def _csla_tuner():
@@ -143,13 +147,15 @@ def rows_for(model_name: str):
                  (SPARVAR_ENGINE_ROW + UNABSORBED, "sparvar", "graphs", "engine", 0, False)]
         from sparvar.kernels.cudnn_csla import HAS_CUDNN_FRONTEND
 
-        if HAS_CUDNN_FRONTEND:
-            rows += [(name, "sparvar", "graphs", "engine", 0, False) for name in CSLA_CUDNN_ROWS]
+        cudnn_rows = [(name, "sparvar", "graphs", "engine", 0, name.startswith(SPARVAR_FP8_ROW))
+                      for name in CSLA_CUDNN_ROWS] if HAS_CUDNN_FRONTEND else []
+        rows += [row for row in cudnn_rows if not row[5]]
         # opt-in precision: its own rows
         rows += [(DENSE_FP8_ROW, "dense", "graphs", "engine", 0, True),
                  (SPARVAR_FP8_ROW, "sparvar", "graphs", "engine", 0, True),
                  (DENSE_FP8_ROW + UNABSORBED, "dense", "graphs", "engine", 0, True),
                  (SPARVAR_FP8_ROW + UNABSORBED, "sparvar", "graphs", "engine", 0, True)]
+        rows += [row for row in cudnn_rows if row[5]]
     return rows
 
 
@@ -254,14 +260,18 @@ def add_ratios(model_name: str, results: list[dict]) -> None:
 
 
 def csla_by_cudnn(cfg, schedule, skip: int, tile: tuple[int, int] | None):
-    """The SparVAR plan of CSLA_CUDNN_ROWS: the model's policy (on `tile` where given), CSLA by cuDNN's paged SDPA
-    at the scales whose queries are whole tiles; the Triton kernel at the others (2B/8B scale 10, 1,600 queries, on
-    128-row tiles), which the paged call refuses (sparvar.kernels.cudnn_csla.check_paged_csla)."""
+    """The SparVAR plan of CSLA_CUDNN_ROWS: the model's policy, with `tile`'s layouts (where given) at the scales
+    whose queries are whole tiles of it, and CSLA by cuDNN's paged SDPA wherever the queries are whole tiles of the
+    layout; the Triton kernel at the others (the paged call refuses them: sparvar.kernels.cudnn_csla.check_paged_csla)."""
     from sparvar.kernels.cudnn_csla import csla_attention_cudnn
     from sparvar.sparse import SparVARPlan, default_policy
 
-    policy = default_policy(cfg.name, schedule, **({"csla_block": tile} if tile else {}))
-    plan = SparVARPlan(policy, schedule, cfg.depth, backend="triton", skip_last=skip)
+    plan = SparVARPlan(default_policy(cfg.name, schedule), schedule, cfg.depth, backend="triton", skip_last=skip)
+    if tile:
+        tiled = default_policy(cfg.name, schedule, csla_block=tile)
+        for scale in plan.csla_layouts:
+            if schedule.lengths[scale] % tile[0] == 0:
+                plan.csla_layouts[scale] = tiled.csla_layout(schedule, scale)
     triton_csla = plan.ops.csla
 
     def csla(q, k, v, layout):

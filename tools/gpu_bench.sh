@@ -32,7 +32,7 @@
 #   bash tools/gpu_bench.sh "$OUT" absorb8b  # the same for 8B
 #   bash tools/gpu_bench.sh "$OUT" fp8absorb2b # FP8-linear dense and SparVAR engines, absorbed (default) and unabsorbed
 #   bash tools/gpu_bench.sh "$OUT" fp8absorb8b # the same for 8B
-#   bash tools/gpu_bench.sh "$OUT" cudnncsla8b # CSLA by cuDNN's paged SDPA: kernel rows, then the engines (needs nvidia-cudnn-frontend)
+#   bash tools/gpu_bench.sh "$OUT" cudnncsla8b # CSLA by cuDNN's paged SDPA: kernel rows, then the engines, bf16 and FP8 (needs nvidia-cudnn-frontend)
 #   bash tools/gpu_bench.sh "$OUT" cudnncsla2b # the same for 2B
 set -uo pipefail
 # the GPU machine gets the work tree without .git: results record the commit only if the caller names it (commit
@@ -154,7 +154,8 @@ for what in "${@:2}"; do
       timeout 200 python bench/csla_cudnn.py --models "infinity-$size" --blocks 64x64 128x64 --scales 11 12 --runs 30 \
         --out "$OUT/csla_cudnn_${size}_$TAG.json" 2>&1 | grep -v Warning | tail -16
       python bench/e2e.py --model "infinity-$size" --warmup 3 --runs 20 --rows "=dense engine (CUDA graphs)" \
-        --rows "=SparVAR engine (CUDA graphs, Triton kernels)" --rows "CSLA by cuDNN" \
+        --rows "=SparVAR engine (CUDA graphs, Triton kernels)" --rows "CSLA by cuDNN" --rows "=dense engine, FP8 linears" \
+        --rows "=SparVAR engine, FP8 linears" \
         --out "$OUT/e2e_engines_${size}_cudnn_csla_$TAG.json" 2>&1 | grep -v Warning | tail -8 ;;
     hart)
       python bench/e2e.py --model hart-0.7b --warmup 3 --runs 20 --rows engine \
