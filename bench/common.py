@@ -55,6 +55,15 @@ def device_tag() -> str:
     return name.replace("nvidia", "").strip().replace(" ", "-")
 
 
+def bench_prompts(model_name: str, texts: list[str]) -> list[str]:
+    """The benchmarks' prompts for `model_name`: `texts`, or for a class-conditional model (sparvar.config.CLASS_PROMPTS,
+    which refuses free text) as many of its class names, in turn. The work per image is the same."""
+    from sparvar.config import CLASS_PROMPTS
+
+    known = CLASS_PROMPTS.get(model_name)
+    return [known[i % len(known)] for i in range(len(texts))] if known else list(texts)
+
+
 def result_path(name: str) -> str:
     """bench/results/<name>_<device tag>.json: results of different machines never overwrite each other."""
     return os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"{name}_{device_tag()}.json")

@@ -22,7 +22,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from bench.common import ClockSampler, result_path, save_figure, summarize, write_result  # noqa: E402
+from bench.common import ClockSampler, bench_prompts, result_path, save_figure, summarize, write_result  # noqa: E402
 
 # dense FLOPs at ~790 TFLOP/s: INFINITY.md; HART.md (transformer ~44 TF + diffusion MLP ~4.8 TF, VAE excluded)
 FLOP_FLOOR_MS = {"infinity-2b": 146, "infinity-8b": 485, "hart-0.7b": 62}
@@ -39,9 +39,9 @@ UNABSORBED = ", cross-attention unabsorbed"
 DENSE_FP8_ROW, SPARVAR_FP8_ROW = "dense engine, FP8 linears", "SparVAR engine, FP8 linears"
 # the SparVAR engine with its CSLA layers run by cuDNN's paged SDPA (sparvar/kernels/cudnn_csla.py) instead of the
 # Triton kernel: on the policy's tiles at every scale, or on 128x64 tiles (cuDNN's query tile is 128 rows) at the
-# scales whose queries are whole 128-row tiles and the policy's tiles by Triton elsewhere (at b9b1bdd, 128x64 tiles
-# by Triton at scale 10 cost more than cuDNN saved at 11-12): row -> CSLA tile there (None: the policy's
-# everywhere). Rows of machines with nvidia-cudnn-frontend only; the last one with FP8 linears.
+# scales whose queries are whole 128-row tiles and the policy's tiles by Triton elsewhere (csla_by_cudnn): row ->
+# CSLA tile there (None: the policy's everywhere). Rows of machines with nvidia-cudnn-frontend only; the last one
+# with FP8 linears.
 CUDNN_TILED = ", CSLA by cuDNN paged SDPA on 128x64 tiles where the queries are whole tiles"
 CSLA_CUDNN_ROWS = {SPARVAR_ENGINE_ROW + ", CSLA by cuDNN paged SDPA": None,
                    SPARVAR_ENGINE_ROW + CUDNN_TILED: (128, 64),
@@ -199,7 +199,7 @@ def family_parts(model_name: str, resolution: int, device, weights: str | None =
 
     base = Pipeline.create(model_name, resolution, weights=weights, vae=vae, device=device, dtype=torch.bfloat16)
     cfg, schedule, model = base.cfg, base.schedule, base.runner.model
-    prompts = [PROMPT] + [f"{PROMPT}, view {i}" for i in range(1, batch)]  # distinct texts, one image each
+    prompts = bench_prompts(model_name, [PROMPT] + [f"{PROMPT}, view {i}" for i in range(1, batch)])  # one image each
     features, lengths = base.text_features(prompts, embeddings=embeddings, allow_hashed=True)
     if features.shape[0] != batch:
         raise ValueError(f"the text features hold {features.shape[0]} prompts; the run asks for batch {batch}")
@@ -260,25 +260,31 @@ def add_ratios(model_name: str, results: list[dict]) -> None:
 
 
 def csla_by_cudnn(cfg, schedule, skip: int, tile: tuple[int, int] | None):
-    """The SparVAR plan of CSLA_CUDNN_ROWS: the model's policy, with `tile`'s layouts (where given) at the scales
-    whose queries are whole tiles of it, and CSLA by cuDNN's paged SDPA wherever the queries are whole tiles of the
-    layout; the Triton kernel at the others (the paged call refuses them: sparvar.kernels.cudnn_csla.check_paged_csla)."""
+    """The SparVAR plan of CSLA_CUDNN_ROWS and the scales whose CSLA cuDNN's paged SDPA runs: with `tile`, the scales
+    whose queries are whole tiles of it get its layouts and cuDNN, the others keep the policy's layouts and the
+    Triton kernel; without, cuDNN runs every scale whose queries are whole tiles of the policy's. (The paged call
+    refuses the rest: sparvar.kernels.cudnn_csla.check_paged_csla.) The dispatch is by scale, fixed here: at
+    2f1d060 it went by the layout and gave cuDNN scale 10's 64-row tiles in the 128x64 rows, slower than Triton."""
     from sparvar.kernels.cudnn_csla import csla_attention_cudnn
     from sparvar.sparse import SparVARPlan, default_policy
 
     plan = SparVARPlan(default_policy(cfg.name, schedule), schedule, cfg.depth, backend="triton", skip_last=skip)
-    if tile:
-        tiled = default_policy(cfg.name, schedule, csla_block=tile)
-        for scale in plan.csla_layouts:
-            if schedule.lengths[scale] % tile[0] == 0:
+    tiled = default_policy(cfg.name, schedule, csla_block=tile) if tile else None
+    by_cudnn = set()
+    for scale, layout in plan.csla_layouts.items():
+        if schedule.lengths[scale] % (tile or (layout.block_m,))[0] == 0:
+            if tiled:
                 plan.csla_layouts[scale] = tiled.csla_layout(schedule, scale)
-    triton_csla = plan.ops.csla
+            by_cudnn.add(scale)
+    blocks = {(plan.csla_layouts[scale].block_m, plan.csla_layouts[scale].block_n) for scale in by_cudnn}
+    triton_csla = plan.ops.csla  # dispatched by tile shape, not layout identity: the plan hands over device copies
 
     def csla(q, k, v, layout):
-        return (csla_attention_cudnn if layout.q_len % layout.block_m == 0 else triton_csla)(q, k, v, layout)
+        cudnn = layout.q_len % layout.block_m == 0 and (layout.block_m, layout.block_n) in blocks
+        return (csla_attention_cudnn if cudnn else triton_csla)(q, k, v, layout)
 
     plan.ops = plan.ops._replace(csla=csla)
-    return plan
+    return plan, sorted(by_cudnn)
 
 
 def bench_model(model_name: str, resolution: int, warmup: int, runs: int, rows=None, weights: str | None = None,
@@ -300,8 +306,9 @@ def bench_model(model_name: str, resolution: int, warmup: int, runs: int, rows=N
               "schedule": [list(g) for g in schedule.grids], "flop_floor_ms": FLOP_FLOOR_MS.get(model_name),
               "rows": results}
     for name, attention, kind, backend, skip, fp8 in rows or rows_for(model_name):
+        cudnn_scales = None
         if name in CSLA_CUDNN_ROWS:
-            plan = csla_by_cudnn(cfg, schedule, skip, CSLA_CUDNN_ROWS[name])
+            plan, cudnn_scales = csla_by_cudnn(cfg, schedule, skip, CSLA_CUDNN_ROWS[name])
         else:
             plan = make_plan(cfg, schedule, attention, backend="triton", skip_last=skip)
         if name == RESIDUALS_IN_LINE_ROW:
@@ -328,6 +335,8 @@ def bench_model(model_name: str, resolution: int, warmup: int, runs: int, rows=N
             if attention == "sparvar":  # the CSLA tuning of the last sparse scale run (each scale is tuned alone)
                 row.update(csla_tuning())
                 row["residual_lanes"] = plan.residual_lanes  # side streams of the decision's residual launches
+            if cudnn_scales is not None:
+                row["csla_by_cudnn_scales"] = cudnn_scales  # the others ran the Triton kernel
             clocks = timing.get("gpu_clocks", {})
             clock = f", SM {clocks['sm_clock_mhz']['median']:.0f} MHz" if clocks.get("sampled") else ""
             print(f"{model_name:12s} {name:48s} {timing['median_ms']:8.1f} ms  (peak {row['peak_memory_gib']:.1f} GiB"

@@ -41,7 +41,7 @@ from sparvar.config import CIFAR10_CLASSES, get_config  # noqa: E402
 from sparvar.fp8 import with_fp8_linears  # noqa: E402
 from sparvar.generate import Sampling, TorchRunner, generate  # noqa: E402
 from sparvar.model import EAGER  # noqa: E402
-from sparvar.pipeline import build_decoder, image_arrays  # noqa: E402
+from sparvar.pipeline import build_decoder, check_known_prompts, image_arrays  # noqa: E402
 from sparvar.schedule import get_schedule  # noqa: E402
 from sparvar.sparse import SparVARPlan, default_policy  # noqa: E402
 from sparvar.text import hashed_embeddings  # noqa: E402
@@ -305,7 +305,7 @@ def main(argv=None) -> int:
     p.add_argument("--weights", default=WEIGHTS)
     p.add_argument("--tokenizer", default=TOKENIZER)
     p.add_argument("--seeds", type=int, default=10, help="seeds 0..N-1; pairs = seeds x prompts")
-    p.add_argument("--prompts", nargs="*", default=list(CIFAR10_CLASSES))
+    p.add_argument("--prompts", nargs="*", default=list(CIFAR10_CLASSES), help="class names of infinity-cifar")
     p.add_argument("--variants", nargs="*", default=[v for v in VARIANTS if v not in FP8_VARIANTS])
     p.add_argument("--cfg", type=float, default=Sampling.cfg)
     p.add_argument("--tau", type=float, default=Sampling.tau)
@@ -324,6 +324,7 @@ def main(argv=None) -> int:
         raise ValueError("need at least one seed and one prompt")
     args.grid = args.grid or os.path.splitext(args.out)[0] + ".png"  # never another result's committed grid
     cfg = get_config(MODEL)
+    check_known_prompts(cfg, args.prompts)  # the model's class names only
     schedule = get_schedule(cfg.default_resolution, model=cfg.name)
     t0 = time.perf_counter()
     if args.from_raw:

@@ -23,13 +23,14 @@ from concurrent.futures import ThreadPoolExecutor
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from bench.common import result_path, summarize, write_result  # noqa: E402
+from bench.common import bench_prompts, result_path, summarize, write_result  # noqa: E402
 
 
-def drive(url: str, requests: int, clients: int) -> dict:
-    """`requests` POSTs from `clients` threads at once; wall time, images/s and per-request latencies."""
+def drive(url: str, requests: int, clients: int, prompts: list[str]) -> dict:
+    """`requests` POSTs from `clients` threads at once, `prompts` alternating; wall time, images/s and per-request
+    latencies."""
     def one(i):
-        body = json.dumps({"prompt": "a red car" if i % 2 else "a small dog on the grass", "seed": i}).encode()
+        body = json.dumps({"prompt": prompts[i % len(prompts)], "seed": i}).encode()
         t0 = time.perf_counter()
         with urllib.request.urlopen(urllib.request.Request(url + "/generate", data=body), timeout=600) as r:
             r.read()
@@ -83,8 +84,9 @@ def main() -> int:
             server = make_server(service, "127.0.0.1", 0)
             threading.Thread(target=server.serve_forever, daemon=True).start()
             try:
+                prompts = bench_prompts(args.model, ["a small dog on the grass", "a red car"])
                 rows[f"engine batch {batch}"] = {**drive(f"http://127.0.0.1:{server.server_port}", args.requests,
-                                                         clients), "engine_calls": service.calls}
+                                                         clients, prompts), "engine_calls": service.calls}
             finally:
                 server.shutdown()
                 server.server_close()

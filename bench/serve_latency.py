@@ -22,13 +22,13 @@ import urllib.request
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from bench.common import result_path, summarize, write_result  # noqa: E402
+from bench.common import bench_prompts, result_path, summarize, write_result  # noqa: E402
 
 
-def time_requests(url: str, runs: int) -> dict:
+def time_requests(url: str, runs: int, prompt: str) -> dict:
     times = []
     for i in range(runs):
-        body = json.dumps({"prompt": "a red car", "seed": i}).encode()
+        body = json.dumps({"prompt": prompt, "seed": i}).encode()
         t0 = time.perf_counter()
         with urllib.request.urlopen(urllib.request.Request(url + "/generate", data=body), timeout=600) as r:
             r.read()
@@ -36,11 +36,11 @@ def time_requests(url: str, runs: int) -> dict:
     return summarize(times)
 
 
-def time_one_shot(engine_dir: str, runs: int, out_dir: str) -> dict:
+def time_one_shot(engine_dir: str, runs: int, out_dir: str, prompt: str) -> dict:
     times = []
     for i in range(runs):
         t0 = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "sparvar.cli", "generate", "--engine", engine_dir, "--prompt", "a red car",
+        subprocess.run([sys.executable, "-m", "sparvar.cli", "generate", "--engine", engine_dir, "--prompt", prompt,
                         "--seed", str(i), "--out", os.path.join(out_dir, f"{i}.png")], check=True, cwd=ROOT,
                        capture_output=True)
         times.append(1000 * (time.perf_counter() - t0))
@@ -68,7 +68,8 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         engine_dir = os.path.join(tmp, "engine")
         build_engine(spec, engine_dir, log=lambda *a, **k: None)
-        one_shot = time_one_shot(engine_dir, args.one_shot_runs, tmp)
+        prompt = bench_prompts(args.model, ["a red car"])[0]
+        one_shot = time_one_shot(engine_dir, args.one_shot_runs, tmp, prompt)
         t0 = time.perf_counter()
         service = GenerationService(engine_dir)
         load_ms = 1000 * (time.perf_counter() - t0)
@@ -76,7 +77,7 @@ def main() -> int:
         server = make_server(service, "127.0.0.1", 0)
         threading.Thread(target=server.serve_forever, daemon=True).start()
         try:
-            served = time_requests(f"http://127.0.0.1:{server.server_port}", args.requests)
+            served = time_requests(f"http://127.0.0.1:{server.server_port}", args.requests, prompt)
         finally:
             server.shutdown()
             server.server_close()

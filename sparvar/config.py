@@ -40,7 +40,6 @@ class InfinityConfig:
     default_resolution: int = 1024
     sos_head_dim: int | None = None  # None: the official rule (128, or 64 past width 4096)
     text_encoder: str = "t5"  # "t5" (flan-t5-xl, official) or "hashed" (sparvar.text.hashed_embeddings: our own models)
-    prompts: tuple[str, ...] = ()  # a class-conditional model's only prompts (its class names); () = free text
 
     @property
     def head_dim(self) -> int:
@@ -94,10 +93,15 @@ CONFIGS: dict[str, InfinityConfig] = {
         # Trained by sparvar/train on CIFAR-10 (weights/): 64x64 images, 11 scales up to a 32x32 token grid
         # (sparvar/schedule.py MODEL_SCHEDULES); the prompt is a class name, through `text.hashed_embeddings`.
         InfinityConfig("infinity-cifar", depth=6, width=256, heads=4, mlp_dim=1024, vae=VAE_CIFAR, text_dim=64,
-                       text_maxlen=8, blocks_per_chunk=3, default_resolution=64, sos_head_dim=16, text_encoder="hashed",
-                       prompts=CIFAR10_CLASSES),
+                       text_maxlen=8, blocks_per_chunk=3, default_resolution=64, sos_head_dim=16, text_encoder="hashed"),
     )
 }
+
+
+# A class-conditional model's only prompts (its class names), by model name; other models take free text. Kept out
+# of the config dataclasses: engines record those whole (sparvar.engine.check_model_config, the export stage's key),
+# and the prompts a model answers do not change what its graphs compute.
+CLASS_PROMPTS: dict[str, tuple[str, ...]] = {"infinity-cifar": CIFAR10_CLASSES}
 
 
 def get_config(name: str) -> InfinityConfig | HartConfig:

@@ -6,7 +6,7 @@ import os
 
 import torch
 
-from .config import InfinityConfig, get_config
+from .config import CLASS_PROMPTS, InfinityConfig, get_config
 from .generate import Generation, Sampling, TorchRunner, check_runner_skip, generate
 from .schedule import Schedule, get_schedule
 
@@ -115,16 +115,20 @@ class Pipeline:
 def default_prompt(cfg) -> str:
     """The prompt of a request that names none (`generate` without --prompt, the server's warm-up): a fixed phrase,
     or a class-conditional model's first class name."""
-    return cfg.prompts[0] if cfg.prompts else "a photo of a cat"
+    return CLASS_PROMPTS.get(cfg.name, ("a photo of a cat",))[0]
 
 
 def check_known_prompts(cfg, prompts) -> None:
-    """Refuse a prompt a class-conditional model (cfg.prompts: its class names) was never trained on: its hashed
-    embedding is a vector the model has not seen, and the image would be noise with nothing naming the cause."""
-    unknown = [p for p in prompts or () if cfg.prompts and p not in cfg.prompts]
+    """Refuse a prompt a class-conditional model (config.CLASS_PROMPTS: its class names) was never trained on: its
+    hashed embedding is a vector the model has not seen, and the image would be noise with nothing naming the cause.
+    Compared as `text.hashed_embeddings` reads a prompt (lower case, words split on white space), so 'Dog ' is 'dog'."""
+    known = CLASS_PROMPTS.get(cfg.name)
+    if not known:
+        return
+    unknown = [p for p in prompts or () if " ".join(p.lower().split()) not in known]
     if unknown:
         raise ValueError(f"{cfg.name} was trained on its class names alone; the prompt must be one of "
-                         f"{', '.join(cfg.prompts)}, got {', '.join(map(repr, unknown))}")
+                         f"{', '.join(known)}, got {', '.join(map(repr, unknown))}")
 
 
 def check_text_sources(cfg, t5: str | None = None, qwen: str | None = None, embeddings: str | None = None,

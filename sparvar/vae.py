@@ -479,7 +479,8 @@ def select_decoder_state(sd: dict, cfg: VAEConfig) -> dict[str, torch.Tensor]:
 
     Keys under IGNORED_PREFIXES are dropped by name; every other key must be an expected decoder key
     (wrapped or flat spelling) with the expected shape, and every expected key must be present.
-    Raises CheckpointError listing every missing, unexpected, duplicated and wrongly shaped key.
+    Raises CheckpointError listing every missing, unexpected, duplicated, wrongly shaped, non-floating-point and
+    non-finite key (checkpoint.select_state).
     """
     expected = decoder_key_shapes(cfg)
     header = (f"tokenizer checkpoint does not match {cfg.name} (codebook_dim {cfg.codebook_dim}, ch {cfg.ch}, "

@@ -256,3 +256,28 @@ def test_a_result_that_cannot_be_written_leaves_no_temp_file(tmp_path):
     with pytest.raises(OSError):
         write_result(str(tmp_path / "r.json"), {"rows": []})
     assert os.listdir(tmp_path) == ["r.json"]
+
+
+@pytest.mark.parametrize("model", ["infinity-2b", "infinity-8b"])
+def test_cudnn_csla_rows_send_each_scale_where_they_say(model, monkeypatch):
+    """The cuDNN CSLA rows: on 128x64 tiles, scales 11-12 (whole 128-row tiles) by cuDNN on those tiles and scale 10
+    (1,600 queries) on the policy's 64x64 tiles by Triton; on the policy's tiles, every scale by cuDNN. Dispatched
+    by tile shape, on the device copies the plan hands over (at 2f1d060 scale 10's 64-row tiles went to cuDNN)."""
+    from bench.e2e import csla_by_cudnn
+    from sparvar import kernels
+    from sparvar.schedule import get_schedule
+
+    cfg, schedule = get_config(model), get_schedule(1024, model=model)
+    ran = []
+    monkeypatch.setattr("sparvar.kernels.cudnn_csla.csla_attention_cudnn", lambda q, k, v, layout: ran.append("cudnn"))
+    triton_ops = kernels.sparse_ops()._replace(csla=lambda q, k, v, layout: ran.append("triton"))
+    monkeypatch.setattr(kernels, "sparse_ops", lambda: triton_ops)
+    for tile, want, blocks in (((128, 64), [11, 12], {10: (64, 64), 11: (128, 64), 12: (128, 64)}),
+                               (None, [10, 11, 12], {10: (64, 64), 11: (64, 64), 12: (64, 64)})):
+        plan, cudnn_scales = csla_by_cudnn(cfg, schedule, 0, tile)
+        assert cudnn_scales == want
+        assert {s: (lay.block_m, lay.block_n) for s, lay in plan.csla_layouts.items()} == blocks
+        for scale in plan.csla_layouts:
+            ran.clear()
+            plan.ops.csla(None, None, None, plan._device_copy("csla", scale, torch.device("cpu")))
+            assert ran == ["cudnn" if scale in want else "triton"], (tile, scale)

@@ -207,3 +207,9 @@ def test_non_finite_weights_are_named_not_loaded():
         check_state_dict(sd, TINY)
     sd["head.weight"].zero_(), sd["cfg_uncond"].zero_()
     check_state_dict(sd, TINY)  # finite again: accepted
+    for dtype in (torch.bfloat16, torch.float8_e5m2):  # a bf16 export; float8 has no min/max kernel of its own
+        sd["head.weight"] = torch.zeros(sd["head.weight"].shape, dtype=dtype)
+        check_state_dict(sd, TINY)
+        sd["head.weight"][2, 1] = float("inf")
+        with pytest.raises(CheckpointError, match=r"not finite \(1\):\n  head.weight: 1 of \d+ values"):
+            check_state_dict(sd, TINY)

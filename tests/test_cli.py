@@ -278,8 +278,9 @@ def test_real_weights_never_fall_back_to_hashed_text(tmp_path, capsys):
 
 def test_a_class_conditional_model_takes_only_its_class_names(tmp_path, capsys):
     """infinity-cifar was trained on CIFAR-10's class names: any other prompt is a hashed vector it never saw (a noise
-    image, nothing naming why), so it is refused before anything loads; no --prompt means its first class."""
-    from sparvar.config import CIFAR10_CLASSES, get_config
+    image, nothing naming why), so it is refused before anything loads; no --prompt means its first class. A class
+    name spelled as the hashed embedding reads it (case, spaces) is that class."""
+    from sparvar.config import CIFAR10_CLASSES, CLASS_PROMPTS
     from sparvar.pipeline import Pipeline
 
     root = os.path.join(os.path.dirname(__file__), "..", "weights")
@@ -293,11 +294,12 @@ def test_a_class_conditional_model_takes_only_its_class_names(tmp_path, capsys):
     assert "got 'a red fox'" in err and "'cat'" not in err
     assert not os.listdir(tmp_path)
     assert main(["generate", "--model", "infinity-cifar", *files, "--out", out]) == 0
-    assert os.listdir(tmp_path) == ["x.png"] and get_config("infinity-cifar").prompts == CIFAR10_CLASSES
+    assert os.listdir(tmp_path) == ["x.png"] and CLASS_PROMPTS["infinity-cifar"] == CIFAR10_CLASSES
     pipe = Pipeline.create("infinity-cifar")  # the library path refuses it too, random weights or not
-    with pytest.raises(ValueError, match="got 'dog '"):
-        pipe.text_features(["dog "], allow_hashed=True)
-    assert pipe.text_features(["dog"], allow_hashed=True)[0].shape[0] == 1
+    with pytest.raises(ValueError, match="got 'hot dog'"):
+        pipe.text_features(["dog", "hot dog"], allow_hashed=True)
+    features, _ = pipe.text_features(["dog", " Dog ", "DOG"], allow_hashed=True)
+    assert torch.equal(features[0], features[1]) and torch.equal(features[0], features[2])
     assert Pipeline.create("infinity-tiny").text_features(["a red fox"], allow_hashed=True)[0].shape[0] == 1
 
 

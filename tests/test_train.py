@@ -233,3 +233,14 @@ def test_an_interrupted_run_is_not_trained_on_or_exported(tmp_path):
     torch.save(state, os.path.join(work, "tokenizer.pt"))
     with pytest.raises(ValueError, match="the tokenizer run stopped at step 1 of 2; finish it first"):
         train_main(["transformer", *base, "--transformer-steps", "1"])
+
+
+def test_a_class_conditional_model_trains_only_on_its_class_names(tmp_path):
+    """infinity-cifar answers CIFAR-10's class names only (the CLI refuses others): data with another class would
+    train a model whose class the CLI then refuses, so training refuses it first, naming it."""
+    from sparvar.train.data import ImageSet
+
+    data = ImageSet(torch.zeros(2, 32, 32, 3, dtype=torch.uint8), torch.tensor([0, 1]), ("apple", "cat"))
+    with pytest.raises(ValueError, match="the data has classes apple besides"):
+        train_run.train_transformer(get_config("infinity-cifar"), get_schedule(64, model="infinity-cifar"), None, data,
+                                    LoopSettings(steps=1, batch=1, lr=1e-3), str(tmp_path / "w"))

@@ -154,6 +154,13 @@ def test_integer_decoder_weights_are_named_not_cast():
         select_decoder_state(sd, VAE_D32)
 
 
+def test_non_finite_decoder_weights_are_named():
+    sd = {k: torch.zeros(v.shape) for k, v in full_official_sd(VAE_D32).items()}  # meta shapes, real zeros
+    sd["decoder.conv_out.conv.bias"][0] = float("nan")
+    with pytest.raises(CheckpointError, match=r"not finite \(1\):\n  decoder.conv_out.conv.bias: 1 of 3 values"):
+        select_decoder_state(sd, VAE_D32)
+
+
 def test_d56_checkpoint_rejected_by_d32_config():
     with pytest.raises(CheckpointError, match=r"wrong shape"):
         select_decoder_state(full_official_sd(VAE_D56), VAE_D32)

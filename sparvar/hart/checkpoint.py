@@ -1,7 +1,7 @@
 """Strict loading of the official HART transformer checkpoint (the `llm/` folder of hart-0.7b-1024px).
 
-Our parameter names are the official ones, so there is no renaming: every missing, unexpected or wrongly shaped
-key is one CheckpointError that lists them (sparvar.checkpoint.check_keys). Two official buffers are accepted and
+Our parameter names are the official ones, so there is no renaming: every missing, unexpected, wrongly shaped,
+non-floating-point or non-finite key is one CheckpointError that lists them (sparvar.checkpoint.check_keys). Two official buffers are accepted and
 dropped: `lvl_1L` (the level id of every token, which we derive from the schedule) and `attn_bias_for_masking`
 (the training-time block-causal mask, 9750^2 fp32 = 380 MB at 1024 px, never materialised here).
 
@@ -43,7 +43,8 @@ def official_buffers(cfg: HartConfig) -> dict[str, torch.Tensor]:
 
 
 def check_state_dict(sd: dict[str, torch.Tensor], cfg: HartConfig) -> None:
-    """Raise a CheckpointError listing every missing, unexpected and wrongly shaped key (dropped buffers included)."""
+    """Raise a CheckpointError listing every missing, unexpected, wrongly shaped, non-floating-point and non-finite
+    key (check_keys; of the dropped buffers, presence and shape only)."""
     expected = official_key_shapes(cfg)
     dropped = {k: s for k, s in dropped_buffer_shapes(cfg).items() if k in sd}
     expected.update(dropped)

@@ -65,7 +65,6 @@ class HartConfig:
     attn_l2_norm: bool = False  # True: unit q, k and a learned per-head temperature (scale_mul_1H11), softmax scale 1
     default_resolution: int = 1024  # the only resolution: patch_nums[-1] * vq.stride pixels
     text_encoder: str = "qwen2"  # "qwen2" (official) or "hashed" (our own small models)
-    prompts: tuple[str, ...] = ()  # a class-conditional model's only prompts (its class names); () = free text
     family: str = "hart"
 
     @property

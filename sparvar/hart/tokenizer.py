@@ -375,7 +375,8 @@ def select_decoder_state(sd: dict, cfg: HartVQConfig) -> dict[str, torch.Tensor]
     """Strictly pick the decode-side weights out of an official tokenizer state dict.
 
     Accepts the HF layout (`vae.*` + `disc.*`) or a bare HARTAutoEncoder state dict (no `vae.` keys at all).
-    Raises CheckpointError listing every missing, unexpected, wrongly shaped and non-tensor key."""
+    Raises CheckpointError listing every missing, unexpected, wrongly shaped, non-tensor, non-floating-point and
+    non-finite key (checkpoint.select_state)."""
     expected = decoder_key_shapes(cfg)
     wrapped = any(isinstance(k, str) and k.startswith(VAE_PREFIX) for k in sd)
 

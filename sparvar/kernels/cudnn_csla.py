@@ -18,7 +18,7 @@ The page container's pages of different heads interleave in memory (a view of th
 containers of its samples); cuDNN 9.19 on an H100 takes them (the GPU test passed at b9b1bdd).
 
 Measured (docs/performance.md, twenty-sixth pass): on 128x64 tiles 14-16% faster per call than the Triton kernel
-on the policy's 64x64 tiles at 8B scales 11-12, on 64x64 tiles 39-45% slower (cuDNN's query tile is 128 rows); ~3 ms
+on the policy's 64x64 tiles at 8B scales 11-12, on 64x64 tiles 39-45% slower (cuDNN's query tile is 128 rows); ~3-4 ms
 per 8B image end to end. So it is a benchmark path (bench/csla_cudnn.py, bench/e2e.py's cuDNN rows), not an engine
 option.
 """

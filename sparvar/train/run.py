@@ -7,7 +7,7 @@ import time
 import torch
 
 from sparvar.checkpoint import load_model, to_official_name
-from sparvar.config import InfinityConfig, VAEConfig
+from sparvar.config import CLASS_PROMPTS, InfinityConfig, VAEConfig
 from sparvar.model import Infinity, build_model
 from sparvar.schedule import Schedule
 from sparvar.train.data import ImageSet, to_model_images
@@ -72,6 +72,10 @@ def train_transformer(cfg: InfinityConfig, schedule: Schedule, tokenizer: Tokeni
     """Teacher-forced next-scale bit prediction; the condition is the class name, dropped with p=cfg_drop for CFG."""
     if not 0.0 <= cfg_drop < 1.0:
         raise ValueError(f"cfg_drop must be in [0, 1), got {cfg_drop}")
+    unknown = sorted(set(data.class_names) - set(CLASS_PROMPTS.get(cfg.name, data.class_names)))
+    if unknown:  # generation takes only the model's class names (sparvar.pipeline.check_known_prompts)
+        raise ValueError(f"{cfg.name} answers the prompts {', '.join(CLASS_PROMPTS[cfg.name])}; the data has classes "
+                         f"{', '.join(unknown)} besides: train a model of another name for them")
     device = data.images.device
     tokenizer = tokenizer.eval().requires_grad_(False)
     model = new_transformer(cfg, device, settings.seed)
