@@ -447,3 +447,26 @@ def test_a_fault_while_forming_a_call_answers_the_waiting_requests_and_the_batch
     assert answers == ["the request batcher failed (RuntimeError: boom)"]
     png, _, shared = service.submit({"prompt": "a cat", "seed": 1})  # the same thread, still forming calls
     assert png.startswith(b"\x89PNG") and shared == 1 and service.calls == 1
+
+
+def test_a_class_conditional_engine_answers_only_its_class_names(monkeypatch):
+    """An infinity-cifar engine's server refuses a prompt outside CIFAR-10's class names with a 400 naming them
+    (it would draw noise), takes a class name however spaced or cased, and warms up on its first class."""
+    from types import SimpleNamespace
+
+    from sparvar.config import get_config
+    from sparvar.generate import Sampling
+    from sparvar.serve import GenerationService, RequestError
+
+    service = GenerationService.__new__(GenerationService)  # parse and warm-up only: no engine to build
+    service.pipe = SimpleNamespace(cfg=get_config("infinity-cifar"), sampling=lambda **o: Sampling(
+        **{k: v for k, v in o.items() if v is not None}))
+    with pytest.raises(RequestError, match="the prompt must be one of airplane, automobile, .* got 'a red car'"):
+        service.parse({"prompt": "a red car"})
+    assert service.parse({"prompt": " Ship ", "seed": 3})[:2] == (" Ship ", 3)
+    warmed = []
+    monkeypatch.setattr(service, "_run", lambda jobs, count: warmed.append(jobs[0].prompt) or
+                        setattr(jobs[0], "error", RuntimeError("stop")))
+    with pytest.raises(RuntimeError, match="stop"):
+        service.warm_up()
+    assert warmed == ["airplane"]
