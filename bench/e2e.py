@@ -263,8 +263,8 @@ def csla_by_cudnn(cfg, schedule, skip: int, tile: tuple[int, int] | None):
     """The SparVAR plan of CSLA_CUDNN_ROWS and the scales whose CSLA cuDNN's paged SDPA runs: with `tile`, the scales
     whose queries are whole tiles of it get its layouts and cuDNN, the others keep the policy's layouts and the
     Triton kernel; without, cuDNN runs every scale whose queries are whole tiles of the policy's. (The paged call
-    refuses the rest: sparvar.kernels.cudnn_csla.check_paged_csla.) The dispatch is by scale, fixed here: at
-    2f1d060 it went by the layout and gave cuDNN scale 10's 64-row tiles in the 128x64 rows, slower than Triton."""
+    refuses the rest: sparvar.kernels.cudnn_csla.check_paged_csla.) The call is dispatched by its layout's tile
+    shape: at 2f1d060 only whole tiles were asked for, which gave cuDNN scale 10's 64-row tiles in the 128x64 rows."""
     from sparvar.kernels.cudnn_csla import csla_attention_cudnn
     from sparvar.sparse import SparVARPlan, default_policy
 
