@@ -121,11 +121,13 @@ def default_prompt(cfg) -> str:
 def check_known_prompts(cfg, prompts) -> None:
     """Refuse a prompt a class-conditional model (config.CLASS_PROMPTS: its class names) was never trained on: its
     hashed embedding is a vector the model has not seen, and the image would be noise with nothing naming the cause.
-    Compared as `text.hashed_embeddings` reads a prompt (lower case, words split on white space), so 'Dog ' is 'dog'."""
+    Compared by the words the hashed embedding reads (text.hashed_words), so 'Dog ' is 'dog'."""
+    from .text import hashed_words
+
     known = CLASS_PROMPTS.get(cfg.name)
     if not known:
         return
-    unknown = [p for p in prompts or () if " ".join(p.lower().split()) not in known]
+    unknown = [p for p in prompts or () if " ".join(hashed_words(p)) not in known]
     if unknown:
         raise ValueError(f"{cfg.name} was trained on its class names alone; the prompt must be one of "
                          f"{', '.join(known)}, got {', '.join(map(repr, unknown))}")

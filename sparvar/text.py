@@ -93,11 +93,16 @@ def check_prompt(prompt) -> None:
                          "(an unpaired surrogate, or a command line in another encoding)") from None
 
 
+def hashed_words(prompt: str) -> list[str]:
+    """The words `hashed_embeddings` embeds, one vector each: prompts with the same words have the same features."""
+    return prompt.lower().split()
+
+
 def hashed_embeddings(prompts: list[str], text_dim: int, max_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
     """One fixed random vector per word (seeded by the word's hash), so equal prompts give equal features."""
     rows, lengths = [], []
     for prompt in prompts:
-        words = prompt.lower().split()[:max_tokens] or ["<empty>"]
+        words = hashed_words(prompt)[:max_tokens] or ["<empty>"]
         vecs = []
         for word in words:
             seed = int.from_bytes(hashlib.sha256(word.encode()).digest()[:8], "little")

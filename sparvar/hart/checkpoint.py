@@ -1,9 +1,10 @@
 """Strict loading of the official HART transformer checkpoint (the `llm/` folder of hart-0.7b-1024px).
 
 Our parameter names are the official ones, so there is no renaming: every missing, unexpected, wrongly shaped,
-non-floating-point or non-finite key is one CheckpointError that lists them (sparvar.checkpoint.check_keys). Two official buffers are accepted and
-dropped: `lvl_1L` (the level id of every token, which we derive from the schedule) and `attn_bias_for_masking`
-(the training-time block-causal mask, 9750^2 fp32 = 380 MB at 1024 px, never materialised here).
+non-floating-point or non-finite key is one CheckpointError that lists them (sparvar.checkpoint.check_keys). Two
+official buffers are accepted and dropped: `lvl_1L` (the level id of every token, which we derive from the
+schedule) and `attn_bias_for_masking` (the training-time block-causal mask, 9750^2 fp32 = 380 MB at 1024 px, never
+materialised here).
 
 A checkpoint is a file (.bin / .pth / .safetensors) or the `llm/` folder. Of a folder we read, as official sample.py
 does by default (use_ema=True), `ema_model.bin` when it is there; ema=False (or a folder without it) reads the
