@@ -48,6 +48,12 @@ CSLA_CUDNN_ROWS = {SPARVAR_ENGINE_ROW + ", CSLA by cuDNN paged SDPA": None,
                    SPARVAR_FP8_ROW + CUDNN_TILED: (128, 64)}
 
 
+# the SparVAR engine with CSLA over 2-D query tiles (the policy's csla_query_tile: sparvar.csla.TileLayout, keys
+# gathered) instead of raster blocks: row -> query tile (rows, cols)
+QUERY_TILES = ", CSLA on 8x8 query tiles"
+CSLA_QUERY_TILE_ROWS = {SPARVAR_ENGINE_ROW + QUERY_TILES: (8, 8), SPARVAR_FP8_ROW + QUERY_TILES: (8, 8)}
+
+
 def _csla_tuner():
     try:
         from sparvar.kernels import csla
@@ -136,6 +142,7 @@ def rows_for(model_name: str):
         # the engines' dense attention: cuDNN, our Triton kernel for the smallest calls (sparvar.attention "engine")
         (DENSE_ENGINE_ROW, "dense", "graphs", "engine", 0, False),
         (SPARVAR_ENGINE_ROW, "sparvar", "graphs", "engine", 0, False),
+        (SPARVAR_ENGINE_ROW + QUERY_TILES, "sparvar", "graphs", "engine", 0, False),
         (RESIDUALS_IN_LINE_ROW, "sparvar", "graphs", "engine", 0, False),
         ("SparVAR engine + skip last 2", "sparvar", "graphs", "engine", 2, False),
         ("dense engine + skip last 2", "dense", "graphs", "engine", 2, False),
@@ -153,6 +160,7 @@ def rows_for(model_name: str):
         # opt-in precision: its own rows
         rows += [(DENSE_FP8_ROW, "dense", "graphs", "engine", 0, True),
                  (SPARVAR_FP8_ROW, "sparvar", "graphs", "engine", 0, True),
+                 (SPARVAR_FP8_ROW + QUERY_TILES, "sparvar", "graphs", "engine", 0, True),
                  (DENSE_FP8_ROW + UNABSORBED, "dense", "graphs", "engine", 0, True),
                  (SPARVAR_FP8_ROW + UNABSORBED, "sparvar", "graphs", "engine", 0, True)]
         rows += [row for row in cudnn_rows if row[5]]
@@ -292,6 +300,7 @@ def bench_model(model_name: str, resolution: int, warmup: int, runs: int, rows=N
     """The rows of one model, side by side in this process. `save(result)` is called after every row with the
     result so far, so that a run cut short (a time limit, a lost machine) keeps the rows it finished."""
     from sparvar.pipeline import make_plan
+    from sparvar.sparse import SparVARPlan, default_policy
 
     device = torch.device(device)
     torch.cuda.reset_peak_memory_stats()
@@ -309,6 +318,9 @@ def bench_model(model_name: str, resolution: int, warmup: int, runs: int, rows=N
         cudnn_scales = None
         if name in CSLA_CUDNN_ROWS:
             plan, cudnn_scales = csla_by_cudnn(cfg, schedule, skip, CSLA_CUDNN_ROWS[name])
+        elif name in CSLA_QUERY_TILE_ROWS:
+            plan = SparVARPlan(default_policy(cfg.name, schedule, csla_query_tile=CSLA_QUERY_TILE_ROWS[name]), schedule,
+                               cfg.depth, backend="triton", skip_last=skip)
         else:
             plan = make_plan(cfg, schedule, attention, backend="triton", skip_last=skip)
         if name == RESIDUALS_IN_LINE_ROW:
@@ -332,7 +344,12 @@ def bench_model(model_name: str, resolution: int, warmup: int, runs: int, rows=N
                    "fp8": fp8, "cross_attention_absorbed": absorbed, **timing, "images_per_s": 1000 * batch / timing["median_ms"],
                    "per_scale_ms": per_scale, "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30,
                    "bench_seconds": time.perf_counter() - t0}
-            if attention == "sparvar":  # the CSLA tuning of the last sparse scale run (each scale is tuned alone)
+            if name in CSLA_QUERY_TILE_ROWS:  # the tile kernel's choice at the last sparse scale
+                from sparvar.kernels.csla import tuned_config
+
+                row["csla_query_tile"] = list(CSLA_QUERY_TILE_ROWS[name])
+                row["csla_tile_config_last_scale"] = tuned_config("csla_tiles")
+            elif attention == "sparvar":  # the CSLA tuning of the last sparse scale run (each scale is tuned alone)
                 row.update(csla_tuning())
                 row["residual_lanes"] = plan.residual_lanes  # side streams of the decision's residual launches
             if cudnn_scales is not None:

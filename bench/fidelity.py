@@ -62,6 +62,12 @@ VARIANTS: dict[str, tuple[dict | None, int]] = {
     "cs4a_cache": ({"cs4a_layers": "all"}, 0),
     "csla_only": ({"cs4a_layers": 0}, 0),
 }
+# CSLA over 2-D query tiles (sparvar.csla.TileLayout) instead of the policy's raster blocks (32x32 here: one row of
+# the 32-wide last scale): 4x4 tiles cover the grid's fraction that 8x8 tiles cover at 1024^2, 4x8 hold a raster
+# block's 32 queries. Not in the default run: `--variants dense sparvar sparvar_tiles_4x4 ...`
+TILE_VARIANTS = {f"{prefix}_tiles_{r}x{c}": ({**overrides, "csla_query_tile": (r, c)}, 0)
+                 for r, c in ((4, 4), (4, 8)) for prefix, overrides in (("sparvar", {}), ("csla_only", {"cs4a_layers": 0}))}
+VARIANTS.update(TILE_VARIANTS)
 # FP8 linears (sparvar/fp8.py). "fp8" / "sparvar_fp8": FP8 at the last FP8_LAST_SCALES scales, as the torch-cuda
 # engine's default threshold (1,024 tokens) gives for Infinity 2B/8B at 1024² (scales 9-12 of 13); "fp8_all": every
 # scale, the worst case (an early scale's error changes which bits are sampled, and so the whole image). The
@@ -306,7 +312,7 @@ def main(argv=None) -> int:
     p.add_argument("--tokenizer", default=TOKENIZER)
     p.add_argument("--seeds", type=int, default=10, help="seeds 0..N-1; pairs = seeds x prompts")
     p.add_argument("--prompts", nargs="*", default=list(CIFAR10_CLASSES), help="class names of infinity-cifar")
-    p.add_argument("--variants", nargs="*", default=[v for v in VARIANTS if v not in FP8_VARIANTS])
+    p.add_argument("--variants", nargs="*", default=[v for v in VARIANTS if v not in FP8_VARIANTS + tuple(TILE_VARIANTS)])
     p.add_argument("--cfg", type=float, default=Sampling.cfg)
     p.add_argument("--tau", type=float, default=Sampling.tau)
     p.add_argument("--top-p", type=float, default=Sampling.top_p)

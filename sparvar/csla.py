@@ -26,6 +26,9 @@ from sparvar.attention import reference_attention
 from sparvar.schedule import Schedule
 
 GRANULARITIES = ("block", "token")
+# the tile sizes the Triton kernels take (tl.dot's power-of-two shapes within the register budget): a BlockLayout's
+# block_m and block_n, a TileLayout's queries per tile
+KERNEL_TILE_SIZES = (16, 32, 64, 128)
 
 
 def check_window_sides(window_sides: tuple[int, ...]) -> None:
@@ -200,7 +203,118 @@ def csla_layout(schedule: Schedule, scale: int, sinks: int, window_sides: tuple[
     return block_layout_from_mask(mask, block_m, block_n, granularity)
 
 
-def csla_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BlockLayout) -> torch.Tensor:
+@dataclass(frozen=True, eq=False)
+class TileLayout:
+    """CSLA over 2-D query tiles: each tile of the query grid attends the exact union of its queries' windows.
+
+    The raster BlockLayout's query block is a run of raster tokens (at 1024^2, 64 queries = one row of the 64-wide
+    last scale), so its key blocks span whole rows of every key scale: a query attends ~6x its window. A tile of
+    tile_rows x tile_cols query positions instead attends only the keys some query of the tile keeps (sinks and
+    windows), gathered by position: 0.38-0.47x the (query, key) pairs of 64x64 raster blocks at scales 10-12. Like
+    the block semantics, every query of a tile attends every key of the tile's set (a superset of its own window).
+
+      q_rows (num_tiles, tile_rows * tile_cols) int32: the raster query positions of each tile, row-major within
+        the tile; slots past a border tile's queries hold q_len (out of range: kernels mask them);
+      kv_count (num_tiles,) int32: keys in each tile's set;
+      kv_keys (num_tiles, max_keys) int32: the set's absolute KV positions, ascending; slots past kv_count repeat
+        the row's last key (in bounds; kernels still stop at kv_count).
+    Tiles are numbered row-major over the query grid (tile_rows x tile_cols, the last row / column may be partial).
+    """
+
+    q_len: int
+    kv_len: int
+    grid: tuple[int, int]  # the query scale's (rows, cols)
+    tile: tuple[int, int]  # (rows, cols) of query positions per tile
+    q_rows: torch.Tensor
+    kv_count: torch.Tensor
+    kv_keys: torch.Tensor
+    token_density: float
+
+    granularity = "tile"
+
+    @property
+    def block_m(self) -> int:
+        """Query slots per tile (the kernel's query tile)."""
+        return self.tile[0] * self.tile[1]
+
+    @property
+    def num_tiles(self) -> int:
+        return self.q_rows.shape[0]
+
+    @property
+    def density(self) -> float:
+        """Fraction of (query, key) pairs attended (each query attends its tile's whole key set)."""
+        return self._pairs / (self.q_len * self.kv_len)
+
+    @cached_property
+    def _pairs(self) -> int:
+        queries = (self.q_rows < self.q_len).sum(dim=1).long()
+        return int((queries * self.kv_count.long()).sum())
+
+    def to_dense(self) -> torch.Tensor:
+        """(q_len, kv_len) bool of the (query, key) pairs that are attended (built once per layout)."""
+        return self._dense
+
+    @cached_property
+    def _dense(self) -> torch.Tensor:
+        q_rows, kv_count, kv_keys = (t.cpu().long() for t in (self.q_rows, self.kv_count, self.kv_keys))
+        keys = torch.zeros(self.num_tiles, self.kv_len, dtype=torch.bool)
+        valid = torch.arange(kv_keys.shape[1])[None, :] < kv_count[:, None]
+        keys[torch.arange(self.num_tiles)[:, None].expand_as(kv_keys)[valid], kv_keys[valid]] = True
+        out = torch.zeros(self.q_len + 1, self.kv_len, dtype=torch.bool)  # row q_len takes the padding slots
+        out[q_rows.reshape(-1)] = keys.repeat_interleave(q_rows.shape[1], dim=0)
+        return out[: self.q_len].to(self.q_rows.device)
+
+    def to(self, device: torch.device | str) -> TileLayout:
+        return TileLayout(self.q_len, self.kv_len, self.grid, self.tile, self.q_rows.to(device),
+                          self.kv_count.to(device), self.kv_keys.to(device), self.token_density)
+
+    def __repr__(self) -> str:
+        return (f"TileLayout(q_len={self.q_len}, kv_len={self.kv_len}, grid={self.grid[0]}x{self.grid[1]}, "
+                f"tile={self.tile[0]}x{self.tile[1]}, tiles={self.num_tiles}, keys per tile "
+                f"{int(self.kv_count.min())}-{int(self.kv_count.max())}, density={self.density:.2%}, "
+                f"token_density={self.token_density:.2%})")
+
+
+def tile_layout_from_mask(mask: torch.Tensor, grid: tuple[int, int], tile: tuple[int, int]) -> TileLayout:
+    """Each tile x tile query tile of a raster (rows x cols = grid) query scale attends the union of its rows of a
+    (q_len, kv_len) bool token mask."""
+    if mask.dtype != torch.bool or mask.dim() != 2:
+        raise TypeError(f"mask must be a 2-D bool tensor, got {mask.dtype} with shape {tuple(mask.shape)}")
+    rows, cols = grid
+    if rows * cols != mask.shape[0]:
+        raise ValueError(f"a {rows}x{cols} query grid has {rows * cols} queries; the mask has {mask.shape[0]}")
+    if len(tile) != 2 or min(tile) <= 0:
+        raise ValueError(f"query tile must be two positive ints (rows, cols), got {tile}")
+    empty = ~mask.any(dim=1)
+    if empty.any():
+        raise ValueError(f"{int(empty.sum())} query rows attend to no key (first: {int(empty.nonzero()[0])}); "
+                         "give them sinks or a window on their own scale")
+    tr, tc = tile
+    q_len, kv_len = mask.shape
+    position = torch.arange(q_len).view(rows, cols)
+    q_rows, key_sets = [], []
+    for r in range(0, rows, tr):
+        for c in range(0, cols, tc):
+            members = position[r:r + tr, c:c + tc].reshape(-1)
+            q_rows.append(torch.cat([members, torch.full((tr * tc - members.numel(),), q_len)]))
+            key_sets.append(mask[members].any(dim=0).nonzero()[:, 0])
+    kv_count = torch.tensor([len(k) for k in key_sets], dtype=torch.int32)
+    width = int(kv_count.max())
+    kv_keys = torch.stack([torch.cat([k, k[-1:].expand(width - len(k))]) for k in key_sets]).to(torch.int32)
+    return TileLayout(q_len, kv_len, (rows, cols), (tr, tc), torch.stack(q_rows).to(torch.int32).contiguous(),
+                      kv_count, kv_keys.contiguous(), mask.sum().item() / mask.numel())
+
+
+@lru_cache(maxsize=64)
+def csla_tile_layout(schedule: Schedule, scale: int, sinks: int, window_sides: tuple[int, ...],
+                     tile: tuple[int, int]) -> TileLayout:
+    """The CSLA layout of one query scale over 2-D query tiles (see TileLayout), cached like csla_layout."""
+    mask = csla_token_mask(schedule, scale, sinks, tuple(window_sides))
+    return tile_layout_from_mask(mask, schedule.grids[scale], tuple(tile))
+
+
+def csla_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BlockLayout | TileLayout) -> torch.Tensor:
     """softmax(q k^T) v restricted to the layout's attended pairs, in fp32 (plain masked attention).
 
     q (B, H, q_len, D); k, v (B, H, kv_len, D); returns (B, H, q_len, D) in q's dtype.

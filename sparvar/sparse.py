@@ -24,7 +24,8 @@ import torch
 from sparvar.config import get_config
 from sparvar.cs4a import (CS4AGeometry, cs4a_attention_ref, cs4a_decide_ref, cs4a_from_selection_ref, cs4a_geometry,
                           cs4a_topk, num_groups, upsample_cache)
-from sparvar.csla import GRANULARITIES, BlockLayout, check_window_sides, csla_attention_ref, csla_layout
+from sparvar.csla import (GRANULARITIES, KERNEL_TILE_SIZES, BlockLayout, TileLayout, check_window_sides, csla_attention_ref, csla_layout,
+                          csla_tile_layout)
 from sparvar.schedule import Schedule
 
 KINDS = ("dense", "cs4a_decide", "cs4a", "csla")
@@ -43,6 +44,9 @@ class SparVARPolicy:
     csla_window_sides: tuple[int, ...] = (-1, -1, -1, 1, 1, 3, 5, 7)  # aligned to the query's own scale (last entry)
     csla_block: tuple[int, int] = (128, 128)  # (queries, keys) per tile; FlexAttention's default, as the paper ran
     csla_granularity: str = "block"
+    # None: raster blocks of csla_block (a BlockLayout). (rows, cols): 2-D query tiles of the query grid, each
+    # attending the exact union of its queries' windows (a TileLayout; csla_block is then unused)
+    csla_query_tile: tuple[int, int] | None = None
     # CS4A (dynamic selection)
     cs4a_group_size: int = 192
     cs4a_topk_ratio: float = 0.2
@@ -65,6 +69,17 @@ class SparVARPolicy:
             raise ValueError(f"csla_block must be two positive ints (queries, keys), got {self.csla_block}")
         if self.csla_granularity not in GRANULARITIES:
             raise ValueError(f"unknown csla_granularity {self.csla_granularity!r}; expected one of {GRANULARITIES}")
+        if self.csla_query_tile is not None:
+            tile = self.csla_query_tile
+            if (not isinstance(tile, tuple) or len(tile) != 2 or any(not isinstance(t, int) or isinstance(t, bool)
+                                                                     or t <= 0 for t in tile)):
+                raise ValueError(f"csla_query_tile must be None or two positive ints (rows, cols), got {tile!r}")
+            if tile[0] * tile[1] not in KERNEL_TILE_SIZES:
+                raise ValueError(f"csla_query_tile {tile[0]}x{tile[1]} holds {tile[0] * tile[1]} queries; the kernel's "
+                                 f"query tile must hold one of {KERNEL_TILE_SIZES}")
+            if self.csla_granularity != "block":
+                raise ValueError("csla_query_tile needs csla_granularity 'block' (a tile attends its whole key set); "
+                                 f"got {self.csla_granularity!r}")
         if self.cs4a_group_size <= 0 or self.cs4a_multiple <= 0:
             raise ValueError(f"cs4a_group_size and cs4a_multiple must be positive, got {self.cs4a_group_size}, {self.cs4a_multiple}")
         if not 0.0 < self.cs4a_topk_ratio <= 1.0:
@@ -103,7 +118,9 @@ class SparVARPolicy:
         return cs4a_topk(schedule.kv_len(self.decision_scale) - self.sink_len(schedule), self.cs4a_topk_ratio,
                          self.cs4a_multiple)
 
-    def csla_layout(self, schedule: Schedule, scale: int) -> BlockLayout:
+    def csla_layout(self, schedule: Schedule, scale: int) -> BlockLayout | TileLayout:
+        if self.csla_query_tile is not None:
+            return csla_tile_layout(schedule, scale, self.csla_sinks, self.csla_window_sides, self.csla_query_tile)
         return csla_layout(schedule, scale, self.csla_sinks, self.csla_window_sides, *self.csla_block, self.csla_granularity)
 
     def cs4a_geometry(self, schedule: Schedule, scale: int) -> CS4AGeometry:
@@ -391,6 +408,8 @@ class SparVARPlan:
         for kind, source in (("csla", self.csla_layouts), ("cs4a", self.cs4a_geometries)):
             for s, obj in source.items():
                 scalars = fields.setdefault(kind, {}).setdefault(str(s), {})
+                if kind == "csla":
+                    scalars["layout"] = type(obj).__name__  # raster blocks or 2-D query tiles
                 for f in dataclasses.fields(obj):
                     value = getattr(obj, f.name)
                     if isinstance(value, torch.Tensor):
@@ -463,6 +482,14 @@ def load_plan(path: str, policy: SparVARPolicy, schedule: Schedule, num_layers: 
             kwargs[f.name] = value
         return cls(**kwargs)
 
-    layouts = {int(s): build(BlockLayout, "csla", s, v) for s, v in fields.get("csla", {}).items()}
+    layout_classes = {cls.__name__: cls for cls in (BlockLayout, TileLayout)}
+
+    def layout_class(s, scalars):
+        name = scalars.get("layout", "BlockLayout")  # plans saved before TileLayout hold raster blocks only
+        if name not in layout_classes:
+            raise ValueError(f"{path}: CSLA layout of scale {s} is a {name!r}; this sparvar reads {sorted(layout_classes)}")
+        return layout_classes[name]
+
+    layouts = {int(s): build(layout_class(s, v), "csla", s, v) for s, v in fields.get("csla", {}).items()}
     geometries = {int(s): build(CS4AGeometry, "cs4a", s, v) for s, v in fields.get("cs4a", {}).items()}
     return SparVARPlan(policy, schedule, num_layers, backend, precomputed=(layouts, geometries), skip_last=skip_last)

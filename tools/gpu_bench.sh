@@ -34,6 +34,8 @@
 #   bash tools/gpu_bench.sh "$OUT" fp8absorb8b # the same for 8B
 #   bash tools/gpu_bench.sh "$OUT" cudnncsla8b # CSLA by cuDNN's paged SDPA: kernel rows, then the engines, bf16 and FP8 (needs nvidia-cudnn-frontend)
 #   bash tools/gpu_bench.sh "$OUT" cudnncsla2b # the same for 2B
+#   bash tools/gpu_bench.sh "$OUT" tiles8b   # CSLA on 2-D query tiles: its GPU tests, kernel rows, then the 8B engines side by side, bf16 and FP8
+#   bash tools/gpu_bench.sh "$OUT" tiles2b   # the kernel rows and engines for 2B
 set -uo pipefail
 # the GPU machine gets the work tree without .git: results record the commit only if the caller names it (commit
 # first, then pass the full sha), so refuse to produce results that would say "uncommitted"
@@ -157,6 +159,17 @@ for what in "${@:2}"; do
         --rows "=SparVAR engine (CUDA graphs, Triton kernels)" --rows "CSLA by cuDNN" --rows "=dense engine, FP8 linears" \
         --rows "=SparVAR engine, FP8 linears" \
         --out "$OUT/e2e_engines_${size}_cudnn_csla_$TAG.json" 2>&1 | grep -v Warning | tail -8 ;;
+    tiles8b|tiles2b)  # the tile kernel's GPU tests (8B call only), its rows beside the raster kernel's, then the engines
+      size=${what#tiles}
+      if [ "$size" = 8b ]; then
+        python -m pytest -q -m gpu tests/test_csla_tiles.py --junitxml "$OUT/gpu_tests_csla_tiles_$TAG.xml" 2>&1 | tail -4
+      fi
+      timeout 200 python bench/csla_tiles.py --models "infinity-$size" --runs 30 --out "$OUT/csla_tiles_${size}_$TAG.json" \
+        2>&1 | grep -v Warning | tail -16
+      python bench/e2e.py --model "infinity-$size" --warmup 3 --runs 20 --rows "=dense engine (CUDA graphs)" \
+        --rows "=SparVAR engine (CUDA graphs, Triton kernels)" --rows "query tiles" --rows "=dense engine, FP8 linears" \
+        --rows "=SparVAR engine, FP8 linears" \
+        --out "$OUT/e2e_engines_${size}_tiles_$TAG.json" 2>&1 | grep -v Warning | tail -8 ;;
     hart)
       python bench/e2e.py --model hart-0.7b --warmup 3 --runs 20 --rows engine \
         --out "$OUT/e2e_hart_engines_$TAG.json" 2>&1 | grep -v Warning | tail -8 ;;

@@ -24,6 +24,8 @@ import weakref
 
 import torch
 
+from sparvar.csla import KERNEL_TILE_SIZES
+
 try:  # triton is optional: the CPU package imports without it and the wrappers say what is missing
     import triton
     import triton.language as tl
@@ -35,7 +37,7 @@ except ImportError:  # pragma: no cover - depends on the environment
 
 DTYPES = (torch.bfloat16, torch.float16)
 HEAD_DIMS = (64, 128)
-TILE_SIZES = (16, 32, 64, 128)  # power-of-two tiles tl.dot accepts and the register budget allows
+TILE_SIZES = KERNEL_TILE_SIZES  # power-of-two tiles tl.dot accepts and the register budget allows
 LOG2E = 1.4426950408889634
 INT32_MAX = 2**31 - 1
 
@@ -303,6 +305,53 @@ if HAS_TRITON:
             lse = (m_i + tl.math.log2(l_i)) / 1.4426950408889634
             tl.store(Lse + pid_bh * q_len + offs_m, lse, mask=row_ok)
 
+    @triton.jit
+    def _csla_tiles_fwd_kernel(
+        Q, K, V, Out, QRows, KVCount, KVKeys, TileOrder,
+        stride_qb, stride_qh, stride_qm,
+        stride_kb, stride_kh, stride_kn,
+        stride_vb, stride_vh, stride_vn,
+        stride_ob, stride_oh, stride_om,
+        stride_keys,
+        H, q_len, width, qk_scale,
+        HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, USE_ORDER: tl.constexpr,
+    ):
+        # one 2-D query tile (sparvar.csla.TileLayout) of (batch row, head): its BLOCK_M query rows gathered by
+        # position (slots holding q_len are padding), its KVCount[tile] keys gathered BLOCK_N at a time
+        pid_m = tl.program_id(0)
+        pid_bh = tl.program_id(1)
+        b = pid_bh // H
+        h = pid_bh % H
+        if USE_ORDER:  # heaviest tiles first: the last wave is the lightest
+            tile = tl.load(TileOrder + pid_m)
+        else:
+            tile = pid_m
+        offs_m = tl.load(QRows + tile * BLOCK_M + tl.arange(0, BLOCK_M))
+        offs_n = tl.arange(0, BLOCK_N)
+        q, k_base, v_base, row_ok, m_i, l_i, acc = query_tile_prologue(
+            Q, K, V, b, h, offs_m, q_len, stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_vb, stride_vh,
+            HEAD_DIM, BLOCK_M)
+        offs_d = tl.arange(0, HEAD_DIM)
+        keys_row = KVKeys + tile * stride_keys
+        num = tl.minimum(tl.load(KVCount + tile), width)  # a count past the row's width would read past it
+        num_full = num // BLOCK_N
+        for t in range(0, num_full):
+            keys = tl.load(keys_row + t * BLOCK_N + offs_n)
+            k = tl.load(k_base + keys[:, None] * stride_kn)
+            v = tl.load(v_base + keys[:, None] * stride_vn)
+            acc, l_i, m_i = online_softmax_step(acc, l_i, m_i, q, k, v, qk_scale, offs_n[None, :] >= 0, False)
+        if num_full * BLOCK_N < num:  # the partial last tile: its empty slots read key 0 (in bounds) and get -inf
+            pos = num_full * BLOCK_N + offs_n
+            valid = pos < num
+            keys = tl.load(keys_row + pos, mask=valid, other=0)
+            k = tl.load(k_base + keys[:, None] * stride_kn)
+            v = tl.load(v_base + keys[:, None] * stride_vn)
+            acc, l_i, m_i = online_softmax_step(acc, l_i, m_i, q, k, v, qk_scale, valid[None, :], True)
+
+        out = acc / l_i[:, None]
+        tl.store(Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :],
+                 out.to(Out.dtype.element_ty), mask=row_ok[:, None])
+
     def _prune_by_tile(configs, named_args, **kwargs):
         """Keep configs whose warp count suits the tile: 8 warps (two warpgroups) exactly for 128-row tiles."""
         block_m = kwargs["BLOCK_M"]
@@ -329,6 +378,22 @@ if HAS_TRITON:
                                       key=["HEAD_DIM", "BLOCK_M", "BLOCK_N", "DENSE", "EVEN_N", "TOKEN",
                                            "q_len", "kv_len"],  # one tuning per scale: each has its own layout
                                       prune_configs_by={"early_config_prune": _prune_by_tile})(_csla_fwd_kernel)
+
+    def _prune_query_tiles(configs, named_args, **kwargs):
+        """128-query tiles: 8 warps only (4 would spill the accumulator); under 64: 4 warps, key tiles up to 64."""
+        block_m = kwargs["BLOCK_M"]
+        kept = [c for c in configs if (c.num_warps == 8 if block_m >= 128 else
+                                       block_m >= 64 or (c.num_warps <= 4 and c.kwargs["BLOCK_N"] <= 64))]
+        return kept or configs[:1]
+
+    # the tile kernel gathers its keys, so the key tile is free: tuned with the launch shape
+    _TILE_CONFIGS = [triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=s)
+                     for n, w, s in ((64, 4, 3), (64, 4, 4), (64, 4, 2), (32, 4, 3), (32, 4, 4), (128, 4, 2),
+                                     (128, 8, 3), (64, 8, 3), (64, 8, 4))]
+    _csla_tiles_fwd_tuned = triton.autotune(configs=_TILE_CONFIGS,
+                                            key=["HEAD_DIM", "BLOCK_M", "q_len", "width"],
+                                            prune_configs_by={"early_config_prune": _prune_query_tiles})(
+        _csla_tiles_fwd_kernel)
 
 
 def default_launch_config(block_m: int, block_n: int) -> dict:
@@ -415,7 +480,7 @@ def tuned_config(kernel: str = "csla") -> str | None:
     """The config the autotuner picked last for a kernel (for benchmark reports)."""
     if not HAS_TRITON:
         return None
-    fn = {"csla": "_csla_fwd_tuned", "dense": "_dense_fwd_tuned"}.get(kernel)
+    fn = {"csla": "_csla_fwd_tuned", "dense": "_dense_fwd_tuned", "csla_tiles": "_csla_tiles_fwd_tuned"}.get(kernel)
     best = getattr(globals().get(fn), "best_config", None)
     return None if best is None else str(best)
 
@@ -505,6 +570,79 @@ def csla_attention_blocks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_
                          block_n=block_n, scale=scale, q_order=q_order, token=token, variant=variant, name=name)
 
 
+def check_tile_layout(name: str, q_len: int, kv_len: int, q_rows, kv_count, kv_keys) -> None:
+    """Shapes and dtypes of a sparvar.csla.TileLayout's tensors as the tile kernel reads them."""
+    check_index(name, "q_rows", q_rows, 2)
+    check_index(name, "kv_count", kv_count, 1)
+    check_index(name, "kv_keys", kv_keys, 2)
+    if q_rows.shape[1] not in TILE_SIZES:
+        raise ValueError(f"{name}: a query tile holds {q_rows.shape[1]} queries; the kernel takes {TILE_SIZES}")
+    if not q_rows.is_contiguous():  # the kernel reads tile t's rows at t * BLOCK_M
+        raise ValueError(f"{name}: q_rows must be contiguous, got strides {q_rows.stride()}")
+    tiles = q_rows.shape[0]
+    if kv_count.shape[0] != tiles or kv_keys.shape[0] != tiles:
+        raise ValueError(f"{name}: q_rows {tuple(q_rows.shape)}, kv_count {tuple(kv_count.shape)} and kv_keys "
+                         f"{tuple(kv_keys.shape)} must agree on the number of tiles")
+    if tiles * q_rows.shape[1] < q_len:
+        raise ValueError(f"{name}: {tiles} tiles of {q_rows.shape[1]} queries cannot hold {q_len} queries")
+    if not 1 <= kv_keys.shape[1] <= kv_len:
+        raise ValueError(f"{name}: kv_keys has {kv_keys.shape[1]} columns; expected 1..{kv_len} (the keys)")
+
+
+def check_tile_values(q_len: int, kv_len: int, q_rows: torch.Tensor, kv_count: torch.Tensor,
+                      kv_keys: torch.Tensor) -> None:
+    """Value checks that need a device sync (each query in one slot, counts and keys in range); for tests/debug."""
+    rows = q_rows.long().reshape(-1)
+    real = rows[rows != q_len]
+    if bool(((real < 0) | (real > q_len)).any()) or real.numel() != q_len or real.unique().numel() != q_len:
+        raise ValueError(f"q_rows must hold each of the {q_len} queries once (padding slots hold {q_len})")
+    counts = kv_count.long()
+    if int(counts.min()) < 1 or int(counts.max()) > kv_keys.shape[1]:
+        raise ValueError(f"kv_count must lie in [1, {kv_keys.shape[1]}], got [{int(counts.min())}, {int(counts.max())}]")
+    valid = torch.arange(kv_keys.shape[1], device=kv_keys.device)[None, :] < counts[:, None]
+    keys = kv_keys.long()
+    if bool(((keys < 0) | (keys >= kv_len)).any()):
+        raise ValueError(f"kv_keys hold positions outside [0, {kv_len})")
+    if bool((~(keys[:, 1:] > keys[:, :-1]) & valid[:, 1:]).any()):
+        raise ValueError("kv_keys must be strictly ascending within each tile's first kv_count entries")
+
+
+def csla_attention_query_tiles(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_rows: torch.Tensor,
+                               kv_count: torch.Tensor, kv_keys: torch.Tensor, *, scale: float = 1.0,
+                               tile_order: torch.Tensor | None = None) -> torch.Tensor:
+    """CSLA over 2-D query tiles (a sparvar.csla.TileLayout's q_rows / kv_count / kv_keys), shared by all batch rows
+    and heads: each tile's queries attend its kv_count keys, gathered. tile_order: optional (num_tiles,) int32
+    permutation (launch order only)."""
+    name = "csla_attention"
+    check_qkv(name, q, k, v)
+    check_tile_layout(name, q.shape[2], k.shape[2], q_rows, kv_count, kv_keys)
+    if tile_order is not None:
+        check_index(name, "tile_order", tile_order, 1)
+        if tile_order.shape != kv_count.shape:
+            raise ValueError(f"{name}: tile_order {tuple(tile_order.shape)} must have kv_count's shape {tuple(kv_count.shape)}")
+    check_scale(name, scale)
+    check_device(name, q, k=k, v=v, q_rows=q_rows, kv_count=kv_count, kv_keys=kv_keys, tile_order=tile_order)
+    require_triton(name)
+    b, h, q_len, d = q.shape
+    out = attention_output_like(q)
+    args = (q, k, v, out, q_rows, kv_count, kv_keys, out if tile_order is None else tile_order,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
+            kv_keys.stride(0), h, q_len, kv_keys.shape[1], float(scale) * LOG2E)
+    meta = dict(HEAD_DIM=d, BLOCK_M=q_rows.shape[1], USE_ORDER=tile_order is not None)
+    grid = (q_rows.shape[0], b * h)
+    if interpreting():
+        _csla_tiles_fwd_kernel[grid](*args, **meta, BLOCK_N=32, num_warps=4, num_stages=2)
+    elif autotuning():
+        with launch_device(q):
+            _csla_tiles_fwd_tuned[grid](*args, **meta)
+    else:
+        with launch_device(q):
+            _csla_tiles_fwd_kernel[grid](*args, **meta, BLOCK_N=64, num_warps=8 if q_rows.shape[1] >= 128 else 4,
+                                         num_stages=3)
+    return out
+
+
 def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float = 1.0,
                     block_m: int | None = None, block_n: int | None = None, return_lse: bool = False,
                     out_dtype: torch.dtype | None = None, kv_lens: torch.Tensor | None = None):
@@ -542,11 +680,25 @@ _ORDER_CACHE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 def csla_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout, *, scale: float = 1.0) -> torch.Tensor:
     """CSLA over a sparvar.csla.BlockLayout, through sparvar::triton_csla_attention (granularity 'block') or
-    sparvar::triton_csla_attention_token (granularity 'token': full tiles unmasked, partial tiles masked)."""
+    sparvar::triton_csla_attention_token (granularity 'token': full tiles unmasked, partial tiles masked), or over a
+    sparvar.csla.TileLayout (granularity 'tile': 2-D query tiles, keys gathered) through
+    sparvar::triton_csla_query_tiles."""
     granularity = getattr(layout, "granularity", None)
-    if granularity not in ("block", "token"):
-        raise ValueError(f"csla_attention: layout must be a sparvar.csla.BlockLayout of granularity 'block' or 'token', "
-                         f"got {type(layout).__name__} with granularity {granularity!r}")
+    if granularity not in ("block", "token", "tile"):
+        raise ValueError(f"csla_attention: layout must be a sparvar.csla.BlockLayout of granularity 'block' or 'token' "
+                         f"or a TileLayout, got {type(layout).__name__} with granularity {granularity!r}")
+    if granularity == "tile":
+        if q.shape[2:3] != (layout.q_len,) or k.shape[2:3] != (layout.kv_len,):
+            raise ValueError(f"csla_attention: layout is for {layout.q_len} queries x {layout.kv_len} keys; got q "
+                             f"{tuple(q.shape)}, k {tuple(k.shape)}")
+        if layout.kv_count.device != q.device:
+            raise ValueError(f"csla_attention: layout is on {layout.kv_count.device}, q on {q.device}; move it once with "
+                             "layout.to(device)")
+        order = _ORDER_CACHE.get(layout)
+        if order is None:
+            order = _ORDER_CACHE[layout] = query_block_order(layout.kv_count)
+        return torch.ops.sparvar.triton_csla_query_tiles(q, k, v, layout.q_rows, layout.kv_count, layout.kv_keys,
+                                                         order, scale)
     if granularity == "token" and (layout.partial_index is None or layout.partial_masks is None):
         raise ValueError("csla_attention: token layout without partial_index / partial_masks; build it with "
                          "sparvar.csla.block_layout_from_mask(mask, block_m, block_n, 'token')")
@@ -591,6 +743,17 @@ def _csla_token_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_num_blo
 
 @_csla_token_op.register_fake
 def _(q, k, v, kv_num_blocks, kv_tiles, num_full, tile_index, partial_masks, q_order, block_m, block_n, scale):
+    return attention_output_like(q)
+
+
+@torch.library.custom_op("sparvar::triton_csla_query_tiles", mutates_args=())
+def _csla_query_tiles_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_rows: torch.Tensor, kv_count: torch.Tensor,
+                         kv_keys: torch.Tensor, tile_order: torch.Tensor | None, scale: float) -> torch.Tensor:
+    return csla_attention_query_tiles(q, k, v, q_rows, kv_count, kv_keys, scale=scale, tile_order=tile_order)
+
+
+@_csla_query_tiles_op.register_fake
+def _(q, k, v, q_rows, kv_count, kv_keys, tile_order, scale):
     return attention_output_like(q)
 
 

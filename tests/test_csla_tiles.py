@@ -1,0 +1,251 @@
+"""CSLA over 2-D query tiles (sparvar.csla.TileLayout): the layout's semantics, the policy field, the plan file, the
+tile kernel under Triton's CPU interpreter and (gpu marker) on a GPU against the fp32 masked reference."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sparvar.attention import reference_attention
+from sparvar.csla import (TileLayout, block_layout_from_mask, csla_attention_ref, csla_tile_layout, csla_token_mask,
+                          tile_layout_from_mask)
+from sparvar.schedule import get_schedule
+from sparvar.sparse import SparVARPlan, default_policy, load_plan
+from triton_interpreter import run_interpreted
+
+PAPER_SIDES = (-1, -1, -1, 1, 1, 3, 5, 7)
+
+
+def union_mask(mask: torch.Tensor, grid: tuple[int, int], tile: tuple[int, int]) -> torch.Tensor:
+    """What a TileLayout must attend, written the slow way: each query attends every key some query of its tile keeps."""
+    rows, cols = grid
+    out = torch.zeros_like(mask)
+    for y in range(rows):
+        for x in range(cols):
+            r0, c0 = y // tile[0] * tile[0], x // tile[1] * tile[1]
+            members = [r * cols + c for r in range(r0, min(r0 + tile[0], rows)) for c in range(c0, min(c0 + tile[1], cols))]
+            out[y * cols + x] = mask[members].any(dim=0)
+    return out
+
+
+@pytest.mark.parametrize("tile", [(4, 4), (2, 8), (3, 5)], ids=lambda t: f"{t[0]}x{t[1]}")
+def test_tile_layout_attends_the_union_of_its_queries_windows(tile):
+    schedule = get_schedule(256, model="infinity-tiny")
+    for scale in (4, 5, 6):  # 8x8, 12x12, 16x16: 3x5 tiles leave partial tiles at both borders
+        mask = csla_token_mask(schedule, scale, 3, (1, 3, 5))
+        layout = tile_layout_from_mask(mask, schedule.grids[scale], tile)
+        dense = layout.to_dense()
+        assert torch.equal(dense, union_mask(mask, schedule.grids[scale], tile)), f"scale {scale}"
+        assert bool((dense | ~mask).all())  # a superset of every query's own window
+        assert layout.density == pytest.approx(dense.float().mean().item())
+        # each query sits in exactly one tile slot; padding slots hold q_len
+        rows = layout.q_rows.reshape(-1)
+        assert sorted(rows[rows < layout.q_len].tolist()) == list(range(layout.q_len))
+        assert layout.num_tiles == -(-schedule.grids[scale][0] // tile[0]) * -(-schedule.grids[scale][1] // tile[1])
+        # key lists ascending, padding repeats the last key
+        for t in range(layout.num_tiles):
+            n = int(layout.kv_count[t])
+            keys = layout.kv_keys[t]
+            assert bool((keys[1:n] > keys[: n - 1]).all()) and bool((keys[n:] == keys[n - 1]).all())
+
+
+def test_query_tiles_at_1024_attend_fewer_pairs_than_raster_blocks():
+    """The reason for the layout: 8x8 tiles compute 0.38-0.47x the pairs of the policy's 64x64 raster blocks."""
+    schedule = get_schedule(1024)
+    for scale, most in ((10, 0.48), (11, 0.48), (12, 0.39)):
+        tiles = csla_tile_layout(schedule, scale, 5, PAPER_SIDES, (8, 8))
+        raster = default_policy("infinity-8b", schedule).csla_layout(schedule, scale)
+        assert tiles.token_density == pytest.approx(raster.token_density)
+        assert tiles.density / raster.density < most, scale
+    assert repr(csla_tile_layout(schedule, 12, 5, PAPER_SIDES, (8, 8))).startswith(
+        "TileLayout(q_len=4096, kv_len=10521, grid=64x64, tile=8x8, tiles=64")
+
+
+def test_reference_csla_over_tiles_is_masked_attention():
+    schedule = get_schedule(256, model="infinity-tiny")
+    layout = csla_tile_layout(schedule, 5, 3, (1, 3, 5), (4, 4))
+    q, k, v = torch.randn(1, 2, layout.q_len, 16), torch.randn(1, 2, layout.kv_len, 16), torch.randn(1, 2, layout.kv_len, 16)
+    out = csla_attention_ref(q, k, v, layout)
+    assert torch.allclose(out, reference_attention(q, k, v, mask=layout.to_dense()))
+    # not the raster block layout's result: the tiles attend other keys
+    raster = block_layout_from_mask(csla_token_mask(schedule, 5, 3, (1, 3, 5)), 16, 16)
+    assert not torch.allclose(out, csla_attention_ref(q, k, v, raster), atol=1e-3)
+
+
+def test_tile_layout_refuses_bad_input():
+    mask = torch.ones(16, 10, dtype=torch.bool)
+    with pytest.raises(ValueError, match="4x5 query grid has 20 queries; the mask has 16"):
+        tile_layout_from_mask(mask, (4, 5), (2, 2))
+    with pytest.raises(ValueError, match="two positive ints"):
+        tile_layout_from_mask(mask, (4, 4), (0, 2))
+    mask[3] = False
+    with pytest.raises(ValueError, match="1 query rows attend to no key"):
+        tile_layout_from_mask(mask, (4, 4), (2, 2))
+    with pytest.raises(TypeError, match="2-D bool"):
+        tile_layout_from_mask(torch.ones(16, 10), (4, 4), (2, 2))
+
+
+def test_policy_query_tile_field():
+    schedule = get_schedule(1024)
+    policy = default_policy("infinity-8b", schedule, csla_query_tile=(8, 8))
+    assert isinstance(policy.csla_layout(schedule, 12), TileLayout)
+    assert not isinstance(default_policy("infinity-8b", schedule).csla_layout(schedule, 12), TileLayout)
+    with pytest.raises(ValueError, match="holds 48 queries; the kernel's query tile must hold one of"):
+        default_policy("infinity-8b", schedule, csla_query_tile=(8, 6))
+    with pytest.raises(ValueError, match="two positive ints"):
+        default_policy("infinity-8b", schedule, csla_query_tile=(8, 8, 1))
+    with pytest.raises(ValueError, match="two positive ints"):
+        default_policy("infinity-8b", schedule, csla_query_tile=[8, 8])
+    with pytest.raises(ValueError, match="needs csla_granularity 'block'"):
+        default_policy("infinity-8b", schedule, csla_query_tile=(8, 8), csla_granularity="token")
+
+
+def test_plan_file_keeps_tile_layouts(tmp_path):
+    schedule = get_schedule(256, model="infinity-tiny")
+    policy = default_policy("infinity-tiny", schedule, csla_query_tile=(4, 4))
+    plan = SparVARPlan(policy, schedule, policy.num_layers)
+    path = str(tmp_path / "plan.safetensors")
+    plan.save(path)
+    loaded = load_plan(path, policy, schedule, policy.num_layers)
+    for scale, layout in plan.csla_layouts.items():
+        got = loaded.csla_layouts[scale]
+        assert isinstance(got, TileLayout) and got.tile == (4, 4) and got.grid == layout.grid
+        assert torch.equal(got.to_dense(), layout.to_dense())
+    # a plan of raster blocks is not one of query tiles: the stored policy says so
+    with pytest.raises(ValueError, match=r"csla_query_tile: stored \[4, 4\], now None"):
+        load_plan(path, default_policy("infinity-tiny", schedule), schedule, policy.num_layers)
+
+
+def test_plan_file_with_an_unknown_layout_kind_is_refused(tmp_path):
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    schedule = get_schedule(256, model="infinity-tiny")
+    policy = default_policy("infinity-tiny", schedule, csla_query_tile=(4, 4))
+    path = str(tmp_path / "plan.safetensors")
+    SparVARPlan(policy, schedule, policy.num_layers).save(path)
+    with safe_open(path, framework="pt") as f:
+        meta, tensors = f.metadata(), {n: f.get_tensor(n) for n in f.keys()}
+    fields = json.loads(meta["sparvar_plan"])
+    fields["csla"]["5"]["layout"] = "HexLayout"
+    save_file(tensors, path, metadata={**meta, "sparvar_plan": json.dumps(fields)})
+    with pytest.raises(ValueError, match="CSLA layout of scale 5 is a 'HexLayout'"):
+        load_plan(path, policy, schedule, policy.num_layers)
+
+
+def test_tile_kernel_wrapper_refuses_bad_layouts():
+    from sparvar.kernels.csla import check_tile_values, csla_attention, csla_attention_query_tiles
+
+    schedule = get_schedule(256, model="infinity-tiny")
+    layout = csla_tile_layout(schedule, 5, 3, (1, 3, 5), (4, 4))
+    q, k, v = (torch.randn(1, 2, n, 64, dtype=torch.float16) for n in (layout.q_len, layout.kv_len, layout.kv_len))
+    args = (layout.q_rows, layout.kv_count, layout.kv_keys)
+    with pytest.raises(ValueError, match="holds 12 queries; the kernel takes"):
+        csla_attention_query_tiles(q, k, v, layout.q_rows[:, :12].contiguous(), *args[1:])
+    with pytest.raises(ValueError, match="must agree on the number of tiles"):
+        csla_attention_query_tiles(q, k, v, layout.q_rows, layout.kv_count[:-1], layout.kv_keys)
+    with pytest.raises(TypeError, match="kv_keys must be int32"):
+        csla_attention_query_tiles(q, k, v, layout.q_rows, layout.kv_count, layout.kv_keys.long())
+    with pytest.raises(ValueError, match="layout is for 144 queries x 265 keys"):
+        csla_attention(q[:, :, :100], k, v, layout)
+    check_tile_values(layout.q_len, layout.kv_len, *args)
+    with pytest.raises(ValueError, match="each of the 144 queries once"):
+        check_tile_values(layout.q_len, layout.kv_len, torch.zeros_like(layout.q_rows), *args[1:])
+    bad = layout.kv_keys.clone()
+    bad[0, 0] = layout.kv_len
+    with pytest.raises(ValueError, match="outside"):
+        check_tile_values(layout.q_len, layout.kv_len, layout.q_rows, layout.kv_count, bad)
+
+
+def test_tile_kernel_under_the_interpreter_matches_reference():
+    worst = run_interpreted('''
+        import torch
+        from sparvar.csla import csla_tile_layout
+        from sparvar.attention import reference_attention
+        from sparvar.kernels.csla import csla_attention, csla_attention_query_tiles, query_block_order
+        from sparvar.schedule import get_schedule
+
+        torch.manual_seed(0)
+        dt = torch.float16  # the interpreter mis-handles bf16 dots
+        schedule = get_schedule(256, model="infinity-tiny")
+        worst = 0.0
+        # 2x8 tiles on the 12-wide scale 5 and 2x16 on the 8-wide scale 4 leave padding slots in border tiles
+        for scale, tile, d in [(5, (2, 8), 64), (6, (4, 4), 128), (4, (2, 16), 64)]:
+            lay = csla_tile_layout(schedule, scale, 3, (1, 3, 5), tile)
+            assert bool((lay.q_rows == lay.q_len).any()) == (scale != 6)
+            q = (torch.randn(2, lay.q_len, 2, d, dtype=dt) * d ** -0.5).transpose(1, 2)  # token-major, as projected
+            k, v = (torch.randn(2, 2, lay.kv_len + 9, d, dtype=dt)[:, :, :lay.kv_len] for _ in range(2))
+            ref = reference_attention(q, k, v, mask=lay.to_dense())
+            outs = [csla_attention(q, k, v, lay),
+                    csla_attention_query_tiles(q, k, v, lay.q_rows, lay.kv_count, lay.kv_keys),
+                    csla_attention_query_tiles(q, k, v, lay.q_rows, lay.kv_count, lay.kv_keys,
+                                               tile_order=query_block_order(lay.kv_count))]
+            for out in outs:
+                worst = max(worst, (out.float() - ref.float()).abs().nan_to_num(nan=float("inf")).max().item())
+        print("WORST", worst)
+    ''')
+    assert float(worst) < 4e-3
+
+
+# ------------------------------------------------------------------------------------------------ GPU
+def _gpu_kernels():
+    kernels = pytest.importorskip("sparvar.kernels")
+    if not kernels.HAS_TRITON:
+        pytest.skip("triton is not installed")
+    return kernels
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("model", ["infinity-2b", "infinity-8b"])
+@pytest.mark.parametrize("tile", [(8, 8), (4, 16), (8, 16), (4, 4)], ids=lambda t: f"{t[0]}x{t[1]}")
+def test_gpu_tile_kernel_paper_layouts_at_1024(model, tile):
+    """bf16 at every sparse scale of 1024^2, q token-major, K/V views of a longer cache holding NaN past kv_len."""
+    kernels = _gpu_kernels()
+    schedule = get_schedule(1024)
+    policy = default_policy(model, schedule, csla_query_tile=tile)
+    heads = 3  # a few heads of the model's 128-dim ones keep the fp32 reference small
+    for scale in policy.sparse_scales:
+        layout = policy.csla_layout(schedule, scale).to("cuda")
+        q = (torch.randn(2, layout.q_len, heads, 128, device="cuda", dtype=torch.bfloat16) * 128**-0.5).transpose(1, 2)
+        buf = torch.full((2, 2, heads, layout.kv_len + 128, 128), float("nan"), device="cuda", dtype=torch.bfloat16)
+        buf[..., : layout.kv_len, :] = torch.randn(2, 2, heads, layout.kv_len, 128, device="cuda", dtype=torch.bfloat16)
+        k, v = buf[0, :, :, : layout.kv_len], buf[1, :, :, : layout.kv_len]
+        out = kernels.csla_attention(q, k, v, layout)
+        ref = reference_attention(q, k, v, mask=layout.to_dense())
+        err = (out.float() - ref).abs().max().item()
+        assert err < 2e-2, f"{model} scale {scale} tile {tile}: max abs error {err}"
+
+
+@pytest.mark.gpu
+def test_gpu_tile_kernel_captured_in_a_cuda_graph_equals_eager():
+    kernels = _gpu_kernels()
+    schedule = get_schedule(1024)
+    layout = default_policy("infinity-2b", schedule, csla_query_tile=(8, 8)).csla_layout(schedule, 11).to("cuda")
+    q = torch.randn(2, 16, layout.q_len, 128, device="cuda", dtype=torch.bfloat16) * 128**-0.5
+    k, v = (torch.randn(2, 16, layout.kv_len, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    eager = kernels.csla_attention(q, k, v, layout)  # tunes and orders the tiles outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        graphed = kernels.csla_attention(q, k, v, layout)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(graphed, eager)
+
+
+@pytest.mark.gpu
+def test_gpu_sparse_ops_drive_a_tiny_plan_with_query_tiles():
+    """The Triton backend of a plan with query tiles gives the reference backend's CSLA outputs."""
+    _gpu_kernels()
+    schedule = get_schedule(256, model="infinity-tiny")
+    policy = default_policy("infinity-tiny", schedule, csla_query_tile=(4, 4))
+    ref_plan = SparVARPlan(policy, schedule, policy.num_layers)
+    plan = SparVARPlan(policy, schedule, policy.num_layers, backend="triton")
+    for scale in policy.sparse_scales:
+        q_len, kv_len = schedule.lengths[scale], schedule.kv_len(scale)
+        layer = policy.num_layers - 1  # a CSLA layer
+        q = torch.randn(2, 2, q_len, 64, device="cuda", dtype=torch.bfloat16) * 0.125
+        k, v = (torch.randn(2, 2, kv_len, 64, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+        out = plan.attend(q, k, v, layer=layer, scale=scale)
+        ref = ref_plan.attend(q, k, v, layer=layer, scale=scale)
+        assert (out.float() - ref.float()).abs().max().item() < 2e-2, scale
