@@ -79,17 +79,11 @@ def run(models, tiles, runs: int, warmup: int, partial_path: str | None, resolut
                 else:
                     name, shape = "CSLA Triton, raster blocks", f"{layout.block_m}x{layout.block_n} block"
                     C._csla_fwd_tuned.cache.clear()
-                flops = 4 * batch * heads * computed_pairs(layout) * head_dim
                 row = bench.add(model, name, scale, lambda layout=layout: C.csla_attention(q, k, v, layout),
-                                flops_dense=flops_dense, flops_computed=flops, check=checked, shape=shape,
-                                density=layout.density, **common)
-                row["tuned_config"] = C.tuned_config("csla_tiles" if layout.granularity == "tile" else "csla")
-                if layout.granularity == "tile":  # the launch variant: a prompt's two CFG rows in one program
-                    paired = lambda layout=layout: C.csla_attention(q, k, v, layout, pair_rows=True)  # noqa: E731
-                    row = bench.add(model, name + ", CFG rows paired", scale, paired, flops_dense=flops_dense,
-                                    flops_computed=flops, check=lambda fn=paired, ref=ref: checked(fn, ref), shape=shape,
-                                    density=layout.density, **common)
-                    row["tuned_config"] = C.tuned_config("csla_tiles")
+                                flops_dense=flops_dense, flops_computed=4 * batch * heads * computed_pairs(layout) * head_dim,
+                                check=checked, shape=shape, density=layout.density, **common)
+                if row is not None:
+                    row["tuned_config"] = C.tuned_config("csla_tiles" if layout.granularity == "tile" else "csla")
             del cache, k_cache, v_cache
             torch.cuda.empty_cache()
     return dict(rows=bench.rows)

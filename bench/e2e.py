@@ -11,7 +11,6 @@ noise, the work is the same). Every row runs the same `sparvar.generate.generate
 from __future__ import annotations
 
 import argparse
-import functools
 import gc
 import os
 import statistics
@@ -52,9 +51,7 @@ CSLA_CUDNN_ROWS = {SPARVAR_ENGINE_ROW + ", CSLA by cuDNN paged SDPA": None,
 # the SparVAR engine with CSLA over 2-D query tiles (the policy's csla_query_tile: sparvar.csla.TileLayout, keys
 # gathered) instead of raster blocks: row -> query tile (rows, cols)
 QUERY_TILES = ", CSLA on 8x8 query tiles"
-PAIRED = ", CFG rows paired"  # the tile kernel's launch variant: a prompt's two CFG rows in one program
-CSLA_QUERY_TILE_ROWS = {SPARVAR_ENGINE_ROW + QUERY_TILES: (8, 8), SPARVAR_ENGINE_ROW + QUERY_TILES + PAIRED: (8, 8),
-                        SPARVAR_FP8_ROW + QUERY_TILES: (8, 8), SPARVAR_FP8_ROW + QUERY_TILES + PAIRED: (8, 8)}
+CSLA_QUERY_TILE_ROWS = {SPARVAR_ENGINE_ROW + QUERY_TILES: (8, 8), SPARVAR_FP8_ROW + QUERY_TILES: (8, 8)}
 
 
 def _csla_tuner():
@@ -146,7 +143,6 @@ def rows_for(model_name: str):
         (DENSE_ENGINE_ROW, "dense", "graphs", "engine", 0, False),
         (SPARVAR_ENGINE_ROW, "sparvar", "graphs", "engine", 0, False),
         (SPARVAR_ENGINE_ROW + QUERY_TILES, "sparvar", "graphs", "engine", 0, False),
-        (SPARVAR_ENGINE_ROW + QUERY_TILES + PAIRED, "sparvar", "graphs", "engine", 0, False),
         (RESIDUALS_IN_LINE_ROW, "sparvar", "graphs", "engine", 0, False),
         ("SparVAR engine + skip last 2", "sparvar", "graphs", "engine", 2, False),
         ("dense engine + skip last 2", "dense", "graphs", "engine", 2, False),
@@ -165,7 +161,6 @@ def rows_for(model_name: str):
         rows += [(DENSE_FP8_ROW, "dense", "graphs", "engine", 0, True),
                  (SPARVAR_FP8_ROW, "sparvar", "graphs", "engine", 0, True),
                  (SPARVAR_FP8_ROW + QUERY_TILES, "sparvar", "graphs", "engine", 0, True),
-                 (SPARVAR_FP8_ROW + QUERY_TILES + PAIRED, "sparvar", "graphs", "engine", 0, True),
                  (DENSE_FP8_ROW + UNABSORBED, "dense", "graphs", "engine", 0, True),
                  (SPARVAR_FP8_ROW + UNABSORBED, "sparvar", "graphs", "engine", 0, True)]
         rows += [row for row in cudnn_rows if row[5]]
@@ -326,8 +321,6 @@ def bench_model(model_name: str, resolution: int, warmup: int, runs: int, rows=N
         elif name in CSLA_QUERY_TILE_ROWS:
             plan = SparVARPlan(default_policy(cfg.name, schedule, csla_query_tile=CSLA_QUERY_TILE_ROWS[name]), schedule,
                                cfg.depth, backend="triton", skip_last=skip)
-            if name.endswith(PAIRED):
-                plan.ops = plan.ops._replace(csla=functools.partial(plan.ops.csla, pair_rows=True))
         else:
             plan = make_plan(cfg, schedule, attention, backend="triton", skip_last=skip)
         if name == RESIDUALS_IN_LINE_ROW:

@@ -147,8 +147,6 @@ def test_tile_kernel_wrapper_refuses_bad_layouts():
         csla_attention_query_tiles(q, k, v, layout.q_rows, layout.kv_count[:-1], layout.kv_keys)
     with pytest.raises(TypeError, match="kv_keys must be int32"):
         csla_attention_query_tiles(q, k, v, layout.q_rows, layout.kv_count, layout.kv_keys.long())
-    with pytest.raises(ValueError, match="pair_rows needs an even batch"):
-        csla_attention_query_tiles(q, k, v, *args, pair_rows=True)
     with pytest.raises(ValueError, match="layout is for 144 queries x 265 keys"):
         csla_attention(q[:, :, :100], k, v, layout)
     check_tile_values(layout.q_len, layout.kv_len, *args)
@@ -176,11 +174,10 @@ def test_tile_kernel_under_the_interpreter_matches_reference():
         for scale, tile, d in [(5, (2, 8), 64), (6, (4, 4), 128), (4, (2, 16), 64)]:
             lay = csla_tile_layout(schedule, scale, 3, (1, 3, 5), tile)
             assert bool((lay.q_rows == lay.q_len).any()) == (scale != 6)
-            q = (torch.randn(4, lay.q_len, 2, d, dtype=dt) * d ** -0.5).transpose(1, 2)  # token-major, as projected
-            k, v = (torch.randn(4, 2, lay.kv_len + 9, d, dtype=dt)[:, :, :lay.kv_len] for _ in range(2))
+            q = (torch.randn(2, lay.q_len, 2, d, dtype=dt) * d ** -0.5).transpose(1, 2)  # token-major, as projected
+            k, v = (torch.randn(2, 2, lay.kv_len + 9, d, dtype=dt)[:, :, :lay.kv_len] for _ in range(2))
             ref = reference_attention(q, k, v, mask=lay.to_dense())
             outs = [csla_attention(q, k, v, lay),
-                    csla_attention(q, k, v, lay, pair_rows=True),  # rows 0+1 and 2+3 in one program each
                     csla_attention_query_tiles(q, k, v, lay.q_rows, lay.kv_count, lay.kv_keys),
                     csla_attention_query_tiles(q, k, v, lay.q_rows, lay.kv_count, lay.kv_keys,
                                                tile_order=query_block_order(lay.kv_count))]
@@ -218,9 +215,6 @@ def test_gpu_tile_kernel_paper_layouts_at_1024(model, tile):
         ref = reference_attention(q, k, v, mask=layout.to_dense())
         err = (out.float() - ref).abs().max().item()
         assert err < 2e-2, f"{model} scale {scale} tile {tile}: max abs error {err}"
-        paired = kernels.csla_attention(q, k, v, layout, pair_rows=True)  # tuned alone: its key tile may differ
-        err = (paired.float() - ref).abs().max().item()
-        assert err < 2e-2, f"{model} scale {scale} tile {tile}, CFG rows paired: max abs error {err}"
 
 
 @pytest.mark.gpu

@@ -315,18 +315,13 @@ if HAS_TRITON:
         stride_keys,
         H, q_len, width, qk_scale,
         HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, USE_ORDER: tl.constexpr,
-        PAIR: tl.constexpr = False,
     ):
         # one 2-D query tile (sparvar.csla.TileLayout) of (batch row, head): its BLOCK_M query rows gathered by
-        # position (slots holding q_len are padding), its KVCount[tile] keys gathered BLOCK_N at a time. PAIR: batch
-        # rows 2j and 2j + 1 (a prompt's two CFG rows, one key set) one after the other in one loop, so that a
-        # program runs twice the key tiles through one software pipeline (a tile's ~7 key tiles barely fill it)
+        # position (slots holding q_len are padding), its KVCount[tile] keys gathered BLOCK_N at a time
         pid_m = tl.program_id(0)
         pid_bh = tl.program_id(1)
         b = pid_bh // H
         h = pid_bh % H
-        if PAIR:
-            b = 2 * b
         if USE_ORDER:  # heaviest tiles first: the last wave is the lightest
             tile = tl.load(TileOrder + pid_m)
         else:
@@ -339,39 +334,19 @@ if HAS_TRITON:
         offs_d = tl.arange(0, HEAD_DIM)
         keys_row = KVKeys + tile * stride_keys
         num = tl.minimum(tl.load(KVCount + tile), width)  # a count past the row's width would read past it
-        if PAIR:
-            per_row = tl.cdiv(num, BLOCK_N)
-            for it in range(0, 2 * per_row):
-                second = (it >= per_row).to(tl.int32)
-                pos = (it - second * per_row) * BLOCK_N + offs_n
-                valid = pos < num
-                keys = tl.load(keys_row + pos, mask=valid, other=0)
-                k = tl.load(k_base + second * stride_kb + keys[:, None] * stride_kn)
-                v = tl.load(v_base + second * stride_vb + keys[:, None] * stride_vn)
-                acc, l_i, m_i = online_softmax_step(acc, l_i, m_i, q, k, v, qk_scale, valid[None, :], True)
-                if it == per_row - 1:  # the first row is done: store it, start the second
-                    tl.store(Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :],
-                             (acc / l_i[:, None]).to(Out.dtype.element_ty), mask=row_ok[:, None])
-                    q = tl.load(Q + (b + 1) * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
-                                mask=row_ok[:, None], other=0.0)
-                    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-                    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-                    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-            b = b + 1
-        else:
-            num_full = num // BLOCK_N
-            for t in range(0, num_full):
-                keys = tl.load(keys_row + t * BLOCK_N + offs_n)
-                k = tl.load(k_base + keys[:, None] * stride_kn)
-                v = tl.load(v_base + keys[:, None] * stride_vn)
-                acc, l_i, m_i = online_softmax_step(acc, l_i, m_i, q, k, v, qk_scale, offs_n[None, :] >= 0, False)
-            if num_full * BLOCK_N < num:  # the partial last tile: its empty slots read key 0 (in bounds), get -inf
-                pos = num_full * BLOCK_N + offs_n
-                valid = pos < num
-                keys = tl.load(keys_row + pos, mask=valid, other=0)
-                k = tl.load(k_base + keys[:, None] * stride_kn)
-                v = tl.load(v_base + keys[:, None] * stride_vn)
-                acc, l_i, m_i = online_softmax_step(acc, l_i, m_i, q, k, v, qk_scale, valid[None, :], True)
+        num_full = num // BLOCK_N
+        for t in range(0, num_full):
+            keys = tl.load(keys_row + t * BLOCK_N + offs_n)
+            k = tl.load(k_base + keys[:, None] * stride_kn)
+            v = tl.load(v_base + keys[:, None] * stride_vn)
+            acc, l_i, m_i = online_softmax_step(acc, l_i, m_i, q, k, v, qk_scale, offs_n[None, :] >= 0, False)
+        if num_full * BLOCK_N < num:  # the partial last tile: its empty slots read key 0 (in bounds) and get -inf
+            pos = num_full * BLOCK_N + offs_n
+            valid = pos < num
+            keys = tl.load(keys_row + pos, mask=valid, other=0)
+            k = tl.load(k_base + keys[:, None] * stride_kn)
+            v = tl.load(v_base + keys[:, None] * stride_vn)
+            acc, l_i, m_i = online_softmax_step(acc, l_i, m_i, q, k, v, qk_scale, valid[None, :], True)
 
         out = acc / l_i[:, None]
         tl.store(Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :],
@@ -413,10 +388,10 @@ if HAS_TRITON:
 
     # the tile kernel gathers its keys, so the key tile is free: tuned with the launch shape
     _TILE_CONFIGS = [triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=s)
-                     for n, w, s in ((64, 4, 3), (64, 4, 4), (64, 4, 2), (32, 4, 3), (32, 4, 4), (32, 4, 2),
-                                     (128, 4, 2), (128, 8, 3), (64, 8, 3), (64, 8, 4))]
+                     for n, w, s in ((64, 4, 3), (64, 4, 4), (64, 4, 2), (32, 4, 3), (32, 4, 4), (128, 4, 2),
+                                     (128, 8, 3), (64, 8, 3), (64, 8, 4))]
     _csla_tiles_fwd_tuned = triton.autotune(configs=_TILE_CONFIGS,
-                                            key=["HEAD_DIM", "BLOCK_M", "q_len", "width", "PAIR"],
+                                            key=["HEAD_DIM", "BLOCK_M", "q_len", "width"],
                                             prune_configs_by={"early_config_prune": _prune_query_tiles})(
         _csla_tiles_fwd_kernel)
 
@@ -634,11 +609,10 @@ def check_tile_values(q_len: int, kv_len: int, q_rows: torch.Tensor, kv_count: t
 
 def csla_attention_query_tiles(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_rows: torch.Tensor,
                                kv_count: torch.Tensor, kv_keys: torch.Tensor, *, scale: float = 1.0,
-                               tile_order: torch.Tensor | None = None, pair_rows: bool = False) -> torch.Tensor:
+                               tile_order: torch.Tensor | None = None) -> torch.Tensor:
     """CSLA over 2-D query tiles (a sparvar.csla.TileLayout's q_rows / kv_count / kv_keys), shared by all batch rows
     and heads: each tile's queries attend its kv_count keys, gathered. tile_order: optional (num_tiles,) int32
-    permutation (launch order only). pair_rows: one program runs batch rows 2j and 2j + 1 one after the other
-    (an even batch only; a launch variant, same result)."""
+    permutation (launch order only)."""
     name = "csla_attention"
     check_qkv(name, q, k, v)
     check_tile_layout(name, q.shape[2], k.shape[2], q_rows, kv_count, kv_keys)
@@ -647,8 +621,6 @@ def csla_attention_query_tiles(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
         if tile_order.shape != kv_count.shape:
             raise ValueError(f"{name}: tile_order {tuple(tile_order.shape)} must have kv_count's shape {tuple(kv_count.shape)}")
     check_scale(name, scale)
-    if pair_rows and q.shape[0] % 2:
-        raise ValueError(f"{name}: pair_rows needs an even batch (CFG row pairs), got {q.shape[0]} rows")
     check_device(name, q, k=k, v=v, q_rows=q_rows, kv_count=kv_count, kv_keys=kv_keys, tile_order=tile_order)
     require_triton(name)
     b, h, q_len, d = q.shape
@@ -657,8 +629,8 @@ def csla_attention_query_tiles(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
             kv_keys.stride(0), h, q_len, kv_keys.shape[1], float(scale) * LOG2E)
-    meta = dict(HEAD_DIM=d, BLOCK_M=q_rows.shape[1], USE_ORDER=tile_order is not None, PAIR=pair_rows)
-    grid = (q_rows.shape[0], (b // 2 if pair_rows else b) * h)
+    meta = dict(HEAD_DIM=d, BLOCK_M=q_rows.shape[1], USE_ORDER=tile_order is not None)
+    grid = (q_rows.shape[0], b * h)
     if interpreting():
         _csla_tiles_fwd_kernel[grid](*args, **meta, BLOCK_N=32, num_warps=4, num_stages=2)
     elif autotuning():
@@ -706,12 +678,11 @@ def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale:
 _ORDER_CACHE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
-def csla_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout, *, scale: float = 1.0,
-                   pair_rows: bool = False) -> torch.Tensor:
+def csla_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout, *, scale: float = 1.0) -> torch.Tensor:
     """CSLA over a sparvar.csla.BlockLayout, through sparvar::triton_csla_attention (granularity 'block') or
     sparvar::triton_csla_attention_token (granularity 'token': full tiles unmasked, partial tiles masked), or over a
     sparvar.csla.TileLayout (granularity 'tile': 2-D query tiles, keys gathered) through
-    sparvar::triton_csla_query_tiles (pair_rows: its launch variant running a prompt's two CFG rows in one program)."""
+    sparvar::triton_csla_query_tiles."""
     granularity = getattr(layout, "granularity", None)
     if granularity not in ("block", "token", "tile"):
         raise ValueError(f"csla_attention: layout must be a sparvar.csla.BlockLayout of granularity 'block' or 'token' "
@@ -727,7 +698,7 @@ def csla_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout, *,
         if order is None:
             order = _ORDER_CACHE[layout] = query_block_order(layout.kv_count)
         return torch.ops.sparvar.triton_csla_query_tiles(q, k, v, layout.q_rows, layout.kv_count, layout.kv_keys,
-                                                         order, scale, pair_rows)
+                                                         order, scale)
     if granularity == "token" and (layout.partial_index is None or layout.partial_masks is None):
         raise ValueError("csla_attention: token layout without partial_index / partial_masks; build it with "
                          "sparvar.csla.block_layout_from_mask(mask, block_m, block_n, 'token')")
@@ -777,14 +748,12 @@ def _(q, k, v, kv_num_blocks, kv_tiles, num_full, tile_index, partial_masks, q_o
 
 @torch.library.custom_op("sparvar::triton_csla_query_tiles", mutates_args=())
 def _csla_query_tiles_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_rows: torch.Tensor, kv_count: torch.Tensor,
-                         kv_keys: torch.Tensor, tile_order: torch.Tensor | None, scale: float,
-                         pair_rows: bool) -> torch.Tensor:
-    return csla_attention_query_tiles(q, k, v, q_rows, kv_count, kv_keys, scale=scale, tile_order=tile_order,
-                                      pair_rows=pair_rows)
+                         kv_keys: torch.Tensor, tile_order: torch.Tensor | None, scale: float) -> torch.Tensor:
+    return csla_attention_query_tiles(q, k, v, q_rows, kv_count, kv_keys, scale=scale, tile_order=tile_order)
 
 
 @_csla_query_tiles_op.register_fake
-def _(q, k, v, q_rows, kv_count, kv_keys, tile_order, scale, pair_rows):
+def _(q, k, v, q_rows, kv_count, kv_keys, tile_order, scale):
     return attention_output_like(q)
 
 
