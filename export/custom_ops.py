@@ -2,9 +2,10 @@
 
 Pipeline (torch.onnx dynamo exporter):
   1. The model's plan calls the torch custom ops below (`export_plan` / `sparse_ops`), so torch.export keeps each
-     sparse attention as one call: torch.ops.sparvar.csla_attention / cs4a_attention / cs4a_decide.
+     sparse attention as one call: torch.ops.sparvar.csla_attention / csla_tile_attention / cs4a_attention /
+     cs4a_decide.
   2. `translation_table()` maps each to ONE node in domain `sparvar` (op types in plugins/: CSLAAttention,
-     CS4AAttention, CS4AAttentionCached, CS4ADecide) with the parameters as int attributes plus a
+     CSLATileAttention, CS4AAttention, CS4AAttentionCached, CS4ADecide) with the parameters as int attributes plus a
      `plugin_namespace` attribute, which is what TensorRT's ONNX parser needs to find the plugin.
   3. `attach_reference_functions(model)` adds an ONNX model-local function per op type (same domain and name) whose
      body is the reference math, so onnxruntime and onnx.reference run the graph. TensorRT gets the graph without
@@ -30,6 +31,7 @@ from plugins import SPECS
 from plugins import cs4a as cs4a_plugin
 from plugins import cs4a_decide as decide_plugin
 from plugins import csla as csla_plugin
+from plugins import csla_tiles as csla_tiles_plugin
 from plugins.spec import FLOAT, NAMESPACE, IntDims, OpSpec
 
 DOMAIN_VERSION = 1
@@ -70,6 +72,18 @@ def _(q, k, v, kv_num_blocks, kv_indices, block_m, block_n):
     return _fake_outputs(csla_plugin.SPEC, [q, k, v, kv_num_blocks, kv_indices], dict(block_m=block_m, block_n=block_n))[0]
 
 
+@torch.library.custom_op("sparvar::csla_tile_attention", mutates_args=())
+def csla_tile_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_rows: torch.Tensor, kv_count: torch.Tensor,
+                        kv_keys: torch.Tensor) -> torch.Tensor:
+    inputs = [q, k, v, q_rows, kv_count, kv_keys]
+    return csla_tiles_plugin.run(inputs, _checked(csla_tiles_plugin.SPEC, inputs, {}), _reference_ops())[0]
+
+
+@csla_tile_attention.register_fake
+def _(q, k, v, q_rows, kv_count, kv_keys):
+    return _fake_outputs(csla_tiles_plugin.SPEC, [q, k, v, q_rows, kv_count, kv_keys], {})[0]
+
+
 @torch.library.custom_op("sparvar::cs4a_attention", mutates_args=())
 def cs4a_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_idx: torch.Tensor,
                    o_cache: torch.Tensor | None, group_size: int) -> torch.Tensor:
@@ -105,9 +119,11 @@ def sparse_ops():
     from sparvar.sparse import SparseOps
 
     def csla_op(q, k, v, layout):
+        if layout.granularity == "tile":  # 2-D query tiles (sparvar.csla.TileLayout)
+            return torch.ops.sparvar.csla_tile_attention(q, k, v, layout.q_rows, layout.kv_count, layout.kv_keys)
         if layout.granularity != "block":
-            raise ValueError("only block-granular CSLA layouts export to CSLAAttention nodes (the plugins have no token mask); "
-                             f"got granularity {layout.granularity!r}")
+            raise ValueError("only block-granular CSLA layouts and query tiles export to CSLA nodes (the plugins have "
+                             f"no token mask); got granularity {layout.granularity!r}")
         return torch.ops.sparvar.csla_attention(q, k, v, layout.kv_num_blocks, layout.kv_indices, layout.block_m, layout.block_n)
 
     def cs4a_decide_op(q, k, v, group_size, topk, sink_len=0):
@@ -157,6 +173,10 @@ def _csla_onnx(q, k, v, kv_num_blocks, kv_indices, block_m: int, block_n: int):
                                   plugin_namespace=NAMESPACE)
 
 
+def _csla_tiles_onnx(q, k, v, q_rows, kv_count, kv_keys):
+    return _NODES[csla_tiles_plugin.SPEC.name](q, k, v, q_rows, kv_count, kv_keys, plugin_namespace=NAMESPACE)
+
+
 def _cs4a_onnx(q, k, v, key_idx, o_cache=None, group_size: int = 0):
     if o_cache is None:
         return _NODES[cs4a_plugin.SPEC.name](q, k, v, key_idx, group_size=group_size, plugin_namespace=NAMESPACE)
@@ -177,6 +197,7 @@ def translation_table(flavour: str = "reference") -> dict:
     """custom_translation_table for torch.onnx.export; the nodes are the same for both flavours."""
     check_flavour(flavour)
     return {torch.ops.sparvar.csla_attention.default: _csla_onnx,
+            torch.ops.sparvar.csla_tile_attention.default: _csla_tiles_onnx,
             torch.ops.sparvar.cs4a_attention.default: _cs4a_onnx,
             torch.ops.sparvar.cs4a_decide.default: _cs4a_decide_onnx}
 
@@ -218,6 +239,38 @@ def CSLAAttention(q, k, v, kv_num_blocks, kv_indices, block_m: int, block_n: int
     scores = op.Where(valid, scores, op.Constant(value_float=NEG_INF))
     out = op.MatMul(op.Softmax(scores, axis=-1), v_sel)  # (B, H, nq, bm, D)
     out = op.Slice(op.Reshape(out, op.Concat(batch_heads, padded, head_dim, axis=0)), [0], q_len, [2])
+    return op.CastLike(out, q)
+
+
+@onnxscript.script(SPARVAR, default_opset=op)
+def CSLATileAttention(q, k, v, q_rows, kv_count, kv_keys, plugin_namespace: str):
+    # Each tile's M query slots (q_rows; a slot holding Lq is padding) attend its first kv_count keys of kv_keys:
+    # scores are (B, H, T, M, W), W = kv_keys' width. The queries are gathered by slot from q with one zero row
+    # appended (what padding slots read), and the outputs are gathered back by each query's slot.
+    shape = op.Shape(q)  # [B, H, Lq, D]
+    batch_heads = op.Slice(shape, [0], [2])
+    q_len = op.Slice(shape, [2], [3])
+    head_dim = op.Slice(shape, [3], [4])
+    tiles = op.Shape(q_rows, start=0, end=1)  # (1,) = T
+    slots = op.Shape(q_rows, start=1, end=2)  # (1,) = M
+    width = op.Squeeze(op.Shape(kv_keys, start=1, end=2))
+    zero = op.Constant(value_int=0)
+    one = op.Constant(value_int=1)
+    rows = op.Reshape(op.Cast(q_rows, to=7), [-1])  # (T*M,)
+    padded_q = op.Pad(op.Cast(q, to=1), [0, 0, 0, 0, 0, 0, 1, 0])  # (B, H, Lq + 1, D)
+    qt = op.Reshape(op.Gather(padded_q, rows, axis=2), op.Concat(batch_heads, tiles, slots, head_dim, axis=0))
+    keys = op.Cast(kv_keys, to=7)  # (T, W)
+    k_sel = op.Gather(op.Cast(k, to=1), keys, axis=2)  # (B, H, T, W, D)
+    v_sel = op.Gather(op.Cast(v, to=1), keys, axis=2)
+    listed = op.Less(op.Unsqueeze(op.Range(zero, width, one), [0]), op.Unsqueeze(op.Cast(kv_count, to=7), [1]))
+    scores = op.MatMul(qt, op.Transpose(k_sel, perm=[0, 1, 2, 4, 3]))  # (B, H, T, M, W)
+    scores = op.Where(op.Unsqueeze(listed, [1]), scores, op.Constant(value_float=NEG_INF))
+    out = op.MatMul(op.Softmax(scores, axis=-1), v_sel)  # (B, H, T, M, D)
+    out = op.Reshape(out, op.Concat(batch_heads, op.Mul(tiles, slots), head_dim, axis=0))  # (B, H, T*M, D)
+    # each query's slot: scattered from the slot numbers (padding slots all write row Lq, which is dropped)
+    slot_of = op.ScatterElements(op.ConstantOfShape(op.Add(q_len, [1]), value=onnx.helper.make_tensor("z", 7, [1], [0])),
+                                 rows, op.Range(zero, op.Squeeze(op.Mul(tiles, slots)), one), axis=0)
+    out = op.Gather(out, op.Slice(slot_of, [0], q_len), axis=2)  # (B, H, Lq, D)
     return op.CastLike(out, q)
 
 
@@ -279,7 +332,7 @@ def CS4ADecide(q, k, v, group_size: int, topk: int, sink_len: int, plugin_namesp
     return op.CastLike(dense, q), selected, op.CastLike(o_cache, q)
 
 
-_BODIES = {"CSLAAttention": CSLAAttention, "CS4AAttention": CS4AAttention, "CS4AAttentionCached": CS4AAttentionCached,
+_BODIES = {"CSLAAttention": CSLAAttention, "CSLATileAttention": CSLATileAttention, "CS4AAttention": CS4AAttention, "CS4AAttentionCached": CS4AAttentionCached,
            "CS4ADecide": CS4ADecide}
 _HELPERS = {"CS4AAttention": ["CS4AGatheredAttention"], "CS4AAttentionCached": ["CS4AGatheredAttention"],
             "CS4ADecide": ["CS4AGatheredAttention"]}

@@ -1,7 +1,7 @@
 """TensorRT quickly-deployable Python plugins (QDP, `tensorrt.plugin`, TensorRT >= 10.6; aot_impl >= 10.9).
 
-The per-op definitions (register / autotune / impl / aot_impl) live in plugins/csla.py, cs4a.py, cs4a_decide.py;
-they call the helpers here, which read the op specs - the same rules the IPluginV3 classes use.
+The per-op definitions (register / autotune / impl / aot_impl) live in plugins/csla.py, csla_tiles.py, cs4a.py,
+cs4a_decide.py; they call the helpers here, which read the op specs - the same rules the IPluginV3 classes use.
 
     trtp = register_qdp_plugins()          # imports tensorrt.plugin (raises ImportError without TensorRT)
 
@@ -39,9 +39,9 @@ def register_qdp_plugins():
     """Register every sparvar op as a QDP (idempotent); returns tensorrt.plugin."""
     trtp = load_trtp()
     if not _REGISTERED:
-        from plugins import cs4a, cs4a_decide, csla
+        from plugins import cs4a, cs4a_decide, csla, csla_tiles
 
-        for module in (csla, cs4a, cs4a_decide):
+        for module in (csla, csla_tiles, cs4a, cs4a_decide):
             module.register_qdp(trtp)
         _REGISTERED.append(True)
     return trtp

@@ -11,7 +11,7 @@ from export.custom_ops import (FLAVOURS, attach_reference_functions, export_mode
                                strip_reference_functions, translation_table)
 from plugins import SPECS
 from plugins.spec import NAMESPACE
-from sparvar.csla import block_layout_from_mask, csla_attention_ref
+from sparvar.csla import block_layout_from_mask, csla_attention_ref, tile_layout_from_mask
 from sparvar.sparse import get_sparse_ops
 
 B, H, LQ, LK, D = 2, 2, 20, 45, 8
@@ -28,11 +28,20 @@ def _inputs(dtype=torch.float32, seed=0, head_dim=D, group=GROUP):
     return q, k, v, key_idx, o_cache
 
 
-def _layout():
+def _mask():
     g = torch.Generator().manual_seed(1)
     mask = torch.rand(LQ, LK, generator=g) < 0.25
     mask[:, 0] = True  # every query keeps a key
-    return block_layout_from_mask(mask, 8, 16)
+    return mask
+
+
+def _layout():
+    return block_layout_from_mask(_mask(), 8, 16)
+
+
+def _tile_layout():
+    """2x4 query tiles of a 4x5 query grid: the right column's tiles hold padding slots."""
+    return tile_layout_from_mask(_mask(), (4, 5), (2, 4))
 
 
 class OneOp(torch.nn.Module):
@@ -40,11 +49,12 @@ class OneOp(torch.nn.Module):
 
     def __init__(self, op: str, sink_len: int = 0):
         super().__init__()
-        self.op, self.layout, self.sink_len = op, _layout(), sink_len
+        self.op, self.sink_len = op, sink_len
+        self.layout = _tile_layout() if op == "CSLATileAttention" else _layout()
 
     def forward(self, q, k, v, key_idx, o_cache):
         ops = sparse_ops()
-        if self.op == "CSLAAttention":
+        if self.op in ("CSLAAttention", "CSLATileAttention"):
             return ops.csla(q, k, v, self.layout)
         if self.op == "CS4AAttention":
             return ops.cs4a(q, k, v, key_idx, GROUP, None)
@@ -55,11 +65,12 @@ class OneOp(torch.nn.Module):
 
 EXPECTED_OUTPUTS = {
     "CSLAAttention": [(B, H, LQ, D)],
+    "CSLATileAttention": [(B, H, LQ, D)],
     "CS4AAttention": [(B, H, LQ, D)],
     "CS4AAttentionCached": [(B, H, LQ, D)],
     "CS4ADecide": [(B, H, LQ, D), (B, H, 3, TOPK), (B, H, LQ, D)],
 }
-EXPECTED_ATTRS = {"CSLAAttention": {"block_m": 8, "block_n": 16}, "CS4AAttention": {"group_size": GROUP},
+EXPECTED_ATTRS = {"CSLAAttention": {"block_m": 8, "block_n": 16}, "CSLATileAttention": {}, "CS4AAttention": {"group_size": GROUP},
                   "CS4AAttentionCached": {"group_size": GROUP}, "CS4ADecide": {"group_size": GROUP, "topk": TOPK, "sink_len": 0}}
 
 
