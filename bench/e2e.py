@@ -81,27 +81,46 @@ def csla_tuning() -> dict:
     return {"csla_config_last_scale": str(best), "csla_tuned_in_row": bool(timed)}
 
 
+def generate_once(pipe, features, lengths, sampling, per_scale_runs: list | None = None) -> float:
+    """One timed generation (ms); with `per_scale_runs`, its per-scale times are appended to it."""
+    marks = []
+    progress = (lambda s, t: marks.append(_event())) if per_scale_runs is not None else None
+    start = _event()
+    pipe.generate(features, lengths, sampling=sampling, seed=0, progress=progress)
+    end = _event()
+    torch.cuda.synchronize()
+    if per_scale_runs is not None:
+        edges = [start] + marks
+        per_scale_runs.append([a.elapsed_time(b) for a, b in zip(edges[:-1], edges[1:])])
+    return start.elapsed_time(end)
+
+
 def time_generation(pipe, features, lengths, warmup: int, runs: int, sampling) -> tuple[dict, list]:
     per_scale_runs = []
-
-    def once(record=False):
-        marks = []
-        progress = (lambda s, t: marks.append(_event())) if record else None
-        start = _event()
-        pipe.generate(features, lengths, sampling=sampling, seed=0, progress=progress)
-        end = _event()
-        torch.cuda.synchronize()
-        if record:
-            edges = [start] + marks
-            per_scale_runs.append([a.elapsed_time(b) for a, b in zip(edges[:-1], edges[1:])])
-        return start.elapsed_time(end)
-
     for _ in range(warmup):
-        once()
+        generate_once(pipe, features, lengths, sampling)
     with ClockSampler() as clocks:  # the clocks the timed runs ran at (a GPU may slow them under sustained load)
-        times = [once(record=True) for _ in range(runs)]
+        times = [generate_once(pipe, features, lengths, sampling, per_scale_runs) for _ in range(runs)]
     per_scale = [statistics.median(col) for col in zip(*per_scale_runs)]
     return {**summarize(times), "gpu_clocks": clocks.summary()}, per_scale
+
+
+def time_interleaved(pipes: list, features, lengths, warmup: int, runs: int, sampling) -> list[tuple[dict, list]]:
+    """Every pipeline's generations in rounds, one generation each per round, the order rotated by one each round:
+    all rows then run at the same point of the GPU's thermal and power history, which a row timed after another
+    (the sequential protocol: dense first) does not. Returns time_generation's (timing, per_scale) per pipeline."""
+    for pipe in pipes:
+        for _ in range(warmup):
+            generate_once(pipe, features, lengths, sampling)
+    times, per_scale_runs = [[] for _ in pipes], [[] for _ in pipes]
+    with ClockSampler() as clocks:
+        for r in range(runs):
+            for i in (r + j for j in range(len(pipes))):
+                i %= len(pipes)
+                times[i].append(generate_once(pipes[i], features, lengths, sampling, per_scale_runs[i]))
+    clock = clocks.summary()  # one span for all rows: they shared it
+    return [({**summarize(t), "gpu_clocks": clock}, [statistics.median(col) for col in zip(*p)])
+            for t, p in zip(times, per_scale_runs)]
 
 
 def _event():
@@ -296,9 +315,12 @@ def csla_by_cudnn(cfg, schedule, skip: int, tile: tuple[int, int] | None):
 
 
 def bench_model(model_name: str, resolution: int, warmup: int, runs: int, rows=None, weights: str | None = None,
-                vae: str | None = None, embeddings: str | None = None, save=None, device="cuda", batch: int = 1) -> dict:
-    """The rows of one model, side by side in this process. `save(result)` is called after every row with the
-    result so far, so that a run cut short (a time limit, a lost machine) keeps the rows it finished."""
+                vae: str | None = None, embeddings: str | None = None, save=None, device="cuda", batch: int = 1,
+                interleave: bool = False) -> dict:
+    """The rows of one model, side by side in this process: one row after another (each its warm-ups, then its
+    timed runs), or with `interleave` all rows built first and timed in rounds (time_interleaved). `save(result)` is
+    called after every row (every set, interleaved) with the result so far, so that a run cut short (a time limit, a
+    lost machine) keeps the rows it finished."""
     from sparvar.pipeline import make_plan
     from sparvar.sparse import SparVARPlan, default_policy
 
@@ -313,59 +335,94 @@ def bench_model(model_name: str, resolution: int, warmup: int, runs: int, rows=N
               "text_features": embeddings or "hashed stand-ins (the text encoder is not timed)",
               "cudnn_takes_scale": cudnn_acceptance(cfg, schedule),
               "schedule": [list(g) for g in schedule.grids], "flop_floor_ms": FLOP_FLOOR_MS.get(model_name),
-              "rows": results}
-    for name, attention, kind, backend, skip, fp8 in rows or rows_for(model_name):
-        cudnn_scales = None
+              "protocol": "interleaved" if interleave else "sequential", "rows": results}
+
+    def build(name, attention, kind, backend, skip, fp8):
+        """(plan, pipeline, what the row records besides its timing)"""
+        extra = {}
         if name in CSLA_CUDNN_ROWS:
-            plan, cudnn_scales = csla_by_cudnn(cfg, schedule, skip, CSLA_CUDNN_ROWS[name])
+            plan, extra["csla_by_cudnn_scales"] = csla_by_cudnn(cfg, schedule, skip, CSLA_CUDNN_ROWS[name])
         elif name in CSLA_QUERY_TILE_ROWS:
             plan = SparVARPlan(default_policy(cfg.name, schedule, csla_query_tile=CSLA_QUERY_TILE_ROWS[name]), schedule,
                                cfg.depth, backend="triton", skip_last=skip)
+            extra["csla_query_tile"] = list(CSLA_QUERY_TILE_ROWS[name])
         else:
             plan = make_plan(cfg, schedule, attention, backend="triton", skip_last=skip)
         if name == RESIDUALS_IN_LINE_ROW:
             plan.residual_lanes = 0
         forget_csla_timings()
-        absorb = not name.endswith(UNABSORBED)
-        runner = make_runner(kind, plan, backend, fp8, skip, absorb)  # graph runners tune and capture at the first begin()
-        pipe = make_pipeline(runner, skip)
+        runner = make_runner(kind, plan, backend, fp8, skip, not name.endswith(UNABSORBED))  # tunes, captures at begin()
+        text = getattr(getattr(runner, "current", None), "text", None)  # Infinity's graph runner
+        extra["cross_attention_absorbed"] = getattr(text, "absorbed", None) is not None
+        if attention == "sparvar":
+            extra["residual_lanes"] = plan.residual_lanes  # side streams of the decision's residual launches
+        return plan, make_pipeline(runner, skip), extra
+
+    def tuning(name, attention) -> dict:
+        """The CSLA kernel's choice at the last sparse scale the row ran (each scale is tuned alone)."""
+        if name in CSLA_QUERY_TILE_ROWS:
+            from sparvar.kernels.csla import tuned_config
+
+            return {"csla_tile_config_last_scale": tuned_config("csla_tiles")}
+        return csla_tuning() if attention == "sparvar" else {}
+
+    def record(spec, extra, timing, per_scale, seconds) -> dict:
+        name, attention, kind, backend, skip, fp8 = spec
+        row = {"row": name, "attention": attention, "runner": kind, "sdpa_backend": backend, "skip_last": skip,
+               "fp8": fp8, **timing, "images_per_s": 1000 * batch / timing["median_ms"], "per_scale_ms": per_scale,
+               "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30, "bench_seconds": seconds, **extra}
+        clocks = timing.get("gpu_clocks", {})
+        clock = f", SM {clocks['sm_clock_mhz']['median']:.0f} MHz" if clocks.get("sampled") else ""
+        print(f"{model_name:12s} {name:48s} {timing['median_ms']:8.1f} ms  (peak {row['peak_memory_gib']:.1f} GiB"
+              f"{clock})", flush=True)
+        return row
+
+    def failed(spec, e) -> dict:  # one broken row must not lose the others: record it
+        print(f"{model_name:12s} {spec[0]:48s} FAILED: {type(e).__name__}: {e}", flush=True)
+        return {"row": spec[0], "error": f"{type(e).__name__}: {e}"}
+
+    specs = rows or rows_for(model_name)
+    if interleave:  # every row in memory at once; peak memory is then the set's
+        built, t0 = [], time.perf_counter()
+        try:
+            for spec in specs:
+                plan, pipe, extra = build(*spec)
+                for _ in range(warmup):
+                    generate_once(pipe, features, lengths, sampling)
+                built.append((plan, pipe, {**extra, **tuning(spec[0], spec[1])}))
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            timings = time_interleaved([pipe for _, pipe, _ in built], features, lengths, 0, runs, sampling)
+        except Exception as e:
+            results.extend(failed(spec, e) for spec in specs)
+        else:
+            seconds = time.perf_counter() - t0
+            results.extend(record(spec, extra, timing, per_scale, seconds)
+                           for spec, (_, _, extra), (timing, per_scale) in zip(specs, built, timings))
+        del built
+        specs = []
+        add_ratios(model_name, results)
+        if save is not None:
+            save(result)
+    for spec in specs:
+        plan, pipe, extra = build(*spec)
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
         try:
             timing, per_scale = time_generation(pipe, features, lengths, warmup, runs, sampling)
-        except Exception as e:  # one broken row must not lose the others: record it
-            print(f"{model_name:12s} {name:48s} FAILED: {type(e).__name__}: {e}", flush=True)
-            results.append({"row": name, "error": f"{type(e).__name__}: {e}"})
+        except Exception as e:
+            results.append(failed(spec, e))
         else:
-            text = getattr(getattr(runner, "current", None), "text", None)  # Infinity's graph runner
-            absorbed = getattr(text, "absorbed", None) is not None
-            row = {"row": name, "attention": attention, "runner": kind, "sdpa_backend": backend, "skip_last": skip,
-                   "fp8": fp8, "cross_attention_absorbed": absorbed, **timing, "images_per_s": 1000 * batch / timing["median_ms"],
-                   "per_scale_ms": per_scale, "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30,
-                   "bench_seconds": time.perf_counter() - t0}
-            if name in CSLA_QUERY_TILE_ROWS:  # the tile kernel's choice at the last sparse scale
-                from sparvar.kernels.csla import tuned_config
-
-                row["csla_query_tile"] = list(CSLA_QUERY_TILE_ROWS[name])
-                row["csla_tile_config_last_scale"] = tuned_config("csla_tiles")
-            elif attention == "sparvar":  # the CSLA tuning of the last sparse scale run (each scale is tuned alone)
-                row.update(csla_tuning())
-                row["residual_lanes"] = plan.residual_lanes  # side streams of the decision's residual launches
-            if cudnn_scales is not None:
-                row["csla_by_cudnn_scales"] = cudnn_scales  # the others ran the Triton kernel
-            clocks = timing.get("gpu_clocks", {})
-            clock = f", SM {clocks['sm_clock_mhz']['median']:.0f} MHz" if clocks.get("sampled") else ""
-            print(f"{model_name:12s} {name:48s} {timing['median_ms']:8.1f} ms  (peak {row['peak_memory_gib']:.1f} GiB"
-                  f"{clock})", flush=True)
-            results.append(row)
-        del runner, pipe, plan
+            results.append(record(spec, {**extra, **tuning(spec[0], spec[1])}, timing, per_scale,
+                                  time.perf_counter() - t0))
+        del pipe, plan
         gc.collect()
         torch.cuda.empty_cache()
         add_ratios(model_name, results)
         if save is not None:
             save(result)
-    del base, decoder, make_runner, make_pipeline
+    del base, decoder, build  # the model's weights go with the last references to them
     gc.collect()
     torch.cuda.empty_cache()
     return result
@@ -459,7 +516,7 @@ def main(args=None) -> int:
         out["models"].append(bench_model(m, args.resolution, args.warmup, args.runs, rows, args.weights, args.vae,
                                          args.text_embeddings,
                                          save=lambda partial: write_result(args.out, {**out, "models": done + [partial]}),
-                                         batch=args.batch))
+                                         batch=args.batch, interleave=args.interleave))
         path = write_result(args.out, out)
     plot(out, os.path.splitext(path)[0] + ".png")
     print(f"wrote {path}")

@@ -113,6 +113,10 @@ def add_bench_e2e_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rows", action="append", default=None,
                    help="only these rows (repeatable): comma-separated terms, each selecting the rows whose name "
                    "contains it; or '=' and one row's exact name (names hold commas)")
+    p.add_argument("--interleave", action="store_true",
+                   help="build every selected row first and time them in rounds (one generation each, order rotated), "
+                        "so that no row runs later in the GPU's thermal and power history than another; the rows "
+                        "must fit in GPU memory together")
     p.add_argument("--engine-cross-max-q", type=int, default=None,
                    help="an experiment on the crossover: the engines' cross-attention runs our kernel up to this many "
                         "query tokens instead of sparvar.attention.ENGINE_CROSS_MAX_Q (recorded in the result)")

@@ -281,3 +281,36 @@ def test_cudnn_csla_rows_send_each_scale_where_they_say(model, monkeypatch):
             ran.clear()
             plan.ops.csla(None, None, None, plan._device_copy("csla", scale, torch.device("cpu")))
             assert ran == ["cudnn" if scale in want else "triton"], (tile, scale)
+
+
+def test_interleaved_rows_run_in_rotated_rounds(monkeypatch):
+    """--interleave: every row is built and warmed up first, then timed in rounds, one generation per row per round,
+    the order rotated each round; each row's median comes from its own generations, and the set is saved once."""
+    import bench.e2e as e2e
+
+    calls = []
+    times = {0: 100.0, 2: 40.0}  # by the pipeline's skip_last: the dense row and the skip-2 row
+
+    def fake_once(pipe, features, lengths, sampling, per_scale_runs=None):
+        calls.append((pipe.skip_last, per_scale_runs is not None))
+        if per_scale_runs is not None:
+            per_scale_runs.append([1.0] * (pipe.schedule.num_scales - pipe.skip_last))
+        return times[pipe.skip_last] + len(calls) * 1e-3  # distinct values: each row's own runs give its median
+
+    monkeypatch.setattr(e2e, "generate_once", fake_once)
+    monkeypatch.setattr(e2e, "cudnn_acceptance", lambda cfg, schedule: {})
+    for name in ("reset_peak_memory_stats", "synchronize", "empty_cache"):
+        monkeypatch.setattr(torch.cuda, name, lambda: None)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda: 0)
+    rows = [("dense eager, SDPA FlashAttention-2", "dense", "eager", "math", 0, False),
+            ("dense eager + skip last 2", "dense", "eager", "math", 2, False)]
+    saved = []
+    result = e2e.bench_model("infinity-tiny", 256, 2, 3, rows, save=lambda r: saved.append(len(r["rows"])),
+                             device="cpu", interleave=True)
+    assert calls[:4] == [(0, False), (0, False), (2, False), (2, False)]  # each row's warm-ups, before any timing
+    assert [skip for skip, _ in calls[4:]] == [0, 2, 2, 0, 0, 2]  # rounds 0, 1, 2: the order rotates
+    assert saved == [2] and result["protocol"] == "interleaved"
+    dense, skip2 = result["rows"]
+    assert round(dense["median_ms"]) == 100 and round(skip2["median_ms"]) == 40
+    assert dense["speedup_vs_dense_eager_fa2"] == 1.0 and skip2["speedup_vs_dense_eager_fa2"] > 2.4
+    assert len(dense["per_scale_ms"]) == 7 and len(skip2["per_scale_ms"]) == 5

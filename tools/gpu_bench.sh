@@ -36,6 +36,8 @@
 #   bash tools/gpu_bench.sh "$OUT" cudnncsla2b # the same for 2B
 #   bash tools/gpu_bench.sh "$OUT" tiles8b   # CSLA on 2-D query tiles: its GPU tests, kernel rows, then the 8B engines side by side, bf16 and FP8
 #   bash tools/gpu_bench.sh "$OUT" tiles2b   # the kernel rows and engines for 2B
+#   bash tools/gpu_bench.sh "$OUT" interleave8b # dense, SparVAR and query-tile SparVAR engines timed in rotated rounds (--interleave), then the first two one after the other
+#   bash tools/gpu_bench.sh "$OUT" interleave2b # the same for 2B
 set -uo pipefail
 # the GPU machine gets the work tree without .git: results record the commit only if the caller names it (commit
 # first, then pass the full sha), so refuse to produce results that would say "uncommitted"
@@ -170,6 +172,14 @@ for what in "${@:2}"; do
         --rows "=SparVAR engine (CUDA graphs, Triton kernels)" --rows "query tiles" --rows "=dense engine, FP8 linears" \
         --rows "=SparVAR engine, FP8 linears" \
         --out "$OUT/e2e_engines_${size}_tiles_$TAG.json" 2>&1 | grep -v Warning | tail -8 ;;
+    interleave8b|interleave2b)  # the same rows under both protocols, in one process each
+      size=${what#interleave}
+      python bench/e2e.py --model "infinity-$size" --warmup 3 --runs 20 --interleave --rows "=dense engine (CUDA graphs)" \
+        --rows "=SparVAR engine (CUDA graphs, Triton kernels)" --rows "=SparVAR engine (CUDA graphs, Triton kernels), CSLA on 8x8 query tiles" \
+        --out "$OUT/e2e_engines_${size}_interleaved_$TAG.json" 2>&1 | grep -v Warning | tail -4
+      python bench/e2e.py --model "infinity-$size" --warmup 3 --runs 20 --rows "=dense engine (CUDA graphs)" \
+        --rows "=SparVAR engine (CUDA graphs, Triton kernels)" \
+        --out "$OUT/e2e_engines_${size}_sequential_$TAG.json" 2>&1 | grep -v Warning | tail -3 ;;
     hart)
       python bench/e2e.py --model hart-0.7b --warmup 3 --runs 20 --rows engine \
         --out "$OUT/e2e_hart_engines_$TAG.json" 2>&1 | grep -v Warning | tail -8 ;;
