@@ -1,6 +1,7 @@
 """Triton kernels for SparVAR attention on CUDA GPUs (forward only; bf16/fp16; head dim 64 or 128).
 
     csla_attention(q, k, v, layout)                        CSLA over a sparvar.csla.BlockLayout (block or token)
+                                                           or a TileLayout (2-D query tiles, keys gathered)
     cs4a_attention(q, k, v, key_idx, group_size, o_cache)  CS4A grouped gather attention (+ residual cache)
     cs4a_decide(q, k, v, group_size, topk, sink_len=0)     dense + per-group top-k selection + residual cache
     cs4a_attention_from_selection(q, k, v, selected, geometry, o_cache, cache_grid, grid)
@@ -9,9 +10,9 @@
     select_topk(sums, topk, first=0)                       ascending top-k positions per row (the decision's pick)
     upsample_cache(o_cache, src_grid, dst_grid)            CS4A's residual cache, bilinear to a later scale
 
-Each goes through a torch custom op (sparvar::triton_csla_attention[_token], sparvar::triton_cs4a_attention,
-sparvar::triton_cs4a_from_selection, sparvar::triton_cs4a_decide, with fake kernels) so torch.compile and
-torch.export keep it as one call. The names carry a `triton_` prefix because export/custom_ops.py already defines
+Each goes through a torch custom op (sparvar::triton_csla_attention[_token], sparvar::triton_csla_query_tiles,
+sparvar::triton_cs4a_attention, sparvar::triton_cs4a_from_selection, sparvar::triton_cs4a_decide, with fake
+kernels) so torch.compile and torch.export keep it as one call. The names carry a `triton_` prefix because export/custom_ops.py already defines
 sparvar::csla_attention etc. as the reference ops of the ONNX path. `sparse_ops()` returns them as a
 sparvar.sparse.SparseOps backend, with two raw functions besides (no custom op: the engines' eager and CUDA-graph
 steps call them, nothing traces them): cs4a_decide_begin_raw / cs4a_decide_end_raw, the decision in two halves so

@@ -7,6 +7,10 @@ block is attended. Only the last key block may be partial (kv_len not a multiple
 entry of a row when present (indices ascend), so the loop runs the unmasked full blocks first and masks that
 one block alone. The kernel tile is the layout's block shape.
 
+Query tiles (a sparvar.csla.TileLayout, its own kernel `_csla_tiles_fwd_kernel`): one program per 2-D tile of the
+query grid and (batch row, head); the tile's query rows are gathered by position, its keys BLOCK_N at a time from the
+tile's key list, the last key tile masked.
+
 Token-exact (TOKEN, a layout of granularity 'token'): each query block's tiles come reordered (token_tiles),
 the tiles whose every (query, key) pair is in the mask first, computed with no mask, then the partial tiles,
 each through its (BLOCK_M, BLOCK_N) byte mask from the layout's compact store of partial tiles only.
