@@ -27,9 +27,10 @@ TOLERANCE = 2e-2  # bf16 max abs error against the fp32 reference, as the GPU te
 
 
 def computed_pairs(layout) -> int:
-    """(query, key) pairs the kernel computes: a tile's queries times its keys, or the raster blocks' tiles."""
+    """(query, key) pairs the kernel computes, for its TFLOP/s: for query tiles each tile's real queries times its
+    keys (the masked padding of its last key tile and of border tiles not counted), for raster blocks their tiles."""
     if layout.granularity == "tile":
-        return layout.density * layout.q_len * layout.kv_len
+        return layout.pairs
     return csla_computed_pairs(layout)
 
 

@@ -4,6 +4,8 @@ generation, throughput in images/s), dense vs SparVAR, side by side.
 Protocol (the paper's): warm-up runs, then the median of timed runs; every run covers text conditioning
 (the T5 encoder itself excluded), all scales, CFG, sampling and the VAE decode. Random weights (the images are
 noise, the work is the same). Every row runs the same `sparvar.generate.generate` loop — only the runner differs.
+Rows run one after another by default; `--interleave` builds them all first and times them in rounds, one
+generation each (time_interleaved), so that no row runs later in the GPU's thermal and power history than another.
 
     PYTHONPATH=. python bench/e2e.py --model infinity-2b   # writes bench/results/e2e_<device>.json
     sparvar bench e2e --model infinity-8b --weights infinity_8b_weights --vae infinity_vae_d56_f8_14_patchify.pth  # real weights
@@ -105,18 +107,28 @@ def time_generation(pipe, features, lengths, warmup: int, runs: int, sampling) -
     return {**summarize(times), "gpu_clocks": clocks.summary()}, per_scale
 
 
+def interleaved_order(rows: int, rounds: int) -> list[list[int]]:
+    """The row order of each round: round pairs 2i, 2i + 1 run the rows rotated by i, forward then backward, so that
+    each row runs first equally often (when `rounds` is a multiple of 2 * `rows`) and does not always follow the same
+    row (two rows: 0 1, 1 0, 1 0, 0 1, ...)."""
+    orders = []
+    for r in range(rounds):
+        order = [(r // 2 + j) % rows for j in range(rows)]
+        orders.append(order[::-1] if r % 2 else order)
+    return orders
+
+
 def time_interleaved(pipes: list, features, lengths, warmup: int, runs: int, sampling) -> list[tuple[dict, list]]:
-    """Every pipeline's generations in rounds, one generation each per round, the order rotated by one each round:
-    all rows then run at the same point of the GPU's thermal and power history, which a row timed after another
-    (the sequential protocol: dense first) does not. Returns time_generation's (timing, per_scale) per pipeline."""
+    """Every pipeline's generations in rounds, one generation each per round (interleaved_order): all rows then run at
+    the same point of the GPU's thermal and power history, which a row timed after another (the sequential protocol:
+    dense first) does not. Returns time_generation's (timing, per_scale) per pipeline."""
     for pipe in pipes:
         for _ in range(warmup):
             generate_once(pipe, features, lengths, sampling)
     times, per_scale_runs = [[] for _ in pipes], [[] for _ in pipes]
     with ClockSampler() as clocks:
-        for r in range(runs):
-            for i in (r + j for j in range(len(pipes))):
-                i %= len(pipes)
+        for order in interleaved_order(len(pipes), runs):
+            for i in order:
                 times[i].append(generate_once(pipes[i], features, lengths, sampling, per_scale_runs[i]))
     clock = clocks.summary()  # one span for all rows: they shared it
     return [({**summarize(t), "gpu_clocks": clock}, [statistics.median(col) for col in zip(*p)])
@@ -161,7 +173,6 @@ def rows_for(model_name: str):
         # the engines' dense attention: cuDNN, our Triton kernel for the smallest calls (sparvar.attention "engine")
         (DENSE_ENGINE_ROW, "dense", "graphs", "engine", 0, False),
         (SPARVAR_ENGINE_ROW, "sparvar", "graphs", "engine", 0, False),
-        (SPARVAR_ENGINE_ROW + QUERY_TILES, "sparvar", "graphs", "engine", 0, False),
         (RESIDUALS_IN_LINE_ROW, "sparvar", "graphs", "engine", 0, False),
         ("SparVAR engine + skip last 2", "sparvar", "graphs", "engine", 2, False),
         ("dense engine + skip last 2", "dense", "graphs", "engine", 2, False),
@@ -169,6 +180,7 @@ def rows_for(model_name: str):
     from sparvar.config import get_config
 
     if getattr(get_config(model_name), "family", "infinity") == "infinity":  # only Infinity has cross-attention
+        rows.insert(4, (SPARVAR_ENGINE_ROW + QUERY_TILES, "sparvar", "graphs", "engine", 0, False))  # measured there only
         rows += [(DENSE_ENGINE_ROW + UNABSORBED, "dense", "graphs", "engine", 0, False),
                  (SPARVAR_ENGINE_ROW + UNABSORBED, "sparvar", "graphs", "engine", 0, False)]
         from sparvar.kernels.cudnn_csla import HAS_CUDNN_FRONTEND
@@ -293,9 +305,10 @@ def csla_by_cudnn(cfg, schedule, skip: int, tile: tuple[int, int] | None):
     refuses the rest: sparvar.kernels.cudnn_csla.check_paged_csla.) The call is dispatched by its layout's tile
     shape: at 2f1d060 only whole tiles were asked for, which gave cuDNN scale 10's 64-row tiles in the 128x64 rows."""
     from sparvar.kernels.cudnn_csla import csla_attention_cudnn
-    from sparvar.sparse import SparVARPlan, default_policy
+    from sparvar.pipeline import make_plan
+    from sparvar.sparse import default_policy
 
-    plan = SparVARPlan(default_policy(cfg.name, schedule), schedule, cfg.depth, backend="triton", skip_last=skip)
+    plan = make_plan(cfg, schedule, "sparvar", backend="triton", skip_last=skip)
     tiled = default_policy(cfg.name, schedule, csla_block=tile) if tile else None
     by_cudnn = set()
     for scale, layout in plan.csla_layouts.items():
@@ -322,7 +335,6 @@ def bench_model(model_name: str, resolution: int, warmup: int, runs: int, rows=N
     called after every row (every set, interleaved) with the result so far, so that a run cut short (a time limit, a
     lost machine) keeps the rows it finished."""
     from sparvar.pipeline import make_plan
-    from sparvar.sparse import SparVARPlan, default_policy
 
     device = torch.device(device)
     torch.cuda.reset_peak_memory_stats()
@@ -338,13 +350,13 @@ def bench_model(model_name: str, resolution: int, warmup: int, runs: int, rows=N
               "protocol": "interleaved" if interleave else "sequential", "rows": results}
 
     def build(name, attention, kind, backend, skip, fp8):
-        """(plan, pipeline, what the row records besides its timing)"""
+        """(plan, runner, pipeline, what the row records besides its timing)"""
         extra = {}
         if name in CSLA_CUDNN_ROWS:
             plan, extra["csla_by_cudnn_scales"] = csla_by_cudnn(cfg, schedule, skip, CSLA_CUDNN_ROWS[name])
         elif name in CSLA_QUERY_TILE_ROWS:
-            plan = SparVARPlan(default_policy(cfg.name, schedule, csla_query_tile=CSLA_QUERY_TILE_ROWS[name]), schedule,
-                               cfg.depth, backend="triton", skip_last=skip)
+            plan = make_plan(cfg, schedule, attention, backend="triton", skip_last=skip,
+                             csla_query_tile=CSLA_QUERY_TILE_ROWS[name])
             extra["csla_query_tile"] = list(CSLA_QUERY_TILE_ROWS[name])
         else:
             plan = make_plan(cfg, schedule, attention, backend="triton", skip_last=skip)
@@ -352,19 +364,20 @@ def bench_model(model_name: str, resolution: int, warmup: int, runs: int, rows=N
             plan.residual_lanes = 0
         forget_csla_timings()
         runner = make_runner(kind, plan, backend, fp8, skip, not name.endswith(UNABSORBED))  # tunes, captures at begin()
-        text = getattr(getattr(runner, "current", None), "text", None)  # Infinity's graph runner
-        extra["cross_attention_absorbed"] = getattr(text, "absorbed", None) is not None
         if attention == "sparvar":
             extra["residual_lanes"] = plan.residual_lanes  # side streams of the decision's residual launches
-        return plan, make_pipeline(runner, skip), extra
+        return plan, runner, make_pipeline(runner, skip), extra
 
-    def tuning(name, attention) -> dict:
-        """The CSLA kernel's choice at the last sparse scale the row ran (each scale is tuned alone)."""
+    def after_first_run(name, attention, runner) -> dict:
+        """What a row can record once it has generated: whether its graph runner absorbed the cross-attention (known
+        at its first begin()) and the CSLA kernel's choice at the last sparse scale (each scale is tuned alone)."""
+        text = getattr(getattr(runner, "current", None), "text", None)  # Infinity's graph runner
+        seen = {"cross_attention_absorbed": getattr(text, "absorbed", None) is not None}
         if name in CSLA_QUERY_TILE_ROWS:
             from sparvar.kernels.csla import tuned_config
 
-            return {"csla_tile_config_last_scale": tuned_config("csla_tiles")}
-        return csla_tuning() if attention == "sparvar" else {}
+            return {**seen, "csla_tile_config_last_scale": tuned_config("csla_tiles")}
+        return {**seen, **(csla_tuning() if attention == "sparvar" else {})}
 
     def record(spec, extra, timing, per_scale, seconds) -> dict:
         name, attention, kind, backend, skip, fp8 = spec
@@ -382,30 +395,37 @@ def bench_model(model_name: str, resolution: int, warmup: int, runs: int, rows=N
         return {"row": spec[0], "error": f"{type(e).__name__}: {e}"}
 
     specs = rows or rows_for(model_name)
-    if interleave:  # every row in memory at once; peak memory is then the set's
+    if interleave:
+        # every row in memory at once: a row that fails to build or warm up is recorded and left out; peak memory
+        # and bench_seconds are then the whole set's (builds, warm-ups and rounds)
         built, t0 = [], time.perf_counter()
-        try:
-            for spec in specs:
-                plan, pipe, extra = build(*spec)
+        for spec in specs:
+            try:
+                plan, runner, pipe, extra = build(*spec)
                 for _ in range(warmup):
                     generate_once(pipe, features, lengths, sampling)
-                built.append((plan, pipe, {**extra, **tuning(spec[0], spec[1])}))
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            timings = time_interleaved([pipe for _, pipe, _ in built], features, lengths, 0, runs, sampling)
-        except Exception as e:
-            results.extend(failed(spec, e) for spec in specs)
+                built.append((spec, plan, pipe, {**extra, **after_first_run(spec[0], spec[1], runner)}))
+            except Exception as e:
+                results.append(failed(spec, e))
+            plan = runner = pipe = None  # what is kept is in `built`
+        torch.cuda.synchronize()
+        try:
+            timings = time_interleaved([pipe for _, _, pipe, _ in built], features, lengths, 0, runs, sampling)
+        except Exception as e:  # a failure mid-rounds leaves no row with its full set of runs
+            results.extend(failed(spec, e) for spec, *_ in built)
         else:
             seconds = time.perf_counter() - t0
             results.extend(record(spec, extra, timing, per_scale, seconds)
-                           for spec, (_, _, extra), (timing, per_scale) in zip(specs, built, timings))
+                           for (spec, _, _, extra), (timing, per_scale) in zip(built, timings))
+        order = {spec[0]: i for i, spec in enumerate(specs)}
+        results.sort(key=lambda row: order[row["row"]])  # the benchmark's order, failed rows included
         del built
         specs = []
         add_ratios(model_name, results)
         if save is not None:
             save(result)
     for spec in specs:
-        plan, pipe, extra = build(*spec)
+        plan, runner, pipe, extra = build(*spec)
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
@@ -414,9 +434,9 @@ def bench_model(model_name: str, resolution: int, warmup: int, runs: int, rows=N
         except Exception as e:
             results.append(failed(spec, e))
         else:
-            results.append(record(spec, {**extra, **tuning(spec[0], spec[1])}, timing, per_scale,
+            results.append(record(spec, {**extra, **after_first_run(spec[0], spec[1], runner)}, timing, per_scale,
                                   time.perf_counter() - t0))
-        del pipe, plan
+        del pipe, plan, runner
         gc.collect()
         torch.cuda.empty_cache()
         add_ratios(model_name, results)
@@ -506,7 +526,8 @@ def main(args=None) -> int:
         sparvar.attention.ENGINE_CROSS_MAX_Q = args.engine_cross_max_q
     models = args.model or DEFAULT_MODELS
     args.out = args.out or result_path("e2e" if args.batch == 1 else f"e2e_batch{args.batch}")
-    out = {"benchmark": "end-to-end latency per image", "protocol": f"{args.warmup} warm-up + median of {args.runs} timed runs; "
+    out = {"benchmark": "end-to-end latency per image", "protocol": f"{args.warmup} warm-up + median of {args.runs} timed runs"
+           + (" in rounds, one generation per row each (--interleave); " if args.interleave else "; ") +
            "text conditioning, all scales, CFG, sampling and VAE decode included; T5 encoder excluded; "
            + ("official weights" if args.weights else "random weights"),
            "engine_cross_max_q": sparvar.attention.ENGINE_CROSS_MAX_Q, "models": []}

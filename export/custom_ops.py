@@ -267,9 +267,13 @@ def CSLATileAttention(q, k, v, q_rows, kv_count, kv_keys, plugin_namespace: str)
     scores = op.Where(op.Unsqueeze(listed, [1]), scores, op.Constant(value_float=NEG_INF))
     out = op.MatMul(op.Softmax(scores, axis=-1), v_sel)  # (B, H, T, M, D)
     out = op.Reshape(out, op.Concat(batch_heads, op.Mul(tiles, slots), head_dim, axis=0))  # (B, H, T*M, D)
-    # each query's slot: scattered from the slot numbers (padding slots all write row Lq, which is dropped)
-    slot_of = op.ScatterElements(op.ConstantOfShape(op.Add(q_len, [1]), value=onnx.helper.make_tensor("z", 7, [1], [0])),
-                                 rows, op.Range(zero, op.Squeeze(op.Mul(tiles, slots)), one), axis=0)
+    # each query's slot, scattered from the slot numbers; padding slot s writes position Lq + s (past the queries,
+    # dropped), so that no two slots write one position
+    slot_ids = op.Range(zero, op.Squeeze(op.Mul(tiles, slots)), one)  # (T*M,)
+    targets = op.Where(op.Less(rows, q_len), rows, op.Add(q_len, slot_ids))
+    slot_of = op.ScatterElements(op.ConstantOfShape(op.Add(q_len, op.Mul(tiles, slots)),
+                                                    value=onnx.helper.make_tensor("z", 7, [1], [0])),
+                                 targets, slot_ids, axis=0)
     out = op.Gather(out, op.Slice(slot_of, [0], q_len), axis=2)  # (B, H, Lq, D)
     return op.CastLike(out, q)
 

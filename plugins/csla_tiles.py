@@ -2,7 +2,8 @@
 
 Node: out = CSLATileAttention(q, k, v, q_rows, kv_count, kv_keys), no attributes.
   q (B, H, Lq, D); k, v (B, H, Lk, D); out like q. Softmax scale 1 (q arrives pre-scaled, see sparvar/attention.py).
-  q_rows (T, M) int32: the query positions of each of T tiles (M slots; a slot holding Lq is padding);
+  q_rows (T, M) int32: the query positions of each of T tiles (M slots, M one of the kernel's tile sizes 16, 32, 64,
+    128; a slot holding Lq is padding);
   kv_count (T,) int32 and kv_keys (T, W) int32: each tile's keys, ascending, the first kv_count[t] entries of its row.
   They are a sparvar.csla.TileLayout (the policy's csla_query_tile): every query of a tile attends the tile's
   whole key set. In an exported step they are constant initializers, like CSLAAttention's block lists.
@@ -26,6 +27,10 @@ def _check(shapes, attrs):
     if not (spec.equal_known(kv_count[0], q_rows[0]) and spec.equal_known(kv_keys[0], q_rows[0])):
         raise ValueError(f"{SPEC.name}: q_rows {q_rows}, kv_count {kv_count} and kv_keys {kv_keys} must agree on the "
                          "number of tiles")
+    from sparvar.csla import KERNEL_TILE_SIZES
+
+    if q_rows[1] >= 0 and q_rows[1] not in KERNEL_TILE_SIZES:  # the Triton tactic's query tile
+        raise ValueError(f"{SPEC.name}: a tile holds {q_rows[1]} query slots; the kernel takes {KERNEL_TILE_SIZES}")
     if q[2] >= 0 and q_rows[0] >= 0 and q_rows[1] >= 0 and q_rows[0] * q_rows[1] < q[2]:
         raise ValueError(f"{SPEC.name}: {q_rows[0]} tiles of {q_rows[1]} queries cannot hold the {q[2]} queries")
     if k[2] >= 0 and kv_keys[1] > k[2]:

@@ -13,7 +13,9 @@ they are sinks). The paper's sides at query scale 12, (-1, -1, -1, 1, 1, 3, 5, 7
 then mean "own scale 7x7, previous 5x5, then 3x3, 1, 1, then nothing" at every query scale.
 
 Tokens are in raster order per scale, scales concatenated (the KV cache order). The block layout
-OR-reduces the token mask over (block_m queries x block_n keys) tiles; see `BlockLayout`.
+OR-reduces the token mask over (block_m queries x block_n keys) tiles; see `BlockLayout`. The tile layout (opt-in)
+OR-reduces it over 2-D tiles of the query grid only, each tile keeping the exact union of its queries' keys; see
+`TileLayout`.
 """
 from __future__ import annotations
 
@@ -244,10 +246,11 @@ class TileLayout:
     @property
     def density(self) -> float:
         """Fraction of (query, key) pairs attended (each query attends its tile's whole key set)."""
-        return self._pairs / (self.q_len * self.kv_len)
+        return self.pairs / (self.q_len * self.kv_len)
 
     @cached_property
-    def _pairs(self) -> int:
+    def pairs(self) -> int:
+        """(query, key) pairs attended: each tile's real queries times its keys."""
         queries = (self.q_rows < self.q_len).sum(dim=1).long()
         return int((queries * self.kv_count.long()).sum())
 
@@ -277,8 +280,8 @@ class TileLayout:
 
 
 def tile_layout_from_mask(mask: torch.Tensor, grid: tuple[int, int], tile: tuple[int, int]) -> TileLayout:
-    """Each tile x tile query tile of a raster (rows x cols = grid) query scale attends the union of its rows of a
-    (q_len, kv_len) bool token mask."""
+    """The TileLayout of a raster query scale (grid = (rows, cols)) cut into tiles of tile = (rows, cols) query
+    positions: each tile attends the union of its queries' rows of the (q_len, kv_len) bool token mask."""
     if mask.dtype != torch.bool or mask.dim() != 2:
         raise TypeError(f"mask must be a 2-D bool tensor, got {mask.dtype} with shape {tuple(mask.shape)}")
     rows, cols = grid

@@ -40,16 +40,18 @@ def build_decoder(cfg: InfinityConfig, vae_path: str | None, device, dtype) -> D
     return Decoder(module.to(device=device, dtype=dtype).eval(), cfg)
 
 
-def make_plan(cfg: InfinityConfig, schedule: Schedule, attention: str, backend: str = "reference", skip_last: int = 0):
-    """None for dense attention, else the SparVAR plan of the model's default policy for a generation loop that skips
-    the last `skip_last` scales."""
+def make_plan(cfg: InfinityConfig, schedule: Schedule, attention: str, backend: str = "reference", skip_last: int = 0,
+              **policy_overrides):
+    """None for dense attention, else the SparVAR plan of the model's default policy (with `policy_overrides`, see
+    sparvar.sparse.default_policy) for a generation loop that skips the last `skip_last` scales."""
     if attention == "dense":
         return None
     if attention != "sparvar":
         raise ValueError(f"unknown attention {attention!r}; expected 'dense' or 'sparvar'")
     from .sparse import SparVARPlan, default_policy
 
-    return SparVARPlan(default_policy(cfg.name, schedule), schedule, cfg.depth, backend=backend, skip_last=skip_last)
+    return SparVARPlan(default_policy(cfg.name, schedule, **policy_overrides), schedule, cfg.depth, backend=backend,
+                       skip_last=skip_last)
 
 
 class Pipeline:

@@ -268,7 +268,7 @@ class SparVARPlan:
                     raise ValueError(f"precomputed CS4A geometry of scale {s} is for scale {geometry.scale}, top-"
                                      f"{geometry.topk}, {geometry.sink_len} sinks; the policy has top-{self.topk}, "
                                      f"{self.sink_len} sinks")
-        self._on_device: dict[tuple[str, int, torch.device], BlockLayout | CS4AGeometry] = {}
+        self._on_device: dict[tuple[str, int, torch.device], BlockLayout | TileLayout | CS4AGeometry] = {}
         if not isinstance(residual_lanes, int) or isinstance(residual_lanes, bool) or residual_lanes < 0:
             raise ValueError(f"residual_lanes must be an int >= 0 (side streams), got {residual_lanes!r}")
         self.residual_lanes = residual_lanes

@@ -308,9 +308,56 @@ def test_interleaved_rows_run_in_rotated_rounds(monkeypatch):
     result = e2e.bench_model("infinity-tiny", 256, 2, 3, rows, save=lambda r: saved.append(len(r["rows"])),
                              device="cpu", interleave=True)
     assert calls[:4] == [(0, False), (0, False), (2, False), (2, False)]  # each row's warm-ups, before any timing
-    assert [skip for skip, _ in calls[4:]] == [0, 2, 2, 0, 0, 2]  # rounds 0, 1, 2: the order rotates
+    assert [skip for skip, _ in calls[4:]] == [0, 2, 2, 0, 2, 0]  # rounds 0, 1, 2: forward, backward, rotated
     assert saved == [2] and result["protocol"] == "interleaved"
     dense, skip2 = result["rows"]
     assert round(dense["median_ms"]) == 100 and round(skip2["median_ms"]) == 40
     assert dense["speedup_vs_dense_eager_fa2"] == 1.0 and skip2["speedup_vs_dense_eager_fa2"] > 2.4
     assert len(dense["per_scale_ms"]) == 7 and len(skip2["per_scale_ms"]) == 5
+
+
+def test_a_row_records_what_its_runner_knew_after_generating(monkeypatch):
+    """Whether a graph runner absorbed the cross-attention is known once it has generated (its first begin()), so a row
+    records it after its runs: read at build time it was False for every row (the e69bd6a results)."""
+    import types
+
+    import bench.e2e as e2e
+
+    real_parts = e2e.family_parts
+
+    def parts(*args, **kwargs):
+        base, decoder, features, lengths, sampling, make_runner, make_pipeline = real_parts(*args, **kwargs)
+
+        def runner_without_state(*a):
+            runner = make_runner(*a)
+            runner.current = None  # as CudaGraphRunner before its first begin()
+            return runner
+        return base, decoder, features, lengths, sampling, runner_without_state, make_pipeline
+
+    def fake_timing(pipe, features, lengths, warmup, runs, sampling):
+        pipe.runner.current = types.SimpleNamespace(text=types.SimpleNamespace(absorbed=object()))  # it began
+        return {"median_ms": 10.0}, [1.0] * pipe.schedule.num_scales
+
+    monkeypatch.setattr(e2e, "family_parts", parts)
+    monkeypatch.setattr(e2e, "time_generation", fake_timing)
+    monkeypatch.setattr(e2e, "cudnn_acceptance", lambda cfg, schedule: {})
+    for name in ("reset_peak_memory_stats", "synchronize", "empty_cache"):
+        monkeypatch.setattr(torch.cuda, name, lambda: None)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda: 0)
+    rows = [("dense eager, SDPA FlashAttention-2", "dense", "eager", "math", 0, False)]
+    result = e2e.bench_model("infinity-tiny", 256, 0, 1, rows, device="cpu")
+    assert result["rows"][0]["cross_attention_absorbed"] is True
+
+
+def test_interleaved_order_balances_first_place_and_predecessors():
+    order = e2e_interleaved_order()
+    assert order(2, 4) == [[0, 1], [1, 0], [1, 0], [0, 1]]
+    orders = order(3, 6)
+    assert sorted(map(tuple, orders)) == sorted(__import__("itertools").permutations(range(3)))  # all six orders
+    assert sorted(o[0] for o in orders) == [0, 0, 1, 1, 2, 2]  # each row first equally often
+
+
+def e2e_interleaved_order():
+    from bench.e2e import interleaved_order
+
+    return interleaved_order

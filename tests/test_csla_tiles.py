@@ -55,6 +55,8 @@ def test_query_tiles_at_1024_attend_fewer_pairs_than_raster_blocks():
         tiles = csla_tile_layout(schedule, scale, 5, PAPER_SIDES, (8, 8))
         raster = default_policy("infinity-8b", schedule).csla_layout(schedule, scale)
         assert tiles.token_density == pytest.approx(raster.token_density)
+        # tiles: exact pairs over all pairs; raster: active blocks over all blocks (the same up to the partial last
+        # query / key block)
         assert tiles.density / raster.density < most, scale
     assert repr(csla_tile_layout(schedule, 12, 5, PAPER_SIDES, (8, 8))).startswith(
         "TileLayout(q_len=4096, kv_len=10521, grid=64x64, tile=8x8, tiles=64")
@@ -249,3 +251,28 @@ def test_gpu_sparse_ops_drive_a_tiny_plan_with_query_tiles():
         out = plan.attend(q, k, v, layer=layer, scale=scale)
         ref = ref_plan.attend(q, k, v, layer=layer, scale=scale)
         assert (out.float() - ref.float()).abs().max().item() < 2e-2, scale
+
+
+def test_tile_node_runs_the_reference_and_survives_tensorrts_timing_inputs():
+    """The CSLATileAttention node's torch-level run: the reference result on a real layout; on the garbage TensorRT
+    times tactics with, its clamps keep every read in bounds; a tile size the kernel lacks is refused by the check."""
+    from plugins import RUNS, SPECS
+    from sparvar.sparse import get_sparse_ops
+
+    schedule = get_schedule(256, model="infinity-tiny")
+    layout = csla_tile_layout(schedule, 5, 3, (1, 3, 5), (2, 8))
+    q, k, v = (torch.randn(1, 2, n, 16) for n in (layout.q_len, layout.kv_len, layout.kv_len))
+    reference = get_sparse_ops("reference")
+    inputs = [q, k, v, layout.q_rows, layout.kv_count, layout.kv_keys]
+    (got,) = RUNS["CSLATileAttention"](inputs, {}, reference)
+    torch.testing.assert_close(got, csla_attention_ref(q, k, v, layout), atol=0, rtol=0)
+    g = torch.Generator().manual_seed(0)
+    garbage = [torch.randint(-2**31, 2**31 - 1, t.shape, dtype=torch.int32, generator=g) for t in inputs[3:]]
+    (out,) = RUNS["CSLATileAttention"]([q, k, v, *garbage], {}, reference)
+    assert out.shape == q.shape
+    spec = SPECS["CSLATileAttention"]
+    spec.check([tuple(t.shape) for t in inputs], {})
+    with pytest.raises(ValueError, match="a tile holds 12 query slots; the kernel takes"):
+        spec.check([q.shape, k.shape, v.shape, (12, 12), (12,), tuple(layout.kv_keys.shape)], {})
+    with pytest.raises(ValueError, match="must agree on the number of tiles"):
+        spec.check([q.shape, k.shape, v.shape, (12, 16), (11,), tuple(layout.kv_keys.shape)], {})

@@ -40,8 +40,8 @@ def _layout():
 
 
 def _tile_layout():
-    """2x4 query tiles of a 4x5 query grid: the right column's tiles hold padding slots."""
-    return tile_layout_from_mask(_mask(), (4, 5), (2, 4))
+    """2x8 query tiles of a 4x5 query grid: 16 slots (a kernel tile size), 6 of each tile's padding."""
+    return tile_layout_from_mask(_mask(), (4, 5), (2, 8))
 
 
 class OneOp(torch.nn.Module):

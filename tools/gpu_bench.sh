@@ -151,7 +151,9 @@ for what in "${@:2}"; do
         --out "$OUT/e2e_engines_${size}_absorb_$TAG.json" 2>&1 | grep -v Warning | tail -6 ;;
     fp8absorb2b|fp8absorb8b)
       size=${what#fp8absorb}
-      python bench/e2e.py --model "infinity-$size" --warmup 3 --runs 20 --rows "FP8 linears" \
+      python bench/e2e.py --model "infinity-$size" --warmup 3 --runs 20 --rows "=dense engine, FP8 linears" \
+        --rows "=SparVAR engine, FP8 linears" --rows "=dense engine, FP8 linears, cross-attention unabsorbed" \
+        --rows "=SparVAR engine, FP8 linears, cross-attention unabsorbed" \
         --out "$OUT/e2e_engines_${size}_fp8_absorb_$TAG.json" 2>&1 | grep -v Warning | tail -6 ;;
     cudnncsla2b|cudnncsla8b)  # the kernels side by side first (each row checked against the reference), then the engines
       size=${what#cudnncsla}

@@ -29,11 +29,12 @@ from sparvar.kernels.cs4a import (cs4a_attention, cs4a_attention_from_selection,
                                   cs4a_attention_raw, cs4a_column_sums, cs4a_decide, cs4a_decide_begin_raw,
                                   cs4a_decide_end_raw, cs4a_decide_raw, reference_column_sums, reference_cs4a_attention,
                                   reference_cs4a_decide, select_topk, upsample_cache)
-from sparvar.kernels.csla import (HAS_TRITON, csla_attention, csla_attention_blocks, dense_attention,
-                                  query_block_order, reference_csla_attention, token_tiles)
+from sparvar.kernels.csla import (HAS_TRITON, csla_attention, csla_attention_blocks, csla_attention_query_tiles,
+                                  dense_attention, query_block_order, reference_csla_attention, token_tiles)
 
 __all__ = [
-    "HAS_TRITON", "aot_kernel", "csla_attention", "csla_attention_blocks", "dense_attention", "query_block_order",
+    "HAS_TRITON", "aot_kernel", "csla_attention", "csla_attention_blocks", "csla_attention_query_tiles",
+    "dense_attention", "query_block_order",
     "reference_csla_attention", "token_tiles", "cs4a_attention", "cs4a_attention_from_selection",
     "cs4a_attention_from_selection_raw", "cs4a_attention_raw", "cs4a_column_sums", "cs4a_decide",
     "cs4a_decide_begin_raw", "cs4a_decide_end_raw", "cs4a_decide_raw", "reference_column_sums",
