@@ -123,6 +123,20 @@ def max_abs_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return float((out.float() - ref.float()).abs().max())
 
 
+def save_kernel_rows(out: str, partial: str, header: dict, result: dict, label: str) -> str:
+    """Write a kernel benchmark's result (header + rows) to `out`, drop its partial file and print each row's graph
+    time and rate; `label` is the row field that tells rows of one scale apart (e.g. the block or tile shape)."""
+    path = write_result(out, dict(**header, **result))
+    if os.path.exists(partial):
+        os.remove(partial)
+    print(f"wrote {path}")
+    for r in result["rows"]:
+        if "graph_median_ms" in r:
+            print(f"{r['model']:12s} s{r['scale']} {r.get(label, '-'):12s} {r['name']:28s} graph "
+                  f"{r['graph_median_ms']:.4f} ms {r.get('tflops_computed', 0):6.0f} TFLOP/s")
+    return path
+
+
 class Bench:
     def __init__(self, runs: int, warmup: int, partial_path: str | None = None):
         self.runs, self.warmup, self.partial_path = runs, warmup, partial_path

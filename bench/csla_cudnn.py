@@ -18,8 +18,8 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from bench.attention import MODELS, Bench, csla_computed_pairs, max_abs_err  # noqa: E402
-from bench.common import device_tag, write_result  # noqa: E402
+from bench.attention import MODELS, Bench, csla_computed_pairs, max_abs_err, save_kernel_rows  # noqa: E402
+from bench.common import device_tag  # noqa: E402
 
 TOLERANCE = 2e-2  # bf16 max abs error against the fp32 reference, as the GPU tests
 
@@ -106,20 +106,11 @@ def main(argv=None):
     out = args.out or os.path.join(ROOT, "bench", "results", f"csla_cudnn_{device_tag()}.json")
     partial = os.path.splitext(out)[0] + "_partial.json"
     result = run(args.models, blocks, args.runs, args.warmup, partial, args.scales)
-    path = write_result(out, dict(benchmark="CSLA: Triton kernel vs cuDNN paged-cache SDPA vs dense cuDNN SDPA",
-                                  cudnn_frontend=getattr(cudnn, "__version__", "?"),
-                                  cudnn_backend=cudnn.backend_version(),
-                                  protocol=dict(runs=args.runs, warmup=args.warmup, dtype="bfloat16", batch=2,
-                                                timing="as bench/attention.py (L2 flushed; eager and CUDA-graph medians)"),
-                                  **result))
-    if os.path.exists(partial):
-        os.remove(partial)
-    print(f"wrote {path}")
-    for r in result["rows"]:
-        if "graph_median_ms" in r:
-            print(f"{r['model']:12s} s{r['scale']} {r.get('block', '-'):8s} {r['name']:26s} graph {r['graph_median_ms']:.4f} ms "
-                  f"{r.get('tflops_computed', 0):6.0f} TFLOP/s")
-
+    save_kernel_rows(out, partial, dict(
+        benchmark="CSLA: Triton kernel vs cuDNN paged-cache SDPA vs dense cuDNN SDPA",
+        cudnn_frontend=getattr(cudnn, "__version__", "?"), cudnn_backend=cudnn.backend_version(),
+        protocol=dict(runs=args.runs, warmup=args.warmup, dtype="bfloat16", batch=2,
+                      timing="as bench/attention.py (L2 flushed; eager and CUDA-graph medians)")), result, "block")
 
 if __name__ == "__main__":
     main()

@@ -20,8 +20,8 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from bench.attention import MODELS, Bench, csla_computed_pairs, max_abs_err  # noqa: E402
-from bench.common import device_tag, write_result  # noqa: E402
+from bench.attention import MODELS, Bench, csla_computed_pairs, max_abs_err, save_kernel_rows  # noqa: E402
+from bench.common import device_tag  # noqa: E402
 
 TOLERANCE = 2e-2  # bf16 max abs error against the fp32 reference, as the GPU tests
 
@@ -102,18 +102,10 @@ def main(argv=None):
     out = args.out or os.path.join(ROOT, "bench", "results", f"csla_tiles_{device_tag()}.json")
     partial = os.path.splitext(out)[0] + "_partial.json"
     result = run(args.models, tiles, args.runs, args.warmup, partial)
-    path = write_result(out, dict(benchmark="CSLA: 2-D query tiles (gathered keys) vs raster blocks vs dense cuDNN SDPA",
-                                  protocol=dict(runs=args.runs, warmup=args.warmup, dtype="bfloat16", batch=2,
-                                                timing="as bench/attention.py (L2 flushed; eager and CUDA-graph medians)"),
-                                  **result))
-    if os.path.exists(partial):
-        os.remove(partial)
-    print(f"wrote {path}")
-    for r in result["rows"]:
-        if "graph_median_ms" in r:
-            print(f"{r['model']:12s} s{r['scale']} {r.get('shape', '-'):12s} {r['name']:28s} graph "
-                  f"{r['graph_median_ms']:.4f} ms {r.get('tflops_computed', 0):6.0f} TFLOP/s")
-
+    save_kernel_rows(out, partial, dict(
+        benchmark="CSLA: 2-D query tiles (gathered keys) vs raster blocks vs dense cuDNN SDPA",
+        protocol=dict(runs=args.runs, warmup=args.warmup, dtype="bfloat16", batch=2,
+                      timing="as bench/attention.py (L2 flushed; eager and CUDA-graph medians)")), result, "shape")
 
 if __name__ == "__main__":
     main()
