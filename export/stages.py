@@ -68,7 +68,7 @@ def stage_key_inputs(stage: str, ctx: StageContext) -> dict:
     if stage == "export":
         policy = ctx.policy()
         return {"config": dataclasses.asdict(ctx.cfg), "grids": ctx.schedule.grids, "rope_grid": ctx.schedule.rope_grid,
-                "policy": dataclasses.asdict(policy) if policy else None, "dtype": spec.dtype, "batch": spec.batch,
+                "policy": policy.record() if policy else None, "dtype": spec.dtype, "batch": spec.batch,
                 "opset": spec.opset, "code": EXPORT_CODE_VERSION, "backend_family": _graph_flavour(spec.backend),
                 **weights_identity(spec), **{k: ctx.versions.get(k) for k in ("torch", "onnx", "onnxscript", "onnx-ir")}}
     if stage == "optimize":
@@ -122,7 +122,7 @@ def refresh_skipped_info(stage: str, ctx: StageContext, info: dict) -> dict:
 def describe(ctx: StageContext) -> dict:
     policy = ctx.policy()
     return {"model_config": dataclasses.asdict(ctx.cfg), "schedule": [list(g) for g in ctx.schedule.grids],
-            "policy": dataclasses.asdict(policy) if policy else None, "units": ctx.info.get("units", {}),
+            "policy": policy.record() if policy else None, "units": ctx.info.get("units", {}),
             "export_code": EXPORT_CODE_VERSION}  # the runtime refuses graphs another exporter wrote (stage keys hash it)
 
 

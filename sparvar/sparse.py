@@ -93,6 +93,11 @@ class SparVARPolicy:
         if not 0 <= self.cs4a_sinks <= self.decision_scale:
             raise ValueError(f"cs4a_sinks {self.cs4a_sinks} must be in [0, decision_scale={self.decision_scale}]")
 
+    def record(self) -> dict:
+        """The policy as engines and plan files record it (their cache keys and staleness checks): its fields, less
+        those left at None (the opt-in ones), so that adding an opt-in field leaves every built engine current."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
     @property
     def sparse_scales(self) -> range:
         return range(self.decision_scale, self.num_scales)
@@ -420,7 +425,7 @@ class SparVARPlan:
                     else:
                         scalars[f.name] = list(value) if isinstance(value, tuple) else value
         save_file(tensors, path, metadata={"sparvar_plan": json.dumps(fields),
-                                           "sparvar_policy": json.dumps(dataclasses.asdict(self.policy))})
+                                           "sparvar_policy": json.dumps(self.policy.record())})
         return sorted(tensors)
 
     def describe(self) -> str:
@@ -462,8 +467,9 @@ def load_plan(path: str, policy: SparVARPolicy, schedule: Schedule, num_layers: 
     # the layouts' shapes cannot tell every policy change (other window sides give other blocks of the same size)
     if stored is None:
         raise ValueError(f"{path} does not record the policy it was made for (saved by an older sparvar)")
-    current = json.loads(json.dumps(dataclasses.asdict(policy)))
-    changed = [f"{k}: stored {stored.get(k)!r}, now {v!r}" for k, v in current.items() if stored.get(k) != v]
+    current = json.loads(json.dumps(policy.record()))
+    changed = [f"{k}: stored {stored.get(k)!r}, now {current.get(k)!r}" for k in sorted(set(current) | set(stored))
+               if stored.get(k) != current.get(k)]
     if changed:
         raise ValueError(f"{path} was made for another SparVAR policy ({'; '.join(changed)})")
 

@@ -276,3 +276,15 @@ def test_tile_node_runs_the_reference_and_survives_tensorrts_timing_inputs():
         spec.check([q.shape, k.shape, v.shape, (12, 12), (12,), tuple(layout.kv_keys.shape)], {})
     with pytest.raises(ValueError, match="must agree on the number of tiles"):
         spec.check([q.shape, k.shape, v.shape, (12, 16), (11,), tuple(layout.kv_keys.shape)], {})
+
+
+def test_the_opt_in_field_leaves_recorded_policies_as_they_were():
+    """Engines key their stages on the policy's record and plan files store it: with csla_query_tile at None it is
+    left out, so engines built before the field existed stay current; set, it is recorded."""
+    import dataclasses
+
+    schedule = get_schedule(1024)
+    policy = default_policy("infinity-8b", schedule)
+    assert "csla_query_tile" not in policy.record()
+    assert policy.record() == {k: v for k, v in dataclasses.asdict(policy).items() if k != "csla_query_tile"}
+    assert default_policy("infinity-8b", schedule, csla_query_tile=(8, 8)).record()["csla_query_tile"] == (8, 8)
