@@ -48,7 +48,7 @@ class StageContext:
             return None
         from sparvar.sparse import default_policy
 
-        return default_policy(self.spec.model, self.schedule)
+        return default_policy(self.spec.model, self.schedule, **self.spec.policy_overrides())
 
 
 def weights_identity(spec) -> dict:
@@ -337,6 +337,6 @@ def _build_torch_cuda(ctx: StageContext, out: str) -> dict:
     from sparvar.pipeline import make_plan
 
     path = os.path.join(out, "sparse_plan.safetensors")
-    names = make_plan(ctx.cfg, ctx.schedule, "sparvar").save(path)
+    names = make_plan(ctx.cfg, ctx.schedule, "sparvar", **ctx.spec.policy_overrides()).save(path)
     return {"torch_cuda": {"sparse_plan": os.path.relpath(path, ctx.out_dir), "tensors": names},
             "checkpoints": checkpoints}

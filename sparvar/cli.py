@@ -67,12 +67,16 @@ def build_parser() -> argparse.ArgumentParser:
     build = esub.add_parser("build", help="export -> optimize -> build, skipping unchanged stages")
     _add_model_args(build)
     build.add_argument("--backend", default="onnxruntime", help="onnxruntime, tensorrt, tensorrt-rtx or torch-cuda")
-    build.add_argument("--engine-dir", type=nonempty, help="output directory (default engines/<model>-<resolution>-<attention>[-fp8]-"
+    build.add_argument("--engine-dir", type=nonempty, help="output directory (default engines/<model>-<resolution>-<attention>[-tiles<RxC>][-fp8]-"
                        "<backend>; a build there with another aspect, dtype, batch or weights replaces that engine, "
                        "so give each variant you keep its own directory)")
     build.add_argument("--force", action="store_true", help="rebuild every stage")
     build.add_argument("--fp8", action="store_true", help="FP8 block linears at the large scales (torch-cuda, Infinity; "
                        "changes the numbers: see bench/results/fidelity_fp8.json)")
+    build.add_argument("--csla-query-tile", metavar="RxC", default=None,
+                       help="SparVAR's CSLA over RxC tiles of query positions (e.g. 8x8), each attending the union of "
+                            "its queries' windows, instead of raster blocks (Infinity; faster, and changes the numbers: "
+                            "see bench/results/fidelity_tiles_cpu.json)")
     build.add_argument("--batch", type=int, default=1, help="prompts per engine call (default 1); `sparvar serve` "
                        "batches up to this many concurrent requests into one call")
     for name in ("info", "verify"):

@@ -45,6 +45,8 @@ class EngineSpec:
     batch: int = 1  # images per call (CFG doubles the transformer batch)
     opset: int = 18
     fp8: bool = False  # FP8 block linears at scales of >= sparvar.fp8.DEFAULT_MIN_TOKENS tokens (torch-cuda, Infinity)
+    # SparVAR's CSLA over 2-D query tiles, "<rows>x<cols>" (the policy's csla_query_tile; Infinity); None: raster blocks
+    csla_query_tile: str | None = None
 
     def __post_init__(self):
         if self.backend not in BACKENDS:
@@ -71,6 +73,11 @@ class EngineSpec:
         if self.fp8 and (self.backend != "torch-cuda" or family != "infinity"):
             raise ValueError(f"FP8 linears are built for Infinity models on the torch-cuda backend only, not "
                              f"{self.model} on {self.backend!r}")
+        if self.csla_query_tile is not None:
+            if self.attention != "sparvar" or family != "infinity":
+                raise ValueError(f"CSLA query tiles are a SparVAR option for Infinity models, not {self.model} with "
+                                 f"{self.attention} attention")
+            parse_query_tile(self.csla_query_tile)
         if self.backend == "torch-cuda" and self.attention == "sparvar" and self.dtype == "fp32":
             # found at build, not at the first generation on the GPU: the CSLA/CS4A Triton kernels take 16-bit inputs
             raise ValueError("torch-cuda SparVAR engines run bf16 or fp16 (the SparVAR Triton kernels take 16-bit "
@@ -82,7 +89,26 @@ class EngineSpec:
 
     def default_dir(self, root: str = "engines") -> str:
         fp8 = "-fp8" if self.fp8 else ""
-        return os.path.join(root, f"{self.model}-{self.resolution}-{self.attention}{fp8}-{self.backend}")
+        tiles = f"-tiles{self.csla_query_tile}" if self.csla_query_tile else ""
+        return os.path.join(root, f"{self.model}-{self.resolution}-{self.attention}{tiles}{fp8}-{self.backend}")
+
+    def policy_overrides(self) -> dict:
+        """The SparVAR policy fields this spec sets (sparvar.sparse.default_policy overrides)."""
+        return {} if self.csla_query_tile is None else {"csla_query_tile": parse_query_tile(self.csla_query_tile)}
+
+
+def parse_query_tile(text: str) -> tuple[int, int]:
+    """'8x8' -> (8, 8), checked as the policy checks it (two positive ints holding a kernel tile's queries)."""
+    from .csla import KERNEL_TILE_SIZES
+
+    parts = text.split("x") if isinstance(text, str) else []
+    if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise ValueError(f"CSLA query tile must be '<rows>x<cols>' with positive ints (e.g. 8x8), got {text!r}")
+    rows, cols = int(parts[0]), int(parts[1])
+    if rows * cols not in KERNEL_TILE_SIZES:
+        raise ValueError(f"CSLA query tile {text} holds {rows * cols} queries; the kernel's query tile holds one of "
+                         f"{KERNEL_TILE_SIZES}")
+    return rows, cols
 
 
 def digest_json(obj) -> str:
@@ -185,7 +211,8 @@ def read_manifest(engine_dir: str) -> dict:
         raise EngineError(f"{path} is incomplete (it needs a spec and the {', '.join(STAGES)} stages with their files); "
                           "rebuild the engine")
     # what loading and `engine info` read without looking twice: missing, they were a KeyError traceback
-    missing = [f"spec.{f.name}" for f in dataclasses.fields(EngineSpec) if f.name not in manifest["spec"]]
+    missing = [f"spec.{f.name}" for f in dataclasses.fields(EngineSpec)
+               if f.name not in manifest["spec"] and f.name not in LATER_SPEC_FIELDS]
     missing += [key for key, kind in (("schedule", list), ("model_config", dict), ("units", dict), ("created", str),
                                       ("versions", dict)) if not isinstance(manifest.get(key), kind)]
     missing += [f"stages.{stage}.{key}" for stage in STAGES for key, kind in (("key", str), ("seconds", (int, float)),
@@ -195,6 +222,8 @@ def read_manifest(engine_dir: str) -> dict:
         raise EngineError(f"{path} is incomplete or foreign (no {', '.join(missing)}); rebuild the engine")
     # each value of the kind it has when we write it: a string where a number belongs compared unequal to every
     # request ("built for batch 1, got 1 prompts") or failed inside `engine info` and `serve` as a TypeError
+    for name, default in LATER_SPEC_FIELDS.items():  # a manifest from before the field: its default, as built
+        manifest["spec"].setdefault(name, default)
     wrong = [f"spec.{f.name} = {manifest['spec'][f.name]!r}" for f in dataclasses.fields(EngineSpec)
              if not _is_kind(manifest["spec"][f.name], SPEC_KINDS[f.name])]
     if not all(isinstance(g, list) and len(g) == 2 and all(_is_kind(n, int) and n > 0 for n in g)
@@ -206,6 +235,9 @@ def read_manifest(engine_dir: str) -> dict:
     return manifest
 
 
+# EngineSpec fields added since the current engine format, with the value an engine built before them has: their
+# absence from a manifest is that value, not an incomplete manifest (adding an opt-in field keeps engines current)
+LATER_SPEC_FIELDS = {"csla_query_tile": None}
 # what each EngineSpec field holds in a manifest, from its annotation (a field of another type fails here, at import)
 _ANNOTATION_KINDS = {"str": str, "int": int, "bool": bool, "str | None": (str, type(None))}
 SPEC_KINDS = {f.name: _ANNOTATION_KINDS[f.type] for f in dataclasses.fields(EngineSpec)}
@@ -335,7 +367,8 @@ def load_engine_plan(engine_dir: str, manifest: dict, backend: str = "triton", s
         raise EngineError(f"{engine_dir} has no stored SparVAR plan (built by an older sparvar); rebuild the engine")
     schedule = get_schedule(spec["resolution"], spec["aspect"], model=spec["model"])
     try:
-        return load_plan(os.path.join(engine_dir, rel), default_policy(spec["model"], schedule), schedule,
+        overrides = check_spec_values(engine_dir, manifest).policy_overrides()
+        return load_plan(os.path.join(engine_dir, rel), default_policy(spec["model"], schedule, **overrides), schedule,
                          get_config(spec["model"]).depth, backend, skip_last)
     except (ValueError, KeyError, OSError) as e:
         raise EngineError(f"{engine_dir}: its stored SparVAR plan does not fit this sparvar ({e}); rebuild the engine") from None
@@ -497,7 +530,8 @@ def engine_info(engine_dir: str) -> str:
     s = m["spec"]
     lines = [f"engine {engine_dir}", f"  model {s['model']}  resolution {s['resolution']} ({s['aspect']})  "
              f"attention {s['attention']}  backend {s['backend']}  dtype {s['dtype']}"
-             + ("  FP8 linears" if s.get("fp8") else ""),
+             + ("  FP8 linears" if s.get("fp8") else "")
+             + (f"  CSLA query tiles {s['csla_query_tile']}" if s.get("csla_query_tile") else ""),
              f"  weights {s['weights'] or 'random (seed %d)' % s['seed']}", f"  built {m['created']} with "
              + ", ".join(f"{k} {v}" for k, v in m["versions"].items())]
     if "schedule" in m:

@@ -309,7 +309,8 @@ def spec_from_args(args) -> EngineSpec:
     dtype = args.dtype or default
     return EngineSpec(model=args.model, resolution=args.resolution, aspect=args.aspect or EngineSpec.aspect,
                       attention=args.attention or EngineSpec.attention, backend=args.backend, dtype=dtype,
-                      weights=args.weights, vae=args.vae, fp8=getattr(args, "fp8", False), batch=getattr(args, "batch", 1))
+                      weights=args.weights, vae=args.vae, fp8=getattr(args, "fp8", False), batch=getattr(args, "batch", 1),
+                      csla_query_tile=getattr(args, "csla_query_tile", None))
 
 
 def build_engine_from_args(args) -> dict:

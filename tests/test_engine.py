@@ -706,3 +706,85 @@ def test_a_graph_record_without_its_file_or_io_is_named(engines):
         changed["stages"]["optimize"]["info"]["units"]["text"].pop(broken)
         with pytest.raises(EngineError, match="has no usable 'text' graph in its manifest"):
             engine_unit(engines["dense"], changed, "text")
+
+
+# ------------------------------------------------------------------------------------------------ CSLA query tiles
+def test_query_tile_option_is_checked_and_named():
+    spec = EngineSpec(model="infinity-tiny", resolution=256, attention="sparvar", csla_query_tile="4x4")
+    assert spec.policy_overrides() == {"csla_query_tile": (4, 4)}
+    assert spec.default_dir() == os.path.join("engines", "infinity-tiny-256-sparvar-tiles4x4-onnxruntime")
+    assert EngineSpec(model="infinity-tiny", resolution=256, attention="sparvar").policy_overrides() == {}
+    for kwargs, message in ((dict(attention="dense", csla_query_tile="4x4"), "not infinity-tiny with dense attention"),
+                            (dict(attention="sparvar", csla_query_tile="3x3"), "holds 9 queries"),
+                            (dict(attention="sparvar", csla_query_tile="4*4"), "'<rows>x<cols>'")):
+        with pytest.raises(ValueError, match=message):
+            EngineSpec(model="infinity-tiny", resolution=256, **kwargs)
+    with pytest.raises(ValueError, match="for Infinity models, not hart-tiny"):
+        EngineSpec(model="hart-tiny", resolution=None, attention="sparvar", csla_query_tile="4x4")
+
+
+def test_an_engine_built_before_the_query_tile_option_stays_current(engines, tmp_path):
+    """A manifest without csla_query_tile (every engine built before it existed) reads as raster blocks, and a build
+    of the same spec skips every stage: the option changes no key while unset."""
+    path = str(tmp_path / "old")
+    shutil.copytree(engines["sparvar"], path)
+    manifest_path = os.path.join(path, "manifest.json")
+    with open(manifest_path) as f:
+        manifest = json.load(f)
+    assert manifest["spec"].pop("csla_query_tile") is None
+    with open(manifest_path, "w") as f:
+        json.dump(manifest, f)
+    assert read_manifest(path)["spec"]["csla_query_tile"] is None
+    logs = []
+    build_engine(EngineSpec(model="infinity-tiny", resolution=256, attention="sparvar"), path, log=logs.append)
+    assert sum("skipped" in line for line in logs) == 3, logs
+
+
+def test_onnxruntime_engine_with_query_tiles_runs_the_tile_nodes_as_torch_does(tmp_path):
+    """--csla-query-tile 4x4: the CSLA layers export as CSLATileAttention nodes with their reference bodies, and the
+    engine's per-scale logits match the torch path with the same policy (teacher forced)."""
+    import onnx
+
+    from sparvar.generate import TorchRunner
+    from sparvar.model import build_model
+    from sparvar.pipeline import make_plan
+    from sparvar.runtime import OrtRunner
+    from sparvar.schedule import get_schedule
+
+    path = str(tmp_path / "tiles")
+    manifest = build_engine(EngineSpec(model="infinity-tiny", resolution=256, attention="sparvar",
+                                       csla_query_tile="4x4"), path, log=QUIET)
+    ops = manifest["stages"]["optimize"]["info"]["node_counts"]["step_06"]["ops"]
+    assert "sparvar::CSLATileAttention" in ops and "sparvar::CSLAAttention" not in ops, ops
+    graph = onnx.load(os.path.join(path, "optimize", "step_06.onnx"), load_external_data=False)
+    assert "CSLATileAttention" in {f.name for f in graph.functions}
+    schedule = get_schedule(256)
+    features, lengths = _features()
+    model = build_model(CFG_TINY)
+    ort_runner = OrtRunner(path, read_manifest(path))
+    torch_runner = TorchRunner(model, schedule, make_plan(model.cfg, schedule, "sparvar", csla_query_tile=(4, 4)))
+    raster_runner = TorchRunner(model, schedule, make_plan(model.cfg, schedule, "sparvar"))
+    for runner in (ort_runner, torch_runner, raster_runner):
+        runner.begin(features, lengths, True)
+    g = torch.Generator().manual_seed(0)
+    codes, worst, apart = None, 0.0, 0.0
+    for k in range(schedule.num_scales):
+        a, b, c = ort_runner.step(k, codes), torch_runner.step(k, codes), raster_runner.step(k, codes)
+        worst = max(worst, (a - b).abs().nan_to_num(nan=float("inf")).max().item())
+        apart = max(apart, (b - c).abs().max().item())
+        if k + 1 < schedule.num_scales:
+            codes = torch.randn(1, schedule.lengths[k + 1], CFG_TINY.bits, generator=g) * 0.25
+    assert worst < 1e-4, worst
+    assert apart > 1e-3, "the tiles' logits should differ from the raster blocks' (other keys attended)"
+
+
+def test_torch_cuda_engine_stores_the_query_tile_plan(tmp_path):
+    from sparvar.csla import TileLayout
+    from sparvar.engine import load_engine_plan
+
+    path = str(tmp_path / "cuda-tiles")
+    manifest = build_engine(EngineSpec(model="infinity-tiny", resolution=256, attention="sparvar", backend="torch-cuda",
+                                       dtype="bf16", csla_query_tile="4x4"), path, log=QUIET)
+    stored = load_engine_plan(path, manifest, backend="reference")
+    assert all(isinstance(layout, TileLayout) and layout.tile == (4, 4) for layout in stored.csla_layouts.values())
+    assert "CSLA query tiles 4x4" in __import__("sparvar.engine", fromlist=["engine_info"]).engine_info(path)
