@@ -74,10 +74,12 @@ class EngineSpec:
             raise ValueError(f"FP8 linears are built for Infinity models on the torch-cuda backend only, not "
                              f"{self.model} on {self.backend!r}")
         if self.csla_query_tile is not None:
-            if self.attention != "sparvar" or family != "infinity":
-                raise ValueError(f"CSLA query tiles are a SparVAR option for Infinity models, not {self.model} with "
-                                 f"{self.attention} attention")
-            parse_query_tile(self.csla_query_tile)
+            rows, cols = parse_query_tile(self.csla_query_tile)
+            object.__setattr__(self, "csla_query_tile", f"{rows}x{cols}")  # one spelling: one directory, one key
+            if self.attention != "sparvar":
+                raise ValueError("CSLA query tiles (--csla-query-tile) are a SparVAR option: give --attention sparvar")
+            if family != "infinity":
+                raise ValueError(f"CSLA query tiles are built for Infinity models only, not {self.model}")
         if self.backend == "torch-cuda" and self.attention == "sparvar" and self.dtype == "fp32":
             # found at build, not at the first generation on the GPU: the CSLA/CS4A Triton kernels take 16-bit inputs
             raise ValueError("torch-cuda SparVAR engines run bf16 or fp16 (the SparVAR Triton kernels take 16-bit "
@@ -102,7 +104,7 @@ def parse_query_tile(text: str) -> tuple[int, int]:
     from .csla import KERNEL_TILE_SIZES
 
     parts = text.split("x") if isinstance(text, str) else []
-    if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
+    if len(parts) != 2 or not all(p.isascii() and p.isdigit() and int(p) > 0 for p in parts):
         raise ValueError(f"CSLA query tile must be '<rows>x<cols>' with positive ints (e.g. 8x8), got {text!r}")
     rows, cols = int(parts[0]), int(parts[1])
     if rows * cols not in KERNEL_TILE_SIZES:
@@ -366,8 +368,8 @@ def load_engine_plan(engine_dir: str, manifest: dict, backend: str = "triton", s
     if rel is None:
         raise EngineError(f"{engine_dir} has no stored SparVAR plan (built by an older sparvar); rebuild the engine")
     schedule = get_schedule(spec["resolution"], spec["aspect"], model=spec["model"])
+    overrides = check_spec_values(engine_dir, manifest).policy_overrides()  # its own EngineError, not wrapped below
     try:
-        overrides = check_spec_values(engine_dir, manifest).policy_overrides()
         return load_plan(os.path.join(engine_dir, rel), default_policy(spec["model"], schedule, **overrides), schedule,
                          get_config(spec["model"]).depth, backend, skip_last)
     except (ValueError, KeyError, OSError) as e:
@@ -500,7 +502,10 @@ def build_engine(spec: EngineSpec, engine_dir: str, force: bool = False, log=pri
             prev_key = key
         manifest = {
             "format_version": FORMAT_VERSION,
-            "spec": dataclasses.asdict(spec),
+            # the later fields at their defaults are left out: the manifest is then what a sparvar from before them
+            # wrote and reads (read_manifest puts the defaults back)
+            "spec": {k: v for k, v in dataclasses.asdict(spec).items()
+                     if not (k in LATER_SPEC_FIELDS and v == LATER_SPEC_FIELDS[k])},
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "versions": versions,
             **stages.describe(context),

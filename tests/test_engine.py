@@ -714,26 +714,36 @@ def test_query_tile_option_is_checked_and_named():
     assert spec.policy_overrides() == {"csla_query_tile": (4, 4)}
     assert spec.default_dir() == os.path.join("engines", "infinity-tiny-256-sparvar-tiles4x4-onnxruntime")
     assert EngineSpec(model="infinity-tiny", resolution=256, attention="sparvar").policy_overrides() == {}
-    for kwargs, message in ((dict(attention="dense", csla_query_tile="4x4"), "not infinity-tiny with dense attention"),
-                            (dict(attention="sparvar", csla_query_tile="3x3"), "holds 9 queries"),
-                            (dict(attention="sparvar", csla_query_tile="4*4"), "'<rows>x<cols>'")):
+    assert EngineSpec(model="infinity-tiny", resolution=256, attention="sparvar", csla_query_tile="04x4").default_dir() \
+        == spec.default_dir()  # one spelling per tile
+    for kwargs, message in ((dict(attention="dense", csla_query_tile="4x4"), "give --attention sparvar"),
+                            (dict(attention="dense", csla_query_tile="3x3"), "holds 9 queries"),
+                            (dict(attention="sparvar", csla_query_tile="4*4"), "'<rows>x<cols>'"),
+                            (dict(attention="sparvar", csla_query_tile="\uff14x4"), "'<rows>x<cols>'")):
         with pytest.raises(ValueError, match=message):
             EngineSpec(model="infinity-tiny", resolution=256, **kwargs)
-    with pytest.raises(ValueError, match="for Infinity models, not hart-tiny"):
+    with pytest.raises(ValueError, match="for Infinity models only, not hart-tiny"):
         EngineSpec(model="hart-tiny", resolution=None, attention="sparvar", csla_query_tile="4x4")
 
 
 def test_an_engine_built_before_the_query_tile_option_stays_current(engines, tmp_path):
     """A manifest without csla_query_tile (every engine built before it existed) reads as raster blocks, and a build
-    of the same spec skips every stage: the option changes no key while unset."""
+    of the same spec skips every stage; the export key holds the policy as it was before the field existed."""
+    import dataclasses
+
+    from export import stages
+    from sparvar.sparse import default_policy
+
+    spec = EngineSpec(model="infinity-tiny", resolution=256, attention="sparvar")
+    context = stages.StageContext(spec=spec, out_dir=str(tmp_path), versions={})
+    before = {k: v for k, v in dataclasses.asdict(default_policy("infinity-tiny", context.schedule)).items()
+              if k != "csla_query_tile"}
+    assert stages.stage_key_inputs("export", context)["policy"] == before
     path = str(tmp_path / "old")
     shutil.copytree(engines["sparvar"], path)
-    manifest_path = os.path.join(path, "manifest.json")
-    with open(manifest_path) as f:
+    with open(os.path.join(path, "manifest.json")) as f:
         manifest = json.load(f)
-    assert manifest["spec"].pop("csla_query_tile") is None
-    with open(manifest_path, "w") as f:
-        json.dump(manifest, f)
+    assert "csla_query_tile" not in manifest["spec"]  # written as a sparvar from before the option wrote it
     assert read_manifest(path)["spec"]["csla_query_tile"] is None
     logs = []
     build_engine(EngineSpec(model="infinity-tiny", resolution=256, attention="sparvar"), path, log=logs.append)
@@ -780,11 +790,17 @@ def test_onnxruntime_engine_with_query_tiles_runs_the_tile_nodes_as_torch_does(t
 
 def test_torch_cuda_engine_stores_the_query_tile_plan(tmp_path):
     from sparvar.csla import TileLayout
-    from sparvar.engine import load_engine_plan
+    from sparvar.engine import engine_info, load_engine_plan
 
     path = str(tmp_path / "cuda-tiles")
     manifest = build_engine(EngineSpec(model="infinity-tiny", resolution=256, attention="sparvar", backend="torch-cuda",
                                        dtype="bf16", csla_query_tile="4x4"), path, log=QUIET)
     stored = load_engine_plan(path, manifest, backend="reference")
     assert all(isinstance(layout, TileLayout) and layout.tile == (4, 4) for layout in stored.csla_layouts.values())
-    assert "CSLA query tiles 4x4" in __import__("sparvar.engine", fromlist=["engine_info"]).engine_info(path)
+    assert "CSLA query tiles 4x4" in engine_info(path)
+    with open(os.path.join(path, "manifest.json")) as f:  # a value no build writes: refused by name, once
+        manifest = json.load(f)
+    manifest["spec"]["csla_query_tile"] = "3x3"
+    with pytest.raises(EngineError, match=r"its manifest's spec is not one sparvar builds \(CSLA query tile 3x3") as e:
+        load_engine_plan(path, manifest, backend="reference")
+    assert "stored SparVAR plan" not in str(e.value)
