@@ -502,17 +502,18 @@ def build_engine(spec: EngineSpec, engine_dir: str, force: bool = False, log=pri
             prev_key = key
         manifest = {
             "format_version": FORMAT_VERSION,
-            # the later fields at their defaults are left out: the manifest is then what a sparvar from before them
-            # wrote and reads (read_manifest puts the defaults back)
-            "spec": {k: v for k, v in dataclasses.asdict(spec).items()
-                     if not (k in LATER_SPEC_FIELDS and v == LATER_SPEC_FIELDS[k])},
+            "spec": dataclasses.asdict(spec),
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "versions": versions,
             **stages.describe(context),
             "stages": {s: dataclasses.asdict(r) for s, r in records.items()},
         }
+        # the file leaves the later fields at their defaults out: it is then what a sparvar from before them wrote and
+        # reads; read_manifest puts the defaults back, so it reads what this returns
+        written = {**manifest, "spec": {k: v for k, v in manifest["spec"].items()
+                                        if not (k in LATER_SPEC_FIELDS and v == LATER_SPEC_FIELDS[k])}}
         with open(os.path.join(tmp, MANIFEST), "w") as f:
-            json.dump(manifest, f, indent=2, default=str)
+            json.dump(written, f, indent=2, default=str)
         # swap in atomically: the old engine stays intact until the new one is complete
         if os.path.isdir(engine_dir):
             trash = os.path.join(parent, f".old-{os.path.basename(engine_dir)}-{os.getpid()}")
