@@ -98,13 +98,11 @@ def generate_once(pipe, features, lengths, sampling, per_scale_runs: list | None
 
 
 def time_generation(pipe, features, lengths, warmup: int, runs: int, sampling) -> tuple[dict, list]:
-    per_scale_runs = []
+    """One pipeline's warm-ups, then its `runs` timed generations: (timing with the clocks they ran at, median
+    per-scale times)."""
     for _ in range(warmup):
         generate_once(pipe, features, lengths, sampling)
-    with ClockSampler() as clocks:  # the clocks the timed runs ran at (a GPU may slow them under sustained load)
-        times = [generate_once(pipe, features, lengths, sampling, per_scale_runs) for _ in range(runs)]
-    per_scale = [statistics.median(col) for col in zip(*per_scale_runs)]
-    return {**summarize(times), "gpu_clocks": clocks.summary()}, per_scale
+    return time_interleaved([pipe], features, lengths, runs, sampling)[0]
 
 
 def interleaved_order(rows: int, rounds: int) -> list[list[int]]:
@@ -118,15 +116,13 @@ def interleaved_order(rows: int, rounds: int) -> list[list[int]]:
     return orders
 
 
-def time_interleaved(pipes: list, features, lengths, warmup: int, runs: int, sampling) -> list[tuple[dict, list]]:
-    """Every pipeline's generations in rounds, one generation each per round (interleaved_order): all rows then run at
-    the same point of the GPU's thermal and power history, which a row timed after another (the sequential protocol:
-    dense first) does not. Returns time_generation's (timing, per_scale) per pipeline."""
-    for pipe in pipes:
-        for _ in range(warmup):
-            generate_once(pipe, features, lengths, sampling)
+def time_interleaved(pipes: list, features, lengths, runs: int, sampling) -> list[tuple[dict, list]]:
+    """Every (warmed-up) pipeline's `runs` timed generations in rounds, one generation each per round
+    (interleaved_order): several rows then run at the same point of the GPU's thermal and power history, which a row
+    timed after another (the sequential protocol: dense first) does not. Per pipeline: (timing with the clocks the
+    rounds ran at, median per-scale times)."""
     times, per_scale_runs = [[] for _ in pipes], [[] for _ in pipes]
-    with ClockSampler() as clocks:
+    with ClockSampler() as clocks:  # the clocks the timed runs ran at (a GPU may slow them under sustained load)
         for order in interleaved_order(len(pipes), runs):
             for i in order:
                 times[i].append(generate_once(pipes[i], features, lengths, sampling, per_scale_runs[i]))
@@ -410,7 +406,7 @@ def bench_model(model_name: str, resolution: int, warmup: int, runs: int, rows=N
             plan = runner = pipe = None  # what is kept is in `built`
         torch.cuda.synchronize()
         try:
-            timings = time_interleaved([pipe for _, _, pipe, _ in built], features, lengths, 0, runs, sampling)
+            timings = time_interleaved([pipe for _, _, pipe, _ in built], features, lengths, runs, sampling)
         except Exception as e:  # a failure mid-rounds leaves no row with its full set of runs
             results.extend(failed(spec, e) for spec, *_ in built)
         else:

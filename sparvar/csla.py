@@ -235,11 +235,6 @@ class TileLayout:
     granularity = "tile"
 
     @property
-    def block_m(self) -> int:
-        """Query slots per tile (the kernel's query tile)."""
-        return self.tile[0] * self.tile[1]
-
-    @property
     def num_tiles(self) -> int:
         return self.q_rows.shape[0]
 

@@ -100,17 +100,15 @@ class EngineSpec:
 
 
 def parse_query_tile(text: str) -> tuple[int, int]:
-    """'8x8' -> (8, 8), checked as the policy checks it (two positive ints holding a kernel tile's queries)."""
-    from .csla import KERNEL_TILE_SIZES
+    """'8x8' -> (8, 8), checked by the policy's own rule (sparvar.sparse.check_query_tile)."""
+    from .sparse import check_query_tile
 
     parts = text.split("x") if isinstance(text, str) else []
     if len(parts) != 2 or not all(p.isascii() and p.isdigit() and int(p) > 0 for p in parts):
         raise ValueError(f"CSLA query tile must be '<rows>x<cols>' with positive ints (e.g. 8x8), got {text!r}")
-    rows, cols = int(parts[0]), int(parts[1])
-    if rows * cols not in KERNEL_TILE_SIZES:
-        raise ValueError(f"CSLA query tile {text} holds {rows * cols} queries; the kernel's query tile holds one of "
-                         f"{KERNEL_TILE_SIZES}")
-    return rows, cols
+    tile = int(parts[0]), int(parts[1])
+    check_query_tile(tile, "CSLA query tile")
+    return tile
 
 
 def digest_json(obj) -> str:

@@ -31,6 +31,17 @@ from sparvar.schedule import Schedule
 KINDS = ("dense", "cs4a_decide", "cs4a", "csla")
 
 
+def check_query_tile(tile, name: str = "csla_query_tile") -> None:
+    """A CSLA query tile (rows, cols): two positive ints whose product is a kernel query tile (ValueError, its
+    message naming the tile as `name`)."""
+    if (not isinstance(tile, tuple) or len(tile) != 2 or any(not isinstance(t, int) or isinstance(t, bool) or t <= 0
+                                                             for t in tile)):
+        raise ValueError(f"{name} must be None or two positive ints (rows, cols), got {tile!r}")
+    if tile[0] * tile[1] not in KERNEL_TILE_SIZES:
+        raise ValueError(f"{name} {tile[0]}x{tile[1]} holds {tile[0] * tile[1]} queries; the kernel's query tile must "
+                         f"hold one of {KERNEL_TILE_SIZES}")
+
+
 @dataclass(frozen=True)
 class SparVARPolicy:
     """Per (layer, scale): dense below `decision_scale`; from it on, CS4A in layers < cs4a_layers, CSLA in the rest."""
@@ -70,13 +81,7 @@ class SparVARPolicy:
         if self.csla_granularity not in GRANULARITIES:
             raise ValueError(f"unknown csla_granularity {self.csla_granularity!r}; expected one of {GRANULARITIES}")
         if self.csla_query_tile is not None:
-            tile = self.csla_query_tile
-            if (not isinstance(tile, tuple) or len(tile) != 2 or any(not isinstance(t, int) or isinstance(t, bool)
-                                                                     or t <= 0 for t in tile)):
-                raise ValueError(f"csla_query_tile must be None or two positive ints (rows, cols), got {tile!r}")
-            if tile[0] * tile[1] not in KERNEL_TILE_SIZES:
-                raise ValueError(f"csla_query_tile {tile[0]}x{tile[1]} holds {tile[0] * tile[1]} queries; the kernel's "
-                                 f"query tile must hold one of {KERNEL_TILE_SIZES}")
+            check_query_tile(self.csla_query_tile)
             if self.csla_granularity != "block":
                 raise ValueError("csla_query_tile needs csla_granularity 'block' (a tile attends its whole key set); "
                                  f"got {self.csla_granularity!r}")

@@ -112,6 +112,15 @@ def test_bench_checkpoint_of_another_model_is_refused(tmp_path):
         family_parts("infinity-2b", 1024, torch.device("cpu"), weights, vae)
 
 
+def cuda_calls_as_no_ops(monkeypatch, e2e) -> None:
+    """bench_model's CUDA bookkeeping (memory stats, syncs, cuDNN's acceptance) as no-ops, to run its row loop on the
+    CPU."""
+    monkeypatch.setattr(e2e, "cudnn_acceptance", lambda cfg, schedule: {})
+    for name in ("reset_peak_memory_stats", "synchronize", "empty_cache"):
+        monkeypatch.setattr(torch.cuda, name, lambda: None)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda: 0)
+
+
 def test_bench_model_saves_every_row_with_its_ratios(monkeypatch):
     """The row loop on the CPU, timing stubbed (it needs CUDA events): every row is saved as soon as it is measured,
     with the ratios over the rows measured before it; a failing row is recorded and the others still run."""
@@ -126,10 +135,7 @@ def test_bench_model_saves_every_row_with_its_ratios(monkeypatch):
         return {"median_ms": next(medians)}, [1.0] * (pipe.schedule.num_scales - pipe.skip_last)
 
     monkeypatch.setattr(e2e, "time_generation", fake_timing)
-    monkeypatch.setattr(e2e, "cudnn_acceptance", lambda cfg, schedule: {})
-    for name in ("reset_peak_memory_stats", "synchronize", "empty_cache"):
-        monkeypatch.setattr(torch.cuda, name, lambda: None)
-    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda: 0)
+    cuda_calls_as_no_ops(monkeypatch, e2e)
     rows = [("dense eager, SDPA FlashAttention-2", "dense", "eager", "math", 0, False),
             ("dense eager + skip last 2", "dense", "eager", "math", 2, False),
             ("SparVAR eager", "sparvar", "eager", "math", 0, False)]  # the rows' Triton plan: fails on the CPU
@@ -298,10 +304,7 @@ def test_interleaved_rows_run_in_rotated_rounds(monkeypatch):
         return times[pipe.skip_last] + len(calls) * 1e-3  # distinct values: each row's own runs give its median
 
     monkeypatch.setattr(e2e, "generate_once", fake_once)
-    monkeypatch.setattr(e2e, "cudnn_acceptance", lambda cfg, schedule: {})
-    for name in ("reset_peak_memory_stats", "synchronize", "empty_cache"):
-        monkeypatch.setattr(torch.cuda, name, lambda: None)
-    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda: 0)
+    cuda_calls_as_no_ops(monkeypatch, e2e)
     rows = [("dense eager, SDPA FlashAttention-2", "dense", "eager", "math", 0, False),
             ("dense eager + skip last 2", "dense", "eager", "math", 2, False)]
     saved = []
@@ -340,10 +343,7 @@ def test_a_row_records_what_its_runner_knew_after_generating(monkeypatch):
 
     monkeypatch.setattr(e2e, "family_parts", parts)
     monkeypatch.setattr(e2e, "time_generation", fake_timing)
-    monkeypatch.setattr(e2e, "cudnn_acceptance", lambda cfg, schedule: {})
-    for name in ("reset_peak_memory_stats", "synchronize", "empty_cache"):
-        monkeypatch.setattr(torch.cuda, name, lambda: None)
-    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda: 0)
+    cuda_calls_as_no_ops(monkeypatch, e2e)
     rows = [("dense eager, SDPA FlashAttention-2", "dense", "eager", "math", 0, False)]
     result = e2e.bench_model("infinity-tiny", 256, 0, 1, rows, device="cpu")
     assert result["rows"][0]["cross_attention_absorbed"] is True

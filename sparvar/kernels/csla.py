@@ -691,32 +691,25 @@ def csla_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout, *,
     if granularity not in ("block", "token", "tile"):
         raise ValueError(f"csla_attention: layout must be a sparvar.csla.BlockLayout of granularity 'block' or 'token' "
                          f"or a TileLayout, got {type(layout).__name__} with granularity {granularity!r}")
-    if granularity == "tile":
-        if q.shape[2:3] != (layout.q_len,) or k.shape[2:3] != (layout.kv_len,):
-            raise ValueError(f"csla_attention: layout is for {layout.q_len} queries x {layout.kv_len} keys; got q "
-                             f"{tuple(q.shape)}, k {tuple(k.shape)}")
-        if layout.kv_count.device != q.device:
-            raise ValueError(f"csla_attention: layout is on {layout.kv_count.device}, q on {q.device}; move it once with "
-                             "layout.to(device)")
-        order = _ORDER_CACHE.get(layout)
-        if order is None:
-            order = _ORDER_CACHE[layout] = query_block_order(layout.kv_count)
-        return torch.ops.sparvar.triton_csla_query_tiles(q, k, v, layout.q_rows, layout.kv_count, layout.kv_keys,
-                                                         order, scale)
     if granularity == "token" and (layout.partial_index is None or layout.partial_masks is None):
         raise ValueError("csla_attention: token layout without partial_index / partial_masks; build it with "
                          "sparvar.csla.block_layout_from_mask(mask, block_m, block_n, 'token')")
     if q.shape[2:3] != (layout.q_len,) or k.shape[2:3] != (layout.kv_len,):
         raise ValueError(f"csla_attention: layout is for {layout.q_len} queries x {layout.kv_len} keys; got q {tuple(q.shape)}, "
                          f"k {tuple(k.shape)}")
-    kv_num_blocks, kv_indices = layout.kv_num_blocks, layout.kv_indices
-    if kv_num_blocks.device != q.device:
-        raise ValueError(f"csla_attention: layout is on {kv_num_blocks.device}, q on {q.device}; move it once with layout.to(device)")
+    counts = layout.kv_count if granularity == "tile" else layout.kv_num_blocks  # each query tile's work
+    if counts.device != q.device:
+        raise ValueError(f"csla_attention: layout is on {counts.device}, q on {q.device}; move it once with layout.to(device)")
     cached = _ORDER_CACHE.get(layout)
     if cached is None:
-        tiles = None if granularity == "block" else token_tiles(kv_num_blocks, kv_indices, layout.partial_index)
-        cached = _ORDER_CACHE[layout] = (query_block_order(kv_num_blocks), tiles)
+        tiles = (token_tiles(layout.kv_num_blocks, layout.kv_indices, layout.partial_index) if granularity == "token"
+                 else None)
+        cached = _ORDER_CACHE[layout] = (query_block_order(counts), tiles)
     order, tiles = cached
+    if granularity == "tile":
+        return torch.ops.sparvar.triton_csla_query_tiles(q, k, v, layout.q_rows, layout.kv_count, layout.kv_keys,
+                                                         order, scale)
+    kv_num_blocks, kv_indices = layout.kv_num_blocks, layout.kv_indices
     if tiles is None:
         return torch.ops.sparvar.triton_csla_attention(q, k, v, kv_num_blocks, kv_indices, order, layout.block_m,
                                                        layout.block_n, scale)
