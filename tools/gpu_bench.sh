@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Device calls (repo root on the GPU machine; carry .official for parity). Results are named by device (h100, h200):
+# Device calls (repo root on the GPU machine; carry .official for parity). Results are named by device (h100, h200);
+# E2E_TIMEOUT (seconds, default 560) bounds each issue* mode's benchmark process (rows finished before it are kept):
 #   bash tools/gpu_bench.sh "$OUT" parity    # GPU engine checks + parity with the official code
 #   bash tools/gpu_bench.sh "$OUT" e2e       # end-to-end latency, 2B and 8B
 #   bash tools/gpu_bench.sh "$OUT" profile   # kernel time per scale and category, 2B
@@ -38,6 +39,9 @@
 #   bash tools/gpu_bench.sh "$OUT" tiles2b   # the kernel rows and engines for 2B
 #   bash tools/gpu_bench.sh "$OUT" interleave8b # dense, SparVAR and query-tile SparVAR engines timed in rotated rounds (--interleave), then the first two one after the other
 #   bash tools/gpu_bench.sh "$OUT" interleave2b # the same for 2B
+#   bash tools/gpu_bench.sh "$OUT" issue8b   # every row of issue 7 in one process (eager FA2 / cuDNN, engines, skip 2, query tiles, FP8), 8B
+#   bash tools/gpu_bench.sh "$OUT" issue2b   # the same for 2B
+#   bash tools/gpu_bench.sh "$OUT" issuehart # the same for HART-0.7B (no query tiles or FP8 there), then the query-tile engine's GPU test
 set -uo pipefail
 # the GPU machine gets the work tree without .git: results record the commit only if the caller names it (commit
 # first, then pass the full sha), so refuse to produce results that would say "uncommitted"
@@ -182,6 +186,20 @@ for what in "${@:2}"; do
       python bench/e2e.py --model "infinity-$size" --warmup 3 --runs 20 --rows "=dense engine (CUDA graphs)" \
         --rows "=SparVAR engine (CUDA graphs, Triton kernels)" \
         --out "$OUT/e2e_engines_${size}_sequential_$TAG.json" 2>&1 | grep -v Warning | tail -3 ;;
+    issue2b|issue8b)  # one process per model, one row after another; each row is saved as it finishes
+      size=${what#issue}
+      timeout "${E2E_TIMEOUT:-560}" python bench/e2e.py --model "infinity-$size" --warmup 3 --runs 20 --rows "=dense eager, SDPA FlashAttention-2" \
+        --rows "=dense eager, SDPA cuDNN" --rows "=dense engine (CUDA graphs)" --rows "=SparVAR engine (CUDA graphs, Triton kernels)" \
+        --rows "=SparVAR engine + skip last 2" --rows "=dense engine + skip last 2" \
+        --rows "=SparVAR engine (CUDA graphs, Triton kernels), CSLA on 8x8 query tiles" --rows "=dense engine, FP8 linears" \
+        --rows "=SparVAR engine, FP8 linears" --rows "=SparVAR engine, FP8 linears, CSLA on 8x8 query tiles" \
+        --out "$OUT/e2e_${size}_issue_$TAG.json" 2>&1 | grep -v Warning | tail -12 ;;
+    issuehart)  # HART has no cross-attention to tile or FP8 rows; then the query-tile engine's GPU test
+      timeout "${E2E_TIMEOUT:-560}" python bench/e2e.py --model hart-0.7b --warmup 3 --runs 20 --rows "=dense eager, SDPA FlashAttention-2" \
+        --rows "=dense eager, SDPA cuDNN" --rows "=dense engine (CUDA graphs)" --rows "=SparVAR engine (CUDA graphs, Triton kernels)" \
+        --rows "=SparVAR engine + skip last 2" --rows "=dense engine + skip last 2" \
+        --out "$OUT/e2e_hart_issue_$TAG.json" 2>&1 | grep -v Warning | tail -8
+      python -m pytest -q -m gpu tests/test_cuda_engine.py -k query_tiles --junitxml "$OUT/gpu_tests_tile_engine_$TAG.xml" 2>&1 | tail -4 ;;
     hart)
       python bench/e2e.py --model hart-0.7b --warmup 3 --runs 20 --rows engine \
         --out "$OUT/e2e_hart_engines_$TAG.json" 2>&1 | grep -v Warning | tail -8 ;;
