@@ -60,20 +60,23 @@ def mark_aot(model: onnx.ModelProto, aot: bool) -> onnx.ModelProto:
     and JIT implementations" unless the network says which it prefers."""
     from sparvar.kernels.aot import AOT_OPS
 
-    q_types = _value_types(model) if aot else {}
+    value_types = _value_types(model) if aot else {}
     for node in custom_nodes(model):
         kept = [a for a in node.attribute if a.name != "aot"]
-        use = aot and node.op_type in AOT_OPS and _aot_takes(node, q_types.get(node.input[0]))
+        use = aot and node.op_type in AOT_OPS and _aot_takes(node, value_types)
         del node.attribute[:]
         node.attribute.extend(kept + [onnx.helper.make_attribute("aot", int(use))])
     return model
 
 
 def _value_types(model: onnx.ModelProto) -> dict[str, tuple[int, tuple]]:
-    """name -> (ONNX element type, shape with None where unknown) of the graph's values that shape inference types."""
+    """name -> (ONNX element type, shape with None where unknown) of the graph's initializers and of the values that
+    shape inference types."""
     inferred = onnx.shape_inference.infer_shapes(model)
     graph = inferred.graph
     out = {}
+    for init in graph.initializer:  # constants (the layouts' index tensors): their dims are fixed
+        out[init.name] = (init.data_type, tuple(init.dims))
     for value in (*graph.input, *graph.value_info, *graph.output):
         t = value.type.tensor_type
         if t.elem_type:
@@ -81,13 +84,20 @@ def _value_types(model: onnx.ModelProto) -> dict[str, tuple[int, tuple]]:
     return out
 
 
-def _aot_takes(node: onnx.NodeProto, q_type: tuple[int, tuple] | None) -> bool:
-    """Whether the CSLA AOT kernel takes this node (unknown q type: assumed so, as every exported bf16/fp16 graph)."""
+def _aot_takes(node: onnx.NodeProto, value_types: dict) -> bool:
+    """Whether the op's AOT kernel takes this node (unknown q type: assumed so, as every exported bf16/fp16 graph).
+    CSLAAttention's tile is in its attributes; CSLATileAttention's is q_rows' second dim, which must be known (a
+    constant of the graph, as in every exported step) and one the kernel has."""
     from sparvar.kernels.csla import HEAD_DIMS, TILE_SIZES
 
     attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-    if attrs.get("block_m") not in TILE_SIZES or attrs.get("block_n") not in TILE_SIZES:
+    if node.op_type == "CSLATileAttention":
+        q_rows = value_types.get(node.input[3])
+        if q_rows is None or len(q_rows[1]) != 2 or q_rows[1][1] not in TILE_SIZES:
+            return False
+    elif attrs.get("block_m") not in TILE_SIZES or attrs.get("block_n") not in TILE_SIZES:
         return False
+    q_type = value_types.get(node.input[0])
     if q_type is None:
         return True
     elem, shape = q_type

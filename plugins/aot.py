@@ -4,10 +4,12 @@ TensorRT launches an AOT plugin kernel with the arguments: input pointers (node 
 ("extra args", symbolic in the shapes), output pointers. A kernel for it is described by an `AotKernel`, which
 sparvar/kernels provides per op through
 
-    sparvar.kernels.aot_kernel(op: str, *, dtype: str, head_dim: int, attrs: dict) -> AotKernel
+    sparvar.kernels.aot_kernel(op: str, *, dtype: str, head_dim: int, attrs: dict, static_dims: dict) -> AotKernel
 
-(op is the ONNX op type, dtype one of float32/float16/bfloat16, attrs the node's int attributes). The kernel's
-parameters must come in that order, followed by its constexprs only.
+(op is the ONNX op type, dtype one of float32/float16/bfloat16, attrs the node's int attributes, static_dims each
+input's dims with ints where the network fixes them and None elsewhere: a kernel may specialise on a constant input
+shape, as CSLATileAttention's query tile). The kernel's parameters must come in that order, followed by its
+constexprs only.
 
 Triton 3.6 appends two hidden pointer parameters to every kernel (global and profile scratch). TensorRT does not
 pass them, which is only safe when the kernel needs no scratch: `compile_aot` asserts both sizes are 0 and that
@@ -46,7 +48,7 @@ class CompiledKernel:
     threads: int  # block size in threads (num_warps * 32)
 
 
-def kernel_for(spec: OpSpec, dtype: str, head_dim: int, attrs: dict) -> AotKernel:
+def kernel_for(spec: OpSpec, dtype: str, head_dim: int, attrs: dict, static_dims: dict | None = None) -> AotKernel:
     """The op's AOT kernel from sparvar.kernels (raises NotImplementedError naming what is missing)."""
     try:
         from sparvar import kernels
@@ -55,7 +57,8 @@ def kernel_for(spec: OpSpec, dtype: str, head_dim: int, attrs: dict) -> AotKerne
     if not hasattr(kernels, "aot_kernel"):
         raise NotImplementedError(f"{spec.name}: sparvar.kernels has no aot_kernel(op, dtype=, head_dim=, attrs=); "
                                   "build with the JIT plugin (node attribute aot=0) instead")
-    kernel = kernels.aot_kernel(spec.name, dtype=dtype, head_dim=head_dim, attrs=dict(attrs))
+    kernel = kernels.aot_kernel(spec.name, dtype=dtype, head_dim=head_dim, attrs=dict(attrs),
+                                static_dims=dict(static_dims or {}))
     if not isinstance(kernel, AotKernel):
         raise TypeError(f"sparvar.kernels.aot_kernel returned {type(kernel).__name__}, expected plugins.aot.AotKernel")
     return kernel

@@ -8,10 +8,11 @@ Node: out = CSLATileAttention(q, k, v, q_rows, kv_count, kv_keys), no attributes
   They are a sparvar.csla.TileLayout (the policy's csla_query_tile): every query of a tile attends the tile's
   whole key set. In an exported step they are constant initializers, like CSLAAttention's block lists.
 
-QDP section (TensorRT >= 10.6, `register_qdp`): register / autotune / impl (JIT); no AOT kernel yet.
+QDP section (TensorRT >= 10.6, `register_qdp`): register / autotune / impl (JIT) / aot_impl (the tile, q_rows' second
+dim, must be a constant of the network: it is the AOT kernel's BLOCK_M).
 No `from __future__ import annotations` here: tensorrt.plugin reads the annotations as classes.
 """
-from typing import List
+from typing import List, Tuple, Union
 
 from plugins import spec
 from plugins.spec import FLOAT, INT32, OpSpec, Port
@@ -85,3 +86,9 @@ def register_qdp(trtp):
     @trtp.impl(SPEC.plugin_id)
     def csla_tiles_impl(q, k, v, q_rows, kv_count, kv_keys, outputs, stream: int, tactic: int) -> None:
         qdp.run_jit(SPEC, run, [q, k, v, q_rows, kv_count, kv_keys], outputs, {}, tactic, stream)
+
+    if qdp.has_aot(trtp):  # aot_impl needs TensorRT >= 10.9
+        @trtp.aot_impl(SPEC.plugin_id)
+        def csla_tiles_aot_impl(q, k, v, q_rows, kv_count, kv_keys, outputs, tactic: int
+                                ) -> Tuple[Union[str, bytes], Union[str, bytes], trtp.KernelLaunchParams, trtp.SymExprs]:
+            return qdp.aot_launch(trtp, SPEC, [q, k, v, q_rows, kv_count, kv_keys], outputs, {})

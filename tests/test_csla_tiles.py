@@ -190,6 +190,91 @@ def test_tile_kernel_under_the_interpreter_matches_reference():
     assert float(worst) < 4e-3
 
 
+def test_tile_aot_entry_under_the_interpreter_matches_reference_and_clamps_garbage():
+    """The TensorRT AOT entry of CSLATileAttention (contiguous tensors, strides from the shapes, the default launch):
+    the reference on a real layout; on the layouts TensorRT times tactics with, query slots, counts and keys are
+    forced into range, so no read passes K / V (they end in NaN rows) and the result is the clamped layout's."""
+    worst = run_interpreted('''
+        import torch
+        from sparvar.csla import csla_tile_layout
+        from sparvar.attention import reference_attention
+        from sparvar.kernels.aot import aot_kernel, _csla_tiles_aot_kernel
+        from sparvar.schedule import get_schedule
+
+        torch.manual_seed(0)
+        dt = torch.float16  # the interpreter mis-handles bf16 dots
+        schedule = get_schedule(256, model="infinity-tiny")
+        worst = 0.0
+        def err(a, b):
+            global worst
+            worst = max(worst, (a.float() - b.float()).abs().nan_to_num(nan=float("inf")).max().item())
+        for scale, tile, d in [(5, (2, 8), 64), (6, (4, 4), 64)]:
+            lay = csla_tile_layout(schedule, scale, 3, (1, 3, 5), tile)
+            tiles, slots = lay.q_rows.shape
+            width = lay.kv_keys.shape[1]
+            kernel = aot_kernel("CSLATileAttention", dtype="float16", head_dim=d, attrs={},
+                                static_dims={"q_rows": (tiles, slots)})
+            assert kernel.constexprs["BLOCK_M"] == slots
+            def launch(k, v, q_rows, kv_count, kv_keys):
+                out = torch.zeros_like(q)  # rows no slot names stay 0 (the reference has none such)
+                _csla_tiles_aot_kernel[(tiles, 4)](q, k, v, q_rows, kv_count, kv_keys, 2, lay.q_len, lay.kv_len, width,
+                                                   out, **kernel.constexprs)
+                return out
+            q = torch.randn(2, 2, lay.q_len, d, dtype=dt) * d ** -0.5
+            # K and V end in NaN rows: a key read past kv_len of the last head turns a row NaN
+            k, v = (torch.cat([t.flatten(), torch.full((64 * d,), float("nan"), dtype=dt)])[:t.numel()].view(t.shape)
+                    for t in (torch.randn(2, 2, lay.kv_len, d, dtype=dt) for _ in range(2)))
+            err(launch(k, v, lay.q_rows, lay.kv_count, lay.kv_keys), reference_attention(q, k, v, mask=lay.to_dense()))
+            q_rows, kv_count, kv_keys = lay.q_rows.clone(), lay.kv_count.clone(), lay.kv_keys.clone()
+            first = int((q_rows == 0).any(dim=1).nonzero()[0])  # the tile holding query 0
+            q_rows[first, -2:] = torch.tensor([-7, 2**31 - 1], dtype=torch.int32)  # -> query 0 again, padding
+            kv_count[:3] = torch.tensor([-3, 2**31 - 1, width + 5], dtype=torch.int32)
+            kv_keys[1:4, :5] = torch.tensor([-2**31, -1, 2**31 - 1, lay.kv_len, 7], dtype=torch.int32)
+            got = launch(k, v, q_rows, kv_count, kv_keys)
+            want = torch.zeros(2, 2, lay.q_len, d)
+            for t in range(tiles):
+                rows = q_rows[t].clamp(0, lay.q_len)
+                rows = rows[rows < lay.q_len].long().unique()
+                n = min(int(kv_count[t]), width)
+                if n <= 0 or not len(rows):
+                    continue  # no key: 0 / 0 in the kernel, NaN, compared as 0
+                keys = kv_keys[t, :n].clamp(0, lay.kv_len - 1).long()  # a key listed twice counts twice
+                scores = q[:, :, rows].float() @ k[:, :, keys].float().transpose(-1, -2)
+                want[:, :, rows] = scores.softmax(-1) @ v[:, :, keys].float()
+            err(got.nan_to_num(), want)
+        print("WORST", worst)
+    ''')
+    assert float(worst) < 4e-3
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_tile_aot_entry_compiles_to_sm90_ptx_and_names_what_it_cannot_run(head_dim):
+    """Triton compiles the tile AOT entry for Hopper on this CPU machine in TensorRT's argument order; its query tile
+    comes from q_rows' constant second dim, and a tile that is unknown or one the kernel lacks is refused by name."""
+    pytest.importorskip("triton")
+    from triton.backends.compiler import GPUTarget
+
+    from plugins import csla_tiles
+    from plugins.aot import compile_aot, kernel_for, signature
+    from plugins.spec import IntDims
+    from sparvar import kernels
+
+    kernel = kernel_for(csla_tiles.SPEC, "bfloat16", head_dim, {}, {"q_rows": (512, 64), "q": (2, 16, None, head_dim)})
+    assert kernel.constexprs == {"HEAD_DIM": head_dim, "BLOCK_M": 64, "BLOCK_N": 64} and kernel.num_warps == 4
+    dtypes = ["bfloat16"] * 3 + ["int32"] * 3 + ["bfloat16"]
+    assert list(signature(csla_tiles.SPEC, kernel, dtypes).values()) == (
+        ["*bf16"] * 3 + ["*i32"] * 3 + ["i32"] * 4 + ["*bf16"] + ["constexpr"] * 3)
+    compiled = compile_aot(csla_tiles.SPEC, kernel, dtypes, target=GPUTarget("cuda", 90, 32))
+    assert ".target sm_90" in compiled.ptx and "wgmma" in compiled.ptx and compiled.threads == 128
+    sizes = {"q": [2, 16, 4096, head_dim], "k": [2, 16, 10521, head_dim], "q_rows": [64, 64], "kv_keys": [64, 700]}
+    assert kernel.grid(sizes, IntDims()) == (64, 32, 1)
+    assert kernel.scalars(sizes, IntDims()) == [16, 4096, 10521, 700]
+    assert kernel_for(csla_tiles.SPEC, "float16", head_dim, {}, {"q_rows": (9, 128)}).num_warps == 8
+    for static_dims in ({}, {"q_rows": (9, None)}, {"q_rows": (9, 48)}):
+        with pytest.raises(ValueError, match="CSLATileAttention's query tile .q_rows' second dim. must be a constant"):
+            kernels.aot_kernel("CSLATileAttention", dtype="bfloat16", head_dim=head_dim, attrs={}, static_dims=static_dims)
+
+
 # ------------------------------------------------------------------------------------------------ GPU
 def _gpu_kernels():
     kernels = pytest.importorskip("sparvar.kernels")

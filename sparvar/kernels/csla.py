@@ -317,11 +317,14 @@ if HAS_TRITON:
         stride_vb, stride_vh, stride_vn,
         stride_ob, stride_oh, stride_om,
         stride_keys,
-        H, q_len, width, qk_scale,
+        H, q_len, kv_len, width, qk_scale,
         HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, USE_ORDER: tl.constexpr,
+        CLAMP_LAYOUT: tl.constexpr,
     ):
         # one 2-D query tile (sparvar.csla.TileLayout) of (batch row, head): its BLOCK_M query rows gathered by
-        # position (slots holding q_len are padding), its KVCount[tile] keys gathered BLOCK_N at a time
+        # position (slots holding q_len are padding), its KVCount[tile] keys gathered BLOCK_N at a time.
+        # CLAMP_LAYOUT (the TensorRT AOT entry): query slots forced into [0, q_len], counts into [0, width] and keys
+        # into [0, kv_len), a no-op for a real layout; TensorRT times tactics on layouts it never wrote.
         pid_m = tl.program_id(0)
         pid_bh = tl.program_id(1)
         b = pid_bh // H
@@ -331,6 +334,8 @@ if HAS_TRITON:
         else:
             tile = pid_m
         offs_m = tl.load(QRows + tile * BLOCK_M + tl.arange(0, BLOCK_M))
+        if CLAMP_LAYOUT:
+            offs_m = tl.minimum(tl.maximum(offs_m, 0), q_len)
         offs_n = tl.arange(0, BLOCK_N)
         q, k_base, v_base, row_ok, m_i, l_i, acc = query_tile_prologue(
             Q, K, V, b, h, offs_m, q_len, stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_vb, stride_vh,
@@ -341,6 +346,8 @@ if HAS_TRITON:
         num_full = num // BLOCK_N
         for t in range(0, num_full):
             keys = tl.load(keys_row + t * BLOCK_N + offs_n)
+            if CLAMP_LAYOUT:
+                keys = tl.minimum(tl.maximum(keys, 0), kv_len - 1)
             k = tl.load(k_base + keys[:, None] * stride_kn)
             v = tl.load(v_base + keys[:, None] * stride_vn)
             acc, l_i, m_i = online_softmax_step(acc, l_i, m_i, q, k, v, qk_scale, offs_n[None, :] >= 0, False)
@@ -348,6 +355,8 @@ if HAS_TRITON:
             pos = num_full * BLOCK_N + offs_n
             valid = pos < num
             keys = tl.load(keys_row + pos, mask=valid, other=0)
+            if CLAMP_LAYOUT:
+                keys = tl.minimum(tl.maximum(keys, 0), kv_len - 1)
             k = tl.load(k_base + keys[:, None] * stride_kn)
             v = tl.load(v_base + keys[:, None] * stride_vn)
             acc, l_i, m_i = online_softmax_step(acc, l_i, m_i, q, k, v, qk_scale, valid[None, :], True)
@@ -398,6 +407,12 @@ if HAS_TRITON:
                                             key=["HEAD_DIM", "BLOCK_M", "q_len", "width"],
                                             prune_configs_by={"early_config_prune": _prune_query_tiles})(
         _csla_tiles_fwd_kernel)
+
+
+def default_tile_launch_config(block_m: int) -> dict:
+    """The query-tile kernel's key tile and launch where no tuning runs (SPARVAR_TRITON_AUTOTUNE=0, AOT): 64-key
+    tiles, 3 stages; 8 warps for 128-query tiles (4 would spill the accumulator)."""
+    return dict(BLOCK_N=64, num_warps=8 if block_m >= 128 else 4, num_stages=3)
 
 
 def default_launch_config(block_m: int, block_n: int) -> dict:
@@ -632,8 +647,8 @@ def csla_attention_query_tiles(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     args = (q, k, v, out, q_rows, kv_count, kv_keys, out if tile_order is None else tile_order,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
-            kv_keys.stride(0), h, q_len, kv_keys.shape[1], float(scale) * LOG2E)
-    meta = dict(HEAD_DIM=d, BLOCK_M=q_rows.shape[1], USE_ORDER=tile_order is not None)
+            kv_keys.stride(0), h, q_len, k.shape[2], kv_keys.shape[1], float(scale) * LOG2E)
+    meta = dict(HEAD_DIM=d, BLOCK_M=q_rows.shape[1], USE_ORDER=tile_order is not None, CLAMP_LAYOUT=False)
     grid = (q_rows.shape[0], b * h)
     if interpreting():
         _csla_tiles_fwd_kernel[grid](*args, **meta, BLOCK_N=32, num_warps=4, num_stages=2)
@@ -642,8 +657,7 @@ def csla_attention_query_tiles(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
             _csla_tiles_fwd_tuned[grid](*args, **meta)
     else:
         with launch_device(q):
-            _csla_tiles_fwd_kernel[grid](*args, **meta, BLOCK_N=64, num_warps=8 if q_rows.shape[1] >= 128 else 4,
-                                         num_stages=3)
+            _csla_tiles_fwd_kernel[grid](*args, **meta, **default_tile_launch_config(q_rows.shape[1]))
     return out
 
 
