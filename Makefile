@@ -20,7 +20,10 @@ STAMP := .install.stamp
 WEIGHT_ARGS = $(if $(WEIGHTS),--weights $(WEIGHTS) --vae $(VAE),--random-weights)
 RES_ARGS = $(if $(RESOLUTION),--resolution $(RESOLUTION),)
 BATCH ?= 1
-ENGINE_DIR ?= engines/$(MODEL)-$(ATTENTION)-$(BACKEND)$(if $(filter-out 1,$(BATCH)),-batch$(BATCH),)
+# opt-in: CSLA over 2-D query tiles, e.g. CSLA_QUERY_TILE=8x8 (ATTENTION=sparvar, Infinity; docs/sparvar.md)
+CSLA_QUERY_TILE ?=
+TILE_ARGS = $(if $(CSLA_QUERY_TILE),--csla-query-tile $(CSLA_QUERY_TILE),)
+ENGINE_DIR ?= engines/$(MODEL)-$(ATTENTION)-$(BACKEND)$(if $(filter-out 1,$(BATCH)),-batch$(BATCH),)$(if $(CSLA_QUERY_TILE),-tiles$(CSLA_QUERY_TILE),)
 
 .PHONY: install test demo engine generate serve bench docs clean
 
@@ -35,7 +38,7 @@ test: $(STAMP)
 	$(PYTHON) -m pytest -q
 
 engine: $(STAMP)
-	$(PYTHON) -m sparvar.cli engine build --model $(MODEL) $(WEIGHT_ARGS) $(RES_ARGS) --attention $(ATTENTION) --backend $(BACKEND) --batch $(BATCH) --engine-dir $(ENGINE_DIR)
+	$(PYTHON) -m sparvar.cli engine build --model $(MODEL) $(WEIGHT_ARGS) $(RES_ARGS) --attention $(ATTENTION) --backend $(BACKEND) --batch $(BATCH) $(TILE_ARGS) --engine-dir $(ENGINE_DIR)
 
 generate: $(STAMP)
 	$(PYTHON) -m sparvar.cli generate --engine $(ENGINE_DIR) --prompt "$(PROMPT)" --out $(OUT)

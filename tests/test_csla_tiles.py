@@ -338,6 +338,30 @@ def test_gpu_sparse_ops_drive_a_tiny_plan_with_query_tiles():
         assert (out.float() - ref.float()).abs().max().item() < 2e-2, scale
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("tile", [(8, 8), (8, 16)], ids=lambda t: f"{t[0]}x{t[1]}")
+def test_gpu_tile_aot_entry_at_8b_scale_12(tile):
+    """The TensorRT AOT entry of CSLATileAttention launched through Triton with TensorRT's arguments and the AOT
+    launch config (contiguous bf16 tensors, 8B's heads at the last scale of 1024^2): the fp32 masked reference."""
+    kernels = _gpu_kernels()
+    from sparvar.kernels.aot import _csla_tiles_aot_kernel
+
+    schedule = get_schedule(1024)
+    policy = default_policy("infinity-8b", schedule, csla_query_tile=tile)
+    layout = policy.csla_layout(schedule, 12).to("cuda")
+    b, h, d = 2, 4, 128
+    q = torch.randn(b, h, layout.q_len, d, device="cuda", dtype=torch.bfloat16) * d ** -0.5
+    k, v = (torch.randn(b, h, layout.kv_len, d, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    kernel = kernels.aot_kernel("CSLATileAttention", dtype="bfloat16", head_dim=d, attrs={},
+                                static_dims={"q_rows": tuple(layout.q_rows.shape)})
+    out = torch.full_like(q, float("nan"))  # a row no tile writes stays NaN
+    _csla_tiles_aot_kernel[(layout.q_rows.shape[0], b * h)](
+        q, k, v, layout.q_rows, layout.kv_count, layout.kv_keys, h, layout.q_len, layout.kv_len,
+        layout.kv_keys.shape[1], out, **kernel.constexprs, num_warps=kernel.num_warps, num_stages=kernel.num_stages)
+    ref = reference_attention(q.float(), k.float(), v.float(), mask=layout.to_dense())
+    assert (out.float() - ref).abs().nan_to_num(nan=float("inf")).max().item() < 2e-2
+
+
 def test_tile_node_runs_the_reference_and_survives_tensorrts_timing_inputs():
     """The CSLATileAttention node's torch-level run: the reference result on a real layout; on the garbage TensorRT
     times tactics with, its clamps keep every read in bounds; a tile size the kernel lacks is refused by the check."""

@@ -131,6 +131,27 @@ def test_every_sparvar_node_says_which_qdp_implementation_to_use():
     for dtype, want in ((torch.bfloat16, [1]), (torch.float32, [0])):
         model = export_model(CslaOnly(100, 200).eval(), tuple(t.to(dtype) for t in tensors), flavour="plugin")
         assert marks(mark_aot(model, True)) == want and marks(mark_aot(model, False)) == [0]
+    # CSLATileAttention: its tile is q_rows' second dim, a constant of the graph (16 slots for 4x4 tiles)
+    tiles = TilesOnly()
+    tensors = tuple(torch.randn(1, 2, n, 64).bfloat16() for n in (tiles.layout.q_len, tiles.layout.kv_len,
+                                                                   tiles.layout.kv_len))
+    for dtype, want in ((torch.bfloat16, [1]), (torch.float32, [0])):
+        model = export_model(tiles.eval(), tuple(t.to(dtype) for t in tensors), flavour="plugin")
+        assert [n.op_type for n in model.graph.node if n.domain == "sparvar"] == ["CSLATileAttention"]
+        assert marks(mark_aot(model, True)) == want and marks(mark_aot(model, False)) == [0]
+    # q_rows of a tile the kernel lacks (12 slots; the node's own check refuses it too): the JIT implementation
+    from onnx import numpy_helper
+
+    graph = model.graph
+    node = next(n for n in graph.node if n.domain == "sparvar")
+    at = next(i for i, t in enumerate(graph.initializer) if t.name == node.input[3])
+    twelve = numpy_helper.from_array(tiles.layout.q_rows[:, :12].numpy(), node.input[3])
+    graph.initializer.pop(at)
+    graph.initializer.insert(at, twelve)
+    kept = [v for v in graph.value_info if v.name != node.input[3]]
+    del graph.value_info[:]
+    graph.value_info.extend(kept)
+    assert marks(mark_aot(model, True)) == [0]
 
 
 def test_tensorrt_plans_are_tied_to_the_gpu_they_were_built_for(monkeypatch):
@@ -207,6 +228,22 @@ class CslaOnly(torch.nn.Module):
 
     def forward(self, q, k, v):
         from export.custom_ops import sparse_ops as custom_sparse_ops  # the ops that export as sparvar nodes
+
+        return custom_sparse_ops().csla(q, k, v, self.layout)
+
+
+class TilesOnly(torch.nn.Module):
+    """CSLATileAttention over 4x4 query tiles of infinity-tiny's scale 6 (16 x 16 queries)."""
+
+    def __init__(self):
+        super().__init__()
+        from sparvar.csla import csla_tile_layout
+        from sparvar.schedule import get_schedule
+
+        self.layout = csla_tile_layout(get_schedule(256, model="infinity-tiny"), 6, 3, (1, 3, 5), (4, 4))
+
+    def forward(self, q, k, v):
+        from export.custom_ops import sparse_ops as custom_sparse_ops
 
         return custom_sparse_ops().csla(q, k, v, self.layout)
 
