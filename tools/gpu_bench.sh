@@ -41,7 +41,7 @@
 #   bash tools/gpu_bench.sh "$OUT" interleave2b # the same for 2B
 #   bash tools/gpu_bench.sh "$OUT" issue8b   # every row of issue 7 in one process (eager FA2 / cuDNN, engines, skip 2, query tiles, FP8), 8B
 #   bash tools/gpu_bench.sh "$OUT" issue2b   # the same for 2B
-#   bash tools/gpu_bench.sh "$OUT" issuehart # the same for HART-0.7B (no query tiles or FP8 there), then the query-tile engine's GPU test
+#   bash tools/gpu_bench.sh "$OUT" issuehart # the same for HART-0.7B (no query tiles or FP8 there), then the query tiles' GPU tests
 set -uo pipefail
 # the GPU machine gets the work tree without .git: results record the commit only if the caller names it (commit
 # first, then pass the full sha), so refuse to produce results that would say "uncommitted"
@@ -194,12 +194,14 @@ for what in "${@:2}"; do
         --rows "=SparVAR engine (CUDA graphs, Triton kernels), CSLA on 8x8 query tiles" --rows "=dense engine, FP8 linears" \
         --rows "=SparVAR engine, FP8 linears" --rows "=SparVAR engine, FP8 linears, CSLA on 8x8 query tiles" \
         --out "$OUT/e2e_${size}_issue_$TAG.json" 2>&1 | grep -v Warning | tail -12 ;;
-    issuehart)  # HART has no cross-attention to tile or FP8 rows; then the query-tile engine's GPU test
+    issuehart)  # HART has no cross-attention to tile or FP8 rows; then the query tiles' GPU tests (kernel, AOT entry, engine)
       timeout "${E2E_TIMEOUT:-560}" python bench/e2e.py --model hart-0.7b --warmup 3 --runs 20 --rows "=dense eager, SDPA FlashAttention-2" \
         --rows "=dense eager, SDPA cuDNN" --rows "=dense engine (CUDA graphs)" --rows "=SparVAR engine (CUDA graphs, Triton kernels)" \
         --rows "=SparVAR engine + skip last 2" --rows "=dense engine + skip last 2" \
         --out "$OUT/e2e_hart_issue_$TAG.json" 2>&1 | grep -v Warning | tail -8
-      python -m pytest -q -m gpu tests/test_cuda_engine.py -k query_tiles --junitxml "$OUT/gpu_tests_tile_engine_$TAG.xml" 2>&1 | tail -4 ;;
+      python -m pytest -q -m gpu tests/test_csla_tiles.py \
+        tests/test_cuda_engine.py::test_a_torch_cuda_engine_built_with_query_tiles_follows_the_tile_reference \
+        --junitxml "$OUT/gpu_tests_tiles_$TAG.xml" 2>&1 | tail -4 ;;
     hart)
       python bench/e2e.py --model hart-0.7b --warmup 3 --runs 20 --rows engine \
         --out "$OUT/e2e_hart_engines_$TAG.json" 2>&1 | grep -v Warning | tail -8 ;;
