@@ -75,12 +75,12 @@ def _value_types(model: onnx.ModelProto) -> dict[str, tuple[int, tuple]]:
     inferred = onnx.shape_inference.infer_shapes(model)
     graph = inferred.graph
     out = {}
-    for init in graph.initializer:  # constants (the layouts' index tensors): their dims are fixed
-        out[init.name] = (init.data_type, tuple(init.dims))
     for value in (*graph.input, *graph.value_info, *graph.output):
         t = value.type.tensor_type
         if t.elem_type:
             out[value.name] = (t.elem_type, tuple(d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim))
+    for init in graph.initializer:  # constants (the layouts' index tensors): their own dims, whatever value_info says
+        out[init.name] = (init.data_type, tuple(init.dims))
     return out
 
 

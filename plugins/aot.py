@@ -55,7 +55,7 @@ def kernel_for(spec: OpSpec, dtype: str, head_dim: int, attrs: dict, static_dims
     except ImportError as e:
         raise NotImplementedError(f"{spec.name}: no AOT kernel: sparvar.kernels cannot be imported ({e})") from e
     if not hasattr(kernels, "aot_kernel"):
-        raise NotImplementedError(f"{spec.name}: sparvar.kernels has no aot_kernel(op, dtype=, head_dim=, attrs=); "
+        raise NotImplementedError(f"{spec.name}: sparvar.kernels has no aot_kernel(op, dtype=, head_dim=, attrs=, static_dims=); "
                                   "build with the JIT plugin (node attribute aot=0) instead")
     kernel = kernels.aot_kernel(spec.name, dtype=dtype, head_dim=head_dim, attrs=dict(attrs),
                                 static_dims=dict(static_dims or {}))

@@ -216,20 +216,32 @@ def test_tile_aot_entry_under_the_interpreter_matches_reference_and_clamps_garba
                                 static_dims={"q_rows": (tiles, slots)})
             assert kernel.constexprs["BLOCK_M"] == slots
             def launch(k, v, q_rows, kv_count, kv_keys):
-                out = torch.zeros_like(q)  # rows no slot names stay 0 (the reference has none such)
+                # out sits between two zero guards: a write outside it (a query slot out of range) shows there;
+                # rows no slot names stay 0 (the reference has none such)
+                guard = 64 * d
+                buffer = torch.zeros(guard + q.numel() + guard, dtype=dt)
+                out = buffer[guard:guard + q.numel()].view(q.shape)
                 _csla_tiles_aot_kernel[(tiles, 4)](q, k, v, q_rows, kv_count, kv_keys, 2, lay.q_len, lay.kv_len, width,
                                                    out, **kernel.constexprs)
+                assert not buffer[:guard].any() and not buffer[-guard:].any(), "a write outside the output"
                 return out
             q = torch.randn(2, 2, lay.q_len, d, dtype=dt) * d ** -0.5
-            # K and V end in NaN rows: a key read past kv_len of the last head turns a row NaN
+            # K and V are views of the front of NaN buffers: a key read past kv_len of the last head turns a row NaN
             k, v = (torch.cat([t.flatten(), torch.full((64 * d,), float("nan"), dtype=dt)])[:t.numel()].view(t.shape)
                     for t in (torch.randn(2, 2, lay.kv_len, d, dtype=dt) for _ in range(2)))
+            assert k.untyped_storage().nbytes() > k.numel() * k.element_size()
             err(launch(k, v, lay.q_rows, lay.kv_count, lay.kv_keys), reference_attention(q, k, v, mask=lay.to_dense()))
             q_rows, kv_count, kv_keys = lay.q_rows.clone(), lay.kv_count.clone(), lay.kv_keys.clone()
-            first = int((q_rows == 0).any(dim=1).nonzero()[0])  # the tile holding query 0
+            block_n = kernel.constexprs["BLOCK_N"]
+            first = int((q_rows == 0).any(dim=1).nonzero()[0])  # the tile holding query 0 (its count stays valid)
             q_rows[first, -2:] = torch.tensor([-7, 2**31 - 1], dtype=torch.int32)  # -> query 0 again, padding
-            kv_count[:3] = torch.tensor([-3, 2**31 - 1, width + 5], dtype=torch.int32)
-            kv_keys[1:4, :5] = torch.tensor([-2**31, -1, 2**31 - 1, lay.kv_len, 7], dtype=torch.int32)
+            others = [t for t in range(tiles) if t != first]
+            kv_count[others[:3]] = torch.tensor([-3, 2**31 - 1, width + 5], dtype=torch.int32)
+            kv_keys[others[3], :5] = torch.tensor([-2**31, -1, 2**31 - 1, lay.kv_len, 7], dtype=torch.int32)  # a full tile
+            partial = next(t for t in others[4:] if int(kv_count[t]) % block_n > 3)
+            n = int(kv_count[partial])
+            kv_keys[partial, n - 3:n] = torch.tensor([lay.kv_len + 100, -5, 2**31 - 1], dtype=torch.int32)  # the masked one
+            kv_keys[first, 0] = 2**31 - 1
             got = launch(k, v, q_rows, kv_count, kv_keys)
             want = torch.zeros(2, 2, lay.q_len, d)
             for t in range(tiles):
@@ -342,7 +354,8 @@ def test_gpu_sparse_ops_drive_a_tiny_plan_with_query_tiles():
 @pytest.mark.parametrize("tile", [(8, 8), (8, 16)], ids=lambda t: f"{t[0]}x{t[1]}")
 def test_gpu_tile_aot_entry_at_8b_scale_12(tile):
     """The TensorRT AOT entry of CSLATileAttention launched through Triton with TensorRT's arguments and the AOT
-    launch config (contiguous bf16 tensors, 8B's heads at the last scale of 1024^2): the fp32 masked reference."""
+    launch config (contiguous bf16 tensors, 8B's head dim and layout at the last scale of 1024^2, 4 heads): the fp32
+    masked reference."""
     kernels = _gpu_kernels()
     from sparvar.kernels.aot import _csla_tiles_aot_kernel
 

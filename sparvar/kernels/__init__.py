@@ -6,7 +6,7 @@
     cs4a_decide(q, k, v, group_size, topk, sink_len=0)     dense + per-group top-k selection + residual cache
     cs4a_attention_from_selection(q, k, v, selected, geometry, o_cache, cache_grid, grid)
                                                            CS4A at a later scale from the decision state, one launch
-    aot_kernel(op, dtype=, head_dim=, attrs=)              TensorRT AOT entry (plugins.aot.AotKernel), CSLA only
+    aot_kernel(op, dtype=, head_dim=, attrs=, static_dims=) TensorRT AOT entry (plugins.aot.AotKernel), CSLA nodes
     select_topk(sums, topk, first=0)                       ascending top-k positions per row (the decision's pick)
     upsample_cache(o_cache, src_grid, dst_grid)            CS4A's residual cache, bilinear to a later scale
 

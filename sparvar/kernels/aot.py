@@ -1,6 +1,6 @@
 """Ahead-of-time entries of the Triton kernels for TensorRT plugins (plugins/aot.py states the contract).
 
-    aot_kernel(op, *, dtype, head_dim, attrs) -> plugins.aot.AotKernel
+    aot_kernel(op, *, dtype, head_dim, attrs, static_dims=None) -> plugins.aot.AotKernel
 
 TensorRT launches an AOT kernel with (input pointers, int32 scalars, output pointers) over dense row-major
 tensors, so each entry here takes exactly that, derives the strides from the shapes and calls the same jitted

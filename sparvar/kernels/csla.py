@@ -343,6 +343,8 @@ if HAS_TRITON:
         offs_d = tl.arange(0, HEAD_DIM)
         keys_row = KVKeys + tile * stride_keys
         num = tl.minimum(tl.load(KVCount + tile), width)  # a count past the row's width would read past it
+        if CLAMP_LAYOUT:
+            num = tl.maximum(num, 0)
         num_full = num // BLOCK_N
         for t in range(0, num_full):
             keys = tl.load(keys_row + t * BLOCK_N + offs_n)
