@@ -113,13 +113,12 @@ def aot_launch(trtp, spec: OpSpec, inputs: list, outputs: list, attrs: dict, tar
     head_dim = inputs[0].shape_expr[3]
     if not head_dim.is_constant:
         raise ValueError(f"{spec.name}: the AOT kernel needs a static head dim")
-    static_dims = {port.name: tuple(e.constant_value() if e.is_constant else None
-                                    for e in (t.shape_expr[i] for i in range(t.ndim)))
-                   for port, t in zip(spec.inputs, inputs)}
-    kernel = aot.kernel_for(spec, io_dtypes[0], head_dim.constant_value(), attrs, static_dims)
-    compiled = aot.compile_aot(spec, kernel, io_dtypes, target)
     sizes = {port.name: [t.shape_expr[i] for i in range(t.ndim)]
              for port, t in zip(spec.inputs + spec.outputs, list(inputs) + list(outputs))}
+    static_dims = {port.name: tuple(e.constant_value() if e.is_constant else None for e in sizes[port.name])
+                   for port in spec.inputs}
+    kernel = aot.kernel_for(spec, io_dtypes[0], head_dim.constant_value(), attrs, static_dims)
+    compiled = aot.compile_aot(spec, kernel, io_dtypes, target)
     dims = QdpDims(trtp)
     params = trtp.KernelLaunchParams()
     params.grid_x, params.grid_y, params.grid_z = kernel.grid(sizes, dims)

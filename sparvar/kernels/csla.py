@@ -215,6 +215,14 @@ if HAS_TRITON:
         return block
 
     @triton.jit
+    def _gathered_keys(keys, k_base, v_base, stride_kn, stride_vn, kv_len, CLAMP: tl.constexpr):
+        """The K and V rows of a tile's listed keys (the query-tile kernel); with CLAMP, keys forced into
+        [0, kv_len)."""
+        if CLAMP:
+            keys = tl.minimum(tl.maximum(keys, 0), kv_len - 1)
+        return tl.load(k_base + keys[:, None] * stride_kn), tl.load(v_base + keys[:, None] * stride_vn)
+
+    @triton.jit
     def _csla_fwd_kernel(
         Q, K, V, Out, Lse, KVNumBlocks, KVIndices, QOrder, NumFull, PartialIndex, PartialMasks, KVLens,
         stride_qb, stride_qh, stride_qm,
@@ -347,20 +355,14 @@ if HAS_TRITON:
             num = tl.maximum(num, 0)
         num_full = num // BLOCK_N
         for t in range(0, num_full):
-            keys = tl.load(keys_row + t * BLOCK_N + offs_n)
-            if CLAMP_LAYOUT:
-                keys = tl.minimum(tl.maximum(keys, 0), kv_len - 1)
-            k = tl.load(k_base + keys[:, None] * stride_kn)
-            v = tl.load(v_base + keys[:, None] * stride_vn)
+            k, v = _gathered_keys(tl.load(keys_row + t * BLOCK_N + offs_n), k_base, v_base, stride_kn, stride_vn,
+                                  kv_len, CLAMP_LAYOUT)
             acc, l_i, m_i = online_softmax_step(acc, l_i, m_i, q, k, v, qk_scale, offs_n[None, :] >= 0, False)
         if num_full * BLOCK_N < num:  # the partial last tile: its empty slots read key 0 (in bounds) and get -inf
             pos = num_full * BLOCK_N + offs_n
             valid = pos < num
-            keys = tl.load(keys_row + pos, mask=valid, other=0)
-            if CLAMP_LAYOUT:
-                keys = tl.minimum(tl.maximum(keys, 0), kv_len - 1)
-            k = tl.load(k_base + keys[:, None] * stride_kn)
-            v = tl.load(v_base + keys[:, None] * stride_vn)
+            k, v = _gathered_keys(tl.load(keys_row + pos, mask=valid, other=0), k_base, v_base, stride_kn, stride_vn,
+                                  kv_len, CLAMP_LAYOUT)
             acc, l_i, m_i = online_softmax_step(acc, l_i, m_i, q, k, v, qk_scale, valid[None, :], True)
 
         out = acc / l_i[:, None]
