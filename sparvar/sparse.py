@@ -67,6 +67,11 @@ class SparVARPolicy:
     cs4a_sinks: int = 0  # the first scales' keys (HART: the text prefix + 2^2..5^2) lead every key set, never top-k
 
     def __post_init__(self):
+        # sequence fields arrive as lists from JSON and CLI overrides: one type (tuples) keeps the policy hashable and
+        # its record, hence every cache key and staleness check, the same however a field was spelled
+        for name in ("csla_window_sides", "csla_block", "csla_query_tile", "cs4a_band_sides"):
+            if isinstance(getattr(self, name), list):
+                object.__setattr__(self, name, tuple(getattr(self, name)))
         if self.num_layers <= 0 or self.num_scales <= 0:
             raise ValueError(f"num_layers and num_scales must be positive, got {self.num_layers} and {self.num_scales}")
         if not 0 <= self.decision_scale < self.num_scales:
@@ -76,7 +81,8 @@ class SparVARPolicy:
         if self.csla_sinks < 0:
             raise ValueError(f"csla_sinks must be >= 0, got {self.csla_sinks}")
         check_window_sides(self.csla_window_sides)
-        if len(self.csla_block) != 2 or min(self.csla_block) <= 0:
+        if (not isinstance(self.csla_block, tuple) or len(self.csla_block) != 2
+                or any(not isinstance(b, int) or isinstance(b, bool) or b <= 0 for b in self.csla_block)):
             raise ValueError(f"csla_block must be two positive ints (queries, keys), got {self.csla_block}")
         if self.csla_granularity not in GRANULARITIES:
             raise ValueError(f"unknown csla_granularity {self.csla_granularity!r}; expected one of {GRANULARITIES}")

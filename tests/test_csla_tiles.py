@@ -96,7 +96,7 @@ def test_policy_query_tile_field():
     with pytest.raises(ValueError, match="two positive ints"):
         default_policy("infinity-8b", schedule, csla_query_tile=(8, 8, 1))
     with pytest.raises(ValueError, match="two positive ints"):
-        default_policy("infinity-8b", schedule, csla_query_tile=[8, 8])
+        default_policy("infinity-8b", schedule, csla_query_tile=(8, 8.0))
     with pytest.raises(ValueError, match="needs csla_granularity 'block'"):
         default_policy("infinity-8b", schedule, csla_query_tile=(8, 8), csla_granularity="token")
 

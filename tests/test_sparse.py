@@ -66,6 +66,19 @@ def test_policy_overrides_and_validation():
         SparVARPlan(p, s, num_layers=40)
 
 
+def test_list_fields_from_json_make_the_same_policy_as_tuples():
+    s = get_schedule(1024)
+    as_tuples = default_policy("infinity-8b", s, csla_block=(128, 64), csla_query_tile=(8, 8),
+                               csla_window_sides=(-1, -1, -1, 1, 1, 3, 5, 7), cs4a_band_sides=(7, 9))
+    as_lists = default_policy("infinity-8b", s, csla_block=[128, 64], csla_query_tile=[8, 8],
+                              csla_window_sides=[-1, -1, -1, 1, 1, 3, 5, 7], cs4a_band_sides=[7, 9])
+    assert as_lists == as_tuples and hash(as_lists) == hash(as_tuples) and as_lists.record() == as_tuples.record()
+    assert isinstance(as_lists.csla_block, tuple) and isinstance(as_lists.csla_query_tile, tuple)
+    for bad in ((64, 64, 1), (64, 0), (64, 64.0), (True, 64), 64):
+        with pytest.raises(ValueError, match="csla_block must be two positive ints"):
+            default_policy("infinity-8b", s, csla_block=bad)
+
+
 def test_tiny_policy_runs_every_layer_and_scale():
     s = get_schedule(256)
     cfg = get_config("infinity-tiny")
