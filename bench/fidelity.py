@@ -67,6 +67,10 @@ VARIANTS: dict[str, tuple[dict | None, int]] = {
 # block's 32 queries. Not in the default run: `--variants dense sparvar sparvar_tiles_4x4 ...`
 TILE_VARIANTS = {f"{prefix}_tiles_{r}x{c}": ({**overrides, "csla_query_tile": (r, c)}, 0)
                  for r, c in ((4, 4), (4, 8)) for prefix, overrides in (("sparvar", {}), ("csla_only", {"cs4a_layers": 0}))}
+# Query tiles with wider windows (the policy's csla_window_sides), to ask whether the keys raster blocks add beyond
+# the windows could be had locally: the own-scale side 9 (sides ...,1,3,5,7,9) or 11 (...,3,5,7,9,11)
+TILE_VARIANTS.update({f"sparvar_tiles_4x4_w{sides[-1]}": ({"csla_query_tile": (4, 4), "csla_window_sides": sides}, 0)
+                      for sides in ((-1, -1, -1, 1, 3, 5, 7, 9), (-1, -1, -1, 3, 5, 7, 9, 11))})
 VARIANTS.update(TILE_VARIANTS)
 # FP8 linears (sparvar/fp8.py). "fp8" / "sparvar_fp8": FP8 at the last FP8_LAST_SCALES scales, as the torch-cuda
 # engine's default threshold (1,024 tokens) gives for Infinity 2B/8B at 1024² (scales 9-12 of 13); "fp8_all": every
