@@ -23,7 +23,9 @@ BATCH ?= 1
 # opt-in: CSLA over 2-D query tiles, e.g. CSLA_QUERY_TILE=8x8 (ATTENTION=sparvar, Infinity; docs/sparvar.md)
 CSLA_QUERY_TILE ?=
 TILE_ARGS = $(if $(CSLA_QUERY_TILE),--csla-query-tile $(CSLA_QUERY_TILE),)
-ENGINE_DIR ?= engines/$(MODEL)-$(ATTENTION)-$(BACKEND)$(if $(filter-out 1,$(BATCH)),-batch$(BATCH),)$(if $(CSLA_QUERY_TILE),-tiles$(CSLA_QUERY_TILE),)
+# the directory names the tile as the engine spec spells it ("08x8" is "8x8"): one tile, one directory
+TILE_NAME = $(shell echo '$(CSLA_QUERY_TILE)' | sed -E 's/(^|x)0+([0-9])/\1\2/g')
+ENGINE_DIR ?= engines/$(MODEL)-$(ATTENTION)-$(BACKEND)$(if $(filter-out 1,$(BATCH)),-batch$(BATCH),)$(if $(CSLA_QUERY_TILE),-tiles$(TILE_NAME),)
 
 .PHONY: install test demo engine generate serve bench docs clean
 

@@ -1,0 +1,27 @@
+"""The Makefile's engine directory (make -n: what `make engine` would run, nothing built)."""
+import os
+import shutil
+import subprocess
+
+import pytest
+
+from sparvar.engine import parse_query_tile
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def make_engine_command(**variables) -> str:
+    args = ["make", "-n", "-C", ROOT, "engine"] + [f"{k}={v}" for k, v in variables.items()]
+    out = subprocess.run(args, capture_output=True, text=True, check=True).stdout
+    return next(line for line in out.splitlines() if "engine build" in line)
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs GNU make (the README's commands use it)")
+@pytest.mark.parametrize("tile", ["8x8", "08x8", "008x08", "4x16", "16x08"])
+def test_one_query_tile_however_spelled_is_one_engine_directory(tile):
+    rows, cols = parse_query_tile(tile)
+    command = make_engine_command(MODEL="infinity-tiny", CSLA_QUERY_TILE=tile)
+    # the CLI gets the text as given (it parses and checks it); the directory gets the spec's one spelling
+    assert f"--csla-query-tile {tile} " in command
+    assert command.endswith(f"--engine-dir engines/infinity-tiny-sparvar-onnxruntime-tiles{rows}x{cols}")
+    assert make_engine_command(MODEL="infinity-tiny").endswith("--engine-dir engines/infinity-tiny-sparvar-onnxruntime")
