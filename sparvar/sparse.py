@@ -31,11 +31,16 @@ from sparvar.schedule import Schedule
 KINDS = ("dense", "cs4a_decide", "cs4a", "csla")
 
 
+def is_positive_int_pair(value) -> bool:
+    """Whether `value` is a tuple of two positive ints (bools are not ints here): a CSLA block or query tile."""
+    return (isinstance(value, tuple) and len(value) == 2
+            and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value))
+
+
 def check_query_tile(tile, name: str = "csla_query_tile") -> None:
     """A CSLA query tile (rows, cols): two positive ints whose product is a kernel query tile (ValueError, its
     message naming the tile as `name`)."""
-    if (not isinstance(tile, tuple) or len(tile) != 2 or any(not isinstance(t, int) or isinstance(t, bool) or t <= 0
-                                                             for t in tile)):
+    if not is_positive_int_pair(tile):
         raise ValueError(f"{name} must be None or two positive ints (rows, cols), got {tile!r}")
     if tile[0] * tile[1] not in KERNEL_TILE_SIZES:
         raise ValueError(f"{name} {tile[0]}x{tile[1]} holds {tile[0] * tile[1]} queries; the kernel's query tile must "
@@ -81,8 +86,7 @@ class SparVARPolicy:
         if self.csla_sinks < 0:
             raise ValueError(f"csla_sinks must be >= 0, got {self.csla_sinks}")
         check_window_sides(self.csla_window_sides)
-        if (not isinstance(self.csla_block, tuple) or len(self.csla_block) != 2
-                or any(not isinstance(b, int) or isinstance(b, bool) or b <= 0 for b in self.csla_block)):
+        if not is_positive_int_pair(self.csla_block):
             raise ValueError(f"csla_block must be two positive ints (queries, keys), got {self.csla_block}")
         if self.csla_granularity not in GRANULARITIES:
             raise ValueError(f"unknown csla_granularity {self.csla_granularity!r}; expected one of {GRANULARITIES}")

@@ -24,4 +24,10 @@ def test_one_query_tile_however_spelled_is_one_engine_directory(tile):
     # the CLI gets the text as given (it parses and checks it); the directory gets the spec's one spelling
     assert f"--csla-query-tile {tile} " in command
     assert command.endswith(f"--engine-dir engines/infinity-tiny-sparvar-onnxruntime-tiles{rows}x{cols}")
-    assert make_engine_command(MODEL="infinity-tiny").endswith("--engine-dir engines/infinity-tiny-sparvar-onnxruntime")
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs GNU make (the README's commands use it)")
+def test_no_query_tile_leaves_the_directory_and_the_command_without_one():
+    command = make_engine_command(MODEL="infinity-tiny")
+    assert "--csla-query-tile" not in command
+    assert command.endswith("--engine-dir engines/infinity-tiny-sparvar-onnxruntime")
