@@ -13,6 +13,7 @@ generation each (time_interleaved), so that no row runs later in the GPU's therm
 from __future__ import annotations
 
 import argparse
+import copy
 import gc
 import os
 import statistics
@@ -26,8 +27,15 @@ sys.path.insert(0, ROOT)
 
 from bench.common import ClockSampler, bench_prompts, result_path, save_figure, summarize, write_result  # noqa: E402
 
-# dense FLOPs at ~790 TFLOP/s: INFINITY.md; HART.md (transformer ~44 TF + diffusion MLP ~4.8 TF, VAE excluded)
+# dense FLOPs of one 1024² image at ~790 TFLOP/s: INFINITY.md; HART.md (transformer ~44 TF + diffusion MLP ~4.8 TF,
+# VAE excluded)
 FLOP_FLOOR_MS = {"infinity-2b": 146, "infinity-8b": 485, "hart-0.7b": 62}
+
+
+def flop_floor_ms(model_name: str, resolution: int, batch: int) -> float | None:
+    """The dense bf16 FLOP floor of one generation of `batch` 1024² images; None where none is known (another
+    resolution, a model without a figure)."""
+    return FLOP_FLOOR_MS[model_name] * batch if model_name in FLOP_FLOOR_MS and resolution == 1024 else None
 PROMPT = "a photo of a red fox sitting in the snow, highly detailed"
 # the honest baseline; results from before commit 3f9aa02 call it "dense engine (CUDA graphs, cuDNN)", though its
 # smallest attention calls had run our Triton kernel since commit 7cea0d2
@@ -143,11 +151,13 @@ def cudnn_acceptance(cfg, schedule) -> dict:
 
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
+    from sparvar.model import KVCache
+
     H, D, out = cfg.heads, cfg.head_dim, {}
-    cache = torch.zeros(2, H, schedule.total_tokens, D, device="cuda", dtype=torch.bfloat16)
+    cache = KVCache(1, 2, H, schedule.total_tokens, D, torch.bfloat16, "cuda")  # its page-padded allocation's strides
     for s, n in enumerate(schedule.lengths):
         qkv = torch.zeros(2, n, 3, H, D, device="cuda", dtype=torch.bfloat16).permute(2, 0, 3, 1, 4)
-        k = cache[:, :, : schedule.kv_len(s)]
+        k = cache.k[0, :, :, : schedule.kv_len(s)]
         try:
             with sdpa_kernel(SDPBackend.CUDNN_ATTENTION), warnings.catch_warnings():
                 warnings.simplefilter("ignore")
@@ -246,7 +256,8 @@ def family_parts(model_name: str, resolution: int, device, weights: str | None =
 
         # every row decodes in fp16 as the official inference (fp16 autocast); f_hat accumulates in fp32
         decoder = base.tokenizer.half_decoder()
-        graphed_tokenizer = GraphedDecoder(decoder)  # the engine rows decode as the torch-cuda engine does
+        engine_decoder = copy.deepcopy(decoder)  # see below
+        graphed_tokenizer = GraphedDecoder(engine_decoder)  # the engine rows decode as the torch-cuda engine does
 
         def make_hart_pipeline(runner, skip):
             tokenizer = graphed_tokenizer if isinstance(runner, HartCudaGraphRunner) else decoder
@@ -261,7 +272,9 @@ def family_parts(model_name: str, resolution: int, device, weights: str | None =
     from sparvar.generate import Sampling, TorchRunner
 
     decoder = base.decoder
-    graphed_decoder = GraphedDecoder(decoder)  # the engine rows decode as the torch-cuda engine does
+    # the engine rows decode as the torch-cuda engine does; GraphedDecoder fixes the sub-pixel weights of the decoder
+    # it is given, which switches that module's eager decodes to the sub-pixel form too: the eager rows keep their own
+    graphed_decoder = GraphedDecoder(copy.deepcopy(decoder))
 
     def make_runner(kind, plan, backend, fp8, skip, absorb):
         if kind == "graphs":
@@ -274,9 +287,10 @@ def family_parts(model_name: str, resolution: int, device, weights: str | None =
                                           else decoder, random_weights, skip_last=skip))
 
 
-def add_ratios(model_name: str, results: list[dict]) -> None:
+def add_ratios(model_name: str, results: list[dict], resolution: int = 1024, batch: int = 1) -> None:
     """Each row's speedups over the baselines measured in the same process (and its distance from the FLOP floor)."""
     medians = {r["row"]: r["median_ms"] for r in results if "median_ms" in r}
+    floor = flop_floor_ms(model_name, resolution, batch)
     fa2 = medians.get("dense eager, SDPA FlashAttention-2")
     for r in results:
         if "median_ms" not in r:
@@ -291,7 +305,14 @@ def add_ratios(model_name: str, results: list[dict]) -> None:
         dense_fp8 = medians.get(DENSE_FP8_ROW + suffix)
         if r.get("fp8") and dense_fp8:  # SparVAR's own gain at the same precision
             r["speedup_vs_dense_fp8_engine"] = dense_fp8 / r["median_ms"]
-        r["x_flop_floor"] = r["median_ms"] / FLOP_FLOOR_MS.get(model_name, float("nan"))
+        # a skipping row against the full dense engine is the paper's "+ skip 2" figure; against the dense engine
+        # skipping as much, SparVAR's own gain on the scales that run
+        same_skip = medians.get(f"dense engine + skip last {r.get('skip_last')}")
+        if r.get("skip_last") and same_skip:
+            r["speedup_vs_dense_engine_same_skip"] = same_skip / r["median_ms"]
+        # the floor is the dense bf16 FLOPs of one whole image: a row that skips scales or runs FP8 GEMMs has another
+        if floor and not r.get("skip_last") and not r.get("fp8"):
+            r["x_flop_floor"] = r["median_ms"] / floor
 
 
 def csla_by_cudnn(cfg, schedule, skip: int, tile: tuple[int, int] | None):
@@ -342,7 +363,7 @@ def bench_model(model_name: str, resolution: int, warmup: int, runs: int, rows=N
               "weights": {"transformer": weights, "tokenizer": vae} if weights else "random",
               "text_features": embeddings or "hashed stand-ins (the text encoder is not timed)",
               "cudnn_takes_scale": cudnn_acceptance(cfg, schedule),
-              "schedule": [list(g) for g in schedule.grids], "flop_floor_ms": FLOP_FLOOR_MS.get(model_name),
+              "schedule": [list(g) for g in schedule.grids], "flop_floor_ms": flop_floor_ms(model_name, resolution, batch),
               "protocol": "interleaved" if interleave else "sequential", "rows": results}
 
     def build(name, attention, kind, backend, skip, fp8):
@@ -417,7 +438,7 @@ def bench_model(model_name: str, resolution: int, warmup: int, runs: int, rows=N
         results.sort(key=lambda row: order[row["row"]])  # the benchmark's order, failed rows included
         del built
         specs = []
-        add_ratios(model_name, results)
+        add_ratios(model_name, results, resolution, batch)
         if save is not None:
             save(result)
     for spec in specs:
@@ -435,7 +456,7 @@ def bench_model(model_name: str, resolution: int, warmup: int, runs: int, rows=N
         del pipe, plan, runner
         gc.collect()
         torch.cuda.empty_cache()
-        add_ratios(model_name, results)
+        add_ratios(model_name, results, resolution, batch)
         if save is not None:
             save(result)
     del base, decoder, build  # the model's weights go with the last references to them
@@ -454,7 +475,8 @@ def plot(result: dict, path: str) -> None:
     for ax, m in zip(axes[0], result["models"]):
         rows = [r for r in m["rows"] if "median_ms" in r]
         ax.barh([r["row"] for r in rows], [r["median_ms"] for r in rows])
-        ax.axvline(m["flop_floor_ms"] or 0, color="k", linestyle="--", label="dense FLOP floor")
+        if m["flop_floor_ms"]:
+            ax.axvline(m["flop_floor_ms"], color="k", linestyle="--", label="dense FLOP floor")
         ax.set_title(f"{m['model']} {m['resolution']}² ({torch.cuda.get_device_name()}, bf16, CFG, batch {m['batch']})")
         ax.set_xlabel("ms per generation (median)")
         ax.invert_yaxis()

@@ -66,7 +66,8 @@ VARIANTS: dict[str, tuple[dict | None, int]] = {
 # the 32-wide last scale): 4x4 tiles cover the grid's fraction that 8x8 tiles cover at 1024^2, 4x8 hold a raster
 # block's 32 queries. Not in the default run: `--variants dense sparvar sparvar_tiles_4x4 ...`
 TILE_VARIANTS = {f"{prefix}_tiles_{r}x{c}": ({**overrides, "csla_query_tile": (r, c)}, 0)
-                 for r, c in ((4, 4), (4, 8)) for prefix, overrides in (("sparvar", {}), ("csla_only", {"cs4a_layers": 0}))}
+                 for r, c in ((4, 4), (4, 8), (8, 8))
+                 for prefix, overrides in (("sparvar", {}), ("csla_only", {"cs4a_layers": 0}))}
 # Query tiles with wider windows (the policy's csla_window_sides), to ask whether the keys raster blocks add beyond
 # the windows could be had locally: the own-scale side 9 (sides ...,1,3,5,7,9) or 11 (...,3,5,7,9,11)
 TILE_VARIANTS.update({f"sparvar_tiles_4x4_w{sides[-1]}": ({"csla_query_tile": (4, 4), "csla_window_sides": sides}, 0)
@@ -192,13 +193,24 @@ def generate_engines(engines: dict[str, str], prompts: list[str], seeds: list[in
     among them, each an engine of MODEL with its own attention and dtype: the deployed artefacts, in their precision
     (onnxruntime fp16 by default), instead of the eager fp32 model. One prompt per generation, seeded by its pair's
     seed (the eager scoring batches the prompts of a seed), the same for every variant."""
+    from sparvar.engine import parse_query_tile, read_manifest
     from sparvar.runtime import load_engine_pipeline
 
-    # an engine is built with dense or the default SparVAR policy, in its own precision: the ablations and FP8
-    # variants are eager-only
-    buildable = [k for k, (overrides, _) in VARIANTS.items() if overrides in (None, {}) and k not in FP8_VARIANTS]
+    # an engine is built with dense or the default SparVAR policy (its query tiles an engine option), in its own
+    # precision: the ablations and FP8 variants are eager-only
+    buildable = [k for k, (overrides, _) in VARIANTS.items()
+                 if (overrides is None or set(overrides) <= {"csla_query_tile"}) and k not in FP8_VARIANTS]
     if "dense" not in engines or any(name not in buildable for name in engines):
         raise ValueError(f"engines need 'dense' and may add {buildable[1:]}; got {sorted(engines)}")
+    for name, path in engines.items():  # each engine is built for its variant: a mix-up would score the wrong one
+        spec = read_manifest(path)["spec"]
+        overrides = VARIANTS[name][0]
+        want = {"attention": "dense" if overrides is None else "sparvar",
+                "csla_query_tile": None if overrides is None else overrides.get("csla_query_tile")}
+        have = {"attention": spec["attention"],
+                "csla_query_tile": parse_query_tile(spec["csla_query_tile"]) if spec.get("csla_query_tile") else None}
+        if have != want:
+            raise ValueError(f"engine {path} is built for {have}; variant {name!r} needs {want}")
     pipes = {name: load_engine_pipeline(path, skip_last=VARIANTS[name][1], model=MODEL)
              for name, path in engines.items()}
     features, lengths = hashed_embeddings(prompts, pipes["dense"].cfg.text_dim, pipes["dense"].cfg.text_maxlen)

@@ -63,19 +63,27 @@ def weights_identity(spec) -> dict:
     return {"weights": [checkpoint_digest(f) for f in files], "vae": checkpoint_digest(spec.vae)}
 
 
+# The tools each stage's artefacts depend on (tool_versions' keys): a version in a key rebuilds its stage when it
+# changes, so a stage holds only its own. torch-cuda writes no graph: its export and optimize depend on no ONNX tool.
+GRAPH_TOOLS = ("torch", "onnx", "onnxscript", "onnx-ir")
+BUILD_TOOLS = {"onnxruntime": ("onnxruntime",), "tensorrt": ("tensorrt", "triton", "torch"),  # QDP plugins run Triton
+               "tensorrt-rtx": ("tensorrt-rtx-cu13-bindings", "triton", "torch"),  # IPluginV3 plugins, Triton kernels
+               "torch-cuda": ("torch", "triton")}
+
+
 def stage_key_inputs(stage: str, ctx: StageContext) -> dict:
     spec = ctx.spec
+    graphs = spec.backend != "torch-cuda"
     if stage == "export":
         policy = ctx.policy()
         return {"config": dataclasses.asdict(ctx.cfg), "grids": ctx.schedule.grids, "rope_grid": ctx.schedule.rope_grid,
                 "policy": policy.record() if policy else None, "dtype": spec.dtype, "batch": spec.batch,
                 "opset": spec.opset, "code": EXPORT_CODE_VERSION, "backend_family": _graph_flavour(spec.backend),
-                **weights_identity(spec), **{k: ctx.versions.get(k) for k in ("torch", "onnx", "onnxscript", "onnx-ir")}}
+                **weights_identity(spec), **{k: ctx.versions.get(k) for k in (GRAPH_TOOLS if graphs else ())}}
     if stage == "optimize":
-        return {"onnx": ctx.versions.get("onnx"), "onnxscript": ctx.versions.get("onnxscript")}
+        return {k: ctx.versions.get(k) for k in (("onnx", "onnxscript") if graphs else ())}
     if stage == "build":
-        key = {"backend": spec.backend, **{k: v for k, v in ctx.versions.items()
-                                             if k in ("onnxruntime", "tensorrt", "tensorrt-rtx-cu13-bindings", "triton", "torch")}}
+        key = {"backend": spec.backend, **{k: ctx.versions.get(k) for k in BUILD_TOOLS[spec.backend]}}
         if spec.backend == "torch-cuda":  # 1: the stored SparVAR plan (before: only CSLA lists); 2: checkpoint record; 3: plan records its policy
             key["torch_cuda_plan"] = 3
         if spec.backend in ("tensorrt", "tensorrt-rtx"):

@@ -244,10 +244,11 @@ def build_engine_dir(ctx, out: str) -> dict:
                          "gpu": gpu_identity(), "units": units}}
 
 
-def load_engine(engine_dir: str, unit: str, plugin_api: str = "qdp"):
+def load_engine(engine_dir: str, unit: str, plugin_api: str = "qdp", manifest: dict | None = None):
     """The ICudaEngine of one unit of a tensorrt engine directory, its weights refit from the directory's shared
-    weights file (the plans are stripped). `plugin_api` must be the one the directory was built with."""
-    paths = engine_unit(engine_dir, unit, "tensorrt")
+    weights file (the plans are stripped). `plugin_api` must be the one the directory was built with. The directory
+    is checked first (trt_build.checked_manifest; pass its `manifest` to load several units on one check)."""
+    paths = engine_unit(engine_dir, unit, "tensorrt", manifest)
     built_with = paths["info"]["plugin_api"]
     if plugin_api != built_with:
         raise ValueError(f"{engine_dir} was built with plugin API {built_with!r}, not {plugin_api!r}")

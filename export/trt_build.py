@@ -245,19 +245,32 @@ def deserialize(trt, engine_bytes: bytes, logger, refit_from: str | None = None)
     return engine
 
 
-def engine_unit(engine_dir: str, unit: str, backend: str) -> dict:
-    """A unit's build record in an engine directory built for `backend` (its manifest key), with absolute paths:
-    {"engine": plan file, "refit_onnx": graph to refit from or None, "record": the unit's manifest entry,
-    "info": the backend's build info}."""
-    from sparvar.engine import EngineError, read_manifest
+def checked_manifest(engine_dir: str, backend: str) -> dict:
+    """The manifest of an engine directory built for `backend`, checked as the runtime checks a directory before it
+    loads one (sparvar.runtime.check_engine_code: exporter, architecture, schedule, SparVAR policy; then every
+    file's digest): a stale, foreign or corrupt directory is an EngineError naming it, never a plan deserialised.
+    It hashes every file: a caller loading several units checks once and passes the manifest to engine_unit."""
+    from sparvar.engine import EngineError, read_manifest, verify_files
+    from sparvar.runtime import check_engine_code
 
     manifest = read_manifest(engine_dir)
-    info = manifest["stages"]["build"]["info"]
-    key = backend.replace("-", "_")
-    if key not in info:
+    if backend.replace("-", "_") not in manifest["stages"]["build"]["info"]:
         raise EngineError(f"{engine_dir} holds no {backend} engines (it was built for backend "
                           f"{manifest['spec']['backend']!r}); build one with --backend {backend}")
-    units = info[key]["units"]
+    check_engine_code(engine_dir, manifest)
+    verify_files(engine_dir, manifest)
+    return manifest
+
+
+def engine_unit(engine_dir: str, unit: str, backend: str, manifest: dict | None = None) -> dict:
+    """A unit's build record in an engine directory built for `backend` (its manifest key), with absolute paths:
+    {"engine": plan file, "refit_onnx": graph to refit from or None, "record": the unit's manifest entry,
+    "info": the backend's build info}. `manifest`: the directory's, from checked_manifest (checked here if None)."""
+    from sparvar.engine import EngineError
+
+    manifest = manifest if manifest is not None else checked_manifest(engine_dir, backend)
+    info = manifest["stages"]["build"]["info"][backend.replace("-", "_")]
+    units = info["units"]
     if unit not in units:
         raise ValueError(f"unknown unit {unit!r}; {engine_dir} has units {sorted(units)}")
     record = units[unit]
@@ -266,7 +279,7 @@ def engine_unit(engine_dir: str, unit: str, backend: str) -> dict:
         raise EngineError(f"{engine_dir}: unit {unit} has stripped weights but no graph to refit them from; rebuild it")
     return {"engine": os.path.join(engine_dir, record["engine"]),
             "refit_onnx": os.path.join(engine_dir, refit_onnx) if refit_onnx else None, "record": record,
-            "info": info[key]}
+            "info": info}
 
 
 def layer_type_counts(trt, network) -> dict[str, int]:

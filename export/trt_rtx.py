@@ -216,12 +216,13 @@ def build_engine_dir(ctx, out: str) -> dict:
                              "timing_cache": "none (timing caches are no-ops in TensorRT-RTX >= 1.2)", "units": units}}
 
 
-def load_engine(engine_dir: str, unit: str):
+def load_engine(engine_dir: str, unit: str, manifest: dict | None = None):
     """The ICudaEngine of one unit of a tensorrt-rtx engine directory, weights refit from the directory's shared
-    weights where the plan was stripped. Needs a GPU that TensorRT-RTX runs on (SM 8.0, 8.6, 8.9, 12.x)."""
+    weights where the plan was stripped. Needs a GPU that TensorRT-RTX runs on (SM 8.0, 8.6, 8.9, 12.x). The
+    directory is checked first (trt_build.checked_manifest; pass its `manifest` to load several units on one check)."""
     from plugins import pluginv3
 
-    paths = engine_unit(engine_dir, unit, "tensorrt-rtx")
+    paths = engine_unit(engine_dir, unit, "tensorrt-rtx", manifest)
     check_plans_run_here(engine_dir, paths["info"])
     trt = load_trt_rtx()
     pluginv3.register_plugins(trt)  # Python plugins are not serialized: deserialization looks the creators up

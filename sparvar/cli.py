@@ -87,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--engine", type=nonempty, required=True, help="engine directory built by `sparvar engine build`")
     serve.add_argument("--t5", type=nonempty, help="local flan-t5-xl directory (Infinity engines with real weights)")
     serve.add_argument("--qwen", type=nonempty, help="local Qwen2-VL-1.5B-Instruct directory (HART engines with real weights)")
-    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    serve.add_argument("--host", type=nonempty, default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     serve.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
     serve.add_argument("--skip-last", type=int, default=0, help="skip the transformer on the last N scales")
     serve.add_argument("--batch-wait-ms", type=float, default=10.0,
@@ -113,7 +113,7 @@ def add_bench_e2e_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vae", type=nonempty, help="official tokenizer checkpoint, with --weights")
     p.add_argument("--text-embeddings", type=nonempty, help="precomputed text features of the one --model (default: hashed stand-ins; "
                    "the text encoder is not timed)")
-    p.add_argument("--out", default=None, help="default: bench/results/e2e_<device>.json (e2e_batch<N>_<device>.json)")
+    p.add_argument("--out", type=nonempty, default=None, help="default: bench/results/e2e_<device>.json (e2e_batch<N>_<device>.json)")
     p.add_argument("--rows", action="append", default=None,
                    help="only these rows (repeatable): comma-separated terms, each selecting the rows whose name "
                    "contains it; or '=' and one row's exact name (names hold commas)")
@@ -133,6 +133,9 @@ def resolve_device_dtype(device: str, dtype: str | None):
         raise UsageError(f"--device must be cpu or cuda, got {device!r}")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError(f"--device {device}: no CUDA GPU is available on this machine")
+    index = device.partition(":")[2]
+    if device.startswith("cuda:") and not (index.isascii() and index.isdigit() and int(index) < torch.cuda.device_count()):
+        raise UsageError(f"--device {device}: this machine's GPUs are cuda:0 to cuda:{torch.cuda.device_count() - 1}")
     dtype = dtype or ("bf16" if device.startswith("cuda") else "fp32")
     return torch.device(device), getattr(torch, DTYPES[dtype])
 
@@ -201,7 +204,7 @@ def cmd_generate(args) -> int:
     import torch
 
     from .config import get_config
-    from .pipeline import Pipeline, check_text_sources, default_prompt, save_images
+    from .pipeline import Pipeline, check_text_sources, default_prompt, sampling_for, save_images
     from .text import check_prompt
 
     def check_text_args(cfg, real_weights) -> int:
@@ -211,11 +214,25 @@ def cmd_generate(args) -> int:
         try:
             check_text_sources(cfg, t5=args.t5, qwen=args.qwen, embeddings=args.text_embeddings,
                                real_weights=real_weights, prompts=args.prompt)
-            if args.text_embeddings:  # a small file: its width is checked here, not after the weights load
+            # a small file: read here as the generation will read it (its width; HART's every slot and lengths), not
+            # after the weights load
+            if args.text_embeddings and getattr(cfg, "family", "infinity") == "hart":
+                from .hart.text import load_hart_embeddings
+
+                return load_hart_embeddings(args.text_embeddings, cfg)[0].shape[0]
+            if args.text_embeddings:
                 return load_embeddings(args.text_embeddings, cfg.text_dim)[0].shape[0]
         except ValueError as e:
             raise UsageError(str(e)) from None
         return len(args.prompt or [default_prompt(cfg)])
+
+    def check_sampling(cfg):
+        """--cfg/--tau/--top-k/--top-p as the model's family samples (Infinity's Sampling or HART's HartSampling; unset
+        options keep its defaults), checked before anything loads."""
+        try:
+            return sampling_for(cfg, cfg=args.cfg, tau=args.tau, top_k=args.top_k, top_p=args.top_p)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
 
     if args.prompt and args.text_embeddings:
         raise UsageError("give --prompt or --text-embeddings (precomputed prompts), not both")
@@ -253,6 +270,7 @@ def cmd_generate(args) -> int:
             engine_cfg = get_config(manifest["spec"]["model"])
         except ValueError as e:
             raise UsageError(f"{args.engine}: {e}; rebuild the engine") from None
+        sampling = check_sampling(engine_cfg)
         prompts = check_text_args(engine_cfg, real_weights=manifest["spec"]["weights"] is not None)
         check_out_path(args.out, prompts)  # once the prompts are counted (a batch writes NAME-<i>), before any load
         check_engine_code(args.engine, manifest)  # the spec's values, before the request is checked against them
@@ -260,14 +278,11 @@ def cmd_generate(args) -> int:
         pipe = load_engine_pipeline(args.engine, skip_last=args.skip_last, **expected)
     else:
         check_model_args(args)
+        sampling = check_sampling(get_config(args.model))
         check_out_path(args.out, check_text_args(get_config(args.model), real_weights=not args.random_weights))
         check_checkpoint_paths(args)
         device, dtype = resolve_device_dtype(args.device or "cpu", args.dtype)
         pipe = Pipeline.from_args(args, device, dtype)
-    try:  # Infinity's Sampling or HART's HartSampling; unset options keep the family's defaults
-        sampling = pipe.sampling(cfg=args.cfg, tau=args.tau, top_k=args.top_k, top_p=args.top_p)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
     prompts = args.prompt or [default_prompt(pipe.cfg)]
     features, lengths = pipe.text_features(prompts, t5=args.t5, embeddings=args.text_embeddings,
                                            allow_hashed=pipe.random_weights, qwen=args.qwen)

@@ -106,12 +106,23 @@ class Pipeline:
 
     def sampling(self, cfg: float | None = None, tau: float | None = None, top_k: int | None = None,
                  top_p: float | None = None) -> Sampling:
-        """Sampling from command-line options (None keeps the default)."""
-        options = {"cfg": cfg, "tau": tau, "top_k": top_k, "top_p": top_p}
-        return Sampling(**{k: v for k, v in options.items() if v is not None})
+        return sampling_for(self.cfg, cfg=cfg, tau=tau, top_k=top_k, top_p=top_p)
 
     def generate(self, features, lengths, sampling: Sampling = Sampling(), seed: int = 0, progress=None) -> Generation:
         return generate(self.runner, self.decoder, self.schedule, features, lengths, sampling, seed, self.skip_last, progress)
+
+
+def sampling_for(model_cfg, cfg: float | None = None, tau: float | None = None, top_k: int | None = None,
+                 top_p: float | None = None):
+    """The model family's sampling options (Infinity's Sampling, HART's HartSampling) from the CLI's or a request's
+    options (None keeps the default); ValueError naming a bad one. Needs only the model's config, so that the CLI
+    checks them before any weights load."""
+    if getattr(model_cfg, "family", "infinity") == "hart":
+        from .hart.generate import hart_sampling
+
+        return hart_sampling(model_cfg, cfg=cfg, tau=tau, top_k=top_k, top_p=top_p)
+    options = {"cfg": cfg, "tau": tau, "top_k": top_k, "top_p": top_p}
+    return Sampling(**{k: v for k, v in options.items() if v is not None})
 
 
 def default_prompt(cfg) -> str:

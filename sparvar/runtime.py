@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from .engine import (EngineError, EngineSpec, build_engine, check_checkpoints, check_compatible, check_model_config,
-                     check_spec_values, engine_info, read_manifest, stage_info, verify_files)
+                     check_spec_values, engine_info, load_engine_plan, read_manifest, stage_info, verify_files)
 
 _NP = {"float32": np.float32, "float16": np.float16, "int32": np.int32, "int64": np.int64, "bool": np.bool_}
 
@@ -240,11 +240,12 @@ class OrtDecoder:
 
 def check_engine_code(engine_dir: str, manifest: dict):
     """The engine against this sparvar: a model and schedule it knows, graphs of its exporter, traced from its
-    architecture. EngineError naming the first difference (a stale or foreign engine); returns (cfg, schedule)."""
+    architecture with its SparVAR policy. EngineError naming the first difference (a stale or foreign engine); returns (cfg, schedule)."""
     from export.stages import EXPORT_CODE_VERSION
 
     from .config import get_config
     from .schedule import get_schedule
+    from .sparse import default_policy, policy_changes
 
     spec = manifest["spec"]
     try:
@@ -255,10 +256,21 @@ def check_engine_code(engine_dir: str, manifest: dict):
     if manifest.get("export_code") != EXPORT_CODE_VERSION:  # the graphs' inputs and outputs are this exporter's
         raise EngineError(f"{engine_dir} was exported by another sparvar (export code {manifest.get('export_code')}, "
                           f"this sparvar runs {EXPORT_CODE_VERSION}); rebuild the engine")
-    check_spec_values(engine_dir, manifest)  # what a build accepts (read_manifest checked the kinds of values)
+    spec_values = check_spec_values(engine_dir, manifest)  # what a build accepts (read_manifest checked the kinds of values)
     check_model_config(engine_dir, manifest, cfg)  # traced from this architecture
     if [list(g) for g in schedule.grids] != manifest["schedule"]:
         raise EngineError(f"{engine_dir}: its schedule differs from this sparvar's {spec['resolution']} schedule; rebuild it")
+    # the graphs (or the stored plan) hold the policy of their build: one this sparvar has since changed (a preset's
+    # windows, its layer split) would run stale sparsity without a shape error
+    policy = (default_policy(spec["model"], schedule, **spec_values.policy_overrides())
+              if spec["attention"] == "sparvar" else None)
+    recorded = manifest.get("policy", "absent")
+    if recorded is not None and not isinstance(recorded, dict):
+        raise EngineError(f"{engine_dir}: its manifest records no SparVAR policy (a dict, or null for dense attention): "
+                          "incomplete or foreign; rebuild the engine")
+    changed = policy_changes(recorded, policy)
+    if changed:
+        raise EngineError(f"{engine_dir} was built for another SparVAR policy ({changed}); rebuild the engine")
     return cfg, schedule
 
 
@@ -327,14 +339,25 @@ def print_engine_info(engine_dir: str) -> None:
 
 def verify_engine(engine_dir: str) -> None:
     """What loading would check of the directory, without loading: the engine against this sparvar
-    (check_engine_code), every file against the manifest and, for an
-    engine that reads its weights from the spec's checkpoints (torch-cuda), those checkpoints against the build's
-    record. EngineError naming the first problem."""
+    (check_engine_code), every file against the manifest, a torch-cuda engine's stored SparVAR plan and, where it
+    reads its weights from the spec's checkpoints, those against the build's record; a TensorRT (-RTX) engine's plans
+    against this machine's GPU. EngineError naming the first problem."""
     manifest = read_manifest(engine_dir)
     cfg, _ = check_engine_code(engine_dir, manifest)  # what loading refuses before it reads a file
     verify_files(engine_dir, manifest)
     if manifest["spec"]["backend"] == "onnxruntime":  # every graph a generation runs is in the manifest
         onnxruntime_parts(engine_dir, manifest, cfg)
+    backend = manifest["spec"]["backend"]
+    if backend == "torch-cuda":  # its stored plan, as loading reads it (no GPU needed)
+        load_engine_plan(engine_dir, manifest)
+    if backend == "tensorrt":  # a plan runs only on the GPU model of its build
+        from export.tensorrt import check_built_for_this_gpu
+
+        check_built_for_this_gpu(engine_dir, stage_info(engine_dir, manifest, "build", "tensorrt"))
+    if backend == "tensorrt-rtx":  # a weight-stripped plan runs only on the GPU of its build
+        from export.trt_rtx import check_plans_run_here
+
+        check_plans_run_here(engine_dir, stage_info(engine_dir, manifest, "build", "tensorrt_rtx"))
     checked = ""
     if manifest["spec"]["backend"] == "torch-cuda" and manifest["spec"]["weights"] is not None:
         check_checkpoints(engine_dir, manifest)

@@ -70,7 +70,8 @@ class GenerationService:
         from .runtime import load_engine_pipeline
 
         self.engine_dir = engine_dir
-        self.spec = read_manifest(engine_dir)["spec"]
+        self.manifest = read_manifest(engine_dir)
+        self.spec = self.manifest["spec"]
         self.batch = self.spec.get("batch", 1)  # prompts per engine call
         self.batch_wait = batch_wait_ms / 1000
         cfg = get_config(self.spec["model"])  # the text source is checked before the (large) weights load
@@ -107,7 +108,9 @@ class GenerationService:
 
     def parse(self, request) -> tuple[str, int, object]:
         """(prompt, seed, sampling) of a request body, or a RequestError naming what is wrong."""
+        from .engine import EngineError
         from .pipeline import check_known_prompts
+        from .runtime import check_engine_request
 
         if not isinstance(request, dict):
             raise RequestError(f"the request must be a JSON object, got {type(request).__name__}")
@@ -133,6 +136,10 @@ class GenerationService:
         try:  # the family's own checks (Sampling / HartSampling): tau > 0, top_k in {0, 1, 2}, top_p in [0, 1]
             sampling = self.pipe.sampling(**options)
         except (TypeError, ValueError) as e:
+            raise RequestError(str(e)) from None
+        try:  # what this engine runs (e.g. no cfg 1 on an engine built with guidance): the request's fault, a 400
+            check_engine_request(self.manifest, self.batch, sampling.guided)
+        except EngineError as e:
             raise RequestError(str(e)) from None
         return prompt, seed, sampling
 
@@ -206,7 +213,6 @@ class GenerationService:
     def _run(self, jobs: list[_Job], count: bool = True) -> None:
         """One engine call for `jobs` (same sampling), padded to the engine's batch; each job gets its row of pixels or
         an error. count: whether the call shows in the served / failed / engine_calls counters (not the warm-up)."""
-        from .engine import EngineError
         from .pipeline import image_arrays
 
         pad = self.batch - len(jobs)  # the engine's graphs take exactly its batch
@@ -223,9 +229,8 @@ class GenerationService:
                     # to host memory under the lock: the image may be a graph's static output that the next call's
                     # replay overwrites, and GPU work from this thread must not overlap another call's graph capture
                     pixels = image_arrays(image)[: len(jobs)]
-                except EngineError as e:  # what this engine cannot run (e.g. cfg 1 on an engine built with guidance)
-                    raise RequestError(str(e)) from None
-                except BaseException:
+                except BaseException:  # a request this engine cannot run was refused in parse: this is the engine's
+                    # (an EngineError too: a graph changed on disk since the load), a 500 counted as failed
                     self.failed += len(jobs) if count else 0
                     raise
                 ms = 1000 * (time.perf_counter() - t0)

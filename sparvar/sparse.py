@@ -466,6 +466,18 @@ class SparVARPlan:
         return "\n".join(lines)
 
 
+def policy_changes(stored: dict | None, policy: SparVARPolicy | None) -> str:
+    """How a recorded policy (`SparVARPolicy.record()` as JSON kept it; None for dense attention) differs from
+    `policy`: "field: stored ..., now ..." for each field that differs, "" where none does."""
+    if stored is None or policy is None:
+        return "" if stored is None and policy is None else (
+            f"stored {'dense attention' if stored is None else 'a SparVAR policy'}, "
+            f"now {'dense attention' if policy is None else 'a SparVAR policy'}")
+    current = json.loads(json.dumps(policy.record()))
+    return "; ".join(f"{k}: stored {stored.get(k)!r}, now {current.get(k)!r}" for k in sorted(set(current) | set(stored))
+                     if stored.get(k) != current.get(k))
+
+
 def load_plan(path: str, policy: SparVARPolicy, schedule: Schedule, num_layers: int,
               backend: str = "reference", skip_last: int = 0) -> SparVARPlan:
     """The plan whose layouts and geometries `SparVARPlan.save` stored at `path` (an engine's build output), serving
@@ -482,11 +494,9 @@ def load_plan(path: str, policy: SparVARPolicy, schedule: Schedule, num_layers: 
     # the layouts' shapes cannot tell every policy change (other window sides give other blocks of the same size)
     if stored is None:
         raise ValueError(f"{path} does not record the policy it was made for (saved by an older sparvar)")
-    current = json.loads(json.dumps(policy.record()))
-    changed = [f"{k}: stored {stored.get(k)!r}, now {current.get(k)!r}" for k in sorted(set(current) | set(stored))
-               if stored.get(k) != current.get(k)]
+    changed = policy_changes(stored, policy)
     if changed:
-        raise ValueError(f"{path} was made for another SparVAR policy ({'; '.join(changed)})")
+        raise ValueError(f"{path} was made for another SparVAR policy ({changed})")
 
     def build(cls, kind, s, scalars):
         kwargs = {}

@@ -225,6 +225,29 @@ def test_unabsorbed_rows_are_compared_with_the_unabsorbed_dense_engine():
                                                                     1.23]
 
 
+def test_skip_rows_name_both_baselines_and_the_flop_floor_fits_the_row():
+    """A skipping row: its speedup over the full dense engine (the paper's "+ skip 2") and over the dense engine
+    skipping as much. The FLOP floor (dense bf16, whole 1024² images) is given only to rows doing that work: a
+    skipping or FP8 row ran under it (x 0.68), and at batch 4 it is four images' floor."""
+    from bench.e2e import DENSE_ENGINE_ROW, DENSE_FP8_ROW, SPARVAR_ENGINE_ROW, add_ratios
+
+    rows = [{"row": DENSE_ENGINE_ROW, "median_ms": 230.0}, {"row": SPARVAR_ENGINE_ROW, "median_ms": 190.0},
+            {"row": "SparVAR engine + skip last 2", "median_ms": 99.0, "skip_last": 2},
+            {"row": "dense engine + skip last 2", "median_ms": 102.0, "skip_last": 2},
+            {"row": DENSE_FP8_ROW, "median_ms": 200.0, "fp8": True}]
+    add_ratios("infinity-2b", rows)
+    assert round(rows[2]["speedup_vs_dense_engine"], 4) == round(230 / 99, 4)
+    assert round(rows[2]["speedup_vs_dense_engine_same_skip"], 4) == round(102 / 99, 4)
+    assert "speedup_vs_dense_engine_same_skip" not in rows[1]
+    assert [round(r.get("x_flop_floor", 0), 4) for r in rows] == [round(230 / 146, 4), round(190 / 146, 4), 0, 0, 0]
+    batch4 = [{"row": DENSE_ENGINE_ROW, "median_ms": 740.0}]
+    add_ratios("infinity-2b", batch4, batch=4)
+    assert round(batch4[0]["x_flop_floor"], 4) == round(740 / (4 * 146), 4)
+    other = [{"row": DENSE_ENGINE_ROW, "median_ms": 40.0}]
+    add_ratios("infinity-2b", other, resolution=512)
+    assert "x_flop_floor" not in other[0]
+
+
 def test_clock_sampler_summarises_what_it_read_and_says_why_it_did_not():
     """The e2e rows' GPU clocks: samples taken in the background while entered, their median / min / max; without
     a reader (no GPU, no pynvml) no sample and the reason."""

@@ -139,13 +139,17 @@ def test_cuda_without_gpu_is_a_clear_error(capsys):
 
 @pytest.mark.parametrize("args", [["generate", "--engine", ""], ["generate", "--model", "", "--random-weights"],
                                   ["engine", "build", "--random-weights", "--engine-dir", ""], ["engine", "info", ""],
-                                  ["generate", "--engine", " "]])
+                                  ["generate", "--engine", " "], ["serve", "--engine", "e", "--host", ""],
+                                  ["bench", "e2e", "--model", "infinity-tiny", "--out", ""]])
 def test_an_empty_name_or_path_is_an_error_not_the_default(args, capsys):
     """What "$VAR" gives for an unset variable: an error naming the option, never the option's default (an empty
-    --engine ran eager torch, an empty --engine-dir built into ./engines/...)."""
+    --engine ran eager torch, an empty --engine-dir built into ./engines/..., an empty --host listened on every
+    interface, an empty bench --out wrote over the committed bench/results/e2e_<device>.json)."""
     with pytest.raises(SystemExit) as e:
         main(args)
-    assert e.value.code == 2 and "must not be empty" in capsys.readouterr().err
+    before = args[next(i for i, a in enumerate(args) if not a.strip()) - 1]
+    option = before if before.startswith("--") else "engine_dir"
+    assert e.value.code == 2 and f"{option}: must not be empty" in capsys.readouterr().err
 
 
 def test_ctrl_c_is_a_message_and_exit_130(capsys, monkeypatch):
@@ -381,6 +385,40 @@ def test_an_engine_built_for_another_model_is_named_before_the_text_options(engi
     code, err = _run(["generate", "--engine", engines["dense"], "--model", "hart-0.7b", "--qwen", str(tmp_path),
                       "--out", str(tmp_path / "x.png")], capsys)
     assert code == 1 and "built for model='infinity-tiny'" in err, err
+
+
+def test_sampling_options_and_hart_text_files_are_refused_before_anything_loads(engines, tmp_path, capsys, monkeypatch):
+    """--cfg/--tau/--top-k/--top-p are checked as the model's family samples before the weights load or the engine's
+    files hash (tens of GB at 8B), and HART's text file as HART reads it (every slot, its lengths): both had been
+    said only after the load."""
+    import sparvar.pipeline as pipeline
+    import sparvar.runtime as runtime
+
+    monkeypatch.setattr(pipeline.Pipeline, "from_args", lambda *a, **k: pytest.fail("the model loaded first"))
+    monkeypatch.setattr(runtime, "load_engine_pipeline", lambda *a, **k: pytest.fail("the engine loaded first"))
+    out = ["--out", str(tmp_path / "x.png")]
+    code, err = _run(["generate", "--engine", engines["sparvar"], "--top-p", "2", *out], capsys)
+    assert code == 2 and "top_p must be in [0, 1]" in err, err
+    code, err = _run(["generate", "--model", "infinity-2b", "--random-weights", "--tau", "0", *out], capsys)
+    assert code == 2 and "tau must be > 0" in err, err
+    code, err = _run(["generate", "--model", "hart-tiny", "--random-weights", "--top-k", "1", *out], capsys)
+    assert code == 2 and "top_k: hart-tiny uses the official top-k schedule" in err, err
+    from sparvar.config import get_config
+
+    cfg = get_config("hart-tiny")
+    torch.save({"features": torch.zeros(1, cfg.text_len, cfg.text_dim)}, tmp_path / "e.pt")  # no 'lengths'
+    code, err = _run(["generate", "--model", "hart-tiny", "--random-weights", "--text-embeddings",
+                      str(tmp_path / "e.pt"), *out], capsys)
+    assert code == 2 and "'lengths'" in err, err
+
+
+@pytest.mark.parametrize("device", ["cuda:1", "cuda:abc", "cuda:-1", "cuda:"])
+def test_a_gpu_index_this_machine_lacks_is_named(device, capsys, monkeypatch):
+    """On a one-GPU machine (faked here): an index it lacks, or none, was a CUDA traceback."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    code, err = _run(["generate", "--random-weights", "--device", device], capsys)
+    assert code == 2 and f"--device {device}: this machine's GPUs are cuda:0 to cuda:0" in err, err
 
 
 def test_a_text_embeddings_file_of_the_wrong_width_is_refused_before_the_model_loads(tmp_path, capsys, monkeypatch):

@@ -575,6 +575,70 @@ def test_an_engine_another_exporter_wrote_is_refused(engines, tmp_path):
             load_engine_pipeline(path)
 
 
+def test_an_engine_built_for_another_sparvar_policy_is_refused_by_load_and_verify(engines, tmp_path, monkeypatch, capsys):
+    """The graphs (onnxruntime) and the stored plan (torch-cuda) hold the policy of their build. After this sparvar's
+    preset changed (here CS4A's layer split), loading and `engine verify` refuse both, naming the field (onnxruntime
+    loaded the old graphs, and verify passed the torch-cuda engine that loading refused). A dense engine whose record
+    claims a policy, or a manifest without the record, is refused too; verify reads a torch-cuda plan as loading does."""
+    import sparvar.sparse as sparse
+
+    path, dense, cuda = (str(tmp_path / name) for name in ("e", "d", "cuda"))
+    shutil.copytree(engines["sparvar"], path)
+    shutil.copytree(engines["dense"], dense)
+    build_engine(EngineSpec(model="infinity-tiny", resolution=256, attention="sparvar", backend="torch-cuda",
+                            dtype="bf16"), cuda, log=QUIET)
+    assert main(["engine", "verify", path]) == 0 and main(["engine", "verify", cuda]) == 0
+    layers = sparse.POLICY_PRESETS["infinity-tiny"]["cs4a_layers"]
+    with monkeypatch.context() as m:
+        m.setitem(sparse.POLICY_PRESETS, "infinity-tiny", {**sparse.POLICY_PRESETS["infinity-tiny"], "cs4a_layers": 1})
+        with pytest.raises(EngineError, match=rf"built for another SparVAR policy \(cs4a_layers: stored {layers}, now 1\); "
+                                              "rebuild"):
+            load_engine_pipeline(path)
+        for engine in (path, cuda):
+            capsys.readouterr()
+            assert main(["engine", "verify", engine]) == 1
+            assert f"cs4a_layers: stored {layers}, now 1" in capsys.readouterr().err
+    load_engine_pipeline(path)  # the preset back: current again
+
+    def rewrite(engine, change):
+        manifest = read_manifest(engine)
+        change(manifest)
+        with open(os.path.join(engine, "manifest.json"), "w") as f:
+            json.dump(manifest, f)
+
+    rewrite(dense, lambda m: m.update(policy=read_manifest(path)["policy"]))
+    with pytest.raises(EngineError, match="another SparVAR policy \\(stored a SparVAR policy, now dense attention\\)"):
+        load_engine_pipeline(dense)
+    rewrite(dense, lambda m: m.pop("policy"))
+    with pytest.raises(EngineError, match="records no SparVAR policy .*rebuild"):
+        load_engine_pipeline(dense)
+    rewrite(cuda, lambda m: m["stages"]["build"]["info"]["torch_cuda"].pop("sparse_plan"))
+    capsys.readouterr()
+    assert main(["engine", "verify", cuda]) == 1
+    assert "no stored SparVAR plan" in capsys.readouterr().err
+
+
+def test_verify_refuses_tensorrt_plans_built_for_another_gpu(engines, tmp_path, capsys, monkeypatch):
+    """`engine verify` checks what loading a TensorRT directory checks: plans built for another GPU model are named
+    (verify had passed them, and only load refused). The manifest is an onnxruntime engine's, made to read as a
+    TensorRT build's (TensorRT cannot be installed here)."""
+    import export.tensorrt as tensorrt
+
+    path = str(tmp_path / "e")
+    shutil.copytree(engines["sparvar"], path)
+    manifest = read_manifest(path)
+    manifest["spec"].update(backend="tensorrt", dtype="fp16")
+    h100 = {"name": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0"}
+    manifest["stages"]["build"]["info"] = {"tensorrt": {"gpu": h100, "units": {}}}
+    with open(os.path.join(path, "manifest.json"), "w") as f:
+        json.dump(manifest, f)
+    monkeypatch.setattr(tensorrt, "gpu_identity", lambda: {"name": "NVIDIA A100-SXM4-80GB", "compute_capability": "8.0"})
+    assert main(["engine", "verify", path]) == 1
+    assert "NVIDIA H100 80GB HBM3" in capsys.readouterr().err
+    monkeypatch.setattr(tensorrt, "gpu_identity", lambda: h100)
+    assert main(["engine", "verify", path]) == 0
+
+
 def test_abandoned_temporary_builds_are_removed_live_ones_kept(tmp_path):
     """A build killed with SIGKILL leaves its .tmp-<dir>-<pid>; the next build of that directory removes it (its
     process is gone), and leaves a running build's directory and other names alone."""
@@ -804,3 +868,35 @@ def test_torch_cuda_engine_stores_the_query_tile_plan(tmp_path):
     with pytest.raises(EngineError, match=r"its manifest's spec is not one sparvar builds \(CSLA query tile 3x3") as e:
         load_engine_plan(path, manifest, backend="reference")
     assert "stored SparVAR plan" not in str(e.value)
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "tensorrt-rtx", "tensorrt", "torch-cuda"])
+def test_each_stage_key_holds_the_versions_of_the_tools_its_artefacts_depend_on(backend, monkeypatch):
+    """A tool's new version rebuilds the stages built with it and no other: an onnxruntime engine's build no longer
+    reruns for a new Triton or TensorRT, a TensorRT plan for a new onnxruntime, a torch-cuda engine (no graphs)
+    for a new onnx; each backend's own tools still rebuild it."""
+    from export import stages
+    from sparvar.engine import BACKENDS
+
+    assert set(stages.BUILD_TOOLS) == set(BACKENDS)
+    if backend == "tensorrt":  # its build key holds the GPU its plans run on
+        monkeypatch.setattr("export.tensorrt.gpu_identity", lambda: None)
+    tools = ("torch", "onnx", "onnxscript", "onnx-ir", "onnxruntime", "tensorrt", "tensorrt-rtx-cu13-bindings", "triton")
+    spec = EngineSpec(model="infinity-tiny", resolution=256, attention="dense", backend=backend,
+                      dtype="bf16" if backend == "torch-cuda" else "fp32")
+
+    def keys(versions):
+        context = stages.StageContext(spec=spec, out_dir="unused", versions=versions)
+        return {stage: stages.stage_key_inputs(stage, context) for stage in ("export", "optimize", "build")}
+
+    base = keys({tool: "1.0" for tool in tools})
+    rebuilt = {tool: [stage for stage, key in keys({**{t: "1.0" for t in tools}, tool: "2.0"}).items()
+                      if key != base[stage]] for tool in tools}
+    graphs = [] if backend == "torch-cuda" else ["export"]
+    expected = {"torch": graphs + ["build"] if backend != "onnxruntime" else ["export"],
+                "onnx": graphs + ["optimize"] * bool(graphs), "onnxscript": graphs + ["optimize"] * bool(graphs),
+                "onnx-ir": graphs, "onnxruntime": ["build"] * (backend == "onnxruntime"),
+                "tensorrt": ["build"] * (backend == "tensorrt"),
+                "tensorrt-rtx-cu13-bindings": ["build"] * (backend == "tensorrt-rtx"),
+                "triton": ["build"] * (backend != "onnxruntime")}
+    assert rebuilt == expected

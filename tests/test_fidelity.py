@@ -104,3 +104,16 @@ def test_sparvar_stays_close_to_dense_and_skipping_does_not(one_thread):
     assert errors["layer0_scale8"] == 0.0  # CS4A's decision scale attends densely
     assert all(0.0 < errors[f"layer{layer}_scale{sc}"] < 0.5 for layer in range(2, 6) for sc in (8, 9, 10))
     assert all(0.0 < errors[f"layer{layer}_scale{sc}"] < 0.5 for layer in range(2) for sc in (9, 10))
+
+
+def test_engines_are_scored_only_as_the_variant_they_were_built_for(engines):
+    """`bench.fidelity --engines`: each directory's build must be its variant's (a dense engine given as 'sparvar'
+    had been scored as SparVAR, silently 100 dB); query-tile variants take engines built with those tiles."""
+    from bench.fidelity import generate_engines
+
+    with pytest.raises(ValueError, match="built for .*'attention': 'dense'.*variant 'sparvar' needs .*'attention': 'sparvar'"):
+        generate_engines({"dense": engines["dense"], "sparvar": engines["dense"]}, ["cat"], [0])
+    with pytest.raises(ValueError, match="variant 'sparvar_tiles_8x8' needs .*'csla_query_tile': \\(8, 8\\)"):
+        generate_engines({"dense": engines["dense"], "sparvar_tiles_8x8": engines["sparvar"]}, ["cat"], [0])
+    with pytest.raises(ValueError, match="engines need 'dense' and may add"):
+        generate_engines({"dense": engines["dense"], "csla_only": engines["sparvar"]}, ["cat"], [0])

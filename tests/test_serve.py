@@ -235,18 +235,34 @@ def test_concurrent_requests_each_get_their_own_image(server, monkeypatch):
 
 
 def test_engine_failure_is_a_500_and_the_service_keeps_serving(server, monkeypatch):
+    """The engine's failures are 500s, counted as failed: an EngineError too (a graph changed on disk since the load),
+    which had been a 400 blaming the client, and uncounted. A request the engine cannot run is a 400 before any call."""
+    from sparvar.engine import EngineError
+
     url, service = server
     calls = []
 
-    def broken(*args, **kwargs):
-        calls.append(1)
-        raise RuntimeError("device lost")
+    def broken(error):
+        def generate(*args, **kwargs):
+            calls.append(1)
+            raise error
+        return generate
 
+    failed = service.failed
+    for error, message in ((RuntimeError("device lost"), "RuntimeError: device lost"),
+                           (EngineError("optimize/text.onnx changed on disk"), "EngineError: optimize/text.onnx changed")):
+        with monkeypatch.context() as m:
+            m.setattr(service.pipe, "generate", broken(error))
+            status, _, payload = _post(url, {"prompt": "a cat"})
+        assert status == 500 and json.loads(payload)["error"].startswith(message) and calls
+        failed += 1
+        assert service.failed == failed
+    calls.clear()
     with monkeypatch.context() as m:
-        m.setattr(service.pipe, "generate", broken)
-        status, _, payload = _post(url, {"prompt": "a cat"})
-    assert status == 500 and json.loads(payload)["error"] == "RuntimeError: device lost" and calls
-    assert service.failed == 1
+        m.setattr(service.pipe, "generate", broken(RuntimeError("no call expected")))
+        status, _, payload = _post(url, {"prompt": "a cat", "cfg": 1.0})
+    assert status == 400 and "built with classifier-free guidance" in json.loads(payload)["error"] and not calls
+    assert service.failed == failed
     assert _post(url, {"prompt": "a cat"})[0] == 200
 
 
@@ -459,6 +475,7 @@ def test_a_class_conditional_engine_answers_only_its_class_names(monkeypatch):
     from sparvar.serve import GenerationService, RequestError
 
     service = GenerationService.__new__(GenerationService)  # parse and warm-up only: no engine to build
+    service.manifest, service.batch = {"spec": {"backend": "torch-cuda"}}, 1  # runs any batch, guided or not
     service.pipe = SimpleNamespace(cfg=get_config("infinity-cifar"), sampling=lambda **o: Sampling(
         **{k: v for k, v in o.items() if v is not None}))
     with pytest.raises(RequestError, match="the prompt must be one of airplane, automobile, .* got 'a red car'"):

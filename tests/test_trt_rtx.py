@@ -308,6 +308,48 @@ def test_load_engine_names_bad_units_and_needs_a_gpu_tensorrt_rtx_runs_on(tiny_e
         load_engine(path, "step_00")
 
 
+def test_load_engine_checks_the_directory_as_the_runtime_does(tiny_engine, tmp_path):
+    """Before any plan is deserialised: a directory another exporter wrote, or with a corrupt file, is an EngineError
+    naming it (load_engine had read only the manifest, and went on to TensorRT-RTX with either); one check serves
+    several units; `engine verify` refuses stripped plans this machine's GPU cannot run, as loading does."""
+    import json
+    import shutil
+
+    from export.trt_build import checked_manifest
+    from sparvar.cli import main
+    from sparvar.engine import EngineError, read_manifest
+
+    path = str(tmp_path / "e")
+    shutil.copytree(tiny_engine[0], path)
+    manifest = checked_manifest(path, "tensorrt-rtx")
+    with pytest.raises(ValueError, match="unknown unit 'step_99'"):  # the checked manifest, no second check
+        load_engine(path, "step_99", manifest=manifest)
+    with pytest.raises(EngineError, match="holds no tensorrt engines"):
+        checked_manifest(path, "tensorrt")
+
+    def rewrite(change):
+        stored = read_manifest(path)
+        change(stored)
+        with open(os.path.join(path, "manifest.json"), "w") as f:
+            json.dump(stored, f)
+
+    plan = os.path.join(path, manifest["stages"]["build"]["info"]["tensorrt_rtx"]["units"]["step_00"]["engine"])
+    data = bytearray(open(plan, "rb").read())
+    data[-1] ^= 1
+    open(plan, "wb").write(data)
+    with pytest.raises(EngineError, match="step_00.engine of stage 'build' is corrupt"):
+        load_engine(path, "step_00")
+    data[-1] ^= 1
+    open(plan, "wb").write(data)
+    rewrite(lambda m: m.update(export_code=-1))
+    with pytest.raises(EngineError, match="exported by another sparvar"):
+        load_engine(path, "step_00")
+    rewrite(lambda m: m.update(export_code=manifest["export_code"]))
+    _needs_no_strippable_gpu()
+    rewrite(lambda m: m["stages"]["build"]["info"]["tensorrt_rtx"].update(weights="strip", compute_capabilities=["SM89"]))
+    assert main(["engine", "verify", path]) == 1
+
+
 @pytest.mark.gpu
 def test_load_engine_refits_and_exposes_the_unit_io(tiny_engine):
     major, minor = torch.cuda.get_device_capability()

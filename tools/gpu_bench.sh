@@ -42,6 +42,7 @@
 #   bash tools/gpu_bench.sh "$OUT" issue8b   # every row of issue 7 in one process (eager FA2 / cuDNN, engines, skip 2, query tiles, FP8), 8B
 #   bash tools/gpu_bench.sh "$OUT" issue2b   # the same for 2B
 #   bash tools/gpu_bench.sh "$OUT" issuehart # the same for HART-0.7B (no query tiles or FP8 there), then the query tiles' GPU tests
+#   bash tools/gpu_bench.sh "$OUT" fidelitygpu # infinity-cifar: eager fp32 policy vs 4x4 / 8x8 query tiles, then the torch-cuda engines (bf16, graphs) scored
 set -uo pipefail
 # the GPU machine gets the work tree without .git: results record the commit only if the caller names it (commit
 # first, then pass the full sha), so refuse to produce results that would say "uncommitted"
@@ -202,6 +203,17 @@ for what in "${@:2}"; do
       python -m pytest -q -m gpu tests/test_csla_tiles.py \
         tests/test_cuda_engine.py::test_a_torch_cuda_engine_built_with_query_tiles_follows_the_tile_reference \
         --junitxml "$OUT/gpu_tests_tiles_$TAG.xml" 2>&1 | tail -4 ;;
+    fidelitygpu)  # the deployed torch-cuda engines' fidelity (bf16, Triton kernels, CUDA graphs) against their dense engine
+      python -m bench.fidelity --device cuda --seeds 10 --variants dense sparvar sparvar_tiles_4x4 sparvar_tiles_8x8 \
+        --out "$OUT/fidelity_tiles_eager_$TAG.json" 2>&1 | grep -v Warning | tail -6
+      dirs=$(mktemp -d)
+      cifar=(--model infinity-cifar --weights weights/infinity-cifar.safetensors --vae weights/infinity-cifar-tokenizer.safetensors
+             --backend torch-cuda)
+      python -m sparvar.cli engine build "${cifar[@]}" --attention dense --engine-dir "$dirs/dense" >/dev/null
+      python -m sparvar.cli engine build "${cifar[@]}" --attention sparvar --engine-dir "$dirs/sparvar" >/dev/null
+      python -m sparvar.cli engine build "${cifar[@]}" --attention sparvar --csla-query-tile 8x8 --engine-dir "$dirs/tiles" >/dev/null
+      python -m bench.fidelity --seeds 10 --engines dense="$dirs/dense" sparvar="$dirs/sparvar" sparvar_tiles_8x8="$dirs/tiles" \
+        skip2="$dirs/dense" sparvar_skip2="$dirs/sparvar" --out "$OUT/fidelity_engines_torch_cuda_$TAG.json" 2>&1 | grep -v Warning | tail -8 ;;
     hart)
       python bench/e2e.py --model hart-0.7b --warmup 3 --runs 20 --rows engine \
         --out "$OUT/e2e_hart_engines_$TAG.json" 2>&1 | grep -v Warning | tail -8 ;;

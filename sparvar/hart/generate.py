@@ -200,6 +200,20 @@ def paired_condition(x: torch.Tensor, cond: torch.Tensor, cfg_scale: float) -> t
     return cond
 
 
+def hart_sampling(model_cfg: HartConfig, cfg: float | None = None, tau: float | None = None, top_k: int | None = None,
+                  top_p: float | None = None) -> HartSampling:
+    """HartSampling from the options of the CLI or a served request (None keeps the official default); errors name
+    the option as both spell it (tau, top_k), like Sampling's own. Needs only the config: the CLI checks the options
+    before any weights load."""
+    if tau is not None:
+        raise ValueError(f"tau: {model_cfg.name} samples without a temperature (official HART); drop it")
+    if top_k is not None:
+        raise ValueError(f"top_k: {model_cfg.name} uses the official top-k schedule (600 before scale 7, then "
+                         "300); drop it")
+    options = {"cfg": cfg, "top_p": top_p}
+    return HartSampling(**{k: v for k, v in options.items() if v is not None})
+
+
 class HartPipeline:
     """HART's text-to-image pipeline, with sparvar.pipeline.Pipeline's interface (create, text_features, sampling,
     generate); `Pipeline.create` returns one for a HART model. An engine runner plugs in through the constructor."""
@@ -258,15 +272,7 @@ class HartPipeline:
 
     def sampling(self, cfg: float | None = None, tau: float | None = None, top_k: int | None = None,
                  top_p: float | None = None) -> HartSampling:
-        """HartSampling from the options of the CLI or a served request (None keeps the official default); errors name
-        the option as both spell it (tau, top_k), like Sampling's own."""
-        if tau is not None:
-            raise ValueError(f"tau: {self.cfg.name} samples without a temperature (official HART); drop it")
-        if top_k is not None:
-            raise ValueError(f"top_k: {self.cfg.name} uses the official top-k schedule (600 before scale 7, then "
-                             "300); drop it")
-        options = {"cfg": cfg, "top_p": top_p}
-        return HartSampling(**{k: v for k, v in options.items() if v is not None})
+        return hart_sampling(self.cfg, cfg=cfg, tau=tau, top_k=top_k, top_p=top_p)
 
     def generate(self, features, mask, sampling: HartSampling = HartSampling(), seed: int | list[int] = 0,
                  progress=None) -> HartGeneration:
