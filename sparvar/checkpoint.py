@@ -12,10 +12,11 @@ import hashlib
 import json
 import os
 import re
+import zipfile
 
 import torch
 
-from .config import InfinityConfig
+from .config import CONFIGS, InfinityConfig
 from .model import Infinity, build_model
 
 _OFFICIAL_BLOCK = re.compile(r"^block_chunks\.(\d+)\.module\.(\d+)\.(.*)$")
@@ -156,7 +157,8 @@ def read_state_dict(path: str) -> dict[str, torch.Tensor]:
             raise CheckpointError(f"{path} cannot be read as safetensors ({type(e).__name__}: {e})") from None
     if path.endswith((".pth", ".pt", ".bin")):
         try:
-            sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            # memory-mapped (8B's 16 GB read lazily); the pre-zip format of torch < 1.6 cannot be, and is read whole
+            sd = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
         except Exception as e:  # truncated zip, pickle garbage, or a pickle needing more than tensors
             hint = ("; it pickles more than tensors (an official trainer checkpoint keeps its args): we load tensors "
                     "only, so export the weights first (official save_slim_model)") if "weights_only" in str(e) else ""
@@ -176,8 +178,20 @@ def read_state_dict(path: str) -> dict[str, torch.Tensor]:
 
 def check_state_dict(sd: dict[str, torch.Tensor], cfg: InfinityConfig) -> None:
     """Raise a CheckpointError that lists every missing, unexpected, wrongly shaped, non-floating-point and
-    non-finite official key (check_keys)."""
-    check_keys(sd, official_key_shapes(cfg), cfg.name)
+    non-finite official key (check_keys); one whose keys and shapes are another Infinity size's says which."""
+    try:
+        check_keys(sd, official_key_shapes(cfg), cfg.name)
+    except CheckpointError as e:
+        other = next((name for name, c in CONFIGS.items() if c != cfg and _same_keys_and_shapes(sd, official_key_shapes(c))),
+                     None)
+        if other is None:
+            raise
+        raise CheckpointError(f"this is an {other} checkpoint, not {cfg.name} (give --model {other})\n{e}") from None
+
+
+def _same_keys_and_shapes(sd: dict, expected: dict[str, tuple[int, ...]]) -> bool:
+    return set(sd) == set(expected) and all(isinstance(v, torch.Tensor) and tuple(v.shape) == expected[k]
+                                            for k, v in sd.items())
 
 
 def not_floating(key: str, value: torch.Tensor) -> str | None:
@@ -206,9 +220,14 @@ def check_keys(sd: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]]
                dropped_keys: frozenset = frozenset()) -> None:
     """The strict comparison every loader shares: one CheckpointError listing all missing, unexpected, wrongly
     shaped, non-floating-point and non-finite keys of `sd` against `expected` (key -> shape). Of `dropped_keys`
-    (official buffers the loader drops: integer level ids, a -inf mask) only presence and shape are checked."""
-    missing = sorted(set(expected) - set(sd))
-    unexpected = sorted(set(sd) - set(expected))
+    (official buffers the loader drops: integer level ids, a -inf mask) only presence and shape are checked. A
+    value that is not a tensor (a .pth pickles lists and floats too) or a key that is not a string is named as such."""
+    found = len(sd)
+    not_tensors = {k for k, v in sd.items() if isinstance(k, str) and not isinstance(v, torch.Tensor)}
+    not_tensor = [f"{k}: {type(sd[k]).__name__}" for k in not_tensors]
+    unexpected = [k for k in sd if isinstance(k, str) and k not in expected] + [repr(k) for k in sd if not isinstance(k, str)]
+    sd = {k: v for k, v in sd.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
+    missing = sorted(set(expected) - set(sd) - not_tensors)
     mis_shaped = sorted(
         f"{k}: checkpoint {tuple(sd[k].shape)} != expected {expected[k]}"
         for k in set(expected) & set(sd)
@@ -217,9 +236,9 @@ def check_keys(sd: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]]
     loaded = set(expected) & set(sd) - dropped_keys
     wrong_dtype = sorted(filter(None, (not_floating(k, sd[k]) for k in loaded)))
     non_finite = sorted(filter(None, (not_finite(k, sd[k]) for k in loaded)))
-    raise_key_problems(f"checkpoint does not match {model_name} ({len(expected)} keys expected, {len(sd)} found)",
+    raise_key_problems(f"checkpoint does not match {model_name} ({len(expected)} keys expected, {found} found)",
                        [("missing", missing), ("unexpected", unexpected), ("wrong shape", mis_shaped),
-                        ("not floating point", wrong_dtype), ("not finite", non_finite)])
+                        ("not a tensor", not_tensor), ("not floating point", wrong_dtype), ("not finite", non_finite)])
 
 
 def raise_key_problems(header: str, problems: list[tuple[str, list[str]]]) -> None:

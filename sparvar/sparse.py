@@ -484,6 +484,8 @@ def load_plan(path: str, policy: SparVARPolicy, schedule: Schedule, num_layers: 
     a generation loop that skips the last `skip_last` scales (see SparVARPlan)."""
     from safetensors import safe_open
 
+    from .kernels.csla import check_layout_values, check_tile_values
+
     with safe_open(path, framework="pt") as f:
         metadata = f.metadata() or {}
         fields = json.loads(metadata.get("sparvar_plan", "null"))
@@ -522,5 +524,13 @@ def load_plan(path: str, policy: SparVARPolicy, schedule: Schedule, num_layers: 
         return layout_classes[name]
 
     layouts = {int(s): build(layout_class(s, v), "csla", s, v) for s, v in fields.get("csla", {}).items()}
+    for s, layout in layouts.items():  # the kernels read a layout's indices unchecked: a file's are checked once, here
+        try:
+            if isinstance(layout, TileLayout):
+                check_tile_values(layout.q_len, layout.kv_len, layout.q_rows, layout.kv_count, layout.kv_keys)
+            else:
+                check_layout_values(layout.kv_num_blocks, layout.kv_indices, layout.kv_len, layout.block_n)
+        except ValueError as e:
+            raise ValueError(f"{path}: the CSLA layout of scale {s} is corrupt ({e})") from None
     geometries = {int(s): build(CS4AGeometry, "cs4a", s, v) for s, v in fields.get("cs4a", {}).items()}
     return SparVARPlan(policy, schedule, num_layers, backend, precomputed=(layouts, geometries), skip_last=skip_last)

@@ -17,6 +17,22 @@ import torch
 T5_MAX_TOKENS = 512
 
 
+def load_pretrained_strict(model_class, path: str, **kwargs):
+    """`model_class.from_pretrained(path, **kwargs)` from local files only, refusing a directory that lacks some of the
+    model's weights or holds them in another shape: transformers fills missing weights with random values and only
+    logs it, and every prompt's features would be wrong without an error. Weights the model does not use are allowed
+    (an official full checkpoint holds the decoder / LM head an encoder has no use for)."""
+    from .checkpoint import raise_key_problems
+
+    model, info = model_class.from_pretrained(path, local_files_only=True, output_loading_info=True, **kwargs)
+    mismatched = [f"{m[0]}: checkpoint {tuple(m[1])} != expected {tuple(m[2])}"
+                  if isinstance(m, (tuple, list)) and len(m) == 3 else str(m) for m in info.get("mismatched_keys") or []]
+    raise_key_problems(f"{path} does not hold every weight of its {model_class.__name__} (transformers would fill "
+                       "the rest with random values)", [("missing", list(info.get("missing_keys") or [])),
+                                                        ("wrong shape", mismatched)])
+    return model
+
+
 class T5TextEncoder:
     def __init__(self, path: str, device="cpu", dtype=torch.float16):
         if not os.path.isdir(path):
@@ -26,7 +42,7 @@ class T5TextEncoder:
         self.tokenizer = AutoTokenizer.from_pretrained(path, legacy=True)
         # fp16 as official; CPU matmuls have no fp16 kernels on every build, so use fp32 there
         dtype = dtype if torch.device(device).type == "cuda" else torch.float32
-        self.model = T5EncoderModel.from_pretrained(path, torch_dtype=dtype).to(device).eval()
+        self.model = load_pretrained_strict(T5EncoderModel, path, torch_dtype=dtype).to(device).eval()
         self.device = device
 
     @property
@@ -59,7 +75,16 @@ def load_embeddings(path: str, text_dim: int, require_lengths: str | None = None
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a dict with 'features' (and 'lengths'), found {type(data).__name__}")
     if "features" not in data:
-        raise ValueError(f"{path}: missing tensor 'features' (B, L, {text_dim}); found {sorted(data)}")
+        raise ValueError(f"{path}: missing tensor 'features' (B, L, {text_dim}); found {sorted(map(str, data))}")
+    # any other entry is refused: an 'attention_mask' (the encoders' own output) or a misspelt 'lenghts' left out
+    # would make every pad slot count as text
+    other = sorted(map(str, set(data) - {"features", "lengths"}))
+    if other:
+        raise ValueError(f"{path}: unknown entries {other}; the file holds 'features' (B, L, {text_dim}) and "
+                         "optionally 'lengths' (B,), the real tokens of each row")
+    if not isinstance(data["features"], torch.Tensor) or not data["features"].dtype.is_floating_point:
+        raise ValueError(f"{path}: 'features' must be a floating-point tensor, got "
+                         f"{data['features'].dtype if isinstance(data['features'], torch.Tensor) else type(data['features']).__name__}")
     features = data["features"].float()
     if features.ndim == 2:
         features = features[None]
@@ -71,7 +96,8 @@ def load_embeddings(path: str, text_dim: int, require_lengths: str | None = None
         raise ValueError(f"{path}: missing tensor 'lengths' (B,): {require_lengths}")
     lengths = data.get("lengths", torch.full((features.shape[0],), features.shape[1]))
     B, L = features.shape[:2]
-    if not isinstance(lengths, torch.Tensor) or lengths.dtype.is_floating_point or tuple(lengths.shape) != (B,):
+    if (not isinstance(lengths, torch.Tensor) or lengths.dtype.is_floating_point or lengths.dtype == torch.bool
+            or lengths.dtype.is_complex or tuple(lengths.shape) != (B,)):
         raise ValueError(f"{path}: 'lengths' must be {B} integers, one per row of 'features', got "
                          f"{tuple(lengths.shape) if isinstance(lengths, torch.Tensor) else type(lengths).__name__}")
     if bool((lengths < 1).any() or (lengths > L).any()):

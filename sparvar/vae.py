@@ -482,6 +482,21 @@ def select_decoder_state(sd: dict, cfg: VAEConfig) -> dict[str, torch.Tensor]:
     Raises CheckpointError listing every missing, unexpected, duplicated, wrongly shaped, non-floating-point and
     non-finite key (checkpoint.select_state).
     """
+    try:
+        return _select_decoder_state(sd, cfg)
+    except CheckpointError as e:  # another model's tokenizer (d32 for d56, say) is named
+        from .config import CONFIGS
+
+        for other in dict.fromkeys(c.vae for c in CONFIGS.values() if c.vae != cfg):
+            try:
+                _select_decoder_state(sd, other)
+            except CheckpointError:
+                continue
+            raise CheckpointError(f"this is the {other.name} tokenizer, not {cfg.name}\n{e}") from None
+        raise
+
+
+def _select_decoder_state(sd: dict, cfg: VAEConfig) -> dict[str, torch.Tensor]:
     expected = decoder_key_shapes(cfg)
     header = (f"tokenizer checkpoint does not match {cfg.name} (codebook_dim {cfg.codebook_dim}, ch {cfg.ch}, "
               f"ch_mult {cfg.ch_mult}; {len(expected)} decoder keys expected; ignored prefixes {IGNORED_PREFIXES})")

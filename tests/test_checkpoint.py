@@ -90,11 +90,31 @@ def test_integer_weights_are_named_not_loaded():
         check_state_dict(sd, TINY)
 
 
+def test_values_that_are_not_tensors_and_keys_that_are_not_strings_are_named():
+    """A .pth pickles lists, floats and int keys too (weights_only allows them): they were an AttributeError or a
+    TypeError traceback from the key check."""
+    sd = {k: torch.zeros(v) for k, v in official_key_shapes(TINY).items()}
+    sd["head.bias"] = sd["head.bias"].tolist()
+    sd["cfg_uncond_scale"] = 1.5
+    sd[0] = torch.zeros(1)
+    with pytest.raises(CheckpointError) as e:
+        check_state_dict(sd, TINY)
+    assert "unexpected (2):\n  0\n  cfg_uncond_scale" in str(e.value)
+    assert "not a tensor (2):\n  cfg_uncond_scale: float\n  head.bias: list" in str(e.value)
+    assert "missing" not in str(e.value)  # head.bias is there, as something else
+
+
 def test_checkpoint_of_another_model_is_refused(tmp_path):
     path = str(tmp_path / "tiny.safetensors")
     save_official(build_model(TINY), path)
-    with pytest.raises(CheckpointError, match="does not match infinity-2b"):
+    with pytest.raises(CheckpointError, match="this is an infinity-tiny checkpoint, not infinity-2b \\(give --model "
+                                              "infinity-tiny\\)\ncheckpoint does not match infinity-2b"):
         load_model(get_config("infinity-2b"), path)
+    from safetensors.torch import load_file
+
+    legacy = str(tmp_path / "legacy.pth")  # torch < 1.6's format: it cannot be memory-mapped, and is read whole
+    torch.save(load_file(path), legacy, _use_new_zipfile_serialization=False)
+    load_model(TINY, legacy)
     with pytest.raises(CheckpointError, match="not found"):
         load_model(TINY, str(tmp_path / "nope.pth"))
 

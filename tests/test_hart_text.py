@@ -125,6 +125,25 @@ def test_full_size_output_and_truncation_at_300(wide_qwen2):
     torch.testing.assert_close(cut[0], feats[0], atol=1e-5, rtol=1e-5)
 
 
+def test_a_qwen2_directory_missing_weights_is_refused_by_key(tiny_qwen2, tmp_path):
+    """As T5's: weights the directory lacks were random values with only a log line; the official directory's LM head
+    (unused by the text model) is allowed."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from sparvar.checkpoint import CheckpointError
+
+    path = tmp_path / "qwen2"
+    shutil.copytree(tiny_qwen2[0], path)
+    weights = load_file(str(path / "model.safetensors"))
+    assert "lm_head.weight" in weights
+    save_file({k: v for k, v in weights.items() if not k.startswith("model.layers.1.mlp.")}, str(path / "model.safetensors"),
+              metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=r"missing \(3\):\n  layers.1.mlp.down_proj.weight"):
+        Qwen2TextEncoder(str(path), TINY)
+
+
 def test_bad_paths_and_inputs_are_clear_errors(tiny_qwen2, tmp_path):
     with pytest.raises(FileNotFoundError, match="Qwen2 text model directory not found"):
         Qwen2TextEncoder(str(tmp_path / "Qwen2-VL-1.5B-Instruct"), FULL)

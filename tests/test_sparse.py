@@ -241,6 +241,30 @@ def test_a_saved_plan_is_refused_for_another_policy(tmp_path):
             load_plan(path, other, schedule, policy.num_layers)
 
 
+@pytest.mark.parametrize("tile", [None, (4, 4)])
+def test_a_saved_plan_with_indices_out_of_range_is_refused(tmp_path, tile):
+    """The kernels read a layout's indices unchecked (a block past the KV cache is attention over other memory): a
+    plan file's, an engine's input, are checked once at load, raster blocks and query tiles alike."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from sparvar.sparse import load_plan
+
+    schedule = get_schedule(256)
+    policy = default_policy("infinity-tiny", schedule, csla_query_tile=tile)
+    path = str(tmp_path / "plan.safetensors")
+    SparVARPlan(policy, schedule, policy.num_layers).save(path)
+    load_plan(path, policy, schedule, policy.num_layers)
+    with safe_open(path, framework="pt") as f:
+        metadata, tensors = f.metadata(), {name: f.get_tensor(name) for name in f.keys()}
+    last = max(policy.sparse_scales)
+    name = f"csla.{last}.{'kv_keys' if tile else 'kv_indices'}"
+    tensors[name][0, 0] = 10**6
+    save_file(tensors, path, metadata=metadata)
+    with pytest.raises(ValueError, match=rf"the CSLA layout of scale {last} is corrupt \(kv_"):
+        load_plan(path, policy, schedule, policy.num_layers)
+
+
 def test_full_policy_equals_dense_through_the_whole_model():
     """Where the policy drops nothing (windows over every scale, top-k of every key, bands over their whole scale,
     so the residual cache is zero), SparVAR through every Infinity layer and scale gives the dense logits."""

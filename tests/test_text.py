@@ -35,6 +35,30 @@ def test_t5_encoder_pads_to_512_then_trims(tiny_t5_dir):
     torch.testing.assert_close(alone[0, :2], feats[1, :2], atol=1e-5, rtol=1e-5)
 
 
+def test_a_t5_directory_missing_weights_is_refused_by_key(tiny_t5_dir, tmp_path):
+    """transformers fills weights a directory lacks with random values and only logs it: every prompt's features
+    would have been wrong. Weights the encoder does not use (a full checkpoint's decoder) are allowed."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from sparvar.checkpoint import CheckpointError
+
+    path = tmp_path / "t5"
+    shutil.copytree(tiny_t5_dir, path)
+    weights = load_file(str(path / "model.safetensors"))
+    dropped = sorted(k for k in weights if k.startswith("encoder.block.1."))
+    kept = {k: v for k, v in weights.items() if k not in dropped}
+    save_file({**kept, "decoder.final_layer_norm.weight": torch.ones(TINY.text_dim)}, str(path / "model.safetensors"),
+              metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=rf"does not hold every weight of its T5EncoderModel(.|\n)*missing "
+                                              rf"\({len(dropped)}\):\n  {dropped[0]}"):
+        T5TextEncoder(str(path))
+    save_file({**weights, "decoder.final_layer_norm.weight": torch.ones(TINY.text_dim)}, str(path / "model.safetensors"),
+              metadata={"format": "pt"})
+    T5TextEncoder(str(path))
+
+
 def test_missing_t5_dir_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="T5 encoder directory not found"):
         T5TextEncoder(str(tmp_path / "flan-t5-xl"))
@@ -68,6 +92,19 @@ def test_embedding_file_roundtrip_and_errors(tmp_path):
         f.write(b"\x00garbage")
     with pytest.raises(ValueError, match="bad.safetensors cannot be read as text embeddings"):
         load_embeddings(bad, TINY.text_dim)
+    # entries it does not read were ignored: an encoder's 'attention_mask' or a misspelt 'lenghts' made every pad slot
+    # text; bool lengths read as 1s; features pickled as a list were an AttributeError
+    features = torch.randn(2, 4, TINY.text_dim)
+    for extra in ({"attention_mask": torch.ones(2, 4, dtype=torch.long)}, {"lenghts": torch.tensor([4, 2])}):
+        save_file({"features": features, **extra}, bad)
+        with pytest.raises(ValueError, match=rf"unknown entries \['{next(iter(extra))}'\]"):
+            load_embeddings(bad, TINY.text_dim)
+    save_file({"features": features, "lengths": torch.tensor([True, True])}, bad)
+    with pytest.raises(ValueError, match="'lengths' must be 2 integers"):
+        load_embeddings(bad, TINY.text_dim)
+    torch.save({"features": features.tolist()}, str(tmp_path / "list.pt"))
+    with pytest.raises(ValueError, match="'features' must be a floating-point tensor, got list"):
+        load_embeddings(str(tmp_path / "list.pt"), TINY.text_dim)
 
 
 def test_hashed_embeddings_are_deterministic_per_word():

@@ -162,8 +162,14 @@ def test_non_finite_decoder_weights_are_named():
 
 
 def test_d56_checkpoint_rejected_by_d32_config():
-    with pytest.raises(CheckpointError, match=r"wrong shape"):
+    """Refused, and named as the tokenizer it is (the 8B's given for the 2B's): the key lists alone did not say so."""
+    with pytest.raises(CheckpointError, match=r"this is the infinity_vae_d56_f8_14_patchify tokenizer, not "
+                                              r"infinity_vae_d32reg\n(.|\n)*wrong shape"):
         select_decoder_state(full_official_sd(VAE_D56), VAE_D32)
+    with pytest.raises(CheckpointError, match=r"^tokenizer checkpoint does not match"):  # no known tokenizer's
+        sd = full_official_sd(VAE_D56)
+        sd.pop(next(k for k in sd if k.startswith("decoder.")))
+        select_decoder_state(sd, VAE_D32)
 
 
 # --- decode

@@ -19,7 +19,7 @@ import os
 
 import torch
 
-from ..text import hashed_embeddings, load_embeddings
+from ..text import hashed_embeddings, load_embeddings, load_pretrained_strict
 from .config import HartConfig
 
 # Official hart/utils/constants.py llm_system_prompt (sample.py and app.py default use_llm_system_prompt=True).
@@ -76,7 +76,7 @@ class Qwen2TextEncoder:
         if self.tokenizer.pad_token_id is None:
             raise ValueError(f"{path}: the tokenizer has no pad token (the official mask is ids != pad_token_id)")
         # Weights stay float32 as in sample.py, which runs the LLM under fp16 autocast on CUDA; CPU runs float32.
-        self.model = AutoModel.from_pretrained(path, dtype=torch.float32, local_files_only=True).to(device).eval()
+        self.model = load_pretrained_strict(AutoModel, path, dtype=torch.float32).to(device).eval()
         hidden = self.model.config.get_text_config().hidden_size  # a Qwen2 config, or a Qwen2-VL one's LLM part
         if hidden != cfg.text_dim:
             raise ValueError(f"{path}: hidden size {hidden} != {cfg.name} text_dim {cfg.text_dim}")

@@ -187,7 +187,8 @@ if HAS_TRITON:
         key_ok = offs_n < kv_len
         k = tl.load(K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :],
                     mask=key_ok[:, None], other=0.0)
-        out = ColSums + pid_bh * num_groups * kv_len + offs_n
+        # int64: the sums (B, H, G, Lk) may exceed 2^31 elements where no input does (q, k and v spans are checked)
+        out = ColSums + pid_bh.to(tl.int64) * num_groups * kv_len + offs_n
         cols = tl.zeros([BLOCK_N], dtype=tl.float32)
         num_tiles = tl.cdiv(q_len, BLOCK_M)
         tiles_per_group = group_size // BLOCK_M
