@@ -6,6 +6,7 @@ engine): a *runner* exposes `begin(features, lengths)` and `step(scale, codes) -
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -36,8 +37,11 @@ class Sampling:
     def __post_init__(self):
         for name in ("cfg", "tau", "top_p"):  # NaN passes every comparison below and samples all-zero bits
             value = getattr(self, name)
-            if not finite_number(value):
+            # finite in float32, where the logits are guided (a cfg of 1e39 is inf there, and inf - inf NaN)
+            if not finite_number(value) or abs(value) > torch.finfo(torch.float32).max:
                 raise ValueError(f"{name} must be a finite number, got {value!r}")
+        if self.cfg < 0:  # as HART's: guidance away from the prompt is no sampling the official models do
+            raise ValueError(f"cfg must be >= 0, got {self.cfg}")
         if self.tau <= 0:
             raise ValueError(f"tau must be > 0, got {self.tau}")
         if self.top_k not in (0, 1, 2):
@@ -60,12 +64,15 @@ class SeededRows:
 
     def __init__(self, seed, rows: int, device):
         self.device = torch.device(device)
-        self.per_row = not isinstance(seed, int) or isinstance(seed, bool)
-        seeds = list(seed) if self.per_row else [seed]
-        if self.per_row and (len(seeds) != rows or not all(isinstance(s, int) and not isinstance(s, bool)
-                                                             for s in seeds)):
+
+        def is_seed(s) -> bool:  # an int of any kind (numpy's too), never a bool or a float
+            return isinstance(s, numbers.Integral) and not isinstance(s, bool)
+
+        self.per_row = not is_seed(seed)
+        seeds = list(seed) if self.per_row and isinstance(seed, (list, tuple)) else [seed]
+        if self.per_row and (not isinstance(seed, (list, tuple)) or len(seeds) != rows or not all(map(is_seed, seeds))):
             raise ValueError(f"give one int seed, or one int seed per prompt row ({rows}), got {seed!r}")
-        self.generators = [torch.Generator(device=self.device).manual_seed(s) for s in seeds]
+        self.generators = [torch.Generator(device=self.device).manual_seed(int(s)) for s in seeds]
         self.rows = rows
 
     def _blocks(self, shape) -> list[tuple[torch.Generator, tuple]]:
@@ -99,8 +106,9 @@ def sample_bits(logits: torch.Tensor, sampling: Sampling, generator: SeededRows)
     p = sigmoid(l1 - l0). Its top-p sorts the values ascending and removes those whose running sum is <= 1 - top_p,
     never the last: of two values only the smaller can go (bit 0 at a tie), so below top_p 0.5 it is greedy.
     """
-    pair = logits.float().unflatten(-1, (-1, 2)) / sampling.tau
-    p1 = torch.sigmoid(pair[..., 1] - pair[..., 0])
+    pair = logits.float().unflatten(-1, (-1, 2))
+    # the difference first: a tiny tau overflowed l0 / tau and l1 / tau to inf, and inf - inf is NaN (bit 0 always)
+    p1 = torch.sigmoid((pair[..., 1] - pair[..., 0]) / sampling.tau)
     if sampling.top_k == 1:
         return (p1 > 0.5).float()
     if sampling.top_p > 0:
@@ -140,6 +148,13 @@ class Generation:
     summed_codes: torch.Tensor  # (B, C, H, W) latent the decoder saw
 
 
+def check_text_lengths(features: torch.Tensor, lengths: torch.Tensor) -> None:
+    """ValueError unless lengths holds one real-token count in [1, L] per row of features (B, L, D)."""
+    B, L = features.shape[:2]
+    if tuple(lengths.shape) != (B,) or bool((lengths < 1).any() or (lengths > L).any()):
+        raise ValueError(f"text lengths must be {B} values in [1, {L}], got {lengths.tolist()}")
+
+
 def generate(runner, decoder, schedule: Schedule, features: torch.Tensor, lengths: torch.Tensor,
              sampling: Sampling = Sampling(), seed: int | list[int] = 0, skip_last: int = 0, progress=None) -> Generation:
     """Generate one image per prompt row; seed: one for the batch, or one per row (SeededRows).
@@ -150,6 +165,7 @@ def generate(runner, decoder, schedule: Schedule, features: torch.Tensor, length
     """
     run_scales = check_runner_skip(runner, schedule, skip_last)
     B = features.shape[0]
+    check_text_lengths(features, lengths)  # every runner's (the torch runner took 0, past L, or a count unlike B)
     patch = 2 if decoder.patchify else 1
     final = (schedule.final_grid[0] * patch, schedule.final_grid[1] * patch)
     runner.begin(features, lengths, sampling.guided)

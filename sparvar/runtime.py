@@ -13,6 +13,7 @@ import torch
 
 from .engine import (EngineError, EngineSpec, build_engine, check_checkpoints, check_compatible, check_model_config,
                      check_spec_values, engine_info, load_engine_plan, read_manifest, stage_info, verify_files)
+from .generate import check_text_lengths
 
 _NP = {"float32": np.float32, "float16": np.float16, "int32": np.int32, "int64": np.int64, "bool": np.bool_}
 
@@ -204,8 +205,10 @@ class OrtRunner:
         if L > self.text_maxlen or D != self.text_dim:
             raise EngineError(f"text features {tuple(features.shape)}: this engine takes (B, L <= {self.text_maxlen}, "
                               f"{self.text_dim})")
-        if tuple(lengths.shape) != (B,) or bool((lengths < 1).any() or (lengths > L).any()):
-            raise EngineError(f"text lengths must be {B} values in [1, {L}], got {lengths.tolist()}")
+        try:
+            check_text_lengths(features, lengths)
+        except ValueError as e:
+            raise EngineError(str(e)) from None
         self.values = self.text({"text_features": features.numpy(), "text_lengths": lengths.numpy()})
 
     def step(self, scale: int, codes):

@@ -69,3 +69,39 @@ def test_temperature_divides_the_logits():
         sd = (p * (1 - p) / n).sqrt()
         assert ((freqs[tau] - p).abs() < 5 * sd).all(), (tau, freqs[tau], p)
     assert (freqs[0.5] - freqs[2.0]).abs().min() > 0.05
+
+
+def test_a_tiny_temperature_samples_the_greedy_bits_not_nan():
+    """l0 / tau and l1 / tau overflowed float32 for a tiny tau, and inf - inf is NaN: every such bit came out 0.
+    The difference is divided instead: the bits are the greedy ones."""
+    logits = torch.randn(1, 64, 2 * BITS, generator=torch.Generator().manual_seed(0)) * 3
+    greedy = sample_bits(logits, Sampling(top_k=1), SeededRows(0, 1, "cpu"))
+    for tau in (1e-30, 1e-39, 1e-45):
+        assert torch.equal(sample_bits(logits, Sampling(tau=tau, top_p=0.0), SeededRows(0, 1, "cpu")), greedy), tau
+
+
+def test_sampling_options_the_loop_cannot_honour_are_refused():
+    """A negative cfg (HART's refused it; Infinity's sampled with it), a cfg that is inf in float32 (the guided logits
+    were NaN), lengths the prompts do not have (the torch runner took them; only the engines' refused) and seeds
+    that are not ints are named; numpy ints are seeds."""
+    import numpy as np
+    import pytest
+
+    for options, message in (({"cfg": -5.0}, "cfg must be >= 0"), ({"cfg": 1e39}, "cfg must be a finite number")):
+        with pytest.raises(ValueError, match=message):
+            Sampling(**options)
+    schedule = get_schedule(256)
+    runner = KnownLogits(schedule, batch=2)
+    features = torch.zeros(2, 3, 8)
+    for lengths in (torch.tensor([0, 3]), torch.tensor([3, 4]), torch.tensor([3, 3, 3])):
+        with pytest.raises(ValueError, match=r"text lengths must be 2 values in \[1, 3\]"):
+            generate(runner, SignDecoder(), schedule, features, lengths, Sampling(top_k=1), seed=0)
+    lengths = torch.tensor([3, 3])
+    for seed in (1.0, "1", [1, 2.0], np.array([1, 2])):
+        with pytest.raises(ValueError, match="give one int seed, or one int seed per prompt row"):
+            generate(runner, SignDecoder(), schedule, features, lengths, Sampling(top_k=1), seed=seed)
+    by_numpy = generate(runner, SignDecoder(), schedule, features, lengths, Sampling(), seed=np.int64(7))
+    by_int = generate(runner, SignDecoder(), schedule, features, lengths, Sampling(), seed=7)
+    assert all(torch.equal(a, b) for a, b in zip(by_numpy.bits, by_int.bits))
+    per_row = generate(runner, SignDecoder(), schedule, features, lengths, Sampling(), seed=(np.int32(7), 8))
+    assert per_row.bits[0].shape == by_int.bits[0].shape
