@@ -27,6 +27,11 @@ def finite_number(value) -> bool:
         return False
 
 
+# The largest guidance scale either family takes (official defaults: 4 for Infinity, 4.5 for HART): far beyond any
+# use, and below where the float32 guided logits overflow (HART's at ~3e38 gave NaN: a black image, or a traceback)
+MAX_CFG = 1e4
+
+
 @dataclass(frozen=True)
 class Sampling:
     cfg: float = 4.0  # classifier-free guidance on the logits: cfg*cond + (1-cfg)*uncond
@@ -37,11 +42,10 @@ class Sampling:
     def __post_init__(self):
         for name in ("cfg", "tau", "top_p"):  # NaN passes every comparison below and samples all-zero bits
             value = getattr(self, name)
-            # finite in float32, where the logits are guided (a cfg of 1e39 is inf there, and inf - inf NaN)
-            if not finite_number(value) or abs(value) > torch.finfo(torch.float32).max:
+            if not finite_number(value):
                 raise ValueError(f"{name} must be a finite number, got {value!r}")
-        if self.cfg < 0:  # as HART's: guidance away from the prompt is no sampling the official models do
-            raise ValueError(f"cfg must be >= 0, got {self.cfg}")
+        if not 0 <= self.cfg <= MAX_CFG:  # as HART's: guidance away from the prompt is no sampling the official models do
+            raise ValueError(f"cfg must be in [0, {MAX_CFG:g}], got {self.cfg}")
         if self.tau <= 0:
             raise ValueError(f"tau must be > 0, got {self.tau}")
         if self.top_k not in (0, 1, 2):

@@ -248,7 +248,7 @@ def test_cli_text_embeddings_file(tmp_path, capsys):
      "give one text source, not --qwen and --text-embeddings"),
     (["--model", "hart-tiny", "--random-weights", "--tau", "0.5"], "tau: hart-tiny samples without a temperature"),
     (["--model", "hart-tiny", "--random-weights", "--top-k", "10"], "official top-k schedule"),
-    (["--model", "hart-tiny", "--random-weights", "--cfg", "-1"], "cfg must be a finite number >= 0"),
+    (["--model", "hart-tiny", "--random-weights", "--cfg", "-1"], "cfg must be a finite number in [0, 10000]"),
     (["--model", "hart-tiny", "--random-weights", "--top-p", "2"], "top_p must be in [0, 1]"),
     (["--model", "hart-tiny", "--random-weights", "--resolution", "512"], "unsupported resolution 512 for hart-tiny"),
     (["--model", "hart-tiny", "--random-weights", "--aspect", "16:9"], "square images only"),

@@ -81,15 +81,19 @@ def test_a_tiny_temperature_samples_the_greedy_bits_not_nan():
 
 
 def test_sampling_options_the_loop_cannot_honour_are_refused():
-    """A negative cfg (HART's refused it; Infinity's sampled with it), a cfg that is inf in float32 (the guided logits
-    were NaN), lengths the prompts do not have (the torch runner took them; only the engines' refused) and seeds
+    """A negative cfg (HART's refused it; Infinity's sampled with it), a cfg past MAX_CFG (3e38 made HART's guided
+    logits NaN: a black image), lengths the prompts do not have (the torch runner took them; only the engines' refused) and seeds
     that are not ints are named; numpy ints are seeds."""
     import numpy as np
     import pytest
 
-    for options, message in (({"cfg": -5.0}, "cfg must be >= 0"), ({"cfg": 1e39}, "cfg must be a finite number")):
-        with pytest.raises(ValueError, match=message):
-            Sampling(**options)
+    from sparvar.hart.sampling import HartSampling
+
+    for cfg in (-5.0, 1e39, 3e38, 1e4 + 1):
+        for family in (Sampling, HartSampling):
+            with pytest.raises(ValueError, match=r"cfg must be .*in \[0, 10000\]"):
+                family(cfg=cfg)
+    assert Sampling(cfg=1e4).cfg == HartSampling(cfg=1e4).cfg == 1e4
     schedule = get_schedule(256)
     runner = KnownLogits(schedule, batch=2)
     features = torch.zeros(2, 3, 8)

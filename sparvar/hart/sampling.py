@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..generate import SeededRows
+from ..generate import MAX_CFG, SeededRows
 
 
 @dataclass(frozen=True)
@@ -39,8 +39,8 @@ class HartSampling:
     more_smooth: bool = False  # gumbel-softmax codebook mix instead of the sampled entry (issue #14: off for FID)
 
     def __post_init__(self):
-        if not (isinstance(self.cfg, (int, float)) and math.isfinite(self.cfg) and self.cfg >= 0):
-            raise ValueError(f"cfg must be a finite number >= 0, got {self.cfg!r}")
+        if not (isinstance(self.cfg, (int, float)) and math.isfinite(self.cfg) and 0 <= self.cfg <= MAX_CFG):
+            raise ValueError(f"cfg must be a finite number in [0, {MAX_CFG:g}], got {self.cfg!r}")
         for name in ("top_k_coarse", "top_k_fine", "fine_from"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
