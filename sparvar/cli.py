@@ -274,7 +274,7 @@ def cmd_generate(args) -> int:
         prompts = check_text_args(engine_cfg, real_weights=manifest["spec"]["weights"] is not None)
         check_out_path(args.out, prompts)  # once the prompts are counted (a batch writes NAME-<i>), before any load
         check_engine_code(args.engine, manifest)  # the spec's values, before the request is checked against them
-        check_engine_request(manifest, prompts, guided=args.cfg is None or args.cfg != 1)
+        check_engine_request(manifest, prompts, guided=sampling.guided)
         pipe = load_engine_pipeline(args.engine, skip_last=args.skip_last, **expected)
     else:
         check_model_args(args)
