@@ -31,11 +31,6 @@ from bench.common import ClockSampler, bench_prompts, result_path, save_figure, 
 # VAE excluded)
 FLOP_FLOOR_MS = {"infinity-2b": 146, "infinity-8b": 485, "hart-0.7b": 62}
 
-
-def flop_floor_ms(model_name: str, resolution: int, batch: int) -> float | None:
-    """The dense bf16 FLOP floor of one generation of `batch` 1024² images; None where none is known (another
-    resolution, a model without a figure)."""
-    return FLOP_FLOOR_MS[model_name] * batch if model_name in FLOP_FLOOR_MS and resolution == 1024 else None
 PROMPT = "a photo of a red fox sitting in the snow, highly detailed"
 # the honest baseline; results from before commit 3f9aa02 call it "dense engine (CUDA graphs, cuDNN)", though its
 # smallest attention calls had run our Triton kernel since commit 7cea0d2
@@ -56,6 +51,12 @@ CUDNN_TILED = ", CSLA by cuDNN paged SDPA on 128x64 tiles where the queries are 
 CSLA_CUDNN_ROWS = {SPARVAR_ENGINE_ROW + ", CSLA by cuDNN paged SDPA": None,
                    SPARVAR_ENGINE_ROW + CUDNN_TILED: (128, 64),
                    SPARVAR_FP8_ROW + CUDNN_TILED: (128, 64)}
+
+
+def flop_floor_ms(model_name: str, resolution: int, batch: int) -> float | None:
+    """The dense bf16 FLOP floor of one generation of `batch` 1024² images; None where none is known (another
+    resolution, a model without a figure)."""
+    return FLOP_FLOOR_MS[model_name] * batch if model_name in FLOP_FLOOR_MS and resolution == 1024 else None
 
 
 # the SparVAR engine with CSLA over 2-D query tiles (the policy's csla_query_tile: sparvar.csla.TileLayout, keys
@@ -256,8 +257,10 @@ def family_parts(model_name: str, resolution: int, device, weights: str | None =
 
         # every row decodes in fp16 as the official inference (fp16 autocast); f_hat accumulates in fp32
         decoder = base.tokenizer.half_decoder()
-        engine_decoder = copy.deepcopy(decoder)  # see below
-        graphed_tokenizer = GraphedDecoder(engine_decoder)  # the engine rows decode as the torch-cuda engine does
+        # the engine rows decode as the torch-cuda engine does; GraphedDecoder fixes the sub-pixel weights of the
+        # decoder it is given, which switches that module's eager decodes to the sub-pixel form too: the eager rows
+        # keep their own
+        graphed_tokenizer = GraphedDecoder(copy.deepcopy(decoder))
 
         def make_hart_pipeline(runner, skip):
             tokenizer = graphed_tokenizer if isinstance(runner, HartCudaGraphRunner) else decoder
@@ -272,9 +275,7 @@ def family_parts(model_name: str, resolution: int, device, weights: str | None =
     from sparvar.generate import Sampling, TorchRunner
 
     decoder = base.decoder
-    # the engine rows decode as the torch-cuda engine does; GraphedDecoder fixes the sub-pixel weights of the decoder
-    # it is given, which switches that module's eager decodes to the sub-pixel form too: the eager rows keep their own
-    graphed_decoder = GraphedDecoder(copy.deepcopy(decoder))
+    graphed_decoder = GraphedDecoder(copy.deepcopy(decoder))  # the eager rows keep their own, as HART's above
 
     def make_runner(kind, plan, backend, fp8, skip, absorb):
         if kind == "graphs":

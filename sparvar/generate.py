@@ -73,9 +73,9 @@ class SeededRows:
             return isinstance(s, numbers.Integral) and not isinstance(s, bool)
 
         self.per_row = not is_seed(seed)
-        seeds = list(seed) if self.per_row and isinstance(seed, (list, tuple)) else [seed]
-        if self.per_row and (not isinstance(seed, (list, tuple)) or len(seeds) != rows or not all(map(is_seed, seeds))):
+        if self.per_row and not (isinstance(seed, (list, tuple)) and len(seed) == rows and all(map(is_seed, seed))):
             raise ValueError(f"give one int seed, or one int seed per prompt row ({rows}), got {seed!r}")
+        seeds = list(seed) if self.per_row else [seed]
         self.generators = [torch.Generator(device=self.device).manual_seed(int(s)) for s in seeds]
         self.rows = rows
 

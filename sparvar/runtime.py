@@ -346,13 +346,17 @@ def verify_engine(engine_dir: str) -> None:
     reads its weights from the spec's checkpoints, those against the build's record; a TensorRT (-RTX) engine's plans
     against this machine's GPU. EngineError naming the first problem."""
     manifest = read_manifest(engine_dir)
+    backend = manifest["spec"]["backend"]
     cfg, _ = check_engine_code(engine_dir, manifest)  # what loading refuses before it reads a file
     verify_files(engine_dir, manifest)
-    if manifest["spec"]["backend"] == "onnxruntime":  # every graph a generation runs is in the manifest
+    checked = ""
+    if backend == "onnxruntime":  # every graph a generation runs is in the manifest
         onnxruntime_parts(engine_dir, manifest, cfg)
-    backend = manifest["spec"]["backend"]
-    if backend == "torch-cuda":  # its stored plan, as loading reads it (no GPU needed)
+    if backend == "torch-cuda":  # its stored plan, as loading reads it (no GPU needed), and its checkpoints
         load_engine_plan(engine_dir, manifest)
+        if manifest["spec"]["weights"] is not None:
+            check_checkpoints(engine_dir, manifest)
+            checked = f", its {len(manifest['stages']['build']['info']['checkpoints'])} checkpoints unchanged since the build"
     if backend == "tensorrt":  # a plan runs only on the GPU model of its build
         from export.tensorrt import check_built_for_this_gpu
 
@@ -361,9 +365,5 @@ def verify_engine(engine_dir: str) -> None:
         from export.trt_rtx import check_plans_run_here
 
         check_plans_run_here(engine_dir, stage_info(engine_dir, manifest, "build", "tensorrt_rtx"))
-    checked = ""
-    if manifest["spec"]["backend"] == "torch-cuda" and manifest["spec"]["weights"] is not None:
-        check_checkpoints(engine_dir, manifest)
-        checked = f", its {len(manifest['stages']['build']['info']['checkpoints'])} checkpoints unchanged since the build"
     print(f"{engine_dir}: manifest format {manifest['format_version']}, "
           f"{sum(len(s['files']) for s in manifest['stages'].values())} files verified{checked}")

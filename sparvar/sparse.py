@@ -469,10 +469,12 @@ class SparVARPlan:
 def policy_changes(stored: dict | None, policy: SparVARPolicy | None) -> str:
     """How a recorded policy (`SparVARPolicy.record()` as JSON kept it; None for dense attention) differs from
     `policy`: "field: stored ..., now ..." for each field that differs, "" where none does."""
-    if stored is None or policy is None:
-        return "" if stored is None and policy is None else (
-            f"stored {'dense attention' if stored is None else 'a SparVAR policy'}, "
-            f"now {'dense attention' if policy is None else 'a SparVAR policy'}")
+    if stored is None and policy is None:
+        return ""
+    if stored is None or policy is None:  # one side dense
+        def kind(p):
+            return "dense attention" if p is None else "a SparVAR policy"
+        return f"stored {kind(stored)}, now {kind(policy)}"
     current = json.loads(json.dumps(policy.record()))
     return "; ".join(f"{k}: stored {stored.get(k)!r}, now {current.get(k)!r}" for k in sorted(set(current) | set(stored))
                      if stored.get(k) != current.get(k))
