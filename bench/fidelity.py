@@ -80,6 +80,9 @@ VARIANTS.update(TILE_VARIANTS)
 VARIANTS.update({"fp8": (None, 0), "sparvar_fp8": ({}, 0), "fp8_all": (None, 0)})
 FP8_VARIANTS = ("fp8", "sparvar_fp8", "fp8_all")
 FP8_LAST_SCALES = 4
+# scored engines (--engines) may differ from the dense engine in these spec fields only; the result records these
+ENGINE_VARIANT_FIELDS = ("attention", "csla_query_tile")
+ENGINE_SOURCE_FIELDS = ("attention", "csla_query_tile", "backend", "dtype", "fp8", "weights", "vae")
 
 
 def fp8_min_tokens(name: str, schedule) -> int:
@@ -211,6 +214,16 @@ def generate_engines(engines: dict[str, str], prompts: list[str], seeds: list[in
                 "csla_query_tile": parse_query_tile(spec["csla_query_tile"]) if spec.get("csla_query_tile") else None}
         if have != want:
             raise ValueError(f"engine {path} is built for {have}; variant {name!r} needs {want}")
+    # the variants may differ in attention alone: another checkpoint, precision or backend would be scored as SparVAR's
+    dense_spec = read_manifest(engines["dense"])["spec"]
+    for name, path in engines.items():
+        spec = read_manifest(path)["spec"]
+        differ = sorted(k for k in set(spec) | set(dense_spec)
+                        if k not in ENGINE_VARIANT_FIELDS and spec.get(k) != dense_spec.get(k))
+        if differ:
+            raise ValueError(f"engine {path} ({name}) differs from the dense engine {engines['dense']} in "
+                             + ", ".join(f"{k} ({spec.get(k)!r} vs {dense_spec.get(k)!r})" for k in differ)
+                             + ": the variants may differ only in " + " and ".join(ENGINE_VARIANT_FIELDS))
     pipes = {name: load_engine_pipeline(path, skip_last=VARIANTS[name][1], model=MODEL)
              for name, path in engines.items()}
     features, lengths = hashed_embeddings(prompts, pipes["dense"].cfg.text_dim, pipes["dense"].cfg.text_maxlen)
@@ -360,8 +373,7 @@ def main(argv=None) -> int:
 
             engines = dict(item.split("=", 1) for item in args.engines)
             raw = generate_engines(engines, args.prompts, seeds, sampling, progress)
-            source = {"engines": {name: {k: read_manifest(path)["spec"][k] for k in ("attention", "backend", "dtype",
-                                                                                      "weights")}
+            source = {"engines": {name: {k: read_manifest(path)["spec"].get(k) for k in ENGINE_SOURCE_FIELDS}
                                   for name, path in engines.items()}}
         else:
             _, model, decoder = load(args.device, args.weights, args.tokenizer)

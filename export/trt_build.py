@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import onnx
 
 from export.custom_ops import custom_nodes, strip_reference_functions
+from plugins import SPECS
 from plugins.spec import NAMESPACE
 
 DYNAMIC_RANGE = (1, 128, 512)  # min/opt/max for every dynamic axis (the text length) of an engine's profile
@@ -128,7 +129,9 @@ def plugin_layers(trt, network, model: onnx.ModelProto, plugin_classes=None) -> 
                 raise AssertionError(f"layer {name} holds plugin {plugin.plugin_namespace}::{plugin.plugin_name}, "
                                      f"expected {NAMESPACE}::{node.op_type}")
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute if a.name not in ("plugin_namespace", "aot")}
-        if plugin is not None and getattr(plugin, "attrs", None) is not None and plugin.attrs != attrs:
+        # a QDP plugin holds its attributes as 1-element arrays (plugins.qdp.INT_ATTR): compared as the ints they carry
+        if plugin is not None and getattr(plugin, "attrs", None) is not None and (
+                SPECS[node.op_type].parse_attrs(plugin.attrs) != attrs):
             raise AssertionError(f"layer {name}: plugin attributes {plugin.attrs} differ from the node's {attrs}")
         found[name] = {"op_type": node.op_type, "attributes": attrs, "inputs": matches[0].num_inputs,
                        "outputs": matches[0].num_outputs}

@@ -66,40 +66,42 @@ def register_qdp(trtp):
     """Register sparvar::CS4AAttention and sparvar::CS4AAttentionCached with tensorrt.plugin (`trtp`)."""
     from plugins import qdp
 
+    Int = qdp.INT_ATTR  # see qdp.INT_ATTR: not `int`
+
     @trtp.register(SPEC.plugin_id)
     def cs4a_desc(q: trtp.TensorDesc, k: trtp.TensorDesc, v: trtp.TensorDesc, key_idx: trtp.TensorDesc,
-                  group_size: int) -> trtp.TensorDesc:
+                  group_size: Int) -> trtp.TensorDesc:
         return qdp.output_descs(trtp, SPEC, [q, k, v, key_idx], dict(group_size=group_size))[0]
 
     @trtp.autotune(SPEC.plugin_id)
-    def cs4a_autotune(q, k, v, key_idx, group_size: int, outputs) -> List[trtp.AutoTuneCombination]:
+    def cs4a_autotune(q, k, v, key_idx, group_size: Int, outputs) -> List[trtp.AutoTuneCombination]:
         return qdp.autotune_combinations(trtp, SPEC, q, dict(group_size=group_size))
 
     @trtp.impl(SPEC.plugin_id)
-    def cs4a_impl(q, k, v, key_idx, group_size: int, outputs, stream: int, tactic: int) -> None:
+    def cs4a_impl(q, k, v, key_idx, group_size: Int, outputs, stream: int, tactic: int) -> None:
         qdp.run_jit(SPEC, run, [q, k, v, key_idx], outputs, dict(group_size=group_size), tactic, stream)
 
     if qdp.has_aot(trtp):  # aot_impl needs TensorRT >= 10.9
         @trtp.aot_impl(SPEC.plugin_id)
-        def cs4a_aot_impl(q, k, v, key_idx, group_size: int, outputs, tactic: int
+        def cs4a_aot_impl(q, k, v, key_idx, group_size: Int, outputs, tactic: int
                           ) -> Tuple[Union[str, bytes], Union[str, bytes], trtp.KernelLaunchParams, trtp.SymExprs]:
             return qdp.aot_launch(trtp, SPEC, [q, k, v, key_idx], outputs, dict(group_size=group_size))
 
     @trtp.register(SPEC_CACHED.plugin_id)
     def cs4a_cached_desc(q: trtp.TensorDesc, k: trtp.TensorDesc, v: trtp.TensorDesc, key_idx: trtp.TensorDesc,
-                         o_cache: trtp.TensorDesc, group_size: int) -> trtp.TensorDesc:
+                         o_cache: trtp.TensorDesc, group_size: Int) -> trtp.TensorDesc:
         return qdp.output_descs(trtp, SPEC_CACHED, [q, k, v, key_idx, o_cache], dict(group_size=group_size))[0]
 
     @trtp.autotune(SPEC_CACHED.plugin_id)
-    def cs4a_cached_autotune(q, k, v, key_idx, o_cache, group_size: int, outputs) -> List[trtp.AutoTuneCombination]:
+    def cs4a_cached_autotune(q, k, v, key_idx, o_cache, group_size: Int, outputs) -> List[trtp.AutoTuneCombination]:
         return qdp.autotune_combinations(trtp, SPEC_CACHED, q, dict(group_size=group_size))
 
     @trtp.impl(SPEC_CACHED.plugin_id)
-    def cs4a_cached_impl(q, k, v, key_idx, o_cache, group_size: int, outputs, stream: int, tactic: int) -> None:
+    def cs4a_cached_impl(q, k, v, key_idx, o_cache, group_size: Int, outputs, stream: int, tactic: int) -> None:
         qdp.run_jit(SPEC_CACHED, run, [q, k, v, key_idx, o_cache], outputs, dict(group_size=group_size), tactic, stream)
 
     if qdp.has_aot(trtp):  # aot_impl needs TensorRT >= 10.9
         @trtp.aot_impl(SPEC_CACHED.plugin_id)
-        def cs4a_cached_aot_impl(q, k, v, key_idx, o_cache, group_size: int, outputs, tactic: int
+        def cs4a_cached_aot_impl(q, k, v, key_idx, o_cache, group_size: Int, outputs, tactic: int
                                  ) -> Tuple[Union[str, bytes], Union[str, bytes], trtp.KernelLaunchParams, trtp.SymExprs]:
             return qdp.aot_launch(trtp, SPEC_CACHED, [q, k, v, key_idx, o_cache], outputs, dict(group_size=group_size))

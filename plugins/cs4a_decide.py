@@ -53,21 +53,23 @@ def register_qdp(trtp):
     """Register the quickly-deployable plugin sparvar::CS4ADecide with tensorrt.plugin (`trtp`)."""
     from plugins import qdp
 
+    Int = qdp.INT_ATTR  # see qdp.INT_ATTR: not `int`
+
     @trtp.register(SPEC.plugin_id)
-    def decide_desc(q: trtp.TensorDesc, k: trtp.TensorDesc, v: trtp.TensorDesc, group_size: int, topk: int,
-                    sink_len: int) -> Tuple[trtp.TensorDesc, trtp.TensorDesc, trtp.TensorDesc]:
+    def decide_desc(q: trtp.TensorDesc, k: trtp.TensorDesc, v: trtp.TensorDesc, group_size: Int, topk: Int,
+                    sink_len: Int) -> Tuple[trtp.TensorDesc, trtp.TensorDesc, trtp.TensorDesc]:
         return tuple(qdp.output_descs(trtp, SPEC, [q, k, v], dict(group_size=group_size, topk=topk, sink_len=sink_len)))
 
     @trtp.autotune(SPEC.plugin_id)
-    def decide_autotune(q, k, v, group_size: int, topk: int, sink_len: int, outputs) -> List[trtp.AutoTuneCombination]:
+    def decide_autotune(q, k, v, group_size: Int, topk: Int, sink_len: Int, outputs) -> List[trtp.AutoTuneCombination]:
         return qdp.autotune_combinations(trtp, SPEC, q, dict(group_size=group_size, topk=topk, sink_len=sink_len))
 
     @trtp.impl(SPEC.plugin_id)
-    def decide_impl(q, k, v, group_size: int, topk: int, sink_len: int, outputs, stream: int, tactic: int) -> None:
+    def decide_impl(q, k, v, group_size: Int, topk: Int, sink_len: Int, outputs, stream: int, tactic: int) -> None:
         qdp.run_jit(SPEC, run, [q, k, v], outputs, dict(group_size=group_size, topk=topk, sink_len=sink_len), tactic, stream)
 
     if qdp.has_aot(trtp):  # aot_impl needs TensorRT >= 10.9
         @trtp.aot_impl(SPEC.plugin_id)
-        def decide_aot_impl(q, k, v, group_size: int, topk: int, sink_len: int, outputs, tactic: int
+        def decide_aot_impl(q, k, v, group_size: Int, topk: Int, sink_len: Int, outputs, tactic: int
                             ) -> Tuple[Union[str, bytes], Union[str, bytes], trtp.KernelLaunchParams, trtp.SymExprs]:
             return qdp.aot_launch(trtp, SPEC, [q, k, v], outputs, dict(group_size=group_size, topk=topk, sink_len=sink_len))

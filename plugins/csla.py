@@ -54,11 +54,21 @@ def layout_from_tensors(q_len: int, kv_len: int, kv_num_blocks, kv_indices, bloc
 
 def run(inputs, attrs, ops):
     """Torch-level implementation on `ops` (a sparvar.sparse.SparseOps): returns (out,)."""
+    import torch
+
     q, k, v, kv_num_blocks, kv_indices = inputs
     # TensorRT times a plugin's tactics on inputs it never initialised (as CS4A's key_idx): counts and block
     # indices out of range would loop or read out of bounds and fault the build. A real layout is in range: a no-op.
     kv_num_blocks = kv_num_blocks.clamp(0, kv_indices.shape[1])
     kv_indices = kv_indices.clamp(0, -(-k.shape[2] // attrs["block_n"]) - 1)
+    # The Triton kernel masks only a row's last listed key block (a layout is ascending, so that one holds the partial
+    # last block): an outside row listing that block earlier, or twice, would read past the keys. So a row counts
+    # only its leading strictly ascending blocks; a real layout's padding repeats its last block, so this is a no-op.
+    width = kv_indices.shape[1]
+    slots = torch.arange(1, width, device=kv_indices.device)
+    breaks = torch.where(kv_indices[:, 1:] > kv_indices[:, :-1], width, slots)  # the slots where the ascent breaks
+    leading = breaks.min(dim=1).values if slots.numel() else torch.full_like(kv_num_blocks, width)
+    kv_num_blocks = torch.minimum(kv_num_blocks, leading.to(kv_num_blocks.dtype))
     layout = layout_from_tensors(q.shape[2], k.shape[2], kv_num_blocks, kv_indices, attrs["block_m"], attrs["block_n"])
     return (ops.csla(q, k, v, layout),)
 
@@ -68,25 +78,27 @@ def register_qdp(trtp):
     """Register the quickly-deployable plugin sparvar::CSLAAttention with tensorrt.plugin (`trtp`)."""
     from plugins import qdp
 
+    Int = qdp.INT_ATTR  # see qdp.INT_ATTR: not `int`
+
     @trtp.register(SPEC.plugin_id)
     def csla_desc(q: trtp.TensorDesc, k: trtp.TensorDesc, v: trtp.TensorDesc, kv_num_blocks: trtp.TensorDesc,
-                  kv_indices: trtp.TensorDesc, block_m: int, block_n: int) -> trtp.TensorDesc:
+                  kv_indices: trtp.TensorDesc, block_m: Int, block_n: Int) -> trtp.TensorDesc:
         return qdp.output_descs(trtp, SPEC, [q, k, v, kv_num_blocks, kv_indices], dict(block_m=block_m, block_n=block_n))[0]
 
     @trtp.autotune(SPEC.plugin_id)
-    def csla_autotune(q, k, v, kv_num_blocks, kv_indices, block_m: int, block_n: int, outputs
+    def csla_autotune(q, k, v, kv_num_blocks, kv_indices, block_m: Int, block_n: Int, outputs
                        ) -> List[trtp.AutoTuneCombination]:
         return qdp.autotune_combinations(trtp, SPEC, q, dict(block_m=block_m, block_n=block_n))
 
     @trtp.impl(SPEC.plugin_id)
-    def csla_impl(q, k, v, kv_num_blocks, kv_indices, block_m: int, block_n: int, outputs, stream: int,
+    def csla_impl(q, k, v, kv_num_blocks, kv_indices, block_m: Int, block_n: Int, outputs, stream: int,
                   tactic: int) -> None:
         qdp.run_jit(SPEC, run, [q, k, v, kv_num_blocks, kv_indices], outputs, dict(block_m=block_m, block_n=block_n),
                     tactic, stream)
 
     if qdp.has_aot(trtp):  # aot_impl needs TensorRT >= 10.9
         @trtp.aot_impl(SPEC.plugin_id)
-        def csla_aot_impl(q, k, v, kv_num_blocks, kv_indices, block_m: int, block_n: int, outputs, tactic: int
+        def csla_aot_impl(q, k, v, kv_num_blocks, kv_indices, block_m: Int, block_n: Int, outputs, tactic: int
                           ) -> Tuple[Union[str, bytes], Union[str, bytes], trtp.KernelLaunchParams, trtp.SymExprs]:
             return qdp.aot_launch(trtp, SPEC, [q, k, v, kv_num_blocks, kv_indices], outputs,
                                   dict(block_m=block_m, block_n=block_n))

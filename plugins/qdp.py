@@ -11,7 +11,16 @@ zero-copy views, on TensorRT's stream. Without it TensorRT >= 10.9 refuses ops t
 """
 from __future__ import annotations
 
+import numpy as np
+import numpy.typing as npt
+
 from plugins.spec import FLOAT, OpSpec, available_tactics, dtype_name, run_on_stream, torch_view, trt_dtype
+
+# The annotation of the ops' int attributes. tensorrt.plugin's creator rebuilds an attribute as `annotation(field.data)`,
+# and a plugin field's data is a 1-element array: `int(array([64]))` is an error since NumPy 2.4, so an `int` attribute
+# fails every parse and engine load there. Array annotations are rebuilt by `field.data.astype(np.int32)` instead
+# (an INT32 field, which the ONNX parser fills from the node's int attribute); OpSpec.parse_attrs reads them as ints.
+INT_ATTR = npt.NDArray[np.int32]
 
 _QDP_TYPES = {"float32": "FP32", "float16": "FP16", "bfloat16": "BF16", "int32": "INT32"}
 _REGISTERED: list = []
@@ -85,6 +94,7 @@ def autotune_combinations(trtp, spec: OpSpec, q=None, attrs: dict | None = None)
     hands to autotune (-1 where dynamic); the symbolic `shape_expr` belongs to the shape callback, whose build
     context has ended by then."""
     head_dim = q.shape[3] if q is not None else None
+    attrs = None if attrs is None else spec.parse_attrs(attrs)  # tensorrt.plugin hands them over as INT_ATTR arrays
     return [trtp.AutoTuneCombination(type_string(spec, ("float32",)), "LINEAR",
                                      [int(t) for t in available_tactics("float32", head_dim, attrs)]),
             trtp.AutoTuneCombination(type_string(spec, ("float16", "bfloat16")), "LINEAR",

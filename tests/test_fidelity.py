@@ -117,3 +117,20 @@ def test_engines_are_scored_only_as_the_variant_they_were_built_for(engines):
         generate_engines({"dense": engines["dense"], "sparvar_tiles_8x8": engines["sparvar"]}, ["cat"], [0])
     with pytest.raises(ValueError, match="engines need 'dense' and may add"):
         generate_engines({"dense": engines["dense"], "csla_only": engines["sparvar"]}, ["cat"], [0])
+
+
+@pytest.mark.parametrize("field, value", [("seed", 1), ("dtype", "fp16"), ("fp8", True), ("weights", "/elsewhere.pt")])
+def test_scored_engines_differ_from_the_dense_one_in_attention_alone(engines, tmp_path, field, value):
+    """Another seed, precision, FP8 setting or checkpoint in the SparVAR engine would be scored as SparVAR's error."""
+    import json
+    import shutil
+
+    from bench.fidelity import generate_engines
+    from sparvar.engine import MANIFEST
+
+    other = shutil.copytree(engines["sparvar"], tmp_path / "sparvar")
+    manifest = json.loads((other / MANIFEST).read_text())
+    manifest["spec"][field] = value
+    (other / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match=f"differs from the dense engine .* in {field} \\({value!r} vs"):
+        generate_engines({"dense": engines["dense"], "sparvar": str(other)}, ["cat"], [0])

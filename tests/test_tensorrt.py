@@ -425,3 +425,83 @@ def test_aot_compile_checks_the_triton_abi_for_sm80():
 
     with pytest.raises(ValueError, match="scalars"):
         signature(spec, AotKernel(wrong_order, ("n",), {"BLOCK": 128}), dtypes)
+
+
+def test_csla_plugin_keeps_the_triton_kernel_inside_the_keys_on_unordered_timing_layouts():
+    """The Triton kernel masks only a row's last listed key block. A timing layout in range but out of order ([3, 0],
+    the partial last block first) or with a block twice would read past K and V: the plugin counts a row's leading
+    ascending blocks only. Run under Triton's interpreter, with NaN right after the keys and values."""
+    from tests.triton_interpreter import run_interpreted
+
+    out = run_interpreted("""
+        import torch
+        from plugins import csla
+        from plugins.spec import Tactic, sparse_ops
+
+        torch.manual_seed(0)
+        B, H, Lq, Lk, D, bm, bn = 1, 2, 32, 100, 64, 16, 32  # 4 key blocks, the last one partial (100 % 32 = 4)
+
+        def with_nan_after():
+            flat = torch.full((B * H * Lk * D + bn * D,), float("nan"), dtype=torch.float16)
+            flat[:B * H * Lk * D] = torch.randn(B * H * Lk * D).half()
+            return flat[:B * H * Lk * D].view(B, H, Lk, D)
+
+        q, k, v = torch.randn(B, H, Lq, D).half(), with_nan_after(), with_nan_after()
+        nq = Lq // bm
+        finite = []
+        for row in ([0, 3], [3, 0], [3, 3], [1, 3]):
+            idx = torch.tensor([row] * nq, dtype=torch.int32)
+            (o,) = csla.run([q, k, v, torch.full((nq,), 2, dtype=torch.int32), idx], {"block_m": bm, "block_n": bn},
+                            sparse_ops(Tactic.TRITON))
+            finite.append(bool(torch.isfinite(o).all()))
+        print("WORST", finite)
+    """)
+    assert out.split() == ["[True,", "True,", "True,", "True]"], out
+
+
+def test_qdp_int_attributes_survive_tensorrt_plugins_rebuild_from_plugin_fields():
+    """tensorrt.plugin's creator rebuilds each attribute from its plugin field, a 1-element array, by the function's
+    annotation: `int(array([64]))` is an error since NumPy 2.4, so every op with an `int` attribute failed to parse
+    and to load. Each registered function annotates them as int32 arrays, which the creator rebuilds by astype; this
+    emulates that rebuild and runs the registered autotune on what it gives."""
+    import inspect
+    import typing
+
+    from plugins import cs4a_decide, csla, csla_tiles
+
+    registered: dict[str, dict] = {}
+
+    def decorator(kind):
+        def per_op(plugin_id):
+            def keep(fn):
+                registered.setdefault(plugin_id, {})[kind] = fn
+                return fn
+            return keep
+        return per_op
+
+    class Desc:
+        def __init__(self, *shape):
+            self.shape = shape
+
+    fake = type("FakeTrtp", (), dict(TensorDesc=Desc, AutoTuneCombination=lambda *a: a, KernelLaunchParams=object,
+                                     SymExprs=object, register=staticmethod(decorator("register")),
+                                     autotune=staticmethod(decorator("autotune")), impl=staticmethod(decorator("impl")),
+                                     aot_impl=staticmethod(decorator("aot_impl"))))
+    for module in (csla, csla_tiles, cs4a, cs4a_decide):
+        module.register_qdp(fake)
+    assert sorted(pid.split("::")[1] for pid in registered) == sorted(SPECS)
+    for plugin_id, functions in registered.items():
+        spec = SPECS[plugin_id.split("::")[1]]
+        assert set(functions) == {"register", "autotune", "impl", "aot_impl"}, plugin_id
+        rebuilt = {}
+        for kind, fn in functions.items():
+            params = inspect.signature(fn).parameters
+            for name in spec.attributes:
+                annotation = params[name].annotation
+                assert typing.get_origin(annotation) is np.ndarray, (plugin_id, kind, name, annotation)
+                dtype = typing.get_args(typing.get_args(annotation)[1])[0]
+                rebuilt[name] = np.array([16], dtype=np.int64).astype(dtype)  # what the creator hands over
+        assert spec.parse_attrs(rebuilt) == {name: 16 for name in spec.attributes}
+        inputs = [Desc(1, 2, 64, 64) for _ in spec.inputs]
+        combinations = functions["autotune"](*inputs, **rebuilt, outputs=[])
+        assert len(combinations) == 2 and all(c[1] == "LINEAR" for c in combinations), plugin_id

@@ -244,3 +244,60 @@ def test_a_class_conditional_model_trains_only_on_its_class_names(tmp_path):
     with pytest.raises(ValueError, match="the data has classes apple besides"):
         train_run.train_transformer(get_config("infinity-cifar"), get_schedule(64, model="infinity-cifar"), None, data,
                                     LoopSettings(steps=1, batch=1, lr=1e-3), str(tmp_path / "w"))
+
+
+def test_a_resumed_run_keeps_the_settings_its_checkpoint_records(tmp_path, monkeypatch):
+    """A run resumed with another seed, batch or learning rate would train on with them while its log kept the first
+    ones: refused, naming each field. Logging and checkpoint intervals do not change the weights and may change."""
+    data = load_cifar(fake_cifar(tmp_path / "c.tar.gz"))["train"]
+    settings = LoopSettings(steps=4, batch=4, lr=1e-3, warmup=1, checkpoint_every=2)
+    real_loss, calls = train_run.tokenizer_loss, []
+
+    def crash_at_step_3(tokenizer, images):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_loss(tokenizer, images)
+
+    monkeypatch.setattr(train_run, "tokenizer_loss", crash_at_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        train_run.train_tokenizer(TOY_VAE, TOY_SCHEDULE, data, settings, str(tmp_path / "w"))
+    monkeypatch.setattr(train_run, "tokenizer_loss", real_loss)
+    other = dataclasses.replace(settings, seed=7, batch=2, lr=0.05)
+    with pytest.raises(ValueError, match=r"started with batch=4, lr=0\.001, seed=0; resuming it with batch=2, lr=0\.05, "
+                                         r"seed=7 would change it"):
+        train_run.train_tokenizer(TOY_VAE, TOY_SCHEDULE, data, other, str(tmp_path / "w"), resume=True)
+    _, log = train_run.train_tokenizer(TOY_VAE, TOY_SCHEDULE, data, dataclasses.replace(settings, log_every=1),
+                                       str(tmp_path / "w"), resume=True)
+    assert log["records"][-1]["step"] == 4
+
+
+def test_export_refuses_a_transformer_trained_on_another_tokenizer(tmp_path):
+    """The tokenizer stage run again after the transformer (another seed here) would ship a pair that never trained
+    together: export refuses it. The exported seed is the transformer's training seed, not export's --seed."""
+    from safetensors import safe_open
+
+    tarball = fake_cifar(tmp_path / "c.tar.gz")
+    work, out = str(tmp_path / "work"), str(tmp_path / "out")
+    base = ["--work", work, "--data", tarball, "--device", "cpu", "--tokenizer-steps", "1", "--tokenizer-batch", "2",
+            "--tokenizer-warmup", "1", "--transformer-steps", "1", "--transformer-batch", "2",
+            "--transformer-warmup", "1", "--eval-images", "2"]
+    assert train_main(["tokenizer", *base]) == 0
+    assert train_main(["transformer", *base, "--seed", "3"]) == 0
+    assert train_main(["export", *base, "--export", out]) == 0
+    with safe_open(os.path.join(out, "infinity-cifar.safetensors"), "pt") as f:
+        assert f.metadata()["seed"] == "3"
+    assert train_main(["tokenizer", *base, "--seed", "1"]) == 0
+    with pytest.raises(ValueError, match="trained on another tokenizer than .*tokenizer.pt holds now"):
+        train_main(["export", *base, "--export", out])
+
+
+def test_bad_limits_and_short_budgeted_warmups_are_refused(tmp_path):
+    tarball = fake_cifar(tmp_path / "c.tar.gz")
+    for limit in (0, -3):  # 0 had meant every image, -3 all but the last three of each split
+        with pytest.raises(ValueError, match=f"limit must be a positive number of images per split, got {limit}"):
+            load_cifar(tarball, limit)
+    assert {s: len(d) for s, d in load_cifar(tarball, 2).items()} == {"train": 2, "test": 2}
+    with pytest.raises(ValueError, match="warm-up must last at least 25 steps"):
+        LoopSettings(steps=100, batch=4, lr=1e-3, warmup=10, seconds=60.0)
+    LoopSettings(steps=100, batch=4, lr=1e-3, warmup=25, seconds=60.0)

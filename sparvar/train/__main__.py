@@ -17,7 +17,7 @@ import torch
 from sparvar.config import get_config
 from sparvar.schedule import MODEL_SCHEDULES, get_schedule
 from sparvar.train.data import DEFAULT_DATA, load_cifar
-from sparvar.train.loop import LoopSettings, write_json
+from sparvar.train.loop import LoopSettings, state_digest, write_json
 from sparvar.train.run import (evaluate_tokenizer, evaluate_transformer, export_weights, load_tokenizer, new_transformer,
                                train_tokenizer, train_transformer)
 from sparvar.train.tokenizer import Tokenizer
@@ -89,11 +89,15 @@ def main(argv=None) -> int:
     if args.stage in ("export", "all"):
         if not args.export:
             raise ValueError("export needs --export DIR")
-        model = new_transformer(cfg, device, args.seed)
         var_state = _finished_run(var_path, "transformer", device)
+        trained = var_state["log"]["settings"]
+        if trained.get("tokenizer_sha256") != state_digest(tokenizer):  # the tokenizer stage ran again after it
+            raise ValueError(f"{var_path} was trained on another tokenizer than {tok_path} holds now: train the "
+                             "transformer stage again (same --work) before exporting")
+        model = new_transformer(cfg, device, trained["seed"])
         model.load_state_dict(var_state["model"])
         dtype = getattr(torch, args.dtype)
-        paths = export_weights(model, tokenizer, args.export, dtype, metadata={"seed": str(args.seed)})
+        paths = export_weights(model, tokenizer, args.export, dtype, metadata={"seed": str(trained["seed"])})
         say(f"wrote {paths[0]} ({os.path.getsize(paths[0]) / 2**20:.1f} MiB), {paths[1]} ({os.path.getsize(paths[1]) / 2**20:.1f} MiB)")
         # evaluate what ships: the exported (rounded) weights
         shipped_tok = load_tokenizer(paths[1], cfg.vae, schedule.grids, device)

@@ -32,6 +32,8 @@ def load_cifar(path: str, limit: int | None = None) -> dict[str, ImageSet]:
 
     `limit` keeps the first `limit` files of each split in name order (for quick runs and tests).
     """
+    if limit is not None and limit <= 0:
+        raise ValueError(f"limit must be a positive number of images per split, got {limit}")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"CIFAR-10 tarball not found: {path} (expected cifar10-jpeg.tar.gz, see ../shared/data/README.md)")
     files: dict[str, list[tuple[str, str, bytes]]] = {s: [] for s in SPLITS}
@@ -51,7 +53,7 @@ def load_cifar(path: str, limit: int | None = None) -> dict[str, ImageSet]:
         if not items:
             continue
         items.sort(key=lambda item: item[0])
-        items = items[:limit] if limit else items
+        items = items[:limit] if limit is not None else items
         images = np.stack([_decode(name, data) for name, _, data in items])
         labels = torch.tensor([class_names.index(cls) for _, cls, _ in items])
         out[split] = ImageSet(torch.from_numpy(images), labels, class_names)

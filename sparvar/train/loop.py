@@ -10,6 +10,7 @@ count is recorded in the checkpoint and the log, and `steps=N` reproduces the ru
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -20,6 +21,7 @@ from typing import Callable
 import torch
 
 CALIBRATE = (5, 25)  # steps timed to fix the step count of a budgeted run (after compilation/cudnn warm-up)
+RESUME_FREE = ("log_every", "checkpoint_every")  # settings a resumed run may change: they do not change its weights
 
 
 @dataclass(frozen=True)
@@ -44,6 +46,10 @@ class LoopSettings:
             raise ValueError(f"need lr > 0 and min_lr_ratio in [0, 1], got {self.lr} and {self.min_lr_ratio}")
         if self.seconds is not None and self.seconds <= 0:
             raise ValueError(f"seconds must be positive, got {self.seconds}")
+        if self.seconds is not None and self.warmup < CALIBRATE[1]:  # lr_at reads the step count only after warm-up
+            raise ValueError(f"a run with a time budget fixes its step count at step {CALIBRATE[1]}, so its warm-up must "
+                             f"last at least {CALIBRATE[1]} steps (got {self.warmup}); else re-running it with the "
+                             "recorded steps would not reproduce it")
 
 
 def lr_at(step: int, total: int, s: LoopSettings) -> float:
@@ -79,6 +85,16 @@ def param_groups(model: torch.nn.Module, weight_decay: float, no_decay: tuple[st
     return [{"params": decay, "weight_decay": weight_decay}, {"params": plain, "weight_decay": 0.0}]
 
 
+def state_digest(module: torch.nn.Module) -> str:
+    """sha256 of a module's state (names, dtypes, shapes, values): which weights a later stage was trained on."""
+    h = hashlib.sha256()
+    for name, t in module.state_dict().items():
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 def save_atomic(obj, path: str) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp-{os.getpid()}"
@@ -101,20 +117,31 @@ def _sync(device: torch.device) -> None:
 
 def train_loop(name: str, model: torch.nn.Module, step_fn: Callable[[int], tuple[torch.Tensor, dict]],
                settings: LoopSettings, checkpoint: str, resume: bool = False, no_decay: tuple[str, ...] = (),
-               print_fn=print) -> dict:
+               print_fn=print, run_settings: dict | None = None) -> dict:
     """Run `step_fn(step) -> (loss, metrics)` with AdamW; checkpoints to `checkpoint` (model, optimizer, log).
 
+    run_settings: what else decides the weights (the stage's own options, the inputs' digests), recorded beside the
+    loop settings. A resumed run must have them all as its checkpoint records them (but RESUME_FREE).
     Returns the log: {'name', 'settings', 'total_steps', 'seconds', 'records': [{step, lr, loss, ...}, ...]}.
     """
     device = next(model.parameters()).device
     opt = torch.optim.AdamW(param_groups(model, settings.weight_decay, no_decay), lr=settings.lr, betas=(0.9, 0.95),
                             fused=device.type == "cuda")
-    log = {"name": name, "settings": asdict(settings), "total_steps": settings.steps, "seconds": 0.0, "records": []}
+    recorded = {**asdict(settings), **(run_settings or {})}
+    log = {"name": name, "settings": recorded, "total_steps": settings.steps, "seconds": 0.0, "records": []}
     start_step = 0
     if resume and os.path.isfile(checkpoint):
         state = torch.load(checkpoint, map_location=device, weights_only=False)
         if state["name"] != name:
             raise ValueError(f"{checkpoint} holds a {state['name']!r} run, not {name!r}")
+        before = state["log"]["settings"]
+        changed = sorted(k for k in set(before) | set(recorded)
+                         if k not in RESUME_FREE and before.get(k, "(none)") != recorded.get(k, "(none)"))
+        if changed:  # the rest of the run would follow other settings than the log says it did
+            raise ValueError(f"{checkpoint}: the {name} run was started with "
+                             + ", ".join(f"{k}={before.get(k, '(none)')!r}" for k in changed) + "; resuming it with "
+                             + ", ".join(f"{k}={recorded.get(k, '(none)')!r}" for k in changed)
+                             + " would change it: resume with the same settings, or start a new run in another --work")
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         log, start_step = state["log"], state["step"]

@@ -11,7 +11,7 @@ from sparvar.config import CLASS_PROMPTS, InfinityConfig, VAEConfig
 from sparvar.model import Infinity, build_model
 from sparvar.schedule import Schedule
 from sparvar.train.data import ImageSet, to_model_images
-from sparvar.train.loop import LoopSettings, batch_indices, step_generator, train_loop
+from sparvar.train.loop import LoopSettings, batch_indices, state_digest, step_generator, train_loop
 from sparvar.train.tokenizer import Tokenizer, psnr, tokenizer_loss
 from sparvar.train.var import bit_logits, bit_loss, class_text, scale_losses, training_text
 from sparvar.vae import load_vae
@@ -93,8 +93,10 @@ def train_transformer(cfg: InfinityConfig, schedule: Schedule, tokenizer: Tokeni
         text = training_text(model, features[labels], lengths[labels], drop)
         return bit_loss(bit_logits(model, bits, text, schedule), bits)
 
+    # the bits it learns are this tokenizer's: export checks the tokenizer it ships against the digest
     log = train_loop("transformer", model, step_fn, settings, os.path.join(work, "transformer.pt"), resume,
-                     no_decay=TRANSFORMER_NO_DECAY, print_fn=print_fn)
+                     no_decay=TRANSFORMER_NO_DECAY, print_fn=print_fn,
+                     run_settings={"cfg_drop": cfg_drop, "tokenizer_sha256": state_digest(tokenizer)})
     return model, log
 
 
