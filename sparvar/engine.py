@@ -58,8 +58,14 @@ class EngineSpec:
         if self.dtype == "bf16" and self.backend == "onnxruntime":  # ORT's CPU kernels have no bf16 MatMul
             raise ValueError("onnxruntime engines run fp32 or fp16 (its CPU kernels have no bf16 MatMul); "
                              "give --dtype fp16 or fp32")
-        if not isinstance(self.batch, int) or self.batch < 1:
+        if not isinstance(self.batch, int) or isinstance(self.batch, bool) or self.batch < 1:
             raise ValueError(f"batch must be an int >= 1, got {self.batch!r}")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+            raise ValueError(f"seed must be an int, got {self.seed!r}")
+        from export.custom_ops import MIN_OPSET
+
+        if not isinstance(self.opset, int) or isinstance(self.opset, bool) or self.opset < MIN_OPSET:
+            raise ValueError(f"opset must be an int >= {MIN_OPSET} (the sparvar functions' opset), got {self.opset!r}")
         if (self.weights is None) != (self.vae is None):
             raise ValueError("give both transformer weights and tokenizer weights, or neither (random weights)")
         for name in ("weights", "vae"):  # a torch-cuda engine reads them at load, from whatever directory it runs in

@@ -155,6 +155,9 @@ class Generation:
 def check_text_lengths(features: torch.Tensor, lengths: torch.Tensor) -> None:
     """ValueError unless lengths holds one real-token count in [1, L] per row of features (B, L, D)."""
     B, L = features.shape[:2]
+    if not isinstance(lengths, torch.Tensor) or lengths.dtype == torch.bool or lengths.is_floating_point() or \
+            lengths.is_complex():  # 3.5 real tokens: torch's mask counted 4, the engines' int64 cast 3
+        raise ValueError(f"text lengths must be an integer tensor, got {getattr(lengths, 'dtype', type(lengths).__name__)}")
     if tuple(lengths.shape) != (B,) or bool((lengths < 1).any() or (lengths > L).any()):
         raise ValueError(f"text lengths must be {B} values in [1, {L}], got {lengths.tolist()}")
 

@@ -661,8 +661,15 @@ def test_specs_the_backends_cannot_build_are_refused_up_front():
         EngineSpec(model="infinity-tiny", resolution=256, dtype="bf16")
     with pytest.raises(ValueError, match="unknown dtype 'int8'"):
         EngineSpec(model="infinity-tiny", resolution=256, dtype="int8")
-    with pytest.raises(ValueError, match="batch must be an int >= 1"):
-        EngineSpec(model="infinity-tiny", resolution=256, batch=0)
+    for batch in (0, True):  # True had passed as 1 and failed deep in the export, in torch's words
+        with pytest.raises(ValueError, match="batch must be an int >= 1"):
+            EngineSpec(model="infinity-tiny", resolution=256, batch=batch)
+    for opset in (17, "18", True):
+        with pytest.raises(ValueError, match="opset must be an int >= 18"):
+            EngineSpec(model="infinity-tiny", resolution=256, opset=opset)
+    with pytest.raises(ValueError, match="seed must be an int, got 1.5"):
+        EngineSpec(model="infinity-tiny", resolution=256, seed=1.5)
+    assert EngineSpec(model="infinity-tiny", resolution=256, opset=20, seed=3).opset == 20
 
 
 def test_runner_checks_what_the_export_dropped_and_what_changed_on_disk(engines, tmp_path):

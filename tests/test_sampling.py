@@ -100,6 +100,9 @@ def test_sampling_options_the_loop_cannot_honour_are_refused():
     for lengths in (torch.tensor([0, 3]), torch.tensor([3, 4]), torch.tensor([3, 3, 3])):
         with pytest.raises(ValueError, match=r"text lengths must be 2 values in \[1, 3\]"):
             generate(runner, SignDecoder(), schedule, features, lengths, Sampling(top_k=1), seed=0)
+    for lengths in (torch.tensor([2.5, 3.0]), torch.tensor([True, True]), [3, 3]):  # 2.5: torch's mask took 3, ORT 2
+        with pytest.raises(ValueError, match="text lengths must be an integer tensor"):
+            generate(runner, SignDecoder(), schedule, features, lengths, Sampling(top_k=1), seed=0)
     lengths = torch.tensor([3, 3])
     for seed in (1.0, "1", [1, 2.0], np.array([1, 2])):
         with pytest.raises(ValueError, match="give one int seed, or one int seed per prompt row"):
