@@ -20,7 +20,7 @@ from export.step import TEXT_LEN, DecodeUnit, StepUnit, TextUnit, decode_io, tex
 
 WEIGHTS_FILE = "weights.bin"  # one external-data file shared by every graph of the engine
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-EXPORT_CODE_VERSION = 3  # bump when the exported graphs change for the same inputs (2: per-block ada, text_bias, gathered CSLA body; 3: float32 RoPE positions)
+EXPORT_CODE_VERSION = 4  # bump when the exported graphs change for the same inputs (2: per-block ada, text_bias, gathered CSLA body; 3: float32 RoPE positions; 4: CSLA windows per key scale, CS4A bands as the authors place them)
 
 
 @dataclass

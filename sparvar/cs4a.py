@@ -20,7 +20,9 @@ sparse attention over the set + O_cache bilinearly upsampled to the scale.
 Band of a group covering own-scale raster rows [r0, r1] with side s: the contiguous raster range of rows
 [r0 - s//2, r1 + s//2]. Every group of a scale gets the same band length, so key sets are rectangular:
     band_len = min(L, roundup(max_g (r1 - r0 + 1 + 2*(s//2)) * W, multiple))     (unclipped row count)
-and the range is extended equally on both sides to band_len, then shifted to lie inside the own scale.
+and, as the SparVAR authors place it, the band starts at the group's first band row (clipped at the scale's first
+row), runs band_len keys from there (the round-up padding after the rows), and is shifted back where it would pass
+the scale's end.
 At 1024^2: scale 11 (48 wide, 4-row groups) 10*48 = 480 -> 560; scale 12 (64 wide, 3-row groups)
 11*64 = 704 -> 784; key sets 784 + 560 = 1344 and 1344 + 784 = 2128.
 
@@ -89,8 +91,7 @@ def cs4a_band(schedule: Schedule, scale: int, group_size: int, side: int, multip
     row_hi = last // w + side // 2
     nominal = (row_hi - row_lo + 1) * w
     band_len = min(length, -(-int(nominal.max()) // multiple) * multiple)
-    start = row_lo * w - (band_len - nominal) // 2
-    start = start.clamp(0, length - band_len)
+    start = (row_lo.clamp(min=0) * w).clamp(max=length - band_len)
     return Band((start + schedule.offsets[scale]).to(torch.int32), band_len)
 
 

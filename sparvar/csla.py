@@ -7,10 +7,12 @@ For a query at (y, x) on scale q (grid Hq x Wq) and a key scale j (grid Hj x Wj)
     clipped at the grid borders. The centre is the formula's value, not clamped: when Hj/Hq < 1/2 the
     last query rows can get a centre one past the border, and the clipped window then loses a row.
 
-`window_sides` is aligned to the END, i.e. to the query's own scale: window_sides[-1] is the own scale,
-window_sides[-2] the scale before it, and so on; key scales before the tuple starts are dropped (unless
-they are sinks). The paper's sides at query scale 12, (-1, -1, -1, 1, 1, 3, 5, 7) for key scales 5..12,
-then mean "own scale 7x7, previous 5x5, then 3x3, 1, 1, then nothing" at every query scale.
+`window_sides` gives one side per KEY scale, aligned to the end of the schedule: window_sides[-1] is the last
+scale's, window_sides[-2] the one before, and so on; key scales before the tuple starts are dropped (unless they are
+sinks). A key scale has its side whatever the query scale, as in the SparVAR authors' code (it looks the side up by
+the key's scale index). The paper's (-1, -1, -1, 1, 1, 3, 5, 7) for key scales 5..12 at 1024^2 thus means: at query
+scale 12, 7x7 on its own scale, 5x5, 3x3, 1, 1 on the four before it; at query scale 11, 5x5 on its own scale, 3x3,
+1, 1; at query scale 10, 3x3 on its own scale, 1, 1.
 
 Tokens are in raster order per scale, scales concatenated (the KV cache order). The block layout
 OR-reduces the token mask over (block_m queries x block_n keys) tiles; see `BlockLayout`. The tile layout (opt-in)
@@ -46,6 +48,13 @@ def _axis_window(n_query: int, n_key: int, side: int) -> torch.Tensor:
     return dist <= side // 2
 
 
+def window_side(schedule: Schedule, key_scale: int, window_sides: tuple[int, ...]) -> int:
+    """The window side of key scale `key_scale`: window_sides aligned to the schedule's last scale; -1 (dropped) for
+    the scales before it starts."""
+    index = key_scale - (schedule.num_scales - len(window_sides))
+    return window_sides[index] if index >= 0 else -1
+
+
 def csla_token_mask(schedule: Schedule, scale: int, sinks: int, window_sides: tuple[int, ...]) -> torch.Tensor:
     """(Lq, Lk) bool keep-mask of scale `scale`'s queries over the whole visible KV cache, token-exact."""
     if not 0 <= scale < schedule.num_scales:
@@ -57,8 +66,7 @@ def csla_token_mask(schedule: Schedule, scale: int, sinks: int, window_sides: tu
     parts = []
     for j in range(scale + 1):
         hj, wj = schedule.grids[j]
-        distance = scale - j  # 0 = own scale
-        side = window_sides[-1 - distance] if distance < len(window_sides) else -1
+        side = window_side(schedule, j, window_sides)
         # KV slots of scale j: its grid, or a text prefix for scale 0 of a prefix model (HART), which only a sink keeps
         if j < sinks:
             part = torch.ones(hq * wq, schedule.lengths[j], dtype=torch.bool)

@@ -8,7 +8,8 @@ layouts and CS4A geometry, keeps the per-layer CS4A state of one generation and 
 Rule that scales the paper's 1024^2 policy to other schedules: sparse attention runs on the last
 `sparse_last` scales of the schedule (3: scales 10, 11, 12 at 1024^2, 7, 8, 9 at 512^2, 4, 5, 6 at 256^2);
 the CS4A decision is the first of them; band sides apply to the scales after it in order; CSLA window
-sides are aligned to the query's own scale (see sparvar/csla.py). Sinks stay absolute (the first scales).
+sides are per key scale, aligned to the schedule's last scale (see sparvar/csla.py). Sinks stay absolute (the first
+scales).
 At 256^2 the 2B/8B values leave little to skip (KV is tiny next to 112-key tiles and 5 sink scales), which
 is correct but not faster; use the values to reproduce the paper at 1024^2.
 """
@@ -57,7 +58,7 @@ class SparVARPolicy:
     cs4a_layers: int  # layer split: layers < cs4a_layers run CS4A, the others CSLA
     # CSLA (static mask)
     csla_sinks: int = 5  # the first `csla_sinks` scales are kept whole
-    csla_window_sides: tuple[int, ...] = (-1, -1, -1, 1, 1, 3, 5, 7)  # aligned to the query's own scale (last entry)
+    csla_window_sides: tuple[int, ...] = (-1, -1, -1, 1, 1, 3, 5, 7)  # per key scale, the last entry the last scale's
     csla_block: tuple[int, int] = (128, 128)  # (queries, keys) per tile; FlexAttention's default, as the paper ran
     csla_granularity: str = "block"
     # None: raster blocks of csla_block (a BlockLayout). (rows, cols): 2-D query tiles of the query grid, each
@@ -77,6 +78,19 @@ class SparVARPolicy:
         for name in ("csla_window_sides", "csla_block", "csla_query_tile", "cs4a_band_sides"):
             if isinstance(getattr(self, name), list):
                 object.__setattr__(self, name, tuple(getattr(self, name)))
+        ints = ("num_layers", "num_scales", "decision_scale", "cs4a_layers", "csla_sinks", "cs4a_sinks", "cs4a_group_size",
+                "cs4a_multiple")
+        for name in ints:  # 10.5 layers, "False" for a bool: accepted, they changed the policy or failed far from here
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise ValueError(f"{name} must be an int, got {value!r}")
+        if not isinstance(self.cs4a_use_cache, bool):
+            raise ValueError(f"cs4a_use_cache must be True or False, got {self.cs4a_use_cache!r}")
+        if not isinstance(self.cs4a_topk_ratio, (int, float)) or isinstance(self.cs4a_topk_ratio, bool):
+            raise ValueError(f"cs4a_topk_ratio must be a number, got {self.cs4a_topk_ratio!r}")
+        if not isinstance(self.cs4a_band_sides, tuple) or any(
+                not isinstance(side, int) or isinstance(side, bool) for side in self.cs4a_band_sides):
+            raise ValueError(f"cs4a_band_sides must be ints, got {self.cs4a_band_sides!r}")
         if self.num_layers <= 0 or self.num_scales <= 0:
             raise ValueError(f"num_layers and num_scales must be positive, got {self.num_layers} and {self.num_scales}")
         if not 0 <= self.decision_scale < self.num_scales:
@@ -152,11 +166,11 @@ class SparVARPolicy:
 # SparVARPolicy fields. 2B/8B are the paper's values. Tiny (4 layers; 256^2 grids 1,2,4,6,8,12,16; KV 121 at
 # its decision scale 4) gets the same structure shrunk so each path runs and stays sparse: 2 CS4A + 2 CSLA
 # layers, groups of 16 queries and 16-key multiples (top-32 of 121 keys; bands 48 and 80 keys; key sets
-# 80/265 and 160/521), 3 sink scales (21 tokens), windows (1, 3, 5) on the own scale and the two before it,
-# and 16x16 tiles (block density 88% / 64% / 38% at scales 4 / 5 / 6; token density 39% / 19% / 10%).
+# 80/265 and 160/521), 3 sink scales (21 tokens), windows (1, 3, 5) on key scales 4, 5, 6,
+# and 16x16 tiles (block density 50% / 42% / 38% at scales 4 / 5 / 6; token density 18% / 11% / 10%).
 # CIFAR (6 layers; grids ..., 20, 24, 32 at 64x64; sparse scales 8, 9, 10) keeps the paper's sinks (scales 0-4,
-# 66 tokens) and window sides (token density 14.8% / 9.3% / 5.7%), with 32x32 tiles, one 32-token row of the
-# last scale (block density 50% / 39% / 26%); CS4A: 2 of 6 layers (paper 11 of 32), 48-query groups give the
+# 66 tokens) and window sides (token density 8.2% / 6.6% / 5.7%), with 32x32 tiles, one 32-token row of the
+# last scale (block density 33% / 28% / 26%); CS4A: 2 of 6 layers (paper 11 of 32), 48-query groups give the
 # paper's 9 / 12 / 22 groups, top-192 of 930 keys, bands 5 and 7 in 32-key multiples (key sets 352 / 1,506 =
 # 23% and 608 / 2,530 = 24%, paper 21% / 20%).
 POLICY_PRESETS: dict[str, dict] = {
@@ -169,8 +183,8 @@ POLICY_PRESETS: dict[str, dict] = {
     "infinity-cifar": dict(sparse_last=3, cs4a_layers=2, csla_block=(32, 32), cs4a_group_size=48, cs4a_multiple=32,
                            cs4a_band_sides=(5, 7)),
     # HART (KV = [300 text slots | 2^2 | ... | 64^2], no 1x1): after the SparVAR authors' HART prototype (HART.md 5):
-    # sinks = text + scales 1-4 (354 keys) for CSLA and CS4A alike (never in CS4A's top-k); windows 7/5/3 on the own
-    # and two previous scales, 1 on the three before; CS4A decides at 27^2 (scale 10, KV 2,054), so scales 10-13 are
+    # sinks = text + scales 1-4 (354 keys) for CSLA and CS4A alike (never in CS4A's top-k); windows per key scale
+    # [-1 x8, 1, 1, 1, 3, 5, 7] (scales 8-13: 1, 1, 1, 3, 5, 7); CS4A decides at 27^2 (scale 10, KV 2,054), so scales 10-13 are
     # sparse (the prototype: CSLA from 11; at 27^2 CSLA saves little either way); 8 of 24 layers CS4A (2B: 11 of 32).
     "hart-0.7b": dict(sparse_last=4, cs4a_layers=8, csla_sinks=5, csla_window_sides=(1, 1, 1, 3, 5, 7),
                       csla_block=(64, 64), cs4a_sinks=5, cs4a_band_sides=(5, 7, 9)),

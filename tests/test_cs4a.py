@@ -52,6 +52,14 @@ def test_key_counts_at_1024():
     assert (topk, g11.key_count, g12.key_count) == (784, 1344, 2128)
     assert g11.key_count / s.kv_len(11) == pytest.approx(0.209, abs=1e-3)
     assert g12.key_count / s.kv_len(12) == pytest.approx(0.202, abs=1e-3)
+    # the bands where the authors' aggregate_group_indices puts them: from the group's first window row (rows 4g - 3
+    # at scale 11, 3g - 4 at scale 12, clipped at 0), the round-up padding after the window, shifted back at the end
+    starts11 = (g11.band_starts[0] - s.offsets[11]).tolist()
+    starts12 = (g12.band_starts[1] - s.offsets[12]).tolist()
+    assert starts11 == [min(max(4 * g - 3, 0) * 48, 2304 - 560) for g in range(12)]
+    assert starts11[:4] == [0, 48, 240, 432] and starts11[-1] == 2304 - 560
+    assert starts12 == [min(max(3 * g - 4, 0) * 64, 4096 - 784) for g in range(22)]
+    assert starts12[:4] == [0, 0, 128, 320] and starts12[-1] == 4096 - 784
 
 
 ALL_SCHEDULES = [(res, ratio) for res in RESOLUTION_NUM_SCALES for ratio in ASPECT_TEMPLATES]
@@ -81,8 +89,8 @@ def test_geometry_valid_for_every_schedule(res, ratio):
             need_lo = max(0, first // w - side // 2) * w
             need_hi = min(h - 1, last // w + side // 2) * w + w
             assert 0 <= lo <= need_lo and need_hi <= hi <= h * w
-            if 0 < lo and hi < h * w and first // w >= side // 2 and last // w + side // 2 < h:  # not shifted
-                assert abs((need_lo - lo) - (hi - need_hi)) <= 1  # extended equally on both sides
+            # as the authors place it: from the group's first band row, the padding after, shifted back at the end
+            assert lo == min(need_lo, h * w - band.length)
         key_idx = geo.key_indices(selected)
         assert key_idx.dtype == torch.int32 and key_idx.shape == (1, 1, groups, geo.key_count)
         assert (key_idx[..., 1:] > key_idx[..., :-1]).all()  # ascending and duplicate-free

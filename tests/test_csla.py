@@ -18,8 +18,8 @@ def brute_force_token_mask(schedule, scale, sinks, sides):
             row = []
             for j in range(scale + 1):
                 hj, wj = schedule.grids[j]
-                d = scale - j
-                side = sides[-1 - d] if d < len(sides) else -1
+                k = j - (schedule.num_scales - len(sides))  # sides are per key scale, the last one the last scale's
+                side = sides[k] if k >= 0 else -1
                 cy, cx = round(y * hj / hq), round(x * wj / wq)
                 for r in range(hj):
                     for c in range(wj):
@@ -60,6 +60,20 @@ def test_token_mask_non_square_schedule():
     s = get_schedule(256, "16:9")  # 9:16 template, non-square grids on every scale
     assert s.grids[5][0] != s.grids[5][1]
     assert torch.equal(csla_token_mask(s, 5, 2, (1, 3, 5)), brute_force_token_mask(s, 5, 2, (1, 3, 5)))
+
+
+def test_a_key_scale_has_its_window_side_at_every_query_scale():
+    """As the SparVAR authors' mask (its side looked up by the key's scale): at 1024^2 key scales 5..12 have sides
+    -1, -1, -1, 1, 1, 3, 5, 7 whatever the query scale. So query scale 10 keeps 3x3 of its own scale and one token
+    of scales 8 and 9; scale 11 5x5 of its own, 3x3 of scale 10; scale 12 7x7, 5x5, 3x3, 1, 1."""
+    s = get_schedule(1024)
+    for scale, kept in ((10, {8: 1, 9: 1, 10: 9}), (11, {8: 1, 9: 1, 10: 9, 11: 25}),
+                        (12, {8: 1, 9: 1, 10: 9, 11: 25, 12: 49})):
+        mask = csla_token_mask(s, scale, 5, PAPER_SIDES)
+        h, w = s.grids[scale]
+        row = mask[(h // 2) * w + w // 2]  # a query in the middle: no window clipped at a border
+        per_scale = {j: int(row[s.offsets[j]:s.offsets[j + 1]].sum()) for j in range(scale + 1)}
+        assert per_scale == {**{j: s.lengths[j] for j in range(5)}, 5: 0, 6: 0, 7: 0, **kept}, scale
 
 
 def test_paper_densities_at_1024():

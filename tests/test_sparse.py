@@ -64,6 +64,17 @@ def test_policy_overrides_and_validation():
         get_sparse_ops("cuda-magic")
     with pytest.raises(ValueError, match="layers"):
         SparVARPlan(p, s, num_layers=40)
+    # overrides of the wrong type had been taken: "False" kept the cache (bool("False")), 10.5 layers acted as 11
+    for field, value, message in (("cs4a_use_cache", "False", "cs4a_use_cache must be True or False"),
+                                  ("cs4a_layers", 10.5, "cs4a_layers must be an int"),
+                                  ("decision_scale", 10.0, "decision_scale must be an int"),
+                                  ("cs4a_sinks", True, "cs4a_sinks must be an int"),
+                                  ("cs4a_group_size", 192.0, "cs4a_group_size must be an int"),
+                                  ("cs4a_band_sides", (7.0, 9), "cs4a_band_sides must be ints"),
+                                  ("cs4a_band_sides", (True, 9), "cs4a_band_sides must be ints"),
+                                  ("cs4a_topk_ratio", True, "cs4a_topk_ratio must be a number")):
+        with pytest.raises(ValueError, match=message):
+            default_policy("infinity-2b", s, **{field: value})
 
 
 def test_list_fields_from_json_make_the_same_policy_as_tuples():
