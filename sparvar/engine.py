@@ -378,6 +378,8 @@ def load_engine_plan(engine_dir: str, manifest: dict, backend: str = "triton", s
                          get_config(spec["model"]).depth, backend, skip_last)
     except (ValueError, KeyError, OSError) as e:
         raise EngineError(f"{engine_dir}: its stored SparVAR plan does not fit this sparvar ({e}); rebuild the engine") from None
+    except RuntimeError as e:  # get_sparse_ops: this machine cannot run the backend's kernels (no triton)
+        raise EngineError(f"{engine_dir}: {e}") from None
 
 
 def check_model_config(engine_dir: str, manifest: dict, cfg) -> None:

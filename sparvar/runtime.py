@@ -287,6 +287,9 @@ def onnxruntime_parts(engine_dir: str, manifest: dict, cfg):
     return OrtRunner(engine_dir, manifest), OrtDecoder(engine_dir, manifest, cfg)
 
 
+RUNNABLE_BACKENDS = ("onnxruntime", "torch-cuda")  # what load_engine_pipeline runs; TensorRT plans run in TensorRT
+
+
 def load_engine_pipeline(engine_dir: str, skip_last: int = 0, **expected):
     """A Pipeline running the engine in engine_dir; `expected` (model=, resolution=, ...) must match its spec."""
     from .pipeline import Pipeline
@@ -297,22 +300,22 @@ def load_engine_pipeline(engine_dir: str, skip_last: int = 0, **expected):
     cfg, schedule = check_engine_code(engine_dir, manifest)
     schedule.run_scales(skip_last)  # checked before any weights load (a server would fail every request)
     # last of the checks: it hashes every file (tens of GB at 8B), which a wrong resolution or option need not wait for
-    verify_files(engine_dir, manifest)
     backend = spec["backend"]
+    if backend not in RUNNABLE_BACKENDS:  # before the hashing below, which takes minutes at 8B
+        raise EngineError(f"{engine_dir} is a {backend} engine: `sparvar generate` and `serve` run onnxruntime and "
+                          f"torch-cuda engines only ({backend} plans are built to check that the graphs and plugins "
+                          f"build, and run by TensorRT's own runtime); build with --backend onnxruntime or torch-cuda")
+    verify_files(engine_dir, manifest)
     if getattr(cfg, "family", "infinity") == "hart":  # its own runner protocol and loop (sparvar/hart/runtime.py)
         from .hart.runtime import load_hart_engine_pipeline
 
         return load_hart_engine_pipeline(engine_dir, manifest, cfg, schedule, skip_last)
     if backend == "onnxruntime":
         runner, decoder = onnxruntime_parts(engine_dir, manifest, cfg)
-    elif backend == "torch-cuda":
+    else:
         from .cuda_engine import load_cuda_engine
 
         runner, decoder = load_cuda_engine(engine_dir, manifest, skip_last)
-    else:
-        raise EngineError(f"{engine_dir} is a {backend} engine: `sparvar generate` and `serve` run onnxruntime and "
-                          f"torch-cuda engines only ({backend} plans are built to check that the graphs and plugins "
-                          f"build, and run by TensorRT's own runtime); build with --backend onnxruntime or torch-cuda")
     return Pipeline(cfg, schedule, runner, decoder, random_weights=spec["weights"] is None, skip_last=skip_last)
 
 
@@ -353,7 +356,7 @@ def verify_engine(engine_dir: str) -> None:
     if backend == "onnxruntime":  # every graph a generation runs is in the manifest
         onnxruntime_parts(engine_dir, manifest, cfg)
     if backend == "torch-cuda":  # its stored plan, as loading reads it (no GPU needed), and its checkpoints
-        load_engine_plan(engine_dir, manifest)
+        load_engine_plan(engine_dir, manifest, backend="reference")  # the stored layouts, whatever runs them
         if manifest["spec"]["weights"] is not None:
             check_checkpoints(engine_dir, manifest)
             checked = f", its {len(manifest['stages']['build']['info']['checkpoints'])} checkpoints unchanged since the build"

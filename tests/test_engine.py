@@ -359,6 +359,38 @@ def test_torch_cuda_engine_builds_without_graphs_and_needs_a_gpu_to_run(tmp_path
             load_engine_pipeline(path)
 
 
+def test_verify_reads_a_torch_cuda_plan_without_triton_and_loading_names_it(tmp_path, monkeypatch):
+    """`engine verify` checks a torch-cuda engine's stored plan with no GPU, so with no triton either (it had asked
+    for the Triton ops and died in a RuntimeError traceback); loading for the kernels names what is missing."""
+    from sparvar import kernels
+    from sparvar.engine import load_engine_plan
+    from sparvar.runtime import verify_engine
+
+    path = str(tmp_path / "cuda")
+    manifest = build_engine(EngineSpec(model="infinity-tiny", resolution=256, attention="sparvar", backend="torch-cuda",
+                                       dtype="bf16"), path, log=QUIET)
+    monkeypatch.setattr(kernels, "HAS_TRITON", False)
+    verify_engine(path)
+    with pytest.raises(EngineError, match="needs the triton package"):
+        load_engine_plan(path, manifest)
+
+
+def test_an_engine_generate_cannot_run_is_refused_before_its_files_are_hashed(engines, tmp_path, monkeypatch):
+    from sparvar import runtime
+
+    path = str(tmp_path / "trt")
+    shutil.copytree(engines["dense"], path)
+    manifest = read_manifest(path)
+    manifest["spec"]["backend"] = "tensorrt"
+    with open(os.path.join(path, "manifest.json"), "w") as fh:
+        json.dump(manifest, fh)
+    hashed = []
+    monkeypatch.setattr(runtime, "verify_files", lambda *a: hashed.append(a))
+    with pytest.raises(EngineError, match="is a tensorrt engine: `sparvar generate` and `serve` run onnxruntime"):
+        load_engine_pipeline(path)
+    assert hashed == []
+
+
 def test_torch_cuda_engine_runs_the_plan_its_build_stored(tmp_path):
     """The runtime's plan is the stored one, equal to the policy's; a plan file that does not fit is refused."""
     from sparvar.engine import load_engine_plan
