@@ -25,7 +25,8 @@ CSLA_QUERY_TILE ?=
 TILE_ARGS = $(if $(CSLA_QUERY_TILE),--csla-query-tile $(CSLA_QUERY_TILE),)
 # the directory names the tile as the engine spec spells it ("08x8" is "8x8"): one tile, one directory
 TILE_NAME = $(shell echo '$(CSLA_QUERY_TILE)' | sed -E 's/(^|x)0+([0-9])/\1\2/g')
-ENGINE_DIR ?= engines/$(MODEL)-$(ATTENTION)-$(BACKEND)$(if $(filter-out 1,$(BATCH)),-batch$(BATCH),)$(if $(CSLA_QUERY_TILE),-tiles$(TILE_NAME),)
+# a RESOLUTION given gets its own directory (one engine directory holds one build: 512 had replaced 256's)
+ENGINE_DIR ?= engines/$(MODEL)$(if $(RESOLUTION),-$(RESOLUTION),)-$(ATTENTION)-$(BACKEND)$(if $(filter-out 1,$(BATCH)),-batch$(BATCH),)$(if $(CSLA_QUERY_TILE),-tiles$(TILE_NAME),)
 
 .PHONY: install test demo engine generate serve bench docs clean
 
@@ -43,7 +44,7 @@ engine: $(STAMP)
 	$(PYTHON) -m sparvar.cli engine build --model $(MODEL) $(WEIGHT_ARGS) $(RES_ARGS) --attention $(ATTENTION) --backend $(BACKEND) --batch $(BATCH) $(TILE_ARGS) --engine-dir $(ENGINE_DIR)
 
 generate: $(STAMP)
-	$(PYTHON) -m sparvar.cli generate --engine $(ENGINE_DIR) --prompt "$(PROMPT)" --out $(OUT)
+	$(PYTHON) -m sparvar.cli generate --engine $(ENGINE_DIR) $(RES_ARGS) --prompt "$(PROMPT)" --out $(OUT)
 
 # A long-lived process answering POST /generate from the built engine (README: serving).
 serve: $(STAMP)
