@@ -119,7 +119,8 @@ def test_teacher_inputs_are_the_generation_inputs():
     g = torch.Generator().manual_seed(0)
     bits = [torch.randint(0, 2, (2, h * w, 8), generator=g).float() for h, w in TOY_SCHEDULE.grids]
     runner = _ForcingRunner(bits)
-    gen = generate(runner, _NullDecoder(), TOY_SCHEDULE, torch.zeros(2, 1, 4), torch.ones(2), Sampling(cfg=1.0))
+    lengths = torch.ones(2, dtype=torch.long)  # integer counts (a float count is refused)
+    gen = generate(runner, _NullDecoder(), TOY_SCHEDULE, torch.zeros(2, 1, 4), lengths, Sampling(cfg=1.0))
     assert all(torch.equal(a, b) for a, b in zip(gen.bits, bits))  # the forcing worked
     teacher = next_scale_codes(bits, TOY_SCHEDULE, 8)
     assert runner.codes[0] is None and len(teacher) == TOY_SCHEDULE.num_scales - 1
