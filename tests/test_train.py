@@ -184,11 +184,9 @@ def test_training_end_to_end_exports_loadable_weights(tmp_path):
         torch.testing.assert_close(p.half().float(), q, msg=name)
 
 
-def test_interrupted_run_resumes_to_the_same_weights(tmp_path, monkeypatch):
-    data = load_cifar(fake_cifar(tmp_path / "c.tar.gz"))["train"]
-    settings = LoopSettings(steps=4, batch=4, lr=1e-3, warmup=1, checkpoint_every=2)
-    straight, _ = train_run.train_tokenizer(TOY_VAE, TOY_SCHEDULE, data, settings, str(tmp_path / "a"))
-
+def interrupt_tokenizer_run_at_step_3(monkeypatch, data, settings, work: str):
+    """Train the tokenizer in `work` until its third step raises KeyboardInterrupt (a killed run leaves its last
+    checkpoint); returns the real loss function, which stays patched out until the caller puts it back."""
     real_loss, calls = train_run.tokenizer_loss, []
 
     def crash_at_step_3(tokenizer, images):
@@ -199,7 +197,16 @@ def test_interrupted_run_resumes_to_the_same_weights(tmp_path, monkeypatch):
 
     monkeypatch.setattr(train_run, "tokenizer_loss", crash_at_step_3)
     with pytest.raises(KeyboardInterrupt):
-        train_run.train_tokenizer(TOY_VAE, TOY_SCHEDULE, data, settings, str(tmp_path / "b"))
+        train_run.train_tokenizer(TOY_VAE, TOY_SCHEDULE, data, settings, work)
+    return real_loss
+
+
+def test_interrupted_run_resumes_to_the_same_weights(tmp_path, monkeypatch):
+    data = load_cifar(fake_cifar(tmp_path / "c.tar.gz"))["train"]
+    settings = LoopSettings(steps=4, batch=4, lr=1e-3, warmup=1, checkpoint_every=2)
+    straight, _ = train_run.train_tokenizer(TOY_VAE, TOY_SCHEDULE, data, settings, str(tmp_path / "a"))
+
+    real_loss = interrupt_tokenizer_run_at_step_3(monkeypatch, data, settings, str(tmp_path / "b"))
     after = []  # a restart from step 0 would reach the same weights too (same seeds): count the steps it takes
     monkeypatch.setattr(train_run, "tokenizer_loss", lambda tokenizer, images: after.append(1) or real_loss(tokenizer, images))
     resumed, log = train_run.train_tokenizer(TOY_VAE, TOY_SCHEDULE, data, settings, str(tmp_path / "b"), resume=True)
@@ -252,17 +259,7 @@ def test_a_resumed_run_keeps_the_settings_its_checkpoint_records(tmp_path, monke
     ones: refused, naming each field. Logging and checkpoint intervals do not change the weights and may change."""
     data = load_cifar(fake_cifar(tmp_path / "c.tar.gz"))["train"]
     settings = LoopSettings(steps=4, batch=4, lr=1e-3, warmup=1, checkpoint_every=2)
-    real_loss, calls = train_run.tokenizer_loss, []
-
-    def crash_at_step_3(tokenizer, images):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return real_loss(tokenizer, images)
-
-    monkeypatch.setattr(train_run, "tokenizer_loss", crash_at_step_3)
-    with pytest.raises(KeyboardInterrupt):
-        train_run.train_tokenizer(TOY_VAE, TOY_SCHEDULE, data, settings, str(tmp_path / "w"))
+    real_loss = interrupt_tokenizer_run_at_step_3(monkeypatch, data, settings, str(tmp_path / "w"))
     monkeypatch.setattr(train_run, "tokenizer_loss", real_loss)
     other = dataclasses.replace(settings, seed=7, batch=2, lr=0.05)
     with pytest.raises(ValueError, match=r"started with batch=4, lr=0\.001, seed=0; resuming it with batch=2, lr=0\.05, "
