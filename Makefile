@@ -37,8 +37,11 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# the suite on TEST_WORKERS processes (pytest-xdist), one test file per worker at a time, so a file's module
+# fixtures (engines built for its tests) are made once; the session's engines are shared through a lock
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(PYTHON) -m pytest -q
+	$(PYTHON) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 engine: $(STAMP)
 	$(PYTHON) -m sparvar.cli engine build --model $(MODEL) $(WEIGHT_ARGS) $(RES_ARGS) --attention $(ATTENTION) --backend $(BACKEND) --batch $(BATCH) $(TILE_ARGS) --engine-dir $(ENGINE_DIR)

@@ -114,7 +114,7 @@ INTERPRETER_SCRIPT = textwrap.dedent('''
                 out = group_norm(x, norm.weight, norm.bias, groups, norm.eps, silu=silu)
                 assert out.dtype == dtype and out.shape == x.shape
                 assert out.is_contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
-                assert torch.equal(out, group_norm(x, norm.weight, norm.bias, groups, norm.eps, silu=silu)), "not deterministic"
+                # (determinism is checked on the GPU, where programs run concurrently; here they run one by one)
                 err("fp32" if dtype == torch.float32 else "fp16", out, truth(x, norm, silu))
 
     # a pre-bias (a convolution's pending bias) is the same as adding it to x first
@@ -162,7 +162,8 @@ INTERPRETER_SCRIPT = textwrap.dedent('''
         calls["interleave"] += 1
         return G.subpixel_interleave(y)
     vae = V.build_vae(VAE_TINY)
-    latent = torch.randn(2, VAE_TINY.codebook_dim, 2, 3, generator=torch.Generator().manual_seed(0))
+    # one batch row (the cases above take two): the decode's interpreter time is most of this script's
+    latent = torch.randn(1, VAE_TINY.codebook_dim, 2, 3, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         ref = vae.decode(latent)
         V._triton_kernels = lambda: SimpleNamespace(group_norm=norm_kernel, residual_add=add, upsample_nearest_2x=up,

@@ -624,8 +624,8 @@ FROM_SELECTION_SCRIPT = textwrap.dedent('''
     square, wide = get_schedule(256), get_schedule(256, "16:9")
     # (schedule, decision scale, later scale, sinks): one band (scale 5), two (6), sinks + two, sinks + three
     # (decision scale 3: the most ranges the kernel takes), on square and 16:9 grids
-    for s, decision, scale, sinks in [(square, 4, 5, 0), (square, 4, 6, 0), (square, 4, 6, 21), (square, 3, 6, 5),
-                                      (wide, 4, 6, 0), (wide, 3, 6, 5)]:
+    for geometry, (s, decision, scale, sinks) in enumerate([(square, 4, 5, 0), (square, 4, 6, 0), (square, 4, 6, 21),
+                                                           (square, 3, 6, 5), (wide, 4, 6, 0), (wide, 3, 6, 5)]):
         geo = cs4a_geometry(s, decision, scale, 16, (3, 5, 7), 16, 32, sink_len=sinks)
         lq, lk = s.lengths[scale], s.kv_len(scale)
         q = torch.randn(2, 2, lq, 64, dtype=dt) * 0.125
@@ -634,13 +634,14 @@ FROM_SELECTION_SCRIPT = textwrap.dedent('''
                            for _ in range(4 * geo.num_decision_groups)]).view(2, 2, -1, 32).to(torch.int32)
         grids = s.grids[decision], s.grids[scale]
         n = s.lengths[decision]
-        for i, cache in enumerate((torch.randn(2, 2, n, 64, dtype=dt), torch.randn(2, 2, n, 64), None)):
-            got = K.cs4a_attention_from_selection(q, k, v, sel, geo, cache, *grids)
-            assert got.shape == q.shape and got.dtype == dt
-            err(got, cs4a_from_selection_ref(reference, upsample_cache, q, k, v, sel, geo, cache, *grids))
-            if i == 0:  # the composed Triton path (key sets, upsampled cache, cs4a) gives the same (its parts have
-                # their own tests with every cache kind; once per geometry keeps this test's interpreter time down)
-                err(got, cs4a_from_selection_ref(composed, K.upsample_cache, q, k, v, sel, geo, cache, *grids))
+        # one residual-cache kind per geometry, in turn (fp16, fp32, none: each twice, on two geometries), which
+        # keeps this test's interpreter time down; the composed Triton path (key sets, upsampled cache, cs4a) on
+        # the same inputs gives the same
+        cache = (torch.randn(2, 2, n, 64, dtype=dt), torch.randn(2, 2, n, 64), None)[geometry % 3]
+        got = K.cs4a_attention_from_selection(q, k, v, sel, geo, cache, *grids)
+        assert got.shape == q.shape and got.dtype == dt
+        err(got, cs4a_from_selection_ref(reference, upsample_cache, q, k, v, sel, geo, cache, *grids))
+        err(got, cs4a_from_selection_ref(composed, K.upsample_cache, q, k, v, sel, geo, cache, *grids))
     print("WORST", worst)
 ''')
 
