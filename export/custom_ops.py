@@ -431,9 +431,13 @@ def finalize_export(program, flavour: str):
 
 def export_model(module: torch.nn.Module, args: tuple, *, flavour: str = "reference", opset: int = MIN_OPSET,
                  input_names=None, output_names=None, dynamic_shapes=None) -> onnx.ModelProto:
-    """torch.onnx.export (dynamo) with the sparvar nodes, finalized for `flavour`; returns the ModelProto."""
+    """torch.onnx.export (dynamo) with the sparvar nodes, cleaned as an engine's graphs are
+    (export.stages.fold_and_clean), finalized for `flavour`; returns the ModelProto."""
+    from export.stages import fold_and_clean
+
     with torch.no_grad():
         program = torch.onnx.export(module, args, dynamo=True, custom_translation_table=translation_table(flavour),
                                     opset_version=opset, input_names=input_names, output_names=output_names,
-                                    dynamic_shapes=dynamic_shapes, verbose=False)
+                                    dynamic_shapes=dynamic_shapes, verbose=False, optimize=False)
+    fold_and_clean(program.model)
     return finalize_export(program, flavour).model_proto
