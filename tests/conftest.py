@@ -29,7 +29,9 @@ def shared_build(tmp_path_factory, name: str, build) -> str:
     from filelock import FileLock
 
     base = tmp_path_factory.getbasetemp()
-    root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    run = os.environ.get("PYTEST_XDIST_TESTRUNUID")  # set in every worker, one per run: never an older run's engine
+    root = base.parent / f"run-{run}" if os.environ.get("PYTEST_XDIST_WORKER") and run else base
+    root.mkdir(exist_ok=True)
     path = root / f"shared-{name}"
     with FileLock(str(path) + ".lock"):
         if not path.exists():

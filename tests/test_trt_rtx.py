@@ -111,7 +111,7 @@ def test_unknown_compute_capability_is_rejected():
 
 def test_tiny_model_last_scale_step_builds_with_all_sparse_layers_as_plugins():
     """A whole exported scale step (infinity-tiny, last scale: 2 CS4A + 2 CSLA layers) through TensorRT-RTX."""
-    from export.custom_ops import export_plan, translation_table
+    from export.custom_ops import export_plan
     from export.step import StepUnit
     from sparvar.config import get_config
     from sparvar.model import build_model
@@ -135,11 +135,9 @@ def test_tiny_model_last_scale_step_builds_with_all_sparse_layers_as_plugins():
             args.append(torch.ones(shape, dtype=torch.bool))
         else:
             args.append(torch.randn(shape, generator=g).to(getattr(torch, s.dtype)))
-    with torch.no_grad():
-        program = torch.onnx.export(unit, tuple(args), dynamo=True, input_names=[s.name for s in unit.inputs],
-                                     output_names=[s.name for s in unit.outputs], opset_version=18,
-                                     custom_translation_table=translation_table("plugin"), verbose=False)
-    report = build_engine(program.model_proto, compute_capabilities=("SM80",))
+    graph = export_model(unit, tuple(args), flavour="plugin", opset=18, input_names=[s.name for s in unit.inputs],
+                         output_names=[s.name for s in unit.outputs])  # cleaned as an engine's step graphs are
+    report = build_engine(graph, compute_capabilities=("SM80",))
     kinds = sorted(info["op_type"] for info in report.plugin_layers.values())
     expected = sorted("CS4AAttentionCached" if policy.kind(layer, scale) == "cs4a" else "CSLAAttention"
                       for layer in range(cfg.depth))
