@@ -20,7 +20,7 @@ from export.step import TEXT_LEN, DecodeUnit, StepUnit, TextUnit, decode_io, tex
 
 WEIGHTS_FILE = "weights.bin"  # one external-data file shared by every graph of the engine
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-EXPORT_CODE_VERSION = 5  # bump when the exported graphs change for the same inputs (2: per-block ada, text_bias, gathered CSLA body; 3: float32 RoPE positions; 4: CSLA windows per key scale, CS4A bands as the authors place them; 5: graphs cleaned by fold_and_clean, not onnxscript's rewrite rules)
+EXPORT_CODE_VERSION = 5  # bump when the exported graphs change for the same inputs (2: per-block ada, text_bias, gathered CSLA body; 3: float32 RoPE positions; 4: CSLA windows per key scale, CS4A bands as the authors place them; 5: graphs cleaned by custom_ops.fold_and_clean, not onnxscript's rewrite rules)
 
 
 @dataclass
@@ -160,46 +160,14 @@ def _export_unit(module, inputs, outputs, sample_args, shared, path: str, opset:
     if any(p.kind == p.VAR_POSITIONAL for p in inspect.signature(module.forward).parameters.values()):
         dynamic = (dynamic,)  # forward(*args): torch.export sees one tuple argument
     # the exporter narrates every pass on stdout and warns about internals: keep the build log to our stages
-    with torch.no_grad(), warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+    from export.custom_ops import export_program
+
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
-        program = torch.onnx.export(
-            module, tuple(sample_args), dynamo=True, input_names=[s.name for s in inputs],
-            output_names=[s.name for s in outputs], dynamic_shapes=dynamic, opset_version=opset,
-            custom_translation_table=translation_table(flavour) if flavour else None, verbose=False, optimize=False)
-        fold_and_clean(program.model)
-    if flavour:
-        finalize_export(program, flavour)  # the 'reference' flavour carries the reference math as local functions
+        program = export_program(module, tuple(sample_args), flavour=flavour, opset=opset,
+                                 input_names=[s.name for s in inputs], output_names=[s.name for s in outputs],
+                                 dynamic_shapes=dynamic)
     shared.add_model(program.model, path)
-
-
-def fold_and_clean(model) -> None:
-    """The exporter's optimisation without onnxscript's pattern-rewrite rules (in place, an onnx_ir.Model): constant
-    folding, unused nodes and functions dropped, constants lifted to initializers, duplicates merged. The rewrite
-    rules took a quarter of each export (infinity-tiny: 114 s with them, 88 s without; their matcher tries every rule
-    at every node) and removed few nodes (12 of ~500 per step graph, 50 of 303 in the decode), of the kinds
-    onnxruntime's and TensorRT's own graph optimisers remove when they load a graph."""
-    import onnx_ir
-    import onnx_ir.passes.common as common
-    import onnxscript
-
-    onnxscript.optimizer.fold_constants(model)
-    onnx_ir.passes.Sequential(
-        common.RemoveUnusedNodesPass(), common.RemoveUnusedFunctionsPass(), common.RemoveUnusedOpsetsPass(),
-        common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0),
-        common.LiftSubgraphInitializersToMainGraphPass(), common.DeduplicateInitializersPass(),
-        common.CommonSubexpressionEliminationPass(), common.OutputFixPass(), common.NameFixPass())(model)
-
-
-def translation_table(flavour):
-    from export.custom_ops import translation_table as table
-
-    return table(flavour)
-
-
-def finalize_export(program, flavour):
-    from export.custom_ops import finalize_export as finalize
-
-    return finalize(program, flavour)
 
 
 def _sample(spec_list, named: dict, text_len: int):
