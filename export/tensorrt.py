@@ -167,32 +167,19 @@ def run_engine(engine_bytes: bytes, feeds: dict, plugin_api: str = "qdp", refit_
 
 
 def run_loaded(engine, feeds: dict, logger=None) -> dict:
-    """Run a deserialized (and, if stripped, refit) engine once on CUDA torch tensors `feeds`."""
+    """Run a deserialized (and, if stripped, refit) engine once on CUDA torch tensors `feeds`; waits for it. The
+    binding is the generation runner's (sparvar.trt_runtime.TrtUnit)."""
     import torch
 
-    trt = load_tensorrt()
-    context = engine.create_execution_context()
-    outputs, kept = {}, []  # kept: contiguous copies of the inputs stay alive until the engine has run
-    for i in range(engine.num_io_tensors):
-        name = engine.get_tensor_name(i)
-        if engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT:
-            if name not in feeds:
-                raise ValueError(f"missing engine input {name!r}")
-            tensor = feeds[name].contiguous()
-            kept.append(tensor)
-            context.set_input_shape(name, tuple(tensor.shape))
-            context.set_tensor_address(name, tensor.data_ptr())
-    for i in range(engine.num_io_tensors):
-        name = engine.get_tensor_name(i)
-        if engine.get_tensor_mode(name) == trt.TensorIOMode.OUTPUT:
-            dtype = {trt.float32: torch.float32, trt.float16: torch.float16, trt.bfloat16: torch.bfloat16,
-                     trt.int32: torch.int32, trt.int64: torch.int64}[engine.get_tensor_dtype(name)]
-            outputs[name] = torch.empty(tuple(context.get_tensor_shape(name)), dtype=dtype, device="cuda")
-            context.set_tensor_address(name, outputs[name].data_ptr())
-    stream = torch.cuda.current_stream()
-    if not context.execute_async_v3(stream.cuda_stream):
-        raise RuntimeError("TensorRT execution failed: " + "; ".join(logger.errors() if logger else []))
-    stream.synchronize()
+    from sparvar.trt_runtime import TrtUnit
+
+    try:
+        outputs = TrtUnit(load_tensorrt(), engine, "engine")(feeds)
+    except Exception as e:
+        if logger is not None and logger.errors():
+            raise RuntimeError(f"{e}: " + "; ".join(logger.errors())) from e
+        raise
+    torch.cuda.current_stream().synchronize()
     return outputs
 
 

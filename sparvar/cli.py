@@ -249,8 +249,8 @@ def cmd_generate(args) -> int:
         if args.weights or args.vae or args.random_weights:
             raise UsageError("--engine runs the weights the engine was built with; drop --weights/--vae/--random-weights")
         if args.device:
-            raise UsageError("--engine runs on its backend's device (onnxruntime: the CPU, torch-cuda: the GPU); "
-                             "drop --device")
+            raise UsageError("--engine runs on its backend's device (onnxruntime: the CPU; torch-cuda, tensorrt, "
+                             "tensorrt-rtx: the GPU); drop --device")
         from .engine import check_compatible, read_manifest
 
         # what the engine was built for is fixed: an option that says otherwise is refused, not ignored; one no

@@ -157,19 +157,20 @@ class OrtUnit:
 
 
 def check_engine_request(manifest: dict, prompts: int, guided: bool) -> None:
-    """What an engine runs per generation, from its (checked) manifest, or an EngineError: onnxruntime graphs have a
-    static batch (spec.batch prompts; Infinity's with the CFG rows, so guided only). torch-cuda engines capture graphs
-    for any batch, guided or not. The runners ask at each generation (`serve` answers a client with the message: it
-    names no path), `sparvar generate` before the engine loads (its files hash for minutes at 8B)."""
+    """What an engine runs per generation, from its (checked) manifest, or an EngineError: exported graphs
+    (onnxruntime, TensorRT, TensorRT-RTX) have a static batch (spec.batch prompts; Infinity's with the CFG rows, so
+    guided only). torch-cuda engines capture graphs for any batch, guided or not. The runners ask at each generation
+    (`serve` answers a client with the message: it names no path), `sparvar generate` before the engine loads (its
+    files hash for minutes at 8B)."""
     spec = manifest["spec"]
-    if spec["backend"] != "onnxruntime":
+    if spec["backend"] == "torch-cuda":
         return
     if prompts != spec["batch"]:
         raise EngineError(f"the engine was built for {spec['batch']} prompt(s) per generation, got {prompts}: give "
                           f"{spec['batch']} prompts, or build an engine with --batch {prompts}")
     if not guided and manifest["model_config"].get("family", "infinity") == "infinity":
-        raise EngineError("Infinity onnxruntime engines are built with classifier-free guidance (cond + uncond batch); "
-                          "use cfg != 1, or a torch-cuda engine")
+        raise EngineError(f"Infinity {spec['backend']} engines are built with classifier-free guidance (cond + uncond "
+                          "batch); use cfg != 1, or a torch-cuda engine")
 
 
 def engine_unit(engine_dir: str, manifest: dict, name: str) -> OrtUnit:
@@ -185,14 +186,37 @@ def engine_unit(engine_dir: str, manifest: dict, name: str) -> OrtUnit:
     return OrtUnit(engine_dir, unit)
 
 
-class OrtRunner:
-    """Runs text + per-scale step graphs; keeps the KV cache and CS4A state as named arrays between scales."""
+class OrtIO:
+    """How the ONNX Runtime runners load units and pass values: numpy arrays on the CPU. The generation protocol
+    (UnitRunner, UnitDecoder) is the same for every exported engine; sparvar.trt_runtime.TrtIO runs it on TensorRT
+    plans with CUDA tensors."""
 
     device = torch.device("cpu")
 
+    def load_unit(self, engine_dir: str, manifest: dict, name: str):
+        return engine_unit(engine_dir, manifest, name)
+
+    def array(self, t: torch.Tensor):
+        """A torch tensor as this runner's units take it."""
+        return t.numpy()
+
+    @staticmethod
+    def grow(past, new):
+        """The next scale's past K/V: this past + this scale's, along the tokens of (batch, heads, tokens, dim)."""
+        return np.concatenate([past, new], axis=2)
+
+    def tensor(self, a) -> torch.Tensor:
+        """A unit's output as the generation loop takes it."""
+        return torch.from_numpy(a)
+
+
+class UnitRunner:
+    """Runs text + per-scale step units; keeps the KV cache and CS4A state as named values between scales. The units
+    and values are those of the I/O mixin it is combined with (OrtIO, sparvar.trt_runtime.TrtIO)."""
+
     def __init__(self, engine_dir: str, manifest: dict):
-        self.text = engine_unit(engine_dir, manifest, "text")
-        self.steps = [engine_unit(engine_dir, manifest, f"step_{k:02d}") for k in range(len(manifest["schedule"]))]
+        self.text = self.load_unit(engine_dir, manifest, "text")
+        self.steps = [self.load_unit(engine_dir, manifest, f"step_{k:02d}") for k in range(len(manifest["schedule"]))]
         self.manifest = manifest
         self.depth = manifest["model_config"]["depth"]
         self.text_maxlen, self.text_dim = manifest["model_config"]["text_maxlen"], manifest["model_config"]["text_dim"]
@@ -209,27 +233,29 @@ class OrtRunner:
             check_text_lengths(features, lengths)
         except ValueError as e:
             raise EngineError(str(e)) from None
-        self.values = self.text({"text_features": features.numpy(), "text_lengths": lengths.numpy()})
+        self.values = self.text({"text_features": self.array(features), "text_lengths": self.array(lengths)})
 
     def step(self, scale: int, codes):
         if codes is not None:
-            self.values["codes"] = codes.float().numpy()
+            self.values["codes"] = self.array(codes.float())
         out = self.steps[scale](self.values)
         for i in range(self.depth):  # grow the cache: the next scale's past = this past + this scale's K/V
             for kv in ("k", "v"):
                 new = out.pop(f"new_{kv}.{i}")
                 past = self.values.get(f"past_{kv}.{i}")
-                self.values[f"past_{kv}.{i}"] = new if past is None else np.concatenate([past, new], axis=2)
-        logits = torch.from_numpy(out.pop("logits"))
+                self.values[f"past_{kv}.{i}"] = new if past is None else self.grow(past, new)
+        logits = self.tensor(out.pop("logits"))
         self.values.update(out)  # CS4A selections and residual caches of the decision scale
         return logits
 
 
-class OrtDecoder:
+class UnitDecoder:
+    """The exported tokenizer decoder, its unit and values those of the I/O mixin it is combined with."""
+
     def __init__(self, engine_dir: str, manifest: dict, cfg):
         from . import vae as vae_lib
 
-        self.unit = engine_unit(engine_dir, manifest, "decode")
+        self.unit = self.load_unit(engine_dir, manifest, "decode")
         self.codebook_dim = cfg.vae.codebook_dim
         self.patchify = cfg.vae.spatial_patchify
         self._bits_to_codes = vae_lib.bits_to_codes
@@ -238,7 +264,15 @@ class OrtDecoder:
         return self._bits_to_codes(bits, self.codebook_dim)
 
     def decode(self, latent):
-        return torch.from_numpy(self.unit({"latent": latent.float().numpy()})["image"])
+        return self.tensor(self.unit({"latent": self.array(latent.float())})["image"])
+
+
+class OrtRunner(OrtIO, UnitRunner):
+    """An onnxruntime engine's text and step graphs."""
+
+
+class OrtDecoder(OrtIO, UnitDecoder):
+    """An onnxruntime engine's decoder graph."""
 
 
 def check_engine_code(engine_dir: str, manifest: dict):
@@ -287,9 +321,6 @@ def onnxruntime_parts(engine_dir: str, manifest: dict, cfg):
     return OrtRunner(engine_dir, manifest), OrtDecoder(engine_dir, manifest, cfg)
 
 
-RUNNABLE_BACKENDS = ("onnxruntime", "torch-cuda")  # what load_engine_pipeline runs; TensorRT plans run in TensorRT
-
-
 def load_engine_pipeline(engine_dir: str, skip_last: int = 0, **expected):
     """A Pipeline running the engine in engine_dir; `expected` (model=, resolution=, ...) must match its spec."""
     from .pipeline import Pipeline
@@ -301,21 +332,30 @@ def load_engine_pipeline(engine_dir: str, skip_last: int = 0, **expected):
     schedule.run_scales(skip_last)  # checked before any weights load (a server would fail every request)
     # last of the checks: it hashes every file (tens of GB at 8B), which a wrong resolution or option need not wait for
     backend = spec["backend"]
-    if backend not in RUNNABLE_BACKENDS:  # before the hashing below, which takes minutes at 8B
-        raise EngineError(f"{engine_dir} is a {backend} engine: `sparvar generate` and `serve` run onnxruntime and "
-                          f"torch-cuda engines only ({backend} plans are built to check that the graphs and plugins "
-                          f"build, and run by TensorRT's own runtime); build with --backend onnxruntime or torch-cuda")
+    hart = getattr(cfg, "family", "infinity") == "hart"
+    if hart and backend not in ("onnxruntime", "torch-cuda"):  # before the hashing below, which takes minutes
+        raise EngineError(f"{engine_dir} is a HART {backend} engine: sparvar runs HART engines built for onnxruntime "
+                          f"and torch-cuda ({backend} HART plans are built to check that the graphs and plugins "
+                          "build); build with --backend onnxruntime or torch-cuda")
+    if backend in ("tensorrt", "tensorrt-rtx"):  # a GPU and TensorRT (-RTX) here, before the hashing too
+        from .trt_runtime import check_trt_runs_here
+
+        check_trt_runs_here(engine_dir, backend)
     verify_files(engine_dir, manifest)
-    if getattr(cfg, "family", "infinity") == "hart":  # its own runner protocol and loop (sparvar/hart/runtime.py)
+    if hart:  # its own runner protocol and loop (sparvar/hart/runtime.py)
         from .hart.runtime import load_hart_engine_pipeline
 
         return load_hart_engine_pipeline(engine_dir, manifest, cfg, schedule, skip_last)
     if backend == "onnxruntime":
         runner, decoder = onnxruntime_parts(engine_dir, manifest, cfg)
-    else:
+    elif backend == "torch-cuda":
         from .cuda_engine import load_cuda_engine
 
         runner, decoder = load_cuda_engine(engine_dir, manifest, skip_last)
+    else:  # tensorrt, tensorrt-rtx
+        from .trt_runtime import load_trt_parts
+
+        runner, decoder = load_trt_parts(engine_dir, manifest, cfg)
     return Pipeline(cfg, schedule, runner, decoder, random_weights=spec["weights"] is None, skip_last=skip_last)
 
 

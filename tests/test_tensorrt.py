@@ -299,21 +299,65 @@ def test_stripped_engine_is_small_and_refits_from_the_shared_weights(tensorrt, t
     torch.testing.assert_close(got, want, rtol=1e-2, atol=1e-2)  # TF32 matmuls allowed
 
 
-@pytest.mark.gpu
-def test_engine_dir_units_are_stripped_share_one_timing_cache_and_load(tensorrt, tmp_path):
-    from export.tensorrt import load_engine
+@pytest.fixture(scope="module")
+def tiny_trt_engine(tmp_path_factory):
+    """infinity-tiny at 256 with SparVAR attention through `sparvar engine build --backend tensorrt` (a GPU and
+    TensorRT needed: skipped otherwise)."""
+    pytest.importorskip("tensorrt", reason="TensorRT not installed")
+    _requires_gpu()
     from sparvar.engine import EngineSpec, build_engine as build_engine_dir
 
-    _requires_gpu()
-    path = str(tmp_path / "tiny")
-    manifest = build_engine_dir(EngineSpec(model="infinity-tiny", resolution=256, attention="sparvar",
-                                           backend="tensorrt"), path, log=lambda *a, **k: None)
+    path = str(tmp_path_factory.mktemp("trt") / "tiny")
+    return path, build_engine_dir(EngineSpec(model="infinity-tiny", resolution=256, attention="sparvar",
+                                             backend="tensorrt"), path, log=lambda *a, **k: None)
+
+
+@pytest.mark.gpu
+def test_engine_dir_units_are_stripped_share_one_timing_cache_and_load(tiny_trt_engine):
+    from export.tensorrt import load_engine
+
+    path, manifest = tiny_trt_engine
     info = manifest["stages"]["build"]["info"]["tensorrt"]
     assert os.path.getsize(os.path.join(path, "build", "timing.cache")) > 0
     for name, unit in info["units"].items():
         assert unit["weights"] == "stripped, refit from optimize/weights.bin"
         engine = load_engine(path, name)
         assert engine.num_io_tensors == len(manifest["units"][name]["inputs"]) + len(manifest["units"][name]["outputs"])
+
+
+def assert_plans_run_as_onnxruntime(plans_dir: str, ort_dir: str) -> None:
+    """The generation loop on a TensorRT (-RTX) engine directory against the onnxruntime engine of the same spec
+    (infinity-tiny, 256, fp32): per-scale logits teacher forced with the same codes, then a whole generation through
+    `load_engine_pipeline`. (TensorRT may run fp32 matmuls in TF32: hence the tolerance.)"""
+    from sparvar.config import get_config
+    from sparvar.engine import read_manifest
+    from sparvar.generate import Sampling
+    from sparvar.runtime import OrtRunner, load_engine_pipeline
+    from sparvar.schedule import get_schedule
+    from sparvar.text import hashed_embeddings
+    from sparvar.trt_runtime import TrtRunner
+
+    schedule, bits = get_schedule(256), get_config("infinity-tiny").bits
+    features, lengths = hashed_embeddings(["a red car"], 64, 32)
+    plans, ort = TrtRunner(plans_dir, read_manifest(plans_dir)), OrtRunner(ort_dir, read_manifest(ort_dir))
+    plans.begin(features, lengths, True)
+    ort.begin(features, lengths, True)
+    g = torch.Generator().manual_seed(0)
+    codes = None
+    for k in range(schedule.num_scales):
+        got, want = plans.step(k, codes), ort.step(k, codes)
+        assert got.is_cuda and got.shape == want.shape
+        torch.testing.assert_close(got.float().cpu(), want.float(), atol=2e-2, rtol=2e-2, msg=f"scale {k}")
+        if k + 1 < schedule.num_scales:
+            codes = torch.randn(1, schedule.lengths[k + 1], bits, generator=g) * 0.25
+    result = load_engine_pipeline(plans_dir).generate(features, lengths, Sampling(cfg=3.0), seed=0)
+    assert result.image.shape == (1, 3, 256, 256) and bool(result.image.isfinite().all())
+    assert len(result.bits) == schedule.num_scales
+
+
+@pytest.mark.gpu
+def test_plans_run_the_generation_loop_as_onnxruntime_does(tiny_trt_engine, engines):
+    assert_plans_run_as_onnxruntime(tiny_trt_engine[0], engines["sparvar"])
 
 
 @pytest.mark.gpu

@@ -19,7 +19,7 @@ trt = pytest.importorskip("tensorrt_rtx_bindings", reason="TensorRT-RTX not inst
 from export.trt_build import make_logger, parse_onnx, plugin_layers, ready_for_trt, weights_record  # noqa: E402
 from export.trt_rtx import build_engine, load_engine, load_trt_rtx, local_compute_capability  # noqa: E402
 from tests.test_custom_ops import EXPECTED_ATTRS, OneOp, _inputs  # noqa: E402
-from tests.test_tensorrt import weighty_graph  # noqa: E402
+from tests.test_tensorrt import assert_plans_run_as_onnxruntime, weighty_graph  # noqa: E402
 
 QUIET = lambda *a, **k: None  # noqa: E731
 
@@ -275,6 +275,11 @@ def test_hart_engine_dir_builds_with_every_sparvar_node_as_our_plugin(tmp_path):
         for n in nodes:
             if n.op_type == "CS4ADecide":  # the text prefix + 2^2 + 3^2 are CS4A sinks
                 assert {a.name: oh.get_attribute_value(a) for a in n.attribute}["sink_len"] == 29
+    from sparvar.engine import EngineError
+    from sparvar.runtime import load_engine_pipeline
+
+    with pytest.raises(EngineError, match="a HART tensorrt-rtx engine: sparvar runs HART engines built for onnxruntime"):
+        load_engine_pipeline(path)
 
 
 def test_engine_dir_records_where_the_weights_of_every_unit_are(tiny_engine):
@@ -348,11 +353,15 @@ def test_load_engine_checks_the_directory_as_the_runtime_does(tiny_engine, tmp_p
     assert main(["engine", "verify", path]) == 1
 
 
-@pytest.mark.gpu
-def test_load_engine_refits_and_exposes_the_unit_io(tiny_engine):
+def _needs_a_gpu_tensorrt_rtx_runs_on():
     major, minor = torch.cuda.get_device_capability()
     if (major, minor) not in ((8, 0), (8, 6), (8, 9)) and major != 12:
         pytest.skip(f"TensorRT-RTX does not run on compute capability {major}.{minor}")
+
+
+@pytest.mark.gpu
+def test_load_engine_refits_and_exposes_the_unit_io(tiny_engine):
+    _needs_a_gpu_tensorrt_rtx_runs_on()
     path, manifest = tiny_engine
     for name, unit in manifest["units"].items():
         engine = load_engine(path, name)
@@ -392,3 +401,32 @@ def test_build_stage_key_changes_with_the_weights_plan(monkeypatch):
     stripped = stages.stage_key_inputs("build", ctx)
     assert stripped["trt_rtx_plan"] == {"weights": "strip", "compute_capabilities": ["SM89"]}
     assert stripped != embedded
+
+
+# ------------------------------------------------------------------------------------------------ running plans
+def test_generating_through_plans_needs_a_gpu_and_says_so_before_hashing(tiny_engine, tmp_path, monkeypatch, capsys):
+    """`sparvar generate --engine` on a tensorrt-rtx directory, on a machine without a GPU: the runtime names the
+    problem before it hashes the directory (minutes at 8B) or deserialises a plan."""
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA GPU")
+    import sparvar.runtime as runtime
+    from sparvar.cli import main
+    from sparvar.engine import EngineError
+
+    path, _ = tiny_engine
+
+    def hashed(*args, **kwargs):
+        raise AssertionError("the files were hashed before the GPU was asked for")
+
+    monkeypatch.setattr(runtime, "verify_files", hashed)
+    with pytest.raises(EngineError, match="tensorrt-rtx engine: its plans run on a CUDA GPU, and this machine has none"):
+        runtime.load_engine_pipeline(path)
+    out = str(tmp_path / "x.png")
+    assert main(["generate", "--engine", path, "--out", out]) == 1
+    assert "its plans run on a CUDA GPU" in capsys.readouterr().err and not os.path.exists(out)
+
+
+@pytest.mark.gpu
+def test_plans_run_the_generation_loop_as_onnxruntime_does(tiny_engine, engines):
+    _needs_a_gpu_tensorrt_rtx_runs_on()
+    assert_plans_run_as_onnxruntime(tiny_engine[0], engines["sparvar"])

@@ -1,0 +1,175 @@
+"""Running TensorRT and TensorRT-RTX engines in the generation loop.
+
+The protocol is the onnxruntime runners' (sparvar.runtime.UnitRunner / UnitDecoder: text, one step unit per scale,
+the KV cache grown between scales, the decoder); only the units differ. Each exported unit is a deserialized plan
+(weight-stripped plans refit from the directory's shared weights, export/trt_build.py) with one execution context,
+fed and read by I/O name with torch tensors and enqueued on torch's current CUDA stream.
+
+TensorRT plans do not share weights: every step unit holds its own copy of the transformer's, so an engine needs
+about (units x weights) of GPU memory; loading checks that against the free memory first. (The torch-cuda backend
+keeps one copy for every scale; it is the one this project benchmarks.)
+
+Written against TensorRT's documented Python API (ICudaEngine's I/O tensors; IExecutionContext.set_input_shape,
+set_tensor_address, get_tensor_shape, execute_async_v3). **Never run**: TensorRT cannot be installed on our machines
+and TensorRT-RTX's runtime refuses the H100; tests/test_trt_runtime.py runs a generation where either can.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import onnx
+import torch
+
+from .engine import EngineError, stage_info
+from .runtime import UnitDecoder, UnitRunner
+
+TRT_BACKENDS = ("tensorrt", "tensorrt-rtx")
+
+
+def torch_dtype(trt, dtype, name: str = "") -> torch.dtype:
+    """The torch dtype of a TensorRT tensor dtype (EngineError for one the runner cannot feed or read)."""
+    table = {trt.DataType.FLOAT: torch.float32, trt.DataType.HALF: torch.float16, trt.DataType.BF16: torch.bfloat16,
+             trt.DataType.INT32: torch.int32, trt.DataType.INT64: torch.int64, trt.DataType.BOOL: torch.bool,
+             trt.DataType.INT8: torch.int8, trt.DataType.UINT8: torch.uint8}
+    if dtype not in table:
+        raise EngineError(f"engine tensor {name!r} has type {dtype}, which the sparvar runner does not pass")
+    return table[dtype]
+
+
+class TrtUnit:
+    """One exported unit as a deserialized plan with one execution context. Called with a dict of torch tensors
+    holding (at least) its inputs, it returns its outputs as new CUDA tensors. The run is enqueued on torch's current
+    stream without synchronising: what torch does next with the outputs is ordered after it, as after any torch op,
+    and memory the caching allocator hands out again on that stream is too."""
+
+    def __init__(self, trt, engine, name: str):
+        self.trt, self.engine, self.name = trt, engine, name
+        self.context = engine.create_execution_context()
+        if self.context is None:
+            raise EngineError(f"{trt.__name__} could not create an execution context for unit {name} "
+                              "(out of GPU memory?)")
+        names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+        self.inputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        self.outputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
+        self.dtypes = {n: torch_dtype(trt, engine.get_tensor_dtype(n), n) for n in names}
+        # a shape tensor (an input the graph uses as a shape) is read from host memory, every other from the GPU
+        self.on_host = {n for n in names if engine.get_tensor_location(n) == trt.TensorLocation.HOST}
+        self.device = torch.device("cuda", torch.cuda.current_device())
+        self._in_flight: list[torch.Tensor] = []
+
+    def __call__(self, values: dict) -> dict:
+        fed = []
+        for name in self.inputs:
+            if name not in values:
+                raise EngineError(f"engine input {name!r} of unit {self.name} was not produced by an earlier unit")
+            device = torch.device("cpu") if name in self.on_host else self.device
+            tensor = torch.as_tensor(values[name]).to(device=device, dtype=self.dtypes[name]).contiguous()
+            if not self.context.set_input_shape(name, tuple(tensor.shape)):
+                raise EngineError(f"unit {self.name}: input {name!r} of shape {tuple(tensor.shape)} is outside the "
+                                  "shapes the engine was built for")
+            self.context.set_tensor_address(name, tensor.data_ptr())
+            fed.append(tensor)
+        outputs = {}
+        for name in self.outputs:
+            shape = tuple(self.context.get_tensor_shape(name))
+            if any(d < 0 for d in shape):  # our units' outputs follow from the input shapes
+                raise EngineError(f"unit {self.name}: output {name!r} has no shape before running ({shape})")
+            outputs[name] = torch.empty(shape, dtype=self.dtypes[name], device=self.device)
+            self.context.set_tensor_address(name, outputs[name].data_ptr())
+        if not self.context.execute_async_v3(torch.cuda.current_stream(self.device).cuda_stream):
+            raise EngineError(f"{self.trt.__name__} failed to enqueue unit {self.name} (its log says why)")
+        self._in_flight = fed  # host inputs are read when the run starts: alive until the next call
+        return outputs
+
+
+def load_plan(engine_dir: str, manifest: dict, name: str) -> tuple:
+    """(the TensorRT module, the unit's ICudaEngine) of a tensorrt or tensorrt-rtx engine directory whose manifest
+    was checked (sparvar.runtime.load_engine_pipeline); export/ checks the plans against this GPU and refits them."""
+    if manifest["spec"]["backend"] == "tensorrt":
+        from export.tensorrt import load_engine, load_tensorrt
+
+        api = stage_info(engine_dir, manifest, "build", "tensorrt")["plugin_api"]
+        return load_tensorrt(), load_engine(engine_dir, name, plugin_api=api, manifest=manifest)
+    from export.trt_rtx import load_engine, load_trt_rtx
+
+    return load_trt_rtx(), load_engine(engine_dir, name, manifest=manifest)
+
+
+def unit_weight_bytes(engine_dir: str, manifest: dict) -> dict[str, int]:
+    """Bytes of the weights each exported unit holds once its plan is loaded (its ONNX initializers; read without
+    their data)."""
+    units = stage_info(engine_dir, manifest, "optimize", "units")
+    sizes = {}
+    for name, unit in units.items():
+        graph = onnx.load(os.path.join(engine_dir, unit["file"]), load_external_data=False)
+        sizes[name] = sum(int(np.prod(t.dims, dtype=np.int64)) * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+                          for t in graph.graph.initializer)
+    return sizes
+
+
+def check_trt_runs_here(engine_dir: str, backend: str) -> None:
+    """EngineError where this machine cannot run a tensorrt (-rtx) engine at all: no CUDA GPU, or no TensorRT (-RTX)
+    module. Cheap: the loader asks before it hashes the directory's files."""
+    if not torch.cuda.is_available():
+        raise EngineError(f"{engine_dir} is a {backend} engine: its plans run on a CUDA GPU, and this machine has none "
+                          "(torch.cuda.is_available() is False); build one with --backend onnxruntime to run on the CPU")
+    try:
+        if backend == "tensorrt":
+            from export.tensorrt import load_tensorrt
+
+            load_tensorrt()
+        else:
+            from export.trt_rtx import load_trt_rtx
+
+            load_trt_rtx()
+    except ImportError as e:
+        raise EngineError(f"{engine_dir} is a {backend} engine, and {e}") from None
+
+
+def check_gpu_memory_for_plans(engine_dir: str, manifest: dict) -> None:
+    """EngineError, before any plan loads, where the plans' own weight copies would not fit the free GPU memory."""
+    sizes = unit_weight_bytes(engine_dir, manifest)
+    free, _ = torch.cuda.mem_get_info()
+    need = sum(sizes.values())
+    if need > free:
+        raise EngineError(f"{engine_dir}: its {len(sizes)} {manifest['spec']['backend']} plans hold about "
+                          f"{need / 2**30:.1f} GiB of weights (each step unit its own copy: TensorRT plans do not "
+                          f"share weights), and the GPU has {free / 2**30:.1f} GiB free; use the torch-cuda backend "
+                          "(one copy for every scale)")
+
+
+class TrtIO:
+    """How the TensorRT runners load units and pass values: CUDA tensors (sparvar.runtime.OrtIO's counterpart)."""
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cuda", torch.cuda.current_device())
+
+    def load_unit(self, engine_dir: str, manifest: dict, name: str) -> TrtUnit:
+        return TrtUnit(*load_plan(engine_dir, manifest, name), name)
+
+    def array(self, t: torch.Tensor) -> torch.Tensor:
+        return t.to(self.device)
+
+    @staticmethod
+    def grow(past, new):
+        return torch.cat([past, new], dim=2)
+
+    def tensor(self, a) -> torch.Tensor:
+        return a
+
+
+class TrtRunner(TrtIO, UnitRunner):
+    """A TensorRT (-RTX) engine's text and step plans."""
+
+
+class TrtDecoder(TrtIO, UnitDecoder):
+    """A TensorRT (-RTX) engine's decoder plan."""
+
+
+def load_trt_parts(engine_dir: str, manifest: dict, cfg) -> tuple[TrtRunner, TrtDecoder]:
+    """The runner and decoder of a checked tensorrt or tensorrt-rtx engine directory (Infinity)."""
+    check_trt_runs_here(engine_dir, manifest["spec"]["backend"])
+    check_gpu_memory_for_plans(engine_dir, manifest)
+    return TrtRunner(engine_dir, manifest), TrtDecoder(engine_dir, manifest, cfg)
