@@ -43,6 +43,7 @@
 #   bash tools/gpu_bench.sh "$OUT" issue2b   # the same for 2B
 #   bash tools/gpu_bench.sh "$OUT" issuehart # the same for HART-0.7B (no query tiles or FP8 there), then the query tiles' GPU tests
 #   bash tools/gpu_bench.sh "$OUT" fidelitygpu # infinity-cifar: eager fp32 policy vs 4x4 / 8x8 query tiles, then the torch-cuda engines (bf16, graphs) scored
+#   bash tools/gpu_bench.sh "$OUT" multigpu  # (kind nvidia-h100-x2) the two-GPU test, then an eager SparVAR `sparvar generate --device cuda:1`
 set -uo pipefail
 # the GPU machine gets the work tree without .git: results record the commit only if the caller names it (commit
 # first, then pass the full sha), so refuse to produce results that would say "uncommitted"
@@ -81,6 +82,10 @@ for what in "${@:2}"; do
         --prompt "a photo of a cat" --out "$OUT/generate_2b_random_$TAG.png" 2>&1 | tail -6 ;;
     gputests)
       python -m pytest -q -m gpu 2>&1 | tail -12 ;;
+    multigpu)
+      python -m pytest -q -m gpu tests/test_multi_gpu.py -rs --junitxml "$OUT/gpu_tests_multi_gpu_$TAG.xml" 2>&1 | tail -6
+      python -m sparvar.cli generate --model infinity-tiny --random-weights --attention sparvar --device cuda:1 \
+        --dtype bf16 --out "$OUT/tiny_sparvar_cuda1_$TAG.png" 2>&1 | grep -v Warning | tail -4 ;;
     parts)
       python bench/step_parts.py --model infinity-2b --out "$OUT/step_parts_2b_$TAG.json" 2>&1 | grep -v Warning | tail -30 ;;
     engines)
