@@ -337,10 +337,10 @@ def load_engine_pipeline(engine_dir: str, skip_last: int = 0, **expected):
         raise EngineError(f"{engine_dir} is a HART {backend} engine: sparvar runs HART engines built for onnxruntime "
                           f"and torch-cuda ({backend} HART plans are built to check that the graphs and plugins "
                           "build); build with --backend onnxruntime or torch-cuda")
-    if backend in ("tensorrt", "tensorrt-rtx"):  # a GPU and TensorRT (-RTX) here, before the hashing too
+    if backend in ("tensorrt", "tensorrt-rtx"):  # a GPU, TensorRT (-RTX) and the plans' GPU: before the hashing too
         from .trt_runtime import check_trt_runs_here
 
-        check_trt_runs_here(engine_dir, backend)
+        check_trt_runs_here(engine_dir, manifest)
     verify_files(engine_dir, manifest)
     if hart:  # its own runner protocol and loop (sparvar/hart/runtime.py)
         from .hart.runtime import load_hart_engine_pipeline

@@ -3,15 +3,18 @@
 The protocol is the onnxruntime runners' (sparvar.runtime.UnitRunner / UnitDecoder: text, one step unit per scale,
 the KV cache grown between scales, the decoder); only the units differ. Each exported unit is a deserialized plan
 (weight-stripped plans refit from the directory's shared weights, export/trt_build.py) with one execution context,
-fed and read by I/O name with torch tensors and enqueued on torch's current CUDA stream.
+fed and read by I/O name with torch tensors. The units of one runner run one after another on a stream of their own
+(ordered with torch's current stream both ways; TensorRT synchronises more on the legacy default stream) and share
+one scratch buffer, sized by the largest unit (user-managed context memory: fifteen contexts' own would all be held).
 
 TensorRT plans do not share weights: every step unit holds its own copy of the transformer's, so an engine needs
-about (units x weights) of GPU memory; loading checks that against the free memory first. (The torch-cuda backend
-keeps one copy for every scale; it is the one this project benchmarks.)
+about (units x weights) of GPU memory, plus the scratch; loading checks the weights against the free memory first.
+(The torch-cuda backend keeps one copy for every scale; it is the one this project benchmarks.)
 
 Written against TensorRT's documented Python API (ICudaEngine's I/O tensors; IExecutionContext.set_input_shape,
 set_tensor_address, get_tensor_shape, execute_async_v3). **Never run**: TensorRT cannot be installed on our machines
-and TensorRT-RTX's runtime refuses the H100; tests/test_trt_runtime.py runs a generation where either can.
+and TensorRT-RTX's runtime refuses the H100; tests/test_tensorrt.py and tests/test_trt_rtx.py run a generation
+where either can (per-scale logits against the onnxruntime engine, then a whole image).
 """
 from __future__ import annotations
 
@@ -24,9 +27,6 @@ import torch
 from .engine import EngineError, stage_info
 from .runtime import UnitDecoder, UnitRunner
 
-TRT_BACKENDS = ("tensorrt", "tensorrt-rtx")
-
-
 def torch_dtype(trt, dtype, name: str = "") -> torch.dtype:
     """The torch dtype of a TensorRT tensor dtype (EngineError for one the runner cannot feed or read)."""
     table = {trt.DataType.FLOAT: torch.float32, trt.DataType.HALF: torch.float16, trt.DataType.BF16: torch.bfloat16,
@@ -37,29 +37,45 @@ def torch_dtype(trt, dtype, name: str = "") -> torch.dtype:
     return table[dtype]
 
 
+class Workspace:
+    """What the units of one runner share: the stream they run on and one scratch buffer for their contexts (they run
+    one after another, so the largest unit's scratch serves all)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.stream = torch.cuda.Stream(device)
+        self.scratch = torch.empty(0, dtype=torch.uint8, device=device)
+
+    def buffer(self, size: int) -> torch.Tensor:
+        if self.scratch.numel() < size:  # the old buffer's last use is ordered before any reuse (see TrtUnit)
+            self.scratch = torch.empty(size, dtype=torch.uint8, device=self.device)
+        return self.scratch
+
+
 class TrtUnit:
     """One exported unit as a deserialized plan with one execution context. Called with a dict of torch tensors
-    holding (at least) its inputs, it returns its outputs as new CUDA tensors. The run is enqueued on torch's current
-    stream without synchronising: what torch does next with the outputs is ordered after it, as after any torch op,
-    and memory the caching allocator hands out again on that stream is too."""
+    holding (at least) its inputs, it returns its outputs as new CUDA tensors, without synchronising: the run waits
+    for the work torch's current stream has queued, and that stream waits for the run, so what torch does next with
+    the outputs, and memory the caching allocator hands out again there, is ordered after it, as after any torch op."""
 
-    def __init__(self, trt, engine, name: str):
+    def __init__(self, trt, engine, name: str, workspace: Workspace | None = None):
         self.trt, self.engine, self.name = trt, engine, name
-        self.context = engine.create_execution_context()
+        self.device = torch.device("cuda", torch.cuda.current_device())
+        self.workspace = workspace or Workspace(self.device)
+        self.context = engine.create_execution_context(trt.ExecutionContextAllocationStrategy.USER_MANAGED)
         if self.context is None:
-            raise EngineError(f"{trt.__name__} could not create an execution context for unit {name} "
-                              "(out of GPU memory?)")
+            raise EngineError(f"{trt.__name__} could not create an execution context for unit {name}")
+        self.scratch_bytes = engine.device_memory_size_v2  # the most any profile's shapes need
         names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
         self.inputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         self.outputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
         self.dtypes = {n: torch_dtype(trt, engine.get_tensor_dtype(n), n) for n in names}
         # a shape tensor (an input the graph uses as a shape) is read from host memory, every other from the GPU
         self.on_host = {n for n in names if engine.get_tensor_location(n) == trt.TensorLocation.HOST}
-        self.device = torch.device("cuda", torch.cuda.current_device())
-        self._in_flight: list[torch.Tensor] = []
+        self._host_inputs: list[torch.Tensor] = []
 
     def __call__(self, values: dict) -> dict:
-        fed = []
+        fed = {}
         for name in self.inputs:
             if name not in values:
                 raise EngineError(f"engine input {name!r} of unit {self.name} was not produced by an earlier unit")
@@ -69,7 +85,7 @@ class TrtUnit:
                 raise EngineError(f"unit {self.name}: input {name!r} of shape {tuple(tensor.shape)} is outside the "
                                   "shapes the engine was built for")
             self.context.set_tensor_address(name, tensor.data_ptr())
-            fed.append(tensor)
+            fed[name] = tensor
         outputs = {}
         for name in self.outputs:
             shape = tuple(self.context.get_tensor_shape(name))
@@ -77,9 +93,17 @@ class TrtUnit:
                 raise EngineError(f"unit {self.name}: output {name!r} has no shape before running ({shape})")
             outputs[name] = torch.empty(shape, dtype=self.dtypes[name], device=self.device)
             self.context.set_tensor_address(name, outputs[name].data_ptr())
-        if not self.context.execute_async_v3(torch.cuda.current_stream(self.device).cuda_stream):
+        current, stream = torch.cuda.current_stream(self.device), self.workspace.stream
+        if self.scratch_bytes:
+            self.context.set_device_memory(self.workspace.buffer(self.scratch_bytes).data_ptr(), self.scratch_bytes)
+        stream.wait_stream(current)  # the inputs, outputs and scratch were made or last used there
+        ok = self.context.execute_async_v3(stream.cuda_stream)
+        current.wait_stream(stream)  # before this returns: tensors freed from here on are reused after the run
+        if not ok:
             raise EngineError(f"{self.trt.__name__} failed to enqueue unit {self.name} (its log says why)")
-        self._in_flight = fed  # host inputs are read when the run starts: alive until the next call
+        # host (shape) inputs are read when the run starts: alive until the next call. The device inputs are the
+        # caller's values (the KV cache of the last scale among them): kept, they would double its memory.
+        self._host_inputs = [t for n, t in fed.items() if n in self.on_host]
         return outputs
 
 
@@ -103,26 +127,35 @@ def unit_weight_bytes(engine_dir: str, manifest: dict) -> dict[str, int]:
     sizes = {}
     for name, unit in units.items():
         graph = onnx.load(os.path.join(engine_dir, unit["file"]), load_external_data=False)
-        sizes[name] = sum(int(np.prod(t.dims, dtype=np.int64)) * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
-                          for t in graph.graph.initializer)
+        itemsize = lambda t: onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize  # noqa: E731
+        sizes[name] = sum(int(np.prod(t.dims, dtype=np.int64)) * itemsize(t) for t in graph.graph.initializer)
     return sizes
 
 
-def check_trt_runs_here(engine_dir: str, backend: str) -> None:
-    """EngineError where this machine cannot run a tensorrt (-rtx) engine at all: no CUDA GPU, or no TensorRT (-RTX)
-    module. Cheap: the loader asks before it hashes the directory's files."""
+def check_trt_runs_here(engine_dir: str, manifest: dict) -> None:
+    """EngineError where this machine cannot run the directory's plans: no CUDA GPU, no TensorRT (-RTX) module, or a
+    GPU its plans were not built for (TensorRT: the build's GPU model; TensorRT-RTX: a GPU it runs on, and for
+    weight-stripped plans exactly the build's). Reads only the manifest: the loader asks before it hashes the files."""
+    backend = manifest["spec"]["backend"]
     if not torch.cuda.is_available():
-        raise EngineError(f"{engine_dir} is a {backend} engine: its plans run on a CUDA GPU, and this machine has none "
-                          "(torch.cuda.is_available() is False); build one with --backend onnxruntime to run on the CPU")
+        raise EngineError(f"{engine_dir} is a {backend} engine: its plans run on a CUDA GPU, and this machine has "
+                          "none (torch.cuda.is_available() is False); build one with --backend onnxruntime to run on "
+                          "the CPU")
     try:
         if backend == "tensorrt":
-            from export.tensorrt import load_tensorrt
+            from export.tensorrt import check_built_for_this_gpu, load_tensorrt
 
             load_tensorrt()
+            check_built_for_this_gpu(engine_dir, stage_info(engine_dir, manifest, "build", "tensorrt"))
         else:
-            from export.trt_rtx import load_trt_rtx
+            from export.trt_rtx import check_plans_run_here, load_trt_rtx, local_compute_capability
 
             load_trt_rtx()
+            local, why_not = local_compute_capability()
+            if local is None:  # embedded plans would fail in deserialisation, after the hashing
+                raise EngineError(f"{engine_dir} is a tensorrt-rtx engine, and {why_not}; build one with --backend "
+                                  "torch-cuda or onnxruntime")
+            check_plans_run_here(engine_dir, stage_info(engine_dir, manifest, "build", "tensorrt_rtx"))
     except ImportError as e:
         raise EngineError(f"{engine_dir} is a {backend} engine, and {e}") from None
 
@@ -147,7 +180,11 @@ class TrtIO:
         return torch.device("cuda", torch.cuda.current_device())
 
     def load_unit(self, engine_dir: str, manifest: dict, name: str) -> TrtUnit:
-        return TrtUnit(*load_plan(engine_dir, manifest, name), name)
+        try:
+            trt, engine = load_plan(engine_dir, manifest, name)
+        except RuntimeError as e:  # deserialisation or refit: TensorRT's own words
+            raise EngineError(f"{engine_dir}: unit {name} does not load: {e}") from None
+        return TrtUnit(trt, engine, name, self.workspace)
 
     def array(self, t: torch.Tensor) -> torch.Tensor:
         return t.to(self.device)
@@ -161,15 +198,23 @@ class TrtIO:
 
 
 class TrtRunner(TrtIO, UnitRunner):
-    """A TensorRT (-RTX) engine's text and step plans."""
+    """A TensorRT (-RTX) engine's text and step plans, sharing one Workspace (they run one after another)."""
+
+    def __init__(self, engine_dir: str, manifest: dict):
+        self.workspace = Workspace(self.device)
+        super().__init__(engine_dir, manifest)
 
 
 class TrtDecoder(TrtIO, UnitDecoder):
     """A TensorRT (-RTX) engine's decoder plan."""
 
+    def __init__(self, engine_dir: str, manifest: dict, cfg):
+        self.workspace = Workspace(self.device)
+        super().__init__(engine_dir, manifest, cfg)
+
 
 def load_trt_parts(engine_dir: str, manifest: dict, cfg) -> tuple[TrtRunner, TrtDecoder]:
     """The runner and decoder of a checked tensorrt or tensorrt-rtx engine directory (Infinity)."""
-    check_trt_runs_here(engine_dir, manifest["spec"]["backend"])
+    check_trt_runs_here(engine_dir, manifest)
     check_gpu_memory_for_plans(engine_dir, manifest)
     return TrtRunner(engine_dir, manifest), TrtDecoder(engine_dir, manifest, cfg)

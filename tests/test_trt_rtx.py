@@ -426,6 +426,24 @@ def test_generating_through_plans_needs_a_gpu_and_says_so_before_hashing(tiny_en
     assert "its plans run on a CUDA GPU" in capsys.readouterr().err and not os.path.exists(out)
 
 
+def test_plans_for_a_gpu_tensorrt_rtx_does_not_run_on_are_refused_before_hashing(tiny_engine, monkeypatch):
+    """On an H100 (compute capability 9.0, which TensorRT-RTX's runtime refuses) the directory's embedded plans would
+    fail in deserialisation, after minutes of hashing at 8B: the loader names the GPU first."""
+    import export.trt_rtx
+    import sparvar.runtime as runtime
+    from sparvar.engine import EngineError
+
+    def hashed(*args, **kwargs):
+        raise AssertionError("the files were hashed before the GPU was checked")
+
+    monkeypatch.setattr(runtime, "verify_files", hashed)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    why = "its GPU (compute capability 9.0) is not one TensorRT-RTX runs on (8.0, 8.6, 8.9, 12.0)"
+    monkeypatch.setattr(export.trt_rtx, "local_compute_capability", lambda: (None, why))
+    with pytest.raises(EngineError, match=r"is a tensorrt-rtx engine, and its GPU \(compute capability 9.0\) is not"):
+        runtime.load_engine_pipeline(tiny_engine[0])
+
+
 @pytest.mark.gpu
 def test_plans_run_the_generation_loop_as_onnxruntime_does(tiny_engine, engines):
     _needs_a_gpu_tensorrt_rtx_runs_on()

@@ -63,3 +63,16 @@ def test_weight_bytes_read_no_tensor_data(engines, monkeypatch):
     monkeypatch.setattr(onnx, "load", lambda *a, **k: loads.append(k.get("load_external_data", True)) or real(*a, **k))
     unit_weight_bytes(engines["dense"], read_manifest(engines["dense"]))
     assert loads and not any(loads)
+
+
+def test_a_plan_that_does_not_load_is_an_engine_error_naming_the_unit(monkeypatch):
+    """TensorRT's deserialisation or refit failures (a RuntimeError from export/) reach the CLI and `serve` as the
+    EngineError they report, not as a traceback."""
+    import sparvar.trt_runtime as trt_runtime
+
+    def fails(*args):
+        raise RuntimeError("tensorrt cannot deserialize the engine here: version mismatch")
+
+    monkeypatch.setattr(trt_runtime, "load_plan", fails)
+    with pytest.raises(EngineError, match="e: unit step_03 does not load: tensorrt cannot deserialize the engine here"):
+        trt_runtime.TrtIO().load_unit("e", {}, "step_03")
