@@ -90,6 +90,7 @@ def stage_key_inputs(stage: str, ctx: StageContext) -> dict:
             from plugins.spec import PLUGIN_CODE_VERSION
 
             key["plugin_code"] = PLUGIN_CODE_VERSION
+            key["trt_build_record"] = 2  # 2: the build info records plugin_code (checked at load)
         if spec.backend == "tensorrt":  # a plan runs only on the GPU model it was built for
             from export.tensorrt import gpu_identity
 

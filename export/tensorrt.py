@@ -227,7 +227,10 @@ def build_engine_dir(ctx, out: str) -> dict:
                        **report.summary()}
         ctx.log(f"[engine]   {name}: {len(report.engine) / 2**20:.1f} MiB, {len(report.plugin_layers)} sparvar plugin "
                 f"layers, weights {units[name]['weights']}")
-    return {"tensorrt": {"plugin_api": "qdp", "weights": "strip", "timing_cache": "build/timing.cache",
+    from plugins.spec import PLUGIN_CODE_VERSION
+
+    return {"tensorrt": {"plugin_code": PLUGIN_CODE_VERSION, "plugin_api": "qdp", "weights": "strip",
+                         "timing_cache": "build/timing.cache",
                          "gpu": gpu_identity(), "units": units}}
 
 

@@ -260,9 +260,23 @@ def checked_manifest(engine_dir: str, backend: str) -> dict:
     if backend.replace("-", "_") not in manifest["stages"]["build"]["info"]:
         raise EngineError(f"{engine_dir} holds no {backend} engines (it was built for backend "
                           f"{manifest['spec']['backend']!r}); build one with --backend {backend}")
+    check_plugin_code(engine_dir, manifest["stages"]["build"]["info"][backend.replace("-", "_")])  # before the hashing
     check_engine_code(engine_dir, manifest)
     verify_files(engine_dir, manifest)
     return manifest
+
+
+def check_plugin_code(engine_dir: str, build_info: dict) -> None:
+    """EngineError unless the directory's plans were built with this sparvar's plugins: a plan bakes in their fields
+    and chosen tactics (plugins/spec.py), and TensorRT itself loads a plan whose plugin version string is unchanged."""
+    from plugins.spec import PLUGIN_CODE_VERSION
+    from sparvar.engine import EngineError
+
+    built = build_info.get("plugin_code")
+    if built != PLUGIN_CODE_VERSION:
+        what = "no plugin code version (an older sparvar)" if built is None else f"sparvar plugin code {built}"
+        raise EngineError(f"{engine_dir}: its plans record {what}, and this sparvar's plugins are version "
+                          f"{PLUGIN_CODE_VERSION}; rebuild the engine (sparvar engine build)")
 
 
 def engine_unit(engine_dir: str, unit: str, backend: str, manifest: dict | None = None) -> dict:
@@ -273,6 +287,7 @@ def engine_unit(engine_dir: str, unit: str, backend: str, manifest: dict | None 
 
     manifest = manifest if manifest is not None else checked_manifest(engine_dir, backend)
     info = manifest["stages"]["build"]["info"][backend.replace("-", "_")]
+    check_plugin_code(engine_dir, info)
     units = info["units"]
     if unit not in units:
         raise ValueError(f"unknown unit {unit!r}; {engine_dir} has units {sorted(units)}")

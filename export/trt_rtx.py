@@ -211,7 +211,10 @@ def build_engine_dir(ctx, out: str) -> dict:
                        **report.summary()}
         ctx.log(f"[engine]   {name}: {len(report.engine) / 2**20:.1f} MiB, {len(report.plugin_layers)} sparvar plugin "
                 f"layers, weights {units[name]['weights']}")
-    return {"tensorrt_rtx": {"compute_capabilities": list(targets), "dynamic_range": list(dynamic_range),
+    from plugins.spec import PLUGIN_CODE_VERSION
+
+    return {"tensorrt_rtx": {"plugin_code": PLUGIN_CODE_VERSION,
+                             "compute_capabilities": list(targets), "dynamic_range": list(dynamic_range),
                              "weights": weights, "weights_note": reason or None,
                              "timing_cache": "none (timing caches are no-ops in TensorRT-RTX >= 1.2)", "units": units}}
 

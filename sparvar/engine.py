@@ -8,6 +8,7 @@ interrupted build never leaves a half engine behind.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import importlib
@@ -411,24 +412,60 @@ def check_compatible(manifest: dict, engine_dir: str, **expected) -> None:
 
 
 def remove_abandoned_builds(parent: str, name: str) -> None:
-    """Delete the temporary directories of earlier builds of `name` whose process is gone (killed with SIGKILL, or
-    twice with SIGINT, a build cannot clean up after itself; a running one is left alone)."""
+    """Delete the temporary directories that earlier builds of `name` left (killed with SIGKILL, or twice with
+    SIGINT, a build cannot clean up after itself). Called with the build lock held (build_lock): no other build of
+    `name` is running, so every leftover is abandoned, whatever its process id says (ids repeat across containers)."""
     for entry in os.listdir(parent):
         prefix, _, pid = entry.rpartition("-")
         if prefix not in (f".tmp-{name}", f".old-{name}") or not pid.isdigit():
             continue
-        try:
-            os.kill(int(pid), 0)
-            continue  # that build is still running
-        except ProcessLookupError:
-            pass
-        except PermissionError:
-            continue  # another user's live process
         path, engine = os.path.join(parent, entry), os.path.join(parent, name)
         if prefix.startswith(".old-") and not os.path.exists(engine):
             os.replace(path, engine)  # killed between moving the old engine aside and the new one in: restore it
         else:
             shutil.rmtree(path, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def build_lock(parent: str, name: str, log=print):
+    """One build of an engine directory at a time: an exclusive flock on `.<name>.lock` beside it, held from the
+    first look at the old engine to the swap (the OS releases it if the build dies). Without it, a second build
+    could link an old engine's files that the first had just replaced, under the old digests, or delete the first's
+    temporary directory. A second build waits, then finds the first's stages unchanged."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock (one build at a time is then the caller's to keep)
+        yield
+        return
+    path = os.path.join(parent, f".{name}.lock")
+    with open(path, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log(f"[engine] another build of {os.path.join(parent, name)} is running; waiting for it ({path})")
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+
+
+def keep_late_files(engine_dir: str, new_dir: str, log=print) -> None:
+    """Files written into engine_dir while its rebuild ran (the build checked for foreign files only at its start)
+    move into the new engine at the same paths, instead of being deleted with the old engine. One that would
+    overwrite a file of the new engine is an EngineError: the new engine is not swapped in, the old one stays."""
+    try:
+        old = read_manifest(engine_dir)
+    except EngineError:
+        old = None
+    late = files_not_in_engine(engine_dir, old)
+    clashes = [rel for rel in late if os.path.lexists(os.path.join(new_dir, rel))]
+    if clashes:
+        raise EngineError(f"{engine_dir}: files were written into it during the build ({', '.join(clashes[:5])}) where "
+                          "the new engine has files of its own; the old engine is left in place: move them out and "
+                          "build again")
+    for rel in late:
+        os.makedirs(os.path.dirname(os.path.join(new_dir, rel)), exist_ok=True)
+        os.replace(os.path.join(engine_dir, rel), os.path.join(new_dir, rel))
+    if late:
+        log(f"[engine] kept {len(late)} file(s) written into {engine_dir} during the build: {', '.join(late[:5])}")
 
 
 def build_engine(spec: EngineSpec, engine_dir: str, force: bool = False, log=print) -> dict:
@@ -448,6 +485,15 @@ def build_engine(spec: EngineSpec, engine_dir: str, force: bool = False, log=pri
         stages.check_backend_available(spec.backend)
     except (ImportError, RuntimeError) as e:  # RuntimeError: TensorRT-RTX's library link could not be made
         raise EngineError(f"cannot build a {spec.backend} engine on this machine: {e}") from None
+    parent, name = os.path.dirname(engine_dir), os.path.basename(engine_dir)
+    os.makedirs(parent, exist_ok=True)
+    with build_lock(parent, name, log):
+        remove_abandoned_builds(parent, name)  # first: a restored old engine is checked like any other
+        return _build_engine_locked(stages, spec, engine_dir, force, log)
+
+
+def _build_engine_locked(stages, spec: EngineSpec, engine_dir: str, force: bool, log) -> dict:
+    """build_engine's work once it holds the directory's build lock: what the old engine holds, the stages, the swap."""
     versions = tool_versions()
     old = None
     if os.path.isdir(engine_dir):
@@ -469,9 +515,7 @@ def build_engine(spec: EngineSpec, engine_dir: str, force: bool = False, log=pri
             except EngineError as e:
                 log(f"[engine] existing {engine_dir} unusable ({e}); rebuilding every stage")
                 old = None
-    parent = os.path.dirname(os.path.abspath(engine_dir))
-    os.makedirs(parent, exist_ok=True)
-    remove_abandoned_builds(parent, os.path.basename(engine_dir))
+    parent = os.path.dirname(engine_dir)
     tmp = os.path.join(parent, f".tmp-{os.path.basename(engine_dir)}-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
@@ -522,6 +566,7 @@ def build_engine(spec: EngineSpec, engine_dir: str, force: bool = False, log=pri
             json.dump(written, f, indent=2, default=str)
         # swap in atomically: the old engine stays intact until the new one is complete
         if os.path.isdir(engine_dir):
+            keep_late_files(engine_dir, tmp, log)
             trash = os.path.join(parent, f".old-{os.path.basename(engine_dir)}-{os.getpid()}")
             os.replace(engine_dir, trash)
             try:

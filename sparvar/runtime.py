@@ -400,6 +400,10 @@ def verify_engine(engine_dir: str) -> None:
         if manifest["spec"]["weights"] is not None:
             check_checkpoints(engine_dir, manifest)
             checked = f", its {len(manifest['stages']['build']['info']['checkpoints'])} checkpoints unchanged since the build"
+    if backend in ("tensorrt", "tensorrt-rtx"):  # plans of this sparvar's plugins
+        from export.trt_build import check_plugin_code
+
+        check_plugin_code(engine_dir, stage_info(engine_dir, manifest, "build", backend.replace("-", "_")))
     if backend == "tensorrt":  # a plan runs only on the GPU model of its build
         from export.tensorrt import check_built_for_this_gpu
 

@@ -133,9 +133,11 @@ def unit_weight_bytes(engine_dir: str, manifest: dict) -> dict[str, int]:
 
 
 def check_trt_runs_here(engine_dir: str, manifest: dict) -> None:
-    """EngineError where this machine cannot run the directory's plans: no CUDA GPU, no TensorRT (-RTX) module, or a
-    GPU its plans were not built for (TensorRT: the build's GPU model; TensorRT-RTX: a GPU it runs on, and for
+    """EngineError where this machine cannot run the directory's plans: no CUDA GPU, no TensorRT (-RTX) module, plans
+    built with other plugin code, or a GPU its plans were not built for (TensorRT: the build's GPU model; TensorRT-RTX: a GPU it runs on, and for
     weight-stripped plans exactly the build's). Reads only the manifest: the loader asks before it hashes the files."""
+    from export.trt_build import check_plugin_code
+
     backend = manifest["spec"]["backend"]
     if not torch.cuda.is_available():
         raise EngineError(f"{engine_dir} is a {backend} engine: its plans run on a CUDA GPU, and this machine has "
@@ -146,11 +148,14 @@ def check_trt_runs_here(engine_dir: str, manifest: dict) -> None:
             from export.tensorrt import check_built_for_this_gpu, load_tensorrt
 
             load_tensorrt()
-            check_built_for_this_gpu(engine_dir, stage_info(engine_dir, manifest, "build", "tensorrt"))
+            info = stage_info(engine_dir, manifest, "build", "tensorrt")
+            check_plugin_code(engine_dir, info)
+            check_built_for_this_gpu(engine_dir, info)
         else:
             from export.trt_rtx import check_plans_run_here, load_trt_rtx, local_compute_capability
 
             load_trt_rtx()
+            check_plugin_code(engine_dir, stage_info(engine_dir, manifest, "build", "tensorrt_rtx"))
             local, why_not = local_compute_capability()
             if local is None:  # embedded plans would fail in deserialisation, after the hashing
                 raise EngineError(f"{engine_dir} is a tensorrt-rtx engine, and {why_not}; build one with --backend "

@@ -2,6 +2,7 @@
 import json
 import os
 import shutil
+import time
 
 import pytest
 import torch
@@ -596,7 +597,9 @@ def test_building_into_a_symlinked_engine_directory_replaces_its_target(tmp_path
     assert os.path.islink(link) and read_manifest(str(link))["created"] == first["created"]
     second = build_engine(spec, str(link), force=True, log=QUIET)
     assert os.path.islink(link) and read_manifest(str(target)) == json.loads(json.dumps(second, default=str))
-    assert sorted(os.listdir(tmp_path)) == ["engines", "link"] and os.listdir(tmp_path / "engines") == ["tiny"]
+    # beside the target only its build lock (an empty file: removing it could let two builds hold two locks)
+    assert sorted(os.listdir(tmp_path)) == ["engines", "link"]
+    assert sorted(os.listdir(tmp_path / "engines")) == [".tiny.lock", "tiny"]
 
 
 def test_an_engine_another_exporter_wrote_is_refused(engines, tmp_path):
@@ -669,7 +672,9 @@ def test_verify_refuses_tensorrt_plans_built_for_another_gpu(engines, tmp_path, 
     manifest = read_manifest(path)
     manifest["spec"].update(backend="tensorrt", dtype="fp16")
     h100 = {"name": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0"}
-    manifest["stages"]["build"]["info"] = {"tensorrt": {"gpu": h100, "units": {}}}
+    from plugins.spec import PLUGIN_CODE_VERSION
+
+    manifest["stages"]["build"]["info"] = {"tensorrt": {"gpu": h100, "units": {}, "plugin_code": PLUGIN_CODE_VERSION}}
     with open(os.path.join(path, "manifest.json"), "w") as f:
         json.dump(manifest, f)
     monkeypatch.setattr(tensorrt, "gpu_identity", lambda: {"name": "NVIDIA A100-SXM4-80GB", "compute_capability": "8.0"})
@@ -679,21 +684,84 @@ def test_verify_refuses_tensorrt_plans_built_for_another_gpu(engines, tmp_path, 
     assert main(["engine", "verify", path]) == 0
 
 
-def test_abandoned_temporary_builds_are_removed_live_ones_kept(tmp_path):
-    """A build killed with SIGKILL leaves its .tmp-<dir>-<pid>; the next build of that directory removes it (its
-    process is gone), and leaves a running build's directory and other names alone."""
-    import subprocess
-    import sys
-
+def test_abandoned_temporary_builds_of_the_directory_are_removed(tmp_path):
+    """A build killed with SIGKILL leaves its .tmp-<dir>-<pid>; the next build of that directory, holding the build
+    lock, removes every such leftover (no other build of it can be running, whatever a process id says: ids repeat
+    across containers) and leaves other names alone."""
     from sparvar.engine import remove_abandoned_builds
 
-    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    dead = int(done.stdout)  # a process that has exited
-    names = [f".tmp-e-{dead}", f".old-e-{dead}", f".tmp-e-{os.getpid()}", f".tmp-other-{dead}", "e"]
+    names = [".tmp-e-12", ".old-e-12", f".tmp-e-{os.getpid()}", ".tmp-other-12", ".tmp-e-x", "e"]
     for name in names:
         (tmp_path / name).mkdir()
     remove_abandoned_builds(str(tmp_path), "e")
-    assert sorted(os.listdir(tmp_path)) == sorted([f".tmp-e-{os.getpid()}", f".tmp-other-{dead}", "e"])
+    assert sorted(os.listdir(tmp_path)) == sorted([".tmp-other-12", ".tmp-e-x", "e"])
+
+
+def test_a_second_build_of_a_directory_waits_for_the_first(engines, tmp_path):
+    """Two builds into one directory: the second waits on the first's lock, then finds every stage unchanged (without
+    the lock it could link files the first had just replaced, under the old digests)."""
+    import threading
+
+    from sparvar.engine import build_lock
+
+    path = str(tmp_path / "e")
+    shutil.copytree(engines["dense"], path)
+    logs, done = [], threading.Event()
+    with build_lock(str(tmp_path), "e"):
+        second = threading.Thread(target=lambda: (build_engine(EngineSpec(model="infinity-tiny", resolution=256,
+                                                                          attention="dense"), path, log=logs.append),
+                                                  done.set()))
+        second.start()
+        for _ in range(200):  # until it is waiting
+            if logs:
+                break
+            time.sleep(0.05)
+        assert logs and "another build of" in logs[0] and "waiting for it" in logs[0] and not done.is_set()
+    second.join(120)
+    assert done.is_set() and sum("skipped" in line for line in logs) == 3
+    assert sorted(os.listdir(tmp_path)) == [".e.lock", "e"]
+
+
+def test_files_written_into_the_directory_during_a_rebuild_are_kept(engines, tmp_path, monkeypatch):
+    """The build checks for the user's files at its start; one written while it runs moves into the new engine at the
+    same path instead of being deleted with the old one. One where the new engine has a file of its own stops the
+    swap: the old engine stays, complete."""
+    from export import stages
+
+    path = str(tmp_path / "e")
+    shutil.copytree(engines["dense"], path)
+    run_stage = stages.run_stage
+
+    def meanwhile(stage, context):  # the user writes into the engine directory while a stage runs
+        if stage == "build":
+            os.makedirs(os.path.join(path, "notes"), exist_ok=True)
+            with open(os.path.join(path, "notes", "a.txt"), "w") as f:
+                f.write("mine")
+        return run_stage(stage, context)
+
+    monkeypatch.setattr(stages, "run_stage", meanwhile)
+    logs = []
+    build_engine(EngineSpec(model="infinity-tiny", resolution=256, attention="dense"), path, force=True, log=logs.append)
+    assert open(os.path.join(path, "notes", "a.txt")).read() == "mine"
+    assert any("kept 1 file(s) written into" in line for line in logs)
+    verify_files(path, read_manifest(path))
+    os.remove(os.path.join(path, "notes", "a.txt"))
+
+    def clash(stage, context):  # the user's file where the new engine (stood in for) has one of its own
+        out = run_stage(stage, context)
+        if stage == "build":
+            for root in (path, context.out_dir):
+                os.makedirs(os.path.join(root, "notes"), exist_ok=True)
+                with open(os.path.join(root, "notes", "b.txt"), "w") as f:
+                    f.write("x")
+        return out
+
+    before = read_manifest(path)["created"]
+    monkeypatch.setattr(stages, "run_stage", clash)
+    with pytest.raises(EngineError, match=r"files were written into it during the build \(notes/b.txt\)"):
+        build_engine(EngineSpec(model="infinity-tiny", resolution=256, attention="dense"), path, force=True, log=QUIET)
+    assert read_manifest(path)["created"] == before
+    assert not [p for p in os.listdir(tmp_path) if p.startswith((".tmp", ".old"))]
 
 
 def test_specs_the_backends_cannot_build_are_refused_up_front():

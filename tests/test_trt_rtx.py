@@ -348,6 +348,20 @@ def test_load_engine_checks_the_directory_as_the_runtime_does(tiny_engine, tmp_p
     with pytest.raises(EngineError, match="exported by another sparvar"):
         load_engine(path, "step_00")
     rewrite(lambda m: m.update(export_code=manifest["export_code"]))
+    # plans of other plugin code: TensorRT-RTX would load them (the plugins' version string is unchanged)
+    from plugins.spec import PLUGIN_CODE_VERSION
+
+    build = lambda m: m["stages"]["build"]["info"]["tensorrt_rtx"]  # noqa: E731
+    assert build(manifest)["plugin_code"] == PLUGIN_CODE_VERSION
+    rewrite(lambda m: build(m).update(plugin_code=PLUGIN_CODE_VERSION - 1))
+    with pytest.raises(EngineError, match=f"plugin code {PLUGIN_CODE_VERSION - 1}, and this sparvar's plugins are "
+                                          f"version {PLUGIN_CODE_VERSION}; rebuild"):
+        load_engine(path, "step_00")
+    assert main(["engine", "verify", path]) == 1
+    rewrite(lambda m: build(m).pop("plugin_code"))
+    with pytest.raises(EngineError, match=r"no plugin code version \(an older sparvar\)"):
+        checked_manifest(path, "tensorrt-rtx")
+    rewrite(lambda m: build(m).update(plugin_code=PLUGIN_CODE_VERSION))
     _needs_no_strippable_gpu()
     rewrite(lambda m: m["stages"]["build"]["info"]["tensorrt_rtx"].update(weights="strip", compute_capabilities=["SM89"]))
     assert main(["engine", "verify", path]) == 1
