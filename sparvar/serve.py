@@ -35,6 +35,9 @@ from .generate import finite_number
 from .text import check_prompt
 
 MAX_BODY_BYTES = 64 << 10
+# an over-long body is read and dropped up to this many bytes before the 413 goes out: a reply to a client still
+# sending would be lost to the connection's reset (the client sees a broken pipe, not the error)
+MAX_DRAINED_BYTES = 16 << 20
 SOCKET_TIMEOUT_S = 60
 SAMPLING_FIELDS = ("cfg", "tau", "top_k", "top_p")
 REQUEST_FIELDS = ("prompt", "seed") + SAMPLING_FIELDS
@@ -276,6 +279,18 @@ def make_handler(service: GenerationService, log=None):
             self.end_headers()
             self.wfile.write(body)
 
+        def _drop_body(self, size: int):
+            """Read and discard `size` bytes of the request body (less if the client stops sending: the socket's
+            timeout ends the wait)."""
+            try:
+                while size > 0:
+                    chunk = self.rfile.read(min(size, 1 << 16))
+                    if not chunk:
+                        break
+                    size -= len(chunk)
+            except OSError:  # a timeout or a reset: the reply is best effort then
+                pass
+
         def _json(self, status: int, payload: dict):
             self._send(status, json.dumps(payload).encode(), "application/json")
 
@@ -292,9 +307,13 @@ def make_handler(service: GenerationService, log=None):
             except ValueError:
                 return self._json(HTTPStatus.LENGTH_REQUIRED, {"error": "a Content-Length header with the body's size "
                                   f"in bytes is required, got {self.headers.get('Content-Length')!r}"})
-            if not 0 < length <= MAX_BODY_BYTES:
-                return self._json(HTTPStatus.BAD_REQUEST, {"error": f"the body must be 1 to {MAX_BODY_BYTES} bytes, "
-                                                                    f"got {length}"})
+            problem = {"error": f"the body must be 1 to {MAX_BODY_BYTES} bytes, got {length}"}
+            if length <= 0:
+                return self._json(HTTPStatus.BAD_REQUEST, problem)
+            if length > MAX_BODY_BYTES:
+                self._drop_body(min(length, MAX_DRAINED_BYTES))
+                self.close_connection = True  # whatever of the body is left unread ends with the connection
+                return self._json(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, problem)
             try:
                 request = json.loads(self.rfile.read(length))
             except (ValueError, RecursionError) as e:  # not JSON or not UTF-8; an integer of over 4,300 digits; deep nesting

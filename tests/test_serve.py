@@ -101,14 +101,20 @@ def test_malformed_body_unknown_path_and_health(server):
     conn.close()
     from sparvar.serve import MAX_BODY_BYTES
 
-    for length in (0, MAX_BODY_BYTES + 1):  # an empty body; one the server would read into memory whole
-        conn = http.client.HTTPConnection(host, int(port), timeout=30)
-        conn.putrequest("POST", "/generate")
-        conn.putheader("Content-Length", str(length))
-        conn.endheaders()
-        reply = conn.getresponse()
-        assert reply.status == 400 and f"1 to {MAX_BODY_BYTES} bytes, got {length}" in json.loads(reply.read())["error"]
-        conn.close()
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)  # an empty body
+    conn.putrequest("POST", "/generate")
+    conn.putheader("Content-Length", "0")
+    conn.endheaders()
+    reply = conn.getresponse()
+    assert reply.status == 400 and f"1 to {MAX_BODY_BYTES} bytes, got 0" in json.loads(reply.read())["error"]
+    conn.close()
+    # bodies over the limit, sent whole (a pasted document): 413 with the reason, not a reset connection (the
+    # server replied before reading them, and the client, still sending, got a broken pipe)
+    for length in (MAX_BODY_BYTES + 1, 5 << 20):
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(urllib.request.Request(url + "/generate", data=b" " * length), timeout=60)
+        assert e.value.code == 413
+        assert f"1 to {MAX_BODY_BYTES} bytes, got {length}" in json.loads(e.value.read())["error"]
     with pytest.raises(urllib.error.HTTPError) as e:
         urllib.request.urlopen(url + "/nope", timeout=30)
     assert e.value.code == 404
