@@ -302,11 +302,13 @@ def make_handler(service: GenerationService, log=None):
         def do_POST(self):
             if self.path != "/generate":
                 return self._json(HTTPStatus.NOT_FOUND, {"error": f"no such path {self.path}; try POST /generate"})
+            declared = self.headers.get("Content-Length")
             try:
-                length = int(self.headers.get("Content-Length", ""))
-            except ValueError:
-                return self._json(HTTPStatus.LENGTH_REQUIRED, {"error": "a Content-Length header with the body's size "
-                                  f"in bytes is required, got {self.headers.get('Content-Length')!r}"})
+                length = int(declared if declared is not None else "")
+            except ValueError:  # missing (a chunked body too): 411; present but not a number: a bad request
+                status = HTTPStatus.LENGTH_REQUIRED if declared is None else HTTPStatus.BAD_REQUEST
+                return self._json(status, {"error": "a Content-Length header with the body's size in bytes is "
+                                                    f"required, got {declared!r}"})
             problem = {"error": f"the body must be 1 to {MAX_BODY_BYTES} bytes, got {length}"}
             if length <= 0:
                 return self._json(HTTPStatus.BAD_REQUEST, problem)

@@ -97,7 +97,15 @@ def test_malformed_body_unknown_path_and_health(server):
     conn.putheader("Content-Length", "abc")
     conn.endheaders()
     reply = conn.getresponse()
-    assert reply.status == 411 and "got 'abc'" in json.loads(reply.read())["error"]
+    assert reply.status == 400 and "got 'abc'" in json.loads(reply.read())["error"]
+    conn.close()
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)  # no length at all (a chunked body): 411
+    conn.putrequest("POST", "/generate")
+    conn.putheader("Transfer-Encoding", "chunked")
+    conn.endheaders()
+    conn.send(b"0\r\n\r\n")
+    reply = conn.getresponse()
+    assert reply.status == 411 and "got None" in json.loads(reply.read())["error"]
     conn.close()
     from sparvar.serve import MAX_BODY_BYTES
 
