@@ -516,8 +516,7 @@ def _build_engine_locked(stages, spec: EngineSpec, engine_dir: str, force: bool,
                 log(f"[engine] existing {engine_dir} unusable ({e}); rebuilding every stage")
                 old = None
     parent = os.path.dirname(engine_dir)
-    tmp = os.path.join(parent, f".tmp-{os.path.basename(engine_dir)}-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = os.path.join(parent, f".tmp-{os.path.basename(engine_dir)}-{os.getpid()}")  # leftovers went under the lock
     os.makedirs(tmp)
     try:
         context = stages.StageContext(spec=spec, out_dir=tmp, versions=versions, log=log)

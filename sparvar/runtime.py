@@ -400,17 +400,9 @@ def verify_engine(engine_dir: str) -> None:
         if manifest["spec"]["weights"] is not None:
             check_checkpoints(engine_dir, manifest)
             checked = f", its {len(manifest['stages']['build']['info']['checkpoints'])} checkpoints unchanged since the build"
-    if backend in ("tensorrt", "tensorrt-rtx"):  # plans of this sparvar's plugins
-        from export.trt_build import check_plugin_code
+    if backend in ("tensorrt", "tensorrt-rtx"):  # this sparvar's plugin code; plans built for this GPU
+        from .trt_runtime import check_plans_suit_here
 
-        check_plugin_code(engine_dir, stage_info(engine_dir, manifest, "build", backend.replace("-", "_")))
-    if backend == "tensorrt":  # a plan runs only on the GPU model of its build
-        from export.tensorrt import check_built_for_this_gpu
-
-        check_built_for_this_gpu(engine_dir, stage_info(engine_dir, manifest, "build", "tensorrt"))
-    if backend == "tensorrt-rtx":  # a weight-stripped plan runs only on the GPU of its build
-        from export.trt_rtx import check_plans_run_here
-
-        check_plans_run_here(engine_dir, stage_info(engine_dir, manifest, "build", "tensorrt_rtx"))
+        check_plans_suit_here(engine_dir, manifest)
     print(f"{engine_dir}: manifest format {manifest['format_version']}, "
           f"{sum(len(s['files']) for s in manifest['stages'].values())} files verified{checked}")

@@ -27,6 +27,7 @@ import torch
 from .engine import EngineError, stage_info
 from .runtime import UnitDecoder, UnitRunner
 
+
 def torch_dtype(trt, dtype, name: str = "") -> torch.dtype:
     """The torch dtype of a TensorRT tensor dtype (EngineError for one the runner cannot feed or read)."""
     table = {trt.DataType.FLOAT: torch.float32, trt.DataType.HALF: torch.float16, trt.DataType.BF16: torch.bfloat16,
@@ -132,12 +133,29 @@ def unit_weight_bytes(engine_dir: str, manifest: dict) -> dict[str, int]:
     return sizes
 
 
-def check_trt_runs_here(engine_dir: str, manifest: dict) -> None:
-    """EngineError where this machine cannot run the directory's plans: no CUDA GPU, no TensorRT (-RTX) module, plans
-    built with other plugin code, or a GPU its plans were not built for (TensorRT: the build's GPU model; TensorRT-RTX: a GPU it runs on, and for
-    weight-stripped plans exactly the build's). Reads only the manifest: the loader asks before it hashes the files."""
+def check_plans_suit_here(engine_dir: str, manifest: dict) -> None:
+    """What the manifest says of a tensorrt (-rtx) directory's plans against this sparvar and machine, or an
+    EngineError: built with this sparvar's plugin code, and for this GPU (TensorRT: the build's GPU model;
+    TensorRT-RTX: exactly the build's for weight-stripped plans). `sparvar engine verify` checks this; loading too."""
     from export.trt_build import check_plugin_code
 
+    backend = manifest["spec"]["backend"]
+    info = stage_info(engine_dir, manifest, "build", backend.replace("-", "_"))
+    check_plugin_code(engine_dir, info)
+    if backend == "tensorrt":
+        from export.tensorrt import check_built_for_this_gpu
+
+        check_built_for_this_gpu(engine_dir, info)
+    else:
+        from export.trt_rtx import check_plans_run_here
+
+        check_plans_run_here(engine_dir, info)
+
+
+def check_trt_runs_here(engine_dir: str, manifest: dict) -> None:
+    """EngineError where this machine cannot run the directory's plans: no CUDA GPU, no TensorRT (-RTX) module, a GPU
+    TensorRT-RTX does not run on, or plans that do not suit it (check_plans_suit_here). Reads only the manifest: the
+    loader asks before it hashes the files."""
     backend = manifest["spec"]["backend"]
     if not torch.cuda.is_available():
         raise EngineError(f"{engine_dir} is a {backend} engine: its plans run on a CUDA GPU, and this machine has "
@@ -145,24 +163,20 @@ def check_trt_runs_here(engine_dir: str, manifest: dict) -> None:
                           "the CPU")
     try:
         if backend == "tensorrt":
-            from export.tensorrt import check_built_for_this_gpu, load_tensorrt
+            from export.tensorrt import load_tensorrt
 
             load_tensorrt()
-            info = stage_info(engine_dir, manifest, "build", "tensorrt")
-            check_plugin_code(engine_dir, info)
-            check_built_for_this_gpu(engine_dir, info)
         else:
-            from export.trt_rtx import check_plans_run_here, load_trt_rtx, local_compute_capability
+            from export.trt_rtx import load_trt_rtx, local_compute_capability
 
             load_trt_rtx()
-            check_plugin_code(engine_dir, stage_info(engine_dir, manifest, "build", "tensorrt_rtx"))
             local, why_not = local_compute_capability()
             if local is None:  # embedded plans would fail in deserialisation, after the hashing
                 raise EngineError(f"{engine_dir} is a tensorrt-rtx engine, and {why_not}; build one with --backend "
                                   "torch-cuda or onnxruntime")
-            check_plans_run_here(engine_dir, stage_info(engine_dir, manifest, "build", "tensorrt_rtx"))
     except ImportError as e:
         raise EngineError(f"{engine_dir} is a {backend} engine, and {e}") from None
+    check_plans_suit_here(engine_dir, manifest)
 
 
 def check_gpu_memory_for_plans(engine_dir: str, manifest: dict) -> None:

@@ -40,32 +40,35 @@ def test_engine_generation_equals_torch_path(engines, attention):
     torch.testing.assert_close(a.image, b.image, atol=1e-4, rtol=0)
 
 
+def teacher_forced_logits(runner, reference, schedule):
+    """Two infinity-tiny runners begun on the same prompt, then stepped scale by scale on the same random codes (not
+    their own samples): yields (scale, runner's logits, reference's logits)."""
+    features, lengths = _features()
+    runner.begin(features, lengths, True)
+    reference.begin(features, lengths, True)
+    g = torch.Generator().manual_seed(0)
+    codes = None
+    for k in range(schedule.num_scales):
+        yield k, runner.step(k, codes), reference.step(k, codes)
+        if k + 1 < schedule.num_scales:
+            codes = torch.randn(1, schedule.lengths[k + 1], CFG_TINY.bits, generator=g) * 0.25
+
+
 def test_engine_step_logits_match_torch(engines):
     """Per-scale onnxruntime vs torch logits, teacher forced with the same codes."""
     from sparvar.generate import TorchRunner
     from sparvar.model import build_model
-    from sparvar.schedule import get_schedule
+    from sparvar.pipeline import make_plan
     from sparvar.runtime import OrtRunner
+    from sparvar.schedule import get_schedule
 
     schedule = get_schedule(256)
-    features, lengths = _features()
-    manifest = read_manifest(engines["sparvar"])
-    ort_runner = OrtRunner(engines["sparvar"], manifest)
-    from sparvar.pipeline import make_plan
-    from sparvar.config import get_config
-
-    model = build_model(get_config("infinity-tiny"))
+    model = build_model(CFG_TINY)
     torch_runner = TorchRunner(model, schedule, make_plan(model.cfg, schedule, "sparvar"))
-    ort_runner.begin(features, lengths, True)
-    torch_runner.begin(features, lengths, True)
-    g = torch.Generator().manual_seed(0)
-    codes = None
+    ort_runner = OrtRunner(engines["sparvar"], read_manifest(engines["sparvar"]))
     worst = 0.0
-    for k in range(schedule.num_scales):
-        a, b = ort_runner.step(k, codes), torch_runner.step(k, codes)
+    for _, a, b in teacher_forced_logits(ort_runner, torch_runner, schedule):
         worst = max(worst, (a - b).abs().nan_to_num(nan=float("inf")).max().item())  # NaN: inf, not lost
-        if k + 1 < schedule.num_scales:
-            codes = torch.randn(1, schedule.lengths[k + 1], model.cfg.bits, generator=g) * 0.25
     assert worst < 1e-4, worst
 
 

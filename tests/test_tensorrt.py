@@ -329,27 +329,19 @@ def assert_plans_run_as_onnxruntime(plans_dir: str, ort_dir: str) -> None:
     """The generation loop on a TensorRT (-RTX) engine directory against the onnxruntime engine of the same spec
     (infinity-tiny, 256, fp32): per-scale logits teacher forced with the same codes, then a whole generation through
     `load_engine_pipeline`. (TensorRT may run fp32 matmuls in TF32: hence the tolerance.)"""
-    from sparvar.config import get_config
     from sparvar.engine import read_manifest
     from sparvar.generate import Sampling
     from sparvar.runtime import OrtRunner, load_engine_pipeline
     from sparvar.schedule import get_schedule
-    from sparvar.text import hashed_embeddings
     from sparvar.trt_runtime import TrtRunner
+    from tests.test_engine import _features, teacher_forced_logits
 
-    schedule, bits = get_schedule(256), get_config("infinity-tiny").bits
-    features, lengths = hashed_embeddings(["a red car"], 64, 32)
+    schedule = get_schedule(256)
     plans, ort = TrtRunner(plans_dir, read_manifest(plans_dir)), OrtRunner(ort_dir, read_manifest(ort_dir))
-    plans.begin(features, lengths, True)
-    ort.begin(features, lengths, True)
-    g = torch.Generator().manual_seed(0)
-    codes = None
-    for k in range(schedule.num_scales):
-        got, want = plans.step(k, codes), ort.step(k, codes)
+    for k, got, want in teacher_forced_logits(plans, ort, schedule):
         assert got.is_cuda and got.shape == want.shape
         torch.testing.assert_close(got.float().cpu(), want.float(), atol=2e-2, rtol=2e-2, msg=f"scale {k}")
-        if k + 1 < schedule.num_scales:
-            codes = torch.randn(1, schedule.lengths[k + 1], bits, generator=g) * 0.25
+    features, lengths = _features()
     result = load_engine_pipeline(plans_dir).generate(features, lengths, Sampling(cfg=3.0), seed=0)
     assert result.image.shape == (1, 3, 256, 256) and bool(result.image.isfinite().all())
     assert len(result.bits) == schedule.num_scales
